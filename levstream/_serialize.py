@@ -1,0 +1,72 @@
+"""Versioned, checksummed binary format shared by every sketch (no pickle inside).
+
+Layout: ``MAGIC`` (8 bytes) | format version (uint16) | reserved (uint16) | payload length (uint64) |
+SHA-256 of the payload (32 bytes) | payload.  The payload is a JSON header (length-prefixed) followed by the
+raw little-endian bytes of every array it lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+
+MAGIC = b"LEVSTRM\x00"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sHHQ32s")
+_ALLOWED_DTYPES = {"<f8", "<i8", "<f4", "|u1", "|b1"}
+
+
+def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    table = []
+    blobs = []
+    offset = 0
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr)
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        raw = a.tobytes()
+        table.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset,
+                      "nbytes": len(raw)})
+        blobs.append(raw)
+        offset += len(raw)
+    header = json.dumps({"meta": meta, "arrays": table}, sort_keys=True).encode()
+    payload = struct.pack("<I", len(header)) + header + b"".join(blobs)
+    digest = hashlib.sha256(payload).digest()
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest) + payload
+
+
+def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
+    """Inverse of :func:`pack`; returns ``(meta, arrays, format_version)``.  Raises ``ValueError`` on any corruption."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"serialized sketch must be bytes; got {type(data).__name__} instead.")
+    data = bytes(data)
+    if len(data) < _PREFIX.size:
+        raise ValueError(f"serialized sketch is truncated: {len(data)} bytes, the header alone needs {_PREFIX.size}.")
+    magic, version, _, length, digest = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError(f"not a levstream sketch: magic bytes {magic!r}, expected {MAGIC!r}.")
+    if version > FORMAT_VERSION or version < 1:
+        raise ValueError(f"unsupported sketch format version {version}; this levstream reads 1..{FORMAT_VERSION}.")
+    payload = data[_PREFIX.size:]
+    if len(payload) != length:
+        raise ValueError(f"serialized sketch is truncated or padded: payload of {len(payload)} bytes, header says {length}.")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError("serialized sketch is corrupted: checksum mismatch.")
+    try:
+        (hlen,) = struct.unpack_from("<I", payload)
+        header = json.loads(payload[4:4 + hlen].decode())
+        body = payload[4 + hlen:]
+        arrays = {}
+        for entry in header["arrays"]:
+            if entry["dtype"] not in _ALLOWED_DTYPES:
+                raise ValueError(f"unexpected dtype {entry['dtype']}")
+            start, nbytes = int(entry["offset"]), int(entry["nbytes"])
+            if start < 0 or start + nbytes > len(body):
+                raise ValueError("array extends past the payload")
+            arr = np.frombuffer(body[start:start + nbytes], dtype=np.dtype(entry["dtype"]))
+            arrays[entry["name"]] = arr.reshape(entry["shape"]).copy()
+        return header["meta"], arrays, int(version)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
+        raise ValueError(f"serialized sketch is malformed: {exc}.") from exc

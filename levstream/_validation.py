@@ -1,0 +1,126 @@
+"""Validation at the public boundary: shapes, dtypes, finiteness, parameters.
+
+Every function here either returns a C-contiguous float64 (or int64) array / a checked scalar, or raises a
+``ValueError``/``TypeError`` whose message says what must hold, what was received and, where useful, the fix.
+Nothing here mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+
+def _shape_of(obj: Any) -> str:
+    shape = getattr(obj, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else f"a {type(obj).__name__}"
+
+
+def as_real_array(obj: Any, name: str) -> np.ndarray:
+    """Convert to an ndarray, refusing complex, object, string and boolean data."""
+    if isinstance(obj, (str, bytes)):
+        raise TypeError(f"{name} must be a real numeric array; got {type(obj).__name__} instead.")
+    try:
+        arr = np.asarray(obj)
+    except Exception as exc:  # ragged lists and other unconvertible inputs
+        raise TypeError(f"{name} must be a real numeric array; got {type(obj).__name__} ({exc}).") from exc
+    if arr.dtype == object:
+        # ragged nested sequences end up here
+        raise TypeError(f"{name} must be a real numeric array; got an object array ({_shape_of(arr)}).")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(
+            f"{name} must have a real floating or integer dtype; got dtype {arr.dtype} instead."
+        )
+    return arr
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        raise ValueError(
+            f"{name} must contain only finite values; found {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}."
+        )
+
+
+def as_matrix(obj: Any, name: str, dim: int | None = None, *, hint: str = "", allow_empty: bool = False) -> np.ndarray:
+    """Validate a 2-D real finite matrix (optionally of width ``dim``) and return it as C-contiguous float64."""
+    arr = as_real_array(obj, name)
+    if arr.ndim != 2:
+        extra = f" {hint}" if hint else ""
+        width = f" with {dim} columns" if dim is not None else ""
+        raise ValueError(f"{name} must be 2-D{width}; got {_shape_of(arr)}.{extra}")
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(f"{name} must have {dim} columns (the sketch's dim); got shape {arr.shape}.")
+    if arr.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} must have at least one row; got shape {arr.shape}.")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column; got shape {arr.shape}.")
+    check_finite(arr, name)
+    out = np.ascontiguousarray(arr, dtype=np.float64)
+    if out.dtype.kind == "f" and arr.dtype.kind != "f":
+        check_finite(out, name)  # huge integers may overflow float64
+    return out
+
+
+def as_row(obj: Any, name: str, dim: int) -> np.ndarray:
+    arr = as_real_array(obj, name)
+    if arr.ndim != 1:
+        hint = " Use update_many(X) for a chunk of rows." if arr.ndim == 2 else ""
+        raise ValueError(f"{name} must be 1-D of length {dim}; got {_shape_of(arr)}.{hint}")
+    if arr.shape[0] != dim:
+        raise ValueError(f"{name} must have length {dim} (the sketch's dim); got length {arr.shape[0]}.")
+    check_finite(arr, name)
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def as_ids(obj: Any, n_rows: int, name: str = "ids") -> np.ndarray:
+    arr = np.asarray(obj)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)):
+        raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype} instead.")
+    if arr.ndim != 1 or arr.shape[0] != n_rows:
+        raise ValueError(f"{name} must be 1-D with one id per row ({n_rows}); got {_shape_of(arr)}.")
+    if n_rows and arr.min() < 0:
+        raise ValueError(f"{name} must be non-negative; got minimum {int(arr.min())}.")
+    if arr.dtype == np.uint64 and n_rows and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} must fit in int64; got maximum {int(arr.max())}.")
+    ids = np.ascontiguousarray(arr, dtype=np.int64)
+    if n_rows > 1:
+        srt = np.sort(ids)
+        dup = srt[1:] == srt[:-1]
+        if dup.any():
+            raise ValueError(f"{name} must be unique; id {int(srt[1:][dup][0])} appears more than once.")
+    return ids
+
+
+def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__}) instead.")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}; got {value} instead.")
+    return value
+
+
+def check_real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__}) instead.")
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite; got {value} instead.")
+    return value
+
+
+def check_eps(value: Any, name: str = "eps") -> float:
+    eps = check_real(value, name)
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"{name} must satisfy 0 < {name} <= 1; got {eps} instead.")
+    return eps
+
+
+def check_p(value: Any) -> float:
+    p = check_real(value, "p")
+    if not p > 0.0:
+        raise ValueError(f"p must be > 0; got {p} instead.")
+    return p

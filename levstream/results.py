@@ -1,0 +1,194 @@
+"""Immutable query results: :class:`UniversalSet`, :class:`HeavyEntries`, :class:`TopK`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class UniversalSet:
+    """The keys that can carry a heavy attention entry for *some* query.
+
+    Attributes
+    ----------
+    ids : ndarray of int64, shape (u,)
+        Global key ids, sorted ascending.
+    keys : ndarray of float64, shape (u, dim)
+        The key rows, in the order of ``ids``.
+    scores : ndarray of float64, shape (u,)
+        Their sensitivity scores (leverage scores for p = 2) with respect to all keys seen.
+    eps : float
+        The threshold: every key with sensitivity ``>= eps`` is in the set.
+    p : float
+        The exponent of ``f(x) = |x|^p``.
+    n : int
+        Number of keys the sketch has seen.
+    margin : float
+        Relative margin used for reporting: keys with computed score ``>= eps * (1 - margin)`` are included.
+        It exceeds the tie tolerance only for ill-conditioned keys, where it keeps extra keys rather than
+        risk dropping one.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> U = ls.universal_set(np.eye(3), eps=0.5)
+    >>> U.ids.tolist(), len(U)
+    ([0, 1, 2], 3)
+    """
+
+    ids: np.ndarray
+    keys: np.ndarray
+    scores: np.ndarray
+    eps: float
+    p: float
+    n: int
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("ids", "keys", "scores"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __contains__(self, key_id: object) -> bool:
+        if not isinstance(key_id, (int, np.integer)):
+            return False
+        i = np.searchsorted(self.ids, key_id)
+        return bool(i < self.ids.shape[0] and self.ids[i] == key_id)
+
+    @property
+    def size_bound(self) -> float:
+        """The a-priori bound ``d / eps`` (p <= 2) or ``d^(p/2) / eps`` (p > 2) on ``len(self)``."""
+        d = self.keys.shape[1]
+        return d ** max(1.0, self.p / 2.0) / self.eps
+
+    def __repr__(self) -> str:
+        return (f"UniversalSet(size={len(self)}, eps={self.eps:g}, p={self.p:g}, n={self.n}, "
+                f"bound={self.size_bound:g})")
+
+
+@dataclass(frozen=True, eq=False)
+class HeavyEntries:
+    """Every attention entry ``A[i, key] >= eps`` of a batch of queries, in CSR form (like faiss ``range_search``).
+
+    Attributes
+    ----------
+    indptr : ndarray of int64, shape (m + 1,)
+        Entries of query row ``i`` are ``key_ids[indptr[i]:indptr[i + 1]]``.
+    key_ids : ndarray of int64
+        Global key ids, ascending within each query row.
+    values : ndarray of float64
+        The attention values ``A[i, key]``.
+    eps : float
+        The threshold that was applied.
+    lower, upper : ndarray of float64 or None
+        Bounds on the true values for approximate normalisers; ``None`` when ``values`` are exact.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> K = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    >>> hits = ls.testing.heavy_entries_dense(np.array([[1.0, 0.0]]), K, eps=0.4, p=2)
+    >>> hits.key_ids.tolist(), np.round(hits.values, 3).tolist()
+    ([0, 2], [0.5, 0.5])
+    >>> [(i, k.tolist()) for i, (k, v) in enumerate(hits)]
+    [(0, [0, 2])]
+    """
+
+    indptr: np.ndarray
+    key_ids: np.ndarray
+    values: np.ndarray
+    eps: float
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    _n_queries: int = field(default=-1, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("indptr", "key_ids", "values", "lower", "upper"):
+            arr = getattr(self, name)
+            if arr is not None:
+                object.__setattr__(self, name, _frozen(arr))
+
+    @classmethod
+    def from_counts(cls, counts: np.ndarray, key_ids: np.ndarray, values: np.ndarray, eps: float,
+                    lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> "HeavyEntries":
+        indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        return cls(indptr, key_ids.astype(np.int64, copy=False), values.astype(np.float64, copy=False),
+                   float(eps), lower, upper)
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    def __len__(self) -> int:
+        """Total number of heavy entries."""
+        return int(self.key_ids.shape[0])
+
+    def rows(self) -> np.ndarray:
+        """Query row index of every entry (the expanded ``indptr``)."""
+        return np.repeat(np.arange(self.n_queries, dtype=np.int64), np.diff(self.indptr))
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(key_ids, values)`` of query row ``i``."""
+        if not -self.n_queries <= i < self.n_queries:
+            raise IndexError(f"query row must be in [0, {self.n_queries}); got {i}.")
+        i %= self.n_queries
+        s, e = self.indptr[i], self.indptr[i + 1]
+        return self.key_ids[s:e], self.values[s:e]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(self.n_queries):
+            yield self.row(i)
+
+    def to_scipy(self, n_keys: int):
+        """The entries as a ``scipy.sparse.csr_matrix`` of shape ``(m, n_keys)``."""
+        import scipy.sparse as sp
+
+        if len(self) and int(self.key_ids.max()) >= n_keys:
+            raise ValueError(f"n_keys must exceed the largest key id {int(self.key_ids.max())}; got {n_keys}.")
+        return sp.csr_matrix((self.values, self.key_ids, self.indptr), shape=(self.n_queries, int(n_keys)))
+
+    def as_set(self) -> set[tuple[int, int]]:
+        """The entries as a set of ``(query_row, key_id)`` pairs (handy in tests)."""
+        return set(zip(self.rows().tolist(), self.key_ids.tolist()))
+
+    def __repr__(self) -> str:
+        return f"HeavyEntries(queries={self.n_queries}, entries={len(self)}, eps={self.eps:g})"
+
+
+@dataclass(frozen=True, eq=False)
+class TopK:
+    """The ``k`` largest attention entries per query among the universal set.
+
+    ``key_ids[i]``/``values[i]`` are sorted by decreasing value and padded with ``-1``/``nan`` when fewer than
+    ``k`` keys are retained.  ``certified[i]`` is true when row ``i`` is provably the true top-``k`` over
+    *all* keys: its ``k``-th value is at least ``eps`` while every key outside the universal set has
+    ``A < eps``.
+    """
+
+    key_ids: np.ndarray
+    values: np.ndarray
+    certified: np.ndarray
+    eps: float
+
+    def __post_init__(self) -> None:
+        for name in ("key_ids", "values", "certified"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+    def __len__(self) -> int:
+        return int(self.key_ids.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"TopK(queries={len(self)}, k={self.key_ids.shape[1]}, "
+                f"certified={int(self.certified.sum())}/{len(self)})")

@@ -1,0 +1,594 @@
+"""``KeySketch``: stream keys once, keep a summary of size independent of n, answer heavy-entry queries exactly.
+
+Data flow (DESIGN.md §2): rows and chunks are validated, numbered and buffered into blocks of ``block_rows``;
+each block is folded into the normaliser summary (``G = K^T K`` for p = 2) and its rows are scored against
+it; rows whose leverage score can still reach ``eps`` become candidates.  Scores only decrease as keys
+arrive, so a candidate that falls below ``eps`` is dropped for good.  Candidates are rescored whenever their
+number exceeds twice the a-priori bound ``d / eps`` and before every query.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+from . import _serialize
+from ._config import PRUNE_RTOL, QUERY_BLOCK_ROWS, TIE_RTOL, default_block_rows
+from ._ids import IdRanges
+from ._kernels.query import threshold_power_csr
+from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_int, check_p
+from .results import HeavyEntries, TopK, UniversalSet
+from .summaries import GramSummary
+
+_SKETCH_KIND = "KeySketch"
+
+
+class KeySketch:
+    """Streaming, mergeable summary of keys that finds every heavy attention entry of new queries.
+
+    For ``f(x) = |x|^p`` the attention of query ``q`` on key ``k_j`` is
+    ``A_j = f(<q, k_j>) / sum_l f(<q, k_l>)``.  The sketch keeps the normaliser summary of all keys plus the
+    *universal set* of keys whose sensitivity is at least ``eps``; every entry ``A_j >= eps`` of every
+    possible query lies in that set.  For p = 2 both are exact.
+
+    Parameters
+    ----------
+    dim : int
+        Width of every key row.
+    eps : float
+        Heaviness threshold, ``0 < eps <= 1``.  Queries may use any threshold ``>= eps``.
+    p : float, default 2
+        Exponent of ``f(x) = |x|^p``.  This version implements p = 2 (exact).
+    block_rows : int, optional
+        Rows per processing block (default: about 4 MiB of float64 rows, 8192 rows for dim = 64).
+
+    Notes
+    -----
+    Guarantee (p = 2): ``universal_set().ids`` equals ``{j : tau_j >= eps}`` with ``tau_j = k_j^T (K^T K)^+ k_j``
+    computed on all keys, whatever the chunking, the mix of ``update``/``update_many``/``extend`` and the
+    shard split and merge order; keys within ``1e-9 eps`` of the threshold may go either way.
+    ``heavy_entries`` returns exactly the entries ``A >= eps'`` of the dense attention.  State is
+    ``O(d^2 + |candidates| d)`` with at most ``2 d / eps`` candidates.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((20_000, 8)) * rng.pareto(3.0, size=(20_000, 1))
+    >>> sk = ls.KeySketch(8, eps=0.05)
+    >>> for chunk in np.array_split(K, 7):
+    ...     _ = sk.update_many(chunk)
+    >>> U = sk.universal_set()
+    >>> bool(np.array_equal(U.ids, ls.universal_set(K, eps=0.05).ids))
+    True
+    >>> Q = rng.standard_normal((5, 8))
+    >>> hits = sk.heavy_entries(Q)
+    >>> hits.as_set() == ls.testing.heavy_entries_dense(Q, K, eps=0.05, p=2).as_set()
+    True
+    """
+
+    def __init__(self, dim: int, *, eps: float, p: float = 2, block_rows: int | None = None) -> None:
+        dim = check_int(dim, "dim", minimum=1)
+        eps = check_eps(eps)
+        p = check_p(p)
+        if p != 2.0:
+            raise NotImplementedError(
+                f"KeySketch supports p = 2 in this version; got p = {p:g}. "
+                "Other exponents are tracked in issue #4 (Lewis-weight coresets)."
+            )
+        block_rows = default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
+        self._dim, self._eps, self._p = dim, eps, p
+        self._block_rows = block_rows
+        self._summary = GramSummary(dim)
+        self._n = 0
+        self._next_id = 0
+        self._seen = IdRanges()
+        self._buf_rows = np.empty((0, dim))
+        self._buf_ids = np.empty(0, dtype=np.int64)
+        self._buf_n = 0
+        self._cand_rows = np.empty((0, dim))
+        self._cand_ids = np.empty(0, dtype=np.int64)
+        self._cand_n = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def eps(self) -> float:
+        return self._eps
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @property
+    def n(self) -> int:
+        """Number of keys fed so far (including buffered ones)."""
+        return self._n
+
+    @property
+    def num_retained(self) -> int:
+        """Key rows held in memory: candidates plus rows waiting in the input buffer."""
+        return self._cand_n + self._buf_n
+
+    def is_empty(self) -> bool:
+        return self._n == 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sketch's arrays (summary, candidates, input buffer)."""
+        return int(self._summary.nbytes + self._cand_rows.nbytes + self._cand_ids.nbytes
+                   + self._buf_rows.nbytes + self._buf_ids.nbytes + self._seen.ranges.nbytes)
+
+    @property
+    def capacity(self) -> int:
+        """Candidates are rescored when their number exceeds this (twice the bound ``d / eps``)."""
+        return int(2 * np.ceil(self._dim / self._eps)) + 1
+
+    @property
+    def next_id(self) -> int:
+        """The id the next row fed without ``ids=``/``offset=`` will get."""
+        return self._next_id
+
+    @property
+    def ids_tracked_exactly(self) -> bool:
+        """Whether every id ever fed is remembered for clash detection (see ``levstream._ids``)."""
+        return self._seen.exact
+
+    @property
+    def normalizer_summary(self) -> GramSummary:
+        """The normaliser summary (read-only use: the Gram matrix via ``.gram``)."""
+        self._flush()
+        return self._summary
+
+    def __repr__(self) -> str:
+        return (f"KeySketch(dim={self._dim}, eps={self._eps:g}, p={self._p:g}, n={self._n}, "
+                f"retained={self.num_retained}, mode={self._summary.mode!r})")
+
+    # ------------------------------------------------------------------ ingest
+    def _new_ids(self, m: int, ids: Any, offset: Any) -> tuple[np.ndarray | None, int, np.ndarray]:
+        """Validate ids for ``m`` new rows; returns (ids or None for a range, start, ranges-to-add)."""
+        if ids is not None and offset is not None:
+            raise ValueError("pass ids= or offset=, not both.")
+        if ids is not None:
+            arr = as_ids(ids, m)
+            srt = np.sort(arr)
+            hit = self._seen.clash(srt)
+            if hit is not None:
+                raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
+            return arr, -1, srt
+        start = self._next_id if offset is None else check_int(offset, "offset", minimum=0)
+        if start > np.iinfo(np.int64).max - m:
+            raise ValueError(f"ids would overflow int64 from offset {start}.")
+        rng = np.array([start, start + m - 1], dtype=np.int64)
+        if self._seen.ranges.shape[0] and start < self._seen.ranges[-1, 1]:
+            hit = self._seen.clash(np.arange(start, start + m, dtype=np.int64))
+            if hit is not None:
+                raise ValueError(f"ids clash: id {hit} was already fed to this sketch "
+                                 f"(rows would be numbered {start}..{start + m - 1}; pass offset= or ids=).")
+        return None, start, rng
+
+    def _record_ids(self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray) -> np.ndarray:
+        if ids is None:
+            self._seen = self._seen.union(IdRanges(np.array([[start, start + m]], dtype=np.int64)))
+            self._next_id = max(self._next_id, start + m)
+            return np.arange(start, start + m, dtype=np.int64)
+        self._seen = self._seen.added(srt)
+        self._next_id = max(self._next_id, int(srt[-1]) + 1)
+        return ids
+
+    def update(self, x: Any) -> "KeySketch":
+        """Feed one key row (1-D, length ``dim``); it gets the next id.  Buffered; returns ``self``."""
+        if type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (self._dim,):
+            s = float(x @ x)
+            if not (s < np.inf):  # nan or inf somewhere (or a huge finite row: checked exactly below)
+                x = as_row(x, "x", self._dim)
+        else:
+            x = as_row(x, "x", self._dim)
+        i = self._next_id
+        if self._seen.ranges.shape[0] and i < self._seen.ranges[-1, 1]:
+            hit = self._seen.clash(np.array([i], dtype=np.int64))
+            if hit is not None:
+                raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
+        if self._buf_n == self._buf_rows.shape[0]:
+            self._grow_buffer(self._buf_n + 1)
+        self._buf_rows[self._buf_n] = x
+        self._buf_ids[self._buf_n] = i
+        self._buf_n += 1
+        self._n += 1
+        ranges = self._seen.ranges
+        if ranges.shape[0] and ranges[-1, 1] == i:
+            ranges[-1, 1] = i + 1
+        else:
+            self._seen = self._seen.union(IdRanges(np.array([[i, i + 1]], dtype=np.int64)))
+        self._next_id = i + 1
+        if self._buf_n >= self._block_rows:
+            self._flush()
+        return self
+
+    def update_many(self, X: Any, ids: Any = None, offset: Any = None) -> "KeySketch":
+        """Feed a chunk of key rows (shape (m, dim)); returns ``self``.
+
+        Parameters
+        ----------
+        X : array_like, shape (m, dim)
+            Real, finite rows (float32 input is accumulated in float64).
+        ids : array_like of int, shape (m,), optional
+            Global ids of the rows (unique, non-negative, never fed before).
+        offset : int, optional
+            Number the rows ``offset, offset + 1, ...`` (for shards of one global stream).
+
+        Raises
+        ------
+        ValueError, TypeError
+            For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
+        """
+        X = as_matrix(X, "X", self._dim, hint="Use update(x) for one row.")
+        m = X.shape[0]
+        new_ids, start, srt = self._new_ids(m, ids, offset)
+        all_ids = self._record_ids(m, new_ids, start, srt)
+        self._n += m
+        pos = 0
+        if self._buf_n:  # top up the pending block first so blocks keep their size
+            take = min(m, self._block_rows - self._buf_n)
+            self._append_buffer(X[:take], all_ids[:take])
+            pos = take
+            if self._buf_n >= self._block_rows:
+                self._flush()
+        while m - pos >= self._block_rows:
+            end = pos + self._block_rows
+            self._process(X[pos:end], all_ids[pos:end])
+            pos = end
+        if pos < m:
+            self._append_buffer(X[pos:], all_ids[pos:])
+        return self
+
+    def extend(self, iterable: Iterable[Any], progress: bool = False) -> "KeySketch":
+        """Feed rows and/or chunks from an iterable (e.g. a generator); returns ``self``.
+
+        Each item is a 1-D row or a 2-D chunk.  All or nothing: if an item is rejected the sketch is restored
+        to its state before the call and the error names the item.  ``progress=True`` shows a tqdm bar.
+        """
+        snapshot = self.copy()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(unit=" rows", unit_scale=True, desc="levstream")
+        try:
+            for index, item in enumerate(iterable):
+                try:
+                    arr = as_real_array(item, f"item {index}")
+                    if arr.ndim == 1:
+                        self.update(arr)
+                        rows = 1
+                    elif arr.ndim == 2:
+                        self.update_many(arr)
+                        rows = arr.shape[0]
+                    else:
+                        raise ValueError(f"must be a 1-D row or a 2-D chunk; got shape {arr.shape}.")
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before the call.") from exc
+                if bar is not None:
+                    bar.update(rows)
+        except BaseException:
+            self.__dict__.update(snapshot.__dict__)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
+    # ------------------------------------------------------------------ buffer and blocks
+    def _grow_buffer(self, needed: int) -> None:
+        size = min(max(needed, 2 * self._buf_rows.shape[0], 64), max(self._block_rows, needed))
+        rows = np.empty((size, self._dim))
+        ids = np.empty(size, dtype=np.int64)
+        rows[: self._buf_n] = self._buf_rows[: self._buf_n]
+        ids[: self._buf_n] = self._buf_ids[: self._buf_n]
+        self._buf_rows, self._buf_ids = rows, ids
+
+    def _append_buffer(self, X: np.ndarray, ids: np.ndarray) -> None:
+        m = X.shape[0]
+        if self._buf_n + m > self._buf_rows.shape[0]:
+            self._grow_buffer(self._buf_n + m)
+        self._buf_rows[self._buf_n:self._buf_n + m] = X
+        self._buf_ids[self._buf_n:self._buf_n + m] = ids
+        self._buf_n += m
+
+    def _flush(self) -> None:
+        if self._buf_n:
+            n = self._buf_n
+            self._buf_n = 0
+            self._process(self._buf_rows[:n], self._buf_ids[:n])
+
+    def _margin(self) -> float:
+        return max(PRUNE_RTOL, 4.0 * self._summary.rel_error)
+
+    def _process(self, X: np.ndarray, ids: np.ndarray) -> None:
+        """Fold one block into the summary and keep its rows that may be heavy."""
+        self._summary.add(X)
+        threshold = self._eps * (1.0 - self._margin())
+        idx = self._summary.prefilter(X, threshold)
+        if idx.size:
+            rows = X[idx]
+            keep = self._summary.scores(rows) >= threshold
+            if keep.any():
+                self._append_candidates(rows[keep], ids[idx[keep]])
+        if self._cand_n > self.capacity:
+            self._prune()
+
+    def _append_candidates(self, rows: np.ndarray, ids: np.ndarray) -> None:
+        m = rows.shape[0]
+        need = self._cand_n + m
+        if need > self._cand_rows.shape[0]:
+            size = max(need, min(2 * self._cand_rows.shape[0], self.capacity + self._block_rows), 16)
+            new_rows = np.empty((size, self._dim))
+            new_ids = np.empty(size, dtype=np.int64)
+            new_rows[: self._cand_n] = self._cand_rows[: self._cand_n]
+            new_ids[: self._cand_n] = self._cand_ids[: self._cand_n]
+            self._cand_rows, self._cand_ids = new_rows, new_ids
+        self._cand_rows[self._cand_n:need] = rows
+        self._cand_ids[self._cand_n:need] = ids
+        self._cand_n = need
+
+    def _prune(self) -> np.ndarray:
+        """Rescore all candidates against the current summary, drop those below eps; return kept scores."""
+        n = self._cand_n
+        scores = self._summary.scores(self._cand_rows[:n])
+        keep = np.flatnonzero(scores >= self._eps * (1.0 - self._margin()))
+        k = keep.size
+        if k < n:
+            self._cand_rows[:k] = self._cand_rows[keep]
+            self._cand_ids[:k] = self._cand_ids[keep]
+            self._cand_n = k
+        return scores[keep]
+
+    def _settled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flush, prune, and return (ids, rows, scores) of the candidates sorted by id (views)."""
+        self._flush()
+        scores = self._prune()
+        n = self._cand_n
+        order = np.argsort(self._cand_ids[:n], kind="stable")
+        if not np.array_equal(order, np.arange(n)):
+            self._cand_ids[:n] = self._cand_ids[:n][order]
+            self._cand_rows[:n] = self._cand_rows[:n][order]
+            scores = scores[order]
+        return self._cand_ids[:n], self._cand_rows[:n], scores
+
+    # ------------------------------------------------------------------ merge
+    def _check_compatible(self, other: Any) -> None:
+        if not isinstance(other, KeySketch):
+            raise TypeError(f"can only merge a KeySketch; got {type(other).__name__} instead.")
+        mine = (self._dim, self._eps, self._p)
+        theirs = (other._dim, other._eps, other._p)
+        if mine != theirs:
+            raise ValueError(f"cannot merge sketches with different (dim, eps, p): {mine} vs {theirs}.")
+
+    def merge(self, other: "KeySketch") -> "KeySketch":
+        """Fold ``other`` (same dim, eps, p; disjoint ids) into this sketch in place; returns ``self``.
+
+        The result is the sketch of the union of both key streams: merging is associative and commutative,
+        so any reduction tree over shards gives the same universal set.  ``other`` is not modified.
+        """
+        self._check_compatible(other)
+        if other is self:
+            raise ValueError("cannot merge a sketch with itself (every id would clash).")
+        hit = self._seen.clash_with(other._seen)
+        if hit is None:
+            mine = set(self._cand_ids[: self._cand_n].tolist()) | set(self._buf_ids[: self._buf_n].tolist())
+            theirs = np.concatenate([other._cand_ids[: other._cand_n], other._buf_ids[: other._buf_n]])
+            both = [i for i in theirs.tolist() if i in mine]
+            hit = min(both) if both else None
+        if hit is not None:
+            raise ValueError(f"cannot merge: both sketches contain key id {hit}. Shards of one stream need "
+                             "disjoint ids: pass offset= or ids= to update_many.")
+        src = other.copy()
+        src._flush()
+        self._flush()
+        self._summary.merge(src._summary)
+        self._append_candidates(src._cand_rows[: src._cand_n], src._cand_ids[: src._cand_n])
+        self._seen = self._seen.union(src._seen)
+        self._n += src._n
+        self._next_id = max(self._next_id, src._next_id)
+        self._prune()
+        return self
+
+    def __iadd__(self, other: "KeySketch") -> "KeySketch":
+        return self.merge(other)
+
+    def __add__(self, other: "KeySketch") -> "KeySketch":
+        return self.copy().merge(other)
+
+    @classmethod
+    def merge_all(cls, sketches: Iterable["KeySketch"]) -> "KeySketch":
+        """Merge an iterable of sketches pairwise in a balanced tree and return a new sketch."""
+        level = [s.copy() for s in sketches]
+        if not level:
+            raise ValueError("merge_all needs at least one sketch; got none.")
+        while len(level) > 1:
+            level = [level[i].merge(level[i + 1]) if i + 1 < len(level) else level[i]
+                     for i in range(0, len(level), 2)]
+        return level[0]
+
+    # ------------------------------------------------------------------ queries
+    def universal_set(self) -> UniversalSet:
+        """Every key whose leverage score over all keys seen is ``>= eps`` (exact for p = 2)."""
+        ids, rows, scores = self._settled()
+        margin = max(TIE_RTOL, 4.0 * self._summary.rel_error)
+        sel = scores >= self._eps * (1.0 - margin)
+        return UniversalSet(ids[sel].copy(), rows[sel].copy(), scores[sel].copy(), self._eps, self._p,
+                            self._n, margin)
+
+    def _queries(self, Q: Any) -> np.ndarray:
+        return as_matrix(Q, "Q", self._dim, hint="Pass queries as a 2-D array, one row per query.",
+                         allow_empty=True)
+
+    def normalizer(self, Q: Any) -> np.ndarray:
+        """``Z(q) = sum_l f(<q, k_l>)`` over *all* keys fed, for every query row (exact for p = 2)."""
+        Q = self._queries(Q)
+        self._flush()
+        return self._summary.normalizer(Q)
+
+    def heavy_entries(self, Q: Any, eps: float | None = None) -> HeavyEntries:
+        """Every entry ``A[i, j] >= eps`` of the attention of queries ``Q`` over all keys fed.
+
+        Parameters
+        ----------
+        Q : array_like, shape (m, dim)
+        eps : float, optional
+            Threshold, at least the sketch's ``eps`` (default: the sketch's ``eps``).
+
+        Returns
+        -------
+        HeavyEntries
+            CSR by query row, key ids ascending; for p = 2 exactly the dense answer, values exact to
+            rounding.  Queries orthogonal to every key (``Z = 0``) have no entries.
+        """
+        Q = self._queries(Q)
+        eps = self._eps if eps is None else check_eps(eps)
+        if eps < self._eps:
+            raise ValueError(f"eps must be >= the sketch's eps ({self._eps:g}); got {eps:g}. "
+                             "Build the sketch with a smaller eps to query lower thresholds.")
+        ids, rows, scores = self._settled()
+        sel = scores >= eps * (1.0 - self._margin())
+        if not sel.all():
+            ids, rows = ids[sel], rows[sel]
+        thresh = eps * (1.0 - TIE_RTOL)
+        counts, keys, vals = [], [], []
+        for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
+            Qb = Q[start:start + QUERY_BLOCK_ROWS]
+            z = self._summary.normalizer(Qb)
+            P = Qb @ rows.T
+            c, k, v = threshold_power_csr(P, z, 2.0, thresh, ids)
+            counts.append(c)
+            keys.append(k)
+            vals.append(v)
+        if not counts:
+            return HeavyEntries.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), eps)
+        return HeavyEntries.from_counts(np.concatenate(counts), np.concatenate(keys), np.concatenate(vals), eps)
+
+    def top_k(self, Q: Any, k: int) -> TopK:
+        """The ``k`` largest attention entries of each query among the universal set.
+
+        ``certified[i]`` is true when row ``i``'s ``k``-th value is ``>= eps``: every key outside the
+        universal set has ``A < eps``, so the result is then the true top-``k`` over all keys.
+        """
+        Q = self._queries(Q)
+        k = check_int(k, "k", minimum=1)
+        ids, rows, _ = self._settled()
+        m, c = Q.shape[0], ids.shape[0]
+        out_ids = np.full((m, k), -1, dtype=np.int64)
+        out_vals = np.full((m, k), np.nan)
+        certified = np.zeros(m, dtype=bool)
+        kk = min(k, c)
+        for start in range(0, m, QUERY_BLOCK_ROWS):
+            Qb = Q[start:start + QUERY_BLOCK_ROWS]
+            z = self._summary.normalizer(Qb)
+            live = z > 0
+            if kk == 0 or not live.any():
+                continue
+            P = Qb @ rows.T
+            A = np.where(live[:, None], P * P / np.where(live, z, 1.0)[:, None], 0.0)
+            part = np.argpartition(-A, kk - 1, axis=1)[:, :kk] if kk < c else np.broadcast_to(np.arange(c), (A.shape[0], c))
+            top = np.take_along_axis(A, part, axis=1)
+            order = np.argsort(-top, axis=1, kind="stable")
+            part = np.take_along_axis(part, order, axis=1)
+            top = np.take_along_axis(top, order, axis=1)
+            sl = slice(start, start + Qb.shape[0])
+            out_ids[sl, :kk] = np.where(live[:, None], ids[part], -1)
+            out_vals[sl, :kk] = np.where(live[:, None], top, np.nan)
+            if kk == k:
+                certified[sl] = live & (top[:, -1] >= self._eps)
+        return TopK(out_ids, out_vals, certified, self._eps)
+
+    # ------------------------------------------------------------------ copies and persistence
+    def copy(self) -> "KeySketch":
+        """An independent deep copy."""
+        out = KeySketch.__new__(KeySketch)
+        out.__dict__.update(self.__dict__)
+        out._summary = self._summary.copy()
+        out._seen = self._seen.copy()
+        out._buf_rows, out._buf_ids = self._buf_rows[: self._buf_n].copy(), self._buf_ids[: self._buf_n].copy()
+        out._cand_rows = self._cand_rows[: self._cand_n].copy()
+        out._cand_ids = self._cand_ids[: self._cand_n].copy()
+        return out
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: dict) -> "KeySketch":
+        return self.copy()
+
+    def to_bytes(self) -> bytes:
+        """Serialize (versioned, checksummed; buffered rows included, nothing is lost)."""
+        smeta, sarrays = self._summary.to_state()
+        meta = {
+            "kind": _SKETCH_KIND, "dim": self._dim, "eps": self._eps, "p": self._p,
+            "block_rows": self._block_rows, "n": self._n, "next_id": self._next_id,
+            "ids_exact": self._seen.exact, "summary": smeta,
+        }
+        arrays = {f"summary.{k}": v for k, v in sarrays.items()}
+        arrays.update({
+            "cand_rows": self._cand_rows[: self._cand_n], "cand_ids": self._cand_ids[: self._cand_n],
+            "buf_rows": self._buf_rows[: self._buf_n], "buf_ids": self._buf_ids[: self._buf_n],
+            "id_ranges": self._seen.ranges,
+        })
+        return _serialize.pack(meta, arrays)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "KeySketch":
+        """Inverse of :meth:`to_bytes`; raises ``ValueError`` for corrupted, truncated or foreign bytes."""
+        meta, arrays, _ = _serialize.unpack(data)
+        try:
+            if meta.get("kind") != _SKETCH_KIND:
+                raise ValueError(f"bytes hold a {meta.get('kind')!r}, not a KeySketch")
+            out = cls(int(meta["dim"]), eps=float(meta["eps"]), p=float(meta["p"]),
+                      block_rows=int(meta["block_rows"]))
+            d = out._dim
+            summary_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("summary.")}
+            out._summary = GramSummary.from_state(meta["summary"], summary_arrays)
+            cand_rows, cand_ids = arrays["cand_rows"], arrays["cand_ids"]
+            buf_rows, buf_ids = arrays["buf_rows"], arrays["buf_ids"]
+            for rows, ids in ((cand_rows, cand_ids), (buf_rows, buf_ids)):
+                if rows.ndim != 2 or rows.shape[1] != d or ids.shape != (rows.shape[0],):
+                    raise ValueError("row and id arrays have inconsistent shapes")
+                if not np.isfinite(rows).all():
+                    raise ValueError("stored rows are not finite")
+            out._cand_rows, out._cand_ids, out._cand_n = cand_rows, cand_ids, cand_rows.shape[0]
+            out._buf_rows, out._buf_ids, out._buf_n = buf_rows, buf_ids, buf_rows.shape[0]
+            ranges = arrays["id_ranges"]
+            if ranges.ndim != 2 or ranges.shape[1] != 2:
+                raise ValueError("id ranges must have shape (r, 2)")
+            out._seen = IdRanges(ranges, bool(meta["ids_exact"]))
+            out._n, out._next_id = int(meta["n"]), int(meta["next_id"])
+            if out._summary.dim != d or out._n < out._summary.n_rows + out._buf_n:
+                raise ValueError("summary does not match the sketch header")
+        except (KeyError, TypeError, NotImplementedError) as exc:
+            raise ValueError(f"serialized sketch is malformed: {exc}.") from exc
+        return out
+
+    def __reduce__(self):
+        return (KeySketch.from_bytes, (self.to_bytes(),))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`to_bytes` to ``path`` atomically (a temporary file renamed into place)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            fh.write(self.to_bytes())
+        os.replace(tmp, path)
+
+    def __eq__(self, other: object) -> bool:  # identity semantics; sketches are compared by their answers
+        return self is other
+
+    __hash__ = object.__hash__
+
+
+def load(path: str | os.PathLike) -> KeySketch:
+    """Read a sketch written by :meth:`KeySketch.save`."""
+    with open(os.fspath(path), "rb") as fh:
+        return KeySketch.from_bytes(fh.read())

@@ -1,0 +1,293 @@
+"""Exact normaliser summary for ``f(x) = x^2``: the Gram matrix ``G = K^T K``, or its R factor when ill-conditioned.
+
+Two representations, chosen automatically (ALGORITHMS.md §3, "Numerics"):
+
+* **Gram** (fast path): ``G`` accumulated in float64 with a compensated (two-sum) running total, one
+  BLAS-3 rank-``b`` update per block.  Scores by Cholesky.  Used while the equilibrated ``G`` has condition
+  number at most ``GRAM_KAPPA_MAX`` so that scores stay accurate to ``rel_error``.
+* **R factor** (robust path): ``R`` with ``R^T R = G`` updated by TSQR, ``R <- qr([R; X]).R``.  Scores by the
+  SVD of ``R`` with pseudo-inverse semantics (relative rank tolerance ``max(n, d) * eps_machine``), accurate
+  up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for rank-deficient or ill-conditioned keys; the summary
+  returns to the Gram path when the conditioning allows.
+
+The switch from Gram to R happens *before* an ill-conditioned block is folded into ``G``: the previous ``G``
+was well-conditioned, so its Cholesky factor is accurate, and the block is then added by QR.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.linalg as sla
+
+from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
+from .._kernels.rows import scaled_row_sq_norms
+
+
+def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
+    """In place: ``hi + lo += add`` with the rounding error of the addition carried in ``lo`` (Knuth two-sum)."""
+    s = hi + add
+    bp = s - hi
+    lo += (hi - (s - bp)) + (add - bp)
+    hi[...] = s
+
+
+def _equilibrated_min_eig(G: np.ndarray) -> tuple[float, np.ndarray]:
+    """Smallest eigenvalue of ``D^-1/2 G D^-1/2`` (D = diag G) and the diagonal; 0 when a diagonal entry is 0."""
+    diag = np.diag(G).copy()
+    if not (diag > 0).all():
+        return 0.0, diag
+    s = 1.0 / np.sqrt(diag)
+    C = G * s[:, None] * s[None, :]
+    lam = float(sla.eigvalsh(C, subset_by_index=[0, 0], check_finite=False)[0])
+    return lam, diag
+
+
+class GramSummary:
+    """``Z(q) = q^T G q`` and leverage scores ``k^T G^+ k`` for all keys added so far, exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from levstream.summaries import GramSummary
+    >>> K = np.random.default_rng(0).standard_normal((500, 4))
+    >>> s = GramSummary(4)
+    >>> s.add(K[:200]); s.add(K[200:])
+    >>> tau = s.scores(K)
+    >>> bool(np.isclose(tau.sum(), 4.0))
+    True
+    """
+
+    kind = "gram"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = int(dim)
+        self.n_rows = 0
+        self.mode = "gram"
+        d = self.dim
+        self._hi = np.zeros((d, d))
+        self._lo = np.zeros((d, d))
+        self._r: np.ndarray | None = None
+        # last full conditioning check (Gram mode): diagonal of G then and lambda_min of the equilibrated G.
+        self._chk_diag = np.zeros(d)
+        self._chk_lam = 0.0
+        self._factor: Any = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def gram(self) -> np.ndarray:
+        """The Gram matrix ``K^T K`` of everything added (a new array)."""
+        if self.mode == "gram":
+            return self._hi + self._lo
+        assert self._r is not None
+        return self._r.T @ self._r
+
+    def _gram_is_safe(self, lam_eq: float) -> bool:
+        # Between full checks the diagonal may grow by 2x, which can halve lambda_min of the equilibrated
+        # matrix; lambda_max <= d always.  Require the bound to hold with that slack.
+        return lam_eq > 0 and 2.0 * self.dim / lam_eq <= GRAM_KAPPA_MAX
+
+    def _r_factor(self) -> np.ndarray:
+        """An upper-triangular ``R`` (d x d) with ``R^T R = G``."""
+        if self.mode == "qr":
+            assert self._r is not None
+            return self._r
+        if self.n_rows == 0:
+            return np.zeros((self.dim, self.dim))
+        # Gram mode is only kept while G is well-conditioned, so this Cholesky succeeds and is accurate.
+        return sla.cholesky(self._hi + self._lo, lower=False, check_finite=False)
+
+    def _enter_qr(self, R: np.ndarray, blocks: list[np.ndarray]) -> None:
+        stacked = np.vstack([R, *blocks]) if blocks else R
+        r = sla.qr(stacked, mode="r", check_finite=False)[0]
+        d = self.dim
+        out = np.zeros((d, d))
+        k = min(r.shape[0], d)
+        out[:k] = r[:k]
+        self.mode = "qr"
+        self._r = out
+        self._hi = np.zeros((d, d))
+        self._lo = np.zeros((d, d))
+        self._chk_lam = 0.0
+        self._chk_diag = np.zeros(d)
+        self._maybe_return_to_gram()
+
+    def _maybe_return_to_gram(self) -> None:
+        assert self._r is not None
+        colsq = (self._r * self._r).sum(axis=0)
+        if not (colsq > 0).all():
+            return
+        sv = sla.svdvals(self._r / np.sqrt(colsq)[None, :], check_finite=False)
+        lam = float(sv[-1]) ** 2
+        if lam > 0 and 2.0 * self.dim / lam <= GRAM_KAPPA_RETURN:
+            self.mode = "gram"
+            self._hi = self._r.T @ self._r
+            self._lo = np.zeros_like(self._hi)
+            self._r = None
+            self._chk_lam, self._chk_diag = _equilibrated_min_eig(self._hi)
+
+    # ------------------------------------------------------------------ updates
+    def add(self, X: np.ndarray) -> None:
+        """Fold the rows of ``X`` (C-contiguous float64, shape (b, dim)) into the summary."""
+        self._factor = None
+        if self.mode == "qr":
+            assert self._r is not None
+            self.n_rows += X.shape[0]
+            self._enter_qr(self._r, [X])
+            return
+        block = X.T @ X
+        diag_new = np.diag(self._hi) + np.diag(self._lo) + np.diag(block)
+        if self._chk_lam > 0 and (diag_new <= 2.0 * self._chk_diag).all():
+            _two_sum_add(self._hi, self._lo, block)
+            self.n_rows += X.shape[0]
+            return
+        # Full check on the would-be Gram matrix before committing the block.
+        candidate = self._hi + self._lo + block
+        lam, diag = _equilibrated_min_eig(candidate)
+        if self._gram_is_safe(lam):
+            _two_sum_add(self._hi, self._lo, block)
+            self._chk_lam, self._chk_diag = lam, diag
+            self.n_rows += X.shape[0]
+            return
+        R_prev = self._r_factor()
+        self.n_rows += X.shape[0]
+        self._enter_qr(R_prev, [X])
+
+    def merge(self, other: "GramSummary") -> None:
+        """Fold ``other`` (same dim) into this summary: ``G = G1 + G2``."""
+        self._factor = None
+        if other.n_rows == 0:
+            return
+        if self.mode == "gram" and other.mode == "gram":
+            candidate = self._hi + self._lo + other._hi + other._lo
+            lam, diag = _equilibrated_min_eig(candidate)
+            if self._gram_is_safe(lam):
+                _two_sum_add(self._hi, self._lo, other._hi)
+                self._lo += other._lo
+                self._chk_lam, self._chk_diag = lam, diag
+                self.n_rows += other.n_rows
+                return
+        R_self, R_other = self._r_factor(), other._r_factor()
+        self.n_rows += other.n_rows
+        self._enter_qr(R_self, [R_other])
+
+    def copy(self) -> "GramSummary":
+        out = GramSummary.__new__(GramSummary)
+        out.__dict__.update(self.__dict__)
+        out._hi, out._lo = self._hi.copy(), self._lo.copy()
+        out._r = None if self._r is None else self._r.copy()
+        out._chk_diag = self._chk_diag.copy()
+        out._factor = None
+        return out
+
+    # ------------------------------------------------------------------ scores
+    def _get_factor(self) -> tuple[str, np.ndarray, float]:
+        if self._factor is None:
+            d = self.dim
+            if self.n_rows == 0:
+                self._factor = ("pinv", np.zeros((d, 0)), 0.0)
+            elif self.mode == "gram":
+                L = sla.cholesky(self._hi + self._lo, lower=True, check_finite=False)
+                kappa = 2.0 * d / self._chk_lam
+                self._factor = ("chol", L, 4.0 * d * UNIT_ROUNDOFF * kappa)
+            else:
+                assert self._r is not None
+                _, s, vt = sla.svd(self._r, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+                tol = max(self.n_rows, d) * 2 * UNIT_ROUNDOFF * (s[0] if s.size else 0.0)
+                rank = int((s > tol).sum())
+                W = vt[:rank].T / s[:rank]
+                kappa = float(s[0] / s[rank - 1]) if rank else 1.0
+                self._factor = ("pinv", np.ascontiguousarray(W), 4.0 * d * UNIT_ROUNDOFF * kappa)
+        return self._factor
+
+    @property
+    def rel_error(self) -> float:
+        """Estimated relative error of :meth:`scores` (drives the safety margins of pruning and reporting)."""
+        return self._get_factor()[2]
+
+    @property
+    def rank_bound(self) -> int:
+        """Upper bound on ``rank(K)``, hence on the sum of all leverage scores."""
+        kind, F, _ = self._get_factor()
+        return self.dim if kind == "chol" else int(F.shape[1])
+
+    def scores(self, rows: np.ndarray) -> np.ndarray:
+        """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""
+        kind, F, _ = self._get_factor()
+        if rows.shape[0] == 0:
+            return np.zeros(0)
+        if kind == "chol":
+            Y = sla.solve_triangular(F, rows.T, lower=True, check_finite=False)
+            return np.einsum("ij,ij->j", Y, Y)
+        Y = rows @ F
+        return np.einsum("ij,ij->i", Y, Y)
+
+    def prefilter(self, X: np.ndarray, threshold: float) -> np.ndarray:
+        """Indices of rows of ``X`` whose leverage score *may* be ``>= threshold``.
+
+        Uses ``tau(k) <= k^T G_c^-1 k <= ||D_c^-1/2 k||^2 / lambda_min(C_c)`` for the Gram matrix ``G_c`` of the
+        last conditioning check (``G >= G_c`` in Loewner order), ``D_c = diag(G_c)`` and ``C_c`` the
+        equilibrated ``G_c`` (ALGORITHMS.md §3, norm pre-filter).  Every other row has a score below the
+        threshold and can be dropped for good.
+        """
+        if self.mode != "gram" or self._chk_lam <= 0:
+            return np.arange(X.shape[0])
+        scale = 1.0 / np.sqrt(self._chk_diag)
+        lam = self._chk_lam * LAMBDA_SAFETY
+        bound = scaled_row_sq_norms(X, scale)
+        return np.flatnonzero(bound >= threshold * lam)
+
+    # ------------------------------------------------------------------ normaliser
+    def normalizer(self, Q: np.ndarray) -> np.ndarray:
+        """``Z(q) = q^T G q = sum_l <q, k_l>^2`` for every row of ``Q``; 0 for queries numerically orthogonal to all keys."""
+        if self.n_rows == 0:
+            return np.zeros(Q.shape[0])
+        if self.mode == "gram":
+            G = self._hi + self._lo
+            z = np.einsum("ij,ij->i", Q @ G, Q)
+            trace = float(np.trace(G))
+        else:
+            assert self._r is not None
+            T = Q @ self._r.T
+            z = np.einsum("ij,ij->i", T, T)
+            trace = float((self._r * self._r).sum())
+        qq = np.einsum("ij,ij->i", Q, Q)
+        floor = (self.dim * UNIT_ROUNDOFF) ** 2 * qq * trace
+        z[z <= floor] = 0.0
+        return z
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def nbytes(self) -> int:
+        r = 0 if self._r is None else self._r.nbytes
+        return int(self._hi.nbytes + self._lo.nbytes + r + self._chk_diag.nbytes)
+
+    def to_state(self) -> tuple[dict, dict]:
+        meta = {"kind": self.kind, "dim": self.dim, "n_rows": self.n_rows, "mode": self.mode,
+                "chk_lam": self._chk_lam}
+        arrays = {"hi": self._hi, "lo": self._lo, "chk_diag": self._chk_diag}
+        if self._r is not None:
+            arrays["r"] = self._r
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays: dict) -> "GramSummary":
+        d = int(meta["dim"])
+        out = cls(d)
+        out.n_rows = int(meta["n_rows"])
+        out.mode = str(meta["mode"])
+        if out.mode not in ("gram", "qr"):
+            raise ValueError(f"summary mode must be 'gram' or 'qr'; got {out.mode!r}.")
+        out._chk_lam = float(meta["chk_lam"])
+        for name in ("hi", "lo"):
+            if arrays[name].shape != (d, d):
+                raise ValueError(f"summary array {name!r} must have shape {(d, d)}; got {arrays[name].shape}.")
+        out._hi, out._lo = arrays["hi"].copy(), arrays["lo"].copy()
+        out._chk_diag = arrays["chk_diag"].copy()
+        if out.mode == "qr":
+            if "r" not in arrays or arrays["r"].shape != (d, d):
+                raise ValueError("summary in 'qr' mode must carry an R factor of shape (dim, dim).")
+            out._r = arrays["r"].copy()
+        return out
+
