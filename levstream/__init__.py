@@ -8,12 +8,16 @@ See DESIGN.md for the contract.  Public names::
 __version__ = "0.1.0"
 
 from . import testing
+from .attention import lev_attention
 from .results import HeavyEntries, TopK, UniversalSet
 from .scores import leverage_scores, universal_set
 from .sketch import KeySketch, load
+from .multihead import MultiHeadKeySketch
 
 __all__ = [
     "KeySketch",
+    "MultiHeadKeySketch",
+    "lev_attention",
     "load",
     "leverage_scores",
     "universal_set",
