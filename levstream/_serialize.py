@@ -44,9 +44,11 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
     data = bytes(data)
     if len(data) < _PREFIX.size:
         raise ValueError(f"serialized sketch is truncated: {len(data)} bytes, the header alone needs {_PREFIX.size}.")
-    magic, version, _, length, digest = _PREFIX.unpack_from(data)
+    magic, version, reserved, length, digest = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"not a levstream sketch: magic bytes {magic!r}, expected {MAGIC!r}.")
+    if reserved != 0:  # not covered by the checksum, so a flipped bit here must be caught explicitly
+        raise ValueError(f"serialized sketch is corrupted: reserved header field is {reserved}, expected 0.")
     if version > FORMAT_VERSION or version < 1:
         raise ValueError(f"unsupported sketch format version {version}; this levstream reads 1..{FORMAT_VERSION}.")
     payload = data[_PREFIX.size:]
