@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from . import testing
 from .attention import lev_attention
 from .results import HeavyEntries, TopK, UniversalSet
-from .scores import leverage_scores, universal_set
+from .lewis import lewis_weights, sensitivity_bounds
+from .scores import approx_leverage_scores, leverage_scores, universal_set
 from .sketch import KeySketch, load
 from .multihead import MultiHeadKeySketch
 
@@ -21,6 +22,9 @@ __all__ = [
     "load",
     "leverage_scores",
     "universal_set",
+    "approx_leverage_scores",
+    "lewis_weights",
+    "sensitivity_bounds",
     "UniversalSet",
     "HeavyEntries",
     "TopK",

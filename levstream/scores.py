@@ -1,4 +1,4 @@
-"""Offline, whole-matrix scores: leverage scores and the universal set of a matrix held in memory."""
+"""Offline, whole-matrix scores: leverage scores (exact and sketched) and the universal set of a matrix held in memory."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._config import TIE_RTOL, UNIT_ROUNDOFF
-from ._validation import as_matrix, check_eps, check_p
+from ._validation import as_matrix, check_eps, check_p, check_real
+from .lewis import sensitivity_bounds
 from .results import UniversalSet
 
-__all__ = ["leverage_scores", "universal_set"]
+__all__ = ["leverage_scores", "approx_leverage_scores", "universal_set"]
 
 
 def leverage_scores(K: Any) -> np.ndarray:
@@ -50,10 +51,90 @@ def leverage_scores(K: Any) -> np.ndarray:
     return np.einsum("ij,ij->i", Y, Y)
 
 
+def approx_leverage_scores(K: Any, *, rng: Any = None, oversampling: float = 20.0,
+                           return_bounds: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leverage scores of a tall ``K`` from a CountSketch, with certified lower and upper bounds.
+
+    Drineas–Magdon-Ismail–Mahoney–Woodruff (ALGORITHMS.md §4): a CountSketch ``S`` with
+    ``r = ceil(oversampling * d * (d + 1))`` rows (one nonzero ``±1`` per column, cost ``O(nnz(K))``) gives
+    ``R`` from ``qr(S K)``; then ``Y = K R^-1`` is nearly orthonormal and ``tau~_j = ||y_j||^2``.  The sketch
+    is a ``(1 ± eta)`` subspace embedding with probability at least ``1 - 1/(oversampling eta^2)``
+    (Nelson–Nguyen: ``r >= (d^2 + d) / (eta^2 delta)``), so ``tau~`` is within ``(1 ± eta)^2`` of ``tau``.
+    For small ``d`` the second (JL) sketch of DMMW is not needed and is skipped.
+
+    Whatever the sketch's luck, the bounds are *certified*: with ``C = Y^T Y`` (eigenvalues in
+    ``[lam_min, lam_max]``), ``tau_j = y_j^T C^-1 y_j`` lies in ``[tau~_j / lam_max, tau~_j / lam_min]``.
+    **No-false-negative threshold rule:** keep key ``j`` when ``upper_j >= eps``; every key with
+    ``tau_j >= eps`` is kept.  Computing the bounds costs one extra ``n d^2`` pass.
+
+    Parameters
+    ----------
+    K : array_like, shape (n, d)
+    rng : None, int, SeedSequence or Generator
+        Randomness of the sketch (``numpy.random.default_rng(rng)``).
+    oversampling : float, default 20.0
+        Sketch rows per ``d (d + 1)``; when the sketch would have at least ``n`` rows, ``S`` is the identity.
+    return_bounds : bool, default False
+        Also return ``(lower, upper)``.
+
+    Returns
+    -------
+    scores : ndarray, shape (n,)
+    lower, upper : ndarray, shape (n,)
+        Only with ``return_bounds=True``.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> K = np.random.default_rng(0).standard_normal((20_000, 4))
+    >>> t, lo, hi = ls.approx_leverage_scores(K, rng=1, return_bounds=True)
+    >>> tau = ls.leverage_scores(K)
+    >>> bool((lo <= tau * (1 + 1e-9)).all() and (tau <= hi * (1 + 1e-9)).all())
+    True
+    >>> bool(np.abs(t / tau - 1).max() < 0.5)
+    True
+    """
+    import scipy.sparse as sp
+
+    K = as_matrix(K, "K")
+    oversampling = check_real(oversampling, "oversampling")
+    if not oversampling > 0:
+        raise ValueError(f"oversampling must be > 0; got {oversampling} instead.")
+    n, d = K.shape
+    gen = np.random.default_rng(rng)
+    r = int(np.ceil(oversampling * d * (d + 1)))
+    if r >= n:
+        SK = K
+    else:
+        buckets = gen.integers(0, r, size=n)
+        signs = gen.choice(np.array([-1.0, 1.0]), size=n)
+        S = sp.csr_matrix((signs, (buckets, np.arange(n))), shape=(r, n))
+        SK = np.asarray(S @ K)
+    _, s, vt = sla.svd(SK, full_matrices=False, check_finite=False, lapack_driver="gesdd")
+    if s.size == 0 or s[0] == 0.0:
+        zeros = np.zeros(n)
+        return (zeros, zeros.copy(), zeros.copy()) if return_bounds else zeros
+    rank = int((s > max(SK.shape) * 2 * UNIT_ROUNDOFF * s[0]).sum())
+    Y = K @ (vt[:rank].T / s[:rank])
+    scores = np.einsum("ij,ij->i", Y, Y)
+    if not return_bounds:
+        return scores
+    lam = sla.eigvalsh(Y.T @ Y, check_finite=False)
+    slack = 1.0 + 8.0 * d * UNIT_ROUNDOFF * float(lam[-1] / max(lam[0], UNIT_ROUNDOFF))
+    if lam[0] <= 1e-8 * lam[-1]:
+        # the sketch missed part of the column space: fall back to exact scores (bounds collapse)
+        tau = leverage_scores(K)
+        return scores, tau, tau.copy()
+    return scores, scores / (lam[-1] * slack), scores * slack / lam[0]
+
+
 def universal_set(K: Any, *, eps: float, p: float = 2) -> UniversalSet:
     """The universal set ``{j : s_j >= eps}`` of a key matrix held in memory (the offline reference).
 
-    For p = 2 the sensitivity ``s_j`` is the leverage score, computed exactly by :func:`leverage_scores`.
+    For p = 2 the sensitivity ``s_j`` is the leverage score, computed exactly by :func:`leverage_scores`, and
+    the set is exact.  For every other ``p > 0`` the set is ``{j : b_j >= eps}`` with the proven upper bounds
+    ``b_j = c_p w_j >= s_j`` of :func:`levstream.sensitivity_bounds` (Lewis weights): a superset of the true
+    universal set with at most ``d^max(1, p/2) / eps`` keys; ``scores`` are the bounds.
 
     Examples
     --------
@@ -61,12 +142,12 @@ def universal_set(K: Any, *, eps: float, p: float = 2) -> UniversalSet:
     >>> K = np.vstack([np.eye(2), np.tile([[1.0, 1.0]], (10, 1))])
     >>> ls.universal_set(K, eps=0.5).ids.tolist()
     [0, 1]
+    >>> ls.universal_set(K, eps=0.5, p=1).ids.tolist()
+    [0, 1]
     """
     K = as_matrix(K, "K")
     eps = check_eps(eps)
     p = check_p(p)
-    if p != 2.0:
-        raise NotImplementedError(f"universal_set supports p = 2 in this version; got p = {p:g} (issue #4).")
-    tau = leverage_scores(K)
-    ids = np.flatnonzero(tau >= eps * (1.0 - TIE_RTOL)).astype(np.int64)
-    return UniversalSet(ids, K[ids], tau[ids], eps, p, K.shape[0], TIE_RTOL)
+    scores = leverage_scores(K) if p == 2.0 else sensitivity_bounds(K, p)
+    ids = np.flatnonzero(scores >= eps * (1.0 - TIE_RTOL)).astype(np.int64)
+    return UniversalSet(ids, K[ids], scores[ids], eps, p, K.shape[0], TIE_RTOL)
