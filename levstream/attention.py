@@ -151,6 +151,19 @@ def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str 
     return _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries).reshape(batch + K.shape[-2:-1])
 
 
+def _sink_mask(always_keep: Any, n: int) -> np.ndarray:
+    """Boolean mask of the key positions in ``always_keep`` (negative positions count from the end)."""
+    pos = np.asarray(always_keep)
+    if pos.size and not np.issubdtype(pos.dtype, np.integer):
+        raise TypeError(f"always_keep must be a sequence of integer key positions; got dtype {pos.dtype} instead.")
+    pos = pos.astype(np.int64).ravel()
+    if pos.size and (pos.min() < -n or pos.max() >= n):
+        raise ValueError(f"always_keep positions must lie in [-{n}, {n}) for {n} keys; got {pos.tolist()}.")
+    mask = np.zeros(n, dtype=bool)
+    mask[pos % n if pos.size else pos] = True
+    return mask
+
+
 def _check_score(score: Any, p: Any, scale: Any, d: int) -> tuple[str, float, float]:
     if score not in ("softmax", "power"):
         raise ValueError(f"score must be 'softmax' or 'power'; got {score!r} instead.")
@@ -188,7 +201,7 @@ def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, 
 def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: float | None = None,
                   score: str = "softmax", p: float = 2, scale: float | None = None,
                   selection: str = "leverage", normalizer: str = "selected", causal: bool = False,
-                  n_sink: int = 0, rng: Any = None, h2o_queries: int = 32,
+                  always_keep: Any = (), rng: Any = None, h2o_queries: int = 32,
                   return_indices: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention output over a selected set of keys per head (LevAttention, ALGORITHMS.md §7).
 
@@ -231,9 +244,10 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         selected keys ``j <= i + n - m`` (``j <= i`` when ``m == n``).  A query that sees no selected key
         gets a zero output row.  The ``eps`` guarantee below refers to the full (non-causal) attention;
         a prefix ``K[:i+1]`` can have heavy keys outside the universal set of all of ``K``.
-    n_sink : int, default 0
-        Always keep the first ``n_sink`` keys (attention sinks such as ``[CLS]``); with ``top_k`` they count
-        towards the ``top_k`` keys.
+    always_keep : sequence of int, default ()
+        Key positions kept in every head whatever their score (attention sinks such as ``[CLS]`` at 0 or
+        ``[SEP]`` at -1; negative positions count from the end).  With ``top_k`` they count towards the
+        ``top_k`` keys; with ``eps`` they are added to the selected set.
     rng : numpy Generator, int or None
         Randomness for ``"random"`` and ``"h2o"``.
     h2o_queries : int, default 32
@@ -288,12 +302,13 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
                          "dense attention itself); use normalizer='selected'.")
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r} ({type(causal).__name__}) instead.")
-    n_sink = check_int(n_sink, "n_sink", minimum=0)
+    n_keys = K.shape[-2]
+    sink = _sink_mask(always_keep, n_keys)
     if top_k is not None:
         top_k = check_int(top_k, "top_k", minimum=1)
-        if n_sink > top_k:
-            raise ValueError(f"n_sink must be <= top_k (sinks count towards the top_k keys); "
-                             f"got n_sink={n_sink}, top_k={top_k}.")
+        if int(sink.sum()) > top_k:
+            raise ValueError(f"always_keep must name at most top_k keys (they count towards the top_k keys); "
+                             f"got {int(sink.sum())} positions for top_k={top_k}.")
     else:
         eps = check_eps(eps)
         if selection not in ("leverage", "leverage_affine"):
@@ -310,13 +325,13 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
 
     if selection == "first_last":
         k = min(top_k, n)
-        sinks = min(max(min(FIRST_LAST_SINKS, k), n_sink), k)
-        pos = np.concatenate([np.arange(sinks), np.arange(n - (k - sinks), n)])
+        first = min(FIRST_LAST_SINKS, k)
+        ranked = np.where(np.arange(n) < first, 2.0, np.arange(n) / n) + np.where(sink, 4.0, 0.0)
+        pos = np.sort(np.argsort(-ranked, kind="stable")[:k])
         idx = np.broadcast_to(pos, (B, k)).copy()
         counts = np.full(B, k, dtype=np.int64)
     else:
         scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries)
-        sink = np.arange(n) < n_sink
         if top_k is not None:
             k = min(top_k, n)
             ranked = np.where(sink[None, :], np.inf, scores)
