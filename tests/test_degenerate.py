@@ -1,0 +1,283 @@
+"""Degenerate fixtures (STYLE.md, ALGORITHMS.md §8): the tight d/eps construction, duplicates, zero rows,
+rank-deficient keys and prefixes, kappa(K) = 1e7, float32 input, values near 1e±150."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import (
+    FLOAT32_RTOL,
+    ILL_COND_KAPPA,
+    ILL_COND_SLACK,
+    SEEDS,
+    VALUE_RTOL,
+    answer,
+    assert_heavy_matches_dense,
+    assert_matches_offline,
+    assert_no_ties,
+    heavy_tailed_keys,
+)
+
+import levstream as ls
+import naive
+
+
+def _feed(sk: ls.KeySketch, K: np.ndarray, pattern: str) -> ls.KeySketch:
+    if pattern == "chunk":
+        sk.update_many(K)
+    elif pattern == "rows":
+        for x in K:
+            sk.update(x)
+    else:  # uneven chunks from a generator
+        sk.extend(K[a:b] for a, b in zip([0, 1, 4, 11], [1, 4, 11, len(K)]))
+    return sk
+
+
+# ---------------------------------------------------------------------------------------------- tight d/eps
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("order", ["blocked", "interleaved"])
+@pytest.mark.parametrize("pattern", ["chunk", "rows", "generator"])
+def test_tight_construction_keeps_all_d_over_eps_ties(rotate, order, pattern):
+    """d orthonormal directions, each repeated m = 1/eps times: every key has tau = eps exactly (a tie);
+    all d/eps keys must be kept and a query along a direction sees A = eps on its m copies."""
+    d, m = 6, 8
+    eps = 1.0 / m
+    rng = np.random.default_rng(3)
+    B = naive.random_orthonormal(d, d, rng).T if rotate else np.eye(d)
+    K = np.repeat(B, m, axis=0) if order == "blocked" else np.tile(B, (m, 1))
+    np.testing.assert_allclose(naive.leverage_svd(K), eps, rtol=1e-12)
+    sk = _feed(ls.KeySketch(d, eps=eps, block_rows=5), K, pattern)
+    U = sk.universal_set()
+    assert U.ids.tolist() == list(range(d * m))
+    assert len(U) == d / eps
+    np.testing.assert_allclose(U.scores, eps, rtol=1e-12)
+    hits = sk.heavy_entries(B)
+    direction_of_key = np.repeat(np.arange(d), m) if order == "blocked" else np.tile(np.arange(d), m)
+    assert hits.as_set() == {(int(direction_of_key[j]), j) for j in range(d * m)}
+    np.testing.assert_allclose(hits.values, eps, rtol=VALUE_RTOL)
+    # a threshold just above the tie returns nothing
+    assert len(sk.heavy_entries(B, eps=eps * (1 + 1e-6))) == 0
+
+
+def test_tight_construction_across_shards():
+    d, m = 5, 10
+    eps = 1.0 / m
+    B = naive.random_orthonormal(d, d, np.random.default_rng(4)).T
+    K = np.tile(B, (m, 1))
+    shards = [ls.KeySketch(d, eps=eps).update_many(part, offset=start)
+              for start, part in zip(range(0, d * m, 7), np.array_split(K, range(7, d * m, 7)))]
+    merged = ls.KeySketch.merge_all(shards[::-1])
+    assert merged.universal_set().ids.tolist() == list(range(d * m))
+
+
+# ---------------------------------------------------------------------------------------------- duplicates
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_duplicates_split_their_score(m):
+    """A key repeated m times, orthogonal to every other key: each copy has tau = 1/m exactly."""
+    rng = np.random.default_rng(m)
+    d = 4
+    others = np.c_[np.zeros(200), rng.standard_normal((200, d - 1))]
+    dup = np.array([[2.5, 0.0, 0.0, 0.0]])
+    K = np.vstack([others[:50], np.repeat(dup, m, axis=0), others[50:]])
+    dup_ids = list(range(50, 50 + m))
+    np.testing.assert_allclose(naive.leverage_svd(K)[dup_ids], 1.0 / m, rtol=1e-12)
+    for eps, expect in ((1.0 / m, True), (1.0 / m * (1 - 1e-6), True), (1.0 / m * (1 + 1e-6), False)):
+        if eps > 1:
+            continue
+        sk = ls.KeySketch(d, eps=eps, block_rows=16).update_many(K)
+        U = sk.universal_set()
+        assert set(dup_ids) <= set(U.ids.tolist()) if expect else not set(dup_ids) & set(U.ids.tolist())
+        assert_matches_offline(U.ids, naive.leverage_svd(K), eps)
+        hits = sk.heavy_entries(dup)
+        got = set(hits.key_ids.tolist())
+        assert got == (set(dup_ids) if expect else set())
+        np.testing.assert_allclose(hits.values, 1.0 / m, rtol=VALUE_RTOL)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_duplicated_random_keys_match_offline(seed):
+    rng = np.random.default_rng(seed)
+    base = heavy_tailed_keys(600, 6, seed=seed)
+    K = np.vstack([base, base[rng.choice(600, 200)], base[:5], base[:5]])
+    K = K[rng.permutation(len(K))]
+    eps = 0.01
+    tau = naive.leverage_svd(K)
+    sk = ls.KeySketch(6, eps=eps, block_rows=64)
+    for part in np.array_split(K, 7):
+        sk.update_many(part)
+    assert_matches_offline(sk.universal_set().ids, tau, eps)
+    Q = rng.standard_normal((20, 6))
+    assert_heavy_matches_dense(sk.heavy_entries(Q), naive.dense_heavy(Q, K, eps), eps)
+
+
+# ---------------------------------------------------------------------------------------------- zero rows
+def test_only_zero_rows():
+    sk = ls.KeySketch(4, eps=0.1)
+    _feed(sk, np.zeros((30, 4)), "rows")
+    sk.update_many(np.zeros((10, 4)))
+    assert sk.n == 40 and len(sk.universal_set()) == 0
+    Q = np.random.default_rng(0).standard_normal((3, 4))
+    hits = sk.heavy_entries(Q)
+    assert len(hits) == 0 and hits.indptr.tolist() == [0, 0, 0, 0]
+    np.testing.assert_array_equal(sk.normalizer(Q), 0.0)
+    top = sk.top_k(Q, 2)
+    assert (top.key_ids == -1).all() and np.isnan(top.values).all() and not top.certified.any()
+
+
+@pytest.mark.parametrize("pattern", ["chunk", "rows", "generator"])
+def test_zero_rows_mixed_in(pattern):
+    rng = np.random.default_rng(7)
+    K = heavy_tailed_keys(300, 5, seed=7)
+    K[rng.choice(300, 60, replace=False)] = 0.0
+    K[:3] = 0.0
+    eps = 0.03
+    tau = naive.leverage_svd(K)
+    sk = _feed(ls.KeySketch(5, eps=eps, block_rows=32), K, pattern)
+    U = sk.universal_set()
+    assert_matches_offline(U.ids, tau, eps)
+    assert not (np.abs(U.keys).sum(axis=1) == 0).any()
+    Q = rng.standard_normal((15, 5))
+    assert_heavy_matches_dense(sk.heavy_entries(Q), naive.dense_heavy(Q, K, eps), eps)
+
+
+# ---------------------------------------------------------------------------------------------- rank-deficient
+@pytest.mark.parametrize("rank", [1, 3, 7])
+@pytest.mark.parametrize("block_rows", [None, 9])
+def test_rank_deficient_keys_follow_pseudo_inverse(rank, block_rows):
+    rng = np.random.default_rng(rank)
+    n, d, eps = 800, 8, 0.02
+    K = (rng.standard_normal((n, rank)) @ rng.standard_normal((rank, d))) * (1 + rng.pareto(2.0, (n, 1)))
+    tau = naive.leverage_svd(K)
+    assert tau.sum() == pytest.approx(rank, rel=1e-9)
+    assert_no_ties(tau, eps)
+    sk = ls.KeySketch(d, eps=eps, block_rows=block_rows)
+    for part in np.array_split(K, 5):
+        sk.update_many(part)
+    U = sk.universal_set()
+    assert_matches_offline(U.ids, tau, eps)
+    np.testing.assert_allclose(U.scores, tau[U.ids], rtol=1e-7)
+    Q = np.vstack([rng.standard_normal((20, d)), rng.standard_normal((5, rank)) @ rng.standard_normal((rank, d))])
+    assert_heavy_matches_dense(sk.heavy_entries(Q), naive.dense_heavy(Q, K, eps), eps)
+
+
+def test_row_outside_the_current_span_scores_one():
+    """Rank-deficient prefix: a row with a new direction has tau = 1 (it alone spans that direction)."""
+    rng = np.random.default_rng(8)
+    d = 6
+    plane = np.c_[rng.standard_normal((300, 2)), np.zeros((300, 4))]
+    outlier = np.array([0.3, -0.2, 1e-3, 0.0, 0.0, 0.0])
+    K = np.vstack([plane[:150], outlier, plane[150:]])
+    sk = ls.KeySketch(d, eps=0.05, block_rows=64)
+    for x in K[:151]:
+        sk.update(x)
+    sk.update_many(K[151:])
+    U = sk.universal_set()
+    assert 150 in U
+    assert U.scores[U.ids.tolist().index(150)] == pytest.approx(1.0, rel=1e-9)
+    assert_matches_offline(U.ids, naive.leverage_svd(K), 0.05)
+    # the only key with an e3 component takes all of a query along e3
+    hits = sk.heavy_entries(np.eye(d)[[2]])
+    assert hits.key_ids.tolist() == [150] and hits.values[0] == pytest.approx(1.0, rel=VALUE_RTOL)
+
+
+def test_queries_orthogonal_to_every_key_have_no_entries():
+    rng = np.random.default_rng(9)
+    d = 6
+    K = np.c_[rng.standard_normal((400, 3)) * (1 + rng.pareto(2, (400, 1))), np.zeros((400, 3))]
+    sk = ls.KeySketch(d, eps=0.01).update_many(K)
+    Q = np.c_[np.zeros((5, 3)), rng.standard_normal((5, 3))]
+    hits = sk.heavy_entries(Q)
+    assert len(hits) == 0 and hits.n_queries == 5
+    np.testing.assert_array_equal(sk.normalizer(Q), 0.0)
+    assert len(sk.heavy_entries(np.zeros((4, d)))) == 0
+    assert not sk.top_k(Q, 1).certified.any()
+
+
+# ---------------------------------------------------------------------------------------------- kappa 1e7
+def _ill_conditioned(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """K = U diag(s) V^T with s logspaced 1 .. 1/kappa; tau_j = ||U_j||^2 exactly (independent of s)."""
+    rng = np.random.default_rng(seed)
+    U = np.linalg.qr(rng.standard_normal((n, d)) * (1 + rng.pareto(2.0, (n, 1))))[0]
+    s = np.logspace(0, -np.log10(ILL_COND_KAPPA), d)
+    V = naive.random_orthonormal(d, d, rng)
+    return (U * s) @ V.T, (U**2).sum(axis=1)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("how", ["chunks", "rows", "shards"])
+def test_kappa_1e7_loses_no_heavy_key(seed, how):
+    n, d, eps = 3000, 12, 0.01
+    K, tau = _ill_conditioned(n, d, seed)
+    assert np.linalg.cond(K) == pytest.approx(ILL_COND_KAPPA, rel=1e-3)
+    assert_no_ties(tau, eps, rtol=1e-5)
+    if how == "chunks":
+        sk = ls.KeySketch(d, eps=eps, block_rows=128)
+        for part in np.array_split(K, 13):
+            sk.update_many(part)
+    elif how == "rows":
+        sk = ls.KeySketch(d, eps=eps, block_rows=200)
+        for x in K[:1000]:
+            sk.update(x)
+        sk.update_many(K[1000:])
+    else:
+        cuts = [0, 400, 1300, 2100, n]
+        sk = ls.KeySketch.merge_all([ls.KeySketch(d, eps=eps).update_many(K[a:b], offset=a)
+                                     for a, b in zip(cuts[:-1], cuts[1:])][::-1])
+    got = set(sk.universal_set().ids.tolist())
+    lost = naive.offline_set(tau, eps) - got
+    assert not lost, f"heavy keys lost: {sorted(lost)}"
+    spurious = [j for j in got if tau[j] < eps * (1 - ILL_COND_SLACK)]
+    assert not spurious, f"keys with tau < eps kept: {spurious}"
+    Q = np.random.default_rng(seed + 10).standard_normal((20, d))
+    A = naive.dense_attention(Q, K)
+    hits = sk.heavy_entries(Q)
+    got_hits = hits.as_set()
+    rows, cols = np.nonzero(A >= eps * (1 + ILL_COND_SLACK))
+    assert set(zip(rows.tolist(), cols.tolist())) <= got_hits
+    assert all(A[i, j] >= eps * (1 - ILL_COND_SLACK) for i, j in got_hits)
+
+
+# ---------------------------------------------------------------------------------------------- float32, scale
+@pytest.mark.parametrize("pattern", ["chunk", "rows"])
+def test_float32_input_equals_its_float64_upcast(pattern):
+    K32 = heavy_tailed_keys(1500, 8, seed=4).astype(np.float32)
+    Q = np.random.default_rng(4).standard_normal((10, 8))
+    a = _feed(ls.KeySketch(8, eps=0.02, block_rows=100), K32, pattern)
+    b = _feed(ls.KeySketch(8, eps=0.02, block_rows=100), K32.astype(np.float64), pattern)
+    assert a.to_bytes() == b.to_bytes()
+    ra, rb = answer(a, Q), answer(b, Q)
+    assert ra[:2] == rb[:2]
+    np.testing.assert_allclose(ra[2], rb[2], rtol=FLOAT32_RTOL)
+    K64 = K32.astype(np.float64)
+    assert_matches_offline(a.universal_set().ids, naive.leverage_svd(K64), 0.02)
+    assert_heavy_matches_dense(a.heavy_entries(Q), naive.dense_heavy(Q, K64, 0.02), 0.02)
+
+
+def test_float32_queries_and_integer_input():
+    Kint = np.random.default_rng(6).integers(-5, 6, size=(500, 4))
+    sk = ls.KeySketch(4, eps=0.05).update_many(Kint)
+    ref = ls.KeySketch(4, eps=0.05).update_many(Kint.astype(np.float64))
+    Q = np.random.default_rng(7).standard_normal((6, 4)).astype(np.float32)
+    assert answer(sk, Q) == answer(ref, Q.astype(np.float64))
+
+
+@pytest.mark.parametrize("scale", [1e150, 1e-150])
+def test_scale_invariance_near_1e150(scale):
+    """Attention for p = 2 is invariant under scaling the keys: keys with entries near 1e±150 give the same answer."""
+    K = heavy_tailed_keys(2000, 8, seed=5)
+    K = K / np.abs(K).max()
+    eps = 0.02
+    tau = naive.leverage_svd(K)
+    Q = np.random.default_rng(5).standard_normal((15, 8))
+    ref = ls.KeySketch(8, eps=eps, block_rows=256).update_many(K)
+    sk = ls.KeySketch(8, eps=eps, block_rows=256)
+    for part in np.array_split(K * scale, 5):
+        sk.update_many(part)
+    assert sk.universal_set().ids.tolist() == ref.universal_set().ids.tolist()
+    assert_matches_offline(sk.universal_set().ids, tau, eps)
+    np.testing.assert_allclose(sk.universal_set().scores, ref.universal_set().scores, rtol=1e-9)
+    hits = sk.heavy_entries(Q)
+    assert_heavy_matches_dense(hits, naive.dense_heavy(Q, K, eps), eps)
+    np.testing.assert_allclose(sk.normalizer(Q) / scale**2, naive.dense_normalizer(Q, K), rtol=1e-9)
+    # rescaled queries (their inner products with the keys stay representable) see the same entries
+    assert sk.heavy_entries(Q / np.sqrt(scale)).as_set() == hits.as_set()
