@@ -13,10 +13,12 @@ from .results import HeavyEntries, TopK, UniversalSet
 from .lewis import lewis_weights, sensitivity_bounds
 from .scores import approx_leverage_scores, leverage_scores, universal_set
 from .sketch import KeySketch, load
+from .build import build_sketch
 from .multihead import MultiHeadKeySketch
 
 __all__ = [
     "KeySketch",
+    "build_sketch",
     "MultiHeadKeySketch",
     "lev_attention",
     "load",

@@ -1,0 +1,244 @@
+"""The build plan shared by the embedded and the Dask builds: one sketch per partition, then a tree of merges.
+
+Both :func:`levstream.build_sketch` (thread pool) and :func:`levstream.dask.build_sketch` use the pieces here,
+so a given partitioning gives the same leaves, the same merge tree and the same seeds on either path:
+
+* :func:`partition_options` gives every partition its own ``rng`` (children of the user's seed by
+  ``SeedSequence.spawn``), when the sketch type takes one;
+* :func:`sketch_partition` feeds one partition's chunks with global ids and names the partition in any error;
+* :func:`reduce_tree` merges partitions in groups of ``split_every`` consecutive ones, level by level;
+  :func:`merge_group` is the merge done at every node of that tree;
+* :func:`capped_threads` bounds the BLAS and numba threads a task may use (the oversubscription policy).
+
+Thread policy
+-------------
+A task that runs next to ``slots`` other tasks on ``cores`` cores gets ``max(1, cores // slots)`` threads for
+BLAS and for numba, never more than the BLAS limit the process already has (distributed's nanny sets it to 1
+per worker process).  BLAS limits are process-wide, so concurrent tasks of one process share one limit,
+set by the first task to start and restored when the last one ends; numba's limit is per thread.  numba's
+``workqueue`` threading layer aborts the process when two threads launch parallel kernels at once, so under
+that layer the tasks of one process take turns (install ``tbb`` or use OpenMP to run them side by side).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from ._validation import as_real_array, check_int
+from .sketch import KeySketch
+
+T = TypeVar("T")
+
+_RNG_OPTIONS = ("rng", "seed")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity where the OS reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------- randomness
+def _accepts_rng() -> bool:
+    return "rng" in inspect.signature(KeySketch).parameters
+
+
+def _split_seed(sketch_options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The options without ``rng``/``seed``, and the seed given by either name (None if neither)."""
+    options = dict(sketch_options)
+    given = [name for name in _RNG_OPTIONS if name in options]
+    if len(given) > 1:
+        raise ValueError("pass rng= or seed=, not both; got both.")
+    return options, (options.pop(given[0]) if given else None)
+
+
+def partition_options(sketch_options: dict[str, Any], n_partitions: int) -> list[dict[str, Any]]:
+    """Constructor options for each of ``n_partitions`` partition sketches.
+
+    ``rng`` or ``seed`` (one of them) is the user's seed.  When :class:`KeySketch` takes an ``rng`` argument
+    (randomised modes), partition ``i`` gets the ``i``-th child of ``SeedSequence(seed).spawn`` (for a
+    Generator: of its ``SeedSequence``); so a given seed and partitioning reproduces the build.  Deterministic modes (p = 2) take no ``rng`` and the seed is
+    not needed: it is accepted and not used.
+
+    Examples
+    --------
+    >>> from levstream._tree import partition_options
+    >>> [sorted(o) for o in partition_options({"block_rows": 512}, 2)]
+    [['block_rows'], ['block_rows']]
+    """
+    n_partitions = check_int(n_partitions, "n_partitions", minimum=0)
+    options, seed = _split_seed(sketch_options)
+    if not _accepts_rng():
+        return [dict(options) for _ in range(n_partitions)]
+    if isinstance(seed, np.random.Generator):
+        root = seed.bit_generator.seed_seq
+    else:
+        root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    return [dict(options, rng=child) for child in root.spawn(n_partitions)]
+
+
+def new_sketch(dim: int, eps: float, p: float, options: dict[str, Any]) -> KeySketch:
+    """A partition's empty sketch.  A ``SeedSequence`` seed becomes a fresh Generator here, so a task that is
+    run again (retried after a lost worker) draws exactly the same numbers."""
+    seed = options.get("rng")
+    if isinstance(seed, np.random.SeedSequence):
+        options = dict(options, rng=np.random.default_rng(seed))
+    return KeySketch(dim, eps=eps, p=p, **options)
+
+
+def root_options(sketch_options: dict[str, Any]) -> dict[str, Any]:
+    """Constructor options for a single (unpartitioned) stream: the user's seed is passed through as ``rng``."""
+    options, seed = _split_seed(sketch_options)
+    if _accepts_rng() and seed is not None:
+        options["rng"] = seed
+    return options
+
+
+# ---------------------------------------------------------------------------------------------- threads
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limiter: Any = None
+_workqueue_lock = threading.Lock()
+
+
+def _numba_layer() -> str:
+    import numba
+
+    numba.get_num_threads()  # launches the threading layer if needed, so that it can be named
+    return numba.threading_layer()
+
+
+@contextmanager
+def capped_threads(n_threads: int) -> Iterator[None]:
+    """Run the body with at most ``n_threads`` BLAS threads (process-wide, shared) and numba threads (this thread).
+
+    Re-entrant across threads: the BLAS limit is set by the first task of the process to enter and restored
+    when the last one leaves.  Under numba's non-thread-safe ``workqueue`` layer the bodies run one at a time.
+    """
+    global _limit_users, _limiter
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    n_threads = max(1, int(n_threads))
+    with _limit_lock:
+        if _limit_users == 0:
+            _limiter = threadpool_limits(limits=n_threads, user_api="blas")
+        _limit_users += 1
+    previous = numba.get_num_threads()
+    serial = _workqueue_lock if _numba_layer() == "workqueue" else None
+    try:
+        numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
+        if serial is not None:
+            serial.acquire()
+        yield
+    finally:
+        if serial is not None:
+            serial.release()
+        numba.set_num_threads(previous)
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                _limiter.restore_original_limits()
+                _limiter = None
+
+
+# ---------------------------------------------------------------------------------------------- leaves
+def describe(kind: str, index: int, offset: int, chunk: Any) -> str:
+    """``"partition 3 (rows 300..399)"``: how errors name a piece of the input by its global rows."""
+    shape = getattr(chunk, "shape", None)
+    if shape is not None and len(shape) == 2 and shape[0]:
+        return f"{kind} {index} (rows {offset}..{offset + shape[0] - 1})"
+    return f"{kind} {index} (rows from {offset})"
+
+
+@contextmanager
+def named_errors(where: str, verb: str = "rejected") -> Iterator[None]:
+    """Re-raise a ``ValueError``/``TypeError`` of the body as ``"<where> <verb>: <message>"``."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        cls = TypeError if isinstance(exc, TypeError) else ValueError
+        raise cls(f"{where} {verb}: {exc}") from exc
+
+
+def _as_chunk(chunk: Any) -> np.ndarray:
+    arr = as_real_array(chunk, "chunk")
+    if arr.ndim != 2:
+        raise ValueError(f"every chunk must be 2-D (rows x dim); got shape {arr.shape}. "
+                         "Wrap single rows as 1-row chunks.")
+    return arr
+
+
+def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, where: str) -> int:
+    """``sketch.update_many(chunk, offset=offset)`` with errors naming ``where``; returns the rows fed.
+
+    Zero-row chunks hold no keys and are skipped.  A rejected chunk leaves the sketch unchanged.
+    """
+    with named_errors(where):
+        arr = _as_chunk(chunk)
+        if arr.shape[0]:
+            sketch.update_many(arr, offset=offset)
+    return int(arr.shape[0])
+
+
+def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int | None, eps: float,
+                     p: float, options: dict[str, Any]) -> KeySketch | None:
+    """The sketch of partition ``index``: its chunks fed in order with global ids from ``offset`` on.
+
+    ``dim=None`` takes the width from the first non-empty chunk; a partition without rows then gives
+    ``None`` (nothing to merge).  An invalid chunk raises a ``ValueError``/``TypeError`` naming the
+    partition and its global rows.
+    """
+    sketch = None if dim is None else new_sketch(dim, eps, p, options)
+    position = offset
+    for chunk in chunks:
+        where = describe("partition", index, position, chunk)
+        if sketch is None:
+            with named_errors(where):
+                width = _as_chunk(chunk).shape
+            if not width[0]:
+                continue
+            sketch = new_sketch(int(width[1]), eps, p, options)
+        position += feed_chunk(sketch, chunk, position, where)
+    return sketch
+
+
+# ---------------------------------------------------------------------------------------------- merges
+def merge_group(*sketches: KeySketch | None) -> KeySketch | None:
+    """Merge a group of sketches in order into a new sketch (inputs untouched); ``None`` entries are skipped."""
+    present = [s for s in sketches if s is not None]
+    if not present:
+        return None
+    out = present[0].copy()
+    for other in present[1:]:
+        out.merge(other)
+    return out
+
+
+def reduce_tree(items: Sequence[T], combine: Callable[..., T], split_every: int) -> T:
+    """Combine ``items`` in a tree: groups of ``split_every`` consecutive items per node, level by level.
+
+    ``combine(*group)`` is called for every group of two or more; a lone last item goes up unchanged.  The
+    tree depends only on ``len(items)`` and ``split_every``, so every executor builds the same one.
+
+    Examples
+    --------
+    >>> from levstream._tree import reduce_tree
+    >>> reduce_tree(list("abcde"), lambda *g: "(" + "".join(g) + ")", split_every=2)
+    '(((ab)(cd))e)'
+    """
+    split_every = check_int(split_every, "split_every", minimum=2)
+    level = list(items)
+    if not level:
+        raise ValueError("nothing to merge: the build has no partitions.")
+    while len(level) > 1:
+        level = [level[i] if i + 1 == len(level) else combine(*level[i:i + split_every])
+                 for i in range(0, len(level), split_every)]
+    return level[0]

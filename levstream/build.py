@@ -1,0 +1,266 @@
+"""``build_sketch``: the embedded parallel build — shards on a thread pool, merged with the Dask path's tree.
+
+No Dask here (see :mod:`levstream.dask` for clusters).  Shards are fed by threads of one process: the Gram
+update (BLAS) and the numba kernels release the GIL, so shards run side by side on separate cores.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ._config import default_block_rows
+from ._tree import (available_cores, capped_threads, describe, feed_chunk, merge_group, named_errors,
+                    new_sketch, partition_options, reduce_tree, root_options)
+from ._validation import as_real_array, check_int
+from .sketch import KeySketch
+
+__all__ = ["build_sketch"]
+
+#: Fan-in of the merge tree (as :func:`levstream.dask.build_sketch`'s default ``split_every``).
+SPLIT_EVERY = 8
+
+#: Chunks read from an array or ``.npy`` source hold this many processing blocks of rows.
+BLOCKS_PER_CHUNK = 8
+
+#: Chunks waiting for each shard thread when the source is an iterable (bounds memory).
+QUEUE_DEPTH = 2
+
+_DONE = None  # end-of-stream marker on a shard's queue
+
+Chunk = tuple[int, int, Any]  # (chunk number, global id of its first row, the chunk)
+
+
+def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = None,
+                 chunk_rows: int | None = None, offset: int = 0, progress: bool = False,
+                 **sketch_options: Any) -> KeySketch:
+    """Sketch all keys of ``source``, using ``n_jobs`` threads; the result equals one stream over the keys.
+
+    Parameters
+    ----------
+    source : array_like, str or os.PathLike, or iterable of array_like
+        The keys: a 2-D array (NumPy array, ``np.memmap``, or anything with ``ndim``/``shape`` and row
+        slicing), a path to a ``.npy`` file holding a 2-D array (memory-mapped and read chunk by chunk, never
+        loaded whole), or an iterable of 2-D chunks of one width (e.g. a generator).  Key ``j`` of the
+        source (in row order, chunks in iteration order) gets the global id ``offset + j``.
+    eps, p : float
+        As for :class:`KeySketch`.
+    n_jobs : int, optional
+        Number of shards fed in parallel by a thread pool (default ``os.cpu_count()``).  ``n_jobs=1`` is a
+        plain stream in the calling thread.
+    chunk_rows : int, optional
+        Rows read at a time from an array or ``.npy`` source (default: 8 processing blocks, 65536 rows for
+        dim 64).  Iterables keep their own chunks.
+    offset : int, default 0
+        Global id of the first key.
+    progress : bool, default False
+        Show a tqdm progress bar (rows).
+    **sketch_options
+        Passed to :class:`KeySketch` (e.g. ``block_rows``).  ``seed=``/``rng=`` seeds randomised modes;
+        each shard gets its own child seed (``SeedSequence.spawn``), so a seed, ``n_jobs`` and the chunking
+        reproduce the build.  The exact p = 2 mode uses no randomness and needs no seed.
+
+    Returns
+    -------
+    KeySketch
+        The sketch of all keys, with global ids ``offset, offset + 1, ...``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For invalid parameters, a source that is not 2-D, or a chunk with bad values (NaN, inf, wrong width):
+        the error names the chunk and its global rows, and no sketch is returned.
+
+    Notes
+    -----
+    Partitioning.  An array or ``.npy`` source is cut into chunks of ``chunk_rows`` rows and shard ``s`` of
+    ``n_jobs`` takes the ``s``-th contiguous run of chunks; chunks of an iterable are dealt round-robin
+    (chunk ``k`` to shard ``k % n_jobs``), at most 2 waiting per shard.  The shard sketches are merged in
+    the tree of :func:`levstream.dask.build_sketch` (groups of 8).  For p = 2 the universal set and every
+    query answer are those of a single stream, whatever ``n_jobs`` and the chunking (DESIGN.md §4).
+
+    Threads.  With ``n_jobs > 1`` each shard thread is limited to ``max(1, cores // n_jobs)`` BLAS threads
+    (a process-wide limit, restored afterwards) and as many numba threads, so the build never runs more
+    threads than cores; ``n_jobs=1`` leaves the thread settings alone.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((30_000, 8)) * rng.pareto(3.0, size=(30_000, 1))
+    >>> sk = ls.build_sketch(K, eps=0.05, n_jobs=2, chunk_rows=4096)
+    >>> bool(np.array_equal(sk.universal_set().ids, ls.universal_set(K, eps=0.05).ids))
+    True
+    >>> chunks = (K[i:i + 5000] for i in range(0, 30_000, 5000))
+    >>> bool(np.array_equal(ls.build_sketch(chunks, eps=0.05, n_jobs=3).universal_set().ids, sk.universal_set().ids))
+    True
+    """
+    n_jobs = (os.cpu_count() or 1) if n_jobs is None else check_int(n_jobs, "n_jobs", minimum=1)
+    offset = check_int(offset, "offset", minimum=0)
+    if chunk_rows is not None:
+        chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
+    array = _as_array_source(source)
+    if array is not None:
+        dim = int(array.shape[1])
+        rows = chunk_rows or BLOCKS_PER_CHUNK * default_block_rows(dim)
+        starts = list(range(0, array.shape[0], rows))
+        chunks: Iterator[Chunk] = ((k, offset + a, array[a:a + rows]) for k, a in enumerate(starts))
+        total: int | None = int(array.shape[0])
+    else:
+        dim, chunks = _peek_width(source, offset)
+        starts, total = [], None
+    # the single stream's sketch; building it validates eps, p and the options before any work starts
+    sketch = KeySketch(dim, eps=eps, p=p, **root_options(sketch_options))
+    bar = _progress_bar(total) if progress else None
+    try:
+        if n_jobs == 1:
+            for k, start, chunk in chunks:
+                rows_fed = feed_chunk(sketch, chunk, start, describe("chunk", k, start, chunk))
+                if bar is not None:
+                    bar.update(rows_fed)
+            return sketch
+        if array is not None:
+            n_shards = max(1, min(n_jobs, len(starts)))
+            bounds = np.linspace(0, len(starts), n_shards + 1).astype(int)
+            all_chunks = list(chunks)
+            runs = [iter(all_chunks[bounds[s]:bounds[s + 1]]) for s in range(n_shards)]
+            return _run_shards(runs, None, dim, eps, p, sketch_options, bar)
+        return _run_shards(None, chunks, dim, eps, p, sketch_options, bar, n_shards=n_jobs)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _as_array_source(source: Any) -> Any:
+    """The 2-D random-access array behind ``source``, or None when ``source`` is an iterable of chunks."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        with named_errors(f"source {path!r}"):
+            try:
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as exc:
+                raise ValueError(f"must be a .npy file of a numeric 2-D array ({exc}).") from exc
+            if not isinstance(array, np.ndarray):
+                array.close()
+                raise ValueError("must be a .npy file holding one 2-D array; got an .npz archive. "
+                                 "Pass one of its arrays instead.")
+            as_real_array(array[:0], "the stored array")
+            if array.ndim != 2:
+                raise ValueError(f"must hold a 2-D array (rows x dim); got shape {array.shape}.")
+        return array
+    if hasattr(source, "ndim") and hasattr(source, "shape"):
+        if source.ndim != 2:
+            raise ValueError(f"source must be 2-D (rows x dim); got shape {tuple(source.shape)}. "
+                             "Pass a 2-D array, a .npy path or an iterable of 2-D chunks.")
+        if source.shape[1] == 0:
+            raise ValueError(f"source must have at least one column; got shape {tuple(source.shape)}.")
+        return source
+    if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise TypeError(f"source must be a 2-D array, a path to a .npy file or an iterable of 2-D chunks; "
+                        f"got {type(source).__name__} instead.")
+    return None
+
+
+def _peek_width(source: Iterable[Any], offset: int) -> tuple[int, Iterator[Chunk]]:
+    """Width of the first chunk of an iterable source, and the numbered chunks (first one included)."""
+    items = iter(source)
+    try:
+        first = next(items)
+    except StopIteration:
+        raise ValueError("source yielded no chunks; an iterable source needs at least one 2-D chunk "
+                         "(its width sets the sketch's dim).") from None
+    with named_errors(describe("chunk", 0, offset, first)):
+        arr = as_real_array(first, "chunk")
+        if arr.ndim != 2 or arr.shape[1] == 0:
+            raise ValueError(f"every chunk must be 2-D (rows x dim); got shape {arr.shape}. "
+                             "Wrap single rows as 1-row chunks; a whole matrix must be passed as an array.")
+
+    def numbered() -> Iterator[Chunk]:
+        start = offset
+        for k, chunk in enumerate(_chain(arr, items)):
+            yield k, start, chunk
+            start += int(np.shape(chunk)[0]) if np.ndim(chunk) == 2 else 0
+
+    return int(arr.shape[1]), numbered()
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _progress_bar(total: int | None) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=" rows", unit_scale=True, desc="levstream build")
+
+
+def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | None, dim: int, eps: float,
+                p: float, sketch_options: dict[str, Any], bar: Any, n_shards: int | None = None) -> KeySketch:
+    """Feed shards on a thread pool, then merge them in the shared tree.
+
+    Either ``runs`` (one chunk iterator per shard, read by the shard's thread) or ``dealt`` (chunks read in
+    this thread and dealt round-robin to ``n_shards`` bounded queues) is given.
+    """
+    n_shards = len(runs) if runs is not None else int(n_shards or 1)
+    sketches = [new_sketch(dim, eps, p, opts) for opts in partition_options(sketch_options, n_shards)]
+    threads = max(1, available_cores() // n_shards)
+    stop = threading.Event()
+    failures: list[tuple[int, BaseException]] = []
+    bar_lock = threading.Lock()
+    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_shards)] if runs is None else None
+
+    def drain(q: queue.Queue) -> Iterator[Chunk]:
+        while (item := q.get()) is not _DONE:
+            yield item
+
+    def shard(s: int) -> None:
+        items = runs[s] if runs is not None else drain(queues[s])
+        with capped_threads(threads):
+            for k, start, chunk in items:  # after a failure, keep draining so the producer never blocks
+                if stop.is_set():
+                    continue
+                try:
+                    fed = feed_chunk(sketches[s], chunk, start, describe("chunk", k, start, chunk))
+                except BaseException as exc:  # reported by the calling thread below
+                    failures.append((k, exc))
+                    stop.set()
+                    continue
+                if bar is not None:
+                    with bar_lock:
+                        bar.update(fed)
+
+    with ThreadPoolExecutor(max_workers=n_shards, thread_name_prefix="levstream-shard") as pool:
+        futures = [pool.submit(shard, s) for s in range(n_shards)]
+        if queues is not None:
+            try:
+                for item in dealt:
+                    if stop.is_set():
+                        break
+                    _put(queues[item[0] % n_shards], item, futures[item[0] % n_shards])
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                for q, fut in zip(queues, futures):
+                    _put(q, _DONE, fut)
+        for fut in futures:
+            fut.result()
+    if failures:
+        raise min(failures, key=lambda f: f[0])[1]
+    return reduce_tree(sketches, merge_group, SPLIT_EVERY)
+
+
+def _put(q: queue.Queue, item: Any, consumer: Future) -> None:
+    """Put ``item`` on a bounded queue unless its consumer thread has already ended."""
+    while not consumer.done():
+        try:
+            q.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue

@@ -1,0 +1,222 @@
+"""Build a :class:`~levstream.KeySketch` on Dask: one sketch per partition, then a tree of merges.
+
+Optional: needs ``dask`` (``pip install 'levstream[dask]'``); ``import levstream`` never imports this module.
+The partition sketches, the merge tree and the per-partition seeds are those of the embedded
+:func:`levstream.build_sketch` (shared code in ``levstream._tree``), so the two paths agree.
+
+Threads inside a task: a partition or merge task that shares its process with ``slots`` concurrent tasks
+(the threads of a ``distributed`` worker, or the threaded scheduler's ``num_workers``; one per core by
+default) uses at most ``max(1, cores // slots)`` BLAS threads and as many numba threads, and never more BLAS
+threads than its process already allows.  ``distributed``'s nanny starts workers with
+``OMP/MKL/OPENBLAS_NUM_THREADS=1``, so on a cluster every task runs single-threaded and parallelism comes from
+the partitions; numba (which the nanny does not cap) is held to the same number.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+try:
+    import dask
+    import dask.array as da
+    import dask.bag as db
+    from dask.delayed import Delayed, delayed
+except ImportError as exc:  # pragma: no cover - exercised only without the optional dependency
+    raise ImportError("levstream.dask needs Dask: pip install 'levstream[dask]' "
+                      "(or: pip install 'dask[array,bag]' distributed).") from exc
+
+from ._tree import (available_cores, capped_threads, merge_group, named_errors, new_sketch, partition_options,
+                    reduce_tree, sketch_partition)
+from ._validation import check_int
+from .sketch import KeySketch
+
+__all__ = ["build_sketch"]
+
+
+def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, compute: bool = True,
+                 offsets: Sequence[int] | None = None, scheduler: Any = None,
+                 **sketch_options: Any) -> KeySketch | Delayed:
+    """Sketch keys held in a Dask collection: one sketch per partition, merged in a tree of fan-in ``split_every``.
+
+    Parameters
+    ----------
+    keys : dask.array.Array, dask.bag.Bag or list of dask.delayed.Delayed
+        * a 2-D Dask array with any row chunking (columns are rechunked to the full width); each row block
+          is a partition;
+        * a Dask bag whose items are 2-D chunks; each bag partition is a partition, its chunks fed in order;
+        * a list of ``Delayed`` objects, each computing one 2-D chunk (a partition).
+    eps, p : float
+        As for :class:`~levstream.KeySketch`.
+    split_every : int, default 8
+        Fan-in of the merge tree (``>= 2``): ``ceil(log_split_every(partitions))`` levels of merges.
+    compute : bool, default True
+        Return the computed sketch; with ``False`` return a ``Delayed`` that computes it.
+    offsets : sequence of int, optional
+        Global id of the first key of every partition.  A Dask array with known chunk sizes numbers its
+        rows ``0 .. n-1`` from its chunks.  For a bag, a list of ``Delayed`` or an array with unknown chunk
+        sizes, omitting ``offsets`` runs a first pass that computes every partition's length (each
+        partition is then computed twice: pass ``offsets`` when you know them).  Partitions must not share
+        ids; an overlap fails the build when the two sketches meet in a merge.
+    scheduler : str, distributed.Client or None
+        Passed to ``dask.compute``: ``"threads"``, ``"processes"``, ``"sync"``, a ``Client``, or None for
+        Dask's default (the active client if there is one).  A string with ``"://"`` is the address of a
+        running ``distributed`` scheduler: a client is connected for this call and closed afterwards.
+    **sketch_options
+        Passed to :class:`~levstream.KeySketch` (e.g. ``block_rows``).  ``seed=``/``rng=`` seeds randomised
+        modes: partition ``i`` gets child ``i`` of ``SeedSequence(seed).spawn``, so a seed and a
+        partitioning reproduce the build on any scheduler.  The exact p = 2 mode needs no seed.
+
+    Returns
+    -------
+    KeySketch or Delayed
+        The sketch of all keys with their global ids; a ``Delayed`` when ``compute=False``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For invalid parameters, or (when computed) a partition with bad data — NaN, inf, wrong width,
+        chunks that are not 2-D: the error names the partition and its global rows and no sketch is
+        returned.
+
+    Notes
+    -----
+    For p = 2 the universal set and every query answer equal those of one stream over the same keys, on
+    any scheduler (DESIGN.md §4).  Sketches travel between processes as :meth:`KeySketch.to_bytes`
+    (``O(d^2 + |candidates| d)`` bytes each, independent of the partition size).  A worker lost mid-build
+    costs the recomputation of its tasks: every task is a pure function of its inputs.
+
+    Thread policy: see the module docstring.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da, levstream as ls
+    >>> import levstream.dask as lsd
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((30_000, 8)) * rng.pareto(3.0, size=(30_000, 1))
+    >>> keys = da.from_array(K, chunks=(7_000, 4))
+    >>> sk = lsd.build_sketch(keys, eps=0.05, split_every=2, scheduler="threads")
+    >>> bool(np.array_equal(sk.universal_set().ids, ls.universal_set(K, eps=0.05).ids))
+    True
+    """
+    split_every = check_int(split_every, "split_every", minimum=2)
+    parts, dim, known_offsets, many = _partitions(keys)
+    client = _connect(scheduler)
+    try:
+        sched = client if client is not None else scheduler
+        if offsets is not None:
+            starts = _check_offsets(offsets, len(parts))
+        elif known_offsets is not None:
+            starts = known_offsets
+        else:
+            lengths = dask.compute(*[delayed(_partition_rows)(part, i, many) for i, part in enumerate(parts)],
+                                   scheduler=sched)
+            starts = [0, *np.cumsum(lengths[:-1], dtype=np.int64).tolist()]
+        options = partition_options(sketch_options, len(parts))
+        new_sketch(dim or 1, eps, p, options[0])  # validates eps, p and the options before any task runs
+        leaves = [(delayed(_sketch_leaf)(part, start, i, dim, eps, p, opts, many), i, i)
+                  for i, (part, start, opts) in enumerate(zip(parts, starts, options))]
+        root, first, last = reduce_tree(leaves, _merge_node, split_every)
+        result = delayed(_finish)(root, first, last)
+        if not compute:
+            return result
+        (sketch,) = dask.compute(result, scheduler=sched)
+        return sketch
+    finally:
+        if client is not None:
+            client.close()
+
+
+# ---------------------------------------------------------------------------------------------- client side
+def _partitions(keys: Any) -> tuple[list[Any], int | None, list[int] | None, bool]:
+    """(partitions as Delayed, dim if known, offsets if known, whether a partition holds many chunks)."""
+    if isinstance(keys, da.Array):
+        if keys.ndim != 2:
+            raise ValueError(f"keys must be a 2-D Dask array (rows x dim); got shape {keys.shape}.")
+        if np.isnan(keys.shape[1]) or keys.shape[1] == 0:
+            raise ValueError(f"keys must have a known, non-zero number of columns; got shape {keys.shape}.")
+        if keys.numblocks[1] > 1:
+            keys = keys.rechunk({1: -1})
+        rows = keys.chunks[0]
+        known = None if any(np.isnan(rows)) else [0, *np.cumsum(rows[:-1], dtype=np.int64).tolist()]
+        return list(keys.to_delayed().ravel()), int(keys.shape[1]), known, False
+    if isinstance(keys, db.Bag):
+        return list(keys.to_delayed()), None, None, True
+    if isinstance(keys, (list, tuple)) and keys and all(isinstance(k, Delayed) for k in keys):
+        return list(keys), None, None, False
+    if isinstance(keys, (list, tuple)) and not keys:
+        raise ValueError("keys must hold at least one partition; got an empty list.")
+    raise TypeError("keys must be a 2-D dask.array.Array, a dask.bag.Bag of 2-D chunks or a list of "
+                    f"dask.delayed chunks; got {type(keys).__name__} instead. For NumPy arrays, "
+                    ".npy files or iterables use levstream.build_sketch.")
+
+
+def _check_offsets(offsets: Sequence[int], n_partitions: int) -> list[int]:
+    values = list(offsets)
+    if len(values) != n_partitions:
+        raise ValueError(f"offsets must give one start id per partition ({n_partitions}); "
+                         f"got {len(values)}.")
+    return [check_int(v, f"offsets[{i}]", minimum=0) for i, v in enumerate(values)]
+
+
+def _connect(scheduler: Any) -> Any:
+    """A client for a scheduler address (``"tcp://host:port"``), else None."""
+    if not (isinstance(scheduler, str) and "://" in scheduler):
+        return None
+    from distributed import Client
+
+    return Client(scheduler, set_as_default=False)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def _task_threads() -> int:
+    """Threads a task may use here: ``cores // concurrent tasks`` of this process, within its BLAS limit."""
+    from threadpoolctl import threadpool_info
+
+    cores = available_cores()
+    try:
+        from distributed import get_worker
+
+        slots = get_worker().state.nthreads
+    except (ImportError, ValueError):
+        slots = dask.config.get("num_workers", None) or cores
+    blas = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+    return max(1, min([cores // max(int(slots), 1), *blas]))
+
+
+def _chunks_of(part: Any, many: bool) -> Any:
+    return part if many else (part,)
+
+
+def _partition_rows(part: Any, index: int, many: bool) -> int:
+    """Number of key rows in one partition (the first pass that numbers bags and delayed lists)."""
+    total = 0
+    for chunk in _chunks_of(part, many):
+        with named_errors(f"partition {index}"):
+            if np.ndim(chunk) != 2:
+                raise ValueError(f"every chunk must be 2-D (rows x dim); got shape {np.shape(chunk)}.")
+        total += int(np.shape(chunk)[0])
+    return total
+
+
+def _sketch_leaf(part: Any, offset: int, index: int, dim: int | None, eps: float, p: float,
+                 options: dict[str, Any], many: bool) -> KeySketch | None:
+    with capped_threads(_task_threads()):
+        return sketch_partition(_chunks_of(part, many), offset, index, dim=dim, eps=eps, p=p, options=options)
+
+
+def _merge_node(*group: tuple[Delayed, int, int]) -> tuple[Delayed, int, int]:
+    first, last = group[0][1], group[-1][2]
+    return delayed(_merge_task)(first, last, *[g[0] for g in group]), first, last
+
+
+def _merge_task(first: int, last: int, *sketches: KeySketch | None) -> KeySketch | None:
+    with capped_threads(_task_threads()), named_errors(f"merging partitions {first}..{last}", "failed"):
+        return merge_group(*sketches)
+
+
+def _finish(sketch: KeySketch | None, first: int, last: int) -> KeySketch:
+    if sketch is None:
+        raise ValueError(f"keys must contain at least one row; partitions {first}..{last} are all empty.")
+    return sketch

@@ -1,0 +1,293 @@
+"""The embedded parallel build ``levstream.build_sketch`` (thread pool, shared merge tree; issue #5).
+
+References: a single stream over the same keys (``KeySketch.update_many`` on the whole matrix) and the
+brute-force twins in ``naive.py`` (SVD leverage scores, dense attention).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info
+
+import levstream as ls
+import levstream._tree as tree
+import levstream.build as build
+from conftest import VALUE_RTOL, assert_heavy_matches_dense, assert_matches_offline, assert_no_ties, heavy_tailed_keys
+from naive import dense_heavy, leverage_svd
+
+EPS = 0.02
+N_JOBS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def K() -> np.ndarray:
+    keys = heavy_tailed_keys(12_000, 8, seed=5)
+    assert_no_ties(leverage_svd(keys), EPS)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def Q() -> np.ndarray:
+    return np.random.default_rng(11).standard_normal((30, 8))
+
+
+def single_stream(K: np.ndarray, offset: int = 0) -> ls.KeySketch:
+    return ls.KeySketch(K.shape[1], eps=EPS).update_many(K, offset=offset)
+
+
+def assert_same_answers(got: ls.KeySketch, want: ls.KeySketch, Q: np.ndarray) -> None:
+    """Universal set and heavy entries equal (index sets exactly, values to VALUE_RTOL)."""
+    assert got.n == want.n
+    Ug, Uw = got.universal_set(), want.universal_set()
+    np.testing.assert_array_equal(Ug.ids, Uw.ids)
+    np.testing.assert_allclose(Ug.scores, Uw.scores, rtol=VALUE_RTOL)
+    hg, hw = got.heavy_entries(Q), want.heavy_entries(Q)
+    np.testing.assert_array_equal(hg.indptr, hw.indptr)
+    np.testing.assert_array_equal(hg.key_ids, hw.key_ids)
+    np.testing.assert_allclose(hg.values, hw.values, rtol=VALUE_RTOL)
+    np.testing.assert_allclose(got.normalizer(Q), want.normalizer(Q), rtol=VALUE_RTOL)
+
+
+def assert_matches_brute_force(sk: ls.KeySketch, K: np.ndarray, Q: np.ndarray, offset: int = 0) -> None:
+    tau = leverage_svd(K)
+    assert_matches_offline(sk.universal_set().ids - offset, tau, EPS)
+    expected = dense_heavy(Q, K, EPS, ids=np.arange(K.shape[0]) + offset)
+    assert_heavy_matches_dense(sk.heavy_entries(Q), expected, EPS)
+
+
+# ------------------------------------------------------------------------------------------ equal answers
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_array_equals_single_stream(K, Q, n_jobs):
+    sk = ls.build_sketch(K, eps=EPS, n_jobs=n_jobs, chunk_rows=1777)
+    assert_same_answers(sk, single_stream(K), Q)
+    assert_matches_brute_force(sk, K, Q)
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_npy_path_is_memory_mapped_and_equals_single_stream(K, Q, n_jobs, tmp_path, monkeypatch):
+    path = tmp_path / "keys.npy"
+    np.save(path, K.astype(np.float32))
+    modes = []
+    real_load = np.load
+
+    def spy_load(*args, **kwargs):
+        modes.append(kwargs.get("mmap_mode"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", spy_load)
+    sk = ls.build_sketch(str(path), eps=EPS, n_jobs=n_jobs, chunk_rows=2500)
+    assert modes == ["r"]
+    K32 = K.astype(np.float32).astype(np.float64)  # the keys the file holds
+    assert_same_answers(sk, single_stream(K32), Q)
+    assert_same_answers(ls.build_sketch(path, eps=EPS, n_jobs=n_jobs), single_stream(K32), Q)  # PathLike
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_iterable_equals_single_stream(K, Q, n_jobs):
+    cuts = [0, 5, 1000, 1001, 4000, 7777, 12_000]  # uneven chunks, one of a single row
+    chunks = (K[a:b] for a, b in zip(cuts[:-1], cuts[1:]))
+    sk = ls.build_sketch(chunks, eps=EPS, n_jobs=n_jobs)
+    assert_same_answers(sk, single_stream(K), Q)
+    assert_matches_brute_force(sk, K, Q)
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_offset_numbers_keys_from_offset(K, Q, n_jobs):
+    sk = ls.build_sketch(K, eps=EPS, n_jobs=n_jobs, chunk_rows=3000, offset=1_000_000)
+    assert_same_answers(sk, single_stream(K, offset=1_000_000), Q)
+    assert_matches_brute_force(sk, K, Q, offset=1_000_000)
+
+
+def test_more_jobs_than_chunks_and_empty_chunks(K, Q):
+    sk = ls.build_sketch([K[:0], K[:6000], K[6000:6000], K[6000:]], eps=EPS, n_jobs=3)
+    assert_same_answers(sk, single_stream(K), Q)
+    sk = ls.build_sketch(K, eps=EPS, n_jobs=3, chunk_rows=10 ** 6)  # one chunk, one shard
+    assert_same_answers(sk, single_stream(K), Q)
+
+
+def test_empty_array_gives_empty_sketch():
+    sk = ls.build_sketch(np.zeros((0, 4)), eps=0.1, n_jobs=2)
+    assert sk.is_empty() and sk.dim == 4
+
+
+def test_default_n_jobs_and_sketch_options_are_used(K, Q):
+    sk = ls.build_sketch(K, eps=EPS, block_rows=512)
+    assert_same_answers(sk, single_stream(K), Q)
+    assert sk.to_bytes() is not None and ls.KeySketch.from_bytes(sk.to_bytes()).n == K.shape[0]
+
+
+def test_progress_bar_counts_rows(K, capsys):
+    ls.build_sketch(K, eps=EPS, n_jobs=2, chunk_rows=4000, progress=True)
+    err = capsys.readouterr().err
+    assert "levstream build" in err and "12.0k" in err
+
+
+# ------------------------------------------------------------------------------------------ bad data
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_nan_chunk_fails_naming_the_chunk(K, n_jobs, tmp_path):
+    bad = K.copy()
+    bad[7000, 3] = np.nan
+    with pytest.raises(ValueError, match=r"chunk 3 \(rows 6000\.\.7999\) rejected: .*finite"):
+        ls.build_sketch(bad, eps=EPS, n_jobs=n_jobs, chunk_rows=2000)
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(ValueError, match=r"chunk 3 \(rows 6000\.\.7999\) rejected: .*finite"):
+        ls.build_sketch(tmp_path / "bad.npy", eps=EPS, n_jobs=n_jobs, chunk_rows=2000)
+    chunks = [bad[i:i + 2500] for i in range(0, 12_000, 2500)]
+    with pytest.raises(ValueError, match=r"chunk 2 \(rows 5000\.\.7499\) rejected: .*finite"):
+        ls.build_sketch(iter(chunks), eps=EPS, n_jobs=n_jobs)
+
+
+@pytest.mark.parametrize("n_jobs", (1, 2))
+def test_bad_chunks_are_named(K, n_jobs):
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows 100\.\.149\) rejected: .*8 columns"):
+        ls.build_sketch([K[:100], np.ones((50, 7)), K[150:300]], eps=EPS, n_jobs=n_jobs)
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows from 100\) rejected: .*2-D"):
+        ls.build_sketch([K[:100], K[100]], eps=EPS, n_jobs=n_jobs)
+    with pytest.raises(TypeError, match=r"chunk 1 .* rejected: .*real"):
+        ls.build_sketch([K[:100], K[100:200].astype(complex)], eps=EPS, n_jobs=n_jobs)
+
+
+@pytest.mark.parametrize("n_jobs", (1, 2))
+def test_error_in_the_users_generator_propagates(K, n_jobs):
+    def chunks():
+        yield K[:1000]
+        yield K[1000:2000]
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        ls.build_sketch(chunks(), eps=EPS, n_jobs=n_jobs)
+
+
+def test_bad_arguments(K, tmp_path):
+    with pytest.raises(ValueError, match="2-D"):
+        ls.build_sketch(K.reshape(2, 6000, 8), eps=EPS)
+    with pytest.raises(ValueError, match="2-D"):
+        ls.build_sketch(K[0], eps=EPS)
+    with pytest.raises(ValueError, match="no chunks"):
+        ls.build_sketch(iter([]), eps=EPS)
+    with pytest.raises(ValueError, match="first chunk|chunk 0 .*2-D"):
+        ls.build_sketch([K[0], K[1]], eps=EPS)
+    with pytest.raises(TypeError, match="source must be"):
+        ls.build_sketch(42, eps=EPS)
+    with pytest.raises(ValueError, match="n_jobs must be >= 1"):
+        ls.build_sketch(K, eps=EPS, n_jobs=0)
+    with pytest.raises(TypeError, match="n_jobs must be an integer"):
+        ls.build_sketch(K, eps=EPS, n_jobs=2.0)
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        ls.build_sketch(K, eps=EPS, chunk_rows=0)
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        ls.build_sketch(K, eps=EPS, offset=-1)
+    with pytest.raises(ValueError, match="eps must satisfy"):
+        ls.build_sketch(K, eps=0.0)
+    with pytest.raises(ValueError, match="rng= or seed=, not both"):
+        ls.build_sketch(K, eps=EPS, rng=1, seed=1)
+    np.savez(tmp_path / "keys.npz", K=K)
+    with pytest.raises(ValueError, match="npz"):
+        ls.build_sketch(tmp_path / "keys.npz", eps=EPS)
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="2-D"):
+        ls.build_sketch(tmp_path / "cube.npy", eps=EPS)
+    with pytest.raises(FileNotFoundError):
+        ls.build_sketch(tmp_path / "missing.npy", eps=EPS)
+
+
+# ------------------------------------------------------------------------------------------ threads
+def blas_threads() -> list[int]:
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("n_jobs", (1, 2, 3))
+def test_threads_are_capped_inside_shards_and_restored(K, n_jobs, monkeypatch):
+    seen = []
+    real_feed = build.feed_chunk
+
+    def spy_feed(*args, **kwargs):
+        seen.append((tuple(blas_threads()), numba.get_num_threads()))
+        return real_feed(*args, **kwargs)
+
+    monkeypatch.setattr(build, "feed_chunk", spy_feed)
+    before_blas, before_numba = blas_threads(), numba.get_num_threads()
+    ls.build_sketch(K, eps=EPS, n_jobs=n_jobs, chunk_rows=1000)
+    assert seen
+    if n_jobs == 1:  # a plain stream leaves the thread settings alone
+        assert set(seen) == {(tuple(before_blas), before_numba)}
+    else:
+        share = max(1, tree.available_cores() // n_jobs)
+        assert {b for blas, _ in seen for b in blas} == {share}
+        assert {n for _, n in seen} == {min(share, numba.config.NUMBA_NUM_THREADS)}
+    assert blas_threads() == before_blas and numba.get_num_threads() == before_numba
+
+
+# ------------------------------------------------------------------------------------------ shared plan
+def test_reduce_tree_groups_consecutive_items_level_by_level():
+    calls = []
+
+    def combine(*group):
+        calls.append(group)
+        return "(" + "".join(group) + ")"
+
+    assert tree.reduce_tree(list("abcdefghij"), combine, split_every=3) == "(((abc)(def)(ghi))j)"
+    assert calls[0] == ("a", "b", "c") and len(calls) == 5
+    assert tree.reduce_tree(["x"], combine, split_every=8) == "x"
+    with pytest.raises(ValueError, match="split_every must be >= 2"):
+        tree.reduce_tree(["a", "b"], combine, split_every=1)
+
+
+def test_merge_group_leaves_inputs_untouched(K, Q):
+    parts = [single_stream(K[:5000]), ls.KeySketch(8, eps=EPS).update_many(K[5000:], offset=5000)]
+    before = [p.to_bytes() for p in parts]
+    assert_same_answers(tree.merge_group(None, *parts, None), single_stream(K), Q)
+    assert [p.to_bytes() for p in parts] == before
+    assert tree.merge_group(None, None) is None
+
+
+def test_partition_seeds_are_spawned_children_of_the_users_seed(monkeypatch):
+    monkeypatch.setattr(tree, "_accepts_rng", lambda: True)
+    opts = tree.partition_options({"seed": 7, "block_rows": 64}, 3)
+    want = np.random.SeedSequence(7).spawn(3)
+    assert [o["block_rows"] for o in opts] == [64] * 3
+    assert [(o["rng"].entropy, o["rng"].spawn_key) for o in opts] == [(w.entropy, w.spawn_key) for w in want]
+    again = tree.partition_options({"rng": 7}, 3)  # reproducible, and rng= is the same as seed=
+    draws = [np.random.default_rng(o["rng"]).random() for o in again]
+    assert draws == [np.random.default_rng(o["rng"]).random() for o in opts]
+    assert len(set(draws)) == 3
+    gen = tree.partition_options({"rng": np.random.default_rng(7)}, 3)
+    assert [o["rng"].spawn_key for o in gen] == [w.spawn_key for w in want]
+    assert tree.root_options({"seed": 7}) == {"rng": 7}
+
+
+def test_seed_is_not_passed_to_a_sketch_without_rng(K, Q, monkeypatch):
+    monkeypatch.setattr(tree, "_accepts_rng", lambda: False)
+    assert tree.partition_options({"seed": 3, "block_rows": 64}, 2) == [{"block_rows": 64}] * 2
+    assert tree.root_options({"rng": 3}) == {}
+    assert_same_answers(ls.build_sketch(K, eps=EPS, n_jobs=2, seed=3), single_stream(K), Q)
+
+
+def test_new_sketch_gives_a_fresh_generator_per_call(monkeypatch):
+    made = []
+
+    class Recorder:
+        def __init__(self, dim, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(tree, "KeySketch", Recorder)
+    child = np.random.SeedSequence(5).spawn(1)[0]
+    tree.new_sketch(4, 0.1, 2, {"rng": child})
+    tree.new_sketch(4, 0.1, 2, {"rng": child})
+    first, second = (m["rng"] for m in made)
+    assert isinstance(first, np.random.Generator) and first is not second
+    assert first.random() == second.random()
+
+
+def test_build_module_does_not_import_dask():
+    import subprocess
+    import sys
+
+    code = "import sys, levstream; levstream.build_sketch; print('dask' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ))
+    assert out.stdout.strip() == "False"
