@@ -1,0 +1,255 @@
+"""Bad input raises a clear ValueError/TypeError naming what was expected and what came, and leaves the sketch
+exactly as it was (same bytes, same answers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import answer, heavy_tailed_keys
+
+import levstream as ls
+
+DIM = 8
+EPS = 0.02
+
+
+@pytest.fixture(scope="module")
+def K():
+    return heavy_tailed_keys(2000, DIM, seed=12)
+
+
+@pytest.fixture(scope="module")
+def Q():
+    return np.random.default_rng(13).standard_normal((10, DIM))
+
+
+@pytest.fixture
+def sk(K):
+    """A sketch with settled candidates, a partly filled input buffer and ids 0..1099."""
+    s = ls.KeySketch(DIM, eps=EPS, block_rows=256).update_many(K[:1000])
+    for x in K[1000:1100]:
+        s.update(x)
+    return s
+
+
+def assert_rejected(sk, Q, call, exc, match):
+    """``call(sk)`` raises ``exc`` matching ``match`` and changes neither the bytes nor the answers of ``sk``."""
+    before_bytes = sk.to_bytes()
+    before = answer(sk.copy(), Q)
+    with pytest.raises(exc, match=match):
+        call(sk)
+    assert sk.to_bytes() == before_bytes, "rejected call changed the serialized state"
+    assert answer(sk, Q) == before, "rejected call changed the answers"
+
+
+def _with(X, index, value):
+    X = np.array(X, dtype=np.float64, copy=True)
+    X[index] = value
+    return X
+
+
+# ---------------------------------------------------------------------------------------------- rows and chunks
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda s, K: s.update(_with(K[0], 3, np.nan)), ValueError, r"x must contain only finite values; found nan at index \(3,\)"),
+    (lambda s, K: s.update(_with(K[0], 0, np.inf)), ValueError, "x must contain only finite values; found inf"),
+    (lambda s, K: s.update([-np.inf] + [0.0] * (DIM - 1)), ValueError, "found -inf"),
+    (lambda s, K: s.update_many(_with(K[:5], (2, 3), np.nan)), ValueError, r"X must contain only finite values; found nan at index \(2, 3\)"),
+    (lambda s, K: s.update_many(_with(K[:700], (650, 1), -np.inf)), ValueError, r"found -inf at index \(650, 1\)"),
+    (lambda s, K: s.update_many(_with(K[:700], (3, 1), np.inf)), ValueError, r"found inf at index \(3, 1\)"),
+    (lambda s, K: s.update(np.ones(DIM + 1)), ValueError, "x must have length 8 .*; got length 9"),
+    (lambda s, K: s.update_many(np.ones((3, DIM - 1))), ValueError, r"X must have 8 columns .*; got shape \(3, 7\)"),
+    (lambda s, K: s.update_many(np.ones(DIM)), ValueError, r"X must be 2-D with 8 columns; got shape \(8,\)\. Use update\(x\)"),
+    (lambda s, K: s.update_many(np.ones((2, 2, DIM))), ValueError, r"must be 2-D .*got shape \(2, 2, 8\)"),
+    (lambda s, K: s.update(np.ones((1, DIM))), ValueError, r"x must be 1-D of length 8; got shape \(1, 8\)\. Use update_many"),
+    (lambda s, K: s.update(3.0), ValueError, "x must be 1-D of length 8; got shape \\(\\)"),
+    (lambda s, K: s.update_many(np.ones((0, DIM))), ValueError, r"X must have at least one row; got shape \(0, 8\)"),
+    (lambda s, K: s.update_many([]), ValueError, r"must be 2-D .*got shape \(0,\)"),
+    (lambda s, K: s.update_many(np.ones((3, DIM), complex)), TypeError, "real floating or integer dtype; got dtype complex128"),
+    (lambda s, K: s.update(np.ones(DIM, np.complex64)), TypeError, "got dtype complex64"),
+    (lambda s, K: s.update_many(np.ones((3, DIM), object)), TypeError, "X must be a real numeric array; got an object array"),
+    (lambda s, K: s.update_many(np.full((3, DIM), "1.0")), TypeError, "got dtype <U3"),
+    (lambda s, K: s.update("12345678"), TypeError, "x must be a real numeric array; got str"),
+    (lambda s, K: s.update_many(np.ones((3, DIM), bool)), TypeError, "got dtype bool"),
+    (lambda s, K: s.update(np.ones(DIM, bool)), TypeError, "got dtype bool"),
+    (lambda s, K: s.update_many([[1.0] * DIM, [1.0] * (DIM - 1)]), TypeError, "X must be a real numeric array"),
+    (lambda s, K: s.update_many(None), TypeError, "X must be a real numeric array; got an object array|dtype object"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_rows_and_chunks(sk, K, Q, call, exc, match):
+    assert_rejected(sk, Q, lambda s: call(s, K), exc, match)
+
+
+# ---------------------------------------------------------------------------------------------- ids
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"ids": [5000, 5001, 5000]}, ValueError, "ids must be unique; id 5000 appears more than once"),
+    ({"ids": [5000, 5001, 7]}, ValueError, "ids clash: id 7 was already fed"),
+    ({"ids": [1099, 1100, 1101]}, ValueError, "ids clash: id 1099 was already fed"),  # a buffered row's id
+    ({"offset": 1098}, ValueError, r"ids clash: id 1098 was already fed .*1098\.\.1100.*pass offset= or ids="),
+    ({"offset": 0}, ValueError, "ids clash: id 0 was already fed"),
+    ({"ids": [5000, 5001]}, ValueError, r"ids must be 1-D with one id per row \(3\); got shape \(2,\)"),
+    ({"ids": [[5000, 5001, 5002]]}, ValueError, r"one id per row \(3\); got shape \(1, 3\)"),
+    ({"ids": [5000.0, 5001.0, 5002.0]}, TypeError, "ids must be an integer array; got dtype float64"),
+    ({"ids": [-1, 5001, 5002]}, ValueError, "ids must be non-negative; got minimum -1"),
+    ({"ids": np.array([2**63, 1, 2], dtype=np.uint64)}, ValueError, "ids must fit in int64"),
+    ({"ids": [5000, 5001, 5002], "offset": 5000}, ValueError, "pass ids= or offset=, not both"),
+    ({"offset": -1}, ValueError, "offset must be >= 0; got -1"),
+    ({"offset": 1.5}, TypeError, r"offset must be an integer; got 1.5 \(float\)"),
+    ({"offset": True}, TypeError, "offset must be an integer; got True"),
+    ({"offset": 2**63 - 2}, ValueError, "ids would overflow int64 from offset"),
+])
+def test_bad_ids(sk, K, Q, kwargs, exc, match):
+    assert_rejected(sk, Q, lambda s: s.update_many(K[1500:1503], **kwargs), exc, match)
+
+
+def test_default_id_clash_on_update_is_rejected(K, Q):
+    """Rows fed with explicit ids ahead of the counter: a later default id that clashes is refused."""
+    s = ls.KeySketch(DIM, eps=EPS).update_many(K[:10])
+    s.update_many(K[10:12], ids=[12, 13])
+    s.update_many(K[12:14])  # default ids continue after the largest id seen: 14, 15
+    assert s.next_id == 16
+    s.update_many(K[14:16], ids=[16, 17])
+    s2 = ls.KeySketch(DIM, eps=EPS).update_many(K[:3], ids=[0, 2, 4])
+    s2.update_many(K[3:4], offset=1)  # id 1 is free
+    assert_rejected(s2, Q, lambda t: t.update_many(K[4:6], offset=1), ValueError, "ids clash: id 1")
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def test_merge_with_clashing_ids_is_rejected(sk, K, Q):
+    other = ls.KeySketch(DIM, eps=EPS).update_many(K[1099:1200], offset=1099)
+    assert_rejected(sk, Q, lambda s: s.merge(other), ValueError,
+                    "cannot merge: both sketches contain key id 1099.*pass offset= or ids=")
+    light = ls.KeySketch(DIM, eps=EPS).update_many(np.zeros((1, DIM)), ids=[5])
+    assert_rejected(sk, Q, lambda s: s.merge(light), ValueError, "both sketches contain key id 5")
+    assert_rejected(sk, Q, lambda s: s + other, ValueError, "both sketches contain key id 1099")
+    assert_rejected(sk, Q, lambda s: ls.KeySketch.merge_all([s, other]), ValueError, "key id 1099")
+
+
+@pytest.mark.parametrize("other, exc, match", [
+    (lambda: ls.KeySketch(DIM + 1, eps=EPS), ValueError, r"different \(dim, eps, p\): \(8, 0.02, 2.0\) vs \(9, 0.02, 2.0\)"),
+    (lambda: ls.KeySketch(DIM, eps=0.03), ValueError, r"\(8, 0.02, 2.0\) vs \(8, 0.03, 2.0\)"),
+    (lambda: np.ones((3, DIM)), TypeError, "can only merge a KeySketch; got ndarray instead"),
+    (lambda: None, TypeError, "got NoneType instead"),
+    (lambda: b"LEVSTRM", TypeError, "got bytes instead"),
+])
+def test_merge_with_incompatible_objects_is_rejected(sk, Q, other, exc, match):
+    o = other()
+    assert_rejected(sk, Q, lambda s: s.merge(o), exc, match)
+
+
+def test_merge_with_different_p_is_rejected(sk, Q):
+    try:
+        other = ls.KeySketch(DIM, eps=EPS, p=4)
+    except NotImplementedError:
+        pytest.skip("this build supports p = 2 only, so a sketch with another p cannot be made")
+    assert_rejected(sk, Q, lambda s: s.merge(other), ValueError, r"\(8, 0.02, 2.0\) vs \(8, 0.02, 4.0\)")
+
+
+def test_merge_with_itself_is_rejected(sk, Q):
+    assert_rejected(sk, Q, lambda s: s.merge(s), ValueError, "cannot merge a sketch with itself")
+
+
+# ---------------------------------------------------------------------------------------------- extend
+@pytest.mark.parametrize("bad, index, exc, match", [
+    (np.ones(DIM + 1), 2, ValueError, "x must have length 8"),
+    (np.full((3, DIM), np.nan), 2, ValueError, "X must contain only finite values"),
+    (np.ones((0, DIM)), 2, ValueError, "X must have at least one row"),
+    (np.ones((1, 1, DIM)), 2, ValueError, r"must be a 1-D row or a 2-D chunk; got shape \(1, 1, 8\)"),
+    ("row", 2, TypeError, "item 2 must be a real numeric array"),
+    (np.ones(DIM, complex), 2, TypeError, "complex128"),
+])
+def test_extend_is_all_or_nothing(sk, K, Q, bad, index, exc, match):
+    """A bad item in the middle of a generator: the rows before it are rolled back and the error names the item."""
+    def items():
+        yield K[1500:1600]   # whole chunk (some blocks processed)
+        yield K[1600]        # one row
+        yield bad
+        yield K[1700:1800]
+
+    assert_rejected(sk, Q, lambda s: s.extend(items()), exc,
+                    f"extend: item {index} rejected \\(.*{match}.*\\); the sketch was left as before the call")
+
+
+def test_extend_rolls_back_when_the_generator_itself_fails(sk, K, Q):
+    def items():
+        yield K[1500:1900]
+        raise RuntimeError("source went away")
+
+    assert_rejected(sk, Q, lambda s: s.extend(items()), RuntimeError, "source went away")
+    assert_rejected(sk, Q, lambda s: s.extend(5), TypeError, "not iterable")
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+@pytest.mark.parametrize("eps, exc, match", [
+    (0, ValueError, "eps must satisfy 0 < eps <= 1; got 0.0 instead"),
+    (-0.1, ValueError, "got -0.1 instead"),
+    (1.5, ValueError, "got 1.5 instead"),
+    (float("nan"), ValueError, "eps must be finite; got nan"),
+    (float("inf"), ValueError, "eps must be finite; got inf"),
+    (True, TypeError, r"eps must be a real number; got True \(bool\)"),
+    ("0.1", TypeError, r"got '0.1' \(str\)"),
+    (None, TypeError, r"got None \(NoneType\)"),
+])
+def test_bad_eps(eps, exc, match):
+    with pytest.raises(exc, match=match):
+        ls.KeySketch(DIM, eps=eps)
+
+
+@pytest.mark.parametrize("p, exc, match", [
+    (0, ValueError, "p must be > 0; got 0.0"),
+    (-2, ValueError, "p must be > 0; got -2.0"),
+    (float("nan"), ValueError, "p must be finite; got nan"),
+    (float("inf"), ValueError, "p must be finite; got inf"),
+    (True, TypeError, r"p must be a real number; got True \(bool\)"),
+    ("2", TypeError, r"got '2' \(str\)"),
+])
+def test_bad_p(p, exc, match):
+    with pytest.raises(exc, match=match):
+        ls.KeySketch(DIM, eps=0.1, p=p)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"dim": 0}, ValueError, "dim must be >= 1; got 0"),
+    ({"dim": 8.0}, TypeError, r"dim must be an integer; got 8.0 \(float\)"),
+    ({"dim": True}, TypeError, "dim must be an integer; got True"),
+    ({"dim": 8, "block_rows": 0}, ValueError, "block_rows must be >= 1; got 0"),
+])
+def test_bad_constructor_arguments(kwargs, exc, match):
+    dim = kwargs.pop("dim")
+    with pytest.raises(exc, match=match):
+        ls.KeySketch(dim, eps=0.1, **kwargs)
+
+
+def test_eps_is_keyword_only():
+    with pytest.raises(TypeError):
+        ls.KeySketch(DIM, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- queries
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda s, Q: s.heavy_entries(Q, eps=0.01), ValueError, r"eps must be >= the sketch's eps \(0.02\); got 0.01"),
+    (lambda s, Q: s.heavy_entries(Q, eps=float("nan")), ValueError, "eps must be finite"),
+    (lambda s, Q: s.heavy_entries(Q, eps=1.5), ValueError, "0 < eps <= 1; got 1.5"),
+    (lambda s, Q: s.heavy_entries(Q[:, :5]), ValueError, r"Q must have 8 columns .*; got shape \(10, 5\)"),
+    (lambda s, Q: s.heavy_entries(Q[0]), ValueError, r"Q must be 2-D with 8 columns; got shape \(8,\)"),
+    (lambda s, Q: s.heavy_entries(_with(Q, (1, 1), np.nan)), ValueError, r"Q must contain only finite values; found nan at index \(1, 1\)"),
+    (lambda s, Q: s.normalizer(_with(Q, (0, 0), np.inf)), ValueError, "Q must contain only finite values"),
+    (lambda s, Q: s.normalizer(Q.astype(complex)), TypeError, "complex128"),
+    (lambda s, Q: s.top_k(Q, 0), ValueError, "k must be >= 1; got 0"),
+    (lambda s, Q: s.top_k(Q, 2.0), TypeError, r"k must be an integer; got 2.0 \(float\)"),
+    (lambda s, Q: s.top_k(Q[:, :3], 2), ValueError, "Q must have 8 columns"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_queries(sk, Q, call, exc, match):
+    assert_rejected(sk, Q, lambda s: call(s, Q), exc, match)
+
+
+# ---------------------------------------------------------------------------------------------- overflow
+@pytest.mark.parametrize("feed", ["big chunk", "small chunk", "rows"])
+def test_keys_whose_squares_overflow_are_rejected(sk, K, Q, feed):
+    """Entries near 1e160 square to inf in float64: refuse them clearly instead of corrupting the summary."""
+    huge = K[1500:1900] * 1e160
+    if feed == "big chunk":
+        call = lambda s: s.update_many(huge)  # noqa: E731
+    elif feed == "small chunk":
+        call = lambda s: s.update_many(huge[:3])  # noqa: E731
+    else:
+        call = lambda s: s.update(huge[0])  # noqa: E731
+    assert_rejected(sk, Q, call, ValueError, "overflow")
