@@ -44,8 +44,13 @@ def check_finite(arr: np.ndarray, name: str) -> None:
         )
 
 
-def as_matrix(obj: Any, name: str, dim: int | None = None, *, hint: str = "", allow_empty: bool = False) -> np.ndarray:
-    """Validate a 2-D real finite matrix (optionally of width ``dim``) and return it as C-contiguous float64."""
+def as_matrix(obj: Any, name: str, dim: int | None = None, *, hint: str = "", allow_empty: bool = False,
+              finite: bool = True) -> np.ndarray:
+    """Validate a 2-D real finite matrix (optionally of width ``dim``) and return it as C-contiguous float64.
+
+    ``finite=False`` skips the finiteness check, for callers that fuse it into their own first pass (they
+    must call :func:`check_finite` before using the data).
+    """
     arr = as_real_array(obj, name)
     if arr.ndim != 2:
         extra = f" {hint}" if hint else ""
@@ -57,11 +62,9 @@ def as_matrix(obj: Any, name: str, dim: int | None = None, *, hint: str = "", al
         raise ValueError(f"{name} must have at least one row; got shape {arr.shape}.")
     if arr.shape[1] == 0:
         raise ValueError(f"{name} must have at least one column; got shape {arr.shape}.")
-    check_finite(arr, name)
-    out = np.ascontiguousarray(arr, dtype=np.float64)
-    if out.dtype.kind == "f" and arr.dtype.kind != "f":
-        check_finite(out, name)  # huge integers may overflow float64
-    return out
+    if finite:
+        check_finite(arr, name)
+    return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def as_row(obj: Any, name: str, dim: int) -> np.ndarray:

@@ -22,7 +22,10 @@ import numpy as np
 import scipy.linalg as sla
 
 from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
-from .._kernels.rows import scaled_row_sq_norms
+
+
+_potrf = sla.lapack.get_lapack_funcs("potrf", dtype=np.float64)
+_trsm = sla.blas.get_blas_funcs("trsm", dtype=np.float64)
 
 
 def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
@@ -73,6 +76,8 @@ class GramSummary:
         self._chk_diag = np.zeros(d)
         self._chk_lam = 0.0
         self._factor: Any = None
+        #: incremented whenever bound_weights() changes (callers may cache row norms computed with it)
+        self.bound_version = 0
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -106,6 +111,7 @@ class GramSummary:
         k = min(r.shape[0], d)
         out[:k] = r[:k]
         self.mode = "qr"
+        self.bound_version += 1
         self._r = out
         self._hi = np.zeros((d, d))
         self._lo = np.zeros((d, d))
@@ -126,18 +132,35 @@ class GramSummary:
             self._lo = np.zeros_like(self._hi)
             self._r = None
             self._chk_lam, self._chk_diag = _equilibrated_min_eig(self._hi)
+            self.bound_version += 1
 
     # ------------------------------------------------------------------ updates
-    def add(self, X: np.ndarray) -> None:
-        """Fold the rows of ``X`` (C-contiguous float64, shape (b, dim)) into the summary."""
-        self._factor = None
+    @staticmethod
+    def block_gram(X: np.ndarray) -> np.ndarray:
+        """``X^T X`` of one block (BLAS syrk); callers may compute it ahead to validate a chunk cheaply:
+        a nan/inf anywhere in ``X`` makes the diagonal non-finite."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return X.T @ X
+
+    def add(self, X: np.ndarray, block: np.ndarray | None = None) -> None:
+        """Fold the rows of ``X`` (C-contiguous float64, shape (b, dim)) into the summary.
+
+        ``block`` is ``block_gram(X)`` if the caller already has it.  Raises ``ValueError`` (and changes
+        nothing) when the Gram matrix would overflow float64.
+        """
         if self.mode == "qr":
             assert self._r is not None
+            self._factor = None
             self.n_rows += X.shape[0]
             self._enter_qr(self._r, [X])
             return
-        block = X.T @ X
+        if block is None:
+            block = X.T @ X
         diag_new = np.diag(self._hi) + np.diag(self._lo) + np.diag(block)
+        if not np.isfinite(diag_new).all():
+            raise ValueError("keys are too large: their Gram matrix overflows float64 (largest |x| = "
+                             f"{float(np.abs(X).max()):.3g}). Rescale them; leverage scores are scale-invariant.")
+        self._factor = None
         if self._chk_lam > 0 and (diag_new <= 2.0 * self._chk_diag).all():
             _two_sum_add(self._hi, self._lo, block)
             self.n_rows += X.shape[0]
@@ -148,6 +171,7 @@ class GramSummary:
         if self._gram_is_safe(lam):
             _two_sum_add(self._hi, self._lo, block)
             self._chk_lam, self._chk_diag = lam, diag
+            self.bound_version += 1
             self.n_rows += X.shape[0]
             return
         R_prev = self._r_factor()
@@ -166,6 +190,7 @@ class GramSummary:
                 _two_sum_add(self._hi, self._lo, other._hi)
                 self._lo += other._lo
                 self._chk_lam, self._chk_diag = lam, diag
+                self.bound_version += 1
                 self.n_rows += other.n_rows
                 return
         R_self, R_other = self._r_factor(), other._r_factor()
@@ -188,9 +213,11 @@ class GramSummary:
             if self.n_rows == 0:
                 self._factor = ("pinv", np.zeros((d, 0)), 0.0)
             elif self.mode == "gram":
-                L = sla.cholesky(self._hi + self._lo, lower=True, check_finite=False)
-                kappa = 2.0 * d / self._chk_lam
-                self._factor = ("chol", L, 4.0 * d * UNIT_ROUNDOFF * kappa)
+                # LAPACK directly: scipy's wrappers cost more than the 64 x 64 factorisation itself.
+                L, info = _potrf(self._hi + self._lo, lower=1, clean=1, overwrite_a=1)
+                if info != 0:  # cannot happen while Gram mode's conditioning invariant holds
+                    raise np.linalg.LinAlgError(f"Cholesky of the Gram matrix failed (info={info}).")
+                self._factor = ("chol", L, self.rel_error)
             else:
                 assert self._r is not None
                 _, s, vt = sla.svd(self._r, full_matrices=False, check_finite=False, lapack_driver="gesdd")
@@ -203,7 +230,16 @@ class GramSummary:
 
     @property
     def rel_error(self) -> float:
-        """Estimated relative error of :meth:`scores` (drives the safety margins of pruning and reporting)."""
+        """Estimated relative error of :meth:`scores` (drives the safety margins of pruning and reporting).
+
+        Gram path: ``4 d u kappa`` with ``kappa <= 2 d / lambda_min`` of the equilibrated Gram matrix at the
+        last check (Cholesky is scaling-invariant, so the equilibrated condition number is what matters).
+        R path: ``4 d u kappa(R)`` over the numerical rank.
+        """
+        if self.mode == "gram":
+            if self.n_rows == 0 or self._chk_lam <= 0:
+                return 0.0
+            return 4.0 * self.dim * UNIT_ROUNDOFF * (2.0 * self.dim / self._chk_lam)
         return self._get_factor()[2]
 
     @property
@@ -214,29 +250,27 @@ class GramSummary:
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""
-        kind, F, _ = self._get_factor()
         if rows.shape[0] == 0:
             return np.zeros(0)
+        kind, F, _ = self._get_factor()
         if kind == "chol":
-            Y = sla.solve_triangular(F, rows.T, lower=True, check_finite=False)
-            return np.einsum("ij,ij->j", Y, Y)
+            # L Y = rows^T  <=>  rows L^-T = Y^T: one BLAS-3 triangular solve on the C-ordered rows.
+            Y = _trsm(1.0, F, rows, side=1, lower=1, trans_a=1)
+            return np.einsum("ij,ij->i", Y, Y)
         Y = rows @ F
         return np.einsum("ij,ij->i", Y, Y)
 
-    def prefilter(self, X: np.ndarray, threshold: float) -> np.ndarray:
-        """Indices of rows of ``X`` whose leverage score *may* be ``>= threshold``.
+    def bound_weights(self) -> tuple[np.ndarray | None, float]:
+        """``(scale, lam)`` such that ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` now *and after any later update*.
 
-        Uses ``tau(k) <= k^T G_c^-1 k <= ||D_c^-1/2 k||^2 / lambda_min(C_c)`` for the Gram matrix ``G_c`` of the
-        last conditioning check (``G >= G_c`` in Loewner order), ``D_c = diag(G_c)`` and ``C_c`` the
-        equilibrated ``G_c`` (ALGORITHMS.md §3, norm pre-filter).  Every other row has a score below the
-        threshold and can be dropped for good.
+        From the last conditioning check: ``tau(k) <= k^T G_c^-1 k <= ||D_c^-1/2 k||^2 / lambda_min(C_c)`` for the
+        Gram matrix ``G_c`` then (``G >= G_c`` in Loewner order, and G only grows), ``D_c = diag(G_c)`` and
+        ``C_c`` the equilibrated ``G_c`` (ALGORITHMS.md §3, norm pre-filter).  ``scale`` is None when no bound
+        is available (empty, or R-factor mode): every row must then be scored exactly.
         """
         if self.mode != "gram" or self._chk_lam <= 0:
-            return np.arange(X.shape[0])
-        scale = 1.0 / np.sqrt(self._chk_diag)
-        lam = self._chk_lam * LAMBDA_SAFETY
-        bound = scaled_row_sq_norms(X, scale)
-        return np.flatnonzero(bound >= threshold * lam)
+            return None, 0.0
+        return 1.0 / np.sqrt(self._chk_diag), self._chk_lam * LAMBDA_SAFETY
 
     # ------------------------------------------------------------------ normaliser
     def normalizer(self, Q: np.ndarray) -> np.ndarray:
@@ -284,6 +318,8 @@ class GramSummary:
             if arrays[name].shape != (d, d):
                 raise ValueError(f"summary array {name!r} must have shape {(d, d)}; got {arrays[name].shape}.")
         out._hi, out._lo = arrays["hi"].copy(), arrays["lo"].copy()
+        if arrays["chk_diag"].shape != (d,):
+            raise ValueError(f"summary array 'chk_diag' must have shape {(d,)}; got {arrays['chk_diag'].shape}.")
         out._chk_diag = arrays["chk_diag"].copy()
         if out.mode == "qr":
             if "r" not in arrays or arrays["r"].shape != (d, d):

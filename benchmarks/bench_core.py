@@ -1,0 +1,184 @@
+"""Core p = 2 benchmarks (issue #2): build vs Gram-only, queries vs blocked dense NumPy, peak RSS vs n,
+row-at-a-time vs chunked ingest, import time and numba cache.
+
+Every figure is a ratio against a baseline measured in the same process (the machine is shared and noisy).
+
+    python benchmarks/bench_core.py            # full sizes of the issue (several minutes)
+    python benchmarks/bench_core.py --quick    # smaller sizes, a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import levstream as ls
+from levstream.synthetic import attention_like_keys, attention_like_queries
+
+
+def blas_threads() -> str:
+    return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info())
+
+
+def best(fn, reps: int) -> float:
+    return min(fn() for _ in range(reps))
+
+
+def bench_build(n: int, d: int, eps: float, block: int, reps: int) -> dict:
+    chunks = list(attention_like_keys(n, d, chunk_rows=block, seed=0))
+    ls.KeySketch(d, eps=eps).update_many(chunks[0]).universal_set()  # JIT warm-up
+
+    def gram_only() -> float:
+        G = np.zeros((d, d))
+        t = time.perf_counter()
+        for X in chunks:
+            G += X.T @ X
+        return time.perf_counter() - t
+
+    def gram_only_1thread() -> float:
+        with threadpool_limits(1, user_api="blas"):
+            return gram_only()
+
+    def build() -> float:
+        sk = ls.KeySketch(d, eps=eps, block_rows=block)
+        t = time.perf_counter()
+        for X in chunks:
+            sk.update_many(X)
+        sk.universal_set()
+        return time.perf_counter() - t
+
+    rounds = []
+    for _ in range(reps):  # interleave so that load changes hit both sides alike
+        rounds.append((gram_only(), gram_only_1thread(), build()))
+    g = min(min(r[0], r[1]) for r in rounds)
+    b = min(r[2] for r in rounds)
+    sk = ls.KeySketch(d, eps=eps, block_rows=block)
+    for X in chunks:
+        sk.update_many(X)
+    ref = ls.universal_set(np.vstack(chunks), eps=eps) if n <= 2_000_000 else None
+    same = None if ref is None else bool(np.array_equal(ref.ids, sk.universal_set().ids))
+    return {"n": n, "d": d, "eps": eps, "block": block, "gram_s": g, "build_s": b, "ratio": b / g,
+            "U": len(sk.universal_set()), "equals_offline": same}
+
+
+def bench_query(n: int, m: int, d: int, eps: float, reps: int) -> dict:
+    K = np.vstack(list(attention_like_keys(n, d, chunk_rows=65536, seed=0)))
+    Q = attention_like_queries(m, d, seed=11, key_seed=0)
+    sk = ls.KeySketch(d, eps=eps).update_many(K)
+    sk.heavy_entries(Q[:2])  # warm-up (JIT, settle candidates)
+
+    def dense() -> tuple[float, set]:
+        t = time.perf_counter()
+        out = set()
+        for s in range(0, m, 50):
+            P = Q[s:s + 50] @ K.T
+            P *= P
+            P /= P.sum(axis=1, keepdims=True)
+            r, c = np.nonzero(P >= eps)
+            out.update(zip((r + s).tolist(), c.tolist()))
+        return time.perf_counter() - t, out
+
+    def sketch() -> tuple[float, set]:
+        t = time.perf_counter()
+        hits = sk.heavy_entries(Q)
+        el = time.perf_counter() - t
+        return el, hits.as_set()
+
+    td, truth = min((dense() for _ in range(max(1, reps // 2))), key=lambda x: x[0])
+    ts, got = min((sketch() for _ in range(reps * 3)), key=lambda x: x[0])
+    return {"n": n, "m": m, "d": d, "eps": eps, "dense_s": td, "sketch_s": ts, "speedup": td / ts,
+            "U": len(sk.universal_set()), "entries": len(truth), "identical": got == truth}
+
+
+_RSS_CHILD = r"""
+import resource, sys, numpy as np, levstream as ls
+from levstream.synthetic import attention_like_keys
+n, d, eps = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+sk = ls.KeySketch(d, eps=eps)
+sk.extend(attention_like_keys(n, d, chunk_rows=8192, seed=0))
+u = len(sk.universal_set())
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, u, sk.nbytes)
+"""
+
+
+def bench_rss(n_small: int, n_large: int, d: int, eps: float) -> dict:
+    out = {}
+    for n in (n_small, n_large):
+        res = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(n), str(d), str(eps)],
+                             capture_output=True, text=True, check=True)
+        rss, u, nbytes = res.stdout.split()
+        out[n] = (int(rss), int(u), int(nbytes))
+    return {"n_small": n_small, "n_large": n_large, "rss_small_MB": out[n_small][0] / 2**20,
+            "rss_large_MB": out[n_large][0] / 2**20, "ratio": out[n_large][0] / out[n_small][0],
+            "U_small": out[n_small][1], "U_large": out[n_large][1],
+            "sketch_MB_small": out[n_small][2] / 2**20, "sketch_MB_large": out[n_large][2] / 2**20}
+
+
+def bench_rows(n: int, d: int, eps: float) -> dict:
+    X = np.vstack(list(attention_like_keys(n, d, chunk_rows=8192, seed=3)))
+    ls.KeySketch(d, eps=eps).update_many(X[:100]).universal_set()
+    t = time.perf_counter()
+    sk = ls.KeySketch(d, eps=eps)
+    for x in X:
+        sk.update(x)
+    sk.universal_set()
+    t_rows = time.perf_counter() - t
+    t = time.perf_counter()
+    ls.KeySketch(d, eps=eps).update_many(X).universal_set()
+    t_chunk = time.perf_counter() - t
+    m = min(n, 20_000)  # unbuffered per-row Gram update (the 70x pitfall), measured on a prefix
+    t = time.perf_counter()
+    G = np.zeros((d, d))
+    for x in X[:m]:
+        G += np.outer(x, x)
+    t_naive = (time.perf_counter() - t) * n / m
+    return {"n": n, "rows_per_s_update": n / t_rows, "rows_per_s_update_many": n / t_chunk,
+            "rows_per_s_unbuffered_gram": n / t_naive, "slowdown_update_vs_chunks": t_rows / t_chunk}
+
+
+def bench_import() -> dict:
+    code = "import time; t=time.perf_counter(); import levstream; print(time.perf_counter()-t)"
+    imp = min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                   check=True).stdout) for _ in range(3))
+    first = ("import time, numpy as np, levstream as ls; sk=ls.KeySketch(8, eps=0.1).update_many("
+             "np.random.default_rng(0).standard_normal((5000, 8))); t=time.perf_counter(); "
+             "sk.heavy_entries(np.ones((3, 8))); print(time.perf_counter()-t)")
+    runs = [float(subprocess.run([sys.executable, "-c", first], capture_output=True, text=True,
+                                 check=True).stdout) for _ in range(3)]
+    return {"import_s": imp, "first_query_s_per_process": runs}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="build,query,rss,rows,import")
+    args = ap.parse_args()
+    q = args.quick
+    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, numpy {np.__version__}; BLAS: {blas_threads()}")
+    print(f"# command: python benchmarks/bench_core.py{' --quick' if q else ''} --only {args.only}")
+    results = {}
+    only = args.only.split(",")
+    if "build" in only:
+        results["build"] = bench_build(200_000 if q else 2_000_000, 64, 0.01, 8192, 2 if q else 5)
+    if "query" in only:
+        results["query"] = bench_query(100_000 if q else 1_000_000, 200 if q else 1000, 64, 0.01, 3)
+    if "rss" in only:
+        results["rss"] = bench_rss(100_000, 1_000_000 if q else 10_000_000, 64, 0.01)
+    if "rows" in only:
+        results["rows"] = bench_rows(100_000 if q else 300_000, 64, 0.01)
+    if "import" in only:
+        results["import"] = bench_import()
+    print(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
