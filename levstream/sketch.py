@@ -18,9 +18,10 @@ from . import _serialize
 from ._config import PRUNE_RTOL, QUERY_BLOCK_ROWS, TIE_RTOL, default_block_rows
 from ._ids import IdRanges
 from ._kernels.query import threshold_power_csr
-from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_int, check_p
+from ._kernels.rows import scaled_sq_norms
+from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
 from .results import HeavyEntries, TopK, UniversalSet
-from .summaries import GramSummary
+from .summaries import GramSummary, make_summary, summary_from_state
 
 _SKETCH_KIND = "KeySketch"
 
@@ -40,9 +41,20 @@ class KeySketch:
     eps : float
         Heaviness threshold, ``0 < eps <= 1``.  Queries may use any threshold ``>= eps``.
     p : float, default 2
-        Exponent of ``f(x) = |x|^p``.  This version implements p = 2 (exact).
+        Exponent of ``f(x) = |x|^p``, any ``p > 0``.  p = 2 is exact; p = 4 is exact with ``exact=True``
+        (lifted Gram matrix); every other ``p`` (and p = 4 by default) uses an l_p coreset.
     block_rows : int, optional
         Rows per processing block (default: about 4 MiB of float64 rows, 8192 rows for dim = 64).
+    exact : bool, optional
+        ``True`` for the exact lifted summary of p = 4 (``D = d(d+1)/2``, ``D^2`` memory, refused beyond
+        ``memory_budget``).  Default: exact for p = 2, coreset otherwise.
+    delta, failure_prob, oversampling, rng
+        Coreset settings (p other than 2, see :class:`levstream.summaries.CoresetSummary`): the normaliser
+        is within ``(1 ± delta)`` of the truth except with per-query probability ``failure_prob`` (default
+        ``delta = 0.1`` and a practical oversampling; the proven bound is ``normalizer_summary.failure_bound``).
+        ``rng`` seeds the sampling; its state is serialized, so a restored sketch continues identically.
+    memory_budget : int, optional
+        Bytes allowed for the lifted summary of ``exact=True`` (default 256 MiB).
 
     Notes
     -----
@@ -51,6 +63,16 @@ class KeySketch:
     shard split and merge order; keys within ``1e-9 eps`` of the threshold may go either way.
     ``heavy_entries`` returns exactly the entries ``A >= eps'`` of the dense attention.  State is
     ``O(d^2 + |candidates| d)`` with at most ``2 d / eps`` candidates.
+
+    Guarantee (p = 4, ``exact=True``): the same with ``tau_j`` the leverage score of the lifted keys (an upper
+    bound on the p = 4 sensitivity), at most ``2 D / eps`` candidates; queries exact.
+
+    Guarantee (other p, coreset): candidates are kept while ``(1 + delta) c_p (k^T M^-1 k)^(p/2) >= eps``
+    (``M`` the coreset's Lewis form, ``c_p = d^max(0, p/2-1)``).  ``heavy_entries`` reports ``A~ >= eps (1 -
+    delta)`` with ``A~`` computed with the coreset normaliser ``Z~``, plus ``lower``/``upper`` bounds
+    ``A~ (1 -+ delta)^-1``: whenever ``Z~`` is within ``(1 ± delta)`` of ``Z`` (per query, probability
+    ``>= 1 - failure_prob``), every entry ``A >= eps`` is returned and every returned entry has
+    ``A >= eps (1 - delta)^2``.
 
     Examples
     --------
@@ -69,19 +91,17 @@ class KeySketch:
     True
     """
 
-    def __init__(self, dim: int, *, eps: float, p: float = 2, block_rows: int | None = None) -> None:
+    def __init__(self, dim: int, *, eps: float, p: float = 2, block_rows: int | None = None,
+                 exact: bool | None = None, delta: float = 0.1, failure_prob: float | None = None,
+                 oversampling: float | None = None, rng: Any = None, memory_budget: int | None = None) -> None:
         dim = check_int(dim, "dim", minimum=1)
         eps = check_eps(eps)
         p = check_p(p)
-        if p != 2.0:
-            raise NotImplementedError(
-                f"KeySketch supports p = 2 in this version; got p = {p:g}. "
-                "Other exponents are tracked in issue #4 (Lewis-weight coresets)."
-            )
         block_rows = default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
         self._dim, self._eps, self._p = dim, eps, p
         self._block_rows = block_rows
-        self._summary = GramSummary(dim)
+        self._summary = make_summary(dim, p, exact=exact, delta=delta, failure_prob=failure_prob,
+                                     oversampling=oversampling, rng=rng, memory_budget=memory_budget)
         self._n = 0
         self._next_id = 0
         self._seen = IdRanges()
@@ -126,8 +146,9 @@ class KeySketch:
 
     @property
     def capacity(self) -> int:
-        """Candidates are rescored when their number exceeds this (twice the bound ``d / eps``)."""
-        return int(2 * np.ceil(self._dim / self._eps)) + 1
+        """Candidates are rescored when their number exceeds this (twice the bound ``d / eps``, ``D / eps``
+        for exact p = 4, ``(1 + delta) d^max(1, p/2) / eps`` for the coreset)."""
+        return int(2 * np.ceil(getattr(self._summary, "size_bound", self._dim) / self._eps)) + 1
 
     @property
     def next_id(self) -> int:
@@ -174,7 +195,11 @@ class KeySketch:
 
     def _record_ids(self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray) -> np.ndarray:
         if ids is None:
-            self._seen = self._seen.union(IdRanges(np.array([[start, start + m]], dtype=np.int64)))
+            ranges = self._seen.ranges
+            if ranges.shape[0] and ranges[-1, 1] == start:  # the running counter: extend the last interval
+                ranges[-1, 1] = start + m
+            else:
+                self._seen = self._seen.union(IdRanges(np.array([[start, start + m]], dtype=np.int64)))
             self._next_id = max(self._next_id, start + m)
             return np.arange(start, start + m, dtype=np.int64)
         self._seen = self._seen.added(srt)
@@ -184,11 +209,14 @@ class KeySketch:
     def update(self, x: Any) -> "KeySketch":
         """Feed one key row (1-D, length ``dim``); it gets the next id.  Buffered; returns ``self``."""
         if type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (self._dim,):
-            s = float(x @ x)
+            with np.errstate(over="ignore"):
+                s = float(x @ x)
             if not (s < np.inf):  # nan or inf somewhere (or a huge finite row: checked exactly below)
                 x = as_row(x, "x", self._dim)
+                _check_magnitude(x[None, :], "x")
         else:
             x = as_row(x, "x", self._dim)
+            _check_magnitude(x[None, :], "x")
         i = self._next_id
         if self._seen.ranges.shape[0] and i < self._seen.ranges[-1, 1]:
             hit = self._seen.clash(np.array([i], dtype=np.int64))
@@ -227,25 +255,56 @@ class KeySketch:
         ValueError, TypeError
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
-        X = as_matrix(X, "X", self._dim, hint="Use update(x) for one row.")
+        X = as_matrix(X, "X", self._dim, hint="Use update(x) for one row.", finite=False)
         m = X.shape[0]
         new_ids, start, srt = self._new_ids(m, ids, offset)
+        # Plan: top up the pending block, then whole blocks straight from X, then the tail into the buffer.
+        head = min(m, self._block_rows - self._buf_n) if self._buf_n else 0
+        n_full = (m - head) // self._block_rows
+        tail = head + n_full * self._block_rows
+        grams = self._validated_block_grams(X, head, n_full)
+        for part in (X[:head], X[tail:]):  # rows that wait in the buffer are checked now, not at flush time
+            check_finite(part, "X")
+            _check_magnitude(part, "X")
+        # --- nothing has been changed up to here; from here on nothing can fail ---
         all_ids = self._record_ids(m, new_ids, start, srt)
         self._n += m
-        pos = 0
-        if self._buf_n:  # top up the pending block first so blocks keep their size
-            take = min(m, self._block_rows - self._buf_n)
-            self._append_buffer(X[:take], all_ids[:take])
-            pos = take
+        if head:
+            self._append_buffer(X[:head], all_ids[:head])
             if self._buf_n >= self._block_rows:
                 self._flush()
-        while m - pos >= self._block_rows:
-            end = pos + self._block_rows
-            self._process(X[pos:end], all_ids[pos:end])
-            pos = end
-        if pos < m:
-            self._append_buffer(X[pos:], all_ids[pos:])
+        for b in range(n_full):
+            s = head + b * self._block_rows
+            e = s + self._block_rows
+            self._process(X[s:e], all_ids[s:e], None if grams is None else grams[b])
+        if tail < m:
+            self._append_buffer(X[tail:], all_ids[tail:])
         return self
+
+    _MAX_PRECOMPUTED_BLOCKS = 64
+
+    def _validated_block_grams(self, X: np.ndarray, head: int, n_full: int) -> list[np.ndarray] | None:
+        """Check the whole blocks of ``X`` for nan/inf; return their Gram blocks when computed on the way.
+
+        A nan/inf in a block makes the diagonal of its Gram block non-finite, so for up to
+        ``_MAX_PRECOMPUTED_BLOCKS`` blocks the check costs nothing beyond the Gram update itself (no extra
+        pass over the data).  Larger chunks are checked with one ``isfinite`` pass instead.
+        """
+        if n_full == 0:
+            return None
+        body = X[head:head + n_full * self._block_rows]
+        if n_full > self._MAX_PRECOMPUTED_BLOCKS:
+            check_finite(body, "X")
+            return None
+        grams = []
+        for b in range(n_full):
+            block = body[b * self._block_rows:(b + 1) * self._block_rows]
+            g = self._summary.block_gram(block)
+            if not np.isfinite(np.diagonal(g)).all():
+                check_finite(X, "X")  # names the first bad entry
+                _check_magnitude(block, "X")
+            grams.append(g)
+        return grams
 
     def extend(self, iterable: Iterable[Any], progress: bool = False) -> "KeySketch":
         """Feed rows and/or chunks from an iterable (e.g. a generator); returns ``self``.
@@ -304,16 +363,34 @@ class KeySketch:
         if self._buf_n:
             n = self._buf_n
             self._buf_n = 0
-            self._process(self._buf_rows[:n], self._buf_ids[:n])
+            try:
+                self._process(self._buf_rows[:n], self._buf_ids[:n])
+            except BaseException:
+                self._buf_n = n  # the summary refused the block before changing anything: keep the rows
+                raise
 
     def _margin(self) -> float:
         return max(PRUNE_RTOL, 4.0 * self._summary.rel_error)
 
-    def _process(self, X: np.ndarray, ids: np.ndarray) -> None:
-        """Fold one block into the summary and keep its rows that may be heavy."""
-        self._summary.add(X)
-        threshold = self._eps * (1.0 - self._margin())
-        idx = self._summary.prefilter(X, threshold)
+    def _process(self, X: np.ndarray, ids: np.ndarray, block: np.ndarray | None = None) -> None:
+        """Fold one block into the summary and keep its rows that may be heavy.
+
+        The pre-filter bound is taken *before* the block is folded in; it stays valid after (ALGORITHMS.md
+        §3: G only grows).  The norms are computed after the Gram update, while the block is still in cache.
+        """
+        prefilter = getattr(self._summary, "prefilter", None)  # lifted / coreset summaries filter themselves
+        if prefilter is not None:
+            self._summary.add(X, block)
+            threshold = self._eps * (1.0 - self._margin())
+            idx = prefilter(X, threshold)
+        else:
+            scale, lam = self._summary.bound_weights()
+            self._summary.add(X, block)
+            threshold = self._eps * (1.0 - self._margin())
+            if scale is None:
+                idx = np.arange(X.shape[0])
+            else:
+                idx = np.flatnonzero(scaled_sq_norms(X, scale) >= threshold * lam)
         if idx.size:
             rows = X[idx]
             keep = self._summary.scores(rows) >= threshold
@@ -368,6 +445,9 @@ class KeySketch:
         theirs = (other._dim, other._eps, other._p)
         if mine != theirs:
             raise ValueError(f"cannot merge sketches with different (dim, eps, p): {mine} vs {theirs}.")
+        mine, theirs = (getattr(s._summary, "config", ("gram",)) for s in (self, other))
+        if mine != theirs:
+            raise ValueError(f"cannot merge sketches with different normaliser summaries: {mine} vs {theirs}.")
 
     def merge(self, other: "KeySketch") -> "KeySketch":
         """Fold ``other`` (same dim, eps, p; disjoint ids) into this sketch in place; returns ``self``.
@@ -459,18 +539,23 @@ class KeySketch:
         if not sel.all():
             ids, rows = ids[sel], rows[sel]
         thresh = eps * (1.0 - TIE_RTOL)
+        dist = getattr(self._summary, "distortion", 0.0)  # coreset: report A~ >= eps (1 - delta)
         counts, keys, vals = [], [], []
         for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
             Qb = Q[start:start + QUERY_BLOCK_ROWS]
             z = self._summary.normalizer(Qb)
             P = Qb @ rows.T
-            c, k, v = threshold_power_csr(P, z, 2.0, thresh, ids)
+            c, k, v = threshold_power_csr(P, z, self._p, thresh * (1.0 - dist), ids)
             counts.append(c)
             keys.append(k)
             vals.append(v)
         if not counts:
             return HeavyEntries.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), eps)
-        return HeavyEntries.from_counts(np.concatenate(counts), np.concatenate(keys), np.concatenate(vals), eps)
+        values = np.concatenate(vals)
+        lower = upper = None
+        if dist:
+            lower, upper = values / (1.0 + dist), values / (1.0 - dist)
+        return HeavyEntries.from_counts(np.concatenate(counts), np.concatenate(keys), values, eps, lower, upper)
 
     def top_k(self, Q: Any, k: int) -> TopK:
         """The ``k`` largest attention entries of each query among the universal set.
@@ -493,7 +578,8 @@ class KeySketch:
             if kk == 0 or not live.any():
                 continue
             P = Qb @ rows.T
-            A = np.where(live[:, None], P * P / np.where(live, z, 1.0)[:, None], 0.0)
+            B = P * P if self._p == 2.0 else np.abs(P) ** self._p
+            A = np.where(live[:, None], B / np.where(live, z, 1.0)[:, None], 0.0)
             part = np.argpartition(-A, kk - 1, axis=1)[:, :kk] if kk < c else np.broadcast_to(np.arange(c), (A.shape[0], c))
             top = np.take_along_axis(A, part, axis=1)
             order = np.argsort(-top, axis=1, kind="stable")
@@ -549,15 +635,20 @@ class KeySketch:
             out = cls(int(meta["dim"]), eps=float(meta["eps"]), p=float(meta["p"]),
                       block_rows=int(meta["block_rows"]))
             d = out._dim
+            for name, arr in arrays.items():  # a valid checksum does not make the content consistent
+                want = np.int64 if name in ("cand_ids", "buf_ids", "id_ranges") else np.float64
+                if not name.startswith("summary.") or arr.dtype.kind == "f":
+                    if arr.dtype != want:
+                        raise ValueError(f"stored array {name!r} must be {np.dtype(want)}; got {arr.dtype}")
+                    if want is np.float64 and not np.isfinite(arr).all():
+                        raise ValueError(f"stored array {name!r} must be finite")
             summary_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("summary.")}
-            out._summary = GramSummary.from_state(meta["summary"], summary_arrays)
+            out._summary = summary_from_state(meta["summary"], summary_arrays)
             cand_rows, cand_ids = arrays["cand_rows"], arrays["cand_ids"]
             buf_rows, buf_ids = arrays["buf_rows"], arrays["buf_ids"]
             for rows, ids in ((cand_rows, cand_ids), (buf_rows, buf_ids)):
                 if rows.ndim != 2 or rows.shape[1] != d or ids.shape != (rows.shape[0],):
                     raise ValueError("row and id arrays have inconsistent shapes")
-                if not np.isfinite(rows).all():
-                    raise ValueError("stored rows are not finite")
             out._cand_rows, out._cand_ids, out._cand_n = cand_rows, cand_ids, cand_rows.shape[0]
             out._buf_rows, out._buf_ids, out._buf_n = buf_rows, buf_ids, buf_rows.shape[0]
             ranges = arrays["id_ranges"]
@@ -565,6 +656,8 @@ class KeySketch:
                 raise ValueError("id ranges must have shape (r, 2)")
             out._seen = IdRanges(ranges, bool(meta["ids_exact"]))
             out._n, out._next_id = int(meta["n"]), int(meta["next_id"])
+            if out._next_id < 0:
+                raise ValueError(f"next_id must be >= 0; got {out._next_id}")
             if out._summary.dim != d or out._n < out._summary.n_rows + out._buf_n:
                 raise ValueError("summary does not match the sketch header")
         except (KeyError, TypeError, NotImplementedError) as exc:
@@ -586,6 +679,13 @@ class KeySketch:
         return self is other
 
     __hash__ = object.__hash__
+
+
+def _check_magnitude(X: np.ndarray, name: str) -> None:
+    """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them)."""
+    if X.size and not np.isfinite(np.einsum("ij,ij->", X, X)):
+        raise ValueError(f"{name} has values so large that their squares overflow float64 (largest |x| = "
+                         f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant).")
 
 
 def load(path: str | os.PathLike) -> KeySketch:

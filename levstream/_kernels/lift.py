@@ -1,0 +1,31 @@
+"""Symmetric degree-2 lifting of rows: ``<phi(x), phi(y)> = <x, y>^2`` (ALGORITHMS.md §6, even p)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .._config import FASTMATH
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
+def lift_degree2(X):  # pragma: no cover - compiled
+    """``phi(x) = (x_a x_b)_{a <= b}`` with off-diagonal monomials scaled by ``sqrt(2)``, row by row.
+
+    Output shape ``(n, d (d + 1) / 2)``, columns ordered ``(0,0), (0,1), ..., (0,d-1), (1,1), ...``.
+    """
+    n, d = X.shape
+    D = d * (d + 1) // 2
+    out = np.empty((n, D), dtype=np.float64)
+    root2 = np.sqrt(2.0)
+    for i in numba.prange(n):
+        col = 0
+        for a in range(d):
+            xa = X[i, a]
+            out[i, col] = xa * xa
+            col += 1
+            s = root2 * xa
+            for b in range(a + 1, d):
+                out[i, col] = s * X[i, b]
+                col += 1
+    return out
