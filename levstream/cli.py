@@ -1,99 +1,470 @@
-"""The ``levstream`` command line.  ``levstream demo`` is the main job: stream, shard, merge, query, verify."""
+"""The ``levstream`` command: ``demo``, ``build``, ``merge``, ``query``, ``info``, ``bench``.
+
+Every command validates its arguments once, turns each user error into one line
+``levstream: error: ...`` on stderr and a documented exit code (see :data:`EXIT_CODES`), and never prints a
+traceback for them.  Sketch files are the bytes of :meth:`levstream.KeySketch.to_bytes`, written atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILED_CHECK = 0, 2, 3
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_FAILED_CHECK = 3
+EXIT_INPUT = 4
+EXIT_SKETCH = 5
+EXIT_UNAVAILABLE = 6
+EXIT_INTERRUPTED = 130
+
+#: Exit codes and their meaning (shown by ``levstream --help``).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_INTERNAL: "internal error (a bug: please report it with the traceback)",
+    EXIT_USAGE: "bad command line: unknown option, missing argument, value out of range (eps, p, ...)",
+    EXIT_FAILED_CHECK: "demo/bench: the sketch disagreed with brute force",
+    EXIT_INPUT: "keys/queries/output file: missing, unreadable, not a 2-D real array, wrong width, "
+                "non-finite value, stdin ending mid-row, output not writable",
+    EXIT_SKETCH: "sketch file missing, corrupted or of a newer format; sketches that cannot be merged "
+                 "(different dim/eps/p, clashing key ids)",
+    EXIT_UNAVAILABLE: "an optional dependency or service is unavailable (dask/distributed or matplotlib not "
+                      "installed, Dask scheduler unreachable)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
+}
+
+DEFAULT_CHUNK_ROWS = 65536
 
 
-def _shard_stream(n: int, dim: int, shards: int, seed: int) -> list[tuple[int, int, int]]:
-    """(offset, rows, seed) of each shard of one global stream."""
-    bounds = np.linspace(0, n, shards + 1).astype(np.int64)
-    return [(int(bounds[i]), int(bounds[i + 1] - bounds[i]), seed * 1000 + i) for i in range(shards)]
+class CliError(Exception):
+    """A user error: printed as one line, exits with ``code``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(" ".join(str(message).split()))
+        self.code = code
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    import levstream as ls
-    from levstream.synthetic import attention_like_keys, attention_like_queries
+# ---------------------------------------------------------------------- shared helpers
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
-    n, dim, eps, seed, shards = args.n, args.dim, args.eps, args.seed, args.shards
-    print(f"levstream {ls.__version__} demo: n={n:,} keys, dim={dim}, eps={eps:g}, p=2, {shards} shards")
 
-    def build(spec: tuple[int, int, int]) -> ls.KeySketch:
-        offset, rows, shard_seed = spec
-        sk = ls.KeySketch(dim, eps=eps)
-        pos = offset
-        for chunk in attention_like_keys(rows, dim, seed=shard_seed, chunk_rows=32768):
-            sk.update_many(chunk, offset=pos)
-            pos += chunk.shape[0]
-        return sk
+def _checked_eps(value: float | None, flag: str = "--eps") -> float | None:
+    from ._validation import check_eps
 
-    specs = _shard_stream(n, dim, shards, seed)
-    ls.KeySketch(dim, eps=eps).update_many(np.ones((2, dim))).universal_set()  # warm the JIT
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=shards) as pool:
-        parts = list(pool.map(build, specs))
-    sketch = ls.KeySketch.merge_all(parts)
-    t_build = time.perf_counter() - t0
-    U = sketch.universal_set()
+    if value is None:
+        return None
+    try:
+        return check_eps(value, flag)
+    except (ValueError, TypeError) as exc:
+        raise CliError(_one_line(exc), EXIT_USAGE) from None
 
-    Q = attention_like_queries(args.queries, dim, seed=seed + 7, key_seed=seed * 1000)
-    t0 = time.perf_counter()
-    hits = sketch.heavy_entries(Q)
-    t_query = time.perf_counter() - t0
 
-    # brute force over all keys (regenerated, never held by the sketch) for a sample of queries
-    sample = Q[: args.check]
-    K = np.vstack([np.vstack(list(attention_like_keys(rows, dim, seed=s, chunk_rows=32768)))
-                   for _, rows, s in specs])
-    t0 = time.perf_counter()
-    dense = ls.testing.heavy_entries_dense(sample, K, eps=eps, p=2)
-    t_dense = (time.perf_counter() - t0) * Q.shape[0] / max(sample.shape[0], 1)
-    got = {(i, k) for i, k in hits.as_set() if i < sample.shape[0]}
-    truth = dense.as_set()
-    recall = len(got & truth) / len(truth) if truth else 1.0
-    precision = len(got & truth) / len(got) if got else 1.0
+def _new_sketch(dim: int, eps: float, p: float) -> Any:
+    from .sketch import KeySketch
 
-    rows = [
-        ("keys streamed (n)", f"{sketch.n:,}"),
-        ("universal set |U|", f"{len(U):,}"),
-        ("bound d/eps", f"{dim / eps:,.0f}"),
-        ("sketch bytes / raw key bytes", f"{sketch.nbytes / 1e6:.1f} MB / {n * dim * 8 / 1e6:,.0f} MB"),
-        ("build (4 shards + merge)", f"{t_build:.2f} s"),
-        ("query time, sketch", f"{t_query * 1e3:.1f} ms for {Q.shape[0]} queries"),
-        ("query time, dense (extrapolated)", f"{t_dense:.2f} s ({t_dense / max(t_query, 1e-9):.0f}x slower)"),
-        (f"recall / precision on {sample.shape[0]} queries", f"{recall:.3f} / {precision:.3f}"),
-        ("heavy entries found", f"{len(hits):,}"),
-    ]
-    width = max(len(r[0]) for r in rows)
+    try:
+        return KeySketch(dim, eps=eps, p=p)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise CliError(_one_line(exc), EXIT_USAGE) from None
+
+
+def _load_sketch(path: str) -> tuple[Any, int, int]:
+    """(sketch, format version, file size) of a sketch file; sketch errors exit with EXIT_SKETCH."""
+    from . import _serialize
+    from .sketch import KeySketch
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise CliError(f"{path}: no such sketch file.", EXIT_SKETCH) from None
+    except OSError as exc:
+        raise CliError(f"{path}: cannot read the sketch ({exc.strerror}).", EXIT_SKETCH) from None
+    try:
+        _, _, version = _serialize.unpack(data)
+        return KeySketch.from_bytes(data), version, len(data)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"{path}: {_one_line(exc)}", EXIT_SKETCH) from None
+
+
+def _save_sketch(sketch: Any, path: str) -> None:
+    try:
+        sketch.save(path)
+    except OSError as exc:
+        raise CliError(f"cannot write {path}: {exc.strerror}.", EXIT_INPUT) from None
+
+
+def _refuse_overwrite(path: str, force: bool, hint: str) -> None:
+    if os.path.exists(path) and not force:
+        raise CliError(f"{path} exists; {hint}", EXIT_USAGE)
+
+
+def _open_keys(spec: str, dim: int | None = None, dtype: str | None = None) -> Any:
+    from ._io import InputError, open_keys
+
+    try:
+        return open_keys(spec, dim=dim, dtype=dtype)
+    except InputError as exc:
+        code = EXIT_USAGE if spec == "-" and (dim is None or dtype is None) else EXIT_INPUT
+        raise CliError(_one_line(exc), code) from None
+
+
+def _chunks(source: Any, chunk_rows: int) -> Iterator[np.ndarray]:
+    from ._io import InputError
+
+    try:
+        yield from source.chunks(chunk_rows)
+    except InputError as exc:
+        raise CliError(_one_line(exc), EXIT_INPUT) from None
+
+
+def _progress(total: int | None, quiet: bool, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=" rows", unit_scale=True, desc=desc, disable=quiet, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def print_table(rows: Sequence[tuple[str, str]], file: Any = None) -> None:
+    """Print ``(label, value)`` pairs as two aligned columns."""
+    width = max(len(label) for label, _ in rows)
     for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
-    if recall < 1.0 or precision < 1.0:
-        print("error: the sketch disagrees with brute force", file=sys.stderr)
-        return EXIT_FAILED_CHECK
-    print("ok: every heavy entry found, none spurious")
+        print(f"  {label:<{width}}  {value}", file=file or sys.stdout)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} kB"
+
+
+# ---------------------------------------------------------------------- build
+def cmd_build(args: argparse.Namespace) -> int:
+    chunk_rows = args.chunk
+    if chunk_rows < 1:
+        raise CliError(f"--chunk must be >= 1; got {chunk_rows}.", EXIT_USAGE)
+    if args.offset is not None and args.offset < 0:
+        raise CliError(f"--offset must be >= 0; got {args.offset}.", EXIT_USAGE)
+    if args.jobs is not None and args.jobs < 1:
+        raise CliError(f"--jobs must be >= 1; got {args.jobs}.", EXIT_USAGE)
+    eps = _checked_eps(args.eps)
+    if args.append:
+        if not os.path.exists(args.output):
+            raise CliError(f"--append: {args.output} does not exist; drop --append to create it.", EXIT_SKETCH)
+        sketch, _, _ = _load_sketch(args.output)
+        for flag, given, have in (("--eps", eps, sketch.eps), ("--p", args.p, sketch.p)):
+            if given is not None and given != have:
+                raise CliError(f"{flag} {given:g} differs from the {flag[2:]} of {args.output} ({have:g}); "
+                               f"omit {flag} with --append.", EXIT_USAGE)
+        if args.dim is not None and args.dim != sketch.dim:
+            raise CliError(f"--dim {args.dim} differs from the dim of {args.output} ({sketch.dim}).", EXIT_USAGE)
+        source = _open_keys(args.keys, args.dim if args.keys == "-" else None, args.dtype)
+        if source.dim != sketch.dim:
+            raise CliError(f"{source.name} has rows of width {source.dim}; {args.output} has dim {sketch.dim}.",
+                           EXIT_INPUT)
+    else:
+        if eps is None:
+            raise CliError("--eps is required to create a sketch (or pass --append to extend one).", EXIT_USAGE)
+        _refuse_overwrite(args.output, args.force, "pass --append to add keys to it or --force to replace it.")
+        source = _open_keys(args.keys, args.dim, args.dtype)
+        sketch = _new_sketch(source.dim, eps, 2.0 if args.p is None else args.p)
+    start = sketch.next_id if args.offset is None else args.offset
+
+    if args.jobs is not None or args.scheduler is not None:
+        part = _build_in_parallel(args, source, sketch, start, chunk_rows)
+        if part.is_empty():
+            raise CliError(f"{source.name} holds no rows; nothing was written.", EXIT_INPUT)
+        try:
+            sketch.merge(part)
+        except ValueError as exc:
+            raise CliError(f"cannot add the keys to {args.output}: {_one_line(exc)}", EXIT_SKETCH) from None
+    else:
+        pos = start
+        with _progress(source.n_rows, args.quiet, f"build {os.path.basename(args.output)}") as bar:
+            for chunk in _chunks(source, chunk_rows):
+                try:
+                    sketch.update_many(chunk, offset=pos)
+                except ValueError as exc:
+                    raise CliError(f"cannot add rows {pos}.. of {source.name}: {_one_line(exc)}",
+                                   EXIT_SKETCH) from None
+                pos += chunk.shape[0]
+                bar.update(chunk.shape[0])
+        if pos == start:
+            raise CliError(f"{source.name} holds no rows; nothing was written.", EXIT_INPUT)
+    U = sketch.universal_set()  # settles the sketch: buffered rows are folded in before saving
+    _save_sketch(sketch, args.output)
+    print(f"{args.output}: n={sketch.n:,} keys, dim={sketch.dim}, eps={sketch.eps:g}, p={sketch.p:g}, "
+          f"|U|={len(U):,}, {_mb(os.path.getsize(args.output))}")
     return EXIT_OK
 
 
+def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start: int, chunk_rows: int) -> Any:
+    """A sketch of ``source`` (ids from ``start``) built by ``levstream.build_sketch`` (--jobs) or on Dask."""
+    if args.scheduler is None:
+        try:
+            from .build import build_sketch
+        except ImportError:
+            raise CliError("--jobs needs levstream.build_sketch, which this installation does not provide; "
+                           "drop --jobs to build in one stream.", EXIT_UNAVAILABLE) from None
+        data: Any = os.path.abspath(args.keys) if source.name.endswith(".npy") else _chunks(source, chunk_rows)
+        try:
+            return build_sketch(data, eps=sketch.eps, p=sketch.p, n_jobs=args.jobs, chunk_rows=chunk_rows,
+                                offset=start, progress=not args.quiet)
+        except ValueError as exc:
+            raise CliError(f"{source.name}: {_one_line(exc)}", EXIT_INPUT) from None
+    if not source.name.endswith(".npy"):
+        raise CliError(f"--scheduler reads a .npy file that every worker can open; got {args.keys!r}.",
+                       EXIT_USAGE)
+    try:
+        from dask import delayed
+
+        import levstream.dask as lsd
+    except ImportError as exc:
+        raise CliError(f"--scheduler needs Dask ({_one_line(exc)}).", EXIT_UNAVAILABLE) from None
+    from ._io import load_rows
+
+    path = os.path.abspath(args.keys)
+    bounds = list(range(0, source.n_rows, chunk_rows))
+    parts = [delayed(load_rows)(path, a, min(a + chunk_rows, source.n_rows)) for a in bounds]
+    try:
+        return lsd.build_sketch(parts, eps=sketch.eps, p=sketch.p, offsets=[start + a for a in bounds],
+                                scheduler=args.scheduler)
+    except (OSError, TimeoutError) as exc:
+        raise CliError(f"cannot build on the Dask scheduler at {args.scheduler}: {_one_line(exc)}",
+                       EXIT_UNAVAILABLE) from None
+    except ValueError as exc:
+        raise CliError(f"{source.name}: {_one_line(exc)}", EXIT_INPUT) from None
+
+
+# ---------------------------------------------------------------------- merge
+def cmd_merge(args: argparse.Namespace) -> int:
+    if len(args.sketches) < 2:
+        raise CliError("merge needs at least two sketch files.", EXIT_USAGE)
+    if args.output not in args.sketches:
+        _refuse_overwrite(args.output, args.force, "pass --force to replace it.")
+    merged, _, _ = _load_sketch(args.sketches[0])
+    for path in args.sketches[1:]:
+        sketch, _, _ = _load_sketch(path)
+        try:
+            merged.merge(sketch)
+        except (ValueError, TypeError) as exc:
+            raise CliError(f"cannot merge {path}: {_one_line(exc)}", EXIT_SKETCH) from None
+    U = merged.universal_set()
+    _save_sketch(merged, args.output)
+    print(f"{args.output}: merged {len(args.sketches)} sketches, n={merged.n:,} keys, |U|={len(U):,}, "
+          f"{_mb(os.path.getsize(args.output))}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- query
+def top_entries(hits: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR ``(indptr, key_ids, values)`` keeping the ``k`` largest entries of each row, largest first.
+
+    Ties are broken by the smaller key id.
+    """
+    counts = np.minimum(np.diff(hits.indptr), k)
+    indptr = np.zeros(hits.n_queries + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    key_ids = np.empty(indptr[-1], dtype=np.int64)
+    values = np.empty(indptr[-1])
+    for i, (ids, vals) in enumerate(hits):
+        order = np.lexsort((ids, -vals))[:k]
+        key_ids[indptr[i]:indptr[i + 1]] = ids[order]
+        values[indptr[i]:indptr[i + 1]] = vals[order]
+    return indptr, key_ids, values
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from ._io import InputError, read_matrix
+
+    sketch, _, _ = _load_sketch(args.sketch)
+    eps = _checked_eps(args.eps)
+    if eps is not None and eps < sketch.eps:
+        raise CliError(f"--eps must be >= the sketch's eps ({sketch.eps:g}); got {eps:g}. "
+                       "Build the sketch with a smaller eps to query lower thresholds.", EXIT_USAGE)
+    if args.top_k is not None and args.top_k < 1:
+        raise CliError(f"--top-k must be >= 1; got {args.top_k}.", EXIT_USAGE)
+    try:
+        Q = read_matrix(args.queries)
+    except InputError as exc:
+        raise CliError(_one_line(exc), EXIT_INPUT) from None
+    if Q.shape[1] != sketch.dim:
+        raise CliError(f"{args.queries} has rows of width {Q.shape[1]}; the sketch {args.sketch} has dim "
+                       f"{sketch.dim}.", EXIT_INPUT)
+    hits = sketch.heavy_entries(Q, eps=eps)
+    if args.top_k is None:
+        indptr, key_ids, values = hits.indptr, hits.key_ids, hits.values
+    else:
+        indptr, key_ids, values = top_entries(hits, args.top_k)
+    if args.output is not None:
+        try:
+            with open(args.output, "wb") as fh:
+                np.savez(fh, indptr=indptr, key_ids=key_ids, values=values, eps=np.float64(hits.eps))
+        except OSError as exc:
+            raise CliError(f"cannot write {args.output}: {exc.strerror}.", EXIT_INPUT) from None
+        print(f"{args.output}: {key_ids.shape[0]:,} entries >= {hits.eps:g} for {Q.shape[0]:,} queries")
+        return EXIT_OK
+    limit = "" if args.top_k is None else f" (at most {args.top_k} per query, largest first)"
+    print(f"# {key_ids.shape[0]:,} entries >= {hits.eps:g} for {Q.shape[0]:,} queries{limit}")
+    print(f"{'query':>8}  {'key_id':>12}  attention")
+    rows = np.repeat(np.arange(Q.shape[0]), np.diff(indptr))
+    sys.stdout.writelines(f"{i:>8}  {k:>12}  {v:.6g}\n" for i, k, v in zip(rows.tolist(), key_ids.tolist(),
+                                                                          values.tolist()))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    sketch, version, size = _load_sketch(args.sketch)
+    U = sketch.universal_set()
+    print(f"{args.sketch}")
+    print_table([
+        ("format version", str(version)),
+        ("dim", str(sketch.dim)),
+        ("p", f"{sketch.p:g}"),
+        ("eps", f"{sketch.eps:g}"),
+        ("n (keys seen)", f"{sketch.n:,}"),
+        ("|U| (universal set)", f"{len(U):,}"),
+        ("bound on |U|", f"{U.size_bound:,.0f}"),
+        ("retained rows", f"{sketch.num_retained:,}"),
+        ("next key id", f"{sketch.next_id:,}"),
+        ("file bytes", f"{size:,}"),
+        ("memory bytes", f"{sketch.nbytes:,}"),
+    ])
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------- demo and bench
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return EXIT_OK if run_demo(args) else EXIT_FAILED_CHECK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import platform
+
+    from . import __version__
+    from ._bench import format_bench, run_bench
+
+    for flag, value in (("--dim", args.dim), ("--queries", args.queries), ("--repeat", args.repeat),
+                        *(("--sizes", n) for n in args.sizes)):
+        if value < 1:
+            raise CliError(f"{flag} must be >= 1; got {value}.", EXIT_USAGE)
+    eps = _checked_eps(args.eps)
+    print(f"levstream {__version__} bench: d={args.dim}, eps={eps:g}, p=2, {args.queries} queries, best of "
+          f"{args.repeat}; BLAS and numba threads 1; {platform.machine()}, {os.cpu_count()} cores, NumPy {np.__version__}")
+    print("  build = KeySketch.update_many over chunks of 8192 rows + universal_set(); Gram = G += X.T @ X "
+          "over the same chunks")
+    print("  query = heavy_entries(Q); dense = blocked NumPy over all keys in memory (the oracle for recall)")
+    points = run_bench(sorted(args.sizes), args.dim, eps, 2.0, args.queries, args.seed, args.repeat)
+    for line in format_bench(points):
+        print(f"  {line}")
+    return EXIT_OK if all(pt.recall == 1.0 and pt.precision == 1.0 for pt in points) else EXIT_FAILED_CHECK
+
+
+# ---------------------------------------------------------------------- parser
+def _epilog() -> str:
+    lines = ["exit codes:"] + [f"  {code:<4} {text}" for code, text in EXIT_CODES.items()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="levstream", description="Streaming LevAttention sketches.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="stream synthetic keys into shards, merge, query, verify against brute force")
-    demo.add_argument("--n", type=int, default=1_000_000, help="number of keys (default 1e6)")
-    demo.add_argument("--dim", type=int, default=64)
-    demo.add_argument("--eps", type=float, default=0.01)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--shards", type=int, default=4)
-    demo.add_argument("--queries", type=int, default=1000)
-    demo.add_argument("--check", type=int, default=50, help="queries verified by brute force")
+    from . import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="levstream", formatter_class=fmt, epilog=_epilog(),
+        description="Find every heavy attention entry from a small, mergeable sketch of streamed keys.")
+    parser.add_argument("--version", action="version", version=f"levstream {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", formatter_class=fmt, epilog=_epilog(),
+        help="stream synthetic keys into shards, merge, query, check against brute force",
+        description="Stream synthetic attention-like keys from a generator into shards built in parallel "
+                    "threads, merge them, query new rows and check the answer against brute force.")
+    demo.add_argument("--n", type=int, default=1_000_000, help="number of keys (default: 1,000,000)")
+    demo.add_argument("--dim", type=int, default=64, help="key width (default: 64)")
+    demo.add_argument("--eps", type=float, default=0.01, help="heaviness threshold (default: 0.01)")
+    demo.add_argument("--p", type=float, default=2.0, help="exponent of f(x) = |x|^p (default: 2)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--shards", type=int, default=4, help="shards built in parallel (default: 4)")
+    demo.add_argument("--queries", type=int, default=1000, help="query rows (default: 1000)")
+    demo.add_argument("--check", type=int, default=100,
+                      help="queries checked against brute force over all keys (default: 100)")
+    demo.add_argument("--plot", metavar="PATH", help="write a PNG: leverage scores and query time vs n")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=cmd_demo)
+
+    build = sub.add_parser(
+        "build", formatter_class=fmt, epilog=_epilog(), help="stream keys into a sketch file",
+        description="Stream the rows of KEYS into a sketch and write it to SKETCH.  KEYS is a .npy file "
+                    "(memory-mapped: files larger than memory work), FILE.npz:MEMBER, or - for raw "
+                    "little-endian rows on stdin (then --dim and --dtype are required).")
+    build.add_argument("keys", metavar="KEYS", help="PATH.npy, PATH.npz:MEMBER or - (stdin)")
+    build.add_argument("-o", "--output", metavar="SKETCH", required=True, help="sketch file to write")
+    build.add_argument("--eps", type=float, help="heaviness threshold, 0 < eps <= 1 (required unless --append)")
+    build.add_argument("--p", type=float, help="exponent of f(x) = |x|^p (default: 2)")
+    build.add_argument("--chunk", type=int, default=DEFAULT_CHUNK_ROWS, metavar="N",
+                       help=f"rows read at a time (default: {DEFAULT_CHUNK_ROWS})")
+    build.add_argument("--append", action="store_true", help="add the keys to the existing SKETCH")
+    build.add_argument("--offset", type=int, metavar="N",
+                       help="number the keys from N (default: 0, or the next id of SKETCH with --append)")
+    build.add_argument("--dim", type=int, metavar="D", help="row width of stdin input (checked for files)")
+    build.add_argument("--dtype", choices=["float32", "float64"], help="element type of stdin input")
+    where = build.add_mutually_exclusive_group()
+    where.add_argument("--jobs", type=int, metavar="N",
+                       help="build N shards in parallel threads and merge them (levstream.build_sketch)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="build on a running Dask scheduler, e.g. tcp://host:8786 (levstream.dask."
+                            "build_sketch; KEYS must be a .npy file every worker can read)")
+    build.add_argument("--force", action="store_true", help="replace an existing SKETCH")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_build)
+
+    merge = sub.add_parser("merge", formatter_class=fmt, epilog=_epilog(), help="merge sketch files",
+                           description="Merge sketches of disjoint key sets (same dim, eps, p) into one.")
+    merge.add_argument("sketches", nargs="+", metavar="SKETCH", help="two or more sketch files")
+    merge.add_argument("-o", "--output", metavar="OUT", required=True, help="merged sketch file to write")
+    merge.add_argument("--force", action="store_true", help="replace an existing OUT")
+    merge.set_defaults(func=cmd_merge)
+
+    query = sub.add_parser(
+        "query", formatter_class=fmt, epilog=_epilog(), help="heavy attention entries of query rows",
+        description="Report every attention entry A[i, key] >= eps of the query rows over all keys of "
+                    "the sketch: as a table on stdout, or as an .npz with indptr, key_ids, values (CSR).")
+    query.add_argument("sketch", metavar="SKETCH", help="sketch file")
+    query.add_argument("queries", metavar="QUERIES", help="PATH.npy or PATH.npz:MEMBER, one query per row")
+    query.add_argument("--eps", type=float, help="threshold, at least the sketch's eps (default: the sketch's)")
+    query.add_argument("--top-k", type=int, metavar="K",
+                       help="at most the K largest entries >= eps per query, largest first (these are the "
+                            "true top K over all keys whenever a query has K entries >= eps)")
+    query.add_argument("-o", "--output", metavar="HITS.npz", help="write the entries to an .npz file")
+    query.set_defaults(func=cmd_query)
+
+    info = sub.add_parser("info", formatter_class=fmt, epilog=_epilog(), help="describe a sketch file",
+                          description="Print dim, p, eps, n, |U|, sizes and the format version of a sketch.")
+    info.add_argument("sketch", metavar="SKETCH", help="sketch file")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser(
+        "bench", formatter_class=fmt, epilog=_epilog(), help="quick benchmark: build vs Gram-only, query vs dense",
+        description="Time the sketch build against the Gram-only floor and heavy_entries against blocked "
+                    "dense NumPy on synthetic keys, side by side in this process (the full suite is in "
+                    "benchmarks/ of the source tree).")
+    bench.add_argument("--sizes", type=int, nargs="+", default=[30_000, 100_000, 300_000], metavar="N",
+                       help="numbers of keys (default: 30000 100000 300000)")
+    bench.add_argument("--dim", type=int, default=64, help="key width (default: 64)")
+    bench.add_argument("--eps", type=float, default=0.01, help="threshold (default: 0.01)")
+    bench.add_argument("--queries", type=int, default=200, help="query rows (default: 200)")
+    bench.add_argument("--repeat", type=int, default=3, help="best of this many runs (default: 3)")
+    bench.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -102,9 +473,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, OSError) as exc:
+    except CliError as exc:
         print(f"levstream: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.code
+    except KeyboardInterrupt:
+        print("levstream: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `levstream query ... | head`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

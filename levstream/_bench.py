@@ -1,0 +1,173 @@
+"""Quick in-package benchmark behind ``levstream bench`` and the query-time panel of ``levstream demo --plot``.
+
+Each point streams ``n`` synthetic attention-like keys (:mod:`levstream.synthetic`) and measures, in the
+same process and on the same chunks, the sketch build against the Gram-only floor ``G += X.T @ X``, and
+``heavy_entries`` against blocked dense NumPy (:class:`DenseScan`: ``Q @ X.T`` per block of keys, power,
+normalise, threshold).  The dense answer is also the oracle: every point reports recall and precision.  BLAS and numba
+are limited to one thread (:func:`single_threaded`): one core against one core, and tall-skinny products
+are erratic with more threads on small shared machines.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numba
+import numpy as np
+
+from .results import HeavyEntries
+
+#: Key rows per block of the dense baseline: its score matrix is (queries x DENSE_CHUNK_ROWS).
+DENSE_CHUNK_ROWS = 8192
+
+
+class DenseScan:
+    """Blocked dense NumPy heavy entries (the baseline and the oracle), fed key chunks in stream order.
+
+    For each chunk ``X`` it computes ``B = |Q X^T|^p`` and adds the row sums to ``Z``.  ``Z`` only grows, so
+    an entry with ``B >= eps * Z`` at the end also had ``B >= eps * Z_so_far`` when its chunk was seen: keeping
+    those per chunk (at most ``1/eps`` per query and chunk) and filtering with the final ``Z`` gives every
+    heavy entry exactly, with the keys never held together.
+    """
+
+    def __init__(self, Q: np.ndarray, eps: float, p: float = 2.0) -> None:
+        self.Q, self.eps, self.p = Q, eps, p
+        self.Z = np.zeros(Q.shape[0])
+        self._rows: list[np.ndarray] = []
+        self._cols: list[np.ndarray] = []
+        self._vals: list[np.ndarray] = []
+
+    def add(self, X: np.ndarray, first_id: int) -> None:
+        B = np.abs(self.Q @ X.T)
+        if self.p == 2.0:
+            B *= B
+        else:
+            B **= self.p
+        self.Z += B.sum(axis=1)
+        i, j = np.nonzero(B >= self.eps * self.Z[:, None])
+        self._rows.append(i)
+        self._cols.append(j + first_id)
+        self._vals.append(B[i, j])
+
+    def result(self) -> HeavyEntries:
+        m = self.Q.shape[0]
+        if not self._rows:
+            return HeavyEntries.from_counts(np.zeros(m, np.int64), np.zeros(0, np.int64), np.zeros(0), self.eps)
+        i, j, b = np.concatenate(self._rows), np.concatenate(self._cols), np.concatenate(self._vals)
+        a = b / np.where(self.Z[i] > 0, self.Z[i], np.inf)
+        heavy = a >= self.eps
+        i, j, a = i[heavy], j[heavy], a[heavy]
+        order = np.lexsort((j, i))
+        return HeavyEntries.from_counts(np.bincount(i, minlength=m).astype(np.int64), j[order], a[order],
+                                        self.eps)
+
+
+def dense_heavy_entries(Q: np.ndarray, K: np.ndarray, eps: float, p: float = 2.0) -> HeavyEntries:
+    """Every ``A[i, j] >= eps`` of ``A = |Q K^T|^p / rowsum`` by blocked dense NumPy over ``K``."""
+    scan = DenseScan(Q, eps, p)
+    for start in range(0, K.shape[0], DENSE_CHUNK_ROWS):
+        scan.add(K[start:start + DENSE_CHUNK_ROWS], start)
+    return scan.result()
+
+
+def compare(got: HeavyEntries, truth: HeavyEntries) -> tuple[float, float, float]:
+    """``(recall, precision, max relative value error)`` of ``got`` against ``truth`` (same queries)."""
+    g = dict(zip(zip(got.rows().tolist(), got.key_ids.tolist()), got.values.tolist()))
+    t = dict(zip(zip(truth.rows().tolist(), truth.key_ids.tolist()), truth.values.tolist()))
+    common = g.keys() & t.keys()
+    recall = len(common) / len(t) if t else 1.0
+    precision = len(common) / len(g) if g else 1.0
+    err = max((abs(g[e] - t[e]) / t[e] for e in common), default=0.0)
+    return recall, precision, err
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """One BLAS thread and one numba thread in the calling thread, restored on exit."""
+    from threadpoolctl import threadpool_limits
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def warm_up(dim: int, eps: float, p: float) -> None:
+    """Compile (or load from cache) every numba kernel the build and query paths use."""
+    from .sketch import KeySketch
+
+    rng = np.random.default_rng(0)
+    sketch = KeySketch(dim, eps=eps, p=p).update_many(rng.standard_normal((4 * dim + 64, dim)))
+    sketch.heavy_entries(rng.standard_normal((3, dim)))
+    sketch.universal_set()
+
+
+@dataclass(frozen=True)
+class BenchPoint:
+    n: int
+    universal: int
+    build_s: float
+    gram_s: float
+    query_s: float
+    dense_s: float
+    recall: float
+    precision: float
+
+
+def measure(n: int, dim: int, eps: float, p: float, n_queries: int, seed: int,
+            chunk_rows: int = 8192, repeat: int = 3) -> BenchPoint:
+    """Build and query timings at one ``n`` (best of ``repeat``), checked against dense NumPy."""
+    from .sketch import KeySketch
+    from .synthetic import attention_like_keys, attention_like_queries
+
+    chunks = list(attention_like_keys(n, dim, seed=seed, chunk_rows=chunk_rows))
+    Q = attention_like_queries(n_queries, dim, seed=seed + 1, key_seed=seed)
+    K = np.concatenate(chunks)
+    with single_threaded():
+        build_s = gram_s = query_s = dense_s = np.inf
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            sketch = KeySketch(dim, eps=eps, p=p)
+            for X in chunks:
+                sketch.update_many(X)
+            universal = len(sketch.universal_set())
+            build_s = min(build_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            G = np.zeros((dim, dim))
+            for X in chunks:
+                G += X.T @ X
+            gram_s = min(gram_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hits = sketch.heavy_entries(Q)
+            query_s = min(query_s, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            truth = dense_heavy_entries(Q, K, eps, p)
+            dense_s = min(dense_s, time.perf_counter() - t0)
+    recall, precision, _ = compare(hits, truth)
+    return BenchPoint(n, universal, build_s, gram_s, query_s, dense_s, recall, precision)
+
+
+def run_bench(sizes: list[int], dim: int, eps: float, p: float, n_queries: int, seed: int,
+              repeat: int) -> list[BenchPoint]:
+    """Measure every size in ``sizes`` after one warm-up of the numba kernels."""
+    with single_threaded():
+        warm_up(dim, eps, p)
+    return [measure(n, dim, eps, p, n_queries, seed, repeat=repeat) for n in sizes]
+
+
+def format_bench(points: list[BenchPoint]) -> list[str]:
+    """The table printed by ``levstream bench``."""
+    head = (f"{'n':>10}  {'|U|':>6}  {'build s':>8}  {'Gram s':>8}  {'ratio':>6}  "
+            f"{'query s':>8}  {'dense s':>8}  {'speed-up':>8}  {'recall':>6}  {'precision':>9}")
+    lines = [head, "-" * len(head)]
+    for pt in points:
+        lines.append(f"{pt.n:>10,}  {pt.universal:>6,}  {pt.build_s:>8.3f}  {pt.gram_s:>8.3f}  "
+                     f"{pt.build_s / pt.gram_s:>6.2f}  {pt.query_s:>8.4f}  {pt.dense_s:>8.3f}  "
+                     f"{pt.dense_s / pt.query_s:>7.0f}x  {pt.recall:>6.3f}  {pt.precision:>9.3f}")
+    return lines
