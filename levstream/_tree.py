@@ -13,11 +13,13 @@ so a given partitioning gives the same leaves, the same merge tree and the same 
 Thread policy
 -------------
 A task that runs next to ``slots`` other tasks on ``cores`` cores gets ``max(1, cores // slots)`` threads for
-BLAS and for numba, never more than the BLAS limit the process already has (distributed's nanny sets it to 1
-per worker process).  BLAS limits are process-wide, so concurrent tasks of one process share one limit,
-set by the first task to start and restored when the last one ends; numba's limit is per thread.  numba's
-``workqueue`` threading layer aborts the process when two threads launch parallel kernels at once, so under
-that layer the tasks of one process take turns (install ``tbb`` or use OpenMP to run them side by side).
+BLAS and for numba, never more than the BLAS limit its process already has (distributed's nanny sets that
+to 1 per worker process).  The BLAS limit is process-wide (one OpenBLAS thread pool per process, changed by
+one thread at a time), so where several tasks share a process it is lowered once by the thread that runs
+them all (the caller of the thread pool, or of Dask's threaded scheduler) and tasks only check it; numba's
+limit is per thread and set in every task.  numba's ``workqueue`` threading layer aborts the process when
+two threads launch parallel kernels at once, so under that layer the tasks of one process take turns
+(install ``tbb``, or use the default OpenMP layer, to run them side by side).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from __future__ import annotations
 import inspect
 import os
 import threading
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -102,10 +104,29 @@ def root_options(sketch_options: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- threads
-_limit_lock = threading.Lock()
-_limit_users = 0
-_limiter: Any = None
 _workqueue_lock = threading.Lock()
+
+
+def blas_threads() -> int:
+    """The largest thread count of the BLAS libraries loaded in this process (0 if none is found)."""
+    from threadpoolctl import threadpool_info
+
+    return max([info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"], default=0)
+
+
+def lowered_blas(n_threads: int) -> ContextManager[Any]:
+    """Lower the process-wide BLAS thread limit to ``n_threads`` for a ``with`` block; never raise it.
+
+    OpenBLAS (pthreads) has one thread pool per process and threadpoolctl lets one thread at a time change
+    it, so this belongs in the thread that runs the whole parallel section (the caller of a thread pool), or
+    in a task that has its process to itself.  When the limit is already low enough nothing is changed.
+    """
+    from threadpoolctl import threadpool_limits
+
+    n_threads = max(1, int(n_threads))
+    if blas_threads() <= n_threads:
+        return nullcontext()
+    return threadpool_limits(limits=n_threads, user_api="blas")
 
 
 def _numba_layer() -> str:
@@ -117,36 +138,22 @@ def _numba_layer() -> str:
 
 @contextmanager
 def capped_threads(n_threads: int) -> Iterator[None]:
-    """Run the body with at most ``n_threads`` BLAS threads (process-wide, shared) and numba threads (this thread).
+    """Run a task with at most ``n_threads`` BLAS threads (see :func:`lowered_blas`) and numba threads.
 
-    Re-entrant across threads: the BLAS limit is set by the first task of the process to enter and restored
-    when the last one leaves.  Under numba's non-thread-safe ``workqueue`` layer the bodies run one at a time.
+    numba's limit is per thread and restored afterwards.  Under numba's non-thread-safe ``workqueue`` layer
+    the tasks of one process run one at a time.
     """
-    global _limit_users, _limiter
     import numba
-    from threadpoolctl import threadpool_limits
 
     n_threads = max(1, int(n_threads))
-    with _limit_lock:
-        if _limit_users == 0:
-            _limiter = threadpool_limits(limits=n_threads, user_api="blas")
-        _limit_users += 1
     previous = numba.get_num_threads()
-    serial = _workqueue_lock if _numba_layer() == "workqueue" else None
-    try:
+    serial = _workqueue_lock if _numba_layer() == "workqueue" else nullcontext()
+    with lowered_blas(n_threads), serial:
         numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
-        if serial is not None:
-            serial.acquire()
-        yield
-    finally:
-        if serial is not None:
-            serial.release()
-        numba.set_num_threads(previous)
-        with _limit_lock:
-            _limit_users -= 1
-            if _limit_users == 0:
-                _limiter.restore_original_limits()
-                _limiter = None
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------- leaves

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ._config import default_block_rows
-from ._tree import (available_cores, capped_threads, describe, feed_chunk, merge_group, named_errors,
-                    new_sketch, partition_options, reduce_tree, root_options)
+from ._tree import (available_cores, capped_threads, describe, feed_chunk, lowered_blas, merge_group,
+                    named_errors, new_sketch, partition_options, reduce_tree, root_options)
 from ._validation import as_real_array, check_int
 from .sketch import KeySketch
 
@@ -235,7 +235,7 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                     with bar_lock:
                         bar.update(fed)
 
-    with ThreadPoolExecutor(max_workers=n_shards, thread_name_prefix="levstream-shard") as pool:
+    with lowered_blas(threads), ThreadPoolExecutor(max_workers=n_shards, thread_name_prefix="levstream-shard") as pool:
         futures = [pool.submit(shard, s) for s in range(n_shards)]
         if queues is not None:
             try:

@@ -4,17 +4,21 @@ Optional: needs ``dask`` (``pip install 'levstream[dask]'``); ``import levstream
 The partition sketches, the merge tree and the per-partition seeds are those of the embedded
 :func:`levstream.build_sketch` (shared code in ``levstream._tree``), so the two paths agree.
 
-Threads inside a task: a partition or merge task that shares its process with ``slots`` concurrent tasks
-(the threads of a ``distributed`` worker, or the threaded scheduler's ``num_workers``; one per core by
-default) uses at most ``max(1, cores // slots)`` BLAS threads and as many numba threads, and never more BLAS
-threads than its process already allows.  ``distributed``'s nanny starts workers with
-``OMP/MKL/OPENBLAS_NUM_THREADS=1``, so on a cluster every task runs single-threaded and parallelism comes from
-the partitions; numba (which the nanny does not cap) is held to the same number.
+Threads (no oversubscription): a partition or merge task that shares its process with ``slots`` concurrent
+tasks (the threads of a ``distributed`` worker, or the local schedulers' ``num_workers``, one per core by
+default) uses at most ``max(1, cores // slots)`` numba threads and as many BLAS threads, never more BLAS
+threads than its process already allows.  With Dask's threaded scheduler the BLAS limit (one per process) is
+lowered once around the whole computation; a task of the process scheduler lowers its own.
+``distributed``'s nanny starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1``, so on a cluster every task
+runs single-threaded and the parallelism comes from the partitions; numba, which the nanny does not cap, is
+held to the same number.  (With an in-process cluster, ``LocalCluster(processes=False)``, set the BLAS
+threads yourself, e.g. with ``threadpoolctl.threadpool_limits``.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import nullcontext
+from typing import Any, ContextManager, Sequence
 
 import numpy as np
 
@@ -22,13 +26,15 @@ try:
     import dask
     import dask.array as da
     import dask.bag as db
+    import dask.threaded
+    from dask.base import get_scheduler
     from dask.delayed import Delayed, delayed
 except ImportError as exc:  # pragma: no cover - exercised only without the optional dependency
     raise ImportError("levstream.dask needs Dask: pip install 'levstream[dask]' "
                       "(or: pip install 'dask[array,bag]' distributed).") from exc
 
-from ._tree import (available_cores, capped_threads, merge_group, named_errors, new_sketch, partition_options,
-                    reduce_tree, sketch_partition)
+from ._tree import (available_cores, blas_threads, capped_threads, lowered_blas, merge_group, named_errors,
+                    new_sketch, partition_options, reduce_tree, sketch_partition)
 from ._validation import check_int
 from .sketch import KeySketch
 
@@ -121,7 +127,8 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
         result = delayed(_finish)(root, first, last)
         if not compute:
             return result
-        (sketch,) = dask.compute(result, scheduler=sched)
+        with _lowered_blas_for_local_threads(sched, result):
+            (sketch,) = dask.compute(result, scheduler=sched)
         return sketch
     finally:
         if client is not None:
@@ -169,20 +176,28 @@ def _connect(scheduler: Any) -> Any:
     return Client(scheduler, set_as_default=False)
 
 
+def _lowered_blas_for_local_threads(scheduler: Any, result: Delayed) -> ContextManager[Any]:
+    """Dask's threaded scheduler runs tasks in threads of this process: lower BLAS here, once, for all."""
+    if get_scheduler(scheduler=scheduler, collections=[result]) is not dask.threaded.get:
+        return nullcontext()
+    return lowered_blas(_share(available_cores(), dask.config.get("num_workers", None)))
+
+
 # ---------------------------------------------------------------------------------------------- tasks
+def _share(cores: int, slots: int | None) -> int:
+    return max(1, cores // max(int(slots or cores), 1))
+
+
 def _task_threads() -> int:
     """Threads a task may use here: ``cores // concurrent tasks`` of this process, within its BLAS limit."""
-    from threadpoolctl import threadpool_info
-
-    cores = available_cores()
     try:
         from distributed import get_worker
 
         slots = get_worker().state.nthreads
     except (ImportError, ValueError):
-        slots = dask.config.get("num_workers", None) or cores
-    blas = [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
-    return max(1, min([cores // max(int(slots), 1), *blas]))
+        slots = dask.config.get("num_workers", None)
+    share = _share(available_cores(), slots)
+    return min(share, blas_threads() or share)
 
 
 def _chunks_of(part: Any, many: bool) -> Any:

@@ -1,0 +1,274 @@
+"""``levstream.dask.build_sketch``: one sketch per partition, tree of merges, identical answers (issue #5).
+
+References: a single-process stream over the same keys and the brute-force twins in ``naive.py``.  Schedulers:
+Dask's threaded, synchronous and process-pool schedulers, and (marked slow, still run in CI) a
+``distributed.LocalCluster`` of two single-threaded worker processes, including a worker killed mid-build.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import numba
+import numpy as np
+import pytest
+
+dask = pytest.importorskip("dask", reason="dask is not installed (pip install -e '.[dask]')")
+da = pytest.importorskip("dask.array", reason="dask[array] is not installed (pip install -e '.[dask]')")
+db = pytest.importorskip("dask.bag", reason="dask[bag] is not installed (pip install -e '.[dask]')")
+
+from dask.delayed import Delayed  # noqa: E402
+
+import levstream as ls  # noqa: E402
+import levstream._tree as tree  # noqa: E402
+import levstream.dask as lsd  # noqa: E402
+from test_build import EPS, assert_matches_brute_force, assert_same_answers, single_stream  # noqa: E402
+from conftest import assert_no_ties, heavy_tailed_keys  # noqa: E402
+from naive import leverage_svd  # noqa: E402
+
+CUTS = [0, 1500, 1501, 4000, 6500, 9000, 12_000]  # uneven partitions, one of a single row
+
+
+@pytest.fixture(scope="module")
+def K() -> np.ndarray:
+    keys = heavy_tailed_keys(12_000, 8, seed=5)
+    assert_no_ties(leverage_svd(keys), EPS)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def Q() -> np.ndarray:
+    return np.random.default_rng(11).standard_normal((30, 8))
+
+
+@pytest.fixture(scope="module")
+def reference(K) -> ls.KeySketch:
+    return single_stream(K)
+
+
+def dask_array(K: np.ndarray) -> "da.Array":
+    """Uneven row chunks and split columns (the build rechunks the columns to the full width)."""
+    sizes = tuple(np.diff(CUTS).tolist())
+    return da.from_array(K, chunks=(sizes, (3, 5)))
+
+
+def delayed_chunks(K: np.ndarray) -> list:
+    return [dask.delayed(np.array)(K[a:b]) for a, b in zip(CUTS[:-1], CUTS[1:])]
+
+
+def blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
+# ------------------------------------------------------------------------------ local schedulers
+@pytest.mark.parametrize("scheduler", ["threads", "sync", "processes"])
+@pytest.mark.parametrize("split_every", [2, 8])
+def test_dask_array_equals_single_stream(K, Q, reference, scheduler, split_every):
+    with dask.config.set(num_workers=2):
+        sk = lsd.build_sketch(dask_array(K), eps=EPS, split_every=split_every, scheduler=scheduler)
+    assert_same_answers(sk, reference, Q)
+    assert_matches_brute_force(sk, K, Q)
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_bag_of_chunks_equals_single_stream(K, Q, reference, with_offsets):
+    chunks = [K[a:b] for a, b in zip(CUTS[:-1], CUTS[1:])]
+    bag = db.from_sequence(chunks, npartitions=3)  # partitions of 2 chunks each
+    offsets = [0, 1501, 6500] if with_offsets else None
+    sk = lsd.build_sketch(bag, eps=EPS, offsets=offsets, scheduler="threads")
+    assert_same_answers(sk, reference, Q)
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_delayed_chunks_equal_single_stream(K, Q, reference, with_offsets):
+    offsets = CUTS[:-1] if with_offsets else None
+    sk = lsd.build_sketch(delayed_chunks(K), eps=EPS, offsets=offsets, split_every=3, scheduler="threads")
+    assert_same_answers(sk, reference, Q)
+
+
+def test_offsets_place_partitions_in_the_global_numbering(K, Q):
+    parts = delayed_chunks(K)
+    offsets = [c + 10_000_000 for c in CUTS[:-1]]
+    sk = lsd.build_sketch(parts, eps=EPS, offsets=offsets, scheduler="sync")
+    assert_same_answers(sk, single_stream(K, offset=10_000_000), Q)
+
+
+def test_unknown_chunk_sizes_are_counted_in_a_first_pass(K, Q, reference):
+    x = dask_array(K)
+    x = x[x[:, 0] > -np.inf]  # boolean mask: row chunk sizes become unknown
+    assert any(np.isnan(x.chunks[0]))
+    assert_same_answers(lsd.build_sketch(x, eps=EPS, scheduler="threads"), reference, Q)
+
+
+def test_compute_false_returns_a_delayed_sketch(K, Q, reference):
+    result = lsd.build_sketch(dask_array(K), eps=EPS, compute=False)
+    assert isinstance(result, Delayed)
+    assert_same_answers(result.compute(scheduler="threads"), reference, Q)
+
+
+def test_empty_partitions_are_skipped(K, Q, reference):
+    parts = [dask.delayed(np.zeros)((0, 8)), *delayed_chunks(K), dask.delayed(np.zeros)((0, 8))]
+    assert_same_answers(lsd.build_sketch(parts, eps=EPS, scheduler="sync"), reference, Q)
+    with pytest.raises(ValueError, match="at least one row"):
+        lsd.build_sketch([dask.delayed(np.zeros)((0, 8))] * 2, eps=EPS, scheduler="sync")
+
+
+# ------------------------------------------------------------------------------ bad data and arguments
+@pytest.mark.parametrize("scheduler", ["threads", "processes"])
+def test_nan_partition_fails_naming_the_partition(K, scheduler):
+    bad = K.copy()
+    bad[5000, 2] = np.nan  # in partition 3: rows 4000..6499
+    with dask.config.set(num_workers=2):
+        with pytest.raises(ValueError, match=r"partition 3 \(rows 4000\.\.6499\) rejected: .*finite"):
+            lsd.build_sketch(dask_array(bad), eps=EPS, scheduler=scheduler)
+    lazy = lsd.build_sketch(dask_array(bad), eps=EPS, compute=False)
+    with pytest.raises(ValueError, match=r"partition 3 \(rows 4000\.\.6499\)"):
+        lazy.compute(scheduler="sync")
+
+
+def test_bad_chunks_in_bags_and_delayed_lists_are_named(K):
+    bag = db.from_sequence([K[:100], K[100:200], K[200:300], np.ones((5, 7))], npartitions=2)
+    with pytest.raises(ValueError, match=r"partition 1 \(rows 300\.\.304\) rejected: .*8 columns"):
+        lsd.build_sketch(bag, eps=EPS, scheduler="sync")
+    narrow = [dask.delayed(np.array)(K[:100]), dask.delayed(np.ones)((5, 7))]  # widths differ by partition
+    with pytest.raises(ValueError, match=r"merging partitions 0\.\.1 failed: .*different \(dim"):
+        lsd.build_sketch(narrow, eps=EPS, scheduler="sync")
+    parts = [dask.delayed(np.array)(K[:100]), dask.delayed(np.array)(K[100])]
+    with pytest.raises(ValueError, match=r"partition 1 rejected: .*2-D"):
+        lsd.build_sketch(parts, eps=EPS, scheduler="sync")  # caught by the first pass
+    with pytest.raises(ValueError, match=r"partition 1 \(rows from 100\) rejected: .*2-D"):
+        lsd.build_sketch(parts, eps=EPS, offsets=[0, 100], scheduler="sync")
+
+
+def test_overlapping_offsets_fail_at_the_merge(K):
+    with pytest.raises(ValueError, match=r"merging partitions 0\.\.1 failed: .*both sketches contain key id 50"):
+        lsd.build_sketch(delayed_chunks(K)[:2], eps=EPS, offsets=[0, 50], scheduler="sync")
+
+
+def test_bad_arguments(K):
+    with pytest.raises(TypeError, match="levstream.build_sketch"):
+        lsd.build_sketch(K, eps=EPS)
+    with pytest.raises(ValueError, match="2-D"):
+        lsd.build_sketch(da.zeros((10,), chunks=5), eps=EPS)
+    with pytest.raises(ValueError, match="at least one partition"):
+        lsd.build_sketch([], eps=EPS)
+    with pytest.raises(ValueError, match="split_every must be >= 2"):
+        lsd.build_sketch(dask_array(K), eps=EPS, split_every=1)
+    with pytest.raises(ValueError, match=r"one start id per partition \(6\); got 2"):
+        lsd.build_sketch(dask_array(K), eps=EPS, offsets=[0, 5])
+    with pytest.raises(ValueError, match=r"offsets\[1\] must be >= 0"):
+        lsd.build_sketch(delayed_chunks(K)[:2], eps=EPS, offsets=[0, -5])
+    with pytest.raises(ValueError, match="eps must satisfy"):
+        lsd.build_sketch(dask_array(K), eps=2.0)
+    with pytest.raises(ValueError, match="rng= or seed=, not both"):
+        lsd.build_sketch(dask_array(K), eps=EPS, rng=1, seed=2)
+
+
+# ------------------------------------------------------------------------------ seeds and threads
+def test_partitions_get_spawned_seeds_when_the_sketch_takes_rng(K, monkeypatch):
+    """The options each partition task receives: child i of SeedSequence(seed), identical across calls."""
+    monkeypatch.setattr(tree, "_accepts_rng", lambda: True)
+    received = {}
+
+    def spy(chunks, offset, index, *, dim, eps, p, options):
+        received.setdefault(index, []).append(options["rng"].spawn_key)
+        return single_stream(next(iter(chunks)), offset=offset)
+
+    monkeypatch.setattr(lsd, "sketch_partition", spy)
+    monkeypatch.setattr(lsd, "new_sketch", lambda *args: None)  # the p = 2 KeySketch takes no rng
+    for _ in range(2):
+        lsd.build_sketch(dask_array(K), eps=EPS, seed=123, scheduler="sync")
+    want = [s.spawn_key for s in np.random.SeedSequence(123).spawn(len(CUTS) - 1)]
+    assert [received[i] for i in range(len(want))] == [[w, w] for w in want]
+
+
+def test_threads_are_capped_inside_tasks(K, monkeypatch):
+    seen = []
+    real = lsd.sketch_partition
+
+    def spy(*args, **kwargs):
+        seen.append((tuple(blas_threads()), numba.get_num_threads()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lsd, "sketch_partition", spy)
+    before = (blas_threads(), numba.get_num_threads())
+    with dask.config.set(num_workers=2):
+        lsd.build_sketch(dask_array(K), eps=EPS, scheduler="threads")
+    share = max(1, min([tree.available_cores() // 2, *before[0]]))
+    assert {b for blas, _ in seen for b in blas} == {share}
+    assert {n for _, n in seen} == {min(share, numba.config.NUMBA_NUM_THREADS)}
+    assert (blas_threads(), numba.get_num_threads()) == before
+
+
+# ------------------------------------------------------------------------------ distributed
+def _die_once(block: np.ndarray, marker: str) -> np.ndarray:
+    """Kill the worker process computing this the first time (the marker file records that it happened)."""
+    if not os.path.exists(marker):
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return block
+
+
+def _threads_in_a_task() -> tuple[list[int], int]:
+    with tree.capped_threads(lsd._task_threads()):
+        return blas_threads(), numba.get_num_threads()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    distributed = pytest.importorskip("distributed", reason="distributed is not installed (pip install -e '.[dask]')")
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cl, distributed.Client(cl) as client:
+        yield cl, client
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.slow
+def test_local_cluster_equals_single_stream(cluster, K, Q, reference):
+    cl, client = cluster
+    sk = lsd.build_sketch(dask_array(K), eps=EPS, split_every=2, scheduler=client)
+    assert_same_answers(sk, reference, Q)
+    assert_matches_brute_force(sk, K, Q)
+    bag = db.from_sequence([K[a:b] for a, b in zip(CUTS[:-1], CUTS[1:])], npartitions=3)
+    by_address = lsd.build_sketch(bag, eps=EPS, scheduler=cl.scheduler_address)  # connects its own client
+    assert_same_answers(by_address, reference, Q)
+
+
+@pytest.mark.slow
+def test_killed_worker_costs_a_retry_not_a_wrong_sketch(cluster, K, Q, reference, tmp_path):
+    cl, client = cluster
+    marker = str(tmp_path / "killed")
+    parts = [dask.delayed(_die_once)(K[a:b], marker) if i == 3 else dask.delayed(np.array)(K[a:b])
+             for i, (a, b) in enumerate(zip(CUTS[:-1], CUTS[1:]))]
+    pids = set(client.run(os.getpid).values())
+    sk = lsd.build_sketch(parts, eps=EPS, offsets=CUTS[:-1], split_every=2, scheduler=client)
+    with open(marker) as fh:
+        assert int(fh.read()) in pids  # a worker process really died mid-build
+    assert_same_answers(sk, reference, Q)
+    client.wait_for_workers(2, timeout=60)
+
+
+@pytest.mark.slow
+def test_local_cluster_nan_partition_fails_naming_it(cluster, K):
+    _, client = cluster
+    bad = K.copy()
+    bad[5000, 2] = np.nan
+    with pytest.raises(ValueError, match=r"partition 3 \(rows 4000\.\.6499\) rejected: .*finite"):
+        lsd.build_sketch(dask_array(bad), eps=EPS, scheduler=client)
+
+
+@pytest.mark.slow
+def test_local_cluster_tasks_run_single_threaded(cluster):
+    """distributed's nanny starts each worker with one BLAS thread; tasks keep it and hold numba to it too."""
+    _, client = cluster
+    workers = list(client.scheduler_info()["workers"])
+    futures = [client.submit(_threads_in_a_task, workers=[w], pure=False) for w in workers]
+    assert [f.result() for f in futures] == [([1] * len(blas_threads()), 1)] * len(workers)
