@@ -72,8 +72,8 @@ def partition_options(sketch_options: dict[str, Any], n_partitions: int) -> list
     Examples
     --------
     >>> from levstream._tree import partition_options
-    >>> [sorted(o) for o in partition_options({"block_rows": 512}, 2)]
-    [['block_rows'], ['block_rows']]
+    >>> [o["block_rows"] for o in partition_options({"block_rows": 512, "seed": 7}, 2)]
+    [512, 512]
     """
     n_partitions = check_int(n_partitions, "n_partitions", minimum=0)
     options, seed = _split_seed(sketch_options)

@@ -267,6 +267,20 @@ def test_seed_is_not_passed_to_a_sketch_without_rng(K, Q, monkeypatch):
     assert_same_answers(ls.build_sketch(K, eps=EPS, n_jobs=2, seed=3), single_stream(K), Q)
 
 
+def test_randomised_mode_is_reproducible_for_a_seed_and_partitioning():
+    """General p (coreset normaliser): the same seed, n_jobs and chunking give the same sketch, byte for byte."""
+    K = heavy_tailed_keys(8000, 6, seed=9)
+
+    def build_p3(seed, n_jobs=2):
+        return ls.build_sketch(K, eps=0.05, p=3, n_jobs=n_jobs, chunk_rows=1000, seed=seed)
+
+    first = build_p3(42)
+    assert first.n == K.shape[0]
+    assert first.to_bytes() == build_p3(42).to_bytes()
+    assert first.to_bytes() != build_p3(43).to_bytes()  # the seed is really used
+    assert build_p3(42, n_jobs=3).to_bytes() == build_p3(42, n_jobs=3).to_bytes()
+
+
 def test_new_sketch_gives_a_fresh_generator_per_call(monkeypatch):
     made = []
 

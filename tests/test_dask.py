@@ -186,6 +186,19 @@ def test_partitions_get_spawned_seeds_when_the_sketch_takes_rng(K, monkeypatch):
     assert [received[i] for i in range(len(want))] == [[w, w] for w in want]
 
 
+def test_randomised_mode_is_reproducible_on_every_scheduler():
+    """General p: a seed and a partitioning give the same sketch, byte for byte, on every scheduler and on
+    the embedded thread pool when its shards are the same row ranges."""
+    K = heavy_tailed_keys(8000, 6, seed=9)
+    keys = da.from_array(K, chunks=(4000, 6))
+    with dask.config.set(num_workers=2):
+        got = [lsd.build_sketch(keys, eps=0.05, p=3, seed=42, scheduler=s).to_bytes()
+               for s in ("threads", "sync", "processes")]
+    embedded = ls.build_sketch(K, eps=0.05, p=3, n_jobs=2, chunk_rows=4000, seed=42).to_bytes()
+    assert got == [embedded] * 3
+    assert lsd.build_sketch(keys, eps=0.05, p=3, seed=43, scheduler="sync").to_bytes() != embedded
+
+
 def test_threads_are_capped_inside_tasks(K, monkeypatch):
     seen = []
     real = lsd.sketch_partition
