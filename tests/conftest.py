@@ -16,6 +16,10 @@ SEEDS = (0, 1, 2)
 #: DESIGN.md §4 tie rule: keys whose leverage score is within this relative distance of eps may go either way.
 TIE_RTOL = 1e-9
 
+#: For adversarial (hypothesis) inputs the tie band widens to what float64 can resolve: leverage scores of a
+#: matrix with condition number kappa are accurate to about kappa * unit roundoff (times a small factor).
+COND_TIE_RTOL = 1e-13
+
 #: DESIGN.md §4: heavy-entry values equal the dense values to this relative tolerance.
 VALUE_RTOL = 1e-9
 

@@ -1,0 +1,94 @@
+"""Every docstring example of the levstream package, and the README quickstart, runs and gives its output.
+
+Modules are discovered, not listed, so examples added by any module are run.  A module (or example) that
+needs an optional dependency which is not installed is skipped with a reason naming that dependency; any
+other failure fails the test.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import levstream
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+MODULES = sorted(
+    name for _, name, _ in pkgutil.walk_packages(levstream.__path__, "levstream.")
+    if not name.rsplit(".", 1)[-1] == "__main__"
+)
+
+
+def _optional_dependency(exc: BaseException) -> str | None:
+    """The missing third-party module behind ``exc``, or None when ``exc`` is anything else."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "levstream":
+        return exc.name.split(".")[0]
+    return None
+
+
+class _Runner(doctest.DocTestRunner):
+    """Collects failures as text and remembers examples that failed only for want of an optional dependency."""
+
+    def __init__(self) -> None:
+        super().__init__(optionflags=FLAGS, verbose=False)
+        self.missing: set[str] = set()
+        self.reports: list[str] = []
+
+    def report_failure(self, out, test, example, got):  # noqa: D102 - doctest API
+        self.reports.append(f"{test.name} line {example.lineno}: {example.source.strip()}\n"
+                            f"  expected: {example.want.strip()}\n  got:      {got.strip()}")
+
+    def report_unexpected_exception(self, out, test, example, exc_info):  # noqa: D102 - doctest API
+        dep = _optional_dependency(exc_info[1])
+        if dep is not None:
+            self.missing.add(dep)
+            return
+        self.reports.append(f"{test.name} line {example.lineno}: {example.source.strip()}\n"
+                            f"  raised {exc_info[0].__name__}: {exc_info[1]}")
+
+
+def _run(tests: list[doctest.DocTest]) -> None:
+    runner = _Runner()
+    for test in tests:
+        runner.run(test, out=lambda _: None, clear_globs=True)
+    assert not runner.reports, "doctest failures:\n" + "\n".join(runner.reports)
+    if runner.missing:
+        pytest.skip(f"examples need optional dependencies that are not installed: {sorted(runner.missing)}")
+
+
+def test_modules_were_discovered():
+    assert {"levstream.sketch", "levstream.scores", "levstream.results"} <= set(MODULES)
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_module_docstring_examples(module_name):
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        dep = _optional_dependency(exc)
+        if dep is None:
+            raise
+        pytest.skip(f"{module_name} needs the optional dependency {dep!r}, which is not installed")
+    tests = [t for t in doctest.DocTestFinder(exclude_empty=True).find(module, module_name) if t.examples]
+    _run(tests)
+
+
+def test_readme_quickstart():
+    text = README.read_text(encoding="utf-8")
+    test = doctest.DocTestParser().get_doctest(text, {}, "README.md", str(README), 0)
+    assert len(test.examples) >= 5, "the README quickstart should be a runnable doctest"
+    _run([test])
+
+
+def test_only_third_party_import_errors_count_as_missing_optional_dependencies():
+    assert _optional_dependency(ModuleNotFoundError("No module named 'torch'", name="torch")) == "torch"
+    assert _optional_dependency(ModuleNotFoundError("x", name="dask.array")) == "dask"
+    assert _optional_dependency(ModuleNotFoundError("x", name="levstream.missing")) is None
+    assert _optional_dependency(ImportError("cannot import name 'x'")) is None
+    assert _optional_dependency(ValueError("x")) is None

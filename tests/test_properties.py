@@ -1,0 +1,106 @@
+"""hypothesis properties: any chunking, feeding mix and shard split gives the offline universal set; every dense
+entry >= eps is returned.  Inputs are small integer matrices (exact ties, duplicates, zero rows and rank
+deficiency are common) times per-row scales."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import COND_TIE_RTOL, TIE_RTOL, VALUE_RTOL, assert_matches_offline
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import levstream as ls
+import naive
+
+PROPERTY_SETTINGS = settings(deadline=None, max_examples=50, derandomize=True,
+                             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+EPS_CHOICES = [0.02, 0.05, 0.1, 1 / 6, 0.25, 1 / 3, 0.5, 1.0]
+
+
+@st.composite
+def key_matrices(draw, max_rows: int = 60, max_dim: int = 5):
+    d = draw(st.integers(1, max_dim))
+    n = draw(st.integers(1, max_rows))
+    entries = draw(st.lists(st.integers(-3, 3), min_size=n * d, max_size=n * d))
+    scales = draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, 10.0, 1e-3]), min_size=n, max_size=n))
+    return np.array(entries, dtype=np.float64).reshape(n, d) * np.array(scales)[:, None]
+
+
+def _tie_rtol(K: np.ndarray) -> float:
+    """The DESIGN.md tie band, widened to the accuracy any float64 method has on this K (about kappa * u)."""
+    s = np.linalg.svd(K, compute_uv=False)
+    s = s[s > max(K.shape) * np.finfo(float).eps * (s[0] if s.size else 0.0)]
+    kappa = float(s[0] / s[-1]) if s.size else 1.0
+    return max(TIE_RTOL, COND_TIE_RTOL * kappa)
+
+
+def _cuts(draw, n: int, max_parts: int) -> list[int]:
+    if n < 2:
+        return []
+    return sorted(draw(st.sets(st.integers(1, n - 1), max_size=max_parts - 1)))
+
+
+def _feed(sk: ls.KeySketch, part: np.ndarray, how: int, **ids) -> None:
+    if ids or how == 0:
+        sk.update_many(part, **ids)
+    elif how == 1:
+        for x in part:
+            sk.update(x)
+    else:
+        sk.extend(x if i % 2 else x[None, :] for i, x in enumerate(part))
+
+
+@PROPERTY_SETTINGS
+@given(K=key_matrices(), eps=st.sampled_from(EPS_CHOICES), data=st.data())
+def test_any_chunking_and_feeding_mix_gives_the_offline_set(K, eps, data):
+    block_rows = data.draw(st.integers(1, 16), label="block_rows")
+    sk = ls.KeySketch(K.shape[1], eps=eps, block_rows=block_rows)
+    for part in np.split(K, _cuts(data.draw, len(K), 6)):
+        _feed(sk, part, data.draw(st.integers(0, 2), label="how"))
+    assert sk.n == len(K)
+    assert_matches_offline(sk.universal_set().ids, naive.leverage_svd(K), eps, tie_rtol=_tie_rtol(K))
+
+
+@PROPERTY_SETTINGS
+@given(K=key_matrices(), eps=st.sampled_from(EPS_CHOICES), data=st.data())
+def test_any_shard_split_and_merge_order_gives_the_offline_set(K, eps, data):
+    cuts = _cuts(data.draw, len(K), 5)
+    use_ids = data.draw(st.booleans(), label="ids instead of offset")
+    shards, start = [], 0
+    for part in np.split(K, cuts):
+        sk = ls.KeySketch(K.shape[1], eps=eps, block_rows=data.draw(st.integers(1, 16), label="block_rows"))
+        ids = {"ids": np.arange(start, start + len(part))} if use_ids else {"offset": start}
+        _feed(sk, part, 0, **ids)
+        shards.append(sk)
+        start += len(part)
+    order = data.draw(st.permutations(range(len(shards))), label="merge order")
+    if data.draw(st.booleans(), label="balanced tree"):
+        merged = ls.KeySketch.merge_all([shards[i] for i in order])
+    else:
+        merged = ls.KeySketch(K.shape[1], eps=eps)  # starting from an empty sketch
+        for i in order:
+            merged.merge(shards[i])
+    assert merged.n == len(K)
+    assert_matches_offline(merged.universal_set().ids, naive.leverage_svd(K), eps, tie_rtol=_tie_rtol(K))
+
+
+@PROPERTY_SETTINGS
+@given(K=key_matrices(), eps=st.sampled_from(EPS_CHOICES), data=st.data())
+def test_every_dense_entry_at_least_eps_is_returned(K, eps, data):
+    d = K.shape[1]
+    m = data.draw(st.integers(1, 6), label="queries")
+    Q = np.array(data.draw(st.lists(st.integers(-3, 3), min_size=m * d, max_size=m * d), label="Q"),
+                 dtype=np.float64).reshape(m, d)
+    sk = ls.KeySketch(d, eps=eps, block_rows=data.draw(st.integers(1, 16), label="block_rows"))
+    for part in np.split(K, _cuts(data.draw, len(K), 4)):
+        sk.update_many(part)
+    q_eps = data.draw(st.sampled_from([e for e in EPS_CHOICES if e >= eps]), label="query eps")
+    hits = sk.heavy_entries(Q, eps=q_eps)
+    got = dict(zip(zip(hits.rows().tolist(), hits.key_ids.tolist()), hits.values.tolist()))
+    A = naive.dense_attention(Q, K)
+    tol = _tie_rtol(K)
+    for i, j in zip(*np.nonzero(A >= q_eps * (1 + tol))):
+        assert (int(i), int(j)) in got, f"dense entry A[{i}, {j}] = {A[i, j]} >= {q_eps} not returned"
+    for (i, j), v in got.items():
+        assert A[i, j] >= q_eps * (1 - tol), f"returned A[{i}, {j}] = {A[i, j]} < {q_eps}"
+        assert abs(v - A[i, j]) <= max(VALUE_RTOL, tol) * A[i, j]
