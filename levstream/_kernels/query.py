@@ -12,8 +12,7 @@ import numpy as np
 from .._config import FASTMATH
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compiled
+def _threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compiled
     """Entries ``A = |P[i, j]|**p / z[i] >= thresh`` row by row.
 
     Returns ``(counts, key_ids, values)``: ``counts[i]`` entries for query row ``i`` (rows with ``z <= 0``
@@ -54,3 +53,17 @@ def threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compile
                 vals[pos] = v / zi
                 pos += 1
     return counts, keys, vals
+
+
+#: Blocks with fewer score entries than this run serially: a parallel (OpenMP) region costs more to start
+#: and synchronise than it saves on small blocks, and on a busy machine its barrier waits for a core.
+PARALLEL_MIN_ENTRIES = 1 << 21
+
+_serial = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_threshold_power_csr)
+_parallel = numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)(_threshold_power_csr)
+
+
+def threshold_power_csr(P, z, p, thresh, col_ids):
+    """Dispatch to the serial or the parallel compiled kernel by block size (same results)."""
+    kernel = _parallel if P.size >= PARALLEL_MIN_ENTRIES else _serial
+    return kernel(P, z, float(p), float(thresh), col_ids)
