@@ -11,9 +11,9 @@ Sections (``--sections build,query,memory,usize`` to run a subset):
 build
     ``KeySketch.update_many`` over the chunks of :func:`levstream.synthetic.attention_like_keys` versus the
     Gram-only floor ``G += X.T @ X`` over the *same* chunks, across n and d.  Only the update calls are
-    timed (key generation is not), plus the final ``universal_set()`` for the sketch.  Every method runs with
-    the default BLAS threads and with one BLAS thread (threadpoolctl); the best of both and of the repeats
-    is compared, so the baseline is as fast as this machine allows.
+    timed (key generation is not), plus the final ``universal_set()`` for the sketch.  Every method (here and
+    in the query section) runs with the default threads and with one BLAS/OpenMP/numba thread; the best of
+    both and of the repeats is compared, so each baseline is as fast as this machine allows.
 query
     ``KeySketch.heavy_entries`` versus blocked dense NumPy (the exact answer, used as ground truth), faiss
     ``IndexFlatIP.range_search`` and faiss top-k ``IndexFlatIP.search``.  ``A >= eps`` means
@@ -65,7 +65,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "build_n": [100_000, 400_000], "build_d": [32, 64, 128], "build_repeats": 2,
-        "query_n": [100_000, 1_000_000], "query_m": 200, "query_repeats": 1, "topk_k": [1, 10, 100],
+        "query_n": [100_000, 1_000_000], "query_m": 500, "query_repeats": 1, "topk_k": [1, 10, 100],
         "memory_n": [100_000, 1_000_000, 3_000_000],
         "usize_n": [100_000, 1_000_000], "usize_eps": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
     },
@@ -89,12 +89,23 @@ def log(msg: str) -> None:
 
 @contextmanager
 def blas_threads(limit: int | None) -> Iterator[None]:
-    """BLAS and OpenMP threads (numpy, scipy, faiss) limited to ``limit``; ``None`` leaves the defaults."""
+    """BLAS, OpenMP (numpy, scipy, faiss) and numba threads limited to ``limit``; ``None``: the defaults.
+
+    numba is included because on a loaded machine its parallel kernels, like multithreaded BLAS, can be
+    orders of magnitude slower than one thread (measured here: 0.5 ms vs 100-500 ms for the same query).
+    """
     if limit is None:
         yield
-    else:
+        return
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(limit, numba.config.NUMBA_NUM_THREADS))
+    try:
         with threadpool_limits(limits=limit):
             yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def thread_label(limit: int | None) -> str:
@@ -482,9 +493,9 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
         f"{', '.join(f'{x:.1f}' for x in info['load_average_start'])}, at end "
         f"{', '.join(f'{x:.1f}' for x in info['load_average_end'])}.", "",
         "The machine is shared by several agents, so absolute timings are noisy; every ratio compares methods "
-        "measured side by side in one process on the same data. Each method ran with the default BLAS/OpenMP "
-        "threads and with one thread (threadpoolctl); the best of both (and of the repeats) is reported, and "
-        "the winning setting is noted. Keys: `levstream.synthetic.attention_like_keys` (seed 0), "
+        "measured side by side in one process on the same data. Each method ran with the default BLAS/OpenMP/numba "
+        "threads and with one thread (threadpoolctl, numba.set_num_threads); the best of both (and of the repeats) is reported, and "
+        "the winning setting is noted. \"1 thread\" also sets numba to one thread. Keys: `levstream.synthetic.attention_like_keys` (seed 0), "
         "queries: `attention_like_queries`, p = 2.", "",
     ]
     if res.get("build"):

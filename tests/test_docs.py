@@ -6,6 +6,9 @@
   as doctests (their printed output is checked), other blocks run as plain scripts, in page order, sharing
   one namespace per page.  Blocks that import an optional dependency are skipped with a reason naming it
   when it is not installed.
+* The shell sessions (```` ```console ```` blocks, ``$ `` prompts) of the command-line page run in a temporary
+  directory; each command must exit 0 and print what the page shows (doctest rules: ``...`` matches
+  anything, whitespace is normalised).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import doctest
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.S | re.M)
+CONSOLE = re.compile(r"^```console[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 # optional dependencies a snippet may import -> pip package that provides it
 OPTIONAL = {"dask": "dask", "distributed": "distributed", "faiss": "faiss-cpu", "matplotlib": "matplotlib",
             "torch": "torch", "transformers": "transformers", "psutil": "psutil"}
@@ -81,3 +86,38 @@ def test_python_snippets_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mon
             assert result.failed == 0, f"doctest failures in {where} (see the output above)"
         else:
             exec(compile(code, where, "exec"), namespace)
+
+
+def console_sessions(page: Path) -> list[tuple[int, str, str]]:
+    """(line number, command, expected output) of every ``$ `` command in the page's console blocks."""
+    text = page.read_text()
+    out = []
+    for m in CONSOLE.finditer(text):
+        first = text.count("\n", 0, m.start()) + 2
+        lines = m.group(1).splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("$ "):
+                expected = []
+                for nxt in lines[i + 1:]:
+                    if nxt.startswith("$ "):
+                        break
+                    expected.append(nxt)
+                out.append((first + i, line[2:], "\n".join(expected) + ("\n" if expected else "")))
+    return out
+
+
+def test_command_line_page_sessions(tmp_path: Path) -> None:
+    page = DOCS / "command-line.md"
+    sessions = console_sessions(page)
+    assert len(sessions) >= 10, "the command-line page lost its shell sessions"
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))
+    assert shutil.which("levstream", path=env["PATH"]), "the levstream command is not installed (pip install -e .)"
+    checker = doctest.OutputChecker()
+    for line, command, expected in sessions:
+        proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)
+        got = proc.stderr + proc.stdout
+        assert proc.returncode == 0, f"command-line.md:{line}: `{command}` exited {proc.returncode}:\n{got}"
+        assert checker.check_output(expected, got, DOCTEST_FLAGS), (
+            f"command-line.md:{line}: `{command}` printed\n{got}\nbut the page shows\n{expected}")
