@@ -67,8 +67,9 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
         ids; an overlap fails the build when the two sketches meet in a merge.
     scheduler : str, distributed.Client or None
         Passed to ``dask.compute``: ``"threads"``, ``"processes"``, ``"sync"``, a ``Client``, or None for
-        Dask's default (the active client if there is one).  A string with ``"://"`` is the address of a
-        running ``distributed`` scheduler: a client is connected for this call and closed afterwards.
+        Dask's default (the active client if there is one).  An address (``"tcp://host:8786"``, or
+        ``"host:8786"``) names a running ``distributed`` scheduler: a client is connected for this call
+        and closed afterwards.
     **sketch_options
         Passed to :class:`~levstream.KeySketch` (e.g. ``block_rows``).  ``seed=``/``rng=`` seeds randomised
         modes: partition ``i`` gets child ``i`` of ``SeedSequence(seed).spawn``, so a seed and a
@@ -167,9 +168,13 @@ def _check_offsets(offsets: Sequence[int], n_partitions: int) -> list[int]:
     return [check_int(v, f"offsets[{i}]", minimum=0) for i, v in enumerate(values)]
 
 
+_LOCAL_SCHEDULERS = {"threads", "threading", "processes", "multiprocessing", "sync", "synchronous",
+                     "single-threaded"}
+
+
 def _connect(scheduler: Any) -> Any:
-    """A client for a scheduler address (``"tcp://host:port"``), else None."""
-    if not (isinstance(scheduler, str) and "://" in scheduler):
+    """A client for a scheduler address (``"tcp://host:port"`` or ``"host:port"``), else None."""
+    if not (isinstance(scheduler, str) and scheduler not in _LOCAL_SCHEDULERS and ":" in scheduler):
         return None
     from distributed import Client
 
