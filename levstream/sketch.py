@@ -179,6 +179,8 @@ class KeySketch:
             arr = as_ids(ids, m)
             srt = np.sort(arr)
             hit = self._seen.clash(srt)
+            if hit is None:
+                hit = self._retained_clash(srt)
             if hit is not None:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
             return arr, -1, srt
@@ -186,12 +188,23 @@ class KeySketch:
         if start > np.iinfo(np.int64).max - m:
             raise ValueError(f"ids would overflow int64 from offset {start}.")
         rng = np.array([start, start + m - 1], dtype=np.int64)
+        hit = None
         if self._seen.ranges.shape[0] and start < self._seen.ranges[-1, 1]:
             hit = self._seen.clash(np.arange(start, start + m, dtype=np.int64))
-            if hit is not None:
-                raise ValueError(f"ids clash: id {hit} was already fed to this sketch "
-                                 f"(rows would be numbered {start}..{start + m - 1}; pass offset= or ids=).")
+        if hit is None and offset is not None:
+            hit = self._retained_clash(np.arange(start, start + m, dtype=np.int64))
+        if hit is not None:
+            raise ValueError(f"ids clash: id {hit} was already fed to this sketch "
+                             f"(rows would be numbered {start}..{start + m - 1}; pass offset= or ids=).")
         return None, start, rng
+
+    def _retained_clash(self, sorted_ids: np.ndarray) -> int | None:
+        """Smallest of ``sorted_ids`` held as a candidate or buffered row, once range tracking is inexact."""
+        if self._seen.exact:
+            return None
+        held = np.concatenate([self._cand_ids[: self._cand_n], self._buf_ids[: self._buf_n]])
+        both = np.intersect1d(held, sorted_ids)
+        return int(both[0]) if both.size else None
 
     def _record_ids(self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray) -> np.ndarray:
         if ids is None:

@@ -253,3 +253,39 @@ def test_keys_whose_squares_overflow_are_rejected(sk, K, Q, feed):
     else:
         call = lambda s: s.update(huge[0])  # noqa: E731
     assert_rejected(sk, Q, call, ValueError, "overflow")
+
+
+@pytest.mark.xfail(strict=True, reason="core bug (reported): update_many records ids and n before summary.add "
+                   "detects that the *accumulated* Gram matrix overflows, so the rejected chunk is half-applied")
+def test_chunk_that_overflows_the_accumulated_gram_is_rejected_without_change(K, Q):
+    """Every block is representable on its own, but their running sum is not."""
+    X = K[:640] / np.abs(K[:640]).max() * 1.5e153
+    s = ls.KeySketch(DIM, eps=EPS, block_rows=64)
+    for i in range(80):
+        before = s.to_bytes()
+        try:
+            s.update_many(X, offset=i * 1000)
+        except ValueError as exc:
+            assert "overflow" in str(exc)
+            assert s.to_bytes() == before, "rejected chunk changed the sketch"
+            return
+    pytest.fail("the Gram matrix never overflowed; raise the scale of the fixture")
+
+
+def test_clashes_with_retained_keys_are_caught_after_id_tracking_becomes_inexact(Q):
+    """More than MAX_RANGES disjoint id runs: the sketch stops tracking every id (and says so), but an id
+    it still holds (a candidate or a buffered row) is refused, by update_many as by merge."""
+    from levstream._ids import MAX_RANGES
+
+    n = 2 * MAX_RANGES + 10
+    X = heavy_tailed_keys(n, DIM, seed=14)
+    s = ls.KeySketch(DIM, eps=EPS, block_rows=512).update_many(X, ids=np.arange(n) * 2)
+    assert not s.ids_tracked_exactly
+    held = int(s.universal_set().ids[0])
+    assert_rejected(s, Q, lambda t: t.update_many(X[:2], ids=[held + 1, held]), ValueError,
+                    f"ids clash: id {held} was already fed")
+    assert_rejected(s, Q, lambda t: t.update_many(X[:3], offset=held - 1), ValueError, f"ids clash: id {held}")
+    other = ls.KeySketch(DIM, eps=EPS).update_many(X[:1], ids=[held])
+    assert_rejected(s, Q, lambda t: t.merge(other), ValueError, f"both sketches contain key id {held}")
+    s.update_many(X[:2], ids=[10 * n, 10 * n + 1])  # fresh ids are still accepted
+    assert s.n == n + 2
