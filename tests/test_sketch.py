@@ -97,6 +97,13 @@ def test_mix_of_update_update_many_and_extend(keys, queries, tau, seed):
     assert_heavy_matches_dense(sk.heavy_entries(queries), naive.dense_heavy(queries, keys, EPS), EPS)
 
 
+def test_extend_with_progress_bar_gives_the_same_sketch(keys, capsys):
+    plain = ls.KeySketch(DIM, eps=EPS, block_rows=300).extend(np.array_split(keys, 10))
+    shown = ls.KeySketch(DIM, eps=EPS, block_rows=300).extend(iter(np.array_split(keys, 10)), progress=True)
+    assert shown.to_bytes() == plain.to_bytes()
+    assert "3.00k" in capsys.readouterr().err  # tqdm counted every row
+
+
 def test_queries_between_updates_do_not_change_the_result(keys, queries, tau):
     """Queries flush and prune; interleaving them with updates must not alter the final answer."""
     sk = ls.KeySketch(DIM, eps=EPS, block_rows=100)
