@@ -1,0 +1,222 @@
+"""Scale-out benchmark (issue #5): a 2-worker build vs 1 worker, on Dask and on the embedded thread pool.
+
+n = 4e6 keys, d = 64, p = 2, eps = 0.01, in P partitions of n / P rows; partition i holds
+``attention_like_keys(n / P, d, seed=i)``.
+
+* **Dask**: ``distributed.LocalCluster`` with 1 and with 2 single-threaded worker processes, the same graph on
+  both; every partition's keys are generated inside its task (nothing is shipped from the client) and the
+  partition sketches are merged in a tree of fan-in ``split_every``.  Timed: the whole build (generation +
+  sketch + merges), best of ``--reps`` interleaved rounds, cluster start-up and worker warm-up excluded.
+* **Thread pool**: ``levstream.build_sketch(path, n_jobs=2)`` vs ``n_jobs=1`` (one BLAS thread, i.e. one
+  worker) on the same keys written to a ``.npy`` file (memory-mapped, in the page cache): sketching only.
+  ``n_jobs=1`` with the default BLAS threads (a plain stream as users get it) is reported as well.
+* Correctness: the universal sets of all builds are compared with each other and with a single in-process
+  stream over the same keys.
+* Costs of the tree: bytes of every partition sketch (what travels between processes) and the time of one
+  merge node (``split_every`` sketches) and per merged sketch.
+
+    python benchmarks/bench_dask.py                  # the issue's sizes (several minutes)
+    python benchmarks/bench_dask.py --n 400000       # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import levstream as ls
+from levstream._tree import merge_group, sketch_partition
+from levstream.synthetic import attention_like_keys
+
+
+def generate_partition(rows: int, dim: int, seed: int) -> np.ndarray:
+    """Partition ``seed``'s keys (runs inside the Dask task)."""
+    return np.vstack(list(attention_like_keys(rows, dim, seed=seed)))
+
+
+def blas_threads() -> str:
+    return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def machine() -> str:
+    import numba
+
+    numba.get_num_threads()
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+            f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start; Python "
+            f"{platform.python_version()}, NumPy {np.__version__}, numba threading layer "
+            f"{numba.threading_layer()}; BLAS in the client: {blas_threads()}")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps: int) -> dict:
+    import logging
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+    import levstream.dask as lsd
+
+    rows = n // parts
+    offsets = [i * rows for i in range(parts)]
+
+    def graph():
+        return [dask.delayed(generate_partition)(rows, dim, i) for i in range(parts)]
+
+    clusters = {}
+    out: dict = {"times": {1: [], 2: []}}
+    try:
+        for workers in (1, 2):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, silence_logs=40)
+            client = Client(cluster)
+            warm = [dask.delayed(generate_partition)(2000, dim, 10_000 + i) for i in range(workers * 2)]
+            lsd.build_sketch(warm, eps=eps, offsets=[i * 2000 for i in range(workers * 2)], scheduler=client)
+            out[f"worker_blas_{workers}"] = sorted(set(client.run(blas_threads).values()))
+            clusters[workers] = (cluster, client)
+        sketches = {}
+        for _ in range(reps):
+            for workers in (1, 2):
+                client = clusters[workers][1]
+                t, sk = timed(lambda: lsd.build_sketch(graph(), eps=eps, offsets=offsets,
+                                                       split_every=split_every, scheduler=client))
+                out["times"][workers].append(t)
+                sketches[workers] = sk
+        out["U"] = {w: sk.universal_set().ids for w, sk in sketches.items()}
+        out["n"] = {w: sk.n for w, sk in sketches.items()}
+    finally:
+        for cluster, client in clusters.values():
+            client.close()
+            cluster.close()
+    return out
+
+
+def thread_pool_builds(path: str, eps: float, reps: int) -> dict:
+    times: dict = {"1 (1 BLAS thread)": [], "2": [], "1 (default BLAS threads)": []}
+    ids = {}
+    ls.build_sketch(np.load(path, mmap_mode="r")[:20_000], eps=eps, n_jobs=2)  # warm the JIT
+    for _ in range(reps):
+        with threadpool_limits(limits=1, user_api="blas"):
+            t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=1))
+        times["1 (1 BLAS thread)"].append(t)
+        ids["1 (1 BLAS thread)"] = sk.universal_set().ids
+        t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=2))
+        times["2"].append(t)
+        ids["2"] = sk.universal_set().ids
+        t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=1))
+        times["1 (default BLAS threads)"].append(t)
+        ids["1 (default BLAS threads)"] = sk.universal_set().ids
+    return {"times": times, "U": ids}
+
+
+def tree_costs(path: str, parts: int, eps: float, split_every: int) -> dict:
+    """Partition sketches built in-process, then the merge nodes of the tree timed one by one."""
+    K = np.load(path, mmap_mode="r")
+    rows = K.shape[0] // parts
+    with threadpool_limits(limits=1, user_api="blas"):
+        leaves = [sketch_partition((K[i * rows:(i + 1) * rows],), i * rows, i, dim=K.shape[1], eps=eps, p=2,
+                                   options={}) for i in range(parts)]
+        sizes = [len(sk.to_bytes()) for sk in leaves]
+        node_times, per_sketch = [], []
+        level = leaves
+        while len(level) > 1:
+            nxt = []
+            for g in range(0, len(level), split_every):
+                group = level[g:g + split_every]
+                if len(group) == 1:
+                    nxt.append(group[0])
+                    continue
+                t = min(timed(lambda: merge_group(*group))[0] for _ in range(3))
+                node_times.append(t)
+                per_sketch.append(t / (len(group) - 1))
+                nxt.append(merge_group(*group))
+            level = nxt
+        single = ls.KeySketch(K.shape[1], eps=eps)
+        for i in range(0, K.shape[0], 65536):
+            single.update_many(K[i:i + 65536])
+    return {"bytes": sizes, "node_times": node_times, "per_sketch": per_sketch, "rows": rows,
+            "root_ids": level[0].universal_set().ids, "single_ids": single.universal_set().ids,
+            "single_n": single.n, "candidates": [sk.num_retained for sk in leaves]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=0.01)
+    parser.add_argument("--partitions", type=int, default=16)
+    parser.add_argument("--split-every", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args(argv)
+    n = args.n - args.n % args.partitions
+    rows = n // args.partitions
+    print(f"# command: python benchmarks/bench_dask.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"# machine: {machine()}")
+    print(f"# n={n:,} d={args.dim} p=2 eps={args.eps:g}, {args.partitions} partitions of {rows:,} rows, "
+          f"split_every={args.split_every}, best of {args.reps}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="levstream-bench-") as tmp:
+        path = os.path.join(tmp, "keys.npy")
+        K = np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, args.dim))
+        for i in range(args.partitions):
+            K[i * rows:(i + 1) * rows] = generate_partition(rows, args.dim, i)
+        K.flush()
+        del K
+
+        tp = thread_pool_builds(path, args.eps, args.reps)
+        tree = tree_costs(path, args.partitions, args.eps, args.split_every)
+    dk = dask_builds(n, args.dim, args.eps, args.partitions, args.split_every, args.reps)
+
+    ref = tree["single_ids"]
+    same = {
+        "Dask 1 worker": np.array_equal(dk["U"][1], ref) and dk["n"][1] == n,
+        "Dask 2 workers": np.array_equal(dk["U"][2], ref) and dk["n"][2] == n,
+        **{f"thread pool n_jobs={k}": np.array_equal(v, ref) for k, v in tp["U"].items()},
+        "tree of in-process partition sketches": np.array_equal(tree["root_ids"], ref),
+    }
+    d1, d2 = min(dk["times"][1]), min(dk["times"][2])
+    t1, t2, t1d = (min(tp["times"][k]) for k in ("1 (1 BLAS thread)", "2", "1 (default BLAS threads)"))
+    raw = rows * args.dim * 8
+    sizes = tree["bytes"]
+    print()
+    print("| build | 1 worker (s) | 2 workers (s) | speed-up | target |")
+    print("|---|---|---|---|---|")
+    print(f"| Dask LocalCluster, keys generated in the tasks | {d1:.2f} | {d2:.2f} | **{d1 / d2:.2f}x** | >= 1.7x |")
+    print(f"| thread pool `build_sketch(.npy, n_jobs)`, sketching only | {t1:.2f} | {t2:.2f} | "
+          f"**{t1 / t2:.2f}x** | >= 1.7x |")
+    print(f"| (reference) `n_jobs=1` with the default BLAS threads | {t1d:.2f} | | {t1d / t2:.2f}x | |")
+    print()
+    print(f"- all rounds (s): Dask 1 worker {', '.join(f'{x:.2f}' for x in dk['times'][1])}; "
+          f"2 workers {', '.join(f'{x:.2f}' for x in dk['times'][2])}; thread pool "
+          + "; ".join(f"n_jobs={k}: {', '.join(f'{x:.2f}' for x in v)}" for k, v in tp["times"].items()))
+    print(f"- BLAS threads in the Dask workers: 1 worker {dk['worker_blas_1']}, 2 workers {dk['worker_blas_2']}")
+    print(f"- identical universal set (|U| = {ref.size}, single in-process stream as reference): "
+          + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items()))
+    print(f"- bytes shipped per partition sketch (`to_bytes`): median {statistics.median(sizes) / 1024:.0f} KiB "
+          f"(min {min(sizes) / 1024:.0f}, max {max(sizes) / 1024:.0f}) vs {raw / 2**20:.0f} MiB of keys per "
+          f"partition ({raw / statistics.median(sizes):.0f}x less); candidates per partition: median "
+          f"{statistics.median(tree['candidates']):.0f}")
+    print(f"- merge cost: {len(tree['node_times'])} merge nodes, "
+          + ", ".join(f"{t * 1e3:.1f} ms" for t in tree["node_times"])
+          + f"; {statistics.median(tree['per_sketch']) * 1e3:.1f} ms per merged sketch (median), vs "
+          f"{t1 / args.partitions * 1e3:.0f} ms to sketch one partition (1 thread)")
+    return 0 if all(same.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
