@@ -75,6 +75,8 @@ class LevSelfAttention(nn.Module):
     dropout : float
         Dropout on the attention weights (training only).
 
+    Notes
+    -----
     Shapes: input ``(batch, n, embed_dim)`` (batch first), output the same.
 
     Examples
