@@ -25,10 +25,14 @@ MODULES = sorted(
 )
 
 
-def _optional_dependency(exc: BaseException) -> str | None:
-    """The missing third-party module behind ``exc``, or None when ``exc`` is anything else."""
-    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "levstream":
-        return exc.name.split(".")[0]
+def _optional_dependency(exc: BaseException | None) -> str | None:
+    """The missing third-party module behind ``exc`` (an ImportError, possibly re-raised by levstream with a
+    friendlier message), or None when ``exc`` is anything else."""
+    while isinstance(exc, ImportError):
+        name = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if name and name.split(".")[0] != "levstream":
+            return name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
@@ -70,7 +74,7 @@ def test_modules_were_discovered():
 def test_module_docstring_examples(module_name):
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:
         dep = _optional_dependency(exc)
         if dep is None:
             raise
@@ -92,3 +96,10 @@ def test_only_third_party_import_errors_count_as_missing_optional_dependencies()
     assert _optional_dependency(ModuleNotFoundError("x", name="levstream.missing")) is None
     assert _optional_dependency(ImportError("cannot import name 'x'")) is None
     assert _optional_dependency(ValueError("x")) is None
+    try:
+        try:
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        except ImportError as inner:
+            raise ImportError("levstream.torch needs PyTorch") from inner
+    except ImportError as outer:
+        assert _optional_dependency(outer) == "torch"
