@@ -259,6 +259,19 @@ def test_copy_is_independent(keys, queries, copier):
     assert clone.n == len(keys) + 1
 
 
+def test_input_arrays_are_neither_modified_nor_aliased(keys, queries):
+    X = keys.copy()
+    sk = ls.KeySketch(DIM, eps=EPS, block_rows=700).update_many(X[:2000])
+    row = X[2000].copy()
+    sk.update(row)
+    sk.extend([X[2001:2500], X[2500]])
+    np.testing.assert_array_equal(X, keys)
+    ref = answer(sk.copy(), queries)
+    X[:] = 0.0  # the caller reuses its buffers
+    row[:] = 0.0
+    assert answer(sk, queries) == ref
+
+
 # ---------------------------------------------------------------------------------------------- state
 def test_properties_of_a_fresh_and_a_fed_sketch(keys):
     sk = ls.KeySketch(DIM, eps=EPS)
