@@ -73,19 +73,34 @@ def _column_space_coordinates(K: np.ndarray) -> np.ndarray:
     return K @ (vt[:r].T / s[:r])
 
 
+#: Below this condition number of ``Z^T Z`` leverage scores come from the Gram matrix (relative error about
+#: ``kappa * 1e-16 <= 1e-10``); above it from a QR factorisation, which does not square the condition number.
+_GRAM_KAPPA = 1e6
+
+
 def _log_leverage(Y: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
     """``log`` of the leverage scores of ``diag(exp(log_scale)) Y`` (full column rank ``Y``).
 
-    Computed row by row as ``||z_j^T R^-1||^2`` from the R factor of the scaled matrix ``Z``: each score
-    then has a small *relative* error even when it is tiny (``||Q_j||^2`` would only be accurate in absolute
-    terms), which keeps the log-space iteration accurate for large ``p``.
+    Computed row by row as ``||z_j^T R^-1||^2`` with ``R^T R = Z^T Z``: each score then has a small
+    *relative* error even when it is tiny (``||Q_j||^2`` would only be accurate in absolute terms), which
+    keeps the log-space iteration accurate for large ``p``.  ``R`` comes from the Cholesky factor of the Gram
+    matrix (BLAS-3, fast) when it is well-conditioned, else from a QR of ``Z`` (run single-threaded: tall
+    skinny multithreaded QR is 20x slower on the reference machine, ECOSYSTEM.md).
     """
     scale = np.exp(log_scale - log_scale.max())
     Z = Y * scale[:, None]
-    R = sla.qr(Z, mode="r", check_finite=False)[0][: Y.shape[1]]
-    X = sla.solve_triangular(R, Z.T, trans="T", check_finite=False)
+    G = Z.T @ Z
+    lam = sla.eigvalsh(G, check_finite=False)
+    if lam[0] > 0 and lam[-1] <= _GRAM_KAPPA * lam[0]:
+        R = sla.cholesky(G, lower=False, check_finite=False)
+    else:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            R = sla.qr(Z, mode="r", check_finite=False)[0][: Y.shape[1]]
+    X = Z @ sla.solve_triangular(R, np.eye(R.shape[0]), check_finite=False)
     with np.errstate(divide="ignore"):
-        return np.log(np.einsum("ij,ij->j", X, X))
+        return np.log(np.einsum("ij,ij->i", X, X))
 
 
 def _iterate(Y: np.ndarray, p: float, log_w: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray, float, int]:

@@ -1,0 +1,148 @@
+"""KeySketch for p != 2: exact p = 4 (lifted Gram) and the l_p coreset mode (issue #4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import levstream as ls
+
+from conftest import heavy_tailed_keys
+
+#: Seeds of the probabilistic (coreset) tests: recall must be 1.0 on every one of them.
+CORESET_SEEDS = (0, 1, 2, 3, 4)
+
+
+def naive_lift(X: np.ndarray) -> np.ndarray:
+    """phi(x) = (x_a x_b)_{a<=b}, off-diagonals times sqrt(2), by explicit loops."""
+    n, d = X.shape
+    cols = []
+    for a in range(d):
+        for b in range(a, d):
+            cols.append(X[:, a] * X[:, b] * (1.0 if a == b else np.sqrt(2.0)))
+    return np.stack(cols, axis=1)
+
+
+def dense_values(Q: np.ndarray, K: np.ndarray, p: float) -> np.ndarray:
+    B = np.abs(Q @ K.T) ** p
+    return B / B.sum(axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------- exact p = 4
+def test_p4_exact_universal_set_and_queries() -> None:
+    K = heavy_tailed_keys(4000, 4, seed=3)
+    Q = np.vstack([np.random.default_rng(5).standard_normal((20, 4)), K[:10]])
+    eps = 0.02
+    sk = ls.KeySketch(4, eps=eps, p=4, exact=True)
+    for part in np.array_split(K, 9):
+        sk.update_many(part)
+    Phi = naive_lift(K)
+    tau = np.einsum("ij,jk,ik->i", Phi, np.linalg.pinv(Phi.T @ Phi), Phi)
+    assert sk.universal_set().ids.tolist() == np.flatnonzero(tau >= eps).tolist()
+    A = dense_values(Q, K, 4.0)
+    hits = sk.heavy_entries(Q)
+    assert hits.as_set() == set(zip(*map(list, np.nonzero(A >= eps))))
+    np.testing.assert_allclose(hits.values, A[hits.rows(), hits.key_ids], rtol=1e-9)
+    assert hits.lower is None
+    np.testing.assert_allclose(sk.normalizer(Q), (np.abs(Q @ K.T) ** 4).sum(axis=1), rtol=1e-9)
+    # the lifted scores bound the p = 4 sensitivities, so every key-aligned query's heavy key is kept
+    assert len(sk.universal_set()) <= 2 * 10 / eps
+
+
+def test_p4_exact_contract() -> None:
+    K = heavy_tailed_keys(1500, 3, seed=4)
+    Q = np.vstack([np.random.default_rng(6).standard_normal((10, 3)), K[:5]])
+    ls.testing.check_sketch_contract(lambda: ls.KeySketch(3, eps=0.05, p=4, exact=True, block_rows=256), K, Q)
+
+
+def test_p4_exact_refuses_beyond_memory_budget() -> None:
+    with pytest.raises(ValueError, match="memory_budget"):
+        ls.KeySketch(64, eps=0.1, p=4, exact=True, memory_budget=2**20)
+    ls.KeySketch(8, eps=0.1, p=4, exact=True, memory_budget=2**20)  # D = 36 fits
+    with pytest.raises(ValueError, match="exact=True is available for p = 2 and p = 4"):
+        ls.KeySketch(4, eps=0.1, p=3, exact=True)
+
+
+def test_merge_refuses_different_summaries() -> None:
+    a = ls.KeySketch(3, eps=0.1, p=4, exact=True)
+    b = ls.KeySketch(3, eps=0.1, p=4)
+    with pytest.raises(ValueError, match="normaliser summaries"):
+        a.merge(b)
+
+
+# --------------------------------------------------------------------------------------------- coreset
+def _adversarial_queries(K: np.ndarray, seed: int, m: int = 60) -> np.ndarray:
+    """Half random directions, half queries aligned with individual keys (each makes its key heavy)."""
+    rng = np.random.default_rng(seed + 1000)
+    norms = np.linalg.norm(K, axis=1)
+    top = np.argsort(-norms)[: m // 4]
+    rand_keys = rng.choice(K.shape[0], m // 4, replace=False)
+    return np.vstack([rng.standard_normal((m // 2, K.shape[1])), K[top], K[rand_keys]])
+
+
+@pytest.mark.parametrize("p", (0.5, 1.0, 1.5, 3.0, 4.0))
+@pytest.mark.parametrize("seed", CORESET_SEEDS)
+def test_coreset_recall_and_precision(p: float, seed: int) -> None:
+    d, eps = 5, 0.02
+    K = heavy_tailed_keys(30_000, d, seed=seed)
+    Q = _adversarial_queries(K, seed)
+    sk = ls.KeySketch(d, eps=eps, p=p, rng=seed, block_rows=4096)
+    for part in np.array_split(K, 5):
+        sk.update_many(part)
+    A = dense_values(Q, K, p)
+    hits = sk.heavy_entries(Q)
+    got = hits.as_set()
+    truth = set(zip(*map(list, np.nonzero(A >= eps))))
+    assert truth <= got, f"missed heavy entries: {sorted(truth - got)[:5]}"
+    delta = sk.normalizer_summary.delta
+    true_vals = A[hits.rows(), hits.key_ids]
+    assert (true_vals >= eps * (1 - delta) ** 2).all()
+    assert (hits.lower <= true_vals * (1 + 1e-12)).all() and (true_vals <= hits.upper * (1 + 1e-12)).all()
+    # memory independent of n: coreset rows bounded by its capacity, candidates by the sketch's capacity
+    assert sk.normalizer_summary.num_rows <= sk.normalizer_summary.capacity
+    assert sk.num_retained <= sk.capacity + sk._block_rows
+
+
+def test_coreset_universal_set_contains_self_heavy_keys() -> None:
+    # the query q = k_j makes key j as heavy as it can be made by its own direction: every key with
+    # A_jj >= eps must be a candidate (its sensitivity is at least A_jj)
+    K = heavy_tailed_keys(6000, 4, seed=9)
+    eps = 0.05
+    sk = ls.KeySketch(4, eps=eps, p=1.0, rng=0).update_many(K)
+    U = set(sk.universal_set().ids.tolist())
+    self_heavy = [j for j in range(K.shape[0])
+                  if abs(K[j] @ K[j]) / np.abs(K @ K[j]).sum() >= eps]
+    assert self_heavy and set(self_heavy) <= U
+
+
+def test_coreset_sketch_bytes_roundtrip_continues_identically() -> None:
+    K = heavy_tailed_keys(20_000, 4, seed=2)
+    Q = _adversarial_queries(K, 2, m=20)
+    a = ls.KeySketch(4, eps=0.05, p=1.0, rng=7, block_rows=2048).update_many(K[:9000])
+    b = ls.KeySketch.from_bytes(a.to_bytes())
+    a.update_many(K[9000:])
+    b.update_many(K[9000:])
+    np.testing.assert_array_equal(a.normalizer(Q), b.normalizer(Q))
+    assert a.universal_set().ids.tolist() == b.universal_set().ids.tolist()
+    # same seed, same blocks: reproducible; a different seed gives a different coreset
+    c = ls.KeySketch(4, eps=0.05, p=1.0, rng=7, block_rows=2048).update_many(K)
+    np.testing.assert_array_equal(a.normalizer(Q), c.normalizer(Q))
+    e = ls.KeySketch(4, eps=0.05, p=1.0, rng=8, block_rows=2048).update_many(K)
+    assert not np.array_equal(a.normalizer(Q), e.normalizer(Q))
+
+
+@pytest.mark.parametrize("seed", CORESET_SEEDS[:3])
+def test_coreset_shard_merge_recall(seed: int) -> None:
+    d, eps, p = 4, 0.03, 1.0
+    K = heavy_tailed_keys(24_000, d, seed=seed)
+    Q = _adversarial_queries(K, seed, m=40)
+    seeds = np.random.SeedSequence(seed).spawn(4)
+    shards = [ls.KeySketch(d, eps=eps, p=p, rng=s, block_rows=2048).update_many(part, offset=i * 6000)
+              for i, (s, part) in enumerate(zip(seeds, np.split(K, 4)))]
+    merged = ls.KeySketch.merge_all(shards)
+    assert merged.n == K.shape[0]
+    A = dense_values(Q, K, p)
+    truth = set(zip(*map(list, np.nonzero(A >= eps))))
+    assert truth <= merged.heavy_entries(Q).as_set()
+    z = merged.normalizer(Q)
+    assert np.abs(z / (np.abs(Q @ K.T) ** p).sum(axis=1) - 1).max() < merged.normalizer_summary.delta
