@@ -603,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the JSON record and the Markdown report go")
     parser.add_argument("--update-results", action="store_true",
                         help="rewrite the 'Benchmark suite (issue 3)' section of benchmarks/RESULTS.md")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render plots and reports from the saved JSON of this mode, without running")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dim", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -617,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - {"build", "query", "memory", "usize"}
     if unknown:
         parser.error(f"unknown sections {sorted(unknown)}; choose from build, query, memory, usize")
+    if args.report_only:
+        res = json.loads((args.out_dir / f"bench_suite_{mode_name}.json").read_text())
+        return write_outputs(res, args, mode_name)
     t_start = time.perf_counter()
     res: dict[str, Any] = {"mode": mode_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "command": "python benchmarks/bench_suite.py " + " ".join(argv or sys.argv[1:]),
@@ -632,6 +637,11 @@ def main(argv: list[str] | None = None) -> int:
         res["usize"] = bench_usize(cfg)
     res["machine"]["load_average_end"] = os.getloadavg()
     res["wall_s"] = time.perf_counter() - t_start
+    return write_outputs(res, args, mode_name)
+
+
+def write_outputs(res: dict[str, Any], args: argparse.Namespace, mode_name: str) -> int:
+    """Plots, the JSON record, the Markdown reports (RESULTS.md section and docs include)."""
     res["plots"] = make_plots(res, args.img_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"bench_suite_{mode_name}.json").write_text(json.dumps(res, indent=1, default=float))

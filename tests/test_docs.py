@@ -121,3 +121,22 @@ def test_command_line_page_sessions(tmp_path: Path) -> None:
         assert proc.returncode == 0, f"command-line.md:{line}: `{command}` exited {proc.returncode}:\n{got}"
         assert checker.check_output(expected, got, DOCTEST_FLAGS), (
             f"command-line.md:{line}: `{command}` printed\n{got}\nbut the page shows\n{expected}")
+
+
+def test_benchmark_suite_smoke_run(tmp_path: Path) -> None:
+    """The suite that produces the plots and tables of the benchmarks page runs end to end (tiny sizes)."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (pip install -e '.[bench]')")
+    pytest.importorskip("psutil", reason="psutil is not installed (pip install -e '.[bench]')")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_suite.py"), "--smoke", "--img-dir", str(tmp_path / "img"),
+         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"bench_suite.py --smoke failed:\n{proc.stdout}\n{proc.stderr}"
+    for name in ("bench_build_ratio.png", "bench_query_time.png", "bench_memory.png", "universal_set_size.png"):
+        assert (tmp_path / "img" / name).stat().st_size > 1000, f"{name} was not written"
+    report = (tmp_path / "bench_suite_smoke.md").read_text()
+    for heading in ("### Build vs Gram-only", "### Queries", "### Peak memory vs n", "### Universal set size"):
+        assert heading in report
+    # the sketch is exact for p = 2: its recall and precision against dense NumPy must be 1
+    assert "| levstream sketch |" in report
+    row = next(line for line in report.splitlines() if line.startswith("| levstream sketch |"))
+    assert row.split("|")[5].strip() == "1.0000" and row.split("|")[6].strip() == "1.0000", row
