@@ -3,10 +3,10 @@
 The run, in order:
 
 1. warm up the numba kernels (so no timing includes a JIT compile);
-2. ``shards`` worker threads pull chunks from one generator of attention-like keys
-   (:func:`levstream.synthetic.attention_like_keys`) and feed each chunk, numbered by its position in the
-   stream, to their own :class:`~levstream.KeySketch`; on the same chunk they also time the Gram-only floor
-   ``G += X.T @ X``;
+2. one generator of attention-like keys (:func:`levstream.synthetic.attention_like_keys`) deals its
+   chunks round-robin to ``shards`` worker threads; each feeds its chunks, numbered by their position in
+   the stream, to its own :class:`~levstream.KeySketch` and also times the Gram-only floor
+   ``G += X.T @ X`` on the same chunk;
 3. the shard sketches are merged, and ``queries`` new rows are answered by ``heavy_entries``;
 4. the keys are generated again, chunk by chunk (never all held), to check the answer: the leverage score
    of every key against the Gram matrix of step 2 gives the offline universal set, and blocked dense NumPy
@@ -21,9 +21,9 @@ against one core.
 from __future__ import annotations
 
 import argparse
-import threading
+import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -37,6 +37,9 @@ CHUNK_ROWS = 8192
 
 #: Keys whose offline leverage score is this close to eps (relative) may go either way (DESIGN.md §4).
 TIE_RTOL = 1e-9
+
+#: Normaliser accuracy of the coreset used for p != 2: every returned entry has A >= eps (1 - DELTA)^2.
+DELTA = 0.1
 
 
 @dataclass
@@ -53,14 +56,25 @@ def _validate(args: argparse.Namespace) -> None:
         if value < low:
             raise CliError(f"{flag} must be >= {low}; got {value}.", EXIT_USAGE)
     _checked_eps(args.eps)
-    if args.p != 2.0:
-        raise CliError(f"--p {args.p:g}: the demo's exact check covers p = 2 only in this version.", EXIT_USAGE)
+    _new_sketch_or_exit(args, rng=None)
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise CliError("--plot needs matplotlib: pip install matplotlib (or 'levstream[plot]').",
                            EXIT_UNAVAILABLE) from None
+
+
+def _new_sketch_or_exit(args: argparse.Namespace, rng: Any) -> Any:
+    """A shard sketch; p = 2 is exact, other p use a coreset seeded by ``rng`` with ``delta = DELTA``."""
+    from .cli import EXIT_USAGE, CliError
+    from .sketch import KeySketch
+
+    options = {} if args.p == 2.0 else {"delta": DELTA, "rng": rng}
+    try:
+        return KeySketch(args.dim, eps=args.eps, p=args.p, **options)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise CliError(" ".join(str(exc).split()), EXIT_USAGE) from None
 
 
 def _stream(args: argparse.Namespace) -> Iterator[np.ndarray]:
@@ -70,55 +84,74 @@ def _stream(args: argparse.Namespace) -> Iterator[np.ndarray]:
 
 
 def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.ndarray, list[ShardTimes]]:
-    """Shard sketches built by worker threads pulling from one generator; also the independent Gram."""
-    from .sketch import KeySketch
+    """Shard sketches fed by worker threads (chunk ``k`` of one generator goes to shard ``k % shards``).
 
-    source = enumerate(_stream(args))
-    lock = threading.Lock()
+    Each worker also accumulates the Gram matrix of its chunks (the Gram-only baseline, and an independent
+    Gram matrix for the check); their sum is returned with the sketches and the per-shard CPU times.
+    """
+    seeds = np.random.SeedSequence(args.seed).spawn(args.shards)  # per-shard sampling seeds (p != 2)
+    queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(args.shards)]
 
-    def work(_: int) -> tuple[Any, np.ndarray, ShardTimes]:
+    def work(shard: int) -> tuple[Any, np.ndarray, ShardTimes]:
         numba.set_num_threads(1)  # per thread: the shards are the parallelism
-        sketch = KeySketch(args.dim, eps=args.eps, p=args.p)
+        sketch = _new_sketch_or_exit(args, np.random.default_rng(seeds[shard]))
         G = np.zeros((args.dim, args.dim))
         times = ShardTimes()
-        while True:
-            with lock:
-                item = next(source, None)
-            if item is None:
-                return sketch, G, times
+        while (item := queues[shard].get()) is not None:
             index, X = item
-            t0 = time.perf_counter()
+            t0 = time.thread_time()  # CPU time of this thread: waiting for the GIL or a core is not counted
             sketch.update_many(X, offset=index * CHUNK_ROWS)
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             G += X.T @ X
-            t2 = time.perf_counter()
+            t2 = time.thread_time()
             times.sketch_s += t1 - t0
             times.gram_s += t2 - t1
             bar.update(X.shape[0])
+        return sketch, G, times
 
     with ThreadPoolExecutor(max_workers=args.shards) as pool:
-        results = list(pool.map(work, range(args.shards)))
+        workers = [pool.submit(work, shard) for shard in range(args.shards)]
+        for index, X in enumerate(_stream(args)):
+            _put(queues[index % args.shards], (index, X), workers[index % args.shards])
+        for shard in range(args.shards):
+            _put(queues[shard], None, workers[shard])
+        results = [w.result() for w in workers]
     return [r[0] for r in results], sum(r[1] for r in results), [r[2] for r in results]
 
 
-def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
-                bar: Any) -> tuple[np.ndarray, np.ndarray, HeavyEntries, float]:
-    """One pass over the regenerated keys: leverage scores of every key, heavy entries of ``Q`` by brute force.
+def _put(q: queue.Queue, item: Any, worker: Future) -> None:
+    """``q.put(item)``, re-raising the worker's error instead of waiting forever if it has died."""
+    while True:
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if worker.done():
+                worker.result()
 
-    Returns ``(offline universal-set ids, all leverage scores, dense heavy entries, dense seconds)``.
+
+def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
+                bar: Any) -> tuple[np.ndarray | None, HeavyEntries, np.ndarray, float]:
+    """One pass over the regenerated keys: leverage scores of every key (p = 2), brute-force heavy entries.
+
+    Returns ``(leverage scores of all keys or None, dense heavy entries of Q, dense normalisers Z of Q,
+    dense seconds)``.  The scores use the Gram matrix accumulated independently while streaming.
     """
     from ._bench import DenseScan
 
-    w, V = np.linalg.eigh(G)  # pseudo-inverse semantics for rank-deficient keys
-    keep = w > w.max() * G.shape[0] * np.finfo(float).eps
-    W = V[:, keep] / np.sqrt(w[keep])
-    scores = np.empty(args.n)
+    scores = None
+    if args.p == 2.0:
+        w, V = np.linalg.eigh(G)  # pseudo-inverse semantics for rank-deficient keys
+        keep = w > w.max() * G.shape[0] * np.finfo(float).eps
+        W = V[:, keep] / np.sqrt(w[keep])
+        scores = np.empty(args.n)
     scan = DenseScan(Q, args.eps, args.p)
     dense_s = 0.0
     pos = 0
     for X in _stream(args):
-        Y = X @ W
-        scores[pos:pos + X.shape[0]] = np.einsum("ij,ij->i", Y, Y)
+        if scores is not None:
+            Y = X @ W
+            scores[pos:pos + X.shape[0]] = np.einsum("ij,ij->i", Y, Y)
         t0 = time.perf_counter()
         scan.add(X, pos)
         dense_s += time.perf_counter() - t0
@@ -127,15 +160,41 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
     t0 = time.perf_counter()
     truth = scan.result()
     dense_s += time.perf_counter() - t0
-    return np.flatnonzero(scores >= args.eps), scores, truth, dense_s
+    return scores, truth, scan.Z, dense_s
 
 
-def _disagreements(got: HeavyEntries, truth: HeavyEntries, eps: float) -> int:
-    """Entries in one answer but not the other, ignoring ties within ``TIE_RTOL`` of eps."""
-    g = dict(zip(zip(got.rows().tolist(), got.key_ids.tolist()), got.values.tolist()))
-    t = dict(zip(zip(truth.rows().tolist(), truth.key_ids.tolist()), truth.values.tolist()))
-    odd = [v for e, v in g.items() if e not in t] + [v for e, v in t.items() if e not in g]
-    return sum(abs(v - eps) > TIE_RTOL * eps for v in odd)
+@dataclass
+class Verdict:
+    recall: float
+    precision: float
+    missed: int
+    spurious: int
+    value_error: float
+
+
+def _verify(got: HeavyEntries, truth: HeavyEntries, Z: np.ndarray, Q: np.ndarray, U: Any,
+            eps: float, p: float) -> Verdict:
+    """Compare the sketch's entries with brute force.
+
+    The true value of every returned entry is recomputed from its key row (held in ``U``) and the exact
+    dense normaliser ``Z``.  p = 2 is exact: entries within ``TIE_RTOL`` of eps may go either way.  Other p
+    (coreset normaliser): a returned entry is spurious only below ``eps (1 - DELTA)^2``, as guaranteed.
+    """
+    got_rows = got.rows()
+    keys = U.keys[np.searchsorted(U.ids, got.key_ids)]
+    true = np.abs(np.einsum("ij,ij->i", Q[got_rows], keys)) ** p / Z[got_rows]
+    floor = eps * (1.0 - TIE_RTOL) if p == 2.0 else eps * (1.0 - DELTA) ** 2
+    found = set(zip(got_rows.tolist(), got.key_ids.tolist()))
+    t_rows = truth.rows()
+    in_got = np.array([e in found for e in zip(t_rows.tolist(), truth.key_ids.tolist())], dtype=bool)
+    missed = int((~in_got & (truth.values >= eps * (1.0 + TIE_RTOL))).sum())
+    return Verdict(
+        recall=float(in_got.mean()) if len(truth) else 1.0,
+        precision=float((true >= eps).mean()) if len(got) else 1.0,
+        missed=missed,
+        spurious=int((true < floor).sum()),
+        value_error=float(np.max(np.abs(got.values - true) / true)) if len(got) else 0.0,
+    )
 
 
 def run_demo(args: argparse.Namespace) -> bool:
@@ -143,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> bool:
     from tqdm.auto import tqdm
 
     from . import __version__
-    from ._bench import compare, single_threaded, warm_up
+    from ._bench import single_threaded, warm_up
     from .sketch import KeySketch
     from .synthetic import attention_like_queries
 
@@ -173,52 +232,68 @@ def run_demo(args: argparse.Namespace) -> bool:
 
         m_check = min(args.check, args.queries)
         with tqdm(desc="brute-force check (regenerating keys)", **bar_args) as bar:
-            offline_ids, scores, truth, dense_s = _check_pass(args, Q[:m_check], G, bar)
-    got = HeavyEntries(hits.indptr[:m_check + 1], hits.key_ids[:hits.indptr[m_check]],
-                       hits.values[:hits.indptr[m_check]], hits.eps)
-    recall, precision, value_err = compare(got, truth)
-    bad_entries = _disagreements(got, truth, args.eps)
-    near = np.abs(scores - args.eps) <= TIE_RTOL * args.eps
-    u_diff = np.setxor1d(U.ids, offline_ids)
-    bad_universal = int((~near[u_diff]).sum())
+            scores, truth, Z, dense_s = _check_pass(args, Q[:m_check], G, bar)
+    end = hits.indptr[m_check]
+    got = HeavyEntries(hits.indptr[:m_check + 1], hits.key_ids[:end], hits.values[:end], hits.eps)
+    verdict = _verify(got, truth, Z, Q[:m_check], U, args.eps, args.p)
+    if scores is not None:  # p = 2: the universal set must be the offline {tau >= eps}, up to ties
+        differ = np.setxor1d(U.ids, np.flatnonzero(scores >= args.eps))
+        bad_universal = int((np.abs(scores[differ] - args.eps) > TIE_RTOL * args.eps).sum())
+        universal_line = "identical" if bad_universal == 0 else f"{bad_universal} keys differ"
+    else:
+        bad_universal, universal_line = 0, "n/a (exact for p = 2; here checked through the entries)"
     dense_all = dense_s * args.queries / m_check
     sketch_bytes = len(sketch.to_bytes())
     raw_bytes = args.n * args.dim * 8
     sketch_s = sum(t.sketch_s for t in times)
     gram_s = sum(t.gram_s for t in times)
+    bound = "d/eps" if args.p <= 2 else "d^(p/2)/eps"
 
     from .cli import print_table
 
     print()
     print_table([
         ("keys streamed n", f"{sketch.n:,}"),
-        ("universal set |U|", f"{len(U):<8,} (bound d/eps = {U.size_bound:,.0f})"),
+        ("universal set |U|", f"{len(U):<8,} (bound {bound} = {U.size_bound:,.0f})"),
         ("sketch vs raw keys", f"{_size(sketch_bytes)} vs {_size(raw_bytes)}".ljust(22)
                                + f" ({raw_bytes / sketch_bytes:,.0f}x smaller)"),
-        ("build vs Gram-only [1]", f"{sketch_s:.2f} s vs {gram_s:.2f} s".ljust(22)
+        ("build vs Gram-only [1]", f"{_seconds(sketch_s)} vs {_seconds(gram_s)}".ljust(22)
                                    + f" ({sketch_s / gram_s:.2f}x)"),
         ("stream wall time, merge", f"{t_stream:.2f} s, {t_merge * 1e3:.0f} ms"),
         ("query vs dense [2]", f"{_seconds(t_query)} vs {_seconds(dense_all)}".ljust(22)
                                + f" ({dense_all / t_query:,.0f}x faster)"),
-        ("recall / precision [3]", f"{recall:.3f} / {precision:.3f}".ljust(22)
-                                   + f" ({len(truth):,} heavy entries, value error {value_err:.1e})"),
-        ("U vs offline {tau >= eps}", "identical" if bad_universal == 0 else f"{bad_universal} keys differ"),
+        ("recall / precision [3]", f"{verdict.recall:.3f} / {verdict.precision:.3f}".ljust(22)
+                                   + f" ({len(truth):,} heavy entries, value error {verdict.value_error:.1e})"),
+        ("U vs offline {tau >= eps}", universal_line),
     ])
     scaled = f", x{args.queries / m_check:g}" if m_check < args.queries else ""
-    print(f"\n  [1] time in update_many vs G += X.T @ X on the same chunks, summed over the {args.shards} shards")
+    print(f"\n  [1] CPU time in update_many vs in G += X.T @ X on the same chunks, summed over the "
+          f"{args.shards} shards")
     print(f"  [2] {args.queries:,} queries; dense = blocked NumPy over all keys, timed on the {m_check} "
           f"checked queries{scaled}")
     print(f"  [3] {m_check} queries against brute force over all {args.n:,} keys (regenerated, never all held)")
-    ok = bad_entries == 0 and bad_universal == 0 and value_err <= 1e-9
+    if args.p == 2.0:
+        ok = verdict.missed == 0 and verdict.spurious == 0 and bad_universal == 0 and verdict.value_error <= 1e-9
+    else:
+        print(f"  p = {args.p:g} uses a coreset normaliser (delta = {DELTA}): every entry >= eps is returned "
+              f"with high probability, every returned entry is >= eps (1 - delta)^2")
+        ok = verdict.missed == 0 and verdict.spurious == 0
     if args.plot is not None:
         from ._plots import demo_figure
 
-        demo_figure(args, scores, len(U), sketch.n, t_query / args.queries, dense_all / args.queries)
+        if scores is not None:
+            shown, what = scores, f"Leverage scores of all {sketch.n:,} keys"
+        else:
+            shown, what = U.scores, f"Sensitivity bounds of the {len(U):,} keys of U"
+        demo_figure(args, shown, what, len(U), sketch.n, t_query / args.queries, dense_all / args.queries)
         print(f"  wrote {args.plot}")
-    if ok:
+    if not ok:
+        print(f"FAILED: the sketch disagrees with brute force ({verdict.missed} heavy entries missed, "
+              f"{verdict.spurious} spurious, {bad_universal} universal-set keys differ)")
+    elif args.p == 2.0:
         print("ok: every heavy entry found, none spurious, the universal set is exact")
     else:
-        print("FAILED: the sketch disagrees with brute force")
+        print("ok: every heavy entry found, every returned entry within the guarantee")
     return ok
 
 

@@ -10,9 +10,9 @@ import numpy as np
 QUERY_PANEL_SIZES = (10_000, 30_000, 100_000, 300_000)
 
 
-def demo_figure(args: argparse.Namespace, scores: np.ndarray, n_universal: int, n: int,
+def demo_figure(args: argparse.Namespace, scores: np.ndarray, title: str, n_universal: int, n: int,
                 sketch_s_per_query: float, dense_s_per_query: float) -> None:
-    """Leverage-score distribution of all keys with the eps line, and query time per query vs n."""
+    """Distribution of ``scores`` (leverage scores of all keys) with the eps line, and query time vs n."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +32,8 @@ def demo_figure(args: argparse.Namespace, scores: np.ndarray, n_universal: int, 
     bins = np.logspace(np.log10(positive.min()), np.log10(max(positive.max(), args.eps) * 1.05), 80)
     left.hist(positive, bins=bins, color="#4c72b0")
     left.axvline(args.eps, color="#c44e52", lw=2, label=f"eps = {args.eps:g}: {n_universal:,} keys at or above")
-    left.set(xscale="log", yscale="log", xlabel="leverage score tau_j (upper bound on any attention A[i, j])",
-             ylabel="number of keys", title=f"Leverage scores of all {n:,} keys")
+    left.set(xscale="log", yscale="log", xlabel="score of key j (an upper bound on any attention A[i, j])",
+             ylabel="number of keys", title=title)
     left.legend(loc="upper right")
 
     right.loglog(sizes, dense_t, "o-", color="#c44e52", label="dense NumPy (Q @ K.T, all keys)")

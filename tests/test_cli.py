@@ -367,12 +367,39 @@ def test_demo_small_run_checks_and_prints_the_table(tmp_path):
     proc = subprocess.run(["levstream", "demo", "--n", "50000", "--queries", "200", "--check", "50", "--quiet",
                            "--plot", str(png)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for label in ("keys streamed (n)", "universal set |U|", "d/eps", "sketch bytes vs raw keys",
-                  "build vs Gram-only", "query: sketch vs dense", "recall / precision"):
+    for label in ("keys streamed n ", "universal set |U|", "bound d/eps = 6,400", "sketch vs raw keys",
+                  "build vs Gram-only", "query vs dense", "recall / precision"):
         assert label in proc.stdout
     assert "1.000 / 1.000" in proc.stdout
     assert re.search(r"U vs offline \{tau >= eps\}\s+identical", proc.stdout)
     assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_general_p_checks_the_coreset_guarantee(capsys):
+    code, stdout, err = run(["demo", "--n", 20000, "--dim", 8, "--eps", 0.05, "--p", 3, "--queries", 100,
+                             "--check", 30, "--quiet"], capsys)
+    assert code == EXIT_OK, stdout + err
+    assert "recall / precision [3]     1.000 /" in stdout
+    assert "every returned entry within the guarantee" in stdout
+
+
+def test_demo_fails_with_exit_code_3_when_an_entry_is_missing(monkeypatch, capsys):
+    real = ls.KeySketch.heavy_entries
+
+    def drop_first_entry(self, Q, eps=None):
+        hits = real(self, Q, eps)
+        counts = np.diff(hits.indptr)
+        first = int(np.flatnonzero(counts)[0])
+        counts[first] -= 1
+        keep = np.ones(len(hits), dtype=bool)
+        keep[hits.indptr[first]] = False
+        return ls.HeavyEntries.from_counts(counts, hits.key_ids[keep], hits.values[keep], hits.eps)
+
+    monkeypatch.setattr(ls.KeySketch, "heavy_entries", drop_first_entry)
+    code, stdout, _ = run(["demo", "--n", 20000, "--dim", 16, "--queries", 100, "--check", 100, "--quiet"],
+                          capsys)
+    assert code == cli.EXIT_FAILED_CHECK
+    assert "FAILED: the sketch disagrees with brute force (1 heavy entries missed" in stdout
 
 
 def test_demo_bad_flags(capsys):
