@@ -3,6 +3,9 @@ rank-deficient keys and prefixes, kappa(K) = 1e7, float32 input, values near 1eÂ
 
 from __future__ import annotations
 
+import itertools
+
+import naive
 import numpy as np
 import pytest
 from conftest import (
@@ -19,7 +22,6 @@ from conftest import (
 )
 
 import levstream as ls
-import naive
 
 
 def _feed(sk: ls.KeySketch, K: np.ndarray, pattern: str) -> ls.KeySketch:
@@ -222,7 +224,7 @@ def test_kappa_1e7_loses_no_heavy_key(seed, how):
     else:
         cuts = [0, 400, 1300, 2100, n]
         sk = ls.KeySketch.merge_all([ls.KeySketch(d, eps=eps).update_many(K[a:b], offset=a)
-                                     for a, b in zip(cuts[:-1], cuts[1:])][::-1])
+                                     for a, b in itertools.pairwise(cuts)][::-1])
     got = set(sk.universal_set().ids.tolist())
     lost = naive.offline_set(tau, eps) - got
     assert not lost, f"heavy keys lost: {sorted(lost)}"

@@ -21,7 +21,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 MODULES = sorted(
     name for _, name, _ in pkgutil.walk_packages(levstream.__path__, "levstream.")
-    if not name.rsplit(".", 1)[-1] == "__main__"
+    if name.rsplit(".", 1)[-1] != "__main__"
 )
 
 
@@ -44,11 +44,11 @@ class _Runner(doctest.DocTestRunner):
         self.missing: set[str] = set()
         self.reports: list[str] = []
 
-    def report_failure(self, out, test, example, got):  # noqa: D102 - doctest API
+    def report_failure(self, out, test, example, got):
         self.reports.append(f"{test.name} line {example.lineno}: {example.source.strip()}\n"
                             f"  expected: {example.want.strip()}\n  got:      {got.strip()}")
 
-    def report_unexpected_exception(self, out, test, example, exc_info):  # noqa: D102 - doctest API
+    def report_unexpected_exception(self, out, test, example, exc_info):
         dep = _optional_dependency(exc_info[1])
         if dep is not None:
             self.missing.add(dep)

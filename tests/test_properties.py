@@ -4,13 +4,13 @@ deficiency are common) times per-row scales."""
 
 from __future__ import annotations
 
+import naive
 import numpy as np
 from conftest import COND_TIE_RTOL, TIE_RTOL, VALUE_RTOL, assert_matches_offline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import levstream as ls
-import naive
 
 PROPERTY_SETTINGS = settings(deadline=None, max_examples=50, derandomize=True,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

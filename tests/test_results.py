@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import naive
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from conftest import NORMALIZER_RTOL, VALUE_RTOL, assert_heavy_matches_dense, heavy_tailed_keys
 
 import levstream as ls
-import naive
 
 EPS = 0.02
 DIM = 8
@@ -127,7 +127,7 @@ def test_top_k_certified_rows_are_the_dense_top_k(built, keys, many_queries, k):
     m = many_queries.shape[0]
     assert top.key_ids.shape == (m, k) and top.values.shape == (m, k) and top.certified.shape == (m,)
     A = naive.dense_attention(many_queries, keys)
-    order, vals = naive.dense_top_k(many_queries, keys, k)
+    _, vals = naive.dense_top_k(many_queries, keys, k)
     U = set(built.universal_set().ids.tolist())
     n_cert = 0
     for i in range(m):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import naive
 import numpy as np
 import pytest
 from conftest import SCORE_RTOL, SEEDS, VALUE_RTOL, assert_matches_offline, heavy_tailed_keys
 
 import levstream as ls
-import naive
 
 
 @pytest.mark.parametrize("seed", SEEDS)

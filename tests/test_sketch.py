@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import naive
 import numpy as np
 import pytest
 from conftest import (
@@ -21,7 +22,6 @@ from conftest import (
 )
 
 import levstream as ls
-import naive
 
 EPS = 0.02
 DIM = 8
