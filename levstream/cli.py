@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -368,6 +369,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+def _wrap(text: str) -> str:
+    return textwrap.fill(" ".join(text.split()), width=88)
+
+
 def _epilog() -> str:
     lines = ["exit codes:"] + [f"  {code:<4} {text}" for code, text in EXIT_CODES.items()]
     return "\n".join(lines)
@@ -379,15 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="levstream", formatter_class=fmt, epilog=_epilog(),
-        description="Find every heavy attention entry from a small, mergeable sketch of streamed keys.")
+        description=_wrap("Find every heavy attention entry from a small, mergeable sketch of streamed keys."))
     parser.add_argument("--version", action="version", version=f"levstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser(
         "demo", formatter_class=fmt, epilog=_epilog(),
         help="stream synthetic keys into shards, merge, query, check against brute force",
-        description="Stream synthetic attention-like keys from a generator into shards built in parallel "
-                    "threads, merge them, query new rows and check the answer against brute force.")
+        description=_wrap("Stream synthetic attention-like keys from a generator into shards built in parallel "
+                    "threads, merge them, query new rows and check the answer against brute force."))
     demo.add_argument("--n", type=int, default=1_000_000, help="number of keys (default: 1,000,000)")
     demo.add_argument("--dim", type=int, default=64, help="key width (default: 64)")
     demo.add_argument("--eps", type=float, default=0.01, help="heaviness threshold (default: 0.01)")
@@ -403,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser(
         "build", formatter_class=fmt, epilog=_epilog(), help="stream keys into a sketch file",
-        description="Stream the rows of KEYS into a sketch and write it to SKETCH.  KEYS is a .npy file "
+        description=_wrap("Stream the rows of KEYS into a sketch and write it to SKETCH.  KEYS is a .npy file "
                     "(memory-mapped: files larger than memory work), FILE.npz:MEMBER, or - for raw "
-                    "little-endian rows on stdin (then --dim and --dtype are required).")
+                    "little-endian rows on stdin (then --dim and --dtype are required)."))
     build.add_argument("keys", metavar="KEYS", help="PATH.npy, PATH.npz:MEMBER or - (stdin)")
     build.add_argument("-o", "--output", metavar="SKETCH", required=True, help="sketch file to write")
     build.add_argument("--eps", type=float, help="heaviness threshold, 0 < eps <= 1 (required unless --append)")
@@ -428,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=cmd_build)
 
     merge = sub.add_parser("merge", formatter_class=fmt, epilog=_epilog(), help="merge sketch files",
-                           description="Merge sketches of disjoint key sets (same dim, eps, p) into one.")
+                           description=_wrap("Merge sketches of disjoint key sets (same dim, eps, p) into one."))
     merge.add_argument("sketches", nargs="+", metavar="SKETCH", help="two or more sketch files")
     merge.add_argument("-o", "--output", metavar="OUT", required=True, help="merged sketch file to write")
     merge.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -436,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     query = sub.add_parser(
         "query", formatter_class=fmt, epilog=_epilog(), help="heavy attention entries of query rows",
-        description="Report every attention entry A[i, key] >= eps of the query rows over all keys of "
-                    "the sketch: as a table on stdout, or as an .npz with indptr, key_ids, values (CSR).")
+        description=_wrap("Report every attention entry A[i, key] >= eps of the query rows over all keys of "
+                    "the sketch: as a table on stdout, or as an .npz with indptr, key_ids, values (CSR)."))
     query.add_argument("sketch", metavar="SKETCH", help="sketch file")
     query.add_argument("queries", metavar="QUERIES", help="PATH.npy or PATH.npz:MEMBER, one query per row")
     query.add_argument("--eps", type=float, help="threshold, at least the sketch's eps (default: the sketch's)")
@@ -448,15 +453,15 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(func=cmd_query)
 
     info = sub.add_parser("info", formatter_class=fmt, epilog=_epilog(), help="describe a sketch file",
-                          description="Print dim, p, eps, n, |U|, sizes and the format version of a sketch.")
+                          description=_wrap("Print dim, p, eps, n, |U|, sizes and the format version of a sketch."))
     info.add_argument("sketch", metavar="SKETCH", help="sketch file")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser(
         "bench", formatter_class=fmt, epilog=_epilog(), help="quick benchmark: build vs Gram-only, query vs dense",
-        description="Time the sketch build against the Gram-only floor and heavy_entries against blocked "
+        description=_wrap("Time the sketch build against the Gram-only floor and heavy_entries against blocked "
                     "dense NumPy on synthetic keys, side by side in this process (the full suite is in "
-                    "benchmarks/ of the source tree).")
+                    "benchmarks/ of the source tree)."))
     bench.add_argument("--sizes", type=int, nargs="+", default=[30_000, 100_000, 300_000], metavar="N",
                        help="numbers of keys (default: 30000 100000 300000)")
     bench.add_argument("--dim", type=int, default=64, help="key width (default: 64)")
