@@ -11,6 +11,7 @@ from . import testing
 from .attention import lev_attention
 from .results import HeavyEntries, TopK, UniversalSet
 from .lewis import lewis_weights, sensitivity_bounds
+from .online import OnlineLeverageSampler
 from .scores import approx_leverage_scores, leverage_scores, universal_set
 from .sketch import KeySketch, load
 from .build import build_sketch
@@ -27,6 +28,7 @@ __all__ = [
     "approx_leverage_scores",
     "lewis_weights",
     "sensitivity_bounds",
+    "OnlineLeverageSampler",
     "UniversalSet",
     "HeavyEntries",
     "TopK",

@@ -212,9 +212,9 @@ class CoresetSummary:
         return np.minimum(1.0, b)
 
     def _norm_bounds(self, X: np.ndarray) -> np.ndarray:
-        """``(1 + delta) c_p (||k||^2 / lambda_min)^(p/2) >= scores`` (1 when ``M`` is not full rank)."""
+        """``(1 + delta) c_p (||k||^2 / lambda_min)^(p/2) >= scores`` (the exact scores when ``M`` is singular)."""
         if self._form.vals.size < self.dim:
-            return np.ones(X.shape[0])
+            return self.scores(X)
         sq = np.einsum("ij,ij->i", X, X)
         with np.errstate(over="ignore"):
             b = self._factor() * (sq / (self._form.lambda_min * (1.0 - 1e-9))) ** (0.5 * self.p)
@@ -258,9 +258,8 @@ class CoresetSummary:
     def _settle(self) -> None:
         if self._m > self.capacity:
             self._reduce()
-        elif self._m > _REFRESH_GROWTH * self._form.n_rows or self._form.vals.size < self.dim:
-            if self._m != self._form.n_rows:
-                self._refresh()
+        elif self._m > _REFRESH_GROWTH * self._form.n_rows or (self._form.vals.size == 0 and self._m):
+            self._refresh()
 
     def _reduce(self) -> None:
         """Re-sample the coreset by its own Lewis weights: one merge-and-reduce level."""
