@@ -115,6 +115,21 @@ def test_queries_between_updates_do_not_change_the_result(keys, queries, tau):
     assert_matches_offline(sk.universal_set().ids, tau, EPS)
 
 
+def test_long_stream_where_the_norm_prefilter_drops_most_rows():
+    """100k rows: after the first blocks nearly every row is discarded by the norm bound alone; the few
+    heavy ones (and nothing else) must still come out."""
+    K = heavy_tailed_keys(100_000, DIM, seed=6, tail=1.5)
+    eps = 0.002
+    tau = naive.leverage_svd(K)
+    assert_no_ties(tau, eps)
+    sk = ls.KeySketch(DIM, eps=eps, block_rows=2048)
+    for part in np.array_split(K, 61):
+        sk.update_many(part)
+    U = sk.universal_set()
+    assert_matches_offline(U.ids, tau, eps)
+    assert 50 < len(U) <= DIM / eps
+
+
 def test_universal_set_of_prefix_is_offline_set_of_prefix(keys):
     sk = ls.KeySketch(DIM, eps=EPS, block_rows=128)
     for stop in (5, 50, 700, 3000):
