@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import IO, Callable, Iterator
 
@@ -108,12 +109,21 @@ def _npz_source(path: str, member: str) -> KeySource:
     dim = _check_array_header(name, shape, dtype)
 
     def read(chunk_rows: int) -> Iterator[np.ndarray]:
+        try:
+            yield from read_member(chunk_rows)
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+            raise InputError(f"{name}: the archive is corrupted ({exc}).") from None
+
+    def read_member(chunk_rows: int) -> Iterator[np.ndarray]:
         with archive, archive.open(f"{member}.npy") as fh:
             _read_npy_header(fh, name)
-            if fortran_order:  # column-major rows cannot be streamed; such members are read whole
-                yield np.lib.format.read_array(fh, allow_pickle=False).reshape(shape, order="F")
-                return
             row_bytes = dim * dtype.itemsize
+            if fortran_order:  # column-major rows cannot be streamed; such members are read whole
+                buf = fh.read(shape[0] * row_bytes)
+                if len(buf) != shape[0] * row_bytes:
+                    raise InputError(f"{name}: archive member is truncated.")
+                yield np.frombuffer(buf, dtype=dtype).reshape(shape, order="F")
+                return
             for start in range(0, shape[0], chunk_rows):
                 rows = min(chunk_rows, shape[0] - start)
                 buf = fh.read(rows * row_bytes)

@@ -14,14 +14,20 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import VALUE_RTOL, assert_matches_offline, heavy_tailed_keys
+from naive import dense_heavy, leverage_svd
 
 import levstream as ls
 from levstream import cli
-from levstream.cli import (EXIT_CODES, EXIT_INPUT, EXIT_OK, EXIT_SKETCH, EXIT_UNAVAILABLE, EXIT_USAGE,
-                           main)
-
-from conftest import VALUE_RTOL, assert_matches_offline, heavy_tailed_keys
-from naive import dense_heavy, leverage_svd
+from levstream.cli import (
+    EXIT_CODES,
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_SKETCH,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    main,
+)
 
 DIM, EPS, N = 12, 0.05, 6_000
 
@@ -42,6 +48,8 @@ def files(tmp_path, keys, queries):
     np.save(tmp_path / "K.npy", keys)
     np.savez(tmp_path / "K.npz", keys=keys, other=keys[:5])
     np.savez_compressed(tmp_path / "Kc.npz", keys=keys)
+    np.savez(tmp_path / "Kf.npz", keys=np.asfortranarray(keys))
+    np.save(tmp_path / "Kf.npy", np.asfortranarray(keys))
     np.save(tmp_path / "Q.npy", queries)
     return tmp_path
 
@@ -69,7 +77,7 @@ def build(files, source, *extra, out="S.lvs", capsys):
 
 
 # ---------------------------------------------------------------------- build
-@pytest.mark.parametrize("source", ["K.npy", "K.npz:keys", "Kc.npz:keys"])
+@pytest.mark.parametrize("source", ["K.npy", "K.npz:keys", "Kc.npz:keys", "Kf.npz:keys", "Kf.npy"])
 def test_build_from_files_gives_offline_universal_set(files, keys, source, capsys):
     sketch, stdout = build(files, files / source, "--chunk", 1000, capsys=capsys)
     assert sketch.n == N and sketch.dim == DIM and sketch.eps == EPS
@@ -90,6 +98,13 @@ def test_build_from_stdin_float32_and_float64(files, keys, tmp_path):
         assert sketch.n == N
         ref = tau if dtype == "float32" else leverage_svd(keys)
         assert_matches_offline(sketch.universal_set().ids, ref, EPS)
+
+
+def test_build_from_integer_keys(files, capsys):
+    K = np.random.default_rng(3).integers(-50, 50, size=(3000, 6)).astype(np.int32)
+    np.save(files / "Kint.npy", K)
+    sketch, _ = build(files, files / "Kint.npy", capsys=capsys)
+    assert_matches_offline(sketch.universal_set().ids, leverage_svd(K.astype(np.float64)), EPS)
 
 
 def test_build_chunk_size_does_not_change_the_answer(files, capsys):
@@ -218,7 +233,11 @@ def test_missing_and_malformed_key_files(files, capsys):
     bad = np.ones((10, DIM))
     bad[7, 3] = np.nan
     np.save(files / "nan.npy", bad)
+    data = bytearray((files / "Kc.npz").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    (files / "broken.npz").write_bytes(bytes(data))
     cases = [
+        ("broken.npz:keys", "corrupted"),
         ("missing.npy", "no such file"),
         ("junk.npy", "not a readable .npy"),
         ("vec.npy", "2-D"),
