@@ -57,6 +57,11 @@ def lewis_constant(p: float, rank: int) -> float:
     return float(max(int(rank), 1)) ** max(0.0, p / 2.0 - 1.0)
 
 
+#: Below this condition number of ``Z^T Z`` leverage scores come from the Gram matrix (relative error about
+#: ``kappa * 1e-16 <= 1e-10``); above it from a QR factorisation, which does not square the condition number.
+_GRAM_KAPPA = 1e6
+
+
 def _column_space_coordinates(K: np.ndarray) -> np.ndarray:
     """``K V_r / s_r`` for the thin SVD of ``K``'s R factor: full column rank, same Lewis weights as ``K``.
 
@@ -64,18 +69,22 @@ def _column_space_coordinates(K: np.ndarray) -> np.ndarray:
     space are rounding noise, so the rank-``r`` coordinates have the same weights (summing to ``r``).
     """
     n, d = K.shape
-    R = sla.qr(K, mode="r", check_finite=False)[0][:d] if n > d else K
+    if n > d:
+        lam, V = sla.eigh(K.T @ K, check_finite=False)
+        if lam[0] > _GRAM_KAPPA**2 * UNIT_ROUNDOFF * lam[-1]:  # clearly full rank: no QR needed
+            return K @ (V / np.sqrt(lam))
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            R = sla.qr(K, mode="r", check_finite=False)[0][:d]
+    else:
+        R = K
     _, s, vt = sla.svd(R, full_matrices=False, check_finite=False, lapack_driver="gesdd")
     if s.size == 0 or s[0] == 0.0:
         return np.zeros((n, 0))
     tol = max(n, d) * 2 * UNIT_ROUNDOFF * s[0]
     r = int((s > tol).sum())
     return K @ (vt[:r].T / s[:r])
-
-
-#: Below this condition number of ``Z^T Z`` leverage scores come from the Gram matrix (relative error about
-#: ``kappa * 1e-16 <= 1e-10``); above it from a QR factorisation, which does not square the condition number.
-_GRAM_KAPPA = 1e6
 
 
 def _log_leverage(Y: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
