@@ -8,7 +8,8 @@ so a given partitioning gives the same leaves, the same merge tree and the same 
 * :func:`sketch_partition` feeds one partition's chunks with global ids and names the partition in any error;
 * :func:`reduce_tree` merges partitions in groups of ``split_every`` consecutive ones, level by level;
   :func:`merge_group` is the merge done at every node of that tree;
-* :func:`capped_threads` bounds the BLAS and numba threads a task may use (the oversubscription policy).
+* :func:`capped_threads` bounds the BLAS and numba threads a task may use (the oversubscription policy),
+  :func:`numba_turn` serialises parallel kernels under numba's non-thread-safe ``workqueue`` layer.
 
 Thread policy
 -------------
@@ -18,8 +19,8 @@ to 1 per worker process).  The BLAS limit is process-wide (one OpenBLAS thread p
 one thread at a time), so where several tasks share a process it is lowered once by the thread that runs
 them all (the caller of the thread pool, or of Dask's threaded scheduler) and tasks only check it; numba's
 limit is per thread and set in every task.  numba's ``workqueue`` threading layer aborts the process when
-two threads launch parallel kernels at once, so under that layer the tasks of one process take turns
-(install ``tbb``, or use the default OpenMP layer, to run them side by side).
+two threads launch parallel kernels at once, so under that layer the threads of one process take turns,
+chunk by chunk (install ``tbb``, or use the default OpenMP layer, to run them side by side).
 """
 
 from __future__ import annotations
@@ -129,26 +130,30 @@ def lowered_blas(n_threads: int) -> ContextManager[Any]:
     return threadpool_limits(limits=n_threads, user_api="blas")
 
 
-def _numba_layer() -> str:
+def numba_turn() -> ContextManager[Any]:
+    """Exclusive use of numba's parallel runtime when it is the non-thread-safe ``workqueue`` layer.
+
+    That layer aborts the process when two threads launch parallel kernels at once, so under it threads
+    take turns (hold this around one chunk or one task, never around a wait for another thread).  Under the
+    OpenMP or TBB layers it is a no-op.
+    """
     import numba
 
     numba.get_num_threads()  # launches the threading layer if needed, so that it can be named
-    return numba.threading_layer()
+    return _workqueue_lock if numba.threading_layer() == "workqueue" else nullcontext()
 
 
 @contextmanager
 def capped_threads(n_threads: int) -> Iterator[None]:
     """Run a task with at most ``n_threads`` BLAS threads (see :func:`lowered_blas`) and numba threads.
 
-    numba's limit is per thread and restored afterwards.  Under numba's non-thread-safe ``workqueue`` layer
-    the tasks of one process run one at a time.
+    numba's limit is per thread and restored afterwards.
     """
     import numba
 
     n_threads = max(1, int(n_threads))
     previous = numba.get_num_threads()
-    serial = _workqueue_lock if _numba_layer() == "workqueue" else nullcontext()
-    with lowered_blas(n_threads), serial:
+    with lowered_blas(n_threads):
         numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
         try:
             yield

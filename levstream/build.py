@@ -16,7 +16,7 @@ import numpy as np
 
 from ._config import default_block_rows
 from ._tree import (available_cores, capped_threads, describe, feed_chunk, lowered_blas, merge_group,
-                    named_errors, new_sketch, partition_options, reduce_tree, root_options)
+                    named_errors, new_sketch, numba_turn, partition_options, reduce_tree, root_options)
 from ._validation import as_real_array, check_int
 from .sketch import KeySketch
 
@@ -226,7 +226,8 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                 if stop.is_set():
                     continue
                 try:
-                    fed = feed_chunk(sketches[s], chunk, start, describe("chunk", k, start, chunk))
+                    with numba_turn():
+                        fed = feed_chunk(sketches[s], chunk, start, describe("chunk", k, start, chunk))
                 except BaseException as exc:  # reported by the calling thread below
                     failures.append((k, exc))
                     stop.set()
@@ -251,9 +252,9 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                     _put(q, _DONE, fut)
         for fut in futures:
             fut.result()
-    if failures:
-        raise min(failures, key=lambda f: f[0])[1]
-    return reduce_tree(sketches, merge_group, SPLIT_EVERY)
+        if failures:  # the first bad chunk in stream order; the shard sketches are dropped
+            raise min(failures, key=lambda f: f[0])[1]
+        return reduce_tree(sketches, merge_group, SPLIT_EVERY)
 
 
 def _put(q: queue.Queue, item: Any, consumer: Future) -> None:

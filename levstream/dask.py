@@ -34,7 +34,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the opti
                       "(or: pip install 'dask[array,bag]' distributed).") from exc
 
 from ._tree import (available_cores, blas_threads, capped_threads, lowered_blas, merge_group, named_errors,
-                    new_sketch, partition_options, reduce_tree, sketch_partition)
+                    new_sketch, numba_turn, partition_options, reduce_tree, sketch_partition)
 from ._validation import check_int
 from .sketch import KeySketch
 
@@ -222,7 +222,7 @@ def _partition_rows(part: Any, index: int, many: bool) -> int:
 
 def _sketch_leaf(part: Any, offset: int, index: int, dim: int | None, eps: float, p: float,
                  options: dict[str, Any], many: bool) -> KeySketch | None:
-    with capped_threads(_task_threads()):
+    with capped_threads(_task_threads()), numba_turn():
         return sketch_partition(_chunks_of(part, many), offset, index, dim=dim, eps=eps, p=p, options=options)
 
 
@@ -232,7 +232,8 @@ def _merge_node(*group: tuple[Delayed, int, int]) -> tuple[Delayed, int, int]:
 
 
 def _merge_task(first: int, last: int, *sketches: KeySketch | None) -> KeySketch | None:
-    with capped_threads(_task_threads()), named_errors(f"merging partitions {first}..{last}", "failed"):
+    with capped_threads(_task_threads()), numba_turn(), named_errors(f"merging partitions {first}..{last}",
+                                                                     "failed"):
         return merge_group(*sketches)
 
 

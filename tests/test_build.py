@@ -297,6 +297,28 @@ def test_new_sketch_gives_a_fresh_generator_per_call(monkeypatch):
     assert first.random() == second.random()
 
 
+def test_threads_take_turns_under_numbas_workqueue_layer(tmp_path):
+    """numba's workqueue layer aborts the process on concurrent parallel launches; shards must take turns."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "workqueue_build.py"
+    script.write_text(
+        "import numba, numpy as np, levstream as ls\n"
+        "rng = np.random.default_rng(0)\n"
+        "K = rng.standard_normal((20_000, 4)) * (1 + rng.pareto(2.0, size=(20_000, 1)))\n"
+        "opts = dict(eps=0.02, p=4, exact=True, block_rows=500)  # the lifted Gram ingest runs a parallel kernel\n"
+        "one = ls.KeySketch(4, **opts).update_many(K).universal_set().ids\n"
+        "a = ls.build_sketch(K, n_jobs=2, chunk_rows=500, **opts)\n"
+        "b = ls.build_sketch(iter(np.array_split(K, 40)), n_jobs=3, **opts)\n"
+        "ok = one.size > 0 and all(np.array_equal(s.universal_set().ids, one) for s in (a, b))\n"
+        "print(numba.threading_layer(), ok)\n")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["workqueue", "True"]
+
+
 def test_build_module_does_not_import_dask():
     import subprocess
     import sys

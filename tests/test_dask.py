@@ -217,6 +217,26 @@ def test_threads_are_capped_inside_tasks(K, monkeypatch):
     assert (blas_threads(), numba.get_num_threads()) == before
 
 
+def test_tasks_take_turns_under_numbas_workqueue_layer(tmp_path):
+    """numba's workqueue layer aborts the process on concurrent parallel launches from threaded tasks."""
+    import subprocess
+
+    script = tmp_path / "workqueue_dask.py"
+    script.write_text(
+        "import dask, dask.array as da, numba, numpy as np, levstream as ls, levstream.dask as lsd\n"
+        "rng = np.random.default_rng(0)\n"
+        "K = rng.standard_normal((20_000, 4)) * (1 + rng.pareto(2.0, size=(20_000, 1)))\n"
+        "opts = dict(eps=0.02, p=4, exact=True, block_rows=500)  # the lifted Gram ingest runs a parallel kernel\n"
+        "one = ls.KeySketch(4, **opts).update_many(K).universal_set().ids\n"
+        "with dask.config.set(num_workers=2):\n"
+        "    sk = lsd.build_sketch(da.from_array(K, chunks=(500, 4)), scheduler='threads', **opts)\n"
+        "print(numba.threading_layer(), one.size > 0 and np.array_equal(sk.universal_set().ids, one))\n")
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["workqueue", "True"]
+
+
 # ------------------------------------------------------------------------------ distributed
 def _die_once(block: np.ndarray, marker: str) -> np.ndarray:
     """Kill the worker process computing this the first time (the marker file records that it happened)."""
