@@ -1,7 +1,8 @@
 """Key and query sources for the command line: ``.npy`` files, ``.npz`` members and raw rows on stdin.
 
-Every source is read in chunks of rows, so a ``.npy`` file larger than memory streams through a memory map,
-an ``.npz`` member streams through its (possibly compressed) zip entry, and stdin streams ``chunk`` rows at a
+Every source is read in chunks of rows, so a ``.npy`` file larger than memory streams (its header is read by
+``np.load(mmap_mode="r")``, its rows by plain reads, so the process never holds more than one chunk), an
+``.npz`` member streams through its (possibly compressed) zip entry, and stdin streams ``chunk`` rows at a
 time.  Each chunk comes out as a validated, C-contiguous float64 array; a problem (missing file, not an array,
 wrong shape or dtype, a non-finite value, stdin ending mid-row) raises :class:`InputError` with a message
 that names the source and, for bad values, the global row and column.
@@ -84,12 +85,30 @@ def _npy_source(path: str) -> KeySource:
         arr.close()
         raise InputError(f"{path} is an .npz archive; name the array as {path}:MEMBER (members: {names}).")
     dim = _check_array_header(path, arr.shape, arr.dtype)
+    n_rows = int(arr.shape[0])
+    if arr.flags.f_contiguous and not arr.flags.c_contiguous:  # column-major: rows are strided slices
+
+        def read_strided(chunk_rows: int) -> Iterator[np.ndarray]:
+            for start in range(0, n_rows, chunk_rows):
+                yield arr[start:start + chunk_rows]
+
+        return KeySource(path, dim, n_rows, read_strided)
+    # Row-major: plain reads after the header, so the process holds one chunk, never the mapped file.
+    offset, dtype = int(arr.offset), arr.dtype
+    del arr
 
     def read(chunk_rows: int) -> Iterator[np.ndarray]:
-        for start in range(0, arr.shape[0], chunk_rows):
-            yield arr[start:start + chunk_rows]
+        row_bytes = dim * dtype.itemsize
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            for start in range(0, n_rows, chunk_rows):
+                rows = min(chunk_rows, n_rows - start)
+                buf = fh.read(rows * row_bytes)
+                if len(buf) != rows * row_bytes:
+                    raise InputError(f"{path}: file is truncated at row {start + len(buf) // row_bytes}.")
+                yield np.frombuffer(buf, dtype=dtype).reshape(rows, dim)
 
-    return KeySource(path, dim, int(arr.shape[0]), read)
+    return KeySource(path, dim, n_rows, read)
 
 
 def _npz_source(path: str, member: str) -> KeySource:

@@ -184,8 +184,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"cannot add the keys to {args.output}: {_one_line(exc)}", EXIT_SKETCH) from None
     else:
+        from ._bench import single_threaded
+
         pos = start
-        with _progress(source.n_rows, args.quiet, f"build {os.path.basename(args.output)}") as bar:
+        # one stream runs on one core (--jobs N for more): multithreaded BLAS on tall-skinny blocks is
+        # erratic, up to 100x slower on a busy machine
+        with single_threaded(), _progress(source.n_rows, args.quiet,
+                                          f"build {os.path.basename(args.output)}") as bar:
             for chunk in _chunks(source, chunk_rows):
                 try:
                     sketch.update_many(chunk, offset=pos)
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=["float32", "float64"], help="element type of stdin input")
     where = build.add_mutually_exclusive_group()
     where.add_argument("--jobs", type=int, metavar="N",
-                       help="build N shards in parallel threads and merge them (levstream.build_sketch)")
+                       help="build N shards in parallel threads and merge them (levstream.build_sketch); "
+                            "without it keys are streamed on one core")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="build on a running Dask scheduler, e.g. tcp://host:8786 (levstream.dask."
                             "build_sketch; KEYS must be a .npy file every worker can read)")
