@@ -109,19 +109,16 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
     """
     split_every = check_int(split_every, "split_every", minimum=2)
     parts, dim, known_offsets, many = _partitions(keys)
+    starts = _check_offsets(offsets, len(parts)) if offsets is not None else known_offsets
+    options = partition_options(sketch_options, len(parts))
+    new_sketch(dim or 1, eps, p, options[0])  # validates eps, p and the options before anything runs
     client = _connect(scheduler)
     try:
         sched = client if client is not None else scheduler
-        if offsets is not None:
-            starts = _check_offsets(offsets, len(parts))
-        elif known_offsets is not None:
-            starts = known_offsets
-        else:
+        if starts is None:  # first pass: the length of every partition
             lengths = dask.compute(*[delayed(_partition_rows)(part, i, many) for i, part in enumerate(parts)],
                                    scheduler=sched)
             starts = [0, *np.cumsum(lengths[:-1], dtype=np.int64).tolist()]
-        options = partition_options(sketch_options, len(parts))
-        new_sketch(dim or 1, eps, p, options[0])  # validates eps, p and the options before any task runs
         leaves = [(delayed(_sketch_leaf)(part, start, i, dim, eps, p, opts, many), i, i)
                   for i, (part, start, opts) in enumerate(zip(parts, starts, options))]
         root, first, last = reduce_tree(leaves, _merge_node, split_every)

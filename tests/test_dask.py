@@ -164,6 +164,9 @@ def test_bad_arguments(K):
         lsd.build_sketch(delayed_chunks(K)[:2], eps=EPS, offsets=[0, -5])
     with pytest.raises(ValueError, match="eps must satisfy"):
         lsd.build_sketch(dask_array(K), eps=2.0)
+    never = [dask.delayed(pytest.fail)("a partition was computed before the arguments were checked")]
+    with pytest.raises(ValueError, match="eps must satisfy"):
+        lsd.build_sketch(never, eps=0.0, scheduler="sync")  # no first pass with bad arguments
     with pytest.raises(ValueError, match="rng= or seed=, not both"):
         lsd.build_sketch(dask_array(K), eps=EPS, rng=1, seed=2)
 
