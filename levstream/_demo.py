@@ -89,6 +89,8 @@ def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.nda
     Each worker also accumulates the Gram matrix of its chunks (the Gram-only baseline, and an independent
     Gram matrix for the check); their sum is returned with the sketches and the per-shard CPU times.
     """
+    from ._tree import numba_turn
+
     seeds = np.random.SeedSequence(args.seed).spawn(args.shards)  # per-shard sampling seeds (p != 2)
     queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(args.shards)]
 
@@ -99,9 +101,10 @@ def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.nda
         times = ShardTimes()
         while (item := queues[shard].get()) is not None:
             index, X = item
-            t0 = time.thread_time()  # CPU time of this thread: waiting for the GIL or a core is not counted
-            sketch.update_many(X, offset=index * CHUNK_ROWS)
-            t1 = time.thread_time()
+            with numba_turn():  # threads take turns only under numba's non-thread-safe workqueue layer
+                t0 = time.thread_time()  # CPU time of this thread: waiting for the GIL or a core is not counted
+                sketch.update_many(X, offset=index * CHUNK_ROWS)
+                t1 = time.thread_time()
             G += X.T @ X
             t2 = time.thread_time()
             times.sketch_s += t1 - t0
