@@ -166,6 +166,16 @@ def test_query_npz_output_equals_library_and_brute_force(files, keys, queries, c
     assert f"{len(truth):,} entries" in stdout
 
 
+def test_query_reads_queries_from_an_npz_member(files, queries, capsys):
+    sketch, _ = build(files, files / "K.npy", capsys=capsys)
+    np.savez(files / "Q.npz", first=queries[:3], queries=queries)
+    code, _, err = run(["query", files / "S.lvs", f"{files / 'Q.npz'}:queries", "-o", files / "h.npz"], capsys)
+    assert code == EXIT_OK, err
+    with np.load(files / "h.npz") as hits:
+        np.testing.assert_array_equal(hits["key_ids"], sketch.heavy_entries(queries).key_ids)
+        np.testing.assert_array_equal(hits["indptr"], sketch.heavy_entries(queries).indptr)
+
+
 def test_query_table_on_stdout_lists_every_entry(files, keys, queries, capsys):
     build(files, files / "K.npy", capsys=capsys)
     eps = 0.1
