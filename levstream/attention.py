@@ -28,7 +28,7 @@ from ._validation import as_real_array, check_eps, check_finite, check_int, chec
 __all__ = ["lev_attention", "selection_scores", "SELECTIONS"]
 
 #: Selection rules accepted by :func:`lev_attention` (see its docstring).
-SELECTIONS = ("leverage", "leverage_affine", "norm", "random", "first_last", "h2o", "oracle")
+SELECTIONS = ("leverage", "leverage_affine", "leverage_query", "norm", "random", "first_last", "h2o", "oracle")
 
 #: Number of sink keys kept by ``selection="first_last"`` (StreamingLLM keeps 4 initial tokens).
 FIRST_LAST_SINKS = 4
@@ -123,7 +123,7 @@ def _exact_power_normalizer(Q: np.ndarray, K: np.ndarray, p: float, causal: bool
 
 def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str = "softmax", p: float = 2,
                      scale: float | None = None, causal: bool = False, rng: Any = None,
-                     h2o_queries: int = 32) -> np.ndarray:
+                     h2o_queries: int = 32, query_rank: int = 2) -> np.ndarray:
     """Per-key selection scores used by :func:`lev_attention` (larger = kept first), shape ``(..., n)``.
 
     ``"first_last"`` has no score (it selects by position) and is rejected here.
@@ -148,7 +148,7 @@ def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str 
     batch = K.shape[:-2]
     Qf = Q.reshape((-1,) + Q.shape[-2:])
     Kf = K.reshape((-1,) + K.shape[-2:])
-    return _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries).reshape(batch + K.shape[-2:-1])
+    return _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank).reshape(batch + K.shape[-2:-1])
 
 
 def _sink_mask(always_keep: Any, n: int) -> np.ndarray:
@@ -178,13 +178,22 @@ def _check_score(score: Any, p: Any, scale: Any, d: int) -> tuple[str, float, fl
 
 
 def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, scale: float, causal: bool,
-            rng: Any, h2o_queries: int) -> np.ndarray:
+            rng: Any, h2o_queries: int, query_rank: int) -> np.ndarray:
     B, n, _ = K.shape
     m = Q.shape[1]
     if selection == "leverage":
         return _batched_leverage(K)
     if selection == "leverage_affine":
         return _batched_leverage(np.concatenate([K, np.ones((B, n, 1))], axis=2))
+    if selection == "leverage_query":
+        # Leverage of [K P, 1] with P the top query directions: the sensitivity of each key (affine, p = 2)
+        # when queries are restricted to the span of the dominant right singular vectors of Q.
+        r = check_int(query_rank, "query_rank", minimum=1)
+        cols = [np.ones((B, n, 1))]
+        if m:
+            vt = np.linalg.svd(Q, full_matrices=False)[2][:, :r]
+            cols.insert(0, K @ vt.transpose(0, 2, 1))
+        return _batched_leverage(np.concatenate(cols, axis=2))
     if selection == "norm":
         return np.sqrt(np.einsum("bnd,bnd->bn", K, K))
     if selection == "random":
@@ -201,7 +210,7 @@ def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, 
 def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: float | None = None,
                   score: str = "softmax", p: float = 2, scale: float | None = None,
                   selection: str = "leverage", normalizer: str = "selected", causal: bool = False,
-                  always_keep: Any = (), rng: Any = None, h2o_queries: int = 32,
+                  always_keep: Any = (), rng: Any = None, h2o_queries: int = 32, query_rank: int = 2,
                   return_indices: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention output over a selected set of keys per head (LevAttention, ALGORITHMS.md §7).
 
@@ -230,6 +239,9 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         * ``"leverage"``: leverage scores ``tau_j = k_j^T (K^T K)^+ k_j`` (the paper's rule);
         * ``"leverage_affine"``: leverage scores of ``[K, 1]``, invariant like softmax to adding one vector
           to every key;
+        * ``"leverage_query"``: leverage scores of ``[K P, 1]`` where ``P`` holds the top ``query_rank``
+          right singular vectors of ``Q``: the affine sensitivity of each key when queries are restricted
+          to their dominant directions (uses the queries, unlike the two rules above);
         * baselines: ``"norm"`` (largest ``||k_j||``), ``"random"`` (uniform, from ``rng``),
           ``"first_last"`` (StreamingLLM: the first ``min(4, top_k)`` keys as sinks plus the last ones as
           the window), ``"h2o"`` (H2O-style: attention mass accumulated from ``h2o_queries`` queries drawn
@@ -252,6 +264,8 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         Randomness for ``"random"`` and ``"h2o"``.
     h2o_queries : int, default 32
         Number of sampled queries for ``"h2o"``.
+    query_rank : int, default 2
+        Number of query directions for ``"leverage_query"``.
     return_indices : bool, default False
         Also return the selected key positions per head.
 
@@ -331,7 +345,7 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         idx = np.broadcast_to(pos, (B, k)).copy()
         counts = np.full(B, k, dtype=np.int64)
     else:
-        scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries)
+        scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank)
         if top_k is not None:
             k = min(top_k, n)
             ranked = np.where(sink[None, :], np.inf, scores)

@@ -102,6 +102,16 @@ def test_selection_rules_pick_the_defined_keys():
         np.testing.assert_array_equal(idx[b], [0, 1, 2, 3, 34, 35, 36, 37, 38, 39])
 
 
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_leverage_query_is_affine_leverage_along_top_query_directions(rank):
+    Q, K, V = qkv(shape=(2,), m=25, n=40, seed=16)
+    _, idx = ls.lev_attention(Q, K, V, top_k=10, selection="leverage_query", query_rank=rank, return_indices=True)
+    for b in range(2):
+        P = np.linalg.svd(Q[b])[2][:rank].T
+        tau = leverage_svd(np.hstack([K[b] @ P, np.ones((40, 1))]))
+        np.testing.assert_array_equal(idx[b], naive_top_k(tau, 10))
+
+
 def test_h2o_with_every_query_sampled_is_the_oracle_and_is_reproducible():
     Q, K, V = qkv(shape=(2,), m=20, n=40, seed=4)
     _, oracle = ls.lev_attention(Q, K, V, top_k=8, selection="oracle", return_indices=True)
