@@ -146,3 +146,23 @@ def test_coreset_shard_merge_recall(seed: int) -> None:
     assert truth <= merged.heavy_entries(Q).as_set()
     z = merged.normalizer(Q)
     assert np.abs(z / (np.abs(Q @ K.T) ** p).sum(axis=1) - 1).max() < merged.normalizer_summary.delta
+
+
+def test_coreset_sketch_chunking_and_row_updates_are_invariant() -> None:
+    # blocks are formed by the sketch's buffer, so with one seed the sampling sees the same blocks
+    K = heavy_tailed_keys(9000, 3, seed=6)
+    Q = _adversarial_queries(K, 6, m=12)
+
+    def answer(sk: ls.KeySketch) -> tuple:
+        return (sk.universal_set().ids.tolist(), sorted(sk.heavy_entries(Q).as_set()), sk.normalizer(Q).tolist())
+
+    ref = answer(ls.KeySketch(3, eps=0.05, p=1.5, rng=3, block_rows=1024).update_many(K))
+    chunked = ls.KeySketch(3, eps=0.05, p=1.5, rng=3, block_rows=1024)
+    for part in np.array_split(K, [5, 700, 701, 4000]):
+        chunked.update_many(part)
+    assert answer(chunked) == ref
+    rows = ls.KeySketch(3, eps=0.05, p=1.5, rng=3, block_rows=1024)
+    for x in K[:1500]:
+        rows.update(x)
+    rows.update_many(K[1500:])
+    assert answer(rows) == ref
