@@ -267,21 +267,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- query
-def top_entries(hits: Any, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR ``(indptr, key_ids, values)`` keeping the ``k`` largest entries of each row, largest first.
-
-    Ties are broken by the smaller key id.
+def top_entries(hits: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indptr, index)``: the ``k`` largest entries of each row of ``hits``, largest first, as a CSR
+    ``indptr`` and the positions of the kept entries in ``hits``' arrays.  Ties go to the smaller key id.
     """
     counts = np.minimum(np.diff(hits.indptr), k)
     indptr = np.zeros(hits.n_queries + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    key_ids = np.empty(indptr[-1], dtype=np.int64)
-    values = np.empty(indptr[-1])
-    for i, (ids, vals) in enumerate(hits):
-        order = np.lexsort((ids, -vals))[:k]
-        key_ids[indptr[i]:indptr[i + 1]] = ids[order]
-        values[indptr[i]:indptr[i + 1]] = vals[order]
-    return indptr, key_ids, values
+    index = np.empty(indptr[-1], dtype=np.int64)
+    for i in range(hits.n_queries):
+        start, stop = hits.indptr[i], hits.indptr[i + 1]
+        order = np.lexsort((hits.key_ids[start:stop], -hits.values[start:stop]))[:k]
+        index[indptr[i]:indptr[i + 1]] = start + order
+    return indptr, index
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -303,23 +301,34 @@ def cmd_query(args: argparse.Namespace) -> int:
                        f"{sketch.dim}.", EXIT_INPUT)
     hits = sketch.heavy_entries(Q, eps=eps)
     if args.top_k is None:
-        indptr, key_ids, values = hits.indptr, hits.key_ids, hits.values
+        indptr, index = hits.indptr, np.arange(len(hits))
     else:
-        indptr, key_ids, values = top_entries(hits, args.top_k)
+        indptr, index = top_entries(hits, args.top_k)
+    arrays = {"indptr": indptr, "key_ids": hits.key_ids[index], "values": hits.values[index]}
+    if hits.lower is not None:  # approximate normaliser (p != 2): bounds on the true values
+        arrays.update(lower=hits.lower[index], upper=hits.upper[index])
     if args.output is not None:
         try:
             with open(args.output, "wb") as fh:
-                np.savez(fh, indptr=indptr, key_ids=key_ids, values=values, eps=np.float64(hits.eps))
+                np.savez(fh, **arrays, eps=np.float64(hits.eps))
         except OSError as exc:
             raise CliError(f"cannot write {args.output}: {exc.strerror}.", EXIT_INPUT) from None
-        print(f"{args.output}: {key_ids.shape[0]:,} entries >= {hits.eps:g} for {Q.shape[0]:,} queries")
+        print(f"{args.output}: {index.shape[0]:,} entries >= {hits.eps:g} for {Q.shape[0]:,} queries")
         return EXIT_OK
     limit = "" if args.top_k is None else f" (at most {args.top_k} per query, largest first)"
-    print(f"# {key_ids.shape[0]:,} entries >= {hits.eps:g} for {Q.shape[0]:,} queries{limit}")
-    print(f"{'query':>8}  {'key_id':>12}  attention")
-    rows = np.repeat(np.arange(Q.shape[0]), np.diff(indptr))
-    sys.stdout.writelines(f"{i:>8}  {k:>12}  {v:.6g}\n" for i, k, v in zip(rows.tolist(), key_ids.tolist(),
-                                                                          values.tolist()))
+    print(f"# {index.shape[0]:,} entries >= {hits.eps:g} for {Q.shape[0]:,} queries{limit}")
+    columns = [np.repeat(np.arange(Q.shape[0]), np.diff(indptr)), arrays["key_ids"], arrays["values"]]
+    header = f"{'query':>8}  {'key_id':>12}  attention"
+    if hits.lower is not None:
+        print("# values use an approximate normaliser; the true value lies in [lower, upper]")
+        columns += [arrays["lower"], arrays["upper"]]
+        header += f"  {'lower':>10}  {'upper':>10}"
+    print(header)
+    if hits.lower is not None:
+        line = "{:>8}  {:>12}  {:<9.6g}  {:>10.6g}  {:>10.6g}\n"
+    else:
+        line = "{:>8}  {:>12}  {:.6g}\n"
+    sys.stdout.writelines(line.format(*row) for row in zip(*(c.tolist() for c in columns)))
     return EXIT_OK
 
 

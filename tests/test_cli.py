@@ -205,6 +205,25 @@ def test_query_top_k_keeps_the_largest_entries(files, keys, queries, capsys):
         np.testing.assert_allclose(values[indptr[i]:indptr[i + 1]], [v for v, _ in row], rtol=VALUE_RTOL)
 
 
+def test_query_general_p_reports_bounds_that_hold(files, keys, queries, capsys):
+    p = 3.0
+    code, _, err = run(["build", files / "K.npy", "-o", files / "p3.lvs", "--eps", EPS, "--p", p, "--quiet"],
+                       capsys)
+    assert code == EXIT_OK, err
+    code, stdout, err = run(["query", files / "p3.lvs", files / "Q.npy", "-o", files / "p3.npz"], capsys)
+    assert code == EXIT_OK, err
+    B = np.abs(queries @ keys.T) ** p
+    A = B / B.sum(axis=1, keepdims=True)
+    with np.load(files / "p3.npz") as hits:
+        rows = np.repeat(np.arange(queries.shape[0]), np.diff(hits["indptr"]))
+        true = A[rows, hits["key_ids"]]
+        assert np.all(hits["lower"] <= true * (1 + 1e-12)) and np.all(true <= hits["upper"] * (1 + 1e-12))
+        got = set(zip(rows.tolist(), hits["key_ids"].tolist()))
+    assert {(int(i), int(j)) for i, j in zip(*np.nonzero(A >= EPS))} <= got  # no heavy entry missed
+    code, stdout, err = run(["query", files / "p3.lvs", files / "Q.npy"], capsys)
+    assert "lower" in stdout.splitlines()[2] and "upper" in stdout.splitlines()[2]
+
+
 def test_info_reports_the_sketch(files, keys, capsys):
     sketch, _ = build(files, files / "K.npy", capsys=capsys)
     code, stdout, err = run(["info", files / "S.lvs"], capsys)
@@ -449,7 +468,7 @@ def test_bench_quick_table(capsys):
 def test_top_entries_orders_by_value_then_id():
     hits = ls.HeavyEntries.from_counts(np.array([3, 0, 2]), np.array([1, 5, 9, 2, 4]),
                                        np.array([0.2, 0.5, 0.2, 0.3, 0.3]), 0.1)
-    indptr, ids, vals = cli.top_entries(hits, 2)
+    indptr, index = cli.top_entries(hits, 2)
     assert indptr.tolist() == [0, 2, 2, 4]
-    assert ids.tolist() == [5, 1, 2, 4]
-    assert vals.tolist() == [0.5, 0.2, 0.3, 0.3]
+    assert hits.key_ids[index].tolist() == [5, 1, 2, 4]
+    assert hits.values[index].tolist() == [0.5, 0.2, 0.3, 0.3]
