@@ -19,8 +19,9 @@ def leverage_scores(K: Any) -> np.ndarray:
     """Leverage scores ``tau_j = k_j^T (K^T K)^+ k_j`` of the rows of ``K``.
 
     Computed from the thin SVD of the R factor of ``K`` (so the condition number is not squared), with the
-    pseudo-inverse rank tolerance ``max(n, d) * eps_machine * sigma_max``: rank-deficient ``K`` gives scores
-    summing to its numerical rank.
+    pseudo-inverse rank tolerance ``max(n, d) * eps_machine * sigma_max`` applied after scaling every
+    non-zero column to max-abs 1 (scores are invariant under column scaling): rank-deficient ``K`` gives
+    scores summing to its numerical rank.
 
     Parameters
     ----------
@@ -38,13 +39,19 @@ def leverage_scores(K: Any) -> np.ndarray:
     """
     K = as_matrix(K, "K")
     n, d = K.shape
+    # tau is invariant under column scaling (ALGORITHMS.md §2): decide the rank on the column-equilibrated
+    # matrix, so that a direction carried only by tiny entries is not mistaken for rounding noise.
+    col_max = np.abs(K).max(axis=0)
+    live = col_max > 0
+    if not live.any():
+        return np.zeros(n)
+    K = K[:, live] / col_max[live]
+    d = K.shape[1]
     if n > d:
         R = sla.qr(K, mode="r", check_finite=False)[0][:d]
     else:
         R = K
     _, s, vt = sla.svd(R, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-    if s.size == 0 or s[0] == 0.0:
-        return np.zeros(n)
     tol = max(n, d) * 2 * UNIT_ROUNDOFF * s[0]
     r = int((s > tol).sum())
     Y = K @ (vt[:r].T / s[:r])

@@ -13,10 +13,13 @@ def leverage_svd(K: np.ndarray, rcond: float | None = None) -> np.ndarray:
     """``tau_j = ||U_j||^2`` for the left singular vectors of ``K`` above a relative rank tolerance.
 
     Pseudo-inverse semantics: the tolerance is ``max(n, d) * eps_machine * sigma_max`` (NumPy's
-    ``matrix_rank`` default) unless ``rcond`` is given.
+    ``matrix_rank`` default) unless ``rcond`` is given.  tau is invariant under scaling a column, so the
+    rank is decided on ``K`` with every non-zero column scaled to max-abs 1.
     """
     K = np.asarray(K, dtype=np.float64)
     n, d = K.shape
+    col_max = np.abs(K).max(axis=0) if n else np.zeros(d)
+    K = K[:, col_max > 0] / col_max[col_max > 0]
     U, s, _ = np.linalg.svd(K, full_matrices=False)
     if s.size == 0 or s[0] == 0.0:
         return np.zeros(n)

@@ -182,6 +182,27 @@ def test_row_outside_the_current_span_scores_one():
     assert hits.key_ids.tolist() == [150] and hits.values[0] == pytest.approx(1.0, rel=VALUE_RTOL)
 
 
+@pytest.mark.parametrize("rank_deficient", [False, True])
+@pytest.mark.parametrize("tiny", [1e-20, 1e-68])
+def test_key_alone_in_a_direction_at_a_tiny_scale_is_heavy(tiny, rank_deficient):
+    """tau is invariant under scaling a column (ALGORITHMS.md §2): a key that alone carries direction e1 has
+    tau = 1 however small its entry, and the query e1 sees A = 1 on it in the dense attention.  A rank
+    tolerance relative to sigma_max over *all* columns would call it numerically zero and lose it."""
+    d = 3 if rank_deficient else 2  # a zero column makes the keys rank-deficient (R-factor path)
+    K = np.zeros((6, d))
+    K[[0, 2, 3, 4, 5], 1] = [1.0, 2.0, -1.0, 0.5, 3.0]
+    K[1, 0] = tiny
+    q = np.eye(d)[[0]]
+    assert naive.dense_heavy(q, K, 0.1) == {(0, 1): 1.0}
+    np.testing.assert_allclose(ls.leverage_scores(K)[1], 1.0, rtol=1e-12)
+    for block_rows in (None, 1):
+        sk = ls.KeySketch(d, eps=0.1, block_rows=block_rows).update_many(K)
+        assert 1 in sk.universal_set()
+        hits = sk.heavy_entries(q)
+        assert hits.as_set() == {(0, 1)} and hits.values[0] == pytest.approx(1.0, rel=VALUE_RTOL)
+        assert sk.normalizer(q)[0] == pytest.approx(tiny**2, rel=1e-12)
+
+
 def test_queries_orthogonal_to_every_key_have_no_entries():
     rng = np.random.default_rng(9)
     d = 6

@@ -42,6 +42,14 @@ def test_leverage_scores_invariant_under_invertible_column_transform():
     np.testing.assert_allclose(ls.leverage_scores(K @ G), ls.leverage_scores(K), rtol=1e-9)
 
 
+def test_leverage_scores_invariant_under_extreme_column_scaling():
+    """tau(K D) = tau(K) for any invertible diagonal D, even when D spans 1e-60 .. 1e60 (ALGORITHMS.md §2)."""
+    K = heavy_tailed_keys(300, 6, seed=10)
+    D = np.array([1e-60, 1e-20, 1.0, 1e3, 1e30, 1e60])
+    np.testing.assert_allclose(ls.leverage_scores(K * D), ls.leverage_scores(K), rtol=1e-9)
+    np.testing.assert_allclose(naive.leverage_svd(K * D), naive.leverage_svd(K), rtol=1e-9)
+
+
 @pytest.mark.parametrize("eps", [0.01, 0.05, 0.3])
 def test_offline_universal_set_matches_naive(eps):
     K = heavy_tailed_keys(2000, 8, seed=7)

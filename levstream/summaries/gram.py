@@ -6,9 +6,9 @@ Two representations, chosen automatically (ALGORITHMS.md §3, "Numerics"):
   BLAS-3 rank-``b`` update per block.  Scores by Cholesky.  Used while the equilibrated ``G`` has condition
   number at most ``GRAM_KAPPA_MAX`` so that scores stay accurate to ``rel_error``.
 * **R factor** (robust path): ``R`` with ``R^T R = G`` updated by TSQR, ``R <- qr([R; X]).R``.  Scores by the
-  SVD of ``R`` with pseudo-inverse semantics (relative rank tolerance ``max(n, d) * eps_machine``), accurate
-  up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for rank-deficient or ill-conditioned keys; the summary
-  returns to the Gram path when the conditioning allows.
+  SVD of the column-equilibrated ``R`` with pseudo-inverse semantics (relative rank tolerance
+  ``max(n, d) * eps_machine``), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for
+  rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
 
 The switch from Gram to R happens *before* an ill-conditioned block is folded into ``G``: the previous ``G``
 was well-conditioned, so its Cholesky factor is accurate, and the block is then added by QR.
@@ -220,11 +220,20 @@ class GramSummary:
                 self._factor = ("chol", L, self.rel_error)
             else:
                 assert self._r is not None
-                _, s, vt = sla.svd(self._r, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-                tol = max(self.n_rows, d) * 2 * UNIT_ROUNDOFF * (s[0] if s.size else 0.0)
-                rank = int((s > tol).sum())
-                W = vt[:rank].T / s[:rank]
-                kappa = float(s[0] / s[rank - 1]) if rank else 1.0
+                # Rank decided on the column-equilibrated R (scores are invariant under column scaling), so a
+                # direction carried only by tiny keys is not mistaken for rounding noise.
+                col_max = np.abs(self._r).max(axis=0)
+                live = col_max > 0
+                W = np.zeros((d, 0))
+                kappa = 1.0
+                if live.any():
+                    _, s, vt = sla.svd(self._r[:, live] / col_max[live], full_matrices=False, check_finite=False,
+                                       lapack_driver="gesdd")
+                    tol = max(self.n_rows, d) * 2 * UNIT_ROUNDOFF * s[0]
+                    rank = int((s > tol).sum())
+                    W = np.zeros((d, rank))
+                    W[live] = vt[:rank].T / s[:rank] / col_max[live][:, None]
+                    kappa = float(s[0] / s[rank - 1])
                 self._factor = ("pinv", np.ascontiguousarray(W), 4.0 * d * UNIT_ROUNDOFF * kappa)
         return self._factor
 
@@ -280,14 +289,14 @@ class GramSummary:
         if self.mode == "gram":
             G = self._hi + self._lo
             z = np.einsum("ij,ij->i", Q @ G, Q)
-            trace = float(np.trace(G))
+            diag = np.diag(G)
         else:
             assert self._r is not None
             T = Q @ self._r.T
             z = np.einsum("ij,ij->i", T, T)
-            trace = float((self._r * self._r).sum())
-        qq = np.einsum("ij,ij->i", Q, Q)
-        floor = (self.dim * UNIT_ROUNDOFF) ** 2 * qq * trace
+            diag = (self._r * self._r).sum(axis=0)
+        # scale-aware (per column) so that a query along a direction carried only by tiny keys keeps its Z
+        floor = (self.dim * UNIT_ROUNDOFF) ** 2 * ((Q * Q) @ diag)
         z[z <= floor] = 0.0
         return z
 
