@@ -252,13 +252,13 @@ def run_demo(args: argparse.Namespace) -> bool:
     gram_s = sum(t.gram_s for t in times)
     bound = "d/eps" if args.p <= 2 else "d^(p/2)/eps"
 
-    from .cli import print_table
+    from .cli import format_bytes, print_table
 
     print()
     print_table([
         ("keys streamed n", f"{sketch.n:,}"),
         ("universal set |U|", f"{len(U):<8,} (bound {bound} = {U.size_bound:,.0f})"),
-        ("sketch vs raw keys", f"{_size(sketch_bytes)} vs {_size(raw_bytes)}".ljust(22)
+        ("sketch vs raw keys", f"{format_bytes(sketch_bytes)} vs {format_bytes(raw_bytes)}".ljust(22)
                                + f" ({raw_bytes / sketch_bytes:,.0f}x smaller)"),
         ("build vs Gram-only [1]", f"{_seconds(sketch_s)} vs {_seconds(gram_s)}".ljust(22)
                                    + f" ({sketch_s / gram_s:.2f}x)"),
@@ -302,10 +302,3 @@ def run_demo(args: argparse.Namespace) -> bool:
 
 def _seconds(t: float) -> str:
     return f"{t * 1e3:.1f} ms" if t < 1 else f"{t:.2f} s"
-
-
-def _size(nbytes: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:,.1f} {unit}"
-    return f"{nbytes:,.0f} B"

@@ -132,15 +132,19 @@ def _progress(total: int | None, quiet: bool, desc: str) -> Any:
                 dynamic_ncols=True, leave=False)
 
 
-def print_table(rows: Sequence[tuple[str, str]], file: Any = None) -> None:
+def print_table(rows: Sequence[tuple[str, str]]) -> None:
     """Print ``(label, value)`` pairs as two aligned columns."""
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
-        print(f"  {label:<{width}}  {value}", file=file or sys.stdout)
+        print(f"  {label:<{width}}  {value}")
 
 
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} kB"
+def format_bytes(nbytes: float) -> str:
+    """``nbytes`` in B, kB, MB or GB (powers of 1000)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes:,.0f} B"
 
 
 # ---------------------------------------------------------------------- build
@@ -204,7 +208,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     U = sketch.universal_set()  # settles the sketch: buffered rows are folded in before saving
     _save_sketch(sketch, args.output)
     print(f"{args.output}: n={sketch.n:,} keys, dim={sketch.dim}, eps={sketch.eps:g}, p={sketch.p:g}, "
-          f"|U|={len(U):,}, {_mb(os.path.getsize(args.output))}")
+          f"|U|={len(U):,}, {format_bytes(os.path.getsize(args.output))}")
     return EXIT_OK
 
 
@@ -262,7 +266,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     U = merged.universal_set()
     _save_sketch(merged, args.output)
     print(f"{args.output}: merged {len(args.sketches)} sketches, n={merged.n:,} keys, |U|={len(U):,}, "
-          f"{_mb(os.path.getsize(args.output))}")
+          f"{format_bytes(os.path.getsize(args.output))}")
     return EXIT_OK
 
 
