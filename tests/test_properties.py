@@ -23,12 +23,16 @@ def key_matrices(draw, max_rows: int = 60, max_dim: int = 5):
     n = draw(st.integers(1, max_rows))
     entries = draw(st.lists(st.integers(-3, 3), min_size=n * d, max_size=n * d))
     scales = draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, 10.0, 1e-3]), min_size=n, max_size=n))
-    return np.array(entries, dtype=np.float64).reshape(n, d) * np.array(scales)[:, None]
+    # scores are invariant under column scaling: columns of very different magnitude must not matter
+    col_scales = draw(st.lists(st.sampled_from([1.0, 1.0, 1e-30, 1e25]), min_size=d, max_size=d))
+    return np.array(entries, dtype=np.float64).reshape(n, d) * np.array(scales)[:, None] * np.array(col_scales)
 
 
 def _tie_rtol(K: np.ndarray) -> float:
-    """The DESIGN.md tie band, widened to the accuracy any float64 method has on this K (about kappa * u)."""
-    s = np.linalg.svd(K, compute_uv=False)
+    """The DESIGN.md tie band, widened to the accuracy any float64 method has on this K (about kappa * u,
+    kappa of the column-equilibrated K, which governs the accuracy of scale-invariant scores)."""
+    col_max = np.abs(K).max(axis=0)
+    s = np.linalg.svd(K[:, col_max > 0] / col_max[col_max > 0], compute_uv=False)
     s = s[s > max(K.shape) * np.finfo(float).eps * (s[0] if s.size else 0.0)]
     kappa = float(s[0] / s[-1]) if s.size else 1.0
     return max(TIE_RTOL, COND_TIE_RTOL * kappa)
