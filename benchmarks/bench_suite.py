@@ -64,7 +64,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "memory_n": [10_000, 20_000], "usize_n": [20_000], "usize_eps": [0.01, 0.1],
     },
     "quick": {
-        "build_n": [100_000, 400_000], "build_d": [32, 64, 128], "build_repeats": 2,
+        "build_n": [200_000, 1_000_000], "build_d": [32, 64, 128], "build_repeats": 2,
         "query_n": [100_000, 1_000_000], "query_m": 500, "query_repeats": 1, "topk_k": [1, 10, 100],
         "memory_n": [100_000, 1_000_000, 3_000_000],
         "usize_n": [100_000, 1_000_000], "usize_eps": [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1],
@@ -112,6 +112,16 @@ def thread_label(limit: int | None) -> str:
     return "default" if limit is None else f"{limit} thread"
 
 
+def git_revision() -> str:
+    """The checkout's commit (``-dirty`` when the working tree has uncommitted changes)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     import numba
     import scipy
@@ -132,6 +142,7 @@ def machine_info() -> dict[str, Any]:
         "threadpools": [f"{p['internal_api']} {p.get('version') or ''} ({p['prefix']}): {p['num_threads']} threads"
                         for p in threadpool_info()],
         "load_average_start": os.getloadavg(),
+        "git": git_revision(),
     }
     try:
         import faiss
@@ -332,28 +343,53 @@ def bench_query(cfg: dict[str, Any], dim: int = 64) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- memory
+def peak_rss_bytes() -> int:
+    """High-water RSS of this process image.
+
+    ``VmHWM`` of ``/proc/self/status`` belongs to the address space, which ``exec`` replaces; ``ru_maxrss``
+    does not reset on ``exec`` (a child started from a large parent inherits the parent's peak), so it is
+    only the fallback off Linux.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def memory_child(n: int, dim: int) -> dict[str, Any]:
-    """Run in a fresh process: stream n keys into a sketch; report RSS and tracemalloc peaks."""
+    """Run in a fresh process: stream n keys into a sketch; report RSS and tracemalloc peaks.
+
+    The tracemalloc peak is taken over the sketch calls only (``update_many`` and the final
+    ``universal_set``), reset before each call, so it counts the chunk being processed plus everything the
+    sketch allocates, and not the temporaries of the key generator.
+    """
     import tracemalloc
 
     import psutil
 
     warm_jit(dim)
-    proc = psutil.Process()
-    rss_before = proc.memory_info().rss
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_before = psutil.Process().memory_info().rss
+    peak_before = peak_rss_bytes()
     tracemalloc.start()
+    traced_peak = 0
     t0 = time.perf_counter()
     sk = ls.KeySketch(dim, eps=EPS)
     for chunk in attention_like_keys(n, dim, seed=SEED):
+        tracemalloc.reset_peak()
         sk.update_many(chunk)
+        traced_peak = max(traced_peak, tracemalloc.get_traced_memory()[1])
+        del chunk
+    tracemalloc.reset_peak()
     U = sk.universal_set()
+    traced_peak = max(traced_peak, tracemalloc.get_traced_memory()[1])
     seconds = time.perf_counter() - t0
-    _, traced_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return {"n": n, "d": dim, "eps": EPS, "u_size": len(U), "sketch_nbytes": sk.nbytes,
-            "rss_before": rss_before, "peak_rss_before": peak_before,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "rss_before": rss_before, "peak_rss_before": peak_before, "peak_rss": peak_rss_bytes(),
             "tracemalloc_peak": traced_peak, "seconds": seconds}
 
 
@@ -413,6 +449,7 @@ def make_plots(res: dict[str, Any], img_dir: Path) -> list[str]:
         ax.axhline(1.3, color="grey", ls="--", lw=1, label="target 1.3")
         ax.axhline(1.0, color="black", ls=":", lw=1, label="floor (Gram-only)")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("keys streamed n")
         ax.set_ylabel("build time / Gram-only time")
         ax.set_title(f"Build cost vs the Gram update (p = 2, eps = {EPS:g})")
@@ -485,7 +522,8 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
     info = res["machine"]
     lines = ([SECTION_TITLE, ""] if title else []) + [
         SECTION_BEGIN,
-        f"Command: `{res['command']}` ({res['mode']} mode, {res['date']}, {res['wall_s']:.0f} s wall).", "",
+        f"Command: `{res['command']}` ({res['mode']} mode, {res['date']}; last run {res['wall_s']:.0f} s wall; "
+        f"levstream at commit {info.get('git', 'unknown')}).", "",
         f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, Python {info['python']}, NumPy "
         f"{info['numpy']}, SciPy {info['scipy']}, numba {info['numba']} ({info['numba_threads']} threads), "
         f"faiss {info.get('faiss')} ({info.get('faiss_omp_threads')} OpenMP threads). "
@@ -544,9 +582,10 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
         lines += [
             "### Peak memory vs n", "",
             "Each n streams into a sketch in a fresh process (d = 64, eps = 0.01, 65 536-row chunks generated "
-            "on the fly). Peak RSS includes the interpreter, NumPy/SciPy/numba and the chunk being generated; "
-            "tracemalloc peak counts the Python/NumPy allocations made while streaming. DESIGN.md target: "
-            "peak RSS at n = 1e7 within 1.05x of n = 1e5.", "",
+            "on the fly). Peak RSS (VmHWM) includes the interpreter, NumPy/SciPy/numba and the key "
+            "generator's temporaries; the tracemalloc peak is taken over the sketch calls only and counts the "
+            "32 MiB chunk being processed plus everything the sketch allocates. DESIGN.md target: peak RSS "
+            "at n = 1e7 within 1.05x of n = 1e5.", "",
             "| n | RSS before streaming | peak RSS | tracemalloc peak | sketch nbytes | \\|U\\| | "
             "raw keys (float64) | stream time |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -610,7 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.memory_child is not None:
-        print(json.dumps(memory_child(args.memory_child, args.dim)))
+        with blas_threads(1):  # memory does not depend on threads; one thread is fastest on a loaded box
+            print(json.dumps(memory_child(args.memory_child, args.dim)))
         return 0
 
     mode_name = "full" if args.full else "smoke" if args.smoke else "quick"
@@ -623,9 +663,15 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads((args.out_dir / f"bench_suite_{mode_name}.json").read_text())
         return write_outputs(res, args, mode_name)
     t_start = time.perf_counter()
+    command = "python benchmarks/bench_suite.py " + " ".join(argv if argv is not None else sys.argv[1:])
     res: dict[str, Any] = {"mode": mode_name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                           "command": "python benchmarks/bench_suite.py " + " ".join(argv or sys.argv[1:]),
-                           "machine": machine_info(), "config": cfg}
+                           "command": command, "machine": machine_info(), "config": cfg}
+    saved = args.out_dir / f"bench_suite_{mode_name}.json"
+    if set(sections) != {"build", "query", "memory", "usize"} and saved.exists():
+        # a subset run refreshes those sections of the saved record and keeps the others
+        previous = json.loads(saved.read_text())
+        res = {**previous, "date": res["date"], "machine": res["machine"], "config": cfg,
+               "command": f"{previous['command']}, then {command}"}
     log(f"levstream bench suite ({mode_name}): {res['machine']['cpu']}; {res['machine']['threadpools']}")
     if "build" in sections:
         res["build"] = bench_build(cfg)
