@@ -304,3 +304,23 @@ def test_scale_invariance_near_1e150(scale):
     np.testing.assert_allclose(sk.normalizer(Q) / scale**2, naive.dense_normalizer(Q, K), rtol=1e-9)
     # rescaled queries (their inner products with the keys stay representable) see the same entries
     assert sk.heavy_entries(Q / np.sqrt(scale)).as_set() == hits.as_set()
+
+
+@pytest.mark.parametrize("block_rows", [16, 256])
+def test_stream_switching_between_gram_and_r_factor_paths(block_rows):
+    """Rank-one prefix (R-factor path), an ill-conditioned stretch, then well-spread keys (back to the Gram
+    path), then zero rows and duplicates: one pass still gives exactly the offline set."""
+    rng = np.random.default_rng(12)
+    d, eps = 6, 0.01
+    rank_one = np.outer(rng.standard_normal(300), rng.standard_normal(d))
+    ill, _ = _ill_conditioned(600, d, seed=12)
+    spread = heavy_tailed_keys(1500, d, seed=12)
+    K = np.vstack([rank_one, ill, spread, np.zeros((20, d)), spread[:7]])
+    tau = naive.leverage_svd(K)
+    assert_no_ties(tau, eps)
+    sk = ls.KeySketch(d, eps=eps, block_rows=block_rows)
+    for part in np.array_split(K, 23):
+        sk.update_many(part)
+    assert_matches_offline(sk.universal_set().ids, tau, eps)
+    Q = rng.standard_normal((25, d))
+    assert_heavy_matches_dense(sk.heavy_entries(Q), naive.dense_heavy(Q, K, eps), eps)
