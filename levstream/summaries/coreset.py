@@ -8,8 +8,10 @@ the row's sensitivity with respect to the rows it is sampled among:
 * **online** (every new row): ``b_j = (1 + delta) c_p (k_j^T M^-1 k_j)^(p/2)``, ``M`` the Lewis form
   ``S^T W^(1-2/p) S`` of the coreset of the prefix (``W`` its Lewis weights, ``c_p = d^max(0, p/2-1)``).
   It bounds ``|<k_j,q>|^p / Z_prefix(q)`` (ALGORITHMS.md §2, key outside a matrix), so the row's term has
-  conditional variance at most ``Z(q)^2 / beta`` summed over the stream.  A norm bound
-  ``||k||^2 / lambda_min(M)`` decides most rows without a solve (rejection sampling, same distribution).
+  conditional variance at most ``Z(q)^2 / beta`` summed over the stream.  The equilibrated norm bound
+  ``||D^-1/2 k||^2 / lambda_min(D^-1/2 M D^-1/2)`` (``D = diag M``) decides most rows without a solve
+  (rejection sampling: the same distribution).  ``M`` may be stale (computed from an earlier, smaller
+  coreset of the same stream): the bound stays valid because ``Z`` only grows.
 * **reduce** (merge-and-reduce): when the coreset exceeds ``capacity`` rows it is re-sampled with
   ``b_j = c_p w_j`` (its own Lewis weights), which halves it; a merge of two summaries concatenates the
   coresets (the same tree operation) and reduces when needed.
@@ -32,7 +34,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg as sla
 
-from .._config import UNIT_ROUNDOFF
+from .._config import LAMBDA_SAFETY, UNIT_ROUNDOFF
+from .._kernels.rows import scaled_sq_norms
 from ..lewis import LewisWeights, lewis_constant, lewis_weights
 
 #: ``beta * c_p`` used when no ``failure_prob`` is given (practical default; see module docstring).  Measured
@@ -63,6 +66,7 @@ class _LewisForm:
         self.n_rows = S.shape[0]
         if S.shape[0] == 0:
             self.vecs, self.vals, self.inflate = np.zeros((dim, 0)), np.zeros(0), 1.0
+            self._set_derived()
             return
         if info is None:
             info = lewis_weights(S, p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True)
@@ -73,20 +77,32 @@ class _LewisForm:
         tol = dim * 64 * UNIT_ROUNDOFF * max(float(vals[-1]), 0.0)
         sel = vals > tol
         self.vecs, self.vals = np.ascontiguousarray(vecs[:, sel]), vals[sel]
+        self._set_derived()
         # weights off by exp(+-e) change k^T M^-1 k by at most exp(|1 - 2/p| e), the bound by its p/2 power
         self.inflate = float(np.exp(abs(p / 2.0 - 1.0) * info.error_bound) * (1.0 + 1e-9))
 
-    @property
-    def lambda_min(self) -> float:
-        return float(self.vals[0]) if self.vals.size else 0.0
+    def _set_derived(self) -> None:
+        """Whitening matrix ``V / sqrt(vals)`` and, for full rank, the equilibrated norm bound
+        ``k^T M^-1 k <= ||D^-1/2 k||^2 / lambda_min(D^-1/2 M D^-1/2)`` (``D = diag M``), all from ``(vecs, vals)``
+        so that a restored form is bit-identical."""
+        self.whiten = np.ascontiguousarray(self.vecs / np.sqrt(self.vals)) if self.vals.size else self.vecs
+        self.scale, self.lam_eq = np.zeros(self.vecs.shape[0]), 0.0
+        if self.vals.size == self.vecs.shape[0] and self.vals.size:
+            M = (self.vecs * self.vals) @ self.vecs.T
+            diag = np.diag(M).copy()
+            if (diag > 0).all():
+                s = 1.0 / np.sqrt(diag)
+                self.scale = s
+                self.lam_eq = float(sla.eigvalsh(M * s[:, None] * s[None, :], check_finite=False)[0])
 
     def quad(self, rows: np.ndarray) -> np.ndarray:
         """``k^T M^+ k`` per row, ``inf`` for rows with a component outside the span of ``S``."""
-        Y = rows @ self.vecs
-        quad = np.einsum("ij,ij->i", Y / self.vals, Y)
-        outside = np.einsum("ij,ij->i", rows, rows) - np.einsum("ij,ij->i", Y, Y)
-        norms = np.einsum("ij,ij->i", rows, rows)
-        quad[outside > 1e-10 * norms] = np.inf
+        W = rows @ self.whiten
+        quad = np.einsum("ij,ij->i", W, W)
+        if self.vals.size < rows.shape[1]:
+            Y = rows @ self.vecs
+            norms = np.einsum("ij,ij->i", rows, rows)
+            quad[norms - np.einsum("ij,ij->i", Y, Y) > 1e-10 * norms] = np.inf
         return quad
 
 
@@ -213,12 +229,15 @@ class CoresetSummary:
         return np.minimum(1.0, b)
 
     def _norm_bounds(self, X: np.ndarray) -> np.ndarray:
-        """``(1 + delta) c_p (||k||^2 / lambda_min)^(p/2) >= scores`` (the exact scores when ``M`` is singular)."""
+        """``(1 + delta) c_p (||D^-1/2 k||^2 / lambda_eq)^(p/2) >= scores`` (the equilibrated norm bound of
+        ALGORITHMS.md §3 for the Lewis form; the exact scores when ``M`` is singular)."""
         if self._form.vals.size < self.dim:
             return self.scores(X)
-        sq = np.einsum("ij,ij->i", X, X)
+        if not self._form.lam_eq > 0:
+            return np.ones(X.shape[0])
+        sq = scaled_sq_norms(X, self._form.scale)
         with np.errstate(over="ignore"):
-            b = self._factor() * (sq / (self._form.lambda_min * (1.0 - 1e-9))) ** (0.5 * self.p)
+            b = self._factor() * (sq / (self._form.lam_eq * LAMBDA_SAFETY)) ** (0.5 * self.p)
         return np.minimum(1.0, b)
 
     def prefilter(self, X: np.ndarray, threshold: float) -> np.ndarray:
@@ -353,6 +372,7 @@ class CoresetSummary:
         form = _LewisForm.__new__(_LewisForm)
         form.n_rows, form.inflate = int(meta["form_rows"]), float(meta["form_inflate"])
         form.vecs, form.vals = vecs.copy(), vals.copy()
+        form._set_derived()
         out._form = form
         bitgen = np.random.PCG64()
         bitgen.state = meta["rng"]
