@@ -17,7 +17,7 @@ import scipy.linalg as sla
 from ._config import UNIT_ROUNDOFF
 from ._validation import as_matrix, check_int, check_p, check_real
 
-__all__ = ["LewisWeights", "lewis_weights", "sensitivity_bounds", "lewis_constant"]
+__all__ = ["LewisWeights", "lewis_constant", "lewis_weights", "sensitivity_bounds"]
 
 
 class LewisConvergenceError(RuntimeError):

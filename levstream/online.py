@@ -92,7 +92,7 @@ class OnlineLeverageSampler:
         S = self._rows[: self._m]
         return S.T @ S
 
-    def update_many(self, X: Any) -> "OnlineLeverageSampler":
+    def update_many(self, X: Any) -> OnlineLeverageSampler:
         """Stream the rows of ``X`` (shape (m, dim)) in order; returns ``self``."""
         X = as_matrix(X, "X", self.dim)
         uniforms = self._rng.random(X.shape[0])
@@ -109,11 +109,11 @@ class OnlineLeverageSampler:
             self._m = need
         return self
 
-    def update(self, x: Any) -> "OnlineLeverageSampler":
+    def update(self, x: Any) -> OnlineLeverageSampler:
         """Stream one row; returns ``self``."""
         return self.update_many(np.asarray(x, dtype=float).reshape(1, -1) if np.ndim(x) == 1 else x)
 
-    def merge(self, other: "OnlineLeverageSampler") -> "OnlineLeverageSampler":
+    def merge(self, other: OnlineLeverageSampler) -> OnlineLeverageSampler:
         """Concatenate the sample of ``other`` (a disjoint stream); ``ridge`` becomes the sum of both."""
         if not isinstance(other, OnlineLeverageSampler):
             raise TypeError(f"can only merge an OnlineLeverageSampler; got {type(other).__name__} instead.")
@@ -127,7 +127,7 @@ class OnlineLeverageSampler:
         self._minv = np.linalg.inv(S.T @ S + self.ridge * np.eye(self.dim))
         return self
 
-    def copy(self) -> "OnlineLeverageSampler":
+    def copy(self) -> OnlineLeverageSampler:
         out = OnlineLeverageSampler.__new__(OnlineLeverageSampler)
         out.__dict__.update(self.__dict__)
         out._rows = self._rows[: self._m].copy()

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import heavy_tailed_keys
 
 from levstream.summaries import CoresetSummary
 from levstream.summaries.coreset import oversampling_for
-
-from conftest import heavy_tailed_keys
 
 
 def true_normalizer(Q: np.ndarray, K: np.ndarray, p: float) -> np.ndarray:

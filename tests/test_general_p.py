@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import heavy_tailed_keys
 
 import levstream as ls
-
-from conftest import heavy_tailed_keys
 
 #: Seeds of the probabilistic (coreset) tests: recall must be 1.0 on every one of them.
 CORESET_SEEDS = (0, 1, 2, 3, 4)
@@ -15,7 +14,7 @@ CORESET_SEEDS = (0, 1, 2, 3, 4)
 
 def naive_lift(X: np.ndarray) -> np.ndarray:
     """phi(x) = (x_a x_b)_{a<=b}, off-diagonals times sqrt(2), by explicit loops."""
-    n, d = X.shape
+    d = X.shape[1]
     cols = []
     for a in range(d):
         for b in range(a, d):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SEEDS
+from naive import leverage_svd
 
 import levstream as ls
 from levstream.lewis import LewisConvergenceError
-
-from conftest import SEEDS
-from naive import leverage_svd
 
 #: The iteration stops at a log-residual of 1e-10; the weights are then within ~1e-9 (relative) of the root.
 LEWIS_RTOL = 1e-8

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SEEDS, heavy_tailed_keys
 
 import levstream as ls
-
-from conftest import SEEDS, heavy_tailed_keys
 
 
 def spectral_range(K: np.ndarray, G: np.ndarray, ridge: float) -> tuple[float, float]:

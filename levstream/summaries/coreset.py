@@ -313,7 +313,7 @@ class CoresetSummary:
         form.n_rows = self._m  # next refresh after the reduced coreset has grown by _REFRESH_GROWTH
         self._form = form
 
-    def merge(self, other: "CoresetSummary") -> None:
+    def merge(self, other: CoresetSummary) -> None:
         """Fold ``other`` in: concatenate the coresets (each embeds its own keys), reduce if over capacity."""
         if other.config != self.config:
             raise ValueError(f"cannot merge coreset summaries with different settings: {self.config} vs {other.config}.")
@@ -327,7 +327,7 @@ class CoresetSummary:
             else:
                 self._refresh()
 
-    def copy(self) -> "CoresetSummary":
+    def copy(self) -> CoresetSummary:
         out = CoresetSummary.__new__(CoresetSummary)
         out.__dict__.update(self.__dict__)
         out._rows = self._rows[: self._m].copy()
@@ -357,7 +357,7 @@ class CoresetSummary:
         return meta, arrays
 
     @classmethod
-    def from_state(cls, meta: dict, arrays: dict) -> "CoresetSummary":
+    def from_state(cls, meta: dict, arrays: dict) -> CoresetSummary:
         out = cls(int(meta["dim"]), float(meta["p"]), delta=float(meta["delta"]),
                   oversampling=float(meta["beta"]))
         out.failure_prob = None if meta["failure_prob"] is None else float(meta["failure_prob"])

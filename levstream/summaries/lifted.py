@@ -109,11 +109,11 @@ class LiftedSummary:
         self._gram.add(L)
         self._last = (X, L)  # the sketch prefilters the same block right after adding it
 
-    def merge(self, other: "LiftedSummary") -> None:
+    def merge(self, other: LiftedSummary) -> None:
         self._last = self._bound = None
         self._gram.merge(other._gram)
 
-    def copy(self) -> "LiftedSummary":
+    def copy(self) -> LiftedSummary:
         out = LiftedSummary.__new__(LiftedSummary)
         out.__dict__.update(self.__dict__)
         out._gram = self._gram.copy()
@@ -153,7 +153,7 @@ class LiftedSummary:
         return {"kind": self.kind, "dim": self.dim, "memory_budget": self.memory_budget, "gram": meta}, arrays
 
     @classmethod
-    def from_state(cls, meta: dict, arrays: dict) -> "LiftedSummary":
+    def from_state(cls, meta: dict, arrays: dict) -> LiftedSummary:
         out = cls(int(meta["dim"]), int(meta["memory_budget"]))
         out._gram = GramSummary.from_state(meta["gram"], arrays)
         if out._gram.dim != out.lifted_dim:
