@@ -346,13 +346,14 @@ def write_outputs(directory: str, report: dict) -> None:
     except ImportError:
         print("matplotlib missing: no plot written.")
         return
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for name in NAMES:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))
+    for c, name in enumerate(NAMES):
         style = "-" if name.startswith(("lev", "lewis")) else "--"
-        for ax, metric in zip(axes, ("mass", "recall_0.1", "out_err")):
+        for ax, metric in zip(axes, ("mass_vs_oracle", "recall_0.1", "out_err")):
             ax.plot(report["k"], [report["table"][name][k][metric] for k in report["k"]], style, marker="o",
-                    label=name)
-    for ax, title in zip(axes, ("softmax attention mass captured", "recall of entries >= 0.1",
+                    color=colors[(2 * c) % 20 + (c >= 10)], label=name)
+    for ax, title in zip(axes, ("attention mass captured / oracle fixed set", "recall of entries >= 0.1",
                                 "relative output error")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(report["k"], [str(k) for k in report["k"]])
