@@ -62,6 +62,17 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (run in a Dask worker through ``client.run``)."""
+    return time.process_time()
+
+
+def utilisation(wall: list[float], cpu: list[float]) -> str:
+    """CPU seconds per wall second of the best round: 2.0 means two cores were fully ours."""
+    i = int(np.argmin(wall))
+    return f"{cpu[i] / wall[i]:.2f}"
+
+
 def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps: int) -> dict:
     import logging
 
@@ -79,7 +90,7 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
         return [dask.delayed(generate_partition)(rows, dim, i) for i in range(parts)]
 
     clusters = {}
-    out: dict = {"times": {1: [], 2: []}}
+    out: dict = {"times": {1: [], 2: []}, "cpu": {1: [], 2: []}}
     try:
         for workers in (1, 2):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
@@ -93,9 +104,11 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
         for _ in range(reps):
             for workers in (1, 2):
                 client = clusters[workers][1]
+                before = sum(client.run(cpu_seconds).values())
                 t, sk = timed(lambda: lsd.build_sketch(graph(), eps=eps, offsets=offsets,
                                                        split_every=split_every, scheduler=client))
                 out["times"][workers].append(t)
+                out["cpu"][workers].append(sum(client.run(cpu_seconds).values()) - before)
                 sketches[workers] = sk
         out["U"] = {w: sk.universal_set().ids for w, sk in sketches.items()}
         out["n"] = {w: sk.n for w, sk in sketches.items()}
@@ -108,20 +121,22 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
 
 def thread_pool_builds(path: str, eps: float, reps: int) -> dict:
     times: dict = {"1 (1 BLAS thread)": [], "2": [], "1 (default BLAS threads)": []}
+    cpu: dict = {k: [] for k in times}
     ids = {}
     ls.build_sketch(np.load(path, mmap_mode="r")[:20_000], eps=eps, n_jobs=2)  # warm the JIT
+    def run(key: str, n_jobs: int, blas: int | None) -> None:
+        with threadpool_limits(limits=blas, user_api="blas"):
+            c = time.process_time()
+            t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=n_jobs))
+            cpu[key].append(time.process_time() - c)
+        times[key].append(t)
+        ids[key] = sk.universal_set().ids
+
     for _ in range(reps):
-        with threadpool_limits(limits=1, user_api="blas"):
-            t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=1))
-        times["1 (1 BLAS thread)"].append(t)
-        ids["1 (1 BLAS thread)"] = sk.universal_set().ids
-        t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=2))
-        times["2"].append(t)
-        ids["2"] = sk.universal_set().ids
-        t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=1))
-        times["1 (default BLAS threads)"].append(t)
-        ids["1 (default BLAS threads)"] = sk.universal_set().ids
-    return {"times": times, "U": ids}
+        run("1 (1 BLAS thread)", 1, 1)
+        run("2", 2, None)
+        run("1 (default BLAS threads)", 1, None)
+    return {"times": times, "cpu": cpu, "U": ids}
 
 
 def tree_costs(path: str, parts: int, eps: float, split_every: int) -> dict:
@@ -204,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- all rounds (s): Dask 1 worker {', '.join(f'{x:.2f}' for x in dk['times'][1])}; "
           f"2 workers {', '.join(f'{x:.2f}' for x in dk['times'][2])}; thread pool "
           + "; ".join(f"n_jobs={k}: {', '.join(f'{x:.2f}' for x in v)}" for k, v in tp["times"].items()))
+    print(f"- CPU seconds per wall second in the best 2-worker round (2.0 = both cores ours): Dask "
+          f"{utilisation(dk['times'][2], dk['cpu'][2])} (1 worker: {utilisation(dk['times'][1], dk['cpu'][1])}), "
+          f"thread pool {utilisation(tp['times']['2'], tp['cpu']['2'])} "
+          f"(n_jobs=1: {utilisation(tp['times']['1 (1 BLAS thread)'], tp['cpu']['1 (1 BLAS thread)'])})")
     print(f"- BLAS threads in the Dask workers: 1 worker {dk['worker_blas_1']}, 2 workers {dk['worker_blas_2']}")
     print(f"- identical universal set (|U| = {ref.size}, single in-process stream as reference): "
           + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in same.items()))
