@@ -324,3 +324,32 @@ def test_stream_switching_between_gram_and_r_factor_paths(block_rows):
     assert_matches_offline(sk.universal_set().ids, tau, eps)
     Q = rng.standard_normal((25, d))
     assert_heavy_matches_dense(sk.heavy_entries(Q), naive.dense_heavy(Q, K, eps), eps)
+
+
+@pytest.mark.parametrize("col_scale", [1e-150, 1e-158, 4.1e-159, 1e-162, 1e-200, 1e-300])
+@pytest.mark.parametrize("block_rows", [None, 1, 7])
+def test_column_whose_squares_are_subnormal(col_scale, block_rows):
+    """A column of entries near 1e-158 has squares below the smallest normal float64 (about 2.2e-308), so
+    its Gram entries carry few significant bits.  Scores are invariant under column scaling, so the answer
+    must equal that of the unscaled keys (and no LinAlgError may escape)."""
+    K = heavy_tailed_keys(200, 3, seed=13)
+    eps = 0.02
+    tau = naive.leverage_svd(K)
+    assert_no_ties(tau, eps)
+    Ks = K * np.array([1.0, col_scale, 1.0])
+    sk = ls.KeySketch(3, eps=eps, block_rows=block_rows)
+    for part in np.array_split(Ks, 4):
+        sk.update_many(part)
+    assert_matches_offline(sk.universal_set().ids, tau, eps)
+    merged = ls.KeySketch(3, eps=eps).merge(ls.KeySketch(3, eps=eps, block_rows=1).update_many(Ks[:1]))
+    merged.merge(ls.KeySketch(3, eps=eps).update_many(Ks[1:], offset=1))
+    assert_matches_offline(merged.universal_set().ids, tau, eps)
+
+
+def test_single_key_with_a_subnormal_square():
+    """Found by hypothesis: a one-row shard [1, 4.1e-159] made the Cholesky of the Gram matrix fail."""
+    K = np.array([[1.0, 4.10104141e-159]])
+    shard = ls.KeySketch(2, eps=0.02, block_rows=1).update_many(K, offset=0)
+    for sk in (shard, ls.KeySketch(2, eps=0.02).merge(shard), ls.KeySketch.merge_all([shard])):
+        U = sk.universal_set()
+        assert U.ids.tolist() == [0] and U.scores[0] == pytest.approx(1.0, rel=1e-9)

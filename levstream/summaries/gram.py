@@ -36,10 +36,17 @@ def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
     hi[...] = s
 
 
-def _equilibrated_min_eig(G: np.ndarray) -> tuple[float, np.ndarray]:
-    """Smallest eigenvalue of ``D^-1/2 G D^-1/2`` (D = diag G) and the diagonal; 0 when a diagonal entry is 0."""
+def _diag_floor(n_rows: int) -> float:
+    """Smallest Gram diagonal entry trusted on the Gram path: below ``n_rows`` times the smallest normal
+    float64, subnormal rounding of the products (absolute error ``tiny * u`` each) is no longer negligible."""
+    return max(n_rows, 1) * float(np.finfo(np.float64).tiny)
+
+
+def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray]:
+    """Smallest eigenvalue of ``D^-1/2 G D^-1/2`` (D = diag G) and the diagonal; 0 when a diagonal entry is 0
+    or below :func:`_diag_floor` (such keys take the R-factor path, whose QR handles tiny values exactly)."""
     diag = np.diag(G).copy()
-    if not (diag > 0).all():
+    if not (diag >= _diag_floor(n_rows)).all():
         return 0.0, diag
     s = 1.0 / np.sqrt(diag)
     C = G * s[:, None] * s[None, :]
@@ -122,7 +129,7 @@ class GramSummary:
     def _maybe_return_to_gram(self) -> None:
         assert self._r is not None
         colsq = (self._r * self._r).sum(axis=0)
-        if not (colsq > 0).all():
+        if not (colsq >= _diag_floor(self.n_rows)).all():
             return
         sv = sla.svdvals(self._r / np.sqrt(colsq)[None, :], check_finite=False)
         lam = float(sv[-1]) ** 2
@@ -131,7 +138,7 @@ class GramSummary:
             self._hi = self._r.T @ self._r
             self._lo = np.zeros_like(self._hi)
             self._r = None
-            self._chk_lam, self._chk_diag = _equilibrated_min_eig(self._hi)
+            self._chk_lam, self._chk_diag = _equilibrated_min_eig(self._hi, self.n_rows)
             self.bound_version += 1
 
     # ------------------------------------------------------------------ updates
@@ -167,7 +174,7 @@ class GramSummary:
             return
         # Full check on the would-be Gram matrix before committing the block.
         candidate = self._hi + self._lo + block
-        lam, diag = _equilibrated_min_eig(candidate)
+        lam, diag = _equilibrated_min_eig(candidate, self.n_rows + X.shape[0])
         if self._gram_is_safe(lam):
             _two_sum_add(self._hi, self._lo, block)
             self._chk_lam, self._chk_diag = lam, diag
@@ -185,7 +192,7 @@ class GramSummary:
             return
         if self.mode == "gram" and other.mode == "gram":
             candidate = self._hi + self._lo + other._hi + other._lo
-            lam, diag = _equilibrated_min_eig(candidate)
+            lam, diag = _equilibrated_min_eig(candidate, self.n_rows + other.n_rows)
             if self._gram_is_safe(lam):
                 _two_sum_add(self._hi, self._lo, other._hi)
                 self._lo += other._lo
