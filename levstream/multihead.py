@@ -15,7 +15,7 @@ What is shared and what is per head:
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -157,6 +157,26 @@ class MultiHeadKeySketch:
             raise ValueError(f"x must have shape (n_heads, dim) = ({self.n_heads}, {self.dim}); got shape "
                              f"{arr.shape}. Use update_many(X) for a chunk of shape (n_heads, m, dim).")
         return self.update_many(arr[:, None, :])
+
+    def extend(self, iterable: Iterable[Any]) -> "MultiHeadKeySketch":
+        """Feed tokens ``(n_heads, dim)`` and/or chunks ``(n_heads, m, dim)`` from an iterable; returns ``self``.
+
+        All or nothing: if an item is rejected the sketch is restored to its state before the call and the
+        error names the item.
+        """
+        snapshot = [h.copy() for h in self._heads]
+        try:
+            for index, item in enumerate(iterable):
+                try:
+                    arr = as_real_array(item, f"item {index}")
+                    self.update(arr) if arr.ndim == 2 else self.update_many(arr)
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before "
+                                    "the call.") from exc
+        except BaseException:
+            self._heads = snapshot
+            raise
+        return self
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: "MultiHeadKeySketch") -> "MultiHeadKeySketch":

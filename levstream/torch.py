@@ -132,6 +132,9 @@ class LevSelfAttention(nn.Module):
         if self.top_k is None or self.top_k >= n:
             idx = torch.arange(n, device=K.device).expand(K.shape[:-2] + (n,))
         else:
+            if any(not -n <= pos < n for pos in self.always_keep):
+                raise ValueError(f"always_keep positions must lie in [-{n}, {n}) for {n} keys; "
+                                 f"got {list(self.always_keep)}.")
             scores = leverage_scores_torch(K, affine=self.selection == "leverage_affine")
             idx = select_keys(scores, self.top_k, self.always_keep)
         gather = idx.unsqueeze(-1)

@@ -69,6 +69,17 @@ def test_update_one_token_equals_chunk():
         assert x.as_set() == y.as_set()
 
 
+def test_extend_mixes_tokens_and_chunks_all_or_nothing():
+    K, Q = keys(500), queries(10)
+    a = ls.MultiHeadKeySketch(H, D, eps=EPS).extend([K[:, 0], K[:, 1:200], *(K[:, t] for t in range(200, 500))])
+    b = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K)
+    assert [x.as_set() for x in a.heavy_entries(Q)] == [y.as_set() for y in b.heavy_entries(Q)]
+    c = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K[:, :100])
+    with pytest.raises(ValueError, match="item 1 rejected"):
+        c.extend([K[:, 100:200], K[:, 200:300, :2]])
+    assert c.n == 100
+
+
 def test_merge_shards_with_offset_and_ids():
     K, Q = keys(1200), queries()
     a = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K[:, :500])

@@ -101,3 +101,5 @@ def test_bad_arguments():
         LevSelfAttention(12, 3, selection="norm")
     with pytest.raises(ValueError, match="shape"):
         make()(torch.randn(4, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="always_keep positions"):
+        make(always_keep=(30,))(torch.randn(1, 16, 12, dtype=torch.float64))
