@@ -1,6 +1,6 @@
 """hypothesis properties: any chunking, feeding mix and shard split gives the offline universal set; every dense
 entry >= eps is returned.  Inputs are small integer matrices (exact ties, duplicates, zero rows and rank
-deficiency are common) times per-row scales."""
+deficiency are common) or arbitrary floats, times per-row and per-column scales (1e-30 .. 1e25)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ PROPERTY_SETTINGS = settings(deadline=None, max_examples=50, derandomize=True,
 EPS_CHOICES = [0.02, 0.05, 0.1, 1 / 6, 0.25, 1 / 3, 0.5, 1.0]
 
 
+FLOAT_ENTRIES = st.floats(-1e3, 1e3, allow_subnormal=False, width=64)
+
+
 @st.composite
-def key_matrices(draw, max_rows: int = 60, max_dim: int = 5):
+def key_matrices(draw, max_rows: int = 60, max_dim: int = 5, entries=st.integers(-3, 3)):
     d = draw(st.integers(1, max_dim))
     n = draw(st.integers(1, max_rows))
-    entries = draw(st.lists(st.integers(-3, 3), min_size=n * d, max_size=n * d))
+    entries = draw(st.lists(entries, min_size=n * d, max_size=n * d))
     scales = draw(st.lists(st.sampled_from([1.0, 0.5, 2.0, 10.0, 1e-3]), min_size=n, max_size=n))
     # scores are invariant under column scaling: columns of very different magnitude must not matter
     col_scales = draw(st.lists(st.sampled_from([1.0, 1.0, 1e-30, 1e25]), min_size=d, max_size=d))
@@ -55,7 +58,8 @@ def _feed(sk: ls.KeySketch, part: np.ndarray, how: int, **ids) -> None:
 
 
 @PROPERTY_SETTINGS
-@given(K=key_matrices(), eps=st.sampled_from(EPS_CHOICES), data=st.data())
+@given(K=st.one_of(key_matrices(), key_matrices(entries=FLOAT_ENTRIES)), eps=st.sampled_from(EPS_CHOICES),
+       data=st.data())
 def test_any_chunking_and_feeding_mix_gives_the_offline_set(K, eps, data):
     block_rows = data.draw(st.integers(1, 16), label="block_rows")
     sk = ls.KeySketch(K.shape[1], eps=eps, block_rows=block_rows)
@@ -66,7 +70,8 @@ def test_any_chunking_and_feeding_mix_gives_the_offline_set(K, eps, data):
 
 
 @PROPERTY_SETTINGS
-@given(K=key_matrices(), eps=st.sampled_from(EPS_CHOICES), data=st.data())
+@given(K=st.one_of(key_matrices(), key_matrices(entries=FLOAT_ENTRIES)), eps=st.sampled_from(EPS_CHOICES),
+       data=st.data())
 def test_any_shard_split_and_merge_order_gives_the_offline_set(K, eps, data):
     cuts = _cuts(data.draw, len(K), 5)
     use_ids = data.draw(st.booleans(), label="ids instead of offset")
