@@ -63,9 +63,9 @@ def main() -> None:
         for n in args.n:
             Q, K, V = rng.standard_normal((3, args.heads, n, args.dim))
             ls.lev_attention(Q[:, :8], K[:, :8], V[:, :8], top_k=4)  # JIT warm-up
-            t_dense = best(lambda: dense_softmax(Q, K, V), args.repeat)
-            t_lev = best(lambda: ls.lev_attention(Q, K, V, top_k=args.k), args.repeat)
-            t_sel = best(lambda: selection_scores(Q, K), args.repeat)
+            t_dense = best(lambda Q=Q, K=K, V=V: dense_softmax(Q, K, V), args.repeat)
+            t_lev = best(lambda Q=Q, K=K, V=V: ls.lev_attention(Q, K, V, top_k=args.k), args.repeat)
+            t_sel = best(lambda Q=Q, K=K: selection_scores(Q, K), args.repeat)
             out, idx = ls.lev_attention(Q, K, V, top_k=args.k, return_indices=True)
             take = idx[..., None]
             ref = dense_softmax(Q, np.take_along_axis(K, take, axis=-2), np.take_along_axis(V, take, axis=-2))

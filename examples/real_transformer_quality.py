@@ -268,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sequence {si + 1}/{Q.shape[0]} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     table = {name: {k: {key: float(np.nanmean(np.concatenate(vals))) for key, vals in by_k[k].items()}
                     for k in KS} for name, by_k in per_head.items()}
-    by_layer = {name: [float(np.nanmean(np.concatenate(per_head[name][32]["mass_vs_oracle"]).reshape(Q.shape[0], L, -1)[:, li]))
-                       for li in range(L)] for name in ("leverage", "leverage_affine", "leverage_query", "h2o")}
+    by_layer = {}
+    for name in ("leverage", "leverage_affine", "leverage_query", "h2o"):
+        ratios = np.concatenate(per_head[name][32]["mass_vs_oracle"]).reshape(Q.shape[0], L, -1)
+        by_layer[name] = [float(np.nanmean(ratios[:, li])) for li in range(L)]
     report = {"model": "all-MiniLM-L6-v2", "shape": list(Q.shape), "k": list(KS), "table": table,
               "mass_vs_oracle_k32_by_layer": by_layer, "guarantee_p2": []}
     if args.out:
@@ -308,8 +310,8 @@ NAMES = ["leverage", "leverage_affine", "leverage+sinks", "leverage_affine+sinks
 
 def markdown(report: dict) -> str:
     t = report["table"]
-    lines = [f"Model {report['model']}, Q/K/V shape (sequences, layers, heads, tokens, head dim) = "
-             f"{tuple(report['shape'])}; softmax with scale 1/sqrt(32); every figure is a mean over heads.", ""]
+    lines = [(f"Model {report['model']}, Q/K/V shape (sequences, layers, heads, tokens, head dim) = "
+              f"{tuple(report['shape'])}; softmax with scale 1/sqrt(32); every figure is a mean over heads."), ""]
     for metric, title in (("mass_vs_oracle", "attention mass captured / oracle fixed set's mass"),
                           ("mass", "share of softmax attention mass captured"),
                           ("recall_0.05", "recall of entries >= 0.05"), ("recall_0.1", "recall of entries >= 0.1"),
@@ -319,14 +321,16 @@ def markdown(report: dict) -> str:
         for name in NAMES:
             lines.append(f"| {name} | " + " | ".join(f"{t[name][k][metric]:.3f}" for k in report["k"]) + " |")
         lines.append("")
+    n_layers = len(report["mass_vs_oracle_k32_by_layer"]["h2o"])
     lines += ["**mass captured / oracle at k = 32, by layer**", "",
-              "| selection | " + " | ".join(f"layer {li}" for li in range(len(report["mass_vs_oracle_k32_by_layer"]["h2o"]))) + " |",
-              "|---|" + "---|" * len(report["mass_vs_oracle_k32_by_layer"]["h2o"])]
+              "| selection | " + " | ".join(f"layer {li}" for li in range(n_layers)) + " |",
+              "|---|" + "---|" * n_layers]
     for name, vals in report["mass_vs_oracle_k32_by_layer"].items():
         lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in vals) + " |")
     lines.append("")
     lines += ["**|x|^2 attention: KeySketch vs brute force on the same heads**", "",
-              "| eps | heads | heavy entries | missed | extra | heavy keys outside U | mean |U| | max |U| | bound d/eps |",
+              "| eps | heads | heavy entries | missed | extra | heavy keys outside U | mean |U| | max |U| "
+              "| bound d/eps |",
               "|---|---|---|---|---|---|---|---|---|"]
     for g in report["guarantee_p2"]:
         lines.append(f"| {g['eps']} | {g['heads']} | {g['heavy_entries']} | {g['missed']} | {g['extra']} | "

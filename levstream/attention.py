@@ -25,7 +25,7 @@ from ._config import TIE_RTOL, UNIT_ROUNDOFF
 from ._kernels.attention import POWER, SOFTMAX, selected_attention
 from ._validation import as_real_array, check_eps, check_finite, check_int, check_p, check_real
 
-__all__ = ["lev_attention", "selection_scores", "SELECTIONS"]
+__all__ = ["SELECTIONS", "lev_attention", "selection_scores"]
 
 #: Selection rules accepted by :func:`lev_attention` (see its docstring).
 SELECTIONS = ("leverage", "leverage_affine", "leverage_query", "norm", "random", "first_last", "h2o", "oracle")
@@ -68,7 +68,7 @@ def _batched_leverage(K: np.ndarray) -> np.ndarray:
     Same rank rule as :func:`levstream.leverage_scores`: singular values below
     ``max(n, d) * eps_machine * sigma_max`` are treated as zero.
     """
-    B, n, d = K.shape
+    n, d = K.shape[1:]
     U, s, _ = np.linalg.svd(K, full_matrices=False)
     tol = max(n, d) * 2 * UNIT_ROUNDOFF * s[:, :1]
     keep = (s > tol) & (s > 0)
@@ -148,7 +148,8 @@ def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str 
     batch = K.shape[:-2]
     Qf = Q.reshape((-1,) + Q.shape[-2:])
     Kf = K.reshape((-1,) + K.shape[-2:])
-    return _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank).reshape(batch + K.shape[-2:-1])
+    scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank)
+    return scores.reshape(batch + K.shape[-2:-1])
 
 
 def _sink_mask(always_keep: Any, n: int) -> np.ndarray:

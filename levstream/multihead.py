@@ -15,7 +15,8 @@ What is shared and what is per head:
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +134,7 @@ class MultiHeadKeySketch:
         check_finite(out, name)
         return out
 
-    def update_many(self, X: Any, ids: Any = None, offset: Any = None) -> "MultiHeadKeySketch":
+    def update_many(self, X: Any, ids: Any = None, offset: Any = None) -> MultiHeadKeySketch:
         """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)``; returns ``self``.
 
         ``ids``/``offset`` number the ``m`` keys (tokens) as in :meth:`KeySketch.update_many`; they are the
@@ -150,7 +151,7 @@ class MultiHeadKeySketch:
             self._heads[h].update_many(X[h], ids=ids, offset=offset)
         return self
 
-    def update(self, x: Any) -> "MultiHeadKeySketch":
+    def update(self, x: Any) -> MultiHeadKeySketch:
         """Feed one key (token) of every head, shape ``(n_heads, dim)``; returns ``self``."""
         arr = as_real_array(x, "x")
         if arr.ndim != 2 or arr.shape != (self.n_heads, self.dim):
@@ -158,7 +159,7 @@ class MultiHeadKeySketch:
                              f"{arr.shape}. Use update_many(X) for a chunk of shape (n_heads, m, dim).")
         return self.update_many(arr[:, None, :])
 
-    def extend(self, iterable: Iterable[Any]) -> "MultiHeadKeySketch":
+    def extend(self, iterable: Iterable[Any]) -> MultiHeadKeySketch:
         """Feed tokens ``(n_heads, dim)`` and/or chunks ``(n_heads, m, dim)`` from an iterable; returns ``self``.
 
         All or nothing: if an item is rejected the sketch is restored to its state before the call and the
@@ -179,7 +180,7 @@ class MultiHeadKeySketch:
         return self
 
     # ------------------------------------------------------------------ merge
-    def merge(self, other: "MultiHeadKeySketch") -> "MultiHeadKeySketch":
+    def merge(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
         """Fold ``other`` (same n_heads, dim, eps, p; disjoint ids) into this sketch; returns ``self``."""
         if not isinstance(other, MultiHeadKeySketch):
             raise TypeError(f"can only merge a MultiHeadKeySketch; got {type(other).__name__} instead.")
@@ -195,13 +196,13 @@ class MultiHeadKeySketch:
             self._heads[h].merge(other._heads[h])
         return self
 
-    def __iadd__(self, other: "MultiHeadKeySketch") -> "MultiHeadKeySketch":
+    def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
         return self.merge(other)
 
-    def __add__(self, other: "MultiHeadKeySketch") -> "MultiHeadKeySketch":
+    def __add__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
         return self.copy().merge(other)
 
-    def copy(self) -> "MultiHeadKeySketch":
+    def copy(self) -> MultiHeadKeySketch:
         """An independent deep copy."""
         out = MultiHeadKeySketch.__new__(MultiHeadKeySketch)
         out._heads = [h.copy() for h in self._heads]
@@ -209,7 +210,7 @@ class MultiHeadKeySketch:
 
     __copy__ = copy
 
-    def __deepcopy__(self, memo: dict) -> "MultiHeadKeySketch":
+    def __deepcopy__(self, memo: dict) -> MultiHeadKeySketch:
         return self.copy()
 
     # ------------------------------------------------------------------ queries
@@ -286,7 +287,7 @@ class MultiHeadKeySketch:
         return _serialize.pack(meta, arrays)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "MultiHeadKeySketch":
+    def from_bytes(cls, data: bytes) -> MultiHeadKeySketch:
         """Inverse of :meth:`to_bytes`; raises ``ValueError`` for corrupted, truncated or foreign bytes."""
         meta, arrays, _ = _serialize.unpack(data)
         try:

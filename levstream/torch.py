@@ -14,7 +14,7 @@ flow to the queries, keys and values of the kept keys and to all projection weig
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 try:
     import torch

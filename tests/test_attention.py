@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from naive import leverage_svd
 
 import levstream as ls
 from levstream.attention import selection_scores
-
-from naive import leverage_svd
 
 #: Outputs of the numba kernel against the per-query NumPy twin (same arithmetic, different order).
 OUT_RTOL = 1e-10
@@ -299,7 +298,7 @@ def test_real_fixture_outputs_match_naive(real):
 
 def test_real_fixture_p2_guarantee_and_softmax_quality_floor(real):
     Q, K, V = real
-    L, H, n, d = K.shape
+    L, H = K.shape[:2]
     for li in range(L):
         for h in range(H):
             A2 = naive_dense(Q[li, h], K[li, h], score="power")

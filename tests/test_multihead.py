@@ -7,11 +7,10 @@ import pickle
 
 import numpy as np
 import pytest
-
-import levstream as ls
-
 from conftest import VALUE_RTOL, heavy_tailed_keys
 from naive import dense_heavy, leverage_svd
+
+import levstream as ls
 
 H, D, EPS = 3, 6, 0.05
 
