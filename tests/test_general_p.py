@@ -165,3 +165,21 @@ def test_coreset_sketch_chunking_and_row_updates_are_invariant() -> None:
         rows.update(x)
     rows.update_many(K[1500:])
     assert answer(rows) == ref
+
+
+@pytest.mark.parametrize("p", (1.0, 3.0))
+@pytest.mark.parametrize("seed", CORESET_SEEDS)
+def test_coreset_tight_construction(p: float, seed: int) -> None:
+    # ALGORITHMS.md §2 tight example: d orthogonal directions, each repeated m times, hidden in a stream of
+    # small noise keys; the query along a direction makes each copy carry A ~ 1/m
+    d, m = 4, 20
+    rng = np.random.default_rng(seed)
+    K = np.vstack([np.repeat(np.eye(d), m, axis=0) * 10.0, rng.standard_normal((20_000, d)) * 1e-3])
+    K = K[rng.permutation(K.shape[0])]
+    Q = np.vstack([np.eye(d), rng.standard_normal((6, d))])
+    eps = 0.045
+    sk = ls.KeySketch(d, eps=eps, p=p, rng=seed, block_rows=2048).update_many(K)
+    A = dense_values(Q, K, p)
+    truth = set(zip(*map(list, np.nonzero(A >= eps))))
+    assert len(truth) >= d * m  # every copy is heavy for its direction
+    assert truth <= sk.heavy_entries(Q).as_set()
