@@ -183,3 +183,16 @@ def test_coreset_tight_construction(p: float, seed: int) -> None:
     truth = set(zip(*map(list, np.nonzero(A >= eps))))
     assert len(truth) >= d * m  # every copy is heavy for its direction
     assert truth <= sk.heavy_entries(Q).as_set()
+
+
+@pytest.mark.parametrize("p", (6.0, 10.0))
+def test_coreset_large_p_keeps_dominant_keys(p: float) -> None:
+    # c_p = d^(p/2-1) is huge here; the default oversampling must still keep keys that dominate a query
+    d, eps = 5, 0.02
+    K = heavy_tailed_keys(30_000, d, seed=0)
+    Q = _adversarial_queries(K, 0)
+    sk = ls.KeySketch(d, eps=eps, p=p, rng=0, block_rows=4096).update_many(K)
+    A = dense_values(Q, K, p)
+    assert set(zip(*map(list, np.nonzero(A >= eps)))) <= sk.heavy_entries(Q).as_set()
+    z = (np.abs(Q @ K.T) ** p).sum(axis=1)
+    assert np.abs(sk.normalizer(Q) / z - 1).max() < sk.normalizer_summary.delta
