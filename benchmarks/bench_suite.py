@@ -52,9 +52,14 @@ import levstream as ls
 from levstream.synthetic import attention_like_keys, attention_like_queries
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION_BEGIN = "<!-- bench_suite:begin -->"
-SECTION_END = "<!-- bench_suite:end -->"
 SECTION_TITLE = "## Benchmark suite (issue 3)"
+MODE_TITLES = {"quick": "Quick suite", "full": "Full-size runs", "smoke": "Smoke run"}
+LEGACY_MARKERS = ("<!-- bench_suite:begin -->", "<!-- bench_suite:end -->")
+
+
+def markers(mode: str) -> tuple[str, str]:
+    """The comments delimiting one mode's block inside our section of RESULTS.md."""
+    return f"<!-- bench_suite:{mode}:begin -->", f"<!-- bench_suite:{mode}:end -->"
 THREAD_SETTINGS: tuple[int | None, ...] = (None, 1)  # None = library default
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -411,8 +416,9 @@ def bench_usize(cfg: dict[str, Any], dim: int = 64) -> dict[str, Any]:
     counts = {}
     for n in cfg["usize_n"]:
         sk = ls.KeySketch(dim, eps=eps_grid[0])
-        for chunk in attention_like_keys(n, dim, seed=SEED):
-            sk.update_many(chunk)
+        with blas_threads(1):  # not timed; one thread is fastest on a loaded machine
+            for chunk in attention_like_keys(n, dim, seed=SEED):
+                sk.update_many(chunk)
         scores = sk.universal_set().scores
         counts[n] = [int((scores >= e).sum()) for e in eps_grid]
         log(f"usize n={n:,}: " + ", ".join(f"eps={e:g}: {c}" for e, c in zip(eps_grid, counts[n])))
@@ -517,11 +523,12 @@ def fmt_time(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = True) -> str:
-    """The Markdown report; ``img_prefix`` locates the plots relative to the file it goes into."""
+def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
+    """The Markdown report of one mode; ``img_prefix`` locates the plots relative to the file it goes into."""
     info = res["machine"]
-    lines = ([SECTION_TITLE, ""] if title else []) + [
-        SECTION_BEGIN,
+    begin, end = markers(res["mode"])
+    lines = [
+        begin, f"### {MODE_TITLES.get(res['mode'], res['mode'])}", "",
         f"Command: `{res['command']}` ({res['mode']} mode, {res['date']}; last run {res['wall_s']:.0f} s wall; "
         f"levstream at commit {info.get('git', 'unknown')}).", "",
         f"Machine: {info['cpu']}, {info['logical_cpus']} logical CPUs, Python {info['python']}, NumPy "
@@ -538,7 +545,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
     ]
     if res.get("build"):
         lines += [
-            "### Build vs Gram-only", "",
+            "#### Build vs Gram-only", "",
             "Only the update calls are timed (plus the final `universal_set()` for the sketch), over the same "
             "65 536-row chunks. Gram-only is `G += X.T @ X`, the unavoidable floor. DESIGN.md target: ratio "
             "<= 1.3 at n = 2e6, d = 64.", "",
@@ -555,7 +562,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
         lines += ["", f"![build ratio]({img_prefix}bench_build_ratio.png)", ""]
     if res.get("query"):
         lines += [
-            "### Queries: every entry A >= eps", "",
+            "#### Queries: every entry A >= eps", "",
             "Ground truth: blocked dense NumPy in float64. faiss uses float32 keys (`IndexFlatIP`, index "
             "build and the Gram matrix for Z(q) not timed); range_search runs on q and -q with queries "
             "scaled to threshold 1; top-k runs on q and -q and keeps candidates with A >= eps "
@@ -581,7 +588,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
     if res.get("memory"):
         mem = res["memory"]
         lines += [
-            "### Peak memory vs n", "",
+            "#### Peak memory vs n", "",
             "Each n streams into a sketch in a fresh process (d = 64, eps = 0.01, 65 536-row chunks generated "
             "on the fly). Peak RSS (VmHWM) includes the interpreter, NumPy/SciPy/numba and the key "
             "generator's temporaries; the tracemalloc peak is taken over the sketch calls only and counts the "
@@ -603,7 +610,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
         u = res["usize"]
         head = "| eps | d/eps | " + " | ".join(f"\\|U\\|, n = {int(n):,}" for n in u["counts"]) + " |"
         lines += [
-            "### Universal set size vs eps", "",
+            "#### Universal set size vs eps", "",
             f"Attention-like keys, d = {u['d']}. Sum of leverage scores at n = {u['hist_n']:,}: "
             f"{u['tau_sum']:.2f} (= rank <= d); largest score {u['tau_max']:.3f}.", "",
             head, "|---:|---:|" + "---:|" * len(u["counts"]),
@@ -612,19 +619,29 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/", title: bool = 
             lines.append(f"| {e:g} | {u['bound'][i]:,.0f} | " + " | ".join(
                 str(c[i]) for c in u["counts"].values()) + " |")
         lines += ["", f"![universal set size]({img_prefix}universal_set_size.png)", ""]
-    lines += [SECTION_END, ""]
+    lines += [end, ""]
     return "\n".join(lines)
 
 
-def update_results(section: str, path: Path) -> None:
-    """Replace our section of RESULTS.md (between the markers), or append it; other sections are untouched."""
-    text = path.read_text() if path.exists() else "# levstream benchmark results\n\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        start = text.index(SECTION_TITLE) if SECTION_TITLE in text else text.index(SECTION_BEGIN)
-        end = text.index(SECTION_END) + len(SECTION_END)
-        text = text[:start] + section.rstrip("\n") + text[end:]
+def update_results(block: str, mode: str, path: Path) -> None:
+    """Put one mode's block into our section of RESULTS.md (replacing its previous version); the sections
+    of other benchmarks and the blocks of the other modes are left untouched."""
+    text = path.read_text() if path.exists() else "# levstream benchmark results\n"
+    if LEGACY_MARKERS[0] in text and LEGACY_MARKERS[1] in text:  # one block for everything, before modes
+        i, j = text.index(LEGACY_MARKERS[0]), text.index(LEGACY_MARKERS[1]) + len(LEGACY_MARKERS[1])
+        text = text[:i].rstrip("\n") + "\n\n" + text[j:].lstrip("\n")
+    begin, end = markers(mode)
+    block = block.strip("\n")
+    if begin in text and end in text:
+        i, j = text.index(begin), text.index(end) + len(end)
+        text = text[:i] + block + text[j:]
+    elif SECTION_TITLE in text:
+        start = text.index(SECTION_TITLE)
+        nxt = text.find("\n## ", start + len(SECTION_TITLE))
+        stop = len(text) if nxt < 0 else nxt + 1
+        text = text[:stop].rstrip("\n") + "\n\n" + block + "\n" + ("\n" + text[stop:] if nxt >= 0 else "")
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + SECTION_TITLE + "\n\n" + block + "\n"
     path.write_text(text)
 
 
@@ -643,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the JSON record and the Markdown report go")
     parser.add_argument("--update-results", action="store_true",
                         help="rewrite the 'Benchmark suite (issue 3)' section of benchmarks/RESULTS.md")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override one setting of the mode, e.g. --set build_n=[2000000] --set build_d=[64]")
     parser.add_argument("--report-only", action="store_true",
                         help="re-render plots and reports from the saved JSON of this mode, without running")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
@@ -655,7 +674,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     mode_name = "full" if args.full else "smoke" if args.smoke else "quick"
-    cfg = CONFIGS[mode_name]
+    cfg = dict(CONFIGS[mode_name])
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in cfg:
+            parser.error(f"--set {item}: unknown setting {key!r}; choose from {', '.join(sorted(cfg))}")
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item}: the value must be JSON, e.g. {key}=[100000]")
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"build", "query", "memory", "usize"}
     if unknown:
@@ -692,13 +719,13 @@ def write_outputs(res: dict[str, Any], args: argparse.Namespace, mode_name: str)
     res["plots"] = make_plots(res, args.img_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"bench_suite_{mode_name}.json").write_text(json.dumps(res, indent=1, default=float))
-    section = report(res)
-    (args.out_dir / f"bench_suite_{mode_name}.md").write_text(section)
+    block = report(res)
+    (args.out_dir / f"bench_suite_{mode_name}.md").write_text(block)
     # the same report for the docs page (docs/benchmarks.md includes it; plots relative to docs/)
-    (args.out_dir / f"bench_suite_{mode_name}.docs.md").write_text(report(res, img_prefix="img/", title=False))
+    (args.out_dir / f"bench_suite_{mode_name}.docs.md").write_text(report(res, img_prefix="img/"))
     if args.update_results:
-        update_results(section, ROOT / "benchmarks" / "RESULTS.md")
-    print(section)
+        update_results(block, mode_name, ROOT / "benchmarks" / "RESULTS.md")
+    print(block)
     return 0
 
 
