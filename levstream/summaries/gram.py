@@ -46,7 +46,7 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
     """Smallest eigenvalue of ``D^-1/2 G D^-1/2`` (D = diag G) and the diagonal; 0 when a diagonal entry is 0
     or below :func:`_diag_floor` (such keys take the R-factor path, whose QR handles tiny values exactly)."""
     diag = np.diag(G).copy()
-    if not (diag >= _diag_floor(n_rows)).all():
+    if not (np.isfinite(diag).all() and (diag >= _diag_floor(n_rows)).all()):  # overflowed: R-factor path
         return 0.0, diag
     s = 1.0 / np.sqrt(diag)
     C = G * s[:, None] * s[None, :]
@@ -128,8 +128,9 @@ class GramSummary:
 
     def _maybe_return_to_gram(self) -> None:
         assert self._r is not None
-        colsq = (self._r * self._r).sum(axis=0)
-        if not (colsq >= _diag_floor(self.n_rows)).all():
+        with np.errstate(over="ignore"):  # keys whose Gram matrix overflows stay on the R factor
+            colsq = (self._r * self._r).sum(axis=0)
+        if not (np.isfinite(colsq).all() and (colsq >= _diag_floor(self.n_rows)).all()):
             return
         sv = sla.svdvals(self._r / np.sqrt(colsq)[None, :], check_finite=False)
         lam = float(sv[-1]) ** 2
@@ -152,8 +153,8 @@ class GramSummary:
     def add(self, X: np.ndarray, block: np.ndarray | None = None) -> None:
         """Fold the rows of ``X`` (C-contiguous float64, shape (b, dim)) into the summary.
 
-        ``block`` is ``block_gram(X)`` if the caller already has it.  Raises ``ValueError`` (and changes
-        nothing) when the Gram matrix would overflow float64.
+        ``block`` is ``block_gram(X)`` if the caller already has it.  When the Gram matrix would overflow
+        float64 the summary moves to its R factor (entries up to ``sqrt`` of the Gram's), so it never fails.
         """
         if self.mode == "qr":
             assert self._r is not None
@@ -163,17 +164,18 @@ class GramSummary:
             return
         if block is None:
             block = X.T @ X
-        diag_new = np.diag(self._hi) + np.diag(self._lo) + np.diag(block)
-        if not np.isfinite(diag_new).all():
-            raise ValueError("keys are too large: their Gram matrix overflows float64 (largest |x| = "
-                             f"{float(np.abs(X).max()):.3g}). Rescale them; leverage scores are scale-invariant.")
+        with np.errstate(over="ignore"):  # an overflow (inf on the diagonal) sends the block to the R factor
+            diag_new = np.diag(self._hi) + np.diag(self._lo) + np.diag(block)
+            unchecked_ok = (self._chk_lam > 0 and np.isfinite(diag_new).all()
+                            and (diag_new <= 2.0 * self._chk_diag).all())
         self._factor = None
-        if self._chk_lam > 0 and (diag_new <= 2.0 * self._chk_diag).all():
+        if unchecked_ok:
             _two_sum_add(self._hi, self._lo, block)
             self.n_rows += X.shape[0]
             return
         # Full check on the would-be Gram matrix before committing the block.
-        candidate = self._hi + self._lo + block
+        with np.errstate(over="ignore"):
+            candidate = self._hi + self._lo + block
         lam, diag = _equilibrated_min_eig(candidate, self.n_rows + X.shape[0])
         if self._gram_is_safe(lam):
             _two_sum_add(self._hi, self._lo, block)
@@ -191,7 +193,8 @@ class GramSummary:
         if other.n_rows == 0:
             return
         if self.mode == "gram" and other.mode == "gram":
-            candidate = self._hi + self._lo + other._hi + other._lo
+            with np.errstate(over="ignore"):  # an overflow sends the merge down the R-factor path below
+                candidate = self._hi + self._lo + other._hi + other._lo
             lam, diag = _equilibrated_min_eig(candidate, self.n_rows + other.n_rows)
             if self._gram_is_safe(lam):
                 _two_sum_add(self._hi, self._lo, other._hi)
