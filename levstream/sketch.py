@@ -553,9 +553,12 @@ class KeySketch:
             ids, rows = ids[sel], rows[sel]
         thresh = eps * (1.0 - TIE_RTOL)
         dist = getattr(self._summary, "distortion", 0.0)  # coreset: report A~ >= eps (1 - delta)
+        query_scale = getattr(self._summary, "query_scale", None)  # coreset: A is scale-free, avoid |x|^p overflow
         counts, keys, vals = [], [], []
         for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
             Qb = Q[start:start + QUERY_BLOCK_ROWS]
+            if query_scale is not None:
+                Qb = Qb * query_scale(Qb, rows)[:, None]
             z = self._summary.normalizer(Qb)
             P = Qb @ rows.T
             c, k, v = threshold_power_csr(P, z, self._p, thresh * (1.0 - dist), ids)
@@ -584,8 +587,11 @@ class KeySketch:
         out_vals = np.full((m, k), np.nan)
         certified = np.zeros(m, dtype=bool)
         kk = min(k, c)
+        query_scale = getattr(self._summary, "query_scale", None)
         for start in range(0, m, QUERY_BLOCK_ROWS):
             Qb = Q[start:start + QUERY_BLOCK_ROWS]
+            if query_scale is not None:
+                Qb = Qb * query_scale(Qb, rows)[:, None]
             z = self._summary.normalizer(Qb)
             live = z > 0
             if kk == 0 or not live.any():

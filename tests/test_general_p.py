@@ -196,3 +196,19 @@ def test_coreset_large_p_keeps_dominant_keys(p: float) -> None:
     assert set(zip(*map(list, np.nonzero(A >= eps)))) <= sk.heavy_entries(Q).as_set()
     z = (np.abs(Q @ K.T) ** p).sum(axis=1)
     assert np.abs(sk.normalizer(Q) / z - 1).max() < sk.normalizer_summary.delta
+
+
+def test_coreset_queries_are_scale_free_without_overflow() -> None:
+    # A is invariant under scaling keys; |x|^20 of keys scaled by 1e14 overflows and by 1e-20 underflows
+    # float64 unless queries are rescaled (ALGORITHMS.md §8 pitfall)
+    K = heavy_tailed_keys(5000, 4, seed=0)
+    Q = np.vstack([K[:5], np.random.default_rng(0).standard_normal((5, 4))])
+    A = dense_values(Q, K, 20.0)
+    truth = set(zip(*map(list, np.nonzero(A >= 0.05))))
+    answers = []
+    for scale in (1.0, 1e14, 1e-20):
+        sk = ls.KeySketch(4, eps=0.05, p=20.0, rng=0).update_many(K * scale)
+        hits = sk.heavy_entries(Q)
+        assert truth <= hits.as_set() and np.isfinite(hits.values).all()
+        answers.append((sorted(hits.as_set()), sk.top_k(Q, 3).key_ids.tolist()))
+    assert answers[0] == answers[1] == answers[2]

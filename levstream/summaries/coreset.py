@@ -350,6 +350,17 @@ class CoresetSummary:
         P = np.abs(Q @ self._rows[: self._m].T)
         return (P * P if self.p == 2.0 else P**self.p).sum(axis=1)
 
+    def query_scale(self, Q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Per-query factors ``1 / (||q|| R)``, ``R`` the largest norm among the coreset and ``rows``.
+
+        Attention values are invariant under scaling a query, and after this scaling every ``|<q, k>|`` is at
+        most 1, so ``|<q, k>|^p`` cannot overflow for any ``p`` (ALGORITHMS.md §8); zero queries keep factor 1.
+        """
+        norms = [np.sqrt(np.einsum("ij,ij->i", R, R).max()) for R in (self._rows[: self._m], rows) if R.shape[0]]
+        big = max(norms) if norms else 0.0
+        qn = np.sqrt(np.einsum("ij,ij->i", Q, Q)) * big
+        return np.divide(1.0, qn, out=np.ones_like(qn), where=qn > 0)
+
     def normalizer_bounds(self, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(Z~, Z~ / (1 + delta), Z~ / (1 - delta))``: estimate and the interval holding ``Z`` w.h.p."""
         z = self.normalizer(Q)
