@@ -212,3 +212,18 @@ def test_coreset_queries_are_scale_free_without_overflow() -> None:
         assert truth <= hits.as_set() and np.isfinite(hits.values).all()
         answers.append((sorted(hits.as_set()), sk.top_k(Q, 3).key_ids.tolist()))
     assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize("kappa", (1e4, 1e8))
+def test_coreset_ill_conditioned_keys(kappa: float) -> None:
+    # column scales spanning kappa: the Lewis form has condition number ~kappa^2; forming and
+    # eigendecomposing it dropped the smallest direction (a missed heavy entry at kappa = 1e7 before)
+    d, eps, p = 5, 0.02, 3.0
+    cols = np.logspace(0, -np.log10(kappa), d)
+    K = heavy_tailed_keys(40_000, d, seed=0) * cols
+    rng = np.random.default_rng(0)
+    Q = np.vstack([rng.standard_normal((20, d)) / cols, K[rng.choice(K.shape[0], 20)]])
+    sk = ls.KeySketch(d, eps=eps, p=p, rng=0, block_rows=4096).update_many(K)
+    A = dense_values(Q, K, p)
+    assert set(zip(*map(list, np.nonzero(A >= eps)))) <= sk.heavy_entries(Q).as_set()
+    assert sk.normalizer_summary.rank_bound == d

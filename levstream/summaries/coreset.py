@@ -20,9 +20,9 @@ Guarantee (per query, Freedman's inequality on the martingale of all sampling ro
 fixed independently of the sampling, ``|Z~(q) - Z(q)| <= delta Z(q)`` except with probability at most
 ``failure_bound = 2 exp(-delta^2 beta / (2 (1 + delta)^2 (R + delta / 3)))``, ``R`` the number of rounds (one
 online round plus one per reduce on the path of a row, ``rounds``).  Given ``failure_prob`` the summary sets
-``beta`` from this formula with ``R = PLANNED_ROUNDS``.  Otherwise ``beta = max(DEFAULT_OVERSAMPLING / c_p,
-MIN_OVERSAMPLING)``, much smaller and chosen empirically (about 256 d rows after a reduce; recall 1.0 on every
-test and benchmark), and ``failure_bound`` states what is proven (at the default it is vacuous).
+``beta`` from this formula with ``R = PLANNED_ROUNDS``.  Otherwise ``beta = max(max(DEFAULT_OVERSAMPLING,
+MIN_CORESET_ROWS / d) / c_p, MIN_OVERSAMPLING)``, much smaller and chosen empirically (about max(256 d, 4096)
+rows after a reduce; recall 1.0 on every test and benchmark), and ``failure_bound`` states what is proven (at the default it is vacuous).
 Size: about ``beta c_p d`` rows after a reduce, at most ``capacity = 2 beta c_p d + 4 d`` ever, so memory
 does not grow with ``n``; the number of reduces grows like ``log n``.
 """
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
+from threadpoolctl import threadpool_limits
 
 from .._config import LAMBDA_SAFETY, UNIT_ROUNDOFF
 from .._kernels.rows import scaled_sq_norms
@@ -49,12 +50,24 @@ DEFAULT_OVERSAMPLING = 256.0
 #: recall 1.0 and normaliser errors below 1e-3 on key-aligned queries.
 MIN_OVERSAMPLING = 16.0
 
+#: Small ``d``: the default aims at no fewer than this many coreset rows (``beta c_p d``).  Measured: d = 5,
+#: p = 1, heavy-tailed keys, 600 queries: largest normaliser error 0.077 with 1 800 rows, 0.041 with 4 900.
+MIN_CORESET_ROWS = 4096
+
 #: Sampling rounds assumed when ``beta`` is derived from ``failure_prob`` (reduces up to n ~ 2^PLANNED_ROUNDS
 #: times the first coreset).
 PLANNED_ROUNDS = 12
 
 #: Lewis weights of the coreset are computed to this log-accuracy; the bounds are inflated by the error.
 _LEWIS_TOL = 1e-3
+
+#: The Lewis form is factored by eigendecomposition while its eigenvalue ratio exceeds this (small eigenvalues
+#: then carry a relative error below 1e-6), otherwise by an SVD of ``W^(1/2-1/p) S``.
+_FORM_EIG_RATIO = 1e-10
+
+#: A row whose component outside the form's range exceeds this fraction of its norm is outside the span of
+#: the coreset (bound 1); rounding leaves components of about 1e-16.
+_OUTSIDE_RTOL = 1e-12
 
 #: The Lewis form is recomputed when the coreset has grown by this factor since the last computation.
 _REFRESH_GROWTH = 1.5
@@ -66,23 +79,36 @@ def oversampling_for(delta: float, failure_prob: float, rounds: int = PLANNED_RO
 
 
 class _LewisForm:
-    """Eigendecomposition of the Lewis form ``M = S^T W^(1-2/p) S`` with pseudo-inverse semantics."""
+    """Spectral factors of the Lewis form ``M = S^T W^(1-2/p) S`` with pseudo-inverse semantics.
+
+    ``M = V diag(vals) V^T`` on its numerical range; ``null`` spans the rest.  The factors come from the
+    eigendecomposition of ``M`` when it is well-conditioned and otherwise from the SVD of ``W^(1/2-1/p) S``
+    (so the condition number of the keys is not squared: keys with kappa up to 1e8 keep every direction).
+    """
 
     def __init__(self, S: np.ndarray, p: float, dim: int, info: LewisWeights | None = None) -> None:
         self.n_rows = S.shape[0]
         if S.shape[0] == 0:
-            self.vecs, self.vals, self.inflate = np.zeros((dim, 0)), np.zeros(0), 1.0
+            self.vecs, self.vals, self.null, self.inflate = np.zeros((dim, 0)), np.zeros(0), np.eye(dim), 1.0
             self._set_derived()
             return
         if info is None:
             info = lewis_weights(S, p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True)
         w = info.weights
         keep = w > 0
-        M = (S[keep] * (w[keep] ** (1.0 - 2.0 / p))[:, None]).T @ S[keep]
-        vals, vecs = sla.eigh(M, check_finite=False)
-        tol = dim * 64 * UNIT_ROUNDOFF * max(float(vals[-1]), 0.0)
-        sel = vals > tol
+        F = S[keep] * (w[keep] ** (0.5 - 1.0 / p))[:, None]
+        vals, vecs = sla.eigh(F.T @ F, check_finite=False)
+        if vals[0] > _FORM_EIG_RATIO * vals[-1]:
+            sel = np.ones(dim, dtype=bool)
+        else:
+            with threadpool_limits(1):
+                _, sv, vt = sla.svd(F, full_matrices=True, check_finite=False, lapack_driver="gesdd")
+            vecs = vt[::-1].T  # ascending, like eigh
+            sv = np.concatenate([np.zeros(dim - sv.size), sv[::-1]])
+            vals = sv * sv
+            sel = sv > max(F.shape) * 2 * UNIT_ROUNDOFF * sv[-1]
         self.vecs, self.vals = np.ascontiguousarray(vecs[:, sel]), vals[sel]
+        self.null = np.ascontiguousarray(vecs[:, ~sel])
         self._set_derived()
         # weights off by exp(+-e) change k^T M^-1 k by at most exp(|1 - 2/p| e), the bound by its p/2 power
         self.inflate = float(np.exp(abs(p / 2.0 - 1.0) * info.error_bound) * (1.0 + 1e-9))
@@ -90,25 +116,27 @@ class _LewisForm:
     def _set_derived(self) -> None:
         """Whitening matrix ``V / sqrt(vals)`` and, for full rank, the equilibrated norm bound
         ``k^T M^-1 k <= ||D^-1/2 k||^2 / lambda_min(D^-1/2 M D^-1/2)`` (``D = diag M``), all from ``(vecs, vals)``
-        so that a restored form is bit-identical."""
+        so that a restored form is bit-identical.  ``lambda_min`` is the squared smallest singular value of
+        ``D^-1/2 V vals^1/2`` (accurate even when ``M`` is ill-conditioned)."""
         self.whiten = np.ascontiguousarray(self.vecs / np.sqrt(self.vals)) if self.vals.size else self.vecs
         self.scale, self.lam_eq = np.zeros(self.vecs.shape[0]), 0.0
         if self.vals.size == self.vecs.shape[0] and self.vals.size:
-            M = (self.vecs * self.vals) @ self.vecs.T
-            diag = np.diag(M).copy()
+            F = self.vecs * np.sqrt(self.vals)
+            diag = np.einsum("ij,ij->i", F, F)
             if (diag > 0).all():
                 s = 1.0 / np.sqrt(diag)
                 self.scale = s
-                self.lam_eq = float(sla.eigvalsh(M * s[:, None] * s[None, :], check_finite=False)[0])
+                self.lam_eq = float(sla.svdvals(F * s[:, None], check_finite=False)[-1]) ** 2
 
     def quad(self, rows: np.ndarray) -> np.ndarray:
-        """``k^T M^+ k`` per row, ``inf`` for rows with a component outside the span of ``S``."""
+        """``k^T M^+ k`` per row, ``inf`` for rows with a component outside the range of ``M``."""
         W = rows @ self.whiten
         quad = np.einsum("ij,ij->i", W, W)
-        if self.vals.size < rows.shape[1]:
-            Y = rows @ self.vecs
-            norms = np.einsum("ij,ij->i", rows, rows)
-            quad[norms - np.einsum("ij,ij->i", Y, Y) > 1e-10 * norms] = np.inf
+        if self.null.shape[1]:
+            N = rows @ self.null
+            outside = np.einsum("ij,ij->i", N, N)
+            # rows inside the range have components of rounding size (~1e-16 ||k||) along the null space
+            quad[outside > _OUTSIDE_RTOL**2 * np.einsum("ij,ij->i", rows, rows)] = np.inf
         return quad
 
 
@@ -126,7 +154,7 @@ class CoresetSummary:
         Per-query failure probability; sets ``beta = oversampling_for(delta, failure_prob)``.
     oversampling : float, optional
         ``beta >= 1`` directly (exclusive with ``failure_prob``); default
-        ``max(DEFAULT_OVERSAMPLING / c_p, MIN_OVERSAMPLING)``.
+        ``max(max(DEFAULT_OVERSAMPLING, MIN_CORESET_ROWS / d) / c_p, MIN_OVERSAMPLING)``.
     rng : None, int, SeedSequence or Generator
         Source of the sampling randomness (a PCG64 stream; its state is part of the serialized summary).
 
@@ -158,7 +186,8 @@ class CoresetSummary:
                 raise ValueError(f"failure_prob must satisfy 0 < failure_prob < 1; got {failure_prob} instead.")
             oversampling = oversampling_for(delta, failure_prob)
         elif oversampling is None:
-            oversampling = max(DEFAULT_OVERSAMPLING / lewis_constant(float(p), int(dim)), MIN_OVERSAMPLING)
+            target = max(DEFAULT_OVERSAMPLING, MIN_CORESET_ROWS / dim)
+            oversampling = max(target / lewis_constant(float(p), int(dim)), MIN_OVERSAMPLING)
         if not oversampling >= 1:
             raise ValueError(f"oversampling must be >= 1; got {oversampling} instead. With beta < 1 even a key "
                              "of sensitivity 1 would be sampled with probability beta (an unbounded error).")
@@ -372,7 +401,8 @@ class CoresetSummary:
                 "failure_prob": self.failure_prob, "capacity": self.capacity, "n_rows": self.n_rows,
                 "rounds": self.rounds, "rng": self._rng.bit_generator.state,
                 "form_rows": self._form.n_rows, "form_inflate": self._form.inflate}
-        arrays = {"rows": self._rows[: self._m], "form_vecs": self._form.vecs, "form_vals": self._form.vals}
+        arrays = {"rows": self._rows[: self._m], "form_vecs": self._form.vecs, "form_vals": self._form.vals,
+                  "form_null": self._form.null}
         return meta, arrays
 
     @classmethod
@@ -385,12 +415,12 @@ class CoresetSummary:
         if rows.ndim != 2 or rows.shape[1] != out.dim or not np.isfinite(rows).all():
             raise ValueError(f"coreset rows must be finite with shape (m, {out.dim}); got {rows.shape}.")
         out._rows, out._m = rows.copy(), rows.shape[0]
-        vecs, vals = arrays["form_vecs"], arrays["form_vals"]
-        if vecs.shape != (out.dim, vals.shape[0]):
+        vecs, vals, null = arrays["form_vecs"], arrays["form_vals"], arrays["form_null"]
+        if vecs.shape != (out.dim, vals.shape[0]) or null.shape != (out.dim, out.dim - vals.shape[0]):
             raise ValueError("coreset Lewis form has inconsistent shapes.")
         form = _LewisForm.__new__(_LewisForm)
         form.n_rows, form.inflate = int(meta["form_rows"]), float(meta["form_inflate"])
-        form.vecs, form.vals = vecs.copy(), vals.copy()
+        form.vecs, form.vals, form.null = vecs.copy(), vals.copy(), null.copy()
         form._set_derived()
         out._form = form
         bitgen = np.random.PCG64()
