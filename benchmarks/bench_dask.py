@@ -9,7 +9,7 @@ n = 4e6 keys, d = 64, p = 2, eps = 0.01, in P partitions of n / P rows; partitio
   sketch + merges), best of ``--reps`` interleaved rounds, cluster start-up and worker warm-up excluded.
 * **Thread pool**: ``levstream.build_sketch(path, n_jobs=2)`` vs ``n_jobs=1`` (one BLAS thread, i.e. one
   worker) on the same keys written to a ``.npy`` file (memory-mapped, in the page cache): sketching only.
-  ``n_jobs=1`` with the default BLAS threads (a plain stream as users get it) is reported as well.
+  ``n_jobs=1`` with the default BLAS threads (a plain stream as users get it) is reported as well (one round).
 * Correctness: the universal sets of all builds are compared with each other and with a single in-process
   stream over the same keys.
 * Costs of the tree: bytes of every partition sketch (what travels between processes) and the time of one
@@ -135,7 +135,7 @@ def thread_pool_builds(path: str, eps: float, reps: int) -> dict:
     for _ in range(reps):
         run("1 (1 BLAS thread)", 1, 1)
         run("2", 2, None)
-        run("1 (default BLAS threads)", 1, None)
+    run("1 (default BLAS threads)", 1, None)  # once: multithreaded OpenBLAS can be very slow on a busy box
     return {"times": times, "cpu": cpu, "U": ids}
 
 
