@@ -343,7 +343,7 @@ def bench_query(cfg: dict[str, Any], dim: int = 64) -> list[dict[str, Any]]:
         log(f"query n={n:,}: |U|={len(U)}, entries={truth.size}, " + ", ".join(
             f"{name}: {rec['s'] * 1e3:.1f} ms r={rec['recall']:.3f}" for name, rec in methods.items()))
         out.append(row)
-        del K
+        K = np.empty((0, dim))  # free the keys before the next size is built
     return out
 
 
@@ -523,6 +523,11 @@ def fmt_time(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def plot_link(res: dict[str, Any], img_prefix: str, alt: str, name: str) -> str:
+    """Markdown image link to a plot, or nothing when this run's plots did not go to docs/img."""
+    return f"![{alt}]({img_prefix}{name})" if res.get("plots_in_docs", True) else ""
+
+
 def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
     """The Markdown report of one mode; ``img_prefix`` locates the plots relative to the file it goes into."""
     info = res["machine"]
@@ -559,7 +564,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
                 f"{fmt_time(r['best_gram_s'])} | **{r['ratio']:.2f}** | "
                 f"{fmt_time(r['sketch_s']['default'])} / {fmt_time(r['sketch_s']['1 thread'])} | "
                 f"{fmt_time(r['gram_s']['default'])} / {fmt_time(r['gram_s']['1 thread'])} |")
-        lines += ["", f"![build ratio]({img_prefix}bench_build_ratio.png)", ""]
+        lines += ["", plot_link(res, img_prefix, "build ratio", "bench_build_ratio.png"), ""]
     if res.get("query"):
         lines += [
             "#### Queries: every entry A >= eps", "",
@@ -584,7 +589,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
                              f"{rec['vs_sketch']:.1f}x | {rec['recall']:.4f} | {rec['precision']:.4f} | "
                              f"{rec['threads']} |")
             lines.append("")
-        lines += [f"![query time]({img_prefix}bench_query_time.png)", ""]
+        lines += [plot_link(res, img_prefix, "query time", "bench_query_time.png"), ""]
     if res.get("memory"):
         mem = res["memory"]
         lines += [
@@ -605,7 +610,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
         lines += ["", f"Peak RSS ratio n = {mem[-1]['n']:,} vs n = {mem[0]['n']:,}: "
                   f"**{mem[-1]['peak_rss'] / mem[0]['peak_rss']:.3f}**; tracemalloc peak ratio "
                   f"{mem[-1]['tracemalloc_peak'] / mem[0]['tracemalloc_peak']:.3f}.", "",
-                  f"![memory]({img_prefix}bench_memory.png)", ""]
+                  plot_link(res, img_prefix, "memory", "bench_memory.png"), ""]
     if res.get("usize"):
         u = res["usize"]
         head = "| eps | d/eps | " + " | ".join(f"\\|U\\|, n = {int(n):,}" for n in u["counts"]) + " |"
@@ -618,7 +623,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
         for i, e in enumerate(u["eps"]):
             lines.append(f"| {e:g} | {u['bound'][i]:,.0f} | " + " | ".join(
                 str(c[i]) for c in u["counts"].values()) + " |")
-        lines += ["", f"![universal set size]({img_prefix}universal_set_size.png)", ""]
+        lines += ["", plot_link(res, img_prefix, "universal set size", "universal_set_size.png"), ""]
     lines += [end, ""]
     return "\n".join(lines)
 
@@ -717,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
 def write_outputs(res: dict[str, Any], args: argparse.Namespace, mode_name: str) -> int:
     """Plots, the JSON record, the Markdown reports (RESULTS.md section and docs include)."""
     res["plots"] = make_plots(res, args.img_dir)
+    # reports link the plots only when they went to docs/img (other runs must not point at those files)
+    res["plots_in_docs"] = args.img_dir.resolve() == (ROOT / "docs" / "img").resolve()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"bench_suite_{mode_name}.json").write_text(json.dumps(res, indent=1, default=float))
     block = report(res)
