@@ -226,5 +226,4 @@ def test_coreset_ill_conditioned_keys(kappa: float) -> None:
     sk = ls.KeySketch(d, eps=eps, p=p, rng=0, block_rows=4096).update_many(K)
     A = dense_values(Q, K, p)
     assert set(zip(*map(list, np.nonzero(A >= eps)))) <= sk.heavy_entries(Q).as_set()
-    # the smallest direction is inside the form's range: its bound is below 1 (it was 1 when dropped)
-    assert sk.normalizer_summary.scores(np.eye(d)[-1:])[0] < 1.0
+    assert sk.normalizer_summary.form_rank == d  # the smallest direction is kept (it was dropped at 1e7)

@@ -243,6 +243,11 @@ class CoresetSummary:
         return 0.0  # scores are upper bounds with their numerical slack already included
 
     @property
+    def form_rank(self) -> int:
+        """Numerical rank of the coreset's Lewis form (directions outside it get sensitivity bound 1)."""
+        return int(self._form.vals.size)
+
+    @property
     def rank_bound(self) -> int:
         return self.dim
 
