@@ -17,7 +17,7 @@ import scipy.linalg as sla
 from ._config import UNIT_ROUNDOFF
 from ._validation import as_matrix, check_int, check_p, check_real
 
-__all__ = ["LewisWeights", "lewis_constant", "lewis_weights", "sensitivity_bounds"]
+__all__ = ["LewisConvergenceError", "LewisWeights", "lewis_constant", "lewis_weights", "sensitivity_bounds"]
 
 
 class LewisConvergenceError(RuntimeError):
@@ -39,9 +39,10 @@ class LewisWeights:
     residual : float
         ``max_j |log(T(w)_j / w_j)|`` of the returned weights, ``T`` the Lewis map.
     error_bound : float
-        Bound on ``max_j |log(w_j / w*_j)|`` against the exact weights ``w*``: ``residual / (1 - rate)``
-        with ``rate = |p - 2| / (p + 2)`` the contraction rate of the damped map (a-posteriori bound of a
-        contraction; see Notes of :func:`lewis_weights`).
+        ``residual / (1 - rate)`` with ``rate = |p - 2| / (p + 2)``: the a-posteriori bound on
+        ``max_j |log(w_j / w*_j)|`` (``w*`` the exact weights) of a map contracting at ``rate``.  The rate is
+        that of the linearised damped map at the fixed point (see Notes of :func:`lewis_weights`), so this is
+        a bound near convergence (where it is used, at residuals of 1e-3 or below), not a global one.
     """
 
     weights: np.ndarray
