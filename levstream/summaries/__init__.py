@@ -5,6 +5,12 @@ Every summary offers the same small interface (used by :class:`levstream.KeySket
 
 ``add(X)``, ``merge(other)``, ``copy()``, ``bound_weights()``, ``scores(rows)``, ``normalizer(Q)``,
 ``rank_bound``, ``rel_error``, ``nbytes``, ``to_state()`` / ``from_state(state)``.
+
+Optional members the sketch uses when present (lifted and coreset summaries): ``prefilter(X, threshold)``
+in place of ``bound_weights()``; ``size_bound`` (sum of the scores, for the candidate capacity; default
+``dim``); ``config`` (merge compatibility); ``distortion`` (``delta`` of an approximate normaliser: queries
+report ``A~ >= eps (1 - delta)`` with ``lower``/``upper`` bounds); ``query_scale(Q, rows)`` (per-query factors
+that keep ``|<q, k>|^p`` finite).
 """
 
 from typing import Any
