@@ -465,6 +465,22 @@ def test_bench_quick_table(capsys):
     assert row[0].split()[-2:] == ["1.000", "1.000"]  # recall, precision against dense NumPy
 
 
+def test_bench_fails_with_exit_code_3_when_an_entry_is_spurious(monkeypatch, capsys):
+    real = ls.KeySketch.heavy_entries
+
+    def add_an_entry(self, Q, eps=None):
+        hits = real(self, Q, eps)
+        counts = np.diff(hits.indptr)
+        counts[0] += 1  # a key id no dense answer has
+        return ls.HeavyEntries.from_counts(counts, np.concatenate([[10**12], hits.key_ids]),
+                                           np.concatenate([[0.5], hits.values]), hits.eps)
+
+    monkeypatch.setattr(ls.KeySketch, "heavy_entries", add_an_entry)
+    code, stdout, _ = run(["bench", "--sizes", 5000, "--dim", 8, "--queries", 20, "--repeat", 1], capsys)
+    assert code == cli.EXIT_FAILED_CHECK
+    assert [ln for ln in stdout.splitlines() if ln.strip().startswith("5,000")][0].split()[-1] != "1.000"
+
+
 def test_top_entries_orders_by_value_then_id():
     hits = ls.HeavyEntries.from_counts(np.array([3, 0, 2]), np.array([1, 5, 9, 2, 4]),
                                        np.array([0.2, 0.5, 0.2, 0.3, 0.3]), 0.1)
