@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 #: fastmath flags for numba kernels: everything except ``nnan``/``ninf`` (inputs are validated finite, but
-#: kernels must still propagate inf/nan honestly if a caller bypasses validation).
-FASTMATH = set({"nsz", "arcp", "contract", "afn", "reassoc"})
+#: kernels must still propagate inf/nan honestly if a caller bypasses validation) and ``arcp`` (it turns
+#: ``v / z`` into ``v * (1 / z)``, and the reciprocal of a subnormal normaliser overflows to inf).
+FASTMATH = set({"nsz", "contract", "afn", "reassoc"})
 
 #: unit roundoff of float64.
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2

@@ -355,9 +355,9 @@ def test_single_key_with_a_subnormal_square():
         assert U.ids.tolist() == [0] and U.scores[0] == pytest.approx(1.0, rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation (reported): a subnormal normaliser Z (keys below ~1e-154 "
-                   "against unit queries) meets numba's fastmath 'arcp', which turns v / Z into v * (1 / Z) = inf")
 def test_heavy_entry_value_with_a_subnormal_normaliser():
+    """Keys near 1e-156 against unit queries: Z is subnormal.  (With numba's fastmath 'arcp', v / Z became
+    v * (1 / Z) = inf.)"""
     K = np.array([[1.5e-156]])
     q = np.array([[1.0]])
     assert naive.dense_heavy(q, K, 1.0) == {(0, 0): 1.0}
