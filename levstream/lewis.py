@@ -141,7 +141,7 @@ _HOMOTOPY = 1.5
 
 
 def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000,
-                  return_info: bool = False) -> np.ndarray | LewisWeights:
+                  return_info: bool = False, init: Any = None) -> np.ndarray | LewisWeights:
     """l_p Lewis weights of the rows of ``K``, for every ``p > 0``.
 
     Parameters
@@ -155,6 +155,9 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
         Iterations allowed in total (p = 100 needs about 1200, p <= 6 fewer than 100).
     return_info : bool, default False
         Return a :class:`LewisWeights` with the iteration count, residual and error bound.
+    init : array_like, shape (n,), optional
+        Starting weights (a warm start, e.g. the weights of a similar matrix); entries that are not finite
+        and positive start at ``d / n``.  With ``init`` the p > 4 homotopy is skipped.
 
     Returns
     -------
@@ -203,9 +206,16 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
         return info if return_info else weights
     m = nonzero.size
     ladder = [p]
-    while ladder[-1] > 4.0:
-        ladder.append(max(4.0, ladder[-1] / _HOMOTOPY))
     log_w = np.full(m, np.log(r / m))
+    if init is not None:
+        start = np.asarray(init, dtype=np.float64)
+        if start.shape != (n,):
+            raise ValueError(f"init must have one weight per row, shape ({n},); got shape {start.shape}.")
+        start = start[nonzero]
+        good = np.isfinite(start) & (start > 0)
+        log_w[good] = np.log(start[good])
+    while init is None and ladder[-1] > 4.0:
+        ladder.append(max(4.0, ladder[-1] / _HOMOTOPY))
     iterations = 0
     residual = np.inf
     for step_p in reversed(ladder):

@@ -176,3 +176,16 @@ def test_approx_leverage_reproducible_and_exact_when_small() -> None:
     np.testing.assert_allclose(ls.approx_leverage_scores(small, rng=0), leverage_svd(small), rtol=1e-9)
     with pytest.raises(ValueError, match="oversampling"):
         ls.approx_leverage_scores(small, oversampling=0.0)
+
+
+def test_warm_start_converges_to_the_same_weights() -> None:
+    K = _tiny_keys(3, n=300, d=4)
+    for p in (1.0, 3.0, 8.0):
+        cold = ls.lewis_weights(K, p, return_info=True)
+        warm = ls.lewis_weights(K, p, return_info=True, init=cold.weights * 1.1)
+        np.testing.assert_allclose(warm.weights, cold.weights, rtol=1e-8)
+        assert warm.iterations < cold.iterations
+    bad = np.full(300, np.nan)  # unusable starting values fall back to d / n
+    np.testing.assert_allclose(ls.lewis_weights(K, 1.0, init=bad), ls.lewis_weights(K, 1.0), rtol=1e-8)
+    with pytest.raises(ValueError, match="one weight per row"):
+        ls.lewis_weights(K, 1.0, init=np.ones(3))

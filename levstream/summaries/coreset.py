@@ -296,8 +296,17 @@ class CoresetSummary:
         self._rows[self._m:need] = rows
         self._m = need
 
+    def _lewis(self, S: np.ndarray) -> LewisWeights:
+        """Lewis weights of ``S`` warm-started from the current form: ``(s^T M^+ s)^(p/2)`` is the Lewis
+        weight of ``s`` at the form's fixed point, a close guess for any coreset of the same stream."""
+        init = self._form.quad(S) ** (0.5 * self.p) if self._form.vals.size else None
+        info = lewis_weights(S, self.p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True, init=init)
+        assert isinstance(info, LewisWeights)
+        return info
+
     def _refresh(self) -> None:
-        self._form = _LewisForm(self._rows[: self._m], self.p, self.dim)
+        S = self._rows[: self._m]
+        self._form = _LewisForm(S, self.p, self.dim, self._lewis(S))
 
     @staticmethod
     def block_gram(X: np.ndarray) -> np.ndarray:
@@ -339,7 +348,7 @@ class CoresetSummary:
     def _reduce(self) -> None:
         """Re-sample the coreset by its own Lewis weights: one merge-and-reduce level."""
         S = self._rows[: self._m]
-        info = lewis_weights(S, self.p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True)
+        info = self._lewis(S)
         # The form of S (an embedding of the same stream) stays a valid pruning/sampling form after the
         # reduce; new rows only increase Z.  Reusing it saves one Lewis computation per level.
         form = _LewisForm(S, self.p, self.dim, info)
