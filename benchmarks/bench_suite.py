@@ -523,13 +523,14 @@ def fmt_time(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def plot_link(res: dict[str, Any], img_prefix: str, alt: str, name: str) -> str:
-    """Markdown image link to a plot, or nothing when this run's plots did not go to docs/img."""
-    return f"![{alt}]({img_prefix}{name})" if res.get("plots_in_docs", True) else ""
+def plot_link(res: dict[str, Any], alt: str, name: str) -> str:
+    """Markdown image link (relative to benchmarks/) to a plot, or nothing when this run's plots did not go
+    to docs/img.  The docs show RESULTS.md with these links rewritten (docs/_hooks/benchmark_results.py)."""
+    return f"![{alt}](../docs/img/{name})" if res.get("plots_in_docs", True) else ""
 
 
-def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
-    """The Markdown report of one mode; ``img_prefix`` locates the plots relative to the file it goes into."""
+def report(res: dict[str, Any]) -> str:
+    """The Markdown report of one mode (a block of RESULTS.md, between this mode's markers)."""
     info = res["machine"]
     begin, end = markers(res["mode"])
     lines = [
@@ -564,7 +565,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
                 f"{fmt_time(r['best_gram_s'])} | **{r['ratio']:.2f}** | "
                 f"{fmt_time(r['sketch_s']['default'])} / {fmt_time(r['sketch_s']['1 thread'])} | "
                 f"{fmt_time(r['gram_s']['default'])} / {fmt_time(r['gram_s']['1 thread'])} |")
-        lines += ["", plot_link(res, img_prefix, "build ratio", "bench_build_ratio.png"), ""]
+        lines += ["", plot_link(res, "build ratio", "bench_build_ratio.png"), ""]
     if res.get("query"):
         lines += [
             "#### Queries: every entry A >= eps", "",
@@ -589,7 +590,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
                              f"{rec['vs_sketch']:.1f}x | {rec['recall']:.4f} | {rec['precision']:.4f} | "
                              f"{rec['threads']} |")
             lines.append("")
-        lines += [plot_link(res, img_prefix, "query time", "bench_query_time.png"), ""]
+        lines += [plot_link(res, "query time", "bench_query_time.png"), ""]
     if res.get("memory"):
         mem = res["memory"]
         lines += [
@@ -610,7 +611,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
         lines += ["", f"Peak RSS ratio n = {mem[-1]['n']:,} vs n = {mem[0]['n']:,}: "
                   f"**{mem[-1]['peak_rss'] / mem[0]['peak_rss']:.3f}**; tracemalloc peak ratio "
                   f"{mem[-1]['tracemalloc_peak'] / mem[0]['tracemalloc_peak']:.3f}.", "",
-                  plot_link(res, img_prefix, "memory", "bench_memory.png"), ""]
+                  plot_link(res, "memory", "bench_memory.png"), ""]
     if res.get("usize"):
         u = res["usize"]
         head = "| eps | d/eps | " + " | ".join(f"\\|U\\|, n = {int(n):,}" for n in u["counts"]) + " |"
@@ -623,7 +624,7 @@ def report(res: dict[str, Any], img_prefix: str = "../docs/img/") -> str:
         for i, e in enumerate(u["eps"]):
             lines.append(f"| {e:g} | {u['bound'][i]:,.0f} | " + " | ".join(
                 str(c[i]) for c in u["counts"].values()) + " |")
-        lines += ["", plot_link(res, img_prefix, "universal set size", "universal_set_size.png"), ""]
+        lines += ["", plot_link(res, "universal set size", "universal_set_size.png"), ""]
     lines += [end, ""]
     return "\n".join(lines)
 
@@ -720,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_outputs(res: dict[str, Any], args: argparse.Namespace, mode_name: str) -> int:
-    """Plots, the JSON record, the Markdown reports (RESULTS.md section and docs include)."""
+    """Plots, the JSON record, the Markdown report (and our block of RESULTS.md, which the docs show)."""
     res["plots"] = make_plots(res, args.img_dir)
     # reports link the plots only when they went to docs/img (other runs must not point at those files)
     res["plots_in_docs"] = args.img_dir.resolve() == (ROOT / "docs" / "img").resolve()
@@ -728,8 +729,6 @@ def write_outputs(res: dict[str, Any], args: argparse.Namespace, mode_name: str)
     (args.out_dir / f"bench_suite_{mode_name}.json").write_text(json.dumps(res, indent=1, default=float))
     block = report(res)
     (args.out_dir / f"bench_suite_{mode_name}.md").write_text(block)
-    # the same report for the docs page (docs/benchmarks.md includes it; plots relative to docs/)
-    (args.out_dir / f"bench_suite_{mode_name}.docs.md").write_text(report(res, img_prefix="img/"))
     if args.update_results:
         update_results(block, mode_name, ROOT / "benchmarks" / "RESULTS.md")
     print(block)

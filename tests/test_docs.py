@@ -55,6 +55,9 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     for page in ("index.html", "theory/index.html", "api/index.html", "benchmarks/index.html"):
         assert (tmp_path / "site" / page).is_file(), f"{page} was not built"
+    bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
+    assert "Benchmark suite (issue 3)" in bench and "bench_query_time.png" in bench, \
+        "the benchmarks page does not show benchmarks/RESULTS.md (docs/_hooks/benchmark_results.py)"
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     for name in ("KeySketch", "heavy_entries", "HeavyEntries", "UniversalSet", "leverage_scores"):
         assert name in api, f"API reference lacks {name}"
