@@ -66,9 +66,10 @@ def partition_options(sketch_options: dict[str, Any], n_partitions: int) -> list
     """Constructor options for each of ``n_partitions`` partition sketches.
 
     ``rng`` or ``seed`` (one of them) is the user's seed.  When :class:`KeySketch` takes an ``rng`` argument
-    (randomised modes), partition ``i`` gets the ``i``-th child of ``SeedSequence(seed).spawn`` (for a
-    Generator: of its ``SeedSequence``); so a given seed and partitioning reproduces the build.  Deterministic modes (p = 2) take no ``rng`` and the seed is
-    not needed: it is accepted and not used.
+    (randomised modes), partition ``i`` gets the ``i``-th child of ``SeedSequence(seed).spawn``; so an
+    integer seed and a partitioning reproduce the build.  (A ``SeedSequence`` or ``Generator`` passed as the
+    seed spawns from its own sequence, which advances with every build.)  When ``KeySketch`` takes no
+    ``rng`` the seed is accepted and not used.
 
     Examples
     --------
