@@ -101,8 +101,8 @@ def test_bad_ids(sk, K, Q, kwargs, exc, match):
     assert_rejected(sk, Q, lambda s: s.update_many(K[1500:1503], **kwargs), exc, match)
 
 
-def test_default_id_clash_on_update_is_rejected(K, Q):
-    """Rows fed with explicit ids ahead of the counter: a later default id that clashes is refused."""
+def test_default_ids_skip_past_explicit_ids_and_offsets_clash_exactly(K, Q):
+    """Default ids continue after the largest id seen; an offset= range is refused exactly when it overlaps."""
     s = ls.KeySketch(DIM, eps=EPS).update_many(K[:10])
     s.update_many(K[10:12], ids=[12, 13])
     s.update_many(K[12:14])  # default ids continue after the largest id seen: 14, 15
