@@ -4,6 +4,8 @@ deficiency are common) or arbitrary floats, times per-row and per-column scales 
 
 from __future__ import annotations
 
+import pickle
+
 import naive
 import numpy as np
 from conftest import COND_TIE_RTOL, TIE_RTOL, VALUE_RTOL, assert_matches_offline
@@ -17,11 +19,12 @@ PROPERTY_SETTINGS = settings(deadline=None, max_examples=50, derandomize=True,
 EPS_CHOICES = [0.02, 0.05, 0.1, 1 / 6, 0.25, 1 / 3, 0.5, 1.0]
 
 
+INT_ENTRIES = st.integers(-3, 3)
 FLOAT_ENTRIES = st.floats(-1e3, 1e3, allow_subnormal=False, width=64)
 
 
 @st.composite
-def key_matrices(draw, max_rows: int = 60, max_dim: int = 5, entries=st.integers(-3, 3)):
+def key_matrices(draw, max_rows: int = 60, max_dim: int = 5, entries=INT_ENTRIES):
     d = draw(st.integers(1, max_dim))
     n = draw(st.integers(1, max_rows))
     entries = draw(st.lists(entries, min_size=n * d, max_size=n * d))
@@ -113,3 +116,32 @@ def test_every_dense_entry_at_least_eps_is_returned(K, eps, data):
     for (i, j), v in got.items():
         assert A[i, j] >= q_eps * (1 - tol), f"returned A[{i}, {j}] = {A[i, j]} < {q_eps}"
         assert abs(v - A[i, j]) <= max(VALUE_RTOL, tol) * A[i, j]
+
+
+@PROPERTY_SETTINGS
+@given(K=st.one_of(key_matrices(), key_matrices(entries=FLOAT_ENTRIES)), eps=st.sampled_from(EPS_CHOICES),
+       data=st.data())
+def test_interleaved_updates_round_trips_copies_queries_and_merges(K, eps, data):
+    """A random program over the public API (feed, serialize and restore, copy, query, merge a side shard)
+    ends with the offline set of every key fed, and every intermediate query answers for its prefix."""
+    d = K.shape[1]
+    sk = ls.KeySketch(d, eps=eps, block_rows=data.draw(st.integers(1, 16), label="block_rows"))
+    pos = 0
+    for part in np.split(K, _cuts(data.draw, len(K), 6)):
+        op = data.draw(st.sampled_from(["feed", "bytes", "pickle", "copy", "query", "side shard"]), label="op")
+        if op == "bytes":
+            sk = ls.KeySketch.from_bytes(sk.to_bytes())
+        elif op == "pickle":
+            sk = pickle.loads(pickle.dumps(sk))
+        elif op == "copy":
+            sk = sk.copy()
+        elif op == "query" and pos:
+            assert_matches_offline(sk.universal_set().ids, naive.leverage_svd(K[:pos]), eps,
+                                   tie_rtol=_tie_rtol(K[:pos]))
+        if op == "side shard":
+            sk.merge(ls.KeySketch(d, eps=eps).update_many(part, offset=pos))
+        else:
+            _feed(sk, part, data.draw(st.integers(0, 2), label="how"))
+        pos += len(part)
+    assert sk.n == len(K)
+    assert_matches_offline(sk.universal_set().ids, naive.leverage_svd(K), eps, tie_rtol=_tie_rtol(K))
