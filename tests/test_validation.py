@@ -3,12 +3,12 @@ exactly as it was (same bytes, same answers)."""
 
 from __future__ import annotations
 
+import naive
 import numpy as np
 import pytest
 from conftest import answer, assert_matches_offline, heavy_tailed_keys
 
 import levstream as ls
-import naive
 
 DIM = 8
 EPS = 0.02
