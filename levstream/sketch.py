@@ -577,7 +577,8 @@ class KeySketch:
         """The ``k`` largest attention entries of each query among the universal set.
 
         ``certified[i]`` is true when row ``i``'s ``k``-th value is ``>= eps``: every key outside the
-        universal set has ``A < eps``, so the result is then the true top-``k`` over all keys.
+        universal set has ``A < eps``, so the result is then the true top-``k`` over all keys.  With a coreset
+        normaliser (values ``A~``, true values ``>= A~ (1 - delta)``) the test is ``A~ (1 - delta) >= eps``.
         """
         Q = self._queries(Q)
         k = check_int(k, "k", minimum=1)
@@ -588,6 +589,7 @@ class KeySketch:
         certified = np.zeros(m, dtype=bool)
         kk = min(k, c)
         query_scale = getattr(self._summary, "query_scale", None)
+        dist = getattr(self._summary, "distortion", 0.0)
         for start in range(0, m, QUERY_BLOCK_ROWS):
             Qb = Q[start:start + QUERY_BLOCK_ROWS]
             if query_scale is not None:
@@ -608,7 +610,7 @@ class KeySketch:
             out_ids[sl, :kk] = np.where(live[:, None], ids[part], -1)
             out_vals[sl, :kk] = np.where(live[:, None], top, np.nan)
             if kk == k:
-                certified[sl] = live & (top[:, -1] >= self._eps)
+                certified[sl] = live & (top[:, -1] * (1.0 - dist) >= self._eps)
         return TopK(out_ids, out_vals, certified, self._eps)
 
     # ------------------------------------------------------------------ copies and persistence

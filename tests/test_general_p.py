@@ -227,3 +227,15 @@ def test_coreset_ill_conditioned_keys(kappa: float) -> None:
     A = dense_values(Q, K, p)
     assert set(zip(*map(list, np.nonzero(A >= eps)))) <= sk.heavy_entries(Q).as_set()
     assert sk.normalizer_summary.form_rank == d  # the smallest direction is kept (it was dropped at 1e7)
+
+
+def test_coreset_top_k_certification_accounts_for_delta() -> None:
+    K = heavy_tailed_keys(20_000, 4, seed=5)
+    Q = _adversarial_queries(K, 5, m=40)
+    sk = ls.KeySketch(4, eps=0.02, p=3.0, rng=5).update_many(K)
+    top = sk.top_k(Q, 1)
+    delta = sk.normalizer_summary.delta
+    np.testing.assert_array_equal(top.certified, top.values[:, 0] * (1 - delta) >= 0.02)
+    A = dense_values(Q, K, 3.0)
+    for i in np.flatnonzero(top.certified):  # a certified row is the true top-1 over all keys
+        assert top.key_ids[i, 0] == int(np.argmax(A[i]))
