@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
+from threadpoolctl import threadpool_limits
 
 from ._config import UNIT_ROUNDOFF
 from ._validation import as_matrix, check_int, check_p, check_real
@@ -74,8 +75,6 @@ def _column_space_coordinates(K: np.ndarray) -> np.ndarray:
         lam, V = sla.eigh(K.T @ K, check_finite=False)
         if lam[0] > _GRAM_KAPPA**2 * UNIT_ROUNDOFF * lam[-1]:  # clearly full rank: no QR needed
             return K @ (V / np.sqrt(lam))
-        from threadpoolctl import threadpool_limits
-
         with threadpool_limits(1):
             R = sla.qr(K, mode="r", check_finite=False)[0][:d]
     else:
@@ -104,10 +103,7 @@ def _log_leverage(Y: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
     if lam[0] > 0 and lam[-1] <= _GRAM_KAPPA * lam[0]:
         R = sla.cholesky(G, lower=False, check_finite=False)
     else:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(1):
-            R = sla.qr(Z, mode="r", check_finite=False)[0][: Y.shape[1]]
+        R = sla.qr(Z, mode="r", check_finite=False)[0][: Y.shape[1]]
     X = Z @ sla.solve_triangular(R, np.eye(R.shape[0]), check_finite=False)
     with np.errstate(divide="ignore"):
         return np.log(np.einsum("ij,ij->i", X, X))
@@ -220,7 +216,8 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
     residual = np.inf
     for step_p in reversed(ladder):
         stage_tol = tol if step_p == p else 1e-3
-        log_w, residual, it = _iterate(Y, step_p, log_w, stage_tol, max_iter - iterations)
+        with threadpool_limits(1):  # tall-skinny BLAS calls: one thread is fastest (see _log_leverage)
+            log_w, residual, it = _iterate(Y, step_p, log_w, stage_tol, max_iter - iterations)
         iterations += it
         if residual > stage_tol:
             raise LewisConvergenceError(

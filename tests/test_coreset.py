@@ -53,12 +53,12 @@ def test_default_accuracy_and_size_independent_of_n(p: float) -> None:
 
 
 def test_unbiased_over_seeds() -> None:
-    K = heavy_tailed_keys(10_000, 3, seed=5)
+    K = heavy_tailed_keys(6000, 3, seed=5)
     q = np.array([[1.0, -0.5, 0.25]])
     z = true_normalizer(q, K, 1.0)[0]
-    est = [build(K, 1.0, seed, oversampling=20.0).normalizer(q)[0] for seed in range(30)]
-    # the mean of 30 independent estimates is within 4 standard errors of Z
-    assert abs(np.mean(est) - z) <= 4 * np.std(est) / np.sqrt(30) + 1e-12 * z
+    est = [build(K, 1.0, seed, oversampling=20.0).normalizer(q)[0] for seed in range(20)]
+    # the mean of 20 independent estimates is within 4 standard errors of Z
+    assert abs(np.mean(est) - z) <= 4 * np.std(est) / np.sqrt(20) + 1e-12 * z
 
 
 def test_merge_equals_union_and_rank_deficient_keys() -> None:

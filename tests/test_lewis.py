@@ -58,7 +58,7 @@ def test_lewis_weights_match_high_precision_reference(p: float, seed: int) -> No
     np.testing.assert_allclose(ls.lewis_weights(K, p), _lewis_reference(K, p), rtol=LEWIS_RTOL)
 
 
-@pytest.mark.parametrize("p", (0.25, 0.5, 1.0, 3.0, 4.0, 6.0, 10.0, 40.0))
+@pytest.mark.parametrize("p", (0.25, 0.5, 1.0, 3.0, 4.0, 6.0, 10.0, 20.0))
 def test_lewis_weights_satisfy_definition_on_larger_matrix(p: float) -> None:
     rng = np.random.default_rng(7)
     K = rng.standard_normal((400, 5)) * (1.0 + rng.pareto(2.0, size=(400, 1)))
