@@ -99,7 +99,7 @@ def test_invariances_duplicates_zero_rows_rank_deficiency(p: float) -> None:
 
 def test_non_convergence_raises_clear_error() -> None:
     K = _tiny_keys(2, n=50, d=4)
-    with pytest.raises(LewisConvergenceError, match="did not converge.*max_iter"):
+    with pytest.raises(LewisConvergenceError, match=r"did not converge.*max_iter"):
         ls.lewis_weights(K, 0.3, max_iter=2)
 
 
@@ -159,7 +159,7 @@ def test_approx_leverage_bounds_are_certified(seed: int) -> None:
     tau = leverage_svd(K)
     est, lo, hi = ls.approx_leverage_scores(K, rng=seed, return_bounds=True)
     assert (lo <= tau * (1 + 1e-9)).all() and (tau <= hi * (1 + 1e-9)).all()
-    assert (lo <= est).all() and (est <= hi).all() or np.allclose(lo, hi)
+    assert (hi / lo).max() < 2.0  # the certificate is informative: the sketch embeds within a factor < 2
     # the no-false-negative rule: {upper >= eps} contains {tau >= eps}
     eps = 0.001
     assert set(np.flatnonzero(tau >= eps)) <= set(np.flatnonzero(hi >= eps))
