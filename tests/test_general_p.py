@@ -239,3 +239,17 @@ def test_coreset_top_k_certification_accounts_for_delta() -> None:
     A = dense_values(Q, K, 3.0)
     for i in np.flatnonzero(top.certified):  # a certified row is the true top-1 over all keys
         assert top.key_ids[i, 0] == int(np.argmax(A[i]))
+
+
+def test_coreset_zero_keys_are_never_candidates() -> None:
+    # zero keys have sensitivity 0; before any nonzero key arrives they must not pile up as candidates
+    sk = ls.KeySketch(3, eps=0.02, p=1.0, rng=0, block_rows=512)
+    for _ in range(10):
+        sk.update_many(np.zeros((1000, 3)))
+    assert len(sk.universal_set()) == 0 and sk.num_retained <= 512
+    K = heavy_tailed_keys(3000, 3, seed=1)
+    sk.update_many(K, offset=10_000)
+    Q = _adversarial_queries(K, 1, m=12)
+    truth = {(i, j + 10_000) for i, j in zip(*np.nonzero(dense_values(Q, K, 1.0) >= 0.02))}
+    assert truth and truth <= sk.heavy_entries(Q).as_set()
+    assert sk.normalizer_summary.scores(np.zeros((2, 3))).tolist() == [0.0, 0.0]

@@ -264,8 +264,8 @@ class CoresetSummary:
         """Upper bounds ``min(1, (1 + delta) c_p (k^T M^+ k)^(p/2))`` on each row's sensitivity over all keys."""
         if rows.shape[0] == 0:
             return np.zeros(0)
-        if self._form.vals.size == 0:
-            return np.ones(rows.shape[0])
+        if self._form.vals.size == 0:  # no keys yet (or only zero keys): every nonzero key may be heavy
+            return (np.einsum("ij,ij->i", rows, rows) > 0).astype(np.float64)
         with np.errstate(over="ignore"):
             b = self._factor() * self._form.quad(rows) ** (0.5 * self.p)
         return np.minimum(1.0, b)
