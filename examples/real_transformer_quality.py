@@ -98,7 +98,7 @@ def capture_qkv(n_seq: int, n_tokens: int, seed: int = 0) -> tuple[np.ndarray, n
     model = AutoModel.from_pretrained(path).eval()
     cfg = model.config
     H, dh = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-    ids = tok(english_corpus(), add_special_tokens=False)["input_ids"]
+    ids = tok(english_corpus(), add_special_tokens=False, verbose=False)["input_ids"]
     body = n_tokens - 2
     starts = np.linspace(0, len(ids) - body, n_seq).astype(int)
     batch = torch.tensor([[tok.cls_token_id] + ids[s:s + body] + [tok.sep_token_id] for s in starts])
