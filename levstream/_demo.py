@@ -32,8 +32,9 @@ import numpy as np
 
 from .results import HeavyEntries
 
-#: Rows per generated chunk: one processing block of the sketch at d = 64.
-CHUNK_ROWS = 8192
+#: Rows per generated chunk (16 MiB at d = 64): measured here, 8192 rows gave a build / Gram-only ratio of
+#: 2.0-2.1, 32768 rows 1.75 with the shortest wall time, 65536 rows 1.7 with 90 MB more peak memory.
+CHUNK_ROWS = 32768
 
 #: Keys whose offline leverage score is this close to eps (relative) may go either way (DESIGN.md §4).
 TIE_RTOL = 1e-9
