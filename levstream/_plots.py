@@ -43,6 +43,7 @@ def demo_figure(args: argparse.Namespace, scores: np.ndarray, title: str, n_univ
                        fontsize=8, color="#4c72b0")
     right.set(xlabel="number of keys n", ylabel="seconds per query",
               title=f"Query time, {m:,} queries, d = {args.dim}, eps = {args.eps:g}")
+    right.set_xlim(min(sizes) / 1.5, max(sizes) * 1.5)  # room for the |U| labels
     right.grid(True, which="both", alpha=0.3)
     right.legend(loc="upper left")
     fig.savefig(args.plot, dpi=110)
