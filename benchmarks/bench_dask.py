@@ -4,12 +4,14 @@ n = 4e6 keys, d = 64, p = 2, eps = 0.01, in P partitions of n / P rows; partitio
 ``attention_like_keys(n / P, d, seed=i)``.
 
 * **Dask**: ``distributed.LocalCluster`` with 1 and with 2 single-threaded worker processes, the same graph on
-  both; every partition's keys are generated inside its task (nothing is shipped from the client) and the
-  partition sketches are merged in a tree of fan-in ``split_every``.  Timed: the whole build (generation +
+  both; every partition's keys are generated inside the task that sketches them, chunk by chunk (a Dask bag
+  of lazy partitions; nothing but seeds is shipped from the client) and the partition sketches are merged
+  in a tree of fan-in ``split_every``.  Timed: the whole build (generation +
   sketch + merges), best of ``--reps`` interleaved rounds, cluster start-up and worker warm-up excluded.
-* **Thread pool**: ``levstream.build_sketch(path, n_jobs=2)`` vs ``n_jobs=1`` (one BLAS thread, i.e. one
-  worker) on the same keys written to a ``.npy`` file (memory-mapped, in the page cache): sketching only.
-  ``n_jobs=1`` with the default BLAS threads (a plain stream as users get it) is reported as well (one round).
+* **Thread pool**: ``levstream.build_sketch(source, n_jobs=2)`` vs ``n_jobs=1`` (one BLAS thread, i.e. one
+  worker) on the same keys, sketching only: the keys in memory (an array), and written to a ``.npy`` file
+  (memory-mapped, in the page cache; mapping 2 GB costs kernel time that does not all run in parallel).
+  ``n_jobs=1`` with the default BLAS threads (a plain stream as users get it) is reported once.
 * Correctness: the universal sets of all builds are compared with each other and with a single in-process
   stream over the same keys.
 * Costs of the tree: bytes of every partition sketch (what travels between processes) and the time of one
@@ -37,9 +39,24 @@ from levstream._tree import merge_group, sketch_partition
 from levstream.synthetic import attention_like_keys
 
 
+#: Rows per generated chunk: a partition is generated and sketched chunk by chunk, in cache.
+GEN_CHUNK_ROWS = 16384
+
+
+class PartitionKeys:
+    """Partition ``seed``'s keys as a lazy iterable of chunks: a Dask bag partition that is generated inside
+    the task that sketches it (only the seed travels)."""
+
+    def __init__(self, rows: int, dim: int, seed: int) -> None:
+        self.rows, self.dim, self.seed = rows, dim, seed
+
+    def __iter__(self):
+        return attention_like_keys(self.rows, self.dim, seed=self.seed, chunk_rows=GEN_CHUNK_ROWS)
+
+
 def generate_partition(rows: int, dim: int, seed: int) -> np.ndarray:
-    """Partition ``seed``'s keys (runs inside the Dask task)."""
-    return np.vstack(list(attention_like_keys(rows, dim, seed=seed)))
+    """Partition ``seed``'s keys as one array (the same keys as ``PartitionKeys``)."""
+    return np.vstack(list(PartitionKeys(rows, dim, seed)))
 
 
 def blas_threads() -> str:
@@ -77,6 +94,7 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
     import logging
 
     import dask
+    import dask.bag as db
     from distributed import Client, LocalCluster
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -87,7 +105,7 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
     offsets = [i * rows for i in range(parts)]
 
     def graph():
-        return [dask.delayed(generate_partition)(rows, dim, i) for i in range(parts)]
+        return db.from_delayed([dask.delayed(PartitionKeys)(rows, dim, i) for i in range(parts)])
 
     clusters = {}
     out: dict = {"times": {1: [], 2: []}, "cpu": {1: [], 2: []}}
@@ -119,15 +137,16 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
     return out
 
 
-def thread_pool_builds(path: str, eps: float, reps: int) -> dict:
+def thread_pool_builds(source, eps: float, reps: int, reference: bool) -> dict:
+    """``build_sketch(source, n_jobs=2)`` vs ``n_jobs=1`` with one BLAS thread, interleaved rounds."""
     times: dict = {"1 (1 BLAS thread)": [], "2": [], "1 (default BLAS threads)": []}
     cpu: dict = {k: [] for k in times}
     ids = {}
-    ls.build_sketch(np.load(path, mmap_mode="r")[:20_000], eps=eps, n_jobs=2)  # warm the JIT
+
     def run(key: str, n_jobs: int, blas: int | None) -> None:
         with threadpool_limits(limits=blas, user_api="blas"):
             c = time.process_time()
-            t, sk = timed(lambda: ls.build_sketch(path, eps=eps, n_jobs=n_jobs))
+            t, sk = timed(lambda: ls.build_sketch(source, eps=eps, n_jobs=n_jobs))
             cpu[key].append(time.process_time() - c)
         times[key].append(t)
         ids[key] = sk.universal_set().ids
@@ -135,7 +154,8 @@ def thread_pool_builds(path: str, eps: float, reps: int) -> dict:
     for _ in range(reps):
         run("1 (1 BLAS thread)", 1, 1)
         run("2", 2, None)
-    run("1 (default BLAS threads)", 1, None)  # once: multithreaded OpenBLAS can be very slow on a busy box
+    if reference:  # once: multithreaded OpenBLAS can be very slow on a busy box
+        run("1 (default BLAS threads)", 1, None)
     return {"times": times, "cpu": cpu, "U": ids}
 
 
@@ -193,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         K.flush()
         del K
 
-        tp = thread_pool_builds(path, args.eps, args.reps)
+        ls.build_sketch(np.load(path, mmap_mode="r")[:20_000], eps=args.eps, n_jobs=2)  # warm the JIT
+        tp = thread_pool_builds(path, args.eps, args.reps, reference=True)
+        mem = thread_pool_builds(np.load(path), args.eps, args.reps, reference=False)
         tree = tree_costs(path, args.partitions, args.eps, args.split_every)
     dk = dask_builds(n, args.dim, args.eps, args.partitions, args.split_every, args.reps)
 
@@ -201,27 +223,33 @@ def main(argv: list[str] | None = None) -> int:
     same = {
         "Dask 1 worker": np.array_equal(dk["U"][1], ref) and dk["n"][1] == n,
         "Dask 2 workers": np.array_equal(dk["U"][2], ref) and dk["n"][2] == n,
-        **{f"thread pool n_jobs={k}": np.array_equal(v, ref) for k, v in tp["U"].items()},
+        **{f"thread pool .npy n_jobs={k}": np.array_equal(v, ref) for k, v in tp["U"].items()},
+        **{f"thread pool array n_jobs={k}": np.array_equal(v, ref) for k, v in mem["U"].items()},
         "tree of in-process partition sketches": np.array_equal(tree["root_ids"], ref),
     }
     d1, d2 = min(dk["times"][1]), min(dk["times"][2])
     t1, t2, t1d = (min(tp["times"][k]) for k in ("1 (1 BLAS thread)", "2", "1 (default BLAS threads)"))
+    m1, m2 = (min(mem["times"][k]) for k in ("1 (1 BLAS thread)", "2"))
     raw = rows * args.dim * 8
     sizes = tree["bytes"]
     print()
     print("| build | 1 worker (s) | 2 workers (s) | speed-up | target |")
     print("|---|---|---|---|---|")
     print(f"| Dask LocalCluster, keys generated in the tasks | {d1:.2f} | {d2:.2f} | **{d1 / d2:.2f}x** | >= 1.7x |")
-    print(f"| thread pool `build_sketch(.npy, n_jobs)`, sketching only | {t1:.2f} | {t2:.2f} | "
+    print(f"| thread pool `build_sketch(array, n_jobs)`, keys in memory | {m1:.2f} | {m2:.2f} | "
+          f"**{m1 / m2:.2f}x** | >= 1.7x |")
+    print(f"| thread pool `build_sketch(path.npy, n_jobs)`, memory-mapped | {t1:.2f} | {t2:.2f} | "
           f"**{t1 / t2:.2f}x** | >= 1.7x |")
-    print(f"| (reference) `n_jobs=1` with the default BLAS threads | {t1d:.2f} | | {t1d / t2:.2f}x | |")
+    print(f"| (reference) `.npy`, `n_jobs=1` with the default BLAS threads | {t1d:.2f} | | {t1d / t2:.2f}x | |")
     print()
     print(f"- all rounds (s): Dask 1 worker {', '.join(f'{x:.2f}' for x in dk['times'][1])}; "
           f"2 workers {', '.join(f'{x:.2f}' for x in dk['times'][2])}; thread pool "
-          + "; ".join(f"n_jobs={k}: {', '.join(f'{x:.2f}' for x in v)}" for k, v in tp["times"].items()))
+          + "; ".join(f"{src} n_jobs={k}: {', '.join(f'{x:.2f}' for x in v)}"
+                      for src, res in (("array", mem), (".npy", tp)) for k, v in res["times"].items() if v))
     print(f"- CPU seconds per wall second in the best 2-worker round (2.0 = both cores ours): Dask "
           f"{utilisation(dk['times'][2], dk['cpu'][2])} (1 worker: {utilisation(dk['times'][1], dk['cpu'][1])}), "
-          f"thread pool {utilisation(tp['times']['2'], tp['cpu']['2'])} "
+          f"thread pool array {utilisation(mem['times']['2'], mem['cpu']['2'])}, "
+          f".npy {utilisation(tp['times']['2'], tp['cpu']['2'])} "
           f"(n_jobs=1: {utilisation(tp['times']['1 (1 BLAS thread)'], tp['cpu']['1 (1 BLAS thread)'])})")
     print(f"- BLAS threads in the Dask workers: 1 worker {dk['worker_blas_1']}, 2 workers {dk['worker_blas_2']}")
     print(f"- identical universal set (|U| = {ref.size}, single in-process stream as reference): "
