@@ -33,7 +33,6 @@ import copy as _copy
 from typing import Any
 
 import numpy as np
-import scipy.linalg as sla
 from threadpoolctl import threadpool_limits
 
 from .._config import LAMBDA_SAFETY, UNIT_ROUNDOFF
@@ -97,12 +96,12 @@ class _LewisForm:
         w = info.weights
         keep = w > 0
         F = S[keep] * (w[keep] ** (0.5 - 1.0 / p))[:, None]
-        vals, vecs = sla.eigh(F.T @ F, check_finite=False)
+        vals, vecs = np.linalg.eigh(F.T @ F)
         if vals[0] > _FORM_EIG_RATIO * vals[-1]:
             sel = np.ones(dim, dtype=bool)
         else:
             with threadpool_limits(1):
-                _, sv, vt = sla.svd(F, full_matrices=True, check_finite=False, lapack_driver="gesdd")
+                _, sv, vt = np.linalg.svd(F, full_matrices=True)
             vecs = vt[::-1].T  # ascending, like eigh
             sv = np.concatenate([np.zeros(dim - sv.size), sv[::-1]])
             vals = sv * sv
@@ -126,7 +125,7 @@ class _LewisForm:
             if (diag > 0).all():
                 s = 1.0 / np.sqrt(diag)
                 self.scale = s
-                self.lam_eq = float(sla.svdvals(F * s[:, None], check_finite=False)[-1]) ** 2
+                self.lam_eq = float(np.linalg.svd(F * s[:, None], compute_uv=False)[-1]) ** 2
 
     def quad(self, rows: np.ndarray) -> np.ndarray:
         """``k^T M^+ k`` per row, ``inf`` for rows with a component outside the range of ``M``."""

@@ -10,6 +10,10 @@ Two representations, chosen automatically (ALGORITHMS.md §3, "Numerics"):
   ``max(n, d) * eps_machine``), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for
   rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
 
+Only NumPy's LAPACK/BLAS is called on the ingest path.  SciPy ships its own OpenBLAS with its own thread
+pool; interleaving small SciPy calls with NumPy's multithreaded syrk made the two pools spin against each
+other (measured: the Gram loop 8x slower with default threads).
+
 The switch from Gram to R happens *before* an ill-conditioned block is folded into ``G``: the previous ``G``
 was well-conditioned, so its Cholesky factor is accurate, and the block is then added by QR.
 """
@@ -19,13 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import scipy.linalg as sla
 
 from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
 
 
-_potrf = sla.lapack.get_lapack_funcs("potrf", dtype=np.float64)
-_trsm = sla.blas.get_blas_funcs("trsm", dtype=np.float64)
 
 
 def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
@@ -50,7 +51,7 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
         return 0.0, diag
     s = 1.0 / np.sqrt(diag)
     C = G * s[:, None] * s[None, :]
-    lam = float(sla.eigvalsh(C, subset_by_index=[0, 0], check_finite=False)[0])
+    lam = float(np.linalg.eigvalsh(C)[0])
     return lam, diag
 
 
@@ -108,11 +109,11 @@ class GramSummary:
         if self.n_rows == 0:
             return np.zeros((self.dim, self.dim))
         # Gram mode is only kept while G is well-conditioned, so this Cholesky succeeds and is accurate.
-        return sla.cholesky(self._hi + self._lo, lower=False, check_finite=False)
+        return np.linalg.cholesky(self._hi + self._lo).T
 
     def _enter_qr(self, R: np.ndarray, blocks: list[np.ndarray]) -> None:
         stacked = np.vstack([R, *blocks]) if blocks else R
-        r = sla.qr(stacked, mode="r", check_finite=False)[0]
+        r = np.linalg.qr(stacked, mode="r")
         d = self.dim
         out = np.zeros((d, d))
         k = min(r.shape[0], d)
@@ -132,7 +133,7 @@ class GramSummary:
             colsq = (self._r * self._r).sum(axis=0)
         if not (np.isfinite(colsq).all() and (colsq >= _diag_floor(self.n_rows)).all()):
             return
-        sv = sla.svdvals(self._r / np.sqrt(colsq)[None, :], check_finite=False)
+        sv = np.linalg.svd(self._r / np.sqrt(colsq)[None, :], compute_uv=False)
         lam = float(sv[-1]) ** 2
         if lam > 0 and 2.0 * self.dim / lam <= GRAM_KAPPA_RETURN:
             self.mode = "gram"
@@ -224,10 +225,10 @@ class GramSummary:
                 self._factor = ("pinv", np.zeros((d, 0)), 0.0)
             elif self.mode == "gram":
                 # LAPACK directly: scipy's wrappers cost more than the 64 x 64 factorisation itself.
-                L, info = _potrf(self._hi + self._lo, lower=1, clean=1, overwrite_a=1)
-                if info != 0:  # cannot happen while Gram mode's conditioning invariant holds
-                    raise np.linalg.LinAlgError(f"Cholesky of the Gram matrix failed (info={info}).")
-                self._factor = ("chol", L, self.rel_error)
+                # Gram mode's conditioning invariant makes this Cholesky succeed; scores use L^-1 (d^3 once
+                # per factor), applied by one GEMM to the rows being scored.
+                L = np.linalg.cholesky(self._hi + self._lo)
+                self._factor = ("chol", np.ascontiguousarray(np.linalg.inv(L).T), self.rel_error)
             else:
                 assert self._r is not None
                 # Rank decided on the column-equilibrated R (scores are invariant under column scaling), so a
@@ -237,8 +238,7 @@ class GramSummary:
                 W = np.zeros((d, 0))
                 kappa = 1.0
                 if live.any():
-                    _, s, vt = sla.svd(self._r[:, live] / col_max[live], full_matrices=False, check_finite=False,
-                                       lapack_driver="gesdd")
+                    _, s, vt = np.linalg.svd(self._r[:, live] / col_max[live], full_matrices=False)
                     tol = max(self.n_rows, d) * 2 * UNIT_ROUNDOFF * s[0]
                     rank = int((s > tol).sum())
                     W = np.zeros((d, rank))
@@ -271,12 +271,8 @@ class GramSummary:
         """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""
         if rows.shape[0] == 0:
             return np.zeros(0)
-        kind, F, _ = self._get_factor()
-        if kind == "chol":
-            # L Y = rows^T  <=>  rows L^-T = Y^T: one BLAS-3 triangular solve on the C-ordered rows.
-            Y = _trsm(1.0, F, rows, side=1, lower=1, trans_a=1)
-            return np.einsum("ij,ij->i", Y, Y)
-        Y = rows @ F
+        # Both factors are a (d x r) W with k^T G^+ k = ||k W||^2: L^-T for the Cholesky path, V S^-1 for the SVD.
+        Y = rows @ self._get_factor()[1]
         return np.einsum("ij,ij->i", Y, Y)
 
     def bound_weights(self) -> tuple[np.ndarray | None, float]:
