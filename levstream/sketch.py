@@ -18,7 +18,7 @@ from . import _serialize
 from ._config import PRUNE_RTOL, QUERY_BLOCK_ROWS, TIE_RTOL, default_block_rows
 from ._ids import IdRanges
 from ._kernels.query import threshold_power_csr
-from ._kernels.rows import scaled_sq_norms
+from ._kernels.rows import scaled_sq_norms, sq_norm
 from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
 from .results import HeavyEntries, TopK, UniversalSet
 from .summaries import GramSummary, make_summary, summary_from_state
@@ -222,9 +222,7 @@ class KeySketch:
     def update(self, x: Any) -> "KeySketch":
         """Feed one key row (1-D, length ``dim``); it gets the next id.  Buffered; returns ``self``."""
         if type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (self._dim,):
-            with np.errstate(over="ignore"):
-                s = float(x @ x)
-            if not (s < np.inf):  # nan or inf somewhere (or a huge finite row: checked exactly below)
+            if not sq_norm(x) < np.inf:  # a nan/inf, or squares that overflow: find which, raise
                 x = as_row(x, "x", self._dim)
                 _check_magnitude(x[None, :], "x")
         else:

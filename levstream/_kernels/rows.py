@@ -26,3 +26,16 @@ def scaled_sq_norms(X, scale):  # pragma: no cover - compiled
             acc += v * v
         out[i] = acc
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def sq_norm(x):  # pragma: no cover - compiled
+    """``sum x_j**2`` of a 1-D float64 row: nan/inf when the row has a nan/inf or its squares overflow.
+
+    (No fastmath here: the result must stay non-finite for non-finite input.  Compiled code also raises no
+    floating-point warnings, unlike ``x @ x``.)
+    """
+    acc = 0.0
+    for j in range(x.shape[0]):
+        acc += x[j] * x[j]
+    return acc
