@@ -275,8 +275,9 @@ class KeySketch:
         tail = head + n_full * self._block_rows
         grams = self._validated_block_grams(X, head, n_full)
         for part in (X[:head], X[tail:]):  # rows that wait in the buffer are checked now, not at flush time
-            check_finite(part, "X")
-            _check_magnitude(part, "X")
+            if part.shape[0]:
+                check_finite(part, "X")
+                _check_magnitude(part, "X")
         # --- nothing has been changed up to here; from here on nothing can fail ---
         all_ids = self._record_ids(m, new_ids, start, srt)
         self._n += m
@@ -404,7 +405,9 @@ class KeySketch:
                 idx = np.flatnonzero(scaled_sq_norms(X, scale) >= threshold * lam)
         if idx.size:
             rows = X[idx]
-            keep = self._summary.scores(rows) >= threshold
+            # upper bounds suffice here: candidates are rescored exactly at every prune and before queries
+            upper = getattr(self._summary, "score_upper_bounds", self._summary.scores)
+            keep = upper(rows) >= threshold
             if keep.any():
                 self._append_candidates(rows[keep], ids[idx[keep]])
         if self._cand_n > self.capacity:

@@ -84,6 +84,9 @@ class GramSummary:
         self._chk_diag = np.zeros(d)
         self._chk_lam = 0.0
         self._factor: Any = None
+        #: L^-T of an earlier Gram matrix of this stream (Gram path only): G only grows, so it gives upper
+        #: bounds on current scores without refactoring (see score_upper_bounds)
+        self._past_factor: np.ndarray | None = None
         #: incremented whenever bound_weights() changes (callers may cache row norms computed with it)
         self.bound_version = 0
 
@@ -119,6 +122,7 @@ class GramSummary:
         k = min(r.shape[0], d)
         out[:k] = r[:k]
         self.mode = "qr"
+        self._past_factor = None
         self.bound_version += 1
         self._r = out
         self._hi = np.zeros((d, d))
@@ -229,6 +233,7 @@ class GramSummary:
                 # per factor), applied by one GEMM to the rows being scored.
                 L = np.linalg.cholesky(self._hi + self._lo)
                 self._factor = ("chol", np.ascontiguousarray(np.linalg.inv(L).T), self.rel_error)
+                self._past_factor = self._factor[1]
             else:
                 assert self._r is not None
                 # Rank decided on the column-equilibrated R (scores are invariant under column scaling), so a
@@ -266,6 +271,14 @@ class GramSummary:
         """Upper bound on ``rank(K)``, hence on the sum of all leverage scores."""
         kind, F, _ = self._get_factor()
         return self.dim if kind == "chol" else int(F.shape[1])
+
+    def score_upper_bounds(self, rows: np.ndarray) -> np.ndarray:
+        """Upper bounds on :meth:`scores`, cheaper: with ``L^-T`` of an earlier Gram matrix ``G_0 <= G``,
+        ``k^T G^-1 k <= k^T G_0^-1 k`` (no refactorisation per block); exact scores when none is at hand."""
+        if self._factor is None and self._past_factor is not None and self.mode == "gram" and rows.shape[0]:
+            Y = rows @ self._past_factor
+            return np.einsum("ij,ij->i", Y, Y)
+        return self.scores(rows)
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""
@@ -318,6 +331,8 @@ class GramSummary:
         arrays = {"hi": self._hi, "lo": self._lo, "chk_diag": self._chk_diag}
         if self._r is not None:
             arrays["r"] = self._r
+        if self._past_factor is not None:
+            arrays["past_factor"] = self._past_factor
         return meta, arrays
 
     @classmethod
@@ -340,5 +355,10 @@ class GramSummary:
             if "r" not in arrays or arrays["r"].shape != (d, d):
                 raise ValueError("summary in 'qr' mode must carry an R factor of shape (dim, dim).")
             out._r = arrays["r"].copy()
+        if "past_factor" in arrays:
+            past = arrays["past_factor"]
+            if out.mode != "gram" or past.shape != (d, d) or not np.isfinite(past).all():
+                raise ValueError("summary array 'past_factor' must be a finite (dim, dim) matrix of the Gram path.")
+            out._past_factor = past.copy()
         return out
 
