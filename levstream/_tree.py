@@ -189,15 +189,22 @@ def _as_chunk(chunk: Any) -> np.ndarray:
     return arr
 
 
-def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, where: str) -> int:
-    """``sketch.update_many(chunk, offset=offset)`` with errors naming ``where``; returns the rows fed.
+def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, kind: str, index: int) -> int:
+    """Feed ``chunk`` (global ids from ``offset``) in pieces of one processing block; returns the rows fed.
 
-    Zero-row chunks hold no keys and are skipped.  A rejected chunk leaves the sketch unchanged.
+    A chunk larger than the sketch's block is fed block by block, so that the Gram pass and the scoring
+    pass over each piece run in cache (a whole large chunk would be read from memory twice).  Errors name
+    ``kind index`` and the global rows of the piece, e.g. ``"partition 3 (rows 8192..16383) rejected:
+    ..."``, with indices relative to the piece; the rejected piece leaves the sketch unchanged.  Zero-row
+    chunks hold no keys and are skipped.
     """
-    with named_errors(where):
+    with named_errors(describe(kind, index, offset, chunk)):
         arr = _as_chunk(chunk)
-        if arr.shape[0]:
-            sketch.update_many(arr, offset=offset)
+    step = max(int(sketch._block_rows), 1)
+    for start in range(0, arr.shape[0], step):
+        piece = arr[start:start + step]
+        with named_errors(describe(kind, index, offset + start, piece)):
+            sketch.update_many(piece, offset=offset + start)
     return int(arr.shape[0])
 
 
@@ -212,14 +219,13 @@ def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int
     sketch = None if dim is None else new_sketch(dim, eps, p, options)
     position = offset
     for chunk in chunks:
-        where = describe("partition", index, position, chunk)
         if sketch is None:
-            with named_errors(where):
+            with named_errors(describe("partition", index, position, chunk)):
                 width = _as_chunk(chunk).shape
             if not width[0]:
                 continue
             sketch = new_sketch(int(width[1]), eps, p, options)
-        position += feed_chunk(sketch, chunk, position, where)
+        position += feed_chunk(sketch, chunk, position, "partition", index)
     return sketch
 
 

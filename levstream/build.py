@@ -25,8 +25,6 @@ __all__ = ["build_sketch"]
 #: Fan-in of the merge tree (as :func:`levstream.dask.build_sketch`'s default ``split_every``).
 SPLIT_EVERY = 8
 
-#: Chunks read from an array or ``.npy`` source hold this many processing blocks of rows.
-BLOCKS_PER_CHUNK = 8
 
 #: Chunks waiting for each shard thread when the source is an iterable (bounds memory).
 QUEUE_DEPTH = 2
@@ -54,8 +52,9 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
         Number of shards fed in parallel by a thread pool (default ``os.cpu_count()``).  ``n_jobs=1`` is a
         plain stream in the calling thread.
     chunk_rows : int, optional
-        Rows read at a time from an array or ``.npy`` source (default: 8 processing blocks, 65536 rows for
-        dim 64).  Iterables keep their own chunks.
+        Rows read at a time from an array or ``.npy`` source (default: one processing block, about 4 MiB:
+        8192 rows for dim 64).  Iterables keep their own chunks; either way chunks are fed one processing
+        block at a time, so that every pass over the rows runs in cache.
     offset : int, default 0
         Global id of the first key.
     progress : bool, default False
@@ -107,7 +106,7 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     array = _as_array_source(source)
     if array is not None:
         dim = int(array.shape[1])
-        rows = chunk_rows or BLOCKS_PER_CHUNK * default_block_rows(dim)
+        rows = chunk_rows or _block_rows(dim, sketch_options)
         starts = list(range(0, array.shape[0], rows))
         chunks: Iterator[Chunk] = ((k, offset + a, array[a:a + rows]) for k, a in enumerate(starts))
         total: int | None = int(array.shape[0])
@@ -120,7 +119,7 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     try:
         if n_jobs == 1:
             for k, start, chunk in chunks:
-                rows_fed = feed_chunk(sketch, chunk, start, describe("chunk", k, start, chunk))
+                rows_fed = feed_chunk(sketch, chunk, start, "chunk", k)
                 if bar is not None:
                     bar.update(rows_fed)
             return sketch
@@ -134,6 +133,12 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     finally:
         if bar is not None:
             bar.close()
+
+
+def _block_rows(dim: int, sketch_options: dict[str, Any]) -> int:
+    """Rows of one processing block: the default chunk of an array source (read, checked, folded in cache)."""
+    block_rows = sketch_options.get("block_rows")
+    return default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
 
 
 def _as_array_source(source: Any) -> Any:
@@ -227,7 +232,7 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                     continue
                 try:
                     with numba_turn():
-                        fed = feed_chunk(sketches[s], chunk, start, describe("chunk", k, start, chunk))
+                        fed = feed_chunk(sketches[s], chunk, start, "chunk", k)
                 except BaseException as exc:  # reported by the calling thread below
                     failures.append((k, exc))
                     stop.set()
