@@ -72,3 +72,14 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
         return header["meta"], arrays, int(version)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
         raise ValueError(f"serialized sketch is malformed: {exc}.") from exc
+
+
+def write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place (no torn files on a crash)."""
+    import os
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)

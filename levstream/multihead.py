@@ -310,8 +310,4 @@ class MultiHeadKeySketch:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_bytes` to ``path`` atomically."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(self.to_bytes())
-        os.replace(tmp, path)
+        _serialize.write_atomic(path, self.to_bytes())

@@ -371,6 +371,12 @@ class KeySketch:
         self._buf_ids[self._buf_n:self._buf_n + m] = ids
         self._buf_n += m
 
+    def flush(self) -> "KeySketch":
+        """Process the rows waiting in the input buffer now (queries, merges and ``universal_set`` do it
+        anyway); afterwards ``to_bytes`` carries no buffered rows.  Returns ``self``."""
+        self._flush()
+        return self
+
     def _flush(self) -> None:
         if self._buf_n:
             n = self._buf_n
@@ -691,11 +697,7 @@ class KeySketch:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_bytes` to ``path`` atomically (a temporary file renamed into place)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            fh.write(self.to_bytes())
-        os.replace(tmp, path)
+        _serialize.write_atomic(path, self.to_bytes())
 
     def __eq__(self, other: object) -> bool:  # identity semantics; sketches are compared by their answers
         return self is other

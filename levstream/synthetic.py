@@ -35,6 +35,7 @@ def attention_like_keys(n: int, dim: int = 64, *, rank: int = 8, tail: float = 2
     >>> sum(c.shape[0] for c in attention_like_keys(10_000, 16, chunk_rows=4096))
     10000
     """
+    rank = min(rank, dim)  # a low-rank component cannot have more directions than the keys
     basis, offset = _basis(dim, rank, seed)
     spectrum = 3.0 / np.sqrt(1.0 + np.arange(rank))
     gen = np.random.default_rng(seed)
@@ -51,6 +52,7 @@ def attention_like_keys(n: int, dim: int = 64, *, rank: int = 8, tail: float = 2
 
 def attention_like_queries(m: int, dim: int = 64, *, rank: int = 8, seed: int = 1, key_seed: int = 0) -> np.ndarray:
     """``m`` queries sharing the keys' low-rank structure (built from ``key_seed``) plus noise."""
+    rank = min(rank, dim)
     basis, _ = _basis(dim, rank, key_seed)
     gen = np.random.default_rng(seed)
     return gen.standard_normal((m, dim)) + 2.0 * gen.standard_normal((m, rank)) @ basis

@@ -348,3 +348,12 @@ def test_memory_independent_of_n():
 def test_capacity_is_twice_the_size_bound():
     sk = ls.KeySketch(64, eps=0.01)
     assert 2 * 64 / 0.01 <= sk.capacity <= 2 * 64 / 0.01 + 2
+
+
+def test_flush_processes_the_buffer_without_changing_answers(keys, queries):
+    buffered = ls.KeySketch(keys.shape[1], eps=EPS, block_rows=4096).update_many(keys[:5000])
+    flushed = buffered.copy().flush()
+    assert flushed.num_retained <= buffered.num_retained
+    assert len(flushed.to_bytes()) < len(buffered.to_bytes())
+    assert flushed.universal_set().ids.tolist() == buffered.universal_set().ids.tolist()
+    assert flushed.heavy_entries(queries).as_set() == buffered.heavy_entries(queries).as_set()
