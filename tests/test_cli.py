@@ -140,7 +140,6 @@ def test_offset_shards_merge_equals_single_build(files, keys, queries, capsys):
 
 
 def test_jobs_build_equals_single_stream(files, keys, capsys):
-    pytest.importorskip("levstream.build", reason="levstream.build (build_sketch) is not in this checkout")
     for source in ("K.npy", "K.npz:keys"):
         sketch, _ = build(files, files / source, "--jobs", 2, "--chunk", 1000, out=f"jobs{source[-4:]}.lvs",
                           capsys=capsys)
@@ -397,7 +396,7 @@ def test_scheduler_unreachable_is_one_line(files, capsys):
 
 
 def test_scheduler_build_equals_single_stream(files, keys, capsys):
-    pytest.importorskip("levstream.dask", reason="levstream.dask needs dask")
+    pytest.importorskip("dask", reason="dask is needed for --scheduler")
     distributed = pytest.importorskip("distributed", reason="distributed is needed for --scheduler")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp",
                                   dashboard_address=None) as cluster:
