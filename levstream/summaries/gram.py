@@ -87,7 +87,7 @@ class GramSummary:
         #: L^-T of an earlier Gram matrix of this stream (Gram path only): G only grows, so it gives upper
         #: bounds on current scores without refactoring (see score_upper_bounds)
         self._past_factor: np.ndarray | None = None
-        self._past_trace = 0.0
+        self._past_diag_max = 0.0
         #: incremented whenever bound_weights() changes (callers may cache row norms computed with it)
         self.bound_version = 0
 
@@ -235,7 +235,7 @@ class GramSummary:
                 L = np.linalg.cholesky(self._hi + self._lo)
                 self._factor = ("chol", np.ascontiguousarray(np.linalg.inv(L).T), self.rel_error)
                 self._past_factor = self._factor[1]
-                self._past_trace = float(np.trace(self._hi))
+                self._past_diag_max = float(np.diag(self._hi).max())
             else:
                 assert self._r is not None
                 # Rank decided on the column-equilibrated R (scores are invariant under column scaling), so a
@@ -277,10 +277,10 @@ class GramSummary:
     def score_upper_bounds(self, rows: np.ndarray) -> np.ndarray:
         """Upper bounds on :meth:`scores`, cheaper: with ``L^-T`` of an earlier Gram matrix ``G_0 <= G``,
         ``k^T G^-1 k <= k^T G_0^-1 k`` (no refactorisation per block); exact scores when none is at hand."""
-        # Refactor once the trace has doubled, so the bounds stay within about 2x of the scores and the
+        # Refactor once the largest diagonal entry has doubled (the trace could overflow), so the bounds stay within about 2x of the scores and the
         # candidate store stays near its exact size (a few d^3 factorisations over the whole stream).
         if (self._factor is None and self._past_factor is not None and self.mode == "gram" and rows.shape[0]
-                and np.trace(self._hi) <= 2.0 * self._past_trace):
+                and np.diag(self._hi).max() <= 2.0 * self._past_diag_max):
             Y = rows @ self._past_factor
             return np.einsum("ij,ij->i", Y, Y)
         return self.scores(rows)
@@ -332,7 +332,7 @@ class GramSummary:
 
     def to_state(self) -> tuple[dict, dict]:
         meta = {"kind": self.kind, "dim": self.dim, "n_rows": self.n_rows, "mode": self.mode,
-                "chk_lam": self._chk_lam, "past_trace": self._past_trace}
+                "chk_lam": self._chk_lam, "past_diag_max": self._past_diag_max}
         arrays = {"hi": self._hi, "lo": self._lo, "chk_diag": self._chk_diag}
         if self._r is not None:
             arrays["r"] = self._r
@@ -365,6 +365,6 @@ class GramSummary:
             if out.mode != "gram" or past.shape != (d, d) or not np.isfinite(past).all():
                 raise ValueError("summary array 'past_factor' must be a finite (dim, dim) matrix of the Gram path.")
             out._past_factor = past.copy()
-            out._past_trace = float(meta.get("past_trace", 0.0))
+            out._past_diag_max = float(meta.get("past_diag_max", 0.0))
         return out
 
