@@ -226,7 +226,8 @@ def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int
                 continue
             sketch = new_sketch(int(width[1]), eps, p, options)
         position += feed_chunk(sketch, chunk, position, "partition", index)
-    return sketch
+    # settled before it travels: the candidates of a young sketch are mostly rows a prune would drop
+    return None if sketch is None else sketch.flush()
 
 
 # ---------------------------------------------------------------------------------------------- merges

@@ -372,9 +372,15 @@ class KeySketch:
         self._buf_n += m
 
     def flush(self) -> "KeySketch":
-        """Process the rows waiting in the input buffer now (queries, merges and ``universal_set`` do it
-        anyway); afterwards ``to_bytes`` carries no buffered rows.  Returns ``self``."""
+        """Settle the sketch now: process the rows waiting in the input buffer and rescore the candidates,
+        dropping those that can no longer be heavy (queries, merges and ``universal_set`` do it anyway).
+
+        The answers do not change; the state shrinks to its smallest size, so call it before shipping a
+        sketch (``to_bytes``, pickling) to another process.  Returns ``self``.
+        """
         self._flush()
+        if self._cand_n:
+            self._prune()
         return self
 
     def _flush(self) -> None:
