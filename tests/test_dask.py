@@ -24,23 +24,19 @@ from dask.delayed import Delayed  # noqa: E402
 import levstream as ls  # noqa: E402
 import levstream._tree as tree  # noqa: E402
 import levstream.dask as lsd  # noqa: E402
-from test_build import EPS, assert_matches_brute_force, assert_same_answers, single_stream  # noqa: E402
-from conftest import assert_no_ties, heavy_tailed_keys  # noqa: E402
-from naive import leverage_svd  # noqa: E402
+# the key/query fixtures K and Q and the comparison helpers are shared with the thread-pool tests
+from conftest import heavy_tailed_keys  # noqa: E402
+from test_build import (  # noqa: E402,F401
+    EPS,
+    K,
+    Q,
+    assert_matches_brute_force,
+    assert_same_answers,
+    blas_threads,
+    single_stream,
+)
 
 CUTS = [0, 1500, 1501, 4000, 6500, 9000, 12_000]  # uneven partitions, one of a single row
-
-
-@pytest.fixture(scope="module")
-def K() -> np.ndarray:
-    keys = heavy_tailed_keys(12_000, 8, seed=5)
-    assert_no_ties(leverage_svd(keys), EPS)
-    return keys
-
-
-@pytest.fixture(scope="module")
-def Q() -> np.ndarray:
-    return np.random.default_rng(11).standard_normal((30, 8))
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +52,6 @@ def dask_array(K: np.ndarray) -> "da.Array":
 
 def delayed_chunks(K: np.ndarray) -> list:
     return [dask.delayed(np.array)(K[a:b]) for a, b in zip(CUTS[:-1], CUTS[1:])]
-
-
-def blas_threads() -> list[int]:
-    from threadpoolctl import threadpool_info
-
-    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
 
 
 # ------------------------------------------------------------------------------ local schedulers
