@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ._buffers import append_rows
 from ._kernels.online import online_ridge_sample
 from ._validation import as_matrix, check_int, check_real
 
@@ -99,14 +100,7 @@ class OnlineLeverageSampler:
         kept, probs = online_ridge_sample(X, self._minv, self.oversampling, uniforms)
         self.n += X.shape[0]
         if kept.size:
-            rows = X[kept] / np.sqrt(probs)[:, None]
-            need = self._m + rows.shape[0]
-            if need > self._rows.shape[0]:
-                grown = np.empty((max(need, 2 * self._rows.shape[0], 64), self.dim))
-                grown[: self._m] = self._rows[: self._m]
-                self._rows = grown
-            self._rows[self._m:need] = rows
-            self._m = need
+            self._rows, self._m = append_rows(self._rows, self._m, X[kept] / np.sqrt(probs)[:, None])
         return self
 
     def update(self, x: Any) -> OnlineLeverageSampler:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from .._buffers import append_rows
 from .._config import LAMBDA_SAFETY, UNIT_ROUNDOFF
 from .._kernels.rows import scaled_sq_norms
 from ..lewis import LewisWeights, lewis_constant, lewis_weights
@@ -287,13 +288,7 @@ class CoresetSummary:
 
     # ------------------------------------------------------------------ sampling
     def _append(self, rows: np.ndarray) -> None:
-        need = self._m + rows.shape[0]
-        if need > self._rows.shape[0]:
-            grown = np.empty((max(need, 2 * self._rows.shape[0], 64), self.dim))
-            grown[: self._m] = self._rows[: self._m]
-            self._rows = grown
-        self._rows[self._m:need] = rows
-        self._m = need
+        self._rows, self._m = append_rows(self._rows, self._m, rows)
 
     def _lewis(self, S: np.ndarray) -> LewisWeights:
         """Lewis weights of ``S`` warm-started from the current form: ``(s^T M^+ s)^(p/2)`` is the Lewis
