@@ -19,6 +19,8 @@ from typing import IO, Callable, Iterator
 
 import numpy as np
 
+from ._npyrows import NpyRows
+
 __all__ = ["InputError", "KeySource", "load_rows", "open_keys", "read_matrix"]
 
 #: dtypes accepted for raw rows on stdin.
@@ -98,15 +100,12 @@ def _npy_source(path: str) -> KeySource:
     del arr
 
     def read(chunk_rows: int) -> Iterator[np.ndarray]:
-        row_bytes = dim * dtype.itemsize
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            for start in range(0, n_rows, chunk_rows):
-                rows = min(chunk_rows, n_rows - start)
-                buf = fh.read(rows * row_bytes)
-                if len(buf) != rows * row_bytes:
-                    raise InputError(f"{path}: file is truncated at row {start + len(buf) // row_bytes}.")
-                yield np.frombuffer(buf, dtype=dtype).reshape(rows, dim)
+        ranges = [(a, min(a + chunk_rows, n_rows)) for a in range(0, n_rows, chunk_rows)]
+        try:
+            for _, _, rows in NpyRows(path, offset, (n_rows, dim), dtype).chunks(ranges, reuse=False):
+                yield rows
+        except ValueError as exc:  # the file ended early
+            raise InputError(str(exc)) from None
 
     return KeySource(path, dim, n_rows, read)
 
@@ -195,7 +194,7 @@ def open_keys(spec: str, *, dim: int | None = None, dtype: str | None = None,
     Parameters
     ----------
     spec : str
-        ``PATH.npy`` (memory-mapped), ``PATH.npz:MEMBER`` (streamed from the archive), or ``-`` for raw
+        ``PATH.npy`` (read chunk by chunk), ``PATH.npz:MEMBER`` (streamed from the archive), or ``-`` for raw
         little-endian rows on stdin.
     dim : int, optional
         Row width: required for stdin; for files, checked against the stored width when given.

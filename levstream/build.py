@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ._config import default_block_rows
+from ._npyrows import NpyRows
 from ._tree import (available_cores, capped_threads, describe, feed_chunk, lowered_blas, merge_group,
                     named_errors, new_sketch, numba_turn, partition_options, reduce_tree, root_options)
 from ._validation import as_real_array, check_int
@@ -43,8 +44,9 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     ----------
     source : array_like, str or os.PathLike, or iterable of array_like
         The keys: a 2-D array (NumPy array, ``np.memmap``, or anything with ``ndim``/``shape`` and row
-        slicing), a path to a ``.npy`` file holding a 2-D array (memory-mapped and read chunk by chunk, never
-        loaded whole), or an iterable of 2-D chunks of one width (e.g. a generator).  Key ``j`` of the
+        slicing), a path to a ``.npy`` file holding a 2-D array (read chunk by chunk into one reusable
+        buffer per shard, never loaded whole and never mapped, so memory stays flat), or an iterable of 2-D
+        chunks of one width (e.g. a generator).  Key ``j`` of the
         source (in row order, chunks in iteration order) gets the global id ``offset + j``.
     eps, p : float
         As for :class:`KeySketch`.
@@ -105,14 +107,13 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
         chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
     array = _as_array_source(source)
     if array is not None:
-        dim = int(array.shape[1])
+        dim, total = int(array.shape[1]), int(array.shape[0])
         rows = chunk_rows or _block_rows(dim, sketch_options)
-        starts = list(range(0, array.shape[0], rows))
-        chunks: Iterator[Chunk] = ((k, offset + a, array[a:a + rows]) for k, a in enumerate(starts))
-        total: int | None = int(array.shape[0])
+        spans = [(k, offset + a, a, min(a + rows, total)) for k, a in enumerate(range(0, total, rows))]
+        chunks: Iterator[Chunk] = _array_chunks(array, spans)
     else:
         dim, chunks = _peek_width(source, offset)
-        starts, total = [], None
+        spans, total = [], None
     # the single stream's sketch; building it validates eps, p and the options before any work starts
     sketch = KeySketch(dim, eps=eps, p=p, **root_options(sketch_options))
     bar = _progress_bar(total) if progress else None
@@ -124,10 +125,9 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
                     bar.update(rows_fed)
             return sketch
         if array is not None:
-            n_shards = max(1, min(n_jobs, len(starts)))
-            bounds = np.linspace(0, len(starts), n_shards + 1).astype(int)
-            all_chunks = list(chunks)
-            runs = [iter(all_chunks[bounds[s]:bounds[s + 1]]) for s in range(n_shards)]
+            n_shards = max(1, min(n_jobs, len(spans)))
+            bounds = np.linspace(0, len(spans), n_shards + 1).astype(int)
+            runs = [_array_chunks(array, spans[bounds[s]:bounds[s + 1]]) for s in range(n_shards)]
             return _run_shards(runs, None, dim, eps, p, sketch_options, bar)
         return _run_shards(None, chunks, dim, eps, p, sketch_options, bar, n_shards=n_jobs)
     finally:
@@ -141,12 +141,21 @@ def _block_rows(dim: int, sketch_options: dict[str, Any]) -> int:
     return default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
 
 
+def _array_chunks(array: Any, spans: list[tuple[int, int, int, int]]) -> Iterator[Chunk]:
+    """The numbered chunks ``(k, first id, rows a..b-1)`` of an array source, read lazily."""
+    if isinstance(array, NpyRows):  # one reusable buffer per reader: the sketch copies the rows it keeps
+        first_ids = {a: (k, first_id) for k, first_id, a, _ in spans}
+        return ((*first_ids[a], rows) for a, _, rows in array.chunks([(a, b) for _, _, a, b in spans]))
+    return ((k, first_id, array[a:b]) for k, first_id, a, b in spans)
+
+
 def _as_array_source(source: Any) -> Any:
-    """The 2-D random-access array behind ``source``, or None when ``source`` is an iterable of chunks."""
+    """The 2-D random-access rows behind ``source`` (an array, or :class:`NpyRows` for a ``.npy`` path), or
+    None when ``source`` is an iterable of chunks."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         with named_errors(f"source {path!r}"):
-            try:
+            try:  # the header is parsed and checked by NumPy; the rows are then read without the mapping
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError as exc:
                 raise ValueError(f"must be a .npy file of a numeric 2-D array ({exc}).") from exc
@@ -157,7 +166,9 @@ def _as_array_source(source: Any) -> Any:
             as_real_array(array[:0], "the stored array")
             if array.ndim != 2:
                 raise ValueError(f"must hold a 2-D array (rows x dim); got shape {array.shape}.")
-        return array
+        if isinstance(array, np.memmap) and array.flags.c_contiguous and array.size:
+            return NpyRows(path, array.offset, array.shape, array.dtype)  # read, not mapped (see _npyrows)
+        return array  # Fortran order (rows are not contiguous on disk) or empty: sliced from the mapping
     if hasattr(source, "ndim") and hasattr(source, "shape"):
         if source.ndim != 2:
             raise ValueError(f"source must be 2-D (rows x dim); got shape {tuple(source.shape)}. "

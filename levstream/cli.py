@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser(
         "build", formatter_class=fmt, epilog=_epilog(), help="stream keys into a sketch file",
         description=_wrap("Stream the rows of KEYS into a sketch and write it to SKETCH.  KEYS is a .npy file "
-                    "(memory-mapped: files larger than memory work), FILE.npz:MEMBER, or - for raw "
+                    "(read chunk by chunk: files larger than memory work), FILE.npz:MEMBER, or - for raw "
                     "little-endian rows on stdin (then --dim and --dtype are required)."))
     build.add_argument("keys", metavar="KEYS", help="PATH.npy, PATH.npz:MEMBER or - (stdin)")
     build.add_argument("-o", "--output", metavar="SKETCH", required=True, help="sketch file to write")

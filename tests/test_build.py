@@ -68,7 +68,7 @@ def test_array_equals_single_stream(K, Q, n_jobs):
 
 
 @pytest.mark.parametrize("n_jobs", N_JOBS)
-def test_npy_path_is_memory_mapped_and_equals_single_stream(K, Q, n_jobs, tmp_path, monkeypatch):
+def test_npy_path_is_read_in_chunks_and_equals_single_stream(K, Q, n_jobs, tmp_path, monkeypatch):
     path = tmp_path / "keys.npy"
     np.save(path, K.astype(np.float32))
     modes = []
@@ -84,6 +84,28 @@ def test_npy_path_is_memory_mapped_and_equals_single_stream(K, Q, n_jobs, tmp_pa
     K32 = K.astype(np.float32).astype(np.float64)  # the keys the file holds
     assert_same_answers(sk, single_stream(K32), Q)
     assert_same_answers(ls.build_sketch(path, eps=EPS, n_jobs=n_jobs), single_stream(K32), Q)  # PathLike
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+@pytest.mark.parametrize("layout", ["fortran", "big-endian", "int16"])
+def test_npy_layouts_equal_single_stream(K, Q, n_jobs, layout, tmp_path):
+    stored = {"fortran": np.asfortranarray(K), "big-endian": K.astype(">f8"),
+              "int16": np.round(K * 1000).astype(np.int16)}[layout]
+    np.save(tmp_path / "keys.npy", stored)
+    sk = ls.build_sketch(tmp_path / "keys.npy", eps=EPS, n_jobs=n_jobs, chunk_rows=1500)
+    assert_same_answers(sk, single_stream(stored.astype(np.float64)), Q)
+
+
+def test_npy_file_truncated_during_the_build_is_an_error_not_a_short_sketch(K, tmp_path):
+    from levstream.build import _as_array_source
+
+    path = tmp_path / "keys.npy"
+    np.save(path, K)
+    rows = _as_array_source(str(path))  # header read; the file then shrinks before the rows are read
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 10 * K.shape[1] * 8)
+    with pytest.raises(ValueError, match=r"ended at row 11990 while reading rows 5000\.\.11999.*truncated"):
+        list(rows.chunks([(0, 5000), (5000, K.shape[0])]))
 
 
 @pytest.mark.parametrize("n_jobs", N_JOBS)
