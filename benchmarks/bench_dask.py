@@ -7,10 +7,13 @@ n = 4e6 keys, d = 64, p = 2, eps = 0.01, in P partitions of n / P rows; partitio
   both; every partition's keys are generated inside the task that sketches them, chunk by chunk (a Dask bag
   of lazy partitions; nothing but seeds is shipped from the client) and the partition sketches are merged
   in a tree of fan-in ``split_every``.  Timed: the whole build (generation +
-  sketch + merges), best of ``--reps`` interleaved rounds, cluster start-up and worker warm-up excluded.
+  sketch + merges), best of ``--reps`` interleaved rounds (order alternating), cluster start-up and worker
+  warm-up excluded; median speed-ups are printed as well.  Every timed build starts after a 0.5 s pause
+  (``PAUSE``), so that threads left spinning by the previous build's checks do not run during it.
 * **Thread pool**: ``levstream.build_sketch(source, n_jobs=2)`` vs ``n_jobs=1`` (one BLAS thread, i.e. one
   worker) on the same keys, sketching only: the keys in memory (an array), and written to a ``.npy`` file
-  (memory-mapped, in the page cache; mapping 2 GB costs kernel time that does not all run in parallel).
+  (read chunk by chunk into one buffer per shard, from the page cache; the file is fsync'ed and the kernel's writeback awaited before any
+  timing, so that flushing the benchmark's own 2 GB of dirty pages does not run during the builds).
   ``n_jobs=1`` with the default BLAS threads (a plain stream as users get it) is reported once.
 * Correctness: the universal sets of all builds are compared with each other and with a single in-process
   stream over the same keys.
@@ -73,10 +76,42 @@ def machine() -> str:
             f"{numba.threading_layer()}; BLAS in the client: {blas_threads()}")
 
 
+#: Pause before every timed build (s).  OpenBLAS worker threads keep spinning for a while (~0.1 s) after a
+#: multithreaded BLAS call, e.g. the universal-set check after the previous build; without the pause they
+#: take a core from the next build (measured: thread-pool speed-ups 1.54-1.63x without, 1.76-1.87x with).
+PAUSE = 0.5
+
+
 def timed(fn):
-    start = time.perf_counter()
+    """``(wall seconds, CPU seconds of this process, fn())``, after the :data:`PAUSE`."""
+    time.sleep(PAUSE)
+    cpu, start = time.process_time(), time.perf_counter()
     out = fn()
-    return time.perf_counter() - start, out
+    return time.perf_counter() - start, time.process_time() - cpu, out
+
+
+def settle_page_cache(path: str, timeout: float = 120.0) -> None:
+    """Write the freshly generated key file to disk and wait until the kernel's writeback is done.
+
+    Otherwise the 2 GB of dirty pages are flushed by kernel threads *during* the timed builds, taking CPU
+    from them (measured: the ``.npy`` builds 0.72 s instead of 0.55 s with one thread, and less speed-up).
+    The file stays in the page cache, so the builds still read it from memory.
+    """
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and dirty_kib() > 64 * 1024:
+        time.sleep(0.2)
+
+
+def dirty_kib() -> int:
+    """Dirty + under-writeback page-cache memory (KiB) from /proc/meminfo; 0 where it does not exist."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return 0
+    return sum(int(info.get(k, "0 kB").split()[0]) for k in ("Dirty", "Writeback"))
 
 
 def cpu_seconds() -> float:
@@ -119,11 +154,11 @@ def dask_builds(n: int, dim: int, eps: float, parts: int, split_every: int, reps
             out[f"worker_blas_{workers}"] = sorted(set(client.run(blas_threads).values()))
             clusters[workers] = (cluster, client)
         sketches = {}
-        for _ in range(reps):
-            for workers in (1, 2):
+        for r in range(reps):  # interleaved, the order alternating between rounds
+            for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
                 client = clusters[workers][1]
                 before = sum(client.run(cpu_seconds).values())
-                t, sk = timed(lambda: lsd.build_sketch(graph(), eps=eps, offsets=offsets,
+                t, _, sk = timed(lambda: lsd.build_sketch(graph(), eps=eps, offsets=offsets,
                                                        split_every=split_every, scheduler=client))
                 out["times"][workers].append(t)
                 out["cpu"][workers].append(sum(client.run(cpu_seconds).values()) - before)
@@ -145,15 +180,15 @@ def thread_pool_builds(source, eps: float, reps: int, reference: bool) -> dict:
 
     def run(key: str, n_jobs: int, blas: int | None) -> None:
         with threadpool_limits(limits=blas, user_api="blas"):
-            c = time.process_time()
-            t, sk = timed(lambda: ls.build_sketch(source, eps=eps, n_jobs=n_jobs))
-            cpu[key].append(time.process_time() - c)
+            t, c, sk = timed(lambda: ls.build_sketch(source, eps=eps, n_jobs=n_jobs))
+            cpu[key].append(c)
         times[key].append(t)
         ids[key] = sk.universal_set().ids
 
-    for _ in range(reps):
-        run("1 (1 BLAS thread)", 1, 1)
-        run("2", 2, None)
+    for r in range(reps):  # interleaved, the order alternating between rounds
+        pair = [("1 (1 BLAS thread)", 1, 1), ("2", 2, None)]
+        for key, n_jobs, blas in pair if r % 2 == 0 else pair[::-1]:
+            run(key, n_jobs, blas)
     if reference:  # once: multithreaded OpenBLAS can be very slow on a busy box
         run("1 (default BLAS threads)", 1, None)
     return {"times": times, "cpu": cpu, "U": ids}
@@ -196,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eps", type=float, default=0.01)
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--split-every", type=int, default=8)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
     n = args.n - args.n % args.partitions
     rows = n // args.partitions
@@ -212,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             K[i * rows:(i + 1) * rows] = generate_partition(rows, args.dim, i)
         K.flush()
         del K
+        settle_page_cache(path)
 
         ls.build_sketch(np.load(path, mmap_mode="r")[:20_000], eps=args.eps, n_jobs=2)  # warm the JIT
         tp = thread_pool_builds(path, args.eps, args.reps, reference=True)
@@ -238,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| Dask LocalCluster, keys generated in the tasks | {d1:.2f} | {d2:.2f} | **{d1 / d2:.2f}x** | >= 1.7x |")
     print(f"| thread pool `build_sketch(array, n_jobs)`, keys in memory | {m1:.2f} | {m2:.2f} | "
           f"**{m1 / m2:.2f}x** | >= 1.7x |")
-    print(f"| thread pool `build_sketch(path.npy, n_jobs)`, memory-mapped | {t1:.2f} | {t2:.2f} | "
+    print(f"| thread pool `build_sketch(path.npy, n_jobs)`, read in chunks | {t1:.2f} | {t2:.2f} | "
           f"**{t1 / t2:.2f}x** | >= 1.7x |")
     print(f"| (reference) `.npy`, `n_jobs=1` with the default BLAS threads | {t1d:.2f} | | {t1d / t2:.2f}x | |")
     print()
@@ -246,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
           f"2 workers {', '.join(f'{x:.2f}' for x in dk['times'][2])}; thread pool "
           + "; ".join(f"{src} n_jobs={k}: {', '.join(f'{x:.2f}' for x in v)}"
                       for src, res in (("array", mem), (".npy", tp)) for k, v in res["times"].items() if v))
+    med = statistics.median
+    print(f"- median speed-ups (median 1-worker time / median 2-worker time): Dask "
+          f"{med(dk['times'][1]) / med(dk['times'][2]):.2f}x, thread pool array "
+          f"{med(mem['times']['1 (1 BLAS thread)']) / med(mem['times']['2']):.2f}x, .npy "
+          f"{med(tp['times']['1 (1 BLAS thread)']) / med(tp['times']['2']):.2f}x")
     print(f"- CPU seconds per wall second in the best 2-worker round (2.0 = both cores ours): Dask "
           f"{utilisation(dk['times'][2], dk['cpu'][2])} (1 worker: {utilisation(dk['times'][1], dk['cpu'][1])}), "
           f"thread pool array {utilisation(mem['times']['2'], mem['cpu']['2'])}, "
