@@ -28,7 +28,8 @@ from ._validation import as_real_array, check_eps, check_finite, check_int, chec
 __all__ = ["SELECTIONS", "lev_attention", "selection_scores"]
 
 #: Selection rules accepted by :func:`lev_attention` (see its docstring).
-SELECTIONS = ("leverage", "leverage_affine", "leverage_query", "norm", "random", "first_last", "h2o", "oracle")
+SELECTIONS = ("leverage", "leverage_affine", "leverage_query", "query_mean", "norm", "random", "first_last", "h2o",
+              "oracle")
 
 #: Number of sink keys kept by ``selection="first_last"`` (StreamingLLM keeps 4 initial tokens).
 FIRST_LAST_SINKS = 4
@@ -123,7 +124,7 @@ def _exact_power_normalizer(Q: np.ndarray, K: np.ndarray, p: float, causal: bool
 
 def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str = "softmax", p: float = 2,
                      scale: float | None = None, causal: bool = False, rng: Any = None,
-                     h2o_queries: int = 32, query_rank: int = 2) -> np.ndarray:
+                     h2o_queries: int = 32, query_rank: int = 2, query_mean: Any = None) -> np.ndarray:
     """Per-key selection scores used by :func:`lev_attention` (larger = kept first), shape ``(..., n)``.
 
     ``"first_last"`` has no score (it selects by position) and is rejected here.
@@ -146,10 +147,35 @@ def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str 
                          "use lev_attention(..., selection='first_last').")
     score, p, scale = _check_score(score, p, scale, K.shape[-1])
     batch = K.shape[:-2]
-    Qf = Q.reshape((-1,) + Q.shape[-2:])
-    Kf = K.reshape((-1,) + K.shape[-2:])
-    scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank)
+    B = int(np.prod(batch, dtype=np.int64))  # explicit: -1 cannot be inferred when Q has no rows
+    Qf = Q.reshape((B,) + Q.shape[-2:])
+    Kf = K.reshape((B,) + K.shape[-2:])
+    mean = _query_mean(query_mean, Q, selection)
+    scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank, mean)
     return scores.reshape(batch + K.shape[-2:-1])
+
+
+def _query_mean(query_mean: Any, Q: np.ndarray, selection: str) -> np.ndarray | None:
+    """The mean query per head, shape (B, d), for ``selection="query_mean"``: ``query_mean`` when given
+    (shape ``(..., d)`` with Q's leading axes, or ``(d,)`` for all heads), else the mean of the rows of Q."""
+    if query_mean is None:
+        if selection != "query_mean":
+            return None
+        if Q.shape[-2] == 0:
+            raise ValueError("selection='query_mean' needs at least one query row, or query_mean= (a stored "
+                             "mean query per head); got Q with 0 rows.")
+        return Q.mean(axis=-2).reshape(-1, Q.shape[-1])
+    if selection != "query_mean":
+        raise ValueError(f"query_mean= is used by selection='query_mean' only; got selection={selection!r}.")
+    lead, d = Q.shape[:-2], Q.shape[-1]
+    if np.ndim(query_mean) == 0:
+        raise ValueError(f"query_mean must have shape {lead + (d,)} (one mean query per head) or ({d},); "
+                         f"got a scalar.")
+    mean = _as_stack(np.asarray(query_mean)[..., None, :], "query_mean")  # (..., 1, d)
+    if mean.shape[-1] != d or mean.shape[:-2] not in (lead, ()):
+        raise ValueError(f"query_mean must have shape {lead + (d,)} (one mean query per head) or ({d},); "
+                         f"got shape {np.shape(query_mean)}.")
+    return np.broadcast_to(mean[..., 0, :], lead + (d,)).reshape(-1, d)
 
 
 def _sink_mask(always_keep: Any, n: int) -> np.ndarray:
@@ -179,7 +205,7 @@ def _check_score(score: Any, p: Any, scale: Any, d: int) -> tuple[str, float, fl
 
 
 def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, scale: float, causal: bool,
-            rng: Any, h2o_queries: int, query_rank: int) -> np.ndarray:
+            rng: Any, h2o_queries: int, query_rank: int, query_mean: np.ndarray | None = None) -> np.ndarray:
     B, n, _ = K.shape
     m = Q.shape[1]
     if selection == "leverage":
@@ -195,6 +221,12 @@ def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, 
             vt = np.linalg.svd(Q, full_matrices=False)[2][:, :r]
             cols.insert(0, K @ vt.transpose(0, 2, 1))
         return _batched_leverage(np.concatenate(cols, axis=2))
+    if selection == "query_mean":
+        # The keys the mean query attends to most: softmax weight exp(scale <qbar, k>) is monotone in the
+        # logit; |x|^p weight in |<qbar, k>|.  By Jensen, mean_i exp(s <q_i, k>) >= exp(s <qbar, k>).
+        assert query_mean is not None
+        logit = np.einsum("bnd,bd->bn", K, query_mean)
+        return logit if score == "softmax" else np.abs(logit)
     if selection == "norm":
         return np.sqrt(np.einsum("bnd,bnd->bn", K, K))
     if selection == "random":
@@ -212,7 +244,7 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
                   score: str = "softmax", p: float = 2, scale: float | None = None,
                   selection: str = "leverage", normalizer: str = "selected", causal: bool = False,
                   always_keep: Any = (), rng: Any = None, h2o_queries: int = 32, query_rank: int = 2,
-                  return_indices: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                  query_mean: Any = None, return_indices: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention output over a selected set of keys per head (LevAttention, ALGORITHMS.md §7).
 
     Parameters
@@ -243,6 +275,12 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         * ``"leverage_query"``: leverage scores of ``[K P, 1]`` where ``P`` holds the top ``query_rank``
           right singular vectors of ``Q``: the affine sensitivity of each key when queries are restricted
           to their dominant directions (uses the queries, unlike the two rules above);
+        * ``"query_mean"``: the keys the mean query ``qbar`` attends to most (largest ``<qbar, k_j>`` for
+          softmax, ``|<qbar, k_j>|`` for ``score="power"``); ``qbar`` is the mean of ``Q``'s rows, or
+          ``query_mean=`` (e.g. stored from calibration text, so the selection needs no queries).  Not a
+          leverage score: it sees which side of the keys the queries point to, which leverage (built from
+          squares) cannot; the best softmax rule measured on a real transformer
+          (``docs/levattention-results.md``);
         * baselines: ``"norm"`` (largest ``||k_j||``), ``"random"`` (uniform, from ``rng``),
           ``"first_last"`` (StreamingLLM: the first ``min(4, top_k)`` keys as sinks plus the last ones as
           the window), ``"h2o"`` (H2O-style: attention mass accumulated from ``h2o_queries`` queries drawn
@@ -267,6 +305,8 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         Number of sampled queries for ``"h2o"``.
     query_rank : int, default 2
         Number of query directions for ``"leverage_query"``.
+    query_mean : array_like, shape (..., d) or (d,), optional
+        The mean query per head for ``"query_mean"`` (default: the mean of ``Q``'s rows).
     return_indices : bool, default False
         Also return the selected key positions per head.
 
@@ -310,6 +350,7 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r} instead.")
     score, p, scale = _check_score(score, p, scale, K.shape[-1])
+    mean = _query_mean(query_mean, Q, selection)
     if normalizer not in ("selected", "exact"):
         raise ValueError(f"normalizer must be 'selected' or 'exact'; got {normalizer!r} instead.")
     if normalizer == "exact" and score != "power":
@@ -333,10 +374,10 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
     batch = Q.shape[:-2]
     m, d = Q.shape[-2:]
     n, dv = V.shape[-2:]
-    Qf = Q.reshape(-1, m, d)
-    Kf = K.reshape(-1, n, d)
-    Vf = V.reshape(-1, n, dv)
-    B = Kf.shape[0]
+    B = int(np.prod(batch, dtype=np.int64))  # explicit: -1 cannot be inferred when Q has no rows
+    Qf = Q.reshape(B, m, d)
+    Kf = K.reshape(B, n, d)
+    Vf = V.reshape(B, n, dv)
 
     if selection == "first_last":
         k = min(top_k, n)
@@ -346,7 +387,7 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         idx = np.broadcast_to(pos, (B, k)).copy()
         counts = np.full(B, k, dtype=np.int64)
     else:
-        scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank)
+        scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank, mean)
         if top_k is not None:
             k = min(top_k, n)
             ranked = np.where(sink[None, :], np.inf, scores)

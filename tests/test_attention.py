@@ -111,6 +111,35 @@ def test_leverage_query_is_affine_leverage_along_top_query_directions(rank):
         np.testing.assert_array_equal(idx[b], naive_top_k(tau, 10))
 
 
+@pytest.mark.parametrize("score", ["softmax", "power"])
+def test_query_mean_keeps_the_keys_the_mean_query_weights_most(score):
+    Q, K, V = qkv(shape=(2,), m=25, n=40, seed=17)
+    out, idx = ls.lev_attention(Q, K, V, top_k=10, score=score, selection="query_mean", return_indices=True)
+    for b in range(2):
+        qbar = Q[b].sum(axis=0) / Q.shape[1]
+        weight = [naive_attention(qbar, K[b], np.eye(40), range(40), score=score)[j] for j in range(40)]
+        sel = naive_top_k(np.array(weight), 10)
+        np.testing.assert_array_equal(idx[b], sel)
+        for i in range(0, 25, 6):
+            np.testing.assert_allclose(out[b, i], naive_attention(Q[b, i], K[b], V[b], sel, score=score),
+                                       rtol=OUT_RTOL, atol=OUT_ATOL)
+
+
+def test_query_mean_given_per_head_or_shared_replaces_the_queries():
+    Q, K, V = qkv(shape=(2, 3), m=12, n=40, seed=18)
+    stored = np.random.default_rng(19).standard_normal((2, 3, 6))  # e.g. means from calibration text
+    _, idx = ls.lev_attention(Q, K, V, top_k=7, selection="query_mean", query_mean=stored, return_indices=True)
+    _, shared = ls.lev_attention(Q, K, V, top_k=7, selection="query_mean", query_mean=stored[1, 2],
+                                 return_indices=True)
+    for a in range(2):
+        for h in range(3):
+            np.testing.assert_array_equal(idx[a, h], naive_top_k(K[a, h] @ stored[a, h], 7))
+            np.testing.assert_array_equal(shared[a, h], naive_top_k(K[a, h] @ stored[1, 2], 7))
+    # no query rows at all: the stored mean still selects
+    out = ls.lev_attention(Q[..., :0, :], K, V, top_k=7, selection="query_mean", query_mean=stored)
+    assert out.shape == (2, 3, 0, 5)
+
+
 def test_h2o_with_every_query_sampled_is_the_oracle_and_is_reproducible():
     Q, K, V = qkv(shape=(2,), m=20, n=40, seed=4)
     _, oracle = ls.lev_attention(Q, K, V, top_k=8, selection="oracle", return_indices=True)
@@ -248,6 +277,12 @@ def test_float32_and_integer_inputs_are_accepted_as_float64():
     ({"top_k": 1, "always_keep": [0, 1]}, ValueError, "at most top_k"),
     ({"top_k": 4, "always_keep": [50]}, ValueError, "always_keep positions"),
     ({"top_k": 4, "always_keep": [0.5]}, TypeError, "integer key positions"),
+    ({"top_k": 4, "query_mean": np.ones(6)}, ValueError, "used by selection='query_mean' only"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": np.ones(5)}, ValueError, r"shape \(1, 6\) .* or \(6,\)"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": np.ones((2, 6))}, ValueError, "one mean query per head"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": 1.0}, ValueError, "got a scalar"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": [np.nan] * 6}, ValueError, "finite"),
+    ({"eps": 0.1, "selection": "query_mean"}, ValueError, "needs selection='leverage'"),
 ])
 def test_bad_options_raise_clear_errors(kwargs, err, match):
     Q, K, V = qkv(shape=(1,), seed=14)
@@ -309,7 +344,7 @@ def test_real_fixture_p2_guarantee_and_softmax_quality_floor(real):
     # Mass captured per head, relative to the oracle's fixed set, averaged over heads.
     A = np.stack([[naive_dense(Q[li, h], K[li, h]) for h in range(H)] for li in range(L)])
     ratios = {}
-    for name in ("leverage", "leverage_affine", "random", "oracle"):
+    for name in ("leverage", "leverage_affine", "query_mean", "random", "oracle"):
         _, idx = ls.lev_attention(Q, K, V, top_k=32, selection=name, rng=0, return_indices=True)
         mass = np.take_along_axis(A, idx[:, :, None, :], axis=3).sum(axis=3).mean(axis=2)
         ratios[name] = mass
@@ -317,3 +352,4 @@ def test_real_fixture_p2_guarantee_and_softmax_quality_floor(real):
     assert rel["leverage_affine"] >= 0.70, rel
     assert rel["leverage"] >= 0.60, rel
     assert rel["leverage_affine"] > rel["random"] + 0.1, rel
+    assert rel["query_mean"] >= 0.85, rel
