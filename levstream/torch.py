@@ -64,8 +64,9 @@ class LevSelfAttention(nn.Module):
     num_heads : int
     top_k : int or None
         Keys kept per head (per sequence); ``None`` keeps all keys (exact softmax attention).
-    selection : {"leverage", "leverage_affine"}
-        Leverage scores of each head's keys ``K`` or of ``[K, 1]``.
+    selection : {"leverage", "leverage_affine", "query_mean"}
+        Leverage scores of each head's keys ``K`` or of ``[K, 1]``, or the keys the mean query of the
+        sequence weights most (largest ``<qbar, k_j>``; see :func:`levstream.lev_attention`).
     always_keep : sequence of int
         Key positions always kept (e.g. ``(0,)`` for a class token); they count towards ``top_k``.
     causal : bool
@@ -96,8 +97,8 @@ class LevSelfAttention(nn.Module):
             raise ValueError(f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}.")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None; got {top_k}.")
-        if selection not in ("leverage", "leverage_affine"):
-            raise ValueError(f"selection must be 'leverage' or 'leverage_affine'; got {selection!r}.")
+        if selection not in ("leverage", "leverage_affine", "query_mean"):
+            raise ValueError(f"selection must be 'leverage', 'leverage_affine' or 'query_mean'; got {selection!r}.")
         if top_k is not None and len(always_keep) > top_k:
             raise ValueError(f"always_keep names {len(always_keep)} keys, more than top_k={top_k}.")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
@@ -135,7 +136,11 @@ class LevSelfAttention(nn.Module):
             if any(not -n <= pos < n for pos in self.always_keep):
                 raise ValueError(f"always_keep positions must lie in [-{n}, {n}) for {n} keys; "
                                  f"got {list(self.always_keep)}.")
-            scores = leverage_scores_torch(K, affine=self.selection == "leverage_affine")
+            if self.selection == "query_mean":
+                with torch.no_grad():  # the selection is not differentiated, as for leverage
+                    scores = (K @ Q.mean(dim=-2).unsqueeze(-1)).squeeze(-1)
+            else:
+                scores = leverage_scores_torch(K, affine=self.selection == "leverage_affine")
             idx = select_keys(scores, self.top_k, self.always_keep)
         gather = idx.unsqueeze(-1)
         K_sel = torch.gather(K, -2, gather.expand(idx.shape + (K.shape[-1],)))

@@ -56,7 +56,7 @@ def test_leverage_scores_torch_match_numpy():
                                        rtol=1e-9, atol=1e-13)
 
 
-@pytest.mark.parametrize("selection", ["leverage", "leverage_affine"])
+@pytest.mark.parametrize("selection", ["leverage", "leverage_affine", "query_mean"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_equals_lev_attention_in_numpy(selection, causal):
     layer = make(top_k=7, selection=selection, always_keep=(0,), causal=causal)
