@@ -44,9 +44,9 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     ----------
     source : array_like, str or os.PathLike, or iterable of array_like
         The keys: a 2-D array (NumPy array, ``np.memmap``, or anything with ``ndim``/``shape`` and row
-        slicing), a path to a ``.npy`` file holding a 2-D array (read chunk by chunk into one reusable
-        buffer per shard, never loaded whole and never mapped, so memory stays flat), or an iterable of 2-D
-        chunks of one width (e.g. a generator).  Key ``j`` of the
+        slicing), a path to a ``.npy`` file holding a 2-D array (never loaded whole: a row-major file is
+        read chunk by chunk into one reusable buffer of ``chunk_rows`` rows per shard, a column-major one
+        is sliced from a memory mapping), or an iterable of 2-D chunks of one width (e.g. a generator).  Key ``j`` of the
         source (in row order, chunks in iteration order) gets the global id ``offset + j``.
     eps, p : float
         As for :class:`KeySketch`.
@@ -237,9 +237,21 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
 
     def shard(s: int) -> None:
         items = runs[s] if runs is not None else drain(queues[s])
+        k = -1
         with capped_threads(threads):
-            for k, start, chunk in items:  # after a failure, keep draining so the producer never blocks
-                if stop.is_set():
+            while True:
+                try:  # reading is part of the shard's work: a file that ends early fails the build at once
+                    item = next(items, None)
+                except BaseException as exc:
+                    failures.append((k + 1, exc))
+                    stop.set()
+                    return
+                if item is None:
+                    return
+                k, start, chunk = item
+                if stop.is_set():  # another shard failed: stop reading; a dealt shard keeps draining its queue
+                    if runs is not None:
+                        return
                     continue
                 try:
                     with numba_turn():

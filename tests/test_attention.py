@@ -135,9 +135,13 @@ def test_query_mean_given_per_head_or_shared_replaces_the_queries():
         for h in range(3):
             np.testing.assert_array_equal(idx[a, h], naive_top_k(K[a, h] @ stored[a, h], 7))
             np.testing.assert_array_equal(shared[a, h], naive_top_k(K[a, h] @ stored[1, 2], 7))
-    # no query rows at all: the stored mean still selects
-    out = ls.lev_attention(Q[..., :0, :], K, V, top_k=7, selection="query_mean", query_mean=stored)
+    # no query rows at all: the stored mean still selects; without it every key scores 0 (lowest positions)
+    out, idx0 = ls.lev_attention(Q[..., :0, :], K, V, top_k=7, selection="query_mean", query_mean=stored,
+                                 return_indices=True)
     assert out.shape == (2, 3, 0, 5)
+    np.testing.assert_array_equal(idx0, idx)
+    _, first = ls.lev_attention(Q[..., :0, :], K, V, top_k=7, selection="query_mean", return_indices=True)
+    np.testing.assert_array_equal(first, np.broadcast_to(np.arange(7), (2, 3, 7)))
 
 
 def test_h2o_with_every_query_sampled_is_the_oracle_and_is_reproducible():
@@ -280,7 +284,11 @@ def test_float32_and_integer_inputs_are_accepted_as_float64():
     ({"top_k": 4, "query_mean": np.ones(6)}, ValueError, "used by selection='query_mean' only"),
     ({"top_k": 4, "selection": "query_mean", "query_mean": np.ones(5)}, ValueError, r"shape \(1, 6\) .* or \(6,\)"),
     ({"top_k": 4, "selection": "query_mean", "query_mean": np.ones((2, 6))}, ValueError, "one mean query per head"),
-    ({"top_k": 4, "selection": "query_mean", "query_mean": 1.0}, ValueError, "got a scalar"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": 1.0}, ValueError, r"got shape \(\)"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": [[1.0], [1.0, 2.0]]}, TypeError, "query_mean must be a real"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": "abc"}, TypeError, "query_mean"),
+    ({"top_k": 4, "selection": "query_mean", "query_mean": [0, 0, np.inf, 0, 0, 0]}, ValueError,
+     r"query_mean must contain only finite values.*\(2,\)"),
     ({"top_k": 4, "selection": "query_mean", "query_mean": [np.nan] * 6}, ValueError, "finite"),
     ({"eps": 0.1, "selection": "query_mean"}, ValueError, "needs selection='leverage'"),
 ])

@@ -16,6 +16,7 @@ from threadpoolctl import threadpool_info
 import levstream as ls
 import levstream._tree as tree
 import levstream.build as build
+from levstream._npyrows import NpyRows
 from conftest import VALUE_RTOL, assert_heavy_matches_dense, assert_matches_offline, assert_no_ties, heavy_tailed_keys
 from naive import dense_heavy, leverage_svd
 
@@ -80,7 +81,8 @@ def test_npy_path_is_read_in_chunks_and_equals_single_stream(K, Q, n_jobs, tmp_p
 
     monkeypatch.setattr(np, "load", spy_load)
     sk = ls.build_sketch(str(path), eps=EPS, n_jobs=n_jobs, chunk_rows=2500)
-    assert modes == ["r"]
+    assert modes == ["r"]  # the header only: the rows are read by NpyRows, not sliced from the mapping
+    assert isinstance(build._as_array_source(str(path)), NpyRows)
     K32 = K.astype(np.float32).astype(np.float64)  # the keys the file holds
     assert_same_answers(sk, single_stream(K32), Q)
     assert_same_answers(ls.build_sketch(path, eps=EPS, n_jobs=n_jobs), single_stream(K32), Q)  # PathLike
@@ -94,6 +96,35 @@ def test_npy_layouts_equal_single_stream(K, Q, n_jobs, layout, tmp_path):
     np.save(tmp_path / "keys.npy", stored)
     sk = ls.build_sketch(tmp_path / "keys.npy", eps=EPS, n_jobs=n_jobs, chunk_rows=1500)
     assert_same_answers(sk, single_stream(stored.astype(np.float64)), Q)
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_npy_source_exact_p4_equals_the_array(K, n_jobs, tmp_path):
+    """The lifted (p = 4) summary is fed from the reader's reused buffer too."""
+    K4 = np.ascontiguousarray(K[:3000, :4])
+    np.save(tmp_path / "keys.npy", K4)
+    from_file = ls.build_sketch(tmp_path / "keys.npy", eps=0.05, p=4, exact=True, n_jobs=n_jobs, chunk_rows=700)
+    from_array = ls.build_sketch(K4, eps=0.05, p=4, exact=True, n_jobs=n_jobs, chunk_rows=700)
+    np.testing.assert_array_equal(from_file.universal_set().ids, from_array.universal_set().ids)
+    assert from_file.to_bytes() == from_array.to_bytes()
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_npy_read_failure_in_a_shard_fails_the_build(K, n_jobs, tmp_path, monkeypatch):
+    from levstream._npyrows import NpyRows
+
+    np.save(tmp_path / "keys.npy", K)
+    real_chunks = NpyRows.chunks
+
+    def failing_chunks(self, ranges, reuse=True):  # the file "ends" after the first chunk of every reader
+        for i, item in enumerate(real_chunks(self, ranges, reuse)):
+            if i == 1:
+                raise ValueError(f"{self.path}: the file ended at row {item[0]} (simulated)")
+            yield item
+
+    monkeypatch.setattr(NpyRows, "chunks", failing_chunks)
+    with pytest.raises(ValueError, match=r"the file ended at row \d+ \(simulated\)"):
+        ls.build_sketch(tmp_path / "keys.npy", eps=EPS, n_jobs=n_jobs, chunk_rows=1000)
 
 
 def test_npy_file_truncated_during_the_build_is_an_error_not_a_short_sketch(K, tmp_path):
