@@ -103,7 +103,9 @@ def warm_up(dim: int, eps: float, p: float) -> None:
     from .sketch import KeySketch
 
     rng = np.random.default_rng(0)
-    sketch = KeySketch(dim, eps=eps, p=p).update_many(rng.standard_normal((4 * dim + 64, dim)))
+    sketch = KeySketch(dim, eps=eps, p=p)
+    for _ in range(2):  # the second block runs the norm pre-filter, which needs the first block's Gram bound
+        sketch.update_many(rng.standard_normal((4 * dim + 64, dim))).flush()
     sketch.heavy_entries(rng.standard_normal((3, dim)))
     sketch.universal_set()
 
