@@ -70,6 +70,7 @@ def test_train_digits_vit_quick(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "accuracy" not in line]
     assert [r.split("|")[1:3] for r in rows] == [[" full softmax (65 keys) ", " softmax "],
                                                  [" LevAttention k=8 ", " softmax "],
+                                                 [" query_mean k=8 ", " softmax "],
                                                  [" LevAttention k=8 ", " LevAttention "]], out
     # a smoke run (2 epochs): the accuracies are too noisy to compare; the full run is in the docs
     assert json.loads((tmp_path / "levattention-vit.json").read_text())
