@@ -102,8 +102,7 @@ def _npy_source(path: str) -> KeySource:
     def read(chunk_rows: int) -> Iterator[np.ndarray]:
         ranges = [(a, min(a + chunk_rows, n_rows)) for a in range(0, n_rows, chunk_rows)]
         try:
-            for _, _, rows in NpyRows(path, offset, (n_rows, dim), dtype).chunks(ranges, reuse=False):
-                yield rows
+            yield from NpyRows(path, offset, (n_rows, dim), dtype).chunks(ranges, reuse=False)
         except ValueError as exc:  # the file ended early
             raise InputError(str(exc)) from None
 

@@ -23,15 +23,15 @@ class NpyRows:
     >>> np.save(path, np.arange(12.0).reshape(6, 2))
     >>> header = np.load(path, mmap_mode="r")            # NumPy parses the header
     >>> rows = NpyRows(path, header.offset, header.shape, header.dtype)
-    >>> [r.tolist() for _, _, r in rows.chunks([(0, 2), (4, 6)])]
+    >>> [r.tolist() for r in rows.chunks([(0, 2), (4, 6)])]
     [[[0.0, 1.0], [2.0, 3.0]], [[8.0, 9.0], [10.0, 11.0]]]
     """
 
     def __init__(self, path: str, start: int, shape: tuple[int, int], dtype: np.dtype) -> None:
         self.path, self.start, self.shape, self.dtype = path, int(start), tuple(shape), np.dtype(dtype)
 
-    def chunks(self, ranges: Iterable[tuple[int, int]], reuse: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(a, b, rows a..b-1)`` for each row range; one open handle for all ranges.
+    def chunks(self, ranges: Iterable[tuple[int, int]], reuse: bool = True) -> Iterator[np.ndarray]:
+        """Rows ``a..b-1`` for each row range ``(a, b)``, in order; one open handle for all ranges.
 
         With ``reuse=True`` every chunk is a view of one buffer that the next chunk overwrites (for
         consumers that copy what they keep, like a sketch); ``reuse=False`` gives every chunk its own array.
@@ -54,4 +54,4 @@ class NpyRows:
                 if got != rows.nbytes:
                     raise ValueError(f"{self.path}: the file ended at row {a + got // row_bytes} while reading rows "
                                      f"{a}..{b - 1} of {self.shape[0]} (was it truncated?).")
-                yield a, b, rows
+                yield rows

@@ -46,8 +46,8 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
         The keys: a 2-D array (NumPy array, ``np.memmap``, or anything with ``ndim``/``shape`` and row
         slicing), a path to a ``.npy`` file holding a 2-D array (never loaded whole: a row-major file is
         read chunk by chunk into one reusable buffer of ``chunk_rows`` rows per shard, a column-major one
-        is sliced from a memory mapping), or an iterable of 2-D chunks of one width (e.g. a generator).  Key ``j`` of the
-        source (in row order, chunks in iteration order) gets the global id ``offset + j``.
+        is sliced from a memory mapping), or an iterable of 2-D chunks of one width (e.g. a generator).
+        Key ``j`` of the source (in row order, chunks in iteration order) gets the global id ``offset + j``.
     eps, p : float
         As for :class:`KeySketch`.
     n_jobs : int, optional
@@ -144,8 +144,8 @@ def _block_rows(dim: int, sketch_options: dict[str, Any]) -> int:
 def _array_chunks(array: Any, spans: list[tuple[int, int, int, int]]) -> Iterator[Chunk]:
     """The numbered chunks ``(k, first id, rows a..b-1)`` of an array source, read lazily."""
     if isinstance(array, NpyRows):  # one reusable buffer per reader: the sketch copies the rows it keeps
-        first_ids = {a: (k, first_id) for k, first_id, a, _ in spans}
-        return ((*first_ids[a], rows) for a, _, rows in array.chunks([(a, b) for _, _, a, b in spans]))
+        read = array.chunks([(a, b) for _, _, a, b in spans])
+        return ((k, first_id, rows) for (k, first_id, _, _), rows in zip(spans, read))
     return ((k, first_id, array[a:b]) for k, first_id, a, b in spans)
 
 

@@ -117,10 +117,10 @@ def test_npy_read_failure_in_a_shard_fails_the_build(K, n_jobs, tmp_path, monkey
     real_chunks = NpyRows.chunks
 
     def failing_chunks(self, ranges, reuse=True):  # the file "ends" after the first chunk of every reader
-        for i, item in enumerate(real_chunks(self, ranges, reuse)):
+        for i, rows in enumerate(real_chunks(self, ranges, reuse)):
             if i == 1:
-                raise ValueError(f"{self.path}: the file ended at row {item[0]} (simulated)")
-            yield item
+                raise ValueError(f"{self.path}: the file ended at row {list(ranges)[1][0]} (simulated)")
+            yield rows
 
     monkeypatch.setattr(NpyRows, "chunks", failing_chunks)
     with pytest.raises(ValueError, match=r"the file ended at row \d+ \(simulated\)"):
