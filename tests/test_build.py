@@ -170,7 +170,15 @@ def test_empty_array_gives_empty_sketch():
 def test_default_n_jobs_and_sketch_options_are_used(K, Q):
     sk = ls.build_sketch(K, eps=EPS, block_rows=512)
     assert_same_answers(sk, single_stream(K), Q)
-    assert sk.to_bytes() is not None and ls.KeySketch.from_bytes(sk.to_bytes()).n == K.shape[0]
+    # the default is n_jobs = os.cpu_count(): the same shards and merge tree, hence the same bytes
+    assert sk.to_bytes() == ls.build_sketch(K, eps=EPS, block_rows=512, n_jobs=os.cpu_count()).to_bytes()
+    # block_rows reaches the sketch: one job is one stream with those options, byte for byte
+    sequential = ls.KeySketch(K.shape[1], eps=EPS, block_rows=512).update_many(K)
+    assert ls.build_sketch(K, eps=EPS, block_rows=512, n_jobs=1).to_bytes() == sequential.to_bytes()
+    # the bytes round trip: same bytes again, same answers as a single stream
+    restored = ls.KeySketch.from_bytes(sk.to_bytes())
+    assert restored.to_bytes() == sk.to_bytes()
+    assert_same_answers(restored, single_stream(K), Q)
 
 
 def test_progress_bar_counts_rows(K, capsys):
