@@ -16,13 +16,21 @@ FASTMATH = set({"nsz", "contract", "afn", "reassoc"})
 #: unit roundoff of float64.
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2
 
-#: Ties at the threshold: a key whose computed score is within this relative distance below ``eps`` is still
-#: reported (DESIGN.md §4 allows keys within 1e-9·eps of the threshold to go either way; we lean inclusive).
-TIE_RTOL = 1e-10
+#: Reporting margin: an entry or key whose computed value is within this relative distance below the threshold
+#: is still reported.  The documented tie rule (docs/theory.md, "The guarantee") lets values within 1e-9 of the
+#: threshold go either way; reporting leans inclusive, well inside that band.
+REPORT_RTOL = 1e-10
 
 #: Lowest relative margin used when *pruning* candidates.  Pruning is irreversible, so it keeps a wider band
 #: than reporting does; the extra candidates cost memory only.
 PRUNE_RTOL = 1e-8
+
+
+def margin(rel_error: float, *, prune: bool) -> float:
+    """The one margin rule (docs/theory.md, "Numerics"): keep a key or entry whose computed value is at least
+    ``threshold * (1 - margin)``.  The margin covers four times the estimated relative error of the computed
+    scores, and never less than ``PRUNE_RTOL`` (pruning, irreversible) or ``REPORT_RTOL`` (reporting)."""
+    return max(PRUNE_RTOL if prune else REPORT_RTOL, 4.0 * rel_error)
 
 #: The Gram path is used while the equilibrated Gram matrix has condition number at most this; beyond it the
 #: summary switches to an R factor (TSQR), whose scores do not square the condition number.
@@ -44,6 +52,11 @@ MAX_BLOCK_ROWS = 65536
 
 #: Queries are processed in blocks of this many rows so that the per-block score matrix stays bounded.
 QUERY_BLOCK_ROWS = 256
+
+#: Rows fed one at a time (or in chunks this small) wait in the input buffer until this many have arrived; a
+#: query sums the waiting rows' contribution to the normaliser directly (``O(rows d)``), so the buffer is kept
+#: small enough for a live step to stay cheap, and large enough that the Gram update runs as a BLAS-3 product.
+PENDING_ROWS = 64
 
 
 def default_block_rows(dim: int) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._config import TIE_RTOL, UNIT_ROUNDOFF
+from ._config import REPORT_RTOL, UNIT_ROUNDOFF
 from ._kernels.attention import POWER, SOFTMAX, selected_attention
 from ._validation import as_real_array, check_eps, check_finite, check_int, check_p, check_real
 
@@ -392,7 +392,7 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
             idx = np.sort(np.argsort(-ranked, axis=1, kind="stable")[:, :k], axis=1)
             counts = np.full(B, k, dtype=np.int64)
         else:
-            keep = (scores >= eps * (1.0 - TIE_RTOL)) | sink[None, :]
+            keep = (scores >= eps * (1.0 - REPORT_RTOL)) | sink[None, :]
             counts = keep.sum(axis=1).astype(np.int64)
             idx = np.full((B, max(int(counts.max()) if B else 0, 1)), -1, dtype=np.int64)
             for b in range(B):

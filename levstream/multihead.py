@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from . import _serialize
-from ._config import QUERY_BLOCK_ROWS, TIE_RTOL
+from ._config import QUERY_BLOCK_ROWS
+from ._config import REPORT_RTOL as TIE_RTOL
 from ._kernels.query import threshold_power_csr
 from ._validation import as_ids, as_real_array, check_eps, check_finite, check_int, check_p
 from .results import HeavyEntries, UniversalSet

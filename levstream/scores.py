@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg as sla
 
-from ._config import TIE_RTOL, UNIT_ROUNDOFF
+from ._config import REPORT_RTOL, UNIT_ROUNDOFF
 from ._validation import as_matrix, check_eps, check_p, check_real
 from .lewis import sensitivity_bounds
 from .results import UniversalSet
@@ -156,5 +156,5 @@ def universal_set(K: Any, *, eps: float, p: float = 2) -> UniversalSet:
     eps = check_eps(eps)
     p = check_p(p)
     scores = leverage_scores(K) if p == 2.0 else sensitivity_bounds(K, p)
-    ids = np.flatnonzero(scores >= eps * (1.0 - TIE_RTOL)).astype(np.int64)
-    return UniversalSet(ids, K[ids], scores[ids], eps, p, K.shape[0], TIE_RTOL)
+    ids = np.flatnonzero(scores >= eps * (1.0 - REPORT_RTOL)).astype(np.int64)
+    return UniversalSet(ids, K[ids], scores[ids], eps, p, K.shape[0], REPORT_RTOL)

@@ -15,7 +15,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import _serialize
-from ._config import PRUNE_RTOL, QUERY_BLOCK_ROWS, TIE_RTOL, default_block_rows
+from ._config import PRUNE_RTOL, QUERY_BLOCK_ROWS, default_block_rows
+from ._config import REPORT_RTOL as TIE_RTOL
 from ._ids import IdRanges
 from ._kernels.query import threshold_power_csr
 from ._kernels.rows import scaled_sq_norms, sq_norm
@@ -570,7 +571,7 @@ class KeySketch:
         counts, keys, vals = [], [], []
         for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
             Qb = Q[start:start + QUERY_BLOCK_ROWS]
-            if query_scale is not None:
+            if query_scale is not None and query_scale(Qb, rows) is not None:
                 Qb = Qb * query_scale(Qb, rows)[:, None]
             z = self._summary.normalizer(Qb)
             P = Qb @ rows.T
@@ -605,7 +606,7 @@ class KeySketch:
         dist = getattr(self._summary, "distortion", 0.0)
         for start in range(0, m, QUERY_BLOCK_ROWS):
             Qb = Q[start:start + QUERY_BLOCK_ROWS]
-            if query_scale is not None:
+            if query_scale is not None and query_scale(Qb, rows) is not None:
                 Qb = Qb * query_scale(Qb, rows)[:, None]
             z = self._summary.normalizer(Qb)
             live = z > 0

@@ -1,30 +1,23 @@
 """Normaliser summaries: what a sketch keeps of *all* keys so that ``Z(q) = sum_l f(<q, k_l>)`` and key
 sensitivities can be computed without the keys.
 
-Every summary offers the same small interface (used by :class:`levstream.KeySketch`):
-
-``add(X)``, ``merge(other)``, ``copy()``, ``bound_weights()``, ``scores(rows)``, ``normalizer(Q)``,
-``rank_bound``, ``rel_error``, ``nbytes``, ``to_state()`` / ``from_state(state)``.
-
-Optional members the sketch uses when present (lifted and coreset summaries): ``prefilter(X, threshold)``
-in place of ``bound_weights()``; ``size_bound`` (sum of the scores, for the candidate capacity; default
-``dim``); ``config`` (merge compatibility); ``distortion`` (``delta`` of an approximate normaliser: queries
-report ``A~ >= eps (1 - delta)`` with ``lower``/``upper`` bounds); ``query_scale(Q, rows)`` (per-query factors
-that keep ``|<q, k>|^p`` finite).
+Every summary implements :class:`~levstream.summaries.base.NormalizerSummary`; the sketch and the query path
+use that interface only.  :func:`make_summary` picks the summary for an exponent ``p``.
 """
 
 from typing import Any
 
+from .base import NormalizerSummary
 from .coreset import CoresetSummary
 from .gram import GramSummary
 from .lifted import DEFAULT_MEMORY_BUDGET, LiftedSummary
 
-__all__ = ["GramSummary", "LiftedSummary", "CoresetSummary", "make_summary", "summary_from_state"]
+__all__ = ["NormalizerSummary", "GramSummary", "LiftedSummary", "CoresetSummary", "make_summary", "summary_from_state"]
 
 
 def make_summary(dim: int, p: float, *, exact: bool | None = None, delta: float = 0.1,
                  failure_prob: float | None = None, oversampling: float | None = None, rng: Any = None,
-                 memory_budget: int | None = None) -> Any:
+                 memory_budget: int | None = None) -> NormalizerSummary:
     """The normaliser summary for exponent ``p``: Gram (p = 2), lifted Gram (p = 4, ``exact=True``) or coreset.
 
     ``exact=None`` means exact where it is free (p = 2) and the coreset otherwise; ``exact=True`` exists for
@@ -40,9 +33,10 @@ def make_summary(dim: int, p: float, *, exact: bool | None = None, delta: float 
     return CoresetSummary(dim, p, delta=delta, failure_prob=failure_prob, oversampling=oversampling, rng=rng)
 
 
-def summary_from_state(meta: dict, arrays: dict) -> Any:
+def summary_from_state(meta: dict, arrays: dict) -> NormalizerSummary:
     """Rebuild a summary written by ``to_state()`` (dispatch on ``meta["kind"]``)."""
-    kinds = {"gram": GramSummary, "lifted": LiftedSummary, "coreset": CoresetSummary}
+    kinds: dict[str, type[NormalizerSummary]] = {"gram": GramSummary, "lifted": LiftedSummary,
+                                                 "coreset": CoresetSummary}
     kind = meta.get("kind")
     if kind not in kinds:
         raise ValueError(f"unknown summary kind {kind!r}; expected one of {sorted(kinds)}.")

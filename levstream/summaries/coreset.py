@@ -1,13 +1,13 @@
 """Approximate normaliser summary for any ``f(x) = |x|^p``: a reweighted l_p coreset of the keys.
 
 The summary holds rows ``S`` (sampled keys, each rescaled by ``pi^(-1/p)``) with ``Z~(q) = ||S q||_p^p``
-an unbiased estimate of ``Z(q) = ||K q||_p^p`` (ALGORITHMS.md §6).  Two sampling operations, both
+an unbiased estimate of ``Z(q) = ||K q||_p^p`` (docs/theory.md, "General p").  Two sampling operations, both
 importance sampling with probabilities ``pi_j = min(1, beta * b_j)`` where ``b_j`` is a proven upper bound on
 the row's sensitivity with respect to the rows it is sampled among:
 
 * **online** (every new row): ``b_j = (1 + delta) c_p (k_j^T M^-1 k_j)^(p/2)``, ``M`` the Lewis form
   ``S^T W^(1-2/p) S`` of the coreset of the prefix (``W`` its Lewis weights, ``c_p = d^max(0, p/2-1)``).
-  It bounds ``|<k_j,q>|^p / Z_prefix(q)`` (ALGORITHMS.md §2, key outside a matrix), so the row's term has
+  It bounds ``|<k_j,q>|^p / Z_prefix(q)`` (docs/theory.md, "General p": a key outside a matrix), so the row's term has
   conditional variance at most ``Z(q)^2 / beta`` summed over the stream.  The equilibrated norm bound
   ``||D^-1/2 k||^2 / lambda_min(D^-1/2 M D^-1/2)`` (``D = diag M``) decides most rows without a solve
   (rejection sampling: the same distribution).  ``M`` may be stale (computed from an earlier, smaller
@@ -39,6 +39,7 @@ from .._buffers import append_rows
 from .._config import LAMBDA_SAFETY, UNIT_ROUNDOFF
 from .._kernels.rows import scaled_sq_norms
 from ..lewis import LewisWeights, lewis_constant, lewis_weights
+from .base import NormalizerSummary
 
 #: ``beta * c_p`` used when no ``failure_prob`` is given (practical default; see module docstring).  Measured
 #: (d = 32, heavy-tailed keys, 300 random and key-aligned queries): beta c_p = 200 gives a largest relative
@@ -140,7 +141,7 @@ class _LewisForm:
         return quad
 
 
-class CoresetSummary:
+class CoresetSummary(NormalizerSummary):
     """``Z~(q) = ||S q||_p^p`` within ``(1 ± delta)`` of ``sum_l |<q, k_l>|^p`` w.h.p., and sensitivity bounds.
 
     Parameters
@@ -197,7 +198,6 @@ class CoresetSummary:
         self.capacity = int(np.ceil(2.0 * self.beta * self.c_p * self.dim)) + 4 * self.dim
         self.n_rows = 0
         self.rounds = 1
-        self.mode = "coreset"
         self._rows = np.empty((0, self.dim))
         self._m = 0
         self._form = _LewisForm(self._rows, self.p, self.dim)
@@ -207,6 +207,10 @@ class CoresetSummary:
         self._rng = gen
 
     # ------------------------------------------------------------------ properties
+    @property
+    def mode(self) -> str:
+        return "coreset"
+
     @property
     def config(self) -> tuple:
         return (self.kind, self.dim, self.p, self.delta, self.beta)
@@ -272,7 +276,7 @@ class CoresetSummary:
 
     def _norm_bounds(self, X: np.ndarray) -> np.ndarray:
         """``(1 + delta) c_p (||D^-1/2 k||^2 / lambda_eq)^(p/2) >= scores`` (the equilibrated norm bound of
-        ALGORITHMS.md §3 for the Lewis form; the exact scores when ``M`` is singular)."""
+        of docs/theory.md, "The norm pre-filter", for the Lewis form; the exact scores when ``M`` is singular)."""
         if self._form.vals.size < self.dim:
             return self.scores(X)
         if not self._form.lam_eq > 0:
@@ -391,17 +395,13 @@ class CoresetSummary:
         """Per-query factors ``1 / (||q|| R)``, ``R`` the largest norm among the coreset and ``rows``.
 
         Attention values are invariant under scaling a query, and after this scaling every ``|<q, k>|`` is at
-        most 1, so ``|<q, k>|^p`` cannot overflow for any ``p`` (ALGORITHMS.md §8); zero queries keep factor 1.
+        most 1, so ``|<q, k>|^p`` cannot overflow for any ``p`` (docs/theory.md, "General p"); zero queries keep
+        factor 1.
         """
         norms = [np.sqrt(np.einsum("ij,ij->i", R, R).max()) for R in (self._rows[: self._m], rows) if R.shape[0]]
         big = max(norms) if norms else 0.0
         qn = np.sqrt(np.einsum("ij,ij->i", Q, Q)) * big
         return np.divide(1.0, qn, out=np.ones_like(qn), where=qn > 0)
-
-    def normalizer_bounds(self, Q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(Z~, Z~ / (1 + delta), Z~ / (1 - delta))``: estimate and the interval holding ``Z`` w.h.p."""
-        z = self.normalizer(Q)
-        return z, z / (1.0 + self.delta), z / (1.0 - self.delta)
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> tuple[dict, dict]:

@@ -1,6 +1,6 @@
 """Exact normaliser summary for ``f(x) = x^2``: the Gram matrix ``G = K^T K``, or its R factor when ill-conditioned.
 
-Two representations, chosen automatically (ALGORITHMS.md §3, "Numerics"):
+Two representations, chosen automatically (docs/theory.md, "Numerics"):
 
 * **Gram** (fast path): ``G`` accumulated in float64 with a compensated (two-sum) running total, one
   BLAS-3 rank-``b`` update per block.  Scores by Cholesky.  Used while the equilibrated ``G`` has condition
@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
-
-
+from .._kernels.rows import scaled_sq_norms
+from .base import NormalizerSummary
 
 
 def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
@@ -55,7 +55,7 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
     return lam, diag
 
 
-class GramSummary:
+class GramSummary(NormalizerSummary):
     """``Z(q) = q^T G q`` and leverage scores ``k^T G^+ k`` for all keys added so far, exactly.
 
     Examples
@@ -75,7 +75,7 @@ class GramSummary:
     def __init__(self, dim: int) -> None:
         self.dim = int(dim)
         self.n_rows = 0
-        self.mode = "gram"
+        self._mode = "gram"
         d = self.dim
         self._hi = np.zeros((d, d))
         self._lo = np.zeros((d, d))
@@ -88,8 +88,15 @@ class GramSummary:
         #: bounds on current scores without refactoring (see score_upper_bounds)
         self._past_factor: np.ndarray | None = None
         self._past_diag_max = 0.0
-        #: incremented whenever bound_weights() changes (callers may cache row norms computed with it)
-        self.bound_version = 0
+        #: the norm pre-filter bound taken before the last add() (valid after it: G only grows)
+        self._bound: tuple[np.ndarray | None, float] = (None, 0.0)
+        #: ``G`` itself while in Gram mode (``hi + lo``), formed once per update for the normaliser
+        self._gram_sum: np.ndarray | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"gram"`` (Gram matrix, Cholesky scores) or ``"qr"`` (R factor, SVD scores)."""
+        return self._mode
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -122,9 +129,8 @@ class GramSummary:
         out = np.zeros((d, d))
         k = min(r.shape[0], d)
         out[:k] = r[:k]
-        self.mode = "qr"
+        self._mode = "qr"
         self._past_factor = None
-        self.bound_version += 1
         self._r = out
         self._hi = np.zeros((d, d))
         self._lo = np.zeros((d, d))
@@ -141,13 +147,12 @@ class GramSummary:
         sv = np.linalg.svd(self._r / np.sqrt(colsq)[None, :], compute_uv=False)
         lam = float(sv[-1]) ** 2
         if lam > 0 and 2.0 * self.dim / lam <= GRAM_KAPPA_RETURN:
-            self.mode = "gram"
+            self._mode = "gram"
             self._hi = self._r.T @ self._r
             self._lo = np.zeros_like(self._hi)
             self._r = None
             self._chk_lam, self._chk_diag = _equilibrated_min_eig(self._hi, self.n_rows)
-            self.bound_version += 1
-
+    
     # ------------------------------------------------------------------ updates
     @staticmethod
     def block_gram(X: np.ndarray) -> np.ndarray:
@@ -162,6 +167,8 @@ class GramSummary:
         ``block`` is ``block_gram(X)`` if the caller already has it.  When the Gram matrix would overflow
         float64 the summary moves to its R factor (entries up to ``sqrt`` of the Gram's), so it never fails.
         """
+        self._bound = self.bound_weights()  # taken before the block: valid after it, as G only grows
+        self._gram_sum = None
         if self.mode == "qr":
             assert self._r is not None
             self._factor = None
@@ -186,16 +193,26 @@ class GramSummary:
         if self._gram_is_safe(lam):
             _two_sum_add(self._hi, self._lo, block)
             self._chk_lam, self._chk_diag = lam, diag
-            self.bound_version += 1
             self.n_rows += X.shape[0]
             return
         R_prev = self._r_factor()
         self.n_rows += X.shape[0]
         self._enter_qr(R_prev, [X])
 
+    def prefilter(self, X: np.ndarray, threshold: float) -> np.ndarray:
+        """Rows of the block just added whose score may reach ``threshold``: the norm pre-filter
+        ``tau(k) <= ||D^-1/2 k||^2 / lambda_min`` of the last conditioning check (docs/theory.md, "The norm
+        pre-filter"); every row when no bound is at hand (empty, or R-factor mode)."""
+        scale, lam = self._bound
+        if scale is None:
+            return np.arange(X.shape[0])
+        return np.flatnonzero(scaled_sq_norms(X, scale) >= threshold * lam)
+
     def merge(self, other: "GramSummary") -> None:
         """Fold ``other`` (same dim) into this summary: ``G = G1 + G2``."""
         self._factor = None
+        self._gram_sum = None
+        self._bound = (None, 0.0)
         if other.n_rows == 0:
             return
         if self.mode == "gram" and other.mode == "gram":
@@ -206,7 +223,6 @@ class GramSummary:
                 _two_sum_add(self._hi, self._lo, other._hi)
                 self._lo += other._lo
                 self._chk_lam, self._chk_diag = lam, diag
-                self.bound_version += 1
                 self.n_rows += other.n_rows
                 return
         R_self, R_other = self._r_factor(), other._r_factor()
@@ -220,6 +236,7 @@ class GramSummary:
         out._r = None if self._r is None else self._r.copy()
         out._chk_diag = self._chk_diag.copy()
         out._factor = None
+        out._gram_sum = None
         return out
 
     # ------------------------------------------------------------------ scores
@@ -298,7 +315,7 @@ class GramSummary:
 
         From the last conditioning check: ``tau(k) <= k^T G_c^-1 k <= ||D_c^-1/2 k||^2 / lambda_min(C_c)`` for the
         Gram matrix ``G_c`` then (``G >= G_c`` in Loewner order, and G only grows), ``D_c = diag(G_c)`` and
-        ``C_c`` the equilibrated ``G_c`` (ALGORITHMS.md §3, norm pre-filter).  ``scale`` is None when no bound
+        ``C_c`` the equilibrated ``G_c`` (docs/theory.md, "The norm pre-filter").  ``scale`` is None when no bound
         is available (empty, or R-factor mode): every row must then be scored exactly.
         """
         if self.mode != "gram" or self._chk_lam <= 0:
@@ -311,7 +328,9 @@ class GramSummary:
         if self.n_rows == 0:
             return np.zeros(Q.shape[0])
         if self.mode == "gram":
-            G = self._hi + self._lo
+            if self._gram_sum is None:
+                self._gram_sum = self._hi + self._lo
+            G = self._gram_sum
             z = np.einsum("ij,ij->i", Q @ G, Q)
             diag = np.diag(G)
         else:
@@ -345,7 +364,7 @@ class GramSummary:
         d = int(meta["dim"])
         out = cls(d)
         out.n_rows = int(meta["n_rows"])
-        out.mode = str(meta["mode"])
+        out._mode = str(meta["mode"])
         if out.mode not in ("gram", "qr"):
             raise ValueError(f"summary mode must be 'gram' or 'qr'; got {out.mode!r}.")
         out._chk_lam = float(meta["chk_lam"])

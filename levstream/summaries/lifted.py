@@ -1,7 +1,7 @@
 """Exact normaliser summary for ``f(x) = x^4``: the Gram matrix of symmetric degree-2 lifted keys.
 
 ``<q, k>^4 = <phi(q), phi(k)>^2`` with ``phi(x)`` the symmetric degree-2 monomials (off-diagonal ones scaled
-by ``sqrt(2)``), of dimension ``D = d (d + 1) / 2`` (ALGORITHMS.md §6).  So the p = 4 problem on the keys is the
+by ``sqrt(2)``), of dimension ``D = d (d + 1) / 2`` (docs/theory.md, "General p").  So the p = 4 problem on the keys is the
 p = 2 problem on the lifted keys: this summary is a :class:`GramSummary` of width ``D`` fed with ``phi(X)``.
 ``Z(q) = phi(q)^T G4 phi(q)`` is exact, and the lifted leverage score ``tau_j(Phi(K))`` is an upper bound on
 the p = 4 sensitivity of key ``j`` (the sup over all ``D``-vectors includes the lifted queries), with
@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._kernels.lift import lift_degree2
+from .base import NormalizerSummary
 from .gram import GramSummary
 
 #: Default memory budget of the lifted summary: the Gram matrix and its compensation term (``2 D^2`` float64)
@@ -39,7 +40,7 @@ def lift(X: np.ndarray) -> np.ndarray:
     return lift_degree2(np.ascontiguousarray(X, dtype=np.float64))
 
 
-class LiftedSummary:
+class LiftedSummary(NormalizerSummary):
     """Exact ``Z(q) = sum_l <q, k_l>^4`` and lifted leverage scores, from the ``D x D`` lifted Gram matrix.
 
     Parameters
@@ -73,8 +74,8 @@ class LiftedSummary:
                 f"({need / 2**20:.1f} MiB) but memory_budget is {self.memory_budget / 2**20:.1f} MiB. "
                 "Use exact=False (the l_p coreset) or raise memory_budget.")
         self._gram = GramSummary(self.lifted_dim)
+        #: the last block added and its lifting (the sketch prefilters that block right after adding it)
         self._last: tuple[np.ndarray, np.ndarray] | None = None
-        self._bound: tuple[np.ndarray | None, float] | None = None
 
     @property
     def config(self) -> tuple:
@@ -89,9 +90,9 @@ class LiftedSummary:
         return self._gram.mode
 
     @property
-    def size_bound(self) -> int:
+    def size_bound(self) -> float:
         """``D``: the lifted leverage scores sum to at most ``D``."""
-        return self.lifted_dim
+        return float(self.lifted_dim)
 
     def _lifted(self, X: np.ndarray) -> np.ndarray:
         if self._last is not None and self._last[0] is X:
@@ -105,12 +106,11 @@ class LiftedSummary:
 
     def add(self, X: np.ndarray, block: np.ndarray | None = None) -> None:
         L = lift(X)
-        self._bound = self._gram.bound_weights()  # taken before the update, valid after (G only grows)
         self._gram.add(L)
-        self._last = (X, L)  # the sketch prefilters the same block right after adding it
+        self._last = (X, L)
 
     def merge(self, other: LiftedSummary) -> None:
-        self._last = self._bound = None
+        self._last = None
         self._gram.merge(other._gram)
 
     def copy(self) -> LiftedSummary:
@@ -134,11 +134,7 @@ class LiftedSummary:
 
     def prefilter(self, X: np.ndarray, threshold: float) -> np.ndarray:
         """Indices of rows whose lifted leverage score may be ``>= threshold`` (the Gram norm pre-filter)."""
-        scale, lam = self._bound if self._bound is not None else (None, 0.0)
-        if scale is None:
-            return np.arange(X.shape[0])
-        Y = self._lifted(X) * scale
-        return np.flatnonzero(np.einsum("ij,ij->i", Y, Y) >= threshold * lam)
+        return self._gram.prefilter(self._lifted(X), threshold)
 
     def normalizer(self, Q: np.ndarray) -> np.ndarray:
         """Exact ``Z(q) = phi(q)^T G4 phi(q) = sum_l <q, k_l>^4``."""
