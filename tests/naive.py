@@ -79,3 +79,98 @@ def random_orthonormal(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
     """An n x d matrix with orthonormal columns (Haar-like, from the QR of a Gaussian)."""
     Qf, R = np.linalg.qr(rng.standard_normal((n, d)))
     return Qf * np.sign(np.diag(R))
+
+
+class NaiveStream:
+    """A brute-force streaming twin of one head of a sketch: keeps every key (and value) with its id.
+
+    Every call answers from scratch over all rows fed so far with plain NumPy: no Gram accumulation, no
+    pruning, no factorisation.  Ids follow the sketches' rule: a running counter unless ``ids=`` or
+    ``offset=`` is given, and the counter continues after the largest id fed.  Empty chunks are no-ops.
+    """
+
+    def __init__(self, dim: int, *, p: float = 2.0, value_dim: int | None = None) -> None:
+        self.dim, self.p, self.value_dim = int(dim), float(p), value_dim
+        self.K = np.zeros((0, self.dim))
+        self.V = np.zeros((0, value_dim or 0))
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.next_id = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.size)
+
+    def update(self, x, v=None) -> NaiveStream:
+        V = None if v is None else np.asarray(v, np.float64)[None, :]
+        return self.update_many(np.asarray(x, np.float64)[None, :], V)
+
+    def update_many(self, X, V=None, ids=None, offset=None) -> NaiveStream:
+        X = np.asarray(X, np.float64).reshape(-1, self.dim)
+        m = X.shape[0]
+        if m == 0:
+            return self
+        if ids is None:
+            start = self.next_id if offset is None else int(offset)
+            ids = np.arange(start, start + m)
+        ids = np.asarray(ids, np.int64).reshape(m)
+        if np.unique(ids).size != m or np.intersect1d(ids, self.ids).size:
+            raise ValueError("ids clash")
+        if self.value_dim is not None:
+            self.V = np.vstack([self.V, np.asarray(V, np.float64).reshape(m, self.value_dim)])
+        self.K = np.vstack([self.K, X])
+        self.ids = np.concatenate([self.ids, ids])
+        self.next_id = max(self.next_id, int(ids.max()) + 1)
+        return self
+
+    def merge(self, other: NaiveStream) -> NaiveStream:
+        if np.intersect1d(self.ids, other.ids).size:
+            raise ValueError("ids clash")
+        self.K, self.ids = np.vstack([self.K, other.K]), np.concatenate([self.ids, other.ids])
+        self.V = np.vstack([self.V, other.V])
+        self.next_id = max(self.next_id, other.next_id)
+        return self
+
+    def weights(self, Q) -> np.ndarray:
+        """``|<q_i, k_j>|^p`` for every query row and key fed (m x n, columns in feeding order)."""
+        return np.abs(np.asarray(Q, np.float64) @ self.K.T) ** self.p
+
+    def attention(self, Q) -> np.ndarray:
+        """Dense attention ``|<q, k>|^p / sum``; rows of zero sum stay zero."""
+        B = self.weights(Q)
+        Z = B.sum(axis=1, keepdims=True)
+        return np.divide(B, Z, out=np.zeros_like(B), where=Z > 0)
+
+    def normalizer(self, Q) -> np.ndarray:
+        return self.weights(Q).sum(axis=1)
+
+    def heavy_entries(self, Q, eps: float) -> dict[tuple[int, int], float]:
+        """``{(query_row, key_id): A}`` for every dense entry ``A >= eps``."""
+        A = self.attention(Q)
+        rows, cols = np.nonzero(A >= eps)
+        return {(int(i), int(self.ids[j])): float(A[i, j]) for i, j in zip(rows, cols)}
+
+    def top_k(self, Q, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per query row: ids of the ``k`` largest dense entries (descending) and their values."""
+        A = self.attention(Q)
+        order = np.argsort(-A, axis=1, kind="stable")[:, :k]
+        return self.ids[order], np.take_along_axis(A, order, axis=1)
+
+    def scores(self) -> np.ndarray:
+        """Leverage score of every key fed (p = 2; SVD, pseudo-inverse semantics), feeding order."""
+        assert self.p == 2.0, "leverage scores are the p = 2 sensitivities"
+        return leverage_svd(self.K) if self.n else np.zeros(0)
+
+    def universal_set(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, scores)`` of the keys with leverage score ``>= eps`` (p = 2), ids ascending."""
+        tau = self.scores()
+        sel = np.flatnonzero(tau >= eps)
+        order = np.argsort(self.ids[sel])
+        return self.ids[sel][order], tau[sel][order]
+
+    def attend(self, Q, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(output, heavy_output, captured_mass)``: ``sum_j A_j v_j`` over all keys, the same sum
+        over the entries ``A_j >= eps`` only, and ``sum A_j`` over those entries (p = 2, values)."""
+        assert self.p == 2.0 and self.value_dim is not None
+        A = self.attention(Q)
+        heavy = np.where(A >= eps, A, 0.0)
+        return A @ self.V, heavy @ self.V, heavy.sum(axis=1)
