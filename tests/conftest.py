@@ -39,6 +39,15 @@ ILL_COND_KAPPA = 1e7
 #: float32 input is accumulated in float64, so a float32 chunk and its exact float64 upcast give bit-identical state.
 FLOAT32_RTOL = 0.0
 
+#: The default coreset accuracy of KeySketch (p other than 2, docs/general-p.md).  Whenever the
+#: coreset normaliser is within (1 +- delta) of the true one, every dense entry >= eps is returned,
+#: every returned entry has a true value >= eps (1 - delta)^2 and lies in [lower, upper].
+CORESET_DELTA = 0.1
+
+#: Rounding slack when a dense (true) value is compared with a coreset answer's lower/upper bounds:
+#: both sides are float64 sums of |<q, k>|^p, accurate to far better than this.
+BOUND_RTOL = 1e-9
+
 
 def heavy_tailed_keys(n: int, d: int, seed: int, tail: float = 2.0) -> np.ndarray:
     """Gaussian rows with Pareto-distributed norms: a spread of leverage scores, a few clearly heavy keys."""

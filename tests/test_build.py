@@ -17,7 +17,16 @@ import levstream as ls
 import levstream._tree as tree
 import levstream.build as build
 from levstream._npyrows import NpyRows
-from conftest import VALUE_RTOL, assert_heavy_matches_dense, assert_matches_offline, assert_no_ties, heavy_tailed_keys
+from conftest import (
+    BOUND_RTOL,
+    CORESET_DELTA,
+    TIE_RTOL,
+    VALUE_RTOL,
+    assert_heavy_matches_dense,
+    assert_matches_offline,
+    assert_no_ties,
+    heavy_tailed_keys,
+)
 from naive import dense_heavy, leverage_svd
 
 EPS = 0.02
@@ -329,7 +338,8 @@ def test_seed_is_not_passed_to_a_sketch_without_rng(K, Q, monkeypatch):
 
 
 def test_randomised_mode_is_reproducible_for_a_seed_and_partitioning():
-    """General p (coreset normaliser): the same seed, n_jobs and chunking give the same sketch, byte for byte."""
+    """General p (coreset normaliser): the same seed, n_jobs and chunking give the same sketch, byte
+    for byte, and that sketch answers within the coreset guarantee."""
     K = heavy_tailed_keys(8000, 6, seed=9)
 
     def build_p3(seed, n_jobs=2):
@@ -339,7 +349,25 @@ def test_randomised_mode_is_reproducible_for_a_seed_and_partitioning():
     assert first.n == K.shape[0]
     assert first.to_bytes() == build_p3(42).to_bytes()
     assert first.to_bytes() != build_p3(43).to_bytes()  # the seed is really used
-    assert build_p3(42, n_jobs=3).to_bytes() == build_p3(42, n_jobs=3).to_bytes()
+    three = build_p3(42, n_jobs=3)
+    assert three.to_bytes() == build_p3(42, n_jobs=3).to_bytes()
+    # reproducible is not enough: both builds keep the coreset guarantee against brute force, for
+    # random, key-aligned (q = k_j) and adversarial (q = (K^T K)^-1 k_j) queries
+    rng = np.random.default_rng(10)
+    some = np.r_[rng.choice(len(K), 20, replace=False), np.argsort(-leverage_svd(K))[:10]]
+    Q = np.vstack([rng.standard_normal((30, 6)), K[some], np.linalg.solve(K.T @ K, K[some].T).T])
+    B = np.abs(Q @ K.T) ** 3
+    A = B / B.sum(axis=1, keepdims=True)  # dense attention, p = 3
+    heavy = set(zip(*(x.tolist() for x in np.nonzero(A >= 0.05 * (1 + TIE_RTOL)))))
+    assert len(heavy) > 50, "fixture must have heavy entries"
+    for sk in (first, three):
+        hits = sk.heavy_entries(Q)
+        missing = heavy - hits.as_set()
+        assert not missing, f"dense entries >= eps missing: {sorted(missing)[:10]}"
+        a = A[hits.rows(), hits.key_ids]
+        assert (a >= 0.05 * (1 - CORESET_DELTA) ** 2).all(), "a true value below eps (1 - delta)^2"
+        assert (hits.lower <= a * (1 + BOUND_RTOL)).all(), "a true value is below its lower bound"
+        assert (a <= hits.upper * (1 + BOUND_RTOL)).all(), "a true value is above its upper bound"
 
 
 def test_new_sketch_gives_a_fresh_generator_per_call(monkeypatch):
