@@ -25,7 +25,8 @@ import levstream as ls  # noqa: E402
 import levstream._tree as tree  # noqa: E402
 import levstream.dask as lsd  # noqa: E402
 # the key/query fixtures K and Q and the comparison helpers are shared with the thread-pool tests
-from conftest import heavy_tailed_keys  # noqa: E402
+from conftest import BOUND_RTOL, CORESET_DELTA, TIE_RTOL, heavy_tailed_keys  # noqa: E402
+from naive import leverage_svd  # noqa: E402
 from test_build import (  # noqa: E402,F401
     EPS,
     K,
@@ -190,6 +191,22 @@ def test_randomised_mode_is_reproducible_on_every_scheduler():
     embedded = ls.build_sketch(K, eps=0.05, p=3, n_jobs=2, chunk_rows=4000, seed=42).to_bytes()
     assert got == [embedded] * 3
     assert lsd.build_sketch(keys, eps=0.05, p=3, seed=43, scheduler="sync").to_bytes() != embedded
+    # and the Dask-built sketch keeps the coreset guarantee against brute force, for random,
+    # key-aligned (q = k_j) and adversarial (q = (K^T K)^-1 k_j) queries
+    rng = np.random.default_rng(10)
+    some = np.r_[rng.choice(len(K), 20, replace=False), np.argsort(-leverage_svd(K))[:10]]
+    Q = np.vstack([rng.standard_normal((30, 6)), K[some], np.linalg.solve(K.T @ K, K[some].T).T])
+    B = np.abs(Q @ K.T) ** 3
+    A = B / B.sum(axis=1, keepdims=True)  # dense attention, p = 3
+    heavy = set(zip(*(x.tolist() for x in np.nonzero(A >= 0.05 * (1 + TIE_RTOL)))))
+    assert len(heavy) > 50, "fixture must have heavy entries"
+    hits = ls.KeySketch.from_bytes(got[0]).heavy_entries(Q)
+    missing = heavy - hits.as_set()
+    assert not missing, f"dense entries >= eps missing: {sorted(missing)[:10]}"
+    a = A[hits.rows(), hits.key_ids]
+    assert (a >= 0.05 * (1 - CORESET_DELTA) ** 2).all(), "a true value below eps (1 - delta)^2"
+    assert (hits.lower <= a * (1 + BOUND_RTOL)).all(), "a true value is below its lower bound"
+    assert (a <= hits.upper * (1 + BOUND_RTOL)).all(), "a true value is above its upper bound"
 
 
 def test_threads_are_capped_inside_tasks(K, monkeypatch):
