@@ -44,6 +44,10 @@ FLOAT32_RTOL = 0.0
 #: every returned entry has a true value >= eps (1 - delta)^2 and lies in [lower, upper].
 CORESET_DELTA = 0.1
 
+#: Peak traced allocations (tracemalloc) of a long stream phase against a short one of the same
+#: sketch: only the allocator's handling of per-block temporaries may differ.
+MEMORY_GROWTH_RTOL = 0.05
+
 #: Rounding slack when a dense (true) value is compared with a coreset answer's lower/upper bounds:
 #: both sides are float64 sums of |<q, k>|^p, accurate to far better than this.
 BOUND_RTOL = 1e-9
