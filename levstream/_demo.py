@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import numba
 import numpy as np
 
+from ._format import format_bytes, print_table
 from .results import HeavyEntries
 
 #: Rows per generated chunk (16 MiB at d = 64): measured here, 8192 rows gave a build / Gram-only ratio of
@@ -49,33 +50,12 @@ class ShardTimes:
     gram_s: float = 0.0
 
 
-def _validate(args: argparse.Namespace) -> None:
-    from .cli import EXIT_UNAVAILABLE, EXIT_USAGE, CliError, _checked_eps
-
-    for flag, value, low in (("--n", args.n, 1), ("--dim", args.dim, 1), ("--shards", args.shards, 1),
-                             ("--queries", args.queries, 1), ("--check", args.check, 1)):
-        if value < low:
-            raise CliError(f"{flag} must be >= {low}; got {value}.", EXIT_USAGE)
-    _checked_eps(args.eps)
-    _new_sketch_or_exit(args, rng=None)
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise CliError("--plot needs matplotlib: pip install matplotlib (or 'levstream[plot]').",
-                           EXIT_UNAVAILABLE) from None
-
-
-def _new_sketch_or_exit(args: argparse.Namespace, rng: Any) -> Any:
+def _shard_sketch(args: argparse.Namespace, rng: Any) -> Any:
     """A shard sketch; p = 2 is exact, other p use a coreset seeded by ``rng`` with ``delta = DELTA``."""
-    from .cli import EXIT_USAGE, CliError
     from .sketch import KeySketch
 
     options = {} if args.p == 2.0 else {"delta": DELTA, "rng": rng}
-    try:
-        return KeySketch(args.dim, eps=args.eps, p=args.p, **options)
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        raise CliError(" ".join(str(exc).split()), EXIT_USAGE) from None
+    return KeySketch(args.dim, eps=args.eps, p=args.p, **options)
 
 
 def _stream(args: argparse.Namespace) -> Iterator[np.ndarray]:
@@ -97,7 +77,7 @@ def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.nda
 
     def work(shard: int) -> tuple[Any, np.ndarray, ShardTimes]:
         numba.set_num_threads(1)  # per thread: the shards are the parallelism
-        sketch = _new_sketch_or_exit(args, np.random.default_rng(seeds[shard]))
+        sketch = _shard_sketch(args, np.random.default_rng(seeds[shard]))
         G = np.zeros((args.dim, args.dim))
         times = ShardTimes()
         while (item := queues[shard].get()) is not None:
@@ -202,7 +182,10 @@ def _verify(got: HeavyEntries, truth: HeavyEntries, Z: np.ndarray, Q: np.ndarray
 
 
 def run_demo(args: argparse.Namespace) -> bool:
-    """Run the demo and print its table; returns whether the sketch agreed with brute force."""
+    """Run the demo and print its table; returns whether the sketch agreed with brute force.
+
+    ``args`` are the parsed ``levstream demo`` flags, already validated by the command line.
+    """
     from tqdm.auto import tqdm
 
     from . import __version__
@@ -210,7 +193,6 @@ def run_demo(args: argparse.Namespace) -> bool:
     from .sketch import KeySketch
     from .synthetic import attention_like_queries
 
-    _validate(args)
     print(f"levstream {__version__} demo: {args.n:,} attention-like keys, d={args.dim}, eps={args.eps:g}, "
           f"p={args.p:g}")
     print(f"  {args.shards} shards (threads) fed from one generator; BLAS and numba: 1 thread per shard")
@@ -252,8 +234,6 @@ def run_demo(args: argparse.Namespace) -> bool:
     sketch_s = sum(t.sketch_s for t in times)
     gram_s = sum(t.gram_s for t in times)
     bound = "d/eps" if args.p <= 2 else "d^(p/2)/eps"
-
-    from .cli import format_bytes, print_table
 
     print()
     print_table([

@@ -15,6 +15,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ._format import format_bytes, print_table
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -132,21 +134,6 @@ def _progress(total: int | None, quiet: bool, desc: str) -> Any:
                 dynamic_ncols=True, leave=False)
 
 
-def print_table(rows: Sequence[tuple[str, str]]) -> None:
-    """Print ``(label, value)`` pairs as two aligned columns."""
-    width = max(len(label) for label, _ in rows)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
-
-
-def format_bytes(nbytes: float) -> str:
-    """``nbytes`` in B, kB, MB or GB (powers of 1000)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:,.1f} {unit}"
-    return f"{nbytes:,.0f} B"
-
-
 # ---------------------------------------------------------------------- build
 def cmd_build(args: argparse.Namespace) -> int:
     chunk_rows = args.chunk
@@ -215,11 +202,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start: int, chunk_rows: int) -> Any:
     """A sketch of ``source`` (ids from ``start``) built by ``levstream.build_sketch`` (--jobs) or on Dask."""
     if args.scheduler is None:
-        try:
-            from .build import build_sketch
-        except ImportError:
-            raise CliError("--jobs needs levstream.build_sketch, which this installation does not provide; "
-                           "drop --jobs to build in one stream.", EXIT_UNAVAILABLE) from None
+        from .build import build_sketch
+
         data: Any = os.path.abspath(args.keys) if source.name.endswith(".npy") else _chunks(source, chunk_rows)
         try:
             return build_sketch(data, eps=sketch.eps, p=sketch.p, n_jobs=args.jobs, chunk_rows=chunk_rows,
@@ -361,6 +345,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
+    for flag, value in (("--n", args.n), ("--dim", args.dim), ("--shards", args.shards),
+                        ("--queries", args.queries), ("--check", args.check)):
+        if value < 1:
+            raise CliError(f"{flag} must be >= 1; got {value}.", EXIT_USAGE)
+    _new_sketch(args.dim, _checked_eps(args.eps), args.p)  # the demo's sketch parameters are valid
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--plot needs matplotlib: pip install matplotlib (or 'levstream[plot]').",
+                           EXIT_UNAVAILABLE) from None
     return EXIT_OK if run_demo(args) else EXIT_FAILED_CHECK
 
 
