@@ -229,9 +229,9 @@ def open_keys(spec: str, *, dim: int | None = None, dtype: str | None = None,
     return source
 
 
-def read_matrix(spec: str, *, dim: int | None = None) -> np.ndarray:
+def read_matrix(spec: str) -> np.ndarray:
     """Read a whole (small) matrix, e.g. queries, from a ``.npy`` file or an ``.npz`` member."""
-    source = open_keys(spec, dim=dim)
+    source = open_keys(spec)
     chunks = list(source.chunks(1 << 16))
     return np.concatenate(chunks) if chunks else np.empty((0, source.dim))
 

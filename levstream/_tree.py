@@ -4,7 +4,7 @@ Both :func:`levstream.build_sketch` (thread pool) and :func:`levstream.dask.buil
 so a given partitioning gives the same leaves, the same merge tree and the same seeds on either path:
 
 * :func:`partition_options` gives every partition its own ``rng`` (children of the user's seed by
-  ``SeedSequence.spawn``), when the sketch type takes one;
+  ``SeedSequence.spawn``);
 * :func:`sketch_partition` feeds one partition's chunks with global ids and names the partition in any error;
 * :func:`reduce_tree` merges partitions in groups of ``split_every`` consecutive ones, level by level;
   :func:`merge_group` is the merge done at every node of that tree;
@@ -25,7 +25,6 @@ chunk by chunk (install ``tbb``, or use the default OpenMP layer, to run them si
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 from contextlib import contextmanager, nullcontext
@@ -49,10 +48,6 @@ def available_cores() -> int:
 
 
 # ---------------------------------------------------------------------------------------------- randomness
-def _accepts_rng() -> bool:
-    return "rng" in inspect.signature(KeySketch).parameters
-
-
 def _split_seed(sketch_options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The options without ``rng``/``seed``, and the seed given by either name (None if neither)."""
     options = dict(sketch_options)
@@ -65,11 +60,10 @@ def _split_seed(sketch_options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 def partition_options(sketch_options: dict[str, Any], n_partitions: int) -> list[dict[str, Any]]:
     """Constructor options for each of ``n_partitions`` partition sketches.
 
-    ``rng`` or ``seed`` (one of them) is the user's seed.  When :class:`KeySketch` takes an ``rng`` argument
-    (randomised modes), partition ``i`` gets the ``i``-th child of ``SeedSequence(seed).spawn``; so an
-    integer seed and a partitioning reproduce the build.  (A ``SeedSequence`` or ``Generator`` passed as the
-    seed spawns from its own sequence, which advances with every build.)  When ``KeySketch`` takes no
-    ``rng`` the seed is accepted and not used.
+    ``rng`` or ``seed`` (one of them) is the user's seed.  Partition ``i`` gets the ``i``-th child of
+    ``SeedSequence(seed).spawn`` as its ``rng``; so an integer seed and a partitioning reproduce the build.
+    (A ``SeedSequence`` or ``Generator`` passed as the seed spawns from its own sequence, which advances
+    with every build.)  Exact modes draw nothing from it.
 
     Examples
     --------
@@ -79,8 +73,6 @@ def partition_options(sketch_options: dict[str, Any], n_partitions: int) -> list
     """
     n_partitions = check_int(n_partitions, "n_partitions", minimum=0)
     options, seed = _split_seed(sketch_options)
-    if not _accepts_rng():
-        return [dict(options) for _ in range(n_partitions)]
     if isinstance(seed, np.random.Generator):
         root = seed.bit_generator.seed_seq
     else:
@@ -100,7 +92,7 @@ def new_sketch(dim: int, eps: float, p: float, options: dict[str, Any]) -> KeySk
 def root_options(sketch_options: dict[str, Any]) -> dict[str, Any]:
     """Constructor options for a single (unpartitioned) stream: the user's seed is passed through as ``rng``."""
     options, seed = _split_seed(sketch_options)
-    if _accepts_rng() and seed is not None:
+    if seed is not None:
         options["rng"] = seed
     return options
 

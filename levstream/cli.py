@@ -53,10 +53,6 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------------- shared helpers
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
-
-
 def _checked_eps(value: float | None, flag: str = "--eps") -> float | None:
     from ._validation import check_eps
 
@@ -65,7 +61,7 @@ def _checked_eps(value: float | None, flag: str = "--eps") -> float | None:
     try:
         return check_eps(value, flag)
     except (ValueError, TypeError) as exc:
-        raise CliError(_one_line(exc), EXIT_USAGE) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def _new_sketch(dim: int, eps: float, p: float) -> Any:
@@ -74,7 +70,7 @@ def _new_sketch(dim: int, eps: float, p: float) -> Any:
     try:
         return KeySketch(dim, eps=eps, p=p)
     except (ValueError, TypeError, NotImplementedError) as exc:
-        raise CliError(_one_line(exc), EXIT_USAGE) from None
+        raise CliError(str(exc), EXIT_USAGE) from None
 
 
 def _load_sketch(path: str) -> tuple[Any, int, int]:
@@ -93,7 +89,7 @@ def _load_sketch(path: str) -> tuple[Any, int, int]:
         _, _, version = _serialize.unpack(data)
         return KeySketch.from_bytes(data), version, len(data)
     except (ValueError, TypeError) as exc:
-        raise CliError(f"{path}: {_one_line(exc)}", EXIT_SKETCH) from None
+        raise CliError(f"{path}: {exc}", EXIT_SKETCH) from None
 
 
 def _save_sketch(sketch: Any, path: str) -> None:
@@ -115,7 +111,7 @@ def _open_keys(spec: str, dim: int | None = None, dtype: str | None = None) -> A
         return open_keys(spec, dim=dim, dtype=dtype)
     except InputError as exc:
         code = EXIT_USAGE if spec == "-" and (dim is None or dtype is None) else EXIT_INPUT
-        raise CliError(_one_line(exc), code) from None
+        raise CliError(str(exc), code) from None
 
 
 def _chunks(source: Any, chunk_rows: int) -> Iterator[np.ndarray]:
@@ -124,7 +120,7 @@ def _chunks(source: Any, chunk_rows: int) -> Iterator[np.ndarray]:
     try:
         yield from source.chunks(chunk_rows)
     except InputError as exc:
-        raise CliError(_one_line(exc), EXIT_INPUT) from None
+        raise CliError(str(exc), EXIT_INPUT) from None
 
 
 def _progress(total: int | None, quiet: bool, desc: str) -> Any:
@@ -173,7 +169,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         try:
             sketch.merge(part)
         except ValueError as exc:
-            raise CliError(f"cannot add the keys to {args.output}: {_one_line(exc)}", EXIT_SKETCH) from None
+            raise CliError(f"cannot add the keys to {args.output}: {exc}", EXIT_SKETCH) from None
     else:
         from ._bench import single_threaded
 
@@ -186,7 +182,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 try:
                     sketch.update_many(chunk, offset=pos)
                 except ValueError as exc:
-                    raise CliError(f"cannot add rows {pos}.. of {source.name}: {_one_line(exc)}",
+                    raise CliError(f"cannot add rows {pos}.. of {source.name}: {exc}",
                                    EXIT_SKETCH) from None
                 pos += chunk.shape[0]
                 bar.update(chunk.shape[0])
@@ -209,7 +205,7 @@ def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start
             return build_sketch(data, eps=sketch.eps, p=sketch.p, n_jobs=args.jobs, chunk_rows=chunk_rows,
                                 offset=start, progress=not args.quiet)
         except ValueError as exc:
-            raise CliError(f"{source.name}: {_one_line(exc)}", EXIT_INPUT) from None
+            raise CliError(f"{source.name}: {exc}", EXIT_INPUT) from None
     if not source.name.endswith(".npy"):
         raise CliError(f"--scheduler reads a .npy file that every worker can open; got {args.keys!r}.",
                        EXIT_USAGE)
@@ -218,7 +214,7 @@ def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start
 
         import levstream.dask as lsd
     except ImportError as exc:
-        raise CliError(f"--scheduler needs Dask ({_one_line(exc)}).", EXIT_UNAVAILABLE) from None
+        raise CliError(f"--scheduler needs Dask ({exc}).", EXIT_UNAVAILABLE) from None
     from ._io import load_rows
 
     path = os.path.abspath(args.keys)
@@ -228,10 +224,10 @@ def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start
         return lsd.build_sketch(parts, eps=sketch.eps, p=sketch.p, offsets=[start + a for a in bounds],
                                 scheduler=args.scheduler)
     except (OSError, TimeoutError) as exc:
-        raise CliError(f"cannot build on the Dask scheduler at {args.scheduler}: {_one_line(exc)}",
+        raise CliError(f"cannot build on the Dask scheduler at {args.scheduler}: {exc}",
                        EXIT_UNAVAILABLE) from None
     except ValueError as exc:
-        raise CliError(f"{source.name}: {_one_line(exc)}", EXIT_INPUT) from None
+        raise CliError(f"{source.name}: {exc}", EXIT_INPUT) from None
 
 
 # ---------------------------------------------------------------------- merge
@@ -246,7 +242,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         try:
             merged.merge(sketch)
         except (ValueError, TypeError) as exc:
-            raise CliError(f"cannot merge {path}: {_one_line(exc)}", EXIT_SKETCH) from None
+            raise CliError(f"cannot merge {path}: {exc}", EXIT_SKETCH) from None
     U = merged.universal_set()
     _save_sketch(merged, args.output)
     print(f"{args.output}: merged {len(args.sketches)} sketches, n={merged.n:,} keys, |U|={len(U):,}, "
@@ -283,7 +279,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         Q = read_matrix(args.queries)
     except InputError as exc:
-        raise CliError(_one_line(exc), EXIT_INPUT) from None
+        raise CliError(str(exc), EXIT_INPUT) from None
     if Q.shape[1] != sketch.dim:
         raise CliError(f"{args.queries} has rows of width {Q.shape[1]}; the sketch {args.sketch} has dim "
                        f"{sketch.dim}.", EXIT_INPUT)

@@ -315,8 +315,7 @@ def test_merge_group_leaves_inputs_untouched(K, Q):
     assert tree.merge_group(None, None) is None
 
 
-def test_partition_seeds_are_spawned_children_of_the_users_seed(monkeypatch):
-    monkeypatch.setattr(tree, "_accepts_rng", lambda: True)
+def test_partition_seeds_are_spawned_children_of_the_users_seed():
     opts = tree.partition_options({"seed": 7, "block_rows": 64}, 3)
     want = np.random.SeedSequence(7).spawn(3)
     assert [o["block_rows"] for o in opts] == [64] * 3
@@ -330,10 +329,8 @@ def test_partition_seeds_are_spawned_children_of_the_users_seed(monkeypatch):
     assert tree.root_options({"seed": 7}) == {"rng": 7}
 
 
-def test_seed_is_not_passed_to_a_sketch_without_rng(K, Q, monkeypatch):
-    monkeypatch.setattr(tree, "_accepts_rng", lambda: False)
-    assert tree.partition_options({"seed": 3, "block_rows": 64}, 2) == [{"block_rows": 64}] * 2
-    assert tree.root_options({"rng": 3}) == {}
+def test_seed_does_not_change_the_exact_p2_build(K, Q):
+    """The exact p = 2 mode takes the seed and draws nothing from it: the answers are a single stream's."""
     assert_same_answers(ls.build_sketch(K, eps=EPS, n_jobs=2, seed=3), single_stream(K), Q)
 
 

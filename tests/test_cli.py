@@ -354,7 +354,7 @@ def test_merge_errors(files, keys, capsys):
                        capsys)
     assert code == EXIT_OK
     code, _, err = run(["merge", files / "a.lvs", files / "c.lvs", "-o", files / "ac.lvs"], capsys)
-    assert_user_error(code, err, EXIT_SKETCH, "c.lvs", "different (dim, eps, p)")
+    assert_user_error(code, err, EXIT_SKETCH, "c.lvs", "different (dim, eps, p")
     code, _, err = run(["merge", files / "a.lvs", "-o", files / "a2.lvs"], capsys)
     assert_user_error(code, err, EXIT_USAGE, "at least two")
     code, _, err = run(["merge", files / "a.lvs", files / "c.lvs", "-o", files / "b.lvs"], capsys)
