@@ -1,4 +1,4 @@
-"""LevAttention: attention computed over a small selected set of keys per head (ALGORITHMS.md §7).
+"""LevAttention: attention computed over a small selected set of keys per head (arXiv 2410.05462).
 
 Keys are selected per head (per item of the leading batch axes) once, independently of the query: the top-k
 keys by a selection score (leverage score by default, the paper's rule), or for leverage selection the
@@ -11,8 +11,8 @@ only the light mass outside ``S`` is missing.
 
 Guarantee and its limits: for ``score="power", p=2`` and ``eps`` selection every attention entry ``>= eps``
 of the full attention has its key in ``S`` (``S`` is the universal set).  For softmax there is no such
-guarantee (ALGORITHMS.md §2): leverage selection is a heuristic whose quality is measured in
-``docs/levattention-results.md``.
+guarantee (docs/theory.md, "Softmax"): leverage selection is a heuristic whose quality is measured
+in ``docs/levattention-results.md``.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _exact_power_normalizer(Q: np.ndarray, K: np.ndarray, p: float, causal: bool
     """``Z_i = sum_l |<q_i, k_l>|^p`` over every key visible to query ``i``, shape (B, m)."""
     B, m, _ = Q.shape
     n = K.shape[1]
-    if p == 2.0 and not causal:  # Z(q) = q^T G q from the Gram matrix (ALGORITHMS.md §3, Query)
+    if p == 2.0 and not causal:  # Z(q) = q^T G q (docs/theory.md, "Queries")
         G = K.transpose(0, 2, 1) @ K
         return np.maximum(np.einsum("bmd,bde,bme->bm", Q, G, Q), 0.0)
     Z = np.zeros((B, m))
@@ -243,7 +243,7 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
                   selection: str = "leverage", normalizer: str = "selected", causal: bool = False,
                   always_keep: Any = (), rng: Any = None, h2o_queries: int = 32, query_rank: int = 2,
                   query_mean: Any = None, return_indices: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Attention output over a selected set of keys per head (LevAttention, ALGORITHMS.md §7).
+    """Attention output over a selected set of keys per head (LevAttention, arXiv 2410.05462).
 
     Parameters
     ----------
@@ -325,8 +325,9 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
     Cost ``O(n d^2)`` for leverage scores plus ``O(m s (d + dv))`` for the attention over ``s`` selected
     keys, instead of ``O(m n (d + dv))``; the attention runs as one parallel numba kernel over all heads.
     Guarantee: with ``score="power", p=2, selection="leverage"`` and ``eps``, every entry of the full
-    attention ``A_ij >= eps`` has ``j`` selected (ALGORITHMS.md §1), and with ``normalizer="exact"`` its
-    weight is exact.  Softmax selection is a heuristic with no such guarantee (ALGORITHMS.md §2).
+    attention ``A_ij >= eps`` has ``j`` selected (docs/theory.md, "Proofs", 1), and with
+    ``normalizer="exact"`` its weight is exact.  Softmax selection is a heuristic with no such
+    guarantee (docs/theory.md, "Softmax").
 
     Examples
     --------

@@ -1,4 +1,6 @@
-"""l_p Lewis weights and the sensitivity upper bounds they give for ``f(x) = |x|^p`` (ALGORITHMS.md §2, §6).
+"""l_p Lewis weights and the sensitivity upper bounds they give for ``f(x) = |x|^p``.
+
+Theory and proofs: docs/theory.md, "General p".
 
 The Lewis weights of ``K`` (n x d) are the unique positive ``w`` with
 ``w_j = (k_j^T (K^T W^(1-2/p) K)^(-1) k_j)^(p/2)``, ``sum w = rank(K)``; equivalently ``w`` is the vector of
@@ -55,7 +57,8 @@ class LewisWeights:
 
 
 def lewis_constant(p: float, rank: int) -> float:
-    """``c_p = rank^max(0, p/2 - 1)``: sensitivities are at most ``c_p`` times the Lewis weights (ALGORITHMS.md §2)."""
+    """``c_p = rank^max(0, p/2 - 1)``: sensitivities are at most ``c_p`` times the Lewis weights
+    (docs/theory.md, "General p", proof 12)."""
     return float(max(int(rank), 1)) ** max(0.0, p / 2.0 - 1.0)
 
 
@@ -94,7 +97,7 @@ def _log_leverage(Y: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
     *relative* error even when it is tiny (``||Q_j||^2`` would only be accurate in absolute terms), which
     keeps the log-space iteration accurate for large ``p``.  ``R`` comes from the Cholesky factor of the Gram
     matrix (BLAS-3, fast) when it is well-conditioned, else from a QR of ``Z`` (run single-threaded: tall
-    skinny multithreaded QR is 20x slower on the reference machine, ECOSYSTEM.md).
+    skinny multithreaded QR is 20x slower on the reference machine).
     """
     scale = np.exp(log_scale - log_scale.max())
     Z = Y * scale[:, None]
@@ -170,7 +173,7 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
     coordinates of its column space.  The Lewis map is ``T(w)_j = tau_j(W^(1/2-1/p) K)^(p/2) w_j^(1-p/2)``;
     its fixed point is the Lewis weights.  The iteration runs in log space,
     ``log w <- log w + eta (log T(w) - log w)`` with ``eta = 4 / (p + 2)``.  ``eta = 1`` is the Cohen–Peng
-    iteration (a contraction with rate ``|1 - p/2|`` for ``p < 4``, ALGORITHMS.md §6); linearising at the
+    iteration (a contraction with rate ``|1 - p/2|`` for ``p < 4``); linearising at the
     fixed point, the Jacobian of ``log T`` has eigenvalues in ``[min(0, 1 - p/2), max(0, 1 - p/2)]`` (it is
     ``(1 - p/2) I + (p/2) D`` with ``D = (1 - 2/p)(I - H)``, ``H`` stochastic), so ``eta = 4/(p+2)`` makes
     the local rate ``|p - 2| / (p + 2) < 1`` for every ``p`` (p = 3: 0.2, p = 6: 0.5).  A step that would
@@ -235,8 +238,9 @@ def sensitivity_bounds(K: Any, p: float, *, tol: float = 1e-10) -> np.ndarray:
     """Proven upper bounds ``b_j >= s_j`` on the ``|x|^p``-sensitivities of the rows of ``K``.
 
     ``b_j = min(1, c_p * w_j * exp(err))`` with ``w`` the Lewis weights, ``c_p = rank^max(0, p/2-1)``
-    (ALGORITHMS.md §2) and ``err`` the a-posteriori bound on the weights' log error, so rounding of the
-    iteration can only raise a bound.  For p = 2 these are the leverage scores (to ``tol``).
+    (docs/theory.md, "General p", proof 12) and ``err`` the a-posteriori bound on the weights' log
+    error, so rounding of the iteration can only raise a bound.  For p = 2 these are the leverage
+    scores (to ``tol``).
 
     Parameters
     ----------

@@ -1,4 +1,8 @@
-"""``OnlineLeverageSampler``: online row sampling by ridge leverage scores (a spectral coreset, ALGORITHMS.md §5)."""
+"""``OnlineLeverageSampler``: online row sampling by ridge leverage scores (a spectral coreset).
+
+Cohen, Musco and Pachocki, *Online Row Sampling* (APPROX 2016); usage in docs/general-p.md,
+"Online leverage-score sampling".
+"""
 
 from __future__ import annotations
 

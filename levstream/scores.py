@@ -39,8 +39,9 @@ def leverage_scores(K: Any) -> np.ndarray:
     """
     K = as_matrix(K, "K")
     n, d = K.shape
-    # tau is invariant under column scaling (ALGORITHMS.md §2): decide the rank on the column-equilibrated
-    # matrix, so that a direction carried only by tiny entries is not mistaken for rounding noise.
+    # tau is invariant under column scaling (docs/theory.md, "Proofs", 4): decide the rank on the
+    # column-equilibrated matrix, so that a direction carried only by tiny entries is not mistaken
+    # for rounding noise.
     col_max = np.abs(K).max(axis=0)
     live = col_max > 0
     if not live.any():
@@ -62,7 +63,7 @@ def approx_leverage_scores(K: Any, *, rng: Any = None, oversampling: float = 20.
                            return_bounds: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leverage scores of a tall ``K`` from a CountSketch, with certified lower and upper bounds.
 
-    Drineas–Magdon-Ismail–Mahoney–Woodruff (ALGORITHMS.md §4): a CountSketch ``S`` with
+    Drineas–Magdon-Ismail–Mahoney–Woodruff (JMLR 2012): a CountSketch ``S`` with
     ``r = ceil(oversampling * d * (d + 1))`` rows (one nonzero ``±1`` per column, cost ``O(nnz(K))``) gives
     ``R`` from ``qr(S K)``; then ``Y = K R^-1`` is nearly orthonormal and ``tau~_j = ||y_j||^2``.  The sketch
     is a ``(1 ± eta)`` subspace embedding with probability at least ``1 - 1/(oversampling eta^2)``

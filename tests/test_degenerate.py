@@ -1,5 +1,5 @@
-"""Degenerate fixtures (STYLE.md, ALGORITHMS.md §8): the tight d/eps construction, duplicates, zero rows,
-rank-deficient keys and prefixes, kappa(K) = 1e7, float32 input, values near 1e±150."""
+"""Degenerate fixtures (docs/theory.md, "Numerics"): the tight d/eps construction, duplicates, zero
+rows, rank-deficient keys and prefixes, kappa(K) = 1e7, float32 input, values near 1e±150."""
 
 from __future__ import annotations
 
@@ -185,9 +185,10 @@ def test_row_outside_the_current_span_scores_one():
 @pytest.mark.parametrize("rank_deficient", [False, True])
 @pytest.mark.parametrize("tiny", [1e-20, 1e-68])
 def test_key_alone_in_a_direction_at_a_tiny_scale_is_heavy(tiny, rank_deficient):
-    """tau is invariant under scaling a column (ALGORITHMS.md §2): a key that alone carries direction e1 has
-    tau = 1 however small its entry, and the query e1 sees A = 1 on it in the dense attention.  A rank
-    tolerance relative to sigma_max over *all* columns would call it numerically zero and lose it."""
+    """tau is invariant under scaling a column (docs/theory.md, "Proofs", 4): a key that alone
+    carries direction e1 has tau = 1 however small its entry, and the query e1 sees A = 1 on it in
+    the dense attention.  A rank tolerance relative to sigma_max over *all* columns would call it
+    numerically zero and lose it."""
     d = 3 if rank_deficient else 2  # a zero column makes the keys rank-deficient (R-factor path)
     K = np.zeros((6, d))
     K[[0, 2, 3, 4, 5], 1] = [1.0, 2.0, -1.0, 0.5, 3.0]

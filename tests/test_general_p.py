@@ -170,8 +170,9 @@ def test_coreset_sketch_chunking_and_row_updates_are_invariant() -> None:
 @pytest.mark.parametrize("p", (1.0, 3.0))
 @pytest.mark.parametrize("seed", CORESET_SEEDS)
 def test_coreset_tight_construction(p: float, seed: int) -> None:
-    # ALGORITHMS.md §2 tight example: d orthogonal directions, each repeated m times, hidden in a stream of
-    # small noise keys; the query along a direction makes each copy carry A ~ 1/m
+    # tight example (docs/theory.md, "Proofs", 2): d orthogonal directions, each repeated m times,
+    # hidden in a stream of small noise keys; the query along a direction makes each copy carry
+    # A ~ 1/m
     d, m = 4, 20
     rng = np.random.default_rng(seed)
     K = np.vstack([np.repeat(np.eye(d), m, axis=0) * 10.0, rng.standard_normal((20_000, d)) * 1e-3])
@@ -200,7 +201,7 @@ def test_coreset_large_p_keeps_dominant_keys(p: float) -> None:
 
 def test_coreset_queries_are_scale_free_without_overflow() -> None:
     # A is invariant under scaling keys; |x|^20 of keys scaled by 1e14 overflows and by 1e-20 underflows
-    # float64 unless queries are rescaled (ALGORITHMS.md §8 pitfall)
+    # float64 unless queries are rescaled (docs/theory.md, "General p", proof 15)
     K = heavy_tailed_keys(3000, 4, seed=0)
     Q = np.vstack([K[:5], np.random.default_rng(0).standard_normal((5, 4))])
     A = dense_values(Q, K, 20.0)

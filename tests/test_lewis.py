@@ -26,9 +26,9 @@ def _lewis_reference(K: np.ndarray, p: float) -> np.ndarray:
     """Lewis weights as the root of their defining equations, by Newton's method in 40-digit arithmetic.
 
     Independent of the library's fixed-point iteration: unknowns ``u = log w``, equations
-    ``u_j = (p/2) log(k_j^T (K^T W^(1-2/p) K)^-1 k_j)`` (the definition, ALGORITHMS.md §2), solved by
-    mpmath's multidimensional Newton from the leverage scores.  The root is unique (Lewis), so a converged
-    Newton iterate to 1e-30 is the answer.
+    ``u_j = (p/2) log(k_j^T (K^T W^(1-2/p) K)^-1 k_j)`` (the definition, docs/theory.md,
+    "General p"), solved by mpmath's multidimensional Newton from the leverage scores.  The root is
+    unique (Lewis), so a converged Newton iterate to 1e-30 is the answer.
     """
     mp = pytest.importorskip("mpmath", reason="mpmath provides the high-precision Lewis reference")
     mp.mp.dps = 40

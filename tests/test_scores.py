@@ -43,7 +43,8 @@ def test_leverage_scores_invariant_under_invertible_column_transform():
 
 
 def test_leverage_scores_invariant_under_extreme_column_scaling():
-    """tau(K D) = tau(K) for any invertible diagonal D, even when D spans 1e-60 .. 1e60 (ALGORITHMS.md §2)."""
+    """tau(K D) = tau(K) for any invertible diagonal D, even when D spans 1e-60 .. 1e60
+    (docs/theory.md, "Proofs", 4)."""
     K = heavy_tailed_keys(300, 6, seed=10)
     D = np.array([1e-60, 1e-20, 1.0, 1e3, 1e30, 1e60])
     np.testing.assert_allclose(ls.leverage_scores(K * D), ls.leverage_scores(K), rtol=1e-9)
@@ -96,7 +97,8 @@ def test_exact_sensitivities_p2_equal_leverage_scores():
 
 
 def test_attention_never_exceeds_leverage_score():
-    """The fact the universal set rests on: A[i, j] <= tau_j for every query (ALGORITHMS.md §1)."""
+    """The fact the universal set rests on: A[i, j] <= tau_j for every query
+    (docs/theory.md, "Proofs", 1)."""
     K = heavy_tailed_keys(300, 5, seed=8)
     Q = np.random.default_rng(9).standard_normal((200, 5))
     A = naive.dense_attention(Q, K)

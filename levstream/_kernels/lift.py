@@ -1,4 +1,8 @@
-"""Symmetric degree-2 lifting of rows: ``<phi(x), phi(y)> = <x, y>^2`` (ALGORITHMS.md §6, even p)."""
+"""Symmetric degree-2 lifting of rows: ``<phi(x), phi(y)> = <x, y>^2``.
+
+Used for exact p = 4 and the moment state of values (docs/theory.md, "General p", proof 16, and
+"Values and exact outputs").
+"""
 
 from __future__ import annotations
 
