@@ -5,14 +5,15 @@ Everything here is deliberately simple and independent of the sketch code paths.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from ._validation import as_matrix, check_eps, check_p
 from .results import HeavyEntries
 
-__all__ = ["heavy_entries_dense", "dense_attention", "exact_sensitivities", "check_sketch_contract"]
+__all__ = ["check_sketch_contract", "dense_attention", "exact_sensitivities", "heavy_entries_dense"]
 
 
 def dense_attention(Q: Any, K: Any, *, p: float = 2) -> np.ndarray:
@@ -78,7 +79,7 @@ def exact_sensitivities(K: Any, *, p: float = 2, n_starts: int = 64, rng: Any = 
     gen = np.random.default_rng(rng)
     out = np.zeros(n)
     for j in range(n):
-        def neg(q: np.ndarray) -> float:
+        def neg(q: np.ndarray, j: int = j) -> float:
             num = abs(K[j] @ q) ** p
             den = float(np.sum(np.abs(K @ q) ** p))
             return -num / den if den > 0 else 0.0
@@ -92,48 +93,194 @@ def exact_sensitivities(K: Any, *, p: float = 2, n_starts: int = 64, rng: Any = 
     return out
 
 
-def check_sketch_contract(make: Callable[[], Any], K: np.ndarray, Q: np.ndarray, *, rng: Any = 0) -> None:
+#: Tie band of the contract (docs/theory.md, "The guarantee"): entries whose value is within this
+#: relative distance of eps may go either way; exact values equal the dense values to this rtol.
+_TIE_RTOL = 1e-9
+_VALUE_RTOL = 1e-9
+
+
+def _require(condition: Any, message: str) -> None:
+    """``assert`` that survives ``python -O``: the checker is a library function, not a test."""
+    if not condition:
+        raise AssertionError(message)
+
+
+def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any = 0,
+                          delta: float | None = None) -> None:
     """Assert the mergeable-sketch contract on keys ``K`` for sketches built by ``make()``.
 
-    Checks: chunking invariance, ``update`` vs ``update_many``, merge in two orders equals one stream,
-    merging an empty sketch is the identity, a bytes round trip followed by more updates equals a sketch
-    that was never serialized, and copies are independent.  Raises ``AssertionError`` on the first failure.
+    Every answer is compared with brute force over the keys (:func:`dense_attention`), not only
+    with the answers of other sketches.  Works for :class:`~levstream.KeySketch` (``K`` of shape
+    ``(n, d)``, ``Q`` of shape ``(m, d)``) and :class:`~levstream.MultiHeadKeySketch` (``K`` of
+    shape ``(n_heads, n, d)``, ``Q`` of shape ``(n_heads, m, d)``; every head is checked), for
+    every ``p`` and every normaliser summary.
+
+    Parameters
+    ----------
+    make : callable
+        Returns a new, empty sketch (the same configuration, and seed, on every call).
+    K, Q : array_like
+        Keys and queries (small: the reference is dense, ``m x n`` per head).
+    rng : int or numpy.random.Generator, default 0
+        Seeds the random chunk boundaries.
+    delta : float, optional
+        The distortion of an approximate (coreset) normaliser; when given, every returned entry
+        must also have a true value of at least ``eps (1 - delta)^2``.
+
+    Raises
+    ------
+    AssertionError
+        On the first violation, naming the check, the head and how the sketch was fed.
+
+    Notes
+    -----
+    The sketch of all keys is built in several ways: one chunk, random chunks, rows then a chunk,
+    two shards (``offset=``) merged in both orders, merged with an empty sketch, restored from
+    bytes mid-stream and fed on.  Each must satisfy, against brute force:
+
+    * no false negatives: every dense entry ``A >= eps`` is returned and its key is in the
+      universal set;
+    * exact sketches (results without ``lower``/``upper``): no entry below ``eps`` outside the
+      tie band (``1e-9`` relative), values to ``rtol = 1e-9``, exact ``top_k`` values, and every
+      way of feeding gives the same universal set and entries;
+    * approximate sketches: every returned entry's true value lies in ``[lower, upper]``.
+
+    Also: a query (``heavy_entries``, ``normalizer``, ``universal_set``, ``top_k``) leaves
+    ``to_bytes()`` unchanged, an empty chunk is a no-op, a chunk holding a NaN raises
+    ``ValueError`` and leaves ``to_bytes()`` unchanged, and a copy is independent of its original.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> from levstream.testing import check_sketch_contract
+    >>> rng = np.random.default_rng(0)
+    >>> K = rng.standard_normal((600, 4)) * (1.0 + rng.pareto(2.0, size=(600, 1)))
+    >>> Q = np.vstack([rng.standard_normal((4, 4)), K[:3]])
+    >>> check_sketch_contract(lambda: ls.KeySketch(4, eps=0.05, block_rows=64), K, Q)
+    >>> check_sketch_contract(lambda: ls.MultiHeadKeySketch(2, 4, eps=0.05), np.stack([K, -K]),
+    ...                       np.stack([Q, Q]))
     """
     gen = np.random.default_rng(rng)
-    n = K.shape[0]
+    probe = make()
+    multi = hasattr(probe, "n_heads")
+    K = np.asarray(K, dtype=np.float64)
+    Q = np.asarray(Q, dtype=np.float64)
+    if not multi:  # one head: give the data the head axis of the multi-head case
+        K, Q = K[None], Q[None]
+    H, n, _ = K.shape
+    eps, p = probe.eps, probe.p
+    dense = [dense_attention(Q[h], K[h], p=p) for h in range(H)]
 
-    def answer(sk: Any) -> tuple:
-        return (sk.universal_set().ids.tolist(), sorted(sk.heavy_entries(Q).as_set()), sk.n)
+    def take(X: np.ndarray) -> np.ndarray:  # data as the sketch takes it
+        return X if multi else X[0]
 
-    one = make().update_many(K)
-    ref = answer(one)
+    def per_head(result: Any) -> list:
+        return list(result) if multi else [result]
 
-    cuts = np.sort(gen.choice(np.arange(1, n), size=min(5, n - 1), replace=False))
+    def fed(sk: Any, X: np.ndarray, **ids: Any) -> Any:
+        sk.update_many(take(X), **ids)
+        return sk
+
+    def check(sk: Any, what: str) -> tuple:
+        """Compare ``sk`` with brute force; return its answers for the exact-mode comparisons."""
+        _require(sk.n == n, f"{what}: n = {sk.n}, but {n} keys were fed")
+        hits, sets = per_head(sk.heavy_entries(take(Q))), per_head(sk.universal_set())
+        _require(len(hits) == len(sets) == H, f"{what}: expected one answer per head ({H})")
+        answer, exact = [], True
+        for h in range(H):
+            where = f"{what}, head {h}"
+            A, got = dense[h], hits[h]
+            rows, keys = got.rows(), got.key_ids
+            known = keys.size == 0 or (keys.min() >= 0 and keys.max() < n)
+            _require(known, f"{where}: key ids never fed were returned")
+            true = A[rows, keys]
+            must = set(zip(*(ix.tolist() for ix in np.nonzero(A >= eps * (1 + _TIE_RTOL)))))
+            missed = sorted(must - set(zip(rows.tolist(), keys.tolist())))
+            _require(not missed, f"{where}: missed {len(missed)} of {len(must)} heavy entries "
+                                 f"(query row, key id), e.g. {missed[:5]}")
+            needed = {k for _, k in must} - set(sets[h].ids.tolist())
+            _require(not needed, f"{where}: keys of heavy entries missing from the universal set: "
+                                 f"{sorted(needed)[:5]}")
+            if got.lower is None:
+                low = true < eps * (1 - _TIE_RTOL)
+                _require(not low.any(), f"{where}: {int(low.sum())} entries returned below eps")
+                _require(np.allclose(got.values, true, rtol=_VALUE_RTOL, atol=0.0),
+                         f"{where}: values differ from the dense values")
+            else:
+                exact = False
+                slack = 1 + _VALUE_RTOL
+                _require(np.all(got.lower <= true * slack) and np.all(true <= got.upper * slack),
+                         f"{where}: a true value lies outside its [lower, upper] bounds")
+                if delta is not None:
+                    floor = eps * (1 - delta) ** 2 * (1 - _TIE_RTOL)
+                    _require(np.all(true >= floor),
+                             f"{where}: an entry's true value is below eps (1 - delta)^2")
+            answer.append((sets[h].ids.tolist(), sorted(got.as_set())))
+        return tuple(answer) if exact else ()
+
+    one = fed(make(), K)
+    ref = check(one, "one chunk")
+
+    cuts = np.sort(gen.choice(np.arange(1, n), size=min(5, n - 1), replace=False)) if n > 1 else []
     chunked = make()
-    for part in np.split(K, cuts):
-        chunked.update_many(part)
-    assert answer(chunked) == ref, "chunking changed the answer"
+    for part in np.split(K, cuts, axis=1):
+        fed(chunked, part)
+    _require(check(chunked, "random chunks") == ref, "chunking changed the answer")
 
     rows = make()
     head = min(n, 300)
-    for x in K[:head]:
-        rows.update(x)
-    rows.update_many(K[head:]) if head < n else None
-    assert answer(rows) == ref, "update vs update_many changed the answer"
+    for i in range(head):
+        rows.update(take(K[:, i]))
+    fed(rows, K[:, head:])
+    _require(check(rows, "rows then a chunk") == ref, "update vs update_many changed the answer")
 
     mid = n // 2
-    a = make().update_many(K[:mid])
-    b = make().update_many(K[mid:], offset=mid)
-    assert answer(a.copy().merge(b)) == ref, "merge a+b differs from one stream"
-    assert answer(b.copy().merge(a)) == ref, "merge b+a differs from one stream"
-    assert answer(one.copy().merge(make())) == ref, "merging an empty sketch changed the answer"
+    a, b = fed(make(), K[:, :mid]), fed(make(), K[:, mid:], offset=mid)
+    _require(check(a.copy().merge(b), "merge a + b") == ref, "merge a + b differs from one stream")
+    _require(check(b.copy().merge(a), "merge b + a") == ref, "merge b + a differs from one stream")
+    _require(check(one.copy().merge(make()), "merged with an empty sketch") == ref,
+             "merging an empty sketch changed the answer")
 
-    part = make().update_many(K[:mid])
-    restored = type(part).from_bytes(part.to_bytes())
-    restored.update_many(K[mid:])
-    assert answer(restored) == ref, "bytes round trip then more updates differs"
+    restored = type(a).from_bytes(a.to_bytes())
+    fed(restored, K[:, mid:])
+    _require(check(restored, "restored from bytes, then fed") == ref,
+             "bytes round trip then more updates differs")
 
-    original = make().update_many(K[:mid])
-    clone = original.copy()
-    clone.update_many(K[mid:], offset=mid)
-    assert original.n == mid, "updating a copy changed the original"
+    clone = a.copy()
+    fed(clone, K[:, mid:], offset=mid)
+    _require(a.n == mid, "updating a copy changed the original")
+
+    fresh = make()  # never queried: fed in random chunks, rows wait in the input buffer
+    for part in np.split(K, cuts, axis=1):
+        fed(fresh, part)
+    state = fresh.to_bytes()
+    queries = {"heavy_entries": lambda sk: sk.heavy_entries(take(Q)),
+               "normalizer": lambda sk: sk.normalizer(take(Q)),
+               "universal_set": lambda sk: sk.universal_set(),
+               "top_k": lambda sk: sk.top_k(take(Q), 2)}
+    for name, query in queries.items():
+        sk = type(chunked).from_bytes(state)
+        query(sk)
+        _require(sk.to_bytes() == state, f"{name} changed the sketch (to_bytes() differs after it)")
+
+    sk = type(chunked).from_bytes(state)
+    fed(sk, K[:, :0])
+    _require(sk.to_bytes() == state, "an empty chunk changed the sketch")
+    bad = K[:, :3].copy()
+    bad[:, 1, 0] = np.nan
+    try:
+        fed(sk, bad)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("a chunk holding a NaN was accepted")
+    _require(sk.to_bytes() == state, "a rejected chunk changed the sketch")
+
+    if ref != ():  # exact sketches: the top-k values are the dense values of the returned keys
+        for h, top in enumerate(per_head(one.top_k(take(Q), 2))):
+            ids = np.asarray(top.key_ids)
+            live = ids >= 0
+            true = np.take_along_axis(dense[h], np.where(live, ids, 0), axis=1)
+            vals = np.asarray(top.values)[live]
+            close = np.allclose(vals, true[live], rtol=_VALUE_RTOL, atol=0.0)
+            _require(close, f"top_k, head {h}: values differ from the dense values")
