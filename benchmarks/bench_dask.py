@@ -36,9 +36,9 @@ import tempfile
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
 
 import levstream as ls
+from levstream._threads import blas_threads, capped_threads, describe_threads
 from levstream._tree import merge_group, sketch_partition
 from levstream.synthetic import attention_like_keys
 
@@ -63,18 +63,11 @@ def generate_partition(rows: int, dim: int, seed: int) -> np.ndarray:
     return np.vstack(list(PartitionKeys(rows, dim, seed)))
 
 
-def blas_threads() -> str:
-    return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info() if i["user_api"] == "blas")
-
-
 def machine() -> str:
-    import numba
-
-    numba.get_num_threads()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
             f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start; Python "
-            f"{platform.python_version()}, NumPy {np.__version__}, numba threading layer "
-            f"{numba.threading_layer()}; BLAS in the client: {blas_threads()}")
+            f"{platform.python_version()}, NumPy {np.__version__}; threads in the client: "
+            f"{describe_threads()}")
 
 
 #: Pause before every timed build (s).  OpenBLAS worker threads keep spinning for a while (~0.1 s) after a
@@ -189,7 +182,7 @@ def thread_pool_builds(source, eps: float, reps: int, reference: bool) -> dict:
     ids = {}
 
     def run(key: str, n_jobs: int, blas: int | None) -> None:
-        with threadpool_limits(limits=blas, user_api="blas"):
+        with capped_threads(blas):  # None: the default budget
             t, c, sk = timed(lambda: ls.build_sketch(source, eps=eps, n_jobs=n_jobs))
             cpu[key].append(c)
         times[key].append(t)
@@ -208,7 +201,7 @@ def tree_costs(path: str, parts: int, eps: float, split_every: int) -> dict:
     """Partition sketches built in-process, then the merge nodes of the tree timed one by one."""
     K = np.load(path, mmap_mode="r")
     rows = K.shape[0] // parts
-    with threadpool_limits(limits=1, user_api="blas"):
+    with capped_threads(1):
         leaves = [sketch_partition((K[i * rows:(i + 1) * rows],), i * rows, i, dim=K.shape[1], eps=eps, p=2,
                                    options={}) for i in range(parts)]
         sizes = [len(sk.to_bytes()) for sk in leaves]

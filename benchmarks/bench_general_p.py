@@ -2,8 +2,8 @@
 recall, and exact p = 4 (lifted Gram) build vs the Gram-only time of the lifted rows.
 
 Every figure is a ratio against a baseline measured in the same process (the machine is shared and noisy).
-BLAS runs single-threaded (threadpoolctl) for both sides: multithreaded OpenBLAS on tall-skinny products is
-erratic on the 2-core reference machine (ECOSYSTEM.md).
+BLAS, OpenMP and numba run single-threaded for both sides (``capped_threads(1)``): multithreaded OpenBLAS on
+tall-skinny products is erratic on the 2-core reference machine.
 
     python benchmarks/bench_general_p.py            # sizes of the issue (n = 10^6, a few minutes)
     python benchmarks/bench_general_p.py --quick    # n = 10^5, a smoke run
@@ -17,15 +17,11 @@ import sys
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
 
 import levstream as ls
+from levstream._threads import capped_threads, describe_threads
 from levstream.summaries.lifted import lift
 from levstream.synthetic import attention_like_keys, attention_like_queries
-
-
-def blas_threads() -> str:
-    return ", ".join(f"{i['internal_api']}={i['num_threads']}" for i in threadpool_info())
 
 
 def timed(fn) -> tuple[float, object]:
@@ -144,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     n_large = 100_000 if args.quick else 1_000_000
     n_small = 20_000 if args.quick else 100_000
-    with threadpool_limits(1):
+    with capped_threads(1, user_api=None):
         print(f"# bench_general_p  python {platform.python_version()}  numpy {np.__version__}  "
-              f"BLAS threads: {blas_threads()}  command: {' '.join(sys.argv)}")
+              f"threads: {describe_threads()}  command: {' '.join(sys.argv)}")
         print("| p | d | n | eps | build / Gram-only | coreset rows | candidates | retained n / n_small "
               "| rounds | query speed-up vs dense | recall | min returned / eps (floor) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import numba
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
 
 import levstream as ls
+from levstream._threads import capped_threads, describe_threads
 from levstream.attention import selection_scores
 
 
@@ -52,14 +51,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.n, args.repeat = [512], 2
-    numba.set_num_threads(1)
     rng = np.random.default_rng(0)
-    print(f"BLAS: {[(i['internal_api'], i['num_threads']) for i in threadpool_info()]} -> limited to 1 thread; "
-          f"numba threads 1")
+    with capped_threads(1, user_api=None):
+        print(f"threads (limited to 1): {describe_threads()}")
     print("| n | heads x d | k | dense softmax (s) | lev_attention (s) | of which selection (s) | speed-up | "
           "max diff vs NumPy on the same keys |")
     print("|---|---|---|---|---|---|---|---|")
-    with threadpool_limits(1):
+    with capped_threads(1, user_api=None):
         for n in args.n:
             Q, K, V = rng.standard_normal((3, args.heads, n, args.dim))
             ls.lev_attention(Q[:, :8], K[:, :8], V[:, :8], top_k=4)  # JIT warm-up

@@ -41,14 +41,15 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info
 
 import levstream as ls
+from levstream._threads import capped_threads
 from levstream.synthetic import attention_like_keys, attention_like_queries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,25 +93,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-@contextmanager
-def blas_threads(limit: int | None) -> Iterator[None]:
-    """BLAS, OpenMP (numpy, scipy, faiss) and numba threads limited to ``limit``; ``None``: the defaults.
+def thread_setting(limit: int | None) -> AbstractContextManager[Any]:
+    """BLAS, OpenMP (numpy, scipy, faiss), numba and levstream threads limited to ``limit``; ``None``: the
+    defaults.
 
     numba is included because on a loaded machine its parallel kernels, like multithreaded BLAS, can be
     orders of magnitude slower than one thread (measured here: 0.5 ms vs 100-500 ms for the same query).
     """
-    if limit is None:
-        yield
-        return
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(limit, numba.config.NUMBA_NUM_THREADS))
-    try:
-        with threadpool_limits(limits=limit):
-            yield
-    finally:
-        numba.set_num_threads(before)
+    return nullcontext() if limit is None else capped_threads(limit, user_api=None)
 
 
 def thread_label(limit: int | None) -> str:
@@ -184,7 +174,7 @@ def best_time(fn: Callable[[], Any], repeats: int) -> tuple[float, int | None, A
     best, best_setting, out = np.inf, None, None
     for limit in THREAD_SETTINGS:
         for _ in range(repeats):
-            with blas_threads(limit):
+            with thread_setting(limit):
                 t0 = time.perf_counter()
                 out = fn()
                 dt = time.perf_counter() - t0
@@ -227,7 +217,7 @@ def bench_build(cfg: dict[str, Any]) -> list[dict[str, Any]]:
             u_size = None
             for limit in THREAD_SETTINGS:
                 for _ in range(cfg["build_repeats"]):
-                    with blas_threads(limit):
+                    with thread_setting(limit):
                         t_gram, t_sketch, u_size = interleaved_pass(n, dim)
                     key = thread_label(limit)
                     times["gram"][key] = min(times["gram"].get(key, np.inf), t_gram)
@@ -417,7 +407,7 @@ def bench_usize(cfg: dict[str, Any], dim: int = 64) -> dict[str, Any]:
     counts = {}
     for n in cfg["usize_n"]:
         sk = ls.KeySketch(dim, eps=eps_grid[0])
-        with blas_threads(1):  # not timed; one thread is fastest on a loaded machine
+        with thread_setting(1):  # not timed; one thread is fastest on a loaded machine
             for chunk in attention_like_keys(n, dim, seed=SEED):
                 sk.update_many(chunk)
         scores = sk.universal_set().scores
@@ -677,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.memory_child is not None:
-        with blas_threads(1):  # memory does not depend on threads; one thread is fastest on a loaded box
+        with thread_setting(1):  # memory does not depend on threads; one thread is fastest on a loaded box
             print(json.dumps(memory_child(args.memory_child, args.dim)))
         return 0
 

@@ -16,6 +16,7 @@ from .scores import approx_leverage_scores, leverage_scores, universal_set
 from .sketch import KeySketch, load
 from .build import build_sketch
 from .multihead import MultiHeadKeySketch
+from ._threads import get_num_threads, set_num_threads
 
 __all__ = [
     "KeySketch",
@@ -32,6 +33,8 @@ __all__ = [
     "UniversalSet",
     "HeavyEntries",
     "TopK",
+    "set_num_threads",
+    "get_num_threads",
     "testing",
     "__version__",
 ]

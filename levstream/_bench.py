@@ -3,21 +3,18 @@
 Each point streams ``n`` synthetic attention-like keys (:mod:`levstream.synthetic`) and measures, in the
 same process and on the same chunks, the sketch build against the Gram-only floor ``G += X.T @ X``, and
 ``heavy_entries`` against blocked dense NumPy (:class:`DenseScan`: ``Q @ X.T`` per block of keys, power,
-normalise, threshold).  The dense answer is also the oracle: every point reports recall and precision.  BLAS and numba
-are limited to one thread (:func:`single_threaded`): one core against one core, and tall-skinny products
-are erratic with more threads on small shared machines.
+normalise, threshold).  The dense answer is also the oracle: every point reports recall and precision.
+BLAS, OpenMP and numba are limited to one thread (:func:`levstream._threads.capped_threads`): one core
+against one core, and tall-skinny products are erratic with more threads on small shared machines.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
-
-import numba
 import numpy as np
 
+from ._threads import capped_threads
 from .results import HeavyEntries
 
 #: Key rows per block of the dense baseline: its score matrix is (queries x DENSE_CHUNK_ROWS).
@@ -84,20 +81,6 @@ def compare(got: HeavyEntries, truth: HeavyEntries) -> tuple[float, float, float
     return recall, precision, err
 
 
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """One BLAS thread and one numba thread in the calling thread, restored on exit."""
-    from threadpoolctl import threadpool_limits
-
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        numba.set_num_threads(previous)
-
-
 def warm_up(dim: int, eps: float, p: float) -> None:
     """Compile (or load from cache) every numba kernel the build and query paths use."""
     from .sketch import KeySketch
@@ -131,7 +114,7 @@ def measure(n: int, dim: int, eps: float, p: float, n_queries: int, seed: int,
     chunks = list(attention_like_keys(n, dim, seed=seed, chunk_rows=chunk_rows))
     Q = attention_like_queries(n_queries, dim, seed=seed + 1, key_seed=seed)
     K = np.concatenate(chunks)
-    with single_threaded():
+    with capped_threads(1, user_api=None):
         build_s = gram_s = query_s = dense_s = np.inf
         for _ in range(repeat):
             t0 = time.perf_counter()
@@ -158,7 +141,7 @@ def measure(n: int, dim: int, eps: float, p: float, n_queries: int, seed: int,
 def run_bench(sizes: list[int], dim: int, eps: float, p: float, n_queries: int, seed: int,
               repeat: int) -> list[BenchPoint]:
     """Measure every size in ``sizes`` after one warm-up of the numba kernels."""
-    with single_threaded():
+    with capped_threads(1, user_api=None):
         warm_up(dim, eps, p)
     return [measure(n, dim, eps, p, n_queries, seed, repeat=repeat) for n in sizes]
 

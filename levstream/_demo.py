@@ -27,10 +27,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numba
 import numpy as np
 
 from ._format import format_bytes, print_table
+from ._threads import capped_threads, numba_turn
 from .results import HeavyEntries
 
 #: Rows per generated chunk (16 MiB at d = 64): measured here, 8192 rows gave a build / Gram-only ratio of
@@ -70,27 +70,28 @@ def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.nda
     Each worker also accumulates the Gram matrix of its chunks (the Gram-only baseline, and an independent
     Gram matrix for the check); their sum is returned with the sketches and the per-shard CPU times.
     """
-    from ._tree import numba_turn
 
     seeds = np.random.SeedSequence(args.seed).spawn(args.shards)  # per-shard sampling seeds (p != 2)
     queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(args.shards)]
 
     def work(shard: int) -> tuple[Any, np.ndarray, ShardTimes]:
-        numba.set_num_threads(1)  # per thread: the shards are the parallelism
         sketch = _shard_sketch(args, np.random.default_rng(seeds[shard]))
         G = np.zeros((args.dim, args.dim))
         times = ShardTimes()
-        while (item := queues[shard].get()) is not None:
-            index, X = item
-            with numba_turn():  # threads take turns only under numba's non-thread-safe workqueue layer
-                t0 = time.thread_time()  # CPU time of this thread: waiting for the GIL or a core is not counted
-                sketch.update_many(X, offset=index * CHUNK_ROWS)
-                t1 = time.thread_time()
-            G += X.T @ X
-            t2 = time.thread_time()
-            times.sketch_s += t1 - t0
-            times.gram_s += t2 - t1
-            bar.update(X.shape[0])
+        with capped_threads(1):  # numba's limit is per thread: the shards are the parallelism
+            while (item := queues[shard].get()) is not None:
+                index, X = item
+                # threads take turns only under numba's non-thread-safe workqueue layer; CPU time of
+                # this thread: waits for the GIL or a core are not counted
+                with numba_turn():
+                    t0 = time.thread_time()
+                    sketch.update_many(X, offset=index * CHUNK_ROWS)
+                    t1 = time.thread_time()
+                G += X.T @ X
+                t2 = time.thread_time()
+                times.sketch_s += t1 - t0
+                times.gram_s += t2 - t1
+                bar.update(X.shape[0])
         return sketch, G, times
 
     with ThreadPoolExecutor(max_workers=args.shards) as pool:
@@ -189,7 +190,7 @@ def run_demo(args: argparse.Namespace) -> bool:
     from tqdm.auto import tqdm
 
     from . import __version__
-    from ._bench import single_threaded, warm_up
+    from ._bench import warm_up
     from .sketch import KeySketch
     from .synthetic import attention_like_queries
 
@@ -198,7 +199,7 @@ def run_demo(args: argparse.Namespace) -> bool:
     print(f"  {args.shards} shards (threads) fed from one generator; BLAS and numba: 1 thread per shard")
     bar_args = dict(total=args.n, unit=" keys", unit_scale=True, disable=args.quiet, leave=False,
                     dynamic_ncols=True)
-    with single_threaded():
+    with capped_threads(1, user_api=None):
         warm_up(args.dim, args.eps, args.p)
         t0 = time.perf_counter()
         with tqdm(desc="streaming keys into shards", **bar_args) as bar:

@@ -7,28 +7,15 @@ so a given partitioning gives the same leaves, the same merge tree and the same 
   ``SeedSequence.spawn``);
 * :func:`sketch_partition` feeds one partition's chunks with global ids and names the partition in any error;
 * :func:`reduce_tree` merges partitions in groups of ``split_every`` consecutive ones, level by level;
-  :func:`merge_group` is the merge done at every node of that tree;
-* :func:`capped_threads` bounds the BLAS and numba threads a task may use (the oversubscription policy),
-  :func:`numba_turn` serialises parallel kernels under numba's non-thread-safe ``workqueue`` layer.
+  :func:`merge_group` is the merge done at every node of that tree.
 
-Thread policy
--------------
-A task that runs next to ``slots`` other tasks on ``cores`` cores gets ``max(1, cores // slots)`` threads for
-BLAS and for numba, never more than the BLAS limit its process already has (distributed's nanny sets that
-to 1 per worker process).  The BLAS limit is process-wide (one OpenBLAS thread pool per process, changed by
-one thread at a time), so where several tasks share a process it is lowered once by the thread that runs
-them all (the caller of the thread pool, or of Dask's threaded scheduler) and tasks only check it; numba's
-limit is per thread and set in every task.  numba's ``workqueue`` threading layer aborts the process when
-two threads launch parallel kernels at once, so under that layer the threads of one process take turns,
-chunk by chunk (install ``tbb``, or use the default OpenMP layer, to run them side by side).
+Thread caps (the oversubscription policy, the ``workqueue`` turns) are in :mod:`levstream._threads`.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Iterable, Iterator, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -38,13 +25,6 @@ from .sketch import KeySketch
 T = TypeVar("T")
 
 _RNG_OPTIONS = ("rng", "seed")
-
-
-def available_cores() -> int:
-    """Cores this process may run on (CPU affinity where the OS reports it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -95,63 +75,6 @@ def root_options(sketch_options: dict[str, Any]) -> dict[str, Any]:
     if seed is not None:
         options["rng"] = seed
     return options
-
-
-# ---------------------------------------------------------------------------------------------- threads
-_workqueue_lock = threading.Lock()
-
-
-def blas_threads() -> int:
-    """The largest thread count of the BLAS libraries loaded in this process (0 if none is found)."""
-    from threadpoolctl import threadpool_info
-
-    return max([info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"], default=0)
-
-
-def lowered_blas(n_threads: int) -> ContextManager[Any]:
-    """Lower the process-wide BLAS thread limit to ``n_threads`` for a ``with`` block; never raise it.
-
-    OpenBLAS (pthreads) has one thread pool per process and threadpoolctl lets one thread at a time change
-    it, so this belongs in the thread that runs the whole parallel section (the caller of a thread pool), or
-    in a task that has its process to itself.  When the limit is already low enough nothing is changed.
-    """
-    from threadpoolctl import threadpool_limits
-
-    n_threads = max(1, int(n_threads))
-    if blas_threads() <= n_threads:
-        return nullcontext()
-    return threadpool_limits(limits=n_threads, user_api="blas")
-
-
-def numba_turn() -> ContextManager[Any]:
-    """Exclusive use of numba's parallel runtime when it is the non-thread-safe ``workqueue`` layer.
-
-    That layer aborts the process when two threads launch parallel kernels at once, so under it threads
-    take turns (hold this around one chunk or one task, never around a wait for another thread).  Under the
-    OpenMP or TBB layers it is a no-op.
-    """
-    import numba
-
-    numba.get_num_threads()  # launches the threading layer if needed, so that it can be named
-    return _workqueue_lock if numba.threading_layer() == "workqueue" else nullcontext()
-
-
-@contextmanager
-def capped_threads(n_threads: int) -> Iterator[None]:
-    """Run a task with at most ``n_threads`` BLAS threads (see :func:`lowered_blas`) and numba threads.
-
-    numba's limit is per thread and restored afterwards.
-    """
-    import numba
-
-    n_threads = max(1, int(n_threads))
-    previous = numba.get_num_threads()
-    with lowered_blas(n_threads):
-        numba.set_num_threads(min(n_threads, numba.config.NUMBA_NUM_THREADS))
-        try:
-            yield
-        finally:
-            numba.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------- leaves

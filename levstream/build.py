@@ -16,8 +16,9 @@ import numpy as np
 
 from ._config import default_block_rows
 from ._npyrows import NpyRows
-from ._tree import (available_cores, capped_threads, describe, feed_chunk, lowered_blas, merge_group,
-                    named_errors, new_sketch, numba_turn, partition_options, reduce_tree, root_options)
+from ._threads import capped_threads, get_num_threads, lowered_blas, numba_turn
+from ._tree import (describe, feed_chunk, merge_group, named_errors, new_sketch, partition_options,
+                    reduce_tree, root_options)
 from ._validation import as_real_array, check_int
 from .sketch import KeySketch
 
@@ -27,10 +28,10 @@ __all__ = ["build_sketch"]
 SPLIT_EVERY = 8
 
 
-#: Chunks waiting for each shard thread when the source is an iterable (bounds memory).
+#: Chunks waiting per shard thread when the source is an iterable (bounds memory).
 QUEUE_DEPTH = 2
 
-_DONE = None  # end-of-stream marker on a shard's queue
+_DONE = None  # end-of-stream marker on a shard thread's queue
 
 Chunk = tuple[int, int, Any]  # (chunk number, global id of its first row, the chunk)
 
@@ -51,8 +52,8 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     eps, p : float
         As for :class:`KeySketch`.
     n_jobs : int, optional
-        Number of shards fed in parallel by a thread pool (default ``os.cpu_count()``).  ``n_jobs=1`` is a
-        plain stream in the calling thread.
+        Number of shards, fed in parallel by at most :func:`levstream.get_num_threads` threads
+        (the default ``n_jobs``).  ``n_jobs=1`` is a plain stream in the calling thread.
     chunk_rows : int, optional
         Rows read at a time from an array or ``.npy`` source (default: one processing block, about 4 MiB:
         8192 rows for dim 64).  Iterables keep their own chunks; either way chunks are fed one processing
@@ -85,9 +86,12 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     the tree of :func:`levstream.dask.build_sketch` (groups of 8).  For p = 2 the universal set and every
     query answer are those of a single stream, whatever ``n_jobs`` and the chunking (DESIGN.md §4).
 
-    Threads.  With ``n_jobs > 1`` each shard thread is limited to ``max(1, cores // n_jobs)`` BLAS threads
-    (a process-wide limit, restored afterwards) and as many numba threads, so the build never runs more
-    threads than cores; ``n_jobs=1`` leaves the thread settings alone.
+    Threads.  The shards run on ``min(n_jobs, levstream.get_num_threads())`` threads (a thread
+    feeds its shards in turn; the shards, hence the sketch, do not depend on the thread count).
+    Each is limited to ``max(1, get_num_threads() // threads)`` BLAS threads (a process-wide
+    limit, restored afterwards) and as many numba threads, so the build never runs more threads
+    than its budget; ``n_jobs=1`` holds BLAS and numba to the budget.  No limit set by the caller
+    is raised.
 
     Examples
     --------
@@ -101,7 +105,7 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     >>> bool(np.array_equal(ls.build_sketch(chunks, eps=0.05, n_jobs=3).universal_set().ids, sk.universal_set().ids))
     True
     """
-    n_jobs = (os.cpu_count() or 1) if n_jobs is None else check_int(n_jobs, "n_jobs", minimum=1)
+    n_jobs = get_num_threads() if n_jobs is None else check_int(n_jobs, "n_jobs", minimum=1)
     offset = check_int(offset, "offset", minimum=0)
     if chunk_rows is not None:
         chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
@@ -119,10 +123,11 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     bar = _progress_bar(total) if progress else None
     try:
         if n_jobs == 1:
-            for k, start, chunk in chunks:
-                rows_fed = feed_chunk(sketch, chunk, start, "chunk", k)
-                if bar is not None:
-                    bar.update(rows_fed)
+            with capped_threads():
+                for k, start, chunk in chunks:
+                    rows_fed = feed_chunk(sketch, chunk, start, "chunk", k)
+                    if bar is not None:
+                        bar.update(rows_fed)
             return sketch
         if array is not None:
             n_shards = max(1, min(n_jobs, len(spans)))
@@ -218,27 +223,29 @@ def _progress_bar(total: int | None) -> Any:
 
 def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | None, dim: int, eps: float,
                 p: float, sketch_options: dict[str, Any], bar: Any, n_shards: int | None = None) -> KeySketch:
-    """Feed shards on a thread pool, then merge them in the shared tree.
+    """Feed shards on at most :func:`get_num_threads` threads, then merge them in the shared tree.
 
-    Either ``runs`` (one chunk iterator per shard, read by the shard's thread) or ``dealt`` (chunks read in
-    this thread and dealt round-robin to ``n_shards`` bounded queues) is given.
+    Either ``runs`` (one chunk iterator per shard, read by the thread that feeds the shard) or
+    ``dealt`` (chunks read in this thread; chunk ``k`` goes to shard ``k % n_shards``, through a
+    bounded queue to the thread that owns that shard) is given.
     """
     n_shards = len(runs) if runs is not None else int(n_shards or 1)
     sketches = [new_sketch(dim, eps, p, opts) for opts in partition_options(sketch_options, n_shards)]
-    threads = max(1, available_cores() // n_shards)
+    n_threads = min(n_shards, get_num_threads())
+    share = max(1, get_num_threads() // n_threads)  # BLAS and numba threads of each shard thread
     stop = threading.Event()
     failures: list[tuple[int, BaseException]] = []
     bar_lock = threading.Lock()
-    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_shards)] if runs is None else None
+    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_threads)] if runs is None else None
 
     def drain(q: queue.Queue) -> Iterator[Chunk]:
         while (item := q.get()) is not _DONE:
             yield item
 
-    def shard(s: int) -> None:
-        items = runs[s] if runs is not None else drain(queues[s])
+    def work(items: Iterator[Chunk], shard: int | None) -> None:
+        """Feed ``items`` to shard ``shard`` (a run), or each to shard ``k % n_shards`` (dealt)."""
         k = -1
-        with capped_threads(threads):
+        with capped_threads(share):
             while True:
                 try:  # reading is part of the shard's work: a file that ends early fails the build at once
                     item = next(items, None)
@@ -254,8 +261,9 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                         return
                     continue
                 try:
+                    target = sketches[k % n_shards if shard is None else shard]
                     with numba_turn():
-                        fed = feed_chunk(sketches[s], chunk, start, "chunk", k)
+                        fed = feed_chunk(target, chunk, start, "chunk", k)
                 except BaseException as exc:  # reported by the calling thread below
                     failures.append((k, exc))
                     stop.set()
@@ -264,14 +272,18 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                     with bar_lock:
                         bar.update(fed)
 
-    with lowered_blas(threads), ThreadPoolExecutor(max_workers=n_shards, thread_name_prefix="levstream-shard") as pool:
-        futures = [pool.submit(shard, s) for s in range(n_shards)]
-        if queues is not None:
+    with lowered_blas(share), ThreadPoolExecutor(max_workers=n_threads,
+                                                 thread_name_prefix="levstream-shard") as pool:
+        if queues is None:
+            futures = [pool.submit(work, run, s) for s, run in enumerate(runs)]
+        else:
+            futures = [pool.submit(work, drain(q), None) for q in queues]
             try:
                 for item in dealt:
                     if stop.is_set():
                         break
-                    _put(queues[item[0] % n_shards], item, futures[item[0] % n_shards])
+                    t = item[0] % n_shards % n_threads
+                    _put(queues[t], item, futures[t])
             except BaseException:
                 stop.set()
                 raise

@@ -171,12 +171,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"cannot add the keys to {args.output}: {exc}", EXIT_SKETCH) from None
     else:
-        from ._bench import single_threaded
+        from ._threads import capped_threads
 
         pos = start
         # one stream runs on one core (--jobs N for more): multithreaded BLAS on tall-skinny blocks is
         # erratic, up to 100x slower on a busy machine
-        with single_threaded(), _progress(source.n_rows, args.quiet,
+        with capped_threads(1), _progress(source.n_rows, args.quiet,
                                           f"build {os.path.basename(args.output)}") as bar:
             for chunk in _chunks(source, chunk_rows):
                 try:

@@ -6,9 +6,11 @@ The partition sketches, the merge tree and the per-partition seeds are those of 
 
 Threads (no oversubscription): a partition or merge task that shares its process with ``slots`` concurrent
 tasks (the threads of a ``distributed`` worker, or the local schedulers' ``num_workers``, one per core by
-default) uses at most ``max(1, cores // slots)`` numba threads and as many BLAS threads, never more BLAS
-threads than its process already allows.  With Dask's threaded scheduler the BLAS limit (one per process) is
-lowered once around the whole computation; a task of the process scheduler lowers its own.
+default) uses at most ``max(1, budget // slots)`` numba threads and as many BLAS threads, never more
+BLAS threads than its process already allows; the budget is :func:`levstream.get_num_threads` of the
+process that runs the task (its cores unless capped there).  Dask's own worker threads are Dask's
+to configure.  With Dask's threaded scheduler the BLAS limit (one per process) is lowered once
+around the whole computation; a task of the process scheduler lowers its own.
 ``distributed``'s nanny starts workers with ``OMP/MKL/OPENBLAS_NUM_THREADS=1``, so on a cluster every task
 runs single-threaded and the parallelism comes from the partitions; numba, which the nanny does not cap, is
 held to the same number.  (With an in-process cluster, ``LocalCluster(processes=False)``, set the BLAS
@@ -33,8 +35,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the opti
     raise ImportError("levstream.dask needs Dask: pip install 'levstream[dask]' "
                       "(or: pip install 'dask[array,bag]' distributed).") from exc
 
-from ._tree import (available_cores, blas_threads, capped_threads, lowered_blas, merge_group, named_errors,
-                    new_sketch, numba_turn, partition_options, reduce_tree, sketch_partition)
+from ._threads import blas_threads, capped_threads, get_num_threads, lowered_blas, numba_turn
+from ._tree import (merge_group, named_errors, new_sketch, partition_options, reduce_tree,
+                    sketch_partition)
 from ._validation import check_int
 from .sketch import KeySketch
 
@@ -182,7 +185,7 @@ def _lowered_blas_for_local_threads(scheduler: Any, result: Delayed) -> ContextM
     """Dask's threaded scheduler runs tasks in threads of this process: lower BLAS here, once, for all."""
     if get_scheduler(scheduler=scheduler, collections=[result]) is not dask.threaded.get:
         return nullcontext()
-    return lowered_blas(_share(available_cores(), dask.config.get("num_workers", None)))
+    return lowered_blas(_share(get_num_threads(), dask.config.get("num_workers", None)))
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -191,14 +194,15 @@ def _share(cores: int, slots: int | None) -> int:
 
 
 def _task_threads() -> int:
-    """Threads a task may use here: ``cores // concurrent tasks`` of this process, within its BLAS limit."""
+    """Threads a task may use here: ``budget // concurrent tasks`` of this process, within its BLAS
+    limit."""
     try:
         from distributed import get_worker
 
         slots = get_worker().state.nthreads
     except (ImportError, ValueError):
         slots = dask.config.get("num_workers", None)
-    share = _share(available_cores(), slots)
+    share = _share(get_num_threads(), slots)
     return min(share, blas_threads() or share)
 
 

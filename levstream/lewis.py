@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg as sla
-from threadpoolctl import threadpool_limits
 
 from ._config import UNIT_ROUNDOFF
+from ._threads import lowered_blas
 from ._validation import as_matrix, check_int, check_p, check_real
 
 __all__ = ["LewisConvergenceError", "LewisWeights", "lewis_constant", "lewis_weights", "sensitivity_bounds"]
@@ -78,7 +78,7 @@ def _column_space_coordinates(K: np.ndarray) -> np.ndarray:
         lam, V = sla.eigh(K.T @ K, check_finite=False)
         if lam[0] > _GRAM_KAPPA**2 * UNIT_ROUNDOFF * lam[-1]:  # clearly full rank: no QR needed
             return K @ (V / np.sqrt(lam))
-        with threadpool_limits(1):
+        with lowered_blas(1, user_api=None):
             R = sla.qr(K, mode="r", check_finite=False)[0][:d]
     else:
         R = K
@@ -219,7 +219,8 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
     residual = np.inf
     for step_p in reversed(ladder):
         stage_tol = tol if step_p == p else 1e-3
-        with threadpool_limits(1):  # tall-skinny BLAS calls: one thread is fastest (see _log_leverage)
+        # tall-skinny BLAS calls: one thread is fastest (see _log_leverage)
+        with lowered_blas(1, user_api=None):
             log_w, residual, it = _iterate(Y, step_p, log_w, stage_tol, max_iter - iterations)
         iterations += it
         if residual > stage_tol:

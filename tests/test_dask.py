@@ -22,7 +22,6 @@ db = pytest.importorskip("dask.bag", reason="dask[bag] is not installed (pip ins
 from dask.delayed import Delayed  # noqa: E402
 
 import levstream as ls  # noqa: E402
-import levstream._tree as tree  # noqa: E402
 import levstream.dask as lsd  # noqa: E402
 # the key/query fixtures K and Q and the comparison helpers are shared with the thread-pool tests
 from conftest import BOUND_RTOL, CORESET_DELTA, TIE_RTOL, heavy_tailed_keys  # noqa: E402
@@ -33,9 +32,9 @@ from test_build import (  # noqa: E402,F401
     Q,
     assert_matches_brute_force,
     assert_same_answers,
-    blas_threads,
     single_stream,
 )
+from levstream._threads import blas_threads, capped_threads  # noqa: E402
 
 CUTS = [0, 1500, 1501, 4000, 6500, 9000, 12_000]  # uneven partitions, one of a single row
 
@@ -163,9 +162,8 @@ def test_bad_arguments(K):
 
 
 # ------------------------------------------------------------------------------ seeds and threads
-def test_partitions_get_spawned_seeds_when_the_sketch_takes_rng(K, monkeypatch):
+def test_partitions_get_spawned_seeds(K, monkeypatch):
     """The options each partition task receives: child i of SeedSequence(seed), identical across calls."""
-    monkeypatch.setattr(tree, "_accepts_rng", lambda: True)
     received = {}
 
     def spy(chunks, offset, index, *, dim, eps, p, options):
@@ -173,7 +171,6 @@ def test_partitions_get_spawned_seeds_when_the_sketch_takes_rng(K, monkeypatch):
         return single_stream(next(iter(chunks)), offset=offset)
 
     monkeypatch.setattr(lsd, "sketch_partition", spy)
-    monkeypatch.setattr(lsd, "new_sketch", lambda *args: None)  # the p = 2 KeySketch takes no rng
     for _ in range(2):
         lsd.build_sketch(dask_array(K), eps=EPS, seed=123, scheduler="sync")
     want = [s.spawn_key for s in np.random.SeedSequence(123).spawn(len(CUTS) - 1)]
@@ -214,15 +211,15 @@ def test_threads_are_capped_inside_tasks(K, monkeypatch):
     real = lsd.sketch_partition
 
     def spy(*args, **kwargs):
-        seen.append((tuple(blas_threads()), numba.get_num_threads()))
+        seen.append((blas_threads(), numba.get_num_threads()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lsd, "sketch_partition", spy)
     before = (blas_threads(), numba.get_num_threads())
     with dask.config.set(num_workers=2):
         lsd.build_sketch(dask_array(K), eps=EPS, scheduler="threads")
-    share = max(1, min([tree.available_cores() // 2, *before[0]]))
-    assert {b for blas, _ in seen for b in blas} == {share}
+    share = max(1, min(ls.get_num_threads() // 2, before[0]))
+    assert {blas for blas, _ in seen} == {share}
     assert {n for _, n in seen} == {min(share, numba.config.NUMBA_NUM_THREADS)}
     assert (blas_threads(), numba.get_num_threads()) == before
 
@@ -258,7 +255,7 @@ def _die_once(block: np.ndarray, marker: str) -> np.ndarray:
 
 
 def _threads_in_a_task() -> tuple[list[int], int]:
-    with tree.capped_threads(lsd._task_threads()):
+    with capped_threads(lsd._task_threads()):
         return blas_threads(), numba.get_num_threads()
 
 
@@ -314,4 +311,4 @@ def test_local_cluster_tasks_run_single_threaded(cluster):
     _, client = cluster
     workers = list(client.scheduler_info()["workers"])
     futures = [client.submit(_threads_in_a_task, workers=[w], pure=False) for w in workers]
-    assert [f.result() for f in futures] == [([1] * len(blas_threads()), 1)] * len(workers)
+    assert [f.result() for f in futures] == [(1, 1)] * len(workers)

@@ -1,0 +1,207 @@
+"""Thread control: one cap on every thread levstream starts, and the helpers that apply it.
+
+:func:`set_num_threads` / :func:`get_num_threads` (exported as ``levstream.set_num_threads`` and
+``levstream.get_num_threads``, named as in numba) hold the library's thread budget: by default the cores
+this process may run on.  The budget caps
+
+* the shard threads of :func:`levstream.build_sketch` (``n_jobs`` shards run on at most that many
+  threads; the shards, hence the result, do not depend on the cap) and the default ``n_jobs``;
+* numba's threads (``numba.set_num_threads``) and the BLAS threads (threadpoolctl) in every section the
+  library caps itself (:func:`capped_threads`): the builds, their tasks and shards, the command line, the
+  demo and the benchmarks.
+
+A cap only ever lowers: a BLAS limit the caller set with ``threadpoolctl.threadpool_limits``, or numba's
+thread count in the calling thread, is never raised, and everything is restored on exit.  The budget is
+process-wide; inside a capped section :func:`get_num_threads` also reports that section's lower cap (per
+thread), so that code called from a shard thread plans for the threads it has.
+
+Thread policy of the parallel builds
+------------------------------------
+A task that runs next to ``slots`` other tasks gets ``max(1, budget // slots)`` threads for BLAS and for
+numba, never more than the BLAS limit its process already has (distributed's nanny sets that to 1 per
+worker process).  The BLAS limit is process-wide (one OpenBLAS thread pool per process, changed by one
+thread at a time), so where several tasks share a process it is lowered once by the thread that runs them
+all (the caller of the thread pool, or of Dask's threaded scheduler) and tasks only check it; numba's limit
+is per thread and set in every task.  numba's ``workqueue`` threading layer aborts the process when two
+threads launch parallel kernels at once, so under that layer the threads of one process take turns, chunk
+by chunk (:func:`numba_turn`; install ``tbb``, or use the default OpenMP layer, to run them side by side).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+from ._validation import check_int
+
+__all__ = ["get_num_threads", "set_num_threads"]
+
+_budget: int | None = None  # set_num_threads; None: the available cores
+_section = threading.local()  # .cap: the cap of the innermost capped_threads section of this thread
+_workqueue_lock = threading.Lock()
+_controller: Any = None  # threadpoolctl.ThreadpoolController of the libraries loaded when it was made
+_controller_modules = -1  # len(sys.modules) then: an import since may have loaded another BLAS
+
+
+def available_cores() -> int:
+    """Cores this process may run on (CPU affinity where the OS reports it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def set_num_threads(n: int) -> None:
+    """Cap every thread levstream starts at ``n``: its own threads, numba's and the BLAS threads it sets.
+
+    Parameters
+    ----------
+    n : int
+        The thread budget, ``>= 1``.  Process-wide; the default is the number of cores this process may
+        run on.  numba's threads are further limited to ``numba.config.NUMBA_NUM_THREADS``.
+
+    Raises
+    ------
+    TypeError
+        If ``n`` is not an integer.
+    ValueError
+        If ``n < 1``.
+
+    Notes
+    -----
+    ``levstream.build_sketch`` runs its ``n_jobs`` shards (default: ``n``) on at most ``n`` threads, with
+    ``max(1, n // threads)`` BLAS and numba threads each; the shards, and so the sketch, are the same
+    whatever the cap.  Sections that levstream caps itself never raise a BLAS limit set by the caller
+    (``threadpoolctl.threadpool_limits``) nor numba's count in the calling thread, and restore both.
+
+    Examples
+    --------
+    >>> import levstream as ls
+    >>> before = ls.get_num_threads()
+    >>> ls.set_num_threads(1)
+    >>> ls.get_num_threads()
+    1
+    >>> ls.set_num_threads(before)
+    """
+    global _budget
+    _budget = check_int(n, "n", minimum=1)
+
+
+def get_num_threads() -> int:
+    """The thread budget set by :func:`set_num_threads` (default: the cores this process may run on).
+
+    Inside a section levstream caps itself (a build's shard, a Dask task) it is that section's lower cap.
+
+    Examples
+    --------
+    >>> import levstream as ls
+    >>> ls.get_num_threads() >= 1
+    True
+    """
+    budget = available_cores() if _budget is None else _budget
+    section = getattr(_section, "cap", None)
+    return budget if section is None else min(budget, section)
+
+
+def _threadpools() -> Any:
+    """A cached ``ThreadpoolController``, remade after any import (it may have loaded another library).
+
+    Making one scans the loaded shared libraries (about 1 ms); reading and limiting its pools costs
+    microseconds, which keeps capped sections cheap.
+    """
+    global _controller, _controller_modules
+    if _controller is None or _controller_modules != len(sys.modules):
+        from threadpoolctl import ThreadpoolController
+
+        _controller_modules = len(sys.modules)
+        _controller = ThreadpoolController()
+    return _controller
+
+
+def blas_threads(user_api: str | None = "blas") -> int:
+    """The largest thread limit of the BLAS libraries loaded in this process (0 if none is found).
+
+    ``user_api=None`` includes every thread pool threadpoolctl knows (BLAS and OpenMP).
+    """
+    return max((lib.num_threads for lib in _threadpools().lib_controllers
+                if user_api is None or lib.user_api == user_api), default=0)
+
+
+def lowered_blas(n_threads: int, user_api: str | None = "blas") -> AbstractContextManager[Any]:
+    """Lower the process-wide BLAS thread limit to ``n_threads`` for a ``with`` block; never raise it.
+
+    OpenBLAS (pthreads) has one thread pool per process and threadpoolctl lets one thread at a time change
+    it, so this belongs in the thread that runs the whole parallel section (the caller of a thread pool), or
+    in a task that has its process to itself.  When the limit is already low enough nothing is changed.
+    ``user_api=None`` lowers the OpenMP pools too.
+    """
+    n_threads = max(1, int(n_threads))
+    if blas_threads(user_api) <= n_threads:
+        return nullcontext()
+    return _threadpools().limit(limits=n_threads, user_api=user_api)
+
+
+@contextmanager
+def capped_threads(n_threads: int | None = None, *, user_api: str | None = "blas") -> Iterator[int]:
+    """Run a block with at most ``n_threads`` (default and upper bound: :func:`get_num_threads`) threads.
+
+    Lowers BLAS (:func:`lowered_blas`, process-wide) and numba's threads in this thread, and the budget that
+    :func:`get_num_threads` reports in this thread; raises none of them; restores all three on exit.
+    Yields the cap.
+    """
+    import numba
+
+    cap = get_num_threads() if n_threads is None else min(max(1, int(n_threads)), get_num_threads())
+    outer = getattr(_section, "cap", None)
+    numba_before = numba.get_num_threads()
+    _section.cap = cap
+    try:
+        with lowered_blas(cap, user_api):
+            if cap >= numba_before:
+                yield cap
+                return
+            numba.set_num_threads(cap)
+            try:
+                yield cap
+            finally:
+                numba.set_num_threads(numba_before)
+    finally:
+        _section.cap = outer
+
+
+_layer: str | None = None
+
+
+def numba_turn() -> AbstractContextManager[Any]:
+    """Exclusive use of numba's parallel runtime when it is the non-thread-safe ``workqueue`` layer.
+
+    That layer aborts the process when two threads launch parallel kernels at once, so under it threads
+    take turns (hold this around one chunk or one task, never around a wait for another thread).  Under the
+    OpenMP or TBB layers it is a no-op.
+    """
+    global _layer
+    if _layer is None:
+        import numba
+
+        numba.get_num_threads()  # launches the threading layer if needed, so that it can be named
+        _layer = numba.threading_layer()
+    return _workqueue_lock if _layer == "workqueue" else nullcontext()
+
+
+def describe_threads() -> str:
+    """The thread settings in effect, for benchmark and report headers.
+
+    Examples
+    --------
+    >>> "levstream" in describe_threads()
+    True
+    """
+    import numba
+
+    pools = ", ".join(f"{lib.internal_api}={lib.num_threads}" for lib in _threadpools().lib_controllers)
+    numba.get_num_threads()
+    return (f"BLAS/OpenMP: {pools or 'none found'}; numba: {numba.get_num_threads()} "
+            f"({numba.threading_layer()} layer); levstream: {get_num_threads()}")

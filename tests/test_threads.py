@@ -1,0 +1,152 @@
+"""The library's one thread knob: ``levstream.set_num_threads`` / ``get_num_threads`` (issue 14, point 4).
+
+What is observed: the threads that feed ``build_sketch``'s shards (``threading.get_ident`` in a spy around
+``feed_chunk``), numba's thread count there, and the BLAS limits read directly from ``threadpoolctl``.
+Answers are compared with a single stream and with the same build at the default budget.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import levstream as ls
+import levstream._threads as threads
+import levstream.build as build
+from conftest import assert_matches_offline, heavy_tailed_keys
+from naive import leverage_svd
+
+EPS = 0.05
+
+
+@pytest.fixture(autouse=True)
+def default_budget(monkeypatch):
+    """Every test starts at the default budget and leaves it there."""
+    monkeypatch.setattr(threads, "_budget", None)
+
+
+@pytest.fixture(scope="module")
+def K() -> np.ndarray:
+    return heavy_tailed_keys(6000, 6, seed=3)
+
+
+def blas_limits() -> set[int]:
+    """The thread limits of the loaded BLAS libraries, read independently of levstream."""
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def spy_on_shards(monkeypatch) -> list[tuple[int, int, frozenset[int]]]:
+    """Record (thread id, numba threads, BLAS limits) every time a chunk is fed."""
+    seen = []
+    real = build.feed_chunk
+
+    def spy(*args, **kwargs):
+        seen.append((threading.get_ident(), numba.get_num_threads(), frozenset(blas_limits())))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "feed_chunk", spy)
+    return seen
+
+
+def test_default_is_the_available_cores():
+    want = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert ls.get_num_threads() == want
+
+
+def test_set_and_get_round_trip_and_are_exported():
+    assert {"set_num_threads", "get_num_threads"} <= set(ls.__all__)
+    ls.set_num_threads(1)
+    assert ls.get_num_threads() == 1
+    ls.set_num_threads(np.int64(3))  # NumPy integers are integers
+    assert ls.get_num_threads() == 3
+
+
+@pytest.mark.parametrize("bad, error, words", [
+    (0, ValueError, "must be >= 1; got 0"),
+    (-2, ValueError, "must be >= 1; got -2"),
+    (1.5, TypeError, "must be an integer; got 1.5"),
+    ("2", TypeError, "must be an integer"),
+    (None, TypeError, "must be an integer"),
+    (True, TypeError, "must be an integer"),
+])
+def test_bad_values_are_refused_and_change_nothing(bad, error, words):
+    ls.set_num_threads(2)
+    with pytest.raises(error, match=words):
+        ls.set_num_threads(bad)
+    assert ls.get_num_threads() == 2
+
+
+def test_one_thread_builds_in_the_calling_thread_with_one_numba_and_blas_thread(K, monkeypatch):
+    seen = spy_on_shards(monkeypatch)
+    numba_before, blas_before = numba.get_num_threads(), blas_limits()
+    ls.set_num_threads(1)
+    sk = ls.build_sketch(K, eps=EPS, chunk_rows=1000)  # default n_jobs: the budget, 1
+    assert len(seen) == 6
+    assert {ident for ident, _, _ in seen} == {threading.get_ident()}
+    assert {n for _, n, _ in seen} == {1}
+    assert {limits for _, _, limits in seen} == {frozenset({1})}
+    assert_matches_offline(sk.universal_set().ids, leverage_svd(K), EPS)
+    # restored after the build, and the knob itself left numba and BLAS alone outside library calls
+    assert numba.get_num_threads() == numba_before and blas_limits() == blas_before
+
+
+def test_the_cap_bounds_the_shard_threads_but_not_the_shards(K, monkeypatch):
+    """n_jobs=3 under a budget of 1: three shards fed by one thread, the same sketch as without the cap."""
+    uncapped = ls.build_sketch(K, eps=EPS, n_jobs=3, chunk_rows=700)
+    dealt_uncapped = ls.build_sketch(iter(np.array_split(K, 9)), eps=EPS, n_jobs=3)
+    seen = spy_on_shards(monkeypatch)
+    ls.set_num_threads(1)
+    capped = ls.build_sketch(K, eps=EPS, n_jobs=3, chunk_rows=700)
+    assert len({ident for ident, _, _ in seen}) == 1
+    assert {n for _, n, _ in seen} == {1}
+    assert capped.to_bytes() == uncapped.to_bytes()
+    seen.clear()
+    dealt = ls.build_sketch(iter(np.array_split(K, 9)), eps=EPS, n_jobs=3)  # chunks dealt to queues
+    assert len({ident for ident, _, _ in seen}) == 1 and len(seen) == 9
+    assert dealt.to_bytes() == dealt_uncapped.to_bytes()
+
+
+def test_a_budget_of_two_runs_at_most_two_shard_threads(K, monkeypatch):
+    seen = spy_on_shards(monkeypatch)
+    ls.set_num_threads(2)
+    sk = ls.build_sketch(K, eps=EPS, n_jobs=5, chunk_rows=500)
+    assert 1 <= len({ident for ident, _, _ in seen}) <= 2
+    assert threading.get_ident() not in {ident for ident, _, _ in seen}
+    assert {n for _, n, _ in seen} == {1}  # 2 threads // 2 shard threads
+    assert_matches_offline(sk.universal_set().ids, leverage_svd(K), EPS)
+
+
+def test_capped_sections_lower_and_never_raise_the_callers_settings():
+    numba_before = numba.get_num_threads()
+    with threadpool_limits(limits=1, user_api="blas"):
+        with threads.capped_threads(2) as cap:  # asks for more than the caller allows BLAS
+            assert cap == min(2, ls.get_num_threads())
+            assert blas_limits() == {1}
+        assert blas_limits() == {1}
+    if numba_before > 1:
+        numba.set_num_threads(1)
+        try:
+            with threads.capped_threads(numba_before):
+                assert numba.get_num_threads() == 1
+        finally:
+            numba.set_num_threads(numba_before)
+    with threads.capped_threads(1):
+        assert numba.get_num_threads() == 1 and ls.get_num_threads() == 1
+        assert blas_limits() == {1}
+    assert numba.get_num_threads() == numba_before
+
+
+def test_a_section_cap_is_per_thread():
+    """Inside a capped section get_num_threads reports the section's cap; other threads keep the budget."""
+    other = []
+    with threads.capped_threads(1):
+        t = threading.Thread(target=lambda: other.append(ls.get_num_threads()))
+        t.start()
+        t.join()
+        assert ls.get_num_threads() == 1
+    assert other == [threads.available_cores()]
