@@ -44,6 +44,10 @@ FLOAT32_RTOL = 0.0
 #: every returned entry has a true value >= eps (1 - delta)^2 and lies in [lower, upper].
 CORESET_DELTA = 0.1
 
+#: Proven sensitivity upper bounds against exact sensitivities from the enumerating twins of
+#: tests/test_lewis.py: both are exact up to float64 rounding.
+SENSITIVITY_RTOL = 1e-9
+
 #: Peak traced allocations (tracemalloc) of a long stream phase against a short one of the same
 #: sketch: only the allocator's handling of per-block temporaries may differ.
 MEMORY_GROWTH_RTOL = 0.05

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from conftest import SEEDS
+import scipy.linalg
+from conftest import SEEDS, SENSITIVITY_RTOL
 from naive import leverage_svd
 
 import levstream as ls
@@ -120,29 +123,149 @@ def test_bad_matrix() -> None:
 
 
 # ---------------------------------------------------------------------------------------- sensitivity bounds
-@pytest.mark.parametrize("p", LEWIS_PS)
+def _ratios(K: np.ndarray, q: np.ndarray, p: float) -> np.ndarray:
+    """``|<q, k_j>|^p / sum_l |<q, k_l>|^p`` for every j.  Inner products at rounding level are
+    those of keys orthogonal to ``q`` (by construction, or parallel to such a key): set to 0, since
+    their residue would count for p < 1."""
+    dots = K @ q
+    rounding = 16 * np.finfo(float).eps * np.linalg.norm(K, axis=1) * np.linalg.norm(q)
+    dots[np.abs(dots) <= rounding] = 0.0
+    w = np.abs(dots) ** p
+    total = w.sum()
+    return w / total if total > 0 else np.zeros(K.shape[0])
+
+
+def exact_sensitivities_vertices(K: np.ndarray, p: float) -> np.ndarray:
+    """Exact ``s_j = sup_q |<q, k_j>|^p / sum_l |<q, k_l>|^p`` for ``p <= 1``, full-column-rank K.
+
+    Fix ``<q, k_j> = 1`` and a cell of q where every ``<q, k_l>`` keeps its sign.  There the
+    denominator is a sum of concave functions (``t -> t^p``, p <= 1) of affine ones, hence concave,
+    and it is at least 1 (its term l = j); so its minimum over the polyhedral cell is at a vertex: a
+    direction orthogonal to ``d - 1`` linearly independent keys.  The largest ratio over these
+    ``C(n, d - 1)`` directions is the supremum itself (every candidate is a real q, so none can
+    exceed it).
+    """
+    n, d = K.shape
+    best = np.zeros(n)
+    for rows in itertools.combinations(range(n), d - 1):
+        null = scipy.linalg.null_space(K[list(rows)]) if rows else np.eye(d)
+        if null.shape[1] == 1:
+            best = np.maximum(best, _ratios(K, null[:, 0], p))
+    return best
+
+
+def exact_sensitivities_2d(K: np.ndarray, p: float) -> np.ndarray:
+    """Exact sensitivities of keys in 2-D, for ``p <= 1`` (vertices) or an integer ``p >= 2``.
+
+    Write ``q = (1, t)`` (and ``q = (0, 1)``).  Between consecutive zeros of the
+    ``<q, k_l> = a_l + b_l t`` every ``|<q, k_l>|^p`` is ``(+-1)^p (a_l + b_l t)^p``, a polynomial
+    for integer p, so the ratio of key j is ``(a_j + b_j t)^p / D(t)`` there, and its stationary
+    points are real roots of the degree-p polynomial ``p b_j D - (a_j + b_j t) D'`` (numpy roots,
+    polished by Newton steps).  The supremum is the largest ratio over those roots, the zeros (q
+    orthogonal to a key) and ``q = (0, 1)``; every candidate is evaluated with the true absolute
+    values at a real q, so none can exceed the supremum.
+    """
+    n = K.shape[0]
+    assert K.shape[1] == 2 and (p <= 1 or float(p).is_integer()), "exact only for 2-D and these p"
+    if p <= 1:
+        return exact_sensitivities_vertices(K, p)
+    p = int(p)
+    best = _ratios(K, np.array([0.0, 1.0]), p)
+    for k in K:
+        best = np.maximum(best, _ratios(K, np.array([-k[1], k[0]]), p))
+    a, b = K[:, 0], K[:, 1]
+    zeros = np.sort(-a[b != 0] / b[b != 0])
+    inside = np.concatenate([[zeros[0] - 1], (zeros[:-1] + zeros[1:]) / 2, [zeros[-1] + 1]])
+    poly = np.polynomial.Polynomial
+    for t_mid in inside:  # one sign pattern per interval
+        sign = np.sign(a + b * t_mid)
+        D = sum(sign[l] ** p * poly([a[l], b[l]]) ** p for l in range(n))
+        for j in range(n):
+            S = p * b[j] * D - poly([a[j], b[j]]) * D.deriv()
+            if S.degree() < 1:
+                continue
+            dS, roots = S.deriv(), S.roots()
+            for t in np.real(roots[np.abs(np.imag(roots)) < 1e-6]):
+                for _ in range(5):
+                    t = t - S(t) / dS(t) if dS(t) != 0 else t
+                if np.isfinite(t):
+                    best[j] = max(best[j], _ratios(K, np.array([1.0, t]), p)[j])
+    return best
+
+
+def test_exact_sensitivity_twins_give_leverage_scores_at_p2() -> None:
+    """The enumerating twins are checked themselves where the answer is known in closed form."""
+    K = _tiny_keys(0, n=8, d=2)
+    np.testing.assert_allclose(exact_sensitivities_2d(K, 2), leverage_svd(K), rtol=SENSITIVITY_RTOL)
+    # the vertex enumeration on the tight construction (groups of parallel keys, see below)
+    scale = np.array([2.0, -1.0, 0.5, 3.0, 1.0, -1.0, 1.0])
+    group = np.array([0, 0, 0, 1, 2, 2, 2])
+    K = (np.eye(3)[group] * scale[:, None]) @ np.random.default_rng(1).standard_normal((3, 3))
+    for p in (0.5, 1.0):
+        want = np.abs(scale) ** p / np.bincount(group, np.abs(scale) ** p)[group]
+        np.testing.assert_allclose(exact_sensitivities_vertices(K, p), want, rtol=SENSITIVITY_RTOL)
+
+
+@pytest.mark.parametrize("p", (0.5, 1.0, 2.0, 3.0, 4.0, 6.0))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_sensitivity_bounds_never_below_brute_force(p: float, seed: int) -> None:
+def test_sensitivity_bounds_never_below_exact_sensitivities(p: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
     K = rng.standard_normal((6, 2)) * (1.0 + rng.pareto(1.5, size=(6, 1)))
-    exact = ls.testing.exact_sensitivities(K, p=p, n_starts=16, rng=seed)
+    exact = exact_sensitivities_2d(K, p)
     bounds = ls.sensitivity_bounds(K, p)
-    assert (bounds >= exact * (1.0 - 1e-9)).all(), (bounds, exact)
+    assert (bounds >= exact * (1.0 - SENSITIVITY_RTOL)).all(), (bounds, exact)
     # and not vacuous: the total is at most d^max(1, p/2) (Lewis weights sum to d)
     assert bounds.sum() <= 2.0 ** max(1.0, p / 2.0) * (1.0 + 1e-8)
+
+
+@pytest.mark.parametrize("p", (0.5, 1.0))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sensitivity_bounds_never_below_exact_sensitivities_in_3d(p: float, seed: int) -> None:
+    K = _tiny_keys(seed, n=9, d=3)
+    exact = exact_sensitivities_vertices(K, p)
+    bounds = ls.sensitivity_bounds(K, p)
+    assert (bounds >= exact * (1.0 - SENSITIVITY_RTOL)).all(), (bounds, exact)
+
+
+@pytest.mark.parametrize("p", LEWIS_PS)
+def test_sensitivity_bounds_of_the_tight_construction(p: float) -> None:
+    """d directions, direction g held by a group of parallel keys ``c_j e_g``, seen through a random
+    invertible G.  Sensitivities are invariant under ``K -> K G`` (substitute ``q -> G q``) and,
+    taking q along e_g, exactly ``s_j = |c_j|^p / sum_{l in g} |c_l|^p`` (m equal copies: 1/m).  The
+    Lewis weights equal these values (they solve the defining equations), so the proven bounds are
+    exactly ``min(1, d^max(0, p/2 - 1) s_j)``."""
+    rng = np.random.default_rng(3)
+    d, sizes = 3, (1, 4, 6)
+    group = np.repeat(np.arange(d), sizes)
+    scale = rng.choice([-1.0, 1.0], group.size) * np.exp(rng.uniform(-2.0, 2.0, group.size))
+    scale[group == 1] = 1.5  # one group of m = 4 equal copies: s = 1/4
+    K = (np.eye(d)[group] * scale[:, None]) @ rng.standard_normal((d, d))
+    exact = np.abs(scale) ** p / np.bincount(group, np.abs(scale) ** p)[group]
+    np.testing.assert_allclose(exact[group == 1], 0.25)
+    bounds = ls.sensitivity_bounds(K, p)
+    assert (bounds >= exact * (1.0 - SENSITIVITY_RTOL)).all(), (bounds, exact)
+    tight = np.minimum(1.0, d ** max(0.0, p / 2.0 - 1.0) * exact)
+    np.testing.assert_allclose(bounds, tight, rtol=LEWIS_RTOL)
 
 
 @pytest.mark.parametrize("p", (1.0, 3.0))
 def test_offline_universal_set_contains_every_sensitive_key(p: float) -> None:
     rng = np.random.default_rng(5)
     K = rng.standard_normal((12, 2)) * (1.0 + rng.pareto(1.0, size=(12, 1)))
-    eps = 0.15
-    exact = ls.testing.exact_sensitivities(K, p=p, n_starts=16, rng=0)
-    U = ls.universal_set(K, eps=eps, p=p)
-    assert set(np.flatnonzero(exact >= eps).tolist()) <= set(U.ids.tolist())
-    np.testing.assert_allclose(U.scores, ls.sensitivity_bounds(K, p)[U.ids])
-    assert len(U) <= U.size_bound
-    np.testing.assert_array_equal(U.keys, K[U.ids])
+    exact = exact_sensitivities_2d(K, p)
+    # the scores are the proven bounds min(1, c_p w_j), c_p = d^max(0, p/2 - 1), w from the
+    # independent high-precision Lewis reference; the set is {j : bound_j >= eps} (tie-free fixture)
+    want = np.minimum(1.0, 2.0 ** max(0.0, p / 2.0 - 1.0) * _lewis_reference(K, p))
+    for eps in (0.04, 0.05, 0.1, 0.15, 0.3):
+        U = ls.universal_set(K, eps=eps, p=p)
+        sensitive = set(np.flatnonzero(exact >= eps).tolist())
+        assert sensitive and len(sensitive) < len(K), "fixture must have keys on both sides of eps"
+        assert sensitive <= set(U.ids.tolist())
+        assert np.abs(want / eps - 1.0).min() > 1e-6, "fixture has a bound at eps"
+        np.testing.assert_array_equal(U.ids, np.flatnonzero(want >= eps))
+        np.testing.assert_allclose(U.scores, want[U.ids], rtol=LEWIS_RTOL)
+        assert len(U) <= U.size_bound
+        np.testing.assert_array_equal(U.keys, K[U.ids])
 
 
 def test_universal_set_p2_unchanged() -> None:
