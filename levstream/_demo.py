@@ -123,11 +123,12 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
     dense seconds)``.  The scores use the Gram matrix accumulated independently while streaming.
     """
     from ._bench import DenseScan
+    from ._linalg import rank_tolerance
 
     scores = None
     if args.p == 2.0:
         w, V = np.linalg.eigh(G)  # pseudo-inverse semantics for rank-deficient keys
-        keep = w > w.max() * G.shape[0] * np.finfo(float).eps
+        keep = w > rank_tolerance(w.max(), *G.shape)
         W = V[:, keep] / np.sqrt(w[keep])
         scores = np.empty(args.n)
     scan = DenseScan(Q, args.eps, args.p)

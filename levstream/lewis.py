@@ -17,6 +17,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._config import UNIT_ROUNDOFF
+from ._linalg import rank_tolerance
 from ._threads import lowered_blas
 from ._validation import as_matrix, check_int, check_p, check_real
 
@@ -85,8 +86,7 @@ def _column_space_coordinates(K: np.ndarray) -> np.ndarray:
     _, s, vt = sla.svd(R, full_matrices=False, check_finite=False, lapack_driver="gesdd")
     if s.size == 0 or s[0] == 0.0:
         return np.zeros((n, 0))
-    tol = max(n, d) * 2 * UNIT_ROUNDOFF * s[0]
-    r = int((s > tol).sum())
+    r = int((s > rank_tolerance(s[0], n, d)).sum())
     return K @ (vt[:r].T / s[:r])
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._config import REPORT_RTOL, UNIT_ROUNDOFF
+from ._linalg import rank_tolerance
 from ._validation import as_matrix, check_eps, check_p, check_real
 from .lewis import sensitivity_bounds
 from .results import UniversalSet
@@ -53,8 +54,7 @@ def leverage_scores(K: Any) -> np.ndarray:
     else:
         R = K
     _, s, vt = sla.svd(R, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-    tol = max(n, d) * 2 * UNIT_ROUNDOFF * s[0]
-    r = int((s > tol).sum())
+    r = int((s > rank_tolerance(s[0], n, d)).sum())
     Y = K @ (vt[:r].T / s[:r])
     return np.einsum("ij,ij->i", Y, Y)
 
@@ -122,7 +122,7 @@ def approx_leverage_scores(K: Any, *, rng: Any = None, oversampling: float = 20.
     if s.size == 0 or s[0] == 0.0:
         zeros = np.zeros(n)
         return (zeros, zeros.copy(), zeros.copy()) if return_bounds else zeros
-    rank = int((s > max(SK.shape) * 2 * UNIT_ROUNDOFF * s[0]).sum())
+    rank = int((s > rank_tolerance(s[0], *SK.shape)).sum())
     Y = K @ (vt[:rank].T / s[:rank])
     scores = np.einsum("ij,ij->i", Y, Y)
     if not return_bounds:
