@@ -7,7 +7,16 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import VALUE_RTOL, heavy_tailed_keys
+from conftest import (
+    BOUND_RTOL,
+    CORESET_DELTA,
+    SCORE_RTOL,
+    TIE_RTOL,
+    VALUE_RTOL,
+    assert_heavy_matches_dense,
+    assert_matches_offline,
+    heavy_tailed_keys,
+)
 from naive import dense_heavy, leverage_svd
 
 import levstream as ls
@@ -21,6 +30,21 @@ def keys(n=2500, seed=0):
 
 def queries(m=40, seed=99):
     return np.random.default_rng(seed).standard_normal((H, m, D))
+
+
+def assert_matches_brute_force(mh: ls.MultiHeadKeySketch, K: np.ndarray, Q: np.ndarray,
+                               eps=None) -> None:
+    """Per head: the universal set is the offline set of SVD leverage scores (scores to SCORE_RTOL),
+    and the heavy entries are exactly the dense entries >= eps (values to VALUE_RTOL)."""
+    eps = mh.eps if eps is None else eps
+    sets, hits = mh.universal_set(), mh.heavy_entries(Q, eps=eps)
+    assert len(sets) == len(hits) == K.shape[0]
+    for h in range(K.shape[0]):
+        tau = leverage_svd(K[h])
+        assert_matches_offline(sets[h].ids, tau, mh.eps)
+        np.testing.assert_allclose(sets[h].scores, tau[sets[h].ids], rtol=SCORE_RTOL)
+        np.testing.assert_array_equal(sets[h].keys, K[h][sets[h].ids])
+        assert_heavy_matches_dense(hits[h], dense_heavy(Q[h], K[h], eps), eps)
 
 
 def assert_same_as_independent(mh: ls.MultiHeadKeySketch, K: np.ndarray, Q: np.ndarray, eps=None) -> None:
@@ -47,8 +71,77 @@ def test_equals_independent_per_head_sketches_and_brute_force(seed):
     assert mh.n == K.shape[1] and mh.n_heads == H and mh.dim == D
     assert_same_as_independent(mh, K, Q)
     assert_same_as_independent(mh, K, Q, eps=0.2)
-    for h, U in enumerate(mh.universal_set()):
-        np.testing.assert_array_equal(U.ids, np.flatnonzero(leverage_svd(K[h]) >= EPS))
+    assert_matches_brute_force(mh, K, Q)
+    assert_matches_brute_force(mh, K, Q, eps=0.2)
+
+
+# ------------------------------------------------------------------------- every p, hard queries
+def hard_queries(K: np.ndarray, rng: np.random.Generator, m: int = 50) -> np.ndarray:
+    """Random rows, key-aligned rows ``q = k_j`` and adversarial rows ``q = (K^T K)^-1 k_j`` for one
+    head (j: the keys of largest leverage score and random keys), stacked."""
+    top = np.argsort(-leverage_svd(K))[: m // 2]
+    j = np.r_[top, rng.choice(K.shape[0], m - m // 2, replace=False)]
+    adversarial = np.linalg.solve(K.T @ K, K[j].T).T
+    return np.vstack([rng.standard_normal((m, K.shape[1])), K[j], adversarial])
+
+
+def assert_coreset_guarantee(hits: ls.HeavyEntries, Q: np.ndarray, K: np.ndarray, eps: float,
+                             p: float) -> None:
+    """One head's answer against dense attention ``|<q, k>|^p / sum_l |<q, k_l>|^p``: no entry
+    >= eps missing; every returned entry's true value >= eps (1 - delta)^2; true values within
+    [lower, upper], or equal to the values when no bounds are given (the values then claim to be
+    exact)."""
+    B = np.abs(Q @ K.T) ** p
+    A = B / B.sum(axis=1, keepdims=True)
+    heavy = set(zip(*(x.tolist() for x in np.nonzero(A >= eps * (1 + TIE_RTOL)))))
+    assert len(heavy) > 20, "fixture must have heavy entries"
+    missing = heavy - hits.as_set()
+    assert not missing, (f"p = {p}: {len(missing)} of {len(heavy)} dense entries >= eps missing, "
+                         f"e.g. {sorted(missing)[:5]}")
+    a = A[hits.rows(), hits.key_ids]
+    low = a < eps * (1 - CORESET_DELTA) ** 2
+    assert not low.any(), (f"p = {p}: {int(low.sum())} of {len(a)} returned entries have a true "
+                           f"value below eps (1 - delta)^2, e.g. {a[low][:5]}")
+    if hits.lower is None or hits.upper is None:
+        np.testing.assert_allclose(hits.values, a, rtol=VALUE_RTOL, err_msg=f"p = {p}: values "
+                                   "without lower/upper bounds must be the exact dense values")
+    else:
+        assert (hits.lower <= a * (1 + BOUND_RTOL)).all(), f"p = {p}: a true value below its lower"
+        assert (a <= hits.upper * (1 + BOUND_RTOL)).all(), f"p = {p}: a true value above its upper"
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0, 4.0])
+def test_coreset_p_keysketch_passes_the_hard_query_check(p):
+    """Control for the multi-head test below: the same check, keys and queries on one KeySketch."""
+    rng = np.random.default_rng(7)
+    K = heavy_tailed_keys(4000, 6, seed=70)
+    Q = hard_queries(K, rng)
+    sk = ls.KeySketch(6, eps=0.02, p=p, rng=0).update_many(K)
+    assert_coreset_guarantee(sk.heavy_entries(Q), Q, K, 0.02, p)
+
+
+@pytest.mark.parametrize("p", [1.0, 3.0, 4.0])
+def test_every_p_multi_head_returns_every_heavy_entry_within_the_coreset_bounds(p):
+    """Issue 10: MultiHeadKeySketch with p != 2, 4000 heavy-tailed keys per head, random,
+    key-aligned and adversarial queries, against dense attention with the same p."""
+    rng = np.random.default_rng(7)
+    K = np.stack([heavy_tailed_keys(4000, 6, seed=70 + h) for h in range(2)])
+    Q = np.stack([hard_queries(K[h], rng) for h in range(2)])
+    mh = ls.MultiHeadKeySketch(2, 6, eps=0.02, p=p).update_many(K)
+    hits = mh.heavy_entries(Q)
+    assert len(hits) == 2
+    for h in range(2):
+        assert_coreset_guarantee(hits[h], Q[h], K[h], 0.02, p)
+
+
+def test_p2_multi_head_hard_queries_equal_brute_force():
+    rng = np.random.default_rng(8)
+    K = np.stack([heavy_tailed_keys(4000, 6, seed=80 + h) for h in range(2)])
+    Q = np.stack([hard_queries(K[h], rng) for h in range(2)])
+    mh = ls.MultiHeadKeySketch(2, 6, eps=0.02).update_many(K)
+    for h, hits in enumerate(mh.heavy_entries(Q)):
+        assert hits.lower is None and hits.upper is None  # exact mode
+        assert_heavy_matches_dense(hits, dense_heavy(Q[h], K[h], 0.02), 0.02)
 
 
 def test_normalizer_per_head():
@@ -64,19 +157,22 @@ def test_update_one_token_equals_chunk():
     for t in range(K.shape[1]):
         a.update(K[:, t])
     b = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K)
-    for x, y in zip(a.heavy_entries(Q), b.heavy_entries(Q)):
-        assert x.as_set() == y.as_set()
+    assert a.n == b.n == K.shape[1]
+    for sk in (a, b):
+        assert_matches_brute_force(sk, K, Q)
 
 
 def test_extend_mixes_tokens_and_chunks_all_or_nothing():
     K, Q = keys(500), queries(10)
     a = ls.MultiHeadKeySketch(H, D, eps=EPS).extend([K[:, 0], K[:, 1:200], *(K[:, t] for t in range(200, 500))])
-    b = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K)
-    assert [x.as_set() for x in a.heavy_entries(Q)] == [y.as_set() for y in b.heavy_entries(Q)]
+    assert a.n == K.shape[1]
+    assert_matches_brute_force(a, K, Q)
     c = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K[:, :100])
+    before = c.to_bytes()
     with pytest.raises(ValueError, match="item 1 rejected"):
         c.extend([K[:, 100:200], K[:, 200:300, :2]])
-    assert c.n == 100
+    assert c.n == 100 and c.to_bytes() == before  # all or nothing: item 0 was not kept either
+    assert_matches_brute_force(c, K[:, :100], Q)
 
 
 def test_merge_shards_with_offset_and_ids():
@@ -106,11 +202,18 @@ def test_bytes_round_trip_then_more_updates_and_pickle(tmp_path):
 
 
 def test_copy_is_independent():
-    K = keys(600)
+    K, Q = keys(600), queries(10)
     a = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K[:, :300])
+    before = a.to_bytes()
     b = a.copy()
     b.update_many(K[:, 300:])
     assert a.n == 300 and b.n == 600
+    assert a.to_bytes() == before
+    assert_matches_brute_force(a, K[:, :300], Q)  # the original answers for its own keys only
+    assert_matches_brute_force(b, K, Q)
+    a.update_many(K[:, 300:350])  # and feeding the original leaves the copy alone
+    assert b.n == 600
+    assert_matches_brute_force(b, K, Q)
 
 
 def test_bad_input_leaves_sketch_unchanged():
