@@ -22,6 +22,7 @@ import levstream as ls
 from levstream._threads import capped_threads, describe_threads
 from levstream.summaries.lifted import lift
 from levstream.synthetic import attention_like_keys, attention_like_queries
+from levstream.testing import DenseHeavyScan
 
 
 def timed(fn) -> tuple[float, object]:
@@ -49,24 +50,19 @@ def retained(sk: ls.KeySketch) -> int:
     return int(sk.normalizer_summary.num_rows + sk.num_retained)
 
 
-def dense_heavy(Q: np.ndarray, chunks: list[np.ndarray], eps: float, p: float) -> set[tuple[int, int]]:
-    """Blocked dense NumPy: |Q K^T|^p, row sums, entries >= eps (keys in memory, two passes over chunks)."""
-    Z = np.zeros(Q.shape[0])
+def dense_heavy(Q: np.ndarray, chunks: list[np.ndarray], eps: float,
+                p: float) -> tuple[ls.HeavyEntries, np.ndarray]:
+    """The oracle over the chunks (blocked dense NumPy, one pass): the entries and the normalisers."""
+    scan = DenseHeavyScan(Q, eps=eps, p=p)
     for X in chunks:
-        Z += (np.abs(Q @ X.T) ** p).sum(axis=1)
-    out: set[tuple[int, int]] = set()
-    start = 0
-    for X in chunks:
-        A = np.abs(Q @ X.T) ** p / Z[:, None]
-        i, j = np.nonzero(A >= eps)
-        out.update(zip(i.tolist(), (j + start).tolist()))
-        start += X.shape[0]
-    return out
+        scan.add(X)
+    return scan.result(), scan.normalizer
 
 
-def true_values(Q: np.ndarray, chunks: list[np.ndarray], p: float, pairs: np.ndarray) -> np.ndarray:
+def true_values(Q: np.ndarray, chunks: list[np.ndarray], p: float, pairs: np.ndarray,
+                Z: np.ndarray) -> np.ndarray:
+    """``A[i, j]`` of the (query row, key id) ``pairs`` with the dense normalisers ``Z``."""
     K = np.vstack(chunks)
-    Z = (np.abs(Q @ K.T) ** p).sum(axis=1)
     return np.abs(np.einsum("ij,ij->i", Q[pairs[:, 0]], K[pairs[:, 1]])) ** p / Z[pairs[:, 0]]
 
 
@@ -90,11 +86,12 @@ def bench_coreset(p: float, d: int, n_small: int, n_large: int, eps: float, m: i
     del K_all
     sk.heavy_entries(Q[:2])
     t_query, hits = timed(lambda: sk.heavy_entries(Q))
-    t_dense, truth = timed(lambda: dense_heavy(Q, chunks, eps, p))
+    t_dense, (dense, Z) = timed(lambda: dense_heavy(Q, chunks, eps, p))
+    truth = dense.as_set()
     got = hits.as_set()
     recall = len(truth & got) / max(len(truth), 1)
     pairs = np.column_stack([hits.rows(), hits.key_ids])
-    vals = true_values(Q, chunks, p, pairs) if len(pairs) else np.zeros(0)
+    vals = true_values(Q, chunks, p, pairs, Z) if len(pairs) else np.zeros(0)
     delta = sk.normalizer_summary.delta
     return {
         "p": p, "d": d, "n": n_large, "eps": eps, "m": m,

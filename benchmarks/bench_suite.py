@@ -50,6 +50,7 @@ from threadpoolctl import threadpool_info
 
 import levstream as ls
 from levstream._threads import capped_threads
+from levstream.testing import DenseHeavyScan
 from levstream.synthetic import attention_like_keys, attention_like_queries
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,21 +236,6 @@ def bench_build(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- query
-def dense_heavy(Q: np.ndarray, K: np.ndarray, eps: float, block_bytes: int = 64 << 20) -> tuple[np.ndarray, np.ndarray]:
-    """Blocked dense NumPy: every ``A >= eps`` as (query rows, key ids); exact in float64."""
-    n = K.shape[0]
-    step = max(1, block_bytes // (8 * n))
-    rows, keys = [], []
-    for s in range(0, Q.shape[0], step):
-        P = Q[s:s + step] @ K.T
-        np.square(P, out=P)
-        Z = P.sum(axis=1)
-        i, j = np.nonzero(P >= (eps * Z)[:, None])
-        rows.append(i + s)
-        keys.append(j)
-    return np.concatenate(rows), np.concatenate(keys)
-
-
 def faiss_range(index: Any, Q: np.ndarray, G: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """faiss ``range_search`` for ``|<q,k>| >= sqrt(eps Z(q))``: queries scaled to threshold 1, both signs."""
     Z = np.einsum("ij,jk,ik->i", Q, G, Q)
@@ -300,8 +286,9 @@ def bench_query(cfg: dict[str, Any], dim: int = 64) -> list[dict[str, Any]]:
         G = sk.normalizer_summary.gram
         methods: dict[str, dict[str, Any]] = {}
 
-        t, setting, (ri, kj) = best_time(lambda: dense_heavy(Q, K, EPS), reps)
-        truth = pair_codes(ri, kj, n)
+        # the oracle, blocked dense NumPy in float64 (levstream.testing.DenseHeavyScan)
+        t, setting, dense = best_time(lambda: DenseHeavyScan(Q, eps=EPS).add(K).result(), reps)
+        truth = pair_codes(dense.rows(), dense.key_ids, n)
         methods["dense NumPy (blocked)"] = {"s": t, "threads": thread_label(setting), "recall": 1.0,
                                             "precision": 1.0}
 

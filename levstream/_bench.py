@@ -1,84 +1,32 @@
-"""Quick in-package benchmark behind ``levstream bench`` and the query-time panel of ``levstream demo --plot``.
+"""Quick in-package benchmark behind ``levstream bench`` and the query-time panel of ``levstream demo
+--plot``.
 
 Each point streams ``n`` synthetic attention-like keys (:mod:`levstream.synthetic`) and measures, in the
 same process and on the same chunks, the sketch build against the Gram-only floor ``G += X.T @ X``, and
-``heavy_entries`` against blocked dense NumPy (:class:`DenseScan`: ``Q @ X.T`` per block of keys, power,
-normalise, threshold).  The dense answer is also the oracle: every point reports recall and precision.
-BLAS, OpenMP and numba are limited to one thread (:func:`levstream._threads.capped_threads`): one core
-against one core, and tall-skinny products are erratic with more threads on small shared machines.
+``heavy_entries`` against blocked dense NumPy (the oracle :class:`levstream.testing.DenseHeavyScan`:
+``Q @ X.T`` per block of keys, power, threshold).  The dense answer is also the reference: every point
+reports recall and precision.  BLAS, OpenMP and numba are limited to one thread
+(:func:`levstream._threads.capped_threads`): one core against one core, and tall-skinny products are
+erratic with more threads on small shared machines.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+
 import numpy as np
 
 from ._threads import capped_threads
 from .results import HeavyEntries
-
-#: Key rows per block of the dense baseline: its score matrix is (queries x DENSE_CHUNK_ROWS).
-DENSE_CHUNK_ROWS = 8192
+from .testing import DenseHeavyScan
 
 
-class DenseScan:
-    """Blocked dense NumPy heavy entries (the baseline and the oracle), fed key chunks in stream order.
-
-    For each chunk ``X`` it computes ``B = |Q X^T|^p`` and adds the row sums to ``Z``.  ``Z`` only grows, so
-    an entry with ``B >= eps * Z`` at the end also had ``B >= eps * Z_so_far`` when its chunk was seen: keeping
-    those per chunk (at most ``1/eps`` per query and chunk) and filtering with the final ``Z`` gives every
-    heavy entry exactly, with the keys never held together.
-    """
-
-    def __init__(self, Q: np.ndarray, eps: float, p: float = 2.0) -> None:
-        self.Q, self.eps, self.p = Q, eps, p
-        self.Z = np.zeros(Q.shape[0])
-        self._rows: list[np.ndarray] = []
-        self._cols: list[np.ndarray] = []
-        self._vals: list[np.ndarray] = []
-
-    def add(self, X: np.ndarray, first_id: int) -> None:
-        B = np.abs(self.Q @ X.T)
-        if self.p == 2.0:
-            B *= B
-        else:
-            B **= self.p
-        self.Z += B.sum(axis=1)
-        i, j = np.nonzero(B >= self.eps * self.Z[:, None])
-        self._rows.append(i)
-        self._cols.append(j + first_id)
-        self._vals.append(B[i, j])
-
-    def result(self) -> HeavyEntries:
-        m = self.Q.shape[0]
-        if not self._rows:
-            return HeavyEntries.from_counts(np.zeros(m, np.int64), np.zeros(0, np.int64), np.zeros(0), self.eps)
-        i, j, b = np.concatenate(self._rows), np.concatenate(self._cols), np.concatenate(self._vals)
-        a = b / np.where(self.Z[i] > 0, self.Z[i], np.inf)
-        heavy = a >= self.eps
-        i, j, a = i[heavy], j[heavy], a[heavy]
-        order = np.lexsort((j, i))
-        return HeavyEntries.from_counts(np.bincount(i, minlength=m).astype(np.int64), j[order], a[order],
-                                        self.eps)
-
-
-def dense_heavy_entries(Q: np.ndarray, K: np.ndarray, eps: float, p: float = 2.0) -> HeavyEntries:
-    """Every ``A[i, j] >= eps`` of ``A = |Q K^T|^p / rowsum`` by blocked dense NumPy over ``K``."""
-    scan = DenseScan(Q, eps, p)
-    for start in range(0, K.shape[0], DENSE_CHUNK_ROWS):
-        scan.add(K[start:start + DENSE_CHUNK_ROWS], start)
-    return scan.result()
-
-
-def compare(got: HeavyEntries, truth: HeavyEntries) -> tuple[float, float, float]:
-    """``(recall, precision, max relative value error)`` of ``got`` against ``truth`` (same queries)."""
-    g = dict(zip(zip(got.rows().tolist(), got.key_ids.tolist()), got.values.tolist()))
-    t = dict(zip(zip(truth.rows().tolist(), truth.key_ids.tolist()), truth.values.tolist()))
-    common = g.keys() & t.keys()
-    recall = len(common) / len(t) if t else 1.0
-    precision = len(common) / len(g) if g else 1.0
-    err = max((abs(g[e] - t[e]) / t[e] for e in common), default=0.0)
-    return recall, precision, err
+def compare(got: HeavyEntries, truth: HeavyEntries) -> tuple[float, float]:
+    """``(recall, precision)`` of the entries ``got`` against ``truth`` (same queries)."""
+    g, t = got.as_set(), truth.as_set()
+    common = g & t
+    return (len(common) / len(t) if t else 1.0), (len(common) / len(g) if g else 1.0)
 
 
 def warm_up(dim: int, eps: float, p: float) -> None:
@@ -132,9 +80,9 @@ def measure(n: int, dim: int, eps: float, p: float, n_queries: int, seed: int,
             hits = sketch.heavy_entries(Q)
             query_s = min(query_s, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            truth = dense_heavy_entries(Q, K, eps, p)
+            truth = DenseHeavyScan(Q, eps=eps, p=p).add(K).result()
             dense_s = min(dense_s, time.perf_counter() - t0)
-    recall, precision, _ = compare(hits, truth)
+    recall, precision = compare(hits, truth)
     return BenchPoint(n, universal, build_s, gram_s, query_s, dense_s, recall, precision)
 
 

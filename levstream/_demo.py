@@ -9,9 +9,9 @@ The run, in order:
    ``G += X.T @ X`` on the same chunk;
 3. the shard sketches are merged, and ``queries`` new rows are answered by ``heavy_entries``;
 4. the keys are generated again, chunk by chunk (never all held), to check the answer: the leverage score
-   of every key against the Gram matrix of step 2 gives the offline universal set, and blocked dense NumPy
-   over all keys (:class:`levstream._bench.DenseScan`) gives every heavy entry of the first ``check``
-   queries, and the dense query time.
+   of every key against the Gram matrix of step 2 gives the offline universal set, and blocked dense
+   NumPy over all keys (:class:`levstream.testing.DenseHeavyScan`) gives every heavy entry of the first
+   ``check`` queries, and the dense query time.
 
 BLAS and numba run one thread per worker throughout: the shards are the parallelism, multithreaded BLAS on
 tall-skinny products is erratic on small shared machines, and the query comparison is then one core
@@ -122,8 +122,8 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
     Returns ``(leverage scores of all keys or None, dense heavy entries of Q, dense normalisers Z of Q,
     dense seconds)``.  The scores use the Gram matrix accumulated independently while streaming.
     """
-    from ._bench import DenseScan
     from ._linalg import rank_tolerance
+    from .testing import DenseHeavyScan
 
     scores = None
     if args.p == 2.0:
@@ -131,7 +131,7 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
         keep = w > rank_tolerance(w.max(), *G.shape)
         W = V[:, keep] / np.sqrt(w[keep])
         scores = np.empty(args.n)
-    scan = DenseScan(Q, args.eps, args.p)
+    scan = DenseHeavyScan(Q, eps=args.eps, p=args.p)
     dense_s = 0.0
     pos = 0
     for X in _stream(args):
@@ -139,14 +139,14 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
             Y = X @ W
             scores[pos:pos + X.shape[0]] = np.einsum("ij,ij->i", Y, Y)
         t0 = time.perf_counter()
-        scan.add(X, pos)
+        scan.add(X)
         dense_s += time.perf_counter() - t0
         pos += X.shape[0]
         bar.update(X.shape[0])
     t0 = time.perf_counter()
     truth = scan.result()
     dense_s += time.perf_counter() - t0
-    return scores, truth, scan.Z, dense_s
+    return scores, truth, scan.normalizer, dense_s
 
 
 @dataclass

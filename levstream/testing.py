@@ -13,7 +13,8 @@ import numpy as np
 from ._validation import as_matrix, check_eps, check_p
 from .results import HeavyEntries
 
-__all__ = ["check_sketch_contract", "dense_attention", "exact_sensitivities", "heavy_entries_dense"]
+__all__ = ["DenseHeavyScan", "check_sketch_contract", "dense_attention", "exact_sensitivities",
+           "heavy_entries_dense"]
 
 
 def dense_attention(Q: Any, K: Any, *, p: float = 2) -> np.ndarray:
@@ -284,3 +285,90 @@ def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any =
             vals = np.asarray(top.values)[live]
             close = np.allclose(vals, true[live], rtol=_VALUE_RTOL, atol=0.0)
             _require(close, f"top_k, head {h}: values differ from the dense values")
+
+
+class DenseHeavyScan:
+    """Every entry ``A[i, j] >= eps`` of queries ``Q`` over keys fed chunk by chunk, by brute force.
+
+    The streaming form of :func:`heavy_entries_dense`, for keys that are never held together (a
+    generator, a file read in chunks) and for dense baselines in benchmarks: feed the keys in order
+    with :meth:`add` (key ``j`` of the stream gets id ``offset + j``), then call :meth:`result`.
+    Memory: one ``m x block_rows`` score matrix plus the candidate entries.
+
+    Each block ``X`` of keys gives ``B = |Q X^T|^p``, whose row sums are added to the normalisers
+    ``Z``.  ``Z`` only grows, so an entry with ``B >= eps Z`` at the end had ``B >= eps Z_so_far``
+    when its block was seen: keeping those (at most ``1/eps`` per query and block) and filtering
+    with the final ``Z`` gives every heavy entry, with value ``B / Z``.
+
+    Parameters
+    ----------
+    Q : array_like, shape (m, d)
+        The queries.
+    eps : float
+        Threshold, ``0 < eps <= 1``.
+    p : float, default 2
+        Exponent of ``f(x) = |x|^p``.
+    offset : int, default 0
+        Id of the first key fed.
+    block_rows : int, default 8192
+        Keys per block of scores.
+
+    Attributes
+    ----------
+    normalizer : ndarray of float64, shape (m,)
+        ``Z_i = sum_j |<q_i, k_j>|^p`` over the keys fed so far.
+    n : int
+        Number of keys fed so far.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from levstream.testing import DenseHeavyScan, heavy_entries_dense
+    >>> rng = np.random.default_rng(0)
+    >>> K, Q = rng.standard_normal((1000, 4)), rng.standard_normal((5, 4))
+    >>> scan = DenseHeavyScan(Q, eps=0.01)
+    >>> for chunk in np.array_split(K, 7):
+    ...     _ = scan.add(chunk)
+    >>> scan.result().as_set() == heavy_entries_dense(Q, K, eps=0.01).as_set()
+    True
+    """
+
+    def __init__(self, Q: Any, *, eps: float, p: float = 2, offset: int = 0,
+                 block_rows: int = 8192) -> None:
+        self._Q = as_matrix(Q, "Q", allow_empty=True)
+        self.eps, self.p = check_eps(eps), check_p(p)
+        self._offset, self._block_rows = int(offset), max(1, int(block_rows))
+        self.normalizer = np.zeros(self._Q.shape[0])
+        self.n = 0
+        self._found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, X: Any) -> DenseHeavyScan:
+        """Feed the next keys (shape (k, d), k >= 0); returns ``self``."""
+        X = as_matrix(X, "X", self._Q.shape[1] or None, allow_empty=True)
+        for start in range(0, X.shape[0], self._block_rows):
+            B = self._Q @ X[start:start + self._block_rows].T
+            if self.p == 2.0:
+                np.square(B, out=B)
+            else:
+                np.abs(B, out=B)
+                np.power(B, self.p, out=B)
+            self.normalizer += B.sum(axis=1)
+            i, j = np.nonzero(B >= self.eps * self.normalizer[:, None])
+            self._found.append((i, j + (self._offset + self.n + start), B[i, j]))
+        self.n += X.shape[0]
+        return self
+
+    def result(self) -> HeavyEntries:
+        """Every entry ``A[i, j] >= eps`` over the keys fed so far, by query then key id."""
+        m = self._Q.shape[0]
+        if not self._found:
+            none = np.zeros(0, np.int64)
+            return HeavyEntries.from_counts(np.zeros(m, np.int64), none, np.zeros(0), self.eps)
+        i, j, b = (np.concatenate(parts) for parts in zip(*self._found))
+        Z = self.normalizer[i]
+        a = b / np.where(Z > 0, Z, np.inf)
+        heavy = a >= self.eps
+        i, j, a = i[heavy], j[heavy], a[heavy]
+        order = np.lexsort((j, i))
+        counts = np.bincount(i, minlength=m).astype(np.int64)
+        return HeavyEntries.from_counts(counts, j[order].astype(np.int64), a[order], self.eps)

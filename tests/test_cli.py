@@ -480,6 +480,26 @@ def test_bench_fails_with_exit_code_3_when_an_entry_is_spurious(monkeypatch, cap
     assert [ln for ln in stdout.splitlines() if ln.strip().startswith("5,000")][0].split()[-1] != "1.000"
 
 
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_the_demo_and_bench_oracle_streams_chunks_to_the_dense_answer(keys, queries, p):
+    """levstream.testing.DenseHeavyScan (the dense side of demo, bench and the benchmarks), fed uneven
+    chunks (one empty) and small score blocks, against dense attention over all keys at once."""
+    B = np.abs(queries @ keys.T) ** p
+    A = B / B.sum(axis=1, keepdims=True)
+    eps = 0.01
+    scan = ls.testing.DenseHeavyScan(queries, eps=eps, p=p, offset=100, block_rows=700)
+    for chunk in np.split(keys, [10, 10, 2500, 4000]):
+        assert scan.add(chunk) is scan
+    hits = scan.result()
+    assert scan.n == N
+    np.testing.assert_allclose(scan.normalizer, B.sum(axis=1), rtol=VALUE_RTOL)
+    rows, cols = np.nonzero(A >= eps)
+    assert len({(i, j) for i, j in zip(rows, cols) if abs(A[i, j] - eps) <= 1e-9 * eps}) == 0  # no ties
+    assert hits.as_set() == {(int(i), int(j) + 100) for i, j in zip(rows, cols)}
+    np.testing.assert_allclose(hits.values, A[hits.rows(), hits.key_ids - 100], rtol=VALUE_RTOL)
+    assert len(ls.testing.DenseHeavyScan(queries, eps=eps).result()) == 0  # no keys, no entries
+
+
 def test_top_entries_orders_by_value_then_id():
     hits = ls.HeavyEntries.from_counts(np.array([3, 0, 2]), np.array([1, 5, 9, 2, 4]),
                                        np.array([0.2, 0.5, 0.2, 0.3, 0.3]), 0.1)
