@@ -1,0 +1,235 @@
+"""Live streams: random interleavings of updates, queries, merges, copies and byte round trips.
+
+A hypothesis program drives ``update``, ``update_many`` (0 to 3 blocks of rows; a running counter,
+``offset=`` or explicit non-positional ids), ``extend``, ``heavy_entries``, ``top_k``, ``merge``
+(with a sketch of a disjoint id range), ``copy`` and ``to_bytes``/``from_bytes`` on a ``KeySketch``
+(p = 2) and on a ``MultiHeadKeySketch`` (3 heads, p = 2).  After every query the answer is compared
+with the brute-force twin ``naive.NaiveStream`` fed the same prefix: identical entries (tie band
+excepted), values to VALUE_RTOL, and ``to_bytes()`` unchanged by the query.  A long run (10^5 steps
+of one update and one query, never settled explicitly) is checked on a sample of steps against
+brute force over the prefix.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import TIE_RTOL, VALUE_RTOL, heavy_tailed_keys
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from naive import NaiveStream
+from test_contract import GRAM, check_entries, check_top_k
+
+import levstream as ls
+
+D = 4
+EPS = 0.05
+BLOCK_ROWS = 8
+MAX_CHUNK = 3 * BLOCK_ROWS
+MAX_STEPS = 30
+POOL_ROWS = 4 * MAX_STEPS * MAX_CHUNK  # enough for any program (extend takes up to 3 chunks)
+SIDE_IDS = 10**6  # merged side sketches number their keys from k * SIDE_IDS: disjoint from the rest
+OPS = ["update", "update_many", "extend", "heavy_entries", "top_k", "merge", "copy", "bytes"]
+
+INTERLEAVING_SETTINGS = settings(deadline=None, max_examples=40, derandomize=True,
+                                 suppress_health_check=[HealthCheck.too_slow,
+                                                        HealthCheck.data_too_large])
+
+
+@cache
+def key_pool(heads: int, seed: int) -> np.ndarray:
+    """Heavy-tailed keys of every head, shape (heads, POOL_ROWS, D), consumed in order."""
+    return np.stack([heavy_tailed_keys(POOL_ROWS, D, seed=seed + 10 * h) for h in range(heads)])
+
+
+class Program:
+    """The sketch under test, its twins (one per head) and the bookkeeping of a random program."""
+
+    def __init__(self, data: Any, heads: int, seed: int) -> None:
+        self.data, self.heads, self.multi = data, heads, heads > 1
+        self.pool, self.used, self.merges = key_pool(heads, seed), 0, 0
+        self.rng = np.random.default_rng(seed)
+        self.sketch = self.new_sketch()
+        self.twins = [NaiveStream(D) for _ in range(heads)]
+        self.copies: list[tuple[Any, bytes]] = []  # originals left by copy(), with their bytes
+
+    def new_sketch(self) -> Any:
+        if self.multi:
+            return ls.MultiHeadKeySketch(self.heads, D, eps=EPS, block_rows=BLOCK_ROWS)
+        return ls.KeySketch(D, eps=EPS, block_rows=BLOCK_ROWS)
+
+    def arg(self, X: np.ndarray) -> np.ndarray:
+        return X if self.multi else X[0]
+
+    def draw(self, strategy: Any, label: str) -> Any:
+        return self.data.draw(strategy, label=label)
+
+    def take(self, m: int) -> np.ndarray:
+        X = self.pool[:, self.used:self.used + m]
+        self.used += m
+        return X
+
+    # ------------------------------------------------------------------------------ feeding
+    def update(self) -> None:
+        x = self.take(1)
+        self.sketch.update(self.arg(x[:, 0]))
+        for twin, row in zip(self.twins, x):
+            twin.update(row[0])
+
+    def update_many(self) -> None:
+        m = self.draw(st.integers(0, MAX_CHUNK), "rows")
+        X = self.take(m)
+        how = self.draw(st.sampled_from(["counter", "offset", "ids"]), "numbering")
+        gap = self.draw(st.sampled_from([0, 1, 7]), "id gap")
+        start = self.twins[0].next_id + gap
+        ids: dict[str, Any] = {}
+        if how == "offset":
+            ids["offset"] = start
+        elif how == "ids":  # non-positional: a permutation of a range past every id fed
+            ids["ids"] = start + np.asarray(self.draw(st.permutations(range(m)), "ids"), np.int64)
+        self.sketch.update_many(self.arg(X), **ids)
+        for twin, part in zip(self.twins, X):
+            twin.update_many(part, **ids)
+
+    def extend(self) -> None:
+        sizes = self.draw(st.lists(st.integers(-1, MAX_CHUNK), min_size=1, max_size=3), "items")
+        items = []
+        for size in sizes:  # -1: one row (1-D per head), otherwise a chunk of that many rows
+            X = self.take(max(size, 1) if size else 0)
+            items.append(X[:, 0] if size == -1 else X)
+            for twin, part in zip(self.twins, X):
+                twin.update_many(part)
+        self.sketch.extend([self.arg(item) for item in items])
+
+    def merge(self) -> None:
+        m = self.draw(st.integers(0, 2 * MAX_CHUNK), "side rows")
+        X = self.take(m)
+        self.merges += 1
+        offset = self.merges * SIDE_IDS
+        side = self.new_sketch()
+        side.update_many(self.arg(X), offset=offset)
+        self.sketch.merge(side)
+        for twin, part in zip(self.twins, X):
+            twin.merge(NaiveStream(D).update_many(part, offset=offset))
+
+    def copy(self) -> None:
+        self.copies.append((self.sketch, self.sketch.to_bytes()))
+        self.sketch = self.sketch.copy()
+
+    def bytes(self) -> None:
+        data = self.sketch.to_bytes()
+        self.sketch = type(self.sketch).from_bytes(data)
+        assert self.sketch.to_bytes() == data, "a restored sketch serializes differently"
+
+    # ------------------------------------------------------------------------------ queries
+    def queries(self) -> np.ndarray:
+        """1 to 3 rows per head: random, aligned with a fed key, or adversarial (G^+ k_j)."""
+        m = self.draw(st.integers(1, 3), "queries")
+        kinds = self.draw(st.lists(st.sampled_from(["random", "key", "adversarial"]),
+                                   min_size=m, max_size=m), "query kinds")
+        Q = self.rng.standard_normal((self.heads, m, D))
+        for h, twin in enumerate(self.twins):
+            if twin.n == 0:
+                continue
+            picks = self.rng.integers(0, twin.n, size=m)
+            for i, (kind, j) in enumerate(zip(kinds, picks)):
+                if kind == "key":
+                    Q[h, i] = twin.K[j]
+                elif kind == "adversarial":
+                    Q[h, i] = np.linalg.pinv(twin.K.T @ twin.K, hermitian=True) @ twin.K[j]
+        return Q
+
+    def heavy_entries(self) -> None:
+        Q = self.queries()
+        eps = self.draw(st.sampled_from([None, EPS, 0.1, 0.3]), "query eps")
+        before = self.sketch.to_bytes()
+        hits = self.sketch.heavy_entries(self.arg(Q), eps)
+        assert self.sketch.to_bytes() == before, "heavy_entries changed the sketch"
+        hits = list(hits) if self.multi else [hits]
+        assert len(hits) == self.heads
+        for h, twin in enumerate(self.twins):
+            check_entries(hits[h], twin, Q[h], EPS if eps is None else eps, GRAM,
+                          f"heavy_entries after {twin.n} keys, head {h}")
+
+    def top_k(self) -> None:
+        Q = self.queries()
+        k = self.draw(st.integers(1, 4), "k")
+        before = self.sketch.to_bytes()
+        tops = self.sketch.top_k(self.arg(Q), k)
+        assert self.sketch.to_bytes() == before, "top_k changed the sketch"
+        tops = list(tops) if self.multi else [tops]
+        assert len(tops) == self.heads
+        for h, twin in enumerate(self.twins):
+            check_top_k(tops[h], twin, Q[h], k, EPS, GRAM, f"top_k after {twin.n} keys, head {h}")
+
+    def run(self) -> None:
+        for _ in range(self.draw(st.integers(1, MAX_STEPS), "steps")):
+            getattr(self, self.draw(st.sampled_from(OPS), "op"))()
+            assert self.sketch.n == self.twins[0].n, "n differs from the number of keys fed"
+        self.heavy_entries()  # every program ends with a checked query
+        for original, data in self.copies:
+            assert original.to_bytes() == data, "working on a copy changed the original"
+
+
+@INTERLEAVING_SETTINGS
+@given(data=st.data(), seed=st.sampled_from([0, 1, 2]))
+def test_random_interleavings_on_one_head(data, seed):
+    Program(data, heads=1, seed=seed).run()
+
+
+@INTERLEAVING_SETTINGS
+@given(data=st.data(), seed=st.sampled_from([0, 1, 2]))
+def test_random_interleavings_on_three_heads(data, seed):
+    Program(data, heads=3, seed=seed).run()
+
+
+# ------------------------------------------------------------------------------- a long live run
+LONG_STEPS = 100_000
+LONG_EPS = 0.01
+
+
+def long_run_checked_steps() -> np.ndarray:
+    """The steps compared with brute force: the first 200 (small prefixes) and every 97th."""
+    return np.union1d(np.arange(200), np.arange(0, LONG_STEPS, 97))
+
+
+@pytest.mark.slow
+def test_long_live_run_matches_brute_force_on_a_sample():
+    """10^5 steps of update(one key) then heavy_entries(one query), never flushed or settled by
+    hand; a sample of >= 1000 steps is checked against brute force over the prefix fed so far."""
+    K = heavy_tailed_keys(LONG_STEPS, D, seed=11)
+    rng = np.random.default_rng(12)
+    # queries: random rows and rows aligned with a key fed so far (which makes that key heavy)
+    Q = rng.standard_normal((LONG_STEPS, D))
+    aligned = rng.random(LONG_STEPS) < 0.5
+    Q[aligned] = K[(rng.random(LONG_STEPS) * (np.arange(LONG_STEPS) + 1)).astype(np.int64)][aligned]
+    checked = long_run_checked_steps()
+    assert checked.size >= 1000
+    check = np.zeros(LONG_STEPS, dtype=bool)
+    check[checked] = True
+    sk = ls.KeySketch(D, eps=LONG_EPS)
+    entries_checked = 0
+    for t in range(LONG_STEPS):
+        sk.update(K[t])
+        if not check[t]:
+            sk.heavy_entries(Q[t:t + 1])
+            continue
+        before = sk.to_bytes()
+        hits = sk.heavy_entries(Q[t:t + 1])
+        assert sk.to_bytes() == before, f"step {t}: the query changed the sketch"
+        prefix = K[:t + 1]  # the dense keys fed so far (ids 0..t), grown one row per step
+        a = (prefix @ Q[t]) ** 2
+        z = a.sum()
+        A = a / z if z > 0 else np.zeros_like(a)
+        must = set(np.flatnonzero(A >= LONG_EPS * (1 + TIE_RTOL)).tolist())
+        may = set(np.flatnonzero(A >= LONG_EPS * (1 - TIE_RTOL)).tolist())
+        got = set(hits.key_ids.tolist())
+        assert must <= got <= may, f"step {t}: entries {sorted(got)} vs dense {sorted(must)}"
+        np.testing.assert_allclose(hits.values, A[hits.key_ids], rtol=VALUE_RTOL,
+                                   err_msg=f"step {t}: values")
+        entries_checked += len(must)
+    assert sk.n == LONG_STEPS
+    assert entries_checked >= 1000, f"only {entries_checked} heavy entries checked: a weak sample"
