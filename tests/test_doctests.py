@@ -1,15 +1,18 @@
 """Every docstring example of the levstream package, and the README quickstart, runs and gives its output.
 
-Modules are discovered, not listed, so examples added by any module are run.  A module (or example) that
-needs an optional dependency which is not installed is skipped with a reason naming that dependency; any
-other failure fails the test.
+Modules are discovered, not listed, so examples added by any module are run.  A module (or example)
+that needs one of the named optional dependencies, which ``importlib.util.find_spec`` confirms is
+not installed, is skipped with a reason naming it; any other failure (including an ImportError from
+an installed package) fails the test.
 """
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pkgutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,13 +28,23 @@ MODULES = sorted(
 )
 
 
+#: The optional dependencies of levstream (pyproject extras) whose absence may skip an example.
+OPTIONAL_DEPENDENCIES = ("torch", "dask", "distributed", "matplotlib")
+
+
 def _optional_dependency(exc: BaseException | None) -> str | None:
-    """The missing third-party module behind ``exc`` (an ImportError, possibly re-raised by levstream with a
-    friendlier message), or None when ``exc`` is anything else."""
+    """The named optional dependency whose absence caused ``exc``, or None.
+
+    Follows an ImportError re-raised by levstream with an install hint to the ModuleNotFoundError
+    behind it.  Only a package of OPTIONAL_DEPENDENCIES that ``importlib.util.find_spec`` confirms
+    is not installed counts: an ImportError from an installed package (a broken install, a renamed
+    API) or of any other module is a failure, not a skip."""
     while isinstance(exc, ImportError):
         name = exc.name if isinstance(exc, ModuleNotFoundError) else None
         if name and name.split(".")[0] != "levstream":
-            return name.split(".")[0]
+            top = name.split(".")[0]
+            missing = top in OPTIONAL_DEPENDENCIES and importlib.util.find_spec(top) is None
+            return top if missing else None
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -90,16 +103,29 @@ def test_readme_quickstart():
     _run([test])
 
 
-def test_only_third_party_import_errors_count_as_missing_optional_dependencies():
-    assert _optional_dependency(ModuleNotFoundError("No module named 'torch'", name="torch")) == "torch"
-    assert _optional_dependency(ModuleNotFoundError("x", name="dask.array")) == "dask"
+def test_only_missing_named_optional_dependencies_count(monkeypatch):
+    absent = "levstream_test_absent_dependency"  # named optional, and surely not installed
+    assert importlib.util.find_spec(absent) is None
+    monkeypatch.setattr(sys.modules[__name__], "OPTIONAL_DEPENDENCIES", (absent, "numpy"))
+    assert _optional_dependency(ModuleNotFoundError("No module named x", name=absent)) == absent
+    assert _optional_dependency(ModuleNotFoundError("x", name=f"{absent}.array")) == absent
+    # installed (numpy), or not one of the named optional dependencies: a failure, not a skip
+    assert _optional_dependency(ModuleNotFoundError("x", name="numpy.missing_submodule")) is None
+    assert _optional_dependency(ModuleNotFoundError("x", name="nmupy")) is None
     assert _optional_dependency(ModuleNotFoundError("x", name="levstream.missing")) is None
     assert _optional_dependency(ImportError("cannot import name 'x'")) is None
     assert _optional_dependency(ValueError("x")) is None
     try:
         try:
-            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+            raise ModuleNotFoundError(f"No module named {absent!r}", name=absent)
         except ImportError as inner:
             raise ImportError("levstream.torch needs PyTorch") from inner
     except ImportError as outer:
-        assert _optional_dependency(outer) == "torch"
+        assert _optional_dependency(outer) == absent
+
+
+def test_an_installed_optional_dependency_never_counts_as_missing():
+    """An ImportError naming an installed optional dependency fails (e.g. a broken install)."""
+    for name in OPTIONAL_DEPENDENCIES:
+        if importlib.util.find_spec(name) is not None:
+            assert _optional_dependency(ModuleNotFoundError("x", name=name)) is None
