@@ -222,7 +222,9 @@ def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any =
     one = fed(make(), K)
     ref = check(one, "one chunk")
 
-    cuts = np.sort(gen.choice(np.arange(1, n), size=min(5, n - 1), replace=False)) if n > 1 else []
+    cuts: list[int] = []
+    if n > 1:
+        cuts = sorted(gen.choice(np.arange(1, n), size=min(5, n - 1), replace=False).tolist())
     chunked = make()
     for part in np.split(K, cuts, axis=1):
         fed(chunked, part)
