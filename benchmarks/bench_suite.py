@@ -3,7 +3,7 @@
 One command runs everything and writes a JSON record, a Markdown report and the plots used by the docs::
 
     python benchmarks/bench_suite.py --quick                      # a few minutes on 2 cores
-    python benchmarks/bench_suite.py --full                       # the DESIGN.md §5 sizes (n up to 10^7)
+    python benchmarks/bench_suite.py --full                       # the design's target sizes (n up to 10^7)
     python benchmarks/bench_suite.py --quick --update-results     # also rewrite our section of RESULTS.md
 
 Sections (``--sections build,query,memory,usize`` to run a subset):
@@ -532,7 +532,7 @@ def report(res: dict[str, Any]) -> str:
             "#### Build vs Gram-only", "",
             "Only the update calls are timed (plus the final `universal_set()` for the sketch), over the same "
             "65 536-row chunks, which the two methods take in turns (alternating which goes first) so that "
-            "both see the same machine load. Gram-only is `G += X.T @ X`, the unavoidable floor. DESIGN.md target: ratio "
+            "both see the same machine load. Gram-only is `G += X.T @ X`, the unavoidable floor. Design target: ratio "
             "<= 1.3 at n = 2e6, d = 64.", "",
             "| n | d | \\|U\\| | sketch (best) | Gram-only (best) | ratio | sketch default / 1 thread | "
             "Gram default / 1 thread |",
@@ -551,7 +551,7 @@ def report(res: dict[str, Any]) -> str:
             "Ground truth: blocked dense NumPy in float64. faiss uses float32 keys (`IndexFlatIP`, index "
             "build and the Gram matrix for Z(q) not timed); range_search runs on q and -q with queries "
             "scaled to threshold 1; top-k runs on q and -q and keeps candidates with A >= eps "
-            "(k = 1/eps = 100 is enough by construction). DESIGN.md target: sketch >= 500x faster than "
+            "(k = 1/eps = 100 is enough by construction). Design target: sketch >= 500x faster than "
             "dense at n = 1e6, m = 1000.", "",
         ]
         for r in res["query"]:
@@ -577,7 +577,7 @@ def report(res: dict[str, Any]) -> str:
             "Each n streams into a sketch in a fresh process (d = 64, eps = 0.01, 65 536-row chunks generated "
             "on the fly). Peak RSS (VmHWM) includes the interpreter, NumPy/SciPy/numba and the key "
             "generator's temporaries; the tracemalloc peak is taken over the sketch calls only and counts the "
-            "32 MiB chunk being processed plus everything the sketch allocates. DESIGN.md target: peak RSS "
+            "32 MiB chunk being processed plus everything the sketch allocates. Design target: peak RSS "
             "at n = 1e7 within 1.05x of n = 1e5.", "",
             "| n | RSS before streaming | peak RSS | tracemalloc peak | sketch nbytes | \\|U\\| | "
             "raw keys (float64) | stream time |",
@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="small sizes, a few minutes (default)")
-    mode.add_argument("--full", action="store_true", help="DESIGN.md sizes (n up to 1e7); tens of minutes")
+    mode.add_argument("--full", action="store_true", help="the design's target sizes (n up to 1e7); tens of minutes")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the suite runs")
     parser.add_argument("--sections", default="build,query,memory,usize",
                         help="comma-separated subset of build,query,memory,usize")

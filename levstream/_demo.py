@@ -37,7 +37,8 @@ from .results import HeavyEntries
 #: 2.0-2.1, 32768 rows 1.75 with the shortest wall time, 65536 rows 1.7 with 90 MB more peak memory.
 CHUNK_ROWS = 32768
 
-#: Keys whose offline leverage score is this close to eps (relative) may go either way (DESIGN.md §4).
+#: Keys whose offline leverage score is this close to eps (relative) may go either way (docs/theory.md,
+#: "The guarantee").
 TIE_RTOL = 1e-9
 
 #: Normaliser accuracy of the coreset used for p != 2: every returned entry has A >= eps (1 - DELTA)^2.

@@ -110,11 +110,14 @@ def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, kind: str, index: int
     A chunk larger than the sketch's block is fed block by block, so that the Gram pass and the scoring
     pass over each piece run in cache (a whole large chunk would be read from memory twice).  Errors name
     ``kind index`` and the global rows of the piece, e.g. ``"partition 3 (rows 8192..16383) rejected:
-    ..."``, with indices relative to the piece; the rejected piece leaves the sketch unchanged.  Zero-row
-    chunks hold no keys and are skipped.
+    ..."``, with indices relative to the piece; the rejected piece leaves the sketch unchanged.  A chunk
+    with zero rows and the sketch's width is a no-op; a wrong width is an error, rows or not.
     """
     with named_errors(describe(kind, index, offset, chunk)):
         arr = _as_chunk(chunk)
+        if arr.shape[1] != sketch.dim:
+            raise ValueError(f"every chunk must have {sketch.dim} columns (the sketch's dim); "
+                             f"got shape {arr.shape}.")
     step = max(int(sketch._block_rows), 1)
     for start in range(0, arr.shape[0], step):
         piece = arr[start:start + step]
@@ -127,19 +130,16 @@ def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int
                      p: float, options: dict[str, Any]) -> KeySketch | None:
     """The sketch of partition ``index``: its chunks fed in order with global ids from ``offset`` on.
 
-    ``dim=None`` takes the width from the first non-empty chunk; a partition without rows then gives
-    ``None`` (nothing to merge).  An invalid chunk raises a ``ValueError``/``TypeError`` naming the
-    partition and its global rows.
+    ``dim=None`` takes the width from the first chunk (empty or not); a partition without any chunk then
+    gives ``None`` (nothing to merge), one whose chunks hold no rows an empty sketch.  An invalid chunk
+    raises a ``ValueError``/``TypeError`` naming the partition and its global rows.
     """
     sketch = None if dim is None else new_sketch(dim, eps, p, options)
     position = offset
     for chunk in chunks:
         if sketch is None:
             with named_errors(describe("partition", index, position, chunk)):
-                width = _as_chunk(chunk).shape
-            if not width[0]:
-                continue
-            sketch = new_sketch(int(width[1]), eps, p, options)
+                sketch = new_sketch(int(_as_chunk(chunk).shape[1]), eps, p, options)
         position += feed_chunk(sketch, chunk, position, "partition", index)
     # settled before it travels: the candidates of a young sketch are mostly rows a prune would drop
     return None if sketch is None else sketch.flush()

@@ -84,7 +84,9 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
     ``n_jobs`` takes the ``s``-th contiguous run of chunks; chunks of an iterable are dealt round-robin
     (chunk ``k`` to shard ``k % n_jobs``), at most 2 waiting per shard.  The shard sketches are merged in
     the tree of :func:`levstream.dask.build_sketch` (groups of 8).  For p = 2 the universal set and every
-    query answer are those of a single stream, whatever ``n_jobs`` and the chunking (DESIGN.md §4).
+    query answer are those of a single stream, whatever ``n_jobs`` and the chunking (docs/theory.md,
+    "Merging shards").  Chunks with zero rows (of the right width) are no-ops; a source without rows
+    gives an empty sketch.
 
     Threads.  The shards run on ``min(n_jobs, levstream.get_num_threads())`` threads (a thread
     feeds its shards in turn; the shards, hence the sketch, do not depend on the thread count).

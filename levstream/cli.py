@@ -8,6 +8,7 @@ traceback for them.  Sketch files are the bytes of :meth:`levstream.KeySketch.to
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import textwrap
@@ -164,8 +165,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.jobs is not None or args.scheduler is not None:
         part = _build_in_parallel(args, source, sketch, start, chunk_rows)
-        if part.is_empty():
-            raise CliError(f"{source.name} holds no rows; nothing was written.", EXIT_INPUT)
         try:
             sketch.merge(part)
         except ValueError as exc:
@@ -179,6 +178,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         with capped_threads(1), _progress(source.n_rows, args.quiet,
                                           f"build {os.path.basename(args.output)}") as bar:
             for chunk in _chunks(source, chunk_rows):
+                if not chunk.shape[0]:  # a source without rows adds nothing (its width was checked)
+                    continue
                 try:
                     sketch.update_many(chunk, offset=pos)
                 except ValueError as exc:
@@ -186,9 +187,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                    EXIT_SKETCH) from None
                 pos += chunk.shape[0]
                 bar.update(chunk.shape[0])
-        if pos == start:
-            raise CliError(f"{source.name} holds no rows; nothing was written.", EXIT_INPUT)
-    U = sketch.universal_set()  # settles the sketch: buffered rows are folded in before saving
+    sketch.flush()  # saved settled: the rows still buffered are folded in (a smaller file)
+    U = sketch.universal_set()
     _save_sketch(sketch, args.output)
     print(f"{args.output}: n={sketch.n:,} keys, dim={sketch.dim}, eps={sketch.eps:g}, p={sketch.p:g}, "
           f"|U|={len(U):,}, {format_bytes(os.path.getsize(args.output))}")
@@ -200,7 +200,10 @@ def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start
     if args.scheduler is None:
         from .build import build_sketch
 
-        data: Any = os.path.abspath(args.keys) if source.name.endswith(".npy") else _chunks(source, chunk_rows)
+        if source.name.endswith(".npy"):
+            data: Any = os.path.abspath(args.keys)
+        else:  # the width of an empty first chunk sets build_sketch's dim even when no row follows
+            data = itertools.chain([np.empty((0, source.dim))], _chunks(source, chunk_rows))
         try:
             return build_sketch(data, eps=sketch.eps, p=sketch.p, n_jobs=args.jobs, chunk_rows=chunk_rows,
                                 offset=start, progress=not args.quiet)
@@ -218,7 +221,7 @@ def _build_in_parallel(args: argparse.Namespace, source: Any, sketch: Any, start
     from ._io import load_rows
 
     path = os.path.abspath(args.keys)
-    bounds = list(range(0, source.n_rows, chunk_rows))
+    bounds = list(range(0, source.n_rows, chunk_rows)) or [0]  # no rows: one empty partition
     parts = [delayed(load_rows)(path, a, min(a + chunk_rows, source.n_rows)) for a in bounds]
     try:
         return lsd.build_sketch(parts, eps=sketch.eps, p=sketch.p, offsets=[start + a for a in bounds],

@@ -93,7 +93,8 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
     Notes
     -----
     For p = 2 the universal set and every query answer equal those of one stream over the same keys, on
-    any scheduler (DESIGN.md §4).  Sketches travel between processes as :meth:`KeySketch.to_bytes`
+    any scheduler (docs/theory.md, "Merging shards").  Partitions and chunks with zero rows (of the right
+    width) are no-ops; keys without rows give an empty sketch.  Sketches travel between processes as :meth:`KeySketch.to_bytes`
     (``O(d^2 + |candidates| d)`` bytes each, independent of the partition size).  A worker lost mid-build
     costs the recomputation of its tasks: every task is a pure function of its inputs.
 
@@ -240,5 +241,6 @@ def _merge_task(first: int, last: int, *sketches: KeySketch | None) -> KeySketch
 
 def _finish(sketch: KeySketch | None, first: int, last: int) -> KeySketch:
     if sketch is None:
-        raise ValueError(f"keys must contain at least one row; partitions {first}..{last} are all empty.")
+        raise ValueError(f"keys must contain at least one 2-D chunk (its width sets the sketch's dim); "
+                         f"partitions {first}..{last} hold none.")
     return sketch

@@ -171,9 +171,37 @@ def test_more_jobs_than_chunks_and_empty_chunks(K, Q):
     assert_same_answers(sk, single_stream(K), Q)
 
 
-def test_empty_array_gives_empty_sketch():
-    sk = ls.build_sketch(np.zeros((0, 4)), eps=0.1, n_jobs=2)
-    assert sk.is_empty() and sk.dim == 4
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_sources_without_rows_give_an_empty_sketch(n_jobs, tmp_path):
+    """Empty chunks are no-ops (issue 11): an array, a .npy file or chunks without rows give n = 0."""
+    np.save(tmp_path / "empty.npy", np.zeros((0, 4), dtype=np.float32))
+    np.save(tmp_path / "empty_f.npy", np.asfortranarray(np.zeros((0, 4))))
+    sources = [np.zeros((0, 4)), tmp_path / "empty.npy", tmp_path / "empty_f.npy",
+               iter([np.zeros((0, 4))]), [np.zeros((0, 4))] * 3]
+    for source in sources:
+        sk = ls.build_sketch(source, eps=0.1, n_jobs=n_jobs, offset=5)
+        assert sk.is_empty() and (sk.n, sk.dim) == (0, 4)
+        assert len(sk.universal_set()) == 0
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_empty_chunks_anywhere_are_no_ops(K, Q, n_jobs):
+    """Empty chunks of the right width, first, inside and last, change no answer and no id."""
+    e = K[:0]
+    chunks = [e, e, K[:5000], e, K[5000:5001], e, K[5001:], e]
+    sk = ls.build_sketch(iter(chunks), eps=EPS, n_jobs=n_jobs)
+    assert_same_answers(sk, single_stream(K), Q)
+    assert_matches_brute_force(sk, K, Q)
+    sk = ls.build_sketch(chunks, eps=EPS, n_jobs=n_jobs, offset=77)  # a list: also an iterable
+    assert_same_answers(sk, single_stream(K, offset=77), Q)
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_an_empty_chunk_of_the_wrong_width_is_an_error(K, n_jobs):
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows from 100\) rejected: .*8 columns.*\(0, 7\)"):
+        ls.build_sketch([K[:100], np.zeros((0, 7)), K[100:200]], eps=EPS, n_jobs=n_jobs)
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows 0\.\.99\) rejected: .*7 columns"):
+        ls.build_sketch([np.zeros((0, 7)), K[:100]], eps=EPS, n_jobs=n_jobs)  # the first chunk sets dim
 
 
 def test_default_n_jobs_and_sketch_options_are_used(K, Q):

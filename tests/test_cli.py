@@ -147,6 +147,48 @@ def test_jobs_build_equals_single_stream(files, keys, capsys):
         assert_matches_offline(sketch.universal_set().ids, leverage_svd(keys), EPS)
 
 
+@pytest.mark.parametrize("extra", [[], ["--jobs", "2"]])
+def test_keys_without_rows_build_an_empty_sketch(files, extra, capsys):
+    """An empty key file of the right width is a no-op: a new sketch holds n = 0 keys (issue 11)."""
+    np.save(files / "E.npy", np.zeros((0, DIM)))
+    np.savez(files / "E.npz", keys=np.zeros((0, DIM), dtype=np.float32))
+    for i, source in enumerate(("E.npy", "E.npz:keys")):
+        sketch, stdout = build(files, files / source, *extra, out=f"e{i}.lvs", capsys=capsys)
+        assert sketch.n == 0 and sketch.dim == DIM and sketch.is_empty()
+        assert "n=0 keys" in stdout and "|U|=0" in stdout
+
+
+@pytest.mark.parametrize("extra", [[], ["--jobs", "2"]])
+def test_appending_keys_without_rows_changes_nothing(files, keys, queries, extra, capsys):
+    build(files, files / "K.npy", capsys=capsys)
+    before = ls.load(files / "S.lvs")
+    np.save(files / "E.npy", np.zeros((0, DIM)))
+    code, _, err = run(["build", files / "E.npy", "-o", files / "S.lvs", "--append", "--quiet", *extra],
+                       capsys)
+    assert code == EXIT_OK, err
+    after = ls.load(files / "S.lvs")
+    assert (after.n, after.next_id) == (before.n, before.next_id) == (N, N)
+    np.testing.assert_array_equal(after.universal_set().ids, before.universal_set().ids)
+    assert after.heavy_entries(queries).as_set() == set(dense_heavy(queries, keys, EPS))
+    # a wrong width is still an error, rows or not, and leaves the file alone
+    np.save(files / "Enarrow.npy", np.zeros((0, DIM - 1)))
+    saved = (files / "S.lvs").read_bytes()
+    code, _, err = run(["build", files / "Enarrow.npy", "-o", files / "S.lvs", "--append", *extra], capsys)
+    assert_user_error(code, err, EXIT_INPUT, f"width {DIM - 1}", f"dim {DIM}")
+    assert (files / "S.lvs").read_bytes() == saved
+
+
+def test_empty_stdin_builds_an_empty_sketch(tmp_path):
+    out = tmp_path / "e.lvs"
+    for extra in ([], ["--jobs", "2"]):
+        proc = subprocess.run([sys.executable, "-m", "levstream.cli", "build", "-", "-o", out, "--eps", "0.1",
+                               "--dim", "4", "--dtype", "float32", "--quiet", "--force", *extra],
+                              input=b"", capture_output=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr.decode()
+        sketch = ls.load(out)
+        assert sketch.n == 0 and sketch.dim == 4
+
+
 # ---------------------------------------------------------------------- query and info
 def test_query_npz_output_equals_library_and_brute_force(files, keys, queries, capsys):
     sketch, _ = build(files, files / "K.npy", capsys=capsys)
@@ -323,7 +365,6 @@ def test_stdin_errors(tmp_path):
     for proc, expected, words in [
         (build_stdin(rows), EXIT_USAGE, "--dim"),
         (build_stdin(rows[:-2], "--dim", "4", "--dtype", "float32"), EXIT_INPUT, "mid-row"),
-        (build_stdin(b"", "--dim", "4", "--dtype", "float32"), EXIT_INPUT, "no rows"),
     ]:
         assert_user_error(proc.returncode, proc.stderr.decode(), expected, words)
     assert not (tmp_path / "x.lvs").exists()
@@ -402,6 +443,10 @@ def test_scheduler_build_equals_single_stream(files, keys, capsys):
                                   dashboard_address=None) as cluster:
         sketch, _ = build(files, files / "K.npy", "--scheduler", cluster.scheduler_address, "--chunk", 1500,
                           "--offset", 7, capsys=capsys)
+        np.save(files / "E.npy", np.zeros((0, DIM)))  # no rows: one empty partition, an empty sketch
+        empty, _ = build(files, files / "E.npy", "--scheduler", cluster.scheduler_address, out="E.lvs",
+                         capsys=capsys)
+    assert empty.n == 0 and empty.dim == DIM
     assert sketch.n == N
     tau = leverage_svd(keys)
     assert_matches_offline(sketch.universal_set().ids - 7, tau, EPS)

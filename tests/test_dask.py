@@ -100,11 +100,39 @@ def test_compute_false_returns_a_delayed_sketch(K, Q, reference):
     assert_same_answers(result.compute(scheduler="threads"), reference, Q)
 
 
-def test_empty_partitions_are_skipped(K, Q, reference):
-    parts = [dask.delayed(np.zeros)((0, 8)), *delayed_chunks(K), dask.delayed(np.zeros)((0, 8))]
+def test_empty_partitions_are_no_ops(K, Q, reference):
+    """Partitions and chunks without rows (of the right width) change nothing (issue 11)."""
+    empty = dask.delayed(np.zeros)((0, 8))
+    parts = [empty, *delayed_chunks(K), empty]
     assert_same_answers(lsd.build_sketch(parts, eps=EPS, scheduler="sync"), reference, Q)
-    with pytest.raises(ValueError, match="at least one row"):
-        lsd.build_sketch([dask.delayed(np.zeros)((0, 8))] * 2, eps=EPS, scheduler="sync")
+    sizes = (0, 1500, 0, 4500, 0, 6000, 0)  # empty blocks of a Dask array, first and last included
+    keys = da.from_array(K, chunks=(sizes, 8))
+    with dask.config.set(num_workers=2):
+        sk = lsd.build_sketch(keys, eps=EPS, split_every=2, scheduler="threads")
+    assert_same_answers(sk, reference, Q)
+    assert_matches_brute_force(sk, K, Q)
+    e = K[:0]
+    bag = db.from_sequence([e, K[:4000], e, e, K[4000:], e], npartitions=3)  # one partition holds only e, e
+    assert_same_answers(lsd.build_sketch(bag, eps=EPS, scheduler="sync"), reference, Q)
+
+
+@pytest.mark.parametrize("keys", [
+    lambda: [dask.delayed(np.zeros)((0, 8))] * 2,
+    lambda: da.zeros((0, 8), chunks=(5, 8)),
+    lambda: db.from_sequence([np.zeros((0, 8))] * 3, npartitions=2),
+])
+def test_keys_without_rows_give_an_empty_sketch(keys):
+    sk = lsd.build_sketch(keys(), eps=EPS, scheduler="sync")
+    assert sk.is_empty() and (sk.n, sk.dim) == (0, 8)
+
+
+def test_an_empty_partition_of_the_wrong_width_is_an_error(K):
+    parts = [*delayed_chunks(K)[:2], dask.delayed(np.zeros)((0, 7))]
+    with pytest.raises(ValueError, match=r"merging partitions 0\.\.2 failed: .*different \(dim"):
+        lsd.build_sketch(parts, eps=EPS, offsets=[0, 1500, 1501], scheduler="sync")
+    bag = db.from_sequence([K[:100], np.zeros((0, 7))], npartitions=1)
+    with pytest.raises(ValueError, match=r"partition 0 \(rows from 100\) rejected: .*8 columns"):
+        lsd.build_sketch(bag, eps=EPS, scheduler="sync")
 
 
 # ------------------------------------------------------------------------------ bad data and arguments
