@@ -238,9 +238,10 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
     stop = threading.Event()
     failures: list[tuple[int, BaseException]] = []
     bar_lock = threading.Lock()
-    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_threads)] if runs is None else None
+    queues: list[queue.Queue[Chunk | None]] = (
+        [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_threads)] if dealt is not None else [])
 
-    def drain(q: queue.Queue) -> Iterator[Chunk]:
+    def drain(q: queue.Queue[Chunk | None]) -> Iterator[Chunk]:
         while (item := q.get()) is not _DONE:
             yield item
 
@@ -276,9 +277,9 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
 
     with lowered_blas(share), ThreadPoolExecutor(max_workers=n_threads,
                                                  thread_name_prefix="levstream-shard") as pool:
-        if queues is None:
+        if runs is not None:
             futures = [pool.submit(work, run, s) for s, run in enumerate(runs)]
-        else:
+        elif dealt is not None:
             futures = [pool.submit(work, drain(q), None) for q in queues]
             try:
                 for item in dealt:

@@ -348,7 +348,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                         ("--queries", args.queries), ("--check", args.check)):
         if value < 1:
             raise CliError(f"{flag} must be >= 1; got {value}.", EXIT_USAGE)
-    _new_sketch(args.dim, _checked_eps(args.eps), args.p)  # the demo's sketch parameters are valid
+    _checked_eps(args.eps)
+    _new_sketch(args.dim, args.eps, args.p)  # the demo's sketch parameters are valid
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
