@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TORCH_FLOAT32_ATOL, TORCH_FLOAT32_RTOL, TORCH_FLOAT64_ATOL, TORCH_FLOAT64_RTOL
 from naive import leverage_svd
 
 import levstream as ls
@@ -22,51 +23,74 @@ torch = pytest.importorskip("torch", reason="torch not installed (optional extra
                                             "`pip install torch==2.13.0`)")
 from levstream.torch import LevSelfAttention, leverage_scores_torch
 
+#: Every numerical test runs in float64 and in float32 (torch's default dtype), each with its own
+#: tolerance.
+DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
+TOLERANCE = {torch.float64: {"rtol": TORCH_FLOAT64_RTOL, "atol": TORCH_FLOAT64_ATOL},
+             torch.float32: {"rtol": TORCH_FLOAT32_RTOL, "atol": TORCH_FLOAT32_ATOL}}
 
-def make(top_k=6, **kw):
+
+def make(top_k=6, dtype=torch.float64, **kw):
     torch.manual_seed(0)
-    return LevSelfAttention(12, 3, top_k=top_k, **kw).double()
+    return LevSelfAttention(12, 3, top_k=top_k, **kw).to(dtype)
 
 
-def test_shapes_and_full_attention_equals_torch_multihead_attention():
-    layer = make(top_k=None)
-    x = torch.randn(2, 20, 12, dtype=torch.float64)
-    assert layer(x).shape == (2, 20, 12)
+def as_float64(t: torch.Tensor) -> np.ndarray:
+    """The exact float64 values of a tensor of either dtype (the reference computes in float64)."""
+    return t.detach().to(torch.float64).numpy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shapes_and_full_attention_equals_torch_multihead_attention(dtype):
+    layer = make(top_k=None, dtype=dtype)
+    x = torch.randn(2, 20, 12, dtype=dtype)
+    assert layer(x).shape == (2, 20, 12) and layer(x).dtype == dtype
+    # the reference: torch's own attention, in float64 from the same (float64-converted) weights
     ref = torch.nn.MultiheadAttention(12, 3, batch_first=True).double()
     with torch.no_grad():
         ref.in_proj_weight.copy_(torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]))
         ref.in_proj_bias.copy_(torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias]))
         ref.out_proj.weight.copy_(layer.out_proj.weight)
         ref.out_proj.bias.copy_(layer.out_proj.bias)
-    torch.testing.assert_close(layer(x), ref(x, x, x, need_weights=False)[0], rtol=1e-10, atol=1e-12)
+    x64 = x.double()
+    want = ref(x64, x64, x64, need_weights=False)[0]
+    torch.testing.assert_close(layer(x).double(), want, **TOLERANCE[dtype])
     # top_k >= n is the full attention too
     layer.top_k = 20
-    torch.testing.assert_close(layer(x), ref(x, x, x, need_weights=False)[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer(x).double(), want, **TOLERANCE[dtype])
 
 
-def test_leverage_scores_torch_match_numpy():
-    K = torch.randn(2, 3, 30, 5, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_leverage_scores_torch_match_numpy(dtype):
+    K = torch.randn(2, 3, 30, 5, dtype=dtype)
     tau = leverage_scores_torch(K)
     aff = leverage_scores_torch(K, affine=True)
+    assert tau.dtype == aff.dtype == dtype
+    # float64 keeps the tighter tolerance this test always had: scores are well-conditioned here
+    tol = {"rtol": 1e-9, "atol": 1e-13} if dtype == torch.float64 else TOLERANCE[dtype]
     for b in range(2):
         for h in range(3):
-            k = K[b, h].numpy()
-            np.testing.assert_allclose(tau[b, h].numpy(), leverage_svd(k), rtol=1e-9, atol=1e-13)
-            np.testing.assert_allclose(aff[b, h].numpy(), leverage_svd(np.hstack([k, np.ones((30, 1))])),
-                                       rtol=1e-9, atol=1e-13)
+            k = as_float64(K[b, h])
+            np.testing.assert_allclose(as_float64(tau[b, h]), leverage_svd(k), **tol)
+            affine = leverage_svd(np.hstack([k, np.ones((30, 1))]))
+            np.testing.assert_allclose(as_float64(aff[b, h]), affine, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("selection", ["leverage", "leverage_affine", "query_mean"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_equals_lev_attention_in_numpy(selection, causal):
-    layer = make(top_k=7, selection=selection, always_keep=(0,), causal=causal)
-    x = torch.randn(3, 25, 12, dtype=torch.float64)
+def test_equals_lev_attention_in_numpy(selection, causal, dtype):
+    """The NumPy reference gets the layer's projections converted to float64: in float32 the
+    selected keys are the same (fixed seed, no near-ties) and outputs agree to float32 accuracy."""
+    layer = make(top_k=7, selection=selection, always_keep=(0,), causal=causal, dtype=dtype)
+    x = torch.randn(3, 25, 12, dtype=dtype)
     Q, K, V = layer.project_qkv(x)
     out, idx = layer.attend(Q, K, V, return_indices=True)
-    want, want_idx = ls.lev_attention(Q.detach().numpy(), K.detach().numpy(), V.detach().numpy(), top_k=7,
+    assert out.dtype == dtype
+    want, want_idx = ls.lev_attention(as_float64(Q), as_float64(K), as_float64(V), top_k=7,
                                       selection=selection, always_keep=[0], causal=causal, return_indices=True)
     np.testing.assert_array_equal(idx.numpy(), want_idx)
-    np.testing.assert_allclose(out.detach().numpy(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(as_float64(out), want, **TOLERANCE[dtype])
 
 
 def test_gradcheck_through_kept_keys():
@@ -77,9 +101,10 @@ def test_gradcheck_through_kept_keys():
     assert torch.autograd.gradcheck(lambda t: causal(t), (x,), eps=1e-6, atol=1e-6)
 
 
-def test_gradients_reach_every_parameter_and_only_kept_values():
-    layer = make(top_k=4)
-    x = torch.randn(1, 16, 12, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradients_reach_every_parameter_and_only_kept_values(dtype):
+    layer = make(top_k=4, dtype=dtype)
+    x = torch.randn(1, 16, 12, dtype=dtype)
     layer(x).sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
