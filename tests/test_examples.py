@@ -22,9 +22,11 @@ def run_example(name: str, *args: str, cwd: Path, pre: str | None = None) -> sub
     if pre is None:
         argv = [sys.executable, str(script), *args]
     else:  # run the script after some set-up code (e.g. hiding an optional dependency)
-        argv = [sys.executable, "-c", f"{pre}\nimport runpy, sys\nsys.argv = {[str(script), *args]!r}\n"
-                f"runpy.run_path({str(script)!r}, run_name='__main__')"]
-    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        code = (f"{pre}\nimport runpy, sys\nsys.argv = {[str(script), *args]!r}\n"
+                f"runpy.run_path({str(script)!r}, run_name='__main__')")
+        argv = [sys.executable, "-c", code]
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          check=False)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
@@ -72,8 +74,26 @@ def test_train_digits_vit_quick(tmp_path):
                                                  [" LevAttention k=8 ", " softmax "],
                                                  [" query_mean k=8 ", " softmax "],
                                                  [" LevAttention k=8 ", " LevAttention "]], out
-    # a smoke run (2 epochs): the accuracies are too noisy to compare; the full run is in the docs
-    assert json.loads((tmp_path / "levattention-vit.json").read_text())
+    result = json.loads((tmp_path / "levattention-vit.json").read_text())
+    assert result["epochs"] == 2 and isinstance(result["torch"], str) and result["torch"]
+    got = result["rows"]
+    assert [(r["attention"], r["k"], r["trained_with"]) for r in got] == [
+        ("full softmax (65 keys)", None, "softmax"), ("LevAttention k=8", 8, "softmax"),
+        ("query_mean k=8", 8, "softmax"), ("LevAttention k=8", 8, "LevAttention")]
+    acc = [r["accuracy"] for r in got]
+    for r, line in zip(got, rows):
+        # 450 test images: every accuracy is a multiple of 1/450 in [0, 1]
+        correct = r["accuracy"] * 450
+        assert 0.0 <= r["accuracy"] <= 1.0 and abs(correct - round(correct)) < 1e-3
+        assert r["ratio"] == pytest.approx(r["accuracy"] / acc[0], rel=1e-12)
+        assert line.split("|")[3].strip() == f"{r['accuracy']:.3f}"  # the table shows the JSON's
+    assert got[0]["train_seconds"] > 0 and got[3]["train_seconds"] > 0
+    assert got[1]["train_seconds"] == got[2]["train_seconds"] == 0.0  # evaluated, not trained
+    # Two epochs only train a little, so these are regression floors, not quality claims (chance
+    # is 0.10; measured when committed: full softmax 0.187, LevAttention-trained 0.516; the
+    # 12-epoch run is in the docs): a layer that breaks training falls to chance.
+    assert acc[0] >= 0.14, acc
+    assert acc[3] >= 0.35, acc
 
 
 def test_real_transformer_quality_quick(tmp_path):
@@ -87,6 +107,8 @@ def test_real_transformer_quality_quick(tmp_path):
     ratio = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:6]]
              for line in table.splitlines() if line.startswith("| ") and "selection" not in line}
     assert ratio["oracle"] == [1.0] * 4
-    assert all(0.9 <= x for x in ratio["query_mean"]), ratio["query_mean"]  # measured 0.94-0.95 at 256 tokens
-    missed = [line for line in out.splitlines() if line.startswith("| 0.05 |") or line.startswith("| 0.1 |")]
+    # a regression floor, not a guarantee (query_mean is a heuristic): measured when committed
+    # 0.94-0.95 at 256 tokens
+    assert all(0.9 <= x for x in ratio["query_mean"]), ratio["query_mean"]
+    missed = [line for line in out.splitlines() if line.startswith(("| 0.05 |", "| 0.1 |"))]
     assert missed and all(line.split("|")[4].strip() == "0" for line in missed), missed  # |x|^2: none missed
