@@ -53,10 +53,6 @@ MAX_BLOCK_ROWS = 65536
 #: Queries are processed in blocks of this many rows so that the per-block score matrix stays bounded.
 QUERY_BLOCK_ROWS = 256
 
-#: Rows fed one at a time (or in chunks this small) wait in the input buffer until this many have arrived; a
-#: query sums the waiting rows' contribution to the normaliser directly (``O(rows d)``), so the buffer is kept
-#: small enough for a live step to stay cheap, and large enough that the Gram update runs as a BLAS-3 product.
-PENDING_ROWS = 64
 
 
 def default_block_rows(dim: int) -> int:

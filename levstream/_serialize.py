@@ -14,12 +14,16 @@ import struct
 import numpy as np
 
 MAGIC = b"LEVSTRM\x00"
-FORMAT_VERSION = 1
+#: The newest format this levstream writes and reads: 1 (keys only, levstream 0.1.0 and later), 2 (values).
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sHHQ32s")
 _ALLOWED_DTYPES = {"<f8", "<i8", "<f4", "|u1", "|b1"}
 
 
-def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+def pack(meta: dict, arrays: dict[str, np.ndarray], version: int = 1) -> bytes:
+    """Serialize ``meta`` (JSON-able) and named arrays as format ``version`` (1 <= version <= FORMAT_VERSION)."""
+    if not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"format version must be in 1..{FORMAT_VERSION}; got {version}.")
     table = []
     blobs = []
     offset = 0
@@ -34,7 +38,7 @@ def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     header = json.dumps({"meta": meta, "arrays": table}, sort_keys=True).encode()
     payload = struct.pack("<I", len(header)) + header + b"".join(blobs)
     digest = hashlib.sha256(payload).digest()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(payload), digest) + payload
+    return _PREFIX.pack(MAGIC, version, 0, len(payload), digest) + payload
 
 
 def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:

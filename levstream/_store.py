@@ -168,9 +168,10 @@ class RowStore:
         out = cls(dim, value_dim)
         for keys, ids, values in parts:
             if keys.ndim != 2 or keys.shape[1] != dim or ids.shape != (keys.shape[0],):
-                raise ValueError(f"stored rows must have shape (m, {dim}) with one id each; got {keys.shape} "
-                                 f"rows and {ids.shape} ids")
+                raise ValueError(f"stored rows and ids have inconsistent shapes: rows must be (m, {dim}) with one "
+                                 f"id each; got {keys.shape} rows and {ids.shape} ids")
             if value_dim is not None and (values is None or values.shape != (keys.shape[0], value_dim)):
-                raise ValueError(f"stored value rows must have shape ({keys.shape[0]}, {value_dim})")
+                raise ValueError(f"stored value rows have inconsistent shapes: must be ({keys.shape[0]}, "
+                                 f"{value_dim})")
             out.append(keys, ids, values)
         return out

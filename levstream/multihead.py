@@ -1,32 +1,29 @@
-"""``MultiHeadKeySketch``: one :class:`~levstream.KeySketch` per attention head behind a single object.
+"""``MultiHeadKeySketch``: one :class:`~levstream.KeySketch` state per attention head behind a single object.
 
 What is shared and what is per head:
 
-* **shared** — validation of every chunk (done once for all heads), key ids (key ``j`` of every head is
-  the same token, so one id stream, one ``offset``/``ids`` check), the bytes container, and the
-  heavy-entry query path: the inner products of all heads are one batched BLAS call
-  (``np.matmul`` over the head axis) and the thresholding is one numba call over all ``heads x queries``
-  rows;
-* **per head** — the normaliser summary (each head's ``K_h^T K_h``) and its candidate store, i.e. the
-  state of an ordinary ``KeySketch``: every head is folded and pruned exactly as an independent sketch would
-  be, so the results equal those of ``n_heads`` independent ``KeySketch`` objects.
+* **shared** — validation of every chunk and of its ids (key ``j`` of every head is the same token, so one id
+  stream, one ``offset``/``ids`` check, done once for all heads), the bytes container, and the query path
+  (:mod:`levstream._query`, the same code as for one head);
+* **per head** — the normaliser summary (each head's ``K_h^T K_h``), its row store (candidates and pending rows,
+  with value rows when values travel with keys) and its moment state: every head is folded and pruned exactly
+  as an independent sketch would be, so the results equal those of ``n_heads`` independent ``KeySketch``
+  objects fed the same keys.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from . import _serialize
-from ._config import QUERY_BLOCK_ROWS
-from ._config import REPORT_RTOL as TIE_RTOL
-from ._kernels.query import threshold_power_csr
-from ._validation import as_ids, as_real_array, check_eps, check_finite, check_int, check_p
-from .results import HeavyEntries, UniversalSet
-from .sketch import KeySketch
+from . import _query, _serialize
+from ._validation import as_real_array, check_eps, check_finite, check_int, check_p
+from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
+from .sketch import KeySketch, _check_magnitude
 
 __all__ = ["MultiHeadKeySketch"]
 
@@ -45,16 +42,21 @@ class MultiHeadKeySketch:
     eps : float
         Heaviness threshold, ``0 < eps <= 1``.
     p : float, default 2
-        Exponent of ``f(x) = |x|^p`` (p = 2 in this version, as for :class:`KeySketch`).
-    block_rows : int, optional
-        Rows per processing block of each head's sketch.
+        Exponent of ``f(x) = |x|^p``, any ``p > 0``, with the same summaries as :class:`KeySketch`.
+    rng : None, int, SeedSequence or Generator
+        Seeds the randomised summaries (coreset p): head ``h`` gets the ``h``-th child of
+        ``SeedSequence(rng).spawn(n_heads)``, so the heads sample independently and a seed reproduces them.
+    **options
+        Every other option of :class:`KeySketch` (``block_rows``, ``exact``, ``delta``, ``failure_prob``,
+        ``oversampling``, ``memory_budget``, ``value_dim``, ``exact_output``), applied to every head.
 
     Notes
     -----
-    Same contract as :class:`KeySketch`, with a head axis in front: chunks have shape
-    ``(n_heads, m, dim)``, ``universal_set()`` and ``heavy_entries(Q)`` return one result per head.  For
-    p = 2 every per-head result is exact and equal to that of an independent ``KeySketch`` fed the same
-    keys.  See the module docstring for what is computed once for all heads.
+    Same contract as :class:`KeySketch`, with a head axis in front: chunks have shape ``(n_heads, m, dim)``
+    (values ``(n_heads, m, value_dim)``), ``universal_set()``, ``heavy_entries(Q)`` and ``top_k`` return one
+    result per head, ``attend``/``prefill`` one :class:`AttentionResult` whose arrays have a head axis.  Every
+    per-head result equals that of an independent ``KeySketch`` fed the same keys.  See the module docstring
+    for what is done once for all heads.
 
     Examples
     --------
@@ -71,26 +73,50 @@ class MultiHeadKeySketch:
     True
     """
 
-    def __init__(self, n_heads: int, dim: int, *, eps: float, p: float = 2, block_rows: int | None = None) -> None:
+    def __init__(self, n_heads: int, dim: int, *, eps: float, p: float = 2, rng: Any = None,
+                 **options: Any) -> None:
         n_heads = check_int(n_heads, "n_heads", minimum=1)
-        self._heads = [KeySketch(dim, eps=eps, p=p, block_rows=block_rows) for _ in range(n_heads)]
+        if isinstance(rng, np.random.Generator):
+            seeds: list[Any] = list(rng.bit_generator.seed_seq.spawn(n_heads))
+        elif rng is None:
+            seeds = [None] * n_heads
+        else:
+            root = rng if isinstance(rng, np.random.SeedSequence) else np.random.SeedSequence(rng)
+            seeds = list(root.spawn(n_heads))
+        self._heads = [KeySketch(dim, eps=eps, p=p, rng=seed, **options) for seed in seeds]
+        #: one lock for all heads: a query sees every head before or after an update, never a mix
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ properties
     @property
     def n_heads(self) -> int:
+        """Number of heads."""
         return len(self._heads)
 
     @property
     def dim(self) -> int:
+        """Head dimension."""
         return self._heads[0].dim
 
     @property
     def eps(self) -> float:
+        """The heaviness threshold of every head."""
         return self._heads[0].eps
 
     @property
     def p(self) -> float:
+        """Exponent of ``f(x) = |x|^p``."""
         return self._heads[0].p
+
+    @property
+    def value_dim(self) -> int | None:
+        """Width of the value rows, or None for keys only."""
+        return self._heads[0].value_dim
+
+    @property
+    def exact_output(self) -> bool:
+        """Whether every head keeps the moment state for exact outputs."""
+        return self._heads[0].exact_output
 
     @property
     def n(self) -> int:
@@ -103,14 +129,17 @@ class MultiHeadKeySketch:
         return sum(h.num_retained for h in self._heads)
 
     def is_empty(self) -> bool:
+        """True when no token has been fed."""
         return self.n == 0
 
     @property
     def nbytes(self) -> int:
+        """Bytes held over all heads."""
         return sum(h.nbytes for h in self._heads)
 
     @property
     def next_id(self) -> int:
+        """The id the next token fed without ``ids=``/``offset=`` will get."""
         return self._heads[0].next_id
 
     @property
@@ -122,46 +151,74 @@ class MultiHeadKeySketch:
         return (f"MultiHeadKeySketch(n_heads={self.n_heads}, dim={self.dim}, eps={self.eps:g}, p={self.p:g}, "
                 f"n={self.n}, retained={self.num_retained})")
 
-    # ------------------------------------------------------------------ ingest
-    def _validate_chunk(self, X: Any, name: str) -> np.ndarray:
-        arr = as_real_array(X, name)
-        H, d = self.n_heads, self.dim
-        if arr.ndim != 3 or arr.shape[0] != H or arr.shape[2] != d:
-            raise ValueError(f"{name} must have shape (n_heads, m, dim) = ({H}, m, {d}); got shape {arr.shape}.")
-        if arr.shape[1] == 0:
-            raise ValueError(f"{name} must hold at least one key per head; got shape {arr.shape}.")
-        check_finite(arr, name)
-        out = np.ascontiguousarray(arr, dtype=np.float64)
-        check_finite(out, name)
-        return out
+    # ------------------------------------------------------------------ validation
+    def _stack(self, X: Any, name: str, width: int, what: str = "dim") -> np.ndarray:
+        """A finite ``(n_heads, m, width)`` float64 array (m may be 0)."""
+        if not (type(X) is np.ndarray and X.dtype == np.float64):
+            X = as_real_array(X, name)
+        H = self.n_heads
+        if X.ndim != 3 or X.shape[0] != H or X.shape[2] != width:
+            raise ValueError(f"{name} must have shape (n_heads, m, {what}) = ({H}, m, {width}); got shape "
+                             f"{X.shape}.")
+        check_finite(X, name)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        _check_magnitude(X.reshape(-1, width), name)
+        return X
 
-    def update_many(self, X: Any, ids: Any = None, offset: Any = None) -> MultiHeadKeySketch:
-        """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)``; returns ``self``.
+    def _values(self, V: Any, m: int) -> np.ndarray | None:
+        dv = self.value_dim
+        if dv is None:
+            if V is not None:
+                raise ValueError("this sketch keeps no values (value_dim=None); got V. Build it with value_dim= "
+                                 "to keep values with keys.")
+            return None
+        if V is None:
+            raise ValueError(f"V (shape (n_heads, {m}, {dv})) is required: the sketch was built with "
+                             f"value_dim={dv}; got none.")
+        V = self._stack(V, "V", dv, "value_dim")
+        if V.shape[1] != m:
+            raise ValueError(f"V must have one value row per key: shape ({self.n_heads}, {m}, {dv}); got shape "
+                             f"{V.shape}.")
+        return V
+
+    def _query_eps(self, eps: Any) -> float:
+        return self._heads[0]._query_eps(eps)
+
+    # ------------------------------------------------------------------ ingest
+    def update_many(self, X: Any, V: Any = None, ids: Any = None, offset: Any = None) -> MultiHeadKeySketch:
+        """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)`` (values ``(n_heads, m, value_dim)``).
 
         ``ids``/``offset`` number the ``m`` keys (tokens) as in :meth:`KeySketch.update_many`; they are the
-        same for every head.  On a bad chunk, bad ids or an id clash nothing is changed.
+        same for every head and checked once.  ``m = 0`` is a no-op.  On a bad chunk, bad ids or an id clash
+        nothing is changed.  Returns ``self``.
         """
-        X = self._validate_chunk(X, "X")
+        X = self._stack(X, "X", self.dim)
         m = X.shape[1]
-        if ids is not None:
-            ids = as_ids(ids, m)
-        # The first head checks ids and offset against the shared id history; the others, holding the same
-        # history, then cannot fail, so either every head takes the chunk or none does.
-        self._heads[0].update_many(X[0], ids=ids, offset=offset)
-        for h in range(1, self.n_heads):
-            self._heads[h].update_many(X[h], ids=ids, offset=offset)
+        Vs = self._values(V, m)
+        with self._lock:
+            new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
+            if m:
+                for h, head in enumerate(self._heads):  # every head holds the same id history: none can refuse
+                    head._ingest(X[h], None if Vs is None else Vs[h], new_ids, start, srt)
         return self
 
-    def update(self, x: Any) -> MultiHeadKeySketch:
-        """Feed one key (token) of every head, shape ``(n_heads, dim)``; returns ``self``."""
+    def update(self, x: Any, v: Any = None) -> MultiHeadKeySketch:
+        """Feed one key (token) of every head, shape ``(n_heads, dim)`` (value ``(n_heads, value_dim)``)."""
         arr = as_real_array(x, "x")
-        if arr.ndim != 2 or arr.shape != (self.n_heads, self.dim):
+        if arr.shape != (self.n_heads, self.dim):
             raise ValueError(f"x must have shape (n_heads, dim) = ({self.n_heads}, {self.dim}); got shape "
                              f"{arr.shape}. Use update_many(X) for a chunk of shape (n_heads, m, dim).")
-        return self.update_many(arr[:, None, :])
+        val = None
+        if v is not None:
+            val = as_real_array(v, "v")
+            if val.ndim != 2:
+                raise ValueError(f"v must have shape (n_heads, value_dim); got shape {val.shape}.")
+            val = val[:, None, :]
+        return self.update_many(arr[:, None, :], val)
 
     def extend(self, iterable: Iterable[Any]) -> MultiHeadKeySketch:
-        """Feed tokens ``(n_heads, dim)`` and/or chunks ``(n_heads, m, dim)`` from an iterable; returns ``self``.
+        """Feed tokens ``(n_heads, dim)`` and/or chunks ``(n_heads, m, dim)`` — or ``(keys, values)`` pairs of
+        them — from an iterable; returns ``self``.
 
         All or nothing: if an item is rejected the sketch is restored to its state before the call and the
         error names the item.
@@ -170,31 +227,48 @@ class MultiHeadKeySketch:
         try:
             for index, item in enumerate(iterable):
                 try:
-                    arr = as_real_array(item, f"item {index}")
-                    self.update(arr) if arr.ndim == 2 else self.update_many(arr)
+                    value = None
+                    if isinstance(item, tuple):
+                        if len(item) != 2:
+                            raise ValueError(f"a tuple item must be a (keys, values) pair; got {len(item)} items.")
+                        item, value = item
+                    arr = as_real_array(item, "item")
+                    if arr.ndim == 2:
+                        self.update(arr, value)
+                    else:
+                        self.update_many(arr, value)
                 except (ValueError, TypeError) as exc:
                     raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before "
                                     "the call.") from exc
         except BaseException:
-            self._heads = snapshot
+            with self._lock:
+                self._heads = snapshot
             raise
+        return self
+
+    def flush(self) -> MultiHeadKeySketch:
+        """Settle every head (see :meth:`KeySketch.flush`); returns ``self``."""
+        with self._lock:
+            for head in self._heads:
+                head.flush()
         return self
 
     # ------------------------------------------------------------------ merge
     def merge(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
-        """Fold ``other`` (same n_heads, dim, eps, p; disjoint ids) into this sketch; returns ``self``."""
+        """Fold ``other`` (same n_heads and settings; disjoint ids) into this sketch; returns ``self``."""
         if not isinstance(other, MultiHeadKeySketch):
             raise TypeError(f"can only merge a MultiHeadKeySketch; got {type(other).__name__} instead.")
-        mine = (self.n_heads, self.dim, self.eps, self.p)
-        theirs = (other.n_heads, other.dim, other.eps, other.p)
-        if mine != theirs:
-            raise ValueError(f"cannot merge sketches with different (n_heads, dim, eps, p): {mine} vs {theirs}.")
+        if other.n_heads != self.n_heads:
+            raise ValueError(f"cannot merge sketches with different n_heads: {self.n_heads} vs {other.n_heads}.")
         if other is self:
             raise ValueError("cannot merge a sketch with itself (every id would clash).")
-        # Head 0 detects id clashes before changing anything; the other heads share its id history.
-        self._heads[0].merge(other._heads[0])
-        for h in range(1, self.n_heads):
-            self._heads[h].merge(other._heads[h])
+        for mine, theirs in zip(self._heads, other._heads):
+            mine._check_compatible(theirs)
+        with self._lock:
+            # Head 0 detects id clashes before changing anything; the other heads share its id history.
+            self._heads[0].merge(other._heads[0])
+            for h in range(1, self.n_heads):
+                self._heads[h].merge(other._heads[h])
         return self
 
     def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
@@ -206,7 +280,9 @@ class MultiHeadKeySketch:
     def copy(self) -> MultiHeadKeySketch:
         """An independent deep copy."""
         out = MultiHeadKeySketch.__new__(MultiHeadKeySketch)
-        out._heads = [h.copy() for h in self._heads]
+        with self._lock:
+            out._heads = [h.copy() for h in self._heads]
+        out._lock = threading.RLock()
         return out
 
     __copy__ = copy
@@ -214,78 +290,89 @@ class MultiHeadKeySketch:
     def __deepcopy__(self, memo: dict) -> MultiHeadKeySketch:
         return self.copy()
 
-    # ------------------------------------------------------------------ queries
+    # ------------------------------------------------------------------ queries (never change the sketch)
+    def _queries(self, Q: Any) -> np.ndarray:
+        return self._stack(Q, "Q", self.dim)
+
     def universal_set(self) -> list[UniversalSet]:
         """The universal set of every head (exact for p = 2), one :class:`UniversalSet` per head."""
-        return [h.universal_set() for h in self._heads]
+        return [h.universal_set() for h in self.copy()._heads]
 
     def normalizer(self, Q: Any) -> np.ndarray:
         """``Z(q)`` over all keys of each head, for ``Q`` of shape ``(n_heads, m, dim)``; shape (n_heads, m)."""
         Q = self._queries(Q)
-        return np.stack([h.normalizer(Q[i]) for i, h in enumerate(self._heads)])
-
-    def _queries(self, Q: Any) -> np.ndarray:
-        arr = as_real_array(Q, "Q")
-        H, d = self.n_heads, self.dim
-        if arr.ndim != 3 or arr.shape[0] != H or arr.shape[2] != d:
-            raise ValueError(f"Q must have shape (n_heads, m, dim) = ({H}, m, {d}); got shape {arr.shape}.")
-        check_finite(arr, "Q")
-        return np.ascontiguousarray(arr, dtype=np.float64)
+        with self._lock:
+            return np.stack([_query.normalizer(h._view(), Q[i], self.p) for i, h in enumerate(self._heads)])
 
     def heavy_entries(self, Q: Any, eps: float | None = None) -> list[HeavyEntries]:
         """Every entry ``A_h[i, j] >= eps`` of each head's attention, for ``Q`` of shape ``(n_heads, m, dim)``.
 
-        Returns one :class:`HeavyEntries` per head, equal to ``KeySketch.heavy_entries`` of an independent
-        sketch of that head.  Inner products of all heads are one batched matrix product and the
-        thresholding is one numba call over all ``n_heads x m`` query rows.
+        Returns one :class:`HeavyEntries` per head, as :meth:`KeySketch.heavy_entries` of that head.
         """
         Q = self._queries(Q)
-        eps = self.eps if eps is None else check_eps(eps)
-        if eps < self.eps:
-            raise ValueError(f"eps must be >= the sketch's eps ({self.eps:g}); got {eps:g}. "
-                             "Build the sketch with a smaller eps to query lower thresholds.")
-        H, m, d = Q.shape
-        sets = self.universal_set()
-        keep = [U.scores >= eps * (1.0 - U.margin) for U in sets]
-        widths = [int(k.sum()) for k in keep]
-        width = max(widths + [1])
-        # Candidates of all heads padded to one width: padded columns are zero rows, whose weight 0 is never
-        # reported (the threshold is positive), so one kernel call serves every head.
-        C = np.zeros((H, width, d))
-        col_ids = np.zeros((H, width), dtype=np.int64)
-        for h, (U, k) in enumerate(zip(sets, keep)):
-            C[h, :widths[h]] = U.keys[k]
-            col_ids[h, :widths[h]] = U.ids[k]
-        Z = self.normalizer(Q)
-        thresh = eps * (1.0 - TIE_RTOL)
-        positions = np.arange(width, dtype=np.int64)
-        counts = np.zeros((H, m), dtype=np.int64)
-        keys: list[list[np.ndarray]] = [[] for _ in range(H)]
-        vals: list[list[np.ndarray]] = [[] for _ in range(H)]
-        for start in range(0, m, QUERY_BLOCK_ROWS):
-            stop = min(m, start + QUERY_BLOCK_ROWS)
-            P = np.matmul(Q[:, start:stop], C.transpose(0, 2, 1))       # (H, b, width), one batched BLAS call
-            c, pos, v = threshold_power_csr(P.reshape(-1, width), np.ascontiguousarray(Z[:, start:stop]).ravel(),
-                                            2.0, thresh, positions)
-            c = c.reshape(H, stop - start)
-            counts[:, start:stop] = c
-            bounds = np.concatenate([[0], np.cumsum(c.sum(axis=1))])
-            for h in range(H):
-                keys[h].append(col_ids[h][pos[bounds[h]:bounds[h + 1]]])
-                vals[h].append(v[bounds[h]:bounds[h + 1]])
-        out = []
-        for h in range(H):
-            k = np.concatenate(keys[h]) if keys[h] else np.zeros(0, np.int64)
-            v = np.concatenate(vals[h]) if vals[h] else np.zeros(0)
-            out.append(HeavyEntries.from_counts(counts[h], k, v, eps))
-        return out
+        eps = self._query_eps(eps)
+        with self._lock:
+            return [_query.heavy_entries(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
+
+    def top_k(self, Q: Any, k: int) -> list[TopK]:
+        """The ``k`` largest entries of each query of each head (see :meth:`KeySketch.top_k`), one per head."""
+        Q = self._queries(Q)
+        k = check_int(k, "k", minimum=1)
+        with self._lock:
+            return [_query.top_k(h._view(), Q[i], self.p, k, self.eps) for i, h in enumerate(self._heads)]
+
+    def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
+        """:meth:`KeySketch.attend` for every head: ``entries`` is a list (one per head), the arrays have a head
+        axis in front (``heavy_output``/``output`` ``(n_heads, m, value_dim)``, ``captured_mass`` ``(n_heads, m)``)."""
+        Q = self._queries(Q)
+        eps = self._query_eps(eps)
+        with self._lock:
+            return _stacked([_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)])
+
+    def prefill(self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None,
+                eps: float | None = None) -> AttentionResult:
+        """:meth:`KeySketch.prefill` for every head: causal attention of a chunk ``(n_heads, c, dim)`` (values
+        ``(n_heads, c, value_dim)``), then the chunk is folded into every head.  Results as :meth:`attend`.
+
+        Examples
+        --------
+        >>> import numpy as np, levstream as ls
+        >>> rng = np.random.default_rng(0)
+        >>> K, V = rng.standard_normal((2, 6, 3)), rng.standard_normal((2, 6, 3))
+        >>> mh = ls.MultiHeadKeySketch(2, 3, eps=0.1, value_dim=3, exact_output=True)
+        >>> r = mh.prefill(K, V, K)
+        >>> W = np.tril((K[1] @ K[1].T) ** 2)
+        >>> bool(np.allclose(r.output[1], W @ V[1] / W.sum(axis=1, keepdims=True))), mh.n
+        (True, 6)
+        """
+        K = self._stack(K, "K", self.dim)
+        c = K.shape[1]
+        Q = self._queries(Q)
+        if Q.shape[1] != c:
+            raise ValueError(f"Q must have one query per key of the chunk: shape ({self.n_heads}, {c}, "
+                             f"{self.dim}); got shape {Q.shape}.")
+        Vs = self._values(V, c)
+        if Vs is None:
+            raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
+        eps = self._query_eps(eps)
+        with self._lock:
+            new_ids, start, srt = self._heads[0]._new_ids(c, ids, offset)
+            chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
+            results = [_query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)
+                       for i, h in enumerate(self._heads)]
+            if c:
+                for i, head in enumerate(self._heads):
+                    head._ingest(K[i], Vs[i], new_ids, start, srt)
+        return _stacked(results)
 
     # ------------------------------------------------------------------ persistence
     def to_bytes(self) -> bytes:
         """Serialize (versioned, checksummed): every head's ``KeySketch`` bytes in one container."""
         meta = {"kind": _KIND, "n_heads": self.n_heads, "dim": self.dim, "eps": self.eps, "p": self.p}
-        arrays = {f"head{h}": np.frombuffer(sk.to_bytes(), dtype=np.uint8) for h, sk in enumerate(self._heads)}
-        return _serialize.pack(meta, arrays)
+        with self._lock:
+            blobs = [sk.to_bytes() for sk in self._heads]
+        arrays = {f"head{h}": np.frombuffer(b, dtype=np.uint8) for h, b in enumerate(blobs)}
+        return _serialize.pack(meta, arrays, 1 if self.value_dim is None else 2)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> MultiHeadKeySketch:
@@ -300,15 +387,25 @@ class MultiHeadKeySketch:
             for sk in heads:
                 if (sk.dim, sk.eps, sk.p) != header or sk.n != heads[0].n:
                     raise ValueError("heads disagree with the header or with each other")
+                heads[0]._check_compatible(sk)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"serialized multi-head sketch is malformed: {exc}.") from exc
         out = cls.__new__(cls)
         out._heads = heads
+        out._lock = threading.RLock()
         return out
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
         return (MultiHeadKeySketch.from_bytes, (self.to_bytes(),))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_bytes` to ``path`` atomically."""
         _serialize.write_atomic(path, self.to_bytes())
+
+
+def _stacked(results: list[AttentionResult]) -> AttentionResult:
+    """Per-head results as one result with a head axis in front (entries as a list)."""
+    outputs = [r.output for r in results]
+    return AttentionResult([r.entries for r in results], np.stack([r.heavy_output for r in results]),
+                           np.stack([r.captured_mass for r in results]),
+                           None if outputs[0] is None else np.stack(outputs))

@@ -169,10 +169,11 @@ class HeavyEntries:
 
 @dataclass(frozen=True, eq=False)
 class TopK:
-    """The ``k`` largest attention entries per query among the universal set.
+    """The ``k`` largest attention entries per query among the keys a sketch holds (a superset of the universal
+    set: the candidates and the rows waiting in its input buffer).
 
-    ``key_ids[i]``/``values[i]`` are sorted by decreasing value and padded with ``-1``/``nan`` when fewer than
-    ``k`` keys are retained.  ``certified[i]`` is true when row ``i`` is provably the true top-``k`` over
+    ``key_ids[i]``/``values[i]`` are sorted by decreasing value (ties by key id) and padded with ``-1``/``nan``
+    when fewer than ``k`` keys are held.  ``certified[i]`` is true when row ``i`` is provably the true top-``k`` over
     *all* keys: its ``k``-th value is at least ``eps`` while every key outside the universal set has
     ``A < eps``.
     """
@@ -192,3 +193,36 @@ class TopK:
     def __repr__(self) -> str:
         return (f"TopK(queries={len(self)}, k={self.key_ids.shape[1]}, "
                 f"certified={int(self.certified.sum())}/{len(self)})")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionResult:
+    """Attention of a batch of queries over every key fed so far: heavy entries and outputs.
+
+    Attributes
+    ----------
+    entries : HeavyEntries, or a list of them (one per head) for a multi-head sketch
+        Every entry ``A[i, key] >= eps`` (as :meth:`KeySketch.heavy_entries`).
+    heavy_output : ndarray of float64, shape (m, value_dim) (``(n_heads, m, value_dim)`` for many heads)
+        ``sum_{A_j >= eps} A_j v_j``: the output carried by the heavy entries alone.
+    captured_mass : ndarray of float64, shape (m,) (``(n_heads, m)``)
+        ``sum_{A_j >= eps} A_j``: the share of the attention the heavy entries carry (1 means all of it).
+    output : ndarray of float64 or None
+        The exact output ``sum_j A_j v_j`` over *every* key fed (p = 2, ``exact_output=True``); None when the
+        sketch does not keep the moment state.  Rows with ``Z = 0`` (no key has any weight) are zero.
+    """
+
+    entries: object
+    heavy_output: np.ndarray
+    captured_mass: np.ndarray
+    output: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("heavy_output", "captured_mass", "output"):
+            arr = getattr(self, name)
+            if arr is not None:
+                object.__setattr__(self, name, _frozen(arr))
+
+    def __repr__(self) -> str:
+        exact = "exact output" if self.output is not None else "no exact output"
+        return f"AttentionResult(queries={self.captured_mass.shape[-1]}, {exact})"

@@ -1,30 +1,36 @@
 """``KeySketch``: stream keys once, keep a summary of size independent of n, answer heavy-entry queries exactly.
 
-Data flow (DESIGN.md §2): rows and chunks are validated, numbered and buffered into blocks of ``block_rows``;
-each block is folded into the normaliser summary (``G = K^T K`` for p = 2) and its rows are scored against
-it; rows whose leverage score can still reach ``eps`` become candidates.  Scores only decrease as keys
-arrive, so a candidate that falls below ``eps`` is dropped for good.  Candidates are rescored whenever their
-number exceeds twice the a-priori bound ``d / eps`` and before every query.
+Orchestration only: rows and chunks are validated and numbered here, then kept in one :class:`RowStore` —
+the candidates (folded into the normaliser summary, score still able to reach ``eps``) followed by the
+pending rows (the input buffer).  Pending rows are folded into the summary in blocks and filtered; rows whose
+score can still reach ``eps`` stay as candidates.  Scores only decrease as keys arrive, so a candidate that
+falls below ``eps`` is dropped for good; candidates are rescored only when they exceed their capacity
+(twice the bound ``size_bound / eps``).  Queries go through the one query path (:mod:`levstream._query`) and
+change nothing (docs/theory.md, "Live streams").
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Iterable
 
 import numpy as np
 
-from . import _serialize
-from ._config import PRUNE_RTOL, QUERY_BLOCK_ROWS, default_block_rows
-from ._config import REPORT_RTOL as TIE_RTOL
+from . import _query, _serialize
+from ._config import default_block_rows, margin
 from ._ids import IdRanges
-from ._kernels.query import threshold_power_csr
-from ._kernels.rows import scaled_sq_norms, sq_norm
+from ._kernels.rows import sq_norm
+from ._store import RowStore
 from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
-from .results import HeavyEntries, TopK, UniversalSet
-from .summaries import GramSummary, make_summary, summary_from_state
+from .moments import MomentState
+from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
+from .summaries import GramSummary, NormalizerSummary, make_summary, summary_from_state
 
 _SKETCH_KIND = "KeySketch"
+
+#: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2.
+_FORMAT_WITH_VALUES = 2
 
 
 class KeySketch:
@@ -56,6 +62,13 @@ class KeySketch:
         ``rng`` seeds the sampling; its state is serialized, so a restored sketch continues identically.
     memory_budget : int, optional
         Bytes allowed for the lifted summary of ``exact=True`` (default 256 MiB).
+    value_dim : int, optional
+        Width of the value row that travels with every key (``update(k, v)``).  Retained keys keep their
+        value rows, pruned keys drop them; :meth:`attend` and :meth:`prefill` then return attention outputs.
+        Default None: keys only, nothing costs more than without values.
+    exact_output : bool, default False
+        Keep the moment state ``S = sum_j phi(k_j) v_j^T`` (``d (d + 1) / 2 x value_dim`` numbers, p = 2 only) so
+        that :meth:`attend` and :meth:`prefill` also return the exact output over every key fed.
 
     Notes
     -----
@@ -65,13 +78,19 @@ class KeySketch:
     ``heavy_entries`` returns exactly the entries ``A >= eps'`` of the dense attention.  State is
     ``O(d^2 + |candidates| d)`` with at most ``2 d / eps`` candidates.
 
+    Live streams: updates and queries may alternate at any granularity.  A query never settles or changes the
+    sketch (``to_bytes()`` is identical before and after it): it reads the candidates and the rows still
+    waiting in the input buffer, with the normaliser over every key fed (docs/theory.md, "Live streams").
+    One sketch takes one writer at a time; concurrent readers are safe while no thread writes (give each
+    writer its own sketch and merge them).
+
     Guarantee (p = 4, ``exact=True``): the same with ``tau_j`` the leverage score of the lifted keys (an upper
     bound on the p = 4 sensitivity), at most ``2 D / eps`` candidates; queries exact.
 
     Guarantee (other p, coreset): candidates are kept while ``(1 + delta) c_p (k^T M^-1 k)^(p/2) >= eps``
     (``M`` the coreset's Lewis form, ``c_p = d^max(0, p/2-1)``).  ``heavy_entries`` reports ``A~ >= eps (1 -
     delta)`` with ``A~`` computed with the coreset normaliser ``Z~``, plus ``lower``/``upper`` bounds
-    ``A~ (1 -+ delta)^-1``: whenever ``Z~`` is within ``(1 ± delta)`` of ``Z`` (per query, probability
+    ``A~ (1 -+ delta)``: whenever ``Z~`` is within ``(1 ± delta)`` of ``Z`` (per query, probability
     ``>= 1 - failure_prob``), every entry ``A >= eps`` is returned and every returned entry has
     ``A >= eps (1 - delta)^2``.
 
@@ -94,37 +113,62 @@ class KeySketch:
 
     def __init__(self, dim: int, *, eps: float, p: float = 2, block_rows: int | None = None,
                  exact: bool | None = None, delta: float = 0.1, failure_prob: float | None = None,
-                 oversampling: float | None = None, rng: Any = None, memory_budget: int | None = None) -> None:
+                 oversampling: float | None = None, rng: Any = None, memory_budget: int | None = None,
+                 value_dim: int | None = None, exact_output: bool = False) -> None:
         dim = check_int(dim, "dim", minimum=1)
         eps = check_eps(eps)
         p = check_p(p)
         block_rows = default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
+        if value_dim is not None:
+            value_dim = check_int(value_dim, "value_dim", minimum=1)
+        if not isinstance(exact_output, (bool, np.bool_)):
+            raise TypeError(f"exact_output must be True or False; got {exact_output!r} instead.")
+        if exact_output and value_dim is None:
+            raise ValueError("exact_output=True needs value rows: pass value_dim= (the width of each value).")
+        self._summary: NormalizerSummary = make_summary(
+            dim, p, exact=exact, delta=delta, failure_prob=failure_prob, oversampling=oversampling, rng=rng,
+            memory_budget=memory_budget)
+        if exact_output and (p != 2.0 or self._summary.distortion):
+            raise ValueError(f"exact_output=True is available for p = 2 (the moment state of x^2 attention); got "
+                             f"p = {p:g}. Use attend() without exact_output for heavy-only outputs.")
         self._dim, self._eps, self._p = dim, eps, p
         self._block_rows = block_rows
-        self._summary = make_summary(dim, p, exact=exact, delta=delta, failure_prob=failure_prob,
-                                     oversampling=oversampling, rng=rng, memory_budget=memory_budget)
+        self._value_dim = value_dim
+        self._moments = MomentState(dim, value_dim) if exact_output else None
+        self._store = RowStore(dim, value_dim)
+        #: rows ``_pending_from..`` of the store are pending (not yet folded into the summary)
+        self._pending_from = 0
         self._n = 0
         self._next_id = 0
         self._seen = IdRanges()
-        self._buf_rows = np.empty((0, dim))
-        self._buf_ids = np.empty(0, dtype=np.int64)
-        self._buf_n = 0
-        self._cand_rows = np.empty((0, dim))
-        self._cand_ids = np.empty(0, dtype=np.int64)
-        self._cand_n = 0
+        self._lock = threading.RLock()
+        self._live: _LiveRows | None = None
 
     # ------------------------------------------------------------------ properties
     @property
     def dim(self) -> int:
+        """Width of every key row."""
         return self._dim
 
     @property
     def eps(self) -> float:
+        """The heaviness threshold the sketch guarantees (queries may use any threshold ``>= eps``)."""
         return self._eps
 
     @property
     def p(self) -> float:
+        """Exponent of ``f(x) = |x|^p``."""
         return self._p
+
+    @property
+    def value_dim(self) -> int | None:
+        """Width of the value rows travelling with keys, or None for a keys-only sketch."""
+        return self._value_dim
+
+    @property
+    def exact_output(self) -> bool:
+        """Whether the moment state for exact outputs is kept."""
+        return self._moments is not None
 
     @property
     def n(self) -> int:
@@ -134,22 +178,23 @@ class KeySketch:
     @property
     def num_retained(self) -> int:
         """Key rows held in memory: candidates plus rows waiting in the input buffer."""
-        return self._cand_n + self._buf_n
+        return self._store.n
 
     def is_empty(self) -> bool:
+        """True when no key has been fed."""
         return self._n == 0
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the sketch's arrays (summary, candidates, input buffer)."""
-        return int(self._summary.nbytes + self._cand_rows.nbytes + self._cand_ids.nbytes
-                   + self._buf_rows.nbytes + self._buf_ids.nbytes + self._seen.ranges.nbytes)
+        """Bytes held by the sketch's arrays (summary, row store, moment state, id ranges)."""
+        moments = 0 if self._moments is None else self._moments.nbytes
+        return int(self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes)
 
     @property
     def capacity(self) -> int:
-        """Candidates are rescored when their number exceeds this (twice the bound ``d / eps``, ``D / eps``
-        for exact p = 4, ``(1 + delta) d^max(1, p/2) / eps`` for the coreset)."""
-        return int(2 * np.ceil(getattr(self._summary, "size_bound", self._dim) / self._eps)) + 1
+        """Candidates are rescored when their number exceeds this (twice the bound ``size_bound / eps``:
+        ``d / eps`` for p = 2, ``D / eps`` for exact p = 4, ``(1 + delta) d^max(1, p/2) / eps`` for the coreset)."""
+        return int(2 * np.ceil(self._summary.size_bound / self._eps)) + 1
 
     @property
     def next_id(self) -> int:
@@ -162,18 +207,19 @@ class KeySketch:
         return self._seen.exact
 
     @property
-    def normalizer_summary(self) -> GramSummary:
-        """The normaliser summary (read-only use: the Gram matrix via ``.gram``)."""
-        self._flush()
-        return self._summary
+    def normalizer_summary(self) -> NormalizerSummary:
+        """The normaliser summary of every key fed (a settled copy: read-only use, e.g. ``.gram`` for p = 2)."""
+        settled = self.copy()
+        settled._flush()
+        return settled._summary
 
     def __repr__(self) -> str:
         return (f"KeySketch(dim={self._dim}, eps={self._eps:g}, p={self._p:g}, n={self._n}, "
                 f"retained={self.num_retained}, mode={self._summary.mode!r})")
 
-    # ------------------------------------------------------------------ ingest
+    # ------------------------------------------------------------------ ids
     def _new_ids(self, m: int, ids: Any, offset: Any) -> tuple[np.ndarray | None, int, np.ndarray]:
-        """Validate ids for ``m`` new rows; returns (ids or None for a range, start, ranges-to-add)."""
+        """Validate ids for ``m`` new rows; returns (ids or None for a range, start, sorted ids or the range)."""
         if ids is not None and offset is not None:
             raise ValueError("pass ids= or offset=, not both.")
         if ids is not None:
@@ -188,7 +234,6 @@ class KeySketch:
         start = self._next_id if offset is None else check_int(offset, "offset", minimum=0)
         if start > np.iinfo(np.int64).max - m:
             raise ValueError(f"ids would overflow int64 from offset {start}.")
-        rng = np.array([start, start + m - 1], dtype=np.int64)
         hit = None
         if self._seen.ranges.shape[0] and start < self._seen.ranges[-1, 1]:
             hit = self._seen.clash(np.arange(start, start + m, dtype=np.int64))
@@ -197,14 +242,13 @@ class KeySketch:
         if hit is not None:
             raise ValueError(f"ids clash: id {hit} was already fed to this sketch "
                              f"(rows would be numbered {start}..{start + m - 1}; pass offset= or ids=).")
-        return None, start, rng
+        return None, start, np.zeros(0, dtype=np.int64)
 
     def _retained_clash(self, sorted_ids: np.ndarray) -> int | None:
-        """Smallest of ``sorted_ids`` held as a candidate or buffered row, once range tracking is inexact."""
+        """Smallest of ``sorted_ids`` held in the store, once range tracking is inexact."""
         if self._seen.exact:
             return None
-        held = np.concatenate([self._cand_ids[: self._cand_n], self._buf_ids[: self._buf_n]])
-        both = np.intersect1d(held, sorted_ids)
+        both = np.intersect1d(self._store.ids_view(), sorted_ids)
         return int(both[0]) if both.size else None
 
     def _record_ids(self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray) -> np.ndarray:
@@ -220,8 +264,43 @@ class KeySketch:
         self._next_id = max(self._next_id, int(srt[-1]) + 1)
         return ids
 
-    def update(self, x: Any) -> "KeySketch":
-        """Feed one key row (1-D, length ``dim``); it gets the next id.  Buffered; returns ``self``."""
+    # ------------------------------------------------------------------ validation of values
+    def _value_row(self, v: Any) -> np.ndarray | None:
+        if self._value_dim is None:
+            if v is not None:
+                raise ValueError("this sketch keeps no values (value_dim=None); got a value row. Build it with "
+                                 "value_dim= to keep values with keys.")
+            return None
+        if v is None:
+            raise ValueError(f"a value row of length {self._value_dim} is required with every key (the sketch "
+                             f"was built with value_dim={self._value_dim}); got none.")
+        v = as_row(v, "v", self._value_dim)
+        _check_magnitude(v[None, :], "v")
+        return v
+
+    def _value_chunk(self, V: Any, m: int) -> np.ndarray | None:
+        if self._value_dim is None:
+            if V is not None:
+                raise ValueError("this sketch keeps no values (value_dim=None); got V. Build it with value_dim= "
+                                 "to keep values with keys.")
+            return None
+        if V is None:
+            raise ValueError(f"V (one value row per key, shape ({m}, {self._value_dim})) is required: the sketch "
+                             f"was built with value_dim={self._value_dim}; got none.")
+        V = as_matrix(V, "V", self._value_dim, allow_empty=True)
+        if V.shape[0] != m:
+            raise ValueError(f"V must have one value row per key: shape ({m}, {self._value_dim}); got shape "
+                             f"{V.shape}.")
+        _check_magnitude(V, "V")
+        return V
+
+    # ------------------------------------------------------------------ ingest
+    def update(self, x: Any, v: Any = None) -> KeySketch:
+        """Feed one key row (1-D, length ``dim``), with its value row ``v`` when the sketch keeps values.
+
+        The key gets the next id.  It waits in the input buffer (a query still sees it) until a block of
+        rows has arrived.  Returns ``self``; on bad input raises and changes nothing.
+        """
         if type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (self._dim,):
             if not sq_norm(x) < np.inf:  # a nan/inf, or squares that overflow: find which, raise
                 x = as_row(x, "x", self._dim)
@@ -229,16 +308,22 @@ class KeySketch:
         else:
             x = as_row(x, "x", self._dim)
             _check_magnitude(x[None, :], "x")
+        value = None if (v is None and self._value_dim is None) else self._value_row(v)
         i = self._next_id
         if self._seen.ranges.shape[0] and i < self._seen.ranges[-1, 1]:
             hit = self._seen.clash(np.array([i], dtype=np.int64))
             if hit is not None:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
-        if self._buf_n == self._buf_rows.shape[0]:
-            self._grow_buffer(self._buf_n + 1)
-        self._buf_rows[self._buf_n] = x
-        self._buf_ids[self._buf_n] = i
-        self._buf_n += 1
+        with self._lock:
+            self._store.append_row(x, i, value)
+            if self._moments is not None:
+                self._moments.add(x[None, :], value[None, :])
+            self._add_row_bookkeeping(i)
+            if self._store.n - self._pending_from >= self._block_rows:
+                self._flush()
+        return self
+
+    def _add_row_bookkeeping(self, i: int) -> None:
         self._n += 1
         ranges = self._seen.ranges
         if ranges.shape[0] and ranges[-1, 1] == i:
@@ -246,32 +331,49 @@ class KeySketch:
         else:
             self._seen = self._seen.union(IdRanges(np.array([[i, i + 1]], dtype=np.int64)))
         self._next_id = i + 1
-        if self._buf_n >= self._block_rows:
-            self._flush()
-        return self
 
-    def update_many(self, X: Any, ids: Any = None, offset: Any = None) -> "KeySketch":
-        """Feed a chunk of key rows (shape (m, dim)); returns ``self``.
+    def update_many(self, X: Any, V: Any = None, ids: Any = None, offset: Any = None) -> KeySketch:
+        """Feed a chunk of key rows (shape (m, dim)), with their value rows ``V`` when the sketch keeps values.
 
         Parameters
         ----------
         X : array_like, shape (m, dim)
-            Real, finite rows (float32 input is accumulated in float64).
+            Real, finite rows (float32 input is accumulated in float64).  ``m = 0`` is a no-op.
+        V : array_like, shape (m, value_dim), optional
+            One value row per key; required exactly when the sketch was built with ``value_dim``.
         ids : array_like of int, shape (m,), optional
             Global ids of the rows (unique, non-negative, never fed before).
         offset : int, optional
             Number the rows ``offset, offset + 1, ...`` (for shards of one global stream).
+
+        Returns
+        -------
+        KeySketch
+            ``self``.
 
         Raises
         ------
         ValueError, TypeError
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
-        X = as_matrix(X, "X", self._dim, hint="Use update(x) for one row.", finite=False)
+        X = as_matrix(X, "X", self._dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
         m = X.shape[0]
-        new_ids, start, srt = self._new_ids(m, ids, offset)
-        # Plan: top up the pending block, then whole blocks straight from X, then the tail into the buffer.
-        head = min(m, self._block_rows - self._buf_n) if self._buf_n else 0
+        V = self._value_chunk(V, m)
+        with self._lock:
+            new_ids, start, srt = self._new_ids(m, ids, offset)
+            if m:
+                self._ingest(X, V, new_ids, start, srt)
+        return self
+
+    def _ingest(self, X: np.ndarray, V: np.ndarray | None, new_ids: np.ndarray | None, start: int,
+                srt: np.ndarray) -> None:
+        """Feed validated rows with checked ids.  Blocks are aligned to the stream (rows ``k * block_rows ..``
+        of the sketch's own rows), whatever the chunking: rows that complete the pending block, then whole
+        blocks straight from ``X`` (no copy), then the rest waits in the input buffer.  Everything that can fail
+        is checked before anything changes."""
+        m = X.shape[0]
+        pending = self._store.n - self._pending_from
+        head = min(m, self._block_rows - pending) if pending else 0
         n_full = (m - head) // self._block_rows
         tail = head + n_full * self._block_rows
         grams = self._validated_block_grams(X, head, n_full)
@@ -282,17 +384,22 @@ class KeySketch:
         # --- nothing has been changed up to here; from here on nothing can fail ---
         all_ids = self._record_ids(m, new_ids, start, srt)
         self._n += m
+        if self._moments is not None:
+            assert V is not None
+            self._moments.add(X, V)
+
+        def values(a: int, b: int) -> np.ndarray | None:
+            return None if V is None else V[a:b]
+
         if head:
-            self._append_buffer(X[:head], all_ids[:head])
-            if self._buf_n >= self._block_rows:
+            self._store.append(X[:head], all_ids[:head], values(0, head), increasing=new_ids is None)
+            if self._store.n - self._pending_from >= self._block_rows:
                 self._flush()
         for b in range(n_full):
-            s = head + b * self._block_rows
-            e = s + self._block_rows
-            self._process(X[s:e], all_ids[s:e], None if grams is None else grams[b])
+            s, e = head + b * self._block_rows, head + (b + 1) * self._block_rows
+            self._process(X[s:e], all_ids[s:e], values(s, e), None if grams is None else grams[b])
         if tail < m:
-            self._append_buffer(X[tail:], all_ids[tail:])
-        return self
+            self._store.append(X[tail:], all_ids[tail:], values(tail, m), increasing=new_ids is None)
 
     _MAX_PRECOMPUTED_BLOCKS = 64
 
@@ -319,11 +426,13 @@ class KeySketch:
             grams.append(g)
         return grams
 
-    def extend(self, iterable: Iterable[Any], progress: bool = False) -> "KeySketch":
+    def extend(self, iterable: Iterable[Any], progress: bool = False) -> KeySketch:
         """Feed rows and/or chunks from an iterable (e.g. a generator); returns ``self``.
 
-        Each item is a 1-D row or a 2-D chunk.  All or nothing: if an item is rejected the sketch is restored
-        to its state before the call and the error names the item.  ``progress=True`` shows a tqdm bar.
+        Each item is a 1-D row or a 2-D chunk — or, when the sketch keeps values, a pair ``(k, v)`` of rows or
+        ``(K, V)`` of chunks.  Empty chunks are skipped.  All or nothing: if an item is rejected the sketch is
+        restored to its state before the call and the error names the item.  ``progress=True`` shows a tqdm
+        bar.
         """
         snapshot = self.copy()
         bar = None
@@ -334,17 +443,10 @@ class KeySketch:
         try:
             for index, item in enumerate(iterable):
                 try:
-                    arr = as_real_array(item, f"item {index}")
-                    if arr.ndim == 1:
-                        self.update(arr)
-                        rows = 1
-                    elif arr.ndim == 2:
-                        self.update_many(arr)
-                        rows = arr.shape[0]
-                    else:
-                        raise ValueError(f"must be a 1-D row or a 2-D chunk; got shape {arr.shape}.")
+                    rows = self._feed_item(item, index)
                 except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before the call.") from exc
+                    raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before the "
+                                    "call.") from exc
                 if bar is not None:
                     bar.update(rows)
         except BaseException:
@@ -355,128 +457,97 @@ class KeySketch:
                 bar.close()
         return self
 
-    # ------------------------------------------------------------------ buffer and blocks
-    def _grow_buffer(self, needed: int) -> None:
-        size = min(max(needed, 2 * self._buf_rows.shape[0], 64), max(self._block_rows, needed))
-        rows = np.empty((size, self._dim))
-        ids = np.empty(size, dtype=np.int64)
-        rows[: self._buf_n] = self._buf_rows[: self._buf_n]
-        ids[: self._buf_n] = self._buf_ids[: self._buf_n]
-        self._buf_rows, self._buf_ids = rows, ids
+    def _feed_item(self, item: Any, index: int) -> int:
+        """Feed one item of :meth:`extend`; returns the number of keys it held."""
+        value = None
+        if isinstance(item, tuple):
+            if len(item) != 2:
+                raise ValueError(f"a tuple item must be a (keys, values) pair; got a tuple of {len(item)}.")
+            item, value = item
+        arr = as_real_array(item, f"item {index}")
+        if arr.ndim == 1:
+            self.update(arr, value)
+            return 1
+        if arr.ndim == 2:
+            self.update_many(arr, value)
+            return int(arr.shape[0])
+        raise ValueError(f"must be a 1-D row or a 2-D chunk; got shape {arr.shape}.")
 
-    def _append_buffer(self, X: np.ndarray, ids: np.ndarray) -> None:
-        m = X.shape[0]
-        if self._buf_n + m > self._buf_rows.shape[0]:
-            self._grow_buffer(self._buf_n + m)
-        self._buf_rows[self._buf_n:self._buf_n + m] = X
-        self._buf_ids[self._buf_n:self._buf_n + m] = ids
-        self._buf_n += m
-
-    def flush(self) -> "KeySketch":
-        """Settle the sketch now: process the rows waiting in the input buffer and rescore the candidates,
-        dropping those that can no longer be heavy (queries, merges and ``universal_set`` do it anyway).
+    # ------------------------------------------------------------------ folding rows into the summary
+    def flush(self) -> KeySketch:
+        """Settle the sketch now: fold the rows waiting in the input buffer into the summary and rescore the
+        candidates, dropping those that can no longer be heavy.
 
         The answers do not change; the state shrinks to its smallest size, so call it before shipping a
         sketch (``to_bytes``, pickling) to another process.  Returns ``self``.
         """
-        self._flush()
-        if self._cand_n:
-            self._prune()
+        with self._lock:
+            self._flush()
+            if self._store.n:
+                self._prune()
         return self
 
-    def _flush(self) -> None:
-        if self._buf_n:
-            n = self._buf_n
-            self._buf_n = 0
-            try:
-                self._process(self._buf_rows[:n], self._buf_ids[:n])
-            except BaseException:
-                self._buf_n = n  # the summary refused the block before changing anything: keep the rows
-                raise
+    def _keep_threshold(self) -> float:
+        return self._eps * (1.0 - margin(self._summary.rel_error, prune=True))
 
-    def _margin(self) -> float:
-        return max(PRUNE_RTOL, 4.0 * self._summary.rel_error)
-
-    def _process(self, X: np.ndarray, ids: np.ndarray, block: np.ndarray | None = None) -> None:
-        """Fold one block into the summary and keep its rows that may be heavy.
-
-        The pre-filter bound is taken *before* the block is folded in; it stays valid after (ALGORITHMS.md
-        §3: G only grows).  The norms are computed after the Gram update, while the block is still in cache.
-        """
-        prefilter = getattr(self._summary, "prefilter", None)  # lifted / coreset summaries filter themselves
-        if prefilter is not None:
-            self._summary.add(X, block)
-            threshold = self._eps * (1.0 - self._margin())
-            idx = prefilter(X, threshold)
-        else:
-            scale, lam = self._summary.bound_weights()
-            self._summary.add(X, block)
-            threshold = self._eps * (1.0 - self._margin())
-            if scale is None:
-                idx = np.arange(X.shape[0])
-            else:
-                idx = np.flatnonzero(scaled_sq_norms(X, scale) >= threshold * lam)
+    def _fold(self, X: np.ndarray, block: np.ndarray | None) -> np.ndarray:
+        """Fold a block into the summary; return a mask of its rows that may still be
+        heavy.  The pre-filter bound is the one from before the block (docs/theory.md, "The norm pre-filter");
+        survivors get upper bounds from a stale factor (docs/theory.md, "Stale factors"), never lower ones."""
+        self._summary.add(X, block)
+        threshold = self._keep_threshold()
+        keep = np.zeros(X.shape[0], dtype=bool)
+        idx = self._summary.prefilter(X, threshold)
         if idx.size:
-            rows = X[idx]
-            # upper bounds suffice here: candidates are rescored exactly at every prune and before queries
-            upper = getattr(self._summary, "score_upper_bounds", self._summary.scores)
-            keep = upper(rows) >= threshold
-            if keep.any():
-                self._append_candidates(rows[keep], ids[idx[keep]])
-        if self._cand_n > self.capacity:
+            keep[idx[self._summary.score_upper_bounds(X[idx]) >= threshold]] = True
+        return keep
+
+    def _flush(self) -> None:
+        """Fold the pending rows into the summary; the ones that may still be heavy stay as candidates."""
+        start = self._pending_from
+        if start == self._store.n:
+            return
+        self._live = None
+        keep = self._fold(self._store.keys_view(start), None)
+        self._store.keep_from(start, keep)
+        self._pending_from = self._store.n
+        if self._pending_from > self.capacity:
             self._prune()
 
-    def _append_candidates(self, rows: np.ndarray, ids: np.ndarray) -> None:
-        m = rows.shape[0]
-        need = self._cand_n + m
-        if need > self._cand_rows.shape[0]:
-            size = max(need, min(2 * self._cand_rows.shape[0], self.capacity + self._block_rows), 16)
-            new_rows = np.empty((size, self._dim))
-            new_ids = np.empty(size, dtype=np.int64)
-            new_rows[: self._cand_n] = self._cand_rows[: self._cand_n]
-            new_ids[: self._cand_n] = self._cand_ids[: self._cand_n]
-            self._cand_rows, self._cand_ids = new_rows, new_ids
-        self._cand_rows[self._cand_n:need] = rows
-        self._cand_ids[self._cand_n:need] = ids
-        self._cand_n = need
+    def _process(self, X: np.ndarray, ids: np.ndarray, V: np.ndarray | None, block: np.ndarray | None) -> None:
+        """Fold a block taken straight from the caller's chunk (no pending rows exist at this point)."""
+        self._live = None
+        keep = self._fold(X, block)
+        if keep.any():
+            self._store.append(X[keep], ids[keep], None if V is None else V[keep])
+        self._pending_from = self._store.n
+        if self._pending_from > self.capacity:
+            self._prune()
 
     def _prune(self) -> np.ndarray:
-        """Rescore all candidates against the current summary, drop those below eps; return kept scores."""
-        n = self._cand_n
-        scores = self._summary.scores(self._cand_rows[:n])
-        keep = np.flatnonzero(scores >= self._eps * (1.0 - self._margin()))
-        k = keep.size
-        if k < n:
-            self._cand_rows[:k] = self._cand_rows[keep]
-            self._cand_ids[:k] = self._cand_ids[keep]
-            self._cand_n = k
+        """Rescore every candidate exactly against the summary, drop those below eps; return the kept scores.
+        Only called with no pending rows."""
+        assert self._pending_from == self._store.n
+        self._live = None
+        scores = self._summary.scores(self._store.keys_view())
+        keep = scores >= self._keep_threshold()
+        self._store.keep_from(0, keep)
+        self._pending_from = self._store.n
         return scores[keep]
-
-    def _settled(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Flush, prune, and return (ids, rows, scores) of the candidates sorted by id (views)."""
-        self._flush()
-        scores = self._prune()
-        n = self._cand_n
-        order = np.argsort(self._cand_ids[:n], kind="stable")
-        if not np.array_equal(order, np.arange(n)):
-            self._cand_ids[:n] = self._cand_ids[:n][order]
-            self._cand_rows[:n] = self._cand_rows[:n][order]
-            scores = scores[order]
-        return self._cand_ids[:n], self._cand_rows[:n], scores
 
     # ------------------------------------------------------------------ merge
     def _check_compatible(self, other: Any) -> None:
         if not isinstance(other, KeySketch):
             raise TypeError(f"can only merge a KeySketch; got {type(other).__name__} instead.")
-        mine = (self._dim, self._eps, self._p)
-        theirs = (other._dim, other._eps, other._p)
-        if mine != theirs:
-            raise ValueError(f"cannot merge sketches with different (dim, eps, p): {mine} vs {theirs}.")
-        mine, theirs = (getattr(s._summary, "config", ("gram",)) for s in (self, other))
-        if mine != theirs:
-            raise ValueError(f"cannot merge sketches with different normaliser summaries: {mine} vs {theirs}.")
+        pairs = [((self._dim, self._eps, self._p), (other._dim, other._eps, other._p), "(dim, eps, p)"),
+                 ((self._value_dim, self.exact_output), (other._value_dim, other.exact_output),
+                  "(value_dim, exact_output)"),
+                 (self._summary.config, other._summary.config, "normaliser summaries")]
+        for mine, theirs, what in pairs:
+            if mine != theirs:
+                raise ValueError(f"cannot merge sketches with different {what}: {mine} vs {theirs}.")
 
-    def merge(self, other: "KeySketch") -> "KeySketch":
+    def merge(self, other: KeySketch) -> KeySketch:
         """Fold ``other`` (same dim, eps, p; disjoint ids) into this sketch in place; returns ``self``.
 
         The result is the sketch of the union of both key streams: merging is associative and commutative,
@@ -487,32 +558,38 @@ class KeySketch:
             raise ValueError("cannot merge a sketch with itself (every id would clash).")
         hit = self._seen.clash_with(other._seen)
         if hit is None:
-            mine = set(self._cand_ids[: self._cand_n].tolist()) | set(self._buf_ids[: self._buf_n].tolist())
-            theirs = np.concatenate([other._cand_ids[: other._cand_n], other._buf_ids[: other._buf_n]])
-            both = [i for i in theirs.tolist() if i in mine]
-            hit = min(both) if both else None
+            both = np.intersect1d(self._store.ids_view(), other._store.ids_view())
+            hit = int(both[0]) if both.size else None
         if hit is not None:
             raise ValueError(f"cannot merge: both sketches contain key id {hit}. Shards of one stream need "
                              "disjoint ids: pass offset= or ids= to update_many.")
         src = other.copy()
         src._flush()
+        with self._lock:
+            self._merge_settled(src)
+        return self
+
+    def _merge_settled(self, src: KeySketch) -> None:
         self._flush()
         self._summary.merge(src._summary)
-        self._append_candidates(src._cand_rows[: src._cand_n], src._cand_ids[: src._cand_n])
+        if self._moments is not None:
+            assert src._moments is not None
+            self._moments.merge(src._moments)
+        self._store.extend(src._store)
+        self._pending_from = self._store.n
         self._seen = self._seen.union(src._seen)
         self._n += src._n
         self._next_id = max(self._next_id, src._next_id)
         self._prune()
-        return self
 
-    def __iadd__(self, other: "KeySketch") -> "KeySketch":
+    def __iadd__(self, other: KeySketch) -> KeySketch:
         return self.merge(other)
 
-    def __add__(self, other: "KeySketch") -> "KeySketch":
+    def __add__(self, other: KeySketch) -> KeySketch:
         return self.copy().merge(other)
 
     @classmethod
-    def merge_all(cls, sketches: Iterable["KeySketch"]) -> "KeySketch":
+    def merge_all(cls, sketches: Iterable[KeySketch]) -> KeySketch:
         """Merge an iterable of sketches pairwise in a balanced tree and return a new sketch."""
         level = [s.copy() for s in sketches]
         if not level:
@@ -522,24 +599,78 @@ class KeySketch:
                      for i in range(0, len(level), 2)]
         return level[0]
 
-    # ------------------------------------------------------------------ queries
-    def universal_set(self) -> UniversalSet:
-        """Every key whose leverage score over all keys seen is ``>= eps`` (exact for p = 2)."""
-        ids, rows, scores = self._settled()
-        margin = max(TIE_RTOL, 4.0 * self._summary.rel_error)
-        sel = scores >= self._eps * (1.0 - margin)
-        return UniversalSet(ids[sel].copy(), rows[sel].copy(), scores[sel].copy(), self._eps, self._p,
-                            self._n, margin)
+    # ------------------------------------------------------------------ queries (never change the sketch)
+    def _view(self) -> _query.HeadView:
+        """The rows and summary a query reads (call with the lock held).
+
+        For the Gram summary (p = 2) the pending rows are summarised for queries on the fly, once each: their
+        Gram matrix is added to a copy of ``G``, and only the rows whose score bound against a factor of an
+        earlier ``G`` (``u / (1 + u)``, docs/theory.md, "Stale factors") reaches the pruning threshold are
+        scanned.  That cache is derived data: it is never serialized and is dropped whenever rows are folded.
+        """
+        st = self._store
+        pf, n = self._pending_from, st.n
+        values = None if st.values is None else st.values[:pf]
+        G = self._summary.gram_sum() if isinstance(self._summary, GramSummary) else None
+        if G is None or pf == n:
+            extra_values = None if st.values is None else st.values[pf:n]
+            return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, st.keys[pf:n], st.ids[pf:n],
+                                   extra_values, G if pf == n else None, st.ids_sorted, self._moments)
+        live = self._live
+        if live is None or live.upto < pf:
+            live = self._live = _LiveRows(G, st.dim, st.value_dim, pf)
+        if live.upto < n:
+            live.add(st, n, self._summary.bound_factor(), self._keep_threshold())
+        rows = live.rows
+        return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, rows.keys_view(), rows.ids_view(),
+                               rows.values_view(), live.gram, st.ids_sorted, self._moments)
 
     def _queries(self, Q: Any) -> np.ndarray:
+        if (type(Q) is np.ndarray and Q.dtype == np.float64 and Q.ndim == 2 and Q.shape[1] == self._dim
+                and Q.flags.c_contiguous and np.isfinite(Q).all()):
+            return Q
         return as_matrix(Q, "Q", self._dim, hint="Pass queries as a 2-D array, one row per query.",
                          allow_empty=True)
 
+    def _query_eps(self, eps: Any) -> float:
+        if eps is None:
+            return self._eps
+        eps = check_eps(eps)
+        if eps < self._eps:
+            raise ValueError(f"eps must be >= the sketch's eps ({self._eps:g}); got {eps:g}. "
+                             "Build the sketch with a smaller eps to query lower thresholds.")
+        return eps
+
+    def universal_set(self) -> UniversalSet:
+        """Every key whose sensitivity score over all keys fed is ``>= eps`` (exact for p = 2).
+
+        Computed on a settled copy: the sketch itself is not changed.
+        """
+        with self._lock:
+            settled = self.copy()
+        settled._flush()
+        store = settled._store
+        scores = settled._summary.scores(store.keys_view())
+        report = margin(settled._summary.rel_error, prune=False)
+        sel = np.flatnonzero(scores >= self._eps * (1.0 - report))
+        ids = store.ids_view()[sel]
+        order = np.argsort(ids, kind="stable")
+        sel = sel[order]
+        return UniversalSet(ids[order], store.keys_view()[sel], scores[sel], self._eps, self._p, self._n, report)
+
     def normalizer(self, Q: Any) -> np.ndarray:
-        """``Z(q) = sum_l f(<q, k_l>)`` over *all* keys fed, for every query row (exact for p = 2)."""
+        """``Z(q) = sum_l f(<q, k_l>)`` over *all* keys fed, for every query row (exact for p = 2).
+
+        Examples
+        --------
+        >>> import numpy as np, levstream as ls
+        >>> K = np.array([[1.0, 0.0], [1.0, 1.0]])
+        >>> ls.KeySketch(2, eps=0.5).update_many(K).normalizer([[1.0, 2.0]]).tolist()
+        [10.0]
+        """
         Q = self._queries(Q)
-        self._flush()
-        return self._summary.normalizer(Q)
+        with self._lock:
+            return _query.normalizer(self._view(), Q, self._p)
 
     def heavy_entries(self, Q: Any, eps: float | None = None) -> HeavyEntries:
         """Every entry ``A[i, j] >= eps`` of the attention of queries ``Q`` over all keys fed.
@@ -554,138 +685,175 @@ class KeySketch:
         -------
         HeavyEntries
             CSR by query row, key ids ascending; for p = 2 exactly the dense answer, values exact to
-            rounding.  Queries orthogonal to every key (``Z = 0``) have no entries.
+            rounding.  Queries orthogonal to every key (``Z = 0``) have no entries.  The sketch is not changed.
         """
         Q = self._queries(Q)
-        eps = self._eps if eps is None else check_eps(eps)
-        if eps < self._eps:
-            raise ValueError(f"eps must be >= the sketch's eps ({self._eps:g}); got {eps:g}. "
-                             "Build the sketch with a smaller eps to query lower thresholds.")
-        ids, rows, scores = self._settled()
-        sel = scores >= eps * (1.0 - self._margin())
-        if not sel.all():
-            ids, rows = ids[sel], rows[sel]
-        thresh = eps * (1.0 - TIE_RTOL)
-        dist = getattr(self._summary, "distortion", 0.0)  # coreset: report A~ >= eps (1 - delta)
-        query_scale = getattr(self._summary, "query_scale", None)  # coreset: A is scale-free, avoid |x|^p overflow
-        counts, keys, vals = [], [], []
-        for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
-            Qb = Q[start:start + QUERY_BLOCK_ROWS]
-            if query_scale is not None and query_scale(Qb, rows) is not None:
-                Qb = Qb * query_scale(Qb, rows)[:, None]
-            z = self._summary.normalizer(Qb)
-            P = Qb @ rows.T
-            c, k, v = threshold_power_csr(P, z, self._p, thresh * (1.0 - dist), ids)
-            counts.append(c)
-            keys.append(k)
-            vals.append(v)
-        if not counts:
-            return HeavyEntries.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), eps)
-        values = np.concatenate(vals)
-        lower = upper = None
-        if dist:
-            lower, upper = values / (1.0 + dist), values / (1.0 - dist)
-        return HeavyEntries.from_counts(np.concatenate(counts), np.concatenate(keys), values, eps, lower, upper)
+        eps = self._query_eps(eps)
+        with self._lock:
+            return _query.heavy_entries(self._view(), Q, self._p, eps)
 
     def top_k(self, Q: Any, k: int) -> TopK:
-        """The ``k`` largest attention entries of each query among the universal set.
+        """The ``k`` largest attention entries of each query among the keys held (a superset of the universal set).
 
         ``certified[i]`` is true when row ``i``'s ``k``-th value is ``>= eps``: every key outside the
         universal set has ``A < eps``, so the result is then the true top-``k`` over all keys.  With a coreset
         normaliser (values ``A~``, true values ``>= A~ (1 - delta)``) the test is ``A~ (1 - delta) >= eps``.
+
+        Examples
+        --------
+        >>> import numpy as np, levstream as ls
+        >>> K = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        >>> top = ls.KeySketch(2, eps=0.3).update_many(K).top_k([[1.0, 0.0]], 2)
+        >>> top.key_ids.tolist(), bool(top.certified[0])
+        ([[0, 2]], True)
         """
         Q = self._queries(Q)
         k = check_int(k, "k", minimum=1)
-        ids, rows, _ = self._settled()
-        m, c = Q.shape[0], ids.shape[0]
-        out_ids = np.full((m, k), -1, dtype=np.int64)
-        out_vals = np.full((m, k), np.nan)
-        certified = np.zeros(m, dtype=bool)
-        kk = min(k, c)
-        query_scale = getattr(self._summary, "query_scale", None)
-        dist = getattr(self._summary, "distortion", 0.0)
-        for start in range(0, m, QUERY_BLOCK_ROWS):
-            Qb = Q[start:start + QUERY_BLOCK_ROWS]
-            if query_scale is not None and query_scale(Qb, rows) is not None:
-                Qb = Qb * query_scale(Qb, rows)[:, None]
-            z = self._summary.normalizer(Qb)
-            live = z > 0
-            if kk == 0 or not live.any():
-                continue
-            P = Qb @ rows.T
-            B = P * P if self._p == 2.0 else np.abs(P) ** self._p
-            A = np.where(live[:, None], B / np.where(live, z, 1.0)[:, None], 0.0)
-            part = np.argpartition(-A, kk - 1, axis=1)[:, :kk] if kk < c else np.broadcast_to(np.arange(c), (A.shape[0], c))
-            top = np.take_along_axis(A, part, axis=1)
-            order = np.argsort(-top, axis=1, kind="stable")
-            part = np.take_along_axis(part, order, axis=1)
-            top = np.take_along_axis(top, order, axis=1)
-            sl = slice(start, start + Qb.shape[0])
-            out_ids[sl, :kk] = np.where(live[:, None], ids[part], -1)
-            out_vals[sl, :kk] = np.where(live[:, None], top, np.nan)
-            if kk == k:
-                certified[sl] = live & (top[:, -1] * (1.0 - dist) >= self._eps)
-        return TopK(out_ids, out_vals, certified, self._eps)
+        with self._lock:
+            return _query.top_k(self._view(), Q, self._p, k, self._eps)
+
+    def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
+        """Attention of queries ``Q`` over every key fed: heavy entries, their output and mass, exact output.
+
+        Needs ``value_dim``.  ``output`` (p = 2 with ``exact_output=True``) is ``sum_j A_j v_j`` over *every*
+        key fed, exact; ``heavy_output`` and ``captured_mass`` sum ``A_j v_j`` and ``A_j`` over the entries
+        ``A_j >= eps`` only (for coreset p, with the coreset's values ``A~``).  The sketch is not changed.
+
+        Examples
+        --------
+        >>> import numpy as np, levstream as ls
+        >>> rng = np.random.default_rng(0)
+        >>> K, V, Q = rng.standard_normal((500, 4)), rng.standard_normal((500, 3)), rng.standard_normal((2, 4))
+        >>> sk = ls.KeySketch(4, eps=0.05, value_dim=3, exact_output=True).update_many(K, V)
+        >>> W = (Q @ K.T) ** 2
+        >>> bool(np.allclose(sk.attend(Q).output, W @ V / W.sum(axis=1, keepdims=True), rtol=1e-10))
+        True
+        """
+        Q = self._queries(Q)
+        eps = self._query_eps(eps)
+        with self._lock:
+            return _query.attend(self._view(), Q, self._p, eps)
+
+    def prefill(self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None,
+                eps: float | None = None) -> AttentionResult:
+        """Causal attention of a chunk, then fold the chunk in: query ``i`` sees every key fed before and the
+        chunk's keys ``0..i`` (its own included).
+
+        ``K`` and ``Q`` have shape (c, dim), ``V`` (c, value_dim); row ``i`` of the result is what dense causal
+        attention gives query ``i`` (exact output with ``exact_output=True``, p = 2).  A decode step is the case
+        c = 1.  Cost ``O(c^2 (d + dv) + c d^2 dv)`` plus ``O(c |candidates| d)``.  Ids as for
+        :meth:`update_many`.  On bad input nothing changes.
+
+        Examples
+        --------
+        >>> import numpy as np, levstream as ls
+        >>> rng = np.random.default_rng(1)
+        >>> K, V = rng.standard_normal((8, 3)), rng.standard_normal((8, 2))
+        >>> sk = ls.KeySketch(3, eps=0.1, value_dim=2, exact_output=True)
+        >>> r = sk.prefill(K, V, K)                           # self-attention of a prompt
+        >>> W = np.tril((K @ K.T) ** 2)
+        >>> bool(np.allclose(r.output, W @ V / W.sum(axis=1, keepdims=True))), sk.n
+        (True, 8)
+        """
+        K = as_matrix(K, "K", self._dim, allow_empty=True)
+        c = K.shape[0]
+        Q = as_matrix(Q, "Q", self._dim, allow_empty=True)
+        if Q.shape[0] != c:
+            raise ValueError(f"Q must have one query per key of the chunk: shape ({c}, {self._dim}); got "
+                             f"shape {Q.shape}.")
+        Vc = self._value_chunk(V, c)
+        if Vc is None:
+            raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
+        eps = self._query_eps(eps)
+        _check_magnitude(K, "K")
+        with self._lock:
+            return self._prefill(K, Vc, Q, ids, offset, eps)
+
+    def _prefill(self, K: np.ndarray, Vc: np.ndarray, Q: np.ndarray, ids: Any, offset: Any,
+                 eps: float) -> AttentionResult:
+        c = K.shape[0]
+        new_ids, start, srt = self._new_ids(c, ids, offset)
+        if c == 0:
+            return AttentionResult(HeavyEntries.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                                            np.zeros(0), eps),
+                                   np.zeros((0, self._value_dim or 0)), np.zeros(0),
+                                   None if self._moments is None else np.zeros((0, self._value_dim or 0)))
+        chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
+        result = _query.prefill(self._view(), K, Vc, Q, chunk_ids, self._p, eps)
+        self._ingest(K, Vc, new_ids, start, srt)
+        return result
 
     # ------------------------------------------------------------------ copies and persistence
-    def copy(self) -> "KeySketch":
+    def copy(self) -> KeySketch:
         """An independent deep copy."""
         out = KeySketch.__new__(KeySketch)
         out.__dict__.update(self.__dict__)
         out._summary = self._summary.copy()
         out._seen = self._seen.copy()
-        out._buf_rows, out._buf_ids = self._buf_rows[: self._buf_n].copy(), self._buf_ids[: self._buf_n].copy()
-        out._cand_rows = self._cand_rows[: self._cand_n].copy()
-        out._cand_ids = self._cand_ids[: self._cand_n].copy()
+        out._store = self._store.copy()
+        out._moments = None if self._moments is None else self._moments.copy()
+        out._lock = threading.RLock()
+        out._live = None
         return out
 
     __copy__ = copy
 
-    def __deepcopy__(self, memo: dict) -> "KeySketch":
+    def __deepcopy__(self, memo: dict) -> KeySketch:
         return self.copy()
 
     def to_bytes(self) -> bytes:
-        """Serialize (versioned, checksummed; buffered rows included, nothing is lost)."""
+        """Serialize (versioned, checksummed; buffered rows included, nothing is lost).
+
+        Keys-only sketches write format version 1 (as levstream 0.1.0); sketches with values version 2.
+        """
         smeta, sarrays = self._summary.to_state()
-        meta = {
+        meta: dict[str, Any] = {
             "kind": _SKETCH_KIND, "dim": self._dim, "eps": self._eps, "p": self._p,
             "block_rows": self._block_rows, "n": self._n, "next_id": self._next_id,
             "ids_exact": self._seen.exact, "summary": smeta,
         }
         arrays = {f"summary.{k}": v for k, v in sarrays.items()}
-        arrays.update({
-            "cand_rows": self._cand_rows[: self._cand_n], "cand_ids": self._cand_ids[: self._cand_n],
-            "buf_rows": self._buf_rows[: self._buf_n], "buf_ids": self._buf_ids[: self._buf_n],
-            "id_ranges": self._seen.ranges,
-        })
-        return _serialize.pack(meta, arrays)
+        arrays.update(self._store.arrays(0, self._pending_from, "cand"))
+        arrays.update(self._store.arrays(self._pending_from, self._store.n, "buf"))
+        arrays["id_ranges"] = self._seen.ranges
+        version = 1
+        if self._value_dim is not None:
+            meta["value_dim"], meta["exact_output"] = self._value_dim, self.exact_output
+            if self._moments is not None:
+                arrays.update(self._moments.to_state())
+            version = _FORMAT_WITH_VALUES
+        return _serialize.pack(meta, arrays, version)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "KeySketch":
+    def from_bytes(cls, data: bytes) -> KeySketch:
         """Inverse of :meth:`to_bytes`; raises ``ValueError`` for corrupted, truncated or foreign bytes."""
-        meta, arrays, _ = _serialize.unpack(data)
+        meta, arrays, version = _serialize.unpack(data)
         try:
             if meta.get("kind") != _SKETCH_KIND:
                 raise ValueError(f"bytes hold a {meta.get('kind')!r}, not a KeySketch")
+            value_dim = meta.get("value_dim")
+            if (value_dim is not None) != (version >= _FORMAT_WITH_VALUES):
+                raise ValueError(f"format version {version} and the value header disagree")
             out = cls(int(meta["dim"]), eps=float(meta["eps"]), p=float(meta["p"]),
-                      block_rows=int(meta["block_rows"]))
+                      block_rows=int(meta["block_rows"]),
+                      value_dim=None if value_dim is None else int(value_dim),
+                      exact_output=bool(meta.get("exact_output", False)) if value_dim is not None else False)
             d = out._dim
             for name, arr in arrays.items():  # a valid checksum does not make the content consistent
-                want = np.int64 if name in ("cand_ids", "buf_ids", "id_ranges") else np.float64
-                if not name.startswith("summary.") or arr.dtype.kind == "f":
-                    if arr.dtype != want:
-                        raise ValueError(f"stored array {name!r} must be {np.dtype(want)}; got {arr.dtype}")
-                    if want is np.float64 and not np.isfinite(arr).all():
-                        raise ValueError(f"stored array {name!r} must be finite")
+                if name.startswith("summary.") and arr.dtype.kind != "f":
+                    continue
+                want = np.int64 if name.endswith("_ids") or name == "id_ranges" else np.float64
+                if arr.dtype != want:
+                    raise ValueError(f"stored array {name!r} must be {np.dtype(want)}; got {arr.dtype}")
+                if want is np.float64 and not np.isfinite(arr).all():
+                    raise ValueError(f"stored array {name!r} must be finite")
             summary_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("summary.")}
             out._summary = summary_from_state(meta["summary"], summary_arrays)
-            cand_rows, cand_ids = arrays["cand_rows"], arrays["cand_ids"]
-            buf_rows, buf_ids = arrays["buf_rows"], arrays["buf_ids"]
-            for rows, ids in ((cand_rows, cand_ids), (buf_rows, buf_ids)):
-                if rows.ndim != 2 or rows.shape[1] != d or ids.shape != (rows.shape[0],):
-                    raise ValueError("row and id arrays have inconsistent shapes")
-            out._cand_rows, out._cand_ids, out._cand_n = cand_rows, cand_ids, cand_rows.shape[0]
-            out._buf_rows, out._buf_ids, out._buf_n = buf_rows, buf_ids, buf_rows.shape[0]
+            parts = [(arrays[f"{s}_rows"], arrays[f"{s}_ids"], arrays.get(f"{s}_values")) for s in ("cand", "buf")]
+            out._store = RowStore.from_arrays(d, out._value_dim, parts)
+            out._pending_from = parts[0][0].shape[0]
+            if out._moments is not None:
+                out._moments = MomentState.from_state(d, int(value_dim), arrays)
             ranges = arrays["id_ranges"]
             if ranges.ndim != 2 or ranges.shape[1] != 2:
                 raise ValueError("id ranges must have shape (r, 2)")
@@ -693,13 +861,14 @@ class KeySketch:
             out._n, out._next_id = int(meta["n"]), int(meta["next_id"])
             if out._next_id < 0:
                 raise ValueError(f"next_id must be >= 0; got {out._next_id}")
-            if out._summary.dim != d or out._n < out._summary.n_rows + out._buf_n:
+            n_pending = out._store.n - out._pending_from
+            if out._summary.dim != d or out._n < out._summary.n_rows + n_pending:
                 raise ValueError("summary does not match the sketch header")
         except (KeyError, TypeError, NotImplementedError) as exc:
             raise ValueError(f"serialized sketch is malformed: {exc}.") from exc
         return out
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
         return (KeySketch.from_bytes, (self.to_bytes(),))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -710,6 +879,32 @@ class KeySketch:
         return self is other
 
     __hash__ = object.__hash__
+
+
+class _LiveRows:
+    """Derived from the pending rows for queries (p = 2): ``G`` plus their Gram matrix, and the pending rows
+    whose score bound reaches the pruning threshold.  Rows ``start..upto-1`` of the store are accounted for."""
+
+    __slots__ = ("upto", "gram", "rows")
+
+    def __init__(self, gram: np.ndarray, dim: int, value_dim: int | None, start: int) -> None:
+        self.upto = start
+        self.gram = gram.copy()
+        self.rows = RowStore(dim, value_dim)
+
+    def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
+        X = store.keys[self.upto:n]
+        self.gram += X.T @ X
+        if factor is None:
+            keep = np.ones(X.shape[0], dtype=bool)
+        else:
+            Y = X @ factor
+            u = np.einsum("ij,ij->i", Y, Y)
+            keep = u >= threshold * (1.0 + u)  # u / (1 + u) >= threshold, the row's score after its inclusion
+        if keep.any():
+            values = None if store.values is None else store.values[self.upto:n][keep]
+            self.rows.append(X[keep], store.ids[self.upto:n][keep], values)
+        self.upto = n
 
 
 def _check_magnitude(X: np.ndarray, name: str) -> None:

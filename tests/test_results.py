@@ -114,7 +114,7 @@ def test_normalizer_equals_sum_of_squares(built, keys, many_queries):
 def test_normalizer_counts_keys_that_are_no_longer_retained(keys):
     """Z(q) is over *all* keys, including the many light keys the sketch dropped."""
     sk = ls.KeySketch(DIM, eps=EPS).update_many(keys)
-    sk.universal_set()  # flushes the input buffer and settles the candidates
+    sk.flush()  # folds the input buffer in and settles the candidates
     assert sk.num_retained < len(keys) / 10
     q = np.random.default_rng(1).standard_normal((1, DIM))
     assert sk.normalizer(q)[0] == pytest.approx(float(((keys @ q[0]) ** 2).sum()), rel=NORMALIZER_RTOL)
@@ -136,7 +136,7 @@ def test_top_k_certified_rows_are_the_dense_top_k(built, keys, many_queries, k):
         # values are the exact dense values of the returned keys, in decreasing order
         np.testing.assert_allclose(top.values[i][live], A[i, ids], rtol=VALUE_RTOL)
         assert np.all(np.diff(top.values[i][live]) <= 0)
-        assert set(ids.tolist()) <= U
+        assert set(ids.tolist()) <= set(range(keys.shape[0]))
         if top.certified[i]:
             n_cert += 1
             assert top.values[i, -1] >= EPS
@@ -147,10 +147,11 @@ def test_top_k_certified_rows_are_the_dense_top_k(built, keys, many_queries, k):
         else:
             # the k-th largest dense value is below eps (or the query is zero): certification is impossible
             assert not (A[i].sum() > 0 and vals[i, -1] >= EPS * (1 + 1e-9))
-            # whatever is returned is still the top of the universal set
+            # whatever is returned is the top of a superset of the universal set (the keys the sketch holds):
+            # position by position at least the top of the universal set itself
             cols = np.array(sorted(U))
             best = np.sort(A[i, cols])[::-1][: live.sum()]
-            np.testing.assert_allclose(top.values[i][live], best, rtol=VALUE_RTOL)
+            assert np.all(top.values[i][live][: best.size] >= best * (1 - VALUE_RTOL))
     if k == 1:
         assert n_cert > m / 4, "fixture should certify many rows at k = 1"
     for i in (0, 17, 599):
@@ -158,7 +159,8 @@ def test_top_k_certified_rows_are_the_dense_top_k(built, keys, many_queries, k):
 
 
 def test_top_k_larger_than_the_universal_set_pads_and_does_not_certify(built, many_queries):
-    u = len(built.universal_set())
+    u = built.num_retained  # top_k ranks the keys the sketch holds (every key of the universal set, maybe more)
+    assert u >= len(built.universal_set())
     top = built.top_k(many_queries[:5], u + 3)
     assert (top.key_ids[:, u:] == -1).all() and np.isnan(top.values[:, u:]).all()
     assert not top.certified.any()

@@ -63,7 +63,7 @@ def _with(X, index, value):
     (lambda s, K: s.update_many(np.ones((2, 2, DIM))), ValueError, r"must be 2-D .*got shape \(2, 2, 8\)"),
     (lambda s, K: s.update(np.ones((1, DIM))), ValueError, r"x must be 1-D of length 8; got shape \(1, 8\)\. Use update_many"),
     (lambda s, K: s.update(3.0), ValueError, "x must be 1-D of length 8; got shape \\(\\)"),
-    (lambda s, K: s.update_many(np.ones((0, DIM))), ValueError, r"X must have at least one row; got shape \(0, 8\)"),
+    (lambda s, K: s.update_many(np.ones((0, DIM + 1))), ValueError, r"X must have 8 columns .*got shape \(0, 9\)"),
     (lambda s, K: s.update_many([]), ValueError, r"must be 2-D .*got shape \(0,\)"),
     (lambda s, K: s.update_many(np.ones((3, DIM), complex)), TypeError, "real floating or integer dtype; got dtype complex128"),
     (lambda s, K: s.update(np.ones(DIM, np.complex64)), TypeError, "got dtype complex64"),
@@ -149,7 +149,7 @@ def test_merge_with_itself_is_rejected(sk, Q):
 @pytest.mark.parametrize("bad, index, exc, match", [
     (np.ones(DIM + 1), 2, ValueError, "x must have length 8"),
     (np.full((3, DIM), np.nan), 2, ValueError, "X must contain only finite values"),
-    (np.ones((0, DIM)), 2, ValueError, "X must have at least one row"),
+    (np.ones((0, DIM + 1)), 2, ValueError, "X must have 8 columns"),
     (np.ones((1, 1, DIM)), 2, ValueError, r"must be a 1-D row or a 2-D chunk; got shape \(1, 1, 8\)"),
     ("row", 2, TypeError, "item 2 must be a real numeric array"),
     (np.ones(DIM, complex), 2, TypeError, "complex128"),

@@ -55,6 +55,19 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
     return lam, diag
 
 
+def _normalizer_floor(Q: np.ndarray, diag: np.ndarray) -> np.ndarray:
+    """Rounding level of ``q^T G q``, scale-aware per column (a query along a direction carried only by tiny
+    keys keeps its ``Z``): values at or below it are 0 (the query is orthogonal to every key)."""
+    return (Q.shape[1] * UNIT_ROUNDOFF) ** 2 * ((Q * Q) @ diag)
+
+
+def gram_normalizer(Q: np.ndarray, G: np.ndarray) -> np.ndarray:
+    """``q^T G q`` for every row of ``Q``, with values at rounding level set to 0."""
+    z = np.einsum("ij,ij->i", Q @ G, Q)
+    z[z <= _normalizer_floor(Q, np.diag(G))] = 0.0
+    return z
+
+
 class GramSummary(NormalizerSummary):
     """``Z(q) = q^T G q`` and leverage scores ``k^T G^+ k`` for all keys added so far, exactly.
 
@@ -322,25 +335,38 @@ class GramSummary(NormalizerSummary):
             return None, 0.0
         return 1.0 / np.sqrt(self._chk_diag), self._chk_lam * LAMBDA_SAFETY
 
+    # ------------------------------------------------------------------ live streams
+    def gram_sum(self) -> np.ndarray | None:
+        """``G`` (Gram mode; a cached array, read-only use), or None in R-factor mode."""
+        if self.mode != "gram":
+            return None
+        if self._gram_sum is None:
+            self._gram_sum = self._hi + self._lo
+        return self._gram_sum
+
+    def bound_factor(self) -> np.ndarray | None:
+        """A ``W`` with ``||k W||^2 >= k^T G^-1 k`` for the current ``G`` without computing anything: ``L^-T`` of
+        the current or of an earlier Gram matrix (``G_0 <= G`` gives ``G^-1 <= G_0^-1``, docs/theory.md, "Stale
+        factors"); None in R-factor mode or before the first factorisation."""
+        if self.mode != "gram":
+            return None
+        if self._factor is not None and self._factor[0] == "chol":
+            return self._factor[1]
+        return self._past_factor
+
     # ------------------------------------------------------------------ normaliser
     def normalizer(self, Q: np.ndarray) -> np.ndarray:
         """``Z(q) = q^T G q = sum_l <q, k_l>^2`` for every row of ``Q``; 0 for queries numerically orthogonal to all keys."""
         if self.n_rows == 0:
             return np.zeros(Q.shape[0])
-        if self.mode == "gram":
-            if self._gram_sum is None:
-                self._gram_sum = self._hi + self._lo
-            G = self._gram_sum
-            z = np.einsum("ij,ij->i", Q @ G, Q)
-            diag = np.diag(G)
-        else:
-            assert self._r is not None
-            T = Q @ self._r.T
-            z = np.einsum("ij,ij->i", T, T)
-            diag = (self._r * self._r).sum(axis=0)
-        # scale-aware (per column) so that a query along a direction carried only by tiny keys keeps its Z
-        floor = (self.dim * UNIT_ROUNDOFF) ** 2 * ((Q * Q) @ diag)
-        z[z <= floor] = 0.0
+        G = self.gram_sum()
+        if G is not None:
+            return gram_normalizer(Q, G)
+        assert self._r is not None
+        T = Q @ self._r.T
+        z = np.einsum("ij,ij->i", T, T)
+        diag = (self._r * self._r).sum(axis=0)
+        z[z <= _normalizer_floor(Q, diag)] = 0.0
         return z
 
     # ------------------------------------------------------------------ persistence

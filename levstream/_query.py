@@ -1,0 +1,254 @@
+"""The one query path: heavy entries, top-k, normalisers and attention outputs, for every sketch type.
+
+A query reads a :class:`HeadView` — the normaliser summary and the rows a sketch holds — and changes nothing.
+The rows are the candidates (keys folded into the summary whose score may still reach ``eps``) followed by the
+pending rows (fed, not yet folded in).  Exactness needs only two things (docs/theory.md, "Live streams"):
+
+* the normaliser over *every* key fed: the summary's ``Z`` plus the pending rows' terms, summed directly;
+* a superset of the universal set: candidates and pending rows together are one.
+
+Every entry's value is computed exactly against that normaliser and thresholded; keys outside the universal set
+have ``A < eps`` and drop out.  With an approximate normaliser (coreset, ``delta > 0``) the threshold is lowered
+to ``eps (1 - delta)`` and every value carries the interval ``[A~ (1 - delta), A~ (1 + delta)]``
+(docs/theory.md, "General p").  One margin rule (``levstream._config.margin``) applies everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ._config import QUERY_BLOCK_ROWS, margin
+from ._kernels.query import threshold_power_csr
+from .moments import MomentState
+from .results import AttentionResult, HeavyEntries, TopK
+from .summaries.base import NormalizerSummary
+from .summaries.gram import gram_normalizer
+
+
+class HeadView(NamedTuple):
+    """What a query reads of one head.
+
+    ``keys``/``ids``/``values`` are the candidates (folded into ``summary``).  ``extra_*`` are rows fed but not
+    folded in that a query must scan: every pending row, or — when ``total_gram`` is given (p = 2) — only the
+    pending rows that passed the arrival test.  ``Z`` is ``q^T total_gram q`` when ``total_gram`` is given
+    (the Gram matrix of every key fed), otherwise the summary's ``Z`` plus the extra rows' terms.
+    """
+
+    summary: NormalizerSummary
+    keys: np.ndarray
+    ids: np.ndarray
+    values: np.ndarray | None
+    extra_keys: np.ndarray
+    extra_ids: np.ndarray
+    extra_values: np.ndarray | None
+    total_gram: np.ndarray | None
+    ids_sorted: bool
+    moments: MomentState | None = None
+
+    @property
+    def all_ids(self) -> np.ndarray:
+        return self.ids if self.extra_ids.size == 0 else np.concatenate([self.ids, self.extra_ids])
+
+    @property
+    def all_values(self) -> np.ndarray | None:
+        if self.values is None or self.extra_values is None or self.extra_ids.size == 0:
+            return self.values
+        return np.concatenate([self.values, self.extra_values])
+
+
+def _power(P: np.ndarray, p: float) -> np.ndarray:
+    return P * P if p == 2.0 else np.abs(P) ** p
+
+
+def report_threshold(eps: float, distortion: float) -> float:
+    """Values are reported when ``>= eps (1 - margin) (1 - delta)``: the tie margin, and for an approximate
+    normaliser the lowering that keeps every true heavy entry while ``Z~`` is within ``(1 ± delta) Z``."""
+    return eps * (1.0 - margin(0.0, prune=False)) * (1.0 - distortion)
+
+
+def _z(view: HeadView, Q: np.ndarray, extra_products: np.ndarray | None, p: float) -> np.ndarray:
+    if view.total_gram is not None:
+        return gram_normalizer(Q, view.total_gram)
+    z = view.summary.normalizer(Q)
+    if view.extra_ids.size:
+        P = Q @ view.extra_keys.T if extra_products is None else extra_products
+        z = z + _power(P, p).sum(axis=1)
+    return z
+
+
+def normalizer(view: HeadView, Q: np.ndarray, p: float) -> np.ndarray:
+    """``Z(q)`` over every key fed, for unscaled queries."""
+    return _z(view, Q, None, p)
+
+
+def _scored_block(view: HeadView, Qb: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For one block of queries: ``(Qs, P, z)`` with ``Qs`` the (possibly rescaled) queries, ``P = Qs K^T`` over
+    the candidates and extra rows and ``z`` the normaliser of ``Qs`` over every key fed."""
+    scale = view.summary.query_scale(Qb, view.keys if view.extra_ids.size == 0
+                                     else np.concatenate([view.keys, view.extra_keys]))
+    if scale is not None:
+        Qb = Qb * scale[:, None]
+    P = Qb @ view.keys.T
+    Pe = None
+    if view.extra_ids.size:
+        Pe = Qb @ view.extra_keys.T
+        P = np.concatenate([P, Pe], axis=1)
+    return Qb, P, _z(view, Qb, Pe, p)
+
+
+def _sorted_by_row_and_id(counts: np.ndarray, key_ids: np.ndarray, *arrays: np.ndarray) -> tuple:
+    """Entries in CSR order with key ids ascending within each row (rows are already grouped)."""
+    rows = np.repeat(np.arange(counts.shape[0]), counts)
+    order = np.lexsort((key_ids, rows))
+    return (key_ids[order], *(a[order] for a in arrays))
+
+
+class _Entries(NamedTuple):
+    counts: np.ndarray
+    positions: np.ndarray  # column of each entry in the thresholded matrix
+    key_ids: np.ndarray
+    values: np.ndarray
+
+
+def _threshold(P: np.ndarray, z: np.ndarray, p: float, thresh: float, ids: np.ndarray,
+               ids_sorted: bool) -> _Entries:
+    positions = np.arange(P.shape[1], dtype=np.int64)
+    counts, pos, vals = threshold_power_csr(P, z, p, thresh, positions)
+    key_ids = ids[pos]
+    if not ids_sorted and key_ids.size > 1:
+        key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
+    return _Entries(counts, pos, key_ids, vals)
+
+
+def _concat(parts: list[_Entries], n_queries: int) -> _Entries:
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return _Entries(np.zeros(n_queries, np.int64), empty, empty, np.zeros(0))
+    return _Entries(*(np.concatenate(x) for x in zip(*parts)))
+
+
+def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
+    lower = upper = None
+    if distortion:
+        # |Z~ - Z| <= delta Z gives A = A~ Z~ / Z in [A~ (1 - delta), A~ (1 + delta)] (docs/theory.md, "General p")
+        lower, upper = entries.values * (1.0 - distortion), entries.values * (1.0 + distortion)
+    return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps, lower, upper)
+
+
+def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
+    thresh = report_threshold(eps, view.summary.distortion)
+    ids = view.all_ids
+    parts = []
+    for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
+        _, P, z = _scored_block(view, Q[start:start + QUERY_BLOCK_ROWS], p)
+        parts.append(_threshold(P, z, p, thresh, ids, view.ids_sorted))
+    return _concat(parts, Q.shape[0])
+
+
+def heavy_entries(view: HeadView, Q: np.ndarray, p: float, eps: float) -> HeavyEntries:
+    """Every entry ``A[i, j] >= eps`` of the queries ``Q`` over every key fed (see the module docstring)."""
+    return _heavy(_find(view, Q, p, eps), eps, view.summary.distortion)
+
+
+def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
+    """The ``k`` largest entries per query among the rows held; ``certified`` where provably the true top-k.
+
+    Every key outside the universal set has ``A < eps``, so a row whose ``k``-th value is ``>= eps`` (with an
+    approximate normaliser: ``A~ (1 - delta) >= eps``) is the true top-``k`` over all keys.
+    """
+    ids = view.all_ids
+    m, c = Q.shape[0], ids.shape[0]
+    out_ids = np.full((m, k), -1, dtype=np.int64)
+    out_vals = np.full((m, k), np.nan)
+    certified = np.zeros(m, dtype=bool)
+    kk = min(k, c)
+    dist = view.summary.distortion
+    for start in range(0, m, QUERY_BLOCK_ROWS):
+        _, P, z = _scored_block(view, Q[start:start + QUERY_BLOCK_ROWS], p)
+        live = z > 0
+        if kk == 0 or not live.any():
+            continue
+        A = np.where(live[:, None], _power(P, p) / np.where(live, z, 1.0)[:, None], 0.0)
+        if kk < c:
+            part = np.argpartition(-A, kk - 1, axis=1)[:, :kk]
+        else:
+            part = np.broadcast_to(np.arange(c), (A.shape[0], c))
+        top = np.take_along_axis(A, part, axis=1)
+        # descending value, ties by ascending key id
+        order = np.lexsort((ids[part], -top), axis=1)
+        part = np.take_along_axis(part, order, axis=1)
+        top = np.take_along_axis(top, order, axis=1)
+        sl = slice(start, start + A.shape[0])
+        out_ids[sl, :kk] = np.where(live[:, None], ids[part], -1)
+        out_vals[sl, :kk] = np.where(live[:, None], top, np.nan)
+        if kk == k:
+            certified[sl] = live & (top[:, -1] * (1.0 - dist) >= eps)
+    return TopK(out_ids, out_vals, certified, eps)
+
+
+def _outputs(entries: _Entries, weights_values: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(heavy_output, captured_mass)``: sums of ``A_j v_j`` and of ``A_j`` over each query's entries."""
+    rows = np.repeat(np.arange(n_queries), entries.counts)
+    mass = np.bincount(rows, weights=entries.values, minlength=n_queries).astype(np.float64)
+    out = np.zeros((n_queries, weights_values.shape[1]))
+    if rows.size:
+        np.add.at(out, rows, entries.values[:, None] * weights_values[entries.positions])
+    return out, mass
+
+
+def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResult:
+    """Heavy entries of ``Q`` with their output and mass, and the exact output when the view has moments
+    (the moment state holds every key fed, so ``o(q) = phi(q)^T S / Z(q)``)."""
+    values = view.all_values
+    if values is None:
+        raise ValueError("attend needs value rows: build the sketch with value_dim= and feed update(k, v).")
+    entries = _find(view, Q, p, eps)
+    heavy_out, mass = _outputs(entries, values, Q.shape[0])
+    output = None
+    if view.moments is not None:
+        num = view.moments.numerator(Q)
+        z = _z(view, Q, None, p)
+        output = np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0)
+    return AttentionResult(_heavy(entries, eps, view.summary.distortion), heavy_out, mass, output)
+
+
+def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_ids: np.ndarray, p: float,
+            eps: float) -> AttentionResult:
+    """Causal attention of a chunk (docs/theory.md, "Causal chunks"): query ``i`` sees every key of the view
+    and the chunk's keys ``0..i``.  Heavy entries of row ``i`` lie among the rows held and those chunk keys,
+    because a key fed earlier whose score over the prefix up to ``i`` reaches ``eps`` reached it before the
+    chunk.  The caller folds the chunk in afterwards (the moment state does not hold the chunk yet)."""
+    held_values = view.all_values
+    if held_values is None:
+        raise ValueError("prefill needs value rows: build the sketch with value_dim= and feed update(k, v).")
+    c = K.shape[0]
+    held_ids = view.all_ids
+    held = held_ids.shape[0]
+    dist = view.summary.distortion
+    thresh = report_threshold(eps, dist)
+    ids = np.concatenate([held_ids, chunk_ids])
+    ids_sorted = view.ids_sorted and (held == 0 or chunk_ids[0] > held_ids[-1]) and (
+        c < 2 or bool((np.diff(chunk_ids) > 0).all()))
+    values = np.concatenate([held_values, V])
+    parts, heavy_parts, mass_parts, out_parts = [], [], [], []
+    for start in range(0, c, QUERY_BLOCK_ROWS):
+        stop = min(c, start + QUERY_BLOCK_ROWS)
+        Qs, P, z = _scored_block(view, Q[start:stop], p)
+        Pc = np.tril(Qs @ K[:stop].T, k=start)  # query start + i sees chunk keys 0..start + i
+        Wc = _power(Pc, p)
+        z = z + Wc.sum(axis=1)
+        entries = _threshold(np.concatenate([P, Pc], axis=1), z, p, thresh, ids[:held + stop], ids_sorted)
+        parts.append(entries)
+        ho, mass = _outputs(entries, values[:held + stop], stop - start)
+        heavy_parts.append(ho)
+        mass_parts.append(mass)
+        if view.moments is not None:  # exact numerator: the moment state (every key fed) and the visible chunk
+            num = view.moments.numerator(Qs) + Wc @ V[:stop]
+            out_parts.append(np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0))
+    hits = _heavy(_concat(parts, c), eps, dist)
+    output = np.concatenate(out_parts) if view.moments is not None else None
+    return AttentionResult(hits, np.concatenate(heavy_parts), np.concatenate(mass_parts), output)
