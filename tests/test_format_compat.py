@@ -19,8 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (BOUND_RTOL, CORESET_DELTA, NORMALIZER_RTOL, assert_heavy_matches_dense,
-                      assert_matches_offline)
+from conftest import (
+    BOUND_RTOL,
+    CORESET_DELTA,
+    NORMALIZER_RTOL,
+    assert_heavy_matches_dense,
+    assert_matches_offline,
+)
 from naive import NaiveStream, leverage_svd
 
 import levstream as ls
