@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
+from ._kernels.live import heavy_p2
 from ._kernels.query import threshold_power_csr
 from .moments import MomentState
 from .results import AttentionResult, HeavyEntries, TopK
@@ -86,10 +87,11 @@ def normalizer(view: HeadView, Q: np.ndarray, p: float) -> np.ndarray:
 def _scored_block(view: HeadView, Qb: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For one block of queries: ``(Qs, P, z)`` with ``Qs`` the (possibly rescaled) queries, ``P = Qs K^T`` over
     the candidates and extra rows and ``z`` the normaliser of ``Qs`` over every key fed."""
-    scale = view.summary.query_scale(Qb, view.keys if view.extra_ids.size == 0
-                                     else np.concatenate([view.keys, view.extra_keys]))
-    if scale is not None:
-        Qb = Qb * scale[:, None]
+    if view.summary.rescales_queries:
+        rows = view.keys if view.extra_ids.size == 0 else np.concatenate([view.keys, view.extra_keys])
+        scale = view.summary.query_scale(Qb, rows)
+        if scale is not None:
+            Qb = Qb * scale[:, None]
     P = Qb @ view.keys.T
     Pe = None
     if view.extra_ids.size:
@@ -139,8 +141,28 @@ def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
     return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps, lower, upper)
 
 
+#: Up to this many queries (p = 2, exact Gram) the whole query is one compiled call (the live path).
+_LIVE_QUERY_ROWS = 8
+
+
+def _ids_at(view: HeadView, positions: np.ndarray) -> np.ndarray:
+    """Ids of rows ``positions`` of ``[keys; extra_keys]`` (without concatenating the id arrays)."""
+    c = view.ids.shape[0]
+    out = np.empty_like(positions)
+    inside = positions < c
+    out[inside] = view.ids[positions[inside]]
+    out[~inside] = view.extra_ids[positions[~inside] - c]
+    return out
+
+
 def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     thresh = report_threshold(eps, view.summary.distortion)
+    if view.total_gram is not None and Q.shape[0] <= _LIVE_QUERY_ROWS and p == 2.0:
+        counts, pos, vals = heavy_p2(Q, view.total_gram, view.keys, view.extra_keys, thresh)
+        key_ids = view.ids[pos] if view.extra_ids.size == 0 else _ids_at(view, pos)
+        if not view.ids_sorted and key_ids.size > 1:
+            key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
+        return _Entries(counts, pos, key_ids, vals)
     ids = view.all_ids
     parts = []
     for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):

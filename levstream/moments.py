@@ -7,14 +7,32 @@ For ``f(x) = x^2`` the output of query ``q`` over keys ``k_j`` with values ``v_j
 with ``phi`` the symmetric degree-2 features (``<phi(q), phi(k)> = <q, k>^2``, ``D = d (d + 1) / 2`` of them) and
 ``G`` the Gram matrix the sketch keeps anyway (docs/theory.md, "Values and exact outputs").  ``S`` is the
 recurrent state of symmetric-power ("power attention") transformers; merging two states adds them.
+
+Rows fed one at a time wait in a small buffer (``BUFFER_ROWS``) and are folded into ``S`` together by one
+matrix product; a query adds the waiting rows' terms ``<q, k>^2 v`` directly.  A rank-one update of ``S`` per
+key would read and write all ``D x dv`` numbers for every key; the buffer makes that a BLAS-3 product.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ._kernels.lift import lift_degree2, lift_rows
 from .summaries.gram import _two_sum_add
-from .summaries.lifted import lift, lifted_dim
+from .summaries.lifted import lifted_dim
+
+#: Keys waiting before they are folded into ``S`` (a query costs ``O(BUFFER_ROWS (d + dv))`` for them).
+BUFFER_ROWS = 128
+
+#: Chunks are folded in pieces of this many rows (the lifted rows take ``rows x D`` floats).
+_FOLD_ROWS = 1024
+
+#: Up to this many rows are lifted by a serial loop (a parallel region costs more to start than it saves).
+_SERIAL_LIFT_ROWS = 64
+
+
+def _lift(X: np.ndarray) -> np.ndarray:
+    return lift_rows(X) if X.shape[0] <= _SERIAL_LIFT_ROWS else lift_degree2(X)
 
 
 class MomentState:
@@ -26,7 +44,7 @@ class MomentState:
     >>> from levstream.moments import MomentState
     >>> rng = np.random.default_rng(0)
     >>> K, V, q = rng.standard_normal((50, 3)), rng.standard_normal((50, 2)), rng.standard_normal((1, 3))
-    >>> S = MomentState(3, 2); S.add(K[:20], V[:20]); S.add(K[20:], V[20:])
+    >>> S = MomentState(3, 2); S.add(K[:20], V[:20]); S.add_row(K[20], V[20]); S.add(K[21:], V[21:])
     >>> w = (K @ q[0]) ** 2
     >>> bool(np.allclose(S.numerator(q)[0], w @ V))
     True
@@ -38,45 +56,87 @@ class MomentState:
         self._hi = np.zeros((D, self.value_dim))
         self._lo = np.zeros((D, self.value_dim))
         self._sum: np.ndarray | None = None
+        self._buf_keys = np.empty((BUFFER_ROWS, self.dim))
+        self._buf_values = np.empty((BUFFER_ROWS, self.value_dim))
+        self._buf_n = 0
 
     @property
     def nbytes(self) -> int:
-        return int(self._hi.nbytes + self._lo.nbytes)
+        return int(self._hi.nbytes + self._lo.nbytes + self._buf_keys.nbytes + self._buf_values.nbytes)
 
-    def add(self, X: np.ndarray, V: np.ndarray) -> None:
-        """Fold keys ``X`` (m, dim) and their values ``V`` (m, value_dim): ``S += phi(X)^T V`` (one GEMM)."""
-        if X.shape[0] == 0:
-            return
-        _two_sum_add(self._hi, self._lo, lift(X).T @ V)
+    def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
+        for s in range(0, X.shape[0], _FOLD_ROWS):
+            _two_sum_add(self._hi, self._lo, _lift(X[s:s + _FOLD_ROWS]).T @ V[s:s + _FOLD_ROWS])
         self._sum = None
 
+    def _fold_buffer(self) -> None:
+        if self._buf_n:
+            self._fold(self._buf_keys[:self._buf_n], self._buf_values[:self._buf_n])
+            self._buf_n = 0
+
+    def add_row(self, x: np.ndarray, v: np.ndarray) -> None:
+        """Add one key and its value (buffered)."""
+        self._buf_keys[self._buf_n] = x
+        self._buf_values[self._buf_n] = v
+        self._buf_n += 1
+        if self._buf_n == BUFFER_ROWS:
+            self._fold_buffer()
+
+    def add(self, X: np.ndarray, V: np.ndarray) -> None:
+        """Fold keys ``X`` (m, dim) and their values ``V`` (m, value_dim): ``S += phi(X)^T V``."""
+        if X.shape[0] == 0:
+            return
+        if self._buf_n + X.shape[0] <= BUFFER_ROWS:
+            self._buf_keys[self._buf_n:self._buf_n + X.shape[0]] = X
+            self._buf_values[self._buf_n:self._buf_n + X.shape[0]] = V
+            self._buf_n += X.shape[0]
+            if self._buf_n == BUFFER_ROWS:
+                self._fold_buffer()
+            return
+        self._fold_buffer()
+        self._fold(X, V)
+
     def merge(self, other: MomentState) -> None:
+        self._fold_buffer()
         _two_sum_add(self._hi, self._lo, other._hi)
         self._lo += other._lo
+        if other._buf_n:
+            self._fold(other._buf_keys[:other._buf_n], other._buf_values[:other._buf_n])
         self._sum = None
 
     def copy(self) -> MomentState:
         out = MomentState.__new__(MomentState)
-        out.dim, out.value_dim = self.dim, self.value_dim
+        out.dim, out.value_dim, out._buf_n = self.dim, self.value_dim, self._buf_n
         out._hi, out._lo, out._sum = self._hi.copy(), self._lo.copy(), None
+        out._buf_keys, out._buf_values = self._buf_keys.copy(), self._buf_values.copy()
         return out
 
     def numerator(self, Q: np.ndarray) -> np.ndarray:
         """``phi(q)^T S = sum_j <q, k_j>^2 v_j`` for every row of ``Q`` (shape (m, value_dim))."""
         if self._sum is None:
             self._sum = self._hi + self._lo
-        return lift(Q) @ self._sum
+        out = _lift(Q) @ self._sum
+        if self._buf_n:
+            W = Q @ self._buf_keys[:self._buf_n].T
+            out += (W * W) @ self._buf_values[:self._buf_n]
+        return out
 
     def to_state(self) -> dict[str, np.ndarray]:
-        return {"moments_hi": self._hi, "moments_lo": self._lo}
+        return {"moments_hi": self._hi, "moments_lo": self._lo, "moments_buf_keys": self._buf_keys[:self._buf_n],
+                "moments_buf_values": self._buf_values[:self._buf_n]}
 
     @classmethod
     def from_state(cls, dim: int, value_dim: int, arrays: dict[str, np.ndarray]) -> MomentState:
         out = cls(dim, value_dim)
         for name in ("moments_hi", "moments_lo"):
             arr = arrays[name]
-            if arr.shape != out._hi.shape or arr.dtype != np.float64 or not np.isfinite(arr).all():
-                raise ValueError(f"stored array {name!r} must be finite float64 of shape {out._hi.shape}; "
-                                 f"got {arr.dtype} {arr.shape}")
+            if arr.shape != out._hi.shape:
+                raise ValueError(f"stored array {name!r} must have shape {out._hi.shape}; got {arr.shape}")
+        keys, values = arrays["moments_buf_keys"], arrays["moments_buf_values"]
+        m = keys.shape[0]
+        if keys.shape != (m, dim) or values.shape != (m, value_dim) or m >= BUFFER_ROWS:
+            raise ValueError(f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows of shapes ({m}, {dim}) "
+                             f"and ({m}, {value_dim}); got {keys.shape} and {values.shape}")
         out._hi, out._lo = arrays["moments_hi"].copy(), arrays["moments_lo"].copy()
+        out._buf_keys[:m], out._buf_values[:m], out._buf_n = keys, values, m
         return out

@@ -122,10 +122,20 @@ class HeavyEntries:
     @classmethod
     def from_counts(cls, counts: np.ndarray, key_ids: np.ndarray, values: np.ndarray, eps: float,
                     lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> "HeavyEntries":
+        """Entries from per-row counts (contiguous int64 ids, float64 values, arrays the caller hands over)."""
         indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
-        return cls(indptr, key_ids.astype(np.int64, copy=False), values.astype(np.float64, copy=False),
-                   float(eps), lower, upper)
+        key_ids = np.ascontiguousarray(key_ids, dtype=np.int64)
+        values = np.ascontiguousarray(values, dtype=np.float64)
+        out = object.__new__(cls)  # fields set directly: this is the constructor of the live query path
+        for name, arr in (("indptr", indptr), ("key_ids", key_ids), ("values", values), ("lower", lower),
+                          ("upper", upper)):
+            if arr is not None:
+                arr.flags.writeable = False
+            object.__setattr__(out, name, arr)
+        object.__setattr__(out, "eps", float(eps))
+        object.__setattr__(out, "_n_queries", -1)
+        return out
 
     @property
     def n_queries(self) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._ids import IdRanges
+from ._kernels.live import add_rows_and_bound
 from ._kernels.rows import sq_norm
 from ._store import RowStore
 from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
@@ -317,7 +318,7 @@ class KeySketch:
         with self._lock:
             self._store.append_row(x, i, value)
             if self._moments is not None:
-                self._moments.add(x[None, :], value[None, :])
+                self._moments.add_row(x, value)
             self._add_row_bookkeeping(i)
             if self._store.n - self._pending_from >= self._block_rows:
                 self._flush()
@@ -881,6 +882,11 @@ class KeySketch:
     __hash__ = object.__hash__
 
 
+#: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
+_SMALL_LIVE_ROWS = 32
+_NO_FACTOR = np.zeros((0, 0))
+
+
 class _LiveRows:
     """Derived from the pending rows for queries (p = 2): ``G`` plus their Gram matrix, and the pending rows
     whose score bound reaches the pruning threshold.  Rows ``start..upto-1`` of the store are accounted for."""
@@ -894,13 +900,17 @@ class _LiveRows:
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
         X = store.keys[self.upto:n]
-        self.gram += X.T @ X
-        if factor is None:
-            keep = np.ones(X.shape[0], dtype=bool)
+        if X.shape[0] <= _SMALL_LIVE_ROWS:  # the live step: one compiled loop, no temporaries
+            keep = np.empty(X.shape[0], dtype=np.bool_)
+            add_rows_and_bound(X, self.gram, _NO_FACTOR if factor is None else factor, threshold, keep)
         else:
-            Y = X @ factor
-            u = np.einsum("ij,ij->i", Y, Y)
-            keep = u >= threshold * (1.0 + u)  # u / (1 + u) >= threshold, the row's score after its inclusion
+            self.gram += X.T @ X
+            if factor is None:
+                keep = np.ones(X.shape[0], dtype=bool)
+            else:
+                Y = X @ factor
+                u = np.einsum("ij,ij->i", Y, Y)
+                keep = u >= threshold * (1.0 + u)  # u / (1 + u) >= threshold: the score after its inclusion
         if keep.any():
             values = None if store.values is None else store.values[self.upto:n][keep]
             self.rows.append(X[keep], store.ids[self.upto:n][keep], values)

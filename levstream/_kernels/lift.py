@@ -12,8 +12,7 @@ import numpy as np
 from .._config import FASTMATH
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def lift_degree2(X):  # pragma: no cover - compiled
+def _lift_degree2(X):  # pragma: no cover - compiled
     """``phi(x) = (x_a x_b)_{a <= b}`` with off-diagonal monomials scaled by ``sqrt(2)``, row by row.
 
     Output shape ``(n, d (d + 1) / 2)``, columns ordered ``(0,0), (0,1), ..., (0,d-1), (1,1), ...``.
@@ -33,3 +32,9 @@ def lift_degree2(X):  # pragma: no cover - compiled
                 out[i, col] = s * X[i, b]
                 col += 1
     return out
+
+
+#: Parallel over rows (large blocks); ``lift_rows`` is the same loop, serial, for a few rows (a parallel region
+#: costs more to start than a few rows take).
+lift_degree2 = numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)(_lift_degree2)
+lift_rows = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_lift_degree2)

@@ -92,6 +92,9 @@ class NormalizerSummary(abc.ABC):
     def normalizer(self, Q: np.ndarray) -> np.ndarray:
         """``Z(q)`` (or its estimate ``Z~(q)``) over every key added, for each row of ``Q``."""
 
+    #: Whether :meth:`query_scale` rescales queries (it then needs every row a query will meet).
+    rescales_queries: ClassVar[bool] = False
+
     def query_scale(self, Q: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
         """Per-query factors applied before ``|<q, k>|^p`` is formed, or None (no rescaling needed)."""
         return None

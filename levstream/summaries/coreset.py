@@ -175,6 +175,7 @@ class CoresetSummary(NormalizerSummary):
     """
 
     kind = "coreset"
+    rescales_queries = True
 
     def __init__(self, dim: int, p: float, *, delta: float = 0.1, failure_prob: float | None = None,
                  oversampling: float | None = None, rng: Any = None) -> None:

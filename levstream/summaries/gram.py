@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
+from .._kernels.live import gram_quadratic
 from .._kernels.rows import scaled_sq_norms
 from .base import NormalizerSummary
 
@@ -61,8 +62,14 @@ def _normalizer_floor(Q: np.ndarray, diag: np.ndarray) -> np.ndarray:
     return (Q.shape[1] * UNIT_ROUNDOFF) ** 2 * ((Q * Q) @ diag)
 
 
+#: Up to this many queries the normaliser is one compiled loop (no temporaries); more go through BLAS.
+_SMALL_QUERY_ROWS = 8
+
+
 def gram_normalizer(Q: np.ndarray, G: np.ndarray) -> np.ndarray:
     """``q^T G q`` for every row of ``Q``, with values at rounding level set to 0."""
+    if Q.shape[0] <= _SMALL_QUERY_ROWS and Q.flags.c_contiguous:
+        return gram_quadratic(Q, G)
     z = np.einsum("ij,ij->i", Q @ G, Q)
     z[z <= _normalizer_floor(Q, np.diag(G))] = 0.0
     return z
