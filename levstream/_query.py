@@ -155,14 +155,27 @@ def _ids_at(view: HeadView, positions: np.ndarray) -> np.ndarray:
     return out
 
 
+def _live_find(view: HeadView, Q: np.ndarray, thresh: float,
+               z_add: np.ndarray | None = None) -> tuple[_Entries, np.ndarray]:
+    """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
+    ``z_add`` holds normaliser terms of keys scanned but not in ``G`` (a decode step's own key)."""
+    assert view.total_gram is not None
+    z_add = np.zeros(Q.shape[0]) if z_add is None else z_add
+    counts, pos, vals, z = heavy_p2(Q, view.total_gram, view.keys, view.extra_keys, thresh, z_add)
+    key_ids = view.ids[pos] if view.extra_ids.size == 0 else _ids_at(view, pos)
+    if not view.ids_sorted and key_ids.size > 1:
+        key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
+    return _Entries(counts, pos, key_ids, vals), z
+
+
+def _is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
+    return view.total_gram is not None and p == 2.0 and Q.shape[0] <= _LIVE_QUERY_ROWS and Q.flags.c_contiguous
+
+
 def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     thresh = report_threshold(eps, view.summary.distortion)
-    if view.total_gram is not None and Q.shape[0] <= _LIVE_QUERY_ROWS and p == 2.0:
-        counts, pos, vals = heavy_p2(Q, view.total_gram, view.keys, view.extra_keys, thresh)
-        key_ids = view.ids[pos] if view.extra_ids.size == 0 else _ids_at(view, pos)
-        if not view.ids_sorted and key_ids.size > 1:
-            key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
-        return _Entries(counts, pos, key_ids, vals)
+    if _is_live(view, Q, p):
+        return _live_find(view, Q, thresh)[0]
     ids = view.all_ids
     parts = []
     for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
@@ -212,28 +225,53 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
     return TopK(out_ids, out_vals, certified, eps)
 
 
-def _outputs(entries: _Entries, weights_values: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(heavy_output, captured_mass)``: sums of ``A_j v_j`` and of ``A_j`` over each query's entries."""
-    rows = np.repeat(np.arange(n_queries), entries.counts)
-    mass = np.bincount(rows, weights=entries.values, minlength=n_queries).astype(np.float64)
-    out = np.zeros((n_queries, weights_values.shape[1]))
-    if rows.size:
-        np.add.at(out, rows, entries.values[:, None] * weights_values[entries.positions])
+def _rows_at(view: HeadView, positions: np.ndarray, chunk_values: np.ndarray | None = None) -> np.ndarray:
+    """Value rows at ``positions`` of ``[values; extra_values; chunk_values]`` (gathered, not concatenated)."""
+    assert view.values is not None
+    c, e = view.values.shape[0], view.extra_ids.shape[0]
+    out = np.empty((positions.shape[0], view.values.shape[1]))
+    cand = positions < c
+    out[cand] = view.values[positions[cand]]
+    if e or chunk_values is not None:
+        extra = ~cand & (positions < c + e)
+        if e:
+            assert view.extra_values is not None
+            out[extra] = view.extra_values[positions[extra] - c]
+        if chunk_values is not None:
+            chunk = positions >= c + e
+            out[chunk] = chunk_values[positions[chunk] - c - e]
+    return out
+
+
+def _outputs(entries: _Entries, value_rows: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(heavy_output, captured_mass)``: sums of ``A_j v_j`` and of ``A_j`` over each query's entries, from the
+    value rows of the entries (in entry order)."""
+    out = np.zeros((n_queries, value_rows.shape[1]))
+    mass = np.zeros(n_queries)
+    bounds = np.concatenate([[0], np.cumsum(entries.counts)])
+    for i in np.flatnonzero(entries.counts):
+        a, b = bounds[i], bounds[i + 1]
+        out[i] = entries.values[a:b] @ value_rows[a:b]
+        mass[i] = entries.values[a:b].sum()
     return out, mass
 
 
 def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResult:
     """Heavy entries of ``Q`` with their output and mass, and the exact output when the view has moments
     (the moment state holds every key fed, so ``o(q) = phi(q)^T S / Z(q)``)."""
-    values = view.all_values
-    if values is None:
+    if view.values is None:
         raise ValueError("attend needs value rows: build the sketch with value_dim= and feed update(k, v).")
-    entries = _find(view, Q, p, eps)
-    heavy_out, mass = _outputs(entries, values, Q.shape[0])
+    thresh = report_threshold(eps, view.summary.distortion)
+    if _is_live(view, Q, p):
+        entries, z = _live_find(view, Q, thresh)
+    else:
+        entries, z = _find(view, Q, p, eps), None
+    heavy_out, mass = _outputs(entries, _rows_at(view, entries.positions), Q.shape[0])
     output = None
     if view.moments is not None:
         num = view.moments.numerator(Q)
-        z = _z(view, Q, None, p)
+        if z is None:
+            z = _z(view, Q, None, p)
         output = np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0)
     return AttentionResult(_heavy(entries, eps, view.summary.distortion), heavy_out, mass, output)
 
@@ -244,10 +282,13 @@ def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_i
     and the chunk's keys ``0..i``.  Heavy entries of row ``i`` lie among the rows held and those chunk keys,
     because a key fed earlier whose score over the prefix up to ``i`` reaches ``eps`` reached it before the
     chunk.  The caller folds the chunk in afterwards (the moment state does not hold the chunk yet)."""
-    held_values = view.all_values
-    if held_values is None:
+    if view.values is None:
         raise ValueError("prefill needs value rows: build the sketch with value_dim= and feed update(k, v).")
     c = K.shape[0]
+    if c == 1 and _is_live(view, Q, p):
+        return _decode_step(view, K, V, Q, chunk_ids, eps)
+    held_values = view.all_values
+    assert held_values is not None
     held_ids = view.all_ids
     held = held_ids.shape[0]
     dist = view.summary.distortion
@@ -265,7 +306,7 @@ def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_i
         z = z + Wc.sum(axis=1)
         entries = _threshold(np.concatenate([P, Pc], axis=1), z, p, thresh, ids[:held + stop], ids_sorted)
         parts.append(entries)
-        ho, mass = _outputs(entries, values[:held + stop], stop - start)
+        ho, mass = _outputs(entries, values[entries.positions], stop - start)
         heavy_parts.append(ho)
         mass_parts.append(mass)
         if view.moments is not None:  # exact numerator: the moment state (every key fed) and the visible chunk
@@ -274,3 +315,26 @@ def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_i
     hits = _heavy(_concat(parts, c), eps, dist)
     output = np.concatenate(out_parts) if view.moments is not None else None
     return AttentionResult(hits, np.concatenate(heavy_parts), np.concatenate(mass_parts), output)
+
+
+def _decode_step(view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray,
+                 eps: float) -> AttentionResult:
+    """A causal chunk of one row (a decode step), p = 2 with the exact Gram matrix: the new key joins the rows
+    scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries."""
+    assert view.total_gram is not None
+    w = float(q[0] @ k[0]) ** 2
+    held = view.ids.size + view.extra_ids.size
+    step = view._replace(extra_keys=np.concatenate([view.extra_keys, k]),
+                         extra_ids=np.concatenate([view.extra_ids, key_id]),
+                         ids_sorted=view.ids_sorted and (held == 0 or key_id[0] > _last_id(view)))
+    entries, z = _live_find(step, q, report_threshold(eps, 0.0), np.array([w]))
+    heavy_out, mass = _outputs(entries, _rows_at(view, entries.positions, v), 1)
+    output = None
+    if view.moments is not None:
+        num = view.moments.numerator(q) + w * v
+        output = np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0)
+    return AttentionResult(_heavy(entries, eps, 0.0), heavy_out, mass, output)
+
+
+def _last_id(view: HeadView) -> int:
+    return int(view.extra_ids[-1] if view.extra_ids.size else view.ids[-1])

@@ -27,8 +27,9 @@ BUFFER_ROWS = 128
 #: Chunks are folded in pieces of this many rows (the lifted rows take ``rows x D`` floats).
 _FOLD_ROWS = 1024
 
-#: Up to this many rows are lifted by a serial loop (a parallel region costs more to start than it saves).
-_SERIAL_LIFT_ROWS = 64
+#: Up to this many rows are lifted by a serial loop: a parallel region costs more to start than it saves, and on a
+#: busy machine it can wait milliseconds for a core.
+_SERIAL_LIFT_ROWS = 1024
 
 
 def _lift(X: np.ndarray) -> np.ndarray:

@@ -231,7 +231,10 @@ class AttentionResult:
         for name in ("heavy_output", "captured_mass", "output"):
             arr = getattr(self, name)
             if arr is not None:
-                object.__setattr__(self, name, _frozen(arr))
+                if arr.flags.c_contiguous and arr.flags.owndata:  # fresh arrays of the query path: no copy
+                    arr.flags.writeable = False
+                else:
+                    object.__setattr__(self, name, _frozen(arr))
 
     def __repr__(self) -> str:
         exact = "exact output" if self.output is not None else "no exact output"

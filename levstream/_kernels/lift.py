@@ -34,7 +34,27 @@ def _lift_degree2(X):  # pragma: no cover - compiled
     return out
 
 
+
+def _lift_rows(X):  # pragma: no cover - compiled
+    """The same lifting as :func:`_lift_degree2`, serial (a few rows)."""
+    n, d = X.shape
+    D = d * (d + 1) // 2
+    out = np.empty((n, D), dtype=np.float64)
+    root2 = np.sqrt(2.0)
+    for i in range(n):
+        col = 0
+        for a in range(d):
+            xa = X[i, a]
+            out[i, col] = xa * xa
+            col += 1
+            s = root2 * xa
+            for b in range(a + 1, d):
+                out[i, col] = s * X[i, b]
+                col += 1
+    return out
+
+
 #: Parallel over rows (large blocks); ``lift_rows`` is the same loop, serial, for a few rows (a parallel region
 #: costs more to start than a few rows take).
 lift_degree2 = numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)(_lift_degree2)
-lift_rows = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_lift_degree2)
+lift_rows = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_lift_rows)

@@ -67,15 +67,17 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2(Q, G, K, Ke, thresh):  # pragma: no cover - compiled
+def heavy_p2(Q, G, K, Ke, thresh, z_add):  # pragma: no cover - compiled
     """Every ``A = <q, k>^2 / q^T G q >= thresh`` of a few queries over the rows ``[K; Ke]`` (p = 2, exact ``G``).
 
-    Returns ``(counts, positions, values)`` as the thresholding kernel of the batch path: per query row its
-    number of entries, and for every entry its row position in ``[K; Ke]`` (ascending) and its value.
+    Returns ``(counts, positions, values, z)`` as the thresholding kernel of the batch path — per query row its
+    number of entries, and for every entry its row position in ``[K; Ke]`` (ascending) and its value — and the
+    normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode
+    step's own key).
     """
     m, d = Q.shape
     c, e = K.shape[0], Ke.shape[0]
-    z = gram_quadratic(Q, G)
+    z = gram_quadratic(Q, G) + z_add
     W = np.empty((m, c + e), dtype=np.float64)
     counts = np.zeros(m, dtype=np.int64)
     for i in range(m):
@@ -110,4 +112,4 @@ def heavy_p2(Q, G, K, Ke, thresh):  # pragma: no cover - compiled
                 positions[pos] = j
                 values[pos] = W[i, j] / zi
                 pos += 1
-    return counts, positions, values
+    return counts, positions, values, z
