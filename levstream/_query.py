@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
-from ._kernels.live import heavy_p2
+from ._kernels.live import heavy_p2, heavy_p2_heads
 from ._kernels.query import threshold_power_csr
 from .moments import MomentState
 from .results import AttentionResult, HeavyEntries, TopK
@@ -142,7 +142,7 @@ def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
 
 
 #: Up to this many queries (p = 2, exact Gram) the whole query is one compiled call (the live path).
-_LIVE_QUERY_ROWS = 8
+LIVE_QUERY_ROWS = 8
 
 
 def _ids_at(view: HeadView, positions: np.ndarray) -> np.ndarray:
@@ -168,13 +168,13 @@ def _live_find(view: HeadView, Q: np.ndarray, thresh: float,
     return _Entries(counts, pos, key_ids, vals), z
 
 
-def _is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
-    return view.total_gram is not None and p == 2.0 and Q.shape[0] <= _LIVE_QUERY_ROWS and Q.flags.c_contiguous
+def is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
+    return view.total_gram is not None and p == 2.0 and Q.shape[0] <= LIVE_QUERY_ROWS and Q.flags.c_contiguous
 
 
 def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     thresh = report_threshold(eps, view.summary.distortion)
-    if _is_live(view, Q, p):
+    if is_live(view, Q, p):
         return _live_find(view, Q, thresh)[0]
     ids = view.all_ids
     parts = []
@@ -262,7 +262,7 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
     if view.values is None:
         raise ValueError("attend needs value rows: build the sketch with value_dim= and feed update(k, v).")
     thresh = report_threshold(eps, view.summary.distortion)
-    if _is_live(view, Q, p):
+    if is_live(view, Q, p):
         entries, z = _live_find(view, Q, thresh)
     else:
         entries, z = _find(view, Q, p, eps), None
@@ -285,7 +285,7 @@ def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_i
     if view.values is None:
         raise ValueError("prefill needs value rows: build the sketch with value_dim= and feed update(k, v).")
     c = K.shape[0]
-    if c == 1 and _is_live(view, Q, p):
+    if c == 1 and is_live(view, Q, p):
         return _decode_step(view, K, V, Q, chunk_ids, eps)
     held_values = view.all_values
     assert held_values is not None
@@ -338,3 +338,21 @@ def _decode_step(view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, ke
 
 def _last_id(view: HeadView) -> int:
     return int(view.extra_ids[-1] if view.extra_ids.size else view.ids[-1])
+
+
+def heavy_entries_heads(views: list[HeadView], Q: np.ndarray, eps: float) -> list[HeavyEntries]:
+    """:func:`heavy_entries` of every head in one compiled call (the live path of a multi-head sketch: p = 2,
+    exact Gram matrices, a few queries per head, ``Q`` of shape (n_heads, m, d))."""
+    thresh = report_threshold(eps, 0.0)
+    grams = tuple(view.total_gram for view in views)
+    indptr, key_ids, values = heavy_p2_heads(Q, grams, tuple(v.keys for v in views), tuple(v.ids for v in views),
+                                             tuple(v.extra_keys for v in views),
+                                             tuple(v.extra_ids for v in views), thresh)
+    out = []
+    for h, view in enumerate(views):
+        a, b = indptr[h, 0], indptr[h, -1]
+        ids, vals = key_ids[a:b], values[a:b]
+        if not view.ids_sorted and ids.size > 1:
+            ids, vals = _sorted_by_row_and_id(np.diff(indptr[h]), ids, vals)
+        out.append(HeavyEntries.of(indptr[h] - a, ids, vals, eps))
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import _query, _serialize
+from ._kernels.live import add_rows_and_bound_heads
 from ._validation import as_real_array, check_eps, check_finite, check_int, check_p
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .sketch import KeySketch, _check_magnitude
@@ -203,7 +204,20 @@ class MultiHeadKeySketch:
         return self
 
     def update(self, x: Any, v: Any = None) -> MultiHeadKeySketch:
-        """Feed one key (token) of every head, shape ``(n_heads, dim)`` (value ``(n_heads, value_dim)``)."""
+        """Feed one key (token) of every head, shape ``(n_heads, dim)`` (value ``(n_heads, value_dim)``).
+
+        The token is validated and numbered once for all heads."""
+        H, d, dv = self.n_heads, self.dim, self.value_dim
+        if (type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (H, d)
+                and (v is None if dv is None else (type(v) is np.ndarray and v.dtype == np.float64
+                                                   and v.shape == (H, dv)))
+                and np.isfinite(np.einsum("ij,ij->", x, x))
+                and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))):
+            with self._lock:  # the live path: every head takes the token under the same id
+                self._heads[0]._check_next_id()
+                for h, head in enumerate(self._heads):
+                    head._append_token(x[h], None if v is None else v[h])
+            return self
         arr = as_real_array(x, "x")
         if arr.shape != (self.n_heads, self.dim):
             raise ValueError(f"x must have shape (n_heads, dim) = ({self.n_heads}, {self.dim}); got shape "
@@ -312,7 +326,11 @@ class MultiHeadKeySketch:
         Q = self._queries(Q)
         eps = self._query_eps(eps)
         with self._lock:
-            return [_query.heavy_entries(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
+            self._summarise_pending()
+            views = [h._view() for h in self._heads]
+            if Q.shape[1] <= _query.LIVE_QUERY_ROWS and all(_query.is_live(view, Q[0], self.p) for view in views):
+                return _query.heavy_entries_heads(views, Q, eps)
+            return [_query.heavy_entries(view, Q[i], self.p, eps) for i, view in enumerate(views)]
 
     def top_k(self, Q: Any, k: int) -> list[TopK]:
         """The ``k`` largest entries of each query of each head (see :meth:`KeySketch.top_k`), one per head."""
@@ -364,6 +382,17 @@ class MultiHeadKeySketch:
                 for i, head in enumerate(self._heads):
                     head._ingest(K[i], Vs[i], new_ids, start, srt)
         return _stacked(results)
+
+    def _summarise_pending(self) -> None:
+        """Summarise every head's newly buffered rows for queries in one compiled call (the live path)."""
+        batches = [h._live_batch() for h in self._heads]
+        if any(b is None for b in batches) or len({b[1].shape[0] for b in batches}) != 1:  # type: ignore[index]
+            return
+        keeps = tuple(np.empty(b[1].shape[0], dtype=np.bool_) for b in batches)  # type: ignore[index]
+        add_rows_and_bound_heads(tuple(b[1] for b in batches), tuple(b[0].gram for b in batches),  # type: ignore[index]
+                                 tuple(b[2] for b in batches), np.array([b[3] for b in batches]), keeps)  # type: ignore[index]
+        for head, batch, keep in zip(self._heads, batches, keeps):
+            batch[0].accept(head._store, head._store.n, keep)  # type: ignore[index]
 
     # ------------------------------------------------------------------ persistence
     def to_bytes(self) -> bytes:

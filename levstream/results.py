@@ -125,6 +125,12 @@ class HeavyEntries:
         """Entries from per-row counts (contiguous int64 ids, float64 values, arrays the caller hands over)."""
         indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
+        return cls.of(indptr, key_ids, values, eps, lower, upper)
+
+    @classmethod
+    def of(cls, indptr: np.ndarray, key_ids: np.ndarray, values: np.ndarray, eps: float,
+           lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> "HeavyEntries":
+        """Entries from a CSR ``indptr`` (arrays the caller hands over; made read-only, not copied)."""
         key_ids = np.ascontiguousarray(key_ids, dtype=np.int64)
         values = np.ascontiguousarray(values, dtype=np.float64)
         out = object.__new__(cls)  # fields set directly: this is the constructor of the live query path

@@ -310,21 +310,26 @@ class KeySketch:
             x = as_row(x, "x", self._dim)
             _check_magnitude(x[None, :], "x")
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
+        with self._lock:
+            self._check_next_id()
+            self._append_token(x, value)
+        return self
+
+    def _check_next_id(self) -> None:
+        """Refuse the running counter's next id when it was already fed (e.g. by ``ids=``)."""
         i = self._next_id
         if self._seen.ranges.shape[0] and i < self._seen.ranges[-1, 1]:
             hit = self._seen.clash(np.array([i], dtype=np.int64))
             if hit is not None:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
-        with self._lock:
-            self._store.append_row(x, i, value)
-            if self._moments is not None:
-                self._moments.add_row(x, value)
-            self._add_row_bookkeeping(i)
-            if self._store.n - self._pending_from >= self._block_rows:
-                self._flush()
-        return self
 
-    def _add_row_bookkeeping(self, i: int) -> None:
+    def _append_token(self, x: np.ndarray, value: np.ndarray | None) -> None:
+        """Feed one validated row under the next id (checked by :meth:`_check_next_id`)."""
+        i = self._next_id
+        self._store.append_row(x, i, value)
+        if self._moments is not None:
+            assert value is not None
+            self._moments.add_row(x, value)
         self._n += 1
         ranges = self._seen.ranges
         if ranges.shape[0] and ranges[-1, 1] == i:
@@ -332,6 +337,8 @@ class KeySketch:
         else:
             self._seen = self._seen.union(IdRanges(np.array([[i, i + 1]], dtype=np.int64)))
         self._next_id = i + 1
+        if self._store.n - self._pending_from >= self._block_rows:
+            self._flush()
 
     def update_many(self, X: Any, V: Any = None, ids: Any = None, offset: Any = None) -> KeySketch:
         """Feed a chunk of key rows (shape (m, dim)), with their value rows ``V`` when the sketch keeps values.
@@ -617,14 +624,34 @@ class KeySketch:
             extra_values = None if st.values is None else st.values[pf:n]
             return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, st.keys[pf:n], st.ids[pf:n],
                                    extra_values, G if pf == n else None, st.ids_sorted, self._moments)
-        live = self._live
-        if live is None or live.upto < pf:
-            live = self._live = _LiveRows(G, st.dim, st.value_dim, pf)
+        live = self._live_rows(G)
         if live.upto < n:
             live.add(st, n, self._summary.bound_factor(), self._keep_threshold())
         rows = live.rows
         return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, rows.keys_view(), rows.ids_view(),
                                rows.values_view(), live.gram, st.ids_sorted, self._moments)
+
+    def _live_rows(self, G: np.ndarray) -> _LiveRows:
+        """The live cache of the pending rows (Gram path), new or reset when rows were folded since."""
+        live = self._live
+        if live is None or live.upto < self._pending_from:
+            live = self._live = _LiveRows(G, self._dim, self._value_dim, self._pending_from)
+        return live
+
+    def _live_batch(self) -> tuple[_LiveRows, np.ndarray, np.ndarray, float] | None:
+        """``(cache, new rows, bound factor, threshold)`` when a few pending rows are not yet summarised for
+        queries on the Gram path (a multi-head sketch summarises every head's in one compiled call)."""
+        st = self._store
+        if not isinstance(self._summary, GramSummary) or self._pending_from == st.n:
+            return None
+        G = self._summary.gram_sum()
+        if G is None:
+            return None
+        live = self._live_rows(G)
+        if not 0 < st.n - live.upto <= _SMALL_LIVE_ROWS:
+            return None
+        factor = self._summary.bound_factor()
+        return live, st.keys[live.upto:st.n], _NO_FACTOR if factor is None else factor, self._keep_threshold()
 
     def _queries(self, Q: Any) -> np.ndarray:
         if (type(Q) is np.ndarray and Q.dtype == np.float64 and Q.ndim == 2 and Q.shape[1] == self._dim
@@ -911,7 +938,12 @@ class _LiveRows:
                 Y = X @ factor
                 u = np.einsum("ij,ij->i", Y, Y)
                 keep = u >= threshold * (1.0 + u)  # u / (1 + u) >= threshold: the score after its inclusion
+        self.accept(store, n, keep)
+
+    def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
+        """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""
         if keep.any():
+            X = store.keys[self.upto:n]
             values = None if store.values is None else store.values[self.upto:n][keep]
             self.rows.append(X[keep], store.ids[self.upto:n][keep], values)
         self.upto = n
