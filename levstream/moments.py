@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._kernels.lift import lift_degree2, lift_rows
+from ._kernels.live import moment_numerator
 from .summaries.gram import _two_sum_add
 from .summaries.lifted import lifted_dim
 
@@ -30,6 +31,10 @@ _FOLD_ROWS = 1024
 #: Up to this many rows are lifted by a serial loop: a parallel region costs more to start than it saves, and on a
 #: busy machine it can wait milliseconds for a core.
 _SERIAL_LIFT_ROWS = 1024
+
+
+#: Up to this many queries the numerator is one compiled loop over ``S`` (a decode step).
+_LOOP_QUERY_ROWS = 8
 
 
 def _lift(X: np.ndarray) -> np.ndarray:
@@ -116,7 +121,10 @@ class MomentState:
         """``phi(q)^T S = sum_j <q, k_j>^2 v_j`` for every row of ``Q`` (shape (m, value_dim))."""
         if self._sum is None:
             self._sum = self._hi + self._lo
-        out = _lift(Q) @ self._sum
+        if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:  # no lifted copy, no threaded GEMV
+            out = moment_numerator(Q, self._sum)
+        else:
+            out = _lift(Q) @ self._sum
         if self._buf_n:
             W = Q @ self._buf_keys[:self._buf_n].T
             out += (W * W) @ self._buf_values[:self._buf_n]

@@ -157,3 +157,28 @@ def add_rows_and_bound_heads(Xs, Gs, Ws, thresholds, keeps):  # pragma: no cover
     """:func:`add_rows_and_bound` for every head in one call (tuples of per-head arrays)."""
     for h in range(len(Xs)):
         add_rows_and_bound(Xs[h], Gs[h], Ws[h], thresholds[h], keeps[h])
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
+def moment_numerator(Q, S):  # pragma: no cover - compiled
+    """``phi(q)^T S`` for a few queries without forming ``phi(q)`` (``S`` rows ordered as ``lift_degree2``'s
+    columns: ``(0,0), (0,1), ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``)."""
+    m, d = Q.shape
+    dv = S.shape[1]
+    out = np.zeros((m, dv), dtype=np.float64)
+    root2 = np.sqrt(2.0)
+    for i in range(m):
+        row = 0
+        for a in range(d):
+            qa = Q[i, a]
+            w = qa * qa
+            for c in range(dv):
+                out[i, c] += w * S[row, c]
+            row += 1
+            s = root2 * qa
+            for b in range(a + 1, d):
+                w = s * Q[i, b]
+                for c in range(dv):
+                    out[i, c] += w * S[row, c]
+                row += 1
+    return out
