@@ -1,22 +1,24 @@
 """levstream: find every heavy attention entry from a small, mergeable sketch of streamed keys.
 
-See DESIGN.md for the contract.  Public names::
+The contract is in the documentation (docs/api.md); the theory in docs/theory.md.  Public names::
 
-    KeySketch, load, leverage_scores, universal_set, UniversalSet, HeavyEntries, TopK, testing
+    KeySketch, MultiHeadKeySketch, build_sketch, load, UniversalSet, HeavyEntries, TopK, AttentionResult,
+    leverage_scores, approx_leverage_scores, lewis_weights, sensitivity_bounds, universal_set,
+    OnlineLeverageSampler, lev_attention, set_num_threads, get_num_threads, testing
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import testing
+from ._threads import get_num_threads, set_num_threads
 from .attention import lev_attention
-from .results import HeavyEntries, TopK, UniversalSet
+from .build import build_sketch
 from .lewis import lewis_weights, sensitivity_bounds
+from .multihead import MultiHeadKeySketch
 from .online import OnlineLeverageSampler
+from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .scores import approx_leverage_scores, leverage_scores, universal_set
 from .sketch import KeySketch, load
-from .build import build_sketch
-from .multihead import MultiHeadKeySketch
-from ._threads import get_num_threads, set_num_threads
 
 __all__ = [
     "KeySketch",
@@ -33,6 +35,7 @@ __all__ = [
     "UniversalSet",
     "HeavyEntries",
     "TopK",
+    "AttentionResult",
     "set_num_threads",
     "get_num_threads",
     "testing",
