@@ -6,6 +6,7 @@ so a given partitioning gives the same leaves, the same merge tree and the same 
 * :func:`partition_options` gives every partition its own ``rng`` (children of the user's seed by
   ``SeedSequence.spawn``);
 * :func:`sketch_partition` feeds one partition's chunks with global ids and names the partition in any error;
+  a chunk is an array of keys or a ``(K, V)`` pair of keys and their value rows (:func:`feed_chunk`);
 * :func:`reduce_tree` merges partitions in groups of ``split_every`` consecutive ones, level by level;
   :func:`merge_group` is the merge done at every node of that tree.
 
@@ -104,25 +105,76 @@ def _as_chunk(chunk: Any) -> np.ndarray:
     return arr
 
 
-def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, kind: str, index: int) -> int:
-    """Feed ``chunk`` (global ids from ``offset``) in pieces of one processing block; returns the rows fed.
+def split_pair(chunk: Any) -> tuple[Any, Any]:
+    """``(keys, values)`` of a chunk: a ``(K, V)`` pair, or keys alone (values ``None``)."""
+    if isinstance(chunk, tuple):
+        if len(chunk) != 2:
+            raise ValueError(f"a tuple chunk must be a (keys, values) pair; got a tuple of "
+                             f"{len(chunk)}.")
+        return chunk
+    return chunk, None
 
-    A chunk larger than the sketch's block is fed block by block, so that the Gram pass and the scoring
-    pass over each piece run in cache (a whole large chunk would be read from memory twice).  Errors name
-    ``kind index`` and the global rows of the piece, e.g. ``"partition 3 (rows 8192..16383) rejected:
-    ..."``, with indices relative to the piece; the rejected piece leaves the sketch unchanged.  A chunk
-    with zero rows and the sketch's width is a no-op; a wrong width is an error, rows or not.
+
+def keys_of(chunk: Any) -> Any:
+    """The keys of a chunk (the chunk itself, or the first of a ``(K, V)`` pair); never raises."""
+    return chunk[0] if isinstance(chunk, tuple) and chunk else chunk
+
+
+def value_width(chunk: Any) -> int | None:
+    """Width of the values of a ``(K, V)`` chunk (None for keys alone); raises for malformed
+    values."""
+    _, values = split_pair(chunk)
+    if values is None:
+        return None
+    arr = as_real_array(values, "values")
+    if arr.ndim != 2 or arr.shape[1] == 0:
+        raise ValueError(f"values must be 2-D (rows x value_dim); got shape {arr.shape}.")
+    return int(arr.shape[1])
+
+
+def _as_values(values: Any, rows: int, value_dim: int | None) -> np.ndarray | None:
+    """The value rows of a chunk of ``rows`` keys, checked against the sketch (shape only:
+    finiteness is checked by the sketch, piece by piece)."""
+    if value_dim is None:
+        if values is not None:
+            raise ValueError("got (keys, values) pairs but the sketch keeps no values; pass "
+                             "value_dim= (or values=) to the build.")
+        return None
+    if values is None:
+        raise ValueError(f"every chunk must come with its values (the build keeps value rows of "
+                         f"width {value_dim}); got keys alone. Pass (keys, values) pairs.")
+    arr = as_real_array(values, "values")
+    if arr.ndim != 2 or arr.shape != (rows, value_dim):
+        raise ValueError(f"values must have one row of width {value_dim} per key: shape ({rows}, "
+                         f"{value_dim}); got shape {arr.shape}.")
+    return arr
+
+
+def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, kind: str, index: int) -> int:
+    """Feed ``chunk`` (global ids from ``offset``) in pieces of one processing block; returns the
+    rows fed.
+
+    ``chunk`` is a 2-D array of keys, or a ``(K, V)`` pair of keys and their value rows when the
+    sketch keeps values.  A chunk larger than the sketch's block is fed block by block, so that the
+    Gram pass and the scoring pass over each piece run in cache (a whole large chunk would be read
+    from memory twice).  Errors name ``kind index`` and the global rows of the piece, e.g.
+    ``"partition 3 (rows 8192..16383) rejected: ..."``, with indices relative to the piece; the
+    rejected piece leaves the sketch unchanged.  A chunk with zero rows and the sketch's width is a
+    no-op; a wrong width (of keys or values) is an error, rows or not.
     """
-    with named_errors(describe(kind, index, offset, chunk)):
-        arr = _as_chunk(chunk)
+    with named_errors(describe(kind, index, offset, keys_of(chunk))):
+        keys, values = split_pair(chunk)
+        arr = _as_chunk(keys)
         if arr.shape[1] != sketch.dim:
             raise ValueError(f"every chunk must have {sketch.dim} columns (the sketch's dim); "
                              f"got shape {arr.shape}.")
+        vals = _as_values(values, arr.shape[0], sketch.value_dim)
     step = max(int(sketch._block_rows), 1)
     for start in range(0, arr.shape[0], step):
         piece = arr[start:start + step]
         with named_errors(describe(kind, index, offset + start, piece)):
-            sketch.update_many(piece, offset=offset + start)
+            sketch.update_many(piece, None if vals is None else vals[start:start + step],
+                               offset=offset + start)
     return int(arr.shape[0])
 
 
@@ -130,16 +182,21 @@ def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int
                      p: float, options: dict[str, Any]) -> KeySketch | None:
     """The sketch of partition ``index``: its chunks fed in order with global ids from ``offset`` on.
 
-    ``dim=None`` takes the width from the first chunk (empty or not); a partition without any chunk then
-    gives ``None`` (nothing to merge), one whose chunks hold no rows an empty sketch.  An invalid chunk
-    raises a ``ValueError``/``TypeError`` naming the partition and its global rows.
+    ``dim=None`` takes the width from the first chunk (empty or not), and a ``value_dim`` missing
+    from ``options`` the width of the first chunk's values when chunks are ``(K, V)`` pairs; a
+    partition without any chunk then gives ``None`` (nothing to merge), one whose chunks hold no
+    rows an empty sketch.  An invalid chunk raises a ``ValueError``/``TypeError`` naming the
+    partition and its global rows.
     """
     sketch = None if dim is None else new_sketch(dim, eps, p, options)
     position = offset
     for chunk in chunks:
         if sketch is None:
-            with named_errors(describe("partition", index, position, chunk)):
-                sketch = new_sketch(int(_as_chunk(chunk).shape[1]), eps, p, options)
+            with named_errors(describe("partition", index, position, keys_of(chunk))):
+                width = value_width(chunk)
+                opts = (options if width is None or options.get("value_dim") is not None
+                        else dict(options, value_dim=width))
+                sketch = new_sketch(int(_as_chunk(keys_of(chunk)).shape[1]), eps, p, opts)
         position += feed_chunk(sketch, chunk, position, "partition", index)
     # settled before it travels: the candidates of a young sketch are mostly rows a prune would drop
     return None if sketch is None else sketch.flush()

@@ -7,6 +7,7 @@ brute-force twins in ``naive.py`` (SVD leverage scores, dense attention).
 from __future__ import annotations
 
 import os
+from itertools import pairwise
 
 import numba
 import numpy as np
@@ -27,10 +28,15 @@ from conftest import (
     assert_no_ties,
     heavy_tailed_keys,
 )
-from naive import dense_heavy, leverage_svd
+from naive import dense_attention, dense_heavy, leverage_svd
 
 EPS = 0.02
 N_JOBS = (1, 2, 3)
+DV = 3
+
+#: attend(Q).output against the dense output, relative to each row's scale max_c sum_j A_j |v_jc|
+#: (the contract's 1e-10, as in test_contract.py).  Belongs next to VALUE_RTOL in conftest.py.
+OUTPUT_RTOL = 1e-10
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +73,48 @@ def assert_matches_brute_force(sk: ls.KeySketch, K: np.ndarray, Q: np.ndarray, o
     assert_matches_offline(sk.universal_set().ids - offset, tau, EPS)
     expected = dense_heavy(Q, K, EPS, ids=np.arange(K.shape[0]) + offset)
     assert_heavy_matches_dense(sk.heavy_entries(Q), expected, EPS)
+
+
+@pytest.fixture(scope="module")
+def V() -> np.ndarray:
+    """Value rows aligned with ``K``."""
+    return np.random.default_rng(12).standard_normal((12_000, DV))
+
+
+def queries_hitting_every_heavy_key(K: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """``Q`` plus ``q = (K^T K)^-1 k_j`` for every key with leverage score ``tau_j >= eps``: that
+    query gives key ``j`` the entry ``tau_j``, so every value row a sketch must keep shows in
+    ``heavy_output``."""
+    heavy = np.flatnonzero(leverage_svd(K) >= EPS)
+    assert heavy.size > 20, "fixture must have heavy keys"
+    return np.vstack([Q, np.linalg.solve(K.T @ K, K[heavy].T).T])
+
+
+def assert_sums_close(got: np.ndarray, A: np.ndarray, V: np.ndarray, rtol: float,
+                      what: str) -> None:
+    """``got == A @ V`` to ``rtol`` times each row's scale ``max_c (A |V|)_c``."""
+    want, scale = A @ V, (A @ np.abs(V)).max(axis=1, keepdims=True)
+    err = np.abs(got - want)
+    assert np.all(err <= rtol * scale), f"{what}: largest error / scale {(err / scale).max():.3g}"
+
+
+def assert_attend_matches_dense(sk: ls.KeySketch, K: np.ndarray, V: np.ndarray, Q: np.ndarray,
+                                offset: int = 0, exact_output: bool = True) -> None:
+    """``attend(Q)`` against dense p = 2 attention over all keys: the heavy entries, their output
+    and mass (so every value row of a returned key is checked), and the exact output when kept."""
+    r = sk.attend(Q)
+    ids = np.arange(K.shape[0]) + offset
+    assert_heavy_matches_dense(r.entries, dense_heavy(Q, K, EPS, ids=ids), EPS)
+    A = dense_attention(Q, K)
+    heavy = np.zeros_like(A)
+    rows, cols = r.entries.rows(), r.entries.key_ids - offset
+    heavy[rows, cols] = A[rows, cols]
+    assert_sums_close(r.heavy_output, heavy, V, VALUE_RTOL, "heavy_output")
+    np.testing.assert_allclose(r.captured_mass, heavy.sum(axis=1), rtol=VALUE_RTOL, atol=0.0)
+    if exact_output:
+        assert_sums_close(r.output, A, V, OUTPUT_RTOL, "output")
+    else:
+        assert r.output is None
 
 
 # ------------------------------------------------------------------------------------------ equal answers
@@ -222,6 +270,141 @@ def test_progress_bar_counts_rows(K, capsys):
     ls.build_sketch(K, eps=EPS, n_jobs=2, chunk_rows=4000, progress=True)
     err = capsys.readouterr().err
     assert "levstream build" in err and "12.0k" in err
+
+
+# ------------------------------------------------------------------------------------------ values
+def value_sources(K: np.ndarray, V: np.ndarray, tmp_path) -> dict:
+    """The same keys and values as every kind of source: ``(source, values=)``."""
+    np.save(tmp_path / "keys.npy", K)
+    np.save(tmp_path / "values.npy", V)
+    cuts = [0, 5, 1000, 1001, 4000, 7777, 12_000]  # uneven chunks, one of a single row
+    return {"array": (K, V), "npy": (tmp_path / "keys.npy", str(tmp_path / "values.npy")),
+            "npy keys, array values": (tmp_path / "keys.npy", V),
+            "fortran values": (K, np.asfortranarray(V)),
+            "pairs": (((K[a:b], V[a:b]) for a, b in pairwise(cuts)), None)}
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+@pytest.mark.parametrize("kind", ["array", "npy", "npy keys, array values", "fortran values",
+                                  "pairs"])
+def test_values_travel_with_keys_into_every_shard(K, V, Q, n_jobs, kind, tmp_path):
+    """Values carried: heavy entries, their output and mass, and the exact output (moment states
+    summed over the merge tree) equal dense attention over all keys; the keys' answers are a single
+    stream's."""
+    source, values = value_sources(K, V, tmp_path)[kind]
+    sk = ls.build_sketch(source, eps=EPS, n_jobs=n_jobs, chunk_rows=1777, values=values,
+                         exact_output=True, offset=10)
+    assert (sk.n, sk.value_dim, sk.exact_output) == (K.shape[0], DV, True)
+    assert_same_answers(sk, single_stream(K, offset=10), Q)
+    assert_attend_matches_dense(sk, K, V, queries_hitting_every_heavy_key(K, Q), offset=10)
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_values_without_exact_output(K, V, Q, n_jobs):
+    sk = ls.build_sketch(K, eps=EPS, n_jobs=n_jobs, chunk_rows=2500, values=V, value_dim=DV)
+    assert (sk.value_dim, sk.exact_output) == (DV, False)
+    assert_attend_matches_dense(sk, K, V, queries_hitting_every_heavy_key(K, Q), exact_output=False)
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_exact_output_merges_exactly(K, V, n_jobs):
+    """Many small shards merged in a tree of depth 2: the exact output is still dense attention's to
+    OUTPUT_RTOL, for random queries and for queries that cancel against most keys."""
+    rng = np.random.default_rng(13)
+    Q = np.vstack([rng.standard_normal((20, 8)), K[:10], np.linalg.svd(K[:7])[2][-1:]])
+    pairs = ((k, v) for k, v in zip(np.array_split(K, 70), np.array_split(V, 70)))
+    sk = ls.build_sketch(pairs, eps=EPS, n_jobs=n_jobs, exact_output=True)
+    A = dense_attention(Q, K)
+    assert_sums_close(sk.attend(Q).output, A, V, OUTPUT_RTOL, "output")
+
+
+@pytest.mark.parametrize("n_jobs", N_JOBS)
+def test_empty_pairs_anywhere_are_no_ops(K, V, Q, n_jobs):
+    e, ev = K[:0], V[:0]
+    chunks = [(e, ev), (K[:5000], V[:5000]), (e, ev), (K[5000:], V[5000:]), (e, ev)]
+    sk = ls.build_sketch(iter(chunks), eps=EPS, n_jobs=n_jobs, exact_output=True)
+    assert sk.n == K.shape[0]
+    assert_attend_matches_dense(sk, K, V, Q)
+    empty = ls.build_sketch([(e, ev)], eps=EPS, n_jobs=n_jobs, exact_output=True)
+    assert empty.is_empty() and empty.value_dim == DV
+    empty = ls.build_sketch(K[:0], eps=EPS, n_jobs=n_jobs, values=V[:0], exact_output=True)
+    assert empty.is_empty() and empty.value_dim == DV and empty.attend(Q).output.shape == (30, DV)
+
+
+def test_values_with_a_coreset_sketch(V):
+    """p = 3: the value row of every returned key is the key's own (``heavy_output`` is the sum of
+    the returned values times those rows), and a seed reproduces the build with its values."""
+    K3 = heavy_tailed_keys(6000, 6, seed=9)
+    V3 = V[:6000]
+
+    def build_p3() -> ls.KeySketch:
+        return ls.build_sketch(K3, eps=0.05, p=3, n_jobs=2, chunk_rows=1000, seed=4, values=V3)
+
+    sk = build_p3()
+    assert sk.to_bytes() == build_p3().to_bytes()
+    top = np.argsort(-leverage_svd(K3))[:10]
+    Q = np.vstack([np.random.default_rng(14).standard_normal((10, 6)), K3[top]])
+    r = sk.attend(Q)
+    assert len(r.entries) > 10
+    want = np.zeros((Q.shape[0], DV))
+    np.add.at(want, r.entries.rows(), r.entries.values[:, None] * V3[r.entries.key_ids])
+    np.testing.assert_allclose(r.heavy_output, want, rtol=VALUE_RTOL, atol=1e-15)
+    assert r.output is None
+
+
+@pytest.mark.parametrize("n_jobs", (1, 2))
+def test_bad_values_are_named(K, V, n_jobs):
+    pairs = [(K[:100], V[:100]), (K[100:200], V[100:199]), (K[200:300], V[200:300])]
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows 100\.\.199\) rejected: values must have "
+                                         r"one row of width 3 per key: shape \(100, 3\); got "
+                                         r"shape \(99, 3\)"):
+        ls.build_sketch(pairs, eps=EPS, n_jobs=n_jobs)
+    bad = V.copy()
+    bad[7000, 1] = np.inf
+    with pytest.raises(ValueError, match=r"chunk 3 \(rows 6000\.\.7999\) rejected: .*V must "
+                                         r"contain only finite values"):
+        ls.build_sketch(K, eps=EPS, n_jobs=n_jobs, chunk_rows=2000, values=bad)
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows 100\.\.199\) rejected: every chunk "
+                                         r"must come with its values"):
+        ls.build_sketch([(K[:100], V[:100]), K[100:200]], eps=EPS, n_jobs=n_jobs)
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows 100\.\.199\) rejected: .*keeps no "
+                                         r"values"):
+        ls.build_sketch([K[:100], (K[100:200], V[100:200])], eps=EPS, n_jobs=n_jobs)
+    with pytest.raises(ValueError, match=r"chunk 1 \(rows from 100\) rejected: .*width 3.*"
+                                         r"\(0, 2\)"):
+        ls.build_sketch([(K[:100], V[:100]), (K[:0], V[:0, :2])], eps=EPS, n_jobs=n_jobs)
+    with pytest.raises(ValueError, match=r"chunk 1 .* rejected: .*\(keys, values\) pair; got a "
+                                         r"tuple of 3"):
+        ls.build_sketch([(K[:100], V[:100]), (K[100:200], V[100:200], V[100:200])], eps=EPS,
+                        n_jobs=n_jobs)
+
+
+def test_bad_value_arguments(K, V, tmp_path):
+    with pytest.raises(ValueError, match=r"values must have one row per key \(12000 rows\); got "
+                                         r"shape \(11999, 3\)"):
+        ls.build_sketch(K, eps=EPS, values=V[1:])
+    with pytest.raises(ValueError, match=r"value_dim must equal the width of the values \(3\); got "
+                                         r"value_dim=4"):
+        ls.build_sketch(K, eps=EPS, values=V, value_dim=4)
+    with pytest.raises(ValueError, match=r"value_dim must equal the width of the values \(3\)"):
+        ls.build_sketch([(K, V)], eps=EPS, value_dim=2)
+    with pytest.raises(ValueError, match="value_dim=3 needs the value rows: pass values="):
+        ls.build_sketch(K, eps=EPS, value_dim=3)
+    with pytest.raises(ValueError, match="exact_output=True needs value rows"):
+        ls.build_sketch(K, eps=EPS, exact_output=True)
+    with pytest.raises(ValueError, match="values= goes with an array or .npy source"):
+        ls.build_sketch(iter([K]), eps=EPS, values=V)
+    with pytest.raises(TypeError, match="values must be a 2-D array or a path to a .npy file"):
+        ls.build_sketch(K, eps=EPS, values=iter([V]))
+    with pytest.raises(ValueError, match=r"values must be 2-D"):
+        ls.build_sketch(K, eps=EPS, values=V[:, 0])
+    with pytest.raises(ValueError, match=r"chunk 0 .* rejected: values must be 2-D"):
+        ls.build_sketch([(K, V[:, 0])], eps=EPS)
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match=r"values '.*cube.npy' rejected: .*2-D"):
+        ls.build_sketch(K, eps=EPS, values=tmp_path / "cube.npy")
+    with pytest.raises(ValueError, match="exact_output=True is available for p = 2"):
+        ls.build_sketch(K, eps=EPS, p=3, values=V, exact_output=True)
 
 
 # ------------------------------------------------------------------------------------------ bad data
