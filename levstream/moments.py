@@ -44,6 +44,9 @@ def _lift(X: np.ndarray) -> np.ndarray:
 class MomentState:
     """``S = sum_j phi(k_j) v_j^T`` (shape ``(D, value_dim)``), accumulated in float64 with a compensated sum.
 
+    ``degree=4`` keeps the same state over lifted keys (``<q, k>^4 = <phi(q), phi(k)>^2``) for exact p = 4
+    outputs: ``D`` is then ``d (d + 1) / 2`` lifted once more, which only small ``d`` afford.
+
     Examples
     --------
     >>> import numpy as np
@@ -56,13 +59,17 @@ class MomentState:
     True
     """
 
-    def __init__(self, dim: int, value_dim: int) -> None:
-        self.dim, self.value_dim = int(dim), int(value_dim)
-        D = lifted_dim(self.dim)
+    def __init__(self, dim: int, value_dim: int, degree: int = 2) -> None:
+        if degree not in (2, 4):
+            raise ValueError(f"degree must be 2 or 4; got {degree} instead.")
+        self.dim, self.value_dim, self.degree = int(dim), int(value_dim), int(degree)
+        #: degree 4: ``<q, k>^4 = <phi(q), phi(k)>^2``, so the state of degree 2 over lifted keys and queries
+        self._inner = self.dim if degree == 2 else lifted_dim(self.dim)
+        D = lifted_dim(self._inner)
         self._hi = np.zeros((D, self.value_dim))
         self._lo = np.zeros((D, self.value_dim))
         self._sum: np.ndarray | None = None
-        self._buf_keys = np.empty((BUFFER_ROWS, self.dim))
+        self._buf_keys = np.empty((BUFFER_ROWS, self._inner))
         self._buf_values = np.empty((BUFFER_ROWS, self.value_dim))
         self._buf_n = 0
 
@@ -80,8 +87,19 @@ class MomentState:
             self._fold(self._buf_keys[:self._buf_n], self._buf_values[:self._buf_n])
             self._buf_n = 0
 
+    @staticmethod
+    def nbytes_for(dim: int, value_dim: int, degree: int = 2) -> int:
+        """Bytes of the state for keys of width ``dim`` (two ``D x value_dim`` float64 arrays)."""
+        inner = dim if degree == 2 else lifted_dim(dim)
+        return 2 * 8 * lifted_dim(inner) * value_dim
+
+    def _inner_rows(self, X: np.ndarray) -> np.ndarray:
+        return X if self.degree == 2 else _lift(X)
+
     def add_row(self, x: np.ndarray, v: np.ndarray) -> None:
         """Add one key and its value (buffered)."""
+        if self.degree == 4:
+            x = _lift(x[None, :])[0]
         self._buf_keys[self._buf_n] = x
         self._buf_values[self._buf_n] = v
         self._buf_n += 1
@@ -92,6 +110,7 @@ class MomentState:
         """Fold keys ``X`` (m, dim) and their values ``V`` (m, value_dim): ``S += phi(X)^T V``."""
         if X.shape[0] == 0:
             return
+        X = self._inner_rows(X)
         if self._buf_n + X.shape[0] <= BUFFER_ROWS:
             self._buf_keys[self._buf_n:self._buf_n + X.shape[0]] = X
             self._buf_values[self._buf_n:self._buf_n + X.shape[0]] = V
@@ -113,12 +132,14 @@ class MomentState:
     def copy(self) -> MomentState:
         out = MomentState.__new__(MomentState)
         out.dim, out.value_dim, out._buf_n = self.dim, self.value_dim, self._buf_n
+        out.degree, out._inner = self.degree, self._inner
         out._hi, out._lo, out._sum = self._hi.copy(), self._lo.copy(), None
         out._buf_keys, out._buf_values = self._buf_keys.copy(), self._buf_values.copy()
         return out
 
     def numerator(self, Q: np.ndarray) -> np.ndarray:
-        """``phi(q)^T S = sum_j <q, k_j>^2 v_j`` for every row of ``Q`` (shape (m, value_dim))."""
+        """``sum_j <q, k_j>^degree v_j`` for every row of ``Q`` (shape (m, value_dim))."""
+        Q = self._inner_rows(Q)
         if self._sum is None:
             self._sum = self._hi + self._lo
         if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:  # no lifted copy, no threaded GEMV
@@ -135,16 +156,16 @@ class MomentState:
                 "moments_buf_values": self._buf_values[:self._buf_n]}
 
     @classmethod
-    def from_state(cls, dim: int, value_dim: int, arrays: dict[str, np.ndarray]) -> MomentState:
-        out = cls(dim, value_dim)
+    def from_state(cls, dim: int, value_dim: int, arrays: dict[str, np.ndarray], degree: int = 2) -> MomentState:
+        out = cls(dim, value_dim, degree)
         for name in ("moments_hi", "moments_lo"):
             arr = arrays[name]
             if arr.shape != out._hi.shape:
                 raise ValueError(f"stored array {name!r} must have shape {out._hi.shape}; got {arr.shape}")
         keys, values = arrays["moments_buf_keys"], arrays["moments_buf_values"]
         m = keys.shape[0]
-        if keys.shape != (m, dim) or values.shape != (m, value_dim) or m >= BUFFER_ROWS:
-            raise ValueError(f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows of shapes ({m}, {dim}) "
+        if keys.shape != (m, out._inner) or values.shape != (m, value_dim) or m >= BUFFER_ROWS:
+            raise ValueError(f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows of shapes ({m}, {out._inner}) "
                              f"and ({m}, {value_dim}); got {keys.shape} and {values.shape}")
         out._hi, out._lo = arrays["moments_hi"].copy(), arrays["moments_lo"].copy()
         out._buf_keys[:m], out._buf_values[:m], out._buf_n = keys, values, m

@@ -26,7 +26,7 @@ from ._store import RowStore
 from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
 from .moments import MomentState
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
-from .summaries import GramSummary, NormalizerSummary, make_summary, summary_from_state
+from .summaries import GramSummary, LiftedSummary, NormalizerSummary, make_summary, summary_from_state
 
 _SKETCH_KIND = "KeySketch"
 
@@ -129,13 +129,22 @@ class KeySketch:
         self._summary: NormalizerSummary = make_summary(
             dim, p, exact=exact, delta=delta, failure_prob=failure_prob, oversampling=oversampling, rng=rng,
             memory_budget=memory_budget)
-        if exact_output and (p != 2.0 or self._summary.distortion):
-            raise ValueError(f"exact_output=True is available for p = 2 (the moment state of x^2 attention); got "
-                             f"p = {p:g}. Use attend() without exact_output for heavy-only outputs.")
+        degree = 2 if p == 2.0 else 4
+        if exact_output and (p not in (2.0, 4.0) or self._summary.distortion):
+            raise ValueError(f"exact_output=True is available for p = 2 and for p = 4 with exact=True (moment states "
+                             f"of exact normalisers); got p = {p:g} with a {self._summary.kind} summary. Use attend() "
+                             "without exact_output for heavy-only outputs.")
+        if exact_output and degree == 4:
+            need = MomentState.nbytes_for(dim, int(value_dim or 0), 4)
+            assert isinstance(self._summary, LiftedSummary)  # p = 4 without distortion
+            budget = self._summary.memory_budget
+            if need > budget:
+                raise ValueError(f"exact p = 4 outputs need a moment state of {need / 2**20:.1f} MiB; memory_budget "
+                                 f"is {budget / 2**20:.1f} MiB. Raise memory_budget or use a smaller dim.")
         self._dim, self._eps, self._p = dim, eps, p
         self._block_rows = block_rows
         self._value_dim = value_dim
-        self._moments = MomentState(dim, value_dim) if exact_output else None
+        self._moments = MomentState(dim, value_dim, degree) if exact_output else None
         self._store = RowStore(dim, value_dim)
         #: rows ``_pending_from..`` of the store are pending (not yet folded into the summary)
         self._pending_from = 0
@@ -862,10 +871,14 @@ class KeySketch:
             value_dim = meta.get("value_dim")
             if (value_dim is not None) != (version >= _FORMAT_WITH_VALUES):
                 raise ValueError(f"format version {version} and the value header disagree")
+            exact_output = bool(meta.get("exact_output", False)) if value_dim is not None else False
+            lifted = {}
+            if exact_output and meta["summary"].get("kind") == "lifted":  # exact p = 4 outputs need it
+                lifted = {"exact": True, "memory_budget": int(meta["summary"]["memory_budget"])}
             out = cls(int(meta["dim"]), eps=float(meta["eps"]), p=float(meta["p"]),
                       block_rows=int(meta["block_rows"]),
-                      value_dim=None if value_dim is None else int(value_dim),
-                      exact_output=bool(meta.get("exact_output", False)) if value_dim is not None else False)
+                      value_dim=None if value_dim is None else int(value_dim), exact_output=exact_output,
+                      **lifted)
             d = out._dim
             for name, arr in arrays.items():  # a valid checksum does not make the content consistent
                 if name.startswith("summary.") and arr.dtype.kind != "f":
@@ -881,7 +894,7 @@ class KeySketch:
             out._store = RowStore.from_arrays(d, out._value_dim, parts)
             out._pending_from = parts[0][0].shape[0]
             if out._moments is not None:
-                out._moments = MomentState.from_state(d, int(value_dim), arrays)
+                out._moments = MomentState.from_state(d, int(value_dim), arrays, out._moments.degree)
             ranges = arrays["id_ranges"]
             if ranges.ndim != 2 or ranges.shape[1] != 2:
                 raise ValueError("id ranges must have shape (r, 2)")
