@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the opti
                       "(or: pip install 'dask[array,bag]' distributed).") from exc
 
 from ._threads import blas_threads, capped_threads, get_num_threads, lowered_blas, numba_turn
-from ._tree import (merge_group, named_errors, new_sketch, partition_options, reduce_tree,
+from ._tree import (keys_of, merge_group, named_errors, new_sketch, partition_options, reduce_tree,
                     sketch_partition)
 from ._validation import check_int
 from .sketch import KeySketch
@@ -45,7 +45,7 @@ __all__ = ["build_sketch"]
 
 
 def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, compute: bool = True,
-                 offsets: Sequence[int] | None = None, scheduler: Any = None,
+                 offsets: Sequence[int] | None = None, scheduler: Any = None, values: Any = None,
                  **sketch_options: Any) -> KeySketch | Delayed:
     """Sketch keys held in a Dask collection: one sketch per partition, merged in a tree of fan-in ``split_every``.
 
@@ -56,6 +56,8 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
           is a partition;
         * a Dask bag whose items are 2-D chunks; each bag partition is a partition, its chunks fed in order;
         * a list of ``Delayed`` objects, each computing one 2-D chunk (a partition).
+
+        With values, bag items and delayed chunks are ``(K, V)`` pairs of keys and their value rows.
     eps, p : float
         As for :class:`~levstream.KeySketch`.
     split_every : int, default 8
@@ -73,8 +75,17 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
         Dask's default (the active client if there is one).  An address (``"tcp://host:8786"``, or
         ``"host:8786"``) names a running ``distributed`` scheduler: a client is connected for this call
         and closed afterwards.
+    values : dask.array.Array or array_like, optional
+        Value rows of a Dask array of keys (row ``j`` is the value of key ``j``): a 2-D array with
+        the same number of rows, cut into the keys' row chunks (a Dask array with other row chunks
+        is rechunked, a NumPy array wrapped).  The sketch then keeps value rows (``value_dim``
+        defaults to their width; see :meth:`~levstream.KeySketch.attend`), and with
+        ``exact_output=True`` the exact p = 2 outputs over every key.  Bags and delayed lists carry
+        values as ``(K, V)`` pairs instead (pass ``value_dim`` there to check their width; by
+        default the first pair sets it).
     **sketch_options
-        Passed to :class:`~levstream.KeySketch` (e.g. ``block_rows``).  ``seed=``/``rng=`` seeds randomised
+        Passed to :class:`~levstream.KeySketch` (e.g. ``block_rows``, ``value_dim``,
+        ``exact_output``).  ``seed=``/``rng=`` seeds randomised
         modes: partition ``i`` gets child ``i`` of ``SeedSequence(seed).spawn``, so a seed and a
         partitioning reproduce the build on any scheduler.  The exact p = 2 mode needs no seed.
 
@@ -110,12 +121,28 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
     >>> sk = lsd.build_sketch(keys, eps=0.05, split_every=2, scheduler="threads")
     >>> bool(np.array_equal(sk.universal_set().ids, ls.universal_set(K, eps=0.05).ids))
     True
+
+    With values (here the exact p = 2 attention outputs over all keys):
+
+    >>> V = da.from_array(rng.standard_normal((30_000, 3)), chunks=(7_000, 3))
+    >>> skv = lsd.build_sketch(keys, eps=0.05, values=V, exact_output=True, scheduler="threads")
+    >>> Q = rng.standard_normal((2, 8))
+    >>> W = (Q @ K.T) ** 2
+    >>> out = W @ V.compute() / W.sum(axis=1, keepdims=True)
+    >>> bool(np.allclose(skv.attend(Q).output, out, rtol=1e-10))
+    True
     """
     split_every = check_int(split_every, "split_every", minimum=2)
     parts, dim, known_offsets, many = _partitions(keys)
+    value_parts: list[Any] = [None] * len(parts)
+    if values is not None:
+        value_parts, width = _value_partitions(keys, values)
+        sketch_options = _with_value_dim(sketch_options, width)
     starts = _check_offsets(offsets, len(parts)) if offsets is not None else known_offsets
     options = partition_options(sketch_options, len(parts))
-    new_sketch(dim or 1, eps, p, options[0])  # validates eps, p and the options before anything runs
+    # validates eps, p and the options before anything runs (the value_dim of (K, V) pairs may be
+    # known only when the first pair is computed)
+    new_sketch(dim or 1, eps, p, _checkable(options[0]))
     client = _connect(scheduler)
     try:
         sched = client if client is not None else scheduler
@@ -123,8 +150,9 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
             lengths = dask.compute(*[delayed(_partition_rows)(part, i, many) for i, part in enumerate(parts)],
                                    scheduler=sched)
             starts = [0, *np.cumsum(lengths[:-1], dtype=np.int64).tolist()]
-        leaves = [(delayed(_sketch_leaf)(part, start, i, dim, eps, p, opts, many), i, i)
-                  for i, (part, start, opts) in enumerate(zip(parts, starts, options))]
+        leaves = [(delayed(_sketch_leaf)(part, start, i, dim, eps, p, opts, many, vpart), i, i)
+                  for i, (part, start, opts, vpart)
+                  in enumerate(zip(parts, starts, options, value_parts))]
         root, first, last = reduce_tree(leaves, _merge_node, split_every)
         result = delayed(_finish)(root, first, last)
         if not compute:
@@ -159,6 +187,60 @@ def _partitions(keys: Any) -> tuple[list[Any], int | None, list[int] | None, boo
     raise TypeError("keys must be a 2-D dask.array.Array, a dask.bag.Bag of 2-D chunks or a list of "
                     f"dask.delayed chunks; got {type(keys).__name__} instead. For NumPy arrays, "
                     ".npy files or iterables use levstream.build_sketch.")
+
+
+def _value_partitions(keys: Any, values: Any) -> tuple[list[Any], int]:
+    """The row blocks of ``values`` aligned with the partitions of a Dask array of keys, and their
+    width."""
+    if not isinstance(keys, da.Array):
+        raise TypeError(f"values= goes with a Dask array of keys; a {type(keys).__name__} carries "
+                        "values as (keys, values) pairs instead.")
+    if not isinstance(values, da.Array):
+        if not (hasattr(values, "ndim") and hasattr(values, "shape")):
+            raise TypeError(f"values must be a 2-D Dask or NumPy array; got "
+                            f"{type(values).__name__} instead.")
+        if values.ndim != 2:
+            raise ValueError(f"values must be 2-D (rows x value_dim); got shape "
+                             f"{tuple(values.shape)}.")
+        if any(np.isnan(keys.chunks[0])) or values.shape[0] != keys.shape[0]:
+            raise ValueError(f"values must have one row per key ({keys.shape[0]} rows, in the row "
+                             f"chunks of the keys); got shape {tuple(values.shape)}.")
+        values = da.from_array(values, chunks=(keys.chunks[0], -1))
+    if values.ndim != 2 or np.isnan(values.shape[1]) or values.shape[1] == 0:
+        raise ValueError(f"values must be 2-D with a known, non-zero number of columns; got shape "
+                         f"{values.shape}.")
+    rows, value_rows = keys.chunks[0], values.chunks[0]
+    if value_rows != rows:
+        if any(np.isnan(rows)) or any(np.isnan(value_rows)):
+            raise ValueError(f"values must have the row chunks of the keys ({rows}); got "
+                             f"{value_rows} (chunk sizes unknown: rechunk one of them to the "
+                             "other's chunks).")
+        if values.shape[0] != keys.shape[0]:
+            raise ValueError(f"values must have one row per key ({keys.shape[0]} rows); got shape "
+                             f"{values.shape}.")
+        values = values.rechunk({0: rows})
+    if values.numblocks[1] > 1:
+        values = values.rechunk({1: -1})
+    return list(values.to_delayed().ravel()), int(values.shape[1])
+
+
+def _with_value_dim(sketch_options: dict[str, Any], width: int) -> dict[str, Any]:
+    given = sketch_options.get("value_dim")
+    if given is None:
+        return dict(sketch_options, value_dim=width)
+    if check_int(given, "value_dim", minimum=1) != width:
+        raise ValueError(f"value_dim must equal the width of the values ({width}); got "
+                         f"value_dim={given}.")
+    return sketch_options
+
+
+def _checkable(options: dict[str, Any]) -> dict[str, Any]:
+    """Options for the up-front check: ``exact_output`` without ``value_dim`` is checked once the
+    first ``(K, V)`` pair of a bag or delayed list sets the width, so a placeholder width stands in
+    for it."""
+    if options.get("exact_output") and options.get("value_dim") is None:
+        return dict(options, value_dim=1)
+    return options
 
 
 def _check_offsets(offsets: Sequence[int], n_partitions: int) -> list[int]:
@@ -215,17 +297,20 @@ def _partition_rows(part: Any, index: int, many: bool) -> int:
     """Number of key rows in one partition (the first pass that numbers bags and delayed lists)."""
     total = 0
     for chunk in _chunks_of(part, many):
+        keys = keys_of(chunk)
         with named_errors(f"partition {index}"):
-            if np.ndim(chunk) != 2:
-                raise ValueError(f"every chunk must be 2-D (rows x dim); got shape {np.shape(chunk)}.")
-        total += int(np.shape(chunk)[0])
+            if np.ndim(keys) != 2:
+                raise ValueError(f"every chunk must be 2-D (rows x dim); got shape "
+                                 f"{np.shape(keys)}.")
+        total += int(np.shape(keys)[0])
     return total
 
 
 def _sketch_leaf(part: Any, offset: int, index: int, dim: int | None, eps: float, p: float,
-                 options: dict[str, Any], many: bool) -> KeySketch | None:
+                 options: dict[str, Any], many: bool, values: Any = None) -> KeySketch | None:
+    chunks = _chunks_of(part, many) if values is None else ((part, values),)
     with capped_threads(_task_threads()), numba_turn():
-        return sketch_partition(_chunks_of(part, many), offset, index, dim=dim, eps=eps, p=p, options=options)
+        return sketch_partition(chunks, offset, index, dim=dim, eps=eps, p=p, options=options)
 
 
 def _merge_node(*group: tuple[Delayed, int, int]) -> tuple[Delayed, int, int]:

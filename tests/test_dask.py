@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from itertools import pairwise
 
 import numba
 import numpy as np
@@ -27,11 +28,17 @@ import levstream.dask as lsd  # noqa: E402
 from conftest import BOUND_RTOL, CORESET_DELTA, TIE_RTOL, heavy_tailed_keys  # noqa: E402
 from naive import leverage_svd  # noqa: E402
 from test_build import (  # noqa: E402,F401
+    DV,
     EPS,
+    OUTPUT_RTOL,
     K,
     Q,
+    V,
+    assert_attend_matches_dense,
     assert_matches_brute_force,
     assert_same_answers,
+    assert_sums_close,
+    queries_hitting_every_heavy_key,
     single_stream,
 )
 from levstream._threads import blas_threads, capped_threads  # noqa: E402
@@ -189,6 +196,130 @@ def test_bad_arguments(K):
         lsd.build_sketch(dask_array(K), eps=EPS, rng=1, seed=2)
 
 
+# ------------------------------------------------------------------------------ values
+def _pair(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A partition of a delayed list with values: its ``(K, V)`` pair."""
+    return keys, values
+
+
+def value_pairs(K: np.ndarray, V: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(K[a:b], V[a:b]) for a, b in pairwise(CUTS)]
+
+
+def values_like(kind: str, V: np.ndarray):
+    """Values for :func:`dask_array` keys: its row chunks, other row chunks (rechunked by the
+    build), or a NumPy array (wrapped in the keys' chunks)."""
+    if kind == "same chunks":
+        return da.from_array(V, chunks=(tuple(np.diff(CUTS).tolist()), (1, 2)))
+    if kind == "other chunks":
+        return da.from_array(V, chunks=(5000, DV))
+    return V
+
+
+@pytest.mark.parametrize("scheduler, kind", [("threads", "same chunks"), ("sync", "other chunks"),
+                                             ("threads", "numpy"), ("processes", "same chunks")])
+def test_dask_array_with_values(K, V, Q, reference, scheduler, kind):
+    """Values carried: heavy entries, their output and mass, and the exact output (moment states
+    summed over the merge tree) equal dense attention over all keys; the keys' answers are a single
+    stream's."""
+    with dask.config.set(num_workers=2):
+        sk = lsd.build_sketch(dask_array(K), eps=EPS, split_every=2, scheduler=scheduler,
+                              values=values_like(kind, V), exact_output=True)
+    assert (sk.n, sk.value_dim, sk.exact_output) == (K.shape[0], DV, True)
+    assert_same_answers(sk, reference, Q)
+    assert_attend_matches_dense(sk, K, V, queries_hitting_every_heavy_key(K, Q))
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_bag_of_pairs_carries_values(K, V, Q, with_offsets):
+    """Bag items are (K, V) pairs; the first pair of each partition sets value_dim."""
+    bag = db.from_sequence(value_pairs(K, V), npartitions=3)
+    offsets = [0, 1501, 6500] if with_offsets else None
+    sk = lsd.build_sketch(bag, eps=EPS, offsets=offsets, scheduler="threads", exact_output=True)
+    assert sk.value_dim == DV
+    assert_attend_matches_dense(sk, K, V, queries_hitting_every_heavy_key(K, Q))
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_delayed_pairs_carry_values(K, V, Q, with_offsets):
+    parts = [dask.delayed(_pair)(k, v) for k, v in value_pairs(K, V)]
+    offsets = CUTS[:-1] if with_offsets else None
+    sk = lsd.build_sketch(parts, eps=EPS, offsets=offsets, split_every=3, scheduler="processes",
+                          value_dim=DV)
+    assert_attend_matches_dense(sk, K, V, queries_hitting_every_heavy_key(K, Q), exact_output=False)
+
+
+def test_values_with_empty_partitions_and_compute_false(K, V, Q):
+    sizes = (0, 1500, 0, 4500, 0, 6000, 0)
+    lazy = lsd.build_sketch(da.from_array(K, chunks=(sizes, 8)), eps=EPS, compute=False,
+                            values=da.from_array(V, chunks=(sizes, DV)), exact_output=True)
+    assert isinstance(lazy, Delayed)
+    assert_attend_matches_dense(lazy.compute(scheduler="sync"), K, V, Q)
+    e, ev = K[:0], V[:0]
+    bag = db.from_sequence([(e, ev), (K[:4000], V[:4000]), (e, ev), (K[4000:], V[4000:])],
+                           npartitions=3)
+    sk = lsd.build_sketch(bag, eps=EPS, scheduler="sync", exact_output=True)
+    assert_attend_matches_dense(sk, K, V, Q)
+    empty = lsd.build_sketch(da.zeros((0, 8), chunks=(5, 8)), eps=EPS, scheduler="sync",
+                             values=da.zeros((0, 2), chunks=(5, 2)), exact_output=True)
+    assert empty.is_empty() and empty.value_dim == 2
+
+
+def test_exact_output_of_many_partitions(K, V):
+    """24 partitions merged in a tree of depth 3: the exact output is dense attention's to
+    OUTPUT_RTOL."""
+    keys, values = da.from_array(K, chunks=(500, 8)), da.from_array(V, chunks=(500, DV))
+    sk = lsd.build_sketch(keys, eps=EPS, split_every=3, values=values, exact_output=True,
+                          scheduler="threads")
+    Q = np.vstack([np.random.default_rng(15).standard_normal((20, 8)), K[:10]])
+    W = (Q @ K.T) ** 2
+    A = W / W.sum(axis=1, keepdims=True)
+    assert_sums_close(sk.attend(Q).output, A, V, OUTPUT_RTOL, "output")
+
+
+def test_bad_values_are_named(K, V):
+    bad = V.copy()
+    bad[5000, 1] = np.nan  # in partition 3: rows 4000..6499
+    with pytest.raises(ValueError, match=r"partition 3 \(rows 4000\.\.6499\) rejected: .*V must "
+                                         r"contain only finite values"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=bad, scheduler="sync")
+    pairs = value_pairs(K, V)
+    pairs[3] = pairs[3][0]  # keys without their values: rows 4000..6499, in bag partition 1
+    with pytest.raises(ValueError, match=r"partition 1 \(rows 4000\.\.6499\) rejected: every "
+                                         r"chunk must come with its values"):
+        lsd.build_sketch(db.from_sequence(pairs, npartitions=3), eps=EPS, scheduler="sync")
+    short = [dask.delayed(_pair)(K[:100], V[:99])]
+    with pytest.raises(ValueError, match=r"partition 0 \(rows 0\.\.99\) rejected: values must have "
+                                         r"one row of width 3 per key"):
+        lsd.build_sketch(short, eps=EPS, offsets=[0], scheduler="sync")
+
+
+def test_bad_value_arguments(K, V):
+    with pytest.raises(TypeError, match="values= goes with a Dask array of keys; a Bag carries"):
+        lsd.build_sketch(db.from_sequence(value_pairs(K, V)), eps=EPS, values=V)
+    with pytest.raises(TypeError, match="values= goes with a Dask array of keys; a list carries"):
+        lsd.build_sketch(delayed_chunks(K), eps=EPS, values=V)
+    with pytest.raises(ValueError, match=r"values must have one row per key \(12000 rows"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=V[1:])
+    with pytest.raises(ValueError, match=r"values must have one row per key \(12000 rows\)"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=da.from_array(V[1:], chunks=(5000, DV)))
+    with pytest.raises(ValueError, match=r"values must be 2-D"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=V[:, 0])
+    with pytest.raises(ValueError, match=r"values must be 2-D"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=da.from_array(V[:, 0], chunks=500))
+    with pytest.raises(TypeError, match="values must be a 2-D Dask or NumPy array; got list"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=[[1.0]])
+    with pytest.raises(ValueError, match=r"value_dim must equal the width of the values \(3\); got "
+                                         r"value_dim=2"):
+        lsd.build_sketch(dask_array(K), eps=EPS, values=V, value_dim=2)
+    x = dask_array(K)
+    x = x[x[:, 0] > -np.inf]  # unknown row chunk sizes: values cannot be cut to match
+    with pytest.raises(ValueError, match="values must have the row chunks of the keys"):
+        lsd.build_sketch(x, eps=EPS, values=da.from_array(V, chunks=(5000, DV)))
+    with pytest.raises(ValueError, match="exact_output=True is available for p = 2"):
+        lsd.build_sketch(dask_array(K), eps=EPS, p=3, values=V, exact_output=True)
+
+
 # ------------------------------------------------------------------------------ seeds and threads
 def test_partitions_get_spawned_seeds(K, monkeypatch):
     """The options each partition task receives: child i of SeedSequence(seed), identical across calls."""
@@ -322,6 +453,15 @@ def test_killed_worker_costs_a_retry_not_a_wrong_sketch(cluster, K, Q, reference
         assert int(fh.read()) in pids  # a worker process really died mid-build
     assert_same_answers(sk, reference, Q)
     client.wait_for_workers(2, timeout=60)
+
+
+@pytest.mark.slow
+def test_local_cluster_carries_values(cluster, K, V, Q):
+    """Sketches with values (format version 2) travel between worker processes."""
+    _, client = cluster
+    sk = lsd.build_sketch(dask_array(K), eps=EPS, split_every=2, scheduler=client,
+                          values=values_like("other chunks", V), exact_output=True)
+    assert_attend_matches_dense(sk, K, V, queries_hitting_every_heavy_key(K, Q))
 
 
 @pytest.mark.slow
