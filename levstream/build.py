@@ -366,7 +366,10 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
             fut.result()
         if failures:  # the first bad chunk in stream order; the shard sketches are dropped
             raise min(failures, key=lambda f: f[0])[1]
-        return reduce_tree(sketches, merge_group, SPLIT_EVERY)
+        shards: list[KeySketch | None] = list(sketches)  # merge_group's type: None is "nothing"
+        merged = reduce_tree(shards, merge_group, SPLIT_EVERY)
+        assert merged is not None  # every shard has a sketch, empty or not
+        return merged
 
 
 def _put(q: queue.Queue, item: Any, consumer: Future) -> None:
