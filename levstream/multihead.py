@@ -406,12 +406,14 @@ class MultiHeadKeySketch:
     @classmethod
     def from_bytes(cls, data: bytes) -> MultiHeadKeySketch:
         """Inverse of :meth:`to_bytes`; raises ``ValueError`` for corrupted, truncated or foreign bytes."""
-        meta, arrays, _ = _serialize.unpack(data)
+        meta, arrays, version = _serialize.unpack(data)
         try:
             if meta.get("kind") != _KIND:
                 raise ValueError(f"bytes hold a {meta.get('kind')!r}, not a {_KIND}")
             H = check_int(meta["n_heads"], "n_heads", minimum=1)
             heads = [KeySketch.from_bytes(arrays[f"head{h}"].tobytes()) for h in range(H)]
+            if (heads[0].value_dim is not None) != (version >= 2):
+                raise ValueError(f"format version {version} and the heads' values disagree")
             header = (int(meta["dim"]), float(meta["eps"]), check_p(meta["p"]))
             for sk in heads:
                 if (sk.dim, sk.eps, sk.p) != header or sk.n != heads[0].n:

@@ -467,7 +467,10 @@ class KeySketch:
                 if bar is not None:
                     bar.update(rows)
         except BaseException:
-            self.__dict__.update(snapshot.__dict__)
+            with self._lock:
+                lock = self._lock
+                self.__dict__.update(snapshot.__dict__)
+                self._lock = lock  # readers keep waiting on the same lock
             raise
         finally:
             if bar is not None:
@@ -824,11 +827,12 @@ class KeySketch:
     def copy(self) -> KeySketch:
         """An independent deep copy."""
         out = KeySketch.__new__(KeySketch)
-        out.__dict__.update(self.__dict__)
-        out._summary = self._summary.copy()
-        out._seen = self._seen.copy()
-        out._store = self._store.copy()
-        out._moments = None if self._moments is None else self._moments.copy()
+        with self._lock:  # a writer in another thread never leaves a half-updated copy
+            out.__dict__.update(self.__dict__)
+            out._summary = self._summary.copy()
+            out._seen = self._seen.copy()
+            out._store = self._store.copy()
+            out._moments = None if self._moments is None else self._moments.copy()
         out._lock = threading.RLock()
         out._live = None
         return out
@@ -843,6 +847,10 @@ class KeySketch:
 
         Keys-only sketches write format version 1 (as levstream 0.1.0); sketches with values version 2.
         """
+        with self._lock:
+            return self._to_bytes()
+
+    def _to_bytes(self) -> bytes:
         smeta, sarrays = self._summary.to_state()
         meta: dict[str, Any] = {
             "kind": _SKETCH_KIND, "dim": self._dim, "eps": self._eps, "p": self._p,
