@@ -23,9 +23,10 @@ Install: ``pip install torch==2.13.0`` (first and alone), then ``pip install -e 
 
 Run::
 
-    python examples/power_lm.py               # 2 models of 2 layers x 4 heads; ~10 minutes, 2 cores
+    python examples/power_lm.py               # 2 models of 2 layers x 4 heads; 6-11 min, 2 cores
     python examples/power_lm.py --quick       # tiny models, small contexts: a smoke run (< 1 min)
     python examples/power_lm.py --out DIR     # also write DIR/power-lm.json with every figure
+                                              # and the power model's weights (power-lm-model.npz)
 
 ``--quick`` is implied by the environment variable ``LEVSTREAM_QUICK=1``.  The exit status is 1 when
 the logits of the levstream decode differ from the full forward by more than ``LOGITS_RTOL``.
@@ -763,7 +764,7 @@ def report(res: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, small contexts (smoke run)")
-    ap.add_argument("--out", help="directory for power-lm.json")
+    ap.add_argument("--out", help="directory for power-lm.json and power-lm-model.npz")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, help="training steps (default 500; quick 40)")
     ap.add_argument("--eps", type=float, default=0.01, help="eps of the decoding states")
@@ -802,13 +803,6 @@ def main(argv: list[str] | None = None) -> int:
                  "block_rows": args.block_rows, "threads_after_training": args.threads,
                  "decode_steps": args.decode_steps, "torch": torch.__version__,
                  "numpy": np.__version__}
-    try:
-        from threadpoolctl import threadpool_info
-
-        res["blas"] = [{k: i.get(k) for k in ("internal_api", "num_threads")}
-                       for i in threadpool_info()]
-    except ImportError:
-        pass
 
     corpus = build_corpus(not args.no_licenses)
     info = res["corpus"] = corpus["info"]
@@ -830,12 +824,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # Decoding is one small step after another: on a shared 2-core machine, spare BLAS and OpenMP
     # threads cost more than they give (measured: levstream steps 25x slower at default threads).
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     import levstream as ls
 
     threadpool_limits(args.threads)
     ls.set_num_threads(args.threads)
+    res["thread_pools_after_training"] = [
+        {k: i.get(k) for k in ("internal_api", "num_threads")} for i in threadpool_info()]
     lm = NumpyLM.from_torch(models["power"], cfg)
     res["decode_check"] = decode_check(models["power"], lm, cfg, corpus["val"][:args.prompt], args)
     res["heavy_only"] = heavy_only_eval(lm, cfg, corpus["val"], 1024 if quick else 8192)
@@ -847,6 +843,8 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "power-lm.json"), "w") as fh:
             json.dump(res, fh, indent=1)
+        np.savez(os.path.join(args.out, "power-lm-model.npz"), config=json.dumps(asdict(cfg)),
+                 **{f"w:{k}": v for k, v in lm.w.items()})
     return 0 if res["decode_check"]["passed"] else 1
 
 
