@@ -35,7 +35,9 @@ def warm_up(dim: int, eps: float, p: float) -> None:
 
     rng = np.random.default_rng(0)
     sketch = KeySketch(dim, eps=eps, p=p)
-    for _ in range(2):  # the second block runs the norm pre-filter, which needs the first block's Gram bound
+    for _ in range(
+        2
+    ):  # the second block runs the norm pre-filter, which needs the first block's Gram bound
         sketch.update_many(rng.standard_normal((4 * dim + 64, dim))).flush()
     sketch.heavy_entries(rng.standard_normal((3, dim)))
     sketch.universal_set()
@@ -53,8 +55,16 @@ class BenchPoint:
     precision: float
 
 
-def measure(n: int, dim: int, eps: float, p: float, n_queries: int, seed: int,
-            chunk_rows: int = 8192, repeat: int = 3) -> BenchPoint:
+def measure(
+    n: int,
+    dim: int,
+    eps: float,
+    p: float,
+    n_queries: int,
+    seed: int,
+    chunk_rows: int = 8192,
+    repeat: int = 3,
+) -> BenchPoint:
     """Build and query timings at one ``n`` (best of ``repeat``), checked against dense NumPy."""
     from .sketch import KeySketch
     from .synthetic import attention_like_keys, attention_like_queries
@@ -86,8 +96,9 @@ def measure(n: int, dim: int, eps: float, p: float, n_queries: int, seed: int,
     return BenchPoint(n, universal, build_s, gram_s, query_s, dense_s, recall, precision)
 
 
-def run_bench(sizes: list[int], dim: int, eps: float, p: float, n_queries: int, seed: int,
-              repeat: int) -> list[BenchPoint]:
+def run_bench(
+    sizes: list[int], dim: int, eps: float, p: float, n_queries: int, seed: int, repeat: int
+) -> list[BenchPoint]:
     """Measure every size in ``sizes`` after one warm-up of the numba kernels."""
     with capped_threads(1, user_api=None):
         warm_up(dim, eps, p)
@@ -96,11 +107,15 @@ def run_bench(sizes: list[int], dim: int, eps: float, p: float, n_queries: int, 
 
 def format_bench(points: list[BenchPoint]) -> list[str]:
     """The table printed by ``levstream bench``."""
-    head = (f"{'n':>10}  {'|U|':>6}  {'build s':>8}  {'Gram s':>8}  {'ratio':>6}  "
-            f"{'query s':>8}  {'dense s':>8}  {'speed-up':>8}  {'recall':>6}  {'precision':>9}")
+    head = (
+        f"{'n':>10}  {'|U|':>6}  {'build s':>8}  {'Gram s':>8}  {'ratio':>6}  "
+        f"{'query s':>8}  {'dense s':>8}  {'speed-up':>8}  {'recall':>6}  {'precision':>9}"
+    )
     lines = [head, "-" * len(head)]
     for pt in points:
-        lines.append(f"{pt.n:>10,}  {pt.universal:>6,}  {pt.build_s:>8.3f}  {pt.gram_s:>8.3f}  "
-                     f"{pt.build_s / pt.gram_s:>6.2f}  {pt.query_s:>8.4f}  {pt.dense_s:>8.3f}  "
-                     f"{pt.dense_s / pt.query_s:>7.0f}x  {pt.recall:>6.3f}  {pt.precision:>9.3f}")
+        lines.append(
+            f"{pt.n:>10,}  {pt.universal:>6,}  {pt.build_s:>8.3f}  {pt.gram_s:>8.3f}  "
+            f"{pt.build_s / pt.gram_s:>6.2f}  {pt.query_s:>8.4f}  {pt.dense_s:>8.3f}  "
+            f"{pt.dense_s / pt.query_s:>7.0f}x  {pt.recall:>6.3f}  {pt.precision:>9.3f}"
+        )
     return lines

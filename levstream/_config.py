@@ -32,6 +32,7 @@ def margin(rel_error: float, *, prune: bool) -> float:
     scores, and never less than ``PRUNE_RTOL`` (pruning, irreversible) or ``REPORT_RTOL`` (reporting)."""
     return max(PRUNE_RTOL if prune else REPORT_RTOL, 4.0 * rel_error)
 
+
 #: The Gram path is used while the equilibrated Gram matrix has condition number at most this; beyond it the
 #: summary switches to an R factor (TSQR), whose scores do not square the condition number.
 GRAM_KAPPA_MAX = 1e8
@@ -52,7 +53,6 @@ MAX_BLOCK_ROWS = 65536
 
 #: Queries are processed in blocks of this many rows so that the per-block score matrix stays bounded.
 QUERY_BLOCK_ROWS = 256
-
 
 
 def default_block_rows(dim: int) -> int:

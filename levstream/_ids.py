@@ -54,28 +54,33 @@ class IdRanges:
     """Set of seen ids as intervals; see the module docstring."""
 
     def __init__(self, ranges: np.ndarray | None = None, exact: bool = True) -> None:
-        self.ranges = np.zeros((0, 2), dtype=np.int64) if ranges is None else np.asarray(ranges, np.int64)
+        self.ranges = (
+            np.zeros((0, 2), dtype=np.int64) if ranges is None else np.asarray(ranges, np.int64)
+        )
         self.exact = bool(exact)
 
-    def copy(self) -> "IdRanges":
+    def copy(self) -> IdRanges:
         return IdRanges(self.ranges.copy(), self.exact)
 
     def clash(self, sorted_ids: np.ndarray) -> int | None:
         """An id of ``sorted_ids`` already seen, or None (only as far as tracking is exact)."""
         return _first_overlap(self.ranges, _runs(sorted_ids))
 
-    def clash_with(self, other: "IdRanges") -> int | None:
+    def clash_with(self, other: IdRanges) -> int | None:
         return _first_overlap(self.ranges, other.ranges)
 
-    def added(self, sorted_ids: np.ndarray) -> "IdRanges":
+    def added(self, sorted_ids: np.ndarray) -> IdRanges:
         """A new IdRanges including ``sorted_ids`` (assumed not to clash)."""
         return self.union(IdRanges(_runs(sorted_ids)))
 
-    def union(self, other: "IdRanges") -> "IdRanges":
+    def union(self, other: IdRanges) -> IdRanges:
         merged = _normalise(np.concatenate([self.ranges, other.ranges]))
         exact = self.exact and other.exact
         if merged.shape[0] > MAX_RANGES:
-            return IdRanges(self.ranges if self.ranges.shape[0] <= MAX_RANGES else self.ranges[:MAX_RANGES], False)
+            return IdRanges(
+                self.ranges if self.ranges.shape[0] <= MAX_RANGES else self.ranges[:MAX_RANGES],
+                False,
+            )
         return IdRanges(merged, exact)
 
     def count(self) -> int:

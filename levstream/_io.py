@@ -14,8 +14,9 @@ import os
 import sys
 import zipfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Callable, Iterator
+from typing import IO
 
 import numpy as np
 
@@ -56,14 +57,18 @@ class KeySource:
 def _check_finite(chunk: np.ndarray, name: str, start: int) -> None:
     if not np.isfinite(chunk).all():
         row, col = (int(i) for i in np.argwhere(~np.isfinite(chunk))[0])
-        raise InputError(f"{name}: row {start + row}, column {col} is {chunk[row, col]}; "
-                         "every value must be finite.")
+        raise InputError(
+            f"{name}: row {start + row}, column {col} is {chunk[row, col]}; "
+            "every value must be finite."
+        )
 
 
 def _check_array_header(name: str, shape: tuple[int, ...], dtype: np.dtype) -> int:
     """Validate the shape and dtype of a stored array of key rows; return its width."""
     if dtype.kind not in "fiu":
-        raise InputError(f"{name} must hold real numbers (float or integer dtype); got dtype {dtype}.")
+        raise InputError(
+            f"{name} must hold real numbers (float or integer dtype); got dtype {dtype}."
+        )
     if len(shape) != 2:
         raise InputError(f"{name} must be a 2-D array (one row per key); got shape {tuple(shape)}.")
     if shape[1] == 0:
@@ -85,17 +90,22 @@ def _npy_source(path: str) -> KeySource:
     if not isinstance(arr, np.ndarray):  # an .npz opened without a member
         names = ", ".join(arr.files)
         arr.close()
-        raise InputError(f"{path} is an .npz archive; name the array as {path}:MEMBER (members: {names}).")
+        raise InputError(
+            f"{path} is an .npz archive; name the array as {path}:MEMBER (members: {names})."
+        )
     dim = _check_array_header(path, arr.shape, arr.dtype)
     n_rows = int(arr.shape[0])
-    if arr.flags.f_contiguous and not arr.flags.c_contiguous:  # column-major: rows are strided slices
+    if (
+        arr.flags.f_contiguous and not arr.flags.c_contiguous
+    ):  # column-major: rows are strided slices
 
-        def read_strided(chunk_rows: int) -> Iterator[np.ndarray]:
+        def read_strided(chunk_rows: int, rows: np.ndarray = arr) -> Iterator[np.ndarray]:
             for start in range(0, n_rows, chunk_rows):
-                yield arr[start:start + chunk_rows]
+                yield rows[start : start + chunk_rows]
 
         return KeySource(path, dim, n_rows, read_strided)
     # Row-major: plain reads after the header, so the process holds one chunk, never the mapped file.
+    assert isinstance(arr, np.memmap)
     offset, dtype = int(arr.offset), arr.dtype
     del arr
 
@@ -120,7 +130,9 @@ def _npz_source(path: str, member: str) -> KeySource:
     members = [m[:-4] for m in archive.namelist() if m.endswith(".npy")]
     if member not in members:
         archive.close()
-        raise InputError(f"{path} has no array named {member!r}; members: {', '.join(members) or 'none'}.")
+        raise InputError(
+            f"{path} has no array named {member!r}; members: {', '.join(members) or 'none'}."
+        )
     with archive.open(f"{member}.npy") as fh:
         shape, fortran_order, dtype = _read_npy_header(fh, name)
     dim = _check_array_header(name, shape, dtype)
@@ -163,7 +175,9 @@ def _read_npy_header(fh: IO[bytes], name: str) -> tuple[tuple[int, ...], bool, n
 
 def _stdin_source(stream: IO[bytes], dim: int | None, dtype: str | None) -> KeySource:
     if dim is None or dtype is None:
-        raise InputError("reading raw rows from stdin ('-') needs --dim D and --dtype float32|float64.")
+        raise InputError(
+            "reading raw rows from stdin ('-') needs --dim D and --dtype float32|float64."
+        )
     if dtype not in STDIN_DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(STDIN_DTYPES)}; got {dtype!r}.")
     dt = np.dtype(dtype)
@@ -176,9 +190,11 @@ def _stdin_source(stream: IO[bytes], dim: int | None, dtype: str | None) -> KeyS
             if not buf:
                 return
             if len(buf) % row_bytes:
-                raise InputError(f"stdin ended mid-row: {len(buf) % row_bytes} bytes after row "
-                                 f"{start + len(buf) // row_bytes} do not fill a row of {dim} {dtype} "
-                                 f"values ({row_bytes} bytes).")
+                raise InputError(
+                    f"stdin ended mid-row: {len(buf) % row_bytes} bytes after row "
+                    f"{start + len(buf) // row_bytes} do not fill a row of {dim} {dtype} "
+                    f"values ({row_bytes} bytes)."
+                )
             rows = np.frombuffer(buf, dtype=dt).reshape(-1, dim)
             start += rows.shape[0]
             yield rows
@@ -186,8 +202,9 @@ def _stdin_source(stream: IO[bytes], dim: int | None, dtype: str | None) -> KeyS
     return KeySource("stdin", dim, None, read)
 
 
-def open_keys(spec: str, *, dim: int | None = None, dtype: str | None = None,
-              stdin: IO[bytes] | None = None) -> KeySource:
+def open_keys(
+    spec: str, *, dim: int | None = None, dtype: str | None = None, stdin: IO[bytes] | None = None
+) -> KeySource:
     """Open ``spec`` as a source of rows.
 
     Parameters
@@ -219,8 +236,10 @@ def open_keys(spec: str, *, dim: int | None = None, dtype: str | None = None,
         with zipfile.ZipFile(spec) as archive:
             names = [m[:-4] for m in archive.namelist() if m.endswith(".npy")]
         if len(names) != 1:
-            raise InputError(f"{spec} holds {len(names)} arrays; name one as {spec}:MEMBER "
-                             f"(members: {', '.join(names) or 'none'}).")
+            raise InputError(
+                f"{spec} holds {len(names)} arrays; name one as {spec}:MEMBER "
+                f"(members: {', '.join(names) or 'none'})."
+            )
         source = _npz_source(spec, names[0])
     else:
         source = _npy_source(spec)

@@ -8,7 +8,7 @@ worse on two), and resident memory stays at one chunk instead of growing with th
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -28,7 +28,12 @@ class NpyRows:
     """
 
     def __init__(self, path: str, start: int, shape: tuple[int, int], dtype: np.dtype) -> None:
-        self.path, self.start, self.shape, self.dtype = path, int(start), tuple(shape), np.dtype(dtype)
+        self.path, self.start, self.shape, self.dtype = (
+            path,
+            int(start),
+            tuple(shape),
+            np.dtype(dtype),
+        )
 
     def chunks(self, ranges: Iterable[tuple[int, int]], reuse: bool = True) -> Iterator[np.ndarray]:
         """Rows ``a..b-1`` for each row range ``(a, b)``, in order; one open handle for all ranges.
@@ -48,10 +53,12 @@ class NpyRows:
             for a, b in ranges:
                 if not reuse or buf.shape[0] < b - a:
                     buf = np.empty((b - a, dim), dtype=self.dtype)
-                rows = buf[:b - a]
+                rows = buf[: b - a]
                 f.seek(self.start + a * row_bytes)
-                got = f.readinto(rows.reshape(-1).view(np.uint8))
+                got = f.readinto(rows.reshape(-1).view(np.uint8).data)
                 if got != rows.nbytes:
-                    raise ValueError(f"{self.path}: the file ended at row {a + got // row_bytes} while reading rows "
-                                     f"{a}..{b - 1} of {self.shape[0]} (was it truncated?).")
+                    raise ValueError(
+                        f"{self.path}: the file ended at row {a + got // row_bytes} while reading rows "
+                        f"{a}..{b - 1} of {self.shape[0]} (was it truncated?)."
+                    )
                 yield rows

@@ -84,11 +84,15 @@ def normalizer(view: HeadView, Q: np.ndarray, p: float) -> np.ndarray:
     return _z(view, Q, None, p)
 
 
-def _scored_block(view: HeadView, Qb: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scored_block(
+    view: HeadView, Qb: np.ndarray, p: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For one block of queries: ``(Qs, P, z)`` with ``Qs`` the (possibly rescaled) queries, ``P = Qs K^T`` over
     the candidates and extra rows and ``z`` the normaliser of ``Qs`` over every key fed."""
     if view.summary.rescales_queries:
-        rows = view.keys if view.extra_ids.size == 0 else np.concatenate([view.keys, view.extra_keys])
+        rows = (
+            view.keys if view.extra_ids.size == 0 else np.concatenate([view.keys, view.extra_keys])
+        )
         scale = view.summary.query_scale(Qb, rows)
         if scale is not None:
             Qb = Qb * scale[:, None]
@@ -114,8 +118,9 @@ class _Entries(NamedTuple):
     values: np.ndarray
 
 
-def _threshold(P: np.ndarray, z: np.ndarray, p: float, thresh: float, ids: np.ndarray,
-               ids_sorted: bool) -> _Entries:
+def _threshold(
+    P: np.ndarray, z: np.ndarray, p: float, thresh: float, ids: np.ndarray, ids_sorted: bool
+) -> _Entries:
     positions = np.arange(P.shape[1], dtype=np.int64)
     counts, pos, vals = threshold_power_csr(P, z, p, thresh, positions)
     key_ids = ids[pos]
@@ -138,7 +143,9 @@ def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
     if distortion:
         # |Z~ - Z| <= delta Z gives A = A~ Z~ / Z in [A~ (1 - delta), A~ (1 + delta)] (docs/theory.md, "General p")
         lower, upper = entries.values * (1.0 - distortion), entries.values * (1.0 + distortion)
-    return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps, lower, upper)
+    return HeavyEntries.from_counts(
+        entries.counts, entries.key_ids, entries.values, eps, lower, upper
+    )
 
 
 #: Up to this many queries (p = 2, exact Gram) the whole query is one compiled call (the live path).
@@ -155,8 +162,9 @@ def _ids_at(view: HeadView, positions: np.ndarray) -> np.ndarray:
     return out
 
 
-def _live_find(view: HeadView, Q: np.ndarray, thresh: float,
-               z_add: np.ndarray | None = None) -> tuple[_Entries, np.ndarray]:
+def _live_find(
+    view: HeadView, Q: np.ndarray, thresh: float, z_add: np.ndarray | None = None
+) -> tuple[_Entries, np.ndarray]:
     """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
     ``z_add`` holds normaliser terms of keys scanned but not in ``G`` (a decode step's own key)."""
     assert view.total_gram is not None
@@ -169,7 +177,12 @@ def _live_find(view: HeadView, Q: np.ndarray, thresh: float,
 
 
 def is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
-    return view.total_gram is not None and p == 2.0 and Q.shape[0] <= LIVE_QUERY_ROWS and Q.flags.c_contiguous
+    return (
+        view.total_gram is not None
+        and p == 2.0
+        and Q.shape[0] <= LIVE_QUERY_ROWS
+        and Q.flags.c_contiguous
+    )
 
 
 def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
@@ -179,7 +192,7 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     ids = view.all_ids
     parts = []
     for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
-        _, P, z = _scored_block(view, Q[start:start + QUERY_BLOCK_ROWS], p)
+        _, P, z = _scored_block(view, Q[start : start + QUERY_BLOCK_ROWS], p)
         parts.append(_threshold(P, z, p, thresh, ids, view.ids_sorted))
     return _concat(parts, Q.shape[0])
 
@@ -203,7 +216,7 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
     kk = min(k, c)
     dist = view.summary.distortion
     for start in range(0, m, QUERY_BLOCK_ROWS):
-        _, P, z = _scored_block(view, Q[start:start + QUERY_BLOCK_ROWS], p)
+        _, P, z = _scored_block(view, Q[start : start + QUERY_BLOCK_ROWS], p)
         live = z > 0
         if kk == 0 or not live.any():
             continue
@@ -225,7 +238,9 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
     return TopK(out_ids, out_vals, certified, eps)
 
 
-def _rows_at(view: HeadView, positions: np.ndarray, chunk_values: np.ndarray | None = None) -> np.ndarray:
+def _rows_at(
+    view: HeadView, positions: np.ndarray, chunk_values: np.ndarray | None = None
+) -> np.ndarray:
     """Value rows at ``positions`` of ``[values; extra_values; chunk_values]`` (gathered, not concatenated)."""
     assert view.values is not None
     c, e = view.values.shape[0], view.extra_ids.shape[0]
@@ -243,7 +258,9 @@ def _rows_at(view: HeadView, positions: np.ndarray, chunk_values: np.ndarray | N
     return out
 
 
-def _outputs(entries: _Entries, value_rows: np.ndarray, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
+def _outputs(
+    entries: _Entries, value_rows: np.ndarray, n_queries: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(heavy_output, captured_mass)``: sums of ``A_j v_j`` and of ``A_j`` over each query's entries, from the
     value rows of the entries (in entry order)."""
     out = np.zeros((n_queries, value_rows.shape[1]))
@@ -260,7 +277,9 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
     """Heavy entries of ``Q`` with their output and mass, and the exact output when the view has moments
     (the moment state holds every key fed, so ``o(q) = phi(q)^T S / Z(q)``)."""
     if view.values is None:
-        raise ValueError("attend needs value rows: build the sketch with value_dim= and feed update(k, v).")
+        raise ValueError(
+            "attend needs value rows: build the sketch with value_dim= and feed update(k, v)."
+        )
     thresh = report_threshold(eps, view.summary.distortion)
     if is_live(view, Q, p):
         entries, z = _live_find(view, Q, thresh)
@@ -276,14 +295,23 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
     return AttentionResult(_heavy(entries, eps, view.summary.distortion), heavy_out, mass, output)
 
 
-def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_ids: np.ndarray, p: float,
-            eps: float) -> AttentionResult:
+def prefill(
+    view: HeadView,
+    K: np.ndarray,
+    V: np.ndarray,
+    Q: np.ndarray,
+    chunk_ids: np.ndarray,
+    p: float,
+    eps: float,
+) -> AttentionResult:
     """Causal attention of a chunk (docs/theory.md, "Causal chunks"): query ``i`` sees every key of the view
     and the chunk's keys ``0..i``.  Heavy entries of row ``i`` lie among the rows held and those chunk keys,
     because a key fed earlier whose score over the prefix up to ``i`` reaches ``eps`` reached it before the
     chunk.  The caller folds the chunk in afterwards (the moment state does not hold the chunk yet)."""
     if view.values is None:
-        raise ValueError("prefill needs value rows: build the sketch with value_dim= and feed update(k, v).")
+        raise ValueError(
+            "prefill needs value rows: build the sketch with value_dim= and feed update(k, v)."
+        )
     c = K.shape[0]
     if c == 1 and is_live(view, Q, p):
         return _decode_step(view, K, V, Q, chunk_ids, eps)
@@ -294,8 +322,11 @@ def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_i
     dist = view.summary.distortion
     thresh = report_threshold(eps, dist)
     ids = np.concatenate([held_ids, chunk_ids])
-    ids_sorted = view.ids_sorted and (held == 0 or chunk_ids[0] > held_ids[-1]) and (
-        c < 2 or bool((np.diff(chunk_ids) > 0).all()))
+    ids_sorted = (
+        view.ids_sorted
+        and (held == 0 or chunk_ids[0] > held_ids[-1])
+        and (c < 2 or bool((np.diff(chunk_ids) > 0).all()))
+    )
     values = np.concatenate([held_values, V])
     parts, heavy_parts, mass_parts, out_parts = [], [], [], []
     for start in range(0, c, QUERY_BLOCK_ROWS):
@@ -304,29 +335,38 @@ def prefill(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_i
         Pc = np.tril(Qs @ K[:stop].T, k=start)  # query start + i sees chunk keys 0..start + i
         Wc = _power(Pc, p)
         z = z + Wc.sum(axis=1)
-        entries = _threshold(np.concatenate([P, Pc], axis=1), z, p, thresh, ids[:held + stop], ids_sorted)
+        entries = _threshold(
+            np.concatenate([P, Pc], axis=1), z, p, thresh, ids[: held + stop], ids_sorted
+        )
         parts.append(entries)
         ho, mass = _outputs(entries, values[entries.positions], stop - start)
         heavy_parts.append(ho)
         mass_parts.append(mass)
-        if view.moments is not None:  # exact numerator: the moment state (every key fed) and the visible chunk
+        if (
+            view.moments is not None
+        ):  # exact numerator: the moment state (every key fed) and the visible chunk
             num = view.moments.numerator(Qs) + Wc @ V[:stop]
-            out_parts.append(np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0))
+            out_parts.append(
+                np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0)
+            )
     hits = _heavy(_concat(parts, c), eps, dist)
     output = np.concatenate(out_parts) if view.moments is not None else None
     return AttentionResult(hits, np.concatenate(heavy_parts), np.concatenate(mass_parts), output)
 
 
-def _decode_step(view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray,
-                 eps: float) -> AttentionResult:
+def _decode_step(
+    view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray, eps: float
+) -> AttentionResult:
     """A causal chunk of one row (a decode step), p = 2 with the exact Gram matrix: the new key joins the rows
     scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries."""
     assert view.total_gram is not None
     w = float(q[0] @ k[0]) ** 2
     held = view.ids.size + view.extra_ids.size
-    step = view._replace(extra_keys=np.concatenate([view.extra_keys, k]),
-                         extra_ids=np.concatenate([view.extra_ids, key_id]),
-                         ids_sorted=view.ids_sorted and (held == 0 or key_id[0] > _last_id(view)))
+    step = view._replace(
+        extra_keys=np.concatenate([view.extra_keys, k]),
+        extra_ids=np.concatenate([view.extra_ids, key_id]),
+        ids_sorted=view.ids_sorted and (held == 0 or key_id[0] > _last_id(view)),
+    )
     entries, z = _live_find(step, q, report_threshold(eps, 0.0), np.array([w]))
     heavy_out, mass = _outputs(entries, _rows_at(view, entries.positions, v), 1)
     output = None
@@ -345,9 +385,15 @@ def heavy_entries_heads(views: list[HeadView], Q: np.ndarray, eps: float) -> lis
     exact Gram matrices, a few queries per head, ``Q`` of shape (n_heads, m, d))."""
     thresh = report_threshold(eps, 0.0)
     grams = tuple(view.total_gram for view in views)
-    indptr, key_ids, values = heavy_p2_heads(Q, grams, tuple(v.keys for v in views), tuple(v.ids for v in views),
-                                             tuple(v.extra_keys for v in views),
-                                             tuple(v.extra_ids for v in views), thresh)
+    indptr, key_ids, values = heavy_p2_heads(
+        Q,
+        grams,
+        tuple(v.keys for v in views),
+        tuple(v.ids for v in views),
+        tuple(v.extra_keys for v in views),
+        tuple(v.extra_ids for v in views),
+        thresh,
+    )
     out = []
     for h, view in enumerate(views):
         a, b = indptr[h, 0], indptr[h, -1]

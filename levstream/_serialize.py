@@ -31,8 +31,15 @@ def pack(meta: dict, arrays: dict[str, np.ndarray], version: int = 1) -> bytes:
         a = np.ascontiguousarray(arr)
         a = a.astype(a.dtype.newbyteorder("<"), copy=False)
         raw = a.tobytes()
-        table.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset,
-                      "nbytes": len(raw)})
+        table.append(
+            {
+                "name": name,
+                "dtype": a.dtype.str,
+                "shape": list(a.shape),
+                "offset": offset,
+                "nbytes": len(raw),
+            }
+        )
         blobs.append(raw)
         offset += len(raw)
     header = json.dumps({"meta": meta, "arrays": table}, sort_keys=True).encode()
@@ -47,23 +54,33 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
         raise TypeError(f"serialized sketch must be bytes; got {type(data).__name__} instead.")
     data = bytes(data)
     if len(data) < _PREFIX.size:
-        raise ValueError(f"serialized sketch is truncated: {len(data)} bytes, the header alone needs {_PREFIX.size}.")
+        raise ValueError(
+            f"serialized sketch is truncated: {len(data)} bytes, the header alone needs {_PREFIX.size}."
+        )
     magic, version, reserved, length, digest = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"not a levstream sketch: magic bytes {magic!r}, expected {MAGIC!r}.")
-    if reserved != 0:  # not covered by the checksum, so a flipped bit here must be caught explicitly
-        raise ValueError(f"serialized sketch is corrupted: reserved header field is {reserved}, expected 0.")
+    if (
+        reserved != 0
+    ):  # not covered by the checksum, so a flipped bit here must be caught explicitly
+        raise ValueError(
+            f"serialized sketch is corrupted: reserved header field is {reserved}, expected 0."
+        )
     if version > FORMAT_VERSION or version < 1:
-        raise ValueError(f"unsupported sketch format version {version}; this levstream reads 1..{FORMAT_VERSION}.")
-    payload = data[_PREFIX.size:]
+        raise ValueError(
+            f"unsupported sketch format version {version}; this levstream reads 1..{FORMAT_VERSION}."
+        )
+    payload = data[_PREFIX.size :]
     if len(payload) != length:
-        raise ValueError(f"serialized sketch is truncated or padded: payload of {len(payload)} bytes, header says {length}.")
+        raise ValueError(
+            f"serialized sketch is truncated or padded: payload of {len(payload)} bytes, header says {length}."
+        )
     if hashlib.sha256(payload).digest() != digest:
         raise ValueError("serialized sketch is corrupted: checksum mismatch.")
     try:
         (hlen,) = struct.unpack_from("<I", payload)
-        header = json.loads(payload[4:4 + hlen].decode())
-        body = payload[4 + hlen:]
+        header = json.loads(payload[4 : 4 + hlen].decode())
+        body = payload[4 + hlen :]
         arrays = {}
         for entry in header["arrays"]:
             if entry["dtype"] not in _ALLOWED_DTYPES:
@@ -71,7 +88,7 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
             start, nbytes = int(entry["offset"]), int(entry["nbytes"])
             if start < 0 or start + nbytes > len(body):
                 raise ValueError("array extends past the payload")
-            arr = np.frombuffer(body[start:start + nbytes], dtype=np.dtype(entry["dtype"]))
+            arr = np.frombuffer(body[start : start + nbytes], dtype=np.dtype(entry["dtype"]))
             arrays[entry["name"]] = arr.reshape(entry["shape"]).copy()
         return header["meta"], arrays, int(version)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:

@@ -15,8 +15,9 @@ Thread caps (the oversubscription policy, the ``workqueue`` turns) are in :mod:`
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -56,6 +57,7 @@ def partition_options(sketch_options: dict[str, Any], n_partitions: int) -> list
     options, seed = _split_seed(sketch_options)
     if isinstance(seed, np.random.Generator):
         root = seed.bit_generator.seed_seq
+        assert isinstance(root, np.random.SeedSequence)
     else:
         root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     return [dict(options, rng=child) for child in root.spawn(n_partitions)]
@@ -100,8 +102,10 @@ def named_errors(where: str, verb: str = "rejected") -> Iterator[None]:
 def _as_chunk(chunk: Any) -> np.ndarray:
     arr = as_real_array(chunk, "chunk")
     if arr.ndim != 2:
-        raise ValueError(f"every chunk must be 2-D (rows x dim); got shape {arr.shape}. "
-                         "Wrap single rows as 1-row chunks.")
+        raise ValueError(
+            f"every chunk must be 2-D (rows x dim); got shape {arr.shape}. "
+            "Wrap single rows as 1-row chunks."
+        )
     return arr
 
 
@@ -109,8 +113,9 @@ def split_pair(chunk: Any) -> tuple[Any, Any]:
     """``(keys, values)`` of a chunk: a ``(K, V)`` pair, or keys alone (values ``None``)."""
     if isinstance(chunk, tuple):
         if len(chunk) != 2:
-            raise ValueError(f"a tuple chunk must be a (keys, values) pair; got a tuple of "
-                             f"{len(chunk)}.")
+            raise ValueError(
+                f"a tuple chunk must be a (keys, values) pair; got a tuple of {len(chunk)}."
+            )
         return chunk
     return chunk, None
 
@@ -137,16 +142,22 @@ def _as_values(values: Any, rows: int, value_dim: int | None) -> np.ndarray | No
     finiteness is checked by the sketch, piece by piece)."""
     if value_dim is None:
         if values is not None:
-            raise ValueError("got (keys, values) pairs but the sketch keeps no values; pass "
-                             "value_dim= (or values=) to the build.")
+            raise ValueError(
+                "got (keys, values) pairs but the sketch keeps no values; pass "
+                "value_dim= (or values=) to the build."
+            )
         return None
     if values is None:
-        raise ValueError(f"every chunk must come with its values (the build keeps value rows of "
-                         f"width {value_dim}); got keys alone. Pass (keys, values) pairs.")
+        raise ValueError(
+            f"every chunk must come with its values (the build keeps value rows of "
+            f"width {value_dim}); got keys alone. Pass (keys, values) pairs."
+        )
     arr = as_real_array(values, "values")
     if arr.ndim != 2 or arr.shape != (rows, value_dim):
-        raise ValueError(f"values must have one row of width {value_dim} per key: shape ({rows}, "
-                         f"{value_dim}); got shape {arr.shape}.")
+        raise ValueError(
+            f"values must have one row of width {value_dim} per key: shape ({rows}, "
+            f"{value_dim}); got shape {arr.shape}."
+        )
     return arr
 
 
@@ -166,20 +177,31 @@ def feed_chunk(sketch: KeySketch, chunk: Any, offset: int, kind: str, index: int
         keys, values = split_pair(chunk)
         arr = _as_chunk(keys)
         if arr.shape[1] != sketch.dim:
-            raise ValueError(f"every chunk must have {sketch.dim} columns (the sketch's dim); "
-                             f"got shape {arr.shape}.")
+            raise ValueError(
+                f"every chunk must have {sketch.dim} columns (the sketch's dim); "
+                f"got shape {arr.shape}."
+            )
         vals = _as_values(values, arr.shape[0], sketch.value_dim)
     step = max(int(sketch._block_rows), 1)
     for start in range(0, arr.shape[0], step):
-        piece = arr[start:start + step]
+        piece = arr[start : start + step]
         with named_errors(describe(kind, index, offset + start, piece)):
-            sketch.update_many(piece, None if vals is None else vals[start:start + step],
-                               offset=offset + start)
+            sketch.update_many(
+                piece, None if vals is None else vals[start : start + step], offset=offset + start
+            )
     return int(arr.shape[0])
 
 
-def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int | None, eps: float,
-                     p: float, options: dict[str, Any]) -> KeySketch | None:
+def sketch_partition(
+    chunks: Iterable[Any],
+    offset: int,
+    index: int,
+    *,
+    dim: int | None,
+    eps: float,
+    p: float,
+    options: dict[str, Any],
+) -> KeySketch | None:
     """The sketch of partition ``index``: its chunks fed in order with global ids from ``offset`` on.
 
     ``dim=None`` takes the width from the first chunk (empty or not), and a ``value_dim`` missing
@@ -194,8 +216,11 @@ def sketch_partition(chunks: Iterable[Any], offset: int, index: int, *, dim: int
         if sketch is None:
             with named_errors(describe("partition", index, position, keys_of(chunk))):
                 width = value_width(chunk)
-                opts = (options if width is None or options.get("value_dim") is not None
-                        else dict(options, value_dim=width))
+                opts = (
+                    options
+                    if width is None or options.get("value_dim") is not None
+                    else dict(options, value_dim=width)
+                )
                 sketch = new_sketch(int(_as_chunk(keys_of(chunk)).shape[1]), eps, p, opts)
         position += feed_chunk(sketch, chunk, position, "partition", index)
     # settled before it travels: the candidates of a young sketch are mostly rows a prune would drop
@@ -231,6 +256,8 @@ def reduce_tree(items: Sequence[T], combine: Callable[..., T], split_every: int)
     if not level:
         raise ValueError("nothing to merge: the build has no partitions.")
     while len(level) > 1:
-        level = [level[i] if i + 1 == len(level) else combine(*level[i:i + split_every])
-                 for i in range(0, len(level), split_every)]
+        level = [
+            level[i] if i + 1 == len(level) else combine(*level[i : i + split_every])
+            for i in range(0, len(level), split_every)
+        ]
     return level[0]

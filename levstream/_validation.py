@@ -25,10 +25,14 @@ def as_real_array(obj: Any, name: str) -> np.ndarray:
     try:
         arr = np.asarray(obj)
     except Exception as exc:  # ragged lists and other unconvertible inputs
-        raise TypeError(f"{name} must be a real numeric array; got {type(obj).__name__} ({exc}).") from exc
+        raise TypeError(
+            f"{name} must be a real numeric array; got {type(obj).__name__} ({exc})."
+        ) from exc
     if arr.dtype == object:
         # ragged nested sequences end up here
-        raise TypeError(f"{name} must be a real numeric array; got an object array ({_shape_of(arr)}).")
+        raise TypeError(
+            f"{name} must be a real numeric array; got an object array ({_shape_of(arr)})."
+        )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(
             f"{name} must have a real floating or integer dtype; got dtype {arr.dtype} instead."
@@ -44,8 +48,15 @@ def check_finite(arr: np.ndarray, name: str) -> None:
         )
 
 
-def as_matrix(obj: Any, name: str, dim: int | None = None, *, hint: str = "", allow_empty: bool = False,
-              finite: bool = True) -> np.ndarray:
+def as_matrix(
+    obj: Any,
+    name: str,
+    dim: int | None = None,
+    *,
+    hint: str = "",
+    allow_empty: bool = False,
+    finite: bool = True,
+) -> np.ndarray:
     """Validate a 2-D real finite matrix (optionally of width ``dim``) and return it as C-contiguous float64.
 
     ``finite=False`` skips the finiteness check, for callers that fuse it into their own first pass (they
@@ -57,7 +68,9 @@ def as_matrix(obj: Any, name: str, dim: int | None = None, *, hint: str = "", al
         width = f" with {dim} columns" if dim is not None else ""
         raise ValueError(f"{name} must be 2-D{width}; got {_shape_of(arr)}.{extra}")
     if dim is not None and arr.shape[1] != dim:
-        raise ValueError(f"{name} must have {dim} columns (the sketch's dim); got shape {arr.shape}.")
+        raise ValueError(
+            f"{name} must have {dim} columns (the sketch's dim); got shape {arr.shape}."
+        )
     if arr.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} must have at least one row; got shape {arr.shape}.")
     if arr.shape[1] == 0:
@@ -73,7 +86,9 @@ def as_row(obj: Any, name: str, dim: int) -> np.ndarray:
         hint = " Use update_many(X) for a chunk of rows." if arr.ndim == 2 else ""
         raise ValueError(f"{name} must be 1-D of length {dim}; got {_shape_of(arr)}.{hint}")
     if arr.shape[0] != dim:
-        raise ValueError(f"{name} must have length {dim} (the sketch's dim); got length {arr.shape[0]}.")
+        raise ValueError(
+            f"{name} must have length {dim} (the sketch's dim); got length {arr.shape[0]}."
+        )
     check_finite(arr, name)
     return np.ascontiguousarray(arr, dtype=np.float64)
 
@@ -83,7 +98,9 @@ def as_ids(obj: Any, n_rows: int, name: str = "ids") -> np.ndarray:
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype} instead.")
     if arr.ndim != 1 or arr.shape[0] != n_rows:
-        raise ValueError(f"{name} must be 1-D with one id per row ({n_rows}); got {_shape_of(arr)}.")
+        raise ValueError(
+            f"{name} must be 1-D with one id per row ({n_rows}); got {_shape_of(arr)}."
+        )
     if n_rows and arr.min() < 0:
         raise ValueError(f"{name} must be non-negative; got minimum {int(arr.min())}.")
     if arr.dtype == np.uint64 and n_rows and arr.max() > np.iinfo(np.int64).max:
@@ -93,13 +110,17 @@ def as_ids(obj: Any, n_rows: int, name: str = "ids") -> np.ndarray:
         srt = np.sort(ids)
         dup = srt[1:] == srt[:-1]
         if dup.any():
-            raise ValueError(f"{name} must be unique; id {int(srt[1:][dup][0])} appears more than once.")
+            raise ValueError(
+                f"{name} must be unique; id {int(srt[1:][dup][0])} appears more than once."
+            )
     return ids
 
 
 def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__}) instead.")
+        raise TypeError(
+            f"{name} must be an integer; got {value!r} ({type(value).__name__}) instead."
+        )
     value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}; got {value} instead.")
@@ -108,7 +129,9 @@ def check_int(value: Any, name: str, *, minimum: int | None = None) -> int:
 
 def check_real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__}) instead.")
+        raise TypeError(
+            f"{name} must be a real number; got {value!r} ({type(value).__name__}) instead."
+        )
     value = float(value)
     if not np.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value} instead.")

@@ -28,8 +28,17 @@ from ._validation import as_real_array, check_eps, check_finite, check_int, chec
 __all__ = ["SELECTIONS", "lev_attention", "selection_scores"]
 
 #: Selection rules accepted by :func:`lev_attention` (see its docstring).
-SELECTIONS = ("leverage", "leverage_affine", "leverage_query", "query_mean", "norm", "random", "first_last", "h2o",
-              "oracle")
+SELECTIONS = (
+    "leverage",
+    "leverage_affine",
+    "leverage_query",
+    "query_mean",
+    "norm",
+    "random",
+    "first_last",
+    "h2o",
+    "oracle",
+)
 
 #: Number of sink keys kept by ``selection="first_last"`` (StreamingLLM keeps 4 initial tokens).
 FIRST_LAST_SINKS = 4
@@ -41,8 +50,10 @@ _DENSE_BLOCK = 256
 def _as_stack(obj: Any, name: str) -> np.ndarray:
     arr = as_real_array(obj, name)
     if arr.ndim < 2:
-        raise ValueError(f"{name} must have shape (..., rows, dim) with at least 2 dimensions; "
-                         f"got shape {arr.shape}.")
+        raise ValueError(
+            f"{name} must have shape (..., rows, dim) with at least 2 dimensions; "
+            f"got shape {arr.shape}."
+        )
     check_finite(arr, name)
     out = np.ascontiguousarray(arr, dtype=np.float64)
     check_finite(out, name)  # huge integers may overflow float64
@@ -52,12 +63,18 @@ def _as_stack(obj: Any, name: str) -> np.ndarray:
 def _validate_qkv(Q: Any, K: Any, V: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Q, K, V = _as_stack(Q, "Q"), _as_stack(K, "K"), _as_stack(V, "V")
     if not (Q.shape[:-2] == K.shape[:-2] == V.shape[:-2]):
-        raise ValueError("Q, K and V must share their leading (batch, head) axes; got shapes "
-                         f"{Q.shape}, {K.shape}, {V.shape}.")
+        raise ValueError(
+            "Q, K and V must share their leading (batch, head) axes; got shapes "
+            f"{Q.shape}, {K.shape}, {V.shape}."
+        )
     if Q.shape[-1] != K.shape[-1]:
-        raise ValueError(f"Q and K must have the same last dimension; got {Q.shape[-1]} and {K.shape[-1]}.")
+        raise ValueError(
+            f"Q and K must have the same last dimension; got {Q.shape[-1]} and {K.shape[-1]}."
+        )
     if K.shape[-2] != V.shape[-2]:
-        raise ValueError(f"K and V must have the same number of rows (keys); got {K.shape[-2]} and {V.shape[-2]}.")
+        raise ValueError(
+            f"K and V must have the same number of rows (keys); got {K.shape[-2]} and {V.shape[-2]}."
+        )
     if K.shape[-2] == 0 or K.shape[-1] == 0:
         raise ValueError(f"K must have at least one key and one column; got shape {K.shape}.")
     return Q, K, V
@@ -76,7 +93,9 @@ def _batched_leverage(K: np.ndarray) -> np.ndarray:
     return np.einsum("bnr,bnr,br->bn", U, U, keep.astype(np.float64))
 
 
-def _weights(logits: np.ndarray, visible: np.ndarray | None, score: str, scale: float, p: float) -> np.ndarray:
+def _weights(
+    logits: np.ndarray, visible: np.ndarray | None, score: str, scale: float, p: float
+) -> np.ndarray:
     """Unnormalised attention weights from inner products, zero where not ``visible``."""
     if score == "softmax":
         x = logits * scale
@@ -93,15 +112,22 @@ def _visible(rows: np.ndarray, m: int, n: int) -> np.ndarray:
     return np.arange(n)[None, :] <= (rows + n - m)[:, None]
 
 
-def _attention_mass(Q: np.ndarray, K: np.ndarray, rows: np.ndarray, score: str, scale: float, p: float,
-                    causal: bool) -> np.ndarray:
+def _attention_mass(
+    Q: np.ndarray, K: np.ndarray, rows: np.ndarray, score: str, scale: float, p: float, causal: bool
+) -> np.ndarray:
     """Column sums, over query rows ``rows``, of the full (dense) attention matrix of each batch item."""
     B, m, _ = Q.shape
     n = K.shape[1]
     mass = np.zeros((B, n))
     for start in range(0, rows.shape[0], _DENSE_BLOCK):
-        r = rows[start:start + _DENSE_BLOCK]
-        W = _weights(Q[:, r] @ K.transpose(0, 2, 1), _visible(r, m, n)[None] if causal else None, score, scale, p)
+        r = rows[start : start + _DENSE_BLOCK]
+        W = _weights(
+            Q[:, r] @ K.transpose(0, 2, 1),
+            _visible(r, m, n)[None] if causal else None,
+            score,
+            scale,
+            p,
+        )
         Z = W.sum(axis=-1, keepdims=True)
         mass += np.divide(W, Z, out=np.zeros_like(W), where=Z > 0).sum(axis=1)
     return mass
@@ -117,14 +143,31 @@ def _exact_power_normalizer(Q: np.ndarray, K: np.ndarray, p: float, causal: bool
     Z = np.zeros((B, m))
     for start in range(0, m, _DENSE_BLOCK):
         r = np.arange(start, min(m, start + _DENSE_BLOCK))
-        W = _weights(Q[:, r] @ K.transpose(0, 2, 1), _visible(r, m, n)[None] if causal else None, "power", 1.0, p)
+        W = _weights(
+            Q[:, r] @ K.transpose(0, 2, 1),
+            _visible(r, m, n)[None] if causal else None,
+            "power",
+            1.0,
+            p,
+        )
         Z[:, r] = W.sum(axis=-1)
     return Z
 
 
-def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str = "softmax", p: float = 2,
-                     scale: float | None = None, causal: bool = False, rng: Any = None,
-                     h2o_queries: int = 32, query_rank: int = 2, query_mean: Any = None) -> np.ndarray:
+def selection_scores(
+    Q: Any,
+    K: Any,
+    *,
+    selection: str = "leverage",
+    score: str = "softmax",
+    p: float = 2,
+    scale: float | None = None,
+    causal: bool = False,
+    rng: Any = None,
+    h2o_queries: int = 32,
+    query_rank: int = 2,
+    query_mean: Any = None,
+) -> np.ndarray:
     """Per-key selection scores used by :func:`lev_attention` (larger = kept first), shape ``(..., n)``.
 
     ``"first_last"`` has no score (it selects by position) and is rejected here.
@@ -140,18 +183,24 @@ def selection_scores(Q: Any, K: Any, *, selection: str = "leverage", score: str 
     Q = _as_stack(Q, "Q")
     K = _as_stack(K, "K")
     if Q.shape[:-2] != K.shape[:-2] or Q.shape[-1] != K.shape[-1]:
-        raise ValueError(f"Q and K must have shapes (..., m, d) and (..., n, d) with the same leading axes; "
-                         f"got {Q.shape} and {K.shape}.")
+        raise ValueError(
+            f"Q and K must have shapes (..., m, d) and (..., n, d) with the same leading axes; "
+            f"got {Q.shape} and {K.shape}."
+        )
     if selection == "first_last":
-        raise ValueError("selection='first_last' selects by position and has no score; "
-                         "use lev_attention(..., selection='first_last').")
+        raise ValueError(
+            "selection='first_last' selects by position and has no score; "
+            "use lev_attention(..., selection='first_last')."
+        )
     score, p, scale = _check_score(score, p, scale, K.shape[-1])
     batch = K.shape[:-2]
     B = int(np.prod(batch, dtype=np.int64))  # explicit: -1 cannot be inferred when Q has no rows
     Qf = Q.reshape((B,) + Q.shape[-2:])
     Kf = K.reshape((B,) + K.shape[-2:])
     mean = _query_mean(query_mean, Q, selection)
-    scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank, mean)
+    scores = _scores(
+        Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank, mean
+    )
     return scores.reshape(batch + K.shape[-2:-1])
 
 
@@ -167,11 +216,15 @@ def _query_mean(query_mean: Any, Q: np.ndarray, selection: str) -> np.ndarray | 
             return np.zeros((int(np.prod(lead, dtype=np.int64)), d))
         return Q.mean(axis=-2).reshape(-1, d)
     if selection != "query_mean":
-        raise ValueError(f"query_mean= is used by selection='query_mean' only; got selection={selection!r}.")
+        raise ValueError(
+            f"query_mean= is used by selection='query_mean' only; got selection={selection!r}."
+        )
     mean = as_real_array(query_mean, "query_mean")
     if mean.ndim == 0 or mean.shape[-1] != d or mean.shape[:-1] not in (lead, ()):
-        raise ValueError(f"query_mean must have shape {lead + (d,)} (one mean query per head) or ({d},); "
-                         f"got shape {mean.shape}.")
+        raise ValueError(
+            f"query_mean must have shape {lead + (d,)} (one mean query per head) or ({d},); "
+            f"got shape {mean.shape}."
+        )
     check_finite(mean, "query_mean")
     return np.broadcast_to(mean.astype(np.float64), lead + (d,)).reshape(-1, d)
 
@@ -180,10 +233,14 @@ def _sink_mask(always_keep: Any, n: int) -> np.ndarray:
     """Boolean mask of the key positions in ``always_keep`` (negative positions count from the end)."""
     pos = np.asarray(always_keep)
     if pos.size and not np.issubdtype(pos.dtype, np.integer):
-        raise TypeError(f"always_keep must be a sequence of integer key positions; got dtype {pos.dtype} instead.")
+        raise TypeError(
+            f"always_keep must be a sequence of integer key positions; got dtype {pos.dtype} instead."
+        )
     pos = pos.astype(np.int64).ravel()
     if pos.size and (pos.min() < -n or pos.max() >= n):
-        raise ValueError(f"always_keep positions must lie in [-{n}, {n}) for {n} keys; got {pos.tolist()}.")
+        raise ValueError(
+            f"always_keep positions must lie in [-{n}, {n}) for {n} keys; got {pos.tolist()}."
+        )
     mask = np.zeros(n, dtype=bool)
     mask[pos % n if pos.size else pos] = True
     return mask
@@ -195,15 +252,28 @@ def _check_score(score: Any, p: Any, scale: Any, d: int) -> tuple[str, float, fl
     p = check_p(p)
     if score == "power":
         if scale is not None:
-            raise ValueError("scale applies to score='softmax' only; |x|^p attention does not depend on the "
-                             "scale of q and k (it cancels in the normalisation). Drop scale=.")
+            raise ValueError(
+                "scale applies to score='softmax' only; |x|^p attention does not depend on the "
+                "scale of q and k (it cancels in the normalisation). Drop scale=."
+            )
         return score, p, 1.0
     scale = 1.0 / np.sqrt(d) if scale is None else check_real(scale, "scale")
     return score, p, scale
 
 
-def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, scale: float, causal: bool,
-            rng: Any, h2o_queries: int, query_rank: int, query_mean: np.ndarray | None = None) -> np.ndarray:
+def _scores(
+    Q: np.ndarray,
+    K: np.ndarray,
+    selection: str,
+    score: str,
+    p: float,
+    scale: float,
+    causal: bool,
+    rng: Any,
+    h2o_queries: int,
+    query_rank: int,
+    query_mean: np.ndarray | None = None,
+) -> np.ndarray:
     B, n, _ = K.shape
     m = Q.shape[1]
     if selection == "leverage":
@@ -231,18 +301,35 @@ def _scores(Q: np.ndarray, K: np.ndarray, selection: str, score: str, p: float, 
         return np.random.default_rng(rng).random((B, n))
     if selection == "h2o":
         h2o_queries = check_int(h2o_queries, "h2o_queries", minimum=1)
-        rows = np.sort(np.random.default_rng(rng).choice(m, size=min(h2o_queries, m), replace=False))
+        rows = np.sort(
+            np.random.default_rng(rng).choice(m, size=min(h2o_queries, m), replace=False)
+        )
         return _attention_mass(Q, K, rows, score, scale, p, causal)
     if selection == "oracle":
         return _attention_mass(Q, K, np.arange(m), score, scale, p, causal)
     raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r} instead.")
 
 
-def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: float | None = None,
-                  score: str = "softmax", p: float = 2, scale: float | None = None,
-                  selection: str = "leverage", normalizer: str = "selected", causal: bool = False,
-                  always_keep: Any = (), rng: Any = None, h2o_queries: int = 32, query_rank: int = 2,
-                  query_mean: Any = None, return_indices: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+def lev_attention(
+    Q: Any,
+    K: Any,
+    V: Any,
+    *,
+    top_k: int | None = None,
+    eps: float | None = None,
+    score: str = "softmax",
+    p: float = 2,
+    scale: float | None = None,
+    selection: str = "leverage",
+    normalizer: str = "selected",
+    causal: bool = False,
+    always_keep: Any = (),
+    rng: Any = None,
+    h2o_queries: int = 32,
+    query_rank: int = 2,
+    query_mean: Any = None,
+    return_indices: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention output over a selected set of keys per head (LevAttention, arXiv 2410.05462).
 
     Parameters
@@ -344,8 +431,10 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
     """
     Q, K, V = _validate_qkv(Q, K, V)
     if (top_k is None) == (eps is None):
-        raise ValueError("pass exactly one of top_k= (keep k keys per head) or eps= (keep the universal set); "
-                         f"got top_k={top_k!r}, eps={eps!r}.")
+        raise ValueError(
+            "pass exactly one of top_k= (keep k keys per head) or eps= (keep the universal set); "
+            f"got top_k={top_k!r}, eps={eps!r}."
+        )
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}; got {selection!r} instead.")
     score, p, scale = _check_score(score, p, scale, K.shape[-1])
@@ -353,8 +442,10 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
     if normalizer not in ("selected", "exact"):
         raise ValueError(f"normalizer must be 'selected' or 'exact'; got {normalizer!r} instead.")
     if normalizer == "exact" and score != "power":
-        raise ValueError("normalizer='exact' needs score='power' (the softmax normaliser over all keys is the "
-                         "dense attention itself); use normalizer='selected'.")
+        raise ValueError(
+            "normalizer='exact' needs score='power' (the softmax normaliser over all keys is the "
+            "dense attention itself); use normalizer='selected'."
+        )
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r} ({type(causal).__name__}) instead.")
     n_keys = K.shape[-2]
@@ -362,13 +453,17 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
     if top_k is not None:
         top_k = check_int(top_k, "top_k", minimum=1)
         if int(sink.sum()) > top_k:
-            raise ValueError(f"always_keep must name at most top_k keys (they count towards the top_k keys); "
-                             f"got {int(sink.sum())} positions for top_k={top_k}.")
+            raise ValueError(
+                f"always_keep must name at most top_k keys (they count towards the top_k keys); "
+                f"got {int(sink.sum())} positions for top_k={top_k}."
+            )
     else:
         eps = check_eps(eps)
         if selection not in ("leverage", "leverage_affine"):
-            raise ValueError(f"eps= selects the universal set and needs selection='leverage' or "
-                             f"'leverage_affine'; got selection={selection!r}. Use top_k= instead.")
+            raise ValueError(
+                f"eps= selects the universal set and needs selection='leverage' or "
+                f"'leverage_affine'; got selection={selection!r}. Use top_k= instead."
+            )
 
     batch = Q.shape[:-2]
     m, d = Q.shape[-2:]
@@ -386,18 +481,21 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         idx = np.broadcast_to(pos, (B, k)).copy()
         counts = np.full(B, k, dtype=np.int64)
     else:
-        scores = _scores(Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank, mean)
+        scores = _scores(
+            Qf, Kf, selection, score, p, scale, bool(causal), rng, h2o_queries, query_rank, mean
+        )
         if top_k is not None:
             k = min(top_k, n)
             ranked = np.where(sink[None, :], np.inf, scores)
             idx = np.sort(np.argsort(-ranked, axis=1, kind="stable")[:, :k], axis=1)
             counts = np.full(B, k, dtype=np.int64)
         else:
+            assert eps is not None  # top_k or eps is given (checked above)
             keep = (scores >= eps * (1.0 - REPORT_RTOL)) | sink[None, :]
             counts = keep.sum(axis=1).astype(np.int64)
             idx = np.full((B, max(int(counts.max()) if B else 0, 1)), -1, dtype=np.int64)
             for b in range(B):
-                idx[b, :counts[b]] = np.flatnonzero(keep[b])
+                idx[b, : counts[b]] = np.flatnonzero(keep[b])
     idx = np.ascontiguousarray(idx, dtype=np.int64)
 
     if normalizer == "exact":
@@ -406,8 +504,19 @@ def lev_attention(Q: Any, K: Any, V: Any, *, top_k: int | None = None, eps: floa
         z_exact = np.zeros((B, 0))
     out = np.empty((B, m, dv))
     if B * m:
-        selected_attention(Qf, Kf, Vf, np.where(idx >= 0, idx, 0), counts, SOFTMAX if score == "softmax" else POWER,
-                           float(scale), float(p), bool(causal), z_exact, out)
+        selected_attention(
+            Qf,
+            Kf,
+            Vf,
+            np.where(idx >= 0, idx, 0),
+            counts,
+            SOFTMAX if score == "softmax" else POWER,
+            float(scale),
+            float(p),
+            bool(causal),
+            z_exact,
+            out,
+        )
     out = out.reshape(batch + (m, dv))
     if return_indices:
         return out, idx.reshape(batch + idx.shape[-1:])

@@ -9,16 +9,28 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 from ._config import default_block_rows
 from ._npyrows import NpyRows
 from ._threads import capped_threads, get_num_threads, lowered_blas, numba_turn
-from ._tree import (describe, feed_chunk, keys_of, merge_group, named_errors, new_sketch,
-                    partition_options, reduce_tree, root_options, split_pair, value_width)
+from ._tree import (
+    describe,
+    feed_chunk,
+    keys_of,
+    merge_group,
+    named_errors,
+    new_sketch,
+    partition_options,
+    reduce_tree,
+    root_options,
+    split_pair,
+    value_width,
+)
 from ._validation import as_real_array, check_int
 from .sketch import KeySketch
 
@@ -36,9 +48,18 @@ _DONE = None  # end-of-stream marker on a shard thread's queue
 Chunk = tuple[int, int, Any]  # (chunk number, global id of its first row, the chunk)
 
 
-def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = None,
-                 chunk_rows: int | None = None, offset: int = 0, progress: bool = False,
-                 values: Any = None, **sketch_options: Any) -> KeySketch:
+def build_sketch(
+    source: Any,
+    *,
+    eps: float,
+    p: float = 2,
+    n_jobs: int | None = None,
+    chunk_rows: int | None = None,
+    offset: int = 0,
+    progress: bool = False,
+    values: Any = None,
+    **sketch_options: Any,
+) -> KeySketch:
     """Sketch all keys of ``source``, using ``n_jobs`` threads; the result equals one stream over the keys.
 
     Parameters
@@ -138,13 +159,17 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
         if values is not None:
             value_rows = _aligned_values(values, total)
         rows = chunk_rows or _block_rows(dim, sketch_options)
-        spans = [(k, offset + a, a, min(a + rows, total)) for k, a in enumerate(range(0, total, rows))]
+        spans = [
+            (k, offset + a, a, min(a + rows, total)) for k, a in enumerate(range(0, total, rows))
+        ]
         chunks: Iterator[Chunk] = _array_chunks(array, spans, value_rows)
         width = None if value_rows is None else int(value_rows.shape[1])
     else:
         if values is not None:
-            raise ValueError("values= goes with an array or .npy source; an iterable source yields "
-                             "(keys, values) pairs instead.")
+            raise ValueError(
+                "values= goes with an array or .npy source; an iterable source yields "
+                "(keys, values) pairs instead."
+            )
         dim, width, chunks = _peek_width(source, offset)
         spans, total = [], None
     sketch_options = _with_value_dim(sketch_options, width)
@@ -162,8 +187,10 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
         if array is not None:
             n_shards = max(1, min(n_jobs, len(spans)))
             bounds = np.linspace(0, len(spans), n_shards + 1).astype(int)
-            runs = [_array_chunks(array, spans[bounds[s]:bounds[s + 1]], value_rows)
-                    for s in range(n_shards)]
+            runs = [
+                _array_chunks(array, spans[bounds[s] : bounds[s + 1]], value_rows)
+                for s in range(n_shards)
+            ]
             return _run_shards(runs, None, dim, eps, p, sketch_options, bar)
         return _run_shards(None, chunks, dim, eps, p, sketch_options, bar, n_shards=n_jobs)
     finally:
@@ -174,7 +201,11 @@ def build_sketch(source: Any, *, eps: float, p: float = 2, n_jobs: int | None = 
 def _block_rows(dim: int, sketch_options: dict[str, Any]) -> int:
     """Rows of one processing block: the default chunk of an array source (read, checked, folded in cache)."""
     block_rows = sketch_options.get("block_rows")
-    return default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
+    return (
+        default_block_rows(dim)
+        if block_rows is None
+        else check_int(block_rows, "block_rows", minimum=1)
+    )
 
 
 def _with_value_dim(sketch_options: dict[str, Any], width: int | None) -> dict[str, Any]:
@@ -183,14 +214,17 @@ def _with_value_dim(sketch_options: dict[str, Any], width: int | None) -> dict[s
     given = sketch_options.get("value_dim")
     if width is None:
         if given is not None:
-            raise ValueError(f"value_dim={given!r} needs the value rows: pass values= (aligned "
-                             "with an array source) or an iterable of (keys, values) pairs.")
+            raise ValueError(
+                f"value_dim={given!r} needs the value rows: pass values= (aligned "
+                "with an array source) or an iterable of (keys, values) pairs."
+            )
         return sketch_options
     if given is None:
         return dict(sketch_options, value_dim=width)
     if check_int(given, "value_dim", minimum=1) != width:
-        raise ValueError(f"value_dim must equal the width of the values ({width}); got "
-                         f"value_dim={given}.")
+        raise ValueError(
+            f"value_dim must equal the width of the values ({width}); got value_dim={given}."
+        )
     return sketch_options
 
 
@@ -198,23 +232,29 @@ def _aligned_values(values: Any, total: int) -> Any:
     """The value rows of an array source: a 2-D array or ``.npy`` file with one row per key."""
     rows = _as_array_source(values, "values")
     if rows is None:
-        raise TypeError(f"values must be a 2-D array or a path to a .npy file aligned with the "
-                        f"source; got {type(values).__name__} instead. An iterable source yields "
-                        "(keys, values) pairs.")
+        raise TypeError(
+            f"values must be a 2-D array or a path to a .npy file aligned with the "
+            f"source; got {type(values).__name__} instead. An iterable source yields "
+            "(keys, values) pairs."
+        )
     if int(rows.shape[0]) != total:
-        raise ValueError(f"values must have one row per key ({total} rows); got shape "
-                         f"{tuple(rows.shape)}.")
+        raise ValueError(
+            f"values must have one row per key ({total} rows); got shape {tuple(rows.shape)}."
+        )
     return rows
 
 
-def _array_chunks(array: Any, spans: list[tuple[int, int, int, int]],
-                  values: Any = None) -> Iterator[Chunk]:
+def _array_chunks(
+    array: Any, spans: list[tuple[int, int, int, int]], values: Any = None
+) -> Iterator[Chunk]:
     """The numbered chunks ``(k, first id, rows a..b-1)`` of an array source, read lazily; with
     ``values``, ``(k, first id, (keys, values))``."""
     if values is not None:
         keys, vals = _array_chunks(array, spans), _array_chunks(values, spans)
         return ((k, first_id, (K, V)) for (k, first_id, K), (_, _, V) in zip(keys, vals))
-    if isinstance(array, NpyRows):  # one reusable buffer per reader: the sketch copies the rows it keeps
+    if isinstance(
+        array, NpyRows
+    ):  # one reusable buffer per reader: the sketch copies the rows it keeps
         read = array.chunks([(a, b) for _, _, a, b in spans])
         return ((k, first_id, rows) for (k, first_id, _, _), rows in zip(spans, read))
     return ((k, first_id, array[a:b]) for k, first_id, a, b in spans)
@@ -232,25 +272,34 @@ def _as_array_source(source: Any, name: str = "source") -> Any:
                 raise ValueError(f"must be a .npy file of a numeric 2-D array ({exc}).") from exc
             if not isinstance(array, np.ndarray):
                 array.close()
-                raise ValueError("must be a .npy file holding one 2-D array; got an .npz archive. "
-                                 "Pass one of its arrays instead.")
+                raise ValueError(  # noqa: TRY004 - a bad file's content, reported as such
+                    "must be a .npy file holding one 2-D array; got an .npz archive. "
+                    "Pass one of its arrays instead."
+                )
             as_real_array(array[:0], "the stored array")
             if array.ndim != 2:
                 raise ValueError(f"must hold a 2-D array (rows x dim); got shape {array.shape}.")
         if isinstance(array, np.memmap) and array.flags.c_contiguous and array.size:
-            return NpyRows(path, array.offset, array.shape, array.dtype)  # read, not mapped (see _npyrows)
+            return NpyRows(
+                path, array.offset, array.shape, array.dtype
+            )  # read, not mapped (see _npyrows)
         return array  # Fortran order (rows are not contiguous on disk) or empty: sliced from the mapping
     if hasattr(source, "ndim") and hasattr(source, "shape"):
         if source.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (rows x dim); got shape {tuple(source.shape)}. "
-                             "Pass a 2-D array, a .npy path or an iterable of 2-D chunks.")
+            raise ValueError(
+                f"{name} must be 2-D (rows x dim); got shape {tuple(source.shape)}. "
+                "Pass a 2-D array, a .npy path or an iterable of 2-D chunks."
+            )
         if source.shape[1] == 0:
-            raise ValueError(f"{name} must have at least one column; got shape "
-                             f"{tuple(source.shape)}.")
+            raise ValueError(
+                f"{name} must have at least one column; got shape {tuple(source.shape)}."
+            )
         return source
     if isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
-        raise TypeError(f"{name} must be a 2-D array, a path to a .npy file or an iterable of 2-D "
-                        f"chunks; got {type(source).__name__} instead.")
+        raise TypeError(
+            f"{name} must be a 2-D array, a path to a .npy file or an iterable of 2-D "
+            f"chunks; got {type(source).__name__} instead."
+        )
     return None
 
 
@@ -261,14 +310,18 @@ def _peek_width(source: Iterable[Any], offset: int) -> tuple[int, int | None, It
     try:
         first = next(items)
     except StopIteration:
-        raise ValueError("source yielded no chunks; an iterable source needs at least one 2-D chunk "
-                         "(its width sets the sketch's dim).") from None
+        raise ValueError(
+            "source yielded no chunks; an iterable source needs at least one 2-D chunk "
+            "(its width sets the sketch's dim)."
+        ) from None
     with named_errors(describe("chunk", 0, offset, keys_of(first))):
         keys, values = split_pair(first)
         arr = as_real_array(keys, "chunk")
         if arr.ndim != 2 or arr.shape[1] == 0:
-            raise ValueError(f"every chunk must be 2-D (rows x dim); got shape {arr.shape}. "
-                             "Wrap single rows as 1-row chunks; a whole matrix must be passed as an array.")
+            raise ValueError(
+                f"every chunk must be 2-D (rows x dim); got shape {arr.shape}. "
+                "Wrap single rows as 1-row chunks; a whole matrix must be passed as an array."
+            )
         width = value_width(first)
 
     def numbered() -> Iterator[Chunk]:
@@ -292,8 +345,16 @@ def _progress_bar(total: int | None) -> Any:
     return tqdm(total=total, unit=" rows", unit_scale=True, desc="levstream build")
 
 
-def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | None, dim: int, eps: float,
-                p: float, sketch_options: dict[str, Any], bar: Any, n_shards: int | None = None) -> KeySketch:
+def _run_shards(
+    runs: list[Iterator[Chunk]] | None,
+    dealt: Iterator[Chunk] | None,
+    dim: int,
+    eps: float,
+    p: float,
+    sketch_options: dict[str, Any],
+    bar: Any,
+    n_shards: int | None = None,
+) -> KeySketch:
     """Feed shards on at most :func:`get_num_threads` threads, then merge them in the shared tree.
 
     Either ``runs`` (one chunk iterator per shard, read by the thread that feeds the shard) or
@@ -301,14 +362,17 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
     bounded queue to the thread that owns that shard) is given.
     """
     n_shards = len(runs) if runs is not None else int(n_shards or 1)
-    sketches = [new_sketch(dim, eps, p, opts) for opts in partition_options(sketch_options, n_shards)]
+    sketches = [
+        new_sketch(dim, eps, p, opts) for opts in partition_options(sketch_options, n_shards)
+    ]
     n_threads = min(n_shards, get_num_threads())
     share = max(1, get_num_threads() // n_threads)  # BLAS and numba threads of each shard thread
     stop = threading.Event()
     failures: list[tuple[int, BaseException]] = []
     bar_lock = threading.Lock()
     queues: list[queue.Queue[Chunk | None]] = (
-        [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_threads)] if dealt is not None else [])
+        [queue.Queue(maxsize=QUEUE_DEPTH) for _ in range(n_threads)] if dealt is not None else []
+    )
 
     def drain(q: queue.Queue[Chunk | None]) -> Iterator[Chunk]:
         while (item := q.get()) is not _DONE:
@@ -321,14 +385,16 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
             while True:
                 try:  # reading is part of the shard's work: a file that ends early fails the build at once
                     item = next(items, None)
-                except BaseException as exc:
+                except BaseException as exc:  # noqa: BLE001 - reported by the calling thread below
                     failures.append((k + 1, exc))
                     stop.set()
                     return
                 if item is None:
                     return
                 k, start, chunk = item
-                if stop.is_set():  # another shard failed: stop reading; a dealt shard keeps draining its queue
+                if (
+                    stop.is_set()
+                ):  # another shard failed: stop reading; a dealt shard keeps draining its queue
                     if runs is not None:
                         return
                     continue
@@ -336,7 +402,7 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                     target = sketches[k % n_shards if shard is None else shard]
                     with numba_turn():
                         fed = feed_chunk(target, chunk, start, "chunk", k)
-                except BaseException as exc:  # reported by the calling thread below
+                except BaseException as exc:  # noqa: BLE001 - reported by the calling thread below
                     failures.append((k, exc))
                     stop.set()
                     continue
@@ -344,8 +410,10 @@ def _run_shards(runs: list[Iterator[Chunk]] | None, dealt: Iterator[Chunk] | Non
                     with bar_lock:
                         bar.update(fed)
 
-    with lowered_blas(share), ThreadPoolExecutor(max_workers=n_threads,
-                                                 thread_name_prefix="levstream-shard") as pool:
+    with (
+        lowered_blas(share),
+        ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="levstream-shard") as pool,
+    ):
         if runs is not None:
             futures = [pool.submit(work, run, s) for s, run in enumerate(runs)]
         elif dealt is not None:

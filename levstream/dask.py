@@ -19,8 +19,9 @@ threads yourself, e.g. with ``threadpoolctl.threadpool_limits``.)
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, ContextManager, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import numpy as np
 
@@ -32,21 +33,39 @@ try:
     from dask.base import get_scheduler
     from dask.delayed import Delayed, delayed
 except ImportError as exc:  # pragma: no cover - exercised only without the optional dependency
-    raise ImportError("levstream.dask needs Dask: pip install 'levstream[dask]' "
-                      "(or: pip install 'dask[array,bag]' distributed).") from exc
+    raise ImportError(
+        "levstream.dask needs Dask: pip install 'levstream[dask]' "
+        "(or: pip install 'dask[array,bag]' distributed)."
+    ) from exc
 
 from ._threads import blas_threads, capped_threads, get_num_threads, lowered_blas, numba_turn
-from ._tree import (keys_of, merge_group, named_errors, new_sketch, partition_options, reduce_tree,
-                    sketch_partition)
+from ._tree import (
+    keys_of,
+    merge_group,
+    named_errors,
+    new_sketch,
+    partition_options,
+    reduce_tree,
+    sketch_partition,
+)
 from ._validation import check_int
 from .sketch import KeySketch
 
 __all__ = ["build_sketch"]
 
 
-def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, compute: bool = True,
-                 offsets: Sequence[int] | None = None, scheduler: Any = None, values: Any = None,
-                 **sketch_options: Any) -> KeySketch | Delayed:
+def build_sketch(
+    keys: Any,
+    *,
+    eps: float,
+    p: float = 2,
+    split_every: int = 8,
+    compute: bool = True,
+    offsets: Sequence[int] | None = None,
+    scheduler: Any = None,
+    values: Any = None,
+    **sketch_options: Any,
+) -> KeySketch | Delayed:
     """Sketch keys held in a Dask collection: one sketch per partition, merged in a tree of fan-in ``split_every``.
 
     Parameters
@@ -147,12 +166,15 @@ def build_sketch(keys: Any, *, eps: float, p: float = 2, split_every: int = 8, c
     try:
         sched = client if client is not None else scheduler
         if starts is None:  # first pass: the length of every partition
-            lengths = dask.compute(*[delayed(_partition_rows)(part, i, many) for i, part in enumerate(parts)],
-                                   scheduler=sched)
+            lengths = dask.compute(
+                *[delayed(_partition_rows)(part, i, many) for i, part in enumerate(parts)],
+                scheduler=sched,
+            )
             starts = [0, *np.cumsum(lengths[:-1], dtype=np.int64).tolist()]
-        leaves = [(delayed(_sketch_leaf)(part, start, i, dim, eps, p, opts, many, vpart), i, i)
-                  for i, (part, start, opts, vpart)
-                  in enumerate(zip(parts, starts, options, value_parts))]
+        leaves = [
+            (delayed(_sketch_leaf)(part, start, i, dim, eps, p, opts, many, vpart), i, i)
+            for i, (part, start, opts, vpart) in enumerate(zip(parts, starts, options, value_parts))
+        ]
         root, first, last = reduce_tree(leaves, _merge_node, split_every)
         result = delayed(_finish)(root, first, last)
         if not compute:
@@ -172,7 +194,9 @@ def _partitions(keys: Any) -> tuple[list[Any], int | None, list[int] | None, boo
         if keys.ndim != 2:
             raise ValueError(f"keys must be a 2-D Dask array (rows x dim); got shape {keys.shape}.")
         if np.isnan(keys.shape[1]) or keys.shape[1] == 0:
-            raise ValueError(f"keys must have a known, non-zero number of columns; got shape {keys.shape}.")
+            raise ValueError(
+                f"keys must have a known, non-zero number of columns; got shape {keys.shape}."
+            )
         if keys.numblocks[1] > 1:
             keys = keys.rechunk({1: -1})
         rows = keys.chunks[0]
@@ -184,40 +208,54 @@ def _partitions(keys: Any) -> tuple[list[Any], int | None, list[int] | None, boo
         return list(keys), None, None, False
     if isinstance(keys, (list, tuple)) and not keys:
         raise ValueError("keys must hold at least one partition; got an empty list.")
-    raise TypeError("keys must be a 2-D dask.array.Array, a dask.bag.Bag of 2-D chunks or a list of "
-                    f"dask.delayed chunks; got {type(keys).__name__} instead. For NumPy arrays, "
-                    ".npy files or iterables use levstream.build_sketch.")
+    raise TypeError(
+        "keys must be a 2-D dask.array.Array, a dask.bag.Bag of 2-D chunks or a list of "
+        f"dask.delayed chunks; got {type(keys).__name__} instead. For NumPy arrays, "
+        ".npy files or iterables use levstream.build_sketch."
+    )
 
 
 def _value_partitions(keys: Any, values: Any) -> tuple[list[Any], int]:
     """The row blocks of ``values`` aligned with the partitions of a Dask array of keys, and their
     width."""
     if not isinstance(keys, da.Array):
-        raise TypeError(f"values= goes with a Dask array of keys; a {type(keys).__name__} carries "
-                        "values as (keys, values) pairs instead.")
+        raise TypeError(
+            f"values= goes with a Dask array of keys; a {type(keys).__name__} carries "
+            "values as (keys, values) pairs instead."
+        )
     if not isinstance(values, da.Array):
         if not (hasattr(values, "ndim") and hasattr(values, "shape")):
-            raise TypeError(f"values must be a 2-D Dask or NumPy array; got "
-                            f"{type(values).__name__} instead.")
+            raise TypeError(
+                f"values must be a 2-D Dask or NumPy array; got {type(values).__name__} instead."
+            )
         if values.ndim != 2:
-            raise ValueError(f"values must be 2-D (rows x value_dim); got shape "
-                             f"{tuple(values.shape)}.")
+            raise ValueError(
+                f"values must be 2-D (rows x value_dim); got shape {tuple(values.shape)}."
+            )
         if any(np.isnan(keys.chunks[0])) or values.shape[0] != keys.shape[0]:
-            raise ValueError(f"values must have one row per key ({keys.shape[0]} rows, in the row "
-                             f"chunks of the keys); got shape {tuple(values.shape)}.")
+            raise ValueError(
+                f"values must have one row per key ({keys.shape[0]} rows, in the row "
+                f"chunks of the keys); got shape {tuple(values.shape)}."
+            )
         values = da.from_array(values, chunks=(keys.chunks[0], -1))
     if values.ndim != 2 or np.isnan(values.shape[1]) or values.shape[1] == 0:
-        raise ValueError(f"values must be 2-D with a known, non-zero number of columns; got shape "
-                         f"{values.shape}.")
+        raise ValueError(
+            f"values must be 2-D with a known, non-zero number of columns; got shape "
+            f"{values.shape}."
+        )
     rows, value_rows = keys.chunks[0], values.chunks[0]
     if value_rows != rows:
         if any(np.isnan(rows)) or any(np.isnan(value_rows)):
-            raise ValueError(f"values must have the row chunks of the keys ({rows}); got "
-                             f"{value_rows} (chunk sizes unknown: rechunk one of them to the "
-                             "other's chunks).")
+            raise ValueError(
+                f"values must have the row chunks of the keys ({rows}); got "
+                f"{value_rows} (chunk sizes unknown: rechunk one of them to the "
+                "other's chunks)."
+            )
         if values.shape[0] != keys.shape[0]:
-            raise ValueError(f"values must have one row per key ({keys.shape[0]} rows); got shape "
-                             f"{values.shape}.")
+            raise ValueError(
+                f"values must have one row per key ({keys.shape[0]} rows); got shape "
+                f"{values.shape}."
+            )
         values = values.rechunk({0: rows})
     if values.numblocks[1] > 1:
         values = values.rechunk({1: -1})
@@ -229,8 +267,9 @@ def _with_value_dim(sketch_options: dict[str, Any], width: int) -> dict[str, Any
     if given is None:
         return dict(sketch_options, value_dim=width)
     if check_int(given, "value_dim", minimum=1) != width:
-        raise ValueError(f"value_dim must equal the width of the values ({width}); got "
-                         f"value_dim={given}.")
+        raise ValueError(
+            f"value_dim must equal the width of the values ({width}); got value_dim={given}."
+        )
     return sketch_options
 
 
@@ -246,13 +285,21 @@ def _checkable(options: dict[str, Any]) -> dict[str, Any]:
 def _check_offsets(offsets: Sequence[int], n_partitions: int) -> list[int]:
     values = list(offsets)
     if len(values) != n_partitions:
-        raise ValueError(f"offsets must give one start id per partition ({n_partitions}); "
-                         f"got {len(values)}.")
+        raise ValueError(
+            f"offsets must give one start id per partition ({n_partitions}); got {len(values)}."
+        )
     return [check_int(v, f"offsets[{i}]", minimum=0) for i, v in enumerate(values)]
 
 
-_LOCAL_SCHEDULERS = {"threads", "threading", "processes", "multiprocessing", "sync", "synchronous",
-                     "single-threaded"}
+_LOCAL_SCHEDULERS = {
+    "threads",
+    "threading",
+    "processes",
+    "multiprocessing",
+    "sync",
+    "synchronous",
+    "single-threaded",
+}
 
 
 def _connect(scheduler: Any) -> Any:
@@ -264,7 +311,7 @@ def _connect(scheduler: Any) -> Any:
     return Client(scheduler, set_as_default=False)
 
 
-def _lowered_blas_for_local_threads(scheduler: Any, result: Delayed) -> ContextManager[Any]:
+def _lowered_blas_for_local_threads(scheduler: Any, result: Delayed) -> AbstractContextManager[Any]:
     """Dask's threaded scheduler runs tasks in threads of this process: lower BLAS here, once, for all."""
     if get_scheduler(scheduler=scheduler, collections=[result]) is not dask.threaded.get:
         return nullcontext()
@@ -300,14 +347,24 @@ def _partition_rows(part: Any, index: int, many: bool) -> int:
         keys = keys_of(chunk)
         with named_errors(f"partition {index}"):
             if np.ndim(keys) != 2:
-                raise ValueError(f"every chunk must be 2-D (rows x dim); got shape "
-                                 f"{np.shape(keys)}.")
+                raise ValueError(
+                    f"every chunk must be 2-D (rows x dim); got shape {np.shape(keys)}."
+                )
         total += int(np.shape(keys)[0])
     return total
 
 
-def _sketch_leaf(part: Any, offset: int, index: int, dim: int | None, eps: float, p: float,
-                 options: dict[str, Any], many: bool, values: Any = None) -> KeySketch | None:
+def _sketch_leaf(
+    part: Any,
+    offset: int,
+    index: int,
+    dim: int | None,
+    eps: float,
+    p: float,
+    options: dict[str, Any],
+    many: bool,
+    values: Any = None,
+) -> KeySketch | None:
     chunks = _chunks_of(part, many) if values is None else ((part, values),)
     with capped_threads(_task_threads()), numba_turn():
         return sketch_partition(chunks, offset, index, dim=dim, eps=eps, p=p, options=options)
@@ -319,13 +376,18 @@ def _merge_node(*group: tuple[Delayed, int, int]) -> tuple[Delayed, int, int]:
 
 
 def _merge_task(first: int, last: int, *sketches: KeySketch | None) -> KeySketch | None:
-    with capped_threads(_task_threads()), numba_turn(), named_errors(f"merging partitions {first}..{last}",
-                                                                     "failed"):
+    with (
+        capped_threads(_task_threads()),
+        numba_turn(),
+        named_errors(f"merging partitions {first}..{last}", "failed"),
+    ):
         return merge_group(*sketches)
 
 
 def _finish(sketch: KeySketch | None, first: int, last: int) -> KeySketch:
     if sketch is None:
-        raise ValueError(f"keys must contain at least one 2-D chunk (its width sets the sketch's dim); "
-                         f"partitions {first}..{last} hold none.")
+        raise ValueError(
+            f"keys must contain at least one 2-D chunk (its width sets the sketch's dim); "
+            f"partitions {first}..{last} hold none."
+        )
     return sketch

@@ -21,7 +21,13 @@ from ._linalg import rank_tolerance
 from ._threads import lowered_blas
 from ._validation import as_matrix, check_int, check_p, check_real
 
-__all__ = ["LewisConvergenceError", "LewisWeights", "lewis_constant", "lewis_weights", "sensitivity_bounds"]
+__all__ = [
+    "LewisConvergenceError",
+    "LewisWeights",
+    "lewis_constant",
+    "lewis_weights",
+    "sensitivity_bounds",
+]
 
 
 class LewisConvergenceError(RuntimeError):
@@ -112,7 +118,9 @@ def _log_leverage(Y: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
         return np.log(np.einsum("ij,ij->i", X, X))
 
 
-def _iterate(Y: np.ndarray, p: float, log_w: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray, float, int]:
+def _iterate(
+    Y: np.ndarray, p: float, log_w: np.ndarray, tol: float, max_iter: int
+) -> tuple[np.ndarray, float, int]:
     """Damped log-space Lewis iteration from ``log_w``; returns ``(log_w, residual, iterations)``."""
     expo = 0.5 - 1.0 / p
     eta_max = 4.0 / (p + 2.0)
@@ -139,8 +147,15 @@ def _iterate(Y: np.ndarray, p: float, log_w: np.ndarray, tol: float, max_iter: i
 _HOMOTOPY = 1.5
 
 
-def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000,
-                  return_info: bool = False, init: Any = None) -> np.ndarray | LewisWeights:
+def lewis_weights(
+    K: Any,
+    p: float,
+    *,
+    tol: float = 1e-10,
+    max_iter: int = 10000,
+    return_info: bool = False,
+    init: Any = None,
+) -> np.ndarray | LewisWeights:
     """l_p Lewis weights of the rows of ``K``, for every ``p > 0``.
 
     Parameters
@@ -209,7 +224,9 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
     if init is not None:
         start = np.asarray(init, dtype=np.float64)
         if start.shape != (n,):
-            raise ValueError(f"init must have one weight per row, shape ({n},); got shape {start.shape}.")
+            raise ValueError(
+                f"init must have one weight per row, shape ({n},); got shape {start.shape}."
+            )
         start = start[nonzero]
         good = np.isfinite(start) & (start > 0)
         log_w[good] = np.log(start[good])
@@ -227,7 +244,8 @@ def lewis_weights(K: Any, p: float, *, tol: float = 1e-10, max_iter: int = 10000
             raise LewisConvergenceError(
                 f"lewis_weights did not converge for p = {p:g}: residual {residual:.3g} > tol {stage_tol:g} "
                 f"at p = {step_p:g} after {iterations} iterations (max_iter = {max_iter}). "
-                "Raise max_iter or tol.")
+                "Raise max_iter or tol."
+            )
     weights[nonzero] = np.exp(log_w)
     if not return_info:
         return weights

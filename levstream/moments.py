@@ -75,16 +75,18 @@ class MomentState:
 
     @property
     def nbytes(self) -> int:
-        return int(self._hi.nbytes + self._lo.nbytes + self._buf_keys.nbytes + self._buf_values.nbytes)
+        return int(
+            self._hi.nbytes + self._lo.nbytes + self._buf_keys.nbytes + self._buf_values.nbytes
+        )
 
     def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
         for s in range(0, X.shape[0], _FOLD_ROWS):
-            _two_sum_add(self._hi, self._lo, _lift(X[s:s + _FOLD_ROWS]).T @ V[s:s + _FOLD_ROWS])
+            _two_sum_add(self._hi, self._lo, _lift(X[s : s + _FOLD_ROWS]).T @ V[s : s + _FOLD_ROWS])
         self._sum = None
 
     def _fold_buffer(self) -> None:
         if self._buf_n:
-            self._fold(self._buf_keys[:self._buf_n], self._buf_values[:self._buf_n])
+            self._fold(self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n])
             self._buf_n = 0
 
     @staticmethod
@@ -112,8 +114,8 @@ class MomentState:
             return
         X = self._inner_rows(X)
         if self._buf_n + X.shape[0] <= BUFFER_ROWS:
-            self._buf_keys[self._buf_n:self._buf_n + X.shape[0]] = X
-            self._buf_values[self._buf_n:self._buf_n + X.shape[0]] = V
+            self._buf_keys[self._buf_n : self._buf_n + X.shape[0]] = X
+            self._buf_values[self._buf_n : self._buf_n + X.shape[0]] = V
             self._buf_n += X.shape[0]
             if self._buf_n == BUFFER_ROWS:
                 self._fold_buffer()
@@ -126,7 +128,7 @@ class MomentState:
         _two_sum_add(self._hi, self._lo, other._hi)
         self._lo += other._lo
         if other._buf_n:
-            self._fold(other._buf_keys[:other._buf_n], other._buf_values[:other._buf_n])
+            self._fold(other._buf_keys[: other._buf_n], other._buf_values[: other._buf_n])
         self._sum = None
 
     def copy(self) -> MomentState:
@@ -142,31 +144,43 @@ class MomentState:
         Q = self._inner_rows(Q)
         if self._sum is None:
             self._sum = self._hi + self._lo
-        if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:  # no lifted copy, no threaded GEMV
+        if (
+            Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous
+        ):  # no lifted copy, no threaded GEMV
             out = moment_numerator(Q, self._sum)
         else:
             out = _lift(Q) @ self._sum
         if self._buf_n:
-            W = Q @ self._buf_keys[:self._buf_n].T
-            out += (W * W) @ self._buf_values[:self._buf_n]
+            W = Q @ self._buf_keys[: self._buf_n].T
+            out += (W * W) @ self._buf_values[: self._buf_n]
         return out
 
     def to_state(self) -> dict[str, np.ndarray]:
-        return {"moments_hi": self._hi, "moments_lo": self._lo, "moments_buf_keys": self._buf_keys[:self._buf_n],
-                "moments_buf_values": self._buf_values[:self._buf_n]}
+        return {
+            "moments_hi": self._hi,
+            "moments_lo": self._lo,
+            "moments_buf_keys": self._buf_keys[: self._buf_n],
+            "moments_buf_values": self._buf_values[: self._buf_n],
+        }
 
     @classmethod
-    def from_state(cls, dim: int, value_dim: int, arrays: dict[str, np.ndarray], degree: int = 2) -> MomentState:
+    def from_state(
+        cls, dim: int, value_dim: int, arrays: dict[str, np.ndarray], degree: int = 2
+    ) -> MomentState:
         out = cls(dim, value_dim, degree)
         for name in ("moments_hi", "moments_lo"):
             arr = arrays[name]
             if arr.shape != out._hi.shape:
-                raise ValueError(f"stored array {name!r} must have shape {out._hi.shape}; got {arr.shape}")
+                raise ValueError(
+                    f"stored array {name!r} must have shape {out._hi.shape}; got {arr.shape}"
+                )
         keys, values = arrays["moments_buf_keys"], arrays["moments_buf_values"]
         m = keys.shape[0]
         if keys.shape != (m, out._inner) or values.shape != (m, value_dim) or m >= BUFFER_ROWS:
-            raise ValueError(f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows of shapes ({m}, {out._inner}) "
-                             f"and ({m}, {value_dim}); got {keys.shape} and {values.shape}")
+            raise ValueError(
+                f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows of shapes ({m}, {out._inner}) "
+                f"and ({m}, {value_dim}); got {keys.shape} and {values.shape}"
+            )
         out._hi, out._lo = arrays["moments_hi"].copy(), arrays["moments_lo"].copy()
         out._buf_keys[:m], out._buf_values[:m], out._buf_n = keys, values, m
         return out

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _query, _serialize
 from ._kernels.live import add_rows_and_bound_heads
-from ._validation import as_real_array, check_eps, check_finite, check_int, check_p
+from ._validation import as_real_array, check_finite, check_int, check_p
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .sketch import KeySketch, _check_magnitude
 
@@ -74,11 +74,14 @@ class MultiHeadKeySketch:
     True
     """
 
-    def __init__(self, n_heads: int, dim: int, *, eps: float, p: float = 2, rng: Any = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, n_heads: int, dim: int, *, eps: float, p: float = 2, rng: Any = None, **options: Any
+    ) -> None:
         n_heads = check_int(n_heads, "n_heads", minimum=1)
         if isinstance(rng, np.random.Generator):
-            seeds: list[Any] = list(rng.bit_generator.seed_seq.spawn(n_heads))
+            root = rng.bit_generator.seed_seq
+            assert isinstance(root, np.random.SeedSequence)
+            seeds: list[Any] = list(root.spawn(n_heads))
         elif rng is None:
             seeds = [None] * n_heads
         else:
@@ -149,8 +152,10 @@ class MultiHeadKeySketch:
         return tuple(self._heads)
 
     def __repr__(self) -> str:
-        return (f"MultiHeadKeySketch(n_heads={self.n_heads}, dim={self.dim}, eps={self.eps:g}, p={self.p:g}, "
-                f"n={self.n}, retained={self.num_retained})")
+        return (
+            f"MultiHeadKeySketch(n_heads={self.n_heads}, dim={self.dim}, eps={self.eps:g}, p={self.p:g}, "
+            f"n={self.n}, retained={self.num_retained})"
+        )
 
     # ------------------------------------------------------------------ validation
     def _stack(self, X: Any, name: str, width: int, what: str = "dim") -> np.ndarray:
@@ -159,8 +164,10 @@ class MultiHeadKeySketch:
             X = as_real_array(X, name)
         H = self.n_heads
         if X.ndim != 3 or X.shape[0] != H or X.shape[2] != width:
-            raise ValueError(f"{name} must have shape (n_heads, m, {what}) = ({H}, m, {width}); got shape "
-                             f"{X.shape}.")
+            raise ValueError(
+                f"{name} must have shape (n_heads, m, {what}) = ({H}, m, {width}); got shape "
+                f"{X.shape}."
+            )
         check_finite(X, name)
         X = np.ascontiguousarray(X, dtype=np.float64)
         _check_magnitude(X.reshape(-1, width), name)
@@ -170,23 +177,31 @@ class MultiHeadKeySketch:
         dv = self.value_dim
         if dv is None:
             if V is not None:
-                raise ValueError("this sketch keeps no values (value_dim=None); got V. Build it with value_dim= "
-                                 "to keep values with keys.")
+                raise ValueError(
+                    "this sketch keeps no values (value_dim=None); got V. Build it with value_dim= "
+                    "to keep values with keys."
+                )
             return None
         if V is None:
-            raise ValueError(f"V (shape (n_heads, {m}, {dv})) is required: the sketch was built with "
-                             f"value_dim={dv}; got none.")
+            raise ValueError(
+                f"V (shape (n_heads, {m}, {dv})) is required: the sketch was built with "
+                f"value_dim={dv}; got none."
+            )
         V = self._stack(V, "V", dv, "value_dim")
         if V.shape[1] != m:
-            raise ValueError(f"V must have one value row per key: shape ({self.n_heads}, {m}, {dv}); got shape "
-                             f"{V.shape}.")
+            raise ValueError(
+                f"V must have one value row per key: shape ({self.n_heads}, {m}, {dv}); got shape "
+                f"{V.shape}."
+            )
         return V
 
     def _query_eps(self, eps: Any) -> float:
         return self._heads[0]._query_eps(eps)
 
     # ------------------------------------------------------------------ ingest
-    def update_many(self, X: Any, V: Any = None, ids: Any = None, offset: Any = None) -> MultiHeadKeySketch:
+    def update_many(
+        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None
+    ) -> MultiHeadKeySketch:
         """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)`` (values ``(n_heads, m, value_dim)``).
 
         ``ids``/``offset`` number the ``m`` keys (tokens) as in :meth:`KeySketch.update_many`; they are the
@@ -199,7 +214,9 @@ class MultiHeadKeySketch:
         with self._lock:
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
             if m:
-                for h, head in enumerate(self._heads):  # every head holds the same id history: none can refuse
+                for h, head in enumerate(
+                    self._heads
+                ):  # every head holds the same id history: none can refuse
                     head._ingest(X[h], None if Vs is None else Vs[h], new_ids, start, srt)
         return self
 
@@ -208,11 +225,18 @@ class MultiHeadKeySketch:
 
         The token is validated and numbered once for all heads."""
         H, d, dv = self.n_heads, self.dim, self.value_dim
-        if (type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (H, d)
-                and (v is None if dv is None else (type(v) is np.ndarray and v.dtype == np.float64
-                                                   and v.shape == (H, dv)))
-                and np.isfinite(np.einsum("ij,ij->", x, x))
-                and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))):
+        if (
+            type(x) is np.ndarray
+            and x.dtype == np.float64
+            and x.shape == (H, d)
+            and (
+                v is None
+                if dv is None
+                else (type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (H, dv))
+            )
+            and np.isfinite(np.einsum("ij,ij->", x, x))
+            and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
+        ):
             with self._lock:  # the live path: every head takes the token under the same id
                 self._heads[0]._check_next_id()
                 for h, head in enumerate(self._heads):
@@ -220,8 +244,10 @@ class MultiHeadKeySketch:
             return self
         arr = as_real_array(x, "x")
         if arr.shape != (self.n_heads, self.dim):
-            raise ValueError(f"x must have shape (n_heads, dim) = ({self.n_heads}, {self.dim}); got shape "
-                             f"{arr.shape}. Use update_many(X) for a chunk of shape (n_heads, m, dim).")
+            raise ValueError(
+                f"x must have shape (n_heads, dim) = ({self.n_heads}, {self.dim}); got shape "
+                f"{arr.shape}. Use update_many(X) for a chunk of shape (n_heads, m, dim)."
+            )
         val = None
         if v is not None:
             val = as_real_array(v, "v")
@@ -244,7 +270,9 @@ class MultiHeadKeySketch:
                     value = None
                     if isinstance(item, tuple):
                         if len(item) != 2:
-                            raise ValueError(f"a tuple item must be a (keys, values) pair; got {len(item)} items.")
+                            raise ValueError(
+                                f"a tuple item must be a (keys, values) pair; got {len(item)} items."
+                            )
                         item, value = item
                     arr = as_real_array(item, "item")
                     if arr.ndim == 2:
@@ -252,8 +280,10 @@ class MultiHeadKeySketch:
                     else:
                         self.update_many(arr, value)
                 except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before "
-                                    "the call.") from exc
+                    raise type(exc)(
+                        f"extend: item {index} rejected ({exc}); the sketch was left as before "
+                        "the call."
+                    ) from exc
         except BaseException:
             with self._lock:
                 self._heads = snapshot
@@ -271,9 +301,13 @@ class MultiHeadKeySketch:
     def merge(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
         """Fold ``other`` (same n_heads and settings; disjoint ids) into this sketch; returns ``self``."""
         if not isinstance(other, MultiHeadKeySketch):
-            raise TypeError(f"can only merge a MultiHeadKeySketch; got {type(other).__name__} instead.")
+            raise TypeError(
+                f"can only merge a MultiHeadKeySketch; got {type(other).__name__} instead."
+            )
         if other.n_heads != self.n_heads:
-            raise ValueError(f"cannot merge sketches with different n_heads: {self.n_heads} vs {other.n_heads}.")
+            raise ValueError(
+                f"cannot merge sketches with different n_heads: {self.n_heads} vs {other.n_heads}."
+            )
         if other is self:
             raise ValueError("cannot merge a sketch with itself (every id would clash).")
         for mine, theirs in zip(self._heads, other._heads):
@@ -285,7 +319,7 @@ class MultiHeadKeySketch:
                 self._heads[h].merge(other._heads[h])
         return self
 
-    def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
+    def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:  # noqa: PYI034 (Self: Python 3.11)
         return self.merge(other)
 
     def __add__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:
@@ -316,7 +350,9 @@ class MultiHeadKeySketch:
         """``Z(q)`` over all keys of each head, for ``Q`` of shape ``(n_heads, m, dim)``; shape (n_heads, m)."""
         Q = self._queries(Q)
         with self._lock:
-            return np.stack([_query.normalizer(h._view(), Q[i], self.p) for i, h in enumerate(self._heads)])
+            return np.stack(
+                [_query.normalizer(h._view(), Q[i], self.p) for i, h in enumerate(self._heads)]
+            )
 
     def heavy_entries(self, Q: Any, eps: float | None = None) -> list[HeavyEntries]:
         """Every entry ``A_h[i, j] >= eps`` of each head's attention, for ``Q`` of shape ``(n_heads, m, dim)``.
@@ -328,7 +364,9 @@ class MultiHeadKeySketch:
         with self._lock:
             self._summarise_pending()
             views = [h._view() for h in self._heads]
-            if Q.shape[1] <= _query.LIVE_QUERY_ROWS and all(_query.is_live(view, Q[0], self.p) for view in views):
+            if Q.shape[1] <= _query.LIVE_QUERY_ROWS and all(
+                _query.is_live(view, Q[0], self.p) for view in views
+            ):
                 return _query.heavy_entries_heads(views, Q, eps)
             return [_query.heavy_entries(view, Q[i], self.p, eps) for i, view in enumerate(views)]
 
@@ -337,7 +375,10 @@ class MultiHeadKeySketch:
         Q = self._queries(Q)
         k = check_int(k, "k", minimum=1)
         with self._lock:
-            return [_query.top_k(h._view(), Q[i], self.p, k, self.eps) for i, h in enumerate(self._heads)]
+            return [
+                _query.top_k(h._view(), Q[i], self.p, k, self.eps)
+                for i, h in enumerate(self._heads)
+            ]
 
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
         """:meth:`KeySketch.attend` for every head: ``entries`` is a list (one per head), the arrays have a head
@@ -345,10 +386,13 @@ class MultiHeadKeySketch:
         Q = self._queries(Q)
         eps = self._query_eps(eps)
         with self._lock:
-            return _stacked([_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)])
+            return _stacked(
+                [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
+            )
 
-    def prefill(self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None,
-                eps: float | None = None) -> AttentionResult:
+    def prefill(
+        self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None, eps: float | None = None
+    ) -> AttentionResult:
         """:meth:`KeySketch.prefill` for every head: causal attention of a chunk ``(n_heads, c, dim)`` (values
         ``(n_heads, c, value_dim)``), then the chunk is folded into every head.  Results as :meth:`attend`.
 
@@ -367,8 +411,10 @@ class MultiHeadKeySketch:
         c = K.shape[1]
         Q = self._queries(Q)
         if Q.shape[1] != c:
-            raise ValueError(f"Q must have one query per key of the chunk: shape ({self.n_heads}, {c}, "
-                             f"{self.dim}); got shape {Q.shape}.")
+            raise ValueError(
+                f"Q must have one query per key of the chunk: shape ({self.n_heads}, {c}, "
+                f"{self.dim}); got shape {Q.shape}."
+            )
         Vs = self._values(V, c)
         if Vs is None:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
@@ -376,8 +422,10 @@ class MultiHeadKeySketch:
         with self._lock:
             new_ids, start, srt = self._heads[0]._new_ids(c, ids, offset)
             chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
-            results = [_query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)
-                       for i, h in enumerate(self._heads)]
+            results = [
+                _query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)
+                for i, h in enumerate(self._heads)
+            ]
             if c:
                 for i, head in enumerate(self._heads):
                     head._ingest(K[i], Vs[i], new_ids, start, srt)
@@ -386,18 +434,30 @@ class MultiHeadKeySketch:
     def _summarise_pending(self) -> None:
         """Summarise every head's newly buffered rows for queries in one compiled call (the live path)."""
         batches = [h._live_batch() for h in self._heads]
-        if any(b is None for b in batches) or len({b[1].shape[0] for b in batches}) != 1:  # type: ignore[index]
+        ready = [b for b in batches if b is not None]
+        if len(ready) != len(batches) or len({b[1].shape[0] for b in ready}) != 1:
             return
-        keeps = tuple(np.empty(b[1].shape[0], dtype=np.bool_) for b in batches)  # type: ignore[index]
-        add_rows_and_bound_heads(tuple(b[1] for b in batches), tuple(b[0].gram for b in batches),  # type: ignore[index]
-                                 tuple(b[2] for b in batches), np.array([b[3] for b in batches]), keeps)  # type: ignore[index]
-        for head, batch, keep in zip(self._heads, batches, keeps):
-            batch[0].accept(head._store, head._store.n, keep)  # type: ignore[index]
+        keeps = tuple(np.empty(b[1].shape[0], dtype=np.bool_) for b in ready)
+        add_rows_and_bound_heads(
+            tuple(b[1] for b in ready),
+            tuple(b[0].gram for b in ready),
+            tuple(b[2] for b in ready),
+            np.array([b[3] for b in ready]),
+            keeps,
+        )
+        for head, batch, keep in zip(self._heads, ready, keeps):
+            batch[0].accept(head._store, head._store.n, keep)
 
     # ------------------------------------------------------------------ persistence
     def to_bytes(self) -> bytes:
         """Serialize (versioned, checksummed): every head's ``KeySketch`` bytes in one container."""
-        meta = {"kind": _KIND, "n_heads": self.n_heads, "dim": self.dim, "eps": self.eps, "p": self.p}
+        meta = {
+            "kind": _KIND,
+            "n_heads": self.n_heads,
+            "dim": self.dim,
+            "eps": self.eps,
+            "p": self.p,
+        }
         with self._lock:
             blobs = [sk.to_bytes() for sk in self._heads]
         arrays = {f"head{h}": np.frombuffer(b, dtype=np.uint8) for h, b in enumerate(blobs)}
@@ -437,6 +497,9 @@ class MultiHeadKeySketch:
 def _stacked(results: list[AttentionResult]) -> AttentionResult:
     """Per-head results as one result with a head axis in front (entries as a list)."""
     outputs = [r.output for r in results]
-    return AttentionResult([r.entries for r in results], np.stack([r.heavy_output for r in results]),
-                           np.stack([r.captured_mass for r in results]),
-                           None if outputs[0] is None else np.stack(outputs))
+    return AttentionResult(
+        [r.entries for r in results],
+        np.stack([r.heavy_output for r in results]),
+        np.stack([r.captured_mass for r in results]),
+        None if outputs[0] is None else np.stack([o for o in outputs if o is not None]),
+    )

@@ -58,18 +58,30 @@ class OnlineLeverageSampler:
     True
     """
 
-    def __init__(self, dim: int, *, delta: float, ridge: float, rng: Any = None,
-                 oversampling: float | None = None, failure_prob: float = 0.01) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        delta: float,
+        ridge: float,
+        rng: Any = None,
+        oversampling: float | None = None,
+        failure_prob: float = 0.01,
+    ) -> None:
         self.dim = check_int(dim, "dim", minimum=1)
         self.delta = check_real(delta, "delta")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta must satisfy 0 < delta < 1; got {delta} instead.")
         self.ridge = check_real(ridge, "ridge")
         if not self.ridge > 0:
-            raise ValueError(f"ridge must be > 0; got {ridge} instead. A zero ridge makes every score 1.")
+            raise ValueError(
+                f"ridge must be > 0; got {ridge} instead. A zero ridge makes every score 1."
+            )
         failure_prob = check_real(failure_prob, "failure_prob")
         if not 0.0 < failure_prob < 1.0:
-            raise ValueError(f"failure_prob must satisfy 0 < failure_prob < 1; got {failure_prob} instead.")
+            raise ValueError(
+                f"failure_prob must satisfy 0 < failure_prob < 1; got {failure_prob} instead."
+            )
         if oversampling is None:
             oversampling = 2.0 * np.log(4.0 * self.dim / failure_prob) / self.delta**2
         self.oversampling = check_real(oversampling, "oversampling")
@@ -104,7 +116,9 @@ class OnlineLeverageSampler:
         kept, probs = online_ridge_sample(X, self._minv, self.oversampling, uniforms)
         self.n += X.shape[0]
         if kept.size:
-            self._rows, self._m = append_rows(self._rows, self._m, X[kept] / np.sqrt(probs)[:, None])
+            self._rows, self._m = append_rows(
+                self._rows, self._m, X[kept] / np.sqrt(probs)[:, None]
+            )
         return self
 
     def update(self, x: Any) -> OnlineLeverageSampler:
@@ -114,10 +128,14 @@ class OnlineLeverageSampler:
     def merge(self, other: OnlineLeverageSampler) -> OnlineLeverageSampler:
         """Concatenate the sample of ``other`` (a disjoint stream); ``ridge`` becomes the sum of both."""
         if not isinstance(other, OnlineLeverageSampler):
-            raise TypeError(f"can only merge an OnlineLeverageSampler; got {type(other).__name__} instead.")
+            raise TypeError(
+                f"can only merge an OnlineLeverageSampler; got {type(other).__name__} instead."
+            )
         if (other.dim, other.delta) != (self.dim, self.delta):
-            raise ValueError(f"cannot merge samplers with different (dim, delta): "
-                             f"{(self.dim, self.delta)} vs {(other.dim, other.delta)}.")
+            raise ValueError(
+                f"cannot merge samplers with different (dim, delta): "
+                f"{(self.dim, self.delta)} vs {(other.dim, other.delta)}."
+            )
         S = np.vstack([self._rows[: self._m], other._rows[: other._m]])
         self._rows, self._m = S, S.shape[0]
         self.ridge += other.ridge
@@ -134,5 +152,7 @@ class OnlineLeverageSampler:
         return out
 
     def __repr__(self) -> str:
-        return (f"OnlineLeverageSampler(dim={self.dim}, delta={self.delta:g}, ridge={self.ridge:g}, "
-                f"n={self.n}, kept={self._m})")
+        return (
+            f"OnlineLeverageSampler(dim={self.dim}, delta={self.delta:g}, ridge={self.ridge:g}, "
+            f"n={self.n}, kept={self._m})"
+        )

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -73,8 +73,10 @@ class UniversalSet:
         return d ** max(1.0, self.p / 2.0) / self.eps
 
     def __repr__(self) -> str:
-        return (f"UniversalSet(size={len(self)}, eps={self.eps:g}, p={self.p:g}, n={self.n}, "
-                f"bound={self.size_bound:g})")
+        return (
+            f"UniversalSet(size={len(self)}, eps={self.eps:g}, p={self.p:g}, n={self.n}, "
+            f"bound={self.size_bound:g})"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,22 +122,43 @@ class HeavyEntries:
                 object.__setattr__(self, name, _frozen(arr))
 
     @classmethod
-    def from_counts(cls, counts: np.ndarray, key_ids: np.ndarray, values: np.ndarray, eps: float,
-                    lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> "HeavyEntries":
+    def from_counts(
+        cls,
+        counts: np.ndarray,
+        key_ids: np.ndarray,
+        values: np.ndarray,
+        eps: float,
+        lower: np.ndarray | None = None,
+        upper: np.ndarray | None = None,
+    ) -> HeavyEntries:
         """Entries from per-row counts (contiguous int64 ids, float64 values, arrays the caller hands over)."""
         indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
         np.cumsum(counts, out=indptr[1:])
         return cls.of(indptr, key_ids, values, eps, lower, upper)
 
     @classmethod
-    def of(cls, indptr: np.ndarray, key_ids: np.ndarray, values: np.ndarray, eps: float,
-           lower: np.ndarray | None = None, upper: np.ndarray | None = None) -> "HeavyEntries":
+    def of(
+        cls,
+        indptr: np.ndarray,
+        key_ids: np.ndarray,
+        values: np.ndarray,
+        eps: float,
+        lower: np.ndarray | None = None,
+        upper: np.ndarray | None = None,
+    ) -> HeavyEntries:
         """Entries from a CSR ``indptr`` (arrays the caller hands over; made read-only, not copied)."""
         key_ids = np.ascontiguousarray(key_ids, dtype=np.int64)
         values = np.ascontiguousarray(values, dtype=np.float64)
-        out = object.__new__(cls)  # fields set directly: this is the constructor of the live query path
-        for name, arr in (("indptr", indptr), ("key_ids", key_ids), ("values", values), ("lower", lower),
-                          ("upper", upper)):
+        out = object.__new__(
+            cls
+        )  # fields set directly: this is the constructor of the live query path
+        for name, arr in (
+            ("indptr", indptr),
+            ("key_ids", key_ids),
+            ("values", values),
+            ("lower", lower),
+            ("upper", upper),
+        ):
             if arr is not None:
                 arr.flags.writeable = False
             object.__setattr__(out, name, arr)
@@ -172,8 +195,12 @@ class HeavyEntries:
         import scipy.sparse as sp
 
         if len(self) and int(self.key_ids.max()) >= n_keys:
-            raise ValueError(f"n_keys must exceed the largest key id {int(self.key_ids.max())}; got {n_keys}.")
-        return sp.csr_matrix((self.values, self.key_ids, self.indptr), shape=(self.n_queries, int(n_keys)))
+            raise ValueError(
+                f"n_keys must exceed the largest key id {int(self.key_ids.max())}; got {n_keys}."
+            )
+        return sp.csr_matrix(
+            (self.values, self.key_ids, self.indptr), shape=(self.n_queries, int(n_keys))
+        )
 
     def as_set(self) -> set[tuple[int, int]]:
         """The entries as a set of ``(query_row, key_id)`` pairs (handy in tests)."""
@@ -207,8 +234,10 @@ class TopK:
         return int(self.key_ids.shape[0])
 
     def __repr__(self) -> str:
-        return (f"TopK(queries={len(self)}, k={self.key_ids.shape[1]}, "
-                f"certified={int(self.certified.sum())}/{len(self)})")
+        return (
+            f"TopK(queries={len(self)}, k={self.key_ids.shape[1]}, "
+            f"certified={int(self.certified.sum())}/{len(self)})"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +266,9 @@ class AttentionResult:
         for name in ("heavy_output", "captured_mass", "output"):
             arr = getattr(self, name)
             if arr is not None:
-                if arr.flags.c_contiguous and arr.flags.owndata:  # fresh arrays of the query path: no copy
+                if (
+                    arr.flags.c_contiguous and arr.flags.owndata
+                ):  # fresh arrays of the query path: no copy
                     arr.flags.writeable = False
                 else:
                     object.__setattr__(self, name, _frozen(arr))

@@ -13,7 +13,7 @@ from ._validation import as_matrix, check_eps, check_p, check_real
 from .lewis import sensitivity_bounds
 from .results import UniversalSet
 
-__all__ = ["leverage_scores", "approx_leverage_scores", "universal_set"]
+__all__ = ["approx_leverage_scores", "leverage_scores", "universal_set"]
 
 
 def leverage_scores(K: Any) -> np.ndarray:
@@ -59,8 +59,9 @@ def leverage_scores(K: Any) -> np.ndarray:
     return np.einsum("ij,ij->i", Y, Y)
 
 
-def approx_leverage_scores(K: Any, *, rng: Any = None, oversampling: float = 20.0,
-                           return_bounds: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
+def approx_leverage_scores(
+    K: Any, *, rng: Any = None, oversampling: float = 20.0, return_bounds: bool = False
+) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leverage scores of a tall ``K`` from a CountSketch, with certified lower and upper bounds.
 
     Drineas–Magdon-Ismail–Mahoney–Woodruff (JMLR 2012): a CountSketch ``S`` with

@@ -21,12 +21,15 @@ from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._ids import IdRanges
 from ._kernels.live import add_rows_and_bound
+from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
 from ._kernels.rows import sq_norm
-from ._store import RowStore
+from ._store import RowStore, StoreState
+from ._threads import ingest_threads, run_items
 from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
 from .moments import MomentState
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .summaries import GramSummary, LiftedSummary, NormalizerSummary, make_summary, summary_from_state
+from .summaries.gram import gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
 
@@ -144,7 +147,8 @@ class KeySketch:
         self._dim, self._eps, self._p = dim, eps, p
         self._block_rows = block_rows
         self._value_dim = value_dim
-        self._moments = MomentState(dim, value_dim, degree) if exact_output else None
+        self._moments = (MomentState(dim, value_dim, degree)
+                         if exact_output and value_dim is not None else None)
         self._store = RowStore(dim, value_dim)
         #: rows ``_pending_from..`` of the store are pending (not yet folded into the summary)
         self._pending_from = 0
@@ -196,9 +200,12 @@ class KeySketch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the sketch's arrays (summary, row store, moment state, id ranges)."""
+        """Bytes held by the sketch's arrays: summary (with its cached factors), row store (as allocated: key
+        rows in their input precision), moment state, id ranges and the live queries' cache."""
         moments = 0 if self._moments is None else self._moments.nbytes
-        return int(self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes)
+        live = self._live
+        cache = 0 if live is None else int(live.gram.nbytes + live.rows.nbytes)
+        return int(self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache)
 
     @property
     def capacity(self) -> int:
@@ -373,7 +380,7 @@ class KeySketch:
         ValueError, TypeError
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
-        X = as_matrix(X, "X", self._dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
+        X = _as_keys(X, self._dim, isinstance(self._summary, GramSummary))
         m = X.shape[0]
         V = self._value_chunk(V, m)
         with self._lock:
@@ -387,14 +394,32 @@ class KeySketch:
         """Feed validated rows with checked ids.  Blocks are aligned to the stream (rows ``k * block_rows ..``
         of the sketch's own rows), whatever the chunking: rows that complete the pending block, then whole
         blocks straight from ``X`` (no copy), then the rest waits in the input buffer.  Everything that can fail
-        is checked before anything changes."""
+        is checked before anything changes (a chunk folded in several waves is undone if a later wave is
+        rejected).  For p = 2 the blocks are folded by :func:`_fold_chunk` on the library's threads."""
         m = X.shape[0]
         pending = self._store.n - self._pending_from
         head = min(m, self._block_rows - pending) if pending else 0
         n_full = (m - head) // self._block_rows
         tail = head + n_full * self._block_rows
+        if isinstance(self._summary, GramSummary):
+            for part in (X[:head], X[tail:]):  # rows that wait in the buffer are checked now, not at flush time
+                _check_rows(part)
+            if n_full or (head and pending + head == self._block_rows):
+                _fold_chunk(self, X, V, new_ids, start, head, n_full)
+            elif head:
+                self._store.append(X[:head], _chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
+                                   increasing=new_ids is None)
+            self._record_ids(m, new_ids, start, srt)
+            self._n += m
+            if self._moments is not None:
+                assert V is not None
+                self._moments.add(X.astype(np.float64, copy=False), V)
+            if tail < m:
+                self._store.append(X[tail:], _chunk_ids(new_ids, start, tail, m), _rows(V, tail, m),
+                                   increasing=new_ids is None)
+            return
         grams = self._validated_block_grams(X, head, n_full)
-        for part in (X[:head], X[tail:]):  # rows that wait in the buffer are checked now, not at flush time
+        for part in (X[:head], X[tail:]):
             if part.shape[0]:
                 check_finite(part, "X")
                 _check_magnitude(part, "X")
@@ -404,24 +429,24 @@ class KeySketch:
         if self._moments is not None:
             assert V is not None
             self._moments.add(X, V)
-
-        def values(a: int, b: int) -> np.ndarray | None:
-            return None if V is None else V[a:b]
-
         if head:
-            self._store.append(X[:head], all_ids[:head], values(0, head), increasing=new_ids is None)
+            self._store.append(X[:head], all_ids[:head], _rows(V, 0, head), increasing=new_ids is None)
             if self._store.n - self._pending_from >= self._block_rows:
                 self._flush()
         for b in range(n_full):
             s, e = head + b * self._block_rows, head + (b + 1) * self._block_rows
-            self._process(X[s:e], all_ids[s:e], values(s, e), None if grams is None else grams[b])
+            self._process(X[s:e], all_ids[s:e], _rows(V, s, e), None if grams is None else grams[b])
         if tail < m:
-            self._store.append(X[tail:], all_ids[tail:], values(tail, m), increasing=new_ids is None)
+            self._store.append(X[tail:], all_ids[tail:], _rows(V, tail, m), increasing=new_ids is None)
+
+    #: candidates held after the last prune (an instance attribute once a prune has run)
+    _pruned_rows = 0
 
     _MAX_PRECOMPUTED_BLOCKS = 64
 
     def _validated_block_grams(self, X: np.ndarray, head: int, n_full: int) -> list[np.ndarray] | None:
-        """Check the whole blocks of ``X`` for nan/inf; return their Gram blocks when computed on the way.
+        """Check the whole blocks of ``X`` for nan/inf; return their Gram blocks when computed on the way
+        (summaries other than the Gram matrix; p = 2 checks blocks in its one pass per slab instead).
 
         A nan/inf in a block makes the diagonal of its Gram block non-finite, so for up to
         ``_MAX_PRECOMPUTED_BLOCKS`` blocks the check costs nothing beyond the Gram update itself (no extra
@@ -511,9 +536,10 @@ class KeySketch:
         return self._eps * (1.0 - margin(self._summary.rel_error, prune=True))
 
     def _fold(self, X: np.ndarray, block: np.ndarray | None) -> np.ndarray:
-        """Fold a block into the summary; return a mask of its rows that may still be
-        heavy.  The pre-filter bound is the one from before the block (docs/theory.md, "The norm pre-filter");
-        survivors get upper bounds from a stale factor (docs/theory.md, "Stale factors"), never lower ones."""
+        """Fold a block into the summary (summaries other than the Gram matrix); return a mask of its rows
+        that may still be heavy.  The pre-filter bound is the one from before the block (docs/theory.md, "The
+        norm pre-filter"); survivors get upper bounds from a stale factor (docs/theory.md, "Stale factors"),
+        never lower ones."""
         self._summary.add(X, block)
         threshold = self._keep_threshold()
         keep = np.zeros(X.shape[0], dtype=bool)
@@ -528,31 +554,48 @@ class KeySketch:
         if start == self._store.n:
             return
         self._live = None
-        keep = self._fold(self._store.keys_view(start), None)
+        if isinstance(self._summary, GramSummary):
+            with ingest_threads() as n_threads:
+                X = self._store.keys_view(start)
+                (result,), threshold = _wave_results(self, [X], n_threads)
+                keep = np.zeros(X.shape[0], dtype=bool)
+                keep[_fold_result(self, X, result, threshold)] = True
+        else:
+            keep = self._fold(self._store.keys_view(start), None)
         self._store.keep_from(start, keep)
         self._pending_from = self._store.n
-        if self._pending_from > self.capacity:
-            self._prune()
+        _maybe_prune(self, self._block_rows)
 
     def _process(self, X: np.ndarray, ids: np.ndarray, V: np.ndarray | None, block: np.ndarray | None) -> None:
-        """Fold a block taken straight from the caller's chunk (no pending rows exist at this point)."""
+        """Fold a block taken straight from the caller's chunk (summaries other than the Gram matrix; no
+        pending rows exist at this point)."""
         self._live = None
         keep = self._fold(X, block)
         if keep.any():
             self._store.append(X[keep], ids[keep], None if V is None else V[keep])
         self._pending_from = self._store.n
-        if self._pending_from > self.capacity:
-            self._prune()
+        _maybe_prune(self, 0)
 
-    def _prune(self) -> np.ndarray:
+    def _prune(self, room: int | None = None) -> np.ndarray:
         """Rescore every candidate exactly against the summary, drop those below eps; return the kept scores.
-        Only called with no pending rows."""
+        Only called with no pending rows.  Storage is then trimmed to the candidates (``room=None``: the sketch
+        settles), or, while streaming, released only when it exceeds twice the candidates plus ``room`` rows."""
         assert self._pending_from == self._store.n
         self._live = None
-        scores = self._summary.scores(self._store.keys_view())
+        rows = self._store.keys_view()
+        if isinstance(self._summary, GramSummary):
+            with ingest_threads() as n_threads:
+                scores = self._summary.exact_scores(rows, n_threads)
+        else:
+            scores = self._summary.scores(rows)
         keep = scores >= self._keep_threshold()
         self._store.keep_from(0, keep)
+        if room is None:
+            self._store.trim()
+        else:
+            self._store.trim(room, slack=2.0)
         self._pending_from = self._store.n
+        self._pruned_rows = self._store.n
         return scores[keep]
 
     # ------------------------------------------------------------------ merge
@@ -628,17 +671,18 @@ class KeySketch:
         earlier ``G`` (``u / (1 + u)``, docs/theory.md, "Stale factors") reaches the pruning threshold are
         scanned.  That cache is derived data: it is never serialized and is dropped whenever rows are folded.
         """
-        st = self._store
+        st, summary = self._store, self._summary
         pf, n = self._pending_from, st.n
         values = None if st.values is None else st.values[:pf]
-        G = self._summary.gram_sum() if isinstance(self._summary, GramSummary) else None
+        G = summary.gram_sum() if isinstance(summary, GramSummary) else None
         if G is None or pf == n:
             extra_values = None if st.values is None else st.values[pf:n]
             return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, st.keys[pf:n], st.ids[pf:n],
                                    extra_values, G if pf == n else None, st.ids_sorted, self._moments)
         live = self._live_rows(G)
         if live.upto < n:
-            live.add(st, n, self._summary.bound_factor(), self._keep_threshold())
+            assert isinstance(summary, GramSummary)
+            live.add(st, n, summary.bound_factor(), self._keep_threshold())
         rows = live.rows
         return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, rows.keys_view(), rows.ids_view(),
                                rows.values_view(), live.gram, st.ids_sorted, self._moments)
@@ -653,16 +697,16 @@ class KeySketch:
     def _live_batch(self) -> tuple[_LiveRows, np.ndarray, np.ndarray, float] | None:
         """``(cache, new rows, bound factor, threshold)`` when a few pending rows are not yet summarised for
         queries on the Gram path (a multi-head sketch summarises every head's in one compiled call)."""
-        st = self._store
-        if not isinstance(self._summary, GramSummary) or self._pending_from == st.n:
+        st, summary = self._store, self._summary
+        if not isinstance(summary, GramSummary) or self._pending_from == st.n:
             return None
-        G = self._summary.gram_sum()
+        G = summary.gram_sum()
         if G is None:
             return None
         live = self._live_rows(G)
         if not 0 < st.n - live.upto <= _SMALL_LIVE_ROWS:
             return None
-        factor = self._summary.bound_factor()
+        factor = summary.bound_factor()
         return live, st.keys[live.upto:st.n], _NO_FACTOR if factor is None else factor, self._keep_threshold()
 
     def _queries(self, Q: Any) -> np.ndarray:
@@ -880,7 +924,7 @@ class KeySketch:
             if (value_dim is not None) != (version >= _FORMAT_WITH_VALUES):
                 raise ValueError(f"format version {version} and the value header disagree")
             exact_output = bool(meta.get("exact_output", False)) if value_dim is not None else False
-            lifted = {}
+            lifted: dict[str, Any] = {}
             if exact_output and meta["summary"].get("kind") == "lifted":  # exact p = 4 outputs need it
                 lifted = {"exact": True, "memory_budget": int(meta["summary"]["memory_budget"])}
             out = cls(int(meta["dim"]), eps=float(meta["eps"]), p=float(meta["p"]),
@@ -902,7 +946,8 @@ class KeySketch:
             out._store = RowStore.from_arrays(d, out._value_dim, parts)
             out._pending_from = parts[0][0].shape[0]
             if out._moments is not None:
-                out._moments = MomentState.from_state(d, int(value_dim), arrays, out._moments.degree)
+                assert out._value_dim is not None
+                out._moments = MomentState.from_state(d, out._value_dim, arrays, out._moments.degree)
             ranges = arrays["id_ranges"]
             if ranges.ndim != 2 or ranges.shape[1] != 2:
                 raise ValueError("id ranges must have shape (r, 2)")
@@ -968,6 +1013,229 @@ class _LiveRows:
             values = None if store.values is None else store.values[self.upto:n][keep]
             self.rows.append(X[keep], store.ids[self.upto:n][keep], values)
         self.upto = n
+
+
+# ---------------------------------------------------------------------- the ingest path of p = 2
+#
+# A chunk's blocks are folded in *waves*: every slab (about 1024 rows) of the blocks of one wave is computed on
+# the library's threads -- its Gram block (BLAS syrk) and one compiled pass for the rest (finite check,
+# norms, pre-filter, candidate test against a stale triangular factor) -- and the blocks are then folded
+# into the summary one after the other, in stream order, by the calling thread.  The slabs, the bounds a wave
+# uses and the order of every sum are fixed by the stream alone, never by the threads, so the sketch is the
+# same bit for bit on any number of threads.
+
+#: Rows per slab (the syrk of fewer rows runs markedly slower on the reference machine).
+_SLAB_ROWS = 1024
+
+#: Largest total size of the slab Gram blocks of one wave.
+_WAVE_GRAM_BYTES = 16 << 20
+
+#: Candidates are rescored once they exceed twice the number left by the last prune, and at least this many.
+_PRUNE_MIN_ROWS = 256
+
+_NO_SCALE = np.zeros(0)
+_NO_TRIANGLE = np.zeros((0, 0))
+_buffers = threading.local()
+
+
+def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
+    """A chunk of keys as a C-contiguous array: float32 kept as float32 when ``keep_float32`` (the Gram path
+    widens every row exactly), anything else float64; shape checked, finiteness not (see :func:`_check_rows`)."""
+    if (keep_float32 and isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 2
+            and X.shape[1] == dim):
+        return np.ascontiguousarray(X)
+    return as_matrix(X, "X", dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
+
+
+def _rows(V: np.ndarray | None, a: int, b: int) -> np.ndarray | None:
+    return None if V is None else V[a:b]
+
+
+def _chunk_ids(new_ids: np.ndarray | None, start: int, a: int, b: int) -> np.ndarray:
+    """Ids of rows ``a..b-1`` of a chunk numbered from ``start`` (or given as ``new_ids``)."""
+    return np.arange(start + a, start + b, dtype=np.int64) if new_ids is None else new_ids[a:b]
+
+
+def _too_large(X: np.ndarray) -> ValueError:
+    return ValueError(f"X has values so large that their squares overflow float64 (largest |x| = "
+                      f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant).")
+
+
+def _check_rows(X: np.ndarray) -> None:
+    """Refuse rows with a nan/inf or whose squares overflow float64 (one compiled pass)."""
+    if X.shape[0] and not np.isfinite(sq_total(X)):
+        check_finite(X, "X")
+        raise _too_large(X)
+
+
+def _slabs(rows: int) -> list[tuple[int, int]]:
+    """The slabs of a block of ``rows`` rows: ``max(1, rows // _SLAB_ROWS)`` near-equal runs."""
+    k = max(1, rows // _SLAB_ROWS)
+    cuts = [rows * i // k for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _wide(rows: int, dim: int) -> np.ndarray:
+    """This thread's float64 buffer for ``rows`` widened float32 rows (reused from slab to slab)."""
+    buf = getattr(_buffers, "wide", None)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] != dim:
+        buf = _buffers.wide = np.empty((max(rows, _SLAB_ROWS), dim))
+    return buf[:rows]
+
+
+class _BlockResult:
+    """What the slabs of one block give: its Gram block, its sum of squares (non-finite when the block must be
+    refused), the rows that may reach the threshold, and whether the stale-factor test was applied."""
+
+    __slots__ = ("gram", "total", "rows", "tested")
+
+    def __init__(self, gram: np.ndarray | None, total: float, rows: np.ndarray, tested: bool) -> None:
+        self.gram, self.total, self.rows, self.tested = gram, total, rows, tested
+
+
+def _wave_results(sk: KeySketch, blocks: list[np.ndarray], n_threads: int) -> tuple[list[_BlockResult], float]:
+    """Compute every slab of ``blocks`` (on up to ``n_threads`` threads) against the summary as it is now; return
+    one result per block and the threshold the candidate test used.
+
+    That threshold is the keep threshold lowered by the largest margin the Gram path can reach, so that it
+    stays below the keep threshold after every block of the wave; the bounds are those of the summary before
+    the wave, which stay valid as ``G`` grows."""
+    summary = sk._summary
+    assert isinstance(summary, GramSummary)
+    scale, lam, W = summary.ingest_plan()
+    threshold = sk._eps * (1.0 - margin(gram_rel_error_max(sk._dim), prune=True))
+    scale_arr = _NO_SCALE if scale is None else scale
+    factor = _NO_TRIANGLE if W is None else W
+    limit = threshold * lam
+    dtrmm = dtrmm_function()
+    dim = sk._dim
+    no_rows = np.zeros((0, dim))
+    items = [(k, a, b) for k, X in enumerate(blocks) for a, b in _slabs(X.shape[0])]
+    out: list[Any] = [None] * len(items)
+
+    def item(i: int) -> None:
+        k, a, b = items[i]
+        X = blocks[k][a:b]
+        wide = no_rows if X.dtype == np.float64 else _wide(b - a, dim)
+        total, rows, tested = slab_pass(X, scale_arr, limit, factor, threshold, wide, dtrmm)
+        gram = None
+        if np.isfinite(total):
+            Y = X if X.dtype == np.float64 else wide
+            gram = Y.T @ Y
+        out[i] = (gram, total, rows + a if a else rows, tested)
+
+    run_items(item, len(items), n_threads)
+    results = []
+    i = 0
+    for X in blocks:
+        k = len(_slabs(X.shape[0]))
+        parts = out[i:i + k]
+        i += k
+        total = sum(p[1] for p in parts)
+        gram = None
+        if np.isfinite(total):
+            gram = parts[0][0]
+            for p in parts[1:]:  # slab order: the sum does not depend on which thread made which part
+                gram += p[0]
+        rows = parts[0][2] if k == 1 else np.concatenate([p[2] for p in parts])
+        results.append(_BlockResult(gram, total, rows, bool(parts[0][3])))
+    return results, threshold
+
+
+def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult, threshold: float) -> np.ndarray:
+    """Fold block ``X`` into the summary with its Gram block; return the indices of its rows that may still
+    be heavy (docs/theory.md, "The norm pre-filter" and "Stale factors": upper bounds, never lower ones)."""
+    summary = sk._summary
+    summary.add(X, result.gram)
+    keep = sk._keep_threshold()
+    rows = result.rows
+    if result.tested and summary.mode == "gram" and keep >= threshold:
+        return rows
+    X64 = X.astype(np.float64, copy=False)
+    if result.tested:  # the summary left the Gram path (or its margin widened): test again from the start
+        rows = summary.prefilter(X64, keep)
+    if rows.size == 0:
+        return rows
+    return rows[summary.score_upper_bounds(X64[rows]) >= keep]
+
+
+def _wave_size(sk: KeySketch, remaining: int) -> int:
+    """Blocks in the next wave: one while the summary has no bound (the first block, the R-factor path),
+    otherwise at most as many rows as the summary already holds (so ``G`` at most doubles during the wave and
+    the bounds stay within about 2x), and at most ``_WAVE_GRAM_BYTES`` of slab Gram blocks."""
+    summary = sk._summary
+    if summary.mode != "gram" or summary.n_rows == 0:
+        return 1
+    by_rows = summary.n_rows // sk._block_rows
+    by_bytes = _WAVE_GRAM_BYTES // (len(_slabs(sk._block_rows)) * sk._dim * sk._dim * 8)
+    return max(1, min(remaining, by_rows, by_bytes))
+
+
+def _maybe_prune(sk: KeySketch, room: int) -> None:
+    """Rescore the candidates once they exceed twice the number left by the last prune (at least
+    ``_PRUNE_MIN_ROWS``, at most the capacity): amortised O(d^2) per candidate, and few rows for queries."""
+    limit = min(max(2 * sk._pruned_rows, _PRUNE_MIN_ROWS), sk.capacity)
+    if sk._pending_from > limit:
+        sk._prune(room)
+
+
+def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.ndarray | None, start: int,
+                head: int, n_full: int) -> None:
+    """Fold the block completed by ``X[:head]`` (when ``head`` completes the pending rows) and the ``n_full``
+    whole blocks of ``X`` after it, in waves (p = 2).  Raises, with the sketch unchanged, for a block with a
+    nan/inf or squares that overflow."""
+    store = sk._store
+    br = sk._block_rows
+    pending_from = sk._pending_from
+    blocks: list[np.ndarray] = []
+    completes = head > 0
+    if completes:  # the pending rows and the head, as one block of the store (committed once validated)
+        store.stage(X[:head])
+        blocks.append(store.keys[pending_from:store.n + head])
+    starts = [head + b * br for b in range(n_full)]
+    blocks += [X[s:s + br] for s in starts]
+    saved: tuple[NormalizerSummary, StoreState, int, int] | None = None
+    done = 0
+    with ingest_threads() as n_threads:
+        try:
+            while done < len(blocks):
+                size = _wave_size(sk, len(blocks) - done)
+                wave = blocks[done:done + size]
+                results, threshold = _wave_results(sk, wave, n_threads)
+                for Xb, result in zip(wave, results):
+                    if not np.isfinite(result.total):
+                        if saved is not None:
+                            sk._summary, state, sk._pending_from, sk._pruned_rows = saved
+                            store.restore(state)
+                            saved = None
+                        sk._live = None
+                        check_finite(X, "X")  # names the first bad entry
+                        raise _too_large(Xb)
+                if saved is None and done + size < len(blocks):  # later waves may still be refused
+                    saved = (sk._summary.copy(), store.snapshot(), sk._pending_from, sk._pruned_rows)
+                sk._live = None
+                for j, (Xb, result) in enumerate(zip(wave, results), start=done):
+                    keep = _fold_result(sk, Xb, result, threshold)
+                    if completes and j == 0:
+                        store.commit(_chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
+                                     increasing=new_ids is None)
+                        mask = np.zeros(Xb.shape[0], dtype=bool)
+                        mask[keep] = True
+                        store.keep_from(pending_from, mask)
+                        room = br
+                    else:
+                        a = starts[j - completes]
+                        if keep.size:
+                            ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
+                            store.append(Xb[keep], ids, None if V is None else V[a + keep],
+                                         increasing=new_ids is None)
+                        room = 0
+                    sk._pending_from = store.n
+                    _maybe_prune(sk, room)
+                done += size
+        finally:
+            if saved is not None:
+                store.release()
 
 
 def _check_magnitude(X: np.ndarray, name: str) -> None:

@@ -8,7 +8,7 @@ more than one chunk.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -22,8 +22,16 @@ def _basis(dim: int, rank: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return basis, offset
 
 
-def attention_like_keys(n: int, dim: int = 64, *, rank: int = 8, tail: float = 2.5, chunk_rows: int = 65536,
-                        seed: int = 0, dtype: type = np.float64) -> Iterator[np.ndarray]:
+def attention_like_keys(
+    n: int,
+    dim: int = 64,
+    *,
+    rank: int = 8,
+    tail: float = 2.5,
+    chunk_rows: int = 65536,
+    seed: int = 0,
+    dtype: type = np.float64,
+) -> Iterator[np.ndarray]:
     """Yield ``n`` synthetic keys of width ``dim`` in chunks of at most ``chunk_rows`` rows.
 
     Each key is ``scale * (noise + low_rank + offset)`` with ``scale ~ 1 + Pareto(tail)`` (heavy-tailed
@@ -50,7 +58,9 @@ def attention_like_keys(n: int, dim: int = 64, *, rank: int = 8, tail: float = 2
         yield X.astype(dtype, copy=False)
 
 
-def attention_like_queries(m: int, dim: int = 64, *, rank: int = 8, seed: int = 1, key_seed: int = 0) -> np.ndarray:
+def attention_like_queries(
+    m: int, dim: int = 64, *, rank: int = 8, seed: int = 1, key_seed: int = 0
+) -> np.ndarray:
     """``m`` queries sharing the keys' low-rank structure (built from ``key_seed``) plus noise."""
     rank = min(rank, dim)
     basis, _ = _basis(dim, rank, key_seed)

@@ -13,8 +13,13 @@ import numpy as np
 from ._validation import as_matrix, check_eps, check_p
 from .results import HeavyEntries
 
-__all__ = ["DenseHeavyScan", "check_sketch_contract", "dense_attention", "exact_sensitivities",
-           "heavy_entries_dense"]
+__all__ = [
+    "DenseHeavyScan",
+    "check_sketch_contract",
+    "dense_attention",
+    "exact_sensitivities",
+    "heavy_entries_dense",
+]
 
 
 def dense_attention(Q: Any, K: Any, *, p: float = 2) -> np.ndarray:
@@ -25,7 +30,9 @@ def dense_attention(Q: Any, K: Any, *, p: float = 2) -> np.ndarray:
     return np.divide(B, Z, out=np.zeros_like(B), where=Z > 0)
 
 
-def heavy_entries_dense(Q: Any, K: Any, *, eps: float, p: float = 2, block_rows: int = 64) -> HeavyEntries:
+def heavy_entries_dense(
+    Q: Any, K: Any, *, eps: float, p: float = 2, block_rows: int = 64
+) -> HeavyEntries:
     """Every entry ``A[i, j] >= eps`` by blocked brute force over all keys (memory: ``block_rows x n``).
 
     Examples
@@ -41,7 +48,7 @@ def heavy_entries_dense(Q: Any, K: Any, *, eps: float, p: float = 2, block_rows:
     eps, p = check_eps(eps), check_p(p)
     counts, keys, vals = [], [], []
     for s in range(0, Q.shape[0], block_rows):
-        B = np.abs(Q[s:s + block_rows] @ K.T) ** p
+        B = np.abs(Q[s : s + block_rows] @ K.T) ** p
         Z = B.sum(axis=1)
         for i in range(B.shape[0]):
             if Z[i] <= 0:
@@ -52,8 +59,10 @@ def heavy_entries_dense(Q: Any, K: Any, *, eps: float, p: float = 2, block_rows:
             counts.append(j.size)
             keys.append(j)
             vals.append(a[j])
-    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
-    return HeavyEntries.from_counts(np.asarray(counts, np.int64), cat(keys, np.int64), cat(vals, np.float64), eps)
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+    return HeavyEntries.from_counts(
+        np.asarray(counts, np.int64), cat(keys, np.int64), cat(vals, np.float64), eps
+    )
 
 
 def exact_sensitivities(K: Any, *, p: float = 2, n_starts: int = 64, rng: Any = 0) -> np.ndarray:
@@ -80,6 +89,7 @@ def exact_sensitivities(K: Any, *, p: float = 2, n_starts: int = 64, rng: Any = 
     gen = np.random.default_rng(rng)
     out = np.zeros(n)
     for j in range(n):
+
         def neg(q: np.ndarray, j: int = j) -> float:
             num = abs(K[j] @ q) ** p
             den = float(np.sum(np.abs(K @ q) ** p))
@@ -106,8 +116,9 @@ def _require(condition: Any, message: str) -> None:
         raise AssertionError(message)
 
 
-def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any = 0,
-                          delta: float | None = None) -> None:
+def check_sketch_contract(
+    make: Callable[[], Any], K: Any, Q: Any, *, rng: Any = 0, delta: float | None = None
+) -> None:
     """Assert the mergeable-sketch contract on keys ``K`` for sketches built by ``make()``.
 
     Every answer is compared with brute force over the keys (:func:`dense_attention`), not only
@@ -197,25 +208,37 @@ def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any =
             true = A[rows, keys]
             must = set(zip(*(ix.tolist() for ix in np.nonzero(A >= eps * (1 + _TIE_RTOL)))))
             missed = sorted(must - set(zip(rows.tolist(), keys.tolist())))
-            _require(not missed, f"{where}: missed {len(missed)} of {len(must)} heavy entries "
-                                 f"(query row, key id), e.g. {missed[:5]}")
+            _require(
+                not missed,
+                f"{where}: missed {len(missed)} of {len(must)} heavy entries "
+                f"(query row, key id), e.g. {missed[:5]}",
+            )
             needed = {k for _, k in must} - set(sets[h].ids.tolist())
-            _require(not needed, f"{where}: keys of heavy entries missing from the universal set: "
-                                 f"{sorted(needed)[:5]}")
+            _require(
+                not needed,
+                f"{where}: keys of heavy entries missing from the universal set: "
+                f"{sorted(needed)[:5]}",
+            )
             if got.lower is None:
                 low = true < eps * (1 - _TIE_RTOL)
                 _require(not low.any(), f"{where}: {int(low.sum())} entries returned below eps")
-                _require(np.allclose(got.values, true, rtol=_VALUE_RTOL, atol=0.0),
-                         f"{where}: values differ from the dense values")
+                _require(
+                    np.allclose(got.values, true, rtol=_VALUE_RTOL, atol=0.0),
+                    f"{where}: values differ from the dense values",
+                )
             else:
                 exact = False
                 slack = 1 + _VALUE_RTOL
-                _require(np.all(got.lower <= true * slack) and np.all(true <= got.upper * slack),
-                         f"{where}: a true value lies outside its [lower, upper] bounds")
+                _require(
+                    np.all(got.lower <= true * slack) and np.all(true <= got.upper * slack),
+                    f"{where}: a true value lies outside its [lower, upper] bounds",
+                )
                 if delta is not None:
                     floor = eps * (1 - delta) ** 2 * (1 - _TIE_RTOL)
-                    _require(np.all(true >= floor),
-                             f"{where}: an entry's true value is below eps (1 - delta)^2")
+                    _require(
+                        np.all(true >= floor),
+                        f"{where}: an entry's true value is below eps (1 - delta)^2",
+                    )
             answer.append((sets[h].ids.tolist(), sorted(got.as_set())))
         return tuple(answer) if exact else ()
 
@@ -241,13 +264,17 @@ def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any =
     a, b = fed(make(), K[:, :mid]), fed(make(), K[:, mid:], offset=mid)
     _require(check(a.copy().merge(b), "merge a + b") == ref, "merge a + b differs from one stream")
     _require(check(b.copy().merge(a), "merge b + a") == ref, "merge b + a differs from one stream")
-    _require(check(one.copy().merge(make()), "merged with an empty sketch") == ref,
-             "merging an empty sketch changed the answer")
+    _require(
+        check(one.copy().merge(make()), "merged with an empty sketch") == ref,
+        "merging an empty sketch changed the answer",
+    )
 
     restored = type(a).from_bytes(a.to_bytes())
     fed(restored, K[:, mid:])
-    _require(check(restored, "restored from bytes, then fed") == ref,
-             "bytes round trip then more updates differs")
+    _require(
+        check(restored, "restored from bytes, then fed") == ref,
+        "bytes round trip then more updates differs",
+    )
 
     clone = a.copy()
     fed(clone, K[:, mid:], offset=mid)
@@ -257,10 +284,12 @@ def check_sketch_contract(make: Callable[[], Any], K: Any, Q: Any, *, rng: Any =
     for part in np.split(K, cuts, axis=1):
         fed(fresh, part)
     state = fresh.to_bytes()
-    queries = {"heavy_entries": lambda sk: sk.heavy_entries(take(Q)),
-               "normalizer": lambda sk: sk.normalizer(take(Q)),
-               "universal_set": lambda sk: sk.universal_set(),
-               "top_k": lambda sk: sk.top_k(take(Q), 2)}
+    queries = {
+        "heavy_entries": lambda sk: sk.heavy_entries(take(Q)),
+        "normalizer": lambda sk: sk.normalizer(take(Q)),
+        "universal_set": lambda sk: sk.universal_set(),
+        "top_k": lambda sk: sk.top_k(take(Q), 2),
+    }
     for name, query in queries.items():
         sk = type(chunked).from_bytes(state)
         query(sk)
@@ -335,8 +364,9 @@ class DenseHeavyScan:
     True
     """
 
-    def __init__(self, Q: Any, *, eps: float, p: float = 2, offset: int = 0,
-                 block_rows: int = 8192) -> None:
+    def __init__(
+        self, Q: Any, *, eps: float, p: float = 2, offset: int = 0, block_rows: int = 8192
+    ) -> None:
         self._Q = as_matrix(Q, "Q", allow_empty=True)
         self.eps, self.p = check_eps(eps), check_p(p)
         self._offset, self._block_rows = int(offset), max(1, int(block_rows))
@@ -348,7 +378,7 @@ class DenseHeavyScan:
         """Feed the next keys (shape (k, d), k >= 0); returns ``self``."""
         X = as_matrix(X, "X", self._Q.shape[1] or None, allow_empty=True)
         for start in range(0, X.shape[0], self._block_rows):
-            B = self._Q @ X[start:start + self._block_rows].T
+            B = self._Q @ X[start : start + self._block_rows].T
             if self.p == 2.0:
                 np.square(B, out=B)
             else:

@@ -20,8 +20,10 @@ try:
     import torch
     from torch import nn
 except ImportError as exc:  # pragma: no cover - exercised only without torch
-    raise ImportError("levstream.torch needs PyTorch: install it first and alone with "
-                      "`pip install torch==2.13.0`, then `pip install -e '.[torch]'`.") from exc
+    raise ImportError(
+        "levstream.torch needs PyTorch: install it first and alone with "
+        "`pip install torch==2.13.0`, then `pip install -e '.[torch]'`."
+    ) from exc
 
 __all__ = ["LevSelfAttention", "leverage_scores_torch", "select_keys"]
 
@@ -36,7 +38,9 @@ def leverage_scores_torch(K: torch.Tensor, affine: bool = False) -> torch.Tensor
     with torch.no_grad():
         K = K.detach()
         if affine:
-            K = torch.cat([K, torch.ones(K.shape[:-1] + (1,), dtype=K.dtype, device=K.device)], dim=-1)
+            K = torch.cat(
+                [K, torch.ones(K.shape[:-1] + (1,), dtype=K.dtype, device=K.device)], dim=-1
+            )
         n, d = K.shape[-2:]
         U, s, _ = torch.linalg.svd(K, full_matrices=False)
         tol = max(n, d) * torch.finfo(K.dtype).eps * s[..., :1]
@@ -89,20 +93,38 @@ class LevSelfAttention(nn.Module):
     torch.Size([2, 50, 32])
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, top_k: int | None = 32, *, selection: str = "leverage",
-                 always_keep: Sequence[int] = (), causal: bool = False, bias: bool = True,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        top_k: int | None = 32,
+        *,
+        selection: str = "leverage",
+        always_keep: Sequence[int] = (),
+        causal: bool = False,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}.")
+            raise ValueError(
+                f"embed_dim must be divisible by num_heads; got {embed_dim} and {num_heads}."
+            )
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None; got {top_k}.")
         if selection not in ("leverage", "leverage_affine", "query_mean"):
-            raise ValueError(f"selection must be 'leverage', 'leverage_affine' or 'query_mean'; got {selection!r}.")
+            raise ValueError(
+                f"selection must be 'leverage', 'leverage_affine' or 'query_mean'; got {selection!r}."
+            )
         if top_k is not None and len(always_keep) > top_k:
             raise ValueError(f"always_keep names {len(always_keep)} keys, more than top_k={top_k}.")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.top_k, self.selection, self.always_keep, self.causal = top_k, selection, tuple(always_keep), causal
+        self.top_k, self.selection, self.always_keep, self.causal = (
+            top_k,
+            selection,
+            tuple(always_keep),
+            causal,
+        )
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -110,8 +132,10 @@ class LevSelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, top_k={self.top_k}, "
-                f"selection={self.selection!r}, causal={self.causal}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, top_k={self.top_k}, "
+            f"selection={self.selection!r}, causal={self.causal}"
+        )
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head queries, keys and values, each of shape (batch, heads, n, head_dim)."""
@@ -122,8 +146,9 @@ class LevSelfAttention(nn.Module):
 
         return split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
 
-    def attend(self, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-               return_indices: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, return_indices: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Softmax attention of ``Q`` over each head's selected keys; inputs (..., n, head_dim).
 
         Equals ``levstream.lev_attention(Q, K, V, top_k=self.top_k, selection=self.selection,
@@ -134,8 +159,10 @@ class LevSelfAttention(nn.Module):
             idx = torch.arange(n, device=K.device).expand(K.shape[:-2] + (n,))
         else:
             if any(not -n <= pos < n for pos in self.always_keep):
-                raise ValueError(f"always_keep positions must lie in [-{n}, {n}) for {n} keys; "
-                                 f"got {list(self.always_keep)}.")
+                raise ValueError(
+                    f"always_keep positions must lie in [-{n}, {n}) for {n} keys; "
+                    f"got {list(self.always_keep)}."
+                )
             if self.selection == "query_mean":
                 with torch.no_grad():  # the selection is not differentiated, as for leverage
                     scores = (K @ Q.mean(dim=-2).unsqueeze(-1)).squeeze(-1)
@@ -150,7 +177,9 @@ class LevSelfAttention(nn.Module):
             m = Q.shape[-2]
             visible = idx.unsqueeze(-2) <= (torch.arange(m, device=Q.device) + n - m).unsqueeze(-1)
             logits = logits.masked_fill(~visible, -math.inf)
-            top = logits.amax(dim=-1, keepdim=True).detach().clamp_min(torch.finfo(logits.dtype).min)
+            top = (
+                logits.amax(dim=-1, keepdim=True).detach().clamp_min(torch.finfo(logits.dtype).min)
+            )
             w = torch.exp(logits - top)
             weights = w / w.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         else:
@@ -161,8 +190,11 @@ class LevSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Self-attention of ``x`` (batch, n, embed_dim); returns (batch, n, embed_dim)."""
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
-            raise ValueError(f"x must have shape (batch, n, {self.embed_dim}); got {tuple(x.shape)}.")
+            raise ValueError(
+                f"x must have shape (batch, n, {self.embed_dim}); got {tuple(x.shape)}."
+            )
         Q, K, V = self.project_qkv(x)
         out = self.attend(Q, K, V)
+        assert isinstance(out, torch.Tensor)  # attend returns the weights too only when asked
         B, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(B, n, self.embed_dim))

@@ -17,7 +17,9 @@ POWER = 1
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)
-def selected_attention(Q, K, V, idx, counts, kind, scale, p, causal, z_exact, out):  # pragma: no cover - compiled
+def selected_attention(
+    Q, K, V, idx, counts, kind, scale, p, causal, z_exact, out
+):  # pragma: no cover - compiled
     """Write into ``out[b, i]`` the attention of query ``Q[b, i]`` over the keys ``idx[b, :counts[b]]``.
 
     Parameters (all C-contiguous)
@@ -71,7 +73,7 @@ def selected_attention(Q, K, V, idx, counts, kind, scale, p, causal, z_exact, ou
         else:
             for jj in range(cnt):
                 x = abs(w[jj])
-                w[jj] = x * x if is_two else x ** p
+                w[jj] = x * x if is_two else x**p
                 total += w[jj]
             if use_exact:
                 total = z_exact[b, i]

@@ -34,7 +34,6 @@ def _lift_degree2(X):  # pragma: no cover - compiled
     return out
 
 
-
 def _lift_rows(X):  # pragma: no cover - compiled
     """The same lifting as :func:`_lift_degree2`, serial (a few rows)."""
     n, d = X.shape

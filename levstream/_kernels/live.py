@@ -124,7 +124,7 @@ def heavy_p2_heads(Q, Gs, Ks, ids, Kes, extra_ids, thresh):  # pragma: no cover 
     ``indptr[h, i] .. indptr[h, i + 1] - 1`` (one running offset over all heads), key ids ascending when each
     head's ids are.
     """
-    H, m, d = Q.shape
+    H, m, _ = Q.shape
     counts_all = np.zeros((H, m), dtype=np.int64)
     parts_pos = []
     parts_val = []

@@ -29,7 +29,7 @@ def _threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compil
         cnt = 0
         for j in range(c):
             x = abs(P[i, j])
-            v = x * x if is_two else x ** p
+            v = x * x if is_two else x**p
             if v >= cut:
                 cnt += 1
         counts[i] = cnt
@@ -47,7 +47,7 @@ def _threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compil
         pos = offsets[i]
         for j in range(c):
             x = abs(P[i, j])
-            v = x * x if is_two else x ** p
+            v = x * x if is_two else x**p
             if v >= cut:
                 keys[pos] = col_ids[j]
                 vals[pos] = v / zi
@@ -60,7 +60,9 @@ def _threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compil
 PARALLEL_MIN_ENTRIES = 1 << 21
 
 _serial = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_threshold_power_csr)
-_parallel = numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)(_threshold_power_csr)
+_parallel = numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)(
+    _threshold_power_csr
+)
 
 
 def threshold_power_csr(P, z, p, thresh, col_ids):

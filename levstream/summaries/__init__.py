@@ -12,12 +12,27 @@ from .coreset import CoresetSummary
 from .gram import GramSummary
 from .lifted import DEFAULT_MEMORY_BUDGET, LiftedSummary
 
-__all__ = ["NormalizerSummary", "GramSummary", "LiftedSummary", "CoresetSummary", "make_summary", "summary_from_state"]
+__all__ = [
+    "CoresetSummary",
+    "GramSummary",
+    "LiftedSummary",
+    "NormalizerSummary",
+    "make_summary",
+    "summary_from_state",
+]
 
 
-def make_summary(dim: int, p: float, *, exact: bool | None = None, delta: float = 0.1,
-                 failure_prob: float | None = None, oversampling: float | None = None, rng: Any = None,
-                 memory_budget: int | None = None) -> NormalizerSummary:
+def make_summary(
+    dim: int,
+    p: float,
+    *,
+    exact: bool | None = None,
+    delta: float = 0.1,
+    failure_prob: float | None = None,
+    oversampling: float | None = None,
+    rng: Any = None,
+    memory_budget: int | None = None,
+) -> NormalizerSummary:
     """The normaliser summary for exponent ``p``: Gram (p = 2), lifted Gram (p = 4, ``exact=True``) or coreset.
 
     ``exact=None`` means exact where it is free (p = 2) and the coreset otherwise; ``exact=True`` exists for
@@ -27,16 +42,25 @@ def make_summary(dim: int, p: float, *, exact: bool | None = None, delta: float 
         return GramSummary(dim)
     if exact:
         if p != 4.0:
-            raise ValueError(f"exact=True is available for p = 2 and p = 4; got p = {p:g}. "
-                             "Use exact=False (an l_p coreset with (1 ± delta) guarantees).")
-        return LiftedSummary(dim, DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget))
-    return CoresetSummary(dim, p, delta=delta, failure_prob=failure_prob, oversampling=oversampling, rng=rng)
+            raise ValueError(
+                f"exact=True is available for p = 2 and p = 4; got p = {p:g}. "
+                "Use exact=False (an l_p coreset with (1 ± delta) guarantees)."
+            )
+        return LiftedSummary(
+            dim, DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
+        )
+    return CoresetSummary(
+        dim, p, delta=delta, failure_prob=failure_prob, oversampling=oversampling, rng=rng
+    )
 
 
 def summary_from_state(meta: dict, arrays: dict) -> NormalizerSummary:
     """Rebuild a summary written by ``to_state()`` (dispatch on ``meta["kind"]``)."""
-    kinds: dict[str, type[NormalizerSummary]] = {"gram": GramSummary, "lifted": LiftedSummary,
-                                                 "coreset": CoresetSummary}
+    kinds: dict[str, type[NormalizerSummary]] = {
+        "gram": GramSummary,
+        "lifted": LiftedSummary,
+        "coreset": CoresetSummary,
+    }
     kind = meta.get("kind")
     if kind not in kinds:
         raise ValueError(f"unknown summary kind {kind!r}; expected one of {sorted(kinds)}.")

@@ -90,11 +90,18 @@ class _LewisForm:
     def __init__(self, S: np.ndarray, p: float, dim: int, info: LewisWeights | None = None) -> None:
         self.n_rows = S.shape[0]
         if S.shape[0] == 0:
-            self.vecs, self.vals, self.null, self.inflate = np.zeros((dim, 0)), np.zeros(0), np.eye(dim), 1.0
+            self.vecs, self.vals, self.null, self.inflate = (
+                np.zeros((dim, 0)),
+                np.zeros(0),
+                np.eye(dim),
+                1.0,
+            )
             self._set_derived()
             return
         if info is None:
-            info = lewis_weights(S, p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True)
+            found = lewis_weights(S, p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True)
+            assert isinstance(found, LewisWeights)
+            info = found
         w = info.weights
         keep = w > 0
         F = S[keep] * (w[keep] ** (0.5 - 1.0 / p))[:, None]
@@ -119,7 +126,9 @@ class _LewisForm:
         ``k^T M^-1 k <= ||D^-1/2 k||^2 / lambda_min(D^-1/2 M D^-1/2)`` (``D = diag M``), all from ``(vecs, vals)``
         so that a restored form is bit-identical.  ``lambda_min`` is the squared smallest singular value of
         ``D^-1/2 V vals^1/2`` (accurate even when ``M`` is ill-conditioned)."""
-        self.whiten = np.ascontiguousarray(self.vecs / np.sqrt(self.vals)) if self.vals.size else self.vecs
+        self.whiten = (
+            np.ascontiguousarray(self.vecs / np.sqrt(self.vals)) if self.vals.size else self.vecs
+        )
         self.scale, self.lam_eq = np.zeros(self.vecs.shape[0]), 0.0
         if self.vals.size == self.vecs.shape[0] and self.vals.size:
             F = self.vecs * np.sqrt(self.vals)
@@ -177,23 +186,40 @@ class CoresetSummary(NormalizerSummary):
     kind = "coreset"
     rescales_queries = True
 
-    def __init__(self, dim: int, p: float, *, delta: float = 0.1, failure_prob: float | None = None,
-                 oversampling: float | None = None, rng: Any = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        p: float,
+        *,
+        delta: float = 0.1,
+        failure_prob: float | None = None,
+        oversampling: float | None = None,
+        rng: Any = None,
+    ) -> None:
         if not 0.0 < delta < 1.0:
             raise ValueError(f"delta must satisfy 0 < delta < 1; got {delta} instead.")
         if failure_prob is not None and oversampling is not None:
             raise ValueError("pass failure_prob= or oversampling=, not both.")
         if failure_prob is not None:
             if not 0.0 < failure_prob < 1.0:
-                raise ValueError(f"failure_prob must satisfy 0 < failure_prob < 1; got {failure_prob} instead.")
+                raise ValueError(
+                    f"failure_prob must satisfy 0 < failure_prob < 1; got {failure_prob} instead."
+                )
             oversampling = oversampling_for(delta, failure_prob)
         elif oversampling is None:
             target = max(DEFAULT_OVERSAMPLING, MIN_CORESET_ROWS / dim)
             oversampling = max(target / lewis_constant(float(p), int(dim)), MIN_OVERSAMPLING)
         if not oversampling >= 1:
-            raise ValueError(f"oversampling must be >= 1; got {oversampling} instead. With beta < 1 even a key "
-                             "of sensitivity 1 would be sampled with probability beta (an unbounded error).")
-        self.dim, self.p, self.delta, self.beta = int(dim), float(p), float(delta), float(oversampling)
+            raise ValueError(
+                f"oversampling must be >= 1; got {oversampling} instead. With beta < 1 even a key "
+                "of sensitivity 1 would be sampled with probability beta (an unbounded error)."
+            )
+        self.dim, self.p, self.delta, self.beta = (
+            int(dim),
+            float(p),
+            float(delta),
+            float(oversampling),
+        )
         self.failure_prob = failure_prob
         self.c_p = lewis_constant(self.p, self.dim)
         self.capacity = int(np.ceil(2.0 * self.beta * self.c_p * self.dim)) + 4 * self.dim
@@ -236,7 +262,9 @@ class CoresetSummary(NormalizerSummary):
     def failure_bound(self) -> float:
         """Proven per-query probability that ``|Z~ - Z| > delta Z`` after ``rounds`` sampling rounds."""
         d, R = self.delta, self.rounds
-        return float(min(1.0, 2.0 * np.exp(-d * d * self.beta / (2.0 * (1.0 + d) ** 2 * (R + d / 3.0)))))
+        return float(
+            min(1.0, 2.0 * np.exp(-d * d * self.beta / (2.0 * (1.0 + d) ** 2 * (R + d / 3.0))))
+        )
 
     @property
     def size_bound(self) -> float:
@@ -269,7 +297,9 @@ class CoresetSummary(NormalizerSummary):
         """Upper bounds ``min(1, (1 + delta) c_p (k^T M^+ k)^(p/2))`` on each row's sensitivity over all keys."""
         if rows.shape[0] == 0:
             return np.zeros(0)
-        if self._form.vals.size == 0:  # no keys yet (or only zero keys): every nonzero key may be heavy
+        if (
+            self._form.vals.size == 0
+        ):  # no keys yet (or only zero keys): every nonzero key may be heavy
             return (np.einsum("ij,ij->i", rows, rows) > 0).astype(np.float64)
         with np.errstate(over="ignore"):
             b = self._factor() * self._form.quad(rows) ** (0.5 * self.p)
@@ -299,7 +329,9 @@ class CoresetSummary(NormalizerSummary):
         """Lewis weights of ``S`` warm-started from the current form: ``(s^T M^+ s)^(p/2)`` is the Lewis
         weight of ``s`` at the form's fixed point, a close guess for any coreset of the same stream."""
         init = self._form.quad(S) ** (0.5 * self.p) if self._form.vals.size else None
-        info = lewis_weights(S, self.p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True, init=init)
+        info = lewis_weights(
+            S, self.p, tol=_LEWIS_TOL, max_iter=100_000, return_info=True, init=init
+        )
         assert isinstance(info, LewisWeights)
         return info
 
@@ -328,11 +360,11 @@ class CoresetSummary(NormalizerSummary):
 
     def _add_block(self, X: np.ndarray) -> None:
         self.n_rows += X.shape[0]
-        u = self._rng.random(X.shape[0])
+        u = np.asarray(self._rng.random(X.shape[0]))
         idx = np.flatnonzero(u < self.beta * self._norm_bounds(X))
         if idx.size:
             rows = X[idx]
-            pi = np.minimum(1.0, self.beta * self.scores(rows))
+            pi = np.asarray(np.minimum(1.0, self.beta * self.scores(rows)))
             keep = (u[idx] < pi) & (np.einsum("ij,ij->i", rows, rows) > 0)
             if keep.any():
                 self._append(rows[keep] * (pi[keep] ** (-1.0 / self.p))[:, None])
@@ -341,7 +373,9 @@ class CoresetSummary(NormalizerSummary):
     def _settle(self) -> None:
         if self._m > self.capacity:
             self._reduce()
-        elif self._m > _REFRESH_GROWTH * self._form.n_rows or (self._form.vals.size == 0 and self._m):
+        elif self._m > _REFRESH_GROWTH * self._form.n_rows or (
+            self._form.vals.size == 0 and self._m
+        ):
             self._refresh()
 
     def _reduce(self) -> None:
@@ -358,7 +392,9 @@ class CoresetSummary(NormalizerSummary):
         self._rows = np.ascontiguousarray(kept)
         self._m = kept.shape[0]
         self.rounds += 1
-        if self._m > self.capacity // 2:  # nothing left to gain at this size: allow growth before retrying
+        if (
+            self._m > self.capacity // 2
+        ):  # nothing left to gain at this size: allow growth before retrying
             self.capacity = 2 * self._m
         form.n_rows = self._m  # next refresh after the reduced coreset has grown by _REFRESH_GROWTH
         self._form = form
@@ -366,7 +402,9 @@ class CoresetSummary(NormalizerSummary):
     def merge(self, other: CoresetSummary) -> None:
         """Fold ``other`` in: concatenate the coresets (each embeds its own keys), reduce if over capacity."""
         if other.config != self.config:
-            raise ValueError(f"cannot merge coreset summaries with different settings: {self.config} vs {other.config}.")
+            raise ValueError(
+                f"cannot merge coreset summaries with different settings: {self.config} vs {other.config}."
+            )
         self.n_rows += other.n_rows
         self.rounds = max(self.rounds, other.rounds)
         self.capacity = max(self.capacity, other.capacity)
@@ -399,33 +437,64 @@ class CoresetSummary(NormalizerSummary):
         most 1, so ``|<q, k>|^p`` cannot overflow for any ``p`` (docs/theory.md, "General p"); zero queries keep
         factor 1.
         """
-        norms = [np.sqrt(np.einsum("ij,ij->i", R, R).max()) for R in (self._rows[: self._m], rows) if R.shape[0]]
+        norms = [
+            np.sqrt(np.einsum("ij,ij->i", R, R).max())
+            for R in (self._rows[: self._m], rows)
+            if R.shape[0]
+        ]
         big = max(norms) if norms else 0.0
         qn = np.sqrt(np.einsum("ij,ij->i", Q, Q)) * big
         return np.divide(1.0, qn, out=np.ones_like(qn), where=qn > 0)
 
     # ------------------------------------------------------------------ persistence
     def to_state(self) -> tuple[dict, dict]:
-        meta = {"kind": self.kind, "dim": self.dim, "p": self.p, "delta": self.delta, "beta": self.beta,
-                "failure_prob": self.failure_prob, "capacity": self.capacity, "n_rows": self.n_rows,
-                "rounds": self.rounds, "rng": self._rng.bit_generator.state,
-                "form_rows": self._form.n_rows, "form_inflate": self._form.inflate}
-        arrays = {"rows": self._rows[: self._m], "form_vecs": self._form.vecs, "form_vals": self._form.vals,
-                  "form_null": self._form.null}
+        meta = {
+            "kind": self.kind,
+            "dim": self.dim,
+            "p": self.p,
+            "delta": self.delta,
+            "beta": self.beta,
+            "failure_prob": self.failure_prob,
+            "capacity": self.capacity,
+            "n_rows": self.n_rows,
+            "rounds": self.rounds,
+            "rng": self._rng.bit_generator.state,
+            "form_rows": self._form.n_rows,
+            "form_inflate": self._form.inflate,
+        }
+        arrays = {
+            "rows": self._rows[: self._m],
+            "form_vecs": self._form.vecs,
+            "form_vals": self._form.vals,
+            "form_null": self._form.null,
+        }
         return meta, arrays
 
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> CoresetSummary:
-        out = cls(int(meta["dim"]), float(meta["p"]), delta=float(meta["delta"]),
-                  oversampling=float(meta["beta"]))
+        out = cls(
+            int(meta["dim"]),
+            float(meta["p"]),
+            delta=float(meta["delta"]),
+            oversampling=float(meta["beta"]),
+        )
         out.failure_prob = None if meta["failure_prob"] is None else float(meta["failure_prob"])
-        out.capacity, out.n_rows, out.rounds = int(meta["capacity"]), int(meta["n_rows"]), int(meta["rounds"])
+        out.capacity, out.n_rows, out.rounds = (
+            int(meta["capacity"]),
+            int(meta["n_rows"]),
+            int(meta["rounds"]),
+        )
         rows = arrays["rows"]
         if rows.ndim != 2 or rows.shape[1] != out.dim or not np.isfinite(rows).all():
-            raise ValueError(f"coreset rows must be finite with shape (m, {out.dim}); got {rows.shape}.")
+            raise ValueError(
+                f"coreset rows must be finite with shape (m, {out.dim}); got {rows.shape}."
+            )
         out._rows, out._m = rows.copy(), rows.shape[0]
         vecs, vals, null = arrays["form_vecs"], arrays["form_vals"], arrays["form_null"]
-        if vecs.shape != (out.dim, vals.shape[0]) or null.shape != (out.dim, out.dim - vals.shape[0]):
+        if vecs.shape != (out.dim, vals.shape[0]) or null.shape != (
+            out.dim,
+            out.dim - vals.shape[0],
+        ):
             raise ValueError("coreset Lewis form has inconsistent shapes.")
         form = _LewisForm.__new__(_LewisForm)
         form.n_rows, form.inflate = int(meta["form_rows"]), float(meta["form_inflate"])

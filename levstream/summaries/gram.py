@@ -10,9 +10,12 @@ Two representations, chosen automatically (docs/theory.md, "Numerics"):
   ``max(n, d) * eps_machine``), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for
   rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
 
-Only NumPy's LAPACK/BLAS is called on the ingest path.  SciPy ships its own OpenBLAS with its own thread
-pool; interleaving small SciPy calls with NumPy's multithreaded syrk made the two pools spin against each
-other (measured: the Gram loop 8x slower with default threads).
+The ingest path calls NumPy's BLAS for the Gram update (``X.T @ X`` is ``syrk``) and SciPy's BLAS ``trmm``
+(through :mod:`levstream._kernels.ingest`, without the GIL) for products with triangular factors.  SciPy ships
+its own OpenBLAS with its own thread pool; interleaving small SciPy calls with NumPy's multithreaded syrk made
+the two pools spin against each other (measured: the Gram loop 8x slower with default threads).  So both
+run inside the sketch's ingest section, where every BLAS is held to one thread and the slabs of a block are
+shared among the library's own threads (:mod:`levstream._threads`).
 
 The switch from Gram to R happens *before* an ill-conditioned block is folded into ``G``: the previous ``G``
 was well-conditioned, so its Cholesky factor is accurate, and the block is then added by QR.
@@ -25,17 +28,27 @@ from typing import Any
 import numpy as np
 
 from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
+from .._kernels.ingest import dtrmm_function, two_sum_add, upper_scores
 from .._kernels.live import gram_quadratic
 from .._kernels.rows import scaled_sq_norms
+from .._threads import run_items
 from .base import NormalizerSummary
+
+#: Rows per work item when candidates are rescored on several threads.
+_SCORE_ITEM_ROWS = 2048
 
 
 def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
-    """In place: ``hi + lo += add`` with the rounding error of the addition carried in ``lo`` (Knuth two-sum)."""
-    s = hi + add
-    bp = s - hi
-    lo += (hi - (s - bp)) + (add - bp)
-    hi[...] = s
+    """In place: ``hi + lo += add`` with the rounding error of the addition carried in ``lo`` (Knuth two-sum,
+    one compiled pass)."""
+    two_sum_add(hi, lo, np.ascontiguousarray(add))
+
+
+def gram_rel_error_max(dim: int) -> float:
+    """The largest :attr:`GramSummary.rel_error` of the Gram path (its condition number is kept at most
+    ``GRAM_KAPPA_MAX``): thresholds lowered by this margin stay valid whatever the next conditioning check
+    finds."""
+    return 4.0 * dim * UNIT_ROUNDOFF * GRAM_KAPPA_MAX
 
 
 def _diag_floor(n_rows: int) -> float:
@@ -144,7 +157,7 @@ class GramSummary(NormalizerSummary):
 
     def _enter_qr(self, R: np.ndarray, blocks: list[np.ndarray]) -> None:
         stacked = np.vstack([R, *blocks]) if blocks else R
-        r = np.linalg.qr(stacked, mode="r")
+        r = np.asarray(np.linalg.qr(stacked, mode="r"))
         d = self.dim
         out = np.zeros((d, d))
         k = min(r.shape[0], d)
@@ -182,7 +195,7 @@ class GramSummary(NormalizerSummary):
             return X.T @ X
 
     def add(self, X: np.ndarray, block: np.ndarray | None = None) -> None:
-        """Fold the rows of ``X`` (C-contiguous float64, shape (b, dim)) into the summary.
+        """Fold the rows of ``X`` (C-contiguous float64 or float32, shape (b, dim)) into the summary.
 
         ``block`` is ``block_gram(X)`` if the caller already has it.  When the Gram matrix would overflow
         float64 the summary moves to its R factor (entries up to ``sqrt`` of the Gram's), so it never fails.
@@ -196,7 +209,8 @@ class GramSummary(NormalizerSummary):
             self._enter_qr(self._r, [X])
             return
         if block is None:
-            block = X.T @ X
+            X64 = X.astype(np.float64, copy=False)  # float32 rows: the products are float64 all the same
+            block = X64.T @ X64
         with np.errstate(over="ignore"):  # an overflow (inf on the diagonal) sends the block to the R factor
             diag_new = np.diag(self._hi) + np.diag(self._lo) + np.diag(block)
             unchecked_ok = (self._chk_lam > 0 and np.isfinite(diag_new).all()
@@ -270,7 +284,9 @@ class GramSummary(NormalizerSummary):
                 # Gram mode's conditioning invariant makes this Cholesky succeed; scores use L^-1 (d^3 once
                 # per factor), applied by one GEMM to the rows being scored.
                 L = np.linalg.cholesky(self._hi + self._lo)
-                self._factor = ("chol", np.ascontiguousarray(np.linalg.inv(L).T), self.rel_error)
+                # L^-T is upper triangular: zero the rounding noise LU leaves below the diagonal, so that the
+                # triangular product (trmm) on the ingest path and the general one agree
+                self._factor = ("chol", np.ascontiguousarray(np.triu(np.linalg.inv(L).T)), self.rel_error)
                 self._past_factor = self._factor[1]
                 self._past_diag_max = float(np.diag(self._hi).max())
             else:
@@ -321,6 +337,40 @@ class GramSummary(NormalizerSummary):
             Y = rows @ self._past_factor
             return np.einsum("ij,ij->i", Y, Y)
         return self.scores(rows)
+
+    def ingest_plan(self) -> tuple[np.ndarray | None, float, np.ndarray | None]:
+        """``(scale, lam, W)`` for the candidate test of the next blocks (valid after any later update):
+
+        ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` (:meth:`bound_weights`; ``scale`` None when no bound is at
+        hand) and ``tau(k) <= ||k W||^2`` with ``W`` upper triangular, ``L^-T`` of the current or an earlier
+        Gram matrix (docs/theory.md, "Stale factors"); ``W`` is None in R-factor mode and before the first
+        block.  The factor is refreshed once the largest diagonal entry has doubled since it was taken, so the
+        bounds stay within about 2x of the scores."""
+        scale, lam = self.bound_weights()
+        if self.mode != "gram" or self.n_rows == 0:
+            return scale, lam, None
+        if self._past_factor is None or np.diag(self._hi).max() > 2.0 * self._past_diag_max:
+            self._get_factor()
+        return scale, lam, self._past_factor
+
+    def exact_scores(self, rows: np.ndarray, n_threads: int = 1) -> np.ndarray:
+        """:meth:`scores` of ``rows`` (float32 or float64), on up to ``n_threads`` threads: on the Gram path by the
+        triangular product with ``L^-T`` (BLAS trmm, half the flops of :meth:`scores`' general product), in
+        fixed pieces, so that the result does not depend on ``n_threads``.  Call it where BLAS is held to one
+        thread (:func:`levstream._threads.ingest_threads`)."""
+        kind, W, _ = self._get_factor()
+        m = rows.shape[0]
+        if kind != "chol" or m == 0:
+            return self.scores(rows.astype(np.float64, copy=False))
+        out = np.empty(m)
+        fn = dtrmm_function()
+        step = _SCORE_ITEM_ROWS
+
+        def item(i: int) -> None:
+            upper_scores(rows[i * step:(i + 1) * step], W, fn, out[i * step:(i + 1) * step])
+
+        run_items(item, -(-m // step), n_threads)
+        return out
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""

@@ -72,7 +72,8 @@ class LiftedSummary(NormalizerSummary):
             raise ValueError(
                 f"exact p = 4 needs the lifted Gram matrix of dimension D = d(d+1)/2 = {self.lifted_dim} "
                 f"({need / 2**20:.1f} MiB) but memory_budget is {self.memory_budget / 2**20:.1f} MiB. "
-                "Use exact=False (the l_p coreset) or raise memory_budget.")
+                "Use exact=False (the l_p coreset) or raise memory_budget."
+            )
         self._gram = GramSummary(self.lifted_dim)
         #: the last block added and its lifting (the sketch prefilters that block right after adding it)
         self._last: tuple[np.ndarray, np.ndarray] | None = None
@@ -82,7 +83,7 @@ class LiftedSummary(NormalizerSummary):
         return (self.kind, self.dim)
 
     @property
-    def n_rows(self) -> int:
+    def n_rows(self) -> int:  # type: ignore[override]  # read-only here: the inner Gram summary counts rows
         return self._gram.n_rows
 
     @property
@@ -146,12 +147,19 @@ class LiftedSummary(NormalizerSummary):
 
     def to_state(self) -> tuple[dict, dict]:
         meta, arrays = self._gram.to_state()
-        return {"kind": self.kind, "dim": self.dim, "memory_budget": self.memory_budget, "gram": meta}, arrays
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "memory_budget": self.memory_budget,
+            "gram": meta,
+        }, arrays
 
     @classmethod
     def from_state(cls, meta: dict, arrays: dict) -> LiftedSummary:
         out = cls(int(meta["dim"]), int(meta["memory_budget"]))
         out._gram = GramSummary.from_state(meta["gram"], arrays)
         if out._gram.dim != out.lifted_dim:
-            raise ValueError(f"lifted summary must have dimension {out.lifted_dim}; got {out._gram.dim}.")
+            raise ValueError(
+                f"lifted summary must have dimension {out.lifted_dim}; got {out._gram.dim}."
+            )
         return out
