@@ -1,0 +1,965 @@
+"""Live streams (issue 11) and values with decoding (issue 12): per-step cost against dense NumPy.
+
+Figures (d = 64, eps = 0.01, dv = 64, p = 2):
+
+* ``live``: one step = ``sk.update(k)`` + ``sk.heavy_entries(q[None])``, against dense NumPy over
+  the prefix, at several n; the per-step cost at the largest n over the smallest (flat in n);
+* ``heads``: a 12-head step (``MultiHeadKeySketch.update`` of (12, d) + ``heavy_entries`` of
+  (12, 1, d)) over a single-head step at the same n;
+* ``bulk``: ``update_many`` of 8192-row chunks with one query after each chunk, over Gram-only
+  (``G += X.T @ X``) on the same chunks;
+* ``decode``: a decode step with values (``sk.prefill`` of one row: exact output and heavy entries)
+  against dense p = 2 attention with values over the prefix;
+* ``prefill``: causal prefill in 4096-row chunks against dense causal attention (blocked);
+* ``gemm``: bulk ``update_many`` with values and exact outputs over the GEMM ``phi(K)^T V`` of the
+  same flop count;
+* ``rss``: peak RSS (VmHWM) streaming many vs few keys with values, a fresh process each.
+
+Every figure is measured side by side in one process: the rounds of a figure alternate between the
+sketch and its baseline (and, for ``live`` and ``decode``, between the sizes), and a figure is
+reported as the median and the range over the rounds, never the best round.  The sketch runs with
+the default threads.  The dense baselines are timed with the default BLAS threads *and* with one
+BLAS thread, and the faster of the two is the baseline of the ratio: on a loaded 2-core machine a
+multithreaded OpenBLAS GEMV of 10^4 x 64 waits milliseconds for its threads (one thread: ~0.1 ms),
+and a ratio against that would flatter the sketch.
+
+Every answer is checked against brute force in plain NumPy written here (independent of levstream):
+every live and decode step (at least 1000 per size in the full run), the query after each chunk of
+the bulk build, every prefill row, the outputs after the bulk build with values and after the
+streams of the RSS runs.  Entries must be identical (entries within 1e-9 relative of eps may go
+either way: the documented tie rule), values within rtol 1e-9, exact outputs within rtol 1e-10 of
+the row's largest dense output. The dense baselines' own answers are checked too.  The script exits
+with status 1 on any difference.
+
+    python benchmarks/bench_live.py                     # full sizes (several minutes)
+    python benchmarks/bench_live.py --quick             # small sizes, seconds (the smoke test)
+    python benchmarks/bench_live.py --only live,heads --out live.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import levstream as ls
+from levstream._threads import describe_threads
+from levstream.summaries.lifted import lift
+from levstream.synthetic import attention_like_keys, attention_like_queries
+
+#: The documented tie rule: an entry whose dense value is within this relative distance of eps may
+#: go either way (docs/theory.md, "The guarantee").
+TIE_RTOL = 1e-9
+#: Heavy-entry values (and heavy outputs, captured mass) against the dense ones.
+VALUE_RTOL = 1e-9
+#: Exact outputs against dense attention, relative to the largest |output| of the row (issue 12).
+OUTPUT_RTOL = 1e-10
+#: The brute force keeps every (query, key) whose weight reaches eps times the normaliser summed so
+#: far, lowered by this factor for rounding: the final normaliser is larger, so this is a superset.
+CANDIDATE_SLACK = 1e-6
+
+SECTIONS = ("live", "heads", "bulk", "decode", "prefill", "gemm", "rss")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    live_n: tuple[int, ...]
+    heads_n: int
+    n_heads: int
+    bulk_n: int
+    decode_n: tuple[int, ...]
+    prefill_n: int
+    prefill_chunk: int
+    gemm_n: int
+    rss_n: tuple[int, int]
+    warm_steps: int  # untimed (but checked) steps before the timed rounds
+    rounds: int
+    steps_per_round: int
+    heads_steps_per_round: int
+    dense_budget_s: float  # dense steps of a round stop after this long (at least 10 steps)
+    prefill_rounds: int
+
+
+FULL = Sizes(live_n=(10_000, 100_000, 1_000_000), heads_n=100_000, n_heads=12, bulk_n=2_000_000,
+             decode_n=(10_000, 100_000, 1_000_000), prefill_n=100_000, prefill_chunk=4096,
+             gemm_n=262_144, rss_n=(10_000, 1_000_000), warm_steps=100, rounds=5,
+             steps_per_round=400, heads_steps_per_round=400, dense_budget_s=0.4, prefill_rounds=3)
+QUICK = Sizes(live_n=(1_000, 10_000), heads_n=5_000, n_heads=12, bulk_n=131_072,
+              decode_n=(1_000, 10_000), prefill_n=2048, prefill_chunk=512, gemm_n=16_384,
+              rss_n=(10_000, 20_000), warm_steps=40, rounds=3, steps_per_round=320,
+              heads_steps_per_round=100, dense_budget_s=0.05, prefill_rounds=3)
+
+#: The settings every dense baseline is timed with: default BLAS threads, one BLAS thread.
+DENSE_THREADS: tuple[tuple[str, int | None], ...] = (("default", None), ("1", 1))
+
+
+# ---------------------------------------------------------------------- bookkeeping
+def load() -> list[float]:
+    """``uptime``'s load averages (1, 5, 15 min)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def spread(xs: list[float]) -> dict:
+    """Median and range over the rounds (what is reported), and every round."""
+    a = np.asarray(xs, dtype=float)
+    return {"median": float(np.median(a)), "min": float(a.min()), "max": float(a.max()),
+            "rounds": [float(x) for x in a]}
+
+
+def fmt(s: dict, scale: float = 1.0, digits: int = 1) -> str:
+    """``median (min-max)``."""
+    f = f"{{:.{digits}f}}"
+    lo, hi = f.format(s["min"] * scale), f.format(s["max"] * scale)
+    return f"{f.format(s['median'] * scale)} ({lo}-{hi})"
+
+
+@dataclass
+class Failures:
+    messages: list[str] = field(default_factory=list)
+
+    def add(self, what: str, check: dict) -> None:
+        if not check["ok"]:
+            self.messages.append(f"{what}: {check}")
+            print(f"CHECK FAILED {what}: {check}", flush=True)
+
+
+def section_env(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """Record the load and the thread settings around a section, and its wall time."""
+    def run(*args: Any, **kwargs: Any) -> dict:
+        before, t0 = load(), time.perf_counter()
+        out = fn(*args, **kwargs)
+        out["env"] = {"load_start": before, "load_end": load(), "threads": describe_threads(),
+                      "wall_s": round(time.perf_counter() - t0, 1)}
+        return out
+    return run
+
+
+def limited(setting: int | None) -> Any:
+    """BLAS limited to ``setting`` threads (None: the default)."""
+    return threadpool_limits(limits=setting, user_api="blas")
+
+
+# ---------------------------------------------------------------------- brute force (plain NumPy)
+@dataclass
+class Reference:
+    """Dense answers of T queries: heavy candidates (CSR by query), normalisers, numerators."""
+
+    indptr: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray  # <q, k>^2 of every candidate
+    Z: np.ndarray
+    numerator: np.ndarray | None  # sum_j <q, k_j>^2 v_j
+
+    def row(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(key ids, A)`` of the candidates of query ``t``."""
+        s, e = self.indptr[t], self.indptr[t + 1]
+        return self.ids[s:e], self.weights[s:e] / self.Z[t]
+
+
+def brute_force(Q: np.ndarray, K: np.ndarray, ends: np.ndarray, eps: float,
+                V: np.ndarray | None = None, key_block: int = 16384,
+                query_block: int = 512) -> Reference:
+    """Query ``t`` sees the keys ``K[:ends[t]]`` (``ends`` non-decreasing): its entries near or
+    above ``eps``, its normaliser and (with ``V``) its output numerator.
+
+    One pass over the keys in blocks: a (query, key) pair is kept when its weight reaches ``eps``
+    times the normaliser summed so far, which only grows, so every entry ``A >= eps`` is kept; the
+    comparison applies the final threshold.
+    """
+    T = Q.shape[0]
+    ends = np.asarray(ends, dtype=np.int64)
+    n = int(ends.max()) if T else 0
+    Z = np.zeros(T)
+    num = None if V is None else np.zeros((T, V.shape[1]))
+    rows, cols, ws = [], [], []
+    for a in range(0, n, key_block):
+        b = min(a + key_block, n)
+        first = int(np.searchsorted(ends, a, side="right"))  # the first query that sees key a
+        for qa in range(first, T, query_block):
+            qb = min(qa + query_block, T)
+            W = Q[qa:qb] @ K[a:b].T
+            W *= W
+            if ends[qa] < b:  # key j is visible to query t iff j < ends[t]
+                W[np.arange(a, b)[None, :] >= ends[qa:qb, None]] = 0.0
+            Z[qa:qb] += W.sum(axis=1)
+            if num is not None:
+                num[qa:qb] += W @ V[a:b]
+            r, c = np.nonzero(W >= (eps * (1.0 - CANDIDATE_SLACK)) * Z[qa:qb, None])
+            rows.append(r + qa)
+            cols.append(c + a)
+            ws.append(W[r, c])
+    r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
+    w = np.concatenate(ws) if ws else np.zeros(0)
+    order = np.lexsort((c, r))
+    indptr = np.zeros(T + 1, dtype=np.int64)
+    np.cumsum(np.bincount(r, minlength=T), out=indptr[1:])
+    return Reference(indptr, c[order], w[order], Z, num)
+
+
+def compare_rows(got: list[tuple[np.ndarray, np.ndarray]], ref: Reference, eps: float,
+                 rows: np.ndarray | None = None) -> dict:
+    """Entries of answered rows against the dense reference.
+
+    ``got[i]`` is ``(key_ids, values)`` of reference row ``rows[i]`` (default ``i``).  Every entry
+    with a dense value ``>= eps (1 + TIE_RTOL)`` must be returned, every returned entry must have a
+    dense value ``>= eps (1 - TIE_RTOL)`` ("ties" counts those returned below ``eps (1 + TIE_RTOL)``
+    or not returned above ``eps (1 - TIE_RTOL)``), and the values must agree to ``VALUE_RTOL``.
+    """
+    rows = np.arange(len(got)) if rows is None else rows
+    missed = spurious = ties = entries = 0
+    worst = 0.0
+    for (g_ids, g_vals), t in zip(got, rows):
+        r_ids, r_vals = ref.row(int(t))
+        must = set(r_ids[r_vals >= eps * (1.0 + TIE_RTOL)].tolist())
+        near = r_vals >= eps * (1.0 - TIE_RTOL)
+        allowed = dict(zip(r_ids[near].tolist(), r_vals[near].tolist()))
+        g = g_ids.tolist()
+        gs = set(g)
+        entries += len(must)
+        missed += len(must - gs)
+        spurious += len(gs - allowed.keys())
+        ties += len(gs ^ must) - len(must - gs) - len(gs - allowed.keys())
+        for key, val in zip(g, g_vals.tolist()):
+            if key in allowed:
+                worst = max(worst, abs(val - allowed[key]) / allowed[key])
+    ok = missed == 0 and spurious == 0 and worst <= VALUE_RTOL
+    return {"ok": bool(ok), "rows": len(rows), "entries": entries, "missed": missed,
+            "spurious": spurious, "ties": ties, "max_value_rel_err": float(worst)}
+
+
+def compare_outputs(out: np.ndarray, ref: Reference, rows: np.ndarray | None = None) -> dict:
+    """Exact outputs ``sum_j A_j v_j`` against the dense ones, relative to each row's largest
+    |output|."""
+    rows = np.arange(out.shape[0]) if rows is None else rows
+    assert ref.numerator is not None
+    want = ref.numerator[rows] / ref.Z[rows, None]
+    err = np.abs(out - want).max(axis=1) / np.abs(want).max(axis=1)
+    worst = float(err.max()) if err.size else 0.0
+    return {"ok": bool(worst <= OUTPUT_RTOL), "rows": len(rows), "max_output_rel_err": worst}
+
+
+def compare_heavy_outputs(results: list, ref: Reference, V: np.ndarray, eps: float) -> dict:
+    """``heavy_output`` and ``captured_mass`` of one-query results against the dense heavy entries
+    (rows whose entries differ by a tie are skipped: their sums differ legitimately)."""
+    worst = 0.0
+    for t, res in enumerate(results):
+        ids, A = ref.row(t)
+        keep = A >= eps
+        if not np.array_equal(np.sort(res.entries.key_ids), ids[keep]):
+            continue
+        want_out, want_mass = A[keep] @ V[ids[keep]], A[keep].sum()
+        scale = max(np.abs(want_out).max(initial=0.0), 1e-300)
+        err_out = np.abs(res.heavy_output[0] - want_out).max(initial=0.0) / scale
+        err_mass = abs(float(res.captured_mass[0]) - want_mass) / max(want_mass, 1e-300)
+        worst = max(worst, float(err_out), err_mass)
+    return {"ok": bool(worst <= VALUE_RTOL), "max_heavy_output_rel_err": worst}
+
+
+def merge_checks(*checks: dict, same_rows: bool = True) -> dict:
+    """One verdict from several checks: of the same rows (rounds; entries and outputs: counts are
+    the largest of any check) or of different rows (heads, sizes: counts add up)."""
+    out: dict[str, Any] = {"ok": all(c["ok"] for c in checks)}
+    for c in checks:
+        for key, val in c.items():
+            if key == "ok":
+                continue
+            if key.startswith("max_") or same_rows:
+                out[key] = max(out.get(key, 0), val)
+            else:
+                out[key] = out.get(key, 0) + val
+    return out
+
+
+def entries_of(he: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(key_ids, values)`` of a one-query ``HeavyEntries``."""
+    return he.key_ids, he.values
+
+
+# ---------------------------------------------------------------------- data, warm-up
+def keys(n: int, d: int, seed: int) -> np.ndarray:
+    return np.concatenate(list(attention_like_keys(n, d, chunk_rows=65536, seed=seed)))
+
+
+def values(n: int, dv: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, 0x7A1]).standard_normal((n, dv))
+
+
+def warm_up(d: int, eps: float, dv: int, n_heads: int) -> None:
+    """Compile (or load) every kernel the timed paths use: ingest, live queries, heads, values,
+    prefill."""
+    rng = np.random.default_rng(0)
+    m = 2 * 8192 + 7  # flushes of the default block (8192 rows at d = 64)
+    K, V, Q = rng.standard_normal((m, d)), rng.standard_normal((m, dv)), rng.standard_normal((8, d))
+    sk = ls.KeySketch(d, eps=eps).update_many(K[: m // 2])
+    for i in range(m // 2, m):
+        sk.update(K[i])
+        sk.heavy_entries(Q[i % 8][None])
+    sk.heavy_entries(Q)
+    sv = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True).update_many(K[:300], V[:300])
+    for i in range(300, 600):
+        sv.prefill(K[i][None], V[i][None], Q[i % 8][None])
+    sv.prefill(K[:300], V[:300], K[:300])
+    sv.attend(Q)
+    mh = ls.MultiHeadKeySketch(n_heads, d, eps=eps)
+    mh.update_many(rng.standard_normal((n_heads, m // 2, d)))
+    for _ in range(300):
+        mh.update(rng.standard_normal((n_heads, d)))
+        mh.heavy_entries(rng.standard_normal((n_heads, 1, d)))
+
+
+# ---------------------------------------------------------------------- dense steps
+def dense_step(K: np.ndarray, m: int, x: np.ndarray, q: np.ndarray, eps: float, buf: np.ndarray,
+               mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Append key ``x`` as row ``m`` of the preallocated ``K``, then every ``A >= eps`` of ``q``
+    over ``K[:m+1]`` (scores into the preallocated ``buf``: no per-step allocation of n floats)."""
+    K[m] = x
+    s = buf[: m + 1]
+    np.dot(K[: m + 1], q, out=s)
+    np.multiply(s, s, out=s)
+    Z = s.sum()
+    np.greater_equal(s, eps * Z, out=mask[: m + 1])
+    idx = np.flatnonzero(mask[: m + 1])
+    return idx, s[idx] / Z
+
+
+def dense_step_values(K: np.ndarray, V: np.ndarray, m: int, x: np.ndarray, v: np.ndarray,
+                      q: np.ndarray, eps: float, buf: np.ndarray,
+                      mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`dense_step` with values: also the exact output ``sum_j A_j v_j`` over ``K[:m+1]``."""
+    V[m] = v
+    idx, vals = dense_step(K, m, x, q, eps, buf, mask)
+    s = buf[: m + 1]
+    return idx, vals, (s @ V[: m + 1]) / s.sum()
+
+
+@dataclass
+class Stream:
+    """One prefilled sketch at size ``n`` and its dense twin (every key in a preallocated array)."""
+
+    n: int
+    K: np.ndarray  # the n prefilled keys, then the keys of the steps
+    V: np.ndarray | None
+    sketch: Any
+    answers: list
+    buf: np.ndarray
+    mask: np.ndarray
+    sketch_s: list = field(default_factory=list)
+    dense_s: dict = field(default_factory=lambda: {name: [] for name, _ in DENSE_THREADS})
+    dense: list = field(default_factory=list)  # (step, dense answer)
+
+
+def interleaved_steps(sz: Sizes, streams: list[Stream], sketch_step: Callable[[Stream, int], Any],
+                      dense_step_at: Callable[[Stream, int], Any]) -> None:
+    """Warm steps, then ``sz.rounds`` rounds; in each round every stream (in alternating order)
+    runs its ``sz.steps_per_round`` sketch steps, then dense steps at the same positions with each
+    BLAS setting (alternating order; each stops after ``sz.dense_budget_s``, at least 10 steps)."""
+    for st in streams:
+        for t in range(sz.warm_steps):
+            st.answers[t] = sketch_step(st, t)
+    for r in range(sz.rounds):
+        lo = sz.warm_steps + r * sz.steps_per_round
+        hi = lo + sz.steps_per_round
+        for st in (streams if r % 2 == 0 else streams[::-1]):
+            t0 = time.perf_counter()
+            for t in range(lo, hi):
+                st.answers[t] = sketch_step(st, t)
+            st.sketch_s.append((time.perf_counter() - t0) / sz.steps_per_round)
+            for name, setting in (DENSE_THREADS if r % 2 == 0 else DENSE_THREADS[::-1]):
+                with limited(setting):
+                    done = []
+                    t0 = time.perf_counter()
+                    for t in range(lo, hi):
+                        done.append((t, dense_step_at(st, t)))
+                        if len(done) >= 10 and time.perf_counter() - t0 > sz.dense_budget_s:
+                            break
+                    st.dense_s[name].append((time.perf_counter() - t0) / len(done))
+                st.dense.extend(done)
+
+
+def step_figures(st: Stream) -> dict:
+    """Per-step times and speed-ups of one stream (the baseline: the faster dense setting of each
+    round)."""
+    best = [min(a, b) for a, b in zip(st.dense_s["default"], st.dense_s["1"])]
+    return {"sketch_step_s": spread(st.sketch_s),
+            "dense_step_s": {name: spread(v) for name, v in st.dense_s.items()},
+            "dense_steps_timed_per_round": len(st.dense) // (2 * len(st.sketch_s)),
+            "speedup": spread([b / s for b, s in zip(best, st.sketch_s)]),
+            "speedup_vs_dense_default_threads": spread(
+                [b / s for b, s in zip(st.dense_s["default"], st.sketch_s)])}
+
+
+# ---------------------------------------------------------------------- live steps
+@section_env
+def bench_live(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
+    """Interleaved ``update`` + ``heavy_entries`` steps at every n of ``sz.live_n``."""
+    T = sz.warm_steps + sz.rounds * sz.steps_per_round
+    Q = attention_like_queries(T, d, seed=1, key_seed=0)
+    streams = []
+    for n in sz.live_n:
+        K = keys(n + T, d, seed=0)
+        sk = ls.KeySketch(d, eps=eps)
+        for a in range(0, n, 65536):
+            sk.update_many(K[a:min(n, a + 65536)])
+        streams.append(Stream(n, K, None, sk, [None] * T, np.empty(n + T),
+                              np.empty(n + T, dtype=bool)))
+
+    def sketch_step(st: Stream, t: int) -> Any:
+        st.sketch.update(st.K[st.n + t])
+        return st.sketch.heavy_entries(Q[t][None])
+
+    def dense_at(st: Stream, t: int) -> Any:
+        return dense_step(st.K, st.n + t, st.K[st.n + t], Q[t], eps, st.buf, st.mask)
+
+    interleaved_steps(sz, streams, sketch_step, dense_at)
+    out: dict[str, Any] = {"n": list(sz.live_n), "steps_checked": T,
+                           "timed_steps": sz.rounds * sz.steps_per_round, "per_n": {}}
+    for st in streams:
+        ref = brute_force(Q, st.K, st.n + 1 + np.arange(T), eps)
+        check = compare_rows([entries_of(a) for a in st.answers], ref, eps)
+        failures.add(f"live n={st.n} sketch", check)
+        steps = np.array([t for t, _ in st.dense])
+        dcheck = compare_rows([a for _, a in st.dense], ref, eps, rows=steps)
+        failures.add(f"live n={st.n} dense baseline", dcheck)
+        out["per_n"][str(st.n)] = {**step_figures(st), "retained": int(st.sketch.num_retained),
+                                   "check": check, "dense_check": dcheck}
+        st.K = np.empty((0, d))
+    out["flat_ratio"] = spread([a / b for a, b in zip(streams[-1].sketch_s, streams[0].sketch_s)])
+    out["flat_ratio_of"] = [streams[-1].n, streams[0].n]
+    return out
+
+
+@section_env
+def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
+    """A step of ``n_heads`` heads, one call per op, against a single-head step at the same n."""
+    H, n, per_round = sz.n_heads, sz.heads_n, sz.heads_steps_per_round
+    T = sz.warm_steps + sz.rounds * per_round
+    Kh = np.stack([keys(n + T, d, seed=10 + h) for h in range(H)])  # (H, n + T, d)
+    Qh = np.stack([attention_like_queries(T, d, seed=20 + h, key_seed=10 + h) for h in range(H)])
+    tokens = np.ascontiguousarray(Kh[:, n:].transpose(1, 0, 2))  # (T, H, d): one token per step
+    queries = np.ascontiguousarray(Qh.transpose(1, 0, 2))[:, :, None, :]  # (T, H, 1, d)
+    mh = ls.MultiHeadKeySketch(H, d, eps=eps)
+    one = ls.KeySketch(d, eps=eps)
+    for a in range(0, n, 16384):
+        b = min(n, a + 16384)
+        mh.update_many(Kh[:, a:b])
+        one.update_many(Kh[0, a:b])
+    got_mh: list[Any] = [None] * T
+    got_one: list[Any] = [None] * T
+
+    def run_mh(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            mh.update(tokens[t])
+            got_mh[t] = mh.heavy_entries(queries[t])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    def run_one(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            one.update(tokens[t, 0])
+            got_one[t] = one.heavy_entries(queries[t, 0])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    run_mh(0, sz.warm_steps)
+    run_one(0, sz.warm_steps)
+    t_mh, t_one = [], []
+    for r in range(sz.rounds):
+        lo = sz.warm_steps + r * per_round
+        if r % 2 == 0:
+            t_mh.append(run_mh(lo, lo + per_round))
+            t_one.append(run_one(lo, lo + per_round))
+        else:
+            t_one.append(run_one(lo, lo + per_round))
+            t_mh.append(run_mh(lo, lo + per_round))
+    ends = n + 1 + np.arange(T)
+    checks = []
+    for h in range(H):
+        ref = brute_force(Qh[h], Kh[h], ends, eps)
+        checks.append(compare_rows([entries_of(a[h]) for a in got_mh], ref, eps))
+        if h == 0:
+            single = compare_rows([entries_of(a) for a in got_one], ref, eps)
+            failures.add("heads single-head", single)
+    check = merge_checks(*checks, same_rows=False)
+    failures.add(f"heads {H}-head", check)
+    return {"n": n, "n_heads": H, "steps_checked": T, "heads_step_s": spread(t_mh),
+            "single_step_s": spread(t_one), "ratio": spread([a / b for a, b in zip(t_mh, t_one)]),
+            "retained_per_head": [int(h.num_retained) for h in mh.heads],
+            "retained_single": int(one.num_retained), "check": check, "single_check": single}
+
+
+# ---------------------------------------------------------------------- bulk build with queries
+@section_env
+def bench_bulk(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
+    """``update_many`` of 8192-row chunks + one query per chunk (and without the queries) over
+    Gram-only (the faster of default and one BLAS thread in each round)."""
+    block, n = 8192, sz.bulk_n
+    chunks = list(attention_like_keys(n, d, chunk_rows=block, seed=0))
+    Q = attention_like_queries(len(chunks), d, seed=3, key_seed=0)
+
+    def with_queries() -> tuple[float, list]:
+        sk = ls.KeySketch(d, eps=eps, block_rows=block)
+        got = []
+        t0 = time.perf_counter()
+        for X, q in zip(chunks, Q):
+            sk.update_many(X)
+            got.append(sk.heavy_entries(q[None]))
+        return time.perf_counter() - t0, got
+
+    def without_queries() -> float:
+        sk = ls.KeySketch(d, eps=eps, block_rows=block)
+        t0 = time.perf_counter()
+        for X in chunks:
+            sk.update_many(X)
+        sk.heavy_entries(Q[-1][None])  # the last answer only
+        return time.perf_counter() - t0
+
+    def gram(setting: int | None) -> float:
+        G = np.zeros((d, d))
+        with limited(setting):
+            t0 = time.perf_counter()
+            for X in chunks:
+                G += X.T @ X
+            return time.perf_counter() - t0
+
+    with_queries()  # warm: first touch of the chunks
+    rounds, answers = [], []
+    for r in range(sz.rounds):
+        if r % 2 == 0:
+            tq, got = with_queries()
+            tn = without_queries()
+            g_def, g_one = gram(None), gram(1)
+        else:
+            g_one, g_def = gram(1), gram(None)
+            tn = without_queries()
+            tq, got = with_queries()
+        rounds.append((tq, tn, g_def, g_one))
+        answers.append(got)
+    ends = np.minimum(block * (1 + np.arange(len(chunks))), n)
+    ref = brute_force(Q, np.concatenate(chunks), ends, eps)
+    check = merge_checks(*[compare_rows([entries_of(a) for a in got], ref, eps) for got in answers])
+    failures.add("bulk build queries", check)
+    gram_best = [min(g, o) for _, _, g, o in rounds]
+    return {"n": n, "block": block, "queries": len(chunks),
+            "build_with_queries_s": spread([r[0] for r in rounds]),
+            "build_without_queries_s": spread([r[1] for r in rounds]),
+            "gram_default_s": spread([r[2] for r in rounds]),
+            "gram_1thread_s": spread([r[3] for r in rounds]),
+            "ratio": spread([r[0] / g for r, g in zip(rounds, gram_best)]),
+            "ratio_without_queries": spread([r[1] / g for r, g in zip(rounds, gram_best)]),
+            "check": check}
+
+
+# ---------------------------------------------------------------------- decode steps with values
+@section_env
+def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """``prefill`` of one row (exact output, heavy entries) against dense attention with values."""
+    T = sz.warm_steps + sz.rounds * sz.steps_per_round
+    Q = attention_like_queries(T, d, seed=2, key_seed=0)
+    streams = []
+    for n in sz.decode_n:
+        K, V = keys(n + T, d, seed=0), values(n + T, dv, seed=0)
+        sk = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+        for a in range(0, n, 65536):
+            sk.update_many(K[a:min(n, a + 65536)], V[a:min(n, a + 65536)])
+        streams.append(Stream(n, K, V, sk, [None] * T, np.empty(n + T),
+                              np.empty(n + T, dtype=bool)))
+
+    def sketch_step(st: Stream, t: int) -> Any:
+        m = st.n + t
+        return st.sketch.prefill(st.K[m][None], st.V[m][None], Q[t][None])
+
+    def dense_at(st: Stream, t: int) -> Any:
+        m = st.n + t
+        return dense_step_values(st.K, st.V, m, st.K[m], st.V[m], Q[t], eps, st.buf, st.mask)
+
+    interleaved_steps(sz, streams, sketch_step, dense_at)
+    out: dict[str, Any] = {"n": list(sz.decode_n), "dv": dv, "steps_checked": T,
+                           "timed_steps": sz.rounds * sz.steps_per_round, "per_n": {}}
+    for st in streams:
+        assert st.V is not None
+        ref = brute_force(Q, st.K, st.n + 1 + np.arange(T), eps, V=st.V)
+        check = merge_checks(
+            compare_rows([entries_of(a.entries) for a in st.answers], ref, eps),
+            compare_outputs(np.concatenate([a.output for a in st.answers]), ref),
+            compare_heavy_outputs(st.answers, ref, st.V, eps))
+        failures.add(f"decode n={st.n} sketch", check)
+        steps = np.array([t for t, _ in st.dense])
+        dcheck = merge_checks(
+            compare_rows([(i, v) for _, (i, v, _) in st.dense], ref, eps, rows=steps),
+            compare_outputs(np.array([o for _, (_, _, o) in st.dense]), ref, rows=steps))
+        failures.add(f"decode n={st.n} dense baseline", dcheck)
+        out["per_n"][str(st.n)] = {**step_figures(st), "check": check, "dense_check": dcheck}
+        st.K, st.V = np.empty((0, d)), None
+    out["flat_ratio"] = spread([a / b for a, b in zip(streams[-1].sketch_s, streams[0].sketch_s)])
+    out["flat_ratio_of"] = [streams[-1].n, streams[0].n]
+    return out
+
+
+# ---------------------------------------------------------------------- causal prefill
+def dense_causal(K: np.ndarray, V: np.ndarray, Q: np.ndarray, eps: float,
+                 block: int = 256) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Dense p = 2 causal attention in blocks of query rows: the outputs and every entry
+    ``A >= eps`` of each row (row ``i`` sees keys ``0..i``)."""
+    n = K.shape[0]
+    out = np.empty((n, V.shape[1]))
+    entries = []
+    above = np.triu(np.ones((block, block), dtype=bool), k=1)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        W = Q[a:b] @ K[:b].T
+        W *= W
+        W[:, a:b][above[: b - a, : b - a]] = 0.0
+        Z = W.sum(axis=1)
+        out[a:b] = (W @ V[:b]) / Z[:, None]
+        W /= Z[:, None]
+        r, c = np.nonzero(W >= eps)
+        split = np.searchsorted(r, np.arange(b - a + 1))
+        entries.extend((c[split[i]:split[i + 1]], W[i, c[split[i]:split[i + 1]]])
+                       for i in range(b - a))
+    return out, entries
+
+
+@section_env
+def bench_prefill(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """``prefill`` chunk by chunk into an empty sketch against dense causal attention, same rows.
+
+    The sketch also runs with one BLAS thread (for information: the figure is default threads)."""
+    n, c = sz.prefill_n, sz.prefill_chunk
+    K, V = keys(n, d, seed=5), values(n, dv, seed=5)
+    Q = attention_like_queries(n, d, seed=6, key_seed=5)
+
+    def sketch(setting: int | None = None) -> tuple[float, np.ndarray, list]:
+        sk = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+        outs, got = [], []
+        with limited(setting):
+            t0 = time.perf_counter()
+            for a in range(0, n, c):
+                r = sk.prefill(K[a:a + c], V[a:a + c], Q[a:a + c])
+                outs.append(r.output)
+                got.append(r.entries)
+            el = time.perf_counter() - t0
+        return el, np.concatenate(outs), [row for he in got for row in he]
+
+    def dense(setting: int | None) -> tuple[float, np.ndarray, list]:
+        with limited(setting):
+            t0 = time.perf_counter()
+            out, entries = dense_causal(K, V, Q, eps)
+            return time.perf_counter() - t0, out, entries
+
+    sketch()  # warm
+    t_sk, t_sk1, t_def, t_one = [], [], [], []
+    checks, ref = [], None
+    for r in range(sz.prefill_rounds):
+        if r % 2 == 0:
+            ts, out_s, rows_s = sketch()
+            ts1, out_s1, rows_s1 = sketch(1)
+            (td, out_d, rows_d), (to, _, _) = dense(None), dense(1)
+        else:
+            (to, _, _), (td, out_d, rows_d) = dense(1), dense(None)
+            ts1, out_s1, rows_s1 = sketch(1)
+            ts, out_s, rows_s = sketch()
+        t_sk.append(ts)
+        t_sk1.append(ts1)
+        t_def.append(td)
+        t_one.append(to)
+        if ref is None:  # the dense rows as a Reference: here the dense baseline is the brute force
+            indptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum([len(i) for i, _ in rows_d], out=indptr[1:])
+            ref = Reference(indptr, np.concatenate([i for i, _ in rows_d]),
+                            np.concatenate([a for _, a in rows_d]), np.ones(n), out_d)
+        checks.append(merge_checks(compare_rows(rows_s, ref, eps), compare_outputs(out_s, ref),
+                                   compare_rows(rows_s1, ref, eps), compare_outputs(out_s1, ref)))
+    check = merge_checks(*checks)
+    failures.add("prefill vs dense causal", check)
+    best = [min(a, b) for a, b in zip(t_def, t_one)]
+    return {"n": n, "chunk": c, "dv": dv, "sketch_s": spread(t_sk),
+            "sketch_1thread_blas_s": spread(t_sk1), "dense_default_s": spread(t_def),
+            "dense_1thread_s": spread(t_one),
+            "speedup": spread([b / s for b, s in zip(best, t_sk)]),
+            "check": check}
+
+
+# ---------------------------------------------------------------------- values in bulk vs GEMM
+@section_env
+def bench_gemm(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """Bulk ``update_many(K, V)`` with exact outputs against the GEMM ``phi(K)^T V`` on the same
+    8192-row chunks (the lifting ``phi`` untimed; the faster of default and one BLAS thread in each
+    round)."""
+    block, n = 8192, sz.gemm_n
+    chunks = list(attention_like_keys(n, d, chunk_rows=block, seed=7))
+    vchunks = [values(X.shape[0], dv, seed=100 + i) for i, X in enumerate(chunks)]
+    D = d * (d + 1) // 2
+
+    def sketch() -> tuple[float, Any]:
+        sk = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True, block_rows=block)
+        t0 = time.perf_counter()
+        for X, V in zip(chunks, vchunks):
+            sk.update_many(X, V)
+        return time.perf_counter() - t0, sk
+
+    def gemm(setting: int | None) -> tuple[float, float]:
+        S = np.zeros((D, dv))
+        t_gemm = t_lift = 0.0
+        with limited(setting):
+            for X, V in zip(chunks, vchunks):
+                t0 = time.perf_counter()
+                L = lift(X)
+                t1 = time.perf_counter()
+                S += L.T @ V
+                t_lift += t1 - t0
+                t_gemm += time.perf_counter() - t1
+        return t_gemm, t_lift
+
+    sketch()
+    rounds = []
+    for r in range(sz.rounds):
+        if r % 2 == 0:
+            ts, sk = sketch()
+            (gd, ld), (go, lo) = gemm(None), gemm(1)
+        else:
+            (go, lo), (gd, ld) = gemm(1), gemm(None)
+            ts, sk = sketch()
+        rounds.append((ts, gd, go, min(ld, lo)))
+    Qc = attention_like_queries(64, d, seed=8, key_seed=7)
+    ref = brute_force(Qc, np.concatenate(chunks), np.full(64, n), eps, V=np.concatenate(vchunks))
+    res = sk.attend(Qc)
+    check = merge_checks(compare_rows(list(res.entries), ref, eps),
+                         compare_outputs(res.output, ref))
+    failures.add("update_many with values: attend", check)
+    best = [min(r[1], r[2]) for r in rounds]
+    return {"n": n, "block": block, "D": D, "dv": dv, "gemm_flops": 2 * n * D * dv,
+            "sketch_s": spread([r[0] for r in rounds]),
+            "gemm_default_s": spread([r[1] for r in rounds]),
+            "gemm_1thread_s": spread([r[2] for r in rounds]),
+            "lift_s": spread([r[3] for r in rounds]),
+            "ratio": spread([r[0] / b for r, b in zip(rounds, best)]),
+            "ratio_vs_lift_plus_gemm": spread([r[0] / (b + r[3]) for r, b in zip(rounds, best)]),
+            "check": check}
+
+
+# ---------------------------------------------------------------------- peak RSS
+def rss_child(n: int, d: int, eps: float, dv: int) -> None:
+    """Stream ``n`` keys with values (8192-row chunks, never all held); print VmHWM and a check of 8
+    exact outputs and their heavy entries (keys regenerated after VmHWM is read) as JSON."""
+    def status(name: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(name + ":"))
+
+    def pairs() -> Any:
+        for i, X in enumerate(attention_like_keys(n, d, chunk_rows=8192, seed=0)):
+            yield X, values(X.shape[0], dv, seed=1000 + i)
+
+    warm = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+    warm.extend([next(pairs())])
+    warm.attend(np.ones((2, d)))
+    del warm
+    rss_before = status("VmRSS")
+    sk = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+    sk.extend(pairs())
+    Qc = attention_like_queries(8, d, seed=9, key_seed=0)
+    res = sk.attend(Qc)
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec (a child would report a larger parent's peak)
+    hwm = status("VmHWM")
+    Z, num, blocks, start = np.zeros(8), np.zeros((8, dv)), [], 0
+    for X, V in pairs():
+        W = (Qc @ X.T) ** 2
+        Z += W.sum(axis=1)
+        num += W @ V
+        blocks.append((start, W))
+        start += X.shape[0]
+    per_row: list[list[tuple[int, float]]] = [[] for _ in range(8)]
+    for start, W in blocks:
+        r, c = np.nonzero(W >= eps * (1 - CANDIDATE_SLACK) * Z[:, None])
+        for i, j in zip(r.tolist(), c.tolist()):
+            per_row[i].append((start + j, float(W[i, j])))
+    indptr = np.zeros(9, dtype=np.int64)
+    np.cumsum([len(p) for p in per_row], out=indptr[1:])
+    flat = [e for p in per_row for e in sorted(p)]
+    ref = Reference(indptr, np.array([j for j, _ in flat], dtype=np.int64),
+                    np.array([w for _, w in flat]), Z, num)
+    check = merge_checks(compare_rows(list(res.entries), ref, eps),
+                         compare_outputs(res.output, ref))
+    print(json.dumps({"n": n, "hwm": hwm, "rss_before_stream": rss_before,
+                      "retained": int(sk.num_retained), "sketch_nbytes": int(sk.nbytes),
+                      "check": check}))
+
+
+@section_env
+def bench_rss(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """Peak RSS of :func:`rss_child` at the two sizes of ``sz.rss_n``, a fresh process each."""
+    out = {}
+    for n in sz.rss_n:
+        res = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True,
+                             text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"rss child n={n} failed:\n{res.stderr}")
+        out[n] = json.loads(res.stdout.strip().splitlines()[-1])
+        failures.add(f"rss n={n} attend", out[n]["check"])
+    small, large = sz.rss_n
+    mb = 2.0**20
+    return {"n_small": small, "n_large": large, "hwm_small_MB": out[small]["hwm"] / mb,
+            "hwm_large_MB": out[large]["hwm"] / mb, "ratio": out[large]["hwm"] / out[small]["hwm"],
+            "rss_before_stream_MB": [out[n]["rss_before_stream"] / mb for n in sz.rss_n],
+            "retained": [out[n]["retained"] for n in sz.rss_n],
+            "sketch_MB": [out[n]["sketch_nbytes"] / mb for n in sz.rss_n],
+            "check": merge_checks(out[small]["check"], out[large]["check"], same_rows=False)}
+
+
+# ---------------------------------------------------------------------- report
+def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
+    """``(figure, measured, target, met)`` of every figure that was run."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    us = 1e6
+
+    def steps(name: str, targets: dict[int, float]) -> None:
+        sec = res[name]
+        what = "live step" if name == "live" else "decode step with values"
+        for n, v in sec["per_n"].items():
+            target = targets.get(int(n))
+            dense = v["dense_step_s"]
+            digits = 1 if v["speedup"]["median"] < 10 else 0
+            measured = (f"{fmt(v['speedup'], digits=digits)}x ({fmt(v['sketch_step_s'], us)} us vs "
+                        f"{fmt(dense['1'], us, 0)} us 1-thread / {fmt(dense['default'], us, 0)} us "
+                        "default)")
+            rows.append((f"{what} vs dense, n = {int(n):.0e}", measured,
+                         f">= {target:.0f}x" if target else "-",
+                         None if target is None else v["speedup"]["median"] >= target))
+        hi, lo = sec["flat_ratio_of"]
+        rows.append((f"{what}: per-step cost n = {hi:.0e} / {lo:.0e}",
+                     fmt(sec["flat_ratio"], digits=2), "<= 1.3",
+                     sec["flat_ratio"]["median"] <= 1.3))
+
+    if "live" in res:
+        steps("live", {100_000: 100.0, 1_000_000: 1000.0})
+    if "heads" in res:
+        h = res["heads"]
+        measured = (f"{fmt(h['ratio'], digits=2)} ({fmt(h['heads_step_s'], us)} us vs "
+                    f"{fmt(h['single_step_s'], us)} us)")
+        rows.append((f"{h['n_heads']}-head step / single-head step, n = {h['n']:.0e}", measured,
+                     "<= 4", h["ratio"]["median"] <= 4))
+    if "bulk" in res:
+        b = res["bulk"]
+        measured = (f"{fmt(b['ratio'], digits=2)} (without the queries "
+                    f"{fmt(b['ratio_without_queries'], digits=2)})")
+        rows.append((f"bulk build + 1 query per 8192-row chunk / Gram-only, n = {b['n']:.0e}",
+                     measured, "<= 1.6", b["ratio"]["median"] <= 1.6))
+    if "decode" in res:
+        steps("decode", {100_000: 100.0})
+    if "prefill" in res:
+        p = res["prefill"]
+        measured = (f"{fmt(p['speedup'], digits=1)}x ({fmt(p['sketch_s'], digits=2)} s vs "
+                    f"{fmt(p['dense_1thread_s'], digits=2)} s 1-thread / "
+                    f"{fmt(p['dense_default_s'], digits=2)} s default)")
+        rows.append((f"causal prefill ({p['chunk']}-row chunks) vs dense causal, n = {p['n']:.0e}",
+                     measured, ">= 5x", p["speedup"]["median"] >= 5))
+    if "gemm" in res:
+        g = res["gemm"]
+        measured = (f"{fmt(g['ratio'], digits=2)} ({fmt(g['sketch_s'], digits=2)} s vs "
+                    f"{fmt(g['gemm_1thread_s'], digits=2)} s 1-thread / "
+                    f"{fmt(g['gemm_default_s'], digits=2)} s default)")
+        rows.append((f"update_many with values, exact outputs / GEMM phi(K)^T V, n = {g['n']:,}",
+                     measured, "<= 1.3", g["ratio"]["median"] <= 1.3))
+    if "rss" in res:
+        r = res["rss"]
+        rows.append((f"peak RSS with values, n = {r['n_large']:.0e} / {r['n_small']:.0e}",
+                     f"{r['ratio']:.3f} ({r['hwm_large_MB']:.1f} MB / {r['hwm_small_MB']:.1f} MB)",
+                     "<= 1.05", r["ratio"] <= 1.05))
+    return rows
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, seconds (the smoke test)")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--out", metavar="FILE", help="write every measurement as JSON")
+    ap.add_argument("--rss-child", type=int, metavar="N", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    d, eps, dv = 64, 0.01, 64
+    if args.rss_child is not None:
+        rss_child(args.rss_child, d, eps, dv)
+        return 0
+    only = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        ap.error(f"--only must name sections among {', '.join(SECTIONS)}; got {', '.join(unknown)}")
+    sz = QUICK if args.quick else FULL
+    command = " ".join(["python benchmarks/bench_live.py"] + (["--quick"] if args.quick else [])
+                       + ([f"--only {args.only}"] if set(only) != set(SECTIONS) else []))
+    header = {"command": command, "commit": git_commit(),
+              "utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "python": platform.python_version(), "numpy": np.__version__,
+              "levstream": ls.__version__, "threads": describe_threads(), "load_start": load(),
+              "d": d, "eps": eps, "dv": dv}
+    print(f"# {header['command']}  [{header['commit']}, {header['utc']}]")
+    print(f"# {header['machine']}, python {header['python']}, numpy {header['numpy']}; "
+          f"{header['threads']}")
+    print(f"# load average {header['load_start']}", flush=True)
+    failures = Failures()
+    t0 = time.perf_counter()
+    warm_up(d, eps, dv, sz.n_heads)
+    runners: dict[str, Callable[[], dict]] = {
+        "live": lambda: bench_live(sz, d, eps, failures),
+        "heads": lambda: bench_heads(sz, d, eps, failures),
+        "bulk": lambda: bench_bulk(sz, d, eps, failures),
+        "decode": lambda: bench_decode(sz, d, eps, dv, failures),
+        "prefill": lambda: bench_prefill(sz, d, eps, dv, failures),
+        "gemm": lambda: bench_gemm(sz, d, eps, dv, failures),
+        "rss": lambda: bench_rss(sz, d, eps, dv, failures)}
+    results: dict[str, Any] = {}
+    for name in SECTIONS:
+        if name in only:
+            results[name] = runners[name]()
+            env = results[name]["env"]
+            print(f"# {name}: {env['wall_s']} s, load {env['load_start']} -> {env['load_end']}",
+                  flush=True)
+    header["load_end"] = load()
+    header["wall_s"] = round(time.perf_counter() - t0, 1)
+    rows = summary_rows(results)
+    print("\n| figure | measured: median (range) over the rounds | target | met |")
+    print("|---|---|---|---|")
+    for fig, measured, target, met in rows:
+        verdict = "-" if met is None else ("yes" if met else "**no**")
+        print(f"| {fig} | {measured} | {target} | {verdict} |")
+    checks = {name: r["check"] for name, r in results.items() if "check" in r}
+    for name in ("live", "decode"):
+        if name in results:
+            checks[name] = merge_checks(*[v["check"] for v in results[name]["per_n"].values()],
+                                        same_rows=False)
+    print("\nchecks against brute force: " + "; ".join(
+        f"{name} {'ok' if c['ok'] else 'FAILED'} ({c.get('rows', 0)} query rows, "
+        f"{c.get('entries', 0)} entries, {c.get('ties', 0)} ties)" for name, c in checks.items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(
+            {"header": header, "results": results, "summary": [list(r) for r in rows],
+             "failures": failures.messages}, indent=2, default=float))
+    if failures.messages:
+        print(f"FAILED: {len(failures.messages)} check(s) differ from brute force")
+        return 1
+    print(f"ok: every checked answer equals brute force ({header['wall_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
