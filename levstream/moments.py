@@ -75,6 +75,7 @@ class MomentState:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held (the compensated state and the row buffer)."""
         return int(
             self._hi.nbytes + self._lo.nbytes + self._buf_keys.nbytes + self._buf_values.nbytes
         )
@@ -124,6 +125,7 @@ class MomentState:
         self._fold(X, V)
 
     def merge(self, other: MomentState) -> None:
+        """Add ``other``'s state (keys of another shard): ``S = S1 + S2``."""
         self._fold_buffer()
         _two_sum_add(self._hi, self._lo, other._hi)
         self._lo += other._lo
@@ -132,6 +134,7 @@ class MomentState:
         self._sum = None
 
     def copy(self) -> MomentState:
+        """An independent copy."""
         out = MomentState.__new__(MomentState)
         out.dim, out.value_dim, out._buf_n = self.dim, self.value_dim, self._buf_n
         out.degree, out._inner = self.degree, self._inner
@@ -156,6 +159,7 @@ class MomentState:
         return out
 
     def to_state(self) -> dict[str, np.ndarray]:
+        """Named arrays for serialization (the state and the waiting rows)."""
         return {
             "moments_hi": self._hi,
             "moments_lo": self._lo,
@@ -167,6 +171,7 @@ class MomentState:
     def from_state(
         cls, dim: int, value_dim: int, arrays: dict[str, np.ndarray], degree: int = 2
     ) -> MomentState:
+        """Inverse of :meth:`to_state` (raises ``ValueError`` for inconsistent shapes)."""
         out = cls(dim, value_dim, degree)
         for name in ("moments_hi", "moments_lo"):
             arr = arrays[name]

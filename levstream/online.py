@@ -144,6 +144,7 @@ class OnlineLeverageSampler:
         return self
 
     def copy(self) -> OnlineLeverageSampler:
+        """An independent deep copy (generator state included)."""
         out = OnlineLeverageSampler.__new__(OnlineLeverageSampler)
         out.__dict__.update(self.__dict__)
         out._rows = self._rows[: self._m].copy()

@@ -168,6 +168,7 @@ class HeavyEntries:
 
     @property
     def n_queries(self) -> int:
+        """Number of query rows."""
         return int(self.indptr.shape[0] - 1)
 
     def __len__(self) -> int:

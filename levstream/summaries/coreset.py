@@ -251,6 +251,7 @@ class CoresetSummary(NormalizerSummary):
 
     @property
     def num_rows(self) -> int:
+        """Rows in the coreset now (sampled, rescaled keys)."""
         return self._m
 
     @property
@@ -280,9 +281,6 @@ class CoresetSummary(NormalizerSummary):
         """Numerical rank of the coreset's Lewis form (directions outside it get sensitivity bound 1)."""
         return int(self._form.vals.size)
 
-    @property
-    def rank_bound(self) -> int:
-        return self.dim
 
     @property
     def nbytes(self) -> int:

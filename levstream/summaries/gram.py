@@ -274,7 +274,10 @@ class GramSummary(NormalizerSummary):
         return out
 
     # ------------------------------------------------------------------ scores
-    def _get_factor(self) -> tuple[str, np.ndarray, float]:
+    def _get_factor(self, remember: bool = True) -> tuple[str, np.ndarray, float]:
+        """The factor of the current ``G`` (computed once per update); ``remember``: also keep a new Cholesky
+        factor as the stale factor of later bounds (a prune's factor is not kept, so that pruning never
+        changes the bounds the ingest path uses)."""
         if self._factor is None:
             d = self.dim
             if self.n_rows == 0:
@@ -287,8 +290,9 @@ class GramSummary(NormalizerSummary):
                 # L^-T is upper triangular: zero the rounding noise LU leaves below the diagonal, so that the
                 # triangular product (trmm) on the ingest path and the general one agree
                 self._factor = ("chol", np.ascontiguousarray(np.triu(np.linalg.inv(L).T)), self.rel_error)
-                self._past_factor = self._factor[1]
-                self._past_diag_max = float(np.diag(self._hi).max())
+                if remember:
+                    self._past_factor = self._factor[1]
+                    self._past_diag_max = float(np.diag(self._hi).max())
             else:
                 assert self._r is not None
                 # Rank decided on the column-equilibrated R (scores are invariant under column scaling), so a
@@ -321,11 +325,6 @@ class GramSummary(NormalizerSummary):
             return 4.0 * self.dim * UNIT_ROUNDOFF * (2.0 * self.dim / self._chk_lam)
         return self._get_factor()[2]
 
-    @property
-    def rank_bound(self) -> int:
-        """Upper bound on ``rank(K)``, hence on the sum of all leverage scores."""
-        kind, F, _ = self._get_factor()
-        return self.dim if kind == "chol" else int(F.shape[1])
 
     def score_upper_bounds(self, rows: np.ndarray) -> np.ndarray:
         """Upper bounds on :meth:`scores`, cheaper: with ``L^-T`` of an earlier Gram matrix ``G_0 <= G``,
@@ -350,7 +349,8 @@ class GramSummary(NormalizerSummary):
         if self.mode != "gram" or self.n_rows == 0:
             return scale, lam, None
         if self._past_factor is None or np.diag(self._hi).max() > 2.0 * self._past_diag_max:
-            self._get_factor()
+            self._past_factor = self._get_factor()[1]
+            self._past_diag_max = float(np.diag(self._hi).max())
         return scale, lam, self._past_factor
 
     def exact_scores(self, rows: np.ndarray, n_threads: int = 1) -> np.ndarray:
@@ -358,7 +358,7 @@ class GramSummary(NormalizerSummary):
         triangular product with ``L^-T`` (BLAS trmm, half the flops of :meth:`scores`' general product), in
         fixed pieces, so that the result does not depend on ``n_threads``.  Call it where BLAS is held to one
         thread (:func:`levstream._threads.ingest_threads`)."""
-        kind, W, _ = self._get_factor()
+        kind, W, _ = self._get_factor(remember=False)
         m = rows.shape[0]
         if kind != "chol" or m == 0:
             return self.scores(rows.astype(np.float64, copy=False))

@@ -84,6 +84,7 @@ class LiftedSummary(NormalizerSummary):
 
     @property
     def n_rows(self) -> int:  # type: ignore[override]  # read-only here: the inner Gram summary counts rows
+        """Keys added."""
         return self._gram.n_rows
 
     @property
@@ -125,9 +126,6 @@ class LiftedSummary(NormalizerSummary):
     def rel_error(self) -> float:
         return self._gram.rel_error
 
-    @property
-    def rank_bound(self) -> int:
-        return self._gram.rank_bound
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """Lifted leverage scores ``phi(k)^T G4^+ phi(k)`` (upper bounds on the p = 4 sensitivities)."""
