@@ -27,6 +27,7 @@ Run::
     python examples/power_lm.py --quick       # tiny models, small contexts: a smoke run (< 1 min)
     python examples/power_lm.py --out DIR     # also write DIR/power-lm.json with every figure
                                               # and the power model's weights (power-lm-model.npz)
+    python examples/power_lm.py --model DIR/power-lm-model.npz   # decode a saved model again
 
 ``--quick`` is implied by the environment variable ``LEVSTREAM_QUICK=1``.  The exit status is 1 when
 the logits of the levstream decode differ from the full forward by more than ``LOGITS_RTOL``.
@@ -604,7 +605,7 @@ def bench_child(spec_path: str) -> None:
     peak_state = [0]
     # warm-up on a throw-away state: numba loads or compiles its kernels (the fold and prune ones
     # need a few blocks of rows), BLAS starts
-    w = min(n, 4 * (spec["block_rows"] or 1024))
+    w = min(len(data["context"]) - 8, 4 * (spec["block_rows"] or 1024))
     if method == "levstream":
         warm = LevstreamStates(cfg, spec["eps"], block_rows=spec["block_rows"])
     else:
@@ -725,11 +726,14 @@ def _mib(x) -> str:
 
 def report(res: dict) -> None:
     tr = res["training"]
-    print("\n## Validation bits per character (same size, steps, batches and seed)")
-    print("| attention | val bits/char | last train loss (bits/char) | parameters "
-          "| train time (s) |")
-    print("|---|---|---|---|---|")
-    for kind in ("power", "softmax"):
+    if tr:
+        print("\n## Validation bits per character (same size, steps, batches and seed)")
+        print("| attention | val bits/char | last train loss (bits/char) | parameters "
+              "| train time (s) |")
+        print("|---|---|---|---|---|")
+    else:
+        print(f"\n(power model loaded from {res['model']}: no training figures)")
+    for kind in tr:
         t = tr[kind]
         print(f"| {kind} | {t['val_bpc']:.3f} | {t['final_train_bits']:.3f} | {t['parameters']:,} "
               f"| {t['seconds']:.0f} |")
@@ -796,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS/OpenMP/numba threads for everything after training (default 1)")
     ap.add_argument("--no-licenses", action="store_true", help=f"do not train on {LICENSE_DIR}")
+    ap.add_argument("--model", help="power-lm-model.npz of an earlier --out: decode that model "
+                                    "(no training)")
     ap.add_argument("--bench-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bench_child:
@@ -834,7 +840,15 @@ def main(argv: list[str] | None = None) -> int:
     starts = batch_starts(len(corpus["train"]), cfg, args.seed)
     res["training"] = {}
     models = {}
-    for kind in ("power", "softmax"):
+    if args.model:  # a power model saved by an earlier run: no training, no softmax model
+        saved = np.load(args.model)
+        cfg = Config(**json.loads(str(saved["config"])))
+        res["config"], res["model"] = asdict(cfg), args.model
+        models["power"] = build_model(cfg, "power")
+        models["power"].load_state_dict({k[2:]: torch.from_numpy(saved[k]) for k in saved.files
+                                         if k.startswith("w:")})
+        models["power"].eval()
+    for kind in () if args.model else ("power", "softmax"):
         model, seconds, losses = train(cfg, kind, corpus["train"], starts, args.seed)
         models[kind] = model
         res["training"][kind] = {
