@@ -16,6 +16,11 @@ FASTMATH = set({"nsz", "contract", "afn", "reassoc"})
 #: unit roundoff of float64.
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2
 
+#: The documented tie rule (docs/theory.md, "The guarantee"): a key or entry whose exact value is within this
+#: relative distance of the threshold may go either way.  Brute-force checks (levstream.testing, the demo) use
+#: it; the sketch itself reports with the narrower margin below.
+TIE_RTOL = 1e-9
+
 #: Reporting margin: an entry or key whose computed value is within this relative distance below the threshold
 #: is still reported.  The documented tie rule (docs/theory.md, "The guarantee") lets values within 1e-9 of the
 #: threshold go either way; reporting leans inclusive, well inside that band.

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ._config import TIE_RTOL
 from ._validation import as_matrix, check_eps, check_p
 from .results import HeavyEntries
 
@@ -106,7 +107,6 @@ def exact_sensitivities(K: Any, *, p: float = 2, n_starts: int = 64, rng: Any = 
 
 #: Tie band of the contract (docs/theory.md, "The guarantee"): entries whose value is within this
 #: relative distance of eps may go either way; exact values equal the dense values to this rtol.
-_TIE_RTOL = 1e-9
 _VALUE_RTOL = 1e-9
 
 
@@ -206,7 +206,7 @@ def check_sketch_contract(
             known = keys.size == 0 or (keys.min() >= 0 and keys.max() < n)
             _require(known, f"{where}: key ids never fed were returned")
             true = A[rows, keys]
-            must = set(zip(*(ix.tolist() for ix in np.nonzero(A >= eps * (1 + _TIE_RTOL)))))
+            must = set(zip(*(ix.tolist() for ix in np.nonzero(A >= eps * (1 + TIE_RTOL)))))
             missed = sorted(must - set(zip(rows.tolist(), keys.tolist())))
             _require(
                 not missed,
@@ -220,7 +220,7 @@ def check_sketch_contract(
                 f"{sorted(needed)[:5]}",
             )
             if got.lower is None:
-                low = true < eps * (1 - _TIE_RTOL)
+                low = true < eps * (1 - TIE_RTOL)
                 _require(not low.any(), f"{where}: {int(low.sum())} entries returned below eps")
                 _require(
                     np.allclose(got.values, true, rtol=_VALUE_RTOL, atol=0.0),
@@ -234,7 +234,7 @@ def check_sketch_contract(
                     f"{where}: a true value lies outside its [lower, upper] bounds",
                 )
                 if delta is not None:
-                    floor = eps * (1 - delta) ** 2 * (1 - _TIE_RTOL)
+                    floor = eps * (1 - delta) ** 2 * (1 - TIE_RTOL)
                     _require(
                         np.all(true >= floor),
                         f"{where}: an entry's true value is below eps (1 - delta)^2",

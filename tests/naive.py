@@ -1,4 +1,4 @@
-"""Brute-force twins of everything the sketch computes (STYLE.md: "every routine has a naive twin").
+"""Brute-force twins of everything the sketch computes (every routine has a naive twin).
 
 Deliberately simple, written with NumPy only, and independent of levstream's code paths: no Gram matrix
 accumulation, no Cholesky, no R-factor updates, no numba, no pruning.  Small inputs only.

@@ -118,7 +118,7 @@ def _dense_attention_bounds(Q: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _tie_rtol(K: np.ndarray) -> float:
-    """The DESIGN.md tie band, widened to the accuracy any float64 method has on this K (about kappa * u,
+    """The documented tie band (docs/theory.md, "The guarantee"), widened to the accuracy any float64 method has on this K (about kappa * u,
     kappa of the column-equilibrated K, which governs the accuracy of scale-invariant scores)."""
     col_max = np.abs(K).max(axis=0)
     s = np.linalg.svd(K[:, col_max > 0] / col_max[col_max > 0], compute_uv=False)
