@@ -5,16 +5,33 @@ whose leverage score may still reach ``eps``) and, after them, the *pending* row
 but not yet folded in).  Every operation that moves rows — append, drop the rows that failed a test, sort, copy,
 serialize — moves ids, keys and values together, so no caller reorders parallel arrays by hand.
 
-Storage grows geometrically with what is held and shrinks after large drops, so its size follows the rows
-held, not a capacity fixed in advance.
+Storage grows geometrically (by half) with what is held and is trimmed on request (:meth:`trim`), so its size
+follows the rows held, not a capacity fixed in advance.  Key rows are kept in the precision they arrived in:
+float32 while every key held is float32 (exact: all arithmetic on them is float64), float64 as soon as a key of
+another type joins them (the float32 rows are widened exactly).  Value rows are float64.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
 #: Smallest allocation (rows) once anything is stored.
 _MIN_ROWS = 16
+
+#: Growth factor of the allocation: amortised O(1) copies per row, at most this much unused room after growth.
+_GROWTH = 1.5
+
+
+class StoreState(NamedTuple):
+    """What :meth:`RowStore.snapshot` saves (the arrays themselves: the store copies before writing to them)."""
+
+    ids: np.ndarray
+    keys: np.ndarray
+    values: np.ndarray | None
+    n: int
+    ids_sorted: bool
 
 
 class RowStore:
@@ -29,19 +46,25 @@ class RowStore:
     >>> s.keep_from(0, np.array([True, False, True]))
     >>> s.ids_view().tolist(), s.n
     ([7, 9], 2)
+    >>> f = RowStore(2)
+    >>> f.append(np.ones((2, 2), dtype=np.float32), np.array([0, 1]))
+    >>> f.keys.dtype.name                           # float32 keys are kept as float32
+    'float32'
     """
 
-    __slots__ = ("dim", "value_dim", "ids", "keys", "values", "n", "ids_sorted")
+    __slots__ = ("_shared", "dim", "ids", "ids_sorted", "keys", "n", "value_dim", "values")
 
     def __init__(self, dim: int, value_dim: int | None = None) -> None:
         self.dim = int(dim)
         self.value_dim = None if value_dim is None else int(value_dim)
         self.ids = np.empty(0, dtype=np.int64)
         self.keys = np.empty((0, self.dim))
-        self.values = None if value_dim is None else np.empty((0, self.value_dim))
+        self.values = None if value_dim is None else np.empty((0, int(value_dim)))
         self.n = 0
         #: whether ``ids[:n]`` is strictly increasing (queries then need not sort their entries by id)
         self.ids_sorted = True
+        #: whether the arrays are shared with a snapshot (rows below ``n`` must not be written in place)
+        self._shared = False
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -57,44 +80,68 @@ class RowStore:
         return None if self.values is None else self.values[start:self.n]
 
     @property
+    def capacity(self) -> int:
+        """Rows allocated."""
+        return int(self.ids.shape[0])
+
+    @property
     def nbytes(self) -> int:
-        """Bytes allocated (storage grows geometrically, so at most about twice the bytes of the rows held)."""
+        """Bytes allocated (at most about 1.5 times the bytes of the rows held, plus any room kept by
+        :meth:`trim`)."""
         extra = 0 if self.values is None else self.values.nbytes
         return int(self.ids.nbytes + self.keys.nbytes + extra)
 
     # ------------------------------------------------------------------ growth
-    def _resize(self, rows: int) -> None:
+    def _key_dtype(self, new: np.dtype) -> type:
+        """Storage type once keys of type ``new`` join the rows held: float32 only if all are float32."""
+        same = self.n == 0 or self.keys.dtype == np.float32
+        return np.float32 if new == np.float32 and same else np.float64
+
+    def _resize(self, rows: int, key_dtype: type | None = None) -> None:
         n = self.n
         ids = np.empty(rows, dtype=np.int64)
-        keys = np.empty((rows, self.dim))
+        keys = np.empty((rows, self.dim), dtype=key_dtype or self.keys.dtype)
         ids[:n], keys[:n] = self.ids[:n], self.keys[:n]
         self.ids, self.keys = ids, keys
         if self.values is not None:
-            values = np.empty((rows, self.values.shape[1]))
+            values = np.empty((rows, int(self.values.shape[1])))
             values[:n] = self.values[:n]
             self.values = values
+        self._shared = False
 
-    def reserve(self, rows: int) -> None:
-        """Make room for ``rows`` rows in all (amortised doubling)."""
-        if rows > self.ids.shape[0]:
-            self._resize(max(rows, 2 * self.ids.shape[0], _MIN_ROWS))
+    def reserve(self, rows: int, key_dtype: type | None = None) -> None:
+        """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``."""
+        retype = key_dtype is not None and key_dtype != self.keys.dtype
+        if rows > self.capacity or retype:
+            grown = max(rows, int(_GROWTH * self.capacity), _MIN_ROWS) if rows > self.capacity else self.capacity
+            self._resize(grown, key_dtype)
 
-    def _shrink_if_sparse(self) -> None:
-        cap = self.ids.shape[0]
-        if cap > 4 * max(self.n, _MIN_ROWS):
-            self._resize(max(2 * self.n, _MIN_ROWS))
+    def trim(self, room: int = 0, slack: float = 1.25) -> None:
+        """Release storage beyond ``n + room`` rows when the allocation exceeds ``slack`` times that.
+
+        A sketch trims tightly when it settles (``flush``, ``merge``) and loosely (``slack=2``) while it
+        streams, so that the room its input buffer refills is not released and reallocated block after block.
+        """
+        want = max(self.n + int(room), _MIN_ROWS if self.n else 0)
+        if self.capacity > slack * want + _MIN_ROWS:
+            self._resize(want)
 
     # ------------------------------------------------------------------ appends
-    def append(self, keys: np.ndarray, ids: np.ndarray, values: np.ndarray | None = None,
-               increasing: bool = False) -> None:
-        """Append rows (float64 keys of shape (m, dim), int64 ids, values of shape (m, value_dim) when the store
-        holds values).  ``increasing=True`` promises that ``ids`` is strictly increasing (saves a check)."""
+    def stage(self, keys: np.ndarray) -> np.ndarray:
+        """Copy ``keys`` (shape (m, dim)) into the room after row ``n`` without adding them; returns the staged
+        rows (a view).  :meth:`commit` adds them; anything else appended first overwrites them."""
         m = keys.shape[0]
+        n = self.n
+        self.reserve(n + m, self._key_dtype(keys.dtype))
+        self.keys[n:n + m] = keys
+        return self.keys[n:n + m]
+
+    def commit(self, ids: np.ndarray, values: np.ndarray | None = None, increasing: bool = False) -> None:
+        """Add the ``len(ids)`` rows staged by :meth:`stage`, with their ids and value rows."""
+        m = ids.shape[0]
         if m == 0:
             return
         n = self.n
-        self.reserve(n + m)
-        self.keys[n:n + m] = keys
         self.ids[n:n + m] = ids
         if self.values is not None:
             self.values[n:n + m] = values
@@ -103,11 +150,21 @@ class RowStore:
             self.ids_sorted = bool(after and (increasing or m == 1 or (np.diff(ids) > 0).all()))
         self.n = n + m
 
+    def append(self, keys: np.ndarray, ids: np.ndarray, values: np.ndarray | None = None,
+               increasing: bool = False) -> None:
+        """Append rows (float32 or float64 keys of shape (m, dim), int64 ids, values of shape (m, value_dim) when
+        the store holds values).  ``increasing=True`` promises that ``ids`` is strictly increasing (saves a
+        check)."""
+        if keys.shape[0] == 0:
+            return
+        self.stage(keys)
+        self.commit(ids, values, increasing)
+
     def append_row(self, key: np.ndarray, key_id: int, value: np.ndarray | None = None) -> None:
         """Append one row (the live path: no temporary arrays)."""
         n = self.n
-        if n == self.ids.shape[0]:
-            self.reserve(n + 1)
+        if key.dtype != self.keys.dtype or n == self.capacity:
+            self.reserve(n + 1, self._key_dtype(key.dtype))
         self.keys[n] = key
         self.ids[n] = key_id
         if self.values is not None:
@@ -122,23 +179,34 @@ class RowStore:
 
     # ------------------------------------------------------------------ drops
     def keep_from(self, start: int, mask: np.ndarray) -> None:
-        """Keep, among rows ``start..n-1``, those where ``mask`` is true (in order); rows before ``start`` stay."""
+        """Keep, among rows ``start..n-1``, those where ``mask`` is true (in order); rows before ``start`` stay.
+
+        Storage is not released here (see :meth:`trim`): a sketch refills its input buffer right after.
+        """
         index = np.flatnonzero(mask)
         k = index.size
         if k == self.n - start:
             return
         src = index + start
-        self.keys[start:start + k] = self.keys[src]
-        self.ids[start:start + k] = self.ids[src]
-        if self.values is not None:
-            self.values[start:start + k] = self.values[src]
+        if self._shared:  # a snapshot holds these arrays: write the result into new ones
+            keep = np.concatenate([np.arange(start), src])
+            self.ids, self.keys = self.ids[keep], self.keys[keep]
+            if self.values is not None:
+                self.values = self.values[keep]
+            self._shared = False
+        else:
+            self.keys[start:start + k] = self.keys[src]
+            self.ids[start:start + k] = self.ids[src]
+            if self.values is not None:
+                self.values[start:start + k] = self.values[src]
         self.n = start + k
-        self._shrink_if_sparse()
 
     def sort_by_id(self) -> None:
         """Order all rows by id (merges and caller-given ids can leave them unordered)."""
         if self.ids_sorted:
             return
+        if self._shared:
+            self._resize(self.capacity)
         order = np.argsort(self.ids[:self.n], kind="stable")
         self.keys[:self.n] = self.keys[:self.n][order]
         self.ids[:self.n] = self.ids[:self.n][order]
@@ -146,17 +214,36 @@ class RowStore:
             self.values[:self.n] = self.values[:self.n][order]
         self.ids_sorted = True
 
+    # ------------------------------------------------------------------ undo
+    def snapshot(self) -> StoreState:
+        """The current rows, restorable by :meth:`restore` until :meth:`release` (no copy is made now: rows below
+        ``n`` are copied before they are first overwritten)."""
+        self._shared = True
+        return StoreState(self.ids, self.keys, self.values, self.n, self.ids_sorted)
+
+    def restore(self, state: StoreState) -> None:
+        """Return to a :meth:`snapshot` (rows appended since then are dropped)."""
+        self.ids, self.keys, self.values, self.n, self.ids_sorted = state
+        self._shared = False
+
+    def release(self) -> None:
+        """Forget the snapshot: rows may be written in place again."""
+        self._shared = False
+
     # ------------------------------------------------------------------ copies and persistence
     def copy(self) -> RowStore:
         out = RowStore.__new__(RowStore)
         out.dim, out.value_dim, out.n, out.ids_sorted = self.dim, self.value_dim, self.n, self.ids_sorted
+        out._shared = False
         out.ids, out.keys = self.ids[:self.n].copy(), self.keys[:self.n].copy()
         out.values = None if self.values is None else self.values[:self.n].copy()
         return out
 
     def arrays(self, start: int, stop: int, prefix: str) -> dict[str, np.ndarray]:
-        """Rows ``start..stop-1`` as named arrays for serialization (``{prefix}_rows``, ``_ids``, ``_values``)."""
-        out = {f"{prefix}_rows": self.keys[start:stop], f"{prefix}_ids": self.ids[start:stop]}
+        """Rows ``start..stop-1`` as named arrays for serialization (``{prefix}_rows``, ``_ids``, ``_values``);
+        key rows are written as float64 whatever their storage (the format has one row type)."""
+        out = {f"{prefix}_rows": self.keys[start:stop].astype(np.float64, copy=False),
+               f"{prefix}_ids": self.ids[start:stop]}
         if self.values is not None:
             out[f"{prefix}_values"] = self.values[start:stop]
         return out

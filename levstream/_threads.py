@@ -25,14 +25,28 @@ all (the caller of the thread pool, or of Dask's threaded scheduler) and tasks o
 is per thread and set in every task.  numba's ``workqueue`` threading layer aborts the process when two
 threads launch parallel kernels at once, so under that layer the threads of one process take turns, chunk
 by chunk (:func:`numba_turn`; install ``tbb``, or use the default OpenMP layer, to run them side by side).
+
+Thread policy of one stream (``update_many``, ``extend``, ``update``)
+--------------------------------------------------------------------
+Folding blocks of keys into a sketch runs in an *ingest section* (:func:`ingest_threads`): BLAS is held to
+one thread for the section (process-wide, then restored) and the slabs of the blocks are shared among the
+calling thread and up to ``get_num_threads() - 1`` persistent helper threads (:func:`run_items`), each
+running single-threaded BLAS (``syrk``, ``trmm``) and serial numba kernels.  Measured on the 2-core
+reference machine: multithreaded OpenBLAS barely speeds up the tall-skinny ``syrk`` of a key block, and
+under load from other processes it slows it by 10-50x, while two threads on separate slabs take half the
+time.  Serial numba kernels start no numba threads, so nothing spins between BLAS calls.  The split into
+slabs does not depend on the number of threads, and partial results are combined in a fixed order, so
+the sketch is the same bit for bit whatever the thread budget.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -205,3 +219,148 @@ def describe_threads() -> str:
     numba.get_num_threads()
     return (f"BLAS/OpenMP: {pools or 'none found'}; numba: {numba.get_num_threads()} "
             f"({numba.threading_layer()} layer); levstream: {get_num_threads()}")
+
+
+# ---------------------------------------------------------------------- one stream on several threads
+_ingest = threading.local()  # .threads: thread budget of the innermost ingest section of this thread
+_helpers: list[threading.Thread] = []
+_helper_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+_helpers_lock = threading.Lock()
+
+
+@contextmanager
+def ingest_threads() -> Iterator[int]:
+    """The section in which a sketch folds blocks of keys; yields the number of threads it may use.
+
+    BLAS is lowered to one thread (process-wide, restored on exit; never raised): the section parallelises
+    over slabs itself (:func:`run_items`).  The thread count is :func:`get_num_threads` (inside a capped
+    section, that section's cap).  Nested sections reuse the outer one at no cost.
+    """
+    outer = getattr(_ingest, "threads", None)
+    if outer is not None:
+        yield outer
+        return
+    n = get_num_threads()
+    _ingest.threads = n
+    try:
+        with lowered_blas(1):
+            yield n
+    finally:
+        _ingest.threads = None
+
+
+def ingest_section_threads() -> int:
+    """Threads of the ingest section this thread is in (1 outside any)."""
+    return getattr(_ingest, "threads", None) or 1
+
+
+def _no_item(i: int) -> None:
+    pass
+
+
+class _Job:
+    """Items ``0..n_items-1`` of one call of :func:`run_items`, taken in order by whoever is free."""
+
+    __slots__ = ("active", "closed", "errors", "fn", "idle", "items", "lock", "n_items")
+
+    def __init__(self, fn: Callable[[int], None], n_items: int) -> None:
+        self.fn = fn
+        self.n_items = n_items
+        self.items = itertools.count()
+        self.lock = threading.Lock()
+        self.active = 0  # helpers inside work()
+        self.closed = False  # the caller has finished: helpers that arrive later leave at once
+        self.idle = threading.Event()
+        self.errors: list[tuple[int, BaseException]] = []
+
+    def work(self) -> None:
+        while True:
+            with self.lock:
+                i = next(self.items)
+            if i >= self.n_items:
+                return
+            try:
+                self.fn(i)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller of run_items
+                with self.lock:
+                    self.errors.append((i, exc))
+                    self.items = itertools.count(self.n_items)  # nobody starts another item
+
+    def helper_joins(self) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            self.active += 1
+            self.idle.clear()
+            return True
+
+    def helper_leaves(self) -> None:
+        with self.lock:
+            self.active -= 1
+            if self.active == 0:
+                self.idle.set()
+
+    def finish(self) -> None:
+        """Called by the caller after its own share: wait for the helpers still on an item, then drop ``fn``
+        (a helper may pick this job from the queue much later: it must not keep the caller's arrays alive)."""
+        with self.lock:
+            self.closed = True
+            busy = self.active > 0
+        if busy:
+            self.idle.wait()
+        self.fn = _no_item
+
+
+def _helper_loop() -> None:
+    while True:
+        job = _helper_jobs.get()
+        if job.helper_joins():
+            try:
+                job.work()
+            finally:
+                job.helper_leaves()
+        del job  # its items may hold a caller's large arrays
+
+
+def _ensure_helpers(n: int) -> None:
+    with _helpers_lock:
+        while len(_helpers) < n:
+            t = threading.Thread(target=_helper_loop, name=f"levstream-ingest-{len(_helpers)}", daemon=True)
+            t.start()
+            _helpers.append(t)
+
+
+def _forget_helpers() -> None:  # a forked child has none of its parent's threads
+    global _helper_jobs, _helpers_lock
+    _helpers.clear()
+    _helper_jobs = queue.SimpleQueue()
+    _helpers_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helpers)
+
+
+def run_items(fn: Callable[[int], None], n_items: int, n_threads: int) -> None:
+    """Call ``fn(i)`` for ``i`` in ``range(n_items)`` on this thread and up to ``n_threads - 1`` helpers.
+
+    Items are taken in increasing order by whichever thread is free; ``fn`` must write its result where the
+    caller finds it by ``i`` (so results never depend on which thread ran an item).  This thread works too,
+    so the call completes even when every helper is busy elsewhere.  The first exception (lowest item) is
+    re-raised once every started item has finished.
+    """
+    n_threads = min(int(n_threads), n_items)
+    if n_threads <= 1:
+        for i in range(n_items):
+            fn(i)
+        return
+    job = _Job(fn, n_items)
+    _ensure_helpers(n_threads - 1)
+    for _ in range(n_threads - 1):
+        _helper_jobs.put(job)
+    try:
+        job.work()
+    finally:
+        job.finish()
+    if job.errors:
+        raise min(job.errors, key=lambda e: e[0])[1]

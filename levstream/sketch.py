@@ -11,6 +11,7 @@ change nothing (docs/theory.md, "Live streams").
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from typing import Any, Iterable
@@ -20,8 +21,8 @@ import numpy as np
 from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._ids import IdRanges
-from ._kernels.live import add_rows_and_bound
 from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
+from ._kernels.live import add_rows_and_bound
 from ._kernels.rows import sq_norm
 from ._store import RowStore, StoreState
 from ._threads import ingest_threads, run_items
@@ -380,7 +381,7 @@ class KeySketch:
         ValueError, TypeError
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
-        X = _as_keys(X, self._dim, isinstance(self._summary, GramSummary))
+        X = _as_keys(X, self._dim, _FLOAT32_ROWS and isinstance(self._summary, GramSummary))
         m = X.shape[0]
         V = self._value_chunk(V, m)
         with self._lock:
@@ -403,7 +404,7 @@ class KeySketch:
         tail = head + n_full * self._block_rows
         if isinstance(self._summary, GramSummary):
             for part in (X[:head], X[tail:]):  # rows that wait in the buffer are checked now, not at flush time
-                _check_rows(part)
+                _check_rows(part, X)
             if n_full or (head and pending + head == self._block_rows):
                 _fold_chunk(self, X, V, new_ids, start, head, n_full)
             elif head:
@@ -556,12 +557,9 @@ class KeySketch:
         self._live = None
         if isinstance(self._summary, GramSummary):
             with ingest_threads() as n_threads:
-                X = self._store.keys_view(start)
-                (result,), threshold = _wave_results(self, [X], n_threads)
-                keep = np.zeros(X.shape[0], dtype=bool)
-                keep[_fold_result(self, X, result, threshold)] = True
-        else:
-            keep = self._fold(self._store.keys_view(start), None)
+                _fold_pending(self, n_threads)
+            return
+        keep = self._fold(self._store.keys_view(start), None)
         self._store.keep_from(start, keep)
         self._pending_from = self._store.n
         _maybe_prune(self, self._block_rows)
@@ -1033,9 +1031,12 @@ _WAVE_GRAM_BYTES = 16 << 20
 #: Candidates are rescored once they exceed twice the number left by the last prune, and at least this many.
 _PRUNE_MIN_ROWS = 256
 
+#: Keep float32 chunks as float32 (the row store then holds float32 candidates and pending rows).  Off until
+#: every reader of pending rows widens them to float64 before multiplying (the live queries' Gram update).
+_FLOAT32_ROWS = False
+
 _NO_SCALE = np.zeros(0)
 _NO_TRIANGLE = np.zeros((0, 0))
-_buffers = threading.local()
 
 
 def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
@@ -1061,95 +1062,125 @@ def _too_large(X: np.ndarray) -> ValueError:
                       f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant).")
 
 
-def _check_rows(X: np.ndarray) -> None:
-    """Refuse rows with a nan/inf or whose squares overflow float64 (one compiled pass)."""
-    if X.shape[0] and not np.isfinite(sq_total(X)):
+def _check_rows(part: np.ndarray, X: np.ndarray) -> None:
+    """Refuse the rows ``part`` of chunk ``X`` if one has a nan/inf (the error names the first in ``X``) or their
+    squares overflow float64 (one compiled pass)."""
+    if part.shape[0] and not np.isfinite(sq_total(part)):
         check_finite(X, "X")
-        raise _too_large(X)
+        raise _too_large(part)
 
 
 def _slabs(rows: int) -> list[tuple[int, int]]:
     """The slabs of a block of ``rows`` rows: ``max(1, rows // _SLAB_ROWS)`` near-equal runs."""
     k = max(1, rows // _SLAB_ROWS)
     cuts = [rows * i // k for i in range(k + 1)]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return list(itertools.pairwise(cuts))
 
 
-def _wide(rows: int, dim: int) -> np.ndarray:
-    """This thread's float64 buffer for ``rows`` widened float32 rows (reused from slab to slab)."""
-    buf = getattr(_buffers, "wide", None)
-    if buf is None or buf.shape[0] < rows or buf.shape[1] != dim:
-        buf = _buffers.wide = np.empty((max(rows, _SLAB_ROWS), dim))
-    return buf[:rows]
+class _Plan:
+    """The candidate test of a block, fixed before the block is folded (docs/theory.md, "The norm pre-filter"
+    and "Stale factors"): rows whose scaled squared norm reaches ``limit`` and, when a triangular factor ``W``
+    of an earlier Gram matrix is at hand, whose ``||x W||^2`` reaches ``threshold``.
+
+    ``threshold`` is the keep threshold lowered by the largest margin the Gram path can reach, so it stays
+    below the keep threshold whatever the next conditioning check finds; the bounds hold for every later ``G``
+    (it only grows)."""
+
+    __slots__ = ("W", "lam", "limit", "scale", "threshold", "until")
+
+    def __init__(self, sk: KeySketch) -> None:
+        summary = sk._summary
+        assert isinstance(summary, GramSummary)
+        scale, self.lam, W, self.until = summary.ingest_plan()
+        self.threshold = sk._eps * (1.0 - margin(gram_rel_error_max(sk._dim), prune=True))
+        self.scale = _NO_SCALE if scale is None else scale
+        self.W = _NO_TRIANGLE if W is None else W
+        self.limit = self.threshold * self.lam
+
+    def same_as(self, other: _Plan) -> bool:
+        return (self.W is other.W and self.lam == other.lam and self.threshold == other.threshold
+                and np.array_equal(self.scale, other.scale))
 
 
 class _BlockResult:
-    """What the slabs of one block give: its Gram block, its sum of squares (non-finite when the block must be
-    refused), the rows that may reach the threshold, and whether the stale-factor test was applied."""
+    """What the slabs of one block give: its Gram block and sum of squares (non-finite when the block must be
+    refused), and, under ``plan``, the rows that may reach the threshold and whether the factor test ran."""
 
-    __slots__ = ("gram", "total", "rows", "tested")
+    __slots__ = ("gram", "plan", "rows", "tested", "total")
 
-    def __init__(self, gram: np.ndarray | None, total: float, rows: np.ndarray, tested: bool) -> None:
-        self.gram, self.total, self.rows, self.tested = gram, total, rows, tested
+    def __init__(self, gram: np.ndarray | None, total: float, plan: _Plan, rows: np.ndarray, tested: bool) -> None:
+        self.gram, self.total, self.plan, self.rows, self.tested = gram, total, plan, rows, tested
 
 
-def _wave_results(sk: KeySketch, blocks: list[np.ndarray], n_threads: int) -> tuple[list[_BlockResult], float]:
-    """Compute every slab of ``blocks`` (on up to ``n_threads`` threads) against the summary as it is now; return
-    one result per block and the threshold the candidate test used.
+def _slab_items(blocks: list[np.ndarray]) -> list[tuple[int, int, int]]:
+    return [(k, a, b) for k, X in enumerate(blocks) for a, b in _slabs(X.shape[0])]
 
-    That threshold is the keep threshold lowered by the largest margin the Gram path can reach, so that it
-    stays below the keep threshold after every block of the wave; the bounds are those of the summary before
-    the wave, which stay valid as ``G`` grows."""
-    summary = sk._summary
-    assert isinstance(summary, GramSummary)
-    scale, lam, W = summary.ingest_plan()
-    threshold = sk._eps * (1.0 - margin(gram_rel_error_max(sk._dim), prune=True))
-    scale_arr = _NO_SCALE if scale is None else scale
-    factor = _NO_TRIANGLE if W is None else W
-    limit = threshold * lam
+
+def _run_slabs(blocks: list[np.ndarray], plan: _Plan, n_threads: int, gram: bool) -> list[Any]:
+    """Per slab of ``blocks``, in order: ``(Gram block, its trace, candidate rows, tested)``, on up to
+    ``n_threads`` threads (``gram=False``: the candidate test only)."""
     dtrmm = dtrmm_function()
-    dim = sk._dim
+    dim = blocks[0].shape[1]
     no_rows = np.zeros((0, dim))
-    items = [(k, a, b) for k, X in enumerate(blocks) for a, b in _slabs(X.shape[0])]
+    items = _slab_items(blocks)
     out: list[Any] = [None] * len(items)
 
     def item(i: int) -> None:
         k, a, b = items[i]
         X = blocks[k][a:b]
-        wide = no_rows if X.dtype == np.float64 else _wide(b - a, dim)
-        total, rows, tested = slab_pass(X, scale_arr, limit, factor, threshold, wide, dtrmm)
-        gram = None
-        if np.isfinite(total):
+        wide = np.empty((b - a, dim)) if gram and X.dtype != np.float64 else no_rows
+        rows, tested = slab_pass(X, plan.scale, plan.limit, plan.W, plan.threshold, wide, dtrmm)
+        G, total = None, 0.0
+        if gram:
             Y = X if X.dtype == np.float64 else wide
-            gram = Y.T @ Y
-        out[i] = (gram, total, rows + a if a else rows, tested)
+            with np.errstate(over="ignore", invalid="ignore"):  # a nan/inf shows in the trace
+                G = Y.T @ Y
+                total = float(np.trace(G))
+        out[i] = (G, total, rows + a if a else rows, tested)
 
     run_items(item, len(items), n_threads)
+    return out
+
+
+def _block_results(blocks: list[np.ndarray], plan: _Plan, n_threads: int) -> list[_BlockResult]:
+    """Compute every slab of ``blocks`` under ``plan``; combine them per block in slab order, so that no sum
+    depends on which thread computed which part."""
+    out = _run_slabs(blocks, plan, n_threads, gram=True)
     results = []
     i = 0
     for X in blocks:
-        k = len(_slabs(X.shape[0]))
-        parts = out[i:i + k]
-        i += k
+        parts = out[i:i + len(_slabs(X.shape[0]))]
+        i += len(parts)
         total = sum(p[1] for p in parts)
-        gram = None
+        G = None
         if np.isfinite(total):
-            gram = parts[0][0]
-            for p in parts[1:]:  # slab order: the sum does not depend on which thread made which part
-                gram += p[0]
-        rows = parts[0][2] if k == 1 else np.concatenate([p[2] for p in parts])
-        results.append(_BlockResult(gram, total, rows, bool(parts[0][3])))
-    return results, threshold
+            G = parts[0][0]
+            for p in parts[1:]:
+                G += p[0]
+        rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
+        results.append(_BlockResult(G, total, plan, rows, bool(parts[0][3])))
+    return results
 
 
-def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult, threshold: float) -> np.ndarray:
+def _retest(blocks: list[np.ndarray], results: list[_BlockResult], plan: _Plan, n_threads: int) -> None:
+    """Redo the candidate test of ``blocks`` under ``plan`` (the summary's bounds changed during a wave)."""
+    out = _run_slabs(blocks, plan, n_threads, gram=False)
+    i = 0
+    for X, result in zip(blocks, results):
+        parts = out[i:i + len(_slabs(X.shape[0]))]
+        i += len(parts)
+        result.rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
+        result.tested, result.plan = bool(parts[0][3]), plan
+
+
+def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult) -> np.ndarray:
     """Fold block ``X`` into the summary with its Gram block; return the indices of its rows that may still
-    be heavy (docs/theory.md, "The norm pre-filter" and "Stale factors": upper bounds, never lower ones)."""
+    be heavy (upper bounds, never lower ones)."""
     summary = sk._summary
     summary.add(X, result.gram)
     keep = sk._keep_threshold()
     rows = result.rows
-    if result.tested and summary.mode == "gram" and keep >= threshold:
+    if result.tested and summary.mode == "gram" and keep >= result.plan.threshold:
         return rows
     X64 = X.astype(np.float64, copy=False)
     if result.tested:  # the summary left the Gram path (or its margin widened): test again from the start
@@ -1159,16 +1190,12 @@ def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult, threshold: 
     return rows[summary.score_upper_bounds(X64[rows]) >= keep]
 
 
-def _wave_size(sk: KeySketch, remaining: int) -> int:
-    """Blocks in the next wave: one while the summary has no bound (the first block, the R-factor path),
-    otherwise at most as many rows as the summary already holds (so ``G`` at most doubles during the wave and
-    the bounds stay within about 2x), and at most ``_WAVE_GRAM_BYTES`` of slab Gram blocks."""
-    summary = sk._summary
-    if summary.mode != "gram" or summary.n_rows == 0:
-        return 1
-    by_rows = summary.n_rows // sk._block_rows
+def _wave_size(sk: KeySketch, plan: _Plan, remaining: int) -> int:
+    """Blocks computed together: those the plan covers (it changes when the summary's row count has doubled,
+    so waves grow with the stream), at most ``_WAVE_GRAM_BYTES`` of Gram blocks."""
+    covered = -(-(plan.until - sk._summary.n_rows) // sk._block_rows)
     by_bytes = _WAVE_GRAM_BYTES // (len(_slabs(sk._block_rows)) * sk._dim * sk._dim * 8)
-    return max(1, min(remaining, by_rows, by_bytes))
+    return max(1, min(remaining, covered, by_bytes))
 
 
 def _maybe_prune(sk: KeySketch, room: int) -> None:
@@ -1179,44 +1206,75 @@ def _maybe_prune(sk: KeySketch, room: int) -> None:
         sk._prune(room)
 
 
+def _fold_pending(sk: KeySketch, n_threads: int) -> None:
+    """Fold the pending rows of the store as one block; the ones that may still be heavy stay."""
+    store = sk._store
+    start = sk._pending_from
+    X = store.keys_view(start)
+    (result,) = _block_results([X], _Plan(sk), n_threads)
+    keep = np.zeros(X.shape[0], dtype=bool)
+    keep[_fold_result(sk, X, result)] = True
+    store.keep_from(start, keep)
+    sk._pending_from = store.n
+    _maybe_prune(sk, sk._block_rows)
+
+
 def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.ndarray | None, start: int,
                 head: int, n_full: int) -> None:
     """Fold the block completed by ``X[:head]`` (when ``head`` completes the pending rows) and the ``n_full``
-    whole blocks of ``X`` after it, in waves (p = 2).  Raises, with the sketch unchanged, for a block with a
-    nan/inf or squares that overflow."""
+    whole blocks of ``X`` after it (p = 2).  Raises, with the sketch unchanged, for a block with a nan/inf or
+    squares that overflow.
+
+    Each block is tested under the plan the summary gives just before it is folded, exactly as if the blocks
+    came one call at a time: the state does not depend on the chunking nor on the threads.  Blocks are
+    computed in waves, as many as the current plan covers; should the plan change within a wave (the
+    summary left the Gram path, or returned to it), the rest of the wave is tested again under the new one."""
     store = sk._store
     br = sk._block_rows
     pending_from = sk._pending_from
     blocks: list[np.ndarray] = []
-    completes = head > 0
-    if completes:  # the pending rows and the head, as one block of the store (committed once validated)
+    if head:  # the pending rows and the head, as one block of the store (committed once validated)
         store.stage(X[:head])
         blocks.append(store.keys[pending_from:store.n + head])
     starts = [head + b * br for b in range(n_full)]
     blocks += [X[s:s + br] for s in starts]
     saved: tuple[NormalizerSummary, StoreState, int, int] | None = None
+    assert isinstance(sk._summary, GramSummary)
+    plan_before = sk._summary.plan_state()  # making the first plan changes the state: undone if X is refused
     done = 0
     with ingest_threads() as n_threads:
         try:
             while done < len(blocks):
-                size = _wave_size(sk, len(blocks) - done)
+                plan = _Plan(sk)
+                size = _wave_size(sk, plan, len(blocks) - done)
                 wave = blocks[done:done + size]
-                results, threshold = _wave_results(sk, wave, n_threads)
+                results = _block_results(wave, plan, n_threads)
                 for Xb, result in zip(wave, results):
                     if not np.isfinite(result.total):
                         if saved is not None:
                             sk._summary, state, sk._pending_from, sk._pruned_rows = saved
                             store.restore(state)
                             saved = None
+                        else:
+                            assert isinstance(sk._summary, GramSummary)
+                            sk._summary.restore_plan(plan_before)
                         sk._live = None
                         check_finite(X, "X")  # names the first bad entry
                         raise _too_large(Xb)
                 if saved is None and done + size < len(blocks):  # later waves may still be refused
-                    saved = (sk._summary.copy(), store.snapshot(), sk._pending_from, sk._pruned_rows)
+                    before = sk._summary.copy()
+                    assert isinstance(before, GramSummary)
+                    before.restore_plan(plan_before)
+                    saved = (before, store.snapshot(), sk._pending_from, sk._pruned_rows)
                 sk._live = None
-                for j, (Xb, result) in enumerate(zip(wave, results), start=done):
-                    keep = _fold_result(sk, Xb, result, threshold)
-                    if completes and j == 0:
+                for k in range(size):
+                    j = done + k
+                    plan = _Plan(sk)
+                    if not plan.same_as(results[k].plan):
+                        _retest(wave[k:], results[k:], plan, n_threads)
+                    Xb = wave[k]
+                    keep = _fold_result(sk, Xb, results[k])
+                    if head and j == 0:
                         store.commit(_chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
                                      increasing=new_ids is None)
                         mask = np.zeros(Xb.shape[0], dtype=bool)
@@ -1224,7 +1282,7 @@ def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.
                         store.keep_from(pending_from, mask)
                         room = br
                     else:
-                        a = starts[j - completes]
+                        a = starts[j - (1 if head else 0)]
                         if keep.size:
                             ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
                             store.append(Xb[keep], ids, None if V is None else V[a + keep],

@@ -52,6 +52,10 @@ SENSITIVITY_RTOL = 1e-9
 #: sketch: only the allocator's handling of per-block temporaries may differ.
 MEMORY_GROWTH_RTOL = 0.05
 
+#: A sketch's nbytes against the bytes tracemalloc traces for it: the arrays it counts plus Python objects
+#: (sketch, summary, store, id ranges) and NumPy array headers, a few kB in all.
+NBYTES_TRACED_RTOL = 0.05
+
 #: Rounding slack when a dense (true) value is compared with a coreset answer's lower/upper bounds:
 #: both sides are float64 sums of |<q, k>|^p, accurate to far better than this.
 BOUND_RTOL = 1e-9

@@ -125,6 +125,10 @@ class GramSummary(NormalizerSummary):
         self._bound: tuple[np.ndarray | None, float] = (None, 0.0)
         #: ``G`` itself while in Gram mode (``hi + lo``), formed once per update for the normaliser
         self._gram_sum: np.ndarray | None = None
+        #: the ingest path's candidate test ``(scale, lam, W)`` (see ingest_plan), made when ``n_rows`` was
+        #: ``_plan_rows``; None until the first block and after a merge or a change of representation
+        self._plan: tuple[np.ndarray | None, float, np.ndarray | None] | None = None
+        self._plan_rows = 0
 
     @property
     def mode(self) -> str:
@@ -164,6 +168,8 @@ class GramSummary(NormalizerSummary):
         out[:k] = r[:k]
         self._mode = "qr"
         self._past_factor = None
+        self._past_diag_max = 0.0
+        self._plan = None
         self._r = out
         self._hi = np.zeros((d, d))
         self._lo = np.zeros((d, d))
@@ -181,6 +187,7 @@ class GramSummary(NormalizerSummary):
         lam = float(sv[-1]) ** 2
         if lam > 0 and 2.0 * self.dim / lam <= GRAM_KAPPA_RETURN:
             self._mode = "gram"
+            self._plan = None
             self._hi = self._r.T @ self._r
             self._lo = np.zeros_like(self._hi)
             self._r = None
@@ -242,11 +249,12 @@ class GramSummary(NormalizerSummary):
             return np.arange(X.shape[0])
         return np.flatnonzero(scaled_sq_norms(X, scale) >= threshold * lam)
 
-    def merge(self, other: "GramSummary") -> None:
+    def merge(self, other: GramSummary) -> None:
         """Fold ``other`` (same dim) into this summary: ``G = G1 + G2``."""
         self._factor = None
         self._gram_sum = None
         self._bound = (None, 0.0)
+        self._plan = None
         if other.n_rows == 0:
             return
         if self.mode == "gram" and other.mode == "gram":
@@ -263,7 +271,7 @@ class GramSummary(NormalizerSummary):
         self.n_rows += other.n_rows
         self._enter_qr(R_self, [R_other])
 
-    def copy(self) -> "GramSummary":
+    def copy(self) -> GramSummary:
         out = GramSummary.__new__(GramSummary)
         out.__dict__.update(self.__dict__)
         out._hi, out._lo = self._hi.copy(), self._lo.copy()
@@ -337,21 +345,35 @@ class GramSummary(NormalizerSummary):
             return np.einsum("ij,ij->i", Y, Y)
         return self.scores(rows)
 
-    def ingest_plan(self) -> tuple[np.ndarray | None, float, np.ndarray | None]:
-        """``(scale, lam, W)`` for the candidate test of the next blocks (valid after any later update):
+    def ingest_plan(self) -> tuple[np.ndarray | None, float, np.ndarray | None, int]:
+        """``(scale, lam, W, until)``: the candidate test of every block folded while ``n_rows < until``.
 
-        ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` (:meth:`bound_weights`; ``scale`` None when no bound is at
-        hand) and ``tau(k) <= ||k W||^2`` with ``W`` upper triangular, ``L^-T`` of the current or an earlier
-        Gram matrix (docs/theory.md, "Stale factors"); ``W`` is None in R-factor mode and before the first
-        block.  The factor is refreshed once the largest diagonal entry has doubled since it was taken, so the
-        bounds stay within about 2x of the scores."""
-        scale, lam = self.bound_weights()
+        Bounds taken from the Gram matrix ``G_0`` of the moment the plan was made, valid for every later ``G``
+        (it only grows): ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` with ``scale = diag(G_0)^-1/2`` and ``lam``
+        the smallest eigenvalue of the equilibrated ``G_0`` (docs/theory.md, "The norm pre-filter"), and
+        ``tau(k) <= ||k W||^2`` with ``W = L_0^-T`` upper triangular (docs/theory.md, "Stale factors").  A plan
+        is made when ``n_rows`` has doubled since the last one, so it changes at stream positions alone (not
+        with the chunking) and its bounds stay within a small factor of the scores.  ``W`` is None (and
+        ``until = n_rows + 1``) in R-factor mode and before the first block; ``scale`` None when no bound is
+        at hand.  The plan is part of the state (serialized), so a restored sketch continues identically."""
         if self.mode != "gram" or self.n_rows == 0:
-            return scale, lam, None
-        if self._past_factor is None or np.diag(self._hi).max() > 2.0 * self._past_diag_max:
-            self._past_factor = self._get_factor()[1]
-            self._past_diag_max = float(np.diag(self._hi).max())
-        return scale, lam, self._past_factor
+            return None, 0.0, None, self.n_rows + 1
+        if self._plan is None or self.n_rows >= 2 * self._plan_rows:
+            lam, diag = _equilibrated_min_eig(self._hi + self._lo, self.n_rows)
+            scale = 1.0 / np.sqrt(diag) if lam > 0 else None
+            fresh = self._get_factor(remember=False)[1]
+            self._past_factor, self._past_diag_max = fresh, float(np.diag(self._hi).max())  # the live bound too
+            self._plan, self._plan_rows = (scale, lam * LAMBDA_SAFETY, fresh), self.n_rows
+        scale, lam, W = self._plan
+        return scale, lam, W, 2 * self._plan_rows
+
+    def plan_state(self) -> tuple:
+        """What :meth:`ingest_plan` may change (serialized state), for :meth:`restore_plan`."""
+        return self._plan, self._plan_rows, self._past_factor, self._past_diag_max
+
+    def restore_plan(self, state: tuple) -> None:
+        """Undo :meth:`ingest_plan` (a chunk refused after its plan was made leaves no trace)."""
+        self._plan, self._plan_rows, self._past_factor, self._past_diag_max = state
 
     def exact_scores(self, rows: np.ndarray, n_threads: int = 1) -> np.ndarray:
         """:meth:`scores` of ``rows`` (float32 or float64), on up to ``n_threads`` threads: on the Gram path by the
@@ -429,8 +451,14 @@ class GramSummary(NormalizerSummary):
     # ------------------------------------------------------------------ persistence
     @property
     def nbytes(self) -> int:
-        r = 0 if self._r is None else self._r.nbytes
-        return int(self._hi.nbytes + self._lo.nbytes + r + self._chk_diag.nbytes)
+        """Bytes of every array held: ``G`` (hi and lo) or ``R``, the cached factors and the plan."""
+        held = [self._hi, self._lo, self._r, self._chk_diag, self._past_factor, self._gram_sum, self._bound[0]]
+        if self._factor is not None:
+            held.append(self._factor[1])
+        if self._plan is not None:
+            held += [self._plan[0], self._plan[2]]
+        unique = {id(a): a for a in held if a is not None}
+        return int(sum(a.nbytes for a in unique.values()))
 
     def to_state(self) -> tuple[dict, dict]:
         meta = {"kind": self.kind, "dim": self.dim, "n_rows": self.n_rows, "mode": self.mode,
@@ -440,10 +468,17 @@ class GramSummary(NormalizerSummary):
             arrays["r"] = self._r
         if self._past_factor is not None:
             arrays["past_factor"] = self._past_factor
+        if self._plan is not None:
+            scale, lam, factor = self._plan
+            meta.update(plan_rows=self._plan_rows, plan_lam=lam, plan_factor_is_past=factor is self._past_factor)
+            if scale is not None:
+                arrays["plan_scale"] = scale
+            if factor is not None and factor is not self._past_factor:
+                arrays["plan_factor"] = factor
         return meta, arrays
 
     @classmethod
-    def from_state(cls, meta: dict, arrays: dict) -> "GramSummary":
+    def from_state(cls, meta: dict, arrays: dict) -> GramSummary:
         d = int(meta["dim"])
         out = cls(d)
         out.n_rows = int(meta["n_rows"])
@@ -468,5 +503,15 @@ class GramSummary(NormalizerSummary):
                 raise ValueError("summary array 'past_factor' must be a finite (dim, dim) matrix of the Gram path.")
             out._past_factor = past.copy()
             out._past_diag_max = float(meta.get("past_diag_max", 0.0))
+        if "plan_rows" in meta:
+            W = out._past_factor if meta.get("plan_factor_is_past") else arrays.get("plan_factor")
+            scale = arrays.get("plan_scale")
+            if (out.mode != "gram" or W is None or W.shape != (d, d) or not np.isfinite(W).all()
+                    or (scale is not None and (scale.shape != (d,) or not np.isfinite(scale).all()))):
+                raise ValueError("summary plan must be a finite (dim, dim) factor of the Gram path with a scale of "
+                                 "shape (dim,).")
+            out._plan = (None if scale is None else scale.copy(), float(meta["plan_lam"]),
+                         W if W is out._past_factor else W.copy())
+            out._plan_rows = int(meta["plan_rows"])
         return out
 

@@ -1,0 +1,265 @@
+"""The ingest path of p = 2 (issue 14): one pass per slab, on the library's threads, in stored precision.
+
+Checked against brute force (SVD leverage scores, NumPy products) and against the same stream fed another
+way: the state (``to_bytes``) must not depend on the thread budget nor on the chunking, a refused chunk must
+leave no trace even when part of it was folded, and memory must follow what the sketch holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+from conftest import NBYTES_TRACED_RTOL, SCORE_RTOL, assert_matches_offline, heavy_tailed_keys
+from naive import leverage_svd
+from threadpoolctl import threadpool_info
+
+import levstream as ls
+import levstream._threads as threads
+import levstream.sketch as sketch_module
+from levstream._kernels import ingest as kernels
+from levstream._store import RowStore
+from levstream.summaries import GramSummary
+
+EPS = 0.02
+BLOCK = 4096  # four slabs of 1024 rows per block
+
+
+@pytest.fixture(autouse=True)
+def default_budget(monkeypatch):
+    """Every test starts at the default thread budget and leaves it there."""
+    monkeypatch.setattr(threads, "_budget", None)
+
+
+@pytest.fixture(scope="module")
+def K() -> np.ndarray:
+    """40 blocks of heavy-tailed keys: one update_many of all of them runs several waves."""
+    return heavy_tailed_keys(40 * BLOCK + 123, 6, seed=7)
+
+
+def feed(K: np.ndarray, cuts: list[int] | None = None, n_threads: int | None = None,
+         dtype: type = np.float64) -> ls.KeySketch:
+    if n_threads is not None:
+        ls.set_num_threads(n_threads)
+    sk = ls.KeySketch(K.shape[1], eps=EPS, block_rows=BLOCK)
+    bounds = [0, *(cuts or []), K.shape[0]]
+    for a, b in itertools.pairwise(bounds):
+        sk.update_many(K[a:b].astype(dtype))
+    return sk
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_slab_pass_against_numpy(dtype):
+    rng = np.random.default_rng(0)
+    d = 16
+    X = (rng.standard_normal((700, d)) * (1 + rng.pareto(2.0, (700, 1)))).astype(dtype)
+    X64 = X.astype(np.float64)
+    scale = rng.random(d) + 0.5
+    W = np.triu(rng.standard_normal((d, d)))
+    norms = ((X64 * scale) ** 2).sum(axis=1)
+    bounds = ((X64 @ W) ** 2).sum(axis=1)
+    limit, threshold = np.quantile(norms, 0.5), np.quantile(bounds, 0.5)
+    fn = kernels.dtrmm_function()
+    wide = np.empty((700, d))
+    rows, tested = kernels.slab_pass(X, scale, limit, W, threshold, wide, fn)
+    assert tested
+    np.testing.assert_array_equal(wide, X64)
+    want = np.flatnonzero((norms >= limit) & (bounds >= threshold))
+    # rounding may move rows sitting exactly on a threshold; none of these random values do
+    np.testing.assert_array_equal(rows, want)
+    rows, tested = kernels.slab_pass(X, np.zeros(0), 0.0, np.zeros((0, 0)), 0.0, np.zeros((0, d)), fn)
+    assert not tested
+    np.testing.assert_array_equal(rows, np.arange(700))
+    out = np.empty(700)
+    kernels.upper_scores(X, W, fn, out)
+    np.testing.assert_allclose(out, bounds, rtol=SCORE_RTOL)
+
+
+def test_two_sum_add_is_exact():
+    """hi + lo carries the exact sum of many additions (checked in exact rational arithmetic via fsum)."""
+    import math
+
+    rng = np.random.default_rng(1)
+    hi, lo = np.zeros((3, 3)), np.zeros((3, 3))
+    adds = [rng.standard_normal((3, 3)) * 10.0 ** rng.integers(-8, 8) for _ in range(200)]
+    for a in adds:
+        kernels.two_sum_add(hi, lo, a)
+    for i in range(3):
+        for j in range(3):
+            exact = math.fsum(a[i, j] for a in adds)
+            assert math.fsum([hi[i, j], lo[i, j]]) == pytest.approx(exact, rel=1e-15, abs=1e-300)
+
+
+def test_exact_scores_match_svd_on_any_number_of_threads():
+    K = heavy_tailed_keys(5000, 12, seed=3)
+    s = GramSummary(12)
+    s.add(K)
+    tau = leverage_svd(K)
+    one = s.exact_scores(K, 1)
+    np.testing.assert_allclose(one, tau, rtol=SCORE_RTOL)
+    with threads.ingest_threads() as n:
+        np.testing.assert_array_equal(s.exact_scores(K, max(n, 2)), one)
+    np.testing.assert_array_equal(s.exact_scores(K.astype(np.float32), 3),
+                                  s.exact_scores(K.astype(np.float32).astype(np.float64), 1))
+
+
+# ---------------------------------------------------------------------------------------------- threads
+def test_run_items_results_by_index_errors_and_nesting():
+    out = [0] * 50
+    threads.run_items(lambda i: out.__setitem__(i, i * i), 50, 3)
+    assert out == [i * i for i in range(50)]
+
+    def boom(i):
+        if i in (7, 30):
+            raise KeyError(i)
+
+    with pytest.raises(KeyError, match="7"):
+        threads.run_items(boom, 50, 2)
+    inner = [[0] * 5 for _ in range(6)]
+    threads.run_items(lambda i: threads.run_items(lambda j: inner[i].__setitem__(j, i + j), 5, 2), 6, 2)
+    assert inner == [[i + j for j in range(5)] for i in range(6)]
+
+
+def test_bit_for_bit_whatever_the_thread_budget(K):
+    """The universal set (ids and scores) and the whole state are identical on 1, 2 and 3 threads."""
+    ref = feed(K, n_threads=1)
+    U = ref.universal_set()
+    for n in (2, 3):
+        sk = feed(K, n_threads=n)
+        assert sk.to_bytes() == ref.to_bytes()
+        np.testing.assert_array_equal(sk.universal_set().ids, U.ids)
+        np.testing.assert_array_equal(sk.universal_set().scores, U.scores)
+    assert_matches_offline(U.ids, leverage_svd(K), EPS)
+
+
+def test_state_does_not_depend_on_the_chunking(K):
+    one_call = feed(K)
+    by_block = feed(K, cuts=list(range(BLOCK, K.shape[0], BLOCK)))
+    ragged = feed(K, cuts=[5, 1000, 1001, 9000, 9500, 50_000, 100_003])
+    assert by_block.to_bytes() == one_call.to_bytes()
+    assert ragged.to_bytes() == one_call.to_bytes()
+    rows = ls.KeySketch(K.shape[1], eps=EPS, block_rows=BLOCK)
+    for x in K[:3 * BLOCK + 17]:
+        rows.update(x)
+    rows.update_many(K[3 * BLOCK + 17:])
+    assert rows.to_bytes() == one_call.to_bytes()
+
+
+def test_one_update_many_uses_the_budget_and_restores_blas(K, monkeypatch):
+    """The slabs of one call run on at most get_num_threads() threads at a time, with BLAS held to one thread
+    inside, and the caller's BLAS limits are back afterwards."""
+    lock = threading.Lock()
+    state = {"running": 0, "most": 0}
+    blas_seen: set[frozenset[int]] = set()
+    real = sketch_module.slab_pass
+
+    def spy(*args):
+        with lock:
+            state["running"] += 1
+            state["most"] = max(state["most"], state["running"])
+            blas_seen.add(frozenset(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        try:
+            return real(*args)
+        finally:
+            with lock:
+                state["running"] -= 1
+
+    monkeypatch.setattr(sketch_module, "slab_pass", spy)
+    before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
+    for budget in (1, 2):
+        state["most"] = 0
+        ls.set_num_threads(budget)
+        ls.KeySketch(K.shape[1], eps=EPS, block_rows=BLOCK).update_many(K)
+        assert 1 <= state["most"] <= budget
+        assert blas_seen == {frozenset({1})}
+        assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_refused_chunk_leaves_no_trace_after_several_waves(K):
+    """A nan in the last block of a chunk that is folded in several waves: the folded waves are undone."""
+    sk = feed(K[:BLOCK + 100])
+    before = sk.to_bytes()
+    last_block = (BLOCK - 100) + 37 * BLOCK  # rows 0..BLOCK-101 complete the pending block, then 38 blocks
+    for row in (last_block + 10, -50):  # in the last whole block; in the rows left for the buffer
+        bad = K[BLOCK + 100:].copy()
+        bad[row, 2] = np.nan
+        with pytest.raises(ValueError, match=rf"found nan at index \({row % bad.shape[0]}, 2\)"):
+            sk.update_many(bad)
+        assert sk.to_bytes() == before
+    huge = K[BLOCK + 100:].copy()
+    huge[last_block + 5] = 1e200
+    with pytest.raises(ValueError, match="squares overflow float64"):
+        sk.update_many(huge)
+    assert sk.to_bytes() == before
+    sk.update_many(K[BLOCK + 100:])
+    assert sk.to_bytes() == feed(K).to_bytes()
+
+
+# ---------------------------------------------------------------------------------------------- precision and memory
+def test_float32_chunks_are_exact():
+    """float32 keys give the state of their exact float64 values (all arithmetic is float64)."""
+    K32 = heavy_tailed_keys(3 * BLOCK + 11, 6, seed=9).astype(np.float32)
+    a = feed(K32, cuts=[100, BLOCK + 5], dtype=np.float32)
+    b = feed(K32.astype(np.float64), cuts=[100, BLOCK + 5])
+    a.flush(), b.flush()
+    assert a.to_bytes() == b.to_bytes()
+    assert_matches_offline(a.universal_set().ids, leverage_svd(K32.astype(np.float64)), EPS)
+
+
+def test_row_store_keeps_float32_until_a_float64_row_arrives():
+    s = RowStore(3)
+    x32 = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
+    s.append(np.repeat(x32, 4, axis=0), np.arange(4))
+    assert s.keys.dtype == np.float32 and s.nbytes == s.capacity * (3 * 4 + 8)
+    s.append_row(np.array([1e-300, 2.0, 3.0]), 4)  # not representable in float32: the store widens
+    assert s.keys.dtype == np.float64
+    np.testing.assert_array_equal(s.keys_view()[:4], np.repeat(x32.astype(np.float64), 4, axis=0))
+    assert s.keys_view()[4, 0] == 1e-300
+    s.append(x32, np.array([5]))  # float32 rows join float64 ones exactly
+    assert s.keys.dtype == np.float64 and s.keys_view()[5, 0] == np.float64(np.float32(0.1))
+    assert s.arrays(0, s.n, "cand")["cand_rows"].dtype == np.float64
+
+
+def test_aligned_chunk_is_not_copied():
+    """Folding a chunk of whole blocks allocates far less than the chunk (no copy of it, no pass that
+    materialises a mask or a temporary of its size; the ids of its rows, 8 bytes a row, are made once)."""
+    X = heavy_tailed_keys(24 * BLOCK, 32, seed=4)
+    sk = ls.KeySketch(X.shape[1], eps=EPS, block_rows=BLOCK)
+    sk.update_many(X[:BLOCK])
+    tracemalloc.start()
+    try:
+        sk.update_many(X[BLOCK:])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.nbytes / 8, (peak, X.nbytes)
+
+
+def test_candidates_stay_few_and_nbytes_is_what_is_held():
+    """Candidates are pruned once they double (so live queries scan few rows); after flush() nbytes equals
+    the bytes the sketch really holds, measured independently with tracemalloc."""
+    d, eps = 48, 0.01
+    chunks = [heavy_tailed_keys(BLOCK, d, seed=100 + i) for i in range(40)]
+    ls.KeySketch(d, eps=eps, block_rows=BLOCK).update_many(chunks[0]).flush()  # caches outside the sketch
+    gc.collect()
+    tracemalloc.start()
+    try:
+        start = tracemalloc.get_traced_memory()[0]
+        sk = ls.KeySketch(d, eps=eps, block_rows=BLOCK)
+        for chunk in chunks:
+            sk.update_many(chunk)
+            assert sk.num_retained <= max(2 * sk._pruned_rows, sketch_module._PRUNE_MIN_ROWS)
+        sk.flush()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - start
+    finally:
+        tracemalloc.stop()
+    assert sk.num_retained < sk.capacity / 4
+    # Python objects (the sketch, its summary, store, id ranges) come on top of the arrays nbytes counts
+    assert sk.nbytes <= held <= sk.nbytes * (1.0 + NBYTES_TRACED_RTOL) + 16_384, (sk.nbytes, held)
