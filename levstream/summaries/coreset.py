@@ -36,8 +36,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from .._buffers import append_rows
-from .._config import LAMBDA_SAFETY, UNIT_ROUNDOFF
+from .._config import LAMBDA_SAFETY
 from .._kernels.rows import scaled_sq_norms
+from .._linalg import rank_tolerance
 from ..lewis import LewisWeights, lewis_constant, lewis_weights
 from .base import NormalizerSummary
 
@@ -114,7 +115,7 @@ class _LewisForm:
             vecs = vt[::-1].T  # ascending, like eigh
             sv = np.concatenate([np.zeros(dim - sv.size), sv[::-1]])
             vals = sv * sv
-            sel = sv > max(F.shape) * 2 * UNIT_ROUNDOFF * sv[-1]
+            sel = sv > rank_tolerance(sv[-1], *F.shape)
         self.vecs, self.vals = np.ascontiguousarray(vecs[:, sel]), vals[sel]
         self.null = np.ascontiguousarray(vecs[:, ~sel])
         self._set_derived()
