@@ -44,6 +44,9 @@ TIE_RTOL = 1e-9
 #: Normaliser accuracy of the coreset used for p != 2: every returned entry has A >= eps (1 - DELTA)^2.
 DELTA = 0.1
 
+#: Live steps (update a key, query a query) timed on a copy of the merged sketch, after warm ones.
+LIVE_STEPS, LIVE_WARM_STEPS = 200, 20
+
 
 @dataclass
 class ShardTimes:
@@ -116,8 +119,73 @@ def _put(q: queue.Queue, item: Any, worker: Future) -> None:
                 worker.result()
 
 
-def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
-                bar: Any) -> tuple[np.ndarray | None, HeavyEntries, np.ndarray, float]:
+class _LiveDense:
+    """The dense side of a live step: the last live query's weights ``|<q, k>|^p`` over every key.
+
+    Fed each regenerated chunk by the check pass (the demo never holds all keys), then the live
+    keys; the timed per-chunk products plus the final sum and threshold are one dense step over all
+    keys.
+    """
+
+    def __init__(self, q: np.ndarray, n_keys: int, p: float) -> None:
+        self.q, self.p = q, p
+        self.weights = np.empty(n_keys)
+        self.pos, self.seconds = 0, 0.0
+
+    def add(self, X: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        w = self.weights[self.pos:self.pos + X.shape[0]]
+        np.dot(X, self.q, out=w)
+        if self.p == 2.0:
+            np.multiply(w, w, out=w)
+        else:
+            np.power(np.abs(w, out=w), self.p, out=w)
+        self.seconds += time.perf_counter() - t0
+        self.pos += X.shape[0]
+
+    def check(self, live_keys: np.ndarray, got: HeavyEntries, eps: float) -> bool:
+        """Finish the dense step (live keys, sum, threshold); whether ``got`` agrees with it."""
+        self.add(live_keys)
+        t0 = time.perf_counter()
+        Z = self.weights.sum()
+        heavy = np.flatnonzero(self.weights >= eps * Z)
+        self.seconds += time.perf_counter() - t0
+        A = self.weights / Z
+        must = set(heavy[A[heavy] >= eps * (1.0 + TIE_RTOL)].tolist())
+        floor = eps * (1.0 - TIE_RTOL) * (1.0 if self.p == 2.0 else (1.0 - DELTA) ** 2)
+        returned = got.key_ids
+        if not must <= set(returned.tolist()) or bool((A[returned] < floor).any()):
+            return False
+        values_ok = np.all(np.abs(got.values - A[returned]) <= 1e-9 * A[returned])
+        return self.p != 2.0 or bool(values_ok)
+
+
+def _live_steps(args: argparse.Namespace,
+                sketch: Any) -> tuple[float, np.ndarray, HeavyEntries, _LiveDense]:
+    """Live steps on a copy of ``sketch``: ``update(k)`` of a new key, ``heavy_entries`` of a query.
+
+    Returns the mean seconds per timed step, the new keys, the last answer and its dense side.
+    """
+    from .synthetic import attention_like_keys, attention_like_queries
+
+    steps = LIVE_WARM_STEPS + LIVE_STEPS
+    keys = next(attention_like_keys(steps, args.dim, seed=args.seed + 2, chunk_rows=steps))
+    queries = attention_like_queries(steps, args.dim, seed=args.seed + 3, key_seed=args.seed)
+    live = sketch.copy()
+    for t in range(LIVE_WARM_STEPS):
+        live.update(keys[t])
+        live.heavy_entries(queries[t][None])
+    t0 = time.perf_counter()
+    for t in range(LIVE_WARM_STEPS, steps):
+        live.update(keys[t])
+        last = live.heavy_entries(queries[t][None])
+    seconds = (time.perf_counter() - t0) / LIVE_STEPS
+    return seconds, keys, last, _LiveDense(queries[-1], sketch.n + steps, args.p)
+
+
+def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray, bar: Any,
+                live: _LiveDense | None = None
+                ) -> tuple[np.ndarray | None, HeavyEntries, np.ndarray, float]:
     """One pass over the regenerated keys: leverage scores of every key (p = 2), brute-force heavy entries.
 
     Returns ``(leverage scores of all keys or None, dense heavy entries of Q, dense normalisers Z of Q,
@@ -139,6 +207,8 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray,
         if scores is not None:
             Y = X @ W
             scores[pos:pos + X.shape[0]] = np.einsum("ij,ij->i", Y, Y)
+        if live is not None:
+            live.add(X)
         t0 = time.perf_counter()
         scan.add(X)
         dense_s += time.perf_counter() - t0
@@ -218,10 +288,12 @@ def run_demo(args: argparse.Namespace) -> bool:
             t0 = time.perf_counter()
             hits = sketch.heavy_entries(Q)
             t_query = min(t_query, time.perf_counter() - t0)
+        t_live, live_keys, live_hits, live_dense = _live_steps(args, sketch)
 
         m_check = min(args.check, args.queries)
         with tqdm(desc="brute-force check (regenerating keys)", **bar_args) as bar:
-            scores, truth, Z, dense_s = _check_pass(args, Q[:m_check], G, bar)
+            scores, truth, Z, dense_s = _check_pass(args, Q[:m_check], G, bar, live_dense)
+        live_ok = live_dense.check(live_keys, live_hits, args.eps)
     end = hits.indptr[m_check]
     got = HeavyEntries(hits.indptr[:m_check + 1], hits.key_ids[:end], hits.values[:end], hits.eps)
     verdict = _verify(got, truth, Z, Q[:m_check], U, args.eps, args.p)
@@ -249,6 +321,8 @@ def run_demo(args: argparse.Namespace) -> bool:
         ("stream wall time, merge", f"{t_stream:.2f} s, {t_merge * 1e3:.0f} ms"),
         ("query vs dense [2]", f"{_seconds(t_query)} vs {_seconds(dense_all)}".ljust(22)
                                + f" ({dense_all / t_query:,.0f}x faster)"),
+        ("live step vs dense", f"{t_live * 1e6:.1f} us vs {_seconds(live_dense.seconds)}".ljust(22)
+                               + f" ({live_dense.seconds / t_live:,.0f}x faster; update+query)"),
         ("recall / precision [3]", f"{verdict.recall:.3f} / {verdict.precision:.3f}".ljust(22)
                                    + f" ({len(truth):,} heavy entries, value error {verdict.value_error:.1e})"),
         ("U vs offline {tau >= eps}", universal_line),
@@ -277,11 +351,13 @@ def run_demo(args: argparse.Namespace) -> bool:
     if not ok:
         print(f"FAILED: the sketch disagrees with brute force ({verdict.missed} heavy entries missed, "
               f"{verdict.spurious} spurious, {bad_universal} universal-set keys differ)")
+    elif not live_ok:
+        print("FAILED: the live step's heavy entries differ from brute force over every key fed")
     elif args.p == 2.0:
         print("ok: every heavy entry found, none spurious, the universal set is exact")
     else:
         print("ok: every heavy entry found, every returned entry within the guarantee")
-    return ok
+    return ok and live_ok
 
 
 def _seconds(t: float) -> str:

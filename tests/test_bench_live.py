@@ -4,8 +4,10 @@ silently)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,37 @@ def test_a_wrong_live_answer_makes_the_run_fail(bench, monkeypatch, capsys):
     assert bench.main(["--quick", "--only", "live"]) == 1
     out = capsys.readouterr().out
     assert "CHECK FAILED live" in out and "FAILED:" in out
+
+
+def demo_args() -> argparse.Namespace:
+    """The parsed flags of a small ``levstream demo`` run."""
+    return argparse.Namespace(n=20_000, dim=16, eps=0.01, p=2.0, seed=0, shards=2, queries=50,
+                              check=50, plot=None, quiet=True)
+
+
+def test_demo_prints_a_checked_live_step_line(capsys):
+    from levstream._demo import run_demo
+
+    assert run_demo(demo_args())
+    out = capsys.readouterr().out
+    line = r"live step vs dense\s+[\d.]+ us vs [\d.]+ m?s\s+\([\d,]+x faster; update\+query\)"
+    assert re.search(line, out), out
+    assert "ok: every heavy entry found" in out
+
+
+def test_demo_fails_when_a_live_step_answer_differs(monkeypatch, capsys):
+    from levstream._demo import run_demo
+
+    heavy_entries = ls.KeySketch.heavy_entries
+
+    def drop_from_one_query(self, Q, eps=None):  # only the live steps ask about one query
+        he = heavy_entries(self, Q, eps)
+        if np.shape(Q)[0] != 1 or len(he) == 0:
+            return he
+        indptr = np.minimum(he.indptr, len(he) - 1)
+        return ls.HeavyEntries(indptr, he.key_ids[:-1], he.values[:-1], he.eps)
+
+    monkeypatch.setattr(ls.KeySketch, "heavy_entries", drop_from_one_query)
+    assert not run_demo(demo_args())
+    out = capsys.readouterr().out
+    assert "FAILED: the live step's heavy entries differ from brute force" in out
