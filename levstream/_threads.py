@@ -249,9 +249,9 @@ def ingest_threads() -> Iterator[int]:
         _ingest.threads = None
 
 
-def ingest_section_threads() -> int:
-    """Threads of the ingest section this thread is in (1 outside any)."""
-    return getattr(_ingest, "threads", None) or 1
+def in_ingest_section() -> bool:
+    """Whether this thread is inside :func:`ingest_threads` (every BLAS held to one thread)."""
+    return getattr(_ingest, "threads", None) is not None
 
 
 def _no_item(i: int) -> None:

@@ -56,7 +56,8 @@ class KeySketch:
         Exponent of ``f(x) = |x|^p``, any ``p > 0``.  p = 2 is exact; p = 4 is exact with ``exact=True``
         (lifted Gram matrix); every other ``p`` (and p = 4 by default) uses an l_p coreset.
     block_rows : int, optional
-        Rows per processing block (default: about 4 MiB of float64 rows, 8192 rows for dim = 64).
+        Rows per processing block (default: about 4 MiB of float64 key and value rows; 8192 rows for
+        dim = 64 without values).
     exact : bool, optional
         ``True`` for the exact lifted summary of p = 4 (``D = d(d+1)/2``, ``D^2`` memory, refused beyond
         ``memory_budget``).  Default: exact for p = 2, coreset otherwise.
@@ -123,9 +124,11 @@ class KeySketch:
         dim = check_int(dim, "dim", minimum=1)
         eps = check_eps(eps)
         p = check_p(p)
-        block_rows = default_block_rows(dim) if block_rows is None else check_int(block_rows, "block_rows", minimum=1)
         if value_dim is not None:
             value_dim = check_int(value_dim, "value_dim", minimum=1)
+        # the input buffer holds a block of keys and, with values, their value rows: size it by both
+        block_rows = (default_block_rows(dim + (value_dim or 0)) if block_rows is None
+                      else check_int(block_rows, "block_rows", minimum=1))
         if not isinstance(exact_output, (bool, np.bool_)):
             raise TypeError(f"exact_output must be True or False; got {exact_output!r} instead.")
         if exact_output and value_dim is None:
@@ -577,7 +580,8 @@ class KeySketch:
     def _prune(self, room: int | None = None) -> np.ndarray:
         """Rescore every candidate exactly against the summary, drop those below eps; return the kept scores.
         Only called with no pending rows.  Storage is then trimmed to the candidates (``room=None``: the sketch
-        settles), or, while streaming, released only when it exceeds twice the candidates plus ``room`` rows."""
+        settles), or, while streaming, released only beyond 1.5 times twice the candidates plus ``room`` rows
+        (what the next prune and the input buffer may need)."""
         assert self._pending_from == self._store.n
         self._live = None
         rows = self._store.keys_view()
@@ -590,8 +594,8 @@ class KeySketch:
         self._store.keep_from(0, keep)
         if room is None:
             self._store.trim()
-        else:
-            self._store.trim(room, slack=2.0)
+        else:  # keep room for the candidates to double before the next prune, and for the input buffer
+            self._store.trim(self._store.n + room, slack=1.5)
         self._pending_from = self._store.n
         self._pruned_rows = self._store.n
         return scores[keep]

@@ -31,7 +31,8 @@ from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROU
 from .._kernels.ingest import dtrmm_function, two_sum_add, upper_scores
 from .._kernels.live import gram_quadratic
 from .._kernels.rows import scaled_sq_norms
-from .._threads import run_items
+from .._linalg import rank_tolerance
+from .._threads import in_ingest_section, run_items
 from .base import NormalizerSummary
 
 #: Rows per work item when candidates are rescored on several threads.
@@ -42,6 +43,22 @@ def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
     """In place: ``hi + lo += add`` with the rounding error of the addition carried in ``lo`` (Knuth two-sum,
     one compiled pass)."""
     two_sum_add(hi, lo, np.ascontiguousarray(add))
+
+
+def _inverse_transpose(L: np.ndarray) -> np.ndarray:
+    """``L^-T`` (upper triangular, C-contiguous) of a lower-triangular Cholesky factor.
+
+    In the ingest section, where every BLAS is held to one thread, LAPACK's triangular inverse ``trtri``
+    (``d^3 / 3`` flops); elsewhere NumPy's general inverse (a SciPy call there could wake SciPy's own
+    OpenBLAS thread pool next to NumPy's), its rounding noise below the diagonal zeroed so that triangular
+    and general products with the factor agree."""
+    if in_ingest_section():
+        from scipy.linalg.lapack import dtrtri
+
+        inverse, info = dtrtri(L, lower=1)
+        if info == 0:
+            return np.ascontiguousarray(np.triu(inverse.T))
+    return np.ascontiguousarray(np.triu(np.linalg.inv(L).T))
 
 
 def gram_rel_error_max(dim: int) -> float:
@@ -295,9 +312,7 @@ class GramSummary(NormalizerSummary):
                 # Gram mode's conditioning invariant makes this Cholesky succeed; scores use L^-1 (d^3 once
                 # per factor), applied by one GEMM to the rows being scored.
                 L = np.linalg.cholesky(self._hi + self._lo)
-                # L^-T is upper triangular: zero the rounding noise LU leaves below the diagonal, so that the
-                # triangular product (trmm) on the ingest path and the general one agree
-                self._factor = ("chol", np.ascontiguousarray(np.triu(np.linalg.inv(L).T)), self.rel_error)
+                self._factor = ("chol", _inverse_transpose(L), self.rel_error)
                 if remember:
                     self._past_factor = self._factor[1]
                     self._past_diag_max = float(np.diag(self._hi).max())
@@ -311,7 +326,7 @@ class GramSummary(NormalizerSummary):
                 kappa = 1.0
                 if live.any():
                     _, s, vt = np.linalg.svd(self._r[:, live] / col_max[live], full_matrices=False)
-                    tol = max(self.n_rows, d) * 2 * UNIT_ROUNDOFF * s[0]
+                    tol = rank_tolerance(s[0], self.n_rows, d)
                     rank = int((s > tol).sum())
                     W = np.zeros((d, rank))
                     W[live] = vt[:rank].T / s[:rank] / col_max[live][:, None]
