@@ -157,3 +157,16 @@ def test_values_merge_exactly_and_keys_only_sketches_cost_nothing_more(kv):
     assert plain.num_retained == with_values.num_retained
     assert plain.to_bytes() != with_values.to_bytes()  # values are carried ...
     assert ls.KeySketch.from_bytes(plain.to_bytes()).value_dim is None  # ... only when asked for
+
+
+def test_empty_prefill_is_a_no_op(kv):
+    K, V, _ = kv
+    sk = ls.KeySketch(6, eps=EPS, value_dim=5, exact_output=True).update_many(K[:50], V[:50])
+    mh = ls.MultiHeadKeySketch(2, 6, eps=EPS, value_dim=5, exact_output=True)
+    mh.update_many(np.stack([K[:50]] * 2), np.stack([V[:50]] * 2))
+    for sketch, shape in ((sk, (0,)), (mh, (2, 0))):
+        before = sketch.to_bytes()
+        r = sketch.prefill(np.zeros((*shape, 6)), np.zeros((*shape, 5)), np.zeros((*shape, 6)))
+        assert r.output.shape == (*shape, 5) and r.captured_mass.shape == shape
+        assert sketch.to_bytes() == before
+    assert sk.update_many(np.zeros((0, 6)), np.zeros((0, 5)), ids=[]).to_bytes() == sk.to_bytes()
