@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._kernels.ingest import copy_sq_total
+
 #: Smallest allocation (rows) once anything is stored.
 _MIN_ROWS = 16
 
@@ -135,6 +137,14 @@ class RowStore:
         self.reserve(n + m, self._key_dtype(keys.dtype))
         self.keys[n:n + m] = keys
         return self.keys[n:n + m]
+
+    def stage_checked(self, keys: np.ndarray) -> float:
+        """:meth:`stage` and, in the same pass, the sum of all squared entries of ``keys`` in float64 (nan/inf
+        iff a key holds a nan/inf or the squares overflow: the caller then commits nothing)."""
+        m = keys.shape[0]
+        n = self.n
+        self.reserve(n + m, self._key_dtype(keys.dtype))
+        return float(copy_sq_total(keys, self.keys[n:n + m]))
 
     def commit(self, ids: np.ndarray, values: np.ndarray | None = None, increasing: bool = False) -> None:
         """Add the ``len(ids)`` rows staged by :meth:`stage`, with their ids and value rows."""

@@ -312,6 +312,11 @@ class _Job:
 
 
 def _helper_loop() -> None:
+    import numpy as np
+
+    # the items are the library's kernels, whose callers check their results for nan/inf (a refused chunk's
+    # Gram block overflows): no floating-point warnings from these threads
+    np.seterr(over="ignore", invalid="ignore")
     while True:
         job = _helper_jobs.get()
         if job.helper_joins():

@@ -406,12 +406,16 @@ class KeySketch:
         n_full = (m - head) // self._block_rows
         tail = head + n_full * self._block_rows
         if isinstance(self._summary, GramSummary):
-            for part in (X[:head], X[tail:]):  # rows that wait in the buffer are checked now, not at flush time
-                _check_rows(part, X)
+            # rows that wait in the buffer are checked now, not at flush time (one pass: while copied in, or
+            # through the trace of the Gram block they complete)
+            _check_rows(X[tail:], X)
             if n_full or (head and pending + head == self._block_rows):
                 _fold_chunk(self, X, V, new_ids, start, head, n_full)
             elif head:
-                self._store.append(X[:head], _chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
+                if not np.isfinite(self._store.stage_checked(X[:head])):
+                    check_finite(X, "X")
+                    raise _too_large(X)
+                self._store.commit(_chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
                                    increasing=new_ids is None)
             self._record_ids(m, new_ids, start, srt)
             self._n += m
@@ -859,14 +863,10 @@ class KeySketch:
                  eps: float) -> AttentionResult:
         c = K.shape[0]
         new_ids, start, srt = self._new_ids(c, ids, offset)
-        if c == 0:
-            return AttentionResult(HeavyEntries.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                                            np.zeros(0), eps),
-                                   np.zeros((0, self._value_dim or 0)), np.zeros(0),
-                                   None if self._moments is None else np.zeros((0, self._value_dim or 0)))
         chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
         result = _query.prefill(self._view(), K, Vc, Q, chunk_ids, self._p, eps)
-        self._ingest(K, Vc, new_ids, start, srt)
+        if c:
+            self._ingest(K, Vc, new_ids, start, srt)
         return result
 
     # ------------------------------------------------------------------ copies and persistence
@@ -1135,14 +1135,14 @@ def _run_slabs(blocks: list[np.ndarray], plan: _Plan, n_threads: int, gram: bool
         wide = np.empty((b - a, dim)) if gram and X.dtype != np.float64 else no_rows
         rows, tested = slab_pass(X, plan.scale, plan.limit, plan.W, plan.threshold, wide, dtrmm)
         G, total = None, 0.0
-        if gram:
+        if gram:  # a nan/inf or an overflow shows in the trace (and raises no warning: see below)
             Y = X if X.dtype == np.float64 else wide
-            with np.errstate(over="ignore", invalid="ignore"):  # a nan/inf shows in the trace
-                G = Y.T @ Y
-                total = float(np.trace(G))
+            G = Y.T @ Y
+            total = float(G.trace())
         out[i] = (G, total, rows + a if a else rows, tested)
 
-    run_items(item, len(items), n_threads)
+    with np.errstate(over="ignore", invalid="ignore"):  # the helper threads ignore them too
+        run_items(item, len(items), n_threads)
     return out
 
 

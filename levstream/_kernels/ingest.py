@@ -160,6 +160,21 @@ def sq_total(X):  # pragma: no cover - compiled
     return total
 
 
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
+def copy_sq_total(src, dst):  # pragma: no cover - compiled
+    """``dst[...] = src`` (rows of the same shape, float32 or float64) and the sum of all squared entries of
+    ``src`` in float64, in one pass: nan/inf iff an entry is nan/inf or the squares overflow."""
+    n, d = src.shape
+    total = 0.0
+    for i in range(n):
+        for j in range(d):
+            v = src[i, j]
+            dst[i, j] = v
+            w = np.float64(v)
+            total += w * w
+    return total
+
+
 @numba.njit(nogil=True, cache=True)
 def two_sum_add(hi, lo, add):  # pragma: no cover - compiled
     """In place ``hi + lo += add`` with the rounding error of each addition carried in ``lo`` (Knuth's
