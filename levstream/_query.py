@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
-from ._kernels.live import heavy_p2, heavy_p2_heads
+from ._kernels.live import heavy_outputs, heavy_p2, heavy_p2_heads
 from ._kernels.query import threshold_power_csr
 from ._threads import lowered_blas
 from .moments import MomentState
@@ -58,6 +58,9 @@ class HeadView(NamedTuple):
         if self.values is None or self.extra_values is None or self.extra_ids.size == 0:
             return self.values
         return np.concatenate([self.values, self.extra_values])
+
+
+_NO_VALUES = np.zeros((0, 0))
 
 
 def _power(P: np.ndarray, p: float) -> np.ndarray:
@@ -383,7 +386,10 @@ def _decode_step(
         ids_sorted=view.ids_sorted and (held == 0 or key_id[0] > _last_id(view)),
     )
     entries, z = _live_find(step, q, report_threshold(eps, 0.0), np.array([w]))
-    heavy_out, mass = _outputs(entries, _rows_at(view, entries.positions, v), 1)
+    assert view.values is not None
+    extra_values = _NO_VALUES if view.extra_values is None else view.extra_values
+    heavy_out, mass = heavy_outputs(entries.counts, entries.positions, entries.values, view.values,
+                                    extra_values, v)
     output = None
     if view.moments is not None:
         num = view.moments.numerator(q) + w * v

@@ -845,6 +845,14 @@ class KeySketch:
         >>> bool(np.allclose(r.output, W @ V / W.sum(axis=1, keepdims=True))), sk.n
         (True, 8)
         """
+        if (ids is None and offset is None and eps is None and self._value_dim is not None
+                and _is_step(K, self._dim) and _is_step(Q, self._dim) and _is_step(V, self._value_dim)):
+            with self._lock:  # a decode step: validated by one finite check, fed as one row
+                self._check_next_id()
+                chunk_ids = np.array([self._next_id], dtype=np.int64)
+                result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
+                self._append_token(K[0], V[0])
+            return result
         K = as_matrix(K, "K", self._dim, allow_empty=True)
         c = K.shape[0]
         Q = as_matrix(Q, "Q", self._dim, allow_empty=True)
@@ -1298,6 +1306,13 @@ def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.
         finally:
             if saved is not None:
                 store.release()
+
+
+def _is_step(X: Any, width: int) -> bool:
+    """Whether ``X`` is one finite float64 row as a (1, width) C-contiguous array whose squares do not
+    overflow: a decode step's input, which then needs no further validation."""
+    return (type(X) is np.ndarray and X.dtype == np.float64 and X.shape == (1, width) and X.flags.c_contiguous
+            and bool(np.isfinite(sq_norm(X[0]))))
 
 
 def _check_magnitude(X: np.ndarray, name: str) -> None:

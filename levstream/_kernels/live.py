@@ -182,3 +182,31 @@ def moment_numerator(Q, S):  # pragma: no cover - compiled
                     out[i, c] += w * S[row, c]
                 row += 1
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def heavy_outputs(counts, positions, weights, V1, V2, V3):  # pragma: no cover - compiled
+    """``(sum_j A_j v_j, sum_j A_j)`` over each query row's entries; entry ``t`` has weight ``weights[t]`` and
+    the value row ``positions[t]`` of ``[V1; V2; V3]`` (the candidates', the scanned buffered rows', a chunk's)."""
+    m = counts.shape[0]
+    dv = V1.shape[1]
+    n1, n2 = V1.shape[0], V2.shape[0]
+    out = np.zeros((m, dv), dtype=np.float64)
+    mass = np.zeros(m, dtype=np.float64)
+    t = 0
+    for i in range(m):
+        for _ in range(counts[i]):
+            j = positions[t]
+            a = weights[t]
+            mass[i] += a
+            if j < n1:
+                for c in range(dv):
+                    out[i, c] += a * V1[j, c]
+            elif j < n1 + n2:
+                for c in range(dv):
+                    out[i, c] += a * V2[j - n1, c]
+            else:
+                for c in range(dv):
+                    out[i, c] += a * V3[j - n1 - n2, c]
+            t += 1
+    return out, mass
