@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ._config import TIE_RTOL
 from ._format import format_bytes, print_table
 from ._threads import capped_threads, numba_turn
 from .results import HeavyEntries
@@ -36,10 +37,6 @@ from .results import HeavyEntries
 #: Rows per generated chunk (16 MiB at d = 64): measured here, 8192 rows gave a build / Gram-only ratio of
 #: 2.0-2.1, 32768 rows 1.75 with the shortest wall time, 65536 rows 1.7 with 90 MB more peak memory.
 CHUNK_ROWS = 32768
-
-#: Keys whose offline leverage score is this close to eps (relative) may go either way (docs/theory.md,
-#: "The guarantee").
-TIE_RTOL = 1e-9
 
 #: Normaliser accuracy of the coreset used for p != 2: every returned entry has A >= eps (1 - DELTA)^2.
 DELTA = 0.1

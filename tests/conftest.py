@@ -10,17 +10,17 @@ import pytest
 
 import levstream as ls
 
-#: Fixed seeds (STYLE.md: never a new random seed per run).
+#: Fixed seeds (never a new random seed per run).
 SEEDS = (0, 1, 2)
 
-#: DESIGN.md §4 tie rule: keys whose leverage score is within this relative distance of eps may go either way.
+#: The tie rule (docs/theory.md, "The guarantee"): keys whose leverage score is within this relative distance of eps may go either way.
 TIE_RTOL = 1e-9
 
 #: For adversarial (hypothesis) inputs the tie band widens to what float64 can resolve: leverage scores of a
 #: matrix with condition number kappa are accurate to about kappa * unit roundoff (times a small factor).
 COND_TIE_RTOL = 1e-13
 
-#: DESIGN.md §4: heavy-entry values equal the dense values to this relative tolerance.
+#: The guarantee: heavy-entry values equal the dense values to this relative tolerance.
 VALUE_RTOL = 1e-9
 
 #: Normaliser Z(q) = q^T G q against the directly summed squares (both rounding-limited, well-conditioned keys).
@@ -78,7 +78,7 @@ def heavy_tailed_keys(n: int, d: int, seed: int, tail: float = 2.0) -> np.ndarra
 
 
 def assert_matches_offline(got_ids, tau: np.ndarray, eps: float, *, tie_rtol: float = TIE_RTOL) -> None:
-    """``got_ids`` equals ``{j : tau_j >= eps}`` except for keys inside the DESIGN.md tie band around eps."""
+    """``got_ids`` equals ``{j : tau_j >= eps}`` except for keys inside the documented tie band around eps."""
     got = set(np.asarray(got_ids).tolist())
     tau = np.asarray(tau)
     must = set(np.flatnonzero(tau >= eps * (1.0 + tie_rtol)).tolist())
@@ -113,7 +113,7 @@ class Answer(tuple):
     """What :func:`answer` returns: ids and counts compare exactly, computed values to ``VALUE_RTOL``.
 
     Two sketches of the same keys with different histories (chunking, merges, rows still waiting in the input
-    buffer) compute the same values by different roundings; DESIGN's contract is values to ``VALUE_RTOL``."""
+    buffer) compute the same values by different roundings; the guarantee is values to ``VALUE_RTOL``."""
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, tuple) or len(other) != len(self):
