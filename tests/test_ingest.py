@@ -100,12 +100,14 @@ def test_exact_scores_match_svd_on_any_number_of_threads():
     s = GramSummary(12)
     s.add(K)
     tau = leverage_svd(K)
-    one = s.exact_scores(K, 1)
-    np.testing.assert_allclose(one, tau, rtol=SCORE_RTOL)
-    with threads.ingest_threads() as n:
-        np.testing.assert_array_equal(s.exact_scores(K, max(n, 2)), one)
-    np.testing.assert_array_equal(s.exact_scores(K.astype(np.float32), 3),
-                                  s.exact_scores(K.astype(np.float32).astype(np.float64), 1))
+    with threads.ingest_threads():  # where the sketch calls it (LAPACK's triangular inverse)
+        one = s.exact_scores(K, 1)
+        np.testing.assert_allclose(one, tau, rtol=SCORE_RTOL)
+        np.testing.assert_array_equal(s.exact_scores(K, 2), one)
+        np.testing.assert_array_equal(s.exact_scores(K, 3), one)
+        np.testing.assert_array_equal(s.exact_scores(K.astype(np.float32), 3),
+                                      s.exact_scores(K.astype(np.float32).astype(np.float64), 1))
+    np.testing.assert_allclose(s.exact_scores(K, 2), tau, rtol=SCORE_RTOL)  # NumPy's inverse outside
 
 
 # ---------------------------------------------------------------------------------------------- threads
