@@ -583,9 +583,9 @@ class KeySketch:
 
     def _prune(self, room: int | None = None) -> np.ndarray:
         """Rescore every candidate exactly against the summary, drop those below eps; return the kept scores.
-        Only called with no pending rows.  Storage is then trimmed to the candidates (``room=None``: the sketch
-        settles), or, while streaming, released only beyond 1.5 times twice the candidates plus ``room`` rows
-        (what the next prune and the input buffer may need)."""
+        Only called with no pending rows.  Storage is then trimmed to the candidates and the summary drops its
+        factors (``room=None``: the sketch settles), or, while streaming, released only beyond 1.5 times twice
+        the candidates plus ``room`` rows (what the next prune and the input buffer may need)."""
         assert self._pending_from == self._store.n
         self._live = None
         rows = self._store.keys_view()
@@ -596,8 +596,10 @@ class KeySketch:
             scores = self._summary.scores(rows)
         keep = scores >= self._keep_threshold()
         self._store.keep_from(0, keep)
-        if room is None:
+        if room is None:  # settling: hold the candidates and G, nothing more
             self._store.trim()
+            if isinstance(self._summary, GramSummary):
+                self._summary.release_factors()
         else:  # keep room for the candidates to double before the next prune, and for the input buffer
             self._store.trim(self._store.n + room, slack=1.5)
         self._pending_from = self._store.n

@@ -392,6 +392,14 @@ class GramSummary(NormalizerSummary):
         scale, lam, W = self._plan
         return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
 
+    def release_factors(self) -> None:
+        """Drop every factor held (the plan, the stale factor, the caches): a settled sketch keeps ``G`` only.
+        The next block makes a new plan (deterministically: at the same point of the same operations)."""
+        self._plan = None
+        self._past_factor, self._past_diag_max = None, 0.0
+        self._factor = None
+        self._gram_sum = None
+
     def plan_state(self) -> tuple:
         """What :meth:`ingest_plan` may change (serialized state), for :meth:`restore_plan`."""
         return self._plan, self._plan_rows, self._past_factor, self._past_diag_max
