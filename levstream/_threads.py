@@ -228,25 +228,42 @@ _helper_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _helpers_lock = threading.Lock()
 
 
+_blas_hold_lock = threading.Lock()
+_blas_holders = 0  # ingest sections open in any thread of this process
+_blas_hold: Any = None  # the limiter that lowered BLAS for them (restored when the last one closes)
+
+
 @contextmanager
 def ingest_threads() -> Iterator[int]:
     """The section in which a sketch folds blocks of keys; yields the number of threads it may use.
 
-    BLAS is lowered to one thread (process-wide, restored on exit; never raised): the section parallelises
-    over slabs itself (:func:`run_items`).  The thread count is :func:`get_num_threads` (inside a capped
-    section, that section's cap).  Nested sections reuse the outer one at no cost.
+    BLAS is lowered to one thread (process-wide; never raised) while any thread of the process is in such a
+    section, and restored when the last one leaves, so that writers feeding their own sketches from several
+    threads do not restore each other's limit halfway: the section parallelises over slabs itself
+    (:func:`run_items`).  The thread count is :func:`get_num_threads` (inside a capped section, that section's
+    cap).  Nested sections reuse the outer one at no cost.
     """
+    global _blas_holders, _blas_hold
     outer = getattr(_ingest, "threads", None)
     if outer is not None:
         yield outer
         return
     n = get_num_threads()
+    with _blas_hold_lock:
+        if _blas_holders == 0:
+            _blas_hold = lowered_blas(1)
+            _blas_hold.__enter__()
+        _blas_holders += 1
     _ingest.threads = n
     try:
-        with lowered_blas(1):
-            yield n
+        yield n
     finally:
         _ingest.threads = None
+        with _blas_hold_lock:
+            _blas_holders -= 1
+            if _blas_holders == 0:
+                hold, _blas_hold = _blas_hold, None
+                hold.__exit__(None, None, None)
 
 
 def in_ingest_section() -> bool:
@@ -336,10 +353,14 @@ def _ensure_helpers(n: int) -> None:
 
 
 def _forget_helpers() -> None:  # a forked child has none of its parent's threads
-    global _helper_jobs, _helpers_lock
+    global _helper_jobs, _helpers_lock, _blas_hold_lock, _blas_holders, _blas_hold
     _helpers.clear()
     _helper_jobs = queue.SimpleQueue()
     _helpers_lock = threading.Lock()
+    _blas_hold_lock = threading.Lock()
+    if _blas_hold is not None:  # forked inside another thread's ingest section: the caller's limit back
+        _blas_hold.__exit__(None, None, None)
+    _blas_holders, _blas_hold = 0, None
 
 
 if hasattr(os, "register_at_fork"):

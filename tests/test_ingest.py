@@ -182,6 +182,42 @@ def test_one_update_many_uses_the_budget_and_restores_blas(K, monkeypatch):
         assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
 
 
+def test_writers_on_several_threads_share_the_blas_hold(K, monkeypatch):
+    """Two threads feeding their own sketches at once: BLAS stays at one thread until both are done (neither
+    restores the limit under the other), the limits are back afterwards, and each sketch is the one a single
+    thread makes."""
+    blas_seen: set[frozenset[int]] = set()
+    lock = threading.Lock()
+    real = sketch_module.slab_pass
+
+    def spy(*args):
+        limits = frozenset(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+        with lock:
+            blas_seen.add(limits)
+        return real(*args)
+
+    monkeypatch.setattr(sketch_module, "slab_pass", spy)
+    before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
+    halves = (K[:20 * BLOCK], K[20 * BLOCK:])
+    got: list[bytes] = [b"", b""]
+
+    def writer(i: int) -> None:
+        sk = ls.KeySketch(K.shape[1], eps=EPS, block_rows=BLOCK)
+        for a in range(0, halves[i].shape[0], BLOCK // 2):
+            sk.update_many(halves[i][a:a + BLOCK // 2])
+        got[i] = sk.to_bytes()
+
+    workers = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert blas_seen == {frozenset({1})}
+    assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
+    for i in range(2):
+        assert got[i] == feed(halves[i]).to_bytes()
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_refused_chunk_leaves_no_trace_after_several_waves(K):
     """A nan in the last block of a chunk that is folded in several waves: the folded waves are undone."""
