@@ -89,16 +89,19 @@ class Sizes:
     heads_steps_per_round: int
     dense_budget_s: float  # dense steps of a round stop after this long (at least 10 steps)
     prefill_rounds: int
+    rss_fixed_mmap: bool  # also measure the RSS with glibc's mmap threshold fixed
 
 
 FULL = Sizes(live_n=(10_000, 100_000, 1_000_000), heads_n=100_000, n_heads=12, bulk_n=2_000_000,
              decode_n=(10_000, 100_000, 1_000_000), prefill_n=100_000, prefill_chunk=4096,
              gemm_n=262_144, rss_n=(10_000, 1_000_000), warm_steps=100, rounds=5,
-             steps_per_round=400, heads_steps_per_round=400, dense_budget_s=0.4, prefill_rounds=3)
+             steps_per_round=400, heads_steps_per_round=400, dense_budget_s=0.4, prefill_rounds=3,
+             rss_fixed_mmap=True)
 QUICK = Sizes(live_n=(1_000, 10_000), heads_n=5_000, n_heads=12, bulk_n=131_072,
               decode_n=(1_000, 10_000), prefill_n=2048, prefill_chunk=512, gemm_n=16_384,
               rss_n=(10_000, 20_000), warm_steps=40, rounds=3, steps_per_round=320,
-              heads_steps_per_round=100, dense_budget_s=0.05, prefill_rounds=3)
+              heads_steps_per_round=100, dense_budget_s=0.05, prefill_rounds=3,
+              rss_fixed_mmap=False)
 
 #: The settings every dense baseline is timed with: default BLAS threads, one BLAS thread.
 DENSE_THREADS: tuple[tuple[str, int | None], ...] = (("default", None), ("1", 1))
@@ -796,17 +799,23 @@ def rss_child(n: int, d: int, eps: float, dv: int) -> None:
                       "check": check}))
 
 
-@section_env
-def bench_rss(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+#: glibc's malloc raises its mmap threshold each time a large block is freed, after which large
+#: temporaries come from the heap and fragment it over a long stream; a fixed threshold turns that
+#: off.  The RSS figure is also measured with it, to tell the allocator's growth from the sketch's.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def rss_runs(sz: Sizes, failures: Failures, env: dict[str, str] | None = None) -> dict:
     """Peak RSS of :func:`rss_child` at the two sizes of ``sz.rss_n``, a fresh process each."""
     out = {}
     for n in sz.rss_n:
-        res = subprocess.run([sys.executable, __file__, "--rss-child", str(n)], capture_output=True,
-                             text=True, check=False)
+        res = subprocess.run([sys.executable, __file__, "--rss-child", str(n)],
+                             capture_output=True, text=True, check=False,
+                             env={**os.environ, **(env or {})})
         if res.returncode != 0:
             raise RuntimeError(f"rss child n={n} failed:\n{res.stderr}")
         out[n] = json.loads(res.stdout.strip().splitlines()[-1])
-        failures.add(f"rss n={n} attend", out[n]["check"])
+        failures.add(f"rss n={n} attend{' ' + str(env) if env else ''}", out[n]["check"])
     small, large = sz.rss_n
     mb = 2.0**20
     return {"n_small": small, "n_large": large, "hwm_small_MB": out[small]["hwm"] / mb,
@@ -815,6 +824,16 @@ def bench_rss(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dic
             "retained": [out[n]["retained"] for n in sz.rss_n],
             "sketch_MB": [out[n]["sketch_nbytes"] / mb for n in sz.rss_n],
             "check": merge_checks(out[small]["check"], out[large]["check"], same_rows=False)}
+
+
+@section_env
+def bench_rss(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """Peak RSS streaming ``sz.rss_n`` keys with values; in the full run also with a fixed mmap
+    threshold (:data:`FIXED_MMAP_THRESHOLD`)."""
+    out = rss_runs(sz, failures)
+    if sz.rss_fixed_mmap:
+        out["fixed_mmap_threshold"] = rss_runs(sz, failures, FIXED_MMAP_THRESHOLD)
+    return out
 
 
 # ---------------------------------------------------------------------- report
@@ -876,6 +895,11 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
         rows.append((f"peak RSS with values, n = {r['n_large']:.0e} / {r['n_small']:.0e}",
                      f"{r['ratio']:.3f} ({r['hwm_large_MB']:.1f} MB / {r['hwm_small_MB']:.1f} MB)",
                      "<= 1.05", r["ratio"] <= 1.05))
+        if "fixed_mmap_threshold" in r:
+            f = r["fixed_mmap_threshold"]
+            measured = f"{f['ratio']:.3f} ({f['hwm_large_MB']:.1f} MB / {f['hwm_small_MB']:.1f} MB)"
+            rows.append(("same, glibc mmap threshold fixed (MALLOC_MMAP_THRESHOLD_=131072)",
+                         measured, "-", None))
     return rows
 
 
