@@ -23,9 +23,10 @@ from __future__ import annotations
 import argparse
 import queue
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -65,14 +66,18 @@ def _stream(args: argparse.Namespace) -> Iterator[np.ndarray]:
     return attention_like_keys(args.n, args.dim, seed=args.seed, chunk_rows=CHUNK_ROWS)
 
 
-def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.ndarray, list[ShardTimes]]:
+def _build_shards(
+    args: argparse.Namespace, bar: Any
+) -> tuple[list[Any], np.ndarray, list[ShardTimes]]:
     """Shard sketches fed by worker threads (chunk ``k`` of one generator goes to shard ``k % shards``).
 
     Each worker also accumulates the Gram matrix of its chunks (the Gram-only baseline, and an independent
     Gram matrix for the check); their sum is returned with the sketches and the per-shard CPU times.
     """
 
-    seeds = np.random.SeedSequence(args.seed).spawn(args.shards)  # per-shard sampling seeds (p != 2)
+    seeds = np.random.SeedSequence(args.seed).spawn(
+        args.shards
+    )  # per-shard sampling seeds (p != 2)
     queues: list[queue.Queue] = [queue.Queue(maxsize=2) for _ in range(args.shards)]
 
     def work(shard: int) -> tuple[Any, np.ndarray, ShardTimes]:
@@ -102,7 +107,8 @@ def _build_shards(args: argparse.Namespace, bar: Any) -> tuple[list[Any], np.nda
         for shard in range(args.shards):
             _put(queues[shard], None, workers[shard])
         results = [w.result() for w in workers]
-    return [r[0] for r in results], sum(r[1] for r in results), [r[2] for r in results]
+    G_total = np.sum([r[1] for r in results], axis=0)  # the Gram matrix of all shards
+    return [r[0] for r in results], G_total, [r[2] for r in results]
 
 
 def _put(q: queue.Queue, item: Any, worker: Future) -> None:
@@ -131,7 +137,7 @@ class _LiveDense:
 
     def add(self, X: np.ndarray) -> None:
         t0 = time.perf_counter()
-        w = self.weights[self.pos:self.pos + X.shape[0]]
+        w = self.weights[self.pos : self.pos + X.shape[0]]
         np.dot(X, self.q, out=w)
         if self.p == 2.0:
             np.multiply(w, w, out=w)
@@ -157,8 +163,9 @@ class _LiveDense:
         return self.p != 2.0 or bool(values_ok)
 
 
-def _live_steps(args: argparse.Namespace,
-                sketch: Any) -> tuple[float, np.ndarray, HeavyEntries, _LiveDense]:
+def _live_steps(
+    args: argparse.Namespace, sketch: Any
+) -> tuple[float, np.ndarray, HeavyEntries, _LiveDense]:
     """Live steps on a copy of ``sketch``: ``update(k)`` of a new key, ``heavy_entries`` of a query.
 
     Returns the mean seconds per timed step, the new keys, the last answer and its dense side.
@@ -180,9 +187,9 @@ def _live_steps(args: argparse.Namespace,
     return seconds, keys, last, _LiveDense(queries[-1], sketch.n + steps, args.p)
 
 
-def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray, bar: Any,
-                live: _LiveDense | None = None
-                ) -> tuple[np.ndarray | None, HeavyEntries, np.ndarray, float]:
+def _check_pass(
+    args: argparse.Namespace, Q: np.ndarray, G: np.ndarray, bar: Any, live: _LiveDense | None = None
+) -> tuple[np.ndarray | None, HeavyEntries, np.ndarray, float]:
     """One pass over the regenerated keys: leverage scores of every key (p = 2), brute-force heavy entries.
 
     Returns ``(leverage scores of all keys or None, dense heavy entries of Q, dense normalisers Z of Q,
@@ -203,7 +210,7 @@ def _check_pass(args: argparse.Namespace, Q: np.ndarray, G: np.ndarray, bar: Any
     for X in _stream(args):
         if scores is not None:
             Y = X @ W
-            scores[pos:pos + X.shape[0]] = np.einsum("ij,ij->i", Y, Y)
+            scores[pos : pos + X.shape[0]] = np.einsum("ij,ij->i", Y, Y)
         if live is not None:
             live.add(X)
         t0 = time.perf_counter()
@@ -226,8 +233,15 @@ class Verdict:
     value_error: float
 
 
-def _verify(got: HeavyEntries, truth: HeavyEntries, Z: np.ndarray, Q: np.ndarray, U: Any,
-            eps: float, p: float) -> Verdict:
+def _verify(
+    got: HeavyEntries,
+    truth: HeavyEntries,
+    Z: np.ndarray,
+    Q: np.ndarray,
+    U: Any,
+    eps: float,
+    p: float,
+) -> Verdict:
     """Compare the sketch's entries with brute force.
 
     The true value of every returned entry is recomputed from its key row (held in ``U``) and the exact
@@ -240,7 +254,9 @@ def _verify(got: HeavyEntries, truth: HeavyEntries, Z: np.ndarray, Q: np.ndarray
     floor = eps * (1.0 - TIE_RTOL) if p == 2.0 else eps * (1.0 - DELTA) ** 2
     found = set(zip(got_rows.tolist(), got.key_ids.tolist()))
     t_rows = truth.rows()
-    in_got = np.array([e in found for e in zip(t_rows.tolist(), truth.key_ids.tolist())], dtype=bool)
+    in_got = np.array(
+        [e in found for e in zip(t_rows.tolist(), truth.key_ids.tolist())], dtype=bool
+    )
     missed = int((~in_got & (truth.values >= eps * (1.0 + TIE_RTOL))).sum())
     return Verdict(
         recall=float(in_got.mean()) if len(truth) else 1.0,
@@ -263,11 +279,21 @@ def run_demo(args: argparse.Namespace) -> bool:
     from .sketch import KeySketch
     from .synthetic import attention_like_queries
 
-    print(f"levstream {__version__} demo: {args.n:,} attention-like keys, d={args.dim}, eps={args.eps:g}, "
-          f"p={args.p:g}")
-    print(f"  {args.shards} shards (threads) fed from one generator; BLAS and numba: 1 thread per shard")
-    bar_args = dict(total=args.n, unit=" keys", unit_scale=True, disable=args.quiet, leave=False,
-                    dynamic_ncols=True)
+    print(
+        f"levstream {__version__} demo: {args.n:,} attention-like keys, d={args.dim}, eps={args.eps:g}, "
+        f"p={args.p:g}"
+    )
+    print(
+        f"  {args.shards} shards (threads) fed from one generator; BLAS and numba: 1 thread per shard"
+    )
+    bar_args = {
+        "total": args.n,
+        "unit": " keys",
+        "unit_scale": True,
+        "disable": args.quiet,
+        "leave": False,
+        "dynamic_ncols": True,
+    }
     with capped_threads(1, user_api=None):
         warm_up(args.dim, args.eps, args.p)
         t0 = time.perf_counter()
@@ -292,7 +318,7 @@ def run_demo(args: argparse.Namespace) -> bool:
             scores, truth, Z, dense_s = _check_pass(args, Q[:m_check], G, bar, live_dense)
         live_ok = live_dense.check(live_keys, live_hits, args.eps)
     end = hits.indptr[m_check]
-    got = HeavyEntries(hits.indptr[:m_check + 1], hits.key_ids[:end], hits.values[:end], hits.eps)
+    got = HeavyEntries(hits.indptr[: m_check + 1], hits.key_ids[:end], hits.values[:end], hits.eps)
     verdict = _verify(got, truth, Z, Q[:m_check], U, args.eps, args.p)
     if scores is not None:  # p = 2: the universal set must be the offline {tau >= eps}, up to ties
         differ = np.setxor1d(U.ids, np.flatnonzero(scores >= args.eps))
@@ -308,33 +334,63 @@ def run_demo(args: argparse.Namespace) -> bool:
     bound = "d/eps" if args.p <= 2 else "d^(p/2)/eps"
 
     print()
-    print_table([
-        ("keys streamed n", f"{sketch.n:,}"),
-        ("universal set |U|", f"{len(U):<8,} (bound {bound} = {U.size_bound:,.0f})"),
-        ("sketch vs raw keys", f"{format_bytes(sketch_bytes)} vs {format_bytes(raw_bytes)}".ljust(22)
-                               + f" ({raw_bytes / sketch_bytes:,.0f}x smaller)"),
-        ("build vs Gram-only [1]", f"{_seconds(sketch_s)} vs {_seconds(gram_s)}".ljust(22)
-                                   + f" ({sketch_s / gram_s:.2f}x)"),
-        ("stream wall time, merge", f"{t_stream:.2f} s, {t_merge * 1e3:.0f} ms"),
-        ("query vs dense [2]", f"{_seconds(t_query)} vs {_seconds(dense_all)}".ljust(22)
-                               + f" ({dense_all / t_query:,.0f}x faster)"),
-        ("live step vs dense", f"{t_live * 1e6:.1f} us vs {_seconds(live_dense.seconds)}".ljust(22)
-                               + f" ({live_dense.seconds / t_live:,.0f}x faster; update+query)"),
-        ("recall / precision [3]", f"{verdict.recall:.3f} / {verdict.precision:.3f}".ljust(22)
-                                   + f" ({len(truth):,} heavy entries, value error {verdict.value_error:.1e})"),
-        ("U vs offline {tau >= eps}", universal_line),
-    ])
+    print_table(
+        [
+            ("keys streamed n", f"{sketch.n:,}"),
+            ("universal set |U|", f"{len(U):<8,} (bound {bound} = {U.size_bound:,.0f})"),
+            (
+                "sketch vs raw keys",
+                f"{format_bytes(sketch_bytes)} vs {format_bytes(raw_bytes)}".ljust(22)
+                + f" ({raw_bytes / sketch_bytes:,.0f}x smaller)",
+            ),
+            (
+                "build vs Gram-only [1]",
+                f"{_seconds(sketch_s)} vs {_seconds(gram_s)}".ljust(22)
+                + f" ({sketch_s / gram_s:.2f}x)",
+            ),
+            ("stream wall time, merge", f"{t_stream:.2f} s, {t_merge * 1e3:.0f} ms"),
+            (
+                "query vs dense [2]",
+                f"{_seconds(t_query)} vs {_seconds(dense_all)}".ljust(22)
+                + f" ({dense_all / t_query:,.0f}x faster)",
+            ),
+            (
+                "live step vs dense",
+                f"{t_live * 1e6:.1f} us vs {_seconds(live_dense.seconds)}".ljust(22)
+                + f" ({live_dense.seconds / t_live:,.0f}x faster; update+query)",
+            ),
+            (
+                "recall / precision [3]",
+                f"{verdict.recall:.3f} / {verdict.precision:.3f}".ljust(22)
+                + f" ({len(truth):,} heavy entries, value error {verdict.value_error:.1e})",
+            ),
+            ("U vs offline {tau >= eps}", universal_line),
+        ]
+    )
     scaled = f", x{args.queries / m_check:g}" if m_check < args.queries else ""
-    print(f"\n  [1] CPU time in update_many vs in G += X.T @ X on the same chunks, summed over the "
-          f"{args.shards} shards")
-    print(f"  [2] {args.queries:,} queries; dense = blocked NumPy over all keys, timed on the {m_check} "
-          f"checked queries{scaled}")
-    print(f"  [3] {m_check} queries against brute force over all {args.n:,} keys (regenerated, never all held)")
+    print(
+        f"\n  [1] CPU time in update_many vs in G += X.T @ X on the same chunks, summed over the "
+        f"{args.shards} shards"
+    )
+    print(
+        f"  [2] {args.queries:,} queries; dense = blocked NumPy over all keys, timed on the {m_check} "
+        f"checked queries{scaled}"
+    )
+    print(
+        f"  [3] {m_check} queries against brute force over all {args.n:,} keys (regenerated, never all held)"
+    )
     if args.p == 2.0:
-        ok = verdict.missed == 0 and verdict.spurious == 0 and bad_universal == 0 and verdict.value_error <= 1e-9
+        ok = (
+            verdict.missed == 0
+            and verdict.spurious == 0
+            and bad_universal == 0
+            and verdict.value_error <= 1e-9
+        )
     else:
-        print(f"  p = {args.p:g} uses a coreset normaliser (delta = {DELTA}): every entry >= eps is returned "
-              f"with high probability, every returned entry is >= eps (1 - delta)^2")
+        print(
+            f"  p = {args.p:g} uses a coreset normaliser (delta = {DELTA}): every entry >= eps is returned "
+            f"with high probability, every returned entry is >= eps (1 - delta)^2"
+        )
         ok = verdict.missed == 0 and verdict.spurious == 0
     if args.plot is not None:
         from ._plots import demo_figure
@@ -343,11 +399,15 @@ def run_demo(args: argparse.Namespace) -> bool:
             shown, what = scores, f"Leverage scores of all {sketch.n:,} keys"
         else:
             shown, what = U.scores, f"Sensitivity bounds of the {len(U):,} keys of U"
-        demo_figure(args, shown, what, len(U), sketch.n, t_query / args.queries, dense_all / args.queries)
+        demo_figure(
+            args, shown, what, len(U), sketch.n, t_query / args.queries, dense_all / args.queries
+        )
         print(f"  wrote {args.plot}")
     if not ok:
-        print(f"FAILED: the sketch disagrees with brute force ({verdict.missed} heavy entries missed, "
-              f"{verdict.spurious} spurious, {bad_universal} universal-set keys differ)")
+        print(
+            f"FAILED: the sketch disagrees with brute force ({verdict.missed} heavy entries missed, "
+            f"{verdict.spurious} spurious, {bad_universal} universal-set keys differ)"
+        )
     elif not live_ok:
         print("FAILED: the live step's heavy entries differ from brute force over every key fed")
     elif args.p == 2.0:

@@ -318,10 +318,14 @@ def prefill(
         )
     c = K.shape[0]
     if c == 0:
-        return AttentionResult(HeavyEntries.from_counts(np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                                        np.zeros(0), eps),
-                               np.zeros((0, V.shape[1])), np.zeros(0),
-                               None if view.moments is None else np.zeros((0, V.shape[1])))
+        return AttentionResult(
+            HeavyEntries.from_counts(
+                np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), eps
+            ),
+            np.zeros((0, V.shape[1])),
+            np.zeros(0),
+            None if view.moments is None else np.zeros((0, V.shape[1])),
+        )
     if c == 1 and is_live(view, Q, p):
         return _decode_step(view, K, V, Q, chunk_ids, eps)
     # medium-sized products: multithreaded BLAS on them loses more to waiting for its threads than it gains
@@ -330,8 +334,15 @@ def prefill(
         return _prefill_chunk(view, K, V, Q, chunk_ids, p, eps)
 
 
-def _prefill_chunk(view: HeadView, K: np.ndarray, V: np.ndarray, Q: np.ndarray, chunk_ids: np.ndarray,
-                   p: float, eps: float) -> AttentionResult:
+def _prefill_chunk(
+    view: HeadView,
+    K: np.ndarray,
+    V: np.ndarray,
+    Q: np.ndarray,
+    chunk_ids: np.ndarray,
+    p: float,
+    eps: float,
+) -> AttentionResult:
     c = K.shape[0]
     held_values = view.all_values
     assert held_values is not None
@@ -388,8 +399,9 @@ def _decode_step(
     entries, z = _live_find(step, q, report_threshold(eps, 0.0), np.array([w]))
     assert view.values is not None
     extra_values = _NO_VALUES if view.extra_values is None else view.extra_values
-    heavy_out, mass = heavy_outputs(entries.counts, entries.positions, entries.values, view.values,
-                                    extra_values, v)
+    heavy_out, mass = heavy_outputs(
+        entries.counts, entries.positions, entries.values, view.values, extra_values, v
+    )
     output = None
     if view.moments is not None:
         num = view.moments.numerator(q) + w * v

@@ -73,13 +73,13 @@ class RowStore:
         return self.n
 
     def ids_view(self, start: int = 0) -> np.ndarray:
-        return self.ids[start:self.n]
+        return self.ids[start : self.n]
 
     def keys_view(self, start: int = 0) -> np.ndarray:
-        return self.keys[start:self.n]
+        return self.keys[start : self.n]
 
     def values_view(self, start: int = 0) -> np.ndarray | None:
-        return None if self.values is None else self.values[start:self.n]
+        return None if self.values is None else self.values[start : self.n]
 
     @property
     def capacity(self) -> int:
@@ -115,7 +115,11 @@ class RowStore:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``."""
         retype = key_dtype is not None and key_dtype != self.keys.dtype
         if rows > self.capacity or retype:
-            grown = max(rows, int(_GROWTH * self.capacity), _MIN_ROWS) if rows > self.capacity else self.capacity
+            grown = (
+                max(rows, int(_GROWTH * self.capacity), _MIN_ROWS)
+                if rows > self.capacity
+                else self.capacity
+            )
             self._resize(grown, key_dtype)
 
     def trim(self, room: int = 0, slack: float = 1.25) -> None:
@@ -135,8 +139,8 @@ class RowStore:
         m = keys.shape[0]
         n = self.n
         self.reserve(n + m, self._key_dtype(keys.dtype))
-        self.keys[n:n + m] = keys
-        return self.keys[n:n + m]
+        self.keys[n : n + m] = keys
+        return self.keys[n : n + m]
 
     def stage_checked(self, keys: np.ndarray) -> float:
         """:meth:`stage` and, in the same pass, the sum of all squared entries of ``keys`` in float64 (nan/inf
@@ -144,24 +148,31 @@ class RowStore:
         m = keys.shape[0]
         n = self.n
         self.reserve(n + m, self._key_dtype(keys.dtype))
-        return float(copy_sq_total(keys, self.keys[n:n + m]))
+        return float(copy_sq_total(keys, self.keys[n : n + m]))
 
-    def commit(self, ids: np.ndarray, values: np.ndarray | None = None, increasing: bool = False) -> None:
+    def commit(
+        self, ids: np.ndarray, values: np.ndarray | None = None, increasing: bool = False
+    ) -> None:
         """Add the ``len(ids)`` rows staged by :meth:`stage`, with their ids and value rows."""
         m = ids.shape[0]
         if m == 0:
             return
         n = self.n
-        self.ids[n:n + m] = ids
+        self.ids[n : n + m] = ids
         if self.values is not None:
-            self.values[n:n + m] = values
+            self.values[n : n + m] = values
         if self.ids_sorted:
             after = n == 0 or ids[0] > self.ids[n - 1]
             self.ids_sorted = bool(after and (increasing or m == 1 or (np.diff(ids) > 0).all()))
         self.n = n + m
 
-    def append(self, keys: np.ndarray, ids: np.ndarray, values: np.ndarray | None = None,
-               increasing: bool = False) -> None:
+    def append(
+        self,
+        keys: np.ndarray,
+        ids: np.ndarray,
+        values: np.ndarray | None = None,
+        increasing: bool = False,
+    ) -> None:
         """Append rows (float32 or float64 keys of shape (m, dim), int64 ids, values of shape (m, value_dim) when
         the store holds values).  ``increasing=True`` promises that ``ids`` is strictly increasing (saves a
         check)."""
@@ -205,10 +216,10 @@ class RowStore:
                 self.values = self.values[keep]
             self._shared = False
         else:
-            self.keys[start:start + k] = self.keys[src]
-            self.ids[start:start + k] = self.ids[src]
+            self.keys[start : start + k] = self.keys[src]
+            self.ids[start : start + k] = self.ids[src]
             if self.values is not None:
-                self.values[start:start + k] = self.values[src]
+                self.values[start : start + k] = self.values[src]
         self.n = start + k
 
     def sort_by_id(self) -> None:
@@ -217,11 +228,11 @@ class RowStore:
             return
         if self._shared:
             self._resize(self.capacity)
-        order = np.argsort(self.ids[:self.n], kind="stable")
-        self.keys[:self.n] = self.keys[:self.n][order]
-        self.ids[:self.n] = self.ids[:self.n][order]
+        order = np.argsort(self.ids[: self.n], kind="stable")
+        self.keys[: self.n] = self.keys[: self.n][order]
+        self.ids[: self.n] = self.ids[: self.n][order]
         if self.values is not None:
-            self.values[:self.n] = self.values[:self.n][order]
+            self.values[: self.n] = self.values[: self.n][order]
         self.ids_sorted = True
 
     # ------------------------------------------------------------------ undo
@@ -243,32 +254,49 @@ class RowStore:
     # ------------------------------------------------------------------ copies and persistence
     def copy(self) -> RowStore:
         out = RowStore.__new__(RowStore)
-        out.dim, out.value_dim, out.n, out.ids_sorted = self.dim, self.value_dim, self.n, self.ids_sorted
+        out.dim, out.value_dim, out.n, out.ids_sorted = (
+            self.dim,
+            self.value_dim,
+            self.n,
+            self.ids_sorted,
+        )
         out._shared = False
-        out.ids, out.keys = self.ids[:self.n].copy(), self.keys[:self.n].copy()
-        out.values = None if self.values is None else self.values[:self.n].copy()
+        out.ids, out.keys = self.ids[: self.n].copy(), self.keys[: self.n].copy()
+        out.values = None if self.values is None else self.values[: self.n].copy()
         return out
 
     def arrays(self, start: int, stop: int, prefix: str) -> dict[str, np.ndarray]:
         """Rows ``start..stop-1`` as named arrays for serialization (``{prefix}_rows``, ``_ids``, ``_values``);
         key rows are written as float64 whatever their storage (the format has one row type)."""
-        out = {f"{prefix}_rows": self.keys[start:stop].astype(np.float64, copy=False),
-               f"{prefix}_ids": self.ids[start:stop]}
+        out = {
+            f"{prefix}_rows": self.keys[start:stop].astype(np.float64, copy=False),
+            f"{prefix}_ids": self.ids[start:stop],
+        }
         if self.values is not None:
             out[f"{prefix}_values"] = self.values[start:stop]
         return out
 
     @classmethod
-    def from_arrays(cls, dim: int, value_dim: int | None, parts: list[tuple[np.ndarray, np.ndarray,
-                                                                           np.ndarray | None]]) -> RowStore:
+    def from_arrays(
+        cls,
+        dim: int,
+        value_dim: int | None,
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    ) -> RowStore:
         """A store holding the given ``(keys, ids, values)`` parts one after another (shapes checked)."""
         out = cls(dim, value_dim)
         for keys, ids, values in parts:
             if keys.ndim != 2 or keys.shape[1] != dim or ids.shape != (keys.shape[0],):
-                raise ValueError(f"stored rows and ids have inconsistent shapes: rows must be (m, {dim}) with one "
-                                 f"id each; got {keys.shape} rows and {ids.shape} ids")
-            if value_dim is not None and (values is None or values.shape != (keys.shape[0], value_dim)):
-                raise ValueError(f"stored value rows have inconsistent shapes: must be ({keys.shape[0]}, "
-                                 f"{value_dim})")
+                raise ValueError(
+                    f"stored rows and ids have inconsistent shapes: rows must be (m, {dim}) with one "
+                    f"id each; got {keys.shape} rows and {ids.shape} ids"
+                )
+            if value_dim is not None and (
+                values is None or values.shape != (keys.shape[0], value_dim)
+            ):
+                raise ValueError(
+                    f"stored value rows have inconsistent shapes: must be ({keys.shape[0]}, "
+                    f"{value_dim})"
+                )
             out.append(keys, ids, values)
         return out

@@ -57,7 +57,9 @@ __all__ = ["get_num_threads", "set_num_threads"]
 _budget: int | None = None  # set_num_threads; None: the available cores
 _section = threading.local()  # .cap: the cap of the innermost capped_threads section of this thread
 _workqueue_lock = threading.Lock()
-_controller: Any = None  # threadpoolctl.ThreadpoolController of the libraries loaded when it was made
+_controller: Any = (
+    None  # threadpoolctl.ThreadpoolController of the libraries loaded when it was made
+)
 _controller_modules = -1  # len(sys.modules) then: an import since may have loaded another BLAS
 
 
@@ -140,8 +142,14 @@ def blas_threads(user_api: str | None = "blas") -> int:
 
     ``user_api=None`` includes every thread pool threadpoolctl knows (BLAS and OpenMP).
     """
-    return max((lib.num_threads for lib in _threadpools().lib_controllers
-                if user_api is None or lib.user_api == user_api), default=0)
+    return max(
+        (
+            lib.num_threads
+            for lib in _threadpools().lib_controllers
+            if user_api is None or lib.user_api == user_api
+        ),
+        default=0,
+    )
 
 
 def lowered_blas(n_threads: int, user_api: str | None = "blas") -> AbstractContextManager[Any]:
@@ -215,14 +223,20 @@ def describe_threads() -> str:
     """
     import numba
 
-    pools = ", ".join(f"{lib.internal_api}={lib.num_threads}" for lib in _threadpools().lib_controllers)
+    pools = ", ".join(
+        f"{lib.internal_api}={lib.num_threads}" for lib in _threadpools().lib_controllers
+    )
     numba.get_num_threads()
-    return (f"BLAS/OpenMP: {pools or 'none found'}; numba: {numba.get_num_threads()} "
-            f"({numba.threading_layer()} layer); levstream: {get_num_threads()}")
+    return (
+        f"BLAS/OpenMP: {pools or 'none found'}; numba: {numba.get_num_threads()} "
+        f"({numba.threading_layer()} layer); levstream: {get_num_threads()}"
+    )
 
 
 # ---------------------------------------------------------------------- one stream on several threads
-_ingest = threading.local()  # .threads: thread budget of the innermost ingest section of this thread
+_ingest = (
+    threading.local()
+)  # .threads: thread budget of the innermost ingest section of this thread
 _helpers: list[threading.Thread] = []
 _helper_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _helpers_lock = threading.Lock()
@@ -347,7 +361,9 @@ def _helper_loop() -> None:
 def _ensure_helpers(n: int) -> None:
     with _helpers_lock:
         while len(_helpers) < n:
-            t = threading.Thread(target=_helper_loop, name=f"levstream-ingest-{len(_helpers)}", daemon=True)
+            t = threading.Thread(
+                target=_helper_loop, name=f"levstream-ingest-{len(_helpers)}", daemon=True
+            )
             t.start()
             _helpers.append(t)
 
@@ -358,7 +374,9 @@ def _forget_helpers() -> None:  # a forked child has none of its parent's thread
     _helper_jobs = queue.SimpleQueue()
     _helpers_lock = threading.Lock()
     _blas_hold_lock = threading.Lock()
-    if _blas_hold is not None:  # forked inside another thread's ingest section: the caller's limit back
+    if (
+        _blas_hold is not None
+    ):  # forked inside another thread's ingest section: the caller's limit back
         _blas_hold.__exit__(None, None, None)
     _blas_holders, _blas_hold = 0, None
 

@@ -97,7 +97,9 @@ def as_ids(obj: Any, n_rows: int, name: str = "ids") -> np.ndarray:
     """Validate ids for ``n_rows`` rows: unique non-negative integers, returned as int64."""
     arr = np.asarray(obj)
     if arr.size == 0 and arr.dtype.kind == "f" and not isinstance(obj, np.ndarray):
-        arr = arr.astype(np.int64)  # an empty list (no ids for an empty chunk) has no integer dtype of its own
+        arr = arr.astype(
+            np.int64
+        )  # an empty list (no ids for an empty chunk) has no integer dtype of its own
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer)):
         raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype} instead.")
     if arr.ndim != 1 or arr.shape[0] != n_rows:

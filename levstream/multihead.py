@@ -426,7 +426,9 @@ class MultiHeadKeySketch:
                 _query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)
                 for i, h in enumerate(self._heads)
             ]
-            if c == 1 and new_ids is None and start == self._heads[0].next_id:  # a decode step: one row each
+            if (
+                c == 1 and new_ids is None and start == self._heads[0].next_id
+            ):  # a decode step: one row each
                 for i, head in enumerate(self._heads):
                     head._append_token(K[i, 0], Vs[i, 0])
             elif c:

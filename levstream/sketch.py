@@ -4,8 +4,8 @@ Orchestration only: rows and chunks are validated and numbered here, then kept i
 the candidates (folded into the normaliser summary, score still able to reach ``eps``) followed by the
 pending rows (the input buffer).  Pending rows are folded into the summary in blocks and filtered; rows whose
 score can still reach ``eps`` stay as candidates.  Scores only decrease as keys arrive, so a candidate that
-falls below ``eps`` is dropped for good; candidates are rescored only when they exceed their capacity
-(twice the bound ``size_bound / eps``).  Queries go through the one query path (:mod:`levstream._query`) and
+falls below ``eps`` is dropped for good; candidates are rescored when their number has doubled since the
+last rescoring (and at most :attr:`KeySketch.capacity`), an amortised ``O(d^2)`` per candidate.  Queries go through the one query path (:mod:`levstream._query`) and
 change nothing (docs/theory.md, "Live streams").
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -26,10 +27,25 @@ from ._kernels.live import add_rows_and_bound
 from ._kernels.rows import sq_norm
 from ._store import RowStore, StoreState
 from ._threads import ingest_threads, run_items
-from ._validation import as_ids, as_matrix, as_real_array, as_row, check_eps, check_finite, check_int, check_p
+from ._validation import (
+    as_ids,
+    as_matrix,
+    as_real_array,
+    as_row,
+    check_eps,
+    check_finite,
+    check_int,
+    check_p,
+)
 from .moments import MomentState
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
-from .summaries import GramSummary, LiftedSummary, NormalizerSummary, make_summary, summary_from_state
+from .summaries import (
+    GramSummary,
+    LiftedSummary,
+    NormalizerSummary,
+    make_summary,
+    summary_from_state,
+)
 from .summaries.gram import gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
@@ -117,42 +133,71 @@ class KeySketch:
     True
     """
 
-    def __init__(self, dim: int, *, eps: float, p: float = 2, block_rows: int | None = None,
-                 exact: bool | None = None, delta: float = 0.1, failure_prob: float | None = None,
-                 oversampling: float | None = None, rng: Any = None, memory_budget: int | None = None,
-                 value_dim: int | None = None, exact_output: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        p: float = 2,
+        block_rows: int | None = None,
+        exact: bool | None = None,
+        delta: float = 0.1,
+        failure_prob: float | None = None,
+        oversampling: float | None = None,
+        rng: Any = None,
+        memory_budget: int | None = None,
+        value_dim: int | None = None,
+        exact_output: bool = False,
+    ) -> None:
         dim = check_int(dim, "dim", minimum=1)
         eps = check_eps(eps)
         p = check_p(p)
         if value_dim is not None:
             value_dim = check_int(value_dim, "value_dim", minimum=1)
         # the input buffer holds a block of keys and, with values, their value rows: size it by both
-        block_rows = (default_block_rows(dim + (value_dim or 0)) if block_rows is None
-                      else check_int(block_rows, "block_rows", minimum=1))
+        block_rows = (
+            default_block_rows(dim + (value_dim or 0))
+            if block_rows is None
+            else check_int(block_rows, "block_rows", minimum=1)
+        )
         if not isinstance(exact_output, (bool, np.bool_)):
             raise TypeError(f"exact_output must be True or False; got {exact_output!r} instead.")
         if exact_output and value_dim is None:
-            raise ValueError("exact_output=True needs value rows: pass value_dim= (the width of each value).")
+            raise ValueError(
+                "exact_output=True needs value rows: pass value_dim= (the width of each value)."
+            )
         self._summary: NormalizerSummary = make_summary(
-            dim, p, exact=exact, delta=delta, failure_prob=failure_prob, oversampling=oversampling, rng=rng,
-            memory_budget=memory_budget)
+            dim,
+            p,
+            exact=exact,
+            delta=delta,
+            failure_prob=failure_prob,
+            oversampling=oversampling,
+            rng=rng,
+            memory_budget=memory_budget,
+        )
         degree = 2 if p == 2.0 else 4
         if exact_output and (p not in (2.0, 4.0) or self._summary.distortion):
-            raise ValueError(f"exact_output=True is available for p = 2 and for p = 4 with exact=True (moment states "
-                             f"of exact normalisers); got p = {p:g} with a {self._summary.kind} summary. Use attend() "
-                             "without exact_output for heavy-only outputs.")
+            raise ValueError(
+                f"exact_output=True is available for p = 2 and for p = 4 with exact=True (moment states "
+                f"of exact normalisers); got p = {p:g} with a {self._summary.kind} summary. Use attend() "
+                "without exact_output for heavy-only outputs."
+            )
         if exact_output and degree == 4:
             need = MomentState.nbytes_for(dim, int(value_dim or 0), 4)
             assert isinstance(self._summary, LiftedSummary)  # p = 4 without distortion
             budget = self._summary.memory_budget
             if need > budget:
-                raise ValueError(f"exact p = 4 outputs need a moment state of {need / 2**20:.1f} MiB; memory_budget "
-                                 f"is {budget / 2**20:.1f} MiB. Raise memory_budget or use a smaller dim.")
+                raise ValueError(
+                    f"exact p = 4 outputs need a moment state of {need / 2**20:.1f} MiB; memory_budget "
+                    f"is {budget / 2**20:.1f} MiB. Raise memory_budget or use a smaller dim."
+                )
         self._dim, self._eps, self._p = dim, eps, p
         self._block_rows = block_rows
         self._value_dim = value_dim
-        self._moments = (MomentState(dim, value_dim, degree)
-                         if exact_output and value_dim is not None else None)
+        self._moments = (
+            MomentState(dim, value_dim, degree) if exact_output and value_dim is not None else None
+        )
         self._store = RowStore(dim, value_dim)
         #: rows ``_pending_from..`` of the store are pending (not yet folded into the summary)
         self._pending_from = 0
@@ -209,12 +254,15 @@ class KeySketch:
         moments = 0 if self._moments is None else self._moments.nbytes
         live = self._live
         cache = 0 if live is None else int(live.gram.nbytes + live.rows.nbytes)
-        return int(self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache)
+        return int(
+            self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
+        )
 
     @property
     def capacity(self) -> int:
-        """Candidates are rescored when their number exceeds this (twice the bound ``size_bound / eps``:
-        ``d / eps`` for p = 2, ``D / eps`` for exact p = 4, ``(1 + delta) d^max(1, p/2) / eps`` for the coreset)."""
+        """Candidates never exceed this before they are rescored (twice the bound ``size_bound / eps``:
+        ``d / eps`` for p = 2, ``D / eps`` for exact p = 4, ``(1 + delta) d^max(1, p/2) / eps`` for the
+        coreset); they are rescored sooner, whenever their number has doubled since the last rescoring."""
         return int(2 * np.ceil(self._summary.size_bound / self._eps)) + 1
 
     @property
@@ -235,8 +283,10 @@ class KeySketch:
         return settled._summary
 
     def __repr__(self) -> str:
-        return (f"KeySketch(dim={self._dim}, eps={self._eps:g}, p={self._p:g}, n={self._n}, "
-                f"retained={self.num_retained}, mode={self._summary.mode!r})")
+        return (
+            f"KeySketch(dim={self._dim}, eps={self._eps:g}, p={self._p:g}, n={self._n}, "
+            f"retained={self.num_retained}, mode={self._summary.mode!r})"
+        )
 
     # ------------------------------------------------------------------ ids
     def _new_ids(self, m: int, ids: Any, offset: Any) -> tuple[np.ndarray | None, int, np.ndarray]:
@@ -261,8 +311,10 @@ class KeySketch:
         if hit is None and offset is not None:
             hit = self._retained_clash(np.arange(start, start + m, dtype=np.int64))
         if hit is not None:
-            raise ValueError(f"ids clash: id {hit} was already fed to this sketch "
-                             f"(rows would be numbered {start}..{start + m - 1}; pass offset= or ids=).")
+            raise ValueError(
+                f"ids clash: id {hit} was already fed to this sketch "
+                f"(rows would be numbered {start}..{start + m - 1}; pass offset= or ids=)."
+            )
         return None, start, np.zeros(0, dtype=np.int64)
 
     def _retained_clash(self, sorted_ids: np.ndarray) -> int | None:
@@ -272,13 +324,19 @@ class KeySketch:
         both = np.intersect1d(self._store.ids_view(), sorted_ids)
         return int(both[0]) if both.size else None
 
-    def _record_ids(self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray) -> np.ndarray:
+    def _record_ids(
+        self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray
+    ) -> np.ndarray:
         if ids is None:
             ranges = self._seen.ranges
-            if ranges.shape[0] and ranges[-1, 1] == start:  # the running counter: extend the last interval
+            if (
+                ranges.shape[0] and ranges[-1, 1] == start
+            ):  # the running counter: extend the last interval
                 ranges[-1, 1] = start + m
             else:
-                self._seen = self._seen.union(IdRanges(np.array([[start, start + m]], dtype=np.int64)))
+                self._seen = self._seen.union(
+                    IdRanges(np.array([[start, start + m]], dtype=np.int64))
+                )
             self._next_id = max(self._next_id, start + m)
             return np.arange(start, start + m, dtype=np.int64)
         self._seen = self._seen.added(srt)
@@ -289,12 +347,16 @@ class KeySketch:
     def _value_row(self, v: Any) -> np.ndarray | None:
         if self._value_dim is None:
             if v is not None:
-                raise ValueError("this sketch keeps no values (value_dim=None); got a value row. Build it with "
-                                 "value_dim= to keep values with keys.")
+                raise ValueError(
+                    "this sketch keeps no values (value_dim=None); got a value row. Build it with "
+                    "value_dim= to keep values with keys."
+                )
             return None
         if v is None:
-            raise ValueError(f"a value row of length {self._value_dim} is required with every key (the sketch "
-                             f"was built with value_dim={self._value_dim}); got none.")
+            raise ValueError(
+                f"a value row of length {self._value_dim} is required with every key (the sketch "
+                f"was built with value_dim={self._value_dim}); got none."
+            )
         v = as_row(v, "v", self._value_dim)
         _check_magnitude(v[None, :], "v")
         return v
@@ -302,16 +364,22 @@ class KeySketch:
     def _value_chunk(self, V: Any, m: int) -> np.ndarray | None:
         if self._value_dim is None:
             if V is not None:
-                raise ValueError("this sketch keeps no values (value_dim=None); got V. Build it with value_dim= "
-                                 "to keep values with keys.")
+                raise ValueError(
+                    "this sketch keeps no values (value_dim=None); got V. Build it with value_dim= "
+                    "to keep values with keys."
+                )
             return None
         if V is None:
-            raise ValueError(f"V (one value row per key, shape ({m}, {self._value_dim})) is required: the sketch "
-                             f"was built with value_dim={self._value_dim}; got none.")
+            raise ValueError(
+                f"V (one value row per key, shape ({m}, {self._value_dim})) is required: the sketch "
+                f"was built with value_dim={self._value_dim}; got none."
+            )
         V = as_matrix(V, "V", self._value_dim, allow_empty=True)
         if V.shape[0] != m:
-            raise ValueError(f"V must have one value row per key: shape ({m}, {self._value_dim}); got shape "
-                             f"{V.shape}.")
+            raise ValueError(
+                f"V must have one value row per key: shape ({m}, {self._value_dim}); got shape "
+                f"{V.shape}."
+            )
         _check_magnitude(V, "V")
         return V
 
@@ -393,8 +461,14 @@ class KeySketch:
                 self._ingest(X, V, new_ids, start, srt)
         return self
 
-    def _ingest(self, X: np.ndarray, V: np.ndarray | None, new_ids: np.ndarray | None, start: int,
-                srt: np.ndarray) -> None:
+    def _ingest(
+        self,
+        X: np.ndarray,
+        V: np.ndarray | None,
+        new_ids: np.ndarray | None,
+        start: int,
+        srt: np.ndarray,
+    ) -> None:
         """Feed validated rows with checked ids.  Blocks are aligned to the stream (rows ``k * block_rows ..``
         of the sketch's own rows), whatever the chunking: rows that complete the pending block, then whole
         blocks straight from ``X`` (no copy), then the rest waits in the input buffer.  Everything that can fail
@@ -415,16 +489,23 @@ class KeySketch:
                 if not np.isfinite(self._store.stage_checked(X[:head])):
                     check_finite(X, "X")
                     raise _too_large(X)
-                self._store.commit(_chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
-                                   increasing=new_ids is None)
+                self._store.commit(
+                    _chunk_ids(new_ids, start, 0, head),
+                    _rows(V, 0, head),
+                    increasing=new_ids is None,
+                )
             self._record_ids(m, new_ids, start, srt)
             self._n += m
             if self._moments is not None:
                 assert V is not None
                 self._moments.add(X.astype(np.float64, copy=False), V)
             if tail < m:
-                self._store.append(X[tail:], _chunk_ids(new_ids, start, tail, m), _rows(V, tail, m),
-                                   increasing=new_ids is None)
+                self._store.append(
+                    X[tail:],
+                    _chunk_ids(new_ids, start, tail, m),
+                    _rows(V, tail, m),
+                    increasing=new_ids is None,
+                )
             return
         grams = self._validated_block_grams(X, head, n_full)
         for part in (X[:head], X[tail:]):
@@ -438,21 +519,27 @@ class KeySketch:
             assert V is not None
             self._moments.add(X, V)
         if head:
-            self._store.append(X[:head], all_ids[:head], _rows(V, 0, head), increasing=new_ids is None)
+            self._store.append(
+                X[:head], all_ids[:head], _rows(V, 0, head), increasing=new_ids is None
+            )
             if self._store.n - self._pending_from >= self._block_rows:
                 self._flush()
         for b in range(n_full):
             s, e = head + b * self._block_rows, head + (b + 1) * self._block_rows
             self._process(X[s:e], all_ids[s:e], _rows(V, s, e), None if grams is None else grams[b])
         if tail < m:
-            self._store.append(X[tail:], all_ids[tail:], _rows(V, tail, m), increasing=new_ids is None)
+            self._store.append(
+                X[tail:], all_ids[tail:], _rows(V, tail, m), increasing=new_ids is None
+            )
 
     #: candidates held after the last prune (an instance attribute once a prune has run)
     _pruned_rows = 0
 
     _MAX_PRECOMPUTED_BLOCKS = 64
 
-    def _validated_block_grams(self, X: np.ndarray, head: int, n_full: int) -> list[np.ndarray] | None:
+    def _validated_block_grams(
+        self, X: np.ndarray, head: int, n_full: int
+    ) -> list[np.ndarray] | None:
         """Check the whole blocks of ``X`` for nan/inf; return their Gram blocks when computed on the way
         (summaries other than the Gram matrix; p = 2 checks blocks in its one pass per slab instead).
 
@@ -462,13 +549,13 @@ class KeySketch:
         """
         if n_full == 0:
             return None
-        body = X[head:head + n_full * self._block_rows]
+        body = X[head : head + n_full * self._block_rows]
         if n_full > self._MAX_PRECOMPUTED_BLOCKS:
             check_finite(body, "X")
             return None
         grams = []
         for b in range(n_full):
-            block = body[b * self._block_rows:(b + 1) * self._block_rows]
+            block = body[b * self._block_rows : (b + 1) * self._block_rows]
             g = self._summary.block_gram(block)
             if not np.isfinite(np.diagonal(g)).all():
                 check_finite(X, "X")  # names the first bad entry
@@ -495,8 +582,10 @@ class KeySketch:
                 try:
                     rows = self._feed_item(item, index)
                 except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"extend: item {index} rejected ({exc}); the sketch was left as before the "
-                                    "call.") from exc
+                    raise type(exc)(
+                        f"extend: item {index} rejected ({exc}); the sketch was left as before the "
+                        "call."
+                    ) from exc
                 if bar is not None:
                     bar.update(rows)
         except BaseException:
@@ -515,7 +604,9 @@ class KeySketch:
         value = None
         if isinstance(item, tuple):
             if len(item) != 2:
-                raise ValueError(f"a tuple item must be a (keys, values) pair; got a tuple of {len(item)}.")
+                raise ValueError(
+                    f"a tuple item must be a (keys, values) pair; got a tuple of {len(item)}."
+                )
             item, value = item
         arr = as_real_array(item, f"item {index}")
         if arr.ndim == 1:
@@ -571,7 +662,9 @@ class KeySketch:
         self._pending_from = self._store.n
         _maybe_prune(self, self._block_rows)
 
-    def _process(self, X: np.ndarray, ids: np.ndarray, V: np.ndarray | None, block: np.ndarray | None) -> None:
+    def _process(
+        self, X: np.ndarray, ids: np.ndarray, V: np.ndarray | None, block: np.ndarray | None
+    ) -> None:
         """Fold a block taken straight from the caller's chunk (summaries other than the Gram matrix; no
         pending rows exist at this point)."""
         self._live = None
@@ -610,13 +703,20 @@ class KeySketch:
     def _check_compatible(self, other: Any) -> None:
         if not isinstance(other, KeySketch):
             raise TypeError(f"can only merge a KeySketch; got {type(other).__name__} instead.")
-        pairs = [((self._dim, self._eps, self._p), (other._dim, other._eps, other._p), "(dim, eps, p)"),
-                 ((self._value_dim, self.exact_output), (other._value_dim, other.exact_output),
-                  "(value_dim, exact_output)"),
-                 (self._summary.config, other._summary.config, "normaliser summaries")]
+        pairs = [
+            ((self._dim, self._eps, self._p), (other._dim, other._eps, other._p), "(dim, eps, p)"),
+            (
+                (self._value_dim, self.exact_output),
+                (other._value_dim, other.exact_output),
+                "(value_dim, exact_output)",
+            ),
+            (self._summary.config, other._summary.config, "normaliser summaries"),
+        ]
         for mine, theirs, what in pairs:
             if mine != theirs:
-                raise ValueError(f"cannot merge sketches with different {what}: {mine} vs {theirs}.")
+                raise ValueError(
+                    f"cannot merge sketches with different {what}: {mine} vs {theirs}."
+                )
 
     def merge(self, other: KeySketch) -> KeySketch:
         """Fold ``other`` (same dim, eps, p; disjoint ids) into this sketch in place; returns ``self``.
@@ -632,8 +732,10 @@ class KeySketch:
             both = np.intersect1d(self._store.ids_view(), other._store.ids_view())
             hit = int(both[0]) if both.size else None
         if hit is not None:
-            raise ValueError(f"cannot merge: both sketches contain key id {hit}. Shards of one stream need "
-                             "disjoint ids: pass offset= or ids= to update_many.")
+            raise ValueError(
+                f"cannot merge: both sketches contain key id {hit}. Shards of one stream need "
+                "disjoint ids: pass offset= or ids= to update_many."
+            )
         src = other.copy()
         src._flush()
         with self._lock:
@@ -653,7 +755,7 @@ class KeySketch:
         self._next_id = max(self._next_id, src._next_id)
         self._prune()
 
-    def __iadd__(self, other: KeySketch) -> KeySketch:
+    def __iadd__(self, other: KeySketch) -> KeySketch:  # noqa: PYI034 (Self: Python 3.11)
         return self.merge(other)
 
     def __add__(self, other: KeySketch) -> KeySketch:
@@ -666,8 +768,10 @@ class KeySketch:
         if not level:
             raise ValueError("merge_all needs at least one sketch; got none.")
         while len(level) > 1:
-            level = [level[i].merge(level[i + 1]) if i + 1 < len(level) else level[i]
-                     for i in range(0, len(level), 2)]
+            level = [
+                level[i].merge(level[i + 1]) if i + 1 < len(level) else level[i]
+                for i in range(0, len(level), 2)
+            ]
         return level[0]
 
     # ------------------------------------------------------------------ queries (never change the sketch)
@@ -685,15 +789,35 @@ class KeySketch:
         G = summary.gram_sum() if isinstance(summary, GramSummary) else None
         if G is None or pf == n:
             extra_values = None if st.values is None else st.values[pf:n]
-            return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, st.keys[pf:n], st.ids[pf:n],
-                                   extra_values, G if pf == n else None, st.ids_sorted, self._moments)
+            return _query.HeadView(
+                self._summary,
+                st.keys[:pf],
+                st.ids[:pf],
+                values,
+                st.keys[pf:n],
+                st.ids[pf:n],
+                extra_values,
+                G if pf == n else None,
+                st.ids_sorted,
+                self._moments,
+            )
         live = self._live_rows(G)
         if live.upto < n:
             assert isinstance(summary, GramSummary)
             live.add(st, n, summary.bound_factor(), self._keep_threshold())
         rows = live.rows
-        return _query.HeadView(self._summary, st.keys[:pf], st.ids[:pf], values, rows.keys_view(), rows.ids_view(),
-                               rows.values_view(), live.gram, st.ids_sorted, self._moments)
+        return _query.HeadView(
+            self._summary,
+            st.keys[:pf],
+            st.ids[:pf],
+            values,
+            rows.keys_view(),
+            rows.ids_view(),
+            rows.values_view(),
+            live.gram,
+            st.ids_sorted,
+            self._moments,
+        )
 
     def _live_rows(self, G: np.ndarray) -> _LiveRows:
         """The live cache of the pending rows (Gram path), new or reset when rows were folded since."""
@@ -715,22 +839,40 @@ class KeySketch:
         if not 0 < st.n - live.upto <= _SMALL_LIVE_ROWS:
             return None
         factor = summary.bound_factor()
-        return live, st.keys[live.upto:st.n], _NO_FACTOR if factor is None else factor, self._keep_threshold()
+        return (
+            live,
+            st.keys[live.upto : st.n],
+            _NO_FACTOR if factor is None else factor,
+            self._keep_threshold(),
+        )
 
     def _queries(self, Q: Any) -> np.ndarray:
-        if (type(Q) is np.ndarray and Q.dtype == np.float64 and Q.ndim == 2 and Q.shape[1] == self._dim
-                and Q.flags.c_contiguous and np.isfinite(Q).all()):
+        if (
+            type(Q) is np.ndarray
+            and Q.dtype == np.float64
+            and Q.ndim == 2
+            and Q.shape[1] == self._dim
+            and Q.flags.c_contiguous
+            and np.isfinite(Q).all()
+        ):
             return Q
-        return as_matrix(Q, "Q", self._dim, hint="Pass queries as a 2-D array, one row per query.",
-                         allow_empty=True)
+        return as_matrix(
+            Q,
+            "Q",
+            self._dim,
+            hint="Pass queries as a 2-D array, one row per query.",
+            allow_empty=True,
+        )
 
     def _query_eps(self, eps: Any) -> float:
         if eps is None:
             return self._eps
         eps = check_eps(eps)
         if eps < self._eps:
-            raise ValueError(f"eps must be >= the sketch's eps ({self._eps:g}); got {eps:g}. "
-                             "Build the sketch with a smaller eps to query lower thresholds.")
+            raise ValueError(
+                f"eps must be >= the sketch's eps ({self._eps:g}); got {eps:g}. "
+                "Build the sketch with a smaller eps to query lower thresholds."
+            )
         return eps
 
     def universal_set(self) -> UniversalSet:
@@ -748,7 +890,9 @@ class KeySketch:
         ids = store.ids_view()[sel]
         order = np.argsort(ids, kind="stable")
         sel = sel[order]
-        return UniversalSet(ids[order], store.keys_view()[sel], scores[sel], self._eps, self._p, self._n, report)
+        return UniversalSet(
+            ids[order], store.keys_view()[sel], scores[sel], self._eps, self._p, self._n, report
+        )
 
     def normalizer(self, Q: Any) -> np.ndarray:
         """``Z(q) = sum_l f(<q, k_l>)`` over *all* keys fed, for every query row (exact for p = 2).
@@ -826,8 +970,9 @@ class KeySketch:
         with self._lock:
             return _query.attend(self._view(), Q, self._p, eps)
 
-    def prefill(self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None,
-                eps: float | None = None) -> AttentionResult:
+    def prefill(
+        self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None, eps: float | None = None
+    ) -> AttentionResult:
         """Causal attention of a chunk, then fold the chunk in: query ``i`` sees every key fed before and the
         chunk's keys ``0..i`` (its own included).
 
@@ -847,8 +992,15 @@ class KeySketch:
         >>> bool(np.allclose(r.output, W @ V / W.sum(axis=1, keepdims=True))), sk.n
         (True, 8)
         """
-        if (ids is None and offset is None and eps is None and self._value_dim is not None
-                and _is_step(K, self._dim) and _is_step(Q, self._dim) and _is_step(V, self._value_dim)):
+        if (
+            ids is None
+            and offset is None
+            and eps is None
+            and self._value_dim is not None
+            and _is_step(K, self._dim)
+            and _is_step(Q, self._dim)
+            and _is_step(V, self._value_dim)
+        ):
             with self._lock:  # a decode step: validated by one finite check, fed as one row
                 self._check_next_id()
                 chunk_ids = np.array([self._next_id], dtype=np.int64)
@@ -859,8 +1011,10 @@ class KeySketch:
         c = K.shape[0]
         Q = as_matrix(Q, "Q", self._dim, allow_empty=True)
         if Q.shape[0] != c:
-            raise ValueError(f"Q must have one query per key of the chunk: shape ({c}, {self._dim}); got "
-                             f"shape {Q.shape}.")
+            raise ValueError(
+                f"Q must have one query per key of the chunk: shape ({c}, {self._dim}); got "
+                f"shape {Q.shape}."
+            )
         Vc = self._value_chunk(V, c)
         if Vc is None:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
@@ -869,8 +1023,9 @@ class KeySketch:
         with self._lock:
             return self._prefill(K, Vc, Q, ids, offset, eps)
 
-    def _prefill(self, K: np.ndarray, Vc: np.ndarray, Q: np.ndarray, ids: Any, offset: Any,
-                 eps: float) -> AttentionResult:
+    def _prefill(
+        self, K: np.ndarray, Vc: np.ndarray, Q: np.ndarray, ids: Any, offset: Any, eps: float
+    ) -> AttentionResult:
         c = K.shape[0]
         new_ids, start, srt = self._new_ids(c, ids, offset)
         chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
@@ -909,9 +1064,15 @@ class KeySketch:
     def _to_bytes(self) -> bytes:
         smeta, sarrays = self._summary.to_state()
         meta: dict[str, Any] = {
-            "kind": _SKETCH_KIND, "dim": self._dim, "eps": self._eps, "p": self._p,
-            "block_rows": self._block_rows, "n": self._n, "next_id": self._next_id,
-            "ids_exact": self._seen.exact, "summary": smeta,
+            "kind": _SKETCH_KIND,
+            "dim": self._dim,
+            "eps": self._eps,
+            "p": self._p,
+            "block_rows": self._block_rows,
+            "n": self._n,
+            "next_id": self._next_id,
+            "ids_exact": self._seen.exact,
+            "summary": smeta,
         }
         arrays = {f"summary.{k}": v for k, v in sarrays.items()}
         arrays.update(self._store.arrays(0, self._pending_from, "cand"))
@@ -937,29 +1098,48 @@ class KeySketch:
                 raise ValueError(f"format version {version} and the value header disagree")
             exact_output = bool(meta.get("exact_output", False)) if value_dim is not None else False
             lifted: dict[str, Any] = {}
-            if exact_output and meta["summary"].get("kind") == "lifted":  # exact p = 4 outputs need it
+            if (
+                exact_output and meta["summary"].get("kind") == "lifted"
+            ):  # exact p = 4 outputs need it
                 lifted = {"exact": True, "memory_budget": int(meta["summary"]["memory_budget"])}
-            out = cls(int(meta["dim"]), eps=float(meta["eps"]), p=float(meta["p"]),
-                      block_rows=int(meta["block_rows"]),
-                      value_dim=None if value_dim is None else int(value_dim), exact_output=exact_output,
-                      **lifted)
+            out = cls(
+                int(meta["dim"]),
+                eps=float(meta["eps"]),
+                p=float(meta["p"]),
+                block_rows=int(meta["block_rows"]),
+                value_dim=None if value_dim is None else int(value_dim),
+                exact_output=exact_output,
+                **lifted,
+            )
             d = out._dim
-            for name, arr in arrays.items():  # a valid checksum does not make the content consistent
+            for (
+                name,
+                arr,
+            ) in arrays.items():  # a valid checksum does not make the content consistent
                 if name.startswith("summary.") and arr.dtype.kind != "f":
                     continue
                 want = np.int64 if name.endswith("_ids") or name == "id_ranges" else np.float64
                 if arr.dtype != want:
-                    raise ValueError(f"stored array {name!r} must be {np.dtype(want)}; got {arr.dtype}")
+                    raise ValueError(
+                        f"stored array {name!r} must be {np.dtype(want)}; got {arr.dtype}"
+                    )
                 if want is np.float64 and not np.isfinite(arr).all():
                     raise ValueError(f"stored array {name!r} must be finite")
-            summary_arrays = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("summary.")}
+            summary_arrays = {
+                k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("summary.")
+            }
             out._summary = summary_from_state(meta["summary"], summary_arrays)
-            parts = [(arrays[f"{s}_rows"], arrays[f"{s}_ids"], arrays.get(f"{s}_values")) for s in ("cand", "buf")]
+            parts = [
+                (arrays[f"{s}_rows"], arrays[f"{s}_ids"], arrays.get(f"{s}_values"))
+                for s in ("cand", "buf")
+            ]
             out._store = RowStore.from_arrays(d, out._value_dim, parts)
             out._pending_from = parts[0][0].shape[0]
             if out._moments is not None:
                 assert out._value_dim is not None
-                out._moments = MomentState.from_state(d, out._value_dim, arrays, out._moments.degree)
+                out._moments = MomentState.from_state(
+                    d, out._value_dim, arrays, out._moments.degree
+                )
             ranges = arrays["id_ranges"]
             if ranges.ndim != 2 or ranges.shape[1] != 2:
                 raise ValueError("id ranges must have shape (r, 2)")
@@ -981,7 +1161,9 @@ class KeySketch:
         """Write :meth:`to_bytes` to ``path`` atomically (a temporary file renamed into place)."""
         _serialize.write_atomic(path, self.to_bytes())
 
-    def __eq__(self, other: object) -> bool:  # identity semantics; sketches are compared by their answers
+    def __eq__(
+        self, other: object
+    ) -> bool:  # identity semantics; sketches are compared by their answers
         return self is other
 
     __hash__ = object.__hash__
@@ -996,7 +1178,7 @@ class _LiveRows:
     """Derived from the pending rows for queries (p = 2): ``G`` plus their Gram matrix, and the pending rows
     whose score bound reaches the pruning threshold.  Rows ``start..upto-1`` of the store are accounted for."""
 
-    __slots__ = ("upto", "gram", "rows")
+    __slots__ = ("gram", "rows", "upto")
 
     def __init__(self, gram: np.ndarray, dim: int, value_dim: int | None, start: int) -> None:
         self.upto = start
@@ -1004,10 +1186,12 @@ class _LiveRows:
         self.rows = RowStore(dim, value_dim)
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
-        X = store.keys[self.upto:n]
+        X = store.keys[self.upto : n]
         if X.shape[0] <= _SMALL_LIVE_ROWS:  # the live step: one compiled loop, no temporaries
             keep = np.empty(X.shape[0], dtype=np.bool_)
-            add_rows_and_bound(X, self.gram, _NO_FACTOR if factor is None else factor, threshold, keep)
+            add_rows_and_bound(
+                X, self.gram, _NO_FACTOR if factor is None else factor, threshold, keep
+            )
         else:
             self.gram += X.T @ X
             if factor is None:
@@ -1015,15 +1199,17 @@ class _LiveRows:
             else:
                 Y = X @ factor
                 u = np.einsum("ij,ij->i", Y, Y)
-                keep = u >= threshold * (1.0 + u)  # u / (1 + u) >= threshold: the score after its inclusion
+                keep = u >= threshold * (
+                    1.0 + u
+                )  # u / (1 + u) >= threshold: the score after its inclusion
         self.accept(store, n, keep)
 
     def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""
         if keep.any():
-            X = store.keys[self.upto:n]
-            values = None if store.values is None else store.values[self.upto:n][keep]
-            self.rows.append(X[keep], store.ids[self.upto:n][keep], values)
+            X = store.keys[self.upto : n]
+            values = None if store.values is None else store.values[self.upto : n][keep]
+            self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
         self.upto = n
 
 
@@ -1056,8 +1242,13 @@ _NO_TRIANGLE = np.zeros((0, 0))
 def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
     """A chunk of keys as a C-contiguous array: float32 kept as float32 when ``keep_float32`` (the Gram path
     widens every row exactly), anything else float64; shape checked, finiteness not (see :func:`_check_rows`)."""
-    if (keep_float32 and isinstance(X, np.ndarray) and X.dtype == np.float32 and X.ndim == 2
-            and X.shape[1] == dim):
+    if (
+        keep_float32
+        and isinstance(X, np.ndarray)
+        and X.dtype == np.float32
+        and X.ndim == 2
+        and X.shape[1] == dim
+    ):
         return np.ascontiguousarray(X)
     return as_matrix(X, "X", dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
 
@@ -1072,8 +1263,10 @@ def _chunk_ids(new_ids: np.ndarray | None, start: int, a: int, b: int) -> np.nda
 
 
 def _too_large(X: np.ndarray) -> ValueError:
-    return ValueError(f"X has values so large that their squares overflow float64 (largest |x| = "
-                      f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant).")
+    return ValueError(
+        f"X has values so large that their squares overflow float64 (largest |x| = "
+        f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant)."
+    )
 
 
 def _check_rows(part: np.ndarray, X: np.ndarray) -> None:
@@ -1112,8 +1305,12 @@ class _Plan:
         self.limit = self.threshold * self.lam
 
     def same_as(self, other: _Plan) -> bool:
-        return (self.W is other.W and self.lam == other.lam and self.threshold == other.threshold
-                and np.array_equal(self.scale, other.scale))
+        return (
+            self.W is other.W
+            and self.lam == other.lam
+            and self.threshold == other.threshold
+            and np.array_equal(self.scale, other.scale)
+        )
 
 
 class _BlockResult:
@@ -1122,7 +1319,9 @@ class _BlockResult:
 
     __slots__ = ("gram", "plan", "rows", "tested", "total")
 
-    def __init__(self, gram: np.ndarray | None, total: float, plan: _Plan, rows: np.ndarray, tested: bool) -> None:
+    def __init__(
+        self, gram: np.ndarray | None, total: float, plan: _Plan, rows: np.ndarray, tested: bool
+    ) -> None:
         self.gram, self.total, self.plan, self.rows, self.tested = gram, total, plan, rows, tested
 
 
@@ -1163,7 +1362,7 @@ def _block_results(blocks: list[np.ndarray], plan: _Plan, n_threads: int) -> lis
     results = []
     i = 0
     for X in blocks:
-        parts = out[i:i + len(_slabs(X.shape[0]))]
+        parts = out[i : i + len(_slabs(X.shape[0]))]
         i += len(parts)
         total = sum(p[1] for p in parts)
         G = None
@@ -1176,12 +1375,14 @@ def _block_results(blocks: list[np.ndarray], plan: _Plan, n_threads: int) -> lis
     return results
 
 
-def _retest(blocks: list[np.ndarray], results: list[_BlockResult], plan: _Plan, n_threads: int) -> None:
+def _retest(
+    blocks: list[np.ndarray], results: list[_BlockResult], plan: _Plan, n_threads: int
+) -> None:
     """Redo the candidate test of ``blocks`` under ``plan`` (the summary's bounds changed during a wave)."""
     out = _run_slabs(blocks, plan, n_threads, gram=False)
     i = 0
     for X, result in zip(blocks, results):
-        parts = out[i:i + len(_slabs(X.shape[0]))]
+        parts = out[i : i + len(_slabs(X.shape[0]))]
         i += len(parts)
         result.rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
         result.tested, result.plan = bool(parts[0][3]), plan
@@ -1197,7 +1398,9 @@ def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult) -> np.ndarr
     if result.tested and summary.mode == "gram" and keep >= result.plan.threshold:
         return rows
     X64 = X.astype(np.float64, copy=False)
-    if result.tested:  # the summary left the Gram path (or its margin widened): test again from the start
+    if (
+        result.tested
+    ):  # the summary left the Gram path (or its margin widened): test again from the start
         rows = summary.prefilter(X64, keep)
     if rows.size == 0:
         return rows
@@ -1233,8 +1436,15 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     _maybe_prune(sk, sk._block_rows)
 
 
-def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.ndarray | None, start: int,
-                head: int, n_full: int) -> None:
+def _fold_chunk(
+    sk: KeySketch,
+    X: np.ndarray,
+    V: np.ndarray | None,
+    new_ids: np.ndarray | None,
+    start: int,
+    head: int,
+    n_full: int,
+) -> None:
     """Fold the block completed by ``X[:head]`` (when ``head`` completes the pending rows) and the ``n_full``
     whole blocks of ``X`` after it (p = 2).  Raises, with the sketch unchanged, for a block with a nan/inf or
     squares that overflow.
@@ -1249,19 +1459,21 @@ def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.
     blocks: list[np.ndarray] = []
     if head:  # the pending rows and the head, as one block of the store (committed once validated)
         store.stage(X[:head])
-        blocks.append(store.keys[pending_from:store.n + head])
+        blocks.append(store.keys[pending_from : store.n + head])
     starts = [head + b * br for b in range(n_full)]
-    blocks += [X[s:s + br] for s in starts]
+    blocks += [X[s : s + br] for s in starts]
     saved: tuple[NormalizerSummary, StoreState, int, int] | None = None
     assert isinstance(sk._summary, GramSummary)
-    plan_before = sk._summary.plan_state()  # making the first plan changes the state: undone if X is refused
+    plan_before = (
+        sk._summary.plan_state()
+    )  # making the first plan changes the state: undone if X is refused
     done = 0
     with ingest_threads() as n_threads:
         try:
             while done < len(blocks):
                 plan = _Plan(sk)
                 size = _wave_size(sk, plan, len(blocks) - done)
-                wave = blocks[done:done + size]
+                wave = blocks[done : done + size]
                 results = _block_results(wave, plan, n_threads)
                 for Xb, result in zip(wave, results):
                     if not np.isfinite(result.total):
@@ -1289,8 +1501,11 @@ def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.
                     Xb = wave[k]
                     keep = _fold_result(sk, Xb, results[k])
                     if head and j == 0:
-                        store.commit(_chunk_ids(new_ids, start, 0, head), _rows(V, 0, head),
-                                     increasing=new_ids is None)
+                        store.commit(
+                            _chunk_ids(new_ids, start, 0, head),
+                            _rows(V, 0, head),
+                            increasing=new_ids is None,
+                        )
                         mask = np.zeros(Xb.shape[0], dtype=bool)
                         mask[keep] = True
                         store.keep_from(pending_from, mask)
@@ -1299,8 +1514,12 @@ def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.
                         a = starts[j - (1 if head else 0)]
                         if keep.size:
                             ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
-                            store.append(Xb[keep], ids, None if V is None else V[a + keep],
-                                         increasing=new_ids is None)
+                            store.append(
+                                Xb[keep],
+                                ids,
+                                None if V is None else V[a + keep],
+                                increasing=new_ids is None,
+                            )
                         room = 0
                     sk._pending_from = store.n
                     _maybe_prune(sk, room)
@@ -1313,15 +1532,22 @@ def _fold_chunk(sk: KeySketch, X: np.ndarray, V: np.ndarray | None, new_ids: np.
 def _is_step(X: Any, width: int) -> bool:
     """Whether ``X`` is one finite float64 row as a (1, width) C-contiguous array whose squares do not
     overflow: a decode step's input, which then needs no further validation."""
-    return (type(X) is np.ndarray and X.dtype == np.float64 and X.shape == (1, width) and X.flags.c_contiguous
-            and bool(np.isfinite(sq_norm(X[0]))))
+    return (
+        type(X) is np.ndarray
+        and X.dtype == np.float64
+        and X.shape == (1, width)
+        and X.flags.c_contiguous
+        and bool(np.isfinite(sq_norm(X[0])))
+    )
 
 
 def _check_magnitude(X: np.ndarray, name: str) -> None:
     """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them)."""
     if X.size and not np.isfinite(np.einsum("ij,ij->", X, X)):
-        raise ValueError(f"{name} has values so large that their squares overflow float64 (largest |x| = "
-                         f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant).")
+        raise ValueError(
+            f"{name} has values so large that their squares overflow float64 (largest |x| = "
+            f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant)."
+        )
 
 
 def load(path: str | os.PathLike) -> KeySketch:

@@ -55,8 +55,19 @@ def _times_upper(Y, W, dtrmm):  # pragma: no cover - compiled
     flags = np.array([ord("L"), ord("L"), ord("N"), ord("N")], dtype=np.uint8)
     sizes = np.array([d, b, d, d], dtype=np.int32)
     alpha = np.ones(1)
-    dtrmm(flags[0:].ctypes, flags[1:].ctypes, flags[2:].ctypes, flags[3:].ctypes, sizes[0:].ctypes,
-          sizes[1:].ctypes, alpha.ctypes, W.ctypes, sizes[2:].ctypes, Y.ctypes, sizes[3:].ctypes)
+    dtrmm(
+        flags[0:].ctypes,
+        flags[1:].ctypes,
+        flags[2:].ctypes,
+        flags[3:].ctypes,
+        sizes[0:].ctypes,
+        sizes[1:].ctypes,
+        alpha.ctypes,
+        W.ctypes,
+        sizes[2:].ctypes,
+        Y.ctypes,
+        sizes[3:].ctypes,
+    )
 
 
 @numba.njit(nogil=True, cache=True)
@@ -140,7 +151,7 @@ def upper_scores(X, W, dtrmm, out):  # pragma: no cover - compiled
     Y = np.empty((min(n, step), d))
     for a in range(0, n, step):
         b = min(n, a + step)
-        Yb = Y[:b - a]
+        Yb = Y[: b - a]
         for i in range(a, b):
             for j in range(d):
                 Yb[i - a, j] = np.float64(X[i, j])

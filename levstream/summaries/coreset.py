@@ -33,12 +33,12 @@ import copy as _copy
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .._buffers import append_rows
 from .._config import LAMBDA_SAFETY
 from .._kernels.rows import scaled_sq_norms
 from .._linalg import rank_tolerance
+from .._threads import lowered_blas
 from ..lewis import LewisWeights, lewis_constant, lewis_weights
 from .base import NormalizerSummary
 
@@ -110,7 +110,7 @@ class _LewisForm:
         if vals[0] > _FORM_EIG_RATIO * vals[-1]:
             sel = np.ones(dim, dtype=bool)
         else:
-            with threadpool_limits(1):
+            with lowered_blas(1):
                 _, sv, vt = np.linalg.svd(F, full_matrices=True)
             vecs = vt[::-1].T  # ascending, like eigh
             sv = np.concatenate([np.zeros(dim - sv.size), sv[::-1]])
@@ -281,7 +281,6 @@ class CoresetSummary(NormalizerSummary):
     def form_rank(self) -> int:
         """Numerical rank of the coreset's Lewis form (directions outside it get sensitivity bound 1)."""
         return int(self._form.vals.size)
-
 
     @property
     def nbytes(self) -> int:

@@ -82,7 +82,9 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
     """Smallest eigenvalue of ``D^-1/2 G D^-1/2`` (D = diag G) and the diagonal; 0 when a diagonal entry is 0
     or below :func:`_diag_floor` (such keys take the R-factor path, whose QR handles tiny values exactly)."""
     diag = np.diag(G).copy()
-    if not (np.isfinite(diag).all() and (diag >= _diag_floor(n_rows)).all()):  # overflowed: R-factor path
+    if not (
+        np.isfinite(diag).all() and (diag >= _diag_floor(n_rows)).all()
+    ):  # overflowed: R-factor path
         return 0.0, diag
     s = 1.0 / np.sqrt(diag)
     C = G * s[:, None] * s[None, :]
@@ -213,7 +215,7 @@ class GramSummary(NormalizerSummary):
             self._lo = np.zeros_like(self._hi)
             self._r = None
             self._chk_lam, self._chk_diag = _equilibrated_min_eig(self._hi, self.n_rows)
-    
+
     # ------------------------------------------------------------------ updates
     @staticmethod
     def block_gram(X: np.ndarray) -> np.ndarray:
@@ -228,7 +230,9 @@ class GramSummary(NormalizerSummary):
         ``block`` is ``block_gram(X)`` if the caller already has it.  When the Gram matrix would overflow
         float64 the summary moves to its R factor (entries up to ``sqrt`` of the Gram's), so it never fails.
         """
-        self._bound = self.bound_weights()  # taken before the block: valid after it, as G only grows
+        self._bound = (
+            self.bound_weights()
+        )  # taken before the block: valid after it, as G only grows
         self._gram_sum = None
         if self.mode == "qr":
             assert self._r is not None
@@ -237,12 +241,19 @@ class GramSummary(NormalizerSummary):
             self._enter_qr(self._r, [X])
             return
         if block is None:
-            X64 = X.astype(np.float64, copy=False)  # float32 rows: the products are float64 all the same
+            X64 = X.astype(
+                np.float64, copy=False
+            )  # float32 rows: the products are float64 all the same
             block = X64.T @ X64
-        with np.errstate(over="ignore"):  # an overflow (inf on the diagonal) sends the block to the R factor
+        with np.errstate(
+            over="ignore"
+        ):  # an overflow (inf on the diagonal) sends the block to the R factor
             diag_new = np.diag(self._hi) + np.diag(self._lo) + np.diag(block)
-            unchecked_ok = (self._chk_lam > 0 and np.isfinite(diag_new).all()
-                            and (diag_new <= 2.0 * self._chk_diag).all())
+            unchecked_ok = (
+                self._chk_lam > 0
+                and np.isfinite(diag_new).all()
+                and (diag_new <= 2.0 * self._chk_diag).all()
+            )
         self._factor = None
         if unchecked_ok:
             _two_sum_add(self._hi, self._lo, block)
@@ -279,7 +290,9 @@ class GramSummary(NormalizerSummary):
         if other.n_rows == 0:
             return
         if self.mode == "gram" and other.mode == "gram":
-            with np.errstate(over="ignore"):  # an overflow sends the merge down the R-factor path below
+            with np.errstate(
+                over="ignore"
+            ):  # an overflow sends the merge down the R-factor path below
                 candidate = self._hi + self._lo + other._hi + other._lo
             lam, diag = _equilibrated_min_eig(candidate, self.n_rows + other.n_rows)
             if self._gram_is_safe(lam):
@@ -303,7 +316,9 @@ class GramSummary(NormalizerSummary):
         return out
 
     # ------------------------------------------------------------------ scores
-    def _get_factor(self, remember: bool = True, cache: bool = True) -> tuple[str, np.ndarray, float]:
+    def _get_factor(
+        self, remember: bool = True, cache: bool = True
+    ) -> tuple[str, np.ndarray, float]:
         """The factor of the current ``G`` (computed once per update); ``remember``: also keep a new Cholesky
         factor as the stale factor of later bounds; ``cache=False``: compute it without keeping it (a prune's
         factor: pruning then changes neither the bounds of the ingest path nor the memory held)."""
@@ -358,14 +373,18 @@ class GramSummary(NormalizerSummary):
             return 4.0 * self.dim * UNIT_ROUNDOFF * (2.0 * self.dim / self._chk_lam)
         return self._get_factor()[2]
 
-
     def score_upper_bounds(self, rows: np.ndarray) -> np.ndarray:
         """Upper bounds on :meth:`scores`, cheaper: with ``L^-T`` of an earlier Gram matrix ``G_0 <= G``,
         ``k^T G^-1 k <= k^T G_0^-1 k`` (no refactorisation per block); exact scores when none is at hand."""
         # Refactor once the largest diagonal entry has doubled (the trace could overflow), so the bounds stay within about 2x of the scores and the
         # candidate store stays near its exact size (a few d^3 factorisations over the whole stream).
-        if (self._factor is None and self._past_factor is not None and self.mode == "gram" and rows.shape[0]
-                and np.diag(self._hi).max() <= 2.0 * self._past_diag_max):
+        if (
+            self._factor is None
+            and self._past_factor is not None
+            and self.mode == "gram"
+            and rows.shape[0]
+            and np.diag(self._hi).max() <= 2.0 * self._past_diag_max
+        ):
             Y = rows @ self._past_factor
             return np.einsum("ij,ij->i", Y, Y)
         return self.scores(rows)
@@ -387,7 +406,10 @@ class GramSummary(NormalizerSummary):
             lam, diag = _equilibrated_min_eig(self._hi + self._lo, self.n_rows)
             scale = 1.0 / np.sqrt(diag) if lam > 0 else None
             fresh = self._get_factor(remember=False)[1]
-            self._past_factor, self._past_diag_max = fresh, float(np.diag(self._hi).max())  # the live bound too
+            self._past_factor, self._past_diag_max = (
+                fresh,
+                float(np.diag(self._hi).max()),
+            )  # the live bound too
             self._plan, self._plan_rows = (scale, lam * LAMBDA_SAFETY, fresh), self.n_rows
         scale, lam, W = self._plan
         return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
@@ -422,7 +444,7 @@ class GramSummary(NormalizerSummary):
         step = _SCORE_ITEM_ROWS
 
         def item(i: int) -> None:
-            upper_scores(rows[i * step:(i + 1) * step], W, fn, out[i * step:(i + 1) * step])
+            upper_scores(rows[i * step : (i + 1) * step], W, fn, out[i * step : (i + 1) * step])
 
         run_items(item, -(-m // step), n_threads)
         return out
@@ -485,7 +507,15 @@ class GramSummary(NormalizerSummary):
     @property
     def nbytes(self) -> int:
         """Bytes of every array held: ``G`` (hi and lo) or ``R``, the cached factors and the plan."""
-        held = [self._hi, self._lo, self._r, self._chk_diag, self._past_factor, self._gram_sum, self._bound[0]]
+        held = [
+            self._hi,
+            self._lo,
+            self._r,
+            self._chk_diag,
+            self._past_factor,
+            self._gram_sum,
+            self._bound[0],
+        ]
         if self._factor is not None:
             held.append(self._factor[1])
         if self._plan is not None:
@@ -494,8 +524,14 @@ class GramSummary(NormalizerSummary):
         return int(sum(a.nbytes for a in unique.values()))
 
     def to_state(self) -> tuple[dict, dict]:
-        meta = {"kind": self.kind, "dim": self.dim, "n_rows": self.n_rows, "mode": self.mode,
-                "chk_lam": self._chk_lam, "past_diag_max": self._past_diag_max}
+        meta = {
+            "kind": self.kind,
+            "dim": self.dim,
+            "n_rows": self.n_rows,
+            "mode": self.mode,
+            "chk_lam": self._chk_lam,
+            "past_diag_max": self._past_diag_max,
+        }
         arrays = {"hi": self._hi, "lo": self._lo, "chk_diag": self._chk_diag}
         if self._r is not None:
             arrays["r"] = self._r
@@ -503,7 +539,11 @@ class GramSummary(NormalizerSummary):
             arrays["past_factor"] = self._past_factor
         if self._plan is not None:
             scale, lam, factor = self._plan
-            meta.update(plan_rows=self._plan_rows, plan_lam=lam, plan_factor_is_past=factor is self._past_factor)
+            meta.update(
+                plan_rows=self._plan_rows,
+                plan_lam=lam,
+                plan_factor_is_past=factor is self._past_factor,
+            )
             if scale is not None:
                 arrays["plan_scale"] = scale
             if factor is not None and factor is not self._past_factor:
@@ -521,10 +561,14 @@ class GramSummary(NormalizerSummary):
         out._chk_lam = float(meta["chk_lam"])
         for name in ("hi", "lo"):
             if arrays[name].shape != (d, d):
-                raise ValueError(f"summary array {name!r} must have shape {(d, d)}; got {arrays[name].shape}.")
+                raise ValueError(
+                    f"summary array {name!r} must have shape {(d, d)}; got {arrays[name].shape}."
+                )
         out._hi, out._lo = arrays["hi"].copy(), arrays["lo"].copy()
         if arrays["chk_diag"].shape != (d,):
-            raise ValueError(f"summary array 'chk_diag' must have shape {(d,)}; got {arrays['chk_diag'].shape}.")
+            raise ValueError(
+                f"summary array 'chk_diag' must have shape {(d,)}; got {arrays['chk_diag'].shape}."
+            )
         out._chk_diag = arrays["chk_diag"].copy()
         if out.mode == "qr":
             if "r" not in arrays or arrays["r"].shape != (d, d):
@@ -533,18 +577,29 @@ class GramSummary(NormalizerSummary):
         if "past_factor" in arrays:
             past = arrays["past_factor"]
             if out.mode != "gram" or past.shape != (d, d) or not np.isfinite(past).all():
-                raise ValueError("summary array 'past_factor' must be a finite (dim, dim) matrix of the Gram path.")
+                raise ValueError(
+                    "summary array 'past_factor' must be a finite (dim, dim) matrix of the Gram path."
+                )
             out._past_factor = past.copy()
             out._past_diag_max = float(meta.get("past_diag_max", 0.0))
         if "plan_rows" in meta:
             W = out._past_factor if meta.get("plan_factor_is_past") else arrays.get("plan_factor")
             scale = arrays.get("plan_scale")
-            if (out.mode != "gram" or W is None or W.shape != (d, d) or not np.isfinite(W).all()
-                    or (scale is not None and (scale.shape != (d,) or not np.isfinite(scale).all()))):
-                raise ValueError("summary plan must be a finite (dim, dim) factor of the Gram path with a scale of "
-                                 "shape (dim,).")
-            out._plan = (None if scale is None else scale.copy(), float(meta["plan_lam"]),
-                         W if W is out._past_factor else W.copy())
+            if (
+                out.mode != "gram"
+                or W is None
+                or W.shape != (d, d)
+                or not np.isfinite(W).all()
+                or (scale is not None and (scale.shape != (d,) or not np.isfinite(scale).all()))
+            ):
+                raise ValueError(
+                    "summary plan must be a finite (dim, dim) factor of the Gram path with a scale of "
+                    "shape (dim,)."
+                )
+            out._plan = (
+                None if scale is None else scale.copy(),
+                float(meta["plan_lam"]),
+                W if W is out._past_factor else W.copy(),
+            )
             out._plan_rows = int(meta["plan_rows"])
         return out
-

@@ -126,7 +126,6 @@ class LiftedSummary(NormalizerSummary):
     def rel_error(self) -> float:
         return self._gram.rel_error
 
-
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """Lifted leverage scores ``phi(k)^T G4^+ phi(k)`` (upper bounds on the p = 4 sensitivities)."""
         return self._gram.scores(self._lifted(rows))
