@@ -198,6 +198,13 @@ class RowStore:
         """Append every row of ``other`` (same dim and value_dim)."""
         self.append(other.keys_view(), other.ids_view(), other.values_view())
 
+    def scale_keys(self, factor: float) -> None:
+        """Multiply every key row held by ``factor`` (a decaying stream's change of reference frame; exact for a
+        power of 2).  Keys must be float64."""
+        if self._shared:
+            self._resize(self.capacity)
+        self.keys[: self.n] *= factor
+
     # ------------------------------------------------------------------ drops
     def keep_from(self, start: int, mask: np.ndarray) -> None:
         """Keep, among rows ``start..n-1``, those where ``mask`` is true (in order); rows before ``start`` stay.

@@ -133,6 +133,14 @@ class MomentState:
             self._fold(other._buf_keys[: other._buf_n], other._buf_values[: other._buf_n])
         self._sum = None
 
+    def scale(self, factor: float) -> None:
+        """Multiply the state by ``factor`` (``S <- factor S``; the waiting keys by ``sqrt(factor)``): a decaying
+        stream's change of reference frame (docs/theory.md, "Decay and gates").  Exact for a power of 4."""
+        self._hi *= factor
+        self._lo *= factor
+        self._buf_keys[: self._buf_n] *= np.sqrt(factor)
+        self._sum = None
+
     def copy(self) -> MomentState:
         """An independent copy."""
         out = MomentState.__new__(MomentState)

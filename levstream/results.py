@@ -277,3 +277,38 @@ class AttentionResult:
     def __repr__(self) -> str:
         exact = "exact output" if self.output is not None else "no exact output"
         return f"AttentionResult(queries={self.captured_mass.shape[-1]}, {exact})"
+
+
+def concat_entries(parts: list[HeavyEntries]) -> HeavyEntries:
+    """The entries of consecutive batches of query rows, as one (same threshold; bounds kept when all have them)."""
+    offsets = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    indptr = np.concatenate([[0]] + [p.indptr[1:] + o for p, o in zip(parts, offsets)])
+    bounds = {}
+    for name in ("lower", "upper"):
+        arrays = [getattr(p, name) for p in parts]
+        bounds[name] = None if any(a is None for a in arrays) else np.concatenate(arrays)
+    return HeavyEntries.of(
+        indptr.astype(np.int64),
+        np.concatenate([p.key_ids for p in parts]),
+        np.concatenate([p.values for p in parts]),
+        parts[0].eps,
+        **bounds,
+    )
+
+
+def concat_attention(parts: list[AttentionResult]) -> AttentionResult:
+    """The results of consecutive batches of query rows (e.g. segments of one causal chunk), as one."""
+    outputs = [p.output for p in parts]
+    entries = parts[0].entries
+    if isinstance(entries, HeavyEntries):
+        joined: object = concat_entries([p.entries for p in parts])  # type: ignore[misc]
+    else:  # one HeavyEntries per head
+        heads = len(entries)  # type: ignore[arg-type]
+        joined = [concat_entries([p.entries[h] for p in parts]) for h in range(heads)]  # type: ignore[index]
+    axis = parts[0].captured_mass.ndim - 1  # the query axis (after the head axis of many heads)
+    return AttentionResult(
+        joined,
+        np.concatenate([p.heavy_output for p in parts], axis=axis),
+        np.concatenate([p.captured_mass for p in parts], axis=axis),
+        None if any(o is None for o in outputs) else np.concatenate(outputs, axis=axis),  # type: ignore[arg-type]
+    )

@@ -12,6 +12,7 @@ change nothing (docs/theory.md, "Live streams").
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from collections.abc import Iterable
@@ -21,6 +22,7 @@ import numpy as np
 
 from . import _query, _serialize
 from ._config import default_block_rows, margin
+from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
 from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
 from ._kernels.live import add_rows_and_bound
@@ -38,7 +40,7 @@ from ._validation import (
     check_p,
 )
 from .moments import MomentState
-from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
+from .results import AttentionResult, HeavyEntries, TopK, UniversalSet, concat_attention
 from .summaries import (
     GramSummary,
     LiftedSummary,
@@ -50,8 +52,10 @@ from .summaries.gram import gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
 
-#: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2.
+#: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2;
+#: a sketch that forgets (decay or gates), version 3.
 _FORMAT_WITH_VALUES = 2
+_FORMAT_WITH_DECAY = 3
 
 
 class KeySketch:
@@ -91,6 +95,13 @@ class KeySketch:
     exact_output : bool, default False
         Keep the moment state ``S = sum_j phi(k_j) v_j^T`` (``d (d + 1) / 2 x value_dim`` numbers, p = 2 only) so
         that :meth:`attend` and :meth:`prefill` also return the exact output over every key fed.
+    decay : float, optional
+        A constant gate in ``(0, 1]`` on every row (p = 2): the stream forgets, key ``j`` weighing
+        ``c_j(t) = g_{j+1} ... g_t`` at time ``t``.  Data-dependent gates go with the rows instead
+        (``update(k, v, gate=)``, ``update_many(..., gates=)``, ``prefill(..., gates=)``; multiplied by
+        ``decay`` when both are given).  The gate of a row multiplies everything before it (gated attention:
+        ``G_t = g_t G_{t-1} + k_t k_t^T``).  Every guarantee holds for the weighted keys
+        ``sqrt(c_j(t)) k_j`` (docs/theory.md, "Decay and gates"; docs/streams-that-forget.md).
 
     Notes
     -----
@@ -148,10 +159,19 @@ class KeySketch:
         memory_budget: int | None = None,
         value_dim: int | None = None,
         exact_output: bool = False,
+        decay: float | None = None,
     ) -> None:
         dim = check_int(dim, "dim", minimum=1)
         eps = check_eps(eps)
         p = check_p(p)
+        if decay is not None:
+            decay = check_gate(decay, "decay")
+            if p != 2.0 or exact not in (None, True):
+                raise ValueError(
+                    f"decay and gates need p = 2 (the exact Gram summary); got p = {p:g}"
+                    + ("" if exact in (None, True) else " with exact=False")
+                    + "."
+                )
         if value_dim is not None:
             value_dim = check_int(value_dim, "value_dim", minimum=1)
         # the input buffer holds a block of keys and, with values, their value rows: size it by both
@@ -206,6 +226,9 @@ class KeySketch:
         self._seen = IdRanges()
         self._lock = threading.RLock()
         self._live: _LiveRows | None = None
+        self._decay = decay
+        #: the decaying stream's reference frame (docs/theory.md, "Decay and gates"); stays at zero without gates
+        self._frame = Frame()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -237,6 +260,22 @@ class KeySketch:
     def n(self) -> int:
         """Number of keys fed so far (including buffered ones)."""
         return self._n
+
+    @property
+    def decay(self) -> float | None:
+        """The constant gate on every row, or None."""
+        return self._decay
+
+    @property
+    def forgets(self) -> bool:
+        """Whether the stream decays: a constant ``decay``, or a gate below 1 was fed."""
+        return self._decay is not None or self._frame.log_total != 0.0
+
+    @property
+    def log_total_gate(self) -> float:
+        """``sum_t log g_t`` over every row fed (0 for a stream that does not forget): the factor by which the
+        stream has decayed whatever preceded it (``exp`` of it may underflow; the sketch never forms it)."""
+        return self._frame.log_total
 
     @property
     def num_retained(self) -> int:
@@ -280,6 +319,9 @@ class KeySketch:
         """The normaliser summary of every key fed (a settled copy: read-only use, e.g. ``.gram`` for p = 2)."""
         settled = self.copy()
         settled._flush()
+        if settled.forgets:  # from the frame's weights to the keys' weights c_j(t)
+            assert isinstance(settled._summary, GramSummary)
+            settled._summary.scale(math.exp(-settled._frame.exponent))
         return settled._summary
 
     def __repr__(self) -> str:
@@ -384,11 +426,12 @@ class KeySketch:
         return V
 
     # ------------------------------------------------------------------ ingest
-    def update(self, x: Any, v: Any = None) -> KeySketch:
+    def update(self, x: Any, v: Any = None, gate: float | None = None) -> KeySketch:
         """Feed one key row (1-D, length ``dim``), with its value row ``v`` when the sketch keeps values.
 
         The key gets the next id.  It waits in the input buffer (a query still sees it) until a block of
-        rows has arrived.  Returns ``self``; on bad input raises and changes nothing.
+        rows has arrived.  ``gate`` in ``(0, 1]`` (p = 2) multiplies the weight of every key fed before this one
+        (times the sketch's ``decay``).  Returns ``self``; on bad input raises and changes nothing.
         """
         if type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (self._dim,):
             if not sq_norm(x) < np.inf:  # a nan/inf, or squares that overflow: find which, raise
@@ -398,10 +441,83 @@ class KeySketch:
             x = as_row(x, "x", self._dim)
             _check_magnitude(x[None, :], "x")
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
+        if gate is None and self._decay is None:
+            with self._lock:
+                self._check_next_id()
+                self._append_token(x, value)
+            return self
+        neg = self._neg_log_gate(gate)
         with self._lock:
             self._check_next_id()
-            self._append_token(x, value)
+            self._append_token(self._weigh_row(x, neg, "x"), value)
         return self
+
+    # ------------------------------------------------------------------ decay (docs/theory.md, "Decay and gates")
+    def _check_gates_allowed(self) -> None:
+        if self._summary.kind != "gram":
+            raise ValueError(
+                f"gates need p = 2 with the exact Gram summary; this sketch has p = {self._p:g} and a "
+                f"{self._summary.kind} summary."
+            )
+
+    def _neg_log_gate(self, gate: Any) -> float:
+        self._check_gates_allowed()
+        return neg_log_gate(gate, self._decay)
+
+    def _neg_log_gates(self, gates: Any, m: int) -> np.ndarray | None:
+        """``-log`` of each row's effective gate, or None when the rows carry no gate (nothing to weigh)."""
+        if gates is None and self._decay is None:
+            return None
+        self._check_gates_allowed()
+        return neg_log_gates(gates, m, self._decay)
+
+    def _weigh_row(self, x: np.ndarray, neg: float, name: str) -> np.ndarray:
+        """Advance the frame by one row and return the row weighted in it (call with the lock held; the
+        row is checked before anything changes)."""
+        scale, shift, frame = self._frame.step(neg)
+        xw = x * scale
+        if not sq_norm(xw) < np.inf:
+            raise _too_large_weighted(x, name)
+        self._rebase(shift)
+        self._frame = frame
+        return xw
+
+    def _weigh_rows(
+        self, X: np.ndarray, neg: np.ndarray, name: str
+    ) -> tuple[np.ndarray, int, Frame]:
+        """Rows ``X`` weighted in the frame after the last of them, the rebase that frame needs and the frame
+        (nothing changes here; raises for a nan/inf or weighted squares that overflow)."""
+        scales, shifts, frame = self._frame.rows(neg)
+        total = int(shifts[-1]) if shifts.size else 0
+        if total:
+            scales = np.ldexp(scales, shifts - total)
+        Xw = X * scales[:, None]
+        if not np.isfinite(sq_total(Xw)):
+            check_finite(X, name)
+            raise _too_large_weighted(X, name)
+        return Xw, total, frame
+
+    def _rebase(self, shift: int) -> None:
+        """Multiply the whole state by ``4^-shift`` (exact; below ``2^-1000`` flushed to zero)."""
+        if shift:
+            forget = shift > FORGET_SHIFT
+            self._scale_state(0.0 if forget else math.ldexp(1.0, -2 * shift))
+
+    def _scale_state(self, factor: float) -> None:
+        """Every weight times ``factor``: the summary and moments by ``factor``, every row held by its root."""
+        if (
+            factor < 2.0**-1000
+        ):  # below the frame's range: flushed (docs/theory.md, "Decay and gates")
+            factor = 0.0
+        root = math.sqrt(factor)
+        summary = self._summary
+        assert isinstance(summary, GramSummary)
+        summary.scale(factor)
+        self._store.scale_keys(root)
+        if self._moments is not None:
+            self._moments.scale(factor)
+        if self._live is not None:
+            self._live.scale(factor, root)
 
     def _check_next_id(self) -> None:
         """Refuse the running counter's next id when it was already fed (e.g. by ``ids=``)."""
@@ -428,7 +544,9 @@ class KeySketch:
         if self._store.n - self._pending_from >= self._block_rows:
             self._flush()
 
-    def update_many(self, X: Any, V: Any = None, ids: Any = None, offset: Any = None) -> KeySketch:
+    def update_many(
+        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None, gates: Any = None
+    ) -> KeySketch:
         """Feed a chunk of key rows (shape (m, dim)), with their value rows ``V`` when the sketch keeps values.
 
         Parameters
@@ -441,6 +559,8 @@ class KeySketch:
             Global ids of the rows (unique, non-negative, never fed before).
         offset : int, optional
             Number the rows ``offset, offset + 1, ...`` (for shards of one global stream).
+        gates : array_like, shape (m,), optional
+            One gate in ``(0, 1]`` per row (p = 2): row ``i``'s gate multiplies the weight of every key before it.
 
         Returns
         -------
@@ -455,8 +575,13 @@ class KeySketch:
         X = _as_keys(X, self._dim, _FLOAT32_ROWS and isinstance(self._summary, GramSummary))
         m = X.shape[0]
         V = self._value_chunk(V, m)
+        neg = self._neg_log_gates(gates, m)
         with self._lock:
             new_ids, start, srt = self._new_ids(m, ids, offset)
+            if m and neg is not None:
+                X, shift, frame = self._weigh_rows(X, neg, "X")
+                self._rebase(shift)
+                self._frame = frame
             if m:
                 self._ingest(X, V, new_ids, start, srt)
         return self
@@ -711,6 +836,7 @@ class KeySketch:
                 "(value_dim, exact_output)",
             ),
             (self._summary.config, other._summary.config, "normaliser summaries"),
+            (self._decay, other._decay, "decay"),
         ]
         for mine, theirs, what in pairs:
             if mine != theirs:
@@ -723,6 +849,10 @@ class KeySketch:
 
         The result is the sketch of the union of both key streams: merging is associative and commutative,
         so any reduction tree over shards gives the same universal set.  ``other`` is not modified.
+
+        Streams that forget (``decay`` or gates) merge only as consecutive parts of one stream, ordered by id:
+        the earlier part is decayed by the later part's gates (either may be ``self``); parts whose ids
+        interleave are refused.  Any reduction tree that merges neighbouring parts gives the same sketch.
         """
         self._check_compatible(other)
         if other is self:
@@ -739,11 +869,39 @@ class KeySketch:
         src = other.copy()
         src._flush()
         with self._lock:
-            self._merge_settled(src)
+            later = self._order_for_merge(src) if (self.forgets or src.forgets) else None
+            self._merge_settled(src, later)
         return self
 
-    def _merge_settled(self, src: KeySketch) -> None:
+    def _order_for_merge(self, other: KeySketch) -> bool | None:
+        """For streams that forget: True when ``other`` is the part right after this one, False when it is
+        the part right before it (None when one of them is empty); raises when the parts interleave.  Parts are
+        ordered by id: every id of the later part exceeds every id of the earlier one."""
+        mine, theirs = self._seen.ranges, other._seen.ranges
+        if self._n == 0 or other._n == 0 or not mine.shape[0] or not theirs.shape[0]:
+            return None
+        if theirs[0, 0] >= mine[-1, 1]:
+            return True
+        if mine[0, 0] >= theirs[-1, 1]:
+            return False
+        raise ValueError(
+            "cannot merge sketches of streams that forget unless they are consecutive parts of one stream "
+            f"(every id of one part after every id of the other): ids {mine[0, 0]}..{mine[-1, 1] - 1} and "
+            f"{theirs[0, 0]}..{theirs[-1, 1] - 1} interleave. The order of the parts decides how much the "
+            'earlier one has decayed (docs/theory.md, "Decay and gates").'
+        )
+
+    def _merge_settled(self, src: KeySketch, later: bool | None = None) -> None:
         self._flush()
+        if later is not None or self.forgets or src.forgets:
+            if later is None:  # one part is empty: its frame is the other's
+                self._frame = src._frame if self._n == 0 else self._frame
+            elif later:  # src follows: this part decays by src's gates, into src's frame
+                self._scale_state(self._frame.merge_factor(src._frame))
+                self._frame = self._frame.then(src._frame)
+            else:
+                src._scale_state(src._frame.merge_factor(self._frame))
+                self._frame = src._frame.then(self._frame)
         self._summary.merge(src._summary)
         if self._moments is not None:
             assert src._moments is not None
@@ -878,7 +1036,8 @@ class KeySketch:
     def universal_set(self) -> UniversalSet:
         """Every key whose sensitivity score over all keys fed is ``>= eps`` (exact for p = 2).
 
-        Computed on a settled copy: the sketch itself is not changed.
+        Computed on a settled copy: the sketch itself is not changed.  For a stream that forgets, the scores and
+        ``keys`` are those of the weighted keys ``sqrt(c_j(t)) k_j``.
         """
         with self._lock:
             settled = self.copy()
@@ -890,9 +1049,10 @@ class KeySketch:
         ids = store.ids_view()[sel]
         order = np.argsort(ids, kind="stable")
         sel = sel[order]
-        return UniversalSet(
-            ids[order], store.keys_view()[sel], scores[sel], self._eps, self._p, self._n, report
-        )
+        keys = store.keys_view()[sel]
+        if settled.forgets:  # the weighted keys sqrt(c_j(t)) k_j, out of the frame
+            keys = keys * math.exp(-0.5 * settled._frame.exponent)
+        return UniversalSet(ids[order], keys, scores[sel], self._eps, self._p, self._n, report)
 
     def normalizer(self, Q: Any) -> np.ndarray:
         """``Z(q) = sum_l f(<q, k_l>)`` over *all* keys fed, for every query row (exact for p = 2).
@@ -906,7 +1066,12 @@ class KeySketch:
         """
         Q = self._queries(Q)
         with self._lock:
-            return _query.normalizer(self._view(), Q, self._p)
+            z = _query.normalizer(self._view(), Q, self._p)
+            if (
+                self.forgets
+            ):  # the frame's weights are e^E times the keys' (docs/theory.md, "Decay and gates")
+                z *= math.exp(-self._frame.exponent)
+            return z
 
     def heavy_entries(self, Q: Any, eps: float | None = None) -> HeavyEntries:
         """Every entry ``A[i, j] >= eps`` of the attention of queries ``Q`` over all keys fed.
@@ -971,7 +1136,14 @@ class KeySketch:
             return _query.attend(self._view(), Q, self._p, eps)
 
     def prefill(
-        self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None, eps: float | None = None
+        self,
+        K: Any,
+        V: Any,
+        Q: Any,
+        ids: Any = None,
+        offset: Any = None,
+        eps: float | None = None,
+        gates: Any = None,
     ) -> AttentionResult:
         """Causal attention of a chunk, then fold the chunk in: query ``i`` sees every key fed before and the
         chunk's keys ``0..i`` (its own included).
@@ -979,7 +1151,9 @@ class KeySketch:
         ``K`` and ``Q`` have shape (c, dim), ``V`` (c, value_dim); row ``i`` of the result is what dense causal
         attention gives query ``i`` (exact output with ``exact_output=True``, p = 2).  A decode step is the case
         c = 1.  Cost ``O(c^2 (d + dv) + c d^2 dv)`` plus ``O(c |candidates| d)``.  Ids as for
-        :meth:`update_many`.  On bad input nothing changes.
+        :meth:`update_many`.  ``gates`` (shape (c,), in ``(0, 1]``, p = 2): row ``i``'s gate multiplies the weight
+        of every key before it, so query ``i`` sees the decayed attention at its own time.  On bad input nothing
+        changes.
 
         Examples
         --------
@@ -1001,8 +1175,13 @@ class KeySketch:
             and _is_step(Q, self._dim)
             and _is_step(V, self._value_dim)
         ):
+            step_neg = None
+            if gates is not None or self._decay is not None:
+                step_neg = self._neg_log_gate(_one_gate(gates))
             with self._lock:  # a decode step: validated by one finite check, fed as one row
                 self._check_next_id()
+                if step_neg is not None:
+                    K = self._weigh_row(K[0], step_neg, "K")[None, :]
                 chunk_ids = np.array([self._next_id], dtype=np.int64)
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
                 self._append_token(K[0], V[0])
@@ -1020,8 +1199,40 @@ class KeySketch:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
         eps = self._query_eps(eps)
         _check_magnitude(K, "K")
+        neg = self._neg_log_gates(gates, c)
         with self._lock:
-            return self._prefill(K, Vc, Q, ids, offset, eps)
+            if neg is None or c == 0:
+                return self._prefill(K, Vc, Q, ids, offset, eps)
+            return self._prefill_gated(K, Vc, Q, ids, offset, eps, neg)
+
+    def _prefill_gated(
+        self,
+        K: np.ndarray,
+        Vc: np.ndarray,
+        Q: np.ndarray,
+        ids: Any,
+        offset: Any,
+        eps: float,
+        neg: np.ndarray,
+    ) -> AttentionResult:
+        """A gated causal chunk, in segments between the frame's rebases: within a segment every row is weighed
+        in one frame (weights within ``e^100`` of each other, none flushed), so each query sees the decayed
+        attention at its own time (docs/theory.md, "Decay and gates")."""
+        c = K.shape[0]
+        new_ids, start, _ = self._new_ids(c, ids, offset)  # validated once, before anything changes
+        scales, shifts, frame = self._frame.rows(neg)
+        Kw = K * scales[:, None]
+        if not np.isfinite(sq_total(Kw)):
+            raise _too_large_weighted(K, "K")
+        cuts = [0, *(np.flatnonzero(np.diff(shifts)) + 1).tolist(), c]
+        results, done = [], 0
+        for a, b in itertools.pairwise(cuts):
+            self._rebase(int(shifts[a]) - done)
+            done = int(shifts[a])
+            part_ids, part_offset = (None, start + a) if new_ids is None else (new_ids[a:b], None)
+            results.append(self._prefill(Kw[a:b], Vc[a:b], Q[a:b], part_ids, part_offset, eps))
+        self._frame = frame
+        return results[0] if len(results) == 1 else concat_attention(results)
 
     def _prefill(
         self, K: np.ndarray, Vc: np.ndarray, Q: np.ndarray, ids: Any, offset: Any, eps: float
@@ -1056,7 +1267,8 @@ class KeySketch:
     def to_bytes(self) -> bytes:
         """Serialize (versioned, checksummed; buffered rows included, nothing is lost).
 
-        Keys-only sketches write format version 1 (as levstream 0.1.0); sketches with values version 2.
+        Keys-only sketches write format version 1 (as levstream 0.1.0); sketches with values version 2;
+        sketches of streams that forget (``decay`` or gates) version 3.
         """
         with self._lock:
             return self._to_bytes()
@@ -1084,6 +1296,9 @@ class KeySketch:
             if self._moments is not None:
                 arrays.update(self._moments.to_state())
             version = _FORMAT_WITH_VALUES
+        if self.forgets:
+            meta["decay"], meta["frame"] = self._decay, self._frame.to_meta()
+            version = _FORMAT_WITH_DECAY
         return _serialize.pack(meta, arrays, version)
 
     @classmethod
@@ -1094,8 +1309,13 @@ class KeySketch:
             if meta.get("kind") != _SKETCH_KIND:
                 raise ValueError(f"bytes hold a {meta.get('kind')!r}, not a KeySketch")
             value_dim = meta.get("value_dim")
-            if (value_dim is not None) != (version >= _FORMAT_WITH_VALUES):
+            forgets = "frame" in meta
+            if version < _FORMAT_WITH_DECAY and (
+                forgets or (value_dim is not None) != (version >= _FORMAT_WITH_VALUES)
+            ):
                 raise ValueError(f"format version {version} and the value header disagree")
+            if version >= _FORMAT_WITH_DECAY and not forgets:
+                raise ValueError(f"format version {version} needs a decay frame")
             exact_output = bool(meta.get("exact_output", False)) if value_dim is not None else False
             lifted: dict[str, Any] = {}
             if (
@@ -1109,8 +1329,12 @@ class KeySketch:
                 block_rows=int(meta["block_rows"]),
                 value_dim=None if value_dim is None else int(value_dim),
                 exact_output=exact_output,
+                decay=None if meta.get("decay") is None else float(meta["decay"]),
                 **lifted,
             )
+            if forgets:
+                out._check_gates_allowed()
+                out._frame = Frame.from_meta(meta["frame"])
             d = out._dim
             for (
                 name,
@@ -1204,6 +1428,11 @@ class _LiveRows:
                 )  # u / (1 + u) >= threshold: the score after its inclusion
         self.accept(store, n, keep)
 
+    def scale(self, factor: float, root: float) -> None:
+        """The frame changed (a decaying stream's rebase): ``G`` times ``factor``, the rows times ``root``."""
+        self.gram *= factor
+        self.rows.scale_keys(root)
+
     def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""
         if keep.any():
@@ -1266,6 +1495,14 @@ def _too_large(X: np.ndarray) -> ValueError:
     return ValueError(
         f"X has values so large that their squares overflow float64 (largest |x| = "
         f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant)."
+    )
+
+
+def _too_large_weighted(X: np.ndarray, name: str) -> ValueError:
+    return ValueError(
+        f"{name} has values so large that their squares, weighted in the decaying stream's frame (by up to "
+        f"e^100), overflow float64 (largest |x| = {float(np.abs(X).max()):.3g}); rescale the keys (leverage "
+        "scores are scale-invariant)."
     )
 
 
@@ -1527,6 +1764,16 @@ def _fold_chunk(
         finally:
             if saved is not None:
                 store.release()
+
+
+def _one_gate(gates: Any) -> Any:
+    """The gate of a one-row chunk, given as a number or a length-1 array (None stays None)."""
+    if gates is None or np.ndim(gates) == 0:
+        return gates
+    arr = np.asarray(gates)
+    if arr.shape != (1,):
+        raise ValueError(f"gates must have one gate per row: shape (1,); got shape {arr.shape}.")
+    return arr[0]
 
 
 def _is_step(X: Any, width: int) -> bool:

@@ -174,3 +174,76 @@ class NaiveStream:
         A = self.attention(Q)
         heavy = np.where(A >= eps, A, 0.0)
         return A @ self.V, heavy @ self.V, heavy.sum(axis=1)
+
+
+class DecayedStream:
+    """Brute-force twin of a stream that forgets: every key, value and gate kept, attention recomputed from
+    scratch in log space.
+
+    Row ``t`` arrives with gate ``g_t`` (times a constant ``decay``); key ``j`` weighs
+    ``c_j(t) = g_{j+1} ... g_t`` at time ``t`` (the newest key weighs 1).  ``log c_j`` is summed backwards from
+    the newest row in extended precision (``np.longdouble``), and the attention ``c_j <q, k_j>^2 / sum`` is
+    formed as ``exp(a_j - max a)`` with ``a_j = log c_j + log <q, k_j>^2``: nothing overflows or underflows
+    before the weights are compared with each other.
+    """
+
+    def __init__(self, dim: int, *, value_dim: int | None = None, decay: float | None = None) -> None:
+        self.dim, self.value_dim, self.decay = int(dim), value_dim, decay
+        self.K = np.zeros((0, self.dim))
+        self.V = np.zeros((0, value_dim or 0))
+        self.log_gates = np.zeros(0)
+        self.ids = np.zeros(0, dtype=np.int64)
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.size)
+
+    def update_many(self, X, V=None, gates=None, ids=None) -> DecayedStream:
+        X = np.asarray(X, np.float64).reshape(-1, self.dim)
+        m = X.shape[0]
+        g = np.ones(m) if gates is None else np.asarray(gates, np.float64).reshape(m)
+        lg = np.log(g) + (0.0 if self.decay is None else np.log(self.decay))
+        start = int(self.ids.max()) + 1 if self.ids.size else 0
+        ids = np.arange(start, start + m) if ids is None else np.asarray(ids, np.int64)
+        self.K = np.vstack([self.K, X])
+        if self.value_dim is not None:
+            self.V = np.vstack([self.V, np.asarray(V, np.float64).reshape(m, self.value_dim)])
+        self.log_gates = np.concatenate([self.log_gates, lg])
+        self.ids = np.concatenate([self.ids, ids])
+        return self
+
+    def log_weights(self, upto: int | None = None) -> np.ndarray:
+        """``log c_j(t)`` of keys ``0..t`` at time ``t = upto`` (default: the newest row)."""
+        t = self.n - 1 if upto is None else upto
+        lg = self.log_gates[1 : t + 1].astype(np.longdouble)
+        after = np.concatenate([np.cumsum(lg[::-1])[::-1], [np.longdouble(0.0)]])  # sum_{s=j+1..t}
+        return after.astype(np.float64)
+
+    def attention(self, q, upto: int | None = None) -> np.ndarray:
+        """Decayed attention of one query over keys ``0..upto`` (zero when every weight is zero)."""
+        t = self.n - 1 if upto is None else upto
+        dots = self.K[: t + 1] @ np.asarray(q, np.float64)
+        with np.errstate(divide="ignore"):
+            a = self.log_weights(t) + np.log(dots * dots)
+        if not np.isfinite(a.max()):
+            return np.zeros(t + 1)
+        w = np.exp(a - a.max())
+        return w / w.sum()
+
+    def heavy(self, Q, eps: float, upto=None) -> dict[tuple[int, int], float]:
+        """``{(query_row, key_id): A}`` for every entry ``A >= eps``; ``upto[i]`` is query ``i``'s time."""
+        out = {}
+        for i, q in enumerate(np.atleast_2d(Q)):
+            A = self.attention(q, None if upto is None else upto[i])
+            for j in np.flatnonzero(A >= eps):
+                out[(i, int(self.ids[j]))] = float(A[j])
+        return out
+
+    def outputs(self, Q, upto=None) -> np.ndarray:
+        return np.array([self.attention(q, None if upto is None else upto[i]) @ self.V[: (self.n if upto is None else upto[i] + 1)]
+                         for i, q in enumerate(np.atleast_2d(Q))])
+
+    def universal_scores(self) -> np.ndarray:
+        """Leverage scores of the weighted keys ``sqrt(c_j) k_j`` (by SVD; the scale of the weights cancels)."""
+        lw = self.log_weights()
+        return leverage_svd(self.K * np.exp(0.5 * (lw - lw.max()))[:, None])

@@ -305,6 +305,49 @@ class GramSummary(NormalizerSummary):
         self.n_rows += other.n_rows
         self._enter_qr(R_self, [R_other])
 
+    def scale(self, factor: float) -> None:
+        """``G <- factor G`` for every row weighted by ``sqrt(factor)`` (``factor > 0``): a decaying stream's change
+        of reference frame (docs/theory.md, "Decay and gates").  Scores, the equilibrated eigenvalue bounds and
+        the mode are unchanged; ``G``, its factors and the pre-filter scales are rescaled with it, so every
+        bound held stays valid.  Exact (no rounding) for ``factor`` a power of 4 in the normal range."""
+        if factor == 0.0:  # every weight flushed to zero: G = 0, nothing to bound
+            self._hi[:] = 0.0
+            self._lo[:] = 0.0
+            if self._r is not None:
+                self._r[:] = 0.0
+            self._chk_lam, self._chk_diag = 0.0, np.zeros(self.dim)
+            self._bound = (None, 0.0)
+            self.release_factors()
+            return
+        root = float(np.sqrt(factor))
+        self._hi *= factor
+        self._lo *= factor
+        if self._r is not None:
+            self._r *= root
+        self._chk_diag = self._chk_diag * factor
+        self._past_diag_max *= factor
+        scaled: dict[int, np.ndarray] = {}
+
+        def inv(
+            W: np.ndarray | None,
+        ) -> np.ndarray | None:  # a factor of G^-1 scales by 1/sqrt(factor)
+            if W is None:
+                return None
+            if id(W) not in scaled:  # the plan's factor is often the stale factor itself
+                scaled[id(W)] = W / root
+            return scaled[id(W)]
+
+        self._past_factor = inv(self._past_factor)
+        if self._factor is not None:
+            kind, W, err = self._factor
+            self._factor = (kind, inv(W), err)
+        if self._plan is not None:
+            scale, lam, W = self._plan
+            self._plan = (inv(scale), lam, inv(W))
+        bscale, blam = self._bound
+        self._bound = (inv(bscale), blam)
+        self._gram_sum = None
+
     def copy(self) -> GramSummary:
         out = GramSummary.__new__(GramSummary)
         out.__dict__.update(self.__dict__)

@@ -1,0 +1,72 @@
+"""Compiled arithmetic of a decaying stream's reference frame (docs/theory.md, "Decay and gates").
+
+A gated stream weighs key ``j`` at time ``t`` by ``c_j(t) = g_{j+1} ... g_t``.  The sketch stores every row
+multiplied by ``sqrt(w_j)`` with ``w_j = exp(E_j)`` its weight in the current *frame*; the frame exponent ``E``
+grows by ``-log g`` with every row and is brought back below ``FRAME_LIMIT`` by a *rebase*: the whole state is
+multiplied by ``4^-m`` (exact in floating point) and ``E`` lowered by ``m ln 4``.  ``E`` and the stream's total
+log-gate are carried as double-double numbers (``hi + lo``), so that neither long streams nor many rebases
+accumulate rounding: a row's weight is exact to one rounding of ``exp``.
+
+:func:`frame_step` advances the frame by one row; :func:`frame_rows` by a chunk, with the same arithmetic
+(it calls :func:`frame_step`), so a stream fed row by row or in chunks gets the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+#: ``ln 4`` split as ``LN4_HI + LN4_LO`` with ``LN4_HI`` on 28 fractional bits, so that ``m * LN4_HI`` is exact
+#: for every shift ``m < 2^24`` a rebase can make.
+LN4_HI = 1.386294361203909
+LN4_LO = -8.401830145362169e-11
+
+#: The frame exponent is rebased once it exceeds this (weights up to ``e^100`` in the frame).
+FRAME_LIMIT = 100.0
+
+
+@numba.njit(nogil=True, cache=True)
+def _two_sum(a, b):  # pragma: no cover - compiled
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@numba.njit(nogil=True, cache=True)
+def dd_add(hi, lo, x):  # pragma: no cover - compiled
+    """Double-double ``(hi + lo) + x`` (Knuth two-sum, renormalised)."""
+    s, e = _two_sum(hi, x)
+    e += lo
+    t = s + e
+    return t, e - (t - s)
+
+
+@numba.njit(nogil=True, cache=True)
+def frame_step(neg_log, e_hi, e_lo, t_hi, t_lo):  # pragma: no cover - compiled
+    """One row with gate ``g = exp(-neg_log)``: ``(scale, shift, e_hi, e_lo, t_hi, t_lo)``.
+
+    The frame exponent ``E`` grows by ``neg_log``; past ``FRAME_LIMIT`` it is lowered by ``shift * ln 4`` into
+    ``(-ln 4, 0]`` (the state is to be multiplied by ``4^-shift``).  ``scale = sqrt(exp(E))`` multiplies the row.
+    The total log-gate ``T`` decreases by ``neg_log``."""
+    e_hi, e_lo = dd_add(e_hi, e_lo, neg_log)
+    t_hi, t_lo = dd_add(t_hi, t_lo, -neg_log)
+    shift = 0
+    if e_hi > FRAME_LIMIT:
+        shift = int(np.ceil(e_hi / LN4_HI))
+        e_hi, e_lo = dd_add(e_hi, e_lo, -shift * LN4_HI)
+        e_hi, e_lo = dd_add(e_hi, e_lo, -shift * LN4_LO)
+    scale = np.exp(0.5 * e_hi) * (1.0 + 0.5 * e_lo)
+    return scale, shift, e_hi, e_lo, t_hi, t_lo
+
+
+@numba.njit(nogil=True, cache=True)
+def frame_rows(neg_logs, e_hi, e_lo, t_hi, t_lo, scales, shifts):  # pragma: no cover - compiled
+    """:func:`frame_step` for every row of a chunk: ``scales[i]`` (in the frame after row ``i``'s own rebase)
+    and ``shifts[i]`` (the rebases up to and including row ``i``); returns ``(e_hi, e_lo, t_hi, t_lo)``."""
+    total = 0
+    for i in range(neg_logs.shape[0]):
+        s, m, e_hi, e_lo, t_hi, t_lo = frame_step(neg_logs[i], e_hi, e_lo, t_hi, t_lo)
+        total += m
+        scales[i] = s
+        shifts[i] = total
+    return e_hi, e_lo, t_hi, t_lo
