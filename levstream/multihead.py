@@ -198,33 +198,64 @@ class MultiHeadKeySketch:
     def _query_eps(self, eps: Any) -> float:
         return self._heads[0]._query_eps(eps)
 
+    def _neg_log_gates(self, gates: Any, m: int) -> list[np.ndarray] | None:
+        """Per head, ``-log`` of each row's effective gate (None when no row carries a gate)."""
+        if gates is None and self._heads[0].decay is None:
+            return None
+        if gates is not None:
+            arr = np.asarray(gates)
+            if arr.ndim == 1:  # the same gates in every head
+                arr = np.broadcast_to(arr, (self.n_heads, *arr.shape))
+            if arr.ndim != 2 or arr.shape[0] != self.n_heads:
+                raise ValueError(
+                    f"gates must have shape (n_heads, m) = ({self.n_heads}, {m}) or ({m},); got shape "
+                    f"{np.shape(gates)}."
+                )
+            return [h._neg_log_gates(arr[i], m) for i, h in enumerate(self._heads)]  # type: ignore[misc]
+        return [h._neg_log_gates(None, m) for h in self._heads]  # type: ignore[misc]
+
     # ------------------------------------------------------------------ ingest
     def update_many(
-        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None
+        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None, gates: Any = None
     ) -> MultiHeadKeySketch:
         """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)`` (values ``(n_heads, m, value_dim)``).
 
         ``ids``/``offset`` number the ``m`` keys (tokens) as in :meth:`KeySketch.update_many`; they are the
-        same for every head and checked once.  ``m = 0`` is a no-op.  On a bad chunk, bad ids or an id clash
-        nothing is changed.  Returns ``self``.
+        same for every head and checked once.  ``m = 0`` is a no-op.  ``gates`` (p = 2): shape
+        ``(n_heads, m)``, or ``(m,)`` for the same gates in every head (see :meth:`KeySketch.update_many`).  On a
+        bad chunk, bad ids or an id clash nothing is changed.  Returns ``self``.
         """
         X = self._stack(X, "X", self.dim)
         m = X.shape[1]
         Vs = self._values(V, m)
+        negs = self._neg_log_gates(gates, m)
         with self._lock:
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
-            if m:
+            if (
+                m and negs is not None
+            ):  # every head's rows weighed and checked before any head changes
+                plans = [h._weigh_rows(X[i], negs[i], "X") for i, h in enumerate(self._heads)]
+                for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
+                    head._move_frame(shift, frame)
+                    head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
+            elif m:
                 for h, head in enumerate(
                     self._heads
                 ):  # every head holds the same id history: none can refuse
                     head._ingest(X[h], None if Vs is None else Vs[h], new_ids, start, srt)
         return self
 
-    def update(self, x: Any, v: Any = None) -> MultiHeadKeySketch:
+    def update(self, x: Any, v: Any = None, gate: Any = None) -> MultiHeadKeySketch:
         """Feed one key (token) of every head, shape ``(n_heads, dim)`` (value ``(n_heads, value_dim)``).
 
-        The token is validated and numbered once for all heads."""
+        The token is validated and numbered once for all heads.  ``gate``: one per head (shape ``(n_heads,)``) or
+        one number for all (see :meth:`KeySketch.update`)."""
         H, d, dv = self.n_heads, self.dim, self.value_dim
+        if gate is not None or self._heads[0].decay is not None:
+            gates = np.broadcast_to(np.asarray(1.0 if gate is None else gate), (H,))[:, None]
+            arr = as_real_array(x, "x")
+            val = None if v is None else as_real_array(v, "v")[:, None, :]
+            return self.update_many(arr[:, None, :], val, gates=gates)
         if (
             type(x) is np.ndarray
             and x.dtype == np.float64
@@ -391,10 +422,18 @@ class MultiHeadKeySketch:
             )
 
     def prefill(
-        self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None, eps: float | None = None
+        self,
+        K: Any,
+        V: Any,
+        Q: Any,
+        ids: Any = None,
+        offset: Any = None,
+        eps: float | None = None,
+        gates: Any = None,
     ) -> AttentionResult:
         """:meth:`KeySketch.prefill` for every head: causal attention of a chunk ``(n_heads, c, dim)`` (values
         ``(n_heads, c, value_dim)``), then the chunk is folded into every head.  Results as :meth:`attend`.
+        ``gates``: shape ``(n_heads, c)``, or ``(c,)`` for the same gates in every head.
 
         Examples
         --------
@@ -419,8 +458,19 @@ class MultiHeadKeySketch:
         if Vs is None:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
         eps = self._query_eps(eps)
+        negs = self._neg_log_gates(gates, c)
         with self._lock:
             new_ids, start, srt = self._heads[0]._new_ids(c, ids, offset)
+            if (
+                negs is not None and c
+            ):  # every head's rows weighed and checked before any head changes
+                plans = [h._plan_segments(K[i], negs[i]) for i, h in enumerate(self._heads)]
+                return _stacked(
+                    [
+                        h._prefill_planned(Vs[i], Q[i], new_ids, start, eps, plan)
+                        for i, (h, plan) in enumerate(zip(self._heads, plans))
+                    ]
+                )
             chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
             results = [
                 _query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)

@@ -474,13 +474,23 @@ class KeySketch:
     def _weigh_row(self, x: np.ndarray, neg: float, name: str) -> np.ndarray:
         """Advance the frame by one row and return the row weighted in it (call with the lock held; the
         row is checked before anything changes)."""
+        xw, shift, frame = self._plan_row(x, neg, name)
+        self._move_frame(shift, frame)
+        return xw
+
+    def _plan_row(self, x: np.ndarray, neg: float, name: str) -> tuple[np.ndarray, int, Frame]:
+        """The row weighted in the frame after it, the rebase that frame needs and the frame (nothing changes;
+        raises when the weighted squares overflow)."""
         scale, shift, frame = self._frame.step(neg)
         xw = x * scale
         if not sq_norm(xw) < np.inf:
             raise _too_large_weighted(x, name)
+        return xw, shift, frame
+
+    def _move_frame(self, shift: int, frame: Frame) -> None:
+        """Rebase the state by ``4^-shift`` and take ``frame`` (a planned step that passed its checks)."""
         self._rebase(shift)
         self._frame = frame
-        return xw
 
     def _weigh_rows(
         self, X: np.ndarray, neg: np.ndarray, name: str
@@ -580,8 +590,7 @@ class KeySketch:
             new_ids, start, srt = self._new_ids(m, ids, offset)
             if m and neg is not None:
                 X, shift, frame = self._weigh_rows(X, neg, "X")
-                self._rebase(shift)
-                self._frame = frame
+                self._move_frame(shift, frame)
             if m:
                 self._ingest(X, V, new_ids, start, srt)
         return self
@@ -1218,12 +1227,33 @@ class KeySketch:
         """A gated causal chunk, in segments between the frame's rebases: within a segment every row is weighed
         in one frame (weights within ``e^100`` of each other, none flushed), so each query sees the decayed
         attention at its own time (docs/theory.md, "Decay and gates")."""
-        c = K.shape[0]
-        new_ids, start, _ = self._new_ids(c, ids, offset)  # validated once, before anything changes
+        new_ids, start, _ = self._new_ids(
+            K.shape[0], ids, offset
+        )  # checked before anything changes
+        return self._prefill_planned(Vc, Q, new_ids, start, eps, self._plan_segments(K, neg))
+
+    def _plan_segments(
+        self, K: np.ndarray, neg: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, Frame]:
+        """A gated chunk's rows weighted, each in the frame of its segment (rows between two rebases), the
+        cumulative rebases per row and the frame after the chunk (nothing changes; raises on overflow)."""
         scales, shifts, frame = self._frame.rows(neg)
         Kw = K * scales[:, None]
         if not np.isfinite(sq_total(Kw)):
             raise _too_large_weighted(K, "K")
+        return Kw, shifts, frame
+
+    def _prefill_planned(
+        self,
+        Vc: np.ndarray,
+        Q: np.ndarray,
+        new_ids: np.ndarray | None,
+        start: int,
+        eps: float,
+        plan: tuple[np.ndarray, np.ndarray, Frame],
+    ) -> AttentionResult:
+        Kw, shifts, frame = plan
+        c = Kw.shape[0]
         cuts = [0, *(np.flatnonzero(np.diff(shifts)) + 1).tolist(), c]
         results, done = [], 0
         for a, b in itertools.pairwise(cuts):
