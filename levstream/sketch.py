@@ -28,7 +28,7 @@ from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
 from ._kernels.live import add_rows_and_bound
 from ._kernels.rows import sq_norm
 from ._store import RowStore, StoreState
-from ._threads import ingest_threads, run_items
+from ._threads import ingest_threads, lowered_blas, run_items
 from ._validation import (
     as_ids,
     as_matrix,
@@ -971,7 +971,7 @@ class KeySketch:
         live = self._live_rows(G)
         if live.upto < n:
             assert isinstance(summary, GramSummary)
-            live.add(st, n, summary.bound_factor(), self._keep_threshold())
+            live.add(st, n, live.bound_factor(summary), self._keep_threshold())
         rows = live.rows
         return _query.HeadView(
             self._summary,
@@ -990,7 +990,8 @@ class KeySketch:
         """The live cache of the pending rows (Gram path), new or reset when rows were folded since."""
         live = self._live
         if live is None or live.upto < self._pending_from:
-            live = self._live = _LiveRows(G, self._dim, self._value_dim, self._pending_from)
+            floor = self._eps * (1.0 - margin(gram_rel_error_max(self._dim), prune=True))
+            live = self._live = _LiveRows(G, self._dim, self._value_dim, self._pending_from, floor)
         return live
 
     def _live_batch(self) -> tuple[_LiveRows, np.ndarray, np.ndarray, float] | None:
@@ -1005,7 +1006,7 @@ class KeySketch:
         live = self._live_rows(G)
         if not 0 < st.n - live.upto <= _SMALL_LIVE_ROWS:
             return None
-        factor = summary.bound_factor()
+        factor = live.bound_factor(summary)
         return (
             live,
             st.keys[live.upto : st.n],
@@ -1425,19 +1426,36 @@ class KeySketch:
 
 #: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
 _SMALL_LIVE_ROWS = 32
+
+#: The live cache refactors its Gram matrix once the largest diagonal entry has grown this many times.
+_LIVE_REFRESH = 2.0
 _NO_FACTOR = np.zeros((0, 0))
 
 
 class _LiveRows:
     """Derived from the pending rows for queries (p = 2): ``G`` plus their Gram matrix, and the pending rows
-    whose score bound reaches the pruning threshold.  Rows ``start..upto-1`` of the store are accounted for."""
+    whose score bound reaches the pruning threshold.  Rows ``start..upto-1`` of the store are accounted for.
 
-    __slots__ = ("gram", "rows", "upto")
+    Once the largest diagonal entry of that ``G`` has grown ``_LIVE_REFRESH`` times since the cache was made (a
+    decaying stream's weights grow in its frame; a young stream's ``G`` grows fast), the cache factors it afresh
+    (``d^3``) and keeps only the rows whose exact score reaches ``floor``, the lowest threshold any later prune
+    can use: the bound of later rows is then tight again."""
 
-    def __init__(self, gram: np.ndarray, dim: int, value_dim: int | None, start: int) -> None:
+    __slots__ = ("diag_mark", "factor", "floor", "gram", "rows", "upto")
+
+    def __init__(
+        self, gram: np.ndarray, dim: int, value_dim: int | None, start: int, floor: float
+    ) -> None:
         self.upto = start
         self.gram = gram.copy()
         self.rows = RowStore(dim, value_dim)
+        self.factor: np.ndarray | None = None
+        self.floor = floor
+        self.diag_mark = float(np.diag(self.gram).max()) if dim else 0.0
+
+    def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
+        """The factor the next rows are tested with: this cache's own, or the summary's."""
+        return self.factor if self.factor is not None else summary.bound_factor()
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
         X = store.keys[self.upto : n]
@@ -1462,6 +1480,28 @@ class _LiveRows:
         """The frame changed (a decaying stream's rebase): ``G`` times ``factor``, the rows times ``root``."""
         self.gram *= factor
         self.rows.scale_keys(root)
+        self.diag_mark *= factor
+        if self.factor is not None:
+            self.factor = self.factor / root if root else None
+
+    def _refresh(self) -> None:
+        with lowered_blas(1):  # d x d products: threads only wait for each other
+            self._refactor()
+
+    def _refactor(self) -> None:
+        try:
+            L = np.linalg.cholesky(self.gram)
+        except (
+            np.linalg.LinAlgError
+        ):  # not positive definite (rank-deficient keys): keep the bounds held
+            self.diag_mark = float(np.diag(self.gram).max())
+            return
+        W = np.ascontiguousarray(np.triu(np.linalg.inv(L).T))
+        if self.rows.n:
+            Y = self.rows.keys_view() @ W
+            self.rows.keep_from(0, np.einsum("ij,ij->i", Y, Y) >= self.floor)
+        self.factor = W
+        self.diag_mark = float(np.diag(self.gram).max())
 
     def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""
@@ -1470,6 +1510,8 @@ class _LiveRows:
             values = None if store.values is None else store.values[self.upto : n][keep]
             self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
         self.upto = n
+        if self.gram.shape[0] and self.gram.diagonal().max() > _LIVE_REFRESH * self.diag_mark:
+            self._refresh()
 
 
 # ---------------------------------------------------------------------- the ingest path of p = 2
@@ -1678,6 +1720,8 @@ def _wave_size(sk: KeySketch, plan: _Plan, remaining: int) -> int:
     """Blocks computed together: those the plan covers (it changes when the summary's row count has doubled,
     so waves grow with the stream), at most ``_WAVE_GRAM_BYTES`` of Gram blocks."""
     covered = -(-(plan.until - sk._summary.n_rows) // sk._block_rows)
+    if sk.forgets:  # the weights grow with every row: the plan is renewed block by block
+        covered = 1
     by_bytes = _WAVE_GRAM_BYTES // (len(_slabs(sk._block_rows)) * sk._dim * sk._dim * 8)
     return max(1, min(remaining, covered, by_bytes))
 

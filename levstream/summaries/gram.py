@@ -152,6 +152,8 @@ class GramSummary(NormalizerSummary):
         #: ``_plan_rows``; None until the first block and after a merge or a change of representation
         self._plan: tuple[np.ndarray | None, float, np.ndarray | None] | None = None
         self._plan_rows = 0
+        #: the largest diagonal entry of ``G`` when the plan was made (a new plan is made once it has doubled)
+        self._plan_diag = 0.0
 
     @property
     def mode(self) -> str:
@@ -326,6 +328,7 @@ class GramSummary(NormalizerSummary):
             self._r *= root
         self._chk_diag = self._chk_diag * factor
         self._past_diag_max *= factor
+        self._plan_diag *= factor
         scaled: dict[int, np.ndarray] = {}
 
         def inv(
@@ -439,13 +442,18 @@ class GramSummary(NormalizerSummary):
         (it only grows): ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` with ``scale = diag(G_0)^-1/2`` and ``lam``
         the smallest eigenvalue of the equilibrated ``G_0`` (docs/theory.md, "The norm pre-filter"), and
         ``tau(k) <= ||k W||^2`` with ``W = L_0^-T`` upper triangular (docs/theory.md, "Stale factors").  A plan
-        is made when ``n_rows`` has doubled since the last one, so it changes at stream positions alone (not
-        with the chunking) and its bounds stay within a small factor of the scores.  ``W`` is None (and
+        is made when ``n_rows`` or the largest diagonal entry of ``G`` has doubled since the last one (a
+        decaying stream's ``G`` grows in its frame by the weights, not by the rows), so it changes at stream
+        positions alone (not with the chunking) and its bounds stay within a small factor of the scores.  ``W`` is None (and
         ``until = n_rows + 1``) in R-factor mode and before the first block; ``scale`` None when no bound is
         at hand.  The plan is part of the state (serialized), so a restored sketch continues identically."""
         if self.mode != "gram" or self.n_rows == 0:
             return None, 0.0, None, self.n_rows + 1
-        if self._plan is None or self.n_rows >= self._plan_rows * _PLAN_GROWTH:
+        if (
+            self._plan is None
+            or self.n_rows >= self._plan_rows * _PLAN_GROWTH
+            or np.diag(self._hi).max() > _PLAN_GROWTH * self._plan_diag
+        ):
             lam, diag = _equilibrated_min_eig(self._hi + self._lo, self.n_rows)
             scale = 1.0 / np.sqrt(diag) if lam > 0 else None
             fresh = self._get_factor(remember=False)[1]
@@ -454,6 +462,7 @@ class GramSummary(NormalizerSummary):
                 float(np.diag(self._hi).max()),
             )  # the live bound too
             self._plan, self._plan_rows = (scale, lam * LAMBDA_SAFETY, fresh), self.n_rows
+            self._plan_diag = self._past_diag_max
         scale, lam, W = self._plan
         return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
 
@@ -467,11 +476,11 @@ class GramSummary(NormalizerSummary):
 
     def plan_state(self) -> tuple:
         """What :meth:`ingest_plan` may change (serialized state), for :meth:`restore_plan`."""
-        return self._plan, self._plan_rows, self._past_factor, self._past_diag_max
+        return self._plan, self._plan_rows, self._plan_diag, self._past_factor, self._past_diag_max
 
     def restore_plan(self, state: tuple) -> None:
         """Undo :meth:`ingest_plan` (a chunk refused after its plan was made leaves no trace)."""
-        self._plan, self._plan_rows, self._past_factor, self._past_diag_max = state
+        self._plan, self._plan_rows, self._plan_diag, self._past_factor, self._past_diag_max = state
 
     def exact_scores(self, rows: np.ndarray, n_threads: int = 1) -> np.ndarray:
         """:meth:`scores` of ``rows`` (float32 or float64), on up to ``n_threads`` threads: on the Gram path by the
@@ -584,6 +593,7 @@ class GramSummary(NormalizerSummary):
             scale, lam, factor = self._plan
             meta.update(
                 plan_rows=self._plan_rows,
+                plan_diag=self._plan_diag,
                 plan_lam=lam,
                 plan_factor_is_past=factor is self._past_factor,
             )
@@ -645,4 +655,6 @@ class GramSummary(NormalizerSummary):
                 W if W is out._past_factor else W.copy(),
             )
             out._plan_rows = int(meta["plan_rows"])
+            # bytes of levstream <= 0.2.0 renew plans by the row count alone
+            out._plan_diag = float(meta.get("plan_diag", np.inf))
         return out
