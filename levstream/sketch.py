@@ -500,7 +500,9 @@ class KeySketch:
         scales, shifts, frame = self._frame.rows(neg)
         total = int(shifts[-1]) if shifts.size else 0
         if total:
+            # earlier rows of the chunk, in the frame after its last row; below 2^-1000 flushed
             scales = np.ldexp(scales, shifts - total)
+            scales[scales < _FLUSH_SCALE] = 0.0
         Xw = X * scales[:, None]
         if not np.isfinite(sq_total(Xw)):
             check_finite(X, name)
@@ -1423,6 +1425,9 @@ class KeySketch:
 
     __hash__ = object.__hash__
 
+
+#: Row scales (square roots of weights) below this are flushed to zero: weights below ``2^-1000`` of the frame.
+_FLUSH_SCALE = 2.0**-500
 
 #: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
 _SMALL_LIVE_ROWS = 32

@@ -57,6 +57,15 @@ def test_plot_heavy_entries_writes_a_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+def test_plot_forgetting_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot example draws with matplotlib")
+    png = tmp_path / "forgetting.png"
+    out = run_example("plot_forgetting.py", str(png), "16384", cwd=tmp_path).stdout
+    assert out.count("gate ") == 8  # every gate's universal set was checked against brute force
+    assert "checked against brute force" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
 def test_plot_example_without_matplotlib_exits_cleanly(tmp_path):
     proc = run_example("plot_heavy_entries.py", str(tmp_path / "x.png"), "2000", cwd=tmp_path,
                        pre="import sys; sys.modules['matplotlib'] = None")

@@ -312,14 +312,10 @@ class GramSummary(NormalizerSummary):
         of reference frame (docs/theory.md, "Decay and gates").  Scores, the equilibrated eigenvalue bounds and
         the mode are unchanged; ``G``, its factors and the pre-filter scales are rescaled with it, so every
         bound held stays valid.  Exact (no rounding) for ``factor`` a power of 4 in the normal range."""
-        if factor == 0.0:  # every weight flushed to zero: G = 0, nothing to bound
-            self._hi[:] = 0.0
-            self._lo[:] = 0.0
-            if self._r is not None:
-                self._r[:] = 0.0
-            self._chk_lam, self._chk_diag = 0.0, np.zeros(self.dim)
-            self._bound = (None, 0.0)
+        if factor == 0.0:  # every weight flushed to zero: G = 0 (rank 0), held as a zero R factor
             self.release_factors()
+            self._bound = (None, 0.0)
+            self._enter_qr(np.zeros((self.dim, self.dim)), [])
             return
         root = float(np.sqrt(factor))
         self._hi *= factor
