@@ -117,4 +117,6 @@ def neg_log_gate(gate: Any, decay: float | None) -> float:
     base = 0.0 if decay is None else -math.log(decay)
     if gate is None:
         return base
+    if type(gate) is float and 0.0 < gate <= 1.0:  # the decoding loop's case: no further checks
+        return base - math.log(gate)
     return base - math.log(check_gate(gate))

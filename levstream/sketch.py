@@ -24,6 +24,7 @@ from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
+from ._kernels.decay import weigh_row
 from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
 from ._kernels.live import add_rows_and_bound
 from ._kernels.rows import sq_norm
@@ -292,7 +293,10 @@ class KeySketch:
         rows in their input precision), moment state, id ranges and the live queries' cache."""
         moments = 0 if self._moments is None else self._moments.nbytes
         live = self._live
-        cache = 0 if live is None else int(live.gram.nbytes + live.rows.nbytes)
+        cache = 0
+        if live is not None:
+            cache = int(live.gram.nbytes + live.rows.nbytes)
+            cache += 0 if live.cand is None else live.cand.nbytes
         return int(
             self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
         )
@@ -441,7 +445,7 @@ class KeySketch:
             x = as_row(x, "x", self._dim)
             _check_magnitude(x[None, :], "x")
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
-        if gate is None and self._decay is None:
+        if gate is None and not self.forgets:
             with self._lock:
                 self._check_next_id()
                 self._append_token(x, value)
@@ -461,12 +465,14 @@ class KeySketch:
             )
 
     def _neg_log_gate(self, gate: Any) -> float:
-        self._check_gates_allowed()
+        if self._summary.kind != "gram":
+            self._check_gates_allowed()
         return neg_log_gate(gate, self._decay)
 
     def _neg_log_gates(self, gates: Any, m: int) -> np.ndarray | None:
-        """``-log`` of each row's effective gate, or None when the rows carry no gate (nothing to weigh)."""
-        if gates is None and self._decay is None:
+        """``-log`` of each row's effective gate, or None when nothing is weighed (no gate, and a stream that has
+        not forgotten anything: its frame is the identity)."""
+        if gates is None and not self.forgets:
             return None
         self._check_gates_allowed()
         return neg_log_gates(gates, m, self._decay)
@@ -481,15 +487,16 @@ class KeySketch:
     def _plan_row(self, x: np.ndarray, neg: float, name: str) -> tuple[np.ndarray, int, Frame]:
         """The row weighted in the frame after it, the rebase that frame needs and the frame (nothing changes;
         raises when the weighted squares overflow)."""
-        scale, shift, frame = self._frame.step(neg)
-        xw = x * scale
-        if not sq_norm(xw) < np.inf:
+        xw = np.empty(x.shape[0])
+        sq, shift, e_hi, e_lo, t_hi, t_lo = weigh_row(x, neg, *self._frame, xw)
+        if not sq < np.inf:
             raise _too_large_weighted(x, name)
-        return xw, shift, frame
+        return xw, shift, Frame(e_hi, e_lo, t_hi, t_lo)
 
     def _move_frame(self, shift: int, frame: Frame) -> None:
         """Rebase the state by ``4^-shift`` and take ``frame`` (a planned step that passed its checks)."""
-        self._rebase(shift)
+        if shift:
+            self._rebase(shift)
         self._frame = frame
 
     def _weigh_rows(
@@ -517,13 +524,13 @@ class KeySketch:
 
     def _scale_state(self, factor: float) -> None:
         """Every weight times ``factor``: the summary and moments by ``factor``, every row held by its root."""
-        if (
-            factor < 2.0**-1000
-        ):  # below the frame's range: flushed (docs/theory.md, "Decay and gates")
-            factor = 0.0
-        root = math.sqrt(factor)
         summary = self._summary
         assert isinstance(summary, GramSummary)
+        if factor < 2.0**-1000 or summary.scale_underflows(factor):
+            factor = (
+                0.0  # below the frame's range: flushed (docs/theory.md, "Decay and gates", Limits)
+            )
+        root = math.sqrt(factor)
         summary.scale(factor)
         self._store.scale_keys(root)
         if self._moments is not None:
@@ -974,7 +981,20 @@ class KeySketch:
         if live.upto < n:
             assert isinstance(summary, GramSummary)
             live.add(st, n, live.bound_factor(summary), self._keep_threshold())
-        rows = live.rows
+        rows, cand = live.rows, live.cand
+        if cand is not None:  # the candidates still alive (see _LiveRows)
+            return _query.HeadView(
+                self._summary,
+                cand.keys_view(),
+                cand.ids_view(),
+                cand.values_view(),
+                rows.keys_view(),
+                rows.ids_view(),
+                rows.values_view(),
+                live.gram,
+                st.ids_sorted,
+                self._moments,
+            )
         return _query.HeadView(
             self._summary,
             st.keys[:pf],
@@ -1188,7 +1208,7 @@ class KeySketch:
             and _is_step(V, self._value_dim)
         ):
             step_neg = None
-            if gates is not None or self._decay is not None:
+            if gates is not None or self.forgets:
                 step_neg = self._neg_log_gate(_one_gate(gates))
             with self._lock:  # a decode step: validated by one finite check, fed as one row
                 self._check_next_id()
@@ -1444,16 +1464,19 @@ class _LiveRows:
     Once the largest diagonal entry of that ``G`` has grown ``_LIVE_REFRESH`` times since the cache was made (a
     decaying stream's weights grow in its frame; a young stream's ``G`` grows fast), the cache factors it afresh
     (``d^3``) and keeps only the rows whose exact score reaches ``floor``, the lowest threshold any later prune
-    can use: the bound of later rows is then tight again."""
+    can use: the bound of later rows is then tight again.  It rescores the candidates too and keeps the ones
+    still alive (``cand``) for queries to scan instead of all of them (a decaying stream's candidates fall
+    below ``eps`` long before the next fold rescores them); the sketch's own candidates are not touched."""
 
-    __slots__ = ("diag_mark", "factor", "floor", "gram", "rows", "upto")
+    __slots__ = ("cand", "diag_mark", "factor", "floor", "gram", "rows", "start", "upto")
 
     def __init__(
         self, gram: np.ndarray, dim: int, value_dim: int | None, start: int, floor: float
     ) -> None:
-        self.upto = start
+        self.upto = self.start = start
         self.gram = gram.copy()
         self.rows = RowStore(dim, value_dim)
+        self.cand: RowStore | None = None
         self.factor: np.ndarray | None = None
         self.floor = floor
         self.diag_mark = float(np.diag(self.gram).max()) if dim else 0.0
@@ -1485,15 +1508,17 @@ class _LiveRows:
         """The frame changed (a decaying stream's rebase): ``G`` times ``factor``, the rows times ``root``."""
         self.gram *= factor
         self.rows.scale_keys(root)
+        if self.cand is not None:
+            self.cand.scale_keys(root)
         self.diag_mark *= factor
         if self.factor is not None:
             self.factor = self.factor / root if root else None
 
-    def _refresh(self) -> None:
+    def _refresh(self, store: RowStore) -> None:
         with lowered_blas(1):  # d x d products: threads only wait for each other
-            self._refactor()
+            self._refactor(store)
 
-    def _refactor(self) -> None:
+    def _refactor(self, store: RowStore) -> None:
         try:
             L = np.linalg.cholesky(self.gram)
         except (
@@ -1505,6 +1530,13 @@ class _LiveRows:
         if self.rows.n:
             Y = self.rows.keys_view() @ W
             self.rows.keep_from(0, np.einsum("ij,ij->i", Y, Y) >= self.floor)
+        if self.cand is None:  # the candidates still alive: a copy the queries scan
+            self.cand = RowStore(store.dim, store.value_dim)
+            values = None if store.values is None else store.values[: self.start]
+            self.cand.append(store.keys[: self.start], store.ids[: self.start], values)
+        if self.cand.n:
+            Y = self.cand.keys_view() @ W
+            self.cand.keep_from(0, np.einsum("ij,ij->i", Y, Y) >= self.floor)
         self.factor = W
         self.diag_mark = float(np.diag(self.gram).max())
 
@@ -1516,7 +1548,7 @@ class _LiveRows:
             self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
         self.upto = n
         if self.gram.shape[0] and self.gram.diagonal().max() > _LIVE_REFRESH * self.diag_mark:
-            self._refresh()
+            self._refresh(store)
 
 
 # ---------------------------------------------------------------------- the ingest path of p = 2
@@ -1733,8 +1765,11 @@ def _wave_size(sk: KeySketch, plan: _Plan, remaining: int) -> int:
 
 def _maybe_prune(sk: KeySketch, room: int) -> None:
     """Rescore the candidates once they exceed twice the number left by the last prune (at least
-    ``_PRUNE_MIN_ROWS``, at most the capacity): amortised O(d^2) per candidate, and few rows for queries."""
-    limit = min(max(2 * sk._pruned_rows, _PRUNE_MIN_ROWS), sk.capacity)
+    ``_PRUNE_MIN_ROWS``, at most the capacity): amortised O(d^2) per candidate, and few rows for queries.
+    A decaying stream's universal set turns over all the time (recent keys in, old ones out), so its
+    candidates are rescored sooner, at 1.5 times: queries then scan fewer rows that can no longer be heavy."""
+    growth = 1.5 if sk.forgets else 2.0
+    limit = min(max(int(growth * sk._pruned_rows), _PRUNE_MIN_ROWS), sk.capacity)
     if sk._pending_from > limit:
         sk._prune(room)
 

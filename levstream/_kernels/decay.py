@@ -70,3 +70,16 @@ def frame_rows(neg_logs, e_hi, e_lo, t_hi, t_lo, scales, shifts):  # pragma: no 
         scales[i] = s
         shifts[i] = total
     return e_hi, e_lo, t_hi, t_lo
+
+
+@numba.njit(nogil=True, cache=True)
+def weigh_row(x, neg_log, e_hi, e_lo, t_hi, t_lo, out):  # pragma: no cover - compiled
+    """:func:`frame_step` for one row ``x``, writing the weighted row into ``out``: returns
+    ``(sum of squares of out, shift, e_hi, e_lo, t_hi, t_lo)`` (the sum is inf/nan when they overflow)."""
+    scale, shift, e_hi, e_lo, t_hi, t_lo = frame_step(neg_log, e_hi, e_lo, t_hi, t_lo)
+    sq = 0.0
+    for a in range(x.shape[0]):
+        v = x[a] * scale
+        out[a] = v
+        sq += v * v
+    return sq, shift, e_hi, e_lo, t_hi, t_lo

@@ -307,6 +307,20 @@ class GramSummary(NormalizerSummary):
         self.n_rows += other.n_rows
         self._enter_qr(R_self, [R_other])
 
+    def scale_underflows(self, factor: float) -> bool:
+        """Whether :meth:`scale` by ``factor`` would take ``G`` (a diagonal entry, or a column of ``R``) below the
+        range the summary computes in: float64's normal numbers (:func:`_diag_floor`); the caller then flushes
+        the state to zero instead (docs/theory.md, "Decay and gates", Limits)."""
+        if self.n_rows == 0 or factor >= 1.0:
+            return False
+        if self.mode == "gram":
+            diag = np.diag(self._hi)
+            return bool(factor * diag.min() < _diag_floor(self.n_rows)) and bool(diag.max() > 0)
+        assert self._r is not None
+        colsq = (self._r * self._r).sum(axis=0)
+        live = colsq[colsq > 0]
+        return bool(live.size) and bool(factor * live.min() < _diag_floor(self.n_rows))
+
     def scale(self, factor: float) -> None:
         """``G <- factor G`` for every row weighted by ``sqrt(factor)`` (``factor > 0``): a decaying stream's change
         of reference frame (docs/theory.md, "Decay and gates").  Scores, the equilibrated eigenvalue bounds and
