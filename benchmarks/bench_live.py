@@ -4,8 +4,8 @@ Figures (d = 64, eps = 0.01, dv = 64, p = 2):
 
 * ``live``: one step = ``sk.update(k)`` + ``sk.heavy_entries(q[None])``, against dense NumPy over
   the prefix, at several n; the per-step cost at the largest n over the smallest (flat in n);
-* ``heads``: a 12-head step (``MultiHeadKeySketch.update`` of (12, d) + ``heavy_entries`` of
-  (12, 1, d)) over a single-head step at the same n;
+* ``heads``: a 12-head step (``MultiHeadKeySketch.update_many`` of (12, 1, d) + ``heavy_entries`` of
+  (12, 1, d); also with ``update`` of (12, d)) over a single-head step at the same n;
 * ``bulk``: ``update_many`` of 8192-row chunks with one query after each chunk, over Gram-only
   (``G += X.T @ X``) on the same chunks;
 * ``decode``: a decode step with values (``sk.prefill`` of one row: exact output and heavy entries)
@@ -445,12 +445,19 @@ def bench_live(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
 
 @section_env
 def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
-    """A step of ``n_heads`` heads, one call per op, against a single-head step at the same n."""
+    """A step of ``n_heads`` heads, one call per op, against a single-head step at the same n.
+
+    The step of issue 11: ``update_many`` of an (H, 1, d) chunk, then ``heavy_entries`` of (H, 1, d)
+    queries; the same with ``update`` of an (H, d) token is timed too.  A round runs ``per_round``
+    steps of each kind (the order alternates between rounds); the keys of a step are those of the
+    step before it plus one, whichever kind ran it, so every answer is checked against brute force
+    over its own prefix."""
     H, n, per_round = sz.n_heads, sz.heads_n, sz.heads_steps_per_round
-    T = sz.warm_steps + sz.rounds * per_round
+    T = sz.warm_steps + sz.rounds * 2 * per_round
     Kh = np.stack([keys(n + T, d, seed=10 + h) for h in range(H)])  # (H, n + T, d)
     Qh = np.stack([attention_like_queries(T, d, seed=20 + h, key_seed=10 + h) for h in range(H)])
     tokens = np.ascontiguousarray(Kh[:, n:].transpose(1, 0, 2))  # (T, H, d): one token per step
+    chunks = tokens[:, :, None, :]  # (T, H, 1, d): the same tokens as (H, 1, d) chunks
     queries = np.ascontiguousarray(Qh.transpose(1, 0, 2))[:, :, None, :]  # (T, H, 1, d)
     mh = ls.MultiHeadKeySketch(H, d, eps=eps)
     one = ls.KeySketch(d, eps=eps)
@@ -461,7 +468,14 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     got_mh: list[Any] = [None] * T
     got_one: list[Any] = [None] * T
 
-    def run_mh(lo: int, hi: int) -> float:
+    def run_many(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            mh.update_many(chunks[t])
+            got_mh[t] = mh.heavy_entries(queries[t])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    def run_update(lo: int, hi: int) -> float:
         t0 = time.perf_counter()
         for t in range(lo, hi):
             mh.update(tokens[t])
@@ -475,17 +489,17 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
             got_one[t] = one.heavy_entries(queries[t, 0])
         return (time.perf_counter() - t0) / (hi - lo)
 
-    run_mh(0, sz.warm_steps)
+    run_many(0, sz.warm_steps)
     run_one(0, sz.warm_steps)
-    t_mh, t_one = [], []
+    t_many: list[float] = []
+    t_update: list[float] = []
+    t_one: list[float] = []
     for r in range(sz.rounds):
-        lo = sz.warm_steps + r * per_round
-        if r % 2 == 0:
-            t_mh.append(run_mh(lo, lo + per_round))
-            t_one.append(run_one(lo, lo + per_round))
-        else:
-            t_one.append(run_one(lo, lo + per_round))
-            t_mh.append(run_mh(lo, lo + per_round))
+        lo = sz.warm_steps + r * 2 * per_round
+        runs = [(t_many, run_many), (t_update, run_update)]
+        for k, (out, fn) in enumerate(runs if r % 2 == 0 else runs[::-1]):
+            out.append(fn(lo + k * per_round, lo + (k + 1) * per_round))
+        t_one.append(run_one(lo, lo + 2 * per_round))  # the same 2 * per_round tokens
     ends = n + 1 + np.arange(T)
     checks = []
     for h in range(H):
@@ -496,8 +510,10 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
             failures.add("heads single-head", single)
     check = merge_checks(*checks, same_rows=False)
     failures.add(f"heads {H}-head", check)
-    return {"n": n, "n_heads": H, "steps_checked": T, "heads_step_s": spread(t_mh),
-            "single_step_s": spread(t_one), "ratio": spread([a / b for a, b in zip(t_mh, t_one)]),
+    return {"n": n, "n_heads": H, "steps_checked": T, "heads_step_s": spread(t_many),
+            "heads_update_step_s": spread(t_update), "single_step_s": spread(t_one),
+            "ratio": spread([a / b for a, b in zip(t_many, t_one)]),
+            "ratio_update": spread([a / b for a, b in zip(t_update, t_one)]),
             "retained_per_head": [int(h.num_retained) for h in mh.heads],
             "retained_single": int(one.num_retained), "check": check, "single_check": single}
 
@@ -866,8 +882,10 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
         h = res["heads"]
         measured = (f"{fmt(h['ratio'], digits=2)} ({fmt(h['heads_step_s'], us)} us vs "
                     f"{fmt(h['single_step_s'], us)} us)")
-        rows.append((f"{h['n_heads']}-head step / single-head step, n = {h['n']:.0e}", measured,
-                     "<= 4", h["ratio"]["median"] <= 4))
+        rows.append((f"{h['n_heads']}-head step (update_many (H, 1, d)) / single-head step, "
+                     f"n = {h['n']:.0e}", measured, "<= 4", h["ratio"]["median"] <= 4))
+        measured = (f"{fmt(h['ratio_update'], digits=2)} ({fmt(h['heads_update_step_s'], us)} us)")
+        rows.append(("same, the token fed by update (H, d)", measured, "-", None))
     if "bulk" in res:
         b = res["bulk"]
         measured = (f"{fmt(b['ratio'], digits=2)} (without the queries "

@@ -9,6 +9,20 @@ What is shared and what is per head:
   with value rows when values travel with keys) and its moment state: every head is folded and pruned exactly
   as an independent sketch would be, so the results equal those of ``n_heads`` independent ``KeySketch``
   objects fed the same keys.
+
+The step path (p = 2: a token of every head, then a few queries of every head, as in decoding) does the work of
+all heads in one compiled call per operation, not in a loop over heads:
+
+* tokens (``update``, ``update_many`` of a few rows, a decode step of ``prefill``) wait in a shared buffer of
+  ``_STEP_BUFFER_ROWS`` rows per head and are handed to the heads together, in pieces that leave every head's
+  state bit for bit as if it had been fed the tokens one at a time (the heads' blocks are aligned to the
+  stream, and the pieces end where the moment state's own buffer fills);
+* queries read a live state stacked over heads (:class:`_Live`): every head's Gram matrix of every key fed,
+  its candidates and the rows fed since its last fold whose score bound reaches the pruning threshold
+  (docs/theory.md, "Live streams"), exactly what :meth:`KeySketch._view` gives one head.  It is derived
+  data (never serialized), rebuilt from the heads when they fold, and the buffered tokens join it in the
+  query's compiled call (:func:`~levstream._kernels.live.absorb_rows_heads`), before one compiled scan of
+  every head (:func:`~levstream._kernels.live.heavy_p2_stacked`).
 """
 
 from __future__ import annotations
@@ -21,14 +35,27 @@ from typing import Any
 import numpy as np
 
 from . import _query, _serialize
-from ._kernels.live import add_rows_and_bound_heads
+from ._kernels.live import absorb_rows_heads, heavy_p2_stacked, outputs_stacked, unit_rows32
+from ._kernels.rows import sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
+from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .sketch import KeySketch, _check_magnitude
+from .summaries.gram import GramSummary
 
 __all__ = ["MultiHeadKeySketch"]
 
 _KIND = "MultiHeadKeySketch"
+
+#: Tokens fed one at a time wait in a buffer of this many rows per head before they are handed to the heads (one
+#: call per head per this many tokens; the queries see them through the live state meanwhile).
+_STEP_BUFFER_ROWS = 64
+
+#: ``update_many`` chunks of up to this many rows (with the running counter) take the step path.
+_STEP_CHUNK_ROWS = 8
+
+_NO_IDS = np.zeros(0, dtype=np.int64)
+_NO_ROWS = np.zeros((0, 0, 0))
 
 
 class MultiHeadKeySketch:
@@ -78,6 +105,11 @@ class MultiHeadKeySketch:
         self, n_heads: int, dim: int, *, eps: float, p: float = 2, rng: Any = None, **options: Any
     ) -> None:
         n_heads = check_int(n_heads, "n_heads", minimum=1)
+        if options.get("decay") is not None:
+            raise ValueError(
+                "MultiHeadKeySketch does not take decay= yet (its heads would not weigh the rows); use one "
+                "KeySketch(decay=) per head."
+            )
         if isinstance(rng, np.random.Generator):
             root = rng.bit_generator.seed_seq
             assert isinstance(root, np.random.SeedSequence)
@@ -87,9 +119,25 @@ class MultiHeadKeySketch:
         else:
             root = rng if isinstance(rng, np.random.SeedSequence) else np.random.SeedSequence(rng)
             seeds = list(root.spawn(n_heads))
-        self._heads = [KeySketch(dim, eps=eps, p=p, rng=seed, **options) for seed in seeds]
+        self._set_heads([KeySketch(dim, eps=eps, p=p, rng=seed, **options) for seed in seeds])
         #: one lock for all heads: a query sees every head before or after an update, never a mix
         self._lock = threading.RLock()
+
+    def _set_heads(self, heads: list[KeySketch]) -> None:
+        """Take ``heads`` (in step with each other) with an empty token buffer and no live state."""
+        self._heads = heads
+        #: the step path (p = 2, every head on the Gram summary, no decay)
+        self._step_ok = all(isinstance(h._summary, GramSummary) and not h.forgets for h in heads)
+        #: tokens not yet handed to the heads: ``_buf[:, :_nb]`` (values ``_bufv``), ids ``_buf_id0 + i``
+        self._buf: np.ndarray | None = None
+        self._bufv: np.ndarray = _NO_ROWS
+        self._nb = 0
+        self._buf_id0 = 0
+        #: the live state of the queries (None: none built or the heads left the Gram path); ``_stale``: the
+        #: heads changed since it was last brought up to date
+        self._live: _Live | None = None
+        self._stale = True
+        self._proto: tuple[float, dict] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -125,12 +173,14 @@ class MultiHeadKeySketch:
     @property
     def n(self) -> int:
         """Number of keys (tokens) fed so far; every head has seen this many."""
-        return self._heads[0].n
+        with self._lock:  # the buffer and the heads change together
+            return self._heads[0].n + self._nb
 
     @property
     def num_retained(self) -> int:
-        """Key rows held in memory over all heads."""
-        return sum(h.num_retained for h in self._heads)
+        """Key rows held in memory over all heads (the tokens waiting in the shared buffer included)."""
+        with self._lock:
+            return sum(h.num_retained for h in self._heads) + self.n_heads * self._nb
 
     def is_empty(self) -> bool:
         """True when no token has been fed."""
@@ -138,18 +188,27 @@ class MultiHeadKeySketch:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held over all heads."""
-        return sum(h.nbytes for h in self._heads)
+        """Bytes held over all heads, the token buffer and the live queries' state."""
+        with self._lock:
+            own = 0
+            if self._buf is not None:
+                own += self._buf.nbytes + self._bufv.nbytes
+            if self._live is not None:
+                own += self._live.nbytes
+            return sum(h.nbytes for h in self._heads) + own
 
     @property
     def next_id(self) -> int:
         """The id the next token fed without ``ids=``/``offset=`` will get."""
-        return self._heads[0].next_id
+        with self._lock:
+            return self._heads[0].next_id + self._nb
 
     @property
     def heads(self) -> tuple[KeySketch, ...]:
         """The per-head sketches (read-only use; feed keys through this object so the heads stay in step)."""
-        return tuple(self._heads)
+        with self._lock:
+            self._sync()
+            return tuple(self._heads)
 
     def __repr__(self) -> str:
         return (
@@ -172,6 +231,23 @@ class MultiHeadKeySketch:
         X = np.ascontiguousarray(X, dtype=np.float64)
         _check_magnitude(X.reshape(-1, width), name)
         return X
+
+    def _is_steps(self, X: Any, width: int | None, rows: int) -> bool:
+        """Whether ``X`` is a C-contiguous float64 ``(n_heads, m, width)`` array with ``1 <= m <= rows``, finite
+        with squares that do not overflow (then it needs no further validation); ``width`` None: ``X`` must be
+        None."""
+        if width is None:
+            return X is None
+        return (
+            type(X) is np.ndarray
+            and X.dtype == np.float64
+            and X.ndim == 3
+            and X.shape[0] == len(self._heads)
+            and 0 < X.shape[1] <= rows
+            and X.shape[2] == width
+            and X.flags.c_contiguous
+            and bool(sq_norm(X.reshape(-1)) < np.inf)
+        )
 
     def _values(self, V: Any, m: int) -> np.ndarray | None:
         dv = self.value_dim
@@ -198,64 +274,102 @@ class MultiHeadKeySketch:
     def _query_eps(self, eps: Any) -> float:
         return self._heads[0]._query_eps(eps)
 
-    def _neg_log_gates(self, gates: Any, m: int) -> list[np.ndarray] | None:
-        """Per head, ``-log`` of each row's effective gate (None when no row carries a gate)."""
-        if gates is None and self._heads[0].decay is None:
-            return None
-        if gates is not None:
-            arr = np.asarray(gates)
-            if arr.ndim == 1:  # the same gates in every head
-                arr = np.broadcast_to(arr, (self.n_heads, *arr.shape))
-            if arr.ndim != 2 or arr.shape[0] != self.n_heads:
-                raise ValueError(
-                    f"gates must have shape (n_heads, m) = ({self.n_heads}, {m}) or ({m},); got shape "
-                    f"{np.shape(gates)}."
+    # ------------------------------------------------------------------ the token buffer
+    def _take(self, X: np.ndarray, V: np.ndarray | None) -> None:
+        """Buffer the validated tokens ``X`` (n_heads, m, dim) (values ``V``) under the running counter's next ids
+        (call with the lock held; raises, changing nothing, when one of those ids was already fed)."""
+        m = X.shape[1]
+        if self._nb + m > _STEP_BUFFER_ROWS:
+            self._sync()
+        nb = self._nb
+        if nb == 0:
+            self._buf_id0 = self._heads[0]._next_id
+            if self._buf is None:
+                H, d, dv = self.n_heads, self.dim, self.value_dim
+                self._buf = np.empty((H, _STEP_BUFFER_ROWS, d))
+                if dv is not None:
+                    self._bufv = np.empty((H, _STEP_BUFFER_ROWS, dv))
+        first = self._buf_id0 + nb
+        seen = self._heads[0]._seen
+        if seen.ranges.shape[0] and first < seen.ranges[-1, 1]:  # ids fed ahead of the counter
+            hit = seen.clash(np.arange(first, first + m, dtype=np.int64))
+            if hit is not None:
+                raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
+        assert self._buf is not None
+        self._buf[:, nb : nb + m] = X
+        if V is not None:
+            self._bufv[:, nb : nb + m] = V
+        self._nb = nb + m
+
+    def _sync(self) -> None:
+        """Hand the buffered tokens to the heads (call with the lock held).  In pieces that end where the moment
+        state's buffer fills, so every head ends up bit for bit as if fed the tokens one at a time."""
+        nb = self._nb
+        if nb == 0:
+            return
+        assert self._buf is not None
+        values = self.value_dim is not None
+        moments = self._heads[0]._moments
+        start = self._buf_id0
+        a = 0
+        while a < nb:
+            b = nb if moments is None else min(nb, a + BUFFER_ROWS - moments._buf_n)
+            for h, head in enumerate(self._heads):
+                head._ingest(
+                    self._buf[h, a:b],
+                    self._bufv[h, a:b] if values else None,
+                    None,
+                    start + a,
+                    _NO_IDS,
                 )
-            return [h._neg_log_gates(arr[i], m) for i, h in enumerate(self._heads)]  # type: ignore[misc]
-        return [h._neg_log_gates(None, m) for h in self._heads]  # type: ignore[misc]
+            a = b
+        live = self._live
+        if live is not None:  # the buffered rows it holds are rows of the heads' stores now
+            live.upto += live.bup
+            live.bup = 0
+        self._nb = 0
+        self._stale = True
 
     # ------------------------------------------------------------------ ingest
     def update_many(
-        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None, gates: Any = None
+        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None
     ) -> MultiHeadKeySketch:
         """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)`` (values ``(n_heads, m, value_dim)``).
 
         ``ids``/``offset`` number the ``m`` keys (tokens) as in :meth:`KeySketch.update_many`; they are the
-        same for every head and checked once.  ``m = 0`` is a no-op.  ``gates`` (p = 2): shape
-        ``(n_heads, m)``, or ``(m,)`` for the same gates in every head (see :meth:`KeySketch.update_many`).  On a
-        bad chunk, bad ids or an id clash nothing is changed.  Returns ``self``.
+        same for every head and checked once.  ``m = 0`` is a no-op.  On a bad chunk, bad ids or an id clash
+        nothing is changed.  Returns ``self``.
         """
+        if (
+            ids is None
+            and offset is None
+            and self._step_ok
+            and self._is_steps(X, self.dim, _STEP_CHUNK_ROWS)
+            and self._is_steps(V, self.value_dim, _STEP_CHUNK_ROWS)
+            and (V is None or V.shape[1] == X.shape[1])
+        ):
+            with self._lock:  # a few tokens: buffered, validated by one finite check
+                self._take(X, V)
+            return self
         X = self._stack(X, "X", self.dim)
         m = X.shape[1]
         Vs = self._values(V, m)
-        negs = self._neg_log_gates(gates, m)
         with self._lock:
+            self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
-            if (
-                m and negs is not None
-            ):  # every head's rows weighed and checked before any head changes
-                plans = [h._weigh_rows(X[i], negs[i], "X") for i, h in enumerate(self._heads)]
-                for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
-                    head._move_frame(shift, frame)
-                    head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
-            elif m:
+            if m:
+                self._stale = True
                 for h, head in enumerate(
                     self._heads
                 ):  # every head holds the same id history: none can refuse
                     head._ingest(X[h], None if Vs is None else Vs[h], new_ids, start, srt)
         return self
 
-    def update(self, x: Any, v: Any = None, gate: Any = None) -> MultiHeadKeySketch:
+    def update(self, x: Any, v: Any = None) -> MultiHeadKeySketch:
         """Feed one key (token) of every head, shape ``(n_heads, dim)`` (value ``(n_heads, value_dim)``).
 
-        The token is validated and numbered once for all heads.  ``gate``: one per head (shape ``(n_heads,)``) or
-        one number for all (see :meth:`KeySketch.update`)."""
+        The token is validated and numbered once for all heads."""
         H, d, dv = self.n_heads, self.dim, self.value_dim
-        if gate is not None or self._heads[0].decay is not None:
-            gates = np.broadcast_to(np.asarray(1.0 if gate is None else gate), (H,))[:, None]
-            arr = as_real_array(x, "x")
-            val = None if v is None else as_real_array(v, "v")[:, None, :]
-            return self.update_many(arr[:, None, :], val, gates=gates)
         if (
             type(x) is np.ndarray
             and x.dtype == np.float64
@@ -269,7 +383,12 @@ class MultiHeadKeySketch:
             and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
         ):
             with self._lock:  # the live path: every head takes the token under the same id
+                if self._step_ok:
+                    self._take(x[:, None, :], None if v is None else v[:, None, :])
+                    return self
+                self._sync()
                 self._heads[0]._check_next_id()
+                self._stale = True
                 for h, head in enumerate(self._heads):
                     head._append_token(x[h], None if v is None else v[h])
             return self
@@ -294,7 +413,9 @@ class MultiHeadKeySketch:
         All or nothing: if an item is rejected the sketch is restored to its state before the call and the
         error names the item.
         """
-        snapshot = [h.copy() for h in self._heads]
+        with self._lock:
+            self._sync()
+            snapshot = [h.copy() for h in self._heads]
         try:
             for index, item in enumerate(iterable):
                 try:
@@ -317,13 +438,15 @@ class MultiHeadKeySketch:
                     ) from exc
         except BaseException:
             with self._lock:
-                self._heads = snapshot
+                self._set_heads(snapshot)
             raise
         return self
 
     def flush(self) -> MultiHeadKeySketch:
         """Settle every head (see :meth:`KeySketch.flush`); returns ``self``."""
         with self._lock:
+            self._sync()
+            self._live = None
             for head in self._heads:
                 head.flush()
         return self
@@ -343,9 +466,13 @@ class MultiHeadKeySketch:
             raise ValueError("cannot merge a sketch with itself (every id would clash).")
         for mine, theirs in zip(self._heads, other._heads):
             mine._check_compatible(theirs)
+        with other._lock:
+            other._sync()
         with self._lock:
+            self._sync()
             # Head 0 detects id clashes before changing anything; the other heads share its id history.
             self._heads[0].merge(other._heads[0])
+            self._live = None
             for h in range(1, self.n_heads):
                 self._heads[h].merge(other._heads[h])
         return self
@@ -360,7 +487,8 @@ class MultiHeadKeySketch:
         """An independent deep copy."""
         out = MultiHeadKeySketch.__new__(MultiHeadKeySketch)
         with self._lock:
-            out._heads = [h.copy() for h in self._heads]
+            self._sync()
+            out._set_heads([h.copy() for h in self._heads])
         out._lock = threading.RLock()
         return out
 
@@ -371,7 +499,85 @@ class MultiHeadKeySketch:
 
     # ------------------------------------------------------------------ queries (never change the sketch)
     def _queries(self, Q: Any) -> np.ndarray:
+        if (
+            type(Q) is np.ndarray
+            and Q.dtype == np.float64
+            and Q.ndim == 3
+            and Q.shape[0] == len(self._heads)
+            and Q.shape[2] == self.dim
+            and Q.flags.c_contiguous
+            and sq_norm(Q.reshape(-1)) < np.inf
+        ):
+            return Q
         return self._stack(Q, "Q", self.dim)
+
+    def _live_state(self, m: int) -> _Live | None:
+        """The live state with every token fed, for ``m`` queries per head, or None when the step path does not
+        apply (call with the lock held)."""
+        if not self._step_ok or m > _query.LIVE_QUERY_ROWS:
+            return None
+        if self._stale:
+            live = self._live
+            if live is not None and not live.same_folds(self._heads):
+                live = None
+            if live is None:
+                live = _Live.build(self._heads, self._nb)
+            else:
+                live.add_store_rows(self._heads)
+            self._live = live
+            self._stale = False
+        live = self._live
+        if live is not None and live.bup < self._nb:
+            assert self._buf is not None
+            nb = self._nb
+            live.reserve(nb - live.bup)
+            absorb_rows_heads(
+                self._buf,
+                self._bufv,
+                live.bup,
+                nb,
+                self._buf_id0,
+                live.LG,
+                live.W,
+                live.has_w,
+                live.kthr,
+                live.Ke,
+                live.Ie,
+                live.Ve,
+                live.ne,
+            )
+            live.bup = nb
+        return live
+
+    def _entry_list(
+        self,
+        starts: np.ndarray,
+        indptr: np.ndarray,
+        key_ids: np.ndarray,
+        values: np.ndarray,
+        eps: float,
+    ) -> list[HeavyEntries]:
+        """One :class:`HeavyEntries` per head, views of the arrays of every head (made read-only once)."""
+        proto = self._proto
+        if proto is None or proto[0] != eps:
+            empty = HeavyEntries.of(np.zeros(1, np.int64), _NO_IDS, np.zeros(0), eps)
+            proto = self._proto = (eps, dict(empty.__dict__))
+        fields = proto[1]
+        for arr in (indptr, key_ids, values):
+            arr.flags.writeable = False
+        bounds = starts.tolist()
+        new = object.__new__
+        out = []
+        for h in range(len(self._heads)):
+            a, b = bounds[h], bounds[h + 1]
+            hits = new(HeavyEntries)
+            state = hits.__dict__
+            state.update(fields)
+            state["indptr"] = indptr[h]
+            state["key_ids"] = key_ids[a:b]
+            state["values"] = values[a:b]
+            out.append(hits)
+        return out
 
     def universal_set(self) -> list[UniversalSet]:
         """The universal set of every head (exact for p = 2), one :class:`UniversalSet` per head."""
@@ -381,6 +587,7 @@ class MultiHeadKeySketch:
         """``Z(q)`` over all keys of each head, for ``Q`` of shape ``(n_heads, m, dim)``; shape (n_heads, m)."""
         Q = self._queries(Q)
         with self._lock:
+            self._sync()
             return np.stack(
                 [_query.normalizer(h._view(), Q[i], self.p) for i, h in enumerate(self._heads)]
             )
@@ -393,19 +600,22 @@ class MultiHeadKeySketch:
         Q = self._queries(Q)
         eps = self._query_eps(eps)
         with self._lock:
-            self._summarise_pending()
-            views = [h._view() for h in self._heads]
-            if Q.shape[1] <= _query.LIVE_QUERY_ROWS and all(
-                _query.is_live(view, Q[0], self.p) for view in views
-            ):
-                return _query.heavy_entries_heads(views, Q, eps)
-            return [_query.heavy_entries(view, Q[i], self.p, eps) for i, view in enumerate(views)]
+            live = self._live_state(Q.shape[1])
+            if live is not None:
+                starts, indptr, key_ids, values, _, _ = live.find(Q, eps)
+                return self._entry_list(starts, indptr, key_ids, values, eps)
+            self._sync()
+            return [
+                _query.heavy_entries(h._view(), Q[i], self.p, eps)
+                for i, h in enumerate(self._heads)
+            ]
 
     def top_k(self, Q: Any, k: int) -> list[TopK]:
         """The ``k`` largest entries of each query of each head (see :meth:`KeySketch.top_k`), one per head."""
         Q = self._queries(Q)
         k = check_int(k, "k", minimum=1)
         with self._lock:
+            self._sync()
             return [
                 _query.top_k(h._view(), Q[i], self.p, k, self.eps)
                 for i, h in enumerate(self._heads)
@@ -417,23 +627,48 @@ class MultiHeadKeySketch:
         Q = self._queries(Q)
         eps = self._query_eps(eps)
         with self._lock:
+            live = None if self.value_dim is None else self._live_state(Q.shape[1])
+            if live is not None:
+                return self._live_attend(live, Q, eps)
+            self._sync()
             return _stacked(
                 [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
             )
 
+    def _live_attend(self, live: _Live, Q: np.ndarray, eps: float) -> AttentionResult:
+        """:meth:`attend` on the live state: one compiled call finds every head's entries, one sums their values
+        (and the buffered tokens' terms of the exact output); the moment states add the rest."""
+        starts, indptr, key_ids, values, positions, z = live.find(Q, eps)
+        exact = self.exact_output
+        heavy_out, mass, buffered = outputs_stacked(
+            Q,
+            starts,
+            indptr,
+            positions,
+            values,
+            live.Vc,
+            live.nc,
+            live.Ve,
+            self._buf if exact and self._buf is not None else _NO_ROWS,
+            self._bufv,
+            self._nb if exact else 0,
+        )
+        output = None
+        if exact:
+            num = buffered
+            for h, head in enumerate(self._heads):
+                assert head._moments is not None
+                num[h] += head._moments.numerator(Q[h])
+            w = z[:, :, None]
+            output = np.divide(num, w, out=np.zeros_like(num), where=w > 0)
+        entries = self._entry_list(starts, indptr, key_ids, values, eps)
+        return AttentionResult(entries, heavy_out, mass, output)
+
     def prefill(
-        self,
-        K: Any,
-        V: Any,
-        Q: Any,
-        ids: Any = None,
-        offset: Any = None,
-        eps: float | None = None,
-        gates: Any = None,
+        self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None, eps: float | None = None
     ) -> AttentionResult:
         """:meth:`KeySketch.prefill` for every head: causal attention of a chunk ``(n_heads, c, dim)`` (values
         ``(n_heads, c, value_dim)``), then the chunk is folded into every head.  Results as :meth:`attend`.
-        ``gates``: shape ``(n_heads, c)``, or ``(c,)`` for the same gates in every head.
 
         Examples
         --------
@@ -446,6 +681,26 @@ class MultiHeadKeySketch:
         >>> bool(np.allclose(r.output[1], W @ V[1] / W.sum(axis=1, keepdims=True))), mh.n
         (True, 6)
         """
+        dv = self.value_dim
+        if (
+            ids is None
+            and offset is None
+            and dv is not None
+            and self._step_ok
+            and self._is_steps(K, self.dim, 1)
+            and self._is_steps(Q, self.dim, 1)
+            and self._is_steps(V, dv, 1)
+        ):  # a decode step: the token joins the buffer, then its queries see every key fed, their own included
+            eps = self._query_eps(eps)
+            with self._lock:
+                self._take(K, V)
+                live = self._live_state(1)
+                if live is not None:
+                    return self._live_attend(live, Q, eps)
+                self._sync()
+                return _stacked(
+                    [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
+                )
         K = self._stack(K, "K", self.dim)
         c = K.shape[1]
         Q = self._queries(Q)
@@ -458,24 +713,16 @@ class MultiHeadKeySketch:
         if Vs is None:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
         eps = self._query_eps(eps)
-        negs = self._neg_log_gates(gates, c)
         with self._lock:
+            self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(c, ids, offset)
-            if (
-                negs is not None and c
-            ):  # every head's rows weighed and checked before any head changes
-                plans = [h._plan_segments(K[i], negs[i]) for i, h in enumerate(self._heads)]
-                return _stacked(
-                    [
-                        h._prefill_planned(Vs[i], Q[i], new_ids, start, eps, plan)
-                        for i, (h, plan) in enumerate(zip(self._heads, plans))
-                    ]
-                )
             chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
             results = [
                 _query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)
                 for i, h in enumerate(self._heads)
             ]
+            if c:
+                self._stale = True
             if (
                 c == 1 and new_ids is None and start == self._heads[0].next_id
             ):  # a decode step: one row each
@@ -485,23 +732,6 @@ class MultiHeadKeySketch:
                 for i, head in enumerate(self._heads):
                     head._ingest(K[i], Vs[i], new_ids, start, srt)
         return _stacked(results)
-
-    def _summarise_pending(self) -> None:
-        """Summarise every head's newly buffered rows for queries in one compiled call (the live path)."""
-        batches = [h._live_batch() for h in self._heads]
-        ready = [b for b in batches if b is not None]
-        if len(ready) != len(batches) or len({b[1].shape[0] for b in ready}) != 1:
-            return
-        keeps = tuple(np.empty(b[1].shape[0], dtype=np.bool_) for b in ready)
-        add_rows_and_bound_heads(
-            tuple(b[1] for b in ready),
-            tuple(b[0].gram for b in ready),
-            tuple(b[2] for b in ready),
-            np.array([b[3] for b in ready]),
-            keeps,
-        )
-        for head, batch, keep in zip(self._heads, ready, keeps):
-            batch[0].accept(head._store, head._store.n, keep)
 
     # ------------------------------------------------------------------ persistence
     def to_bytes(self) -> bytes:
@@ -514,6 +744,7 @@ class MultiHeadKeySketch:
             "p": self.p,
         }
         with self._lock:
+            self._sync()
             blobs = [sk.to_bytes() for sk in self._heads]
         arrays = {f"head{h}": np.frombuffer(b, dtype=np.uint8) for h, b in enumerate(blobs)}
         return _serialize.pack(meta, arrays, 1 if self.value_dim is None else 2)
@@ -537,7 +768,7 @@ class MultiHeadKeySketch:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"serialized multi-head sketch is malformed: {exc}.") from exc
         out = cls.__new__(cls)
-        out._heads = heads
+        out._set_heads(heads)
         out._lock = threading.RLock()
         return out
 
@@ -547,6 +778,187 @@ class MultiHeadKeySketch:
     def save(self, path: str | os.PathLike) -> None:
         """Write :meth:`to_bytes` to ``path`` atomically."""
         _serialize.write_atomic(path, self.to_bytes())
+
+
+class _Live:
+    """The live state of the queries of every head, stacked over heads (p = 2, every head on the Gram path).
+
+    For head ``h``: ``LG[h]`` the Gram matrix of every key fed (the summary's ``G``, the pending rows' and the
+    buffered tokens'); the candidates ``Kc[h, :nc[h]]`` (ids ``Ic``, values ``Vc``), copied from the head's
+    store (with their unit rows in float32 and norms, for the scan's pre-filter); the scanned rows ``Ke[h, :ne[h]]`` (ids ``Ie``, values ``Ve``): the rows fed since the head's last
+    fold whose bound ``u / (1 + u)``, ``u = ||x W[h]||^2`` against a factor of an earlier Gram matrix, reaches
+    the head's pruning threshold ``kthr[h]`` (docs/theory.md, "Stale factors"): the others have leverage
+    scores below it now and later, so no query can find them heavy.  ``upto[h]`` rows of the head's store and
+    ``bup`` buffered tokens are accounted for; ``folds[h]`` tells whether the head has folded since.
+    """
+
+    __slots__ = (
+        "Ic",
+        "Ie",
+        "Kc",
+        "Kc32",
+        "Ke",
+        "LG",
+        "Vc",
+        "Ve",
+        "W",
+        "bup",
+        "folds",
+        "has_w",
+        "ids_sorted",
+        "kthr",
+        "nc",
+        "ne",
+        "nk",
+        "upto",
+    )
+
+    def __init__(self, H: int, d: int, dv: int, candidates: int) -> None:
+        self.LG = np.empty((H, d, d))
+        self.W = np.zeros((H, d, d))
+        self.has_w = np.zeros(H, dtype=np.bool_)
+        self.kthr = np.zeros(H)
+        self.Kc = np.empty((H, candidates, d))
+        self.Kc32 = np.empty((H, candidates, d), dtype=np.float32)
+        self.nk = np.empty((H, candidates))
+        self.Ic = np.empty((H, candidates), dtype=np.int64)
+        self.Vc = np.empty((H, candidates if dv else 0, dv))
+        self.nc = np.zeros(H, dtype=np.int64)
+        self.Ke = np.empty((H, 0, d))
+        self.Ie = np.empty((H, 0), dtype=np.int64)
+        self.Ve = np.empty((H, 0, dv))
+        self.ne = np.zeros(H, dtype=np.int64)
+        self.ids_sorted = np.ones(H, dtype=np.bool_)
+        self.upto = np.zeros(H, dtype=np.int64)
+        self.bup = 0
+        self.folds: list[tuple[int, int, int]] = []
+
+    @staticmethod
+    def _folds(head: KeySketch) -> tuple[int, int, int]:
+        summary = head._summary
+        return (id(summary), summary.n_rows, head._pending_from)
+
+    @classmethod
+    def build(cls, heads: list[KeySketch], buffered: int) -> _Live | None:
+        """From the heads' state (None when a head is not on the Gram path); room for ``buffered`` tokens."""
+        grams = []
+        for head in heads:
+            summary = head._summary
+            G = summary.gram_sum() if isinstance(summary, GramSummary) else None
+            if G is None:
+                return None
+            grams.append(G)
+        H, d, dv = len(heads), heads[0].dim, heads[0].value_dim or 0
+        live = cls(H, d, dv, max(head._pending_from for head in heads))
+        for h, head in enumerate(heads):
+            summary = head._summary
+            assert isinstance(summary, GramSummary)
+            st, pf = head._store, head._pending_from
+            live.Kc[h, :pf] = st.keys[:pf]
+            live.Kc32[h, :pf], live.nk[h, :pf] = unit_rows32(live.Kc[h, :pf])
+            live.Ic[h, :pf] = st.ids[:pf]
+            if dv:
+                assert st.values is not None
+                live.Vc[h, :pf] = st.values[:pf]
+            live.nc[h] = pf
+            live.LG[h] = grams[h]
+            W = summary.bound_factor()
+            if W is not None:
+                if W.shape != (d, d):
+                    return None
+                live.W[h] = W
+                live.has_w[h] = True
+            live.kthr[h] = head._keep_threshold()
+            live.upto[h] = pf
+            live.folds.append(cls._folds(head))
+        live.add_store_rows(heads)
+        live.reserve(buffered)
+        return live
+
+    def same_folds(self, heads: list[KeySketch]) -> bool:
+        """Whether no head has folded rows (or been replaced) since the state was built."""
+        return all(f == self._folds(head) for f, head in zip(self.folds, heads))
+
+    def add_store_rows(self, heads: list[KeySketch]) -> None:
+        """Account for the rows the heads' stores gained since (none folded): ``G`` and the bound test."""
+        for h, head in enumerate(heads):
+            st = head._store
+            a, b = int(self.upto[h]), st.n
+            self.ids_sorted[h] = st.ids_sorted
+            if a == b:
+                continue
+            X = st.keys[a:b].astype(np.float64, copy=False)
+            self.LG[h] += X.T @ X
+            keep = np.ones(b - a, dtype=bool)
+            if self.has_w[h]:
+                Y = X @ self.W[h]
+                u = np.einsum("ij,ij->i", Y, Y)
+                keep = u >= self.kthr[h] * (1.0 + u)
+            k = int(keep.sum())
+            if k:
+                self._grow(int(self.ne[h]) + k)
+                e = int(self.ne[h])
+                self.Ke[h, e : e + k] = X[keep]
+                self.Ie[h, e : e + k] = st.ids[a:b][keep]
+                if self.Ve.shape[2]:
+                    assert st.values is not None
+                    self.Ve[h, e : e + k] = st.values[a:b][keep]
+                self.ne[h] = e + k
+            self.upto[h] = b
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` more scanned rows in every head."""
+        if int(self.ne.max()) + rows > self.Ke.shape[1]:
+            self._grow(int(self.ne.max()) + rows)
+
+    def _grow(self, rows: int) -> None:
+        cap = self.Ke.shape[1]
+        if rows <= cap:
+            return
+        cap = max(rows, cap + cap // 2, 64)
+        H, e = self.Ke.shape[0], int(self.ne.max())
+        Ke = np.empty((H, cap, self.Ke.shape[2]))
+        Ie = np.empty((H, cap), dtype=np.int64)
+        Ve = np.empty((H, cap if self.Ve.shape[2] else 0, self.Ve.shape[2]))
+        Ke[:, :e], Ie[:, :e] = self.Ke[:, :e], self.Ie[:, :e]
+        if self.Ve.shape[2]:
+            Ve[:, :e] = self.Ve[:, :e]
+        self.Ke, self.Ie, self.Ve = Ke, Ie, Ve
+
+    def find(self, Q: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
+        """:func:`~levstream._kernels.live.heavy_p2_stacked` of ``Q`` (n_heads, m, dim) at threshold ``eps``."""
+        return heavy_p2_stacked(
+            Q,
+            self.LG,
+            self.Kc,
+            self.Kc32,
+            self.nk,
+            self.Ic,
+            self.nc,
+            self.Ke,
+            self.Ie,
+            self.ne,
+            _query.report_threshold(eps, 0.0),
+            self.ids_sorted,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            int(a.nbytes)
+            for a in (
+                self.LG,
+                self.W,
+                self.Kc,
+                self.Kc32,
+                self.nk,
+                self.Ic,
+                self.Vc,
+                self.Ke,
+                self.Ie,
+                self.Ve,
+            )
+        )
 
 
 def _stacked(results: list[AttentionResult]) -> AttentionResult:

@@ -152,11 +152,219 @@ def heavy_p2_heads(Q, Gs, Ks, ids, Kes, extra_ids, thresh):  # pragma: no cover 
     return indptr, key_ids, values
 
 
+# ---------------------------------------------------------------------- many heads (MultiHeadKeySketch)
+#
+# The live state of a multi-head sketch is stacked over heads (levstream.multihead): one (H, d, d) array of
+# Gram matrices, (H, rows, d) arrays of candidates and of scanned pending rows with per-head counts, so one call
+# does the work of every head and the compiled code is the same for any number of heads.
+
+
 @numba.njit(nogil=True, cache=True)
-def add_rows_and_bound_heads(Xs, Gs, Ws, thresholds, keeps):  # pragma: no cover - compiled
-    """:func:`add_rows_and_bound` for every head in one call (tuples of per-head arrays)."""
-    for h in range(len(Xs)):
-        add_rows_and_bound(Xs[h], Gs[h], Ws[h], thresholds[h], keeps[h])
+def absorb_rows_heads(
+    rows, vrows, b0, b1, id0, LG, W, has_w, kthr, Ke, Ie, Ve, ne
+):  # pragma: no cover - compiled
+    """Rows ``b0..b1-1`` of every head's ``rows[h]`` (ids ``id0 + i``) join the live state: ``LG[h] += x x^T``, and
+    the row joins the scanned rows ``Ke[h]``/``Ie[h]`` (with its value row ``vrows[h, i]`` into ``Ve[h]`` when
+    ``Ve`` has columns; ``ne[h]`` counts them) when ``u / (1 + u) >= kthr[h]``, ``u = ||x W[h]||^2`` (a bound on
+    its leverage score after its own inclusion, ``W[h]`` a factor of an earlier Gram matrix; every row when
+    ``not has_w[h]``).  The callers make room for ``b1 - b0`` more rows in ``Ke``."""
+    H = rows.shape[0]
+    d = rows.shape[2]
+    dv = Ve.shape[2]
+    y = np.empty(d)
+    for h in range(H):
+        G = LG[h]
+        Wh = W[h]
+        for i in range(b0, b1):
+            x = rows[h, i]
+            for a in range(d):
+                xa = x[a]
+                for b in range(d):
+                    G[a, b] += xa * x[b]
+            keep = True
+            if has_w[h]:
+                for c in range(d):
+                    y[c] = 0.0
+                for a in range(d):
+                    xa = x[a]
+                    for c in range(d):
+                        y[c] += xa * Wh[a, c]
+                u = 0.0
+                for c in range(d):
+                    u += y[c] * y[c]
+                keep = u >= kthr[h] * (1.0 + u)
+            if keep:
+                j = ne[h]
+                for a in range(d):
+                    Ke[h, j, a] = x[a]
+                Ie[h, j] = id0 + i
+                for c in range(dv):
+                    Ve[h, j, c] = vrows[h, i, c]
+                ne[h] = j + 1
+
+
+#: The pre-filter of :func:`heavy_p2_stacked` is off below this ``cut`` or ``||q||^2`` (subnormal territory).
+_FILTER_FLOOR = 1e-280
+
+
+def unit_rows32(K):
+    """``(K32, norms)`` for :func:`heavy_p2_stacked`'s pre-filter: the rows of ``K`` (n, d) scaled to unit length
+    and rounded to float32, and their float64 norms; rows whose squared norm is below ``_FILTER_FLOOR`` get
+    norm ``inf`` and a zero float32 row (the filter then always passes them)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", K, K))
+    ok = norms * norms >= _FILTER_FLOOR
+    K32 = np.zeros(K.shape, dtype=np.float32)
+    K32[ok] = K[ok] / norms[ok, None]
+    norms[~ok] = np.inf
+    return K32, norms
+
+
+@numba.njit(nogil=True, cache=True)
+def _grown(arr, size):  # pragma: no cover - compiled
+    out = np.empty(max(size, 2 * arr.shape[0]), dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
+def heavy_p2_stacked(
+    Q, LG, Kc, Kc32, nk, Ic, nc, Ke, Ie, ne, thresh, ids_sorted
+):  # pragma: no cover - compiled
+    """:func:`heavy_p2` of every head in one call, on the stacked live state: head ``h``'s queries ``Q[h]``
+    (shape (H, m, d)), its Gram matrix of every key fed ``LG[h]`` and the rows ``Kc[h, :nc[h]]`` (ids ``Ic``)
+    then ``Ke[h, :ne[h]]`` (ids ``Ie``).
+
+    Candidates pass a float32 pre-filter first: ``Kc32``/``nk`` are their unit rows in float32 and norms
+    (:func:`unit_rows32`), and with ``s`` the float32 product of the unit query and the unit key,
+    ``|<q, k>| <= ||q|| ||k|| (|s| + slack)``, ``slack = (d + 3) 2^-24 1.001 + 1e-40`` (the roundings of the
+    two unit vectors to float32, of the products and of any order of the sum, and underflow).  A candidate is
+    computed exactly (float64, as :func:`heavy_p2`) unless that bound shows ``<q, k>^2 < cut (1 - 1e-9)^2``,
+    so the entries are those of the exact scan: the skipped ones have exact values below the threshold.
+
+    Returns ``(starts, indptr, key_ids, values, positions, z)``: head ``h``'s entries are
+    ``starts[h]..starts[h + 1] - 1`` of ``key_ids``/``values``/``positions`` (row positions in ``[Kc[h]; Ke[h]]``),
+    its query row ``i`` has ``indptr[h, i]..indptr[h, i + 1] - 1`` of them (from 0 per head), ids ascending
+    within a row (sorted here for heads whose ids are not increasing with the row position), and ``z`` (H, m)
+    holds the normalisers (0 for a query orthogonal to every key, as :func:`gram_quadratic`).
+    """
+    H, m, d = Q.shape
+    tol = (d * UNIT_ROUNDOFF) ** 2
+    slack = (d + 3) * 2.0**-24 * 1.001 + 1e-40
+    cap = 16 * H * m + 64
+    positions = np.empty(cap, dtype=np.int64)
+    values = np.empty(cap, dtype=np.float64)
+    key_ids = np.empty(cap, dtype=np.int64)
+    z = np.zeros((H, m))
+    starts = np.zeros(H + 1, dtype=np.int64)
+    indptr = np.zeros((H, m + 1), dtype=np.int64)
+    q32 = np.empty(d, dtype=np.float32)
+    t = 0
+    for h in range(H):
+        starts[h] = t
+        G = LG[h]
+        c, e = nc[h], ne[h]
+        K32 = Kc32[h]
+        norms = nk[h]
+        for i in range(m):
+            indptr[h, i] = t - starts[h]
+            q = Q[h, i]
+            acc = 0.0
+            floor = 0.0
+            nq2 = 0.0
+            for a in range(d):
+                row = 0.0
+                for b in range(d):
+                    row += G[a, b] * q[b]
+                acc += q[a] * row
+                floor += q[a] * q[a] * G[a, a]
+                nq2 += q[a] * q[a]
+            if not acc > tol * floor:
+                continue
+            z[h, i] = acc
+            cut = thresh * acc
+            first = t
+            if t + c + e > positions.shape[0]:
+                positions = _grown(positions, t + c + e)
+                values = _grown(values, t + c + e)
+                key_ids = _grown(key_ids, t + c + e)
+            if cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR:
+                nq = np.sqrt(nq2)
+                for a in range(d):
+                    q32[a] = np.float32(q[a] / nq)
+                lim = np.sqrt(cut / nq2) * (1.0 - 1e-9)
+                for j in range(c):
+                    s = np.float32(0.0)
+                    for a in range(d):
+                        s += q32[a] * K32[j, a]
+                    if (abs(np.float64(s)) + slack) * norms[j] >= lim:
+                        v = _dot(q, Kc[h, j], d)
+                        v *= v
+                        if v >= cut:
+                            positions[t] = j
+                            values[t] = v / acc
+                            key_ids[t] = Ic[h, j]
+                            t += 1
+            else:
+                for j in range(c):
+                    v = _dot(q, Kc[h, j], d)
+                    v *= v
+                    if v >= cut:
+                        positions[t] = j
+                        values[t] = v / acc
+                        key_ids[t] = Ic[h, j]
+                        t += 1
+            for j in range(e):
+                v = _dot(q, Ke[h, j], d)
+                v *= v
+                if v >= cut:
+                    positions[t] = c + j
+                    values[t] = v / acc
+                    key_ids[t] = Ie[h, j]
+                    t += 1
+            if not ids_sorted[h] and t - first > 1:
+                order = np.argsort(key_ids[first:t])
+                key_ids[first:t] = key_ids[first:t][order]
+                values[first:t] = values[first:t][order]
+                positions[first:t] = positions[first:t][order]
+        indptr[h, m] = t - starts[h]
+    starts[H] = t
+    return starts, indptr, key_ids[:t].copy(), values[:t].copy(), positions[:t].copy(), z
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
+def outputs_stacked(
+    Q, starts, indptr, positions, values, Vc, nc, Ve, rows, vrows, nb
+):  # pragma: no cover - compiled
+    """For :func:`heavy_p2_stacked`'s entries of every head: ``heavy_output`` (H, m, dv), the sums of ``A_j v_j``
+    (value row ``positions`` of ``[Vc[h, :nc[h]]; Ve[h]]``), ``captured_mass`` (H, m), the sums of ``A_j``, and the
+    numerator terms ``sum_j <q, k_j>^2 v_j`` of the first ``nb`` rows of ``rows``/``vrows`` (rows fed that the
+    moment state does not hold yet), shape (H, m, dv)."""
+    H, m, d = Q.shape
+    dv = Vc.shape[2]
+    out = np.zeros((H, m, dv))
+    mass = np.zeros((H, m))
+    num = np.zeros((H, m, dv))
+    for h in range(H):
+        c = nc[h]
+        base = starts[h]
+        for i in range(m):
+            for t in range(base + indptr[h, i], base + indptr[h, i + 1]):
+                j = positions[t]
+                a = values[t]
+                mass[h, i] += a
+                if j < c:
+                    for k in range(dv):
+                        out[h, i, k] += a * Vc[h, j, k]
+                else:
+                    for k in range(dv):
+                        out[h, i, k] += a * Ve[h, j - c, k]
+            q = Q[h, i]
+            for r in range(nb):
+                w = _dot(q, rows[h, r], d)
+                w *= w
+                for k in range(dv):
+                    num[h, i, k] += w * vrows[h, r, k]
+    return out, mass, num
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
