@@ -277,6 +277,21 @@ def _outputs(
     return out, mass
 
 
+def _output_bounds(
+    heavy_out: np.ndarray, mass: np.ndarray, abs_out: np.ndarray | None, distortion: float
+) -> dict[str, tuple[np.ndarray, np.ndarray] | None]:
+    """Bounds on the true mass and output of the returned entries when their values are the coreset's ``A~``:
+    each true value lies in ``[A~ (1 - delta), A~ (1 + delta)]`` (docs/theory.md, "General p"), so the output
+    is within ``delta sum A~ |v|`` (``abs_out``) componentwise."""
+    if not distortion or abs_out is None:
+        return {"captured_mass_bounds": None, "heavy_output_bounds": None}
+    spread = distortion * abs_out
+    return {
+        "captured_mass_bounds": (mass * (1.0 - distortion), mass * (1.0 + distortion)),
+        "heavy_output_bounds": (heavy_out - spread, heavy_out + spread),
+    }
+
+
 def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResult:
     """Heavy entries of ``Q`` with their output and mass, and the exact output when the view has moments
     (the moment state holds every key fed, so ``o(q) = phi(q)^T S / Z(q)``)."""
@@ -289,14 +304,18 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
         entries, z = _live_find(view, Q, thresh)
     else:
         entries, z = _find(view, Q, p, eps), None
-    heavy_out, mass = _outputs(entries, _rows_at(view, entries.positions), Q.shape[0])
+    rows = _rows_at(view, entries.positions)
+    heavy_out, mass = _outputs(entries, rows, Q.shape[0])
     output = None
     if view.moments is not None:
         num = view.moments.numerator(Q)
         if z is None:
             z = _z(view, Q, None, p)
         output = np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0)
-    return AttentionResult(_heavy(entries, eps, view.summary.distortion), heavy_out, mass, output)
+    dist = view.summary.distortion
+    abs_out = _outputs(entries, np.abs(rows), Q.shape[0])[0] if dist else None
+    bounds = _output_bounds(heavy_out, mass, abs_out, dist)
+    return AttentionResult(_heavy(entries, eps, dist), heavy_out, mass, output, **bounds)
 
 
 def prefill(
@@ -357,7 +376,7 @@ def _prefill_chunk(
         and (c < 2 or bool((np.diff(chunk_ids) > 0).all()))
     )
     values = np.concatenate([held_values, V])
-    parts, heavy_parts, mass_parts, out_parts = [], [], [], []
+    parts, heavy_parts, mass_parts, out_parts, spread_parts = [], [], [], [], []
     for start in range(0, c, QUERY_BLOCK_ROWS):
         stop = min(c, start + QUERY_BLOCK_ROWS)
         Qs, P, z = _scored_block(view, Q[start:stop], p)
@@ -371,6 +390,10 @@ def _prefill_chunk(
         ho, mass = _outputs(entries, values[entries.positions], stop - start)
         heavy_parts.append(ho)
         mass_parts.append(mass)
+        if dist:
+            spread_parts.append(
+                _outputs(entries, np.abs(values[entries.positions]), stop - start)[0]
+            )
         if (
             view.moments is not None
         ):  # exact numerator: the moment state (every key fed) and the visible chunk
@@ -380,7 +403,10 @@ def _prefill_chunk(
             )
     hits = _heavy(_concat(parts, c), eps, dist)
     output = np.concatenate(out_parts) if view.moments is not None else None
-    return AttentionResult(hits, np.concatenate(heavy_parts), np.concatenate(mass_parts), output)
+    heavy_out, mass = np.concatenate(heavy_parts), np.concatenate(mass_parts)
+    abs_out = np.concatenate(spread_parts) if dist else None
+    bounds = _output_bounds(heavy_out, mass, abs_out, dist)
+    return AttentionResult(hits, heavy_out, mass, output, **bounds)
 
 
 def _decode_step(

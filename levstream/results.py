@@ -256,14 +256,26 @@ class AttentionResult:
     output : ndarray of float64 or None
         The exact output ``sum_j A_j v_j`` over *every* key fed (p = 2, ``exact_output=True``); None when the
         sketch does not keep the moment state.  Rows with ``Z = 0`` (no key has any weight) are zero.
+    captured_mass_bounds, heavy_output_bounds : (lower, upper) pairs of arrays, or None
+        For an approximate normaliser (coreset p, ``delta > 0``): ``heavy_output`` and ``captured_mass`` are
+        computed with the coreset's values ``A~``, and the *true* ``sum A_j`` and ``sum A_j v_j`` over the
+        returned entries lie within these bounds (``A~ (1 -+ delta)`` per entry, componentwise for the output)
+        whenever the coreset normaliser is within ``(1 +- delta)`` of ``Z`` (per query, probability at least
+        ``1 - failure_prob``).  None when the values are exact.
     """
 
     entries: object
     heavy_output: np.ndarray
     captured_mass: np.ndarray
     output: np.ndarray | None = None
+    captured_mass_bounds: tuple[np.ndarray, np.ndarray] | None = None
+    heavy_output_bounds: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
+        for name in ("captured_mass_bounds", "heavy_output_bounds"):
+            pair = getattr(self, name)
+            if pair is not None:
+                object.__setattr__(self, name, (_frozen(pair[0]), _frozen(pair[1])))
         for name in ("heavy_output", "captured_mass", "output"):
             arr = getattr(self, name)
             if arr is not None:
@@ -306,9 +318,21 @@ def concat_attention(parts: list[AttentionResult]) -> AttentionResult:
         heads = len(entries)  # type: ignore[arg-type]
         joined = [concat_entries([p.entries[h] for p in parts]) for h in range(heads)]  # type: ignore[index]
     axis = parts[0].captured_mass.ndim - 1  # the query axis (after the head axis of many heads)
+
+    def bounds(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        pairs = [getattr(p, name) for p in parts]
+        if any(b is None for b in pairs):
+            return None
+        return (
+            np.concatenate([b[0] for b in pairs], axis=axis),
+            np.concatenate([b[1] for b in pairs], axis=axis),
+        )
+
     return AttentionResult(
         joined,
         np.concatenate([p.heavy_output for p in parts], axis=axis),
         np.concatenate([p.captured_mass for p in parts], axis=axis),
         None if any(o is None for o in outputs) else np.concatenate(outputs, axis=axis),  # type: ignore[arg-type]
+        bounds("captured_mass_bounds"),
+        bounds("heavy_output_bounds"),
     )
