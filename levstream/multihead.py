@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import _query, _serialize
+from ._config import UNIT_ROUNDOFF, margin
 from ._kernels.live import absorb_rows_heads, heavy_p2_stacked, outputs_stacked, unit_rows32
 from ._kernels.rows import sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
@@ -53,6 +54,10 @@ _STEP_BUFFER_ROWS = 64
 
 #: ``update_many`` chunks of up to this many rows (with the running counter) take the step path.
 _STEP_CHUNK_ROWS = 8
+
+#: The live state tests pending rows against a fresh factor of its Gram matrix while the scores it gives are
+#: accurate to this (relative); beyond, against the summary's stale factor.
+_FRESH_MAX_REL_ERROR = 1e-6
 
 _NO_IDS = np.zeros(0, dtype=np.int64)
 _NO_ROWS = np.zeros((0, 0, 0))
@@ -542,6 +547,8 @@ class MultiHeadKeySketch:
                 live.has_w,
                 live.kthr,
                 live.Ke,
+                live.Ke32,
+                live.nke,
                 live.Ie,
                 live.Ve,
                 live.ne,
@@ -798,6 +805,7 @@ class _Live:
         "Kc",
         "Kc32",
         "Ke",
+        "Ke32",
         "LG",
         "Vc",
         "Ve",
@@ -810,6 +818,7 @@ class _Live:
         "nc",
         "ne",
         "nk",
+        "nke",
         "upto",
     )
 
@@ -825,6 +834,8 @@ class _Live:
         self.Vc = np.empty((H, candidates if dv else 0, dv))
         self.nc = np.zeros(H, dtype=np.int64)
         self.Ke = np.empty((H, 0, d))
+        self.Ke32 = np.empty((H, 0, d), dtype=np.float32)
+        self.nke = np.empty((H, 0))
         self.Ie = np.empty((H, 0), dtype=np.int64)
         self.Ve = np.empty((H, 0, dv))
         self.ne = np.zeros(H, dtype=np.int64)
@@ -862,14 +873,31 @@ class _Live:
                 live.Vc[h, :pf] = st.values[:pf]
             live.nc[h] = pf
             live.LG[h] = grams[h]
-            W = summary.bound_factor()
-            if W is not None:
-                if W.shape != (d, d):
-                    return None
-                live.W[h] = W
-                live.has_w[h] = True
-            live.kthr[h] = head._keep_threshold()
-            live.upto[h] = pf
+            thr = head._keep_threshold()
+            P = st.keys[pf : st.n].astype(np.float64, copy=False)
+            if P.shape[0]:
+                live.LG[h] += P.T @ P
+            fresh = _fresh_factor(live.LG[h], summary.n_rows + P.shape[0])
+            if fresh is not None:  # the pending rows are in LG[h]: their scores against it, exactly
+                live.W[h], slack = fresh
+                live.kthr[h] = thr * (1.0 - slack)
+                Y = P @ live.W[h]
+                keep = np.einsum("ij,ij->i", Y, Y) >= live.kthr[h]
+            else:  # a stale factor of a Gram matrix without them: the score after their inclusion
+                W = summary.bound_factor()
+                live.kthr[h] = thr
+                keep = np.ones(P.shape[0], dtype=bool)
+                if W is not None:
+                    if W.shape != (d, d):
+                        return None
+                    live.W[h] = W
+                    Y = P @ W
+                    u = np.einsum("ij,ij->i", Y, Y)
+                    keep = u >= thr * (1.0 + u)
+            live.has_w[h] = fresh is not None or summary.bound_factor() is not None
+            values = None if st.values is None else st.values[pf : st.n][keep]
+            live._extend(h, P[keep], st.ids[pf : st.n][keep], values)
+            live.upto[h] = st.n
             live.folds.append(cls._folds(head))
         live.add_store_rows(heads)
         live.reserve(buffered)
@@ -894,17 +922,24 @@ class _Live:
                 Y = X @ self.W[h]
                 u = np.einsum("ij,ij->i", Y, Y)
                 keep = u >= self.kthr[h] * (1.0 + u)
-            k = int(keep.sum())
-            if k:
-                self._grow(int(self.ne[h]) + k)
-                e = int(self.ne[h])
-                self.Ke[h, e : e + k] = X[keep]
-                self.Ie[h, e : e + k] = st.ids[a:b][keep]
-                if self.Ve.shape[2]:
-                    assert st.values is not None
-                    self.Ve[h, e : e + k] = st.values[a:b][keep]
-                self.ne[h] = e + k
+            values = None if st.values is None else st.values[a:b][keep]
+            self._extend(h, X[keep], st.ids[a:b][keep], values)
             self.upto[h] = b
+
+    def _extend(self, h: int, X: np.ndarray, ids: np.ndarray, values: np.ndarray | None) -> None:
+        """Append rows to head ``h``'s scanned rows."""
+        k = X.shape[0]
+        if k == 0:
+            return
+        self._grow(int(self.ne[h]) + k)
+        e = int(self.ne[h])
+        self.Ke[h, e : e + k] = X
+        self.Ke32[h, e : e + k], self.nke[h, e : e + k] = unit_rows32(X)
+        self.Ie[h, e : e + k] = ids
+        if self.Ve.shape[2]:
+            assert values is not None
+            self.Ve[h, e : e + k] = values
+        self.ne[h] = e + k
 
     def reserve(self, rows: int) -> None:
         """Room for ``rows`` more scanned rows in every head."""
@@ -918,12 +953,15 @@ class _Live:
         cap = max(rows, cap + cap // 2, 64)
         H, e = self.Ke.shape[0], int(self.ne.max())
         Ke = np.empty((H, cap, self.Ke.shape[2]))
+        Ke32 = np.empty((H, cap, self.Ke.shape[2]), dtype=np.float32)
+        nke = np.empty((H, cap))
         Ie = np.empty((H, cap), dtype=np.int64)
         Ve = np.empty((H, cap if self.Ve.shape[2] else 0, self.Ve.shape[2]))
-        Ke[:, :e], Ie[:, :e] = self.Ke[:, :e], self.Ie[:, :e]
+        Ke[:, :e], Ke32[:, :e], nke[:, :e] = self.Ke[:, :e], self.Ke32[:, :e], self.nke[:, :e]
+        Ie[:, :e] = self.Ie[:, :e]
         if self.Ve.shape[2]:
             Ve[:, :e] = self.Ve[:, :e]
-        self.Ke, self.Ie, self.Ve = Ke, Ie, Ve
+        self.Ke, self.Ke32, self.nke, self.Ie, self.Ve = Ke, Ke32, nke, Ie, Ve
 
     def find(self, Q: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
         """:func:`~levstream._kernels.live.heavy_p2_stacked` of ``Q`` (n_heads, m, dim) at threshold ``eps``."""
@@ -936,6 +974,8 @@ class _Live:
             self.Ic,
             self.nc,
             self.Ke,
+            self.Ke32,
+            self.nke,
             self.Ie,
             self.ne,
             _query.report_threshold(eps, 0.0),
@@ -955,10 +995,38 @@ class _Live:
                 self.Ic,
                 self.Vc,
                 self.Ke,
+                self.Ke32,
+                self.nke,
                 self.Ie,
                 self.Ve,
             )
         )
+
+
+def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float] | None:
+    """``(W, slack)`` with ``||x W||^2 = x^T G^-1 x`` to relative error ``slack`` (the library's margin rule for
+    scores from the Cholesky factor of the equilibrated ``G``, docs/theory.md, "Numerics"), or None when ``G``
+    is too ill-conditioned for that (the callers then use the summary's stale factor)."""
+    d = G.shape[0]
+    diag = np.diag(G).copy()
+    if not (np.isfinite(diag).all() and (diag >= max(n_rows, 1) * np.finfo(np.float64).tiny).all()):
+        return None
+    scale = 1.0 / np.sqrt(diag)
+    C = G * scale[:, None] * scale[None, :]
+    try:
+        lam = float(np.linalg.eigvalsh(C)[0])
+        L = np.linalg.cholesky(C)
+    except np.linalg.LinAlgError:
+        return None
+    if not lam > 0:
+        return None
+    rel = 4.0 * d * UNIT_ROUNDOFF * (2.0 * d / lam)  # as GramSummary.rel_error
+    if rel > _FRESH_MAX_REL_ERROR:
+        return None
+    W = scale[:, None] * np.triu(np.linalg.inv(L).T)
+    if not np.isfinite(W).all():
+        return None
+    return np.ascontiguousarray(W), margin(rel, prune=True)
 
 
 def _stacked(results: list[AttentionResult]) -> AttentionResult:

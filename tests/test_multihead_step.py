@@ -326,30 +326,33 @@ def test_stacked_scan_prefilter_is_exact_at_the_threshold():
         above.append(None)  # whatever the float64 scan says
         rows.append(np.array(Kh))
         want.append(above)
-    c = rows[0].shape[0]
-    Kc = np.stack(rows)
-    Kc32, nk = unit_rows32(Kc.reshape(-1, d))
-    ids = np.arange(Hs * c).reshape(Hs, c)
-    for ids_sorted in (True, False):
-        Ic = ids if ids_sorted else ids[:, ::-1].copy()
-        starts, indptr, key_ids, values, positions, z = heavy_p2_stacked(
-            Q, LG, Kc, Kc32.reshape(Hs, c, d), nk.reshape(Hs, c), Ic, np.full(Hs, c),
-            np.zeros((Hs, 0, d)), np.zeros((Hs, 0), np.int64), np.zeros(Hs, np.int64), thresh,
-            np.array([ids_sorted] * Hs))
-        for h in range(Hs):
-            q = Q[h, 0]
-            dots = (Kc[h] @ q) ** 2
-            zh = z[h, 0]
-            exact = np.flatnonzero(dots >= thresh * zh)  # the float64 scan's answer
-            got = positions[starts[h]:starts[h + 1]]
-            assert sorted(got.tolist()) == exact.tolist()
-            for j, a in enumerate(want[h]):
-                if a is not None:
-                    assert (j in exact) == a, (h, j)
-            np.testing.assert_allclose(values[starts[h]:starts[h + 1]], dots[got] / zh, rtol=1e-12)
-            assert (np.diff(key_ids[starts[h]:starts[h + 1]]) > 0).all()
-            np.testing.assert_array_equal(key_ids[starts[h]:starts[h + 1]], np.sort(Ic[h, got]))
-            assert indptr[h, -1] == starts[h + 1] - starts[h]
+    n = rows[0].shape[0]
+    K = np.stack(rows)
+    ids = np.arange(Hs * n).reshape(Hs, n)
+    for c in (n, n // 2):  # every row a candidate, or half of them scanned as rows fed since the last fold
+        Kc, Ke = np.ascontiguousarray(K[:, :c]), np.ascontiguousarray(K[:, c:])
+        Kc32, nk = unit_rows32(Kc.reshape(-1, d))
+        Ke32, nke = unit_rows32(Ke.reshape(-1, d))
+        for ids_sorted in (True, False):
+            I = ids if ids_sorted else ids[:, ::-1].copy()
+            starts, indptr, key_ids, values, positions, z = heavy_p2_stacked(
+                Q, LG, Kc, Kc32.reshape(Hs, c, d), nk.reshape(Hs, c), np.ascontiguousarray(I[:, :c]),
+                np.full(Hs, c), Ke, Ke32.reshape(Hs, n - c, d), nke.reshape(Hs, n - c),
+                np.ascontiguousarray(I[:, c:]), np.full(Hs, n - c), thresh, np.array([ids_sorted] * Hs))
+            for h in range(Hs):
+                q = Q[h, 0]
+                dots = (K[h] @ q) ** 2
+                zh = z[h, 0]
+                exact = np.flatnonzero(dots >= thresh * zh)  # the float64 scan's answer
+                got = positions[starts[h]:starts[h + 1]]
+                assert sorted(got.tolist()) == exact.tolist()
+                for j, a in enumerate(want[h]):
+                    if a is not None:
+                        assert (j in exact) == a, (h, j)
+                np.testing.assert_allclose(values[starts[h]:starts[h + 1]], dots[got] / zh, rtol=1e-12)
+                assert (np.diff(key_ids[starts[h]:starts[h + 1]]) > 0).all()
+                np.testing.assert_array_equal(key_ids[starts[h]:starts[h + 1]], np.sort(I[h, got]))
+                assert indptr[h, -1] == starts[h + 1] - starts[h]
 
 
 def test_unit_rows32():

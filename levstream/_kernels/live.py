@@ -159,13 +159,18 @@ def heavy_p2_heads(Q, Gs, Ks, ids, Kes, extra_ids, thresh):  # pragma: no cover 
 # does the work of every head and the compiled code is the same for any number of heads.
 
 
+#: The pre-filter of :func:`heavy_p2_stacked` is off below this ``cut`` or ``||q||^2`` (subnormal territory).
+_FILTER_FLOOR = 1e-280
+
+
 @numba.njit(nogil=True, cache=True)
 def absorb_rows_heads(
-    rows, vrows, b0, b1, id0, LG, W, has_w, kthr, Ke, Ie, Ve, ne
+    rows, vrows, b0, b1, id0, LG, W, has_w, kthr, Ke, Ke32, nke, Ie, Ve, ne
 ):  # pragma: no cover - compiled
     """Rows ``b0..b1-1`` of every head's ``rows[h]`` (ids ``id0 + i``) join the live state: ``LG[h] += x x^T``, and
     the row joins the scanned rows ``Ke[h]``/``Ie[h]`` (with its value row ``vrows[h, i]`` into ``Ve[h]`` when
-    ``Ve`` has columns; ``ne[h]`` counts them) when ``u / (1 + u) >= kthr[h]``, ``u = ||x W[h]||^2`` (a bound on
+    ``Ve`` has columns; its unit row in float32 and norm into ``Ke32``/``nke`` as :func:`unit_rows32`; ``ne[h]``
+    counts them) when ``u / (1 + u) >= kthr[h]``, ``u = ||x W[h]||^2`` (a bound on
     its leverage score after its own inclusion, ``W[h]`` a factor of an earlier Gram matrix; every row when
     ``not has_w[h]``).  The callers make room for ``b1 - b0`` more rows in ``Ke``."""
     H = rows.shape[0]
@@ -195,16 +200,23 @@ def absorb_rows_heads(
                 keep = u >= kthr[h] * (1.0 + u)
             if keep:
                 j = ne[h]
+                nrm2 = 0.0
                 for a in range(d):
                     Ke[h, j, a] = x[a]
+                    nrm2 += x[a] * x[a]
+                if nrm2 >= _FILTER_FLOOR:
+                    nrm = np.sqrt(nrm2)
+                    for a in range(d):
+                        Ke32[h, j, a] = np.float32(x[a] / nrm)
+                    nke[h, j] = nrm
+                else:
+                    for a in range(d):
+                        Ke32[h, j, a] = np.float32(0.0)
+                    nke[h, j] = np.inf
                 Ie[h, j] = id0 + i
                 for c in range(dv):
                     Ve[h, j, c] = vrows[h, i, c]
                 ne[h] = j + 1
-
-
-#: The pre-filter of :func:`heavy_p2_stacked` is off below this ``cut`` or ``||q||^2`` (subnormal territory).
-_FILTER_FLOOR = 1e-280
 
 
 def unit_rows32(K):
@@ -219,6 +231,30 @@ def unit_rows32(K):
     return K32, norms
 
 
+@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
+def _scan_rows(
+    q, q32, K, K32, norms, ids, n, base, filt, lim, slack, cut, z, positions, values, key_ids, t
+):  # pragma: no cover - compiled
+    """Entries of rows ``0..n-1`` of ``K`` (positions from ``base``) for one query; returns the new count ``t``.
+    With ``filt``, a row is computed exactly only when the float32 bound allows ``<q, k>^2 >= cut``."""
+    d = q.shape[0]
+    for j in range(n):
+        if filt:
+            s = np.float32(0.0)
+            for a in range(d):
+                s += q32[a] * K32[j, a]
+            if (abs(np.float64(s)) + slack) * norms[j] < lim:
+                continue
+        v = _dot(q, K[j], d)
+        v *= v
+        if v >= cut:
+            positions[t] = base + j
+            values[t] = v / z
+            key_ids[t] = ids[j]
+            t += 1
+    return t
+
+
 @numba.njit(nogil=True, cache=True)
 def _grown(arr, size):  # pragma: no cover - compiled
     out = np.empty(max(size, 2 * arr.shape[0]), dtype=arr.dtype)
@@ -228,16 +264,16 @@ def _grown(arr, size):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
 def heavy_p2_stacked(
-    Q, LG, Kc, Kc32, nk, Ic, nc, Ke, Ie, ne, thresh, ids_sorted
+    Q, LG, Kc, Kc32, nk, Ic, nc, Ke, Ke32, nke, Ie, ne, thresh, ids_sorted
 ):  # pragma: no cover - compiled
     """:func:`heavy_p2` of every head in one call, on the stacked live state: head ``h``'s queries ``Q[h]``
     (shape (H, m, d)), its Gram matrix of every key fed ``LG[h]`` and the rows ``Kc[h, :nc[h]]`` (ids ``Ic``)
     then ``Ke[h, :ne[h]]`` (ids ``Ie``).
 
-    Candidates pass a float32 pre-filter first: ``Kc32``/``nk`` are their unit rows in float32 and norms
-    (:func:`unit_rows32`), and with ``s`` the float32 product of the unit query and the unit key,
+    Rows pass a float32 pre-filter first: ``Kc32``/``nk`` (``Ke32``/``nke``) are their unit rows in float32 and
+    norms (:func:`unit_rows32`), and with ``s`` the float32 product of the unit query and the unit key,
     ``|<q, k>| <= ||q|| ||k|| (|s| + slack)``, ``slack = (d + 3) 2^-24 1.001 + 1e-40`` (the roundings of the
-    two unit vectors to float32, of the products and of any order of the sum, and underflow).  A candidate is
+    two unit vectors to float32, of the products and of any order of the sum, and underflow).  A row is
     computed exactly (float64, as :func:`heavy_p2`) unless that bound shows ``<q, k>^2 < cut (1 - 1e-9)^2``,
     so the entries are those of the exact scan: the skipped ones have exact values below the threshold.
 
@@ -263,8 +299,6 @@ def heavy_p2_stacked(
         starts[h] = t
         G = LG[h]
         c, e = nc[h], ne[h]
-        K32 = Kc32[h]
-        norms = nk[h]
         for i in range(m):
             indptr[h, i] = t - starts[h]
             q = Q[h, i]
@@ -287,40 +321,51 @@ def heavy_p2_stacked(
                 positions = _grown(positions, t + c + e)
                 values = _grown(values, t + c + e)
                 key_ids = _grown(key_ids, t + c + e)
-            if cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR:
+            filt = cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR
+            lim = 0.0
+            if filt:
                 nq = np.sqrt(nq2)
                 for a in range(d):
                     q32[a] = np.float32(q[a] / nq)
                 lim = np.sqrt(cut / nq2) * (1.0 - 1e-9)
-                for j in range(c):
-                    s = np.float32(0.0)
-                    for a in range(d):
-                        s += q32[a] * K32[j, a]
-                    if (abs(np.float64(s)) + slack) * norms[j] >= lim:
-                        v = _dot(q, Kc[h, j], d)
-                        v *= v
-                        if v >= cut:
-                            positions[t] = j
-                            values[t] = v / acc
-                            key_ids[t] = Ic[h, j]
-                            t += 1
-            else:
-                for j in range(c):
-                    v = _dot(q, Kc[h, j], d)
-                    v *= v
-                    if v >= cut:
-                        positions[t] = j
-                        values[t] = v / acc
-                        key_ids[t] = Ic[h, j]
-                        t += 1
-            for j in range(e):
-                v = _dot(q, Ke[h, j], d)
-                v *= v
-                if v >= cut:
-                    positions[t] = c + j
-                    values[t] = v / acc
-                    key_ids[t] = Ie[h, j]
-                    t += 1
+            t = _scan_rows(
+                q,
+                q32,
+                Kc[h],
+                Kc32[h],
+                nk[h],
+                Ic[h],
+                c,
+                0,
+                filt,
+                lim,
+                slack,
+                cut,
+                acc,
+                positions,
+                values,
+                key_ids,
+                t,
+            )
+            t = _scan_rows(
+                q,
+                q32,
+                Ke[h],
+                Ke32[h],
+                nke[h],
+                Ie[h],
+                e,
+                c,
+                filt,
+                lim,
+                slack,
+                cut,
+                acc,
+                positions,
+                values,
+                key_ids,
+                t,
+            )
             if not ids_sorted[h] and t - first > 1:
                 order = np.argsort(key_ids[first:t])
                 key_ids[first:t] = key_ids[first:t][order]
