@@ -11,22 +11,52 @@ recurrent state of symmetric-power ("power attention") transformers; merging two
 Rows fed one at a time wait in a small buffer (``BUFFER_ROWS``) and are folded into ``S`` together by one
 matrix product; a query adds the waiting rows' terms ``<q, k>^2 v`` directly.  A rank-one update of ``S`` per
 key would read and write all ``D x dv`` numbers for every key; the buffer makes that a BLAS-3 product.
+
+A fold never forms ``phi(X)`` (``rows x D`` floats: for d = 64 it is 33 times the keys).  The rows of ``S``
+are cut into blocks of about ``_FEATURE_BLOCK`` lifted features, the work items of the library's ingest
+threads (:func:`levstream._threads.run_items`); an item lifts its features of ``_PIECE_ROWS`` rows at a time
+into a small reused buffer that stays in cache and multiplies it by those rows' values with one BLAS
+``dgemm`` (:func:`levstream._kernels.lift.fold_features`).  Every item owns its rows of ``S``, so the state
+is the same bit for bit whatever the number of threads, and nothing of size ``rows x D`` is allocated, so
+a long stream's memory does not creep with the allocator's growth.  The products of ``_GROUP_PIECES``
+pieces (``_PIECE_ROWS * _GROUP_PIECES`` rows) are summed by BLAS in float64 and then added to the state
+with a compensated (two-sum) addition, so the rounding error of ``S`` does not grow with the stream.
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
+
 import numpy as np
 
-from ._kernels.lift import lift_degree2, lift_rows
+from ._kernels.lift import dgemm_function, feature_pairs, fold_features, lift_degree2, lift_rows
 from ._kernels.live import moment_numerator
+from ._threads import ingest_threads, run_items
 from .summaries.gram import _two_sum_add
 from .summaries.lifted import lifted_dim
 
 #: Keys waiting before they are folded into ``S`` (a query costs ``O(BUFFER_ROWS (d + dv))`` for them).
 BUFFER_ROWS = 128
 
-#: Chunks are folded in pieces of this many rows (the lifted rows take ``rows x D`` floats).
-_FOLD_ROWS = 1024
+#: Lifted features per work item of a fold (rows of ``S``; d = 64 makes 8 items of 260): the threads take items
+#: as they come free, so a few items per thread balance the load.
+_FEATURE_BLOCK = 256
+
+#: Rows lifted at a time by an item: its lifted block (``_FEATURE_BLOCK x _PIECE_ROWS`` floats, 1 MiB) and
+#: BLAS's packed copies of it stay in the core's L2 cache.
+_PIECE_ROWS = 512
+
+#: Pieces whose products BLAS sums before the compensated addition into ``(hi, lo)`` (the plain float64 sum
+#: covers ``_PIECE_ROWS * _GROUP_PIECES`` rows; the two-sum then costs ~1% of the products).
+_GROUP_PIECES = 2
+
+#: Rows of a chunk transposed and shared by the items at a time (``X^T``: ``dim x _PASS_ROWS`` floats, 2 MiB
+#: for d = 64; fewer rows for wider keys, never fewer than a group of pieces).
+_PASS_ROWS = 4096
+
+#: Folds of fewer multiply-adds (rows x D x dv) than this run on the calling thread alone.
+_THREADED_WORK = 2**24
 
 #: Up to this many rows are lifted by a serial loop: a parallel region costs more to start than it saves, and on a
 #: busy machine it can wait milliseconds for a core.
@@ -39,6 +69,68 @@ _LOOP_QUERY_ROWS = 8
 
 def _lift(X: np.ndarray) -> np.ndarray:
     return lift_rows(X) if X.shape[0] <= _SERIAL_LIFT_ROWS else lift_degree2(X)
+
+
+_pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+#: This thread's buffers of every fold ("block": an item's lifted block and product; "xt": a pass's ``X^T``).
+_scratch = threading.local()
+
+
+def _scratch_floats(name: str, n: int) -> np.ndarray:
+    """A float64 array of at least ``n`` elements, this thread's own, kept between folds (grown when needed)."""
+    flat = getattr(_scratch, name, None)
+    if flat is None or flat.size < n:
+        flat = np.empty(n)
+        setattr(_scratch, name, flat)
+    return flat
+
+
+def _pass_rows(inner: int) -> int:
+    """Rows per pass over the feature blocks: ``_PASS_ROWS`` for keys up to width 64, fewer for wider ones (degree
+    4 lifts the keys first), a whole number of groups of pieces."""
+    group = _PIECE_ROWS * _GROUP_PIECES
+    return max(group, min(_PASS_ROWS, (_PASS_ROWS * 64 // max(inner, 1)) // group * group))
+
+
+def _fold_pass(
+    hi: np.ndarray, lo: np.ndarray, XT: np.ndarray, V: np.ndarray, bounds: list[int], n_threads: int
+) -> None:
+    """One pass: every feature block ``bounds[i] .. bounds[i + 1]`` of ``hi + lo += phi(X)^T V`` is a work item."""
+    ia, ib = _pairs[XT.shape[0]]
+    dv = V.shape[1]
+    width = max(b - a for a, b in itertools.pairwise(bounds))
+    dgemm = dgemm_function()
+
+    def item(i: int) -> None:
+        f0, f1 = bounds[i], bounds[i + 1]
+        flat = _scratch_floats("block", width * (_PIECE_ROWS + dv))
+        C = flat[width * _PIECE_ROWS : width * _PIECE_ROWS + (f1 - f0) * dv].reshape(f1 - f0, dv)
+        fold_features(XT, V, ia, ib, f0, f1, _PIECE_ROWS, _GROUP_PIECES, flat, C, hi, lo, dgemm)
+
+    run_items(item, len(bounds) - 1, n_threads)
+
+
+def _fold_moments(hi: np.ndarray, lo: np.ndarray, X: np.ndarray, V: np.ndarray) -> None:
+    """``hi + lo += phi(X)^T V`` (module docstring): the feature blocks on the ingest threads, ``X^T`` of
+    :func:`_pass_rows` rows at a time shared by them.  Nothing of size ``rows x D`` is allocated."""
+    m, inner = X.shape
+    D, dv = hi.shape
+    if m == 0 or D == 0 or dv == 0:
+        return
+    if inner not in _pairs:
+        _pairs[inner] = feature_pairs(inner)
+    n_blocks = max(1, round(D / _FEATURE_BLOCK))
+    bounds = [D * i // n_blocks for i in range(n_blocks + 1)]
+    V = np.ascontiguousarray(V, dtype=np.float64)
+    step = _pass_rows(inner)
+    with ingest_threads() as n_threads:
+        threads = n_threads if m * D * dv >= _THREADED_WORK else 1
+        xt = _scratch_floats("xt", inner * min(m, step))
+        for s in range(0, m, step):
+            e = min(m, s + step)
+            XT = xt[: inner * (e - s)].reshape(inner, e - s)
+            np.copyto(XT, X[s:e].T)
+            _fold_pass(hi, lo, XT, V[s:e], bounds, threads)
 
 
 class MomentState:
@@ -81,8 +173,7 @@ class MomentState:
         )
 
     def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
-        for s in range(0, X.shape[0], _FOLD_ROWS):
-            _two_sum_add(self._hi, self._lo, _lift(X[s : s + _FOLD_ROWS]).T @ V[s : s + _FOLD_ROWS])
+        _fold_moments(self._hi, self._lo, X, V)
         self._sum = None
 
     def _fold_buffer(self) -> None:

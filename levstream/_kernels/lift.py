@@ -6,6 +6,9 @@ Used for exact p = 4 and the moment state of values (docs/theory.md, "General p"
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -59,3 +62,101 @@ def _lift_rows(X):  # pragma: no cover - compiled
 #: costs more to start than a few rows take).
 lift_degree2 = numba.njit(parallel=True, nogil=True, cache=True, fastmath=FASTMATH)(_lift_degree2)
 lift_rows = numba.njit(nogil=True, cache=True, fastmath=FASTMATH)(_lift_rows)
+
+
+# ---------------------------------------------------------------------- the moment fold: S += phi(X)^T V
+_dgemm: Any = None
+
+
+def dgemm_function() -> Any:
+    """SciPy's Cython-BLAS ``dgemm`` as a ctypes function (looked up once, on first use), passed to
+    :func:`fold_features` as an argument so that the kernel stays in numba's on-disk cache."""
+    global _dgemm
+    if _dgemm is None:
+        from numba.extending import get_cython_function_address
+
+        address = get_cython_function_address("scipy.linalg.cython_blas", "dgemm")
+        pointer = ctypes.c_void_p
+        _dgemm = ctypes.CFUNCTYPE(None, *([pointer] * 13))(address)
+    return _dgemm
+
+
+@numba.njit(nogil=True, cache=True)
+def feature_pairs(d):  # pragma: no cover - compiled
+    """``(a, b)`` of every lifted feature, in the order of :func:`lift_degree2`'s columns."""
+    D = d * (d + 1) // 2
+    ia = np.empty(D, dtype=np.int64)
+    ib = np.empty(D, dtype=np.int64)
+    col = 0
+    for a in range(d):
+        for b in range(a, d):
+            ia[col] = a
+            ib[col] = b
+            col += 1
+    return ia, ib
+
+
+@numba.njit(nogil=True, cache=True)
+def fold_features(XT, V, ia, ib, f0, f1, piece, group, buf, C, hi, lo, dgemm):  # pragma: no cover
+    """``hi + lo += phi(X)^T V`` for the lifted features ``f0 .. f1-1`` only (rows ``f0 .. f1-1`` of the state).
+
+    ``XT`` is ``X^T`` (d, m), ``V`` the values (m, dv, C-contiguous), ``hi`` and ``lo`` the compensated state
+    (D, dv, C-contiguous).  The rows are taken ``piece`` at a time: the piece's features are lifted into
+    ``buf`` (feature-major, ``(f1 - f0) * piece`` floats: a block that stays in cache, written once, never
+    allocated here) and multiplied by the piece's values with one BLAS ``dgemm`` into ``C``
+    (``(f1 - f0, dv)``), which accumulates ``group`` pieces before it is added to ``(hi, lo)`` with Knuth's
+    two-sum.  Features are lifted as in :func:`lift_degree2` (``(sqrt(2) x_a) x_b`` off the diagonal), so
+    ``C`` is that function's ``lift(X).T @ V`` of the same rows.  Serial; callers run disjoint feature ranges
+    on several threads (each with its own ``buf`` and ``C``), and the result does not depend on how.
+    """
+    m = XT.shape[1]
+    dv = V.shape[1]
+    nf = f1 - f0
+    root2 = np.sqrt(2.0)
+    flags = np.array([ord("N"), ord("N")], dtype=np.uint8)
+    sizes = np.array([dv, nf, 0, dv, 0, dv], dtype=np.int32)
+    alpha = np.ones(1)
+    beta = np.zeros(1)
+    n_pieces = (m + piece - 1) // piece
+    for p in range(n_pieces):
+        s = p * piece
+        k = min(piece, m - s)
+        for c in range(nf):
+            a = ia[f0 + c]
+            b = ib[f0 + c]
+            o = c * k
+            if a == b:
+                for j in range(k):
+                    x = XT[a, s + j]
+                    buf[o + j] = x * x
+            else:
+                for j in range(k):
+                    buf[o + j] = (root2 * XT[a, s + j]) * XT[b, s + j]
+        # column-major view: C^T (dv, nf) = V_p^T (dv, k) @ buf (k, nf)
+        sizes[2] = k
+        sizes[4] = k
+        beta[0] = 0.0 if p % group == 0 else 1.0
+        dgemm(
+            flags[0:].ctypes,
+            flags[1:].ctypes,
+            sizes[0:].ctypes,
+            sizes[1:].ctypes,
+            sizes[2:].ctypes,
+            alpha.ctypes,
+            V[s:].ctypes,
+            sizes[3:].ctypes,
+            buf.ctypes,
+            sizes[4:].ctypes,
+            beta.ctypes,
+            C.ctypes,
+            sizes[5:].ctypes,
+        )
+        if (p + 1) % group == 0 or p == n_pieces - 1:
+            for i in range(nf):
+                for j in range(dv):
+                    x = C[i, j]
+                    h = hi[f0 + i, j]
+                    t = h + x
+                    bp = t - h
+                    lo[f0 + i, j] += (h - (t - bp)) + (x - bp)
+                    hi[f0 + i, j] = t

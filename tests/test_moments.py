@@ -1,0 +1,136 @@
+"""The moment state ``S = sum_j phi(k_j) v_j^T`` (levstream/moments.py) against brute force written here.
+
+The fold cuts the rows into pieces, groups and passes and the lifted features into blocks run on the ingest
+threads; these tests cross every one of those boundaries and check the numerator ``sum_j <q, k_j>^p v_j``
+against exact rational-free brute force (``math.fsum`` of the products), that the state is the same bit for
+bit whatever the thread budget, and that a fold allocates nothing of the size of the lifted rows.
+"""
+
+from __future__ import annotations
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import levstream as ls
+from levstream.moments import MomentState
+from levstream.summaries.lifted import lifted_dim
+
+
+def _exact_numerator(K: np.ndarray, V: np.ndarray, q: np.ndarray, degree: int) -> np.ndarray:
+    """``sum_j <q, k_j>^degree v_j`` with every sum correctly rounded (``math.fsum`` of exact-ish terms)."""
+    out = np.empty(V.shape[1])
+    dots = [math.fsum(float(a) * float(b) for a, b in zip(q, k)) for k in K]
+    w = [x**degree for x in dots]
+    for c in range(V.shape[1]):
+        out[c] = math.fsum(wj * float(vj) for wj, vj in zip(w, V[:, c]))
+    return out
+
+
+def _scale_of(K: np.ndarray, V: np.ndarray, q: np.ndarray, degree: int) -> np.ndarray:
+    """``sum_j |<q, k_j>|^degree |v_j|``: what the rounding error of a sum of these terms is relative to."""
+    return (np.abs(K @ q) ** degree) @ np.abs(V)
+
+
+# rows of one add: 1 row, around a piece (512), a group (1024) and a pass (4096 rows for d <= 64)
+_ROWS = [1, 127, 511, 512, 513, 1025, 4097, 9000]
+
+
+@pytest.mark.parametrize("dim, value_dim", [(1, 1), (3, 2), (64, 64), (17, 5)])
+def test_fold_matches_brute_force(dim: int, value_dim: int) -> None:
+    rng = np.random.default_rng(dim * 100 + value_dim)
+    S = MomentState(dim, value_dim)
+    Ks, Vs = [], []
+    for m in _ROWS:
+        K = rng.standard_normal((m, dim)) * rng.uniform(0.1, 10.0)
+        V = rng.standard_normal((m, value_dim))
+        S.add(K, V)
+        Ks.append(K)
+        Vs.append(V)
+    for _ in range(5):  # buffered single rows on top
+        k, v = rng.standard_normal(dim), rng.standard_normal(value_dim)
+        S.add_row(k, v)
+        Ks.append(k[None])
+        Vs.append(v[None])
+    K, V = np.concatenate(Ks), np.concatenate(Vs)
+    Q = rng.standard_normal((3, dim))
+    got = S.numerator(Q)
+    for i, q in enumerate(Q):
+        err = np.abs(got[i] - _exact_numerator(K, V, q, 2))
+        assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2)), (err / _scale_of(K, V, q, 2)).max()
+
+
+def test_fold_degree4_matches_brute_force() -> None:
+    rng = np.random.default_rng(4)
+    S = MomentState(4, 3, degree=4)
+    K, V = rng.standard_normal((2100, 4)), rng.standard_normal((2100, 3))
+    S.add(K[:1500], V[:1500])
+    S.add_row(K[1500], V[1500])
+    S.add(K[1501:], V[1501:])
+    for q in rng.standard_normal((3, 4)):
+        got = S.numerator(q[None])[0]
+        err = np.abs(got - _exact_numerator(K, V, q, 4))
+        assert np.all(err <= 1e-13 * _scale_of(K, V, q, 4))
+
+
+def test_state_is_the_same_whatever_the_threads() -> None:
+    rng = np.random.default_rng(7)
+    K, V = rng.standard_normal((9000, 64)), rng.standard_normal((9000, 64))
+    before = ls.get_num_threads()
+    states = []
+    try:
+        for n_threads in (1, 2, 3):
+            ls.set_num_threads(n_threads)
+            S = MomentState(64, 64)
+            S.add(K[:5000], V[:5000])
+            S.add(K[5000:], V[5000:])
+            states.append(S.to_state())
+    finally:
+        ls.set_num_threads(before)
+    for other in states[1:]:
+        for name in ("moments_hi", "moments_lo"):
+            assert np.array_equal(states[0][name], other[name])
+    assert np.any(states[0]["moments_lo"] != 0)  # the compensation is in use
+
+
+def test_fold_allocates_nothing_of_the_lifted_size() -> None:
+    """The lifted rows of a chunk (``rows x D`` floats: 17 MB for 1024 rows at d = 64) are never formed."""
+    rng = np.random.default_rng(8)
+    K, V = rng.standard_normal((8192, 64)), rng.standard_normal((8192, 64))
+    S = MomentState(64, 64)
+    S.add(K[:1024], V[:1024])  # this thread's scratch buffers, made once
+    before = ls.get_num_threads()
+    ls.set_num_threads(1)  # the helper threads' scratch is theirs, made on first use: count this thread only
+    try:
+        tracemalloc.start()
+        try:
+            S.add(K, V)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        ls.set_num_threads(before)
+    assert peak < 1024 * lifted_dim(64) * 8 // 16, peak
+    ref = MomentState(64, 64)
+    ref.add(K[:1024], V[:1024])
+    ref.add(K, V)
+    assert np.array_equal(ref.to_state()["moments_hi"], S.to_state()["moments_hi"])
+
+
+def test_scale_then_add_matches_brute_force() -> None:
+    rng = np.random.default_rng(9)
+    S = MomentState(6, 2)
+    K1, V1 = rng.standard_normal((700, 6)), rng.standard_normal((700, 2))
+    K2, V2 = rng.standard_normal((3, 6)), rng.standard_normal((3, 2))
+    K3, V3 = rng.standard_normal((600, 6)), rng.standard_normal((600, 2))
+    S.add(K1, V1)
+    S.add(K2, V2)  # waits in the buffer
+    S.scale(0.25)
+    S.add(K3, V3)
+    K = np.concatenate([K1 * 0.5, K2 * 0.5, K3])
+    V = np.concatenate([V1, V2, V3])
+    for q in rng.standard_normal((2, 6)):
+        err = np.abs(S.numerator(q[None])[0] - _exact_numerator(K, V, q, 2))
+        assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2))
