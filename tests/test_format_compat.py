@@ -10,6 +10,13 @@ and checked three ways:
 * against brute force over the keys, regenerated from the seeds of ``make_fixtures.py``;
 * after feeding more keys to the restored sketch, against brute force over all keys.
 
+The fixtures in ``tests/data/format_v2/`` are sketches with values (format version 2), written once by
+levstream 0.2.0 the same way (``make_fixtures.py`` there; answers of ``attend`` in
+``answers_0.2.0.npz``, with the commit that wrote them), each stopped mid-stream so that the input buffer
+and the moment state's row buffer are part of the bytes.  They are checked against 0.2.0's answers,
+against brute force over the regenerated keys and values (entries, heavy outputs and masses, coreset
+bounds, exact outputs to 1e-10), and after streaming more keys with values into them.
+
 Also: keys-only sketches still write version 1 (so 0.1.0 can read them), sketches with values write
 version 2, and a version this levstream does not know is refused with a clear error.
 """
@@ -357,3 +364,252 @@ def test_a_version_that_disagrees_with_the_value_header_is_refused():
         ls.KeySketch.from_bytes(with_version(with_values, 1))
     with pytest.raises(ValueError, match="format version 2 and the value header disagree"):
         ls.KeySketch.from_bytes(with_version((DATA / "p2.lsk").read_bytes(), 2))
+
+
+# ------------------------------------------------------------------------ format version 2 (values)
+DATA_V2 = Path(__file__).parent / "data" / "format_v2"
+
+#: The release that wrote the version-2 fixtures (``make_fixtures.py`` in ``DATA_V2``).
+V2_RELEASE = "0.2.0"
+
+#: Exact outputs against dense attention, relative to the largest |output| of the query row (issue 12).
+OUTPUT_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class ValueFixture:
+    """One single-head version-2 fixture: its file, the keys and values it was fed, its settings."""
+
+    name: str
+    n: int
+    dim: int
+    value_dim: int
+    key_seed: int
+    value_seed: int
+    eps: float
+    p: float
+    exact: bool
+    exact_output: bool
+
+    @property
+    def keys(self) -> np.ndarray:
+        return fixture_keys(self.n, self.dim, self.key_seed)
+
+    @property
+    def values(self) -> np.ndarray:
+        return fixture_values(self.n, self.value_dim, self.value_seed)
+
+    @property
+    def queries(self) -> np.ndarray:
+        return QUERIES[:, :self.dim]
+
+    def load(self) -> ls.KeySketch:
+        return ls.load(DATA_V2 / f"{self.name}.lsk")
+
+
+def fixture_values(n: int, dv: int, seed: int) -> np.ndarray:
+    """``make_fixtures.values`` of format_v2: the same values, regenerated from the same seed."""
+    return np.random.default_rng(seed).standard_normal((n, dv))
+
+
+V2_FIXTURES = [ValueFixture("p2_values", 3000, 6, 3, 0, 20, 0.02, 2.0, True, False),
+               ValueFixture("p2_exact_output", 3000, 6, 3, 0, 20, 0.02, 2.0, True, True),
+               ValueFixture("p3_coreset_values", 3000, 6, 3, 0, 20, 0.02, 3.0, False, False),
+               ValueFixture("p4_exact_output", 2000, 4, 2, 1, 21, 0.05, 4.0, True, True)]
+V2_IDS = [f.name for f in V2_FIXTURES]
+MHV_HEADS, MHV_DIM, MHV_VALUE_DIM, MHV_N, MHV_EPS = 3, 5, 2, 1500, 0.05
+
+
+def multihead_values() -> tuple[np.ndarray, np.ndarray]:
+    KH = np.stack([fixture_keys(MHV_N, MHV_DIM, 10 + h) for h in range(MHV_HEADS)])
+    VH = np.stack([fixture_values(MHV_N, MHV_VALUE_DIM, 30 + h) for h in range(MHV_HEADS)])
+    return KH, VH
+
+
+def load_multihead_values() -> ls.MultiHeadKeySketch:
+    return ls.MultiHeadKeySketch.from_bytes((DATA_V2 / "multihead_values.lsk").read_bytes())
+
+
+@pytest.fixture(scope="module")
+def recorded_v2() -> dict[str, np.ndarray]:
+    with np.load(DATA_V2 / f"answers_{V2_RELEASE}.npz") as npz:
+        return dict(npz)
+
+
+def assert_close_rows(got: np.ndarray, want: np.ndarray, rtol: float, what: str) -> None:
+    """``|got - want| <= rtol * max |want|`` in each query row (an output column may cancel to ~0)."""
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    scale = np.abs(want).reshape(want.shape[0], -1).max(axis=1)
+    err = np.abs(got - want).reshape(want.shape[0], -1).max(axis=1)
+    assert np.all(err <= rtol * scale), f"{what}: relative error {np.max(err / np.maximum(scale, 1e-300))}"
+
+
+def head_of(r: ls.AttentionResult, h: int) -> ls.AttentionResult:
+    """Head ``h`` of a multi-head result, as a single-head one."""
+    return ls.AttentionResult(r.entries[h], r.heavy_output[h], r.captured_mass[h],  # type: ignore[index]
+                              None if r.output is None else r.output[h])
+
+
+def assert_same_as_recorded(r: ls.AttentionResult, recorded: dict[str, np.ndarray], prefix: str) -> None:
+    """The entries identical; values, bounds, masses, heavy and exact outputs to LEGACY_RTOL (identical
+    when written)."""
+    e = r.entries
+    assert np.array_equal(e.indptr, recorded[f"{prefix}.indptr"]), f"{prefix}: entries per query"
+    assert np.array_equal(e.key_ids, recorded[f"{prefix}.key_ids"]), f"{prefix}: key ids"
+    np.testing.assert_allclose(e.values, recorded[f"{prefix}.values"], rtol=LEGACY_RTOL, atol=0.0,
+                               err_msg=f"{prefix}: values")
+    for name in ("lower", "upper"):
+        got = getattr(e, name)
+        assert (got is None) == (f"{prefix}.{name}" not in recorded), f"{prefix}: {name} bounds"
+        if got is not None:
+            np.testing.assert_allclose(got, recorded[f"{prefix}.{name}"], rtol=LEGACY_RTOL, atol=0.0,
+                                       err_msg=f"{prefix}: {name} bounds")
+    np.testing.assert_allclose(r.captured_mass, recorded[f"{prefix}.captured_mass"], rtol=LEGACY_RTOL,
+                               atol=0.0, err_msg=f"{prefix}: captured mass")
+    assert_close_rows(r.heavy_output, recorded[f"{prefix}.heavy_output"], LEGACY_RTOL,
+                      f"{prefix}: heavy output")
+    assert (r.output is None) == (f"{prefix}.output" not in recorded), f"{prefix}: exact output kept"
+    if r.output is not None:
+        assert_close_rows(r.output, recorded[f"{prefix}.output"], LEGACY_RTOL, f"{prefix}: output")
+    for name in ("captured_mass_bounds", "heavy_output_bounds"):
+        bounds = getattr(r, name)
+        assert (bounds is None) == (f"{prefix}.{name}.lower" not in recorded), f"{prefix}: {name}"
+        for got, side in zip(bounds or (), ("lower", "upper")):
+            want = recorded[f"{prefix}.{name}.{side}"]
+            assert_close_rows(got.reshape(len(got), -1), want.reshape(len(want), -1), LEGACY_RTOL,
+                              f"{prefix}: {name} {side}")
+
+
+def assert_value_answers_match_brute_force(r: ls.AttentionResult, K: np.ndarray, V: np.ndarray,
+                                           Q: np.ndarray, p: float, eps: float, exact: bool,
+                                           exact_output: bool, ids: np.ndarray | None = None) -> None:
+    """Entries as :func:`assert_matches_brute_force`; the heavy output and mass are the sums over the
+    returned entries with the value rows fed (and, in exact modes, those of dense attention); the exact
+    output that of dense attention over every key (OUTPUT_RTOL)."""
+    ids = np.arange(K.shape[0]) if ids is None else ids
+    twin = NaiveStream(K.shape[1], p=p)
+    twin.update_many(K, ids=ids)
+    assert_matches_brute_force(r.entries, twin, Q, eps, exact)
+    assert len(r.entries) > 0, "the fixed queries have heavy entries: the checks are not vacuous"
+    position = {int(k): j for j, k in enumerate(ids)}
+    rows = r.entries.rows()
+    cols = np.array([position[int(k)] for k in r.entries.key_ids], dtype=np.int64)
+    mass = np.bincount(rows, weights=r.entries.values, minlength=Q.shape[0])
+    heavy = np.zeros((Q.shape[0], V.shape[1]))
+    np.add.at(heavy, rows, r.entries.values[:, None] * V[cols])
+    np.testing.assert_allclose(r.captured_mass, mass, rtol=1e-12, atol=0.0)
+    assert_close_rows(r.heavy_output, heavy, 1e-12, "heavy output of the returned entries")
+    A = twin.attention(Q)
+    if not exact:  # the true mass and heavy output of the returned entries lie within the bounds
+        true = A[rows, cols]
+        true_mass = np.bincount(rows, weights=true, minlength=Q.shape[0])
+        true_heavy = np.zeros((Q.shape[0], V.shape[1]))
+        np.add.at(true_heavy, rows, true[:, None] * V[cols])
+        assert r.captured_mass_bounds is not None and r.heavy_output_bounds is not None
+        for want, (lower, upper) in ((true_mass, r.captured_mass_bounds),
+                                     (true_heavy, r.heavy_output_bounds)):
+            slack = BOUND_RTOL * np.abs(want)
+            assert np.all(lower <= want + slack) and np.all(want - slack <= upper)
+    if exact:
+        dense_heavy = np.where(A >= eps, A, 0.0)
+        np.testing.assert_allclose(r.captured_mass, dense_heavy.sum(axis=1), rtol=1e-9, atol=1e-12)
+        assert_close_rows(r.heavy_output, dense_heavy @ V, 1e-9, "heavy output")
+    if exact_output:
+        assert r.output is not None
+        assert_close_rows(r.output, A @ V, OUTPUT_RTOL, "exact output")
+    else:
+        assert r.output is None
+
+
+@pytest.mark.parametrize("name", [*V2_IDS, "multihead_values"])
+def test_v2_fixtures_are_format_version_2_and_rewrite_to_the_same_bytes(name):
+    data = (DATA_V2 / f"{name}.lsk").read_bytes()
+    assert _serialize.unpack(data)[2] == 2
+    cls = ls.MultiHeadKeySketch if name.startswith("multihead") else ls.KeySketch
+    assert cls.from_bytes(data).to_bytes() == data
+
+
+@pytest.mark.parametrize("fx", V2_FIXTURES, ids=V2_IDS)
+def test_v2_restored_sketch_has_the_settings_it_was_written_with(fx):
+    sk = fx.load()
+    assert (sk.dim, sk.eps, sk.p, sk.n, sk.next_id) == (fx.dim, fx.eps, fx.p, fx.n, fx.n)
+    assert (sk.value_dim, sk.exact_output) == (fx.value_dim, fx.exact_output)
+
+
+@pytest.mark.parametrize("fx", V2_FIXTURES, ids=V2_IDS)
+@pytest.mark.parametrize("how", ["restored", "settled"])
+def test_v2_fixtures_answer_as_when_written(fx, how, recorded_v2):
+    sk = fx.load()
+    if how == "settled":
+        sk.flush()
+    assert_same_as_recorded(sk.attend(fx.queries), recorded_v2, f"{fx.name}.{how}")
+
+
+@pytest.mark.parametrize("how", ["restored", "settled"])
+def test_v2_multihead_fixture_answers_as_when_written(how, recorded_v2):
+    mh = load_multihead_values()
+    assert (mh.n_heads, mh.dim, mh.eps, mh.p, mh.n, mh.value_dim) == (
+        MHV_HEADS, MHV_DIM, MHV_EPS, 2.0, MHV_N, MHV_VALUE_DIM)
+    if how == "settled":
+        mh.flush()
+    r = mh.attend(np.stack([QUERIES[:, :MHV_DIM]] * MHV_HEADS))
+    for h in range(MHV_HEADS):
+        assert_same_as_recorded(head_of(r, h), recorded_v2, f"multihead_values.{how}.{h}")
+
+
+@pytest.mark.parametrize("fx", V2_FIXTURES, ids=V2_IDS)
+@pytest.mark.parametrize("settle", [False, True])
+def test_v2_fixtures_match_brute_force(fx, settle):
+    sk = fx.load()
+    if settle:
+        sk.flush()
+    assert_value_answers_match_brute_force(sk.attend(fx.queries), fx.keys, fx.values, fx.queries, fx.p,
+                                           fx.eps, fx.exact, fx.exact_output)
+
+
+def test_v2_multihead_fixture_matches_brute_force():
+    KH, VH = multihead_values()
+    Q = QUERIES[:, :MHV_DIM]
+    r = load_multihead_values().attend(np.stack([Q] * MHV_HEADS))
+    for h in range(MHV_HEADS):
+        assert_value_answers_match_brute_force(head_of(r, h), KH[h], VH[h], Q, 2.0, MHV_EPS, True, True)
+
+
+@pytest.mark.parametrize("fx", V2_FIXTURES, ids=V2_IDS)
+def test_v2_restored_sketch_keeps_streaming(fx):
+    """Feed more keys with values (a chunk, single rows, a chunk with explicit ids) to a restored
+    version-2 sketch: at every step the answers are those of brute force over everything fed, and the
+    bytes stay version 2."""
+    sk = fx.load()
+    more = fixture_keys(1200, fx.dim, 1000 + fx.key_seed)
+    more[:5] *= 20.0  # a few new keys heavy enough to enter the universal set
+    more_values = fixture_values(1200, fx.value_dim, 2000 + fx.value_seed)
+    Q = np.vstack([fx.queries, more[:5]])
+    fed = {"K": [fx.keys], "V": [fx.values], "ids": [np.arange(fx.n)]}
+
+    def feed_twin(start: int, stop: int, ids: np.ndarray) -> None:
+        fed["K"].append(more[start:stop])
+        fed["V"].append(more_values[start:stop])
+        fed["ids"].append(ids)
+
+    def check() -> None:
+        K, V, ids = (np.concatenate(fed[name]) for name in ("K", "V", "ids"))
+        assert sk.n == K.shape[0]
+        assert_value_answers_match_brute_force(sk.attend(Q), K, V, Q, fx.p, fx.eps, fx.exact,
+                                               fx.exact_output, ids)
+
+    sk.update_many(more[:700], more_values[:700])
+    feed_twin(0, 700, np.arange(fx.n, fx.n + 700))
+    check()
+    for t in range(700, 710):
+        sk.update(more[t], more_values[t])
+    feed_twin(700, 710, np.arange(fx.n + 700, fx.n + 710))
+    check()
+    new_ids = np.arange(50_000, 50_490)[::-1]  # ids far past the counter, in decreasing order
+    sk.update_many(more[710:], more_values[710:], ids=new_ids)
+    feed_twin(710, 1200, new_ids)
+    check()
+    data = sk.to_bytes()
+    assert _serialize.unpack(data)[2] == 2  # values, no decay: still version 2
+    sk = ls.KeySketch.from_bytes(data)
+    check()
