@@ -6,7 +6,7 @@ at time ``t``.  A sketch does not multiply its state at every row: it stores row
 ``sqrt(w_j) k_j`` with ``w_j = c_j(t) e^E``, where the frame exponent ``E`` (a number in ``(-ln 4, FRAME_LIMIT]``)
 is the same for every row.  Everything a query computes is a ratio of weights, so the frame cancels; only the
 normaliser itself is multiplied back by ``e^-E``.  When ``E`` outgrows ``FRAME_LIMIT`` the state is multiplied by
-an exact power of 4 (a *rebase*).  Weights that fall below ``2^-1000`` of the frame are flushed to zero.
+an exact power of 4 (a *rebase*).  Weights that fall below ``2^-1800`` of the frame are flushed to zero.
 
 :class:`Frame` is the frame's state (immutable: a sketch swaps it in once a change has been validated);
 :func:`neg_log_gates` validates gates.
@@ -22,8 +22,9 @@ import numpy as np
 from ._kernels.decay import dd_add, frame_rows, frame_step
 from ._validation import check_real
 
-#: A rebase by more than this many factors of 4 flushes the state to zero (weights below ``2^-1000``).
-FORGET_SHIFT = 500
+#: A rebase by more than this many factors of 4 flushes the state to zero (weights below ``2^-1800``, rows
+#: below ``2^-900`` of the frame: the smallest the summary's R factor holds exactly).
+FORGET_SHIFT = 900
 
 
 class Frame(NamedTuple):

@@ -417,12 +417,21 @@ def _decode_step(
     assert view.total_gram is not None
     w = float(q[0] @ k[0]) ** 2
     held = view.ids.size + view.extra_ids.size
-    step = view._replace(
-        extra_keys=np.concatenate([view.extra_keys, k]),
-        extra_ids=np.concatenate([view.extra_ids, key_id]),
-        ids_sorted=view.ids_sorted and (held == 0 or key_id[0] > _last_id(view)),
+    thresh = report_threshold(eps, 0.0)
+    # the rows held are scanned in place (no copy of them per step); the new key is the one extra term
+    counts, pos, vals, z = heavy_p2(
+        q, view.total_gram, view.keys, view.extra_keys, thresh, np.array([w])
     )
-    entries, z = _live_find(step, q, report_threshold(eps, 0.0), np.array([w]))
+    key_ids = view.ids[pos] if view.extra_ids.size == 0 else _ids_at(view, pos)
+    if z[0] > 0.0 and w >= thresh * z[0]:  # the kernel's rule, for the step's own key
+        counts[0] += 1
+        pos = np.append(pos, held)
+        vals = np.append(vals, w / z[0])
+        key_ids = np.append(key_ids, key_id)
+    sorted_ids = view.ids_sorted and (held == 0 or key_id[0] > _last_id(view))
+    if not sorted_ids and key_ids.size > 1:
+        key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
+    entries = _Entries(counts, pos, key_ids, vals)
     assert view.values is not None
     extra_values = _NO_VALUES if view.extra_values is None else view.extra_values
     heavy_out, mass = heavy_outputs(

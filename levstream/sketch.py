@@ -507,7 +507,7 @@ class KeySketch:
         scales, shifts, frame = self._frame.rows(neg)
         total = int(shifts[-1]) if shifts.size else 0
         if total:
-            # earlier rows of the chunk, in the frame after its last row; below 2^-1000 flushed
+            # earlier rows of the chunk, in the frame after its last row; below 2^-1800 flushed
             scales = np.ldexp(scales, shifts - total)
             scales[scales < _FLUSH_SCALE] = 0.0
         Xw = X * scales[:, None]
@@ -517,7 +517,7 @@ class KeySketch:
         return Xw, total, frame
 
     def _rebase(self, shift: int) -> None:
-        """Multiply the whole state by ``4^-shift`` (exact; below ``2^-1000`` flushed to zero)."""
+        """Multiply the whole state by ``4^-shift`` (exact; below ``2^-1800`` flushed to zero)."""
         if shift:
             forget = shift > FORGET_SHIFT
             self._scale_state(0.0 if forget else math.ldexp(1.0, -2 * shift))
@@ -526,7 +526,7 @@ class KeySketch:
         """Every weight times ``factor``: the summary and moments by ``factor``, every row held by its root."""
         summary = self._summary
         assert isinstance(summary, GramSummary)
-        if factor < 2.0**-1000 or summary.scale_underflows(factor):
+        if factor < 4.0**-FORGET_SHIFT:
             factor = (
                 0.0  # below the frame's range: flushed (docs/theory.md, "Decay and gates", Limits)
             )
@@ -1446,8 +1446,8 @@ class KeySketch:
     __hash__ = object.__hash__
 
 
-#: Row scales (square roots of weights) below this are flushed to zero: weights below ``2^-1000`` of the frame.
-_FLUSH_SCALE = 2.0**-500
+#: Row scales (square roots of weights) below this are flushed to zero: weights below ``2^-1800`` of the frame.
+_FLUSH_SCALE = 2.0**-FORGET_SHIFT
 
 #: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
 _SMALL_LIVE_ROWS = 32

@@ -65,6 +65,19 @@ def _inverse_transpose(L: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.triu(np.linalg.inv(L).T))
 
 
+#: Columns of the R factor whose largest entry is below this are set to zero (a rebase of a decaying stream:
+#: the direction's keys weigh below ``2^-1800`` of the frame; above it the factor of _get_factor, ``1 / (column
+#: maximum x singular value)``, stays finite).
+_R_COLUMN_FLOOR = 2.0**-900
+
+
+def _without_tiny_columns(R: np.ndarray) -> np.ndarray:
+    """``R`` with the columns whose largest entry is below ``_R_COLUMN_FLOOR`` set to 0."""
+    out = R.copy()
+    out[:, np.abs(R).max(axis=0) < _R_COLUMN_FLOOR] = 0.0
+    return out
+
+
 def gram_rel_error_max(dim: int) -> float:
     """The largest :attr:`GramSummary.rel_error` of the Gram path (its condition number is kept at most
     ``GRAM_KAPPA_MAX``): thresholds lowered by this margin stay valid whatever the next conditioning check
@@ -307,20 +320,6 @@ class GramSummary(NormalizerSummary):
         self.n_rows += other.n_rows
         self._enter_qr(R_self, [R_other])
 
-    def scale_underflows(self, factor: float) -> bool:
-        """Whether :meth:`scale` by ``factor`` would take ``G`` (a diagonal entry, or a column of ``R``) below the
-        range the summary computes in: float64's normal numbers (:func:`_diag_floor`); the caller then flushes
-        the state to zero instead (docs/theory.md, "Decay and gates", Limits)."""
-        if self.n_rows == 0 or factor >= 1.0:
-            return False
-        if self.mode == "gram":
-            diag = np.diag(self._hi)
-            return bool(factor * diag.min() < _diag_floor(self.n_rows)) and bool(diag.max() > 0)
-        assert self._r is not None
-        colsq = (self._r * self._r).sum(axis=0)
-        live = colsq[colsq > 0]
-        return bool(live.size) and bool(factor * live.min() < _diag_floor(self.n_rows))
-
     def scale(self, factor: float) -> None:
         """``G <- factor G`` for every row weighted by ``sqrt(factor)`` (``factor > 0``): a decaying stream's change
         of reference frame (docs/theory.md, "Decay and gates").  Scores, the equilibrated eigenvalue bounds and
@@ -332,10 +331,27 @@ class GramSummary(NormalizerSummary):
             self._enter_qr(np.zeros((self.dim, self.dim)), [])
             return
         root = float(np.sqrt(factor))
+        floor = _diag_floor(self.n_rows)
+        if self.mode == "gram" and self.n_rows and (np.diag(self._hi) * factor < floor).any():
+            # a direction whose weight leaves the range of G's entries: keep G as its R factor (entries of the
+            # order of the square roots of G's, so directions carried only by old keys stay exact)
+            R = self._r_factor() * root
+            self.release_factors()
+            self._bound = (None, 0.0)
+            self._enter_qr(_without_tiny_columns(R), [])
+            return
         self._hi *= factor
         self._lo *= factor
         if self._r is not None:
             self._r *= root
+            tiny = np.abs(self._r).max(axis=0) < _R_COLUMN_FLOOR
+            if tiny.any():
+                self._r[:, tiny & (np.abs(self._r).max(axis=0) > 0)] = 0.0
+                self._factor = None
+        if (
+            self._chk_diag * factor < floor
+        ).any():  # the last check's bounds would leave the range too
+            self._chk_lam = 0.0
         self._chk_diag = self._chk_diag * factor
         self._past_diag_max *= factor
         self._plan_diag *= factor
