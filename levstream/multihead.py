@@ -110,11 +110,6 @@ class MultiHeadKeySketch:
         self, n_heads: int, dim: int, *, eps: float, p: float = 2, rng: Any = None, **options: Any
     ) -> None:
         n_heads = check_int(n_heads, "n_heads", minimum=1)
-        if options.get("decay") is not None:
-            raise ValueError(
-                "MultiHeadKeySketch does not take decay= yet (its heads would not weigh the rows); use one "
-                "KeySketch(decay=) per head."
-            )
         if isinstance(rng, np.random.Generator):
             root = rng.bit_generator.seed_seq
             assert isinstance(root, np.random.SeedSequence)
@@ -337,14 +332,17 @@ class MultiHeadKeySketch:
 
     # ------------------------------------------------------------------ ingest
     def update_many(
-        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None
+        self, X: Any, V: Any = None, ids: Any = None, offset: Any = None, gates: Any = None
     ) -> MultiHeadKeySketch:
         """Feed one chunk of keys of every head, shape ``(n_heads, m, dim)`` (values ``(n_heads, m, value_dim)``).
 
         ``ids``/``offset`` number the ``m`` keys (tokens) as in :meth:`KeySketch.update_many`; they are the
-        same for every head and checked once.  ``m = 0`` is a no-op.  On a bad chunk, bad ids or an id clash
-        nothing is changed.  Returns ``self``.
+        same for every head and checked once.  ``m = 0`` is a no-op.  ``gates`` (p = 2): shape ``(n_heads, m)``,
+        or ``(m,)`` for the same gates in every head (see :meth:`KeySketch.update_many`).  On a bad chunk, bad
+        ids or an id clash nothing is changed.  Returns ``self``.
         """
+        if gates is not None or self._forgets():
+            return self._update_gated(X, V, ids, offset, gates)
         if (
             ids is None
             and offset is None
@@ -370,11 +368,29 @@ class MultiHeadKeySketch:
                     head._ingest(X[h], None if Vs is None else Vs[h], new_ids, start, srt)
         return self
 
-    def update(self, x: Any, v: Any = None) -> MultiHeadKeySketch:
+    def update(self, x: Any, v: Any = None, gate: Any = None) -> MultiHeadKeySketch:
         """Feed one key (token) of every head, shape ``(n_heads, dim)`` (value ``(n_heads, value_dim)``).
 
-        The token is validated and numbered once for all heads."""
+        The token is validated and numbered once for all heads.  ``gate``: one per head (shape ``(n_heads,)``)
+        or one number for all (see :meth:`KeySketch.update`)."""
         H, d, dv = self.n_heads, self.dim, self.value_dim
+        if gate is not None or self._forgets():
+            arr = as_real_array(x, "x")
+            if arr.shape != (H, d):
+                raise ValueError(
+                    f"x must have shape (n_heads, dim) = ({H}, {d}); got shape {arr.shape}."
+                )
+            val = None if v is None else as_real_array(v, "v")
+            if val is not None and val.ndim != 2:
+                raise ValueError(f"v must have shape (n_heads, value_dim); got shape {val.shape}.")
+            gates = None if gate is None else np.asarray(gate)
+            if gates is not None and gates.ndim == 0:
+                gates = gates[None]  # one gate for every head: shape (1,) for the one token
+            elif gates is not None:
+                gates = gates[:, None]  # one per head: (n_heads, 1)
+            return self._update_gated(
+                arr[:, None, :], None if val is None else val[:, None, :], None, None, gates
+            )
         if (
             type(x) is np.ndarray
             and x.dtype == np.float64
@@ -410,6 +426,51 @@ class MultiHeadKeySketch:
                 raise ValueError(f"v must have shape (n_heads, value_dim); got shape {val.shape}.")
             val = val[:, None, :]
         return self.update_many(arr[:, None, :], val)
+
+    # ------------------------------------------------------------------ decay (see KeySketch)
+    def _forgets(self) -> bool:
+        return any(h.forgets for h in self._heads)
+
+    def _neg_log_gates(self, gates: Any, m: int) -> list[np.ndarray]:
+        """Per head, ``-log`` of each row's effective gate (gates of shape (n_heads, m), or (m,) for all heads;
+        a head that has not forgotten anything and gets no gate weighs its rows by 1, exactly)."""
+        if gates is None:
+            return [_or_ones(h._neg_log_gates(None, m), m) for h in self._heads]
+        arr = np.asarray(gates)
+        if arr.ndim == 1:  # the same gates in every head
+            arr = np.broadcast_to(arr, (self.n_heads, *arr.shape))
+        if arr.ndim != 2 or arr.shape[0] != self.n_heads:
+            raise ValueError(
+                f"gates must have shape (n_heads, m) = ({self.n_heads}, {m}) or ({m},); got shape "
+                f"{np.shape(gates)}."
+            )
+        return [_or_ones(h._neg_log_gates(arr[i], m), m) for i, h in enumerate(self._heads)]
+
+    def _leave_step_path(self) -> None:
+        """Gates from now on: tokens go to the heads directly (they weigh them), not through the token buffer."""
+        self._sync()
+        self._step_ok = False
+        self._live = None
+        self._stale = True
+
+    def _update_gated(
+        self, X: Any, V: Any, ids: Any, offset: Any, gates: Any
+    ) -> MultiHeadKeySketch:
+        X = self._stack(X, "X", self.dim)
+        m = X.shape[1]
+        Vs = self._values(V, m)
+        negs = self._neg_log_gates(gates, m)
+        with self._lock:
+            new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
+            if not m:
+                return self
+            self._leave_step_path()
+            # every head's rows weighed and checked before any head changes
+            plans = [h._weigh_rows(X[i], negs[i], "X") for i, h in enumerate(self._heads)]
+            for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
+                head._move_frame(shift, frame)
+                head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
+        return self
 
     def extend(self, iterable: Iterable[Any]) -> MultiHeadKeySketch:
         """Feed tokens ``(n_heads, dim)`` and/or chunks ``(n_heads, m, dim)`` — or ``(keys, values)`` pairs of
@@ -672,10 +733,18 @@ class MultiHeadKeySketch:
         return AttentionResult(entries, heavy_out, mass, output)
 
     def prefill(
-        self, K: Any, V: Any, Q: Any, ids: Any = None, offset: Any = None, eps: float | None = None
+        self,
+        K: Any,
+        V: Any,
+        Q: Any,
+        ids: Any = None,
+        offset: Any = None,
+        eps: float | None = None,
+        gates: Any = None,
     ) -> AttentionResult:
         """:meth:`KeySketch.prefill` for every head: causal attention of a chunk ``(n_heads, c, dim)`` (values
         ``(n_heads, c, value_dim)``), then the chunk is folded into every head.  Results as :meth:`attend`.
+        ``gates``: shape ``(n_heads, c)``, or ``(c,)`` for the same gates in every head.
 
         Examples
         --------
@@ -689,8 +758,10 @@ class MultiHeadKeySketch:
         (True, 6)
         """
         dv = self.value_dim
+        forgets = gates is not None or self._forgets()
         if (
-            ids is None
+            not forgets
+            and ids is None
             and offset is None
             and dv is not None
             and self._step_ok
@@ -720,9 +791,20 @@ class MultiHeadKeySketch:
         if Vs is None:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
         eps = self._query_eps(eps)
+        negs = self._neg_log_gates(gates, c) if forgets else None
         with self._lock:
             self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(c, ids, offset)
+            if negs is not None and c:
+                self._leave_step_path()
+                # every head's rows weighed and checked before any head changes
+                plans = [h._plan_segments(K[i], negs[i]) for i, h in enumerate(self._heads)]
+                return _stacked(
+                    [
+                        h._prefill_planned(Vs[i], Q[i], new_ids, start, eps, plan)
+                        for i, (h, plan) in enumerate(zip(self._heads, plans))
+                    ]
+                )
             chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
             results = [
                 _query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)
@@ -1027,6 +1109,11 @@ def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float] | None
     if not np.isfinite(W).all():
         return None
     return np.ascontiguousarray(W), margin(rel, prune=True)
+
+
+def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:
+    """``-log`` gates of ``m`` rows, 0 (gate 1) where none was needed."""
+    return np.zeros(m) if neg is None else neg
 
 
 def _stacked(results: list[AttentionResult]) -> AttentionResult:

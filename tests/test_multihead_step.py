@@ -285,9 +285,57 @@ def test_the_step_path_with_ill_conditioned_and_rescaled_heads():
                 assert_heavy_matches_dense(hits, dense_heavy(Q[h], K[h, :t + 1], EPS), EPS)
 
 
-def test_decay_is_refused():
-    with pytest.raises(ValueError, match="decay"):
-        ls.MultiHeadKeySketch(2, D, eps=EPS, decay=0.9)
+@pytest.mark.parametrize("decay", [None, 0.97])
+def test_gates_per_head_leave_the_step_path_and_stay_exact(decay):
+    """Gates (per head, one head never forgetting) and decay through update, update_many, prefill chunks and
+    decode steps: every head equals the log-space brute force of its own decayed stream (tests/naive.py)."""
+    from naive import DecayedStream
+
+    rng = np.random.default_rng(4)
+    H, d, dv, n = 3, 4, 2, 600
+    K, V = rng.standard_normal((H, n, d)), rng.standard_normal((H, n, dv))
+    G = np.exp(-rng.exponential(0.2, size=(H, n)))
+    G[0] = 1.0  # head 0 never forgets
+    mh = ls.MultiHeadKeySketch(H, d, eps=0.05, value_dim=dv, exact_output=True, decay=decay)
+    refs = [DecayedStream(d, value_dim=dv, decay=decay) for _ in range(H)]
+    pos = 0
+    while pos < n:
+        m = min(int(rng.integers(0, 12)), n - pos)
+        kind, sl = rng.integers(4), slice(pos, pos + m)
+        gated = rng.random() < 0.5
+        gates = G[:, sl] if gated else None
+        if kind == 0:
+            for i in range(pos, pos + m):
+                mh.update(K[:, i], V[:, i], gate=G[:, i] if gated else None)
+        elif kind == 1:
+            mh.update_many(K[:, sl], V[:, sl], gates=gates)
+        elif kind == 2 and m:
+            Q = rng.standard_normal((H, m, d))
+            r = mh.prefill(K[:, sl], V[:, sl], Q, gates=gates)
+            for h in range(H):
+                ref = DecayedStream(d, value_dim=dv, decay=decay)
+                ref.update_many(refs[h].K, refs[h].V, gates=np.exp(refs[h].log_gates - (0.0 if decay is None else np.log(decay))))
+                ref.update_many(K[h, sl], V[h, sl], gates=None if gates is None else gates[h])
+                np.testing.assert_allclose(r.output[h], ref.outputs(Q[h], np.arange(pos, pos + m)),
+                                           rtol=1e-9, atol=1e-12)
+                assert r.entries[h].as_set() == set(ref.heavy(Q[h], 0.05, np.arange(pos, pos + m)))
+        else:
+            for i in range(pos, pos + m):
+                mh.prefill(K[:, i : i + 1], V[:, i : i + 1], rng.standard_normal((H, 1, d)),
+                           gates=G[:, i : i + 1] if gated else None)
+        for h in range(H):
+            refs[h].update_many(K[h, sl], V[h, sl], gates=None if gates is None else gates[h])
+        pos += m
+        if pos == 0:
+            continue
+        Q = rng.standard_normal((H, 2, d))
+        a = mh.attend(Q)
+        for h in range(H):
+            assert a.entries[h].as_set() == set(refs[h].heavy(Q[h], 0.05)), (pos, h)
+            np.testing.assert_allclose(a.output[h], refs[h].outputs(Q[h]), rtol=1e-9, atol=1e-12)
+    for h, head in enumerate(mh.heads):
+        np.testing.assert_allclose(head.log_total_gate, refs[h].log_gates.sum(), rtol=1e-12, atol=1e-12)
+    assert ls.MultiHeadKeySketch.from_bytes(mh.to_bytes()).heavy_entries(Q)[2].as_set() == a.entries[2].as_set()
 
 
 # ------------------------------------------------------------------ the stacked scan and its pre-filter
