@@ -24,7 +24,7 @@ from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
-from ._kernels.decay import weigh_row
+from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
 from ._kernels.live import add_rows_and_bound
 from ._kernels.rows import sq_norm
@@ -510,8 +510,8 @@ class KeySketch:
             # earlier rows of the chunk, in the frame after its last row; below 2^-1800 flushed
             scales = np.ldexp(scales, shifts - total)
             scales[scales < _FLUSH_SCALE] = 0.0
-        Xw = X * scales[:, None]
-        if not np.isfinite(sq_total(Xw)):
+        Xw = np.empty(X.shape)
+        if not np.isfinite(weigh_rows(X, scales, Xw)):
             check_finite(X, name)
             raise _too_large_weighted(X, name)
         return Xw, total, frame

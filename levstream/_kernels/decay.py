@@ -83,3 +83,18 @@ def weigh_row(x, neg_log, e_hi, e_lo, t_hi, t_lo, out):  # pragma: no cover - co
         out[a] = v
         sq += v * v
     return sq, shift, e_hi, e_lo, t_hi, t_lo
+
+
+@numba.njit(nogil=True, cache=True)
+def weigh_rows(X, scales, out):  # pragma: no cover - compiled
+    """``out[i] = scales[i] * X[i]`` (float32 or float64 rows, float64 out) and the sum of all squared entries
+    of ``out``, in one pass: nan/inf iff an entry is nan/inf or the weighted squares overflow."""
+    n, d = X.shape
+    total = 0.0
+    for i in range(n):
+        s = scales[i]
+        for j in range(d):
+            v = np.float64(X[i, j]) * s
+            out[i, j] = v
+            total += v * v
+    return total
