@@ -113,7 +113,9 @@ def build_sketch(
     Partitioning.  An array or ``.npy`` source is cut into chunks of ``chunk_rows`` rows and shard ``s`` of
     ``n_jobs`` takes the ``s``-th contiguous run of chunks; chunks of an iterable are dealt round-robin
     (chunk ``k`` to shard ``k % n_jobs``), at most 2 waiting per shard.  The shard sketches are merged in
-    the tree of :func:`levstream.dask.build_sketch` (groups of 8).  For p = 2 the universal set and every
+    the tree of :func:`levstream.dask.build_sketch` (groups of 8).  A stream that forgets (``decay=``) merges
+    consecutive parts only, so an iterable source is then fed as one stream (``n_jobs`` ignored); an array
+    source is split into consecutive shards as usual.  For p = 2 the universal set and every
     query answer are those of a single stream, whatever ``n_jobs`` and the chunking (docs/theory.md,
     "Merging shards").  Chunks with zero rows (of the right width) are no-ops; a source without rows
     gives an empty sketch.  Value rows travel with their keys into the shards and through the
@@ -176,6 +178,9 @@ def build_sketch(
     # the single stream's sketch; building it validates eps, p and the options before any work starts
     sketch = KeySketch(dim, eps=eps, p=p, **root_options(sketch_options))
     bar = _progress_bar(total) if progress else None
+    # a stream that forgets merges only consecutive parts: the round-robin shards of an iterable are not
+    if sketch.forgets and array is None:
+        n_jobs = 1
     try:
         if n_jobs == 1:
             with capped_threads():

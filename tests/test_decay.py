@@ -885,3 +885,16 @@ def test_a_direction_that_decays_away_loses_no_recent_key():
         Q[0, 0] = 0.0
         check_queries(sk, ref, Q, eps=0.1)
     check_universal(sk, ref, eps=0.1)
+
+
+def test_build_from_an_iterable_with_decay_is_one_stream():
+    """Round-robin shards of an iterable are not consecutive parts: build_sketch feeds them as one stream."""
+    rng = np.random.default_rng(97)
+    K = rng.standard_normal((30_000, 6))
+    one = ls.KeySketch(6, eps=0.05, decay=0.99).update_many(K)
+    built = ls.build_sketch((K[i : i + 3000] for i in range(0, 30_000, 3000)), eps=0.05, decay=0.99, n_jobs=3)
+    U = one.universal_set()
+    assert len(U) > 10
+    assert np.array_equal(built.universal_set().ids, U.ids)
+    Q = rng.standard_normal((4, 6))
+    np.testing.assert_allclose(built.normalizer(Q), one.normalizer(Q), rtol=1e-12)
