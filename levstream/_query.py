@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
-from ._kernels.live import heavy_outputs, heavy_p2, heavy_p2_heads
+from ._kernels.live import heavy_outputs, heavy_p2
 from ._kernels.query import threshold_power_csr
 from ._threads import lowered_blas
 from .moments import MomentState
@@ -446,27 +446,3 @@ def _decode_step(
 
 def _last_id(view: HeadView) -> int:
     return int(view.extra_ids[-1] if view.extra_ids.size else view.ids[-1])
-
-
-def heavy_entries_heads(views: list[HeadView], Q: np.ndarray, eps: float) -> list[HeavyEntries]:
-    """:func:`heavy_entries` of every head in one compiled call (the live path of a multi-head sketch: p = 2,
-    exact Gram matrices, a few queries per head, ``Q`` of shape (n_heads, m, d))."""
-    thresh = report_threshold(eps, 0.0)
-    grams = tuple(view.total_gram for view in views)
-    indptr, key_ids, values = heavy_p2_heads(
-        Q,
-        grams,
-        tuple(v.keys for v in views),
-        tuple(v.ids for v in views),
-        tuple(v.extra_keys for v in views),
-        tuple(v.extra_ids for v in views),
-        thresh,
-    )
-    out = []
-    for h, view in enumerate(views):
-        a, b = indptr[h, 0], indptr[h, -1]
-        ids, vals = key_ids[a:b], values[a:b]
-        if not view.ids_sorted and ids.size > 1:
-            ids, vals = _sorted_by_row_and_id(np.diff(indptr[h]), ids, vals)
-        out.append(HeavyEntries.of(indptr[h] - a, ids, vals, eps))
-    return out

@@ -115,43 +115,6 @@ def heavy_p2(Q, G, K, Ke, thresh, z_add):  # pragma: no cover - compiled
     return counts, positions, values, z
 
 
-@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2_heads(Q, Gs, Ks, ids, Kes, extra_ids, thresh):  # pragma: no cover - compiled
-    """:func:`heavy_p2` for every head in one call: ``Q`` (H, m, d) and, per head ``h``, ``Gs[h]``, the rows
-    ``Ks[h]`` with ids ``ids[h]`` and ``Kes[h]`` with ids ``extra_ids[h]`` (tuples of arrays).
-
-    Returns ``(indptr, key_ids, values)``: head ``h``'s query row ``i`` has the entries
-    ``indptr[h, i] .. indptr[h, i + 1] - 1`` (one running offset over all heads), key ids ascending when each
-    head's ids are.
-    """
-    H, m, _ = Q.shape
-    counts_all = np.zeros((H, m), dtype=np.int64)
-    parts_pos = []
-    parts_val = []
-    for h in range(H):
-        counts, positions, values, _ = heavy_p2(Q[h], Gs[h], Ks[h], Kes[h], thresh, np.zeros(m))
-        counts_all[h] = counts
-        parts_pos.append(positions)
-        parts_val.append(values)
-    total = counts_all.sum()
-    key_ids = np.empty(total, dtype=np.int64)
-    values = np.empty(total, dtype=np.float64)
-    indptr = np.zeros((H, m + 1), dtype=np.int64)
-    at = 0
-    for h in range(H):
-        c = ids[h].shape[0]
-        indptr[h, 0] = at
-        for i in range(m):
-            indptr[h, i + 1] = indptr[h, i] + counts_all[h, i]
-        pos = parts_pos[h]
-        for t in range(pos.shape[0]):
-            j = pos[t]
-            key_ids[at + t] = ids[h][j] if j < c else extra_ids[h][j - c]
-            values[at + t] = parts_val[h][t]
-        at += pos.shape[0]
-    return indptr, key_ids, values
-
-
 # ---------------------------------------------------------------------- many heads (MultiHeadKeySketch)
 #
 # The live state of a multi-head sketch is stacked over heads (levstream.multihead): one (H, d, d) array of
