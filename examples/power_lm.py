@@ -7,10 +7,19 @@ scale of q or k).  Rotary position encoding is applied to q and k, so the model 
 length.  A softmax model of the same size is trained for the same number of steps on the same
 batches from the same seed, for an honest comparison of validation bits per character.
 
+A third model adds a learned gate per head and token (gated power attention, issue 13):
+``g_t = sigmoid(w_h . x_t + b_h)`` from the attention input ``x_t`` of each layer (weights zero and
+biases spreading the heads' first gates over 0.95 ... 0.99), and the gate of row t multiplies
+everything before it, so key j's weight for query t is ``c_j(t) <q_t, k_j>^2`` with
+``c_j(t) = g_{j+1} ... g_t``, normalised over ``j <= t``.  Training computes it in parallel with
+``log c_j(t) = L_t - L_j``, L the cumulative sum of log-gates; decoding passes the gates to
+``prefill(K, V, Q, gates=G)``.  The example lists, per head, the earlier tokens that stay heavy,
+their age and the head's mean gate: strongly gated heads keep only recent tokens.
+
 Decoding keeps one ``levstream.MultiHeadKeySketch(H, d, p=2, value_dim=d, exact_output=True)`` per
 layer instead of a KV cache: the prompt goes in with ``prefill`` (causal chunks), every new token as
-a chunk of one row.  The script checks that the logits equal the full causal forward of the same
-model in float64, measures tokens per second and memory against a dense NumPy KV cache at contexts
+a chunk of one row.  The script checks that the logits of the power and the gated model equal the
+full causal forward of the same model in float64, measures (power model) tokens per second and memory against a dense NumPy KV cache at contexts
 up to 10^5 tokens, reports the bits per character when each head keeps only its heavy entries (the
 attention weights ``>= eps``, found from levstream's universal set) and lists, for a few generated
 tokens, the earlier tokens that are heavy for each head.
@@ -23,14 +32,18 @@ Install: ``pip install torch==2.13.0`` (first and alone), then ``pip install -e 
 
 Run::
 
-    python examples/power_lm.py               # 2 models of 2 layers x 4 heads; 6-11 min, 2 cores
+    python examples/power_lm.py               # 3 models of 2 layers x 4 heads, decode timings
+    python examples/power_lm.py --no-speed    # the same without the decode timings
+    python examples/power_lm.py --no-gated    # power and softmax models only (as before issue 13)
     python examples/power_lm.py --quick       # tiny models, small contexts: a smoke run (< 1 min)
-    python examples/power_lm.py --out DIR     # also write DIR/power-lm.json with every figure
-                                              # and the power model's weights (power-lm-model.npz)
+    python examples/power_lm.py --out DIR     # also write DIR/power-lm.json with every figure,
+                                              # the weights (power-lm-model.npz, power-lm-gated-
+                                              # model.npz) and the decode traces (*-trace.npz)
     python examples/power_lm.py --model DIR/power-lm-model.npz   # decode a saved model again
+    python examples/power_lm.py --gated-model DIR/power-lm-gated-model.npz   # a saved gated one
 
 ``--quick`` is implied by the environment variable ``LEVSTREAM_QUICK=1``.  The exit status is 1 when
-the logits of the levstream decode differ from the full forward by more than ``LOGITS_RTOL``.
+the logits of a levstream decode differ from the full forward by more than ``LOGITS_RTOL``.
 """
 
 from __future__ import annotations
@@ -183,7 +196,14 @@ def rope_tables(positions: np.ndarray, head_dim: int, base: float) -> tuple[np.n
     return np.cos(angles), np.sin(angles)
 
 
+def gate_init(heads: int) -> list[float]:
+    """Initial gate of each head of the gated model (weights zero): spread over 0.95 ... 0.99."""
+    return np.linspace(0.95, 0.99, heads).tolist() if heads > 1 else [0.97]
+
+
 def build_model(cfg: Config, attention: str):
+    """The torch model: ``attention`` is "power" (p = 2), "gated" (p = 2 with a learned gate per
+    head and token, decayed as in gated linear attention) or "softmax"."""
     import torch
     from torch import nn
 
@@ -200,6 +220,11 @@ def build_model(cfg: Config, attention: str):
             self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
             self.proj = nn.Linear(cfg.dim, cfg.dim)
             self.fc1, self.fc2 = nn.Linear(cfg.dim, 4 * cfg.dim), nn.Linear(4 * cfg.dim, cfg.dim)
+            if attention == "gated":  # one gate per head and token: log g = logsigmoid(w_h.x + b_h)
+                self.gate = nn.Linear(cfg.dim, cfg.heads)
+                nn.init.zeros_(self.gate.weight)
+                with torch.no_grad():
+                    self.gate.bias.copy_(torch.logit(torch.tensor(gate_init(cfg.heads))))
 
         def attend(self, x, cos, sin):
             B, T, _ = x.shape
@@ -207,8 +232,14 @@ def build_model(cfg: Config, attention: str):
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             if attention == "softmax":
                 o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # p = 2 power attention: w_ij = <q_i, k_j>^2 for j <= i, rows normalised
+            elif attention == "power":  # p = 2 power attention: w_ij = <q_i, k_j>^2 for j <= i
                 w = torch.tril((q @ k.transpose(-1, -2)) ** 2)
+                o = (w @ v) / w.sum(dim=-1, keepdim=True)
+            else:  # gated: w_ij = c_j(i) <q_i, k_j>^2, log c_j(i) = L_i - L_j, L = cumsum(log g)
+                L = nn.functional.logsigmoid(self.gate(x)).transpose(1, 2).cumsum(dim=-1)
+                causal = torch.ones(T, T, dtype=torch.bool).tril()
+                log_c = (L[..., :, None] - L[..., None, :]).masked_fill(~causal, -math.inf)
+                w = (q @ k.transpose(-1, -2)) ** 2 * torch.exp(log_c)
                 o = (w @ v) / w.sum(dim=-1, keepdim=True)
             return self.proj(o.transpose(1, 2).reshape(B, T, cfg.dim))
 
@@ -306,11 +337,14 @@ class NumpyLM:
 
     ``attend(layer, K, V, Q)`` gets the chunk's rotated keys, values and queries as (H, c, d) arrays
     and returns the attention output (H, c, d) of every head: a dense KV cache or levstream states.
+    A gated model (weights ``blocks.*.gate.*``) calls ``attend(layer, K, V, Q, G)`` with the gates
+    ``G`` (H, c) of the chunk's rows, in (0, 1].
     """
 
     def __init__(self, weights: dict, cfg: Config):
         self.w = {k: np.asarray(v, dtype=np.float64) for k, v in weights.items()}
         self.cfg = cfg
+        self.gated = "blocks.0.gate.weight" in self.w
 
     @classmethod
     def from_torch(cls, model, cfg: Config) -> NumpyLM:
@@ -338,7 +372,11 @@ class NumpyLM:
             h = self._layer_norm(x, w[p + "ln1.weight"], w[p + "ln1.bias"])
             q, k, v = (h @ w[p + "qkv.weight"].T).reshape(c, 3, H, d).transpose(1, 2, 0, 3)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            o = attend(layer, *(np.ascontiguousarray(a) for a in (k, v, q)))
+            kvq = [np.ascontiguousarray(a) for a in (k, v, q)]
+            if self.gated:  # g = sigmoid(z) = exp(-log(1 + exp(-z))), (c, H) -> (H, c)
+                z = h @ w[p + "gate.weight"].T + w[p + "gate.bias"]
+                kvq.append(np.ascontiguousarray(np.exp(-np.logaddexp(0.0, -z)).T))
+            o = attend(layer, *kvq)
             o = o.transpose(1, 0, 2).reshape(c, cfg.dim)
             x = x + o @ w[p + "proj.weight"].T + w[p + "proj.bias"]
             h = self._layer_norm(x, w[p + "ln2.weight"], w[p + "ln2.bias"])
@@ -350,11 +388,16 @@ class NumpyLM:
 
 
 class DenseCache:
-    """Dense NumPy KV cache: every rotated key and value kept; p = 2 attention over all of them."""
+    """Dense NumPy KV cache: every rotated key and value kept; p = 2 attention over all of them.
+
+    With gates (a gated model), the cache also keeps ``L``, the running sum of the log-gates of each
+    head, and weighs key j for query i by ``exp(L_i - L_j) <q_i, k_j>^2``: the decayed attention.
+    """
 
     def __init__(self, cfg: Config, capacity: int):
         shape = (cfg.layers, cfg.heads, capacity, cfg.head_dim)
         self.K, self.V = np.empty(shape), np.empty(shape)
+        self.L = np.zeros((cfg.layers, cfg.heads, capacity))
         self.n = [0] * cfg.layers
 
     @property
@@ -362,16 +405,24 @@ class DenseCache:
         filled = max(self.n)
         return 2 * self.K[:, :, :filled].nbytes
 
-    def attend(self, layer: int, K, V, Q) -> np.ndarray:
+    def attend(self, layer: int, K, V, Q, G=None) -> np.ndarray:
         n, c = self.n[layer], K.shape[1]
         self.K[layer, :, n:n + c], self.V[layer, :, n:n + c] = K, V
+        if G is not None:
+            last = self.L[layer, :, n - 1:n] if n else 0.0
+            self.L[layer, :, n:n + c] = last + np.cumsum(np.log(G), axis=1)
         self.n[layer] = n + c
-        Ks, Vs = self.K[layer, :, :n + c], self.V[layer, :, :n + c]
+        Ks, Vs, Ls = self.K[layer, :, :n + c], self.V[layer, :, :n + c], self.L[layer, :, :n + c]
         out = np.empty_like(Q)
         for i in range(0, c, 64):  # query blocks bound the (H, 64, n) weight matrix
             w = (Q[:, i:i + 64] @ Ks[:, :n + i + 64].transpose(0, 2, 1)) ** 2
             rows = np.arange(i, min(i + 64, c))
-            w[:, rows - i] *= np.arange(w.shape[2])[None, :] <= (n + rows)[:, None]  # causal
+            causal = np.arange(w.shape[2])[None, :] <= (n + rows)[:, None]
+            if G is not None:  # decay exp(L_i - L_j) <= 1 on and below the diagonal
+                log_c = Ls[:, n + rows, None] - Ls[:, None, :n + i + 64]
+                w *= np.exp(np.where(causal, log_c, -np.inf))
+            else:
+                w[:, rows - i] *= causal
             out[:, i:i + 64] = (w @ Vs[:, :n + i + 64]) / w.sum(axis=2, keepdims=True)
         return out
 
@@ -394,6 +445,19 @@ def levstream_values_api() -> bool:
     return True
 
 
+def levstream_gates_api() -> bool:
+    """True when levstream's multi-head prefill takes per-row gates (issue 13)."""
+    import levstream as ls
+
+    try:
+        mh = ls.MultiHeadKeySketch(1, 2, eps=0.5, value_dim=2, exact_output=True)
+        mh.prefill(np.ones((1, 1, 2)), np.ones((1, 1, 2)), np.ones((1, 1, 2)),
+                   gates=np.full((1, 1), 0.5))
+    except TypeError:
+        return False
+    return True
+
+
 class LevstreamStates:
     """One levstream state per layer instead of a KV cache: every levstream call of the example.
 
@@ -401,10 +465,13 @@ class LevstreamStates:
     (``r.heavy_output``: only the weights >= eps, with the exact normaliser) or ``"heavy_renorm"``
     (``r.heavy_output / r.captured_mass``: the heavy entries renormalised to sum to one).
     ``block_rows`` (None: levstream's default) bounds the rows a state buffers before folding them.
+    A gated model's gates ``G`` (H, c) go to ``prefill(K, V, Q, gates=G)``.  With ``trace=True`` the
+    state also keeps a copy of every key, query and gate it was given (``self.trace``: per layer,
+    lists of (H, c, d), (H, c, d) and (H, c) arrays), for checks against brute force.
     """
 
     def __init__(self, cfg: Config, eps: float, mode: str = "exact", *, keep=None,
-                 block_rows: int | None = None):
+                 block_rows: int | None = None, trace: bool = False):
         import levstream as ls
 
         options = {} if block_rows is None else {"block_rows": block_rows}
@@ -412,13 +479,22 @@ class LevstreamStates:
                                                value_dim=cfg.head_dim, exact_output=True, **options)
                          for _ in range(cfg.layers)]
         self.mode, self.keep = mode, keep  # keep(layer, result) sees every result
+        self.trace = [{"K": [], "Q": [], "G": []} for _ in range(cfg.layers)] if trace else None
 
     @property
     def nbytes(self) -> int:
         return sum(mh.nbytes for mh in self.sketches)
 
-    def attend(self, layer: int, K, V, Q) -> np.ndarray:
-        r = self.sketches[layer].prefill(K, V, Q)
+    def attend(self, layer: int, K, V, Q, G=None) -> np.ndarray:
+        if self.trace is not None:
+            t = self.trace[layer]
+            t["K"].append(K.copy())
+            t["Q"].append(Q.copy())
+            t["G"].append(np.ones(K.shape[:2]) if G is None else G.copy())
+        if G is None:
+            r = self.sketches[layer].prefill(K, V, Q)
+        else:
+            r = self.sketches[layer].prefill(K, V, Q, gates=G)
         if self.keep is not None:
             self.keep(layer, r)
         if self.mode == "exact":
@@ -465,31 +541,70 @@ def generate(lm: NumpyLM, attend, prompt: np.ndarray, n_new: int, *, chunk: int,
     return np.array(tokens), np.concatenate(logits)
 
 
-def heavy_tokens(result, tokens: np.ndarray, top: int = 8) -> list[dict]:
-    """Per head: the earlier tokens with attention weight >= eps for the one query of ``result``."""
+def heavy_tokens(result, tokens: np.ndarray, position: int, gates: np.ndarray,
+                 top: int = 8) -> list[dict]:
+    """Per head: the earlier tokens with attention weight >= eps for the one query of ``result``
+    (at ``position``), their age (``position`` minus theirs), and the head's gates so far (``gates``
+    (H, position + 1): mean, and the gate of this token; all 1 for an ungated model)."""
     heads = []
     for h, entries in enumerate(result.entries):
         ids, vals = np.asarray(entries.key_ids), np.asarray(entries.values)
         order = np.argsort(-vals, kind="stable")
         heads.append({"head": h, "n_heavy": int(ids.size),
                       "captured_mass": float(np.asarray(result.captured_mass)[h, 0]),
-                      "top": [{"position": int(ids[i]), "char": VOCAB[int(tokens[ids[i]])],
-                               "weight": float(vals[i])} for i in order[:top]]})
+                      "mean_gate": float(gates[h].mean()), "gate": float(gates[h, -1]),
+                      "ids": ids.tolist(), "weights": vals.tolist(),
+                      "top": [{"position": int(ids[i]), "age": position - int(ids[i]),
+                               "char": VOCAB[int(tokens[ids[i]])], "weight": float(vals[i])}
+                              for i in order[:top]]})
     return heads
+
+
+def forgetting(steps: list, G: np.ndarray, eps: float) -> list[dict]:
+    """Per layer and head, over the generated tokens: the head's gates and the ages of its heavy
+    earlier tokens.  ``steps``: (position, {layer: result}) of every generated token; ``G``: the
+    gates (layers, H, n) of every position (ones for an ungated model)."""
+    rows = []
+    for layer in range(G.shape[0]):
+        for h in range(G.shape[1]):
+            ages, n_heavy, mass = [], [], []
+            for position, res in steps:
+                e = res[layer].entries[h]
+                ages.extend(position - np.asarray(e.key_ids))
+                n_heavy.append(len(e.key_ids))
+                mass.append(float(np.asarray(res[layer].captured_mass)[h, 0]))
+            log_g = np.log(G[layer, h])
+            ages = np.array(ages, dtype=np.int64)
+            rows.append({"layer": layer, "head": h, "mean_gate": float(G[layer, h].mean()),
+                         "min_gate": float(G[layer, h].min()),
+                         # tokens for the decay to halve, at the head's mean log-gate
+                         "half_life": float(math.log(2) / -log_g.mean()) if log_g.mean() < 0
+                         else math.inf,
+                         "heavy_per_token": float(np.mean(n_heavy)),
+                         "captured_mass": float(np.mean(mass)),
+                         "median_age": float(np.median(ages)) if ages.size else None,
+                         "p90_age": float(np.percentile(ages, 90)) if ages.size else None,
+                         "max_age": int(ages.max()) if ages.size else None,
+                         "eps": eps})
+    return rows
 
 
 def decode_check(model, lm: NumpyLM, cfg: Config, prompt: np.ndarray, args) -> dict:
     """Generate with levstream states, feed the same tokens to a dense cache, compare both with
-    the full causal forward of the torch model in float64."""
+    the full causal forward of the torch model in float64.
+
+    ``out["trace"]`` holds the keys, queries and gates the levstream states were given (layers, H,
+    n, ...) and the tokens: the caller writes them next to the JSON, for brute-force checks.
+    """
     chunk = max(1, len(prompt) // 2)  # the prompt goes in as two causal chunks
     kept: dict = {}
-    states = LevstreamStates(cfg, args.eps, keep=kept.__setitem__, block_rows=args.block_rows)
+    states = LevstreamStates(cfg, args.eps, keep=kept.__setitem__, block_rows=args.block_rows,
+                             trace=True)
     show = sorted({0, args.generate // 2, args.generate - 1})
-    shown: list = []
+    steps: list = []
 
     def after_step(step, position):
-        if step in show:
-            shown.append((step, position, dict(kept)))
+        steps.append((position, dict(kept)))
 
     tokens, lev_logits = generate(lm, states.attend, prompt, args.generate, chunk=chunk,
                                   rng=np.random.default_rng(args.seed), after_step=after_step)
@@ -497,8 +612,11 @@ def decode_check(model, lm: NumpyLM, cfg: Config, prompt: np.ndarray, args) -> d
     _, dense_logits = generate(lm, dense.attend, prompt, args.generate, chunk=chunk,
                                forced=tokens[len(prompt):])
     full = full_forward_float64(model, tokens)
+    trace = {key: np.stack([np.concatenate(t[key], axis=1) for t in states.trace])
+             for key in ("K", "Q", "G")}
     P = len(prompt)  # positions from P on were fed one token at a time
-    out = {"prompt_chars": P, "generated": args.generate, "prefill_chunk": chunk,
+    out = {"model": "gated" if lm.gated else "power", "prompt_chars": P,
+           "generated": args.generate, "prefill_chunk": chunk,
            "eps": args.eps, "temperature": 0.8, "text": decode_text(tokens[P:]),
            "levstream_vs_full": {"generated": row_rel_diff(lev_logits[P:], full[P:]),
                                  "prompt": row_rel_diff(lev_logits[:P], full[:P])},
@@ -508,9 +626,13 @@ def decode_check(model, lm: NumpyLM, cfg: Config, prompt: np.ndarray, args) -> d
     out["heavy_tokens"] = [
         {"step": step, "position": position, "token": VOCAB[int(tokens[position])],
          "context": decode_text(tokens[max(0, position - 40):position + 1]),
-         "layers": [{"layer": layer, "heads": heavy_tokens(res[layer], tokens)}
+         "layers": [{"layer": layer,
+                     "heads": heavy_tokens(res[layer], tokens, position,
+                                           trace["G"][layer, :, :position + 1])}
                     for layer in range(cfg.layers)]}
-        for step, position, res in shown]
+        for step, (position, res) in enumerate(steps) if step in show]
+    out["forgetting"] = forgetting(steps, trace["G"], args.eps)
+    out["trace"] = {**trace, "tokens": tokens}
     return out
 
 
@@ -727,21 +849,7 @@ def _mib(x) -> str:
     return "-" if x is None else f"{x / 2**20:.2f}"
 
 
-def report(res: dict) -> None:
-    tr = res["training"]
-    if tr:
-        print("\n## Validation bits per character (same size, steps, batches and seed)")
-        print("| attention | val bits/char | last train loss (bits/char) | parameters "
-              "| train time (s) |")
-        print("|---|---|---|---|---|")
-    else:
-        print(f"\n(power model loaded from {res['model']}: no training figures)")
-    for kind in tr:
-        t = tr[kind]
-        print(f"| {kind} | {t['val_bpc']:.3f} | {t['final_train_bits']:.3f} | {t['parameters']:,} "
-              f"| {t['seconds']:.0f} |")
-    dc = res["decode_check"]
-    print("\n## Decoding: logits vs the full causal forward in float64 (max relative difference)")
+def report_decode_check(dc: dict) -> None:
     for name, key in (("levstream states", "levstream_vs_full"),
                       ("dense NumPy KV cache", "dense_cache_vs_full")):
         print(f"{name:>20}: generated positions {dc[key]['generated']:.2e}, "
@@ -750,23 +858,9 @@ def report(res: dict) -> None:
           f"{'PASSED' if dc['passed'] else 'FAILED'}")
     print(f"sample ({dc['generated']} characters after a {dc['prompt_chars']}-character prompt):"
           f" {dc['text']!r}")
-    print(f"\n## Decode speed and memory ({res['decode_steps']} greedy steps after the context, "
-          f"{res['threads_after_training']} thread(s), block_rows={res['block_rows']})")
-    print("| context | decoder | tokens/s | median ms/token | attention ms/token "
-          "| state or cache (MiB) "
-          "| peak RSS (MiB) | peak RSS - RSS before prefill (MiB) | prefill (s) "
-          "| logits vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in res["speed_memory"]:
-        name = "dense cache" if r["eps"] is None else f"levstream eps={r['eps']}"
-        print(f"| {r['context']:,} | {name} | {r['tokens_per_second']:.1f} | "
-              f"{r['median_step_ms']:.2f} | "
-              f"{r['attention_ms_per_token']:.2f} | {_mib(r['state_bytes'])} | "
-              f"{_mib(r['peak_rss_bytes'])} | {_mib(r['peak_rss_bytes'] - r['rss_start_bytes'])} | "
-              f"{r['prefill_seconds']:.1f} | {r['logits_rel_diff_vs_other']:.1e} |")
-    ho = res["heavy_only"]
-    print(f"\n## Heavy entries only ({ho['chars']:,} validation characters, fresh state every "
-          f"{ho['window']})")
+
+
+def report_heavy_only(ho: dict) -> None:
     print(f"exact outputs: {ho['dense_cache_exact_bpc']:.3f} bits/char (dense cache); windows of "
           f"{4 * ho['window']}: {ho['exact_bpc_4x_window']:.3f}")
     print("| eps | exact | heavy renormalised | heavy alone | captured mass (per layer, mean over "
@@ -776,21 +870,120 @@ def report(res: dict) -> None:
         mass = ", ".join(f"{np.mean(m):.3f}" for m in row["captured_mass_mean"])
         print(f"| {row['eps']} | {row['exact_bpc']:.3f} | {row['heavy_renorm_bpc']:.3f} | "
               f"{row['heavy_bpc']:.3f} | {mass} | {row['heavy_entries_per_query_head']} |")
+
+
+def report_heavy_tokens(dc: dict, gated: bool) -> None:
     for shown in dc["heavy_tokens"]:
         print(f"\nheavy earlier tokens for generated position {shown['position']} "
-              f"({shown['token']!r} after ...{shown['context'][-30:-1]!r}), weight >= {dc['eps']}:")
+              f"({shown['token']!r} after ...{shown['context'][-30:-1]!r}), weight >= {dc['eps']}"
+              + (" (position:char age weight)" if gated else "") + ":")
         for layer in shown["layers"]:
             for head in layer["heads"]:
-                top = ", ".join(f"{e['position']}:{e['char']!r} {e['weight']:.2f}"
-                                for e in head["top"][:6])
+                if gated:
+                    top = ", ".join(f"{e['position']}:{e['char']!r} {e['age']} {e['weight']:.2f}"
+                                    for e in head["top"][:6])
+                    gate = f", mean gate {head['mean_gate']:.3f}"
+                else:
+                    top = ", ".join(f"{e['position']}:{e['char']!r} {e['weight']:.2f}"
+                                    for e in head["top"][:6])
+                    gate = ""
                 print(f"  layer {layer['layer']} head {head['head']}: {head['n_heavy']} heavy, "
-                      f"mass {head['captured_mass']:.2f}: {top}")
+                      f"mass {head['captured_mass']:.2f}{gate}: {top}")
+
+
+def report_forgetting(res: dict) -> None:
+    print("| model | layer | head | mean gate | min gate | half-life (tokens) | heavy per token "
+          "| captured mass | median age | 90th pct age | max age |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, part in (("power", res), ("gated", res.get("gated", {}))):
+        for r in part.get("decode_check", {}).get("forgetting", []):
+            half = "inf" if math.isinf(r["half_life"]) else f"{r['half_life']:.1f}"
+            ages = ["-" if r[k] is None else f"{r[k]:.0f}"
+                    for k in ("median_age", "p90_age", "max_age")]
+            print(f"| {kind} | {r['layer']} | {r['head']} | {r['mean_gate']:.3f} | "
+                  f"{r['min_gate']:.3f} | {half} | {r['heavy_per_token']:.1f} | "
+                  f"{r['captured_mass']:.2f} | {' | '.join(ages)} |")
+
+
+def report(res: dict) -> None:
+    tr = res["training"]
+    if tr:
+        print("\n## Validation bits per character (same size, steps, batches and seed)")
+        print("| attention | val bits/char | last train loss (bits/char) | parameters "
+              "| train time (s) |")
+        print("|---|---|---|---|---|")
+    else:
+        print("\n(models loaded from files: no training figures)")
+    for kind in tr:
+        t = tr[kind]
+        print(f"| {kind} | {t['val_bpc']:.3f} | {t['final_train_bits']:.3f} | {t['parameters']:,} "
+              f"| {t['seconds']:.0f} |")
+    if "decode_check" in res:
+        print("\n## Decoding: logits vs the full causal forward in float64 (max relative "
+              "difference)")
+        report_decode_check(res["decode_check"])
+    if "speed_memory" in res:
+        print(f"\n## Decode speed and memory ({res['decode_steps']} greedy steps after the "
+              f"context, {res['threads_after_training']} thread(s), "
+              f"block_rows={res['block_rows']})")
+        print("| context | decoder | tokens/s | median ms/token | attention ms/token "
+              "| state or cache (MiB) "
+              "| peak RSS (MiB) | peak RSS - RSS before prefill (MiB) | prefill (s) "
+              "| logits vs dense |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in res["speed_memory"]:
+            name = "dense cache" if r["eps"] is None else f"levstream eps={r['eps']}"
+            print(f"| {r['context']:,} | {name} | {r['tokens_per_second']:.1f} | "
+                  f"{r['median_step_ms']:.2f} | "
+                  f"{r['attention_ms_per_token']:.2f} | {_mib(r['state_bytes'])} | "
+                  f"{_mib(r['peak_rss_bytes'])} | "
+                  f"{_mib(r['peak_rss_bytes'] - r['rss_start_bytes'])} | "
+                  f"{r['prefill_seconds']:.1f} | {r['logits_rel_diff_vs_other']:.1e} |")
+    if "heavy_only" in res:
+        ho = res["heavy_only"]
+        print(f"\n## Heavy entries only ({ho['chars']:,} validation characters, fresh state every "
+              f"{ho['window']})")
+        report_heavy_only(ho)
+        report_heavy_tokens(res["decode_check"], gated=False)
+    if "gated" in res:
+        g = res["gated"]
+        print("\n## Gated model: levstream states with gates, logits vs the full gated forward in "
+              "float64")
+        report_decode_check(g["decode_check"])
+        print(f"\n## Gated model: heavy entries only ({g['heavy_only']['chars']:,} validation "
+              f"characters, fresh state every {g['heavy_only']['window']})")
+        report_heavy_only(g["heavy_only"])
+        report_heavy_tokens(g["decode_check"], gated=True)
+    if "decode_check" in res or "gated" in res:
+        eps = (res.get("decode_check") or res["gated"]["decode_check"])["eps"]
+        print(f"\n## Forgetting: gates and the age of the heavy (>= {eps}) earlier tokens, over "
+              "the generated tokens")
+        report_forgetting(res)
+
+
+def load_model(path: str, kind: str):
+    """A model saved by an earlier ``--out`` (power-lm-model.npz or power-lm-gated-model.npz)."""
+    import torch
+
+    saved = np.load(path)
+    cfg = Config(**json.loads(str(saved["config"])))
+    model = build_model(cfg, kind)
+    model.load_state_dict({k[2:]: torch.from_numpy(saved[k]) for k in saved.files
+                           if k.startswith("w:")})
+    model.eval()
+    return cfg, model
+
+
+def save_model(path: str, lm: NumpyLM) -> None:
+    np.savez(path, config=json.dumps(asdict(lm.cfg)), **{f"w:{k}": v for k, v in lm.w.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny models, small contexts (smoke run)")
-    ap.add_argument("--out", help="directory for power-lm.json and power-lm-model.npz")
+    ap.add_argument("--out", help="directory for power-lm.json, the models' weights "
+                                  "(power-lm-model.npz, power-lm-gated-model.npz) and the decode "
+                                  "traces (power-lm-trace.npz, power-lm-gated-trace.npz)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, help="training steps (default 500; quick 40)")
     ap.add_argument("--eps", type=float, default=0.01,
@@ -805,8 +998,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="BLAS/OpenMP/numba threads for everything after training (default 1)")
     ap.add_argument("--no-licenses", action="store_true", help=f"do not train on {LICENSE_DIR}")
+    ap.add_argument("--no-gated", action="store_true",
+                    help="no gated model (train and decode the power and softmax models only)")
+    ap.add_argument("--no-speed", action="store_true",
+                    help="skip the decode speed and memory measurements (the longest part)")
     ap.add_argument("--model", help="power-lm-model.npz of an earlier --out: decode that model "
                                     "(no training)")
+    ap.add_argument("--gated-model", help="power-lm-gated-model.npz of an earlier --out: decode "
+                                          "that gated model (no training)")
     ap.add_argument("--bench-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bench_child:
@@ -820,6 +1019,11 @@ def main(argv: list[str] | None = None) -> int:
     if not levstream_values_api():
         print("this example needs levstream's values API (value_dim, exact_output, prefill)",
               file=sys.stderr)
+        return 1
+    uses_gates = args.gated_model or not (args.no_gated or args.model)
+    if uses_gates and not levstream_gates_api():
+        print("the gated model needs levstream's gates (prefill(K, V, Q, gates=G)); run with "
+              "--no-gated for the others", file=sys.stderr)
         return 1
     quick = args.quick or os.environ.get("LEVSTREAM_QUICK") == "1"
     cfg = QUICK if quick else Config()
@@ -845,15 +1049,13 @@ def main(argv: list[str] | None = None) -> int:
     starts = batch_starts(len(corpus["train"]), cfg, args.seed)
     res["training"] = {}
     models = {}
-    if args.model:  # a power model saved by an earlier run: no training, no softmax model
-        saved = np.load(args.model)
-        cfg = Config(**json.loads(str(saved["config"])))
-        res["config"], res["model"] = asdict(cfg), args.model
-        models["power"] = build_model(cfg, "power")
-        models["power"].load_state_dict({k[2:]: torch.from_numpy(saved[k]) for k in saved.files
-                                         if k.startswith("w:")})
-        models["power"].eval()
-    for kind in () if args.model else ("power", "softmax"):
+    # saved models: no training (and no softmax model)
+    for kind, path in (("power", args.model), ("gated", args.gated_model)):
+        if path:
+            cfg, models[kind] = load_model(path, kind)
+            res["config"], res[f"{kind}_model_file"] = asdict(cfg), path
+    kinds = ("power", "softmax") + (() if args.no_gated else ("gated",))
+    for kind in () if models else kinds:
         model, seconds, losses = train(cfg, kind, corpus["train"], starts, args.seed)
         models[kind] = model
         res["training"][kind] = {
@@ -873,20 +1075,33 @@ def main(argv: list[str] | None = None) -> int:
     ls.set_num_threads(args.threads)
     res["thread_pools_after_training"] = [
         {k: i.get(k) for k in ("internal_api", "num_threads")} for i in threadpool_info()]
-    lm = NumpyLM.from_torch(models["power"], cfg)
-    res["decode_check"] = decode_check(models["power"], lm, cfg, corpus["val"][:args.prompt], args)
-    res["heavy_only"] = heavy_only_eval(lm, cfg, corpus["val"], 1024 if quick else 8192)
-    print("decode check and heavy-only evaluation done; timing the decode (a fresh process per "
-          "context and method)", flush=True)
-    res["speed_memory"] = speed_and_memory(lm, cfg, corpus["train"], args)
+    prompt = corpus["val"][:args.prompt]
+    heavy_chars = 1024 if quick else 8192
+    traces, lms = {}, {}
+    for kind in ("power", "gated"):
+        if kind not in models:
+            continue
+        lm = lms[kind] = NumpyLM.from_torch(models[kind], cfg)
+        part = res if kind == "power" else res.setdefault("gated", {})
+        part["decode_check"] = decode_check(models[kind], lm, cfg, prompt, args)
+        traces[kind] = part["decode_check"].pop("trace")
+        part["heavy_only"] = heavy_only_eval(lm, cfg, corpus["val"], heavy_chars)
+        print(f"{kind} model: decode check and heavy-only evaluation done", flush=True)
+    if "power" in lms and not args.no_speed:
+        print("timing the decode (a fresh process per context and method)", flush=True)
+        res["speed_memory"] = speed_and_memory(lms["power"], cfg, corpus["train"], args)
     report(res)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "power-lm.json"), "w") as fh:
             json.dump(res, fh, indent=1)
-        np.savez(os.path.join(args.out, "power-lm-model.npz"), config=json.dumps(asdict(cfg)),
-                 **{f"w:{k}": v for k, v in lm.w.items()})
-    return 0 if res["decode_check"]["passed"] else 1
+        for kind, lm in lms.items():
+            name = "power-lm" if kind == "power" else "power-lm-gated"
+            save_model(os.path.join(args.out, f"{name}-model.npz"), lm)
+            np.savez(os.path.join(args.out, f"{name}-trace.npz"), **traces[kind])
+    checks = [part["decode_check"]["passed"] for part in (res, res.get("gated", {}))
+              if "decode_check" in part]
+    return 0 if all(checks) else 1
 
 
 if __name__ == "__main__":
