@@ -35,6 +35,7 @@ Run::
     python examples/power_lm.py               # 3 models of 2 layers x 4 heads, decode timings
     python examples/power_lm.py --no-speed    # the same without the decode timings
     python examples/power_lm.py --no-gated    # power and softmax models only (as before issue 13)
+    python examples/power_lm.py --models gated --no-speed   # train and decode one model only
     python examples/power_lm.py --quick       # tiny models, small contexts: a smoke run (< 1 min)
     python examples/power_lm.py --out DIR     # also write DIR/power-lm.json with every figure,
                                               # the weights (power-lm-model.npz, power-lm-gated-
@@ -1000,6 +1001,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-licenses", action="store_true", help=f"do not train on {LICENSE_DIR}")
     ap.add_argument("--no-gated", action="store_true",
                     help="no gated model (train and decode the power and softmax models only)")
+    ap.add_argument("--models", nargs="+", choices=("power", "softmax", "gated"),
+                    default=["power", "softmax", "gated"],
+                    help="models to train (default all three; same batches and seed each)")
     ap.add_argument("--no-speed", action="store_true",
                     help="skip the decode speed and memory measurements (the longest part)")
     ap.add_argument("--model", help="power-lm-model.npz of an earlier --out: decode that model "
@@ -1020,7 +1024,9 @@ def main(argv: list[str] | None = None) -> int:
         print("this example needs levstream's values API (value_dim, exact_output, prefill)",
               file=sys.stderr)
         return 1
-    uses_gates = args.gated_model or not (args.no_gated or args.model)
+    if args.no_gated:
+        args.models = [m for m in args.models if m != "gated"]
+    uses_gates = args.gated_model or ("gated" in args.models and not args.model)
     if uses_gates and not levstream_gates_api():
         print("the gated model needs levstream's gates (prefill(K, V, Q, gates=G)); run with "
               "--no-gated for the others", file=sys.stderr)
@@ -1054,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         if path:
             cfg, models[kind] = load_model(path, kind)
             res["config"], res[f"{kind}_model_file"] = asdict(cfg), path
-    kinds = ("power", "softmax") + (() if args.no_gated else ("gated",))
+    kinds = [k for k in ("power", "softmax", "gated") if k in args.models]
     for kind in () if models else kinds:
         model, seconds, losses = train(cfg, kind, corpus["train"], starts, args.seed)
         models[kind] = model
