@@ -65,8 +65,8 @@ class RowStore:
         self.n = 0
         #: whether ``ids[:n]`` is strictly increasing (queries then need not sort their entries by id)
         self.ids_sorted = True
-        #: whether the arrays are shared with a snapshot (rows below ``n`` must not be written in place)
-        self._shared = False
+        #: rows shared with a snapshot: rows below this must not be written in place (0: no snapshot)
+        self._shared = 0
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -109,7 +109,7 @@ class RowStore:
             values = np.empty((rows, int(self.values.shape[1])))
             values[:n] = self.values[:n]
             self.values = values
-        self._shared = False
+        self._shared = 0
 
     def reserve(self, rows: int, key_dtype: type | None = None) -> None:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``."""
@@ -216,12 +216,12 @@ class RowStore:
         if k == self.n - start:
             return
         src = index + start
-        if self._shared:  # a snapshot holds these arrays: write the result into new ones
+        if self._shared > start:  # a snapshot holds these rows: write the result into new arrays
             keep = np.concatenate([np.arange(start), src])
             self.ids, self.keys = self.ids[keep], self.keys[keep]
             if self.values is not None:
                 self.values = self.values[keep]
-            self._shared = False
+            self._shared = 0
         else:
             self.keys[start : start + k] = self.keys[src]
             self.ids[start : start + k] = self.ids[src]
@@ -246,17 +246,17 @@ class RowStore:
     def snapshot(self) -> StoreState:
         """The current rows, restorable by :meth:`restore` until :meth:`release` (no copy is made now: rows below
         ``n`` are copied before they are first overwritten)."""
-        self._shared = True
+        self._shared = self.n
         return StoreState(self.ids, self.keys, self.values, self.n, self.ids_sorted)
 
     def restore(self, state: StoreState) -> None:
         """Return to a :meth:`snapshot` (rows appended since then are dropped)."""
         self.ids, self.keys, self.values, self.n, self.ids_sorted = state
-        self._shared = False
+        self._shared = 0
 
     def release(self) -> None:
         """Forget the snapshot: rows may be written in place again."""
-        self._shared = False
+        self._shared = 0
 
     # ------------------------------------------------------------------ copies and persistence
     def copy(self) -> RowStore:
@@ -267,7 +267,7 @@ class RowStore:
             self.n,
             self.ids_sorted,
         )
-        out._shared = False
+        out._shared = 0
         out.ids, out.keys = self.ids[: self.n].copy(), self.keys[: self.n].copy()
         out.values = None if self.values is None else self.values[: self.n].copy()
         return out
