@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._kernels.decay import dd_add, frame_rows, frame_step
-from ._validation import check_real
+from ._validation import check_eps
 
 #: A rebase by more than this many factors of 4 flushes the state to zero (weights below ``2^-1800``, rows
 #: below ``2^-900`` of the frame: the smallest the summary's R factor holds exactly).
@@ -85,11 +85,8 @@ class Frame(NamedTuple):
 
 
 def check_gate(value: Any, name: str = "gate") -> float:
-    """A gate or decay factor: a real number in ``(0, 1]``."""
-    g = check_real(value, name)
-    if not 0.0 < g <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 < {name} <= 1; got {g!r} instead.")
-    return g
+    """A gate or decay factor: a real number in ``(0, 1]`` (the same range as ``eps``)."""
+    return check_eps(value, name)
 
 
 def neg_log_gates(gates: Any, m: int, decay: float | None) -> np.ndarray:

@@ -982,23 +982,14 @@ class KeySketch:
             assert isinstance(summary, GramSummary)
             live.add(st, n, live.bound_factor(summary), self._keep_threshold())
         rows, cand = live.rows, live.cand
-        if cand is not None:  # the candidates still alive (see _LiveRows)
-            return _query.HeadView(
-                self._summary,
-                cand.keys_view(),
-                cand.ids_view(),
-                cand.values_view(),
-                rows.keys_view(),
-                rows.ids_view(),
-                rows.values_view(),
-                live.gram,
-                st.ids_sorted,
-                self._moments,
-            )
+        if cand is None:
+            keys, ids = st.keys[:pf], st.ids[:pf]
+        else:  # the candidates still alive (see _LiveRows)
+            keys, ids, values = cand.keys_view(), cand.ids_view(), cand.values_view()
         return _query.HeadView(
             self._summary,
-            st.keys[:pf],
-            st.ids[:pf],
+            keys,
+            ids,
             values,
             rows.keys_view(),
             rows.ids_view(),
