@@ -155,15 +155,9 @@ def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
 #: Up to this many queries (p = 2, exact Gram) the whole query is one compiled call (the live path).
 LIVE_QUERY_ROWS = 8
 
-
-def _ids_at(view: HeadView, positions: np.ndarray) -> np.ndarray:
-    """Ids of rows ``positions`` of ``[keys; extra_keys]`` (without concatenating the id arrays)."""
-    c = view.ids.shape[0]
-    out = np.empty_like(positions)
-    inside = positions < c
-    out[inside] = view.ids[positions[inside]]
-    out[~inside] = view.extra_ids[positions[~inside] - c]
-    return out
+#: The live path's normaliser terms of keys outside ``G``: none (read-only zeros, sliced per call).
+_NO_Z_ADD = np.zeros(LIVE_QUERY_ROWS)
+_NO_Z_ADD.flags.writeable = False
 
 
 def _live_find(
@@ -172,9 +166,10 @@ def _live_find(
     """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
     ``z_add`` holds normaliser terms of keys scanned but not in ``G`` (a decode step's own key)."""
     assert view.total_gram is not None
-    z_add = np.zeros(Q.shape[0]) if z_add is None else z_add
-    counts, pos, vals, z = heavy_p2(Q, view.total_gram, view.keys, view.extra_keys, thresh, z_add)
-    key_ids = view.ids[pos] if view.extra_ids.size == 0 else _ids_at(view, pos)
+    z_add = _NO_Z_ADD[: Q.shape[0]] if z_add is None else z_add
+    counts, pos, key_ids, vals, z = heavy_p2(
+        Q, view.total_gram, view.keys, view.ids, view.extra_keys, view.extra_ids, thresh, z_add
+    )
     if not view.ids_sorted and key_ids.size > 1:
         key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
     return _Entries(counts, pos, key_ids, vals), z
@@ -419,10 +414,16 @@ def _decode_step(
     held = view.ids.size + view.extra_ids.size
     thresh = report_threshold(eps, 0.0)
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra term
-    counts, pos, vals, z = heavy_p2(
-        q, view.total_gram, view.keys, view.extra_keys, thresh, np.array([w])
+    counts, pos, key_ids, vals, z = heavy_p2(
+        q,
+        view.total_gram,
+        view.keys,
+        view.ids,
+        view.extra_keys,
+        view.extra_ids,
+        thresh,
+        np.array([w]),
     )
-    key_ids = view.ids[pos] if view.extra_ids.size == 0 else _ids_at(view, pos)
     if z[0] > 0.0 and w >= thresh * z[0]:  # the kernel's rule, for the step's own key
         counts[0] += 1
         pos = np.append(pos, held)

@@ -132,8 +132,11 @@ class HeavyEntries:
         upper: np.ndarray | None = None,
     ) -> HeavyEntries:
         """Entries from per-row counts (contiguous int64 ids, float64 values, arrays the caller hands over)."""
-        indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
-        np.cumsum(counts, out=indptr[1:])
+        if counts.shape[0] == 1:  # one query (a live step): no cumulative sum needed
+            indptr = np.array((0, counts[0]), dtype=np.int64)
+        else:
+            indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+            np.cumsum(counts, out=indptr[1:])
         return cls.of(indptr, key_ids, values, eps, lower, upper)
 
     @classmethod

@@ -67,12 +67,12 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2(Q, G, K, Ke, thresh, z_add):  # pragma: no cover - compiled
+def heavy_p2(Q, G, K, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - compiled
     """Every ``A = <q, k>^2 / q^T G q >= thresh`` of a few queries over the rows ``[K; Ke]`` (p = 2, exact ``G``).
 
-    Returns ``(counts, positions, values, z)`` as the thresholding kernel of the batch path — per query row its
-    number of entries, and for every entry its row position in ``[K; Ke]`` (ascending) and its value — and the
-    normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode
+    Returns ``(counts, positions, key_ids, values, z)`` as the thresholding kernel of the batch path — per query
+    row its number of entries, and for every entry its row position in ``[K; Ke]`` (ascending), its id (from
+    ``ids`` and ``extra_ids``) and its value — and the normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode
     step's own key).
     """
     m, d = Q.shape
@@ -100,6 +100,7 @@ def heavy_p2(Q, G, K, Ke, thresh, z_add):  # pragma: no cover - compiled
         counts[i] = cnt
     total = counts.sum()
     positions = np.empty(total, dtype=np.int64)
+    key_ids = np.empty(total, dtype=np.int64)
     values = np.empty(total, dtype=np.float64)
     pos = 0
     for i in range(m):
@@ -110,9 +111,10 @@ def heavy_p2(Q, G, K, Ke, thresh, z_add):  # pragma: no cover - compiled
         for j in range(c + e):
             if W[i, j] >= cut:
                 positions[pos] = j
+                key_ids[pos] = ids[j] if j < c else extra_ids[j - c]
                 values[pos] = W[i, j] / zi
                 pos += 1
-    return counts, positions, values, z
+    return counts, positions, key_ids, values, z
 
 
 # ---------------------------------------------------------------------- many heads (MultiHeadKeySketch)
