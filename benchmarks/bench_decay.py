@@ -33,9 +33,12 @@ the default BLAS threads and with one BLAS thread, and the faster of the two in 
 The dense steps of a round run at the same step positions as the sketch's; the weights at the first
 position are rebuilt (untimed) from the log-gates before each thread setting.
 
-Every figure is measured side by side in one process: the rounds alternate between the streams (gated and
-ungated, in alternating order) and the dense baselines, and a figure is reported as the median and the range
-over the rounds, never the best round.
+Every figure is measured side by side in one process: in each round every stream (gated and ungated) runs its
+steps one after the other, in an order rotated from round to round so that each takes each position once, then
+the dense baselines run; every timed block starts after a short pause (threads of the previous block, e.g.
+OpenBLAS workers spinning after a dense step at default threads, would otherwise slow whichever stream comes
+next).  The ratio gated / ungated is taken within each round, and every figure is reported as the median and
+the range over the rounds, never the best round.
 
 Every answer is checked against brute force written here (independent of levstream): every live and decode
 step (at least 1000 per stream) against a blocked dense pass with the weights ``exp(L_t - L_j)`` formed from
@@ -329,26 +332,42 @@ def dense_decayed_step(st: Stream, m: int, q: np.ndarray, eps: float) -> tuple:
     return idx, s[idx] / Z, (s @ st.V[: m + 1]) / Z
 
 
+#: Pause before every timed block: threads of the previous block (OpenBLAS and OpenMP workers spin for a
+#: while after a call) must not steal the core of the next one.  Measured without it, the stream timed right
+#: after a dense baseline at default BLAS threads ran ~1.5x slower, and the stream order decided the ratios.
+SETTLE_S = 0.1
+
+
+def rotation(items: list, r: int) -> list:
+    """``items`` rotated by ``r``: over ``len(items)`` rounds every item takes every position once."""
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def interleaved_steps(sz: Sizes, streams: list[Stream], sketch_step: Callable[[Stream, int], Any],
                       eps: float, Q: np.ndarray) -> None:
-    """Warm steps, then ``sz.rounds`` rounds; in each round every stream (in alternating order) runs its
-    ``sz.steps_per_round`` sketch steps, then dense decayed steps at the same positions with each BLAS
-    setting (alternating order; weights rebuilt untimed before each; each stops after
-    ``sz.dense_budget_s``, at least 10 steps)."""
+    """Warm steps, then ``sz.rounds`` rounds.  In each round every stream runs its ``sz.steps_per_round``
+    sketch steps, one stream after the other in an order rotated each round (every stream takes every
+    position once in ``len(streams)`` rounds); then, stream by stream, dense decayed steps at the same
+    positions with each BLAS setting (alternating order; weights rebuilt untimed before each; each stops after
+    ``sz.dense_budget_s``, at least 10 steps).  Every timed block starts after a pause of ``SETTLE_S``."""
     for st in streams:
         for t in range(sz.warm_steps):
             st.answers[t] = sketch_step(st, t)
     for r in range(sz.rounds):
         lo = sz.warm_steps + r * sz.steps_per_round
         hi = lo + sz.steps_per_round
-        for st in (streams if r % 2 == 0 else streams[::-1]):
+        for st in rotation(streams, r):
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             for t in range(lo, hi):
                 st.answers[t] = sketch_step(st, t)
             st.sketch_s.append((time.perf_counter() - t0) / sz.steps_per_round)
             st.retained.append(int(st.sketch.num_retained))
+        for st in rotation(streams, r):
             for name, setting in (DENSE_THREADS if r % 2 == 0 else DENSE_THREADS[::-1]):
                 dense_reset(st, st.n + lo)
+                time.sleep(SETTLE_S)
                 with limited(setting):
                     done = []
                     t0 = time.perf_counter()
@@ -462,8 +481,8 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
 # ---------------------------------------------------------------------- bulk build
 @section_env
 def bench_bulk(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
-    """``update_many`` of 8192-row chunks then ``universal_set()``, with gates over without, rounds
-    alternating the order of the settings; the universal sets against the blocked QR."""
+    """``update_many`` of 8192-row chunks then ``universal_set()``, with gates over without, the order of the
+    settings rotated each round; the universal sets against the blocked QR."""
     block, n = 8192, sz.bulk_n
     chunks = list(attention_like_keys(n, d, chunk_rows=block, seed=0))
     starts = np.cumsum([0] + [X.shape[0] for X in chunks])
@@ -491,7 +510,8 @@ def bench_bulk(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
                                                   for gs, _ in settings}
     last: dict[str, list] = {gs.name: [] for gs, _ in settings}
     for r in range(sz.bulk_rounds):
-        for gs, gc in (settings if r % 2 == 0 else settings[::-1]):
+        for gs, gc in rotation(settings, r):
+            time.sleep(SETTLE_S)
             t_um, t_b, U = build(gs, gc)
             times[gs.name]["update_many"].append(t_um)
             times[gs.name]["build"].append(t_b)
