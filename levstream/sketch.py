@@ -1000,11 +1000,16 @@ class KeySketch:
         )
 
     def _live_rows(self, G: np.ndarray) -> _LiveRows:
-        """The live cache of the pending rows (Gram path), new or reset when rows were folded since."""
+        """The live cache of the pending rows (Gram path), new or reset when rows were folded since.  A new
+        cache starts from a fresh factor of ``G``: the candidates still alive are then all a query scans (they
+        are pruned only when their number has doubled, so up to half of them may be below ``eps``; this costs
+        ``|candidates| d^2`` once per fold, paid by the first query after it)."""
         live = self._live
         if live is None or live.upto < self._pending_from:
             floor = self._eps * (1.0 - margin(gram_rel_error_max(self._dim), prune=True))
             live = self._live = _LiveRows(G, self._dim, self._value_dim, self._pending_from, floor)
+            if self._pending_from:
+                live.refresh(self._store)
         return live
 
     def _live_batch(self) -> tuple[_LiveRows, np.ndarray, np.ndarray, float] | None:
@@ -1507,7 +1512,7 @@ class _LiveRows:
         if self.factor is not None:
             self.factor = self.factor / root if root else None
 
-    def _refresh(self, store: RowStore) -> None:
+    def refresh(self, store: RowStore) -> None:
         with lowered_blas(1):  # d x d products: threads only wait for each other
             self._refactor(store)
 
@@ -1544,7 +1549,7 @@ class _LiveRows:
         if (before - self.start) // _LIVE_CHECK_ROWS != (n - self.start) // _LIVE_CHECK_ROWS and (
             self.gram.shape[0] and self.gram.diagonal().max() > _LIVE_REFRESH * self.diag_mark
         ):
-            self._refresh(store)
+            self.refresh(store)
 
 
 # ---------------------------------------------------------------------- the ingest path of p = 2
