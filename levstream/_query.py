@@ -440,8 +440,13 @@ def _decode_step(
     )
     output = None
     if view.moments is not None:
-        num = view.moments.numerator(q) + w * v
-        output = np.divide(num, z[:, None], out=np.zeros_like(num), where=z[:, None] > 0)
+        num = view.moments.numerator(q)
+        num += w * v
+        if z[0] > 0.0:
+            num /= z[0]
+        else:
+            num[:] = 0.0
+        output = num
     return AttentionResult(_heavy(entries, eps, 0.0), heavy_out, mass, output)
 
 

@@ -246,15 +246,13 @@ class MomentState:
         Q = self._inner_rows(Q)
         if self._sum is None:
             self._sum = self._hi + self._lo
-        if (
-            Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous
-        ):  # no lifted copy, no threaded GEMV
-            out = moment_numerator(Q, self._sum)
-        else:
-            out = _lift(Q) @ self._sum
+        keys, values = self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+        if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:
+            return moment_numerator(Q, self._sum, keys, values)  # no lifted copy, no threaded GEMV
+        out = _lift(Q) @ self._sum
         if self._buf_n:
-            W = Q @ self._buf_keys[: self._buf_n].T
-            out += (W * W) @ self._buf_values[: self._buf_n]
+            W = Q @ keys.T
+            out += (W * W) @ values
         return out
 
     def to_state(self) -> dict[str, np.ndarray]:

@@ -378,12 +378,21 @@ def outputs_stacked(
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def moment_numerator(Q, S):  # pragma: no cover - compiled
-    """``phi(q)^T S`` for a few queries without forming ``phi(q)`` (``S`` rows ordered as ``lift_degree2``'s
-    columns: ``(0,0), (0,1), ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``)."""
+def moment_numerator(Q, S, BK, BV):  # pragma: no cover - compiled
+    """``phi(q)^T S + sum_j <q, BK_j>^2 BV_j`` for a few queries without forming ``phi(q)`` (``S`` rows ordered as
+    ``lift_degree2``'s columns: ``(0,0), (0,1), ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``;
+    ``BK``/``BV`` the keys and values waiting to be folded into ``S``)."""
     m, d = Q.shape
     dv = S.shape[1]
     out = np.zeros((m, dv), dtype=np.float64)
+    for i in range(m):
+        for j in range(BK.shape[0]):
+            t = 0.0
+            for a in range(d):
+                t += Q[i, a] * BK[j, a]
+            t *= t
+            for c in range(dv):
+                out[i, c] += t * BV[j, c]
     root2 = np.sqrt(2.0)
     for i in range(m):
         row = 0
