@@ -152,21 +152,20 @@ class HeavyEntries:
         """Entries from a CSR ``indptr`` (arrays the caller hands over; made read-only, not copied)."""
         key_ids = np.ascontiguousarray(key_ids, dtype=np.int64)
         values = np.ascontiguousarray(values, dtype=np.float64)
-        out = object.__new__(
-            cls
-        )  # fields set directly: this is the constructor of the live query path
-        for name, arr in (
-            ("indptr", indptr),
-            ("key_ids", key_ids),
-            ("values", values),
-            ("lower", lower),
-            ("upper", upper),
-        ):
+        for arr in (indptr, key_ids, values, lower, upper):
             if arr is not None:
                 arr.flags.writeable = False
-            object.__setattr__(out, name, arr)
-        object.__setattr__(out, "eps", float(eps))
-        object.__setattr__(out, "_n_queries", -1)
+        # fields set directly (one dict update): this is the constructor of the live query path
+        out = object.__new__(cls)
+        out.__dict__.update(
+            indptr=indptr,
+            key_ids=key_ids,
+            values=values,
+            eps=float(eps),
+            lower=lower,
+            upper=upper,
+            _n_queries=-1,
+        )
         return out
 
     @property

@@ -980,7 +980,7 @@ class KeySketch:
         live = self._live_rows(G)
         if live.upto < n:
             assert isinstance(summary, GramSummary)
-            live.add(st, n, live.bound_factor(summary), self._keep_threshold())
+            live.add(st, n, live.bound_factor(summary), live.threshold)
         rows, cand = live.rows, live.cand
         if cand is None:
             keys, ids = st.keys[:pf], st.ids[:pf]
@@ -1008,29 +1008,12 @@ class KeySketch:
         if live is None or live.upto < self._pending_from:
             floor = self._eps * (1.0 - margin(gram_rel_error_max(self._dim), prune=True))
             live = self._live = _LiveRows(G, self._dim, self._value_dim, self._pending_from, floor)
+            live.threshold = (
+                self._keep_threshold()
+            )  # the summary stays as it is while the cache lives
             if self._pending_from:
                 live.refresh(self._store)
         return live
-
-    def _live_batch(self) -> tuple[_LiveRows, np.ndarray, np.ndarray, float] | None:
-        """``(cache, new rows, bound factor, threshold)`` when a few pending rows are not yet summarised for
-        queries on the Gram path (a multi-head sketch summarises every head's in one compiled call)."""
-        st, summary = self._store, self._summary
-        if not isinstance(summary, GramSummary) or self._pending_from == st.n:
-            return None
-        G = summary.gram_sum()
-        if G is None:
-            return None
-        live = self._live_rows(G)
-        if not 0 < st.n - live.upto <= _SMALL_LIVE_ROWS:
-            return None
-        factor = live.bound_factor(summary)
-        return (
-            live,
-            st.keys[live.upto : st.n],
-            _NO_FACTOR if factor is None else factor,
-            self._keep_threshold(),
-        )
 
     def _queries(self, Q: Any) -> np.ndarray:
         if (
@@ -1039,7 +1022,9 @@ class KeySketch:
             and Q.ndim == 2
             and Q.shape[1] == self._dim
             and Q.flags.c_contiguous
-            and np.isfinite(Q).all()
+            and np.isfinite(
+                sq_total(Q)
+            )  # no nan/inf (finite squares that overflow take the long way)
         ):
             return Q
         return as_matrix(
@@ -1466,7 +1451,17 @@ class _LiveRows:
     still alive (``cand``) for queries to scan instead of all of them (a decaying stream's candidates fall
     below ``eps`` long before the next fold rescores them); the sketch's own candidates are not touched."""
 
-    __slots__ = ("cand", "diag_mark", "factor", "floor", "gram", "rows", "start", "upto")
+    __slots__ = (
+        "cand",
+        "diag_mark",
+        "factor",
+        "floor",
+        "gram",
+        "rows",
+        "start",
+        "threshold",
+        "upto",
+    )
 
     def __init__(
         self, gram: np.ndarray, dim: int, value_dim: int | None, start: int, floor: float
@@ -1477,6 +1472,8 @@ class _LiveRows:
         self.cand: RowStore | None = None
         self.factor: np.ndarray | None = None
         self.floor = floor
+        #: the sketch's keep threshold (set by the sketch; the summary does not change while the cache lives)
+        self.threshold = floor
         self.diag_mark = float(np.diag(self.gram).max()) if dim else 0.0
 
     def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
