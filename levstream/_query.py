@@ -198,6 +198,9 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
 
 def heavy_entries(view: HeadView, Q: np.ndarray, p: float, eps: float) -> HeavyEntries:
     """Every entry ``A[i, j] >= eps`` of the queries ``Q`` over every key fed (see the module docstring)."""
+    if is_live(view, Q, p):  # exact values: the kernel's entries are the result
+        entries = _live_find(view, Q, report_threshold(eps, 0.0))[0]
+        return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps)
     return _heavy(_find(view, Q, p, eps), eps, view.summary.distortion)
 
 

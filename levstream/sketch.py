@@ -1537,7 +1537,15 @@ class _LiveRows:
 
     def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""
-        if keep.any():
+        if n - self.upto == 1:  # the live step: one row, no temporaries
+            if keep[0]:
+                i = self.upto
+                self.rows.append_row(
+                    store.keys[i],
+                    int(store.ids[i]),
+                    None if store.values is None else store.values[i],
+                )
+        elif keep.any():
             X = store.keys[self.upto : n]
             values = None if store.values is None else store.values[self.upto : n][keep]
             self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
