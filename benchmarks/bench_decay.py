@@ -48,7 +48,7 @@ exact outputs within 1e-10 of the row's largest output.  The bulk universal sets
 weighted keys (same tie rule); the RSS streams' heavy entries and normalisers of 8 queries against a pass
 over the regenerated stream.  The script exits with status 1 on any difference.
 
-    python benchmarks/bench_decay.py                     # full sizes (~10 minutes)
+    python benchmarks/bench_decay.py                     # full sizes (3-15 minutes here, with the load)
     python benchmarks/bench_decay.py --quick             # small sizes, seconds (the smoke test)
     python benchmarks/bench_decay.py --only live,decode --out decay.json
 """
