@@ -453,7 +453,11 @@ class KeySketch:
         neg = self._neg_log_gate(gate)
         with self._lock:
             self._check_next_id()
-            self._append_token(self._weigh_row(x, neg, "x"), value)
+            if neg or self.forgets:
+                x = self._weigh_row(x, neg, "x")
+            self._append_token(
+                x, value
+            )  # a gate of 1 on a stream that has forgotten nothing weighs 1
         return self
 
     # ------------------------------------------------------------------ decay (docs/theory.md, "Decay and gates")
@@ -475,7 +479,10 @@ class KeySketch:
         if gates is None and not self.forgets:
             return None
         self._check_gates_allowed()
-        return neg_log_gates(gates, m, self._decay)
+        neg = neg_log_gates(gates, m, self._decay)
+        if not self.forgets and not neg.any():  # gates of 1 on a stream that has forgotten nothing
+            return None
+        return neg
 
     def _weigh_row(self, x: np.ndarray, neg: float, name: str) -> np.ndarray:
         """Advance the frame by one row and return the row weighted in it (call with the lock held; the
@@ -1193,7 +1200,7 @@ class KeySketch:
                 step_neg = self._neg_log_gate(_one_gate(gates))
             with self._lock:  # a decode step: validated by one finite check, fed as one row
                 self._check_next_id()
-                if step_neg is not None:
+                if step_neg is not None and (step_neg or self.forgets):
                     K = self._weigh_row(K[0], step_neg, "K")[None, :]
                 chunk_ids = np.array([self._next_id], dtype=np.int64)
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
