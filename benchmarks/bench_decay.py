@@ -84,6 +84,7 @@ from bench_live import (
     compare_outputs,
     compare_rows,
     entries_of,
+    finish,
     fmt,
     git_commit,
     keys,
@@ -802,18 +803,7 @@ def main(argv: list[str] | None = None) -> int:
                                         same_rows=False)
     if "rss" in results:
         checks["rss"] = results["rss"]["check"]
-    print("\nchecks against brute force: " + "; ".join(
-        f"{name} {'ok' if c['ok'] else 'FAILED'} ({c.get('rows', 0)} query rows, "
-        f"{c.get('entries', 0)} entries, {c.get('ties', 0)} ties)" for name, c in checks.items()))
-    if args.out:
-        Path(args.out).write_text(json.dumps(
-            {"header": header, "results": results, "summary": [list(r) for r in rows],
-             "failures": failures.messages}, indent=2, default=float))
-    if failures.messages:
-        print(f"FAILED: {len(failures.messages)} check(s) differ from brute force")
-        return 1
-    print(f"ok: every checked answer equals brute force ({header['wall_s']} s)")
-    return 0
+    return finish(checks, args.out, header, results, rows, failures)
 
 
 if __name__ == "__main__":

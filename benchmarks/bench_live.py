@@ -989,11 +989,17 @@ def main(argv: list[str] | None = None) -> int:
         if name in results:
             checks[name] = merge_checks(*[v["check"] for v in results[name]["per_n"].values()],
                                         same_rows=False)
+    return finish(checks, args.out, header, results, rows, failures)
+
+
+def finish(checks: dict, out: str | None, header: dict, results: dict, rows: list, failures: Failures) -> int:
+    """Print the brute-force checks, write the JSON record (``out``), and return the exit status (1 on any
+    difference); shared by the benchmark scripts of this folder."""
     print("\nchecks against brute force: " + "; ".join(
         f"{name} {'ok' if c['ok'] else 'FAILED'} ({c.get('rows', 0)} query rows, "
         f"{c.get('entries', 0)} entries, {c.get('ties', 0)} ties)" for name, c in checks.items()))
-    if args.out:
-        Path(args.out).write_text(json.dumps(
+    if out:
+        Path(out).write_text(json.dumps(
             {"header": header, "results": results, "summary": [list(r) for r in rows],
              "failures": failures.messages}, indent=2, default=float))
     if failures.messages:
