@@ -85,6 +85,7 @@ from bench_live import (
     compare_rows,
     entries_of,
     finish,
+    run_sections,
     fmt,
     git_commit,
     keys,
@@ -781,21 +782,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode": lambda: bench_decode(sz, d, eps, dv, failures),
         "bulk": lambda: bench_bulk(sz, d, eps, failures),
         "rss": lambda: bench_rss(sz, d, eps, failures)}
-    results: dict[str, Any] = {}
-    for name in SECTIONS:
-        if name in only:
-            results[name] = runners[name]()
-            env = results[name]["env"]
-            print(f"# {name}: {env['wall_s']} s, load {env['load_start']} -> {env['load_end']}",
-                  flush=True)
-    header["load_end"] = load()
-    header["wall_s"] = round(time.perf_counter() - t0, 1)
-    rows = summary_rows(results)
-    print("\n| figure | measured: median (range) over the rounds | target | met |")
-    print("|---|---|---|---|")
-    for fig, measured, target, met in rows:
-        verdict = "-" if met is None else ("yes" if met else "**no**")
-        print(f"| {fig} | {measured} | {target} | {verdict} |")
+    results, rows = run_sections(runners, SECTIONS, only, header, t0, summary_rows)
     checks: dict[str, dict] = {}
     for name in ("live", "decode", "bulk"):
         if name in results:

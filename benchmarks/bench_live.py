@@ -969,8 +969,21 @@ def main(argv: list[str] | None = None) -> int:
         "prefill": lambda: bench_prefill(sz, d, eps, dv, failures),
         "gemm": lambda: bench_gemm(sz, d, eps, dv, failures),
         "rss": lambda: bench_rss(sz, d, eps, dv, failures)}
+    results, rows = run_sections(runners, SECTIONS, only, header, t0, summary_rows)
+    checks = {name: r["check"] for name, r in results.items() if "check" in r}
+    for name in ("live", "decode"):
+        if name in results:
+            checks[name] = merge_checks(*[v["check"] for v in results[name]["per_n"].values()],
+                                        same_rows=False)
+    return finish(checks, args.out, header, results, rows, failures)
+
+
+def run_sections(runners: dict, sections: tuple[str, ...], only: list[str], header: dict, t0: float,
+                 summary: Callable[[dict], list]) -> tuple[dict, list]:
+    """Run the selected sections in order, print each one's time and load, then the figures' table;
+    returns ``(results, table rows)``.  Shared by the benchmark scripts of this folder."""
     results: dict[str, Any] = {}
-    for name in SECTIONS:
+    for name in sections:
         if name in only:
             results[name] = runners[name]()
             env = results[name]["env"]
@@ -978,18 +991,13 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     header["load_end"] = load()
     header["wall_s"] = round(time.perf_counter() - t0, 1)
-    rows = summary_rows(results)
+    rows = summary(results)
     print("\n| figure | measured: median (range) over the rounds | target | met |")
     print("|---|---|---|---|")
     for fig, measured, target, met in rows:
         verdict = "-" if met is None else ("yes" if met else "**no**")
         print(f"| {fig} | {measured} | {target} | {verdict} |")
-    checks = {name: r["check"] for name, r in results.items() if "check" in r}
-    for name in ("live", "decode"):
-        if name in results:
-            checks[name] = merge_checks(*[v["check"] for v in results[name]["per_n"].values()],
-                                        same_rows=False)
-    return finish(checks, args.out, header, results, rows, failures)
+    return results, rows
 
 
 def finish(checks: dict, out: str | None, header: dict, results: dict, rows: list, failures: Failures) -> int:
