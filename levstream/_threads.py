@@ -152,18 +152,87 @@ def blas_threads(user_api: str | None = "blas") -> int:
     )
 
 
-def lowered_blas(n_threads: int, user_api: str | None = "blas") -> AbstractContextManager[Any]:
-    """Lower the process-wide BLAS thread limit to ``n_threads`` for a ``with`` block; never raise it.
+_blas_lock = threading.Lock()
+# the open lowered_blas sections of every thread of this process: (thread ident, limit)
+_blas_sections: list[tuple[int, int]] = []
+# every process-wide BLAS pool touched since the first of them opened: filepath -> (controller, limit then)
+_blas_before: dict[str, tuple[Any, int]] = {}
 
-    OpenBLAS (pthreads) has one thread pool per process and threadpoolctl lets one thread at a time change
-    it, so this belongs in the thread that runs the whole parallel section (the caller of a thread pool), or
-    in a task that has its process to itself.  When the limit is already low enough nothing is changed.
-    ``user_api=None`` lowers the OpenMP pools too.
+
+def _process_wide(lib: Any) -> bool:
+    """Whether a library's thread limit is one per process (a BLAS on pthreads) rather than per thread
+    (OpenMP's ``omp_set_num_threads``, and BLAS built on OpenMP)."""
+    return bool(lib.user_api == "blas" and getattr(lib, "threading_layer", None) != "openmp")
+
+
+def _set_limit(lib: Any, n_threads: int) -> None:
+    """Set a library's limit from whichever thread holds ``_blas_lock``.
+
+    threadpoolctl >= 3.8 lets only one Python thread (the first to set it, while alive) change a pthreads
+    OpenBLAS and silently ignores the others; levstream serialises its changes itself, so it takes that
+    control for the call and gives it back, leaving the caller's own ``threadpool_limits`` usable.
+    """
+    release = getattr(type(lib), "clear_controlling_thread", None)
+    if release is not None:
+        release(force=True)
+    lib.set_num_threads(n_threads)
+    if release is not None:
+        release()
+
+
+def _apply_blas_sections() -> None:
+    """Set every process-wide pool to the lowest limit the open sections ask for, never above its limit
+    before the first of them opened; with no section open, restore every pool touched.  Holds ``_blas_lock``."""
+    if not _blas_sections:
+        for lib, before in _blas_before.values():
+            if lib.num_threads != before:
+                _set_limit(lib, before)
+        _blas_before.clear()
+        return
+    lowest = min(n for _, n in _blas_sections)
+    for lib in _threadpools().lib_controllers:
+        if not _process_wide(lib):
+            continue
+        if lib.filepath not in _blas_before:
+            _blas_before[lib.filepath] = (lib, lib.num_threads)
+        target = min(_blas_before[lib.filepath][1], lowest)
+        if lib.num_threads != target:
+            _set_limit(lib, target)
+
+
+@contextmanager
+def lowered_blas(n_threads: int, user_api: str | None = "blas") -> Iterator[None]:
+    """Lower the BLAS thread limit to ``n_threads`` for a ``with`` block; never raise it.
+
+    A BLAS on pthreads (OpenBLAS as NumPy and SciPy ship it) has one thread pool per process, so the sections
+    of every thread are counted together: while any is open the pool runs at the lowest limit they ask for
+    (never above the limit it had when the first opened), and the last to close restores the limits they
+    found -- threads never restore a limit under each other, whatever the order in which their sections open
+    and close.  Per-thread limits (BLAS built on OpenMP) are lowered in the calling thread only.
+    ``user_api=None`` lowers the OpenMP pools too, in the calling thread.
     """
     n_threads = max(1, int(n_threads))
-    if blas_threads(user_api) <= n_threads:
-        return nullcontext()
-    return _threadpools().limit(limits=n_threads, user_api=user_api)
+    section = (threading.get_ident(), n_threads)
+    local = [
+        (lib, lib.num_threads)
+        for lib in _threadpools().lib_controllers
+        if not _process_wide(lib) and (user_api is None or lib.user_api == user_api)
+    ]
+    with _blas_lock:
+        _blas_sections.append(section)
+        _apply_blas_sections()
+    for lib, before in local:
+        if before > n_threads:
+            lib.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        for lib, before in local:
+            if before > n_threads:
+                lib.set_num_threads(before)
+        with _blas_lock:
+            _blas_sections.remove(section)
+            _apply_blas_sections()
 
 
 @contextmanager
@@ -242,11 +311,6 @@ _helper_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _helpers_lock = threading.Lock()
 
 
-_blas_hold_lock = threading.Lock()
-_blas_holders = 0  # ingest sections open in any thread of this process
-_blas_hold: Any = None  # the limiter that lowered BLAS for them (restored when the last one closes)
-
-
 @contextmanager
 def ingest_threads() -> Iterator[int]:
     """The section in which a sketch folds blocks of keys; yields the number of threads it may use.
@@ -257,27 +321,17 @@ def ingest_threads() -> Iterator[int]:
     (:func:`run_items`).  The thread count is :func:`get_num_threads` (inside a capped section, that section's
     cap).  Nested sections reuse the outer one at no cost.
     """
-    global _blas_holders, _blas_hold
     outer = getattr(_ingest, "threads", None)
     if outer is not None:
         yield outer
         return
     n = get_num_threads()
-    with _blas_hold_lock:
-        if _blas_holders == 0:
-            _blas_hold = lowered_blas(1)
-            _blas_hold.__enter__()
-        _blas_holders += 1
-    _ingest.threads = n
-    try:
-        yield n
-    finally:
-        _ingest.threads = None
-        with _blas_hold_lock:
-            _blas_holders -= 1
-            if _blas_holders == 0:
-                hold, _blas_hold = _blas_hold, None
-                hold.__exit__(None, None, None)
+    with lowered_blas(1):
+        _ingest.threads = n
+        try:
+            yield n
+        finally:
+            _ingest.threads = None
 
 
 def in_ingest_section() -> bool:
@@ -369,16 +423,15 @@ def _ensure_helpers(n: int) -> None:
 
 
 def _forget_helpers() -> None:  # a forked child has none of its parent's threads
-    global _helper_jobs, _helpers_lock, _blas_hold_lock, _blas_holders, _blas_hold
+    global _helper_jobs, _helpers_lock, _blas_lock
     _helpers.clear()
     _helper_jobs = queue.SimpleQueue()
     _helpers_lock = threading.Lock()
-    _blas_hold_lock = threading.Lock()
-    if (
-        _blas_hold is not None
-    ):  # forked inside another thread's ingest section: the caller's limit back
-        _blas_hold.__exit__(None, None, None)
-    _blas_holders, _blas_hold = 0, None
+    _blas_lock = threading.Lock()
+    # the sections other threads had open are gone with them: their limits off (the forking thread's stay)
+    me = threading.get_ident()
+    _blas_sections[:] = [section for section in _blas_sections if section[0] == me]
+    _apply_blas_sections()
 
 
 if hasattr(os, "register_at_fork"):

@@ -150,3 +150,72 @@ def test_a_section_cap_is_per_thread():
         t.join()
         assert ls.get_num_threads() == 1
     assert other == [threads.available_cores()]
+
+
+class _SectionThread:
+    """A thread that opens and closes ``lowered_blas`` sections when told to, so that a test can interleave
+    the sections of two threads in a chosen order."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.orders: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            while (order := self.orders.get()) is not None:
+                if order == "close":
+                    stack.close()
+                else:
+                    stack.enter_context(threads.lowered_blas(order))
+                self.done.put(order)
+
+    def do(self, order) -> None:
+        self.orders.put(order)
+        assert self.done.get(timeout=30) == order
+
+    def stop(self) -> None:
+        self.orders.put(None)
+        self.thread.join(timeout=30)
+
+
+@pytest.mark.parametrize("limits", [(1, 1), (1, 2), (2, 1)])
+@pytest.mark.parametrize("a_closes_first", [True, False])
+def test_sections_of_several_threads_never_restore_under_each_other(limits, a_closes_first):
+    """The BLAS pool is one per process: while any thread's section is open BLAS runs at the lowest limit the
+    open sections ask for, and the last one to close restores the limits found before the first opened --
+    whatever the order (the race CI hit: a section that opened while another thread held BLAS at 1 later
+    restored 1 over the restored default)."""
+    before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
+    top = max(blas_limits())
+    a, b = _SectionThread(), _SectionThread()
+    try:
+        a.do(limits[0])
+        assert blas_limits() == {min(top, limits[0])}
+        b.do(limits[1])
+        assert blas_limits() == {min(top, *limits)}
+        first, second = (a, b) if a_closes_first else (b, a)
+        first.do("close")
+        assert blas_limits() == {min(top, limits[1] if a_closes_first else limits[0])}
+        second.do("close")
+        assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_sections_never_raise_a_limit_the_caller_set_before():
+    with threadpool_limits(limits=1, user_api="blas"):
+        a = _SectionThread()
+        try:
+            a.do(2)
+            assert blas_limits() == {1}
+            a.do("close")
+            assert blas_limits() == {1}
+        finally:
+            a.stop()
