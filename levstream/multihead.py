@@ -483,7 +483,9 @@ class MultiHeadKeySketch:
             self._sync()
             snapshot = [h.copy() for h in self._heads]
         try:
-            for index, item in enumerate(iterable):
+            index = -1
+            for item in iterable:  # not enumerate(): its reused result tuple keeps the last item alive
+                index += 1
                 try:
                     value = None
                     if isinstance(item, tuple):
@@ -502,6 +504,7 @@ class MultiHeadKeySketch:
                         f"extend: item {index} rejected ({exc}); the sketch was left as before "
                         "the call."
                     ) from exc
+                del item, value, arr  # before the iterable makes the next item (KeySketch.extend)
         except BaseException:
             with self._lock:
                 self._set_heads(snapshot)

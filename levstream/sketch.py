@@ -728,7 +728,9 @@ class KeySketch:
 
             bar = tqdm(unit=" rows", unit_scale=True, desc="levstream")
         try:
-            for index, item in enumerate(iterable):
+            index = -1
+            for item in iterable:  # not enumerate(): its reused result tuple keeps the last item alive
+                index += 1
                 try:
                     rows = self._feed_item(item, index)
                 except (ValueError, TypeError) as exc:
@@ -738,6 +740,9 @@ class KeySketch:
                     ) from exc
                 if bar is not None:
                     bar.update(rows)
+                # let the item go before the iterable makes the next one: a stream of chunks then never
+                # holds two of them at once on our account
+                del item
         except BaseException:
             with self._lock:
                 lock = self._lock

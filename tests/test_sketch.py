@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import tracemalloc
+import weakref
 
 import naive
 import numpy as np
@@ -104,6 +105,34 @@ def test_extend_with_progress_bar_gives_the_same_sketch(keys, capsys):
     shown = ls.KeySketch(DIM, eps=EPS, block_rows=300).extend(iter(np.array_split(keys, 10)), progress=True)
     assert shown.to_bytes() == plain.to_bytes()
     assert "3.00k" in capsys.readouterr().err  # tqdm counted every row
+
+
+@pytest.mark.parametrize("kind", ["keys", "pairs", "multihead pairs"])
+def test_extend_lets_each_item_go_before_the_iterable_makes_the_next(kind, keys):
+    """A generator of chunks never has two of them alive on extend's account (peak memory of a stream is one
+    chunk, not two): when the generator makes item k + 1, every array of item k is already freed."""
+    heads = 2 if kind == "multihead pairs" else None
+    alive = []
+
+    def chunks():
+        refs: list[weakref.ref] = []
+        for part in np.array_split(keys, 5):
+            alive.append(sum(r() is not None for r in refs))
+            K = np.tile(part, (heads, 1, 1)) if heads else part.copy()
+            V = np.ones(K.shape[:-1] + (3,))
+            refs = [weakref.ref(K), weakref.ref(V)]
+            item = K if kind == "keys" else (K, V)
+            del K, V
+            yield item
+            del item
+
+    if heads:
+        sk = ls.MultiHeadKeySketch(heads, DIM, eps=EPS, value_dim=3)
+    else:
+        sk = ls.KeySketch(DIM, eps=EPS, value_dim=None if kind == "keys" else 3)
+    sk.extend(chunks())
+    assert alive == [0] * 5
+    assert sk.n == len(keys)
 
 
 def test_queries_between_updates_do_not_change_the_result(keys, queries, tau):
