@@ -483,8 +483,9 @@ class MultiHeadKeySketch:
             self._sync()
             snapshot = [h.copy() for h in self._heads]
         try:
+            # not enumerate(): its reused result tuple would keep the last item alive
             index = -1
-            for item in iterable:  # not enumerate(): its reused result tuple keeps the last item alive
+            for item in iterable:
                 index += 1
                 try:
                     value = None

@@ -728,8 +728,9 @@ class KeySketch:
 
             bar = tqdm(unit=" rows", unit_scale=True, desc="levstream")
         try:
+            # not enumerate(): its reused result tuple would keep the last item alive
             index = -1
-            for item in iterable:  # not enumerate(): its reused result tuple keeps the last item alive
+            for item in iterable:
                 index += 1
                 try:
                     rows = self._feed_item(item, index)
