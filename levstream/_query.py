@@ -48,6 +48,9 @@ class HeadView(NamedTuple):
     total_gram: np.ndarray | None
     ids_sorted: bool
     moments: MomentState | None = None
+    #: norms of the rows of ``keys`` when they come by descending norm (:func:`scan_norms`; the live scan then
+    #: reads only the rows long enough to be heavy), else None
+    norms: np.ndarray | None = None
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -159,6 +162,10 @@ LIVE_QUERY_ROWS = 8
 _NO_Z_ADD = np.zeros(LIVE_QUERY_ROWS)
 _NO_Z_ADD.flags.writeable = False
 
+#: The live path's row norms when the rows are not ordered by norm (every row scanned).
+_NO_NORMS = np.zeros(0)
+_NO_NORMS.flags.writeable = False
+
 
 def _live_find(
     view: HeadView, Q: np.ndarray, thresh: float, z_add: np.ndarray | None = None
@@ -167,11 +174,19 @@ def _live_find(
     ``z_add`` holds normaliser terms of keys scanned but not in ``G`` (a decode step's own key)."""
     assert view.total_gram is not None
     z_add = _NO_Z_ADD[: Q.shape[0]] if z_add is None else z_add
+    norms = _NO_NORMS if view.norms is None else view.norms
     counts, pos, key_ids, vals, z = heavy_p2(
-        Q, view.total_gram, view.keys, view.ids, view.extra_keys, view.extra_ids, thresh, z_add
+        Q,
+        view.total_gram,
+        view.keys,
+        norms,
+        view.ids,
+        view.extra_keys,
+        view.extra_ids,
+        thresh,
+        z_add,
     )
-    if not view.ids_sorted and key_ids.size > 1:
-        key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
+    # ids ascending per query row (the kernel sorts them)
     return _Entries(counts, pos, key_ids, vals), z
 
 
@@ -421,6 +436,7 @@ def _decode_step(
         q,
         view.total_gram,
         view.keys,
+        _NO_NORMS if view.norms is None else view.norms,
         view.ids,
         view.extra_keys,
         view.extra_ids,
@@ -432,8 +448,8 @@ def _decode_step(
         pos = np.append(pos, held)
         vals = np.append(vals, w / z[0])
         key_ids = np.append(key_ids, key_id)
-    sorted_ids = view.ids_sorted and (held == 0 or key_id[0] > _last_id(view))
-    if not sorted_ids and key_ids.size > 1:
+    # the kernel's entries come with ids ascending; the step's own key may need to move
+    if key_ids.size > 1 and key_ids[-1] <= key_ids[-2]:
         key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
     entries = _Entries(counts, pos, key_ids, vals)
     assert view.values is not None
@@ -451,7 +467,3 @@ def _decode_step(
             num[:] = 0.0
         output = num
     return AttentionResult(_heavy(entries, eps, 0.0), heavy_out, mass, output)
-
-
-def _last_id(view: HeadView) -> int:
-    return int(view.extra_ids[-1] if view.extra_ids.size else view.ids[-1])

@@ -233,14 +233,19 @@ class RowStore:
         """Order all rows by id (merges and caller-given ids can leave them unordered)."""
         if self.ids_sorted:
             return
+        self.permute(np.argsort(self.ids[: self.n], kind="stable"))
+
+    def permute(self, order: np.ndarray) -> None:
+        """Put the rows in the order ``order`` (a permutation of ``0..n-1``): row ``i`` becomes the old row
+        ``order[i]``."""
+        n = self.n
         if self._shared:
             self._resize(self.capacity)
-        order = np.argsort(self.ids[: self.n], kind="stable")
-        self.keys[: self.n] = self.keys[: self.n][order]
-        self.ids[: self.n] = self.ids[: self.n][order]
+        self.keys[:n] = self.keys[:n][order]
+        self.ids[:n] = self.ids[:n][order]
         if self.values is not None:
-            self.values[: self.n] = self.values[: self.n][order]
-        self.ids_sorted = True
+            self.values[:n] = self.values[:n][order]
+        self.ids_sorted = bool(n < 2 or (self.ids[1:n] > self.ids[: n - 1]).all())
 
     # ------------------------------------------------------------------ undo
     def snapshot(self) -> StoreState:

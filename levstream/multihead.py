@@ -341,7 +341,7 @@ class MultiHeadKeySketch:
         or ``(m,)`` for the same gates in every head (see :meth:`KeySketch.update_many`).  On a bad chunk, bad
         ids or an id clash nothing is changed.  Returns ``self``.
         """
-        if gates is not None or self._forgets():
+        if self._weighs(gates):
             return self._update_gated(X, V, ids, offset, gates)
         if (
             ids is None
@@ -374,7 +374,7 @@ class MultiHeadKeySketch:
         The token is validated and numbered once for all heads.  ``gate``: one per head (shape ``(n_heads,)``)
         or one number for all (see :meth:`KeySketch.update`)."""
         H, d, dv = self.n_heads, self.dim, self.value_dim
-        if gate is not None or self._forgets():
+        if self._weighs(gate):
             arr = as_real_array(x, "x")
             if arr.shape != (H, d):
                 raise ValueError(
@@ -430,6 +430,11 @@ class MultiHeadKeySketch:
     # ------------------------------------------------------------------ decay (see KeySketch)
     def _forgets(self) -> bool:
         return any(h.forgets for h in self._heads)
+
+    def _weighs(self, gates: Any) -> bool:
+        """Whether rows fed with ``gates`` must be weighed by the heads (gates, or a stream that forgets; on the
+        step path no head forgets, which saves asking every head per token)."""
+        return gates is not None or (not self._step_ok and self._forgets())
 
     def _neg_log_gates(self, gates: Any, m: int) -> list[np.ndarray]:
         """Per head, ``-log`` of each row's effective gate (gates of shape (n_heads, m), or (m,) for all heads;
@@ -545,6 +550,8 @@ class MultiHeadKeySketch:
             self._live = None
             for h in range(1, self.n_heads):
                 self._heads[h].merge(other._heads[h])
+            if self._step_ok and self._forgets():  # took on another part's gates
+                self._leave_step_path()
         return self
 
     def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:  # noqa: PYI034 (Self: Python 3.11)
@@ -762,7 +769,7 @@ class MultiHeadKeySketch:
         (True, 6)
         """
         dv = self.value_dim
-        forgets = gates is not None or self._forgets()
+        forgets = self._weighs(gates)
         if (
             not forgets
             and ids is None
@@ -878,7 +885,7 @@ class _Live:
 
     For head ``h``: ``LG[h]`` the Gram matrix of every key fed (the summary's ``G``, the pending rows' and the
     buffered tokens'); the candidates ``Kc[h, :nc[h]]`` (ids ``Ic``, values ``Vc``), copied from the head's
-    store (with their unit rows in float32 and norms, for the scan's pre-filter); the scanned rows ``Ke[h, :ne[h]]`` (ids ``Ie``, values ``Ve``): the rows fed since the head's last
+    store by descending norm (with their unit rows in float32 and norms, for the scan's pre-filter); the scanned rows ``Ke[h, :ne[h]]`` (ids ``Ie``, values ``Ve``): the rows fed since the head's last
     fold whose bound ``u / (1 + u)``, ``u = ||x W[h]||^2`` against a factor of an earlier Gram matrix, reaches
     the head's pruning threshold ``kthr[h]`` (docs/theory.md, "Stale factors"): the others have leverage
     scores below it now and later, so no query can find them heavy.  ``upto[h]`` rows of the head's store and
@@ -899,10 +906,10 @@ class _Live:
         "bup",
         "folds",
         "has_w",
-        "ids_sorted",
         "kthr",
         "nc",
         "ne",
+        "ne_bound",
         "nk",
         "nke",
         "upto",
@@ -925,7 +932,7 @@ class _Live:
         self.Ie = np.empty((H, 0), dtype=np.int64)
         self.Ve = np.empty((H, 0, dv))
         self.ne = np.zeros(H, dtype=np.int64)
-        self.ids_sorted = np.ones(H, dtype=np.bool_)
+        self.ne_bound = 0  # at least ne.max(), kept without a reduction per step (reserve)
         self.upto = np.zeros(H, dtype=np.int64)
         self.bup = 0
         self.folds: list[tuple[int, int, int]] = []
@@ -951,12 +958,15 @@ class _Live:
             summary = head._summary
             assert isinstance(summary, GramSummary)
             st, pf = head._store, head._pending_from
-            live.Kc[h, :pf] = st.keys[:pf]
-            live.Kc32[h, :pf], live.nk[h, :pf] = unit_rows32(live.Kc[h, :pf])
-            live.Ic[h, :pf] = st.ids[:pf]
+            K32, norms = unit_rows32(st.keys[:pf].astype(np.float64, copy=False))
+            # by descending norm: the scan stops at the first candidate too short to be heavy
+            order = np.argsort(-norms, kind="stable")
+            live.Kc[h, :pf] = st.keys[:pf][order]
+            live.Kc32[h, :pf], live.nk[h, :pf] = K32[order], norms[order]
+            live.Ic[h, :pf] = st.ids[:pf][order]
             if dv:
                 assert st.values is not None
-                live.Vc[h, :pf] = st.values[:pf]
+                live.Vc[h, :pf] = st.values[:pf][order]
             live.nc[h] = pf
             live.LG[h] = grams[h]
             thr = head._keep_threshold()
@@ -998,7 +1008,6 @@ class _Live:
         for h, head in enumerate(heads):
             st = head._store
             a, b = int(self.upto[h]), st.n
-            self.ids_sorted[h] = st.ids_sorted
             if a == b:
                 continue
             X = st.keys[a:b].astype(np.float64, copy=False)
@@ -1026,11 +1035,14 @@ class _Live:
             assert values is not None
             self.Ve[h, e : e + k] = values
         self.ne[h] = e + k
+        self.ne_bound = max(self.ne_bound, e + k)
 
     def reserve(self, rows: int) -> None:
-        """Room for ``rows`` more scanned rows in every head."""
-        if int(self.ne.max()) + rows > self.Ke.shape[1]:
-            self._grow(int(self.ne.max()) + rows)
+        """Room for ``rows`` more scanned rows in every head (which the caller may then add)."""
+        if self.ne_bound + rows > self.Ke.shape[1]:
+            self.ne_bound = int(self.ne.max())
+            self._grow(self.ne_bound + rows)
+        self.ne_bound += rows
 
     def _grow(self, rows: int) -> None:
         cap = self.Ke.shape[1]
@@ -1065,7 +1077,6 @@ class _Live:
             self.Ie,
             self.ne,
             _query.report_threshold(eps, 0.0),
-            self.ids_sorted,
         )
 
     @property

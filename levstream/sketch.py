@@ -26,7 +26,7 @@ from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
-from ._kernels.live import add_rows_and_bound
+from ._kernels.live import add_rows_and_bound, scan_norms
 from ._kernels.rows import sq_norm
 from ._store import RowStore, StoreState
 from ._threads import ingest_threads, lowered_blas, run_items
@@ -296,7 +296,7 @@ class KeySketch:
         cache = 0
         if live is not None:
             cache = int(live.gram.nbytes + live.rows.nbytes)
-            cache += 0 if live.cand is None else live.cand.nbytes
+            cache += 0 if live.cand is None else live.cand.nbytes + live.cand_norms.nbytes
         return int(
             self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
         )
@@ -995,10 +995,12 @@ class KeySketch:
             assert isinstance(summary, GramSummary)
             live.add(st, n, live.bound_factor(summary), live.threshold)
         rows, cand = live.rows, live.cand
+        norms, ids_sorted = None, st.ids_sorted
         if cand is None:
             keys, ids = st.keys[:pf], st.ids[:pf]
-        else:  # the candidates still alive (see _LiveRows)
+        else:  # the candidates still alive, by descending norm (see _LiveRows)
             keys, ids, values = cand.keys_view(), cand.ids_view(), cand.values_view()
+            norms, ids_sorted = live.cand_norms, ids_sorted and cand.ids_sorted
         return _query.HeadView(
             self._summary,
             keys,
@@ -1008,8 +1010,9 @@ class KeySketch:
             rows.ids_view(),
             rows.values_view(),
             live.gram,
-            st.ids_sorted,
+            ids_sorted,
             self._moments,
+            norms,
         )
 
     def _live_rows(self, G: np.ndarray) -> _LiveRows:
@@ -1451,6 +1454,7 @@ _SMALL_LIVE_ROWS = 32
 _LIVE_REFRESH = 2.0
 _LIVE_CHECK_ROWS = 16
 _NO_FACTOR = np.zeros((0, 0))
+_NO_NORMS = np.zeros(0)
 
 
 class _LiveRows:
@@ -1462,10 +1466,13 @@ class _LiveRows:
     (``d^3``) and keeps only the rows whose exact score reaches ``floor``, the lowest threshold any later prune
     can use: the bound of later rows is then tight again.  It rescores the candidates too and keeps the ones
     still alive (``cand``) for queries to scan instead of all of them (a decaying stream's candidates fall
-    below ``eps`` long before the next fold rescores them); the sketch's own candidates are not touched."""
+    below ``eps`` long before the next fold rescores them); the sketch's own candidates are not touched.  That
+    copy is ordered by descending norm, with the norms in ``cand_norms``, so that a query reads only the
+    candidates long enough to be heavy for it (:func:`~levstream._kernels.live.heavy_p2`)."""
 
     __slots__ = (
         "cand",
+        "cand_norms",
         "diag_mark",
         "factor",
         "floor",
@@ -1483,6 +1490,7 @@ class _LiveRows:
         self.gram = gram.copy()
         self.rows = RowStore(dim, value_dim)
         self.cand: RowStore | None = None
+        self.cand_norms = _NO_NORMS
         self.factor: np.ndarray | None = None
         self.floor = floor
         #: the sketch's keep threshold (set by the sketch; the summary does not change while the cache lives)
@@ -1518,6 +1526,7 @@ class _LiveRows:
         self.rows.scale_keys(root)
         if self.cand is not None:
             self.cand.scale_keys(root)
+            self._order_cand()  # rows may have fallen below the norm floor (see scan_norms)
         self.diag_mark *= factor
         if self.factor is not None:
             self.factor = self.factor / root if root else None
@@ -1538,14 +1547,28 @@ class _LiveRows:
         if self.rows.n:
             Y = self.rows.keys_view() @ W
             self.rows.keep_from(0, np.einsum("ij,ij->i", Y, Y) >= self.floor)
+        fresh = self.cand is None
         if self.cand is None:  # the candidates still alive: a copy the queries scan
             self.cand = RowStore(store.dim, store.value_dim)
             values = None if store.values is None else store.values[: self.start]
             self.cand.append(store.keys[: self.start], store.ids[: self.start], values)
         if self.cand.n:
             Y = self.cand.keys_view() @ W
-            self.cand.keep_from(0, np.einsum("ij,ij->i", Y, Y) >= self.floor)
+            alive = np.einsum("ij,ij->i", Y, Y) >= self.floor
+            self.cand.keep_from(0, alive)
+            if not fresh:
+                self.cand_norms = self.cand_norms[alive]
+        if fresh:
+            self._order_cand()
         self.factor = W
+
+    def _order_cand(self) -> None:
+        """Order the candidate copy by descending norm and keep the norms."""
+        assert self.cand is not None
+        norms = scan_norms(self.cand.keys_view())
+        order = np.argsort(-norms, kind="stable")
+        self.cand.permute(order)
+        self.cand_norms = norms[order]
         self.diag_mark = float(np.diag(self.gram).max())
 
     def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:

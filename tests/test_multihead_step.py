@@ -18,6 +18,7 @@ from naive import dense_heavy
 
 import levstream as ls
 from levstream._kernels.live import heavy_p2_stacked, unit_rows32
+from test_live_scan import rows_at_the_cut
 from levstream.multihead import _STEP_BUFFER_ROWS
 
 H, D, EPS = 3, 5, 0.04
@@ -342,7 +343,8 @@ def test_gates_per_head_leave_the_step_path_and_stay_exact(decay):
 def test_stacked_scan_prefilter_is_exact_at_the_threshold():
     """Rows placed at ``<q, k>^2 = cut (1 +- delta)`` for delta from 1e-12 to 1e-3 (inside and far beyond the
     float32 pre-filter's error), tiny and huge rows, rows whose unit components underflow float32: the stacked
-    scan returns exactly the rows at or above the cut, as a float64 scan."""
+    scan returns exactly the rows at or above the cut, as a float64 scan.  The candidates are passed by descending
+    norm, as the live state holds them (the scan stops at the first one too short to reach the cut)."""
     rng = np.random.default_rng(21)
     d, Hs, thresh = 16, 3, 0.01
     Q = rng.standard_normal((Hs, 1, d))
@@ -354,49 +356,36 @@ def test_stacked_scan_prefilter_is_exact_at_the_threshold():
         q = Q[h, 0]
         z = q @ LG[h] @ q
         cut = thresh * z
-        qn = q / np.linalg.norm(q)
-        Kh, above = [], []
-        for delta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3):
-            for sign in (1.0, -1.0):
-                target = np.sqrt(cut * (1.0 + sign * delta))  # <q, k> = target
-                r = rng.standard_normal(d)
-                r -= (r @ qn) * qn  # orthogonal to q
-                for size in (1.0, 1e-3, 1e3):
-                    k = qn * target / np.linalg.norm(q) + size * r
-                    Kh.append(k)
-                    above.append(sign > 0)
-        for scale in (1e-160, 1e140):  # tiny and huge rows: below/above every cut
-            Kh.append(rng.standard_normal(d) * scale)
-            above.append(scale > 1.0)
-        tiny = np.zeros(d)
-        tiny[0], tiny[1] = 1e-50, 1.0  # unit components that underflow float32
-        Kh.append(tiny * 1e3)
-        above.append(None)  # whatever the float64 scan says
-        rows.append(np.array(Kh))
+        Kh, above = rows_at_the_cut(rng, q, cut)
+        rows.append(Kh)
         want.append(above)
     n = rows[0].shape[0]
-    K = np.stack(rows)
     ids = np.arange(Hs * n).reshape(Hs, n)
     for c in (n, n // 2):  # every row a candidate, or half of them scanned as rows fed since the last fold
+        # the candidates of each head by descending norm; perm[h, j]: the row of rows[h] at scan position j
+        perm = np.stack([np.concatenate([np.argsort(-np.linalg.norm(r[:c], axis=1), kind="stable"),
+                                         np.arange(c, n)]) for r in rows])
+        K = np.stack([r[p] for r, p in zip(rows, perm)])
         Kc, Ke = np.ascontiguousarray(K[:, :c]), np.ascontiguousarray(K[:, c:])
         Kc32, nk = unit_rows32(Kc.reshape(-1, d))
         Ke32, nke = unit_rows32(Ke.reshape(-1, d))
-        for ids_sorted in (True, False):
-            I = ids if ids_sorted else ids[:, ::-1].copy()
+        for ids_rising in (True, False):  # ids rising or falling with the row (the kernel sorts them)
+            I = ids if ids_rising else ids[:, ::-1].copy()
             starts, indptr, key_ids, values, positions, z = heavy_p2_stacked(
                 Q, LG, Kc, Kc32.reshape(Hs, c, d), nk.reshape(Hs, c), np.ascontiguousarray(I[:, :c]),
                 np.full(Hs, c), Ke, Ke32.reshape(Hs, n - c, d), nke.reshape(Hs, n - c),
-                np.ascontiguousarray(I[:, c:]), np.full(Hs, n - c), thresh, np.array([ids_sorted] * Hs))
+                np.ascontiguousarray(I[:, c:]), np.full(Hs, n - c), thresh)
             for h in range(Hs):
                 q = Q[h, 0]
                 dots = (K[h] @ q) ** 2
                 zh = z[h, 0]
                 exact = np.flatnonzero(dots >= thresh * zh)  # the float64 scan's answer
+                assert exact.size  # the rows at and above the cut are there to be found
                 got = positions[starts[h]:starts[h + 1]]
                 assert sorted(got.tolist()) == exact.tolist()
                 for j, a in enumerate(want[h]):
                     if a is not None:
-                        assert (j in exact) == a, (h, j)
+                        assert (int(np.flatnonzero(perm[h] == j)[0]) in exact) == a, (h, j)
                 np.testing.assert_allclose(values[starts[h]:starts[h + 1]], dots[got] / zh, rtol=1e-12)
                 assert (np.diff(key_ids[starts[h]:starts[h + 1]]) > 0).all()
                 np.testing.assert_array_equal(key_ids[starts[h]:starts[h + 1]], np.sort(I[h, got]))

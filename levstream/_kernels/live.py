@@ -12,6 +12,10 @@ import numpy as np
 
 from .._config import UNIT_ROUNDOFF
 
+#: The pre-filters of the scans (norms, float32 products) are off below this ``cut`` or ``||q||^2`` (subnormal
+#: territory).
+_FILTER_FLOOR = 1e-280
+
 
 @numba.njit(nogil=True, cache=True)
 def gram_quadratic(Q, G):  # pragma: no cover - compiled
@@ -67,18 +71,25 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2(Q, G, K, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - compiled
+def heavy_p2(Q, G, K, nk, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - compiled
     """Every ``A = <q, k>^2 / q^T G q >= thresh`` of a few queries over the rows ``[K; Ke]`` (p = 2, exact ``G``).
 
     Returns ``(counts, positions, key_ids, values, z)`` as the thresholding kernel of the batch path — per query
-    row its number of entries, and for every entry its row position in ``[K; Ke]`` (ascending), its id (from
-    ``ids`` and ``extra_ids``) and its value — and the normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode
-    step's own key).
+    row its number of entries, and for every entry its row position in ``[K; Ke]``, its id (from ``ids`` and
+    ``extra_ids``; ascending within a query row, whatever the order of the rows) and its value — and the
+    normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode step's
+    own key).
+
+    ``nk``, when not empty, holds the norms of the rows of ``K`` in non-increasing order (the rows come by
+    descending norm): a query then scans only the rows with ``||q|| ||k|| >= sqrt(cut) (1 - 1e-9)``, a prefix
+    found by bisection, since by Cauchy-Schwarz ``<q, k>^2 <= ||q||^2 ||k||^2`` (the margin covers the rounding
+    of the norms, ``~d 2^-53``, and keeps every row the float64 scan would report).
     """
     m, d = Q.shape
     c, e = K.shape[0], Ke.shape[0]
     z = gram_quadratic(Q, G) + z_add
     W = np.empty((m, c + e), dtype=np.float64)
+    stops = np.zeros(m, dtype=np.int64)
     counts = np.zeros(m, dtype=np.int64)
     for i in range(m):
         zi = z[i]
@@ -86,8 +97,21 @@ def heavy_p2(Q, G, K, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - 
             continue
         cut = thresh * zi
         q = Q[i]
+        stop = c
+        nq2 = _dot(q, q, d)
+        if nk.shape[0] and cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR:
+            lim = np.sqrt(cut / nq2) * (1.0 - 1e-9)
+            lo, hi = 0, c  # the first row with nk < lim: the rows from it on cannot reach the cut
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if nk[mid] < lim:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            stop = lo
+        stops[i] = stop
         cnt = 0
-        for j in range(c):
+        for j in range(stop):
             v = _dot(q, K[j], d)
             v *= v
             W[i, j] = v
@@ -108,13 +132,34 @@ def heavy_p2(Q, G, K, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - 
             continue
         zi = z[i]
         cut = thresh * zi
-        for j in range(c + e):
+        first = pos
+        for j in range(stops[i]):
             if W[i, j] >= cut:
                 positions[pos] = j
-                key_ids[pos] = ids[j] if j < c else extra_ids[j - c]
+                key_ids[pos] = ids[j]
                 values[pos] = W[i, j] / zi
                 pos += 1
+        for j in range(c, c + e):
+            if W[i, j] >= cut:
+                positions[pos] = j
+                key_ids[pos] = extra_ids[j - c]
+                values[pos] = W[i, j] / zi
+                pos += 1
+        if not _ascending(key_ids, first, pos):
+            order = np.argsort(key_ids[first:pos])
+            key_ids[first:pos] = key_ids[first:pos][order]
+            values[first:pos] = values[first:pos][order]
+            positions[first:pos] = positions[first:pos][order]
     return counts, positions, key_ids, values, z
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _ascending(a, start, stop):  # pragma: no cover - compiled
+    """Whether ``a[start:stop]`` is strictly increasing."""
+    for k in range(start + 1, stop):
+        if a[k] <= a[k - 1]:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------- many heads (MultiHeadKeySketch)
@@ -122,10 +167,6 @@ def heavy_p2(Q, G, K, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - 
 # The live state of a multi-head sketch is stacked over heads (levstream.multihead): one (H, d, d) array of
 # Gram matrices, (H, rows, d) arrays of candidates and of scanned pending rows with per-head counts, so one call
 # does the work of every head and the compiled code is the same for any number of heads.
-
-
-#: The pre-filter of :func:`heavy_p2_stacked` is off below this ``cut`` or ``||q||^2`` (subnormal territory).
-_FILTER_FLOOR = 1e-280
 
 
 @numba.njit(nogil=True, cache=True)
@@ -184,6 +225,14 @@ def absorb_rows_heads(
                 ne[h] = j + 1
 
 
+def scan_norms(K):
+    """Norms of the rows of ``K`` (n, d) for the scans' norm bound: ``inf`` (never skipped) where the squared norm
+    is below ``_FILTER_FLOOR`` (or overflows), since a sum of squares that underflows would understate it."""
+    norms = np.sqrt(np.einsum("ij,ij->i", K, K))
+    norms[~(norms * norms >= _FILTER_FLOOR)] = np.inf
+    return norms
+
+
 def unit_rows32(K):
     """``(K32, norms)`` for :func:`heavy_p2_stacked`'s pre-filter: the rows of ``K`` (n, d) scaled to unit length
     and rounded to float32, and their float64 norms; rows whose squared norm is below ``_FILTER_FLOOR`` get
@@ -198,13 +247,36 @@ def unit_rows32(K):
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
 def _scan_rows(
-    q, q32, K, K32, norms, ids, n, base, filt, lim, slack, cut, z, positions, values, key_ids, t
+    q,
+    q32,
+    K,
+    K32,
+    norms,
+    ids,
+    n,
+    base,
+    filt,
+    by_norm,
+    lim,
+    slack,
+    cut,
+    z,
+    positions,
+    values,
+    key_ids,
+    t,
 ):  # pragma: no cover - compiled
     """Entries of rows ``0..n-1`` of ``K`` (positions from ``base``) for one query; returns the new count ``t``.
-    With ``filt``, a row is computed exactly only when the float32 bound allows ``<q, k>^2 >= cut``."""
+    With ``filt``, a row is computed exactly only when the float32 bound allows ``<q, k>^2 >= cut``, and not
+    even that when its norm rules it out (``||q|| ||k|| < sqrt(cut)``); ``by_norm``: the rows come by
+    descending norm, so the first such row ends the scan."""
     d = q.shape[0]
     for j in range(n):
         if filt:
+            if norms[j] < lim:  # |<q, k>| <= ||q|| ||k|| (Cauchy-Schwarz): no product needed
+                if by_norm:
+                    break
+                continue
             s = np.float32(0.0)
             for a in range(d):
                 s += q32[a] * K32[j, a]
@@ -229,7 +301,7 @@ def _grown(arr, size):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
 def heavy_p2_stacked(
-    Q, LG, Kc, Kc32, nk, Ic, nc, Ke, Ke32, nke, Ie, ne, thresh, ids_sorted
+    Q, LG, Kc, Kc32, nk, Ic, nc, Ke, Ke32, nke, Ie, ne, thresh
 ):  # pragma: no cover - compiled
     """:func:`heavy_p2` of every head in one call, on the stacked live state: head ``h``'s queries ``Q[h]``
     (shape (H, m, d)), its Gram matrix of every key fed ``LG[h]`` and the rows ``Kc[h, :nc[h]]`` (ids ``Ic``)
@@ -240,13 +312,17 @@ def heavy_p2_stacked(
     ``|<q, k>| <= ||q|| ||k|| (|s| + slack)``, ``slack = (d + 3) 2^-24 1.001 + 1e-40`` (the roundings of the
     two unit vectors to float32, of the products and of any order of the sum, and underflow).  A row is
     computed exactly (float64, as :func:`heavy_p2`) unless that bound shows ``<q, k>^2 < cut (1 - 1e-9)^2``,
-    so the entries are those of the exact scan: the skipped ones have exact values below the threshold.
+    so the entries are those of the exact scan: the skipped ones have exact values below the threshold.  Before
+    that, a row whose norm alone shows ``||q|| ||k|| < sqrt(cut) (1 - 1e-9)`` is skipped without a product, and
+    the candidates ``Kc[h]`` come by descending norm (``nk[h]`` non-increasing), so the first of them that fails
+    ends their scan: a query reads only the candidates long enough to be heavy for it (a quarter of them, for
+    attention-like keys at eps = 0.01).
 
     Returns ``(starts, indptr, key_ids, values, positions, z)``: head ``h``'s entries are
     ``starts[h]..starts[h + 1] - 1`` of ``key_ids``/``values``/``positions`` (row positions in ``[Kc[h]; Ke[h]]``),
     its query row ``i`` has ``indptr[h, i]..indptr[h, i + 1] - 1`` of them (from 0 per head), ids ascending
-    within a row (sorted here for heads whose ids are not increasing with the row position), and ``z`` (H, m)
-    holds the normalisers (0 for a query orthogonal to every key, as :func:`gram_quadratic`).
+    within a row (sorted here when the scan order gave them otherwise), and ``z`` (H, m) holds the normalisers
+    (0 for a query orthogonal to every key, as :func:`gram_quadratic`).
     """
     H, m, d = Q.shape
     tol = (d * UNIT_ROUNDOFF) ** 2
@@ -303,6 +379,7 @@ def heavy_p2_stacked(
                 c,
                 0,
                 filt,
+                True,
                 lim,
                 slack,
                 cut,
@@ -322,6 +399,7 @@ def heavy_p2_stacked(
                 e,
                 c,
                 filt,
+                False,
                 lim,
                 slack,
                 cut,
@@ -331,7 +409,7 @@ def heavy_p2_stacked(
                 key_ids,
                 t,
             )
-            if not ids_sorted[h] and t - first > 1:
+            if not _ascending(key_ids, first, t):
                 order = np.argsort(key_ids[first:t])
                 key_ids[first:t] = key_ids[first:t][order]
                 values[first:t] = values[first:t][order]

@@ -1,0 +1,90 @@
+"""The live scan of one head (``levstream._kernels.live.heavy_p2``) and its norm bound.
+
+A query reads the candidates by descending norm and stops at the first one whose norm shows
+``||q|| ||k|| < sqrt(cut)``; the rows fed since the last fold are scanned whole.  Rows are placed at
+``<q, k>^2 = cut (1 +- delta)`` down to ``delta = 1e-12``, with every norm from tiny to huge, and the answer must
+be exactly the float64 scan's (brute force over all rows, computed here with NumPy).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from levstream._kernels.live import heavy_p2, scan_norms
+
+
+def rows_at_the_cut(rng: np.random.Generator, q: np.ndarray, cut: float) -> tuple[np.ndarray, list]:
+    """Rows with ``<q, k>^2 = cut (1 +- delta)`` for delta from 1e-12 to 1e-3, each with an orthogonal part of
+    size 1e-3, 1 and 1e3 (norms from just above ``sqrt(cut) / ||q||`` to far above), tiny and huge rows, and a
+    row whose unit components underflow float32; and whether each is at or above the cut (None: whatever the
+    float64 scan says)."""
+    d = q.shape[0]
+    qn = q / np.linalg.norm(q)
+    rows, above = [], []
+    for delta in (1e-12, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3):
+        for sign in (1.0, -1.0):
+            target = np.sqrt(cut * (1.0 + sign * delta))  # <q, k> = target
+            r = rng.standard_normal(d)
+            r -= (r @ qn) * qn  # orthogonal to q
+            for size in (1.0, 1e-3, 1e3):
+                rows.append(qn * target / np.linalg.norm(q) + size * r)
+                above.append(sign > 0)
+    for scale in (1e-160, 1e140):  # tiny and huge rows: below/above every cut
+        rows.append(rng.standard_normal(d) * scale)
+        above.append(scale > 1.0)
+    tiny = np.zeros(d)
+    tiny[0], tiny[1] = 1e-50, 1.0  # unit components that underflow float32
+    rows.append(tiny * 1e3)
+    above.append(None)
+    return np.array(rows), above
+
+
+def test_scan_norms_never_understate():
+    K = np.array([[3.0, 4.0], [1e-200, 0.0], [0.0, 0.0], [1e160, 1e160]])
+    norms = scan_norms(K)
+    assert norms[0] == 5.0
+    assert np.isinf(norms[1:]).all()  # squares that underflow or overflow: never skipped
+
+
+@pytest.mark.parametrize("in_candidates", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("ids_rising", [True, False])
+def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising):
+    """Candidates by descending norm (the scan stops early) and unordered rows after them: exactly the rows at
+    or above the cut, values to rounding, ids ascending whatever the order of the rows."""
+    rng = np.random.default_rng(31)
+    d, thresh = 16, 0.01
+    for trial in range(4):
+        A = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 10.0)
+        G = A.T @ A
+        Q = rng.standard_normal((2, d)) * 10.0 ** rng.uniform(-3, 3)
+        z = np.einsum("ij,jk,ik->i", Q, G, Q)
+        placed, above = rows_at_the_cut(rng, Q[0], thresh * z[0])
+        K0 = np.vstack([placed, rng.standard_normal((40, d)) * 10.0 ** rng.uniform(-2, 2, (40, 1))])
+        n = K0.shape[0]
+        shuffle = rng.permutation(n)
+        c = int(in_candidates * n)
+        norms = scan_norms(K0[shuffle[:c]])
+        order = np.argsort(-norms, kind="stable")
+        perm = np.concatenate([shuffle[:c][order], shuffle[c:]])  # scan position -> row of K0
+        K = K0[perm]
+        ids = np.arange(n) * 3 + 7 if ids_rising else (np.arange(n) * 3 + 7)[::-1].copy()
+        counts, pos, key_ids, vals, zz = heavy_p2(
+            Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], np.ascontiguousarray(K[c:]),
+            ids[c:], thresh, np.zeros(2))
+        np.testing.assert_allclose(zz, z, rtol=1e-12)
+        start = 0
+        for i in range(2):
+            dots = (K @ Q[i]) ** 2
+            exact = np.flatnonzero(dots >= thresh * zz[i])  # the float64 scan over every row
+            got = pos[start:start + counts[i]]
+            assert sorted(got.tolist()) == exact.tolist(), (trial, i)
+            if i == 0:  # the rows placed at the cut of query 0 are on the side they were placed
+                where = np.argsort(perm)
+                for j, a in enumerate(above):
+                    if a is not None:
+                        assert (where[j] in exact) == a, (trial, j)
+            assert (np.diff(key_ids[start:start + counts[i]]) > 0).all()
+            np.testing.assert_array_equal(key_ids[start:start + counts[i]], np.sort(ids[got]))
+            np.testing.assert_allclose(vals[start:start + counts[i]], dots[got] / zz[i], rtol=1e-12)
+            start += counts[i]
