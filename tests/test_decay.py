@@ -898,3 +898,35 @@ def test_build_from_an_iterable_with_decay_is_one_stream():
     assert np.array_equal(built.universal_set().ids, U.ids)
     Q = rng.standard_normal((4, 6))
     np.testing.assert_allclose(built.normalizer(Q), one.normalizer(Q), rtol=1e-12)
+
+
+def test_multihead_step_path_that_merges_a_gated_later_part_weighs_what_follows():
+    """An ungated multi-head sketch (on its token-buffer step path) takes a gated later part by merge: the rows
+    fed after it, without gates, are weighed in the merged frame (the heads forget now), exactly as brute force."""
+    n, heads = 900, 2
+    data = [stream_data(n, 61 + h) for h in range(heads)]
+    K = np.stack([k for k, _, _ in data])
+    V = np.stack([v for _, v, _ in data])
+    G = np.ones((heads, n))
+    G[:, 400:700] = np.stack([g[400:700] for _, _, g in data])
+    first = ls.MultiHeadKeySketch(heads, D, eps=EPS, value_dim=DV, exact_output=True, block_rows=BLOCK)
+    for t in range(400):  # one token at a time: the step path
+        first.update(K[:, t], V[:, t])
+    later = ls.MultiHeadKeySketch(heads, D, eps=EPS, value_dim=DV, exact_output=True, block_rows=BLOCK)
+    later.update_many(K[:, 400:700], V[:, 400:700], offset=400, gates=G[:, 400:700])
+    first.merge(later)
+    for t in range(700, n):
+        first.update(K[:, t], V[:, t])
+    for h in range(heads):
+        ref = DecayedStream(D, value_dim=DV).update_many(K[h], V[h], gates=G[h])
+        Q = queries(np.random.default_rng(70 + h), ref, 4)
+        Qs = np.zeros((heads, *Q.shape))
+        Qs[h] = Q
+        got = first.heavy_entries(Qs)[h]
+        want = ref_attention(ref, Q)
+        assert sum(int((w >= EPS).sum()) for w in want)  # something heavy to find
+        for i in range(Q.shape[0]):
+            hits = want[i] >= EPS
+            np.testing.assert_array_equal(got.key_ids[got.indptr[i]:got.indptr[i + 1]], np.flatnonzero(hits))
+            np.testing.assert_allclose(got.values[got.indptr[i]:got.indptr[i + 1]], want[i][hits],
+                                       rtol=VALUE_RTOL)
