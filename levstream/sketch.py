@@ -1561,6 +1561,7 @@ class _LiveRows:
         if fresh:
             self._order_cand()
         self.factor = W
+        self.diag_mark = float(np.diag(self.gram).max())
 
     def _order_cand(self) -> None:
         """Order the candidate copy by descending norm and keep the norms."""
@@ -1569,7 +1570,6 @@ class _LiveRows:
         order = np.argsort(-norms, kind="stable")
         self.cand.permute(order)
         self.cand_norms = norms[order]
-        self.diag_mark = float(np.diag(self.gram).max())
 
     def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""

@@ -930,3 +930,24 @@ def test_multihead_step_path_that_merges_a_gated_later_part_weighs_what_follows(
             np.testing.assert_array_equal(got.key_ids[got.indptr[i]:got.indptr[i + 1]], np.flatnonzero(hits))
             np.testing.assert_allclose(got.values[got.indptr[i]:got.indptr[i + 1]], want[i][hits],
                                        rtol=VALUE_RTOL)
+
+
+def test_live_cache_refactors_only_when_its_diagonal_doubles(monkeypatch):
+    """The live queries' cache refactors ``G`` (``d^3``) when its largest diagonal entry has doubled, not at every
+    check: 600 steps at gate 0.999 grow the weights of new rows e^0.6 = 1.8 times, so at most one refresh (a
+    cache that forgot its mark refreshed every 16 rows)."""
+    import levstream.sketch as sketch_module
+
+    n = 3000
+    K = heavy_tailed_keys(n + 600, D, seed=83)
+    sk = sketch(None, block_rows=4096).update_many(K[:n], gates=np.full(n, 0.999))
+    rng = np.random.default_rng(83)
+    sk.heavy_entries(rng.standard_normal((1, D)))  # the cache, with its first factor
+    refreshes = []
+    real = sketch_module._LiveRows.refresh
+    monkeypatch.setattr(sketch_module._LiveRows, "refresh",
+                        lambda self, store: (refreshes.append(1), real(self, store)))
+    for t in range(n, n + 600):
+        sk.update(K[t], gate=0.999)
+        sk.heavy_entries(rng.standard_normal((1, D)))
+    assert len(refreshes) <= 1
