@@ -51,6 +51,8 @@ class HeadView(NamedTuple):
     #: norms of the rows of ``keys`` when they come by descending norm (:func:`scan_norms`; the live scan then
     #: reads only the rows long enough to be heavy), else None
     norms: np.ndarray | None = None
+    #: norms of the rows of ``extra_keys`` (any order; the live scan skips those too short), else None
+    extra_norms: np.ndarray | None = None
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -174,14 +176,14 @@ def _live_find(
     ``z_add`` holds normaliser terms of keys scanned but not in ``G`` (a decode step's own key)."""
     assert view.total_gram is not None
     z_add = _NO_Z_ADD[: Q.shape[0]] if z_add is None else z_add
-    norms = _NO_NORMS if view.norms is None else view.norms
     counts, pos, key_ids, vals, z = heavy_p2(
         Q,
         view.total_gram,
         view.keys,
-        norms,
+        _NO_NORMS if view.norms is None else view.norms,
         view.ids,
         view.extra_keys,
+        _NO_NORMS if view.extra_norms is None else view.extra_norms,
         view.extra_ids,
         thresh,
         z_add,
@@ -439,6 +441,7 @@ def _decode_step(
         _NO_NORMS if view.norms is None else view.norms,
         view.ids,
         view.extra_keys,
+        _NO_NORMS if view.extra_norms is None else view.extra_norms,
         view.extra_ids,
         thresh,
         np.array([w]),

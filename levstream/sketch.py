@@ -295,7 +295,7 @@ class KeySketch:
         live = self._live
         cache = 0
         if live is not None:
-            cache = int(live.gram.nbytes + live.rows.nbytes)
+            cache = int(live.gram.nbytes + live.rows.nbytes + live.row_norms.nbytes)
             cache += 0 if live.cand is None else live.cand.nbytes + live.cand_norms.nbytes
         return int(
             self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
@@ -1001,6 +1001,7 @@ class KeySketch:
         else:  # the candidates still alive, by descending norm (see _LiveRows)
             keys, ids, values = cand.keys_view(), cand.ids_view(), cand.values_view()
             norms, ids_sorted = live.cand_norms, ids_sorted and cand.ids_sorted
+        extra_norms = live.row_norms[: rows.n]
         return _query.HeadView(
             self._summary,
             keys,
@@ -1013,6 +1014,7 @@ class KeySketch:
             ids_sorted,
             self._moments,
             norms,
+            extra_norms,
         )
 
     def _live_rows(self, G: np.ndarray) -> _LiveRows:
@@ -1477,6 +1479,7 @@ class _LiveRows:
         "factor",
         "floor",
         "gram",
+        "row_norms",
         "rows",
         "start",
         "threshold",
@@ -1489,6 +1492,7 @@ class _LiveRows:
         self.upto = self.start = start
         self.gram = gram.copy()
         self.rows = RowStore(dim, value_dim)
+        self.row_norms = np.empty(16)  # norms of rows[:rows.n] (scan_norms), room to grow
         self.cand: RowStore | None = None
         self.cand_norms = _NO_NORMS
         self.factor: np.ndarray | None = None
@@ -1505,10 +1509,12 @@ class _LiveRows:
         X = store.keys[self.upto : n]
         if X.shape[0] <= _SMALL_LIVE_ROWS:  # the live step: one compiled loop, no temporaries
             keep = np.empty(X.shape[0], dtype=np.bool_)
+            norms = np.empty(X.shape[0])
             add_rows_and_bound(
-                X, self.gram, _NO_FACTOR if factor is None else factor, threshold, keep
+                X, self.gram, _NO_FACTOR if factor is None else factor, threshold, keep, norms
             )
         else:
+            norms = scan_norms(X)
             self.gram += X.T @ X
             if factor is None:
                 keep = np.ones(X.shape[0], dtype=bool)
@@ -1518,12 +1524,13 @@ class _LiveRows:
                 keep = u >= threshold * (
                     1.0 + u
                 )  # u / (1 + u) >= threshold: the score after its inclusion
-        self.accept(store, n, keep)
+        self.accept(store, n, keep, norms)
 
     def scale(self, factor: float, root: float) -> None:
         """The frame changed (a decaying stream's rebase): ``G`` times ``factor``, the rows times ``root``."""
         self.gram *= factor
         self.rows.scale_keys(root)
+        self.row_norms[: self.rows.n] = scan_norms(self.rows.keys_view())
         if self.cand is not None:
             self.cand.scale_keys(root)
             self._order_cand()  # rows may have fallen below the norm floor (see scan_norms)
@@ -1546,7 +1553,10 @@ class _LiveRows:
         W = np.ascontiguousarray(np.triu(np.linalg.inv(L).T))
         if self.rows.n:
             Y = self.rows.keys_view() @ W
-            self.rows.keep_from(0, np.einsum("ij,ij->i", Y, Y) >= self.floor)
+            alive = np.einsum("ij,ij->i", Y, Y) >= self.floor
+            kept = self.row_norms[: self.rows.n][alive]
+            self.rows.keep_from(0, alive)
+            self.row_norms[: kept.shape[0]] = kept
         fresh = self.cand is None
         if self.cand is None:  # the candidates still alive: a copy the queries scan
             self.cand = RowStore(store.dim, store.value_dim)
@@ -1563,6 +1573,12 @@ class _LiveRows:
         self.factor = W
         self.diag_mark = float(np.diag(self.gram).max())
 
+    def _room_for_norms(self, rows: int) -> None:
+        if rows > self.row_norms.shape[0]:
+            grown = np.empty(max(rows, 2 * self.row_norms.shape[0]))
+            grown[: self.rows.n] = self.row_norms[: self.rows.n]
+            self.row_norms = grown
+
     def _order_cand(self) -> None:
         """Order the candidate copy by descending norm and keep the norms."""
         assert self.cand is not None
@@ -1571,11 +1587,14 @@ class _LiveRows:
         self.cand.permute(order)
         self.cand_norms = norms[order]
 
-    def accept(self, store: RowStore, n: int, keep: np.ndarray) -> None:
-        """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones."""
+    def accept(self, store: RowStore, n: int, keep: np.ndarray, norms: np.ndarray) -> None:
+        """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones (with
+        their ``norms``, for the scans' norm bound)."""
         if n - self.upto == 1:  # the live step: one row, no temporaries
             if keep[0]:
                 i = self.upto
+                self._room_for_norms(self.rows.n + 1)
+                self.row_norms[self.rows.n] = norms[0]
                 self.rows.append_row(
                     store.keys[i],
                     int(store.ids[i]),
@@ -1584,6 +1603,9 @@ class _LiveRows:
         elif keep.any():
             X = store.keys[self.upto : n]
             values = None if store.values is None else store.values[self.upto : n][keep]
+            kept = norms[keep]
+            self._room_for_norms(self.rows.n + kept.shape[0])
+            self.row_norms[self.rows.n : self.rows.n + kept.shape[0]] = kept
             self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
         before, self.upto = self.upto, n
         # the diagonal is looked at every _LIVE_CHECK_ROWS rows (a few microseconds saved per live step)

@@ -49,9 +49,11 @@ def test_scan_norms_never_understate():
 
 @pytest.mark.parametrize("in_candidates", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("ids_rising", [True, False])
-def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising):
-    """Candidates by descending norm (the scan stops early) and unordered rows after them: exactly the rows at
-    or above the cut, values to rounding, ids ascending whatever the order of the rows."""
+@pytest.mark.parametrize("extra_norms", [True, False])
+def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms):
+    """Candidates by descending norm (the scan stops early) and unordered rows after them (with their norms, then
+    the short ones are skipped, or without): exactly the rows at or above the cut, values to rounding, ids
+    ascending whatever the order of the rows."""
     rng = np.random.default_rng(31)
     d, thresh = 16, 0.01
     for trial in range(4):
@@ -71,7 +73,7 @@ def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising):
         ids = np.arange(n) * 3 + 7 if ids_rising else (np.arange(n) * 3 + 7)[::-1].copy()
         counts, pos, key_ids, vals, zz = heavy_p2(
             Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], np.ascontiguousarray(K[c:]),
-            ids[c:], thresh, np.zeros(2))
+            scan_norms(K[c:]) if extra_norms else np.zeros(0), ids[c:], thresh, np.zeros(2))
         np.testing.assert_allclose(zz, z, rtol=1e-12)
         start = 0
         for i in range(2):

@@ -39,17 +39,21 @@ def gram_quadratic(Q, G):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def add_rows_and_bound(X, G, W, threshold, keep):  # pragma: no cover - compiled
+def add_rows_and_bound(X, G, W, threshold, keep, norms):  # pragma: no cover - compiled
     """``G += X^T X`` in place, and ``keep[i] = u_i / (1 + u_i) >= threshold`` with ``u_i = ||x_i W||^2``
     (an upper bound on the row's leverage score after its own inclusion, ``W`` a factor of an earlier Gram
-    matrix).  ``W`` with zero columns means no factor is available: every row is kept."""
+    matrix).  ``W`` with zero columns means no factor is available: every row is kept.  ``norms[i]``: the row's
+    norm for the scans' norm bound (as :func:`scan_norms`)."""
     m, d = X.shape
     r = W.shape[1]
     for i in range(m):
+        sq = 0.0
         for a in range(d):
             xa = X[i, a]
+            sq += xa * xa
             for b in range(d):
                 G[a, b] += xa * X[i, b]
+        norms[i] = np.sqrt(sq) if sq >= _FILTER_FLOOR else np.inf
         if r == 0:
             keep[i] = True
             continue
@@ -71,7 +75,7 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2(Q, G, K, nk, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cover - compiled
+def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no cover - compiled
     """Every ``A = <q, k>^2 / q^T G q >= thresh`` of a few queries over the rows ``[K; Ke]`` (p = 2, exact ``G``).
 
     Returns ``(counts, positions, key_ids, values, z)`` as the thresholding kernel of the batch path — per query
@@ -83,7 +87,8 @@ def heavy_p2(Q, G, K, nk, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cove
     ``nk``, when not empty, holds the norms of the rows of ``K`` in non-increasing order (the rows come by
     descending norm): a query then scans only the rows with ``||q|| ||k|| >= sqrt(cut) (1 - 1e-9)``, a prefix
     found by bisection, since by Cauchy-Schwarz ``<q, k>^2 <= ||q||^2 ||k||^2`` (the margin covers the rounding
-    of the norms, ``~d 2^-53``, and keeps every row the float64 scan would report).
+    of the norms, ``~d 2^-53``, and keeps every row the float64 scan would report).  ``nke``, when not empty,
+    holds the norms of the rows of ``Ke`` (in any order): those too short are skipped without a product.
     """
     m, d = Q.shape
     c, e = K.shape[0], Ke.shape[0]
@@ -99,8 +104,9 @@ def heavy_p2(Q, G, K, nk, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cove
         q = Q[i]
         stop = c
         nq2 = _dot(q, q, d)
-        if nk.shape[0] and cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR:
-            lim = np.sqrt(cut / nq2) * (1.0 - 1e-9)
+        filt = cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR
+        lim = np.sqrt(cut / nq2) * (1.0 - 1e-9) if filt else 0.0
+        if nk.shape[0] and filt:
             lo, hi = 0, c  # the first row with nk < lim: the rows from it on cannot reach the cut
             while lo < hi:
                 mid = (lo + hi) // 2
@@ -116,7 +122,11 @@ def heavy_p2(Q, G, K, nk, ids, Ke, extra_ids, thresh, z_add):  # pragma: no cove
             v *= v
             W[i, j] = v
             cnt += v >= cut
+        short = filt and nke.shape[0] > 0
         for j in range(e):
+            if short and nke[j] < lim:  # |<q, k>| <= ||q|| ||k|| < sqrt(cut): not heavy
+                W[i, c + j] = 0.0
+                continue
             v = _dot(q, Ke[j], d)
             v *= v
             W[i, c + j] = v
