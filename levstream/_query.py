@@ -434,18 +434,8 @@ def _decode_step(
     held = view.ids.size + view.extra_ids.size
     thresh = report_threshold(eps, 0.0)
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra term
-    counts, pos, key_ids, vals, z = heavy_p2(
-        q,
-        view.total_gram,
-        view.keys,
-        _NO_NORMS if view.norms is None else view.norms,
-        view.ids,
-        view.extra_keys,
-        _NO_NORMS if view.extra_norms is None else view.extra_norms,
-        view.extra_ids,
-        thresh,
-        np.array([w]),
-    )
+    found, z = _live_find(view, q, thresh, np.array([w]))
+    counts, pos, key_ids, vals = found
     if z[0] > 0.0 and w >= thresh * z[0]:  # the kernel's rule, for the step's own key
         counts[0] += 1
         pos = np.append(pos, held)
