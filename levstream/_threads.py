@@ -153,10 +153,10 @@ def blas_threads(user_api: str | None = "blas") -> int:
 
 
 _blas_lock = threading.Lock()
-# the open lowered_blas sections of every thread of this process: (thread ident, limit)
-_blas_sections: list[tuple[int, int]] = []
-# every process-wide BLAS pool touched since the first of them opened: filepath -> (controller, limit then)
-_blas_before: dict[str, tuple[Any, int]] = {}
+# the open lowered_blas sections of every thread of this process: (thread ident, limit, a token of its own)
+_blas_sections: list[tuple[int, int, object]] = []
+# the process-wide BLAS pools levstream lowered: filepath -> [controller, limit found, limit levstream set]
+_blas_changed: dict[str, list[Any]] = {}
 
 
 def _process_wide(lib: Any) -> bool:
@@ -181,23 +181,32 @@ def _set_limit(lib: Any, n_threads: int) -> None:
 
 
 def _apply_blas_sections() -> None:
-    """Set every process-wide pool to the lowest limit the open sections ask for, never above its limit
-    before the first of them opened; with no section open, restore every pool touched.  Holds ``_blas_lock``."""
+    """Lower every process-wide pool to the lowest limit the open sections ask for, never above the limit it had
+    when levstream first lowered it; with no section open, put back the limits levstream found.  A pool whose
+    limit someone else has set since levstream last did is theirs again: levstream neither lowers it further
+    for sections already counted nor restores it later.  Call with ``_blas_lock`` held."""
     if not _blas_sections:
-        for lib, before in _blas_before.values():
-            if lib.num_threads != before:
-                _set_limit(lib, before)
-        _blas_before.clear()
+        for lib, found, mine in _blas_changed.values():
+            if lib.num_threads == mine:  # still levstream's setting
+                _set_limit(lib, found)
+        _blas_changed.clear()
         return
-    lowest = min(n for _, n in _blas_sections)
+    lowest = min(section[1] for section in _blas_sections)
     for lib in _threadpools().lib_controllers:
         if not _process_wide(lib):
             continue
-        if lib.filepath not in _blas_before:
-            _blas_before[lib.filepath] = (lib, lib.num_threads)
-        target = min(_blas_before[lib.filepath][1], lowest)
-        if lib.num_threads != target:
-            _set_limit(lib, target)
+        now = lib.num_threads
+        entry = _blas_changed.get(lib.filepath)
+        if entry is not None and now != entry[2]:  # set by someone else since
+            del _blas_changed[lib.filepath]
+            entry = None
+        if entry is None:
+            if now > lowest:
+                _blas_changed[lib.filepath] = [lib, now, lowest]
+                _set_limit(lib, lowest)
+        elif min(entry[1], lowest) != now:
+            entry[2] = min(entry[1], lowest)
+            _set_limit(lib, entry[2])
 
 
 @contextmanager
@@ -206,32 +215,32 @@ def lowered_blas(n_threads: int, user_api: str | None = "blas") -> Iterator[None
 
     A BLAS on pthreads (OpenBLAS as NumPy and SciPy ship it) has one thread pool per process, so the sections
     of every thread are counted together: while any is open the pool runs at the lowest limit they ask for
-    (never above the limit it had when the first opened), and the last to close restores the limits they
-    found -- threads never restore a limit under each other, whatever the order in which their sections open
-    and close.  Per-thread limits (BLAS built on OpenMP) are lowered in the calling thread only.
-    ``user_api=None`` lowers the OpenMP pools too, in the calling thread.
+    (never above the limit it had when levstream lowered it), and when the last closes the limit levstream
+    found is put back (unless someone else has set the pool since) -- threads never restore a limit under
+    each other, whatever the order in which their sections open and close.  Per-thread limits (BLAS built on
+    OpenMP) are lowered in the calling thread only.  ``user_api=None`` lowers the OpenMP pools too, in the
+    calling thread.  An error while entering leaves nothing behind.
     """
     n_threads = max(1, int(n_threads))
-    section = (threading.get_ident(), n_threads)
-    local = [
-        (lib, lib.num_threads)
-        for lib in _threadpools().lib_controllers
-        if not _process_wide(lib) and (user_api is None or lib.user_api == user_api)
-    ]
-    with _blas_lock:
-        _blas_sections.append(section)
-        _apply_blas_sections()
-    for lib, before in local:
-        if before > n_threads:
-            lib.set_num_threads(n_threads)
+    section = (threading.get_ident(), n_threads, object())
+    lowered: list[tuple[Any, int]] = []
     try:
+        with _blas_lock:
+            _blas_sections.append(section)
+            _apply_blas_sections()
+        for lib in _threadpools().lib_controllers:
+            if not _process_wide(lib) and (user_api is None or lib.user_api == user_api):
+                before = lib.num_threads
+                if before > n_threads:
+                    lowered.append((lib, before))
+                    lib.set_num_threads(n_threads)
         yield
     finally:
-        for lib, before in local:
-            if before > n_threads:
-                lib.set_num_threads(before)
+        for lib, before in lowered:
+            lib.set_num_threads(before)
         with _blas_lock:
-            _blas_sections.remove(section)
+            if section in _blas_sections:
+                _blas_sections.remove(section)
             _apply_blas_sections()
 
 

@@ -219,3 +219,48 @@ def test_sections_never_raise_a_limit_the_caller_set_before():
             assert blas_limits() == {1}
         finally:
             a.stop()
+
+
+def test_an_error_entering_a_section_leaves_nothing_behind(monkeypatch):
+    """An error while a section lowers BLAS (here: the first limit change fails) leaves no section counted and
+    the limits as they were (found in review: a leaked section held BLAS at 1 thread for the process)."""
+    before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
+    real = threads._set_limit
+    calls = {"n": 0}
+
+    def failing_once(lib, n):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("simulated, inside the section's entry")
+        real(lib, n)
+
+    monkeypatch.setattr(threads, "_set_limit", failing_once)
+    if max(blas_limits()) > 1:
+        with pytest.raises(KeyboardInterrupt), threads.lowered_blas(1):
+            pass
+    assert threads._blas_sections == []
+    with threads.lowered_blas(1):
+        pass
+    assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
+
+
+def test_a_callers_temporary_limit_in_another_thread_is_not_restored_over_its_end():
+    """A user's ``threadpool_limits(1)`` in another thread, a levstream section opened while it holds and closed
+    after it ended: the limit is the user's original one, not the temporary 1 levstream found."""
+    before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
+    entered, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def user() -> None:
+        with threadpool_limits(limits=1, user_api="blas"):
+            entered.set()
+            release.wait(30)
+        done.set()
+
+    t = threading.Thread(target=user)
+    t.start()
+    assert entered.wait(30)
+    with threads.lowered_blas(1):
+        release.set()
+        assert done.wait(30)
+    t.join(30)
+    assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
