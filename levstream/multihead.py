@@ -989,7 +989,7 @@ class _Live:
                     live.W[h] = W
                     Y = P @ W
                     u = np.einsum("ij,ij->i", Y, Y)
-                    keep = u >= thr * (1.0 + u)
+                    keep = ~(u < thr * (1.0 + u))  # a nan bound keeps the row
             live.has_w[h] = fresh is not None or summary.bound_factor() is not None
             values = None if st.values is None else st.values[pf : st.n][keep]
             live._extend(h, P[keep], st.ids[pf : st.n][keep], values)
@@ -1016,7 +1016,7 @@ class _Live:
             if self.has_w[h]:
                 Y = X @ self.W[h]
                 u = np.einsum("ij,ij->i", Y, Y)
-                keep = u >= self.kthr[h] * (1.0 + u)
+                keep = ~(u < self.kthr[h] * (1.0 + u))  # a nan bound keeps the row
             values = None if st.values is None else st.values[a:b][keep]
             self._extend(h, X[keep], st.ids[a:b][keep], values)
             self.upto[h] = b

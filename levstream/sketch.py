@@ -800,7 +800,7 @@ class KeySketch:
         keep = np.zeros(X.shape[0], dtype=bool)
         idx = self._summary.prefilter(X, threshold)
         if idx.size:
-            keep[idx[self._summary.score_upper_bounds(X[idx]) >= threshold]] = True
+            keep[idx[~(self._summary.score_upper_bounds(X[idx]) < threshold)]] = True  # nan: kept
         return keep
 
     def _flush(self) -> None:
@@ -843,7 +843,7 @@ class KeySketch:
                 scores = self._summary.exact_scores(rows, n_threads)
         else:
             scores = self._summary.scores(rows)
-        keep = scores >= self._keep_threshold()
+        keep = ~(scores < self._keep_threshold())  # a nan score keeps its row
         self._store.keep_from(0, keep)
         if room is None:  # settling: hold the candidates and G, nothing more
             self._store.trim()
@@ -1521,9 +1521,8 @@ class _LiveRows:
             else:
                 Y = X @ factor
                 u = np.einsum("ij,ij->i", Y, Y)
-                keep = u >= threshold * (
-                    1.0 + u
-                )  # u / (1 + u) >= threshold: the score after its inclusion
+                # u / (1 + u) >= threshold: the score after its inclusion (a nan bound keeps the row)
+                keep = ~(u < threshold * (1.0 + u))
         self.accept(store, n, keep, norms)
 
     def scale(self, factor: float, root: float) -> None:
@@ -1535,8 +1534,11 @@ class _LiveRows:
             self.cand.scale_keys(root)
             self._order_cand()  # rows may have fallen below the norm floor (see scan_norms)
         self.diag_mark *= factor
+        # the factor is dropped when it leaves float64's range (the summary's factor bounds the rows then)
         if self.factor is not None:
-            self.factor = self.factor / root if root else None
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                scaled = self.factor / root if root else None
+            self.factor = scaled if scaled is not None and np.isfinite(scaled).all() else None
 
     def refresh(self, store: RowStore) -> None:
         with lowered_blas(1):  # d x d products: threads only wait for each other
@@ -1553,7 +1555,7 @@ class _LiveRows:
         W = np.ascontiguousarray(np.triu(np.linalg.inv(L).T))
         if self.rows.n:
             Y = self.rows.keys_view() @ W
-            alive = np.einsum("ij,ij->i", Y, Y) >= self.floor
+            alive = ~(np.einsum("ij,ij->i", Y, Y) < self.floor)  # nan: alive
             kept = self.row_norms[: self.rows.n][alive]
             self.rows.keep_from(0, alive)
             self.row_norms[: kept.shape[0]] = kept
@@ -1564,7 +1566,7 @@ class _LiveRows:
             self.cand.append(store.keys[: self.start], store.ids[: self.start], values)
         if self.cand.n:
             Y = self.cand.keys_view() @ W
-            alive = np.einsum("ij,ij->i", Y, Y) >= self.floor
+            alive = ~(np.einsum("ij,ij->i", Y, Y) < self.floor)  # nan: alive
             self.cand.keep_from(0, alive)
             if not fresh:
                 self.cand_norms = self.cand_norms[alive]

@@ -951,3 +951,27 @@ def test_live_cache_refactors_only_when_its_diagonal_doubles(monkeypatch):
         sk.update(K[t], gate=0.999)
         sk.heavy_entries(rng.standard_normal((1, D)))
     assert len(refreshes) <= 1
+
+
+def test_tiny_gates_never_leave_an_overflowing_factor_that_drops_a_heavy_key():
+    """Gates of 1e-300 rebase the frame by a huge power of 4; the cached factors divided by its tiny root left
+    float64's range, and the bound of the next pending row became nan and dropped it -- a key that held all of
+    a query's attention (found in review; reproduced at 4c706e5).  Factors that overflow are now dropped and a nan
+    bound keeps the row: every step's entries are the brute force's."""
+    rng = np.random.default_rng(0)
+    d, eps = 4, 0.05
+    sk = ls.KeySketch(d, eps=eps, block_rows=64)
+    ref = DecayedStream(d)
+    for t in range(120):
+        x = rng.standard_normal(d) * 10.0 ** rng.uniform(-2, 2)
+        if rng.random() < 0.3 and t > 3:
+            x[-2:] = 0.0
+        g = 1e-300 if (t % 37) in (5, 6, 7, 8, 9, 10, 11) else (
+            None if rng.random() < 0.5 else float(rng.uniform(0.2, 1)))
+        sk.update(x, gate=g)
+        ref.update_many(x[None], gates=None if g is None else np.array([g]))
+        q = (x + 1e-3 * rng.standard_normal(d))[None]
+        got = sk.heavy_entries(q)  # a query per step keeps the live cache (and its factor) alive
+        want = ref.attention(q[0])
+        np.testing.assert_array_equal(got.key_ids, np.flatnonzero(want >= eps), err_msg=f"step {t}")
+        np.testing.assert_allclose(got.values, want[want >= eps], rtol=VALUE_RTOL)

@@ -45,6 +45,11 @@ def test_scan_norms_never_understate():
     norms = scan_norms(K)
     assert norms[0] == 5.0
     assert np.isinf(norms[1:]).all()  # squares that underflow or overflow: never skipped
+    K32 = np.random.default_rng(3).standard_normal((200, 64)).astype(np.float32)
+    wide = np.sqrt((K32.astype(np.float64) ** 2).sum(axis=1))
+    got = scan_norms(K32)
+    assert got.dtype == np.float64  # float32 rows are summed in float64, within the bound's 1e-9 margin
+    np.testing.assert_allclose(got, wide, rtol=1e-13)
 
 
 @pytest.mark.parametrize("in_candidates", [1.0, 0.5, 0.0])

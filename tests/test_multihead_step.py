@@ -363,8 +363,8 @@ def test_stacked_scan_prefilter_is_exact_at_the_threshold():
     ids = np.arange(Hs * n).reshape(Hs, n)
     for c in (n, n // 2):  # every row a candidate, or half of them scanned as rows fed since the last fold
         # the candidates of each head by descending norm; perm[h, j]: the row of rows[h] at scan position j
-        perm = np.stack([np.concatenate([np.argsort(-np.linalg.norm(r[:c], axis=1), kind="stable"),
-                                         np.arange(c, n)]) for r in rows])
+        perm = np.stack([np.concatenate([np.argsort(-unit_rows32(r[:c])[1], kind="stable"),
+                                         np.arange(c, n)]) for r in rows])  # by the norms the kernel reads
         K = np.stack([r[p] for r, p in zip(rows, perm)])
         Kc, Ke = np.ascontiguousarray(K[:, :c]), np.ascontiguousarray(K[:, c:])
         Kc32, nk = unit_rows32(Kc.reshape(-1, d))

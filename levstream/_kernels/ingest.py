@@ -103,7 +103,7 @@ def _norm_pass(X, scale, limit, wide):  # pragma: no cover - compiled
         for j in range(d):
             w = np.float64(X[i, j]) * scale[j]
             scaled += w * w
-        if scaled >= limit:
+        if not (scaled < limit):  # a nan (products overflowing both ways) keeps the row
             idx[k] = i
             k += 1
     return idx[:k]
@@ -136,7 +136,7 @@ def slab_pass(X, scale, limit, W, threshold, wide, dtrmm):  # pragma: no cover -
     keep = np.empty(k, dtype=np.int64)
     m = 0
     for r in range(k):
-        if u[r] >= threshold:
+        if not (u[r] < threshold):  # a nan bound keeps the row
             keep[m] = idx[r]
             m += 1
     return keep[:m], True

@@ -49,7 +49,7 @@ def add_rows_and_bound(X, G, W, threshold, keep, norms):  # pragma: no cover - c
     for i in range(m):
         sq = 0.0
         for a in range(d):
-            xa = X[i, a]
+            xa = np.float64(X[i, a])  # float32 rows widened: exact products
             sq += xa * xa
             for b in range(d):
                 G[a, b] += xa * X[i, b]
@@ -63,7 +63,7 @@ def add_rows_and_bound(X, G, W, threshold, keep, norms):  # pragma: no cover - c
             for a in range(d):
                 y += X[i, a] * W[a, c]
             u += y * y
-        keep[i] = u >= threshold * (1.0 + u)
+        keep[i] = not (u < threshold * (1.0 + u))  # a nan bound keeps the row
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
@@ -213,7 +213,7 @@ def absorb_rows_heads(
                 u = 0.0
                 for c in range(d):
                     u += y[c] * y[c]
-                keep = u >= kthr[h] * (1.0 + u)
+                keep = not (u < kthr[h] * (1.0 + u))  # a nan bound keeps the row
             if keep:
                 j = ne[h]
                 nrm2 = 0.0
@@ -238,6 +238,8 @@ def absorb_rows_heads(
 def scan_norms(K):
     """Norms of the rows of ``K`` (n, d) for the scans' norm bound: ``inf`` (never skipped) where the squared norm
     is below ``_FILTER_FLOOR`` (or overflows), since a sum of squares that underflows would understate it."""
+    # float32 rows widened (a float32 sum would understate the norm)
+    K = np.asarray(K, dtype=np.float64)
     norms = np.sqrt(np.einsum("ij,ij->i", K, K))
     norms[~(norms * norms >= _FILTER_FLOOR)] = np.inf
     return norms

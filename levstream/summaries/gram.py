@@ -363,18 +363,28 @@ class GramSummary(NormalizerSummary):
             if W is None:
                 return None
             if id(W) not in scaled:  # the plan's factor is often the stale factor itself
-                scaled[id(W)] = W / root
+                with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                    scaled[id(W)] = W / root
             return scaled[id(W)]
 
-        self._past_factor = inv(self._past_factor)
+        def usable(W: np.ndarray | None) -> bool:
+            # a factor that left float64's range (a rebase by a tiny factor) is dropped, never used: its bounds
+            # would be inf or nan, and a nan bound fails every test (a false negative)
+            return W is None or bool(np.isfinite(W).all())
+
+        past = inv(self._past_factor)
+        self._past_factor = past if usable(past) else None
         if self._factor is not None:
             kind, W, err = self._factor
-            self._factor = (kind, inv(W), err)
+            W = inv(W)
+            self._factor = (kind, W, err) if usable(W) else None
         if self._plan is not None:
             scale, lam, W = self._plan
-            self._plan = (inv(scale), lam, inv(W))
+            scale, W = inv(scale), inv(W)
+            self._plan = (scale, lam, W) if usable(scale) and usable(W) else None
         bscale, blam = self._bound
-        self._bound = (inv(bscale), blam)
+        bscale = inv(bscale)
+        self._bound = (bscale, blam) if usable(bscale) else (None, 0.0)
         self._gram_sum = None
 
     def copy(self) -> GramSummary:
