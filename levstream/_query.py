@@ -15,12 +15,13 @@ to ``eps (1 - delta)`` and every value carries the interval ``[A~ (1 - delta), A
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
-from ._kernels.live import heavy_outputs, heavy_p2
+from ._kernels.live import GRAM_FORM_REL, UNRELIABLE, heavy_outputs, heavy_p2
 from ._kernels.query import threshold_power_csr
 from ._threads import lowered_blas
 from .moments import MomentState
@@ -53,6 +54,9 @@ class HeadView(NamedTuple):
     norms: np.ndarray | None = None
     #: norms of the rows of ``extra_keys`` (any order; the live scan skips those too short), else None
     extra_norms: np.ndarray | None = None
+    #: with ``total_gram``: the view without it (the summary and every pending row), for the queries along which
+    #: ``q^T total_gram q`` cannot be trusted (docs/theory.md, "Numerics")
+    fallback: Callable[[], HeadView] | None = None
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -80,7 +84,13 @@ def report_threshold(eps: float, distortion: float) -> float:
 
 def _z(view: HeadView, Q: np.ndarray, extra_products: np.ndarray | None, p: float) -> np.ndarray:
     if view.total_gram is not None:
-        return gram_normalizer(Q, view.total_gram)
+        z = gram_normalizer(Q, view.total_gram)
+        if view.fallback is None or _gram_form_trusted(Q, view.total_gram, z):
+            return z
+        view = (
+            view.fallback()
+        )  # the summary and every pending row: the same keys, summed without cancellation
+        extra_products = None
     z = view.summary.normalizer(Q)
     if view.extra_ids.size:
         P = Q @ view.extra_keys.T if extra_products is None else extra_products
@@ -201,10 +211,27 @@ def is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
     )
 
 
+def _gram_form_trusted(Q: np.ndarray, G: np.ndarray, z: np.ndarray) -> bool:
+    """Whether ``z = q^T G q`` is accurate for every row of ``Q``: its rounding bound ``(d + 2) u |q|^T |G| |q|``
+    is at most ``GRAM_FORM_REL`` of it (as the live kernels test)."""
+    A = np.abs(Q)
+    bound = np.einsum("ij,ij->i", A @ np.abs(G), A)
+    return bool(((Q.shape[1] + 2) * 2.0**-53 * bound <= GRAM_FORM_REL * np.maximum(z, 0.0)).all())
+
+
+def _untrusted(z: np.ndarray) -> bool:
+    """Whether a live kernel could not trust the normaliser of some query (it then reported ``UNRELIABLE``)."""
+    return bool(z[0] == UNRELIABLE if z.shape[0] == 1 else (z == UNRELIABLE).any())
+
+
 def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     thresh = report_threshold(eps, view.summary.distortion)
     if is_live(view, Q, p):
-        return _live_find(view, Q, thresh)[0]
+        found, z = _live_find(view, Q, thresh)
+        if not _untrusted(z):
+            return found
+        assert view.fallback is not None
+        return _find(view.fallback(), Q, p, eps)
     ids = view.all_ids
     parts = []
     for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
@@ -216,8 +243,11 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
 def heavy_entries(view: HeadView, Q: np.ndarray, p: float, eps: float) -> HeavyEntries:
     """Every entry ``A[i, j] >= eps`` of the queries ``Q`` over every key fed (see the module docstring)."""
     if is_live(view, Q, p):  # exact values: the kernel's entries are the result
-        entries = _live_find(view, Q, report_threshold(eps, 0.0))[0]
-        return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps)
+        entries, z = _live_find(view, Q, report_threshold(eps, 0.0))
+        if not _untrusted(z):
+            return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps)
+        assert view.fallback is not None
+        return heavy_entries(view.fallback(), Q, p, eps)
     return _heavy(_find(view, Q, p, eps), eps, view.summary.distortion)
 
 
@@ -317,6 +347,9 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
     thresh = report_threshold(eps, view.summary.distortion)
     if is_live(view, Q, p):
         entries, z = _live_find(view, Q, thresh)
+        if _untrusted(z):
+            assert view.fallback is not None
+            return attend(view.fallback(), Q, p, eps)
     else:
         entries, z = _find(view, Q, p, eps), None
     rows = _rows_at(view, entries.positions)
@@ -435,6 +468,9 @@ def _decode_step(
     thresh = report_threshold(eps, 0.0)
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra term
     found, z = _live_find(view, q, thresh, np.array([w]))
+    if _untrusted(z):  # answered from the summary and every pending row instead
+        assert view.fallback is not None
+        return _prefill_chunk(view.fallback(), k, v, q, key_id, 2.0, eps)
     counts, pos, key_ids, vals = found
     if z[0] > 0.0 and w >= thresh * z[0]:  # the kernel's rule, for the step's own key
         counts[0] += 1

@@ -36,7 +36,13 @@ import numpy as np
 
 from . import _query, _serialize
 from ._config import UNIT_ROUNDOFF, margin
-from ._kernels.live import absorb_rows_heads, heavy_p2_stacked, outputs_stacked, unit_rows32
+from ._kernels.live import (
+    UNRELIABLE,
+    absorb_rows_heads,
+    heavy_p2_stacked,
+    outputs_stacked,
+    unit_rows32,
+)
 from ._kernels.rows import sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
 from .moments import BUFFER_ROWS
@@ -681,8 +687,11 @@ class MultiHeadKeySketch:
         with self._lock:
             live = self._live_state(Q.shape[1])
             if live is not None:
-                starts, indptr, key_ids, values, _, _ = live.find(Q, eps)
-                return self._entry_list(starts, indptr, key_ids, values, eps)
+                starts, indptr, key_ids, values, _, z = live.find(Q, eps)
+                # a head whose q^T G q the kernel could not trust: every head answers through its own view,
+                # which falls back to its summary and every pending row (docs/theory.md, "Numerics")
+                if not _untrusted(z):
+                    return self._entry_list(starts, indptr, key_ids, values, eps)
             self._sync()
             return [
                 _query.heavy_entries(h._view(), Q[i], self.p, eps)
@@ -718,6 +727,13 @@ class MultiHeadKeySketch:
         """:meth:`attend` on the live state: one compiled call finds every head's entries, one sums their values
         (and the buffered tokens' terms of the exact output); the moment states add the rest."""
         starts, indptr, key_ids, values, positions, z = live.find(Q, eps)
+        if _untrusted(
+            z
+        ):  # each head answers from its summary and every pending row (see heavy_entries)
+            self._sync()
+            return _stacked(
+                [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
+            )
         exact = self.exact_output
         heavy_out, mass, buffered = outputs_stacked(
             Q,
@@ -1124,6 +1140,11 @@ def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float] | None
     if not np.isfinite(W).all():
         return None
     return np.ascontiguousarray(W), margin(rel, prune=True)
+
+
+def _untrusted(z: np.ndarray) -> bool:
+    """Whether the stacked kernel could not trust the normaliser of some head's query (``UNRELIABLE``)."""
+    return bool(z.min() == UNRELIABLE) if z.size else False
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

@@ -977,19 +977,7 @@ class KeySketch:
         values = None if st.values is None else st.values[:pf]
         G = summary.gram_sum() if isinstance(summary, GramSummary) else None
         if G is None or pf == n:
-            extra_values = None if st.values is None else st.values[pf:n]
-            return _query.HeadView(
-                self._summary,
-                st.keys[:pf],
-                st.ids[:pf],
-                values,
-                st.keys[pf:n],
-                st.ids[pf:n],
-                extra_values,
-                G if pf == n else None,
-                st.ids_sorted,
-                self._moments,
-            )
+            return self._plain_view(G if pf == n else None)
         live = self._live_rows(G)
         if live.upto < n:
             assert isinstance(summary, GramSummary)
@@ -1015,6 +1003,27 @@ class KeySketch:
             self._moments,
             norms,
             extra_norms,
+            self._plain_view,
+        )
+
+    def _plain_view(self, total_gram: np.ndarray | None = None) -> _query.HeadView:
+        """The candidates and every pending row, ``Z`` from the summary plus the pending rows' terms (or from
+        ``total_gram``, the summary's ``G`` when nothing is pending, with this view without it as the fallback):
+        what a query reads when the live cache cannot answer it (call with the lock held)."""
+        st = self._store
+        pf, n = self._pending_from, st.n
+        return _query.HeadView(
+            self._summary,
+            st.keys[:pf],
+            st.ids[:pf],
+            None if st.values is None else st.values[:pf],
+            st.keys[pf:n],
+            st.ids[pf:n],
+            None if st.values is None else st.values[pf:n],
+            total_gram,
+            st.ids_sorted,
+            self._moments,
+            fallback=None if total_gram is None else self._plain_view,
         )
 
     def _live_rows(self, G: np.ndarray) -> _LiveRows:

@@ -95,3 +95,43 @@ def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms
             np.testing.assert_array_equal(key_ids[start:start + counts[i]], np.sort(ids[got]))
             np.testing.assert_allclose(vals[start:start + counts[i]], dots[got] / zz[i], rtol=1e-12)
             start += counts[i]
+
+
+def test_ill_conditioned_pending_rows_fall_back_to_the_summary_and_the_rows():
+    """Keys [1.8e8, 2.4e8] and [1, 0] still pending and the query [0.8, -0.6], orthogonal to the first: ``q^T G q``
+    from the live Gram matrix loses every digit (it gave Z = 0 and no entries; found by a stress test).  The
+    live kernels see that its rounding bound is not small against it and every path answers from the summary
+    and the pending rows instead: the second key holds all the attention."""
+    import levstream as ls
+
+    K = np.array([[0.6 * 3e8, 0.8 * 3e8], [1.0, 0.0]])
+    V = np.array([[5.0], [1.0]])
+    q = np.array([[0.8, -0.6]])
+    dots = (K.astype(np.longdouble) @ q[0].astype(np.longdouble)) ** 2
+    A = (dots / dots.sum()).astype(float)
+    assert A[1] > 1 - 1e-15 and abs(float(dots.sum()) - 0.64) < 1e-15
+
+    def check(hits, what):
+        np.testing.assert_array_equal(hits.key_ids, [1], err_msg=what)
+        np.testing.assert_allclose(hits.values, [A[1]], rtol=1e-12, err_msg=what)
+
+    sk = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    sk.update_many(K, V)
+    check(sk.heavy_entries(q), "heavy_entries")
+    np.testing.assert_allclose(sk.normalizer(q), [0.64], rtol=1e-12)
+    res = sk.attend(q)
+    check(res.entries, "attend")
+    np.testing.assert_allclose(res.output, [[A @ V[:, 0]]], rtol=1e-12)
+    assert sk.top_k(q, 1).key_ids.tolist() == [[1]]
+    gated = ls.KeySketch(2, eps=0.1).update_many(K, gates=np.array([1.0, 0.5]))
+    check(gated.heavy_entries(q), "gated")
+    step = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    step.update(K[0], V[0])
+    check(step.prefill(K[1:], V[1:], q).entries, "decode step")
+    mh = ls.MultiHeadKeySketch(2, 2, eps=0.1, value_dim=1, exact_output=True)
+    for t in range(2):
+        mh.update(np.stack([K[t], K[t]]), np.stack([V[t], V[t]]))
+    for h, hits in enumerate(mh.heavy_entries(np.stack([q, q]))):
+        check(hits, f"multi-head {h}")
+    out = mh.attend(np.stack([q, q]))
+    np.testing.assert_allclose(out.output[:, 0, 0], [A @ V[:, 0]] * 2, rtol=1e-12)

@@ -17,6 +17,38 @@ from .._config import UNIT_ROUNDOFF
 _FILTER_FLOOR = 1e-280
 
 
+#: The live paths trust ``q^T G q`` evaluated from ``G`` only while its rounding bound
+#: ``(d + 2) u |q|^T |G| |q|`` is at most this fraction of it (docs/theory.md, "Numerics"); otherwise they
+#: report ``UNRELIABLE`` and the caller answers from the summary and the pending rows instead.
+GRAM_FORM_REL = 1e-12
+
+#: The normaliser the live kernels report for a query whose ``q^T G q`` they cannot trust.
+UNRELIABLE = -1.0
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _checked_quadratic(q, G, d, tol):  # pragma: no cover - compiled
+    """``q^T G q`` (0 at rounding level, as :func:`gram_quadratic`), or ``UNRELIABLE`` when its rounding bound
+    ``(d + 2) u |q|^T |G| |q|`` exceeds ``GRAM_FORM_REL`` of it (cancellation: ``G`` ill-conditioned along
+    ``q``)."""
+    acc = 0.0
+    floor = 0.0
+    bound = 0.0
+    for a in range(d):
+        qa = q[a]
+        row = 0.0
+        arow = 0.0
+        for b in range(d):
+            row += G[a, b] * q[b]
+            arow += abs(G[a, b] * q[b])
+        acc += qa * row
+        bound += abs(qa) * arow
+        floor += qa * qa * G[a, a]
+    if (d + 2) * UNIT_ROUNDOFF * bound > GRAM_FORM_REL * max(acc, 0.0):
+        return UNRELIABLE
+    return acc if acc > tol * floor else 0.0
+
+
 @numba.njit(nogil=True, cache=True)
 def gram_quadratic(Q, G):  # pragma: no cover - compiled
     """``q^T G q`` for every row of ``Q``; values at or below the rounding level
@@ -82,7 +114,8 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no
     row its number of entries, and for every entry its row position in ``[K; Ke]``, its id (from ``ids`` and
     ``extra_ids``; ascending within a query row, whatever the order of the rows) and its value — and the
     normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode step's
-    own key).
+    own key).  A query whose ``q^T G q`` cannot be trusted gets ``z = UNRELIABLE`` and no entries: the caller
+    must answer it another way.
 
     ``nk``, when not empty, holds the norms of the rows of ``K`` in non-increasing order (the rows come by
     descending norm): a query then scans only the rows with ``||q|| ||k|| >= sqrt(cut) (1 - 1e-9)``, a prefix
@@ -92,7 +125,11 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no
     """
     m, d = Q.shape
     c, e = K.shape[0], Ke.shape[0]
-    z = gram_quadratic(Q, G) + z_add
+    tol = (d * UNIT_ROUNDOFF) ** 2
+    z = np.empty(m)
+    for i in range(m):
+        zi = _checked_quadratic(Q[i], G, d, tol)
+        z[i] = zi if zi == UNRELIABLE else zi + z_add[i]
     W = np.empty((m, c + e), dtype=np.float64)
     stops = np.zeros(m, dtype=np.int64)
     counts = np.zeros(m, dtype=np.int64)
@@ -334,7 +371,8 @@ def heavy_p2_stacked(
     ``starts[h]..starts[h + 1] - 1`` of ``key_ids``/``values``/``positions`` (row positions in ``[Kc[h]; Ke[h]]``),
     its query row ``i`` has ``indptr[h, i]..indptr[h, i + 1] - 1`` of them (from 0 per head), ids ascending
     within a row (sorted here when the scan order gave them otherwise), and ``z`` (H, m) holds the normalisers
-    (0 for a query orthogonal to every key, as :func:`gram_quadratic`).
+    (0 for a query orthogonal to every key, as :func:`gram_quadratic`; ``UNRELIABLE``, with no entries, for a
+    query whose ``q^T G q`` cannot be trusted: the caller must answer it another way).
     """
     H, m, d = Q.shape
     tol = (d * UNIT_ROUNDOFF) ** 2
@@ -355,18 +393,13 @@ def heavy_p2_stacked(
         for i in range(m):
             indptr[h, i] = t - starts[h]
             q = Q[h, i]
-            acc = 0.0
-            floor = 0.0
-            nq2 = 0.0
-            for a in range(d):
-                row = 0.0
-                for b in range(d):
-                    row += G[a, b] * q[b]
-                acc += q[a] * row
-                floor += q[a] * q[a] * G[a, a]
-                nq2 += q[a] * q[a]
-            if not acc > tol * floor:
+            acc = _checked_quadratic(q, G, d, tol)
+            if acc == UNRELIABLE:
+                z[h, i] = UNRELIABLE
                 continue
+            if acc == 0.0:
+                continue
+            nq2 = _dot(q, q, d)
             z[h, i] = acc
             cut = thresh * acc
             first = t
