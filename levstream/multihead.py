@@ -37,8 +37,8 @@ import numpy as np
 from . import _query, _serialize
 from ._config import UNIT_ROUNDOFF, margin
 from ._kernels.live import (
-    UNRELIABLE,
     absorb_rows_heads,
+    any_unreliable,
     heavy_p2_stacked,
     outputs_stacked,
     unit_rows32,
@@ -690,7 +690,7 @@ class MultiHeadKeySketch:
                 starts, indptr, key_ids, values, _, z = live.find(Q, eps)
                 # a head whose q^T G q the kernel could not trust: every head answers through its own view,
                 # which falls back to its summary and every pending row (docs/theory.md, "Numerics")
-                if not _untrusted(z):
+                if not any_unreliable(z):
                     return self._entry_list(starts, indptr, key_ids, values, eps)
             self._sync()
             return [
@@ -727,9 +727,8 @@ class MultiHeadKeySketch:
         """:meth:`attend` on the live state: one compiled call finds every head's entries, one sums their values
         (and the buffered tokens' terms of the exact output); the moment states add the rest."""
         starts, indptr, key_ids, values, positions, z = live.find(Q, eps)
-        if _untrusted(
-            z
-        ):  # each head answers from its summary and every pending row (see heavy_entries)
+        # a normaliser the kernel could not trust: each head answers from its summary and every pending row
+        if any_unreliable(z):
             self._sync()
             return _stacked(
                 [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
@@ -1140,11 +1139,6 @@ def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float] | None
     if not np.isfinite(W).all():
         return None
     return np.ascontiguousarray(W), margin(rel, prune=True)
-
-
-def _untrusted(z: np.ndarray) -> bool:
-    """Whether the stacked kernel could not trust the normaliser of some head's query (``UNRELIABLE``)."""
-    return bool(z.min() == UNRELIABLE) if z.size else False
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

@@ -33,20 +33,38 @@ def _checked_quadratic(q, G, d, tol):  # pragma: no cover - compiled
     ``q``)."""
     acc = 0.0
     floor = 0.0
-    bound = 0.0
+    # sum_a |q_a| sqrt(G_aa): its square bounds |q|^T |G| |q| (|G_ab| <= sqrt(G_aa G_bb))
+    diag_bound = 0.0
     for a in range(d):
         qa = q[a]
         row = 0.0
-        arow = 0.0
         for b in range(d):
             row += G[a, b] * q[b]
-            arow += abs(G[a, b] * q[b])
         acc += qa * row
-        bound += abs(qa) * arow
         floor += qa * qa * G[a, a]
-    if (d + 2) * UNIT_ROUNDOFF * bound > GRAM_FORM_REL * max(acc, 0.0):
-        return UNRELIABLE
+        diag_bound += abs(qa) * np.sqrt(max(G[a, a], 0.0))
+    gamma = (d + 2) * UNIT_ROUNDOFF
+    trusted = GRAM_FORM_REL * max(acc, 0.0)
+    if gamma * diag_bound * diag_bound > trusted:  # the O(d) bound cannot settle it: the exact one
+        bound = 0.0
+        for a in range(d):
+            arow = 0.0
+            for b in range(d):
+                arow += abs(G[a, b] * q[b])
+            bound += abs(q[a]) * arow
+        if gamma * bound > trusted:
+            return UNRELIABLE
     return acc if acc > tol * floor else 0.0
+
+
+@numba.njit(nogil=True, cache=True)
+def any_unreliable(z):  # pragma: no cover - compiled
+    """Whether a (heads, queries) array of normalisers holds ``UNRELIABLE`` (cheaper than NumPy for a few)."""
+    for h in range(z.shape[0]):
+        for i in range(z.shape[1]):
+            if z[h, i] == UNRELIABLE:
+                return True
+    return False
 
 
 @numba.njit(nogil=True, cache=True)
