@@ -175,8 +175,8 @@ _NO_Z_ADD = np.zeros(LIVE_QUERY_ROWS)
 _NO_Z_ADD.flags.writeable = False
 
 #: The live path's row norms when the rows are not ordered by norm (every row scanned).
-_NO_NORMS = np.zeros(0)
-_NO_NORMS.flags.writeable = False
+NO_NORMS = np.zeros(0)
+NO_NORMS.flags.writeable = False
 
 
 def _live_find(
@@ -190,10 +190,10 @@ def _live_find(
         Q,
         view.total_gram,
         view.keys,
-        _NO_NORMS if view.norms is None else view.norms,
+        NO_NORMS if view.norms is None else view.norms,
         view.ids,
         view.extra_keys,
-        _NO_NORMS if view.extra_norms is None else view.extra_norms,
+        NO_NORMS if view.extra_norms is None else view.extra_norms,
         view.extra_ids,
         thresh,
         z_add,

@@ -1465,7 +1465,6 @@ _SMALL_LIVE_ROWS = 32
 _LIVE_REFRESH = 2.0
 _LIVE_CHECK_ROWS = 16
 _NO_FACTOR = np.zeros((0, 0))
-_NO_NORMS = np.zeros(0)
 
 
 class _LiveRows:
@@ -1503,7 +1502,7 @@ class _LiveRows:
         self.rows = RowStore(dim, value_dim)
         self.row_norms = np.empty(16)  # norms of rows[:rows.n] (scan_norms), room to grow
         self.cand: RowStore | None = None
-        self.cand_norms = _NO_NORMS
+        self.cand_norms = _query.NO_NORMS
         self.factor: np.ndarray | None = None
         self.floor = floor
         #: the sketch's keep threshold (set by the sketch; the summary does not change while the cache lives)
