@@ -76,10 +76,14 @@ def _power(P: np.ndarray, p: float) -> np.ndarray:
     return P * P if p == 2.0 else np.abs(P) ** p
 
 
+#: The reporting threshold's factor for exact values (the tie margin).
+_REPORT_SCALE = 1.0 - margin(0.0, prune=False)
+
+
 def report_threshold(eps: float, distortion: float) -> float:
     """Values are reported when ``>= eps (1 - margin) (1 - delta)``: the tie margin, and for an approximate
     normaliser the lowering that keeps every true heavy entry while ``Z~`` is within ``(1 ± delta) Z``."""
-    return eps * (1.0 - margin(0.0, prune=False)) * (1.0 - distortion)
+    return eps * _REPORT_SCALE * (1.0 - distortion)
 
 
 def _z(view: HeadView, Q: np.ndarray, extra_products: np.ndarray | None, p: float) -> np.ndarray:
@@ -131,7 +135,7 @@ def _sorted_by_row_and_id(counts: np.ndarray, key_ids: np.ndarray, *arrays: np.n
 
 
 class _Entries(NamedTuple):
-    counts: np.ndarray
+    indptr: np.ndarray  # CSR row pointer: query row i's entries are indptr[i]:indptr[i + 1]
     positions: np.ndarray  # column of each entry in the thresholded matrix
     key_ids: np.ndarray
     values: np.ndarray
@@ -145,7 +149,9 @@ def _threshold(
     key_ids = ids[pos]
     if not ids_sorted and key_ids.size > 1:
         key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
-    return _Entries(counts, pos, key_ids, vals)
+    indptr = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    return _Entries(indptr, pos, key_ids, vals)
 
 
 def _concat(parts: list[_Entries], n_queries: int) -> _Entries:
@@ -153,8 +159,12 @@ def _concat(parts: list[_Entries], n_queries: int) -> _Entries:
         return parts[0]
     if not parts:
         empty = np.zeros(0, np.int64)
-        return _Entries(np.zeros(n_queries, np.int64), empty, empty, np.zeros(0))
-    return _Entries(*(np.concatenate(x) for x in zip(*parts)))
+        return _Entries(np.zeros(n_queries + 1, np.int64), empty, empty, np.zeros(0))
+    offsets = np.cumsum([0] + [int(part.indptr[-1]) for part in parts[:-1]])
+    indptr = np.concatenate(
+        [parts[0].indptr[:1]] + [part.indptr[1:] + off for part, off in zip(parts, offsets)]
+    )
+    return _Entries(indptr, *(np.concatenate(x) for x in list(zip(*parts))[1:]))
 
 
 def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
@@ -162,17 +172,17 @@ def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
     if distortion:
         # |Z~ - Z| <= delta Z gives A = A~ Z~ / Z in [A~ (1 - delta), A~ (1 + delta)] (docs/theory.md, "General p")
         lower, upper = entries.values * (1.0 - distortion), entries.values * (1.0 + distortion)
-    return HeavyEntries.from_counts(
-        entries.counts, entries.key_ids, entries.values, eps, lower, upper
-    )
+    return HeavyEntries.of(entries.indptr, entries.key_ids, entries.values, eps, lower, upper)
 
 
 #: Up to this many queries (p = 2, exact Gram) the whole query is one compiled call (the live path).
 LIVE_QUERY_ROWS = 8
 
-#: The live path's normaliser terms of keys outside ``G``: none (read-only zeros, sliced per call).
-_NO_Z_ADD = np.zeros(LIVE_QUERY_ROWS)
-_NO_Z_ADD.flags.writeable = False
+#: The live path's rows outside ``G`` (a decode step's own key): none.
+_NO_ROWS = np.zeros((0, 0))
+_NO_ROWS.flags.writeable = False
+_NO_IDS = np.zeros(0, dtype=np.int64)
+_NO_IDS.flags.writeable = False
 
 #: The live path's row norms when the rows are not ordered by norm (every row scanned).
 NO_NORMS = np.zeros(0)
@@ -180,13 +190,17 @@ NO_NORMS.flags.writeable = False
 
 
 def _live_find(
-    view: HeadView, Q: np.ndarray, thresh: float, z_add: np.ndarray | None = None
+    view: HeadView,
+    Q: np.ndarray,
+    thresh: float,
+    own_keys: np.ndarray = _NO_ROWS,
+    own_ids: np.ndarray = _NO_IDS,
 ) -> tuple[_Entries, np.ndarray]:
     """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
-    ``z_add`` holds normaliser terms of keys scanned but not in ``G`` (a decode step's own key)."""
+    ``own_keys`` (ids ``own_ids``) are keys every query sees that ``G`` does not hold (a decode step's own key):
+    scanned, and their terms added to ``Z``.  The arrays returned are read-only (ids ascending per query row)."""
     assert view.total_gram is not None
-    z_add = _NO_Z_ADD[: Q.shape[0]] if z_add is None else z_add
-    counts, pos, key_ids, vals, z = heavy_p2(
+    ints, floats = heavy_p2(
         Q,
         view.total_gram,
         view.keys,
@@ -195,11 +209,15 @@ def _live_find(
         view.extra_keys,
         NO_NORMS if view.extra_norms is None else view.extra_norms,
         view.extra_ids,
+        own_keys,
+        own_ids,
         thresh,
-        z_add,
     )
-    # ids ascending per query row (the kernel sorts them)
-    return _Entries(counts, pos, key_ids, vals), z
+    ints.flags.writeable = False  # the slices below, handed to the results, are read-only with them
+    floats.flags.writeable = False
+    m = Q.shape[0]
+    end = m + 1 + ints.item(m)
+    return _Entries(ints[: m + 1], ints[end:], ints[m + 1 : end], floats[m:]), floats[:m]
 
 
 def is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
@@ -243,9 +261,9 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
 def heavy_entries(view: HeadView, Q: np.ndarray, p: float, eps: float) -> HeavyEntries:
     """Every entry ``A[i, j] >= eps`` of the queries ``Q`` over every key fed (see the module docstring)."""
     if is_live(view, Q, p):  # exact values: the kernel's entries are the result
-        entries, z = _live_find(view, Q, report_threshold(eps, 0.0))
+        entries, z = _live_find(view, Q, eps * _REPORT_SCALE)
         if not _untrusted(z):
-            return HeavyEntries.from_counts(entries.counts, entries.key_ids, entries.values, eps)
+            return HeavyEntries.of_frozen(entries.indptr, entries.key_ids, entries.values, eps)
         assert view.fallback is not None
         return heavy_entries(view.fallback(), Q, p, eps)
     return _heavy(_find(view, Q, p, eps), eps, view.summary.distortion)
@@ -314,8 +332,8 @@ def _outputs(
     value rows of the entries (in entry order)."""
     out = np.zeros((n_queries, value_rows.shape[1]))
     mass = np.zeros(n_queries)
-    bounds = np.concatenate([[0], np.cumsum(entries.counts)])
-    for i in np.flatnonzero(entries.counts):
+    bounds = entries.indptr
+    for i in np.flatnonzero(np.diff(bounds)):
         a, b = bounds[i], bounds[i + 1]
         out[i] = entries.values[a:b] @ value_rows[a:b]
         mass[i] = entries.values[a:b].sum()
@@ -463,36 +481,26 @@ def _decode_step(
     """A causal chunk of one row (a decode step), p = 2 with the exact Gram matrix: the new key joins the rows
     scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries."""
     assert view.total_gram is not None
-    w = float(q[0] @ k[0]) ** 2
-    held = view.ids.size + view.extra_ids.size
-    thresh = report_threshold(eps, 0.0)
-    # the rows held are scanned in place (no copy of them per step); the new key is the one extra term
-    found, z = _live_find(view, q, thresh, np.array([w]))
+    # the rows held are scanned in place (no copy of them per step); the new key is the one extra row
+    entries, z = _live_find(view, q, report_threshold(eps, 0.0), k, key_id)
     if _untrusted(z):  # answered from the summary and every pending row instead
         assert view.fallback is not None
         return _prefill_chunk(view.fallback(), k, v, q, key_id, 2.0, eps)
-    counts, pos, key_ids, vals = found
-    if z[0] > 0.0 and w >= thresh * z[0]:  # the kernel's rule, for the step's own key
-        counts[0] += 1
-        pos = np.append(pos, held)
-        vals = np.append(vals, w / z[0])
-        key_ids = np.append(key_ids, key_id)
-    # the kernel's entries come with ids ascending; the step's own key may need to move
-    if key_ids.size > 1 and key_ids[-1] <= key_ids[-2]:
-        key_ids, pos, vals = _sorted_by_row_and_id(counts, key_ids, pos, vals)
-    entries = _Entries(counts, pos, key_ids, vals)
     assert view.values is not None
     extra_values = _NO_VALUES if view.extra_values is None else view.extra_values
     heavy_out, mass = heavy_outputs(
-        entries.counts, entries.positions, entries.values, view.values, extra_values, v
+        entries.indptr, entries.positions, entries.values, view.values, extra_values, v
     )
     output = None
     if view.moments is not None:
-        num = view.moments.numerator(q)
-        num += w * v
+        output = view.moments.numerator(q, k, v)  # the state and the step's own key
         if z[0] > 0.0:
-            num /= z[0]
+            output /= z[0]
         else:
-            num[:] = 0.0
-        output = num
-    return AttentionResult(_heavy(entries, eps, 0.0), heavy_out, mass, output)
+            output[:] = 0.0
+    return AttentionResult(
+        HeavyEntries.of_frozen(entries.indptr, entries.key_ids, entries.values, eps),
+        heavy_out,
+        mass,
+        output,
+    )

@@ -66,6 +66,10 @@ _SERIAL_LIFT_ROWS = 1024
 #: Up to this many queries the numerator is one compiled loop over ``S`` (a decode step).
 _LOOP_QUERY_ROWS = 8
 
+#: No rows (the compiled numerator's second set of rows when there is none).
+_NO_ROWS = np.zeros((0, 0))
+_NO_ROWS.flags.writeable = False
+
 
 def _lift(X: np.ndarray) -> np.ndarray:
     return lift_rows(X) if X.shape[0] <= _SERIAL_LIFT_ROWS else lift_degree2(X)
@@ -241,18 +245,25 @@ class MomentState:
         out._buf_keys, out._buf_values = self._buf_keys.copy(), self._buf_values.copy()
         return out
 
-    def numerator(self, Q: np.ndarray) -> np.ndarray:
-        """``sum_j <q, k_j>^degree v_j`` for every row of ``Q`` (shape (m, value_dim))."""
+    def numerator(
+        self, Q: np.ndarray, keys: np.ndarray | None = None, values: np.ndarray | None = None
+    ) -> np.ndarray:
+        """``sum_j <q, k_j>^degree v_j`` for every row of ``Q`` (shape (m, value_dim)), over the keys of the state
+        and the rows ``keys`` (with ``values``) not fed yet, when given (a decode step's own key)."""
         Q = self._inner_rows(Q)
         if self._sum is None:
             self._sum = self._hi + self._lo
-        keys, values = self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+        held = self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+        rows = [held] if keys is None else [held, (self._inner_rows(keys), values)]
         if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:
-            return moment_numerator(Q, self._sum, keys, values)  # no lifted copy, no threaded GEMV
+            # no lifted copy, no threaded GEMV
+            (BK, BV), (XK, XV) = rows if len(rows) == 2 else (held, (_NO_ROWS, _NO_ROWS))
+            return moment_numerator(Q, self._sum, BK, BV, XK, XV)
         out = _lift(Q) @ self._sum
-        if self._buf_n:
-            W = Q @ keys.T
-            out += (W * W) @ values
+        for K, V in rows:
+            if K.shape[0]:
+                W = Q @ K.T
+                out += (W * W) @ V
         return out
 
     def to_state(self) -> dict[str, np.ndarray]:

@@ -155,7 +155,21 @@ class HeavyEntries:
         for arr in (indptr, key_ids, values, lower, upper):
             if arr is not None:
                 arr.flags.writeable = False
-        # fields set directly (one dict update): this is the constructor of the live query path
+        return cls.of_frozen(indptr, key_ids, values, eps, lower, upper)
+
+    @classmethod
+    def of_frozen(
+        cls,
+        indptr: np.ndarray,
+        key_ids: np.ndarray,
+        values: np.ndarray,
+        eps: float,
+        lower: np.ndarray | None = None,
+        upper: np.ndarray | None = None,
+    ) -> HeavyEntries:
+        """:meth:`of` for arrays already in final form: contiguous int64 ``indptr``/``key_ids``, float64 ``values``,
+        all read-only (the constructor of the live query path, a few microseconds per step)."""
+        # fields set directly (one dict update)
         out = object.__new__(cls)
         out.__dict__.update(
             indptr=indptr,

@@ -26,7 +26,7 @@ from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
-from ._kernels.live import add_rows_and_bound, scan_norms
+from ._kernels.live import add_row_and_bound, add_rows_and_bound, scan_norms
 from ._kernels.rows import sq_norm
 from ._store import RowStore, StoreState
 from ._threads import ingest_threads, lowered_blas, run_items
@@ -982,6 +982,8 @@ class KeySketch:
         if live.upto < n:
             assert isinstance(summary, GramSummary)
             live.add(st, n, live.bound_factor(summary), live.threshold)
+        if live.view is not None:  # nothing a query reads has moved since the last view
+            return live.view
         rows, cand = live.rows, live.cand
         norms, ids_sorted = None, st.ids_sorted
         if cand is None:
@@ -990,7 +992,7 @@ class KeySketch:
             keys, ids, values = cand.keys_view(), cand.ids_view(), cand.values_view()
             norms, ids_sorted = live.cand_norms, ids_sorted and cand.ids_sorted
         extra_norms = live.row_norms[: rows.n]
-        return _query.HeadView(
+        live.view = _query.HeadView(
             self._summary,
             keys,
             ids,
@@ -1005,6 +1007,7 @@ class KeySketch:
             extra_norms,
             self._plain_view,
         )
+        return live.view
 
     def _plain_view(self, total_gram: np.ndarray | None = None) -> _query.HeadView:
         """The candidates and every pending row, ``Z`` from the summary plus the pending rows' terms (or from
@@ -1492,6 +1495,7 @@ class _LiveRows:
         "start",
         "threshold",
         "upto",
+        "view",
     )
 
     def __init__(
@@ -1508,14 +1512,25 @@ class _LiveRows:
         #: the sketch's keep threshold (set by the sketch; the summary does not change while the cache lives)
         self.threshold = floor
         self.diag_mark = float(np.diag(self.gram).max()) if dim else 0.0
+        #: the view queries read (:meth:`KeySketch._view`), kept until the rows or their order change
+        self.view: _query.HeadView | None = None
 
     def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
         """The factor the next rows are tested with: this cache's own, or the summary's."""
         return self.factor if self.factor is not None else summary.bound_factor()
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
+        if n - self.upto == 1:  # the live step: one compiled call, nothing allocated
+            i = self.upto
+            norm = add_row_and_bound(
+                store.keys[i], self.gram, _NO_FACTOR if factor is None else factor, threshold
+            )
+            if norm >= 0.0:
+                self._keep_row(store, i, norm)
+            self._advance(store, n)
+            return
         X = store.keys[self.upto : n]
-        if X.shape[0] <= _SMALL_LIVE_ROWS:  # the live step: one compiled loop, no temporaries
+        if X.shape[0] <= _SMALL_LIVE_ROWS:  # a few rows: one compiled loop, no temporaries
             keep = np.empty(X.shape[0], dtype=np.bool_)
             norms = np.empty(X.shape[0])
             add_rows_and_bound(
@@ -1535,6 +1550,7 @@ class _LiveRows:
 
     def scale(self, factor: float, root: float) -> None:
         """The frame changed (a decaying stream's rebase): ``G`` times ``factor``, the rows times ``root``."""
+        self.view = None
         self.gram *= factor
         self.rows.scale_keys(root)
         self.row_norms[: self.rows.n] = scan_norms(self.rows.keys_view())
@@ -1553,6 +1569,7 @@ class _LiveRows:
             self._refactor(store)
 
     def _refactor(self, store: RowStore) -> None:
+        self.view = None
         try:
             L = np.linalg.cholesky(self.gram)
         except (
@@ -1600,23 +1617,27 @@ class _LiveRows:
     def accept(self, store: RowStore, n: int, keep: np.ndarray, norms: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones (with
         their ``norms``, for the scans' norm bound)."""
-        if n - self.upto == 1:  # the live step: one row, no temporaries
-            if keep[0]:
-                i = self.upto
-                self._room_for_norms(self.rows.n + 1)
-                self.row_norms[self.rows.n] = norms[0]
-                self.rows.append_row(
-                    store.keys[i],
-                    int(store.ids[i]),
-                    None if store.values is None else store.values[i],
-                )
-        elif keep.any():
+        if keep.any():
+            self.view = None
             X = store.keys[self.upto : n]
             values = None if store.values is None else store.values[self.upto : n][keep]
             kept = norms[keep]
             self._room_for_norms(self.rows.n + kept.shape[0])
             self.row_norms[self.rows.n : self.rows.n + kept.shape[0]] = kept
             self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
+        self._advance(store, n)
+
+    def _keep_row(self, store: RowStore, i: int, norm: float) -> None:
+        """Row ``i`` of the store joins the scanned rows (the live step)."""
+        self.view = None
+        self._room_for_norms(self.rows.n + 1)
+        self.row_norms[self.rows.n] = norm
+        self.rows.append_row(
+            store.keys[i], int(store.ids[i]), None if store.values is None else store.values[i]
+        )
+
+    def _advance(self, store: RowStore, n: int) -> None:
+        """Rows up to ``n`` are accounted for; refresh when ``G`` has grown enough (see the class docstring)."""
         before, self.upto = self.upto, n
         # the diagonal is looked at every _LIVE_CHECK_ROWS rows (a few microseconds saved per live step)
         if (before - self.start) // _LIVE_CHECK_ROWS != (n - self.start) // _LIVE_CHECK_ROWS and (

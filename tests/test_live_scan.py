@@ -55,17 +55,20 @@ def test_scan_norms_never_understate():
 @pytest.mark.parametrize("in_candidates", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("ids_rising", [True, False])
 @pytest.mark.parametrize("extra_norms", [True, False])
-def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms):
+@pytest.mark.parametrize("own_rows", [0, 2])
+def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms, own_rows):
     """Candidates by descending norm (the scan stops early) and unordered rows after them (with their norms, then
-    the short ones are skipped, or without): exactly the rows at or above the cut, values to rounding, ids
-    ascending whatever the order of the rows."""
+    the short ones are skipped, or without), and rows outside ``G`` (a decode step's own key: their terms join
+    ``Z``): exactly the rows at or above the cut, values to rounding, ids ascending whatever the order of the
+    rows."""
     rng = np.random.default_rng(31)
     d, thresh = 16, 0.01
     for trial in range(4):
         A = rng.standard_normal((3 * d, d)) * rng.uniform(0.1, 10.0)
         G = A.T @ A
         Q = rng.standard_normal((2, d)) * 10.0 ** rng.uniform(-3, 3)
-        z = np.einsum("ij,jk,ik->i", Q, G, Q)
+        own = rng.standard_normal((own_rows, d)) * rng.uniform(0.1, 10.0)
+        z = np.einsum("ij,jk,ik->i", Q, G, Q) + ((Q @ own.T) ** 2).sum(axis=1)
         placed, above = rows_at_the_cut(rng, Q[0], thresh * z[0])
         K0 = np.vstack([placed, rng.standard_normal((40, d)) * 10.0 ** rng.uniform(-2, 2, (40, 1))])
         n = K0.shape[0]
@@ -74,27 +77,32 @@ def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms
         norms = scan_norms(K0[shuffle[:c]])
         order = np.argsort(-norms, kind="stable")
         perm = np.concatenate([shuffle[:c][order], shuffle[c:]])  # scan position -> row of K0
-        K = K0[perm]
-        ids = np.arange(n) * 3 + 7 if ids_rising else (np.arange(n) * 3 + 7)[::-1].copy()
-        counts, pos, key_ids, vals, zz = heavy_p2(
-            Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], np.ascontiguousarray(K[c:]),
-            scan_norms(K[c:]) if extra_norms else np.zeros(0), ids[c:], thresh, np.zeros(2))
+        K = np.vstack([K0[perm], own])
+        all_ids = np.arange(n + own_rows) * 3 + 7
+        ids = all_ids if ids_rising else all_ids[::-1].copy()
+        ints, floats = heavy_p2(
+            Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], np.ascontiguousarray(K[c:n]),
+            scan_norms(K[c:n]) if extra_norms else np.zeros(0), ids[c:n], own.reshape(own_rows, d),
+            ids[n:], thresh)
+        indptr, zz = ints[:3], floats[:2]
+        total = indptr[2]
+        key_ids, pos, vals = ints[3:3 + total], ints[3 + total:], floats[2:]
+        assert pos.shape == key_ids.shape == vals.shape == (total,)
         np.testing.assert_allclose(zz, z, rtol=1e-12)
-        start = 0
         for i in range(2):
+            a, b = indptr[i], indptr[i + 1]
             dots = (K @ Q[i]) ** 2
             exact = np.flatnonzero(dots >= thresh * zz[i])  # the float64 scan over every row
-            got = pos[start:start + counts[i]]
+            got = pos[a:b]
             assert sorted(got.tolist()) == exact.tolist(), (trial, i)
             if i == 0:  # the rows placed at the cut of query 0 are on the side they were placed
                 where = np.argsort(perm)
-                for j, a in enumerate(above):
-                    if a is not None:
-                        assert (where[j] in exact) == a, (trial, j)
-            assert (np.diff(key_ids[start:start + counts[i]]) > 0).all()
-            np.testing.assert_array_equal(key_ids[start:start + counts[i]], np.sort(ids[got]))
-            np.testing.assert_allclose(vals[start:start + counts[i]], dots[got] / zz[i], rtol=1e-12)
-            start += counts[i]
+                for j, above_cut in enumerate(above):
+                    if above_cut is not None:
+                        assert (where[j] in exact) == above_cut, (trial, j)
+            assert (np.diff(key_ids[a:b]) > 0).all()
+            np.testing.assert_array_equal(key_ids[a:b], np.sort(ids[got]))
+            np.testing.assert_allclose(vals[a:b], dots[got] / zz[i], rtol=1e-12)
 
 
 def test_ill_conditioned_pending_rows_fall_back_to_the_summary_and_the_rows():

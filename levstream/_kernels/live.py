@@ -94,26 +94,45 @@ def add_rows_and_bound(X, G, W, threshold, keep, norms):  # pragma: no cover - c
     (an upper bound on the row's leverage score after its own inclusion, ``W`` a factor of an earlier Gram
     matrix).  ``W`` with zero columns means no factor is available: every row is kept.  ``norms[i]``: the row's
     norm for the scans' norm bound (as :func:`scan_norms`)."""
-    m, d = X.shape
+    y = np.empty(W.shape[1])
+    for i in range(X.shape[0]):
+        keep[i], norms[i] = _add_row_and_bound(X[i], G, W, threshold, y)
+
+
+@numba.njit(nogil=True, cache=True)
+def add_row_and_bound(x, G, W, threshold):  # pragma: no cover - compiled
+    """:func:`add_rows_and_bound` of one row (a live step: nothing to allocate or box): returns the row's norm
+    when it is kept, else ``-1``."""
+    keep, norm = _add_row_and_bound(x, G, W, threshold, np.empty(W.shape[1]))
+    return norm if keep else -1.0
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _add_row_and_bound(x, G, W, threshold, y):  # pragma: no cover - compiled
+    """``G += x x^T``; returns ``(keep, norm)`` (see :func:`add_rows_and_bound`; ``y``: scratch of ``W``'s
+    width)."""
+    d = x.shape[0]
     r = W.shape[1]
-    for i in range(m):
-        sq = 0.0
-        for a in range(d):
-            xa = np.float64(X[i, a])  # float32 rows widened: exact products
-            sq += xa * xa
-            for b in range(d):
-                G[a, b] += xa * X[i, b]
-        norms[i] = np.sqrt(sq) if sq >= _FILTER_FLOOR else np.inf
-        if r == 0:
-            keep[i] = True
-            continue
-        u = 0.0
+    sq = 0.0
+    for a in range(d):
+        xa = np.float64(x[a])  # float32 rows widened: exact products
+        sq += xa * xa
+        for b in range(d):
+            G[a, b] += xa * x[b]
+    norm = np.sqrt(sq) if sq >= _FILTER_FLOOR else np.inf
+    if r == 0:
+        return True, norm
+    # y = x W, row by row of W (contiguous: the loop over c vectorizes)
+    for c in range(r):
+        y[c] = 0.0
+    for a in range(d):
+        xa = np.float64(x[a])
         for c in range(r):
-            y = 0.0
-            for a in range(d):
-                y += X[i, a] * W[a, c]
-            u += y * y
-        keep[i] = not (u < threshold * (1.0 + u))  # a nan bound keeps the row
+            y[c] += xa * W[a, c]
+    u = 0.0
+    for c in range(r):
+        u += y[c] * y[c]
+    return not (u < threshold * (1.0 + u)), norm  # a nan bound keeps the row
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
@@ -125,15 +144,20 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no cover - compiled
-    """Every ``A = <q, k>^2 / q^T G q >= thresh`` of a few queries over the rows ``[K; Ke]`` (p = 2, exact ``G``).
+def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, Kc, idc, thresh):  # pragma: no cover - compiled
+    """Every ``A = <q, k>^2 / Z >= thresh`` of a few queries over the rows ``[K; Ke; Kc]`` (p = 2), with
+    ``Z = q^T G q + sum_r <q, Kc_r>^2``: ``G`` the exact Gram matrix of every key fed, ``Kc`` (ids ``idc``) rows
+    every query sees that ``G`` does not hold yet (a decode step's own key; usually none).
 
-    Returns ``(counts, positions, key_ids, values, z)`` as the thresholding kernel of the batch path — per query
-    row its number of entries, and for every entry its row position in ``[K; Ke]``, its id (from ``ids`` and
-    ``extra_ids``; ascending within a query row, whatever the order of the rows) and its value — and the
-    normalisers ``z``; ``z_add`` is added to them (the terms of keys that are not in ``G``, e.g. a decode step's
-    own key).  A query whose ``q^T G q`` cannot be trusted gets ``z = UNRELIABLE`` and no entries: the caller
-    must answer it another way.
+    Returns two arrays, so that the caller unpacks them without boxing one array per field:
+
+    * ``ints = [indptr (m + 1) | key_ids (t) | positions (t)]``: the CSR row pointer of the ``t`` entries, and for
+      every entry its id (from ``ids``, ``extra_ids``, ``idc``; ascending within a query row, whatever the order
+      of the rows) and its row position in ``[K; Ke; Kc]``;
+    * ``floats = [z (m) | values (t)]``: the normalisers and the entries' values.
+
+    A query whose ``q^T G q`` cannot be trusted gets ``z = UNRELIABLE`` and no entries: the caller must answer it
+    another way.
 
     ``nk``, when not empty, holds the norms of the rows of ``K`` in non-increasing order (the rows come by
     descending norm): a query then scans only the rows with ``||q|| ||k|| >= sqrt(cut) (1 - 1e-9)``, a prefix
@@ -142,13 +166,19 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no
     holds the norms of the rows of ``Ke`` (in any order): those too short are skipped without a product.
     """
     m, d = Q.shape
-    c, e = K.shape[0], Ke.shape[0]
+    c, e, o = K.shape[0], Ke.shape[0], Kc.shape[0]
     tol = (d * UNIT_ROUNDOFF) ** 2
     z = np.empty(m)
+    W = np.empty((m, c + e + o), dtype=np.float64)
     for i in range(m):
         zi = _checked_quadratic(Q[i], G, d, tol)
-        z[i] = zi if zi == UNRELIABLE else zi + z_add[i]
-    W = np.empty((m, c + e), dtype=np.float64)
+        if zi != UNRELIABLE:
+            for j in range(o):
+                v = _dot(Q[i], Kc[j], d)
+                v *= v
+                W[i, c + e + j] = v
+                zi += v
+        z[i] = zi
     stops = np.zeros(m, dtype=np.int64)
     counts = np.zeros(m, dtype=np.int64)
     for i in range(m):
@@ -186,11 +216,19 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no
             v *= v
             W[i, c + j] = v
             cnt += v >= cut
+        for j in range(c + e, c + e + o):
+            cnt += W[i, j] >= cut
         counts[i] = cnt
     total = counts.sum()
-    positions = np.empty(total, dtype=np.int64)
-    key_ids = np.empty(total, dtype=np.int64)
-    values = np.empty(total, dtype=np.float64)
+    ints = np.empty(m + 1 + 2 * total, dtype=np.int64)
+    floats = np.empty(m + total, dtype=np.float64)
+    floats[:m] = z
+    ints[0] = 0
+    for i in range(m):
+        ints[i + 1] = ints[i] + counts[i]
+    key_ids = ints[m + 1 : m + 1 + total]
+    positions = ints[m + 1 + total :]
+    values = floats[m:]
     pos = 0
     for i in range(m):
         if counts[i] == 0:
@@ -198,24 +236,30 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, thresh, z_add):  # pragma: no
         zi = z[i]
         cut = thresh * zi
         first = pos
-        for j in range(stops[i]):
+        for j in range(stops[i]):  # the rows of K past the norm cut were not scanned
             if W[i, j] >= cut:
-                positions[pos] = j
-                key_ids[pos] = ids[j]
-                values[pos] = W[i, j] / zi
-                pos += 1
+                pos = _emit(positions, key_ids, values, pos, j, ids[j], W[i, j] / zi)
         for j in range(c, c + e):
             if W[i, j] >= cut:
-                positions[pos] = j
-                key_ids[pos] = extra_ids[j - c]
-                values[pos] = W[i, j] / zi
-                pos += 1
+                pos = _emit(positions, key_ids, values, pos, j, extra_ids[j - c], W[i, j] / zi)
+        for j in range(c + e, c + e + o):
+            if W[i, j] >= cut:
+                pos = _emit(positions, key_ids, values, pos, j, idc[j - c - e], W[i, j] / zi)
         if not _ascending(key_ids, first, pos):
             order = np.argsort(key_ids[first:pos])
             key_ids[first:pos] = key_ids[first:pos][order]
             values[first:pos] = values[first:pos][order]
             positions[first:pos] = positions[first:pos][order]
-    return counts, positions, key_ids, values, z
+    return ints, floats
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _emit(positions, key_ids, values, pos, j, key_id, value):  # pragma: no cover - compiled
+    """Write entry ``pos`` (row position ``j``); returns the next entry's index."""
+    positions[pos] = j
+    key_ids[pos] = key_id
+    values[pos] = value
+    return pos + 1
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -519,21 +563,25 @@ def outputs_stacked(
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def moment_numerator(Q, S, BK, BV):  # pragma: no cover - compiled
-    """``phi(q)^T S + sum_j <q, BK_j>^2 BV_j`` for a few queries without forming ``phi(q)`` (``S`` rows ordered as
-    ``lift_degree2``'s columns: ``(0,0), (0,1), ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``;
-    ``BK``/``BV`` the keys and values waiting to be folded into ``S``)."""
+def moment_numerator(Q, S, BK, BV, XK, XV):  # pragma: no cover - compiled
+    """``phi(q)^T S + sum_j <q, BK_j>^2 BV_j + sum_j <q, XK_j>^2 XV_j`` for a few queries without forming
+    ``phi(q)`` (``S`` rows ordered as ``lift_degree2``'s columns: ``(0,0), (0,1), ..., (1,1), ...``, off-diagonal
+    features scaled by ``sqrt(2)``; ``BK``/``BV`` the keys and values waiting to be folded into ``S``,
+    ``XK``/``XV`` keys not fed yet that the queries see: a decode step's own key)."""
     m, d = Q.shape
     dv = S.shape[1]
     out = np.zeros((m, dv), dtype=np.float64)
     for i in range(m):
         for j in range(BK.shape[0]):
-            t = 0.0
-            for a in range(d):
-                t += Q[i, a] * BK[j, a]
+            t = _dot(Q[i], BK[j], d)
             t *= t
             for c in range(dv):
                 out[i, c] += t * BV[j, c]
+        for j in range(XK.shape[0]):
+            t = _dot(Q[i], XK[j], d)
+            t *= t
+            for c in range(dv):
+                out[i, c] += t * XV[j, c]
     root2 = np.sqrt(2.0)
     for i in range(m):
         row = 0
@@ -553,17 +601,17 @@ def moment_numerator(Q, S, BK, BV):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def heavy_outputs(counts, positions, weights, V1, V2, V3):  # pragma: no cover - compiled
-    """``(sum_j A_j v_j, sum_j A_j)`` over each query row's entries; entry ``t`` has weight ``weights[t]`` and
-    the value row ``positions[t]`` of ``[V1; V2; V3]`` (the candidates', the scanned buffered rows', a chunk's)."""
-    m = counts.shape[0]
+def heavy_outputs(indptr, positions, weights, V1, V2, V3):  # pragma: no cover - compiled
+    """``(sum_j A_j v_j, sum_j A_j)`` over each query row's entries (CSR ``indptr``); entry ``t`` has weight
+    ``weights[t]`` and the value row ``positions[t]`` of ``[V1; V2; V3]`` (the candidates', the scanned buffered
+    rows', a chunk's)."""
+    m = indptr.shape[0] - 1
     dv = V1.shape[1]
     n1, n2 = V1.shape[0], V2.shape[0]
     out = np.zeros((m, dv), dtype=np.float64)
     mass = np.zeros(m, dtype=np.float64)
-    t = 0
     for i in range(m):
-        for _ in range(counts[i]):
+        for t in range(indptr[i], indptr[i + 1]):
             j = positions[t]
             a = weights[t]
             mass[i] += a
@@ -576,5 +624,4 @@ def heavy_outputs(counts, positions, weights, V1, V2, V3):  # pragma: no cover -
             else:
                 for c in range(dv):
                     out[i, c] += a * V3[j - n1 - n2, c]
-            t += 1
     return out, mass
