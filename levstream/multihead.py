@@ -899,8 +899,10 @@ class _Live:
     """The live state of the queries of every head, stacked over heads (p = 2, every head on the Gram path).
 
     For head ``h``: ``LG[h]`` the Gram matrix of every key fed (the summary's ``G``, the pending rows' and the
-    buffered tokens'); the candidates ``Kc[h, :nc[h]]`` (ids ``Ic``, values ``Vc``), copied from the head's
-    store by descending norm (with their unit rows in float32 and norms, for the scan's pre-filter); the scanned rows ``Ke[h, :ne[h]]`` (ids ``Ie``, values ``Ve``): the rows fed since the head's last
+    buffered tokens'); the candidates ``Kc[h, :nc[h]]`` (ids ``Ic``, values ``Vc``): the head's candidates
+    whose score against ``LG[h]`` still reaches ``kthr[h]`` when the state is built (with a fresh factor; all of
+    them otherwise), copied by descending norm (with their unit rows in float32 and norms, for the scan's
+    pre-filter); the scanned rows ``Ke[h, :ne[h]]`` (ids ``Ie``, values ``Ve``): the rows fed since the head's last
     fold whose bound ``u / (1 + u)``, ``u = ||x W[h]||^2`` against a factor of an earlier Gram matrix, reaches
     the head's pruning threshold ``kthr[h]`` (docs/theory.md, "Stale factors"): the others have leverage
     scores below it now and later, so no query can find them heavy.  ``upto[h]`` rows of the head's store and
@@ -973,27 +975,22 @@ class _Live:
             summary = head._summary
             assert isinstance(summary, GramSummary)
             st, pf = head._store, head._pending_from
-            K32, norms = unit_rows32(st.keys[:pf].astype(np.float64, copy=False))
-            # by descending norm: the scan stops at the first candidate too short to be heavy
-            order = np.argsort(-norms, kind="stable")
-            live.Kc[h, :pf] = st.keys[:pf][order]
-            live.Kc32[h, :pf], live.nk[h, :pf] = K32[order], norms[order]
-            live.Ic[h, :pf] = st.ids[:pf][order]
-            if dv:
-                assert st.values is not None
-                live.Vc[h, :pf] = st.values[:pf][order]
-            live.nc[h] = pf
             live.LG[h] = grams[h]
             thr = head._keep_threshold()
             P = st.keys[pf : st.n].astype(np.float64, copy=False)
             if P.shape[0]:
                 live.LG[h] += P.T @ P
+            cand = np.arange(pf)
             fresh = _fresh_factor(live.LG[h], summary.n_rows + P.shape[0])
             if fresh is not None:  # the pending rows are in LG[h]: their scores against it, exactly
                 live.W[h], slack = fresh
                 live.kthr[h] = thr * (1.0 - slack)
                 Y = P @ live.W[h]
                 keep = np.einsum("ij,ij->i", Y, Y) >= live.kthr[h]
+                # the candidates still alive: a score only falls as keys arrive, so one below the pruning
+                # threshold now is below it for every query of this state (the sketch prunes it later)
+                Y = st.keys[:pf].astype(np.float64, copy=False) @ live.W[h]
+                cand = np.flatnonzero(~(np.einsum("ij,ij->i", Y, Y) < live.kthr[h]))  # nan: alive
             else:  # a stale factor of a Gram matrix without them: the score after their inclusion
                 W = summary.bound_factor()
                 live.kthr[h] = thr
@@ -1005,6 +1002,18 @@ class _Live:
                     Y = P @ W
                     u = np.einsum("ij,ij->i", Y, Y)
                     keep = ~(u < thr * (1.0 + u))  # a nan bound keeps the row
+            K32, norms = unit_rows32(st.keys[cand].astype(np.float64, copy=False))
+            # by descending norm: the scan stops at the first candidate too short to be heavy
+            by_norm = np.argsort(-norms, kind="stable")
+            order = cand[by_norm]
+            c = order.shape[0]
+            live.Kc[h, :c] = st.keys[order]
+            live.Kc32[h, :c], live.nk[h, :c] = K32[by_norm], norms[by_norm]
+            live.Ic[h, :c] = st.ids[order]
+            if dv:
+                assert st.values is not None
+                live.Vc[h, :c] = st.values[order]
+            live.nc[h] = c
             live.has_w[h] = fresh is not None or summary.bound_factor() is not None
             values = None if st.values is None else st.values[pf : st.n][keep]
             live._extend(h, P[keep], st.ids[pf : st.n][keep], values)
