@@ -295,10 +295,10 @@ class AttentionResult:
         for name in ("heavy_output", "captured_mass", "output"):
             arr = getattr(self, name)
             if arr is not None:
-                if (
-                    arr.flags.c_contiguous and arr.flags.owndata
-                ):  # fresh arrays of the query path: no copy
-                    arr.flags.writeable = False
+                flags = arr.flags
+                # fresh arrays of the query path (numpy's, or a compiled kernel's: their base is not an array)
+                if flags.c_contiguous and (flags.owndata or not isinstance(arr.base, np.ndarray)):
+                    flags.writeable = False
                 else:
                     object.__setattr__(self, name, _frozen(arr))
 
