@@ -155,29 +155,26 @@ class HeavyEntries:
         for arr in (indptr, key_ids, values, lower, upper):
             if arr is not None:
                 arr.flags.writeable = False
-        return cls.of_frozen(indptr, key_ids, values, eps, lower, upper)
+        out = cls.of_frozen(indptr, key_ids, values, eps)
+        if lower is not None or upper is not None:
+            out.__dict__.update(lower=lower, upper=upper)
+        return out
 
     @classmethod
     def of_frozen(
-        cls,
-        indptr: np.ndarray,
-        key_ids: np.ndarray,
-        values: np.ndarray,
-        eps: float,
-        lower: np.ndarray | None = None,
-        upper: np.ndarray | None = None,
+        cls, indptr: np.ndarray, key_ids: np.ndarray, values: np.ndarray, eps: float
     ) -> HeavyEntries:
-        """:meth:`of` for arrays already in final form: contiguous int64 ``indptr``/``key_ids``, float64 ``values``,
-        all read-only (the constructor of the live query path, a few microseconds per step)."""
-        # fields set directly (one dict update)
+        """:meth:`of` of exact values in arrays already in final form: contiguous int64 ``indptr``/``key_ids``,
+        float64 ``values``, all read-only (the constructor of the live query path, a few microseconds per step)."""
         out = object.__new__(cls)
+        # fields set directly (one dict update)
         out.__dict__.update(
             indptr=indptr,
             key_ids=key_ids,
             values=values,
             eps=float(eps),
-            lower=lower,
-            upper=upper,
+            lower=None,
+            upper=None,
             _n_queries=-1,
         )
         return out
