@@ -299,5 +299,7 @@ def test_candidates_stay_few_and_nbytes_is_what_is_held():
     finally:
         tracemalloc.stop()
     assert sk.num_retained < sk.capacity / 4
-    # Python objects (the sketch, its summary, store, id ranges) come on top of the arrays nbytes counts
-    assert sk.nbytes <= held <= sk.nbytes * (1.0 + NBYTES_TRACED_RTOL) + 16_384, (sk.nbytes, held)
+    # Python objects (the sketch, its summary, store, id ranges) come on top of the arrays nbytes counts, and
+    # so do the ingest threads' own objects and scratch, which earlier tests may have left at any size: measured
+    # 29.6 kB above nbytes in a full clean-clone run, under 16 kB alone.  One byte per key fed would be 164 kB.
+    assert sk.nbytes <= held <= sk.nbytes * (1.0 + NBYTES_TRACED_RTOL) + 49_152, (sk.nbytes, held)
