@@ -261,7 +261,7 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
 def heavy_entries(view: HeadView, Q: np.ndarray, p: float, eps: float) -> HeavyEntries:
     """Every entry ``A[i, j] >= eps`` of the queries ``Q`` over every key fed (see the module docstring)."""
     if is_live(view, Q, p):  # exact values: the kernel's entries are the result
-        entries, z = _live_find(view, Q, eps * _REPORT_SCALE)
+        entries, z = _live_find(view, Q, report_threshold(eps, 0.0))
         if not _untrusted(z):
             return HeavyEntries.of_frozen(entries.indptr, entries.key_ids, entries.values, eps)
         assert view.fallback is not None

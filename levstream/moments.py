@@ -253,14 +253,14 @@ class MomentState:
         Q = self._inner_rows(Q)
         if self._sum is None:
             self._sum = self._hi + self._lo
-        held = self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
-        rows = [held] if keys is None else [held, (self._inner_rows(keys), values)]
+        BK, BV = self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+        XK, XV = (_NO_ROWS, _NO_ROWS) if keys is None else (self._inner_rows(keys), values)
         if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:
-            # no lifted copy, no threaded GEMV
-            (BK, BV), (XK, XV) = rows if len(rows) == 2 else (held, (_NO_ROWS, _NO_ROWS))
-            return moment_numerator(Q, self._sum, BK, BV, XK, XV)
+            return moment_numerator(
+                Q, self._sum, BK, BV, XK, XV
+            )  # no lifted copy, no threaded GEMV
         out = _lift(Q) @ self._sum
-        for K, V in rows:
+        for K, V in ((BK, BV), (XK, XV)):
             if K.shape[0]:
                 W = Q @ K.T
                 out += (W * W) @ V
