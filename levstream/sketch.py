@@ -442,8 +442,9 @@ class KeySketch:
                 x = as_row(x, "x", self._dim)
                 _check_magnitude(x[None, :], "x")
         else:
-            x = as_row(x, "x", self._dim)
-            _check_magnitude(x[None, :], "x")
+            row = as_row(x, "x", self._dim)
+            _check_magnitude(row[None, :], "x")
+            x = _kept_row(x, row, isinstance(self._summary, GramSummary))
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
         if gate is None and not self.forgets:
             with self._lock:
@@ -578,7 +579,7 @@ class KeySketch:
         Parameters
         ----------
         X : array_like, shape (m, dim)
-            Real, finite rows (float32 input is accumulated in float64).  ``m = 0`` is a no-op.
+            Real, finite rows (float32 input is accumulated in float64 and its rows held as float32).  ``m = 0`` is a no-op.
         V : array_like, shape (m, value_dim), optional
             One value row per key; required exactly when the sketch was built with ``value_dim``.
         ids : array_like of int, shape (m,), optional
@@ -1538,6 +1539,7 @@ class _LiveRows:
             )
         else:
             norms = scan_norms(X)
+            X = X.astype(np.float64, copy=False)  # float32 rows: a float64 Gram update
             self.gram += X.T @ X
             if factor is None:
                 keep = np.ones(X.shape[0], dtype=bool)
@@ -1664,9 +1666,9 @@ _WAVE_GRAM_BYTES = 16 << 20
 #: Candidates are rescored once they exceed twice the number left by the last prune, and at least this many.
 _PRUNE_MIN_ROWS = 256
 
-#: Keep float32 chunks as float32 (the row store then holds float32 candidates and pending rows).  Off until
-#: every reader of pending rows widens them to float64 before multiplying (the live queries' Gram update).
-_FLOAT32_ROWS = False
+#: Keep float32 chunks as float32 (the row store then holds float32 candidates and pending rows; every reader
+#: widens them to float64 before multiplying).
+_FLOAT32_ROWS = True
 
 _NO_SCALE = np.zeros(0)
 _NO_TRIANGLE = np.zeros((0, 0))
@@ -1684,6 +1686,14 @@ def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
     ):
         return np.ascontiguousarray(X)
     return as_matrix(X, "X", dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
+
+
+def _kept_row(x: Any, row: np.ndarray, gram: bool) -> np.ndarray:
+    """The row to store for a validated key ``row`` (float64) given as ``x``: a float32 array stays float32 on
+    the Gram path, as :func:`_as_keys` keeps float32 chunks."""
+    if _FLOAT32_ROWS and gram and isinstance(x, np.ndarray) and x.dtype == np.float32:
+        return np.ascontiguousarray(x)
+    return row
 
 
 def _rows(V: np.ndarray | None, a: int, b: int) -> np.ndarray | None:

@@ -250,6 +250,51 @@ def test_float32_chunks_are_exact():
     assert_matches_offline(a.universal_set().ids, leverage_svd(K32.astype(np.float64)), EPS)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_float32_live_stream_answers_as_its_float64_upcast(gated):
+    """float32 chunks of every size the live path tells apart (one row, a few, more than it adds row by row,
+    whole blocks, none), with keys, values and gates, and a query after each: the answers are those of the
+    same stream fed as float64, bit for bit, and brute force over the prefix (the float32 rows are kept as
+    float32; every product with them is float64)."""
+    d, dv, eps = 6, 3, 0.05
+    sizes = [1, 5, 0, 40, 1, 1, 300, 3, 33, 130, 1, 64, 2, 257, 1, 0, 70, 1]
+    n = sum(sizes)
+    rng = np.random.default_rng(21)
+    K32 = heavy_tailed_keys(n, d, seed=21).astype(np.float32)
+    K = K32.astype(np.float64)
+    V = rng.standard_normal((n, dv))
+    gates = rng.uniform(0.9, 1.0, n) if gated else np.ones(n)
+    kw = dict(eps=eps, block_rows=128, value_dim=dv, exact_output=True)
+    a, b = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
+    fed = 0
+    for size in sizes:
+        s, e = fed, fed + size
+        g = gates[s:e] if gated else None
+        if size == 1:  # one row: update(k, v, gate)
+            a.update(K32[s], V[s], gate=None if g is None else g[0])
+            b.update(K[s], V[s], gate=None if g is None else g[0])
+        else:
+            a.update_many(K32[s:e], V[s:e], gates=g)
+            b.update_many(K[s:e], V[s:e], gates=g)
+        fed = e
+        Q = rng.standard_normal((3, d))
+        ra, rb = a.attend(Q), b.attend(Q)
+        for name in ("indptr", "key_ids", "values"):
+            np.testing.assert_array_equal(getattr(ra.entries, name), getattr(rb.entries, name))
+        np.testing.assert_array_equal(ra.output, rb.output)
+        # brute force: key j weighs prod_{i > j} g_i <q, k_j>^2
+        c = np.exp(np.cumsum(np.log(gates[:fed])[::-1])[::-1] - np.log(gates[:fed]))
+        W = c * (Q @ K[:fed].T) ** 2
+        A = W / W.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(ra.output, A @ V[:fed], rtol=1e-9)
+        expected = {(i, j): A[i, j] for i, j in zip(*np.nonzero(A >= eps))}
+        got = dict(zip(zip(ra.entries.rows().tolist(), ra.entries.key_ids.tolist()), ra.entries.values))
+        assert got.keys() == expected.keys()
+        np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-9)
+    # ungated float32 rows stay float32 (a gated row is stored weighted, in float64)
+    assert a._store.keys.dtype == (np.float64 if gated else np.float32)
+
+
 def test_row_store_keeps_float32_until_a_float64_row_arrives():
     s = RowStore(3)
     x32 = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
@@ -279,11 +324,13 @@ def test_aligned_chunk_is_not_copied():
     assert peak < X.nbytes / 8, (peak, X.nbytes)
 
 
-def test_candidates_stay_few_and_nbytes_is_what_is_held():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_candidates_stay_few_and_nbytes_is_what_is_held(dtype):
     """Candidates are pruned once they double (so live queries scan few rows); after flush() nbytes equals
-    the bytes the sketch really holds, measured independently with tracemalloc."""
+    the bytes the sketch really holds, measured independently with tracemalloc (float32 keys are held as
+    float32)."""
     d, eps = 48, 0.01
-    chunks = [heavy_tailed_keys(BLOCK, d, seed=100 + i) for i in range(40)]
+    chunks = [heavy_tailed_keys(BLOCK, d, seed=100 + i).astype(dtype) for i in range(40)]
     ls.KeySketch(d, eps=eps, block_rows=BLOCK).update_many(chunks[0]).flush()  # caches outside the sketch
     gc.collect()
     tracemalloc.start()
@@ -299,6 +346,7 @@ def test_candidates_stay_few_and_nbytes_is_what_is_held():
     finally:
         tracemalloc.stop()
     assert sk.num_retained < sk.capacity / 4
+    assert sk._store.keys.dtype == dtype
     # Python objects (the sketch, its summary, store, id ranges) come on top of the arrays nbytes counts, and
     # so do the ingest threads' own objects and scratch, which earlier tests may have left at any size: measured
     # 29.6 kB above nbytes in a full clean-clone run, under 16 kB alone.  One byte per key fed would be 164 kB.
