@@ -115,6 +115,8 @@ def neg_log_gate(gate: Any, decay: float | None) -> float:
     base = 0.0 if decay is None else -math.log(decay)
     if gate is None:
         return base
-    if type(gate) is float and 0.0 < gate <= 1.0:  # the decoding loop's case: no further checks
+    if (
+        isinstance(gate, float) and 0.0 < gate <= 1.0
+    ):  # a float or np.float64 (the decoding loop's case)
         return base - math.log(gate)
     return base - math.log(check_gate(gate))

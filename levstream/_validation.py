@@ -7,6 +7,7 @@ Nothing here mutates its inputs.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -138,7 +139,7 @@ def check_real(value: Any, name: str) -> float:
             f"{name} must be a real number; got {value!r} ({type(value).__name__}) instead."
         )
     value = float(value)
-    if not np.isfinite(value):
+    if not math.isfinite(value):
         raise ValueError(f"{name} must be finite; got {value} instead.")
     return value
 
