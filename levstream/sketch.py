@@ -25,9 +25,10 @@ from ._config import default_block_rows, margin
 from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
 from ._kernels.decay import weigh_row, weigh_rows
-from ._kernels.ingest import dtrmm_function, slab_pass, sq_total
+from ._kernels.ingest import dtrmm_function, slab_pass, sq_total, upper_scores
 from ._kernels.live import add_row_and_bound, add_rows_and_bound, scan_norms
 from ._kernels.rows import sq_norm
+from ._linalg import inverse_upper_factor
 from ._store import RowStore, StoreState
 from ._threads import ingest_threads, lowered_blas, run_items
 from ._validation import (
@@ -1572,17 +1573,12 @@ class _LiveRows:
 
     def _refactor(self, store: RowStore) -> None:
         self.view = None
-        try:
-            L = np.linalg.cholesky(self.gram)
-        except (
-            np.linalg.LinAlgError
-        ):  # not positive definite (rank-deficient keys): keep the bounds held
+        W = inverse_upper_factor(self.gram)
+        if W is None:  # not positive definite (rank-deficient keys): keep the bounds held
             self.diag_mark = float(np.diag(self.gram).max())
             return
-        W = np.ascontiguousarray(np.triu(np.linalg.inv(L).T))
         if self.rows.n:
-            Y = self.rows.keys_view() @ W
-            alive = ~(np.einsum("ij,ij->i", Y, Y) < self.floor)  # nan: alive
+            alive = _alive(self.rows.keys_view(), W, self.floor)
             kept = self.row_norms[: self.rows.n][alive]
             self.rows.keep_from(0, alive)
             self.row_norms[: kept.shape[0]] = kept
@@ -1592,8 +1588,7 @@ class _LiveRows:
             values = None if store.values is None else store.values[: self.start]
             self.cand.append(store.keys[: self.start], store.ids[: self.start], values)
         if self.cand.n:
-            Y = self.cand.keys_view() @ W
-            alive = ~(np.einsum("ij,ij->i", Y, Y) < self.floor)  # nan: alive
+            alive = _alive(self.cand.keys_view(), W, self.floor)
             self.cand.keep_from(0, alive)
             if not fresh:
                 self.cand_norms = self.cand_norms[alive]
@@ -1686,6 +1681,14 @@ def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
     ):
         return np.ascontiguousarray(X)
     return as_matrix(X, "X", dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
+
+
+def _alive(rows: np.ndarray, W: np.ndarray, floor: float) -> np.ndarray:
+    """Which ``rows`` score ``||x W||^2 >= floor`` for an upper-triangular ``W`` (BLAS trmm; a nan keeps the
+    row)."""
+    scores = np.empty(rows.shape[0])
+    upper_scores(rows, W, dtrmm_function(), scores)
+    return ~(scores < floor)
 
 
 def _kept_row(x: Any, row: np.ndarray, gram: bool) -> np.ndarray:
