@@ -1858,7 +1858,7 @@ def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult) -> np.ndarr
         rows = summary.prefilter(X64, keep)
     if rows.size == 0:
         return rows
-    return rows[summary.score_upper_bounds(X64[rows]) >= keep]
+    return rows[~(summary.score_upper_bounds(X64[rows]) < keep)]  # a nan bound keeps its row
 
 
 def _wave_size(sk: KeySketch, plan: _Plan, remaining: int) -> int:

@@ -347,6 +347,22 @@ def test_column_whose_squares_are_subnormal(col_scale, block_rows):
     assert_matches_offline(merged.universal_set().ids, tau, eps)
 
 
+@pytest.mark.parametrize("tiny", [1e-317, 1e-310, 1e-300])
+def test_a_subnormal_column_hides_no_other_key(tiny):
+    """Found by the stress fuzzer: one key whose only nonzero entry is subnormal sends the summary to its R
+    factor with a subnormal column maximum; the factor divided by it overflowed, the other keys' scores became
+    0 x inf = nan, and the fold dropped every pending row (no entry left for any query)."""
+    K = np.array([[tiny, 0.0], [0.0, 1.0], [0.0, 3.0], [0.0, -2.0], [0.0, 1.0], [0.0, 5.0], [0.0, 4.0],
+                  [0.0, 2.0], [0.0, 1.0]])
+    Q = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 1e-3]])
+    for block_rows in (1, 4):
+        sk = ls.KeySketch(2, eps=0.1, block_rows=block_rows)
+        for k in K:
+            sk.update(k)
+        assert_heavy_matches_dense(sk.heavy_entries(Q), naive.dense_heavy(Q, K, 0.1), 0.1)
+        assert sk.heavy_entries(Q[:1]).as_set() == {(0, 2), (0, 5), (0, 6)}
+
+
 def test_single_key_with_a_subnormal_square():
     """Found by hypothesis: a one-row shard [1, 4.1e-159] made the Cholesky of the Gram matrix fail."""
     K = np.array([[1.0, 4.10104141e-159]])

@@ -375,9 +375,12 @@ class GramSummary(NormalizerSummary):
         past = inv(self._past_factor)
         self._past_factor = past if usable(past) else None
         if self._factor is not None:
-            kind, W, err = self._factor
-            W = inv(W)
-            self._factor = (kind, W, err) if usable(W) else None
+            kind, W, err, cols = self._factor
+            if cols is None:
+                W = inv(W)
+                self._factor = (kind, W, err, None) if usable(W) else None
+            else:  # the R path's factor: the columns scale, the equilibrated factor does not
+                self._factor = (kind, W, err, cols * root) if usable(cols * root) else None
         if self._plan is not None:
             scale, lam, W = self._plan
             scale, W = inv(scale), inv(W)
@@ -400,8 +403,9 @@ class GramSummary(NormalizerSummary):
     # ------------------------------------------------------------------ scores
     def _get_factor(
         self, remember: bool = True, cache: bool = True
-    ) -> tuple[str, np.ndarray, float]:
-        """The factor of the current ``G`` (computed once per update); ``remember``: also keep a new Cholesky
+    ) -> tuple[str, np.ndarray, float, np.ndarray | None]:
+        """``(kind, W, rel_error, cols)``: the factor of the current ``G`` (computed once per update), with
+        ``k^T G^+ k = ||(k / cols) W||^2`` (``cols`` None on the Cholesky path); ``remember``: also keep a new Cholesky
         factor as the stale factor of later bounds; ``cache=False``: compute it without keeping it (a prune's
         factor: pruning then changes neither the bounds of the ingest path nor the memory held)."""
         if self._factor is None and not cache:
@@ -413,20 +417,22 @@ class GramSummary(NormalizerSummary):
         if self._factor is None:
             d = self.dim
             if self.n_rows == 0:
-                self._factor = ("pinv", np.zeros((d, 0)), 0.0)
+                self._factor = ("pinv", np.zeros((d, 0)), 0.0, None)
             elif self.mode == "gram":
                 # LAPACK directly: scipy's wrappers cost more than the 64 x 64 factorisation itself.
                 # Gram mode's conditioning invariant makes this Cholesky succeed; scores use L^-1 (d^3 once
                 # per factor), applied by one GEMM to the rows being scored.
                 L = np.linalg.cholesky(self._hi + self._lo)
-                self._factor = ("chol", _inverse_transpose(L), self.rel_error)
+                self._factor = ("chol", _inverse_transpose(L), self.rel_error, None)
                 if remember:
                     self._past_factor = self._factor[1]
                     self._past_diag_max = float(np.diag(self._hi).max())
             else:
                 assert self._r is not None
                 # Rank decided on the column-equilibrated R (scores are invariant under column scaling), so a
-                # direction carried only by tiny keys is not mistaken for rounding noise.
+                # direction carried only by tiny keys is not mistaken for rounding noise.  The factor stays in
+                # the equilibrated frame: rows are divided by the column maxima before it is applied, since
+                # ``1 / column maximum`` overflows for a subnormal column (and 0 x inf would be a nan score).
                 col_max = np.abs(self._r).max(axis=0)
                 live = col_max > 0
                 W = np.zeros((d, 0))
@@ -436,9 +442,15 @@ class GramSummary(NormalizerSummary):
                     tol = rank_tolerance(s[0], self.n_rows, d)
                     rank = int((s > tol).sum())
                     W = np.zeros((d, rank))
-                    W[live] = vt[:rank].T / s[:rank] / col_max[live][:, None]
+                    W[live] = vt[:rank].T / s[:rank]
                     kappa = float(s[0] / s[rank - 1])
-                self._factor = ("pinv", np.ascontiguousarray(W), 4.0 * d * UNIT_ROUNDOFF * kappa)
+                cols = np.where(live, col_max, 1.0)
+                self._factor = (
+                    "pinv",
+                    np.ascontiguousarray(W),
+                    4.0 * d * UNIT_ROUNDOFF * kappa,
+                    cols,
+                )
         return self._factor
 
     @property
@@ -523,7 +535,7 @@ class GramSummary(NormalizerSummary):
         triangular product with ``L^-T`` (BLAS trmm, half the flops of :meth:`scores`' general product), in
         fixed pieces, so that the result does not depend on ``n_threads``.  Call it where BLAS is held to one
         thread (:func:`levstream._threads.ingest_threads`)."""
-        kind, W, _ = self._get_factor(remember=False, cache=False)
+        kind, W, _, _ = self._get_factor(remember=False, cache=False)
         m = rows.shape[0]
         if kind != "chol" or m == 0:
             return self.scores(rows.astype(np.float64, copy=False))
@@ -541,8 +553,10 @@ class GramSummary(NormalizerSummary):
         """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""
         if rows.shape[0] == 0:
             return np.zeros(0)
-        # Both factors are a (d x r) W with k^T G^+ k = ||k W||^2: L^-T for the Cholesky path, V S^-1 for the SVD.
-        Y = rows @ self._get_factor()[1]
+        # Both factors are a (d x r) W with k^T G^+ k = ||k W||^2: L^-T for the Cholesky path; on the R path
+        # V S^-1 of the column-equilibrated R, applied to the rows divided by the column maxima ``cols``.
+        _, W, _, cols = self._get_factor()
+        Y = (rows if cols is None else rows / cols) @ W
         return np.einsum("ij,ij->i", Y, Y)
 
     def bound_weights(self) -> tuple[np.ndarray | None, float]:
