@@ -200,9 +200,10 @@ class RowStore:
 
     def scale_keys(self, factor: float) -> None:
         """Multiply every key row held by ``factor`` (a decaying stream's change of reference frame; exact for a
-        power of 2).  Keys must be float64."""
-        if self._shared:
-            self._resize(self.capacity)
+        power of 2 in float64).  float32 keys are widened to float64 first (exactly): in float32 the scaled rows
+        would leave its far smaller range."""
+        if self._shared or (self.keys.dtype != np.float64 and factor != 1.0):
+            self._resize(self.capacity, np.float64)
         self.keys[: self.n] *= factor
 
     # ------------------------------------------------------------------ drops

@@ -295,6 +295,34 @@ def test_float32_live_stream_answers_as_its_float64_upcast(gated):
     assert a._store.keys.dtype == (np.float64 if gated else np.float32)
 
 
+@pytest.mark.parametrize("feed", ["update", "update_many"])
+def test_float32_rows_survive_a_rebase_of_the_frame(feed):
+    """Found by the stress fuzzer: a gate of 1e-150 rebases a decaying stream's frame, scaling the rows held
+    by a power of 2 far below float32's range; float32 rows became 0 (the first key vanished).  They are now
+    widened to float64 first."""
+    rng = np.random.default_rng(3)
+    x0 = (rng.standard_normal(7) * 1e-3).astype(np.float32)
+    x1 = np.zeros(7, dtype=np.float32)
+    x1[:2] = rng.standard_normal(2)
+    sk = ls.KeySketch(7, eps=0.09, block_rows=32)
+    if feed == "update":
+        sk.update(x0, gate=1.0)
+        sk.update(x1, gate=1e-150)
+    else:
+        sk.update_many(np.stack([x0, x1]), gates=[1.0, 1e-150])
+    Q = rng.standard_normal((3, 7))
+    Q[0, :2] = 0.0  # sees key 0 only: A = 1
+    K = np.stack([x0, x1]).astype(np.float64)
+    W = (Q @ K.T) ** 2 * np.array([1e-150, 1.0])
+    A = W / W.sum(axis=1, keepdims=True)
+    got = sk.heavy_entries(Q)
+    assert got.row(0)[0].tolist() == [0]
+    want = {(int(i), int(j)) for i, j in zip(*np.nonzero(A >= 0.09))}
+    assert got.as_set() == want
+    np.testing.assert_allclose(np.concatenate([got.row(i)[1] for i in range(3)]),
+                               [A[i, j] for i, j in sorted(want)], rtol=1e-9)
+
+
 def test_row_store_keeps_float32_until_a_float64_row_arrives():
     s = RowStore(3)
     x32 = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
