@@ -20,7 +20,9 @@ into a small reused buffer that stays in cache and multiplies it by those rows' 
 is the same bit for bit whatever the number of threads, and nothing of size ``rows x D`` is allocated, so
 a long stream's memory does not creep with the allocator's growth.  The products of ``_GROUP_PIECES``
 pieces (``_PIECE_ROWS * _GROUP_PIECES`` rows) are summed by BLAS in float64 and then added to the state
-with a compensated (two-sum) addition, so the rounding error of ``S`` does not grow with the stream.
+with a compensated (two-sum) addition, so the rounding error of ``S`` does not grow with the stream.  The
+pair is renormalised in the same pass (``hi`` the rounded value of ``hi + lo``, ``lo`` the remainder), so queries
+read ``hi`` as the state: no third array, no pass over the state after a fold.
 """
 
 from __future__ import annotations
@@ -177,8 +179,12 @@ class MomentState:
         )
 
     def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
+        if X.shape[0] == 0:
+            return
         _fold_moments(self._hi, self._lo, X, V)
-        self._sum = None
+        # a fold leaves every entry of hi the rounded value of hi + lo (fold_features): hi is the state to read
+        # (no copy, no pass); after a merge or a rescale ``_sum`` is rebuilt once, on the next query
+        self._sum = self._hi
 
     def _fold_buffer(self) -> None:
         if self._buf_n:

@@ -62,6 +62,30 @@ def test_fold_matches_brute_force(dim: int, value_dim: int) -> None:
         assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2)), (err / _scale_of(K, V, q, 2)).max()
 
 
+def test_a_fold_leaves_hi_the_rounded_state() -> None:
+    """After every fold ``hi`` is the rounded value of ``hi + lo`` (so queries read ``hi`` alone, with no copy),
+    also when the fold follows a merge or a rescale, which leave the pair unnormalised; ``lo`` still carries
+    the rounding error (the sums below lose digits to cancellation)."""
+    rng = np.random.default_rng(7)
+    S = MomentState(5, 3)
+    K = rng.standard_normal((9000, 5))
+    V = rng.standard_normal((9000, 3)) * 1e6 + 1e12 * (-1.0) ** np.arange(9000)[:, None]
+    for a, b in [(0, 700), (700, 3000), (3000, 3001), (3001, 6000)]:
+        S.add(K[a:b], V[a:b])
+        np.testing.assert_array_equal(S._hi + S._lo, S._hi)
+    assert np.any(S._lo != 0.0)
+    other = MomentState(5, 3)
+    other.add(K[6000:8000], V[6000:8000])
+    S.merge(other)
+    S.scale(0.25)
+    S.add(K[8000:], V[8000:])
+    np.testing.assert_array_equal(S._hi + S._lo, S._hi)
+    q = rng.standard_normal(5)
+    err = np.abs(S.numerator(q[None])[0] - 0.25 * _exact_numerator(K[:8000], V[:8000], q, 2)
+                 - _exact_numerator(K[8000:], V[8000:], q, 2))
+    assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2)), (err / _scale_of(K, V, q, 2)).max()
+
+
 def test_fold_degree4_matches_brute_force() -> None:
     rng = np.random.default_rng(4)
     S = MomentState(4, 3, degree=4)

@@ -154,9 +154,14 @@ def fold_features(XT, V, ia, ib, f0, f1, piece, group, buf, C, hi, lo, dgemm):  
         if (p + 1) % group == 0 or p == n_pieces - 1:
             for i in range(nf):
                 for j in range(dv):
+                    # two-sum of hi and the block, its error into lo, then a two-sum of hi and lo: hi is left
+                    # the rounded value of hi + lo (so readers may take hi for the state), lo the remainder
                     x = C[i, j]
                     h = hi[f0 + i, j]
                     t = h + x
                     bp = t - h
-                    lo[f0 + i, j] += (h - (t - bp)) + (x - bp)
-                    hi[f0 + i, j] = t
+                    e = lo[f0 + i, j] + ((h - (t - bp)) + (x - bp))
+                    s = t + e
+                    bq = s - t
+                    lo[f0 + i, j] = (t - (s - bq)) + (e - bq)
+                    hi[f0 + i, j] = s
