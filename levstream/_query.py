@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
-from ._kernels.live import GRAM_FORM_REL, UNRELIABLE, heavy_outputs, heavy_p2
+from ._kernels.live import GRAM_FORM_REL, UNRELIABLE, decode_p2, heavy_p2
 from ._kernels.query import threshold_power_csr
 from ._threads import lowered_blas
 from .moments import MomentState
@@ -189,19 +189,17 @@ NO_NORMS = np.zeros(0)
 NO_NORMS.flags.writeable = False
 
 
-def _live_find(
-    view: HeadView,
-    Q: np.ndarray,
-    thresh: float,
-    own_keys: np.ndarray = _NO_ROWS,
-    own_ids: np.ndarray = _NO_IDS,
-) -> tuple[_Entries, np.ndarray]:
-    """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
-    ``own_keys`` (ids ``own_ids``) are keys every query sees that ``G`` does not hold (a decode step's own key):
-    scanned, and their terms added to ``Z``.  The arrays returned are read-only (ids ascending per query row)."""
+#: ``G``, candidates, their norms and ids, scanned pending rows, their norms and ids
+_ScanArrays = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
+]
+
+
+def _scan_arrays(view: HeadView) -> _ScanArrays:
+    """The arrays the live kernels scan: ``G``, the candidates (their norms, ids), the scanned pending rows (their
+    norms, ids)."""
     assert view.total_gram is not None
-    ints, floats = heavy_p2(
-        Q,
+    return (
         view.total_gram,
         view.keys,
         NO_NORMS if view.norms is None else view.norms,
@@ -209,10 +207,13 @@ def _live_find(
         view.extra_keys,
         NO_NORMS if view.extra_norms is None else view.extra_norms,
         view.extra_ids,
-        own_keys,
-        own_ids,
-        thresh,
     )
+
+
+def _live_find(view: HeadView, Q: np.ndarray, thresh: float) -> tuple[_Entries, np.ndarray]:
+    """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
+    The arrays returned are read-only (ids ascending per query row)."""
+    ints, floats = heavy_p2(Q, *_scan_arrays(view), _NO_ROWS, _NO_IDS, thresh)
     ints.flags.writeable = False  # the slices below, handed to the results, are read-only with them
     floats.flags.writeable = False
     m = Q.shape[0]
@@ -479,28 +480,38 @@ def _decode_step(
     view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray, eps: float
 ) -> AttentionResult:
     """A causal chunk of one row (a decode step), p = 2 with the exact Gram matrix: the new key joins the rows
-    scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries."""
-    assert view.total_gram is not None
+    scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries, their output and
+    mass, and the exact output (:func:`~levstream._kernels.live.decode_p2`)."""
+    assert view.values is not None
+    moments = view.moments
+    S, BK, BV = _NO_VALUES, _NO_VALUES, _NO_VALUES
+    if moments is not None:
+        S, BK, BV = moments.query_arrays()
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra row
-    entries, z = _live_find(view, q, report_threshold(eps, 0.0), k, key_id)
-    if _untrusted(z):  # answered from the summary and every pending row instead
+    ints, floats = decode_p2(
+        q,
+        *_scan_arrays(view),
+        k,
+        key_id,
+        report_threshold(eps, 0.0),
+        view.values,
+        _NO_VALUES if view.extra_values is None else view.extra_values,
+        v,
+        S,
+        BK,
+        BV,
+    )
+    if floats[0] == UNRELIABLE:  # answered from the summary and every pending row instead
         assert view.fallback is not None
         return _prefill_chunk(view.fallback(), k, v, q, key_id, 2.0, eps)
-    assert view.values is not None
-    extra_values = _NO_VALUES if view.extra_values is None else view.extra_values
-    heavy_out, mass = heavy_outputs(
-        entries.indptr, entries.positions, entries.values, view.values, extra_values, v
-    )
-    output = None
-    if view.moments is not None:
-        output = view.moments.numerator(q, k, v)  # the state and the step's own key
-        if z[0] > 0.0:
-            output /= z[0]
-        else:
-            output[:] = 0.0
-    return AttentionResult(
-        HeavyEntries.of_frozen(entries.indptr, entries.key_ids, entries.values, eps),
-        heavy_out,
-        mass,
-        output,
+    ints.flags.writeable = False  # the slices below, handed to the result, are read-only with them
+    floats.flags.writeable = False
+    t = int(ints[1])
+    dv = v.shape[1]
+    h = 1 + t
+    return AttentionResult.of_frozen(
+        HeavyEntries.of_frozen(ints[:2], ints[2 : h + 1], floats[1:h], eps),
+        floats[h : h + dv].reshape(1, dv),
+        floats[h + dv : h + dv + 1],
+        None if moments is None else floats[h + dv + 1 :].reshape(1, dv),
     )

@@ -251,21 +251,23 @@ class MomentState:
         out._buf_keys, out._buf_values = self._buf_keys.copy(), self._buf_values.copy()
         return out
 
+    def query_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(S, keys waiting, their values)``: what a query reads (``S`` as :func:`moment_numerator` takes it)."""
+        if self._sum is None:
+            self._sum = self._hi + self._lo
+        return self._sum, self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+
     def numerator(
         self, Q: np.ndarray, keys: np.ndarray | None = None, values: np.ndarray | None = None
     ) -> np.ndarray:
         """``sum_j <q, k_j>^degree v_j`` for every row of ``Q`` (shape (m, value_dim)), over the keys of the state
         and the rows ``keys`` (with ``values``) not fed yet, when given (a decode step's own key)."""
         Q = self._inner_rows(Q)
-        if self._sum is None:
-            self._sum = self._hi + self._lo
-        BK, BV = self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+        S, BK, BV = self.query_arrays()
         XK, XV = (_NO_ROWS, _NO_ROWS) if keys is None else (self._inner_rows(keys), values)
         if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:
-            return moment_numerator(
-                Q, self._sum, BK, BV, XK, XV
-            )  # no lifted copy, no threaded GEMV
-        out = _lift(Q) @ self._sum
+            return moment_numerator(Q, S, BK, BV, XK, XV)  # no lifted copy, no threaded GEMV
+        out = _lift(Q) @ S
         for K, V in ((BK, BV), (XK, XV)):
             if K.shape[0]:
                 W = Q @ K.T

@@ -284,6 +284,27 @@ class AttentionResult:
     captured_mass_bounds: tuple[np.ndarray, np.ndarray] | None = None
     heavy_output_bounds: tuple[np.ndarray, np.ndarray] | None = None
 
+    @classmethod
+    def of_frozen(
+        cls,
+        entries: HeavyEntries,
+        heavy_output: np.ndarray,
+        captured_mass: np.ndarray,
+        output: np.ndarray | None,
+    ) -> AttentionResult:
+        """A result of exact values from read-only arrays in final form (the decode step's constructor: no
+        checks, no copies)."""
+        out = object.__new__(cls)
+        out.__dict__.update(
+            entries=entries,
+            heavy_output=heavy_output,
+            captured_mass=captured_mass,
+            output=output,
+            captured_mass_bounds=None,
+            heavy_output_bounds=None,
+        )
+        return out
+
     def __post_init__(self) -> None:
         for name in ("captured_mass_bounds", "heavy_output_bounds"):
             pair = getattr(self, name)

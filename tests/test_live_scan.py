@@ -135,7 +135,10 @@ def test_ill_conditioned_pending_rows_fall_back_to_the_summary_and_the_rows():
     check(gated.heavy_entries(q), "gated")
     step = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
     step.update(K[0], V[0])
-    check(step.prefill(K[1:], V[1:], q).entries, "decode step")
+    r = step.prefill(K[1:], V[1:], q)
+    check(r.entries, "decode step")
+    np.testing.assert_allclose(r.output, [[A @ V[:, 0]]], rtol=1e-12)
+    np.testing.assert_allclose(r.captured_mass, [A[1]], rtol=1e-12)
     mh = ls.MultiHeadKeySketch(2, 2, eps=0.1, value_dim=1, exact_output=True)
     for t in range(2):
         mh.update(np.stack([K[t], K[t]]), np.stack([V[t], V[t]]))

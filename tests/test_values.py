@@ -65,28 +65,35 @@ def test_attend_outputs_equal_dense_attention(kv, p, options):
     assert_close(restored.attend(Q).output, out)
 
 
-def test_prefill_chunks_and_decode_steps_equal_dense_causal_attention(kv):
+@pytest.mark.parametrize("exact_output", [True, False])
+def test_prefill_chunks_and_decode_steps_equal_dense_causal_attention(kv, exact_output):
     K, V, _ = kv
     Qc = np.random.default_rng(8).standard_normal((K.shape[0], 6))
-    sk = ls.KeySketch(6, eps=EPS, value_dim=5, exact_output=True, block_rows=256)
+    sk = ls.KeySketch(6, eps=EPS, value_dim=5, exact_output=exact_output, block_rows=256)
     got, start = [], 0
     for stop in (700, 701, 1500, 1530):  # chunks of 700, 1, 799 and 30 rows
         r = sk.prefill(K[start:stop], V[start:stop], Qc[start:stop])
-        assert r.output.shape == (stop - start, 5) and sk.n == stop
+        assert r.heavy_output.shape == (stop - start, 5) and sk.n == stop
         got.append((start, r))
         start = stop
     for i in range(1530, 1600):  # decode steps: chunks of one row
         got.append((i, sk.prefill(K[i:i + 1], V[i:i + 1], Qc[i:i + 1])))
     for start, r in got:
-        m = r.output.shape[0]
-        want = causal_outputs(Qc[start:start + m], K, V, start)
-        assert_close(r.output, want)
-        for i in range(m):  # heavy entries of each row: exactly the dense causal ones
+        m = r.heavy_output.shape[0]
+        if exact_output:
+            assert_close(r.output, causal_outputs(Qc[start:start + m], K, V, start))
+            assert not r.output.flags.writeable
+        else:
+            assert r.output is None
+        assert not (r.heavy_output.flags.writeable or r.captured_mass.flags.writeable)
+        for i in range(m):  # heavy entries of each row: exactly the dense causal ones, with their output and mass
             w = (K[: start + i + 1] @ Qc[start + i]) ** 2
             a = w / w.sum()
             ids, vals = r.entries.row(i)
             assert ids.tolist() == np.flatnonzero(a >= EPS).tolist()
             np.testing.assert_allclose(vals, a[ids], rtol=1e-9)
+            np.testing.assert_allclose(r.heavy_output[i], a[ids] @ V[ids], rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(r.captured_mass[i], a[ids].sum(), rtol=1e-9)
 
 
 def test_multi_head_prefill_and_attend(kv):

@@ -625,3 +625,34 @@ def heavy_outputs(indptr, positions, weights, V1, V2, V3):  # pragma: no cover -
                 for c in range(dv):
                     out[i, c] += a * V3[j - n1 - n2, c]
     return out, mass
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_p2(
+    q, G, K, nk, ids, Ke, nke, extra_ids, kc, idc, thresh, V1, V2, vc, S, BK, BV
+):  # pragma: no cover - compiled
+    """A decode step of one query ``q`` (shape (1, d)) in one call: :func:`heavy_p2` over ``[K; Ke; kc]`` (``kc``
+    the step's own key, ids ``idc``), :func:`heavy_outputs` of its entries (value rows ``[V1; V2; vc]``) and, when
+    ``S`` has rows, the exact output ``moment_numerator(q, S, BK, BV, kc, vc) / z`` (0 when ``z <= 0``).
+
+    Returns ``(ints, floats)``: ``ints`` as :func:`heavy_p2`'s for one query (``[0, t | key_ids | positions]``),
+    ``floats = [z | values (t) | heavy output (dv) | captured mass | output (dv, when S has rows)]``.  A query whose
+    ``z`` is ``UNRELIABLE`` gets no entries, and the rest is not computed (the caller answers it another way)."""
+    ints, found = heavy_p2(q, G, K, nk, ids, Ke, nke, extra_ids, kc, idc, thresh)
+    t = ints[1]
+    dv = V1.shape[1]
+    exact = S.shape[0] > 0
+    floats = np.zeros(1 + t + dv + 1 + (dv if exact else 0))
+    floats[: 1 + t] = found
+    z = found[0]
+    if z == UNRELIABLE:
+        return ints, floats
+    heavy, mass = heavy_outputs(ints[:2], ints[2 + t :], found[1:], V1, V2, vc)
+    floats[1 + t : 1 + t + dv] = heavy[0]
+    floats[1 + t + dv] = mass[0]
+    if exact and z > 0.0:
+        num = moment_numerator(q, S, BK, BV, kc, vc)
+        base = 2 + t + dv
+        for c in range(dv):
+            floats[base + c] = num[0, c] / z
+    return ints, floats
