@@ -986,7 +986,7 @@ class _Live:
                 live.W[h], slack = fresh
                 live.kthr[h] = thr * (1.0 - slack)
                 Y = P @ live.W[h]
-                keep = np.einsum("ij,ij->i", Y, Y) >= live.kthr[h]
+                keep = ~(np.einsum("ij,ij->i", Y, Y) < live.kthr[h])  # a nan score keeps its row
                 # the candidates still alive: a score only falls as keys arrive, so one below the pruning
                 # threshold now is below it for every query of this state (the sketch prunes it later)
                 Y = st.keys[:pf].astype(np.float64, copy=False) @ live.W[h]
