@@ -14,8 +14,9 @@ import struct
 import numpy as np
 
 MAGIC = b"LEVSTRM\x00"
-#: The newest format this levstream writes and reads: 1 (keys only, levstream 0.1.0 and later), 2 (values).
-FORMAT_VERSION = 3
+#: The newest format this levstream writes and reads: 1 (keys only, levstream 0.1.0 and later), 2 (values), 3 (a
+#: stream that forgets), 4 (key rows held as float32).
+FORMAT_VERSION = 4
 _PREFIX = struct.Struct("<8sHHQ32s")
 _ALLOWED_DTYPES = {"<f8", "<i8", "<f4", "|u1", "|b1"}
 

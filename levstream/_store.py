@@ -280,9 +280,9 @@ class RowStore:
 
     def arrays(self, start: int, stop: int, prefix: str) -> dict[str, np.ndarray]:
         """Rows ``start..stop-1`` as named arrays for serialization (``{prefix}_rows``, ``_ids``, ``_values``);
-        key rows are written as float64 whatever their storage (the format has one row type)."""
+        key rows in the precision they are held in (float32 rows need format version 4)."""
         out = {
-            f"{prefix}_rows": self.keys[start:stop].astype(np.float64, copy=False),
+            f"{prefix}_rows": self.keys[start:stop],
             f"{prefix}_ids": self.ids[start:stop],
         }
         if self.values is not None:

@@ -55,9 +55,11 @@ from .summaries.gram import gram_rel_error_max
 _SKETCH_KIND = "KeySketch"
 
 #: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2;
-#: a sketch that forgets (decay or gates), version 3.
+#: a sketch that forgets (decay or gates), version 3; a sketch whose key rows are float32 (a float32 stream),
+#: version 4, whose header alone says whether values and a decay frame are present.
 _FORMAT_WITH_VALUES = 2
 _FORMAT_WITH_DECAY = 3
+_FORMAT_FLOAT32_ROWS = 4
 
 
 class KeySketch:
@@ -1334,7 +1336,8 @@ class KeySketch:
         """Serialize (versioned, checksummed; buffered rows included, nothing is lost).
 
         Keys-only sketches write format version 1 (as levstream 0.1.0); sketches with values version 2;
-        sketches of streams that forget (``decay`` or gates) version 3.
+        sketches of streams that forget (``decay`` or gates) version 3; sketches holding float32 key rows (fed
+        float32 keys) version 4, which keeps the rows in float32.
         """
         with self._lock:
             return self._to_bytes()
@@ -1365,6 +1368,8 @@ class KeySketch:
         if self.forgets:
             meta["decay"], meta["frame"] = self._decay, self._frame.to_meta()
             version = _FORMAT_WITH_DECAY
+        if self._store.keys.dtype == np.float32:
+            version = _FORMAT_FLOAT32_ROWS
         return _serialize.pack(meta, arrays, version)
 
     @classmethod
@@ -1380,7 +1385,7 @@ class KeySketch:
                 forgets or (value_dim is not None) != (version >= _FORMAT_WITH_VALUES)
             ):
                 raise ValueError(f"format version {version} and the value header disagree")
-            if version >= _FORMAT_WITH_DECAY and not forgets:
+            if version == _FORMAT_WITH_DECAY and not forgets:
                 raise ValueError(f"format version {version} needs a decay frame")
             exact_output = bool(meta.get("exact_output", False)) if value_dim is not None else False
             lifted: dict[str, Any] = {}
@@ -1408,12 +1413,14 @@ class KeySketch:
             ) in arrays.items():  # a valid checksum does not make the content consistent
                 if name.startswith("summary.") and arr.dtype.kind != "f":
                     continue
-                want = np.int64 if name.endswith("_ids") or name == "id_ranges" else np.float64
+                want: Any = np.int64 if name.endswith("_ids") or name == "id_ranges" else np.float64
+                if version >= _FORMAT_FLOAT32_ROWS and name in ("cand_rows", "buf_rows"):
+                    want = np.float32 if arr.dtype == np.float32 else np.float64  # rows in either
                 if arr.dtype != want:
                     raise ValueError(
                         f"stored array {name!r} must be {np.dtype(want)}; got {arr.dtype}"
                     )
-                if want is np.float64 and not np.isfinite(arr).all():
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                     raise ValueError(f"stored array {name!r} must be finite")
             summary_arrays = {
                 k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("summary.")

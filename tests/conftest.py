@@ -137,6 +137,27 @@ def answer(sk: ls.KeySketch, Q: np.ndarray) -> Answer:
                    np.array(hits.values), np.array(sk.normalizer(Q))))
 
 
+def assert_same_state_as_upcast(a: ls.KeySketch, b: ls.KeySketch) -> None:
+    """``a`` (fed float32 keys) holds exactly the state of ``b`` (fed their float64 upcast): every serialized
+    array equal, the key rows after widening (``a`` keeps them as float32, in format version 4), and a
+    round trip through bytes keeps them float32."""
+    from levstream import _serialize
+
+    data = a.to_bytes()
+    meta_a, arrays_a, version_a = _serialize.unpack(data)
+    meta_b, arrays_b, _ = _serialize.unpack(b.to_bytes())
+    assert meta_a == meta_b and arrays_a.keys() == arrays_b.keys()
+    for name, arr in arrays_a.items():
+        if name in ("cand_rows", "buf_rows"):
+            assert arr.dtype == np.float32 and version_a == 4
+            np.testing.assert_array_equal(arr.astype(np.float64), arrays_b[name])
+        else:
+            assert arr.dtype == arrays_b[name].dtype
+            np.testing.assert_array_equal(arr, arrays_b[name])
+    back = ls.KeySketch.from_bytes(data)
+    assert back._store.keys.dtype == np.float32 and back.to_bytes() == data
+
+
 @pytest.fixture(scope="session")
 def keys() -> np.ndarray:
     """3000 x 8 heavy-tailed keys (the default fixture; tie-free at eps = 0.02)."""
