@@ -1,7 +1,7 @@
 """Live streams: random interleavings of updates, queries, merges, copies and byte round trips.
 
-A hypothesis program drives ``update``, ``update_many`` (0 to 3 blocks of rows; a running counter,
-``offset=`` or explicit non-positional ids), ``extend``, ``heavy_entries``, ``top_k``, ``merge``
+A hypothesis program (float64 or float32 keys) drives ``update``, ``update_many`` (0 to 3 blocks of rows; a
+running counter, ``offset=`` or explicit non-positional ids), ``extend``, ``heavy_entries``, ``top_k``, ``merge``
 (with a sketch of a disjoint id range), ``copy`` and ``to_bytes``/``from_bytes`` on a ``KeySketch``
 (p = 2) and on a ``MultiHeadKeySketch`` (3 heads, p = 2).  After every query the answer is compared
 with the brute-force twin ``naive.NaiveStream`` fed the same prefix: identical entries (tie band
@@ -51,6 +51,10 @@ class Program:
     def __init__(self, data: Any, heads: int, seed: int) -> None:
         self.data, self.heads, self.multi = data, heads, heads > 1
         self.pool, self.used, self.merges = key_pool(heads, seed), 0, 0
+        # float32 keys: the sketch holds them as float32, the twins their exact float64 values
+        self.float32 = bool(data.draw(st.booleans(), label="float32 keys"))
+        if self.float32:
+            self.pool = self.pool.astype(np.float32).astype(np.float64)
         self.rng = np.random.default_rng(seed)
         self.sketch = self.new_sketch()
         self.twins = [NaiveStream(D) for _ in range(heads)]
@@ -64,6 +68,10 @@ class Program:
     def arg(self, X: np.ndarray) -> np.ndarray:
         return X if self.multi else X[0]
 
+    def keys_arg(self, X: np.ndarray) -> np.ndarray:
+        """Keys as the program feeds them (float32 in a float32 program)."""
+        return self.arg(X.astype(np.float32) if self.float32 else X)
+
     def draw(self, strategy: Any, label: str) -> Any:
         return self.data.draw(strategy, label=label)
 
@@ -75,7 +83,7 @@ class Program:
     # ------------------------------------------------------------------------------ feeding
     def update(self) -> None:
         x = self.take(1)
-        self.sketch.update(self.arg(x[:, 0]))
+        self.sketch.update(self.keys_arg(x[:, 0]))
         for twin, row in zip(self.twins, x):
             twin.update(row[0])
 
@@ -90,7 +98,7 @@ class Program:
             ids["offset"] = start
         elif how == "ids":  # non-positional: a permutation of a range past every id fed
             ids["ids"] = start + np.asarray(self.draw(st.permutations(range(m)), "ids"), np.int64)
-        self.sketch.update_many(self.arg(X), **ids)
+        self.sketch.update_many(self.keys_arg(X), **ids)
         for twin, part in zip(self.twins, X):
             twin.update_many(part, **ids)
 
@@ -102,7 +110,7 @@ class Program:
             items.append(X[:, 0] if size == -1 else X)
             for twin, part in zip(self.twins, X):
                 twin.update_many(part)
-        self.sketch.extend([self.arg(item) for item in items])
+        self.sketch.extend([self.keys_arg(item) for item in items])
 
     def merge(self) -> None:
         m = self.draw(st.integers(0, 2 * MAX_CHUNK), "side rows")
@@ -110,7 +118,7 @@ class Program:
         self.merges += 1
         offset = self.merges * SIDE_IDS
         side = self.new_sketch()
-        side.update_many(self.arg(X), offset=offset)
+        side.update_many(self.keys_arg(X), offset=offset)
         self.sketch.merge(side)
         for twin, part in zip(self.twins, X):
             twin.merge(NaiveStream(D).update_many(part, offset=offset))
