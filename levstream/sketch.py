@@ -582,7 +582,8 @@ class KeySketch:
         Parameters
         ----------
         X : array_like, shape (m, dim)
-            Real, finite rows (float32 input is accumulated in float64 and its rows held as float32).  ``m = 0`` is a no-op.
+            Real, finite rows (float32 input is accumulated in float64, its rows held as float32).  ``m = 0``
+            is a no-op.
         V : array_like, shape (m, value_dim), optional
             One value row per key; required exactly when the sketch was built with ``value_dim``.
         ids : array_like of int, shape (m,), optional
