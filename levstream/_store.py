@@ -82,6 +82,11 @@ class RowStore:
         return None if self.values is None else self.values[start : self.n]
 
     @property
+    def held_dtype(self) -> type:
+        """The type of the key rows held: float32 when every row held is float32 (none held: float64)."""
+        return np.float32 if self.n and self.keys.dtype == np.float32 else np.float64
+
+    @property
     def capacity(self) -> int:
         """Rows allocated."""
         return int(self.ids.shape[0])
@@ -280,9 +285,9 @@ class RowStore:
 
     def arrays(self, start: int, stop: int, prefix: str) -> dict[str, np.ndarray]:
         """Rows ``start..stop-1`` as named arrays for serialization (``{prefix}_rows``, ``_ids``, ``_values``);
-        key rows in the precision they are held in (float32 rows need format version 4)."""
-        out = {
-            f"{prefix}_rows": self.keys[start:stop],
+        key rows in the precision they are held in (:attr:`held_dtype`; float32 rows need format version 4)."""
+        out: dict[str, np.ndarray] = {
+            f"{prefix}_rows": self.keys[start:stop].astype(self.held_dtype, copy=False),
             f"{prefix}_ids": self.ids[start:stop],
         }
         if self.values is not None:

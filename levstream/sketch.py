@@ -1369,7 +1369,7 @@ class KeySketch:
         if self.forgets:
             meta["decay"], meta["frame"] = self._decay, self._frame.to_meta()
             version = _FORMAT_WITH_DECAY
-        if self._store.keys.dtype == np.float32:
+        if self._store.held_dtype == np.float32:
             version = _FORMAT_FLOAT32_ROWS
         return _serialize.pack(meta, arrays, version)
 

@@ -332,6 +332,19 @@ def test_float32_sketches_write_version_4_and_keep_their_rows_float32():
             ls.KeySketch.from_bytes(_serialize.pack(meta, arrays, version))
 
 
+def test_a_float32_sketch_that_holds_no_row_writes_version_1():
+    """Found by the stress fuzzer: a sketch fed only float32 zero keys holds no row, but its storage was float32,
+    so it wrote version 4, read back as float64 storage, and the round trip changed the bytes.  The bytes follow
+    the rows held, not the storage."""
+    sk = ls.KeySketch(2, eps=0.1, block_rows=4)
+    sk.update_many(np.zeros((5, 2), np.float32))
+    sk.update_many(np.zeros((3, 2), np.float32))  # completes the block: the zero keys are dropped
+    assert sk.num_retained == 0
+    data = sk.to_bytes()
+    assert _serialize.unpack(data)[2] == 1
+    assert ls.KeySketch.from_bytes(data).to_bytes() == data
+
+
 @pytest.mark.parametrize("name", list(value_sketches()))
 def test_sketches_with_values_write_version_2(name):
     sk = value_sketches()[name]
