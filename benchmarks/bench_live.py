@@ -4,6 +4,9 @@ Figures (d = 64, eps = 0.01, dv = 64, p = 2):
 
 * ``live``: one step = ``sk.update(k)`` + ``sk.heavy_entries(q[None])``, against dense NumPy over
   the prefix, at several n; the per-step cost at the largest n over the smallest (flat in n);
+* ``filtered``: a filtered stream at the middle live size: each step is ``sk.update_many`` of a chunk
+  of 0 to 3 rows (two steps in five empty, a filter that kept nothing) + ``sk.heavy_entries(q[None])``,
+  against dense NumPy over the prefix;
 * ``heads``: a 12-head step (``MultiHeadKeySketch.update_many`` of (12, 1, d) + ``heavy_entries`` of
   (12, 1, d); also with ``update`` of (12, d)) over a single-head step at the same n;
 * ``bulk``: ``update_many`` of 8192-row chunks with one query after each chunk, over Gram-only
@@ -69,7 +72,7 @@ OUTPUT_RTOL = 1e-10
 #: far, lowered by this factor for rounding: the final normaliser is larger, so this is a superset.
 CANDIDATE_SLACK = 1e-6
 
-SECTIONS = ("live", "heads", "bulk", "decode", "prefill", "gemm", "rss")
+SECTIONS = ("live", "filtered", "heads", "bulk", "decode", "prefill", "gemm", "rss")
 
 
 @dataclass(frozen=True)
@@ -327,13 +330,21 @@ def dense_step(K: np.ndarray, m: int, x: np.ndarray, q: np.ndarray, eps: float, 
                mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Append key ``x`` as row ``m`` of the preallocated ``K``, then every ``A >= eps`` of ``q``
     over ``K[:m+1]`` (scores into the preallocated ``buf``: no per-step allocation of n floats)."""
-    K[m] = x
-    s = buf[: m + 1]
-    np.dot(K[: m + 1], q, out=s)
+    return dense_chunk_step(K, m, x[None], q, eps, buf, mask)
+
+
+def dense_chunk_step(K: np.ndarray, m: int, X: np.ndarray, q: np.ndarray, eps: float,
+                     buf: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`dense_step` of a chunk: the rows ``X`` (possibly none) arrive as rows ``m..`` of ``K``,
+    then every ``A >= eps`` of ``q`` over every key so far."""
+    end = m + X.shape[0]
+    K[m:end] = X
+    s = buf[:end]
+    np.dot(K[:end], q, out=s)
     np.multiply(s, s, out=s)
     Z = s.sum()
-    np.greater_equal(s, eps * Z, out=mask[: m + 1])
-    idx = np.flatnonzero(mask[: m + 1])
+    np.greater_equal(s, eps * Z, out=mask[:end])
+    idx = np.flatnonzero(mask[:end])
     return idx, s[idx] / Z
 
 
@@ -440,6 +451,44 @@ def bench_live(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
         st.K = np.empty((0, d))
     out["flat_ratio"] = spread([a / b for a, b in zip(streams[-1].sketch_s, streams[0].sketch_s)])
     out["flat_ratio_of"] = [streams[-1].n, streams[0].n]
+    return out
+
+
+@section_env
+def bench_filtered(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
+    """Steps of a filtered stream at the middle size of ``sz.live_n``: ``update_many`` of a chunk of 0 to 3
+    rows (two steps in five empty), then ``heavy_entries`` of one query."""
+    T = sz.warm_steps + sz.rounds * sz.steps_per_round
+    rng = np.random.default_rng(7)
+    sizes = np.where(rng.random(T) < 0.4, 0, rng.integers(1, 4, T))
+    n = sz.live_n[len(sz.live_n) // 2]
+    ends = n + np.cumsum(sizes)  # keys seen by the query of step t
+    K = keys(int(ends[-1]), d, seed=0)
+    Q = attention_like_queries(T, d, seed=3, key_seed=0)
+    sk = ls.KeySketch(d, eps=eps)
+    for a in range(0, n, 65536):
+        sk.update_many(K[a:min(n, a + 65536)])
+    st = Stream(n, K, None, sk, [None] * T, np.empty(K.shape[0]), np.empty(K.shape[0], dtype=bool))
+
+    def sketch_step(st: Stream, t: int) -> Any:
+        st.sketch.update_many(st.K[ends[t] - sizes[t]:ends[t]])  # (0, d) when the filter kept nothing
+        return st.sketch.heavy_entries(Q[t][None])
+
+    def dense_at(st: Stream, t: int) -> Any:
+        start = ends[t] - sizes[t]
+        return dense_chunk_step(st.K, start, st.K[start:ends[t]], Q[t], eps, st.buf, st.mask)
+
+    interleaved_steps(sz, [st], sketch_step, dense_at)
+    ref = brute_force(Q, K, ends, eps)
+    check = compare_rows([entries_of(a) for a in st.answers], ref, eps)
+    failures.add("filtered sketch", check)
+    steps = np.array([t for t, _ in st.dense])
+    dcheck = compare_rows([a for _, a in st.dense], ref, eps, rows=steps)
+    failures.add("filtered dense baseline", dcheck)
+    out = {"n": n, "steps_checked": T, "timed_steps": sz.rounds * sz.steps_per_round,
+           "empty_steps": int((sizes == 0).sum()), "rows_fed": int(sizes.sum()), **step_figures(st),
+           "retained": int(sk.num_retained), "check": check, "dense_check": dcheck}
+    st.K = np.empty((0, d))
     return out
 
 
@@ -878,6 +927,14 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
 
     if "live" in res:
         steps("live", {100_000: 100.0, 1_000_000: 1000.0})
+    if "filtered" in res:
+        f = res["filtered"]
+        dense = f["dense_step_s"]
+        measured = (f"{fmt(f['speedup'], digits=0)}x ({fmt(f['sketch_step_s'], us)} us vs "
+                    f"{fmt(dense['1'], us, 0)} us 1-thread / {fmt(dense['default'], us, 0)} us default; "
+                    f"{f['empty_steps']} of {f['steps_checked']} chunks empty)")
+        rows.append((f"filtered stream step (update_many of 0-3 rows + 1 query) vs dense, n = {f['n']:.0e}",
+                     measured, "-", None))
     if "heads" in res:
         h = res["heads"]
         measured = (f"{fmt(h['ratio'], digits=2)} ({fmt(h['heads_step_s'], us)} us vs "
@@ -963,6 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_up(d, eps, dv, sz.n_heads)
     runners: dict[str, Callable[[], dict]] = {
         "live": lambda: bench_live(sz, d, eps, failures),
+        "filtered": lambda: bench_filtered(sz, d, eps, failures),
         "heads": lambda: bench_heads(sz, d, eps, failures),
         "bulk": lambda: bench_bulk(sz, d, eps, failures),
         "decode": lambda: bench_decode(sz, d, eps, dv, failures),

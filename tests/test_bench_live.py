@@ -53,13 +53,14 @@ def test_quick_run_checks_every_section(tmp_path):
     report = json.loads(out.read_text())
     assert report["failures"] == []
     results = report["results"]
-    assert set(results) == {"live", "heads", "bulk", "decode", "prefill", "gemm", "rss"}
+    assert set(results) == {"live", "filtered", "heads", "bulk", "decode", "prefill", "gemm", "rss"}
     for name in ("live", "decode"):
         for per_n in results[name]["per_n"].values():
             assert per_n["check"]["ok"] and per_n["check"]["rows"] >= 1000
             assert per_n["check"]["entries"] > 0, "no heavy entry was checked"
             assert per_n["dense_check"]["ok"]
-    for name in ("heads", "bulk", "prefill", "gemm", "rss"):
+    assert results["filtered"]["empty_steps"] > 0 and results["filtered"]["dense_check"]["ok"]
+    for name in ("filtered", "heads", "bulk", "prefill", "gemm", "rss"):
         assert results[name]["check"]["ok"] and results[name]["check"]["entries"] > 0
     for name, section in results.items():
         assert "load_start" in section["env"] and "numba" in section["env"]["threads"], name
