@@ -603,7 +603,7 @@ class KeySketch:
         ValueError, TypeError
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
-        X = _as_keys(X, self._dim, _FLOAT32_ROWS and isinstance(self._summary, GramSummary))
+        X = _as_keys(X, self._dim, isinstance(self._summary, GramSummary))
         m = X.shape[0]
         V = self._value_chunk(V, m)
         neg = self._neg_log_gates(gates, m)
@@ -1669,10 +1669,6 @@ _WAVE_GRAM_BYTES = 16 << 20
 #: Candidates are rescored once they exceed twice the number left by the last prune, and at least this many.
 _PRUNE_MIN_ROWS = 256
 
-#: Keep float32 chunks as float32 (the row store then holds float32 candidates and pending rows; every reader
-#: widens them to float64 before multiplying).
-_FLOAT32_ROWS = True
-
 _NO_SCALE = np.zeros(0)
 _NO_TRIANGLE = np.zeros((0, 0))
 
@@ -1702,7 +1698,7 @@ def _alive(rows: np.ndarray, W: np.ndarray, floor: float) -> np.ndarray:
 def _kept_row(x: Any, row: np.ndarray, gram: bool) -> np.ndarray:
     """The row to store for a validated key ``row`` (float64) given as ``x``: a float32 array stays float32 on
     the Gram path, as :func:`_as_keys` keeps float32 chunks."""
-    if _FLOAT32_ROWS and gram and isinstance(x, np.ndarray) and x.dtype == np.float32:
+    if gram and isinstance(x, np.ndarray) and x.dtype == np.float32:
         return np.ascontiguousarray(x)
     return row
 
