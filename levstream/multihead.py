@@ -20,9 +20,9 @@ all heads in one compiled call per operation, not in a loop over heads:
 * queries read a live state stacked over heads (:class:`_Live`): every head's Gram matrix of every key fed,
   its candidates and the rows fed since its last fold whose score bound reaches the pruning threshold
   (docs/theory.md, "Live streams"), exactly what :meth:`KeySketch._view` gives one head.  It is derived
-  data (never serialized), rebuilt from the heads when they fold, and the buffered tokens join it in the
-  query's compiled call (:func:`~levstream._kernels.live.absorb_rows_heads`), before one compiled scan of
-  every head (:func:`~levstream._kernels.live.heavy_p2_stacked`).
+  data (never serialized), rebuilt from the heads when they fold.  The buffered tokens join it in batches
+  (:func:`~levstream._kernels.live.absorb_rows_heads`); until then one compiled scan of every head
+  (:func:`~levstream._kernels.live.heavy_p2_stacked`) reads them as recent rows.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from typing import Any
 import numpy as np
 
 from . import _query, _serialize
-from ._config import UNIT_ROUNDOFF, margin
+from ._config import LAMBDA_SAFETY, UNIT_ROUNDOFF, margin
+from ._kernels.blas import dsyrk_function, dtrmm_function
 from ._kernels.live import (
     absorb_rows_heads,
     any_unreliable,
     heavy_p2_stacked,
     outputs_stacked,
-    unit_rows32,
+    unit_rows8,
 )
 from ._kernels.rows import sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
@@ -57,6 +58,10 @@ _KIND = "MultiHeadKeySketch"
 #: Tokens fed one at a time wait in a buffer of this many rows per head before they are handed to the heads (one
 #: call per head per this many tokens; the queries see them through the live state meanwhile).
 _STEP_BUFFER_ROWS = 64
+
+#: Buffered tokens are absorbed into the live state (its Gram matrices and scanned rows: BLAS ``syrk`` and
+#: ``trmm`` over the batch) once this many wait; until then queries scan them directly.
+_ABSORB_ROWS = 32
 
 #: ``update_many`` chunks of up to this many rows (with the running counter) take the step path.
 _STEP_CHUNK_ROWS = 8
@@ -330,7 +335,10 @@ class MultiHeadKeySketch:
                 )
             a = b
         live = self._live
-        if live is not None:  # the buffered rows it holds are rows of the heads' stores now
+        if live is not None and not self._stale:
+            # the buffered rows are rows of the heads' stores now: the live state holds them all (a stale one
+            # takes them from the stores when it is next brought up to date)
+            self._absorb(live)
             live.upto += live.bup
             live.bup = 0
         self._nb = 0
@@ -610,29 +618,63 @@ class MultiHeadKeySketch:
             self._live = live
             self._stale = False
         live = self._live
-        if live is not None and live.bup < self._nb:
-            assert self._buf is not None
-            nb = self._nb
-            live.reserve(nb - live.bup)
-            absorb_rows_heads(
-                self._buf,
-                self._bufv,
-                live.bup,
-                nb,
-                self._buf_id0,
-                live.LG,
-                live.W,
-                live.has_w,
-                live.kthr,
-                live.Ke,
-                live.Ke32,
-                live.nke,
-                live.Ie,
-                live.Ve,
-                live.ne,
-            )
-            live.bup = nb
+        if live is not None and self._nb - live.bup >= _ABSORB_ROWS:
+            self._absorb(live)
         return live
+
+    def _absorb(self, live: _Live) -> None:
+        """The buffered tokens the live state sees as recent rows join it: its Gram matrices and scanned rows."""
+        assert self._buf is not None
+        nb = self._nb
+        live.reserve(nb - live.bup)
+        absorb_rows_heads(
+            self._buf,
+            self._bufv,
+            live.bup,
+            nb,
+            self._buf_id0,
+            live.LG,
+            live.W,
+            live.has_w,
+            live.kthr,
+            live.scale,
+            live.lam,
+            live.Ke,
+            live.Ke8,
+            live.we,
+            live.nke,
+            live.Ie,
+            live.Ve,
+            live.ne,
+            dsyrk_function(),
+            dtrmm_function(),
+        )
+        live.bup = nb
+
+    def _find(self, live: _Live, Q: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
+        """:func:`~levstream._kernels.live.heavy_p2_stacked` of ``Q`` (n_heads, m, dim) at threshold ``eps`` on the
+        live state and the buffered tokens it has not absorbed."""
+        return heavy_p2_stacked(
+            Q,
+            live.LG,
+            live.Kc,
+            live.Kc8,
+            live.wc,
+            live.nk,
+            live.Ic,
+            live.nc,
+            live.Ke,
+            live.Ke8,
+            live.we,
+            live.nke,
+            live.Ie,
+            live.ne,
+            _NO_ROWS if self._buf is None else self._buf,
+            live.bup,
+            self._nb,
+            self._buf_id0,
+            _query.report_threshold(eps, 0.0),
+        )
 
     def _entry_list(
         self,
@@ -687,7 +729,7 @@ class MultiHeadKeySketch:
         with self._lock:
             live = self._live_state(Q.shape[1])
             if live is not None:
-                starts, indptr, key_ids, values, _, z = live.find(Q, eps)
+                starts, indptr, key_ids, values, _, z = self._find(live, Q, eps)
                 # a head whose q^T G q the kernel could not trust: every head answers through its own view,
                 # which falls back to its summary and every pending row (docs/theory.md, "Numerics")
                 if not any_unreliable(z):
@@ -726,7 +768,7 @@ class MultiHeadKeySketch:
     def _live_attend(self, live: _Live, Q: np.ndarray, eps: float) -> AttentionResult:
         """:meth:`attend` on the live state: one compiled call finds every head's entries, one sums their values
         (and the buffered tokens' terms of the exact output); the moment states add the rest."""
-        starts, indptr, key_ids, values, positions, z = live.find(Q, eps)
+        starts, indptr, key_ids, values, positions, z = self._find(live, Q, eps)
         # a normaliser the kernel could not trust: each head answers from its summary and every pending row
         if any_unreliable(z):
             self._sync()
@@ -743,6 +785,9 @@ class MultiHeadKeySketch:
             live.Vc,
             live.nc,
             live.Ve,
+            live.ne,
+            self._bufv,
+            live.bup,
             self._buf if exact and self._buf is not None else _NO_ROWS,
             self._bufv,
             self._nb if exact else 0,
@@ -898,24 +943,27 @@ class MultiHeadKeySketch:
 class _Live:
     """The live state of the queries of every head, stacked over heads (p = 2, every head on the Gram path).
 
-    For head ``h``: ``LG[h]`` the Gram matrix of every key fed (the summary's ``G``, the pending rows' and the
-    buffered tokens'); the candidates ``Kc[h, :nc[h]]`` (ids ``Ic``, values ``Vc``): the head's candidates
+    For head ``h``: ``LG[h]`` the Gram matrix of every key fed but the recent tokens (the summary's ``G``, the
+    pending rows' and the first ``bup`` buffered tokens'); the candidates ``Kc[h, :nc[h]]`` (ids ``Ic``, values ``Vc``): the head's candidates
     whose score against ``LG[h]`` still reaches ``kthr[h]`` when the state is built (with a fresh factor; all of
-    them otherwise), copied by descending norm (with their unit rows in float32 and norms, for the scan's
+    them otherwise), copied by descending norm (with their int8 rows, scales and norms, for the scan's
     pre-filter); the scanned rows ``Ke[h, :ne[h]]`` (ids ``Ie``, values ``Ve``): the rows fed since the head's last
     fold whose bound ``u / (1 + u)``, ``u = ||x W[h]||^2`` against a factor of an earlier Gram matrix, reaches
     the head's pruning threshold ``kthr[h]`` (docs/theory.md, "Stale factors"): the others have leverage
-    scores below it now and later, so no query can find them heavy.  ``upto[h]`` rows of the head's store and
-    ``bup`` buffered tokens are accounted for; ``folds[h]`` tells whether the head has folded since.
+    scores below it now and later, so no query can find them heavy; ``scale[h]``/``lam[h]`` a norm bound on the
+    scores for that test (``lam[h] = 0``: none).  ``upto[h]`` rows of the head's store and ``bup`` buffered tokens
+    are accounted for; ``folds[h]`` tells whether the head has folded since.  The buffered tokens after the first
+    ``bup`` are the recent ones: queries scan them directly until ``_ABSORB_ROWS`` of them wait, then they are
+    absorbed in one batch (BLAS level 3 instead of a rank-one update and a triangular product per token).
     """
 
     __slots__ = (
         "Ic",
         "Ie",
         "Kc",
-        "Kc32",
+        "Kc8",
         "Ke",
-        "Ke32",
+        "Ke8",
         "LG",
         "Vc",
         "Ve",
@@ -924,27 +972,35 @@ class _Live:
         "folds",
         "has_w",
         "kthr",
+        "lam",
         "nc",
         "ne",
         "ne_bound",
         "nk",
         "nke",
+        "scale",
         "upto",
+        "wc",
+        "we",
     )
 
     def __init__(self, H: int, d: int, dv: int, candidates: int) -> None:
         self.LG = np.empty((H, d, d))
         self.W = np.zeros((H, d, d))
         self.has_w = np.zeros(H, dtype=np.bool_)
+        self.scale = np.zeros((H, d))
+        self.lam = np.zeros(H)  # 0: no norm bound (absorb_rows_heads)
         self.kthr = np.zeros(H)
         self.Kc = np.empty((H, candidates, d))
-        self.Kc32 = np.empty((H, candidates, d), dtype=np.float32)
+        self.Kc8 = np.empty((H, candidates, d), dtype=np.int8)
+        self.wc = np.empty((H, candidates))
         self.nk = np.empty((H, candidates))
         self.Ic = np.empty((H, candidates), dtype=np.int64)
         self.Vc = np.empty((H, candidates if dv else 0, dv))
         self.nc = np.zeros(H, dtype=np.int64)
         self.Ke = np.empty((H, 0, d))
-        self.Ke32 = np.empty((H, 0, d), dtype=np.float32)
+        self.Ke8 = np.empty((H, 0, d), dtype=np.int8)
+        self.we = np.empty((H, 0))
         self.nke = np.empty((H, 0))
         self.Ie = np.empty((H, 0), dtype=np.int64)
         self.Ve = np.empty((H, 0, dv))
@@ -983,7 +1039,7 @@ class _Live:
             cand = np.arange(pf)
             fresh = _fresh_factor(live.LG[h], summary.n_rows + P.shape[0])
             if fresh is not None:  # the pending rows are in LG[h]: their scores against it, exactly
-                live.W[h], slack = fresh
+                live.W[h], slack, live.scale[h], live.lam[h] = fresh
                 live.kthr[h] = thr * (1.0 - slack)
                 Y = P @ live.W[h]
                 keep = ~(np.einsum("ij,ij->i", Y, Y) < live.kthr[h])  # a nan score keeps its row
@@ -1002,13 +1058,17 @@ class _Live:
                     Y = P @ W
                     u = np.einsum("ij,ij->i", Y, Y)
                     keep = ~(u < thr * (1.0 + u))  # a nan bound keeps the row
-            K32, norms = unit_rows32(st.keys[cand].astype(np.float64, copy=False))
+            K8, w, norms = unit_rows8(st.keys[cand])
             # by descending norm: the scan stops at the first candidate too short to be heavy
             by_norm = np.argsort(-norms, kind="stable")
             order = cand[by_norm]
             c = order.shape[0]
             live.Kc[h, :c] = st.keys[order]
-            live.Kc32[h, :c], live.nk[h, :c] = K32[by_norm], norms[by_norm]
+            live.Kc8[h, :c], live.wc[h, :c], live.nk[h, :c] = (
+                K8[by_norm],
+                w[by_norm],
+                norms[by_norm],
+            )
             live.Ic[h, :c] = st.ids[order]
             if dv:
                 assert st.values is not None
@@ -1053,7 +1113,7 @@ class _Live:
         self._grow(int(self.ne[h]) + k)
         e = int(self.ne[h])
         self.Ke[h, e : e + k] = X
-        self.Ke32[h, e : e + k], self.nke[h, e : e + k] = unit_rows32(X)
+        self.Ke8[h, e : e + k], self.we[h, e : e + k], self.nke[h, e : e + k] = unit_rows8(X)
         self.Ie[h, e : e + k] = ids
         if self.Ve.shape[2]:
             assert values is not None
@@ -1075,33 +1135,17 @@ class _Live:
         cap = max(rows, cap + cap // 2, 64)
         H, e = self.Ke.shape[0], int(self.ne.max())
         Ke = np.empty((H, cap, self.Ke.shape[2]))
-        Ke32 = np.empty((H, cap, self.Ke.shape[2]), dtype=np.float32)
+        Ke8 = np.empty((H, cap, self.Ke.shape[2]), dtype=np.int8)
+        we = np.empty((H, cap))
         nke = np.empty((H, cap))
         Ie = np.empty((H, cap), dtype=np.int64)
         Ve = np.empty((H, cap if self.Ve.shape[2] else 0, self.Ve.shape[2]))
-        Ke[:, :e], Ke32[:, :e], nke[:, :e] = self.Ke[:, :e], self.Ke32[:, :e], self.nke[:, :e]
+        Ke[:, :e], Ke8[:, :e], nke[:, :e] = self.Ke[:, :e], self.Ke8[:, :e], self.nke[:, :e]
+        we[:, :e] = self.we[:, :e]
         Ie[:, :e] = self.Ie[:, :e]
         if self.Ve.shape[2]:
             Ve[:, :e] = self.Ve[:, :e]
-        self.Ke, self.Ke32, self.nke, self.Ie, self.Ve = Ke, Ke32, nke, Ie, Ve
-
-    def find(self, Q: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
-        """:func:`~levstream._kernels.live.heavy_p2_stacked` of ``Q`` (n_heads, m, dim) at threshold ``eps``."""
-        return heavy_p2_stacked(
-            Q,
-            self.LG,
-            self.Kc,
-            self.Kc32,
-            self.nk,
-            self.Ic,
-            self.nc,
-            self.Ke,
-            self.Ke32,
-            self.nke,
-            self.Ie,
-            self.ne,
-            _query.report_threshold(eps, 0.0),
-        )
+        self.Ke, self.Ke8, self.we, self.nke, self.Ie, self.Ve = Ke, Ke8, we, nke, Ie, Ve
 
     @property
     def nbytes(self) -> int:
@@ -1111,12 +1155,14 @@ class _Live:
                 self.LG,
                 self.W,
                 self.Kc,
-                self.Kc32,
+                self.Kc8,
+                self.wc,
                 self.nk,
                 self.Ic,
                 self.Vc,
                 self.Ke,
-                self.Ke32,
+                self.Ke8,
+                self.we,
                 self.nke,
                 self.Ie,
                 self.Ve,
@@ -1124,10 +1170,12 @@ class _Live:
         )
 
 
-def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float] | None:
-    """``(W, slack)`` with ``||x W||^2 = x^T G^-1 x`` to relative error ``slack`` (the library's margin rule for
-    scores from the Cholesky factor of the equilibrated ``G``, docs/theory.md, "Numerics"), or None when ``G``
-    is too ill-conditioned for that (the callers then use the summary's stale factor)."""
+def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float, np.ndarray, float] | None:
+    """``(W, slack, scale, lam)`` with ``||x W||^2 = x^T G^-1 x`` to relative error ``slack`` (the library's margin
+    rule for scores from the Cholesky factor of the equilibrated ``G``, docs/theory.md, "Numerics") and the norm
+    bound ``x^T G^-1 x <= sum_a (x_a scale_a)^2 / lam`` (``scale = diag(G)^-1/2``, ``lam`` a lower bound on the
+    smallest eigenvalue of the equilibrated ``G``, docs/theory.md, "The norm pre-filter"), or None when ``G`` is
+    too ill-conditioned for that (the callers then use the summary's stale factor)."""
     d = G.shape[0]
     diag = np.diag(G).copy()
     if not (np.isfinite(diag).all() and (diag >= max(n_rows, 1) * np.finfo(np.float64).tiny).all()):
@@ -1147,7 +1195,7 @@ def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float] | None
     W = scale[:, None] * np.triu(np.linalg.inv(L).T)
     if not np.isfinite(W).all():
         return None
-    return np.ascontiguousarray(W), margin(rel, prune=True)
+    return np.ascontiguousarray(W), margin(rel, prune=True), scale, lam * LAMBDA_SAFETY
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

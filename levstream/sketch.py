@@ -24,8 +24,9 @@ from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
+from ._kernels.blas import dtrmm_function
 from ._kernels.decay import weigh_row, weigh_rows
-from ._kernels.ingest import dtrmm_function, slab_pass, sq_total, upper_scores
+from ._kernels.ingest import slab_pass, sq_total, upper_scores
 from ._kernels.live import add_row_and_bound, add_rows_and_bound, scan_norms
 from ._kernels.rows import sq_norm
 from ._linalg import inverse_upper_factor

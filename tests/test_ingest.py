@@ -28,6 +28,7 @@ import levstream as ls
 import levstream._threads as threads
 import levstream.sketch as sketch_module
 from levstream._kernels import ingest as kernels
+from levstream._kernels.blas import dtrmm_function
 from levstream._store import RowStore
 from levstream.summaries import GramSummary
 
@@ -70,7 +71,7 @@ def test_slab_pass_against_numpy(dtype):
     norms = ((X64 * scale) ** 2).sum(axis=1)
     bounds = ((X64 @ W) ** 2).sum(axis=1)
     limit, threshold = np.quantile(norms, 0.5), np.quantile(bounds, 0.5)
-    fn = kernels.dtrmm_function()
+    fn = dtrmm_function()
     wide = np.empty((700, d))
     rows, tested = kernels.slab_pass(X, scale, limit, W, threshold, wide, fn)
     assert tested

@@ -17,7 +17,7 @@ from conftest import TIE_RTOL, VALUE_RTOL, assert_heavy_matches_dense, heavy_tai
 from naive import dense_heavy
 
 import levstream as ls
-from levstream._kernels.live import heavy_p2_stacked, unit_rows32
+from levstream._kernels.live import heavy_p2_stacked, unit_rows8
 from test_live_scan import rows_at_the_cut
 from levstream.multihead import _STEP_BUFFER_ROWS
 
@@ -361,45 +361,78 @@ def test_stacked_scan_prefilter_is_exact_at_the_threshold():
         want.append(above)
     n = rows[0].shape[0]
     ids = np.arange(Hs * n).reshape(Hs, n)
-    for c in (n, n // 2):  # every row a candidate, or half of them scanned as rows fed since the last fold
+    # every row a candidate; half of them scanned as rows fed since the last fold; or a quarter of them recent
+    # tokens the Gram matrices do not hold (then Z includes them, and the rows placed at the cut are off it)
+    for c, o in ((n, 0), (n // 2, 0), (n // 2, n // 4)):
+        e = n - c - o
         # the candidates of each head by descending norm; perm[h, j]: the row of rows[h] at scan position j
-        perm = np.stack([np.concatenate([np.argsort(-unit_rows32(r[:c])[1], kind="stable"),
+        perm = np.stack([np.concatenate([np.argsort(-unit_rows8(r[:c])[2], kind="stable"),
                                          np.arange(c, n)]) for r in rows])  # by the norms the kernel reads
         K = np.stack([r[p] for r, p in zip(rows, perm)])
-        Kc, Ke = np.ascontiguousarray(K[:, :c]), np.ascontiguousarray(K[:, c:])
-        Kc32, nk = unit_rows32(Kc.reshape(-1, d))
-        Ke32, nke = unit_rows32(Ke.reshape(-1, d))
+        Kc, Ke = np.ascontiguousarray(K[:, :c]), np.ascontiguousarray(K[:, c:c + e])
+        R = np.concatenate([rng.standard_normal((Hs, 2, d)), K[:, c + e:]], axis=1)  # recent rows from row 2
+        Kc8, wc, nk = unit_rows8(Kc.reshape(-1, d))
+        Ke8, we, nke = unit_rows8(Ke.reshape(-1, d))
         for ids_rising in (True, False):  # ids rising or falling with the row (the kernel sorts them)
             I = ids if ids_rising else ids[:, ::-1].copy()
+            rid0 = 10 * Hs * n  # the recent rows' ids: rid0 + 2 + r
+            I_all = np.concatenate([I[:, :c + e], rid0 + 2 + np.tile(np.arange(o), (Hs, 1))], axis=1)
             starts, indptr, key_ids, values, positions, z = heavy_p2_stacked(
-                Q, LG, Kc, Kc32.reshape(Hs, c, d), nk.reshape(Hs, c), np.ascontiguousarray(I[:, :c]),
-                np.full(Hs, c), Ke, Ke32.reshape(Hs, n - c, d), nke.reshape(Hs, n - c),
-                np.ascontiguousarray(I[:, c:]), np.full(Hs, n - c), thresh)
+                Q, LG, Kc, Kc8.reshape(Hs, c, d), wc.reshape(Hs, c), nk.reshape(Hs, c),
+                np.ascontiguousarray(I[:, :c]), np.full(Hs, c), Ke, Ke8.reshape(Hs, e, d), we.reshape(Hs, e),
+                nke.reshape(Hs, e),
+                np.ascontiguousarray(I[:, c:c + e]), np.full(Hs, e), R, 2, 2 + o, rid0, thresh)
             for h in range(Hs):
                 q = Q[h, 0]
                 dots = (K[h] @ q) ** 2
                 zh = z[h, 0]
+                np.testing.assert_allclose(zh, q @ LG[h] @ q + dots[c + e:].sum(), rtol=1e-12)
                 exact = np.flatnonzero(dots >= thresh * zh)  # the float64 scan's answer
                 assert exact.size  # the rows at and above the cut are there to be found
                 got = positions[starts[h]:starts[h + 1]]
                 assert sorted(got.tolist()) == exact.tolist()
                 for j, a in enumerate(want[h]):
-                    if a is not None:
+                    if a is not None and o == 0:
                         assert (int(np.flatnonzero(perm[h] == j)[0]) in exact) == a, (h, j)
                 np.testing.assert_allclose(values[starts[h]:starts[h + 1]], dots[got] / zh, rtol=1e-12)
                 assert (np.diff(key_ids[starts[h]:starts[h + 1]]) > 0).all()
-                np.testing.assert_array_equal(key_ids[starts[h]:starts[h + 1]], np.sort(I[h, got]))
+                np.testing.assert_array_equal(key_ids[starts[h]:starts[h + 1]], np.sort(I_all[h, got]))
                 assert indptr[h, -1] == starts[h + 1] - starts[h]
 
 
-def test_unit_rows32():
-    K = np.array([[3.0, 4.0], [1e-200, 0.0], [0.0, 0.0], [1e150, 1e150]])
-    K32, norms = unit_rows32(K)
-    assert K32.dtype == np.float32
-    np.testing.assert_allclose(K32[0], [0.6, 0.8], rtol=1e-7)
-    assert np.isinf(norms[1]) and np.isinf(norms[2]) and not K32[1:3].any()
+def test_unit_rows8():
+    K = np.array([[3.0, 4.0], [1e-200, 0.0], [0.0, 0.0], [1e150, 1e150], [-2.0, 1.0]])
+    K8, w, norms = unit_rows8(K)
+    assert K8.dtype == np.int8
+    assert K8[0].tolist() == [95, 127] and w[0] == 4.0 / 127 and norms[0] == 5.0
+    # squares that underflow: never skipped (infinite scale and norm), a zero row
+    assert np.isinf(w[1:3]).all() and np.isinf(norms[1:3]).all() and not K8[1:3].any()
+    assert K8[3].tolist() == [127, 127] and w[3] == 1e150 / 127
     np.testing.assert_allclose(norms[3], np.sqrt(2) * 1e150)
-    np.testing.assert_allclose(K32[3], [2**-0.5] * 2, rtol=1e-7)
+    assert K8[4].tolist() == [-127, 64]  # round(63.5) = 64 (to even), |error| <= 1/2
+
+
+def test_int8_prefilter_bound_holds():
+    """The stacked scan's pre-filter bound ``|<q, k>| <= ||q|| w (|s| + slack)`` (heavy_p2_stacked), checked
+    directly: ``s`` summed in float32 in two orders (the bound holds for any), rows with one dominant entry,
+    entries of mixed magnitudes, subnormal components, against the exact product in long double."""
+    rng = np.random.default_rng(8)
+    for d in (2, 16, 64, 128):
+        K = rng.standard_normal((400, d)) * np.exp(rng.uniform(-30, 30, (400, 1)))
+        K[::7, 0] *= 1e6  # one entry dominates: the others round to few levels
+        K[::11, 1:] *= 1e-35  # components far below the largest
+        Q = rng.standard_normal((50, d))
+        Q[::5, 1:] *= 1e-45  # unit queries whose components underflow float32
+        K8, w, _ = unit_rows8(K)
+        for q in Q:
+            nq = np.sqrt(np.sum(q * q))
+            q32 = (q / nq).astype(np.float32)
+            slack = np.sum(np.abs(q32.astype(np.float64))) * (0.5 + 127.0 * (d + 3) * 2.0**-24) * 1.001 + 1e-38
+            prods = q32[None, :] * K8.astype(np.float32)
+            for s in (prods.sum(axis=1, dtype=np.float32), prods[:, ::-1].cumsum(axis=1, dtype=np.float32)[:, -1]):
+                bound = nq * w * (np.abs(s.astype(np.float64)) + slack)
+                exact = np.abs((K.astype(np.longdouble) @ q.astype(np.longdouble)).astype(np.float64))
+                assert (exact <= bound * (1 + 1e-12)).all(), d
 
 
 def test_buffer_size_constant_is_used():

@@ -9,65 +9,20 @@ matrix (docs/theory.md, "The norm pre-filter" and "Stale factors").
 
 The triangular product ``Y = X W`` is BLAS ``dtrmm`` (half the flops of a general product), called from
 compiled code through SciPy's Cython BLAS so that it runs without the GIL: slabs are processed by several
-threads at once.  The BLAS function is passed in as an argument (a ctypes function) rather than read from a
-global, so that the kernels stay in numba's on-disk cache.  Every kernel here is serial: the threads are the
-caller's (:func:`levstream._threads.run_items`), and serial numba code leaves no runtime threads spinning
-against BLAS.
+threads at once; the BLAS function is passed in as an argument (:mod:`levstream._kernels.blas`).  Every
+kernel here is serial: the threads are the caller's (:func:`levstream._threads.run_items`), and serial numba
+code leaves no runtime threads spinning against BLAS.
 
 All arithmetic is float64, whatever the precision of the rows (float32 rows are widened exactly).
 """
 
 from __future__ import annotations
 
-import ctypes
-from typing import Any
-
 import numba
 import numpy as np
 
 from .._config import FASTMATH
-
-_dtrmm: Any = None
-
-
-def dtrmm_function() -> Any:
-    """SciPy's Cython-BLAS ``dtrmm`` as a ctypes function (looked up once, on first use)."""
-    global _dtrmm
-    if _dtrmm is None:
-        from numba.extending import get_cython_function_address
-
-        address = get_cython_function_address("scipy.linalg.cython_blas", "dtrmm")
-        pointer = ctypes.c_void_p
-        _dtrmm = ctypes.CFUNCTYPE(None, *([pointer] * 11))(address)
-    return _dtrmm
-
-
-@numba.njit(nogil=True, cache=True)
-def _times_upper(Y, W, dtrmm):  # pragma: no cover - compiled
-    """``Y <- Y @ W`` in place for C-contiguous float64 ``Y`` (b, d) and upper-triangular ``W`` (d, d).
-
-    In Fortran's column-major view ``Y^T`` is a (d, b) matrix and ``W^T`` a lower-triangular (d, d) one, so
-    ``dtrmm('L', 'L', 'N', 'N')`` computes ``Y^T <- W^T Y^T`` with no transposed copies.
-    """
-    b, d = Y.shape
-    if b == 0:
-        return
-    flags = np.array([ord("L"), ord("L"), ord("N"), ord("N")], dtype=np.uint8)
-    sizes = np.array([d, b, d, d], dtype=np.int32)
-    alpha = np.ones(1)
-    dtrmm(
-        flags[0:].ctypes,
-        flags[1:].ctypes,
-        flags[2:].ctypes,
-        flags[3:].ctypes,
-        sizes[0:].ctypes,
-        sizes[1:].ctypes,
-        alpha.ctypes,
-        W.ctypes,
-        sizes[2:].ctypes,
-        Y.ctypes,
-        sizes[3:].ctypes,
-    )
+from .blas import times_upper
 
 
 @numba.njit(nogil=True, cache=True)
@@ -131,7 +86,7 @@ def slab_pass(X, scale, limit, W, threshold, wide, dtrmm):  # pragma: no cover -
         i = idx[r]
         for j in range(d):
             Y[r, j] = np.float64(X[i, j])
-    _times_upper(Y, W, dtrmm)
+    times_upper(Y, W, dtrmm)
     u = _row_sq_sums(Y)
     keep = np.empty(k, dtype=np.int64)
     m = 0
@@ -155,7 +110,7 @@ def upper_scores(X, W, dtrmm, out):  # pragma: no cover - compiled
         for i in range(a, b):
             for j in range(d):
                 Yb[i - a, j] = np.float64(X[i, j])
-        _times_upper(Yb, W, dtrmm)
+        times_upper(Yb, W, dtrmm)
         out[a:b] = _row_sq_sums(Yb)
 
 

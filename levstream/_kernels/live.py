@@ -11,6 +11,7 @@ import numba
 import numpy as np
 
 from .._config import UNIT_ROUNDOFF
+from .blas import add_gram, times_upper
 
 #: The pre-filters of the scans (norms, float32 products) are off below this ``cut`` or ``||q||^2`` (subnormal
 #: territory).
@@ -280,58 +281,83 @@ def _ascending(a, start, stop):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def absorb_rows_heads(
-    rows, vrows, b0, b1, id0, LG, W, has_w, kthr, Ke, Ke32, nke, Ie, Ve, ne
+    rows,
+    vrows,
+    b0,
+    b1,
+    id0,
+    LG,
+    W,
+    has_w,
+    kthr,
+    scale,
+    lam,
+    Ke,
+    Ke8,
+    we,
+    nke,
+    Ie,
+    Ve,
+    ne,
+    dsyrk,
+    dtrmm,
 ):  # pragma: no cover - compiled
-    """Rows ``b0..b1-1`` of every head's ``rows[h]`` (ids ``id0 + i``) join the live state: ``LG[h] += x x^T``, and
-    the row joins the scanned rows ``Ke[h]``/``Ie[h]`` (with its value row ``vrows[h, i]`` into ``Ve[h]`` when
-    ``Ve`` has columns; its unit row in float32 and norm into ``Ke32``/``nke`` as :func:`unit_rows32`; ``ne[h]``
-    counts them) when ``u / (1 + u) >= kthr[h]``, ``u = ||x W[h]||^2`` (a bound on
-    its leverage score after its own inclusion, ``W[h]`` a factor of an earlier Gram matrix; every row when
-    ``not has_w[h]``).  The callers make room for ``b1 - b0`` more rows in ``Ke``."""
+    """Rows ``b0..b1-1`` of every head's ``rows[h]`` (ids ``id0 + i``) join the live state: ``LG[h] += X^T X``, and
+    a row joins the scanned rows ``Ke[h]``/``Ie[h]`` (with its value row ``vrows[h, i]`` into ``Ve[h]`` when
+    ``Ve`` has columns; its int8 row, scale and norm into ``Ke8``/``we``/``nke`` as :func:`unit_rows8`; ``ne[h]``
+    counts them) unless a bound ``u`` on ``x^T G_0^-1 x`` (``G_0`` a Gram matrix the live state held earlier)
+    shows ``u / (1 + u) < kthr[h]``: its leverage score after its own inclusion, now and later, is below the
+    pruning threshold (docs/theory.md, "Stale factors").  Two bounds, the cheap one first: the norm bound
+    ``u = sum_a (x_a scale[h, a])^2 / lam[h]`` (when ``lam[h] > 0``: ``scale[h]`` the inverse square roots of the
+    diagonal of ``G_0`` and ``lam[h]`` a lower bound on the smallest eigenvalue of the equilibrated ``G_0``,
+    docs/theory.md, "The norm pre-filter"), then for the rows it keeps ``u = ||x W[h]||^2`` (``W[h]`` an
+    upper-triangular factor of ``G_0^-1``; every row is kept when ``not has_w[h]``).  Both products of the batch
+    are BLAS level 3 (``syrk`` for the Gram matrices, ``trmm`` for the rows the norm bound keeps; ``dsyrk`` and
+    ``dtrmm`` from :mod:`levstream._kernels.blas`).  The callers make room for ``b1 - b0`` more rows in ``Ke``."""
     H = rows.shape[0]
     d = rows.shape[2]
     dv = Ve.shape[2]
-    y = np.empty(d)
+    k = b1 - b0
+    if k <= 0:
+        return
+    Y = np.empty((k, d))
+    picked = np.empty(k, dtype=np.int64)
     for h in range(H):
-        G = LG[h]
-        Wh = W[h]
-        for i in range(b0, b1):
-            x = rows[h, i]
-            for a in range(d):
-                xa = x[a]
-                for b in range(d):
-                    G[a, b] += xa * x[b]
-            keep = True
-            if has_w[h]:
-                for c in range(d):
-                    y[c] = 0.0
+        X = rows[h, b0:b1]
+        add_gram(LG[h], X, dsyrk)
+        m = 0
+        for r in range(k):
+            if has_w[h] and lam[h] > 0.0:
+                u = 0.0
                 for a in range(d):
-                    xa = x[a]
-                    for c in range(d):
-                        y[c] += xa * Wh[a, c]
+                    w = X[r, a] * scale[h, a]
+                    u += w * w
+                u /= lam[h]
+                if u < kthr[h] * (1.0 + u):  # a nan bound keeps the row
+                    continue
+            picked[m] = r
+            m += 1
+        if has_w[h] and m:
+            for i in range(m):
+                Y[i] = X[picked[i]]
+            times_upper(Y[:m], W[h], dtrmm)
+        for i in range(m):
+            r = picked[i]
+            if has_w[h]:
                 u = 0.0
                 for c in range(d):
-                    u += y[c] * y[c]
-                keep = not (u < kthr[h] * (1.0 + u))  # a nan bound keeps the row
-            if keep:
-                j = ne[h]
-                nrm2 = 0.0
-                for a in range(d):
-                    Ke[h, j, a] = x[a]
-                    nrm2 += x[a] * x[a]
-                if nrm2 >= _FILTER_FLOOR:
-                    nrm = np.sqrt(nrm2)
-                    for a in range(d):
-                        Ke32[h, j, a] = np.float32(x[a] / nrm)
-                    nke[h, j] = nrm
-                else:
-                    for a in range(d):
-                        Ke32[h, j, a] = np.float32(0.0)
-                    nke[h, j] = np.inf
-                Ie[h, j] = id0 + i
-                for c in range(dv):
-                    Ve[h, j, c] = vrows[h, i, c]
-                ne[h] = j + 1
+                    u += Y[i, c] * Y[i, c]
+                if u < kthr[h] * (1.0 + u):  # a nan bound keeps the row
+                    continue
+            x = X[r]
+            j = ne[h]
+            for a in range(d):
+                Ke[h, j, a] = x[a]
+            we[h, j], nke[h, j] = _int8_row(x, Ke8[h, j])
+            Ie[h, j] = id0 + b0 + r
+            for c in range(dv):
+                Ve[h, j, c] = vrows[h, b0 + r, c]
+            ne[h] = j + 1
 
 
 def scan_norms(K):
@@ -344,16 +370,39 @@ def scan_norms(K):
     return norms
 
 
-def unit_rows32(K):
-    """``(K32, norms)`` for :func:`heavy_p2_stacked`'s pre-filter: the rows of ``K`` (n, d) scaled to unit length
-    and rounded to float32, and their float64 norms; rows whose squared norm is below ``_FILTER_FLOOR`` get
-    norm ``inf`` and a zero float32 row (the filter then always passes them)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", K, K))
-    ok = norms * norms >= _FILTER_FLOOR
-    K32 = np.zeros(K.shape, dtype=np.float32)
-    K32[ok] = K[ok] / norms[ok, None]
-    norms[~ok] = np.inf
-    return K32, norms
+@numba.njit(nogil=True, cache=True, inline="always")
+def _int8_row(x, out):  # pragma: no cover - compiled
+    """Row ``x`` for the stacked scan's pre-filter: ``out[a] = round(127 x_a / max_b |x_b|)`` (int8); returns
+    ``(w, norm)``, ``w = max_b |x_b| / 127`` and the row's float64 norm.  A row whose squared norm is below
+    ``_FILTER_FLOOR`` (or is not finite) gets a zero row, ``w = inf`` and ``norm = inf``: never skipped."""
+    d = x.shape[0]
+    nrm2 = 0.0
+    mx = 0.0
+    for a in range(d):
+        xa = np.float64(x[a])
+        nrm2 += xa * xa
+        mx = max(mx, abs(xa))
+    if not (nrm2 >= _FILTER_FLOOR and nrm2 < np.inf):
+        for a in range(d):
+            out[a] = 0
+        return np.inf, np.inf
+    for a in range(d):
+        out[a] = np.int8(np.round(127.0 * (np.float64(x[a]) / mx)))
+    return mx / 127.0, np.sqrt(nrm2)
+
+
+@numba.njit(nogil=True, cache=True)
+def unit_rows8(K):  # pragma: no cover - compiled
+    """``(K8, w, norms)`` for :func:`heavy_p2_stacked`'s pre-filter, row by row as :func:`_int8_row`: the rows of
+    ``K`` (n, d) scaled by 127 over their largest entry and rounded to int8, those scales' inverses ``w`` and
+    the float64 norms."""
+    n, d = K.shape
+    K8 = np.empty((n, d), dtype=np.int8)
+    w = np.empty(n)
+    norms = np.empty(n)
+    for i in range(n):
+        w[i], norms[i] = _int8_row(K[i], K8[i])
+    return K8, w, norms
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
@@ -361,7 +410,8 @@ def _scan_rows(
     q,
     q32,
     K,
-    K32,
+    K8,
+    w,
     norms,
     ids,
     n,
@@ -378,7 +428,8 @@ def _scan_rows(
     t,
 ):  # pragma: no cover - compiled
     """Entries of rows ``0..n-1`` of ``K`` (positions from ``base``) for one query; returns the new count ``t``.
-    With ``filt``, a row is computed exactly only when the float32 bound allows ``<q, k>^2 >= cut``, and not
+    With ``filt``, a row is computed exactly only when the int8 bound ``w (|s| + slack)`` allows
+    ``|<q, k>| >= sqrt(cut)`` (``s`` the float32 product of the unit query ``q32`` with the int8 row), and not
     even that when its norm rules it out (``||q|| ||k|| < sqrt(cut)``); ``by_norm``: the rows come by
     descending norm, so the first such row ends the scan."""
     d = q.shape[0]
@@ -390,8 +441,8 @@ def _scan_rows(
                 continue
             s = np.float32(0.0)
             for a in range(d):
-                s += q32[a] * K32[j, a]
-            if (abs(np.float64(s)) + slack) * norms[j] < lim:
+                s += q32[a] * np.float32(K8[j, a])
+            if w[j] * (abs(np.float64(s)) + slack) < lim:  # a nan bound keeps the row
                 continue
         v = _dot(q, K[j], d)
         v *= v
@@ -412,25 +463,33 @@ def _grown(arr, size):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
 def heavy_p2_stacked(
-    Q, LG, Kc, Kc32, nk, Ic, nc, Ke, Ke32, nke, Ie, ne, thresh
+    Q, LG, Kc, Kc8, wc, nk, Ic, nc, Ke, Ke8, we, nke, Ie, ne, R, r0, r1, rid0, thresh
 ):  # pragma: no cover - compiled
     """:func:`heavy_p2` of every head in one call, on the stacked live state: head ``h``'s queries ``Q[h]``
-    (shape (H, m, d)), its Gram matrix of every key fed ``LG[h]`` and the rows ``Kc[h, :nc[h]]`` (ids ``Ic``)
-    then ``Ke[h, :ne[h]]`` (ids ``Ie``).
+    (shape (H, m, d)), its Gram matrix ``LG[h]``, the rows ``Kc[h, :nc[h]]`` (ids ``Ic``) then ``Ke[h, :ne[h]]``
+    (ids ``Ie``), then the recent rows ``R[h, r0:r1]`` (ids ``rid0 + r``): tokens fed that ``LG[h]`` does not
+    hold yet, so ``Z = q^T LG[h] q + sum_r <q, R[h, r]>^2`` (as :func:`heavy_p2`'s ``Kc``), each of them scanned
+    exactly.
 
-    Rows pass a float32 pre-filter first: ``Kc32``/``nk`` (``Ke32``/``nke``) are their unit rows in float32 and
-    norms (:func:`unit_rows32`), and with ``s`` the float32 product of the unit query and the unit key,
-    ``|<q, k>| <= ||q|| ||k|| (|s| + slack)``, ``slack = (d + 3) 2^-24 1.001 + 1e-40`` (the roundings of the
-    two unit vectors to float32, of the products and of any order of the sum, and underflow).  A row is
-    computed exactly (float64, as :func:`heavy_p2`) unless that bound shows ``<q, k>^2 < cut (1 - 1e-9)^2``,
-    so the entries are those of the exact scan: the skipped ones have exact values below the threshold.  Before
-    that, a row whose norm alone shows ``||q|| ||k|| < sqrt(cut) (1 - 1e-9)`` is skipped without a product, and
-    the candidates ``Kc[h]`` come by descending norm (``nk[h]`` non-increasing), so the first of them that fails
-    ends their scan: a query reads only the candidates long enough to be heavy for it (a quarter of them, for
+    Rows pass an int8 pre-filter first (a scalar quantizer, as in faiss, but with a certified bound):
+    ``Kc8``/``wc``/``nk`` (``Ke8``/``we``/``nke``) hold each row ``k`` scaled by ``127 / max_a |k_a|`` and rounded
+    to int8, ``w = max_a |k_a| / 127`` and ``||k||`` (:func:`unit_rows8`).  With ``u = q / ||q||`` rounded to
+    float32 and ``s`` the float32 product of ``u`` with the int8 row, ``|<q, k>| <= ||q|| w (|s| + slack)``,
+    ``slack = ||u||_1 (1/2 + 127 (d + 3) 2^-24) 1.001 + 1e-38``: the rounding of each scaled entry to an integer
+    (at most 1/2), and the roundings of ``u`` to float32, of the products and of any order of the sum, and
+    underflow.  A row is computed exactly (float64, as :func:`heavy_p2`) unless that bound shows
+    ``<q, k>^2 < cut (1 - 1e-9)^2``, so the entries are those of the exact scan: the skipped ones have exact
+    values below the threshold.  The int8 rows are a quarter of the bytes of float32 unit rows and nearly as
+    selective (the scan of a few hundred candidates per head and query reads them from the last-level cache:
+    its speed is the bytes it reads).  Before that, a row whose norm alone shows
+    ``||q|| ||k|| < sqrt(cut) (1 - 1e-9)`` is skipped without a product, and the candidates ``Kc[h]`` come by
+    descending norm (``nk[h]`` non-increasing), so the first of them that fails ends their scan: a query reads
+    only the candidates long enough to be heavy for it (about half of them, for
     attention-like keys at eps = 0.01).
 
     Returns ``(starts, indptr, key_ids, values, positions, z)``: head ``h``'s entries are
-    ``starts[h]..starts[h + 1] - 1`` of ``key_ids``/``values``/``positions`` (row positions in ``[Kc[h]; Ke[h]]``),
+    ``starts[h]..starts[h + 1] - 1`` of ``key_ids``/``values``/``positions`` (row positions in
+    ``[Kc[h, :nc[h]]; Ke[h, :ne[h]]; R[h, r0:r1]]``),
     its query row ``i`` has ``indptr[h, i]..indptr[h, i + 1] - 1`` of them (from 0 per head), ids ascending
     within a row (sorted here when the scan order gave them otherwise), and ``z`` (H, m) holds the normalisers
     (0 for a query orthogonal to every key, as :func:`gram_quadratic`; ``UNRELIABLE``, with no entries, for a
@@ -438,7 +497,6 @@ def heavy_p2_stacked(
     """
     H, m, d = Q.shape
     tol = (d * UNIT_ROUNDOFF) ** 2
-    slack = (d + 3) * 2.0**-24 * 1.001 + 1e-40
     cap = 16 * H * m + 64
     positions = np.empty(cap, dtype=np.int64)
     values = np.empty(cap, dtype=np.float64)
@@ -447,6 +505,8 @@ def heavy_p2_stacked(
     starts = np.zeros(H + 1, dtype=np.int64)
     indptr = np.zeros((H, m + 1), dtype=np.int64)
     q32 = np.empty(d, dtype=np.float32)
+    o = max(r1 - r0, 0)
+    recent = np.empty(o)
     t = 0
     for h in range(H):
         starts[h] = t
@@ -459,28 +519,38 @@ def heavy_p2_stacked(
             if acc == UNRELIABLE:
                 z[h, i] = UNRELIABLE
                 continue
+            for r in range(o):
+                v = _dot(q, R[h, r0 + r], d)
+                v *= v
+                recent[r] = v
+                acc += v
             if acc == 0.0:
                 continue
             nq2 = _dot(q, q, d)
             z[h, i] = acc
             cut = thresh * acc
             first = t
-            if t + c + e > positions.shape[0]:
-                positions = _grown(positions, t + c + e)
-                values = _grown(values, t + c + e)
-                key_ids = _grown(key_ids, t + c + e)
+            if t + c + e + o > positions.shape[0]:
+                positions = _grown(positions, t + c + e + o)
+                values = _grown(values, t + c + e + o)
+                key_ids = _grown(key_ids, t + c + e + o)
             filt = cut >= _FILTER_FLOOR and nq2 >= _FILTER_FLOOR
             lim = 0.0
+            slack = 0.0
             if filt:
                 nq = np.sqrt(nq2)
+                l1 = 0.0
                 for a in range(d):
                     q32[a] = np.float32(q[a] / nq)
+                    l1 += abs(np.float64(q32[a]))
                 lim = np.sqrt(cut / nq2) * (1.0 - 1e-9)
+                slack = l1 * (0.5 + 127.0 * (d + 3) * 2.0**-24) * 1.001 + 1e-38
             t = _scan_rows(
                 q,
                 q32,
                 Kc[h],
-                Kc32[h],
+                Kc8[h],
+                wc[h],
                 nk[h],
                 Ic[h],
                 c,
@@ -500,7 +570,8 @@ def heavy_p2_stacked(
                 q,
                 q32,
                 Ke[h],
-                Ke32[h],
+                Ke8[h],
+                we[h],
                 nke[h],
                 Ie[h],
                 e,
@@ -516,6 +587,12 @@ def heavy_p2_stacked(
                 key_ids,
                 t,
             )
+            for r in range(o):
+                if recent[r] >= cut:
+                    positions[t] = c + e + r
+                    values[t] = recent[r] / acc
+                    key_ids[t] = rid0 + r0 + r
+                    t += 1
             if not _ascending(key_ids, first, t):
                 order = np.argsort(key_ids[first:t])
                 key_ids[first:t] = key_ids[first:t][order]
@@ -528,12 +605,12 @@ def heavy_p2_stacked(
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
 def outputs_stacked(
-    Q, starts, indptr, positions, values, Vc, nc, Ve, rows, vrows, nb
+    Q, starts, indptr, positions, values, Vc, nc, Ve, ne, RV, r0, rows, vrows, nb
 ):  # pragma: no cover - compiled
     """For :func:`heavy_p2_stacked`'s entries of every head: ``heavy_output`` (H, m, dv), the sums of ``A_j v_j``
-    (value row ``positions`` of ``[Vc[h, :nc[h]]; Ve[h]]``), ``captured_mass`` (H, m), the sums of ``A_j``, and the
-    numerator terms ``sum_j <q, k_j>^2 v_j`` of the first ``nb`` rows of ``rows``/``vrows`` (rows fed that the
-    moment state does not hold yet), shape (H, m, dv)."""
+    (value row ``positions`` of ``[Vc[h, :nc[h]]; Ve[h, :ne[h]]; RV[h, r0:]]``), ``captured_mass`` (H, m), the
+    sums of ``A_j``, and the numerator terms ``sum_j <q, k_j>^2 v_j`` of the first ``nb`` rows of
+    ``rows``/``vrows`` (rows fed that the moment state does not hold yet), shape (H, m, dv)."""
     H, m, d = Q.shape
     dv = Vc.shape[2]
     out = np.zeros((H, m, dv))
@@ -550,9 +627,12 @@ def outputs_stacked(
                 if j < c:
                     for k in range(dv):
                         out[h, i, k] += a * Vc[h, j, k]
-                else:
+                elif j < c + ne[h]:
                     for k in range(dv):
                         out[h, i, k] += a * Ve[h, j - c, k]
+                else:
+                    for k in range(dv):
+                        out[h, i, k] += a * RV[h, r0 + j - c - ne[h], k]
             q = Q[h, i]
             for r in range(nb):
                 w = _dot(q, rows[h, r], d)

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from .._config import GRAM_KAPPA_MAX, GRAM_KAPPA_RETURN, LAMBDA_SAFETY, UNIT_ROUNDOFF
-from .._kernels.ingest import dtrmm_function, two_sum_add, upper_scores
+from .._kernels.blas import dtrmm_function
+from .._kernels.ingest import two_sum_add, upper_scores
 from .._kernels.live import gram_quadratic
 from .._kernels.rows import scaled_sq_norms
 from .._linalg import rank_tolerance
