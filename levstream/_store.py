@@ -26,6 +26,29 @@ _MIN_ROWS = 16
 _GROWTH = 1.5
 
 
+def _set_rows(store: RowStore, name: str, rows: int, dtype: type | None = None) -> None:
+    """Give the array ``store.<name>`` room for ``rows`` rows, its first ``store.n`` rows kept (``dtype``: a new
+    type for them, widened exactly).  In place when nothing else references the array (NumPy's ``resize``
+    checks: a snapshot or a view holding it makes it copy instead): the allocator then extends the block without
+    copying the rows held into freshly mapped pages, which a long stream's growth otherwise pays for in page
+    faults as much as in copying."""
+    arr = getattr(store, name)
+    setattr(store, name, None)  # only the local reference is left, so that the check can pass
+    try:
+        if dtype is None or dtype == arr.dtype:
+            try:
+                arr.resize((rows, *arr.shape[1:]), refcheck=True)
+                return
+            except ValueError:  # referenced elsewhere, or not owning its memory
+                pass
+        out = np.empty((rows, *arr.shape[1:]), dtype=dtype or arr.dtype)
+        k = min(store.n, rows)
+        out[:k] = arr[:k]
+        arr = out
+    finally:  # the grown array, the copy, or (should anything fail) the array unchanged
+        setattr(store, name, arr)
+
+
 class StoreState(NamedTuple):
     """What :meth:`RowStore.snapshot` saves (the arrays themselves: the store copies before writing to them)."""
 
@@ -105,15 +128,10 @@ class RowStore:
         return np.float32 if new == np.float32 and same else np.float64
 
     def _resize(self, rows: int, key_dtype: type | None = None) -> None:
-        n = self.n
-        ids = np.empty(rows, dtype=np.int64)
-        keys = np.empty((rows, self.dim), dtype=key_dtype or self.keys.dtype)
-        ids[:n], keys[:n] = self.ids[:n], self.keys[:n]
-        self.ids, self.keys = ids, keys
+        _set_rows(self, "ids", rows)
+        _set_rows(self, "keys", rows, key_dtype)
         if self.values is not None:
-            values = np.empty((rows, int(self.values.shape[1])))
-            values[:n] = self.values[:n]
-            self.values = values
+            _set_rows(self, "values", rows)
         self._shared = 0
 
     def reserve(self, rows: int, key_dtype: type | None = None) -> None:
