@@ -44,7 +44,7 @@ from ._kernels.live import (
     outputs_stacked,
     unit_rows8,
 )
-from ._kernels.rows import sq_norm
+from ._kernels.rows import copy_rows_sq, sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
 from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
@@ -243,10 +243,10 @@ class MultiHeadKeySketch:
         _check_magnitude(X.reshape(-1, width), name)
         return X
 
-    def _is_steps(self, X: Any, width: int | None, rows: int) -> bool:
+    def _is_steps(self, X: Any, width: int | None, rows: int, finite: bool = True) -> bool:
         """Whether ``X`` is a C-contiguous float64 ``(n_heads, m, width)`` array with ``1 <= m <= rows``, finite
-        with squares that do not overflow (then it needs no further validation); ``width`` None: ``X`` must be
-        None."""
+        with squares that do not overflow (then it needs no further validation; ``finite=False``: that part is
+        left to :meth:`_take`, which checks while it copies); ``width`` None: ``X`` must be None."""
         if width is None:
             return X is None
         return (
@@ -257,8 +257,15 @@ class MultiHeadKeySketch:
             and 0 < X.shape[1] <= rows
             and X.shape[2] == width
             and X.flags.c_contiguous
-            and bool(sq_norm(X.reshape(-1)) < np.inf)
+            and (not finite or bool(sq_norm(X.reshape(-1)) < np.inf))
         )
+
+    def _refuse_steps(self, X: np.ndarray, V: np.ndarray | None) -> None:
+        """Raise the error of the general path for tokens that are not finite (or whose squares overflow)."""
+        self._stack(X, "X", self.dim)
+        if V is not None:
+            self._stack(V, "V", V.shape[2], "value_dim")
+        raise AssertionError("unreachable: the tokens passed validation")  # pragma: no cover
 
     def _values(self, V: Any, m: int) -> np.ndarray | None:
         dv = self.value_dim
@@ -286,11 +293,19 @@ class MultiHeadKeySketch:
         return self._heads[0]._query_eps(eps)
 
     # ------------------------------------------------------------------ the token buffer
-    def _take(self, X: np.ndarray, V: np.ndarray | None) -> None:
-        """Buffer the validated tokens ``X`` (n_heads, m, dim) (values ``V``) under the running counter's next ids
-        (call with the lock held; raises, changing nothing, when one of those ids was already fed)."""
+    def _take(self, X: np.ndarray, V: np.ndarray | None, checked: bool = True) -> None:
+        """Buffer the tokens ``X`` (n_heads, m, dim) (values ``V``), validated but for finiteness unless ``checked``,
+        under the running counter's next ids (call with the lock held; raises, changing nothing, when one of
+        those ids was already fed or, unchecked, a token is not finite: the copy into the buffer's free room
+        checks it in the same pass)."""
         m = X.shape[1]
         if self._nb + m > _STEP_BUFFER_ROWS:
+            if not checked and not (
+                np.isfinite(np.einsum("ijk,ijk->", X, X))
+                and (V is None or np.isfinite(np.einsum("ijk,ijk->", V, V)))
+            ):
+                self._refuse_steps(X, V)
+            checked = True
             self._sync()
         nb = self._nb
         if nb == 0:
@@ -307,9 +322,12 @@ class MultiHeadKeySketch:
             if hit is not None:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
         assert self._buf is not None
-        self._buf[:, nb : nb + m] = X
+        total = copy_rows_sq(self._buf, nb, X)
         if V is not None:
-            self._bufv[:, nb : nb + m] = V
+            total += copy_rows_sq(self._bufv, nb, V)
+        # the rows past _nb are free room: a refused token has changed nothing
+        if not checked and not total < np.inf:
+            self._refuse_steps(X, V)
         self._nb = nb + m
 
     def _sync(self) -> None:
@@ -361,12 +379,12 @@ class MultiHeadKeySketch:
             ids is None
             and offset is None
             and self._step_ok
-            and self._is_steps(X, self.dim, _STEP_CHUNK_ROWS)
-            and self._is_steps(V, self.value_dim, _STEP_CHUNK_ROWS)
+            and self._is_steps(X, self.dim, _STEP_CHUNK_ROWS, finite=False)
+            and self._is_steps(V, self.value_dim, _STEP_CHUNK_ROWS, finite=False)
             and (V is None or V.shape[1] == X.shape[1])
         ):
-            with self._lock:  # a few tokens: buffered, validated by one finite check
-                self._take(X, V)
+            with self._lock:  # a few tokens: buffered, checked finite while they are copied in
+                self._take(X, V, checked=False)
             return self
         X = self._stack(X, "X", self.dim)
         m = X.shape[1]
@@ -414,13 +432,16 @@ class MultiHeadKeySketch:
                 if dv is None
                 else (type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (H, dv))
             )
-            and np.isfinite(np.einsum("ij,ij->", x, x))
-            and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
         ):
             with self._lock:  # the live path: every head takes the token under the same id
-                if self._step_ok:
-                    self._take(x[:, None, :], None if v is None else v[:, None, :])
+                if self._step_ok:  # checked finite while it is copied into the buffer
+                    self._take(x[:, None, :], None if v is None else v[:, None, :], checked=False)
                     return self
+                if not (
+                    np.isfinite(np.einsum("ij,ij->", x, x))
+                    and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
+                ):
+                    self._refuse_steps(x[:, None, :], None if v is None else v[:, None, :])
                 self._sync()
                 self._heads[0]._check_next_id()
                 self._stale = True
@@ -836,13 +857,13 @@ class MultiHeadKeySketch:
             and offset is None
             and dv is not None
             and self._step_ok
-            and self._is_steps(K, self.dim, 1)
+            and self._is_steps(K, self.dim, 1, finite=False)
             and self._is_steps(Q, self.dim, 1)
-            and self._is_steps(V, dv, 1)
+            and self._is_steps(V, dv, 1, finite=False)
         ):  # a decode step: the token joins the buffer, then its queries see every key fed, their own included
             eps = self._query_eps(eps)
             with self._lock:
-                self._take(K, V)
+                self._take(K, V, checked=False)
                 live = self._live_state(1)
                 if live is not None:
                     return self._live_attend(live, Q, eps)

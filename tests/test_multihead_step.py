@@ -194,6 +194,48 @@ def test_token_ids_clash_with_ids_fed_ahead_of_the_counter():
         assert (np.diff(hits.key_ids[hits.indptr[0]:hits.indptr[1]]) > 0).all()
 
 
+@pytest.mark.parametrize("with_values", [False, True])
+def test_a_token_that_is_not_finite_is_refused_on_the_step_path_and_changes_nothing(with_values):
+    """The step path checks a token while it copies it into the buffer's free room: a nan, an inf or squares that
+    overflow, in the key or in the value, through update_many, update (also of a non-contiguous view) and a decode
+    step of prefill, with the buffer empty, partly filled and full, is refused with the general path's error and
+    leaves the sketch as it was (token count, buffer, bytes)."""
+    rng = np.random.default_rng(31)
+    dv = 2 if with_values else None
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS, block_rows=48, value_dim=dv, exact_output=with_values)
+    mh.update_many(head_keys(60, 31), rng.standard_normal((H, 60, dv)) if dv else None)
+    refused = 0
+    for step in range(150):  # the 64-row buffer fills and is handed over twice
+        X = rng.standard_normal((H, 1, D))
+        V = rng.standard_normal((H, 1, dv)) if dv else None
+        mh.update_many(X, V)
+        snapshot = mh.to_bytes() if step % 10 == 0 else None  # (hands the buffer to the heads)
+        before = (mh.n, mh._nb)
+        bad = []
+        for where, value in ((2, np.nan), (0, np.inf), (4, 1e300)):
+            B = X.copy()
+            B[step % H, 0, where] = value
+            bad.append((B, V))
+            if dv:
+                W = V.copy()
+                W[(step + 1) % H, 0, where % dv] = value
+                bad.append((X, W))
+        for B, W in bad:
+            calls = [lambda: mh.update_many(B, W),
+                     lambda: mh.update(B[:, 0], None if W is None else W[:, 0]),
+                     lambda: mh.update(np.asfortranarray(B[:, 0]), None if W is None else W[:, 0])]
+            if dv:
+                calls.append(lambda: mh.prefill(B, W, X))
+            for call in calls:
+                with pytest.raises(ValueError, match="finite|overflow"):
+                    call()
+                refused += 1
+                assert (mh.n, mh._nb) == before
+        if snapshot is not None:
+            assert mh.to_bytes() == snapshot
+    assert refused > 1000 and mh.n == 210
+
+
 def test_a_chunk_whose_ids_clash_with_buffered_tokens_is_refused_and_changes_nothing():
     K = head_keys(50, 11)
     mh = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K[:, :5])

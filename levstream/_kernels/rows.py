@@ -39,3 +39,18 @@ def sq_norm(x):  # pragma: no cover - compiled
     for j in range(x.shape[0]):
         acc += x[j] * x[j]
     return acc
+
+
+@numba.njit(nogil=True, cache=True)
+def copy_rows_sq(dst, start, X):  # pragma: no cover - compiled
+    """``dst[:, start:start + m] = X`` for stacked rows ``X`` (heads, m, width) and the sum of all their squares
+    in the same pass: nan/inf when a row has a nan/inf or its squares overflow (no fastmath, as :func:`sq_norm`)."""
+    H, m, w = X.shape
+    acc = 0.0
+    for h in range(H):
+        for i in range(m):
+            for j in range(w):
+                v = X[h, i, j]
+                dst[h, start + i, j] = v
+                acc += v * v
+    return acc
