@@ -610,7 +610,10 @@ class MultiHeadKeySketch:
         return self.copy()
 
     # ------------------------------------------------------------------ queries (never change the sketch)
-    def _queries(self, Q: Any) -> np.ndarray:
+    def _queries(self, Q: Any, finite: bool = True) -> np.ndarray:
+        """``Q`` as a validated C-contiguous float64 ``(n_heads, m, dim)`` array.  ``finite=False`` leaves the
+        finiteness of a float64 array to the live scan, which reports such a query ``UNRELIABLE`` (its callers
+        then validate it in full before they answer any other way)."""
         if (
             type(Q) is np.ndarray
             and Q.dtype == np.float64
@@ -618,7 +621,7 @@ class MultiHeadKeySketch:
             and Q.shape[0] == len(self._heads)
             and Q.shape[2] == self.dim
             and Q.flags.c_contiguous
-            and sq_norm(Q.reshape(-1)) < np.inf
+            and (not finite or sq_norm(Q.reshape(-1)) < np.inf)
         ):
             return Q
         return self._stack(Q, "Q", self.dim)
@@ -745,7 +748,7 @@ class MultiHeadKeySketch:
 
         Returns one :class:`HeavyEntries` per head, as :meth:`KeySketch.heavy_entries` of that head.
         """
-        Q = self._queries(Q)
+        Q = self._queries(Q, finite=False)
         eps = self._query_eps(eps)
         with self._lock:
             live = self._live_state(Q.shape[1])
@@ -755,6 +758,7 @@ class MultiHeadKeySketch:
                 # which falls back to its summary and every pending row (docs/theory.md, "Numerics")
                 if not any_unreliable(z):
                     return self._entry_list(starts, indptr, key_ids, values, eps)
+            Q = self._queries(Q)  # in full: a query that is not finite is refused here
             self._sync()
             return [
                 _query.heavy_entries(h._view(), Q[i], self.p, eps)
@@ -775,12 +779,13 @@ class MultiHeadKeySketch:
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
         """:meth:`KeySketch.attend` for every head: ``entries`` is a list (one per head), the arrays have a head
         axis in front (``heavy_output``/``output`` ``(n_heads, m, value_dim)``, ``captured_mass`` ``(n_heads, m)``)."""
-        Q = self._queries(Q)
+        Q = self._queries(Q, finite=False)
         eps = self._query_eps(eps)
         with self._lock:
             live = None if self.value_dim is None else self._live_state(Q.shape[1])
             if live is not None:
                 return self._live_attend(live, Q, eps)
+            Q = self._queries(Q)  # in full: a query that is not finite is refused here
             self._sync()
             return _stacked(
                 [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
@@ -792,6 +797,7 @@ class MultiHeadKeySketch:
         starts, indptr, key_ids, values, positions, z = self._find(live, Q, eps)
         # a normaliser the kernel could not trust: each head answers from its summary and every pending row
         if any_unreliable(z):
+            Q = self._queries(Q)  # in full: a query that is not finite is refused here
             self._sync()
             return _stacked(
                 [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]

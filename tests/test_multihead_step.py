@@ -199,7 +199,8 @@ def test_a_token_that_is_not_finite_is_refused_on_the_step_path_and_changes_noth
     """The step path checks a token while it copies it into the buffer's free room: a nan, an inf or squares that
     overflow, in the key or in the value, through update_many, update (also of a non-contiguous view) and a decode
     step of prefill, with the buffer empty, partly filled and full, is refused with the general path's error and
-    leaves the sketch as it was (token count, buffer, bytes)."""
+    leaves the sketch as it was (token count, buffer, bytes); so is such a query (the live scan reports it, then
+    it is validated in full)."""
     rng = np.random.default_rng(31)
     dv = 2 if with_values else None
     mh = ls.MultiHeadKeySketch(H, D, eps=EPS, block_rows=48, value_dim=dv, exact_output=with_values)
@@ -231,6 +232,13 @@ def test_a_token_that_is_not_finite_is_refused_on_the_step_path_and_changes_noth
                     call()
                 refused += 1
                 assert (mh.n, mh._nb) == before
+        Qbad = rng.standard_normal((H, 2, D))
+        Qbad[step % H, 1, 3] = (np.nan, np.inf, 1e300)[step % 3]
+        for call in (lambda: mh.heavy_entries(Qbad), lambda: mh.attend(Qbad) if dv else mh.heavy_entries(Qbad)):
+            with pytest.raises(ValueError, match="finite|overflow"):
+                call()
+            refused += 1
+            assert (mh.n, mh._nb) == before
         if snapshot is not None:
             assert mh.to_bytes() == snapshot
     assert refused > 1000 and mh.n == 210

@@ -493,7 +493,8 @@ def heavy_p2_stacked(
     its query row ``i`` has ``indptr[h, i]..indptr[h, i + 1] - 1`` of them (from 0 per head), ids ascending
     within a row (sorted here when the scan order gave them otherwise), and ``z`` (H, m) holds the normalisers
     (0 for a query orthogonal to every key, as :func:`gram_quadratic`; ``UNRELIABLE``, with no entries, for a
-    query whose ``q^T G q`` cannot be trusted: the caller must answer it another way).
+    query whose ``q^T G q`` cannot be trusted, or that is not finite (a nan/inf, or squares that overflow): the
+    caller must validate it and answer it another way).
     """
     H, m, d = Q.shape
     tol = (d * UNIT_ROUNDOFF) ** 2
@@ -515,6 +516,12 @@ def heavy_p2_stacked(
         for i in range(m):
             indptr[h, i] = t - starts[h]
             q = Q[h, i]
+            nq2 = _dot(q, q, d)
+            if (
+                not nq2 < np.inf
+            ):  # a nan/inf, or squares that overflow: the caller validates the query
+                z[h, i] = UNRELIABLE
+                continue
             acc = _checked_quadratic(q, G, d, tol)
             if acc == UNRELIABLE:
                 z[h, i] = UNRELIABLE
@@ -526,7 +533,6 @@ def heavy_p2_stacked(
                 acc += v
             if acc == 0.0:
                 continue
-            nq2 = _dot(q, q, d)
             z[h, i] = acc
             cut = thresh * acc
             first = t
