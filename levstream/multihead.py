@@ -41,8 +41,8 @@ from ._kernels.live import (
     absorb_rows_heads,
     any_unreliable,
     heavy_p2_stacked,
+    int8_rows,
     outputs_stacked,
-    unit_rows8,
 )
 from ._kernels.rows import copy_rows_sq, sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
@@ -1085,7 +1085,7 @@ class _Live:
                     Y = P @ W
                     u = np.einsum("ij,ij->i", Y, Y)
                     keep = ~(u < thr * (1.0 + u))  # a nan bound keeps the row
-            K8, w, norms = unit_rows8(st.keys[cand])
+            K8, w, norms = int8_rows(st.keys[cand])
             # by descending norm: the scan stops at the first candidate too short to be heavy
             by_norm = np.argsort(-norms, kind="stable")
             order = cand[by_norm]
@@ -1140,7 +1140,7 @@ class _Live:
         self._grow(int(self.ne[h]) + k)
         e = int(self.ne[h])
         self.Ke[h, e : e + k] = X
-        self.Ke8[h, e : e + k], self.we[h, e : e + k], self.nke[h, e : e + k] = unit_rows8(X)
+        self.Ke8[h, e : e + k], self.we[h, e : e + k], self.nke[h, e : e + k] = int8_rows(X)
         self.Ie[h, e : e + k] = ids
         if self.Ve.shape[2]:
             assert values is not None
@@ -1181,6 +1181,8 @@ class _Live:
             for a in (
                 self.LG,
                 self.W,
+                self.scale,
+                self.lam,
                 self.Kc,
                 self.Kc8,
                 self.wc,

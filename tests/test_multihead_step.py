@@ -17,7 +17,7 @@ from conftest import TIE_RTOL, VALUE_RTOL, assert_heavy_matches_dense, heavy_tai
 from naive import dense_heavy
 
 import levstream as ls
-from levstream._kernels.live import heavy_p2_stacked, unit_rows8
+from levstream._kernels.live import heavy_p2_stacked, int8_rows
 from test_live_scan import rows_at_the_cut
 from levstream.multihead import _STEP_BUFFER_ROWS
 
@@ -416,13 +416,13 @@ def test_stacked_scan_prefilter_is_exact_at_the_threshold():
     for c, o in ((n, 0), (n // 2, 0), (n // 2, n // 4)):
         e = n - c - o
         # the candidates of each head by descending norm; perm[h, j]: the row of rows[h] at scan position j
-        perm = np.stack([np.concatenate([np.argsort(-unit_rows8(r[:c])[2], kind="stable"),
+        perm = np.stack([np.concatenate([np.argsort(-int8_rows(r[:c])[2], kind="stable"),
                                          np.arange(c, n)]) for r in rows])  # by the norms the kernel reads
         K = np.stack([r[p] for r, p in zip(rows, perm)])
         Kc, Ke = np.ascontiguousarray(K[:, :c]), np.ascontiguousarray(K[:, c:c + e])
         R = np.concatenate([rng.standard_normal((Hs, 2, d)), K[:, c + e:]], axis=1)  # recent rows from row 2
-        Kc8, wc, nk = unit_rows8(Kc.reshape(-1, d))
-        Ke8, we, nke = unit_rows8(Ke.reshape(-1, d))
+        Kc8, wc, nk = int8_rows(Kc.reshape(-1, d))
+        Ke8, we, nke = int8_rows(Ke.reshape(-1, d))
         for ids_rising in (True, False):  # ids rising or falling with the row (the kernel sorts them)
             I = ids if ids_rising else ids[:, ::-1].copy()
             rid0 = 10 * Hs * n  # the recent rows' ids: rid0 + 2 + r
@@ -450,9 +450,9 @@ def test_stacked_scan_prefilter_is_exact_at_the_threshold():
                 assert indptr[h, -1] == starts[h + 1] - starts[h]
 
 
-def test_unit_rows8():
+def test_int8_rows():
     K = np.array([[3.0, 4.0], [1e-200, 0.0], [0.0, 0.0], [1e150, 1e150], [-2.0, 1.0]])
-    K8, w, norms = unit_rows8(K)
+    K8, w, norms = int8_rows(K)
     assert K8.dtype == np.int8
     assert K8[0].tolist() == [95, 127] and w[0] == 4.0 / 127 and norms[0] == 5.0
     # squares that underflow: never skipped (infinite scale and norm), a zero row
@@ -473,7 +473,7 @@ def test_int8_prefilter_bound_holds():
         K[::11, 1:] *= 1e-35  # components far below the largest
         Q = rng.standard_normal((50, d))
         Q[::5, 1:] *= 1e-45  # unit queries whose components underflow float32
-        K8, w, _ = unit_rows8(K)
+        K8, w, _ = int8_rows(K)
         for q in Q:
             nq = np.sqrt(np.sum(q * q))
             q32 = (q / nq).astype(np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 from .._config import UNIT_ROUNDOFF
 from .blas import add_gram, times_upper
 
-#: The pre-filters of the scans (norms, float32 products) are off below this ``cut`` or ``||q||^2`` (subnormal
+#: The pre-filters of the scans (norms, int8 products) are off below this ``cut`` or ``||q||^2`` (subnormal
 #: territory).
 _FILTER_FLOOR = 1e-280
 
@@ -304,7 +304,7 @@ def absorb_rows_heads(
 ):  # pragma: no cover - compiled
     """Rows ``b0..b1-1`` of every head's ``rows[h]`` (ids ``id0 + i``) join the live state: ``LG[h] += X^T X``, and
     a row joins the scanned rows ``Ke[h]``/``Ie[h]`` (with its value row ``vrows[h, i]`` into ``Ve[h]`` when
-    ``Ve`` has columns; its int8 row, scale and norm into ``Ke8``/``we``/``nke`` as :func:`unit_rows8`; ``ne[h]``
+    ``Ve`` has columns; its int8 row, scale and norm into ``Ke8``/``we``/``nke`` as :func:`int8_rows`; ``ne[h]``
     counts them) unless a bound ``u`` on ``x^T G_0^-1 x`` (``G_0`` a Gram matrix the live state held earlier)
     shows ``u / (1 + u) < kthr[h]``: its leverage score after its own inclusion, now and later, is below the
     pruning threshold (docs/theory.md, "Stale factors").  Two bounds, the cheap one first: the norm bound
@@ -392,7 +392,7 @@ def _int8_row(x, out):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def unit_rows8(K):  # pragma: no cover - compiled
+def int8_rows(K):  # pragma: no cover - compiled
     """``(K8, w, norms)`` for :func:`heavy_p2_stacked`'s pre-filter, row by row as :func:`_int8_row`: the rows of
     ``K`` (n, d) scaled by 127 over their largest entry and rounded to int8, those scales' inverses ``w`` and
     the float64 norms."""
@@ -473,15 +473,15 @@ def heavy_p2_stacked(
 
     Rows pass an int8 pre-filter first (a scalar quantizer, as in faiss, but with a certified bound):
     ``Kc8``/``wc``/``nk`` (``Ke8``/``we``/``nke``) hold each row ``k`` scaled by ``127 / max_a |k_a|`` and rounded
-    to int8, ``w = max_a |k_a| / 127`` and ``||k||`` (:func:`unit_rows8`).  With ``u = q / ||q||`` rounded to
+    to int8, ``w = max_a |k_a| / 127`` and ``||k||`` (:func:`int8_rows`).  With ``u = q / ||q||`` rounded to
     float32 and ``s`` the float32 product of ``u`` with the int8 row, ``|<q, k>| <= ||q|| w (|s| + slack)``,
     ``slack = ||u||_1 (1/2 + 127 (d + 3) 2^-24) 1.001 + 1e-38``: the rounding of each scaled entry to an integer
     (at most 1/2), and the roundings of ``u`` to float32, of the products and of any order of the sum, and
     underflow.  A row is computed exactly (float64, as :func:`heavy_p2`) unless that bound shows
     ``<q, k>^2 < cut (1 - 1e-9)^2``, so the entries are those of the exact scan: the skipped ones have exact
-    values below the threshold.  The int8 rows are a quarter of the bytes of float32 unit rows and nearly as
-    selective (the scan of a few hundred candidates per head and query reads them from the last-level cache:
-    its speed is the bytes it reads).  Before that, a row whose norm alone shows
+    values below the threshold.  The int8 rows take a quarter of the bytes of float32 unit rows (the live state
+    of many heads is that much smaller) and are nearly as selective: for attention-like keys about one row in a
+    hundred of those read needs the float64 product.  Before that, a row whose norm alone shows
     ``||q|| ||k|| < sqrt(cut) (1 - 1e-9)`` is skipped without a product, and the candidates ``Kc[h]`` come by
     descending norm (``nk[h]`` non-increasing), so the first of them that fails ends their scan: a query reads
     only the candidates long enough to be heavy for it (about half of them, for
