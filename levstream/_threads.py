@@ -355,9 +355,10 @@ def _no_item(i: int) -> None:
 class _Job:
     """Items ``0..n_items-1`` of one call of :func:`run_items`, taken in order by whoever is free."""
 
-    __slots__ = ("active", "closed", "errors", "fn", "idle", "items", "lock", "n_items")
+    __slots__ = ("active", "closed", "errors", "fn", "idle", "items", "lock", "n_items", "pid")
 
     def __init__(self, fn: Callable[[int], None], n_items: int) -> None:
+        self.pid = os.getpid()
         self.fn = fn
         self.n_items = n_items
         self.items = itertools.count()
@@ -460,10 +461,34 @@ def run_items(fn: Callable[[int], None], n_items: int, n_threads: int) -> None:
         for i in range(n_items):
             fn(i)
         return
+    finish_items(start_items(fn, n_items, n_threads))
+
+
+def start_items(fn: Callable[[int], None], n_items: int, n_threads: int) -> _Job:
+    """:func:`run_items` without waiting: up to ``n_threads - 1`` helpers start on the items and this call
+    returns at once (with ``n_threads <= 1`` nobody does).  :func:`finish_items` does the items still untaken
+    on its caller's thread and waits for the rest, so the work completes even when no helper is free."""
     job = _Job(fn, n_items)
-    _ensure_helpers(n_threads - 1)
-    for _ in range(n_threads - 1):
-        _helper_jobs.put(job)
+    helpers = min(int(n_threads) - 1, n_items)
+    if helpers > 0:
+        _ensure_helpers(helpers)
+        for _ in range(helpers):
+            _helper_jobs.put(job)
+    return job
+
+
+def finish_items(job: _Job) -> None:
+    """Complete a job of :func:`start_items` (idempotent; any thread): the items no helper has taken run here,
+    then the helpers still on one are waited for; the first exception (lowest item) is re-raised."""
+    # forked with the job open: the helpers that had items are not in this process, so every item runs again
+    # here (items write where their index says)
+    if job.pid != os.getpid():
+        if not job.closed:
+            for i in range(job.n_items):
+                job.fn(i)
+            job.closed, job.fn = True, _no_item
+        job.pid = os.getpid()
+        return
     try:
         job.work()
     finally:

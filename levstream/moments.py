@@ -9,7 +9,9 @@ with ``phi`` the symmetric degree-2 features (``<phi(q), phi(k)> = <q, k>^2``, `
 recurrent state of symmetric-power ("power attention") transformers; merging two states adds them.
 
 Rows fed one at a time wait in a small buffer (``BUFFER_ROWS``) and are folded into ``S`` together by one
-matrix product; a query adds the waiting rows' terms ``<q, k>^2 v`` directly.  A rank-one update of ``S`` per
+matrix product; a query adds the waiting rows' terms ``<q, k>^2 v`` directly.  That product of a full buffer
+is computed by an ingest helper while the stream goes on and added ``_SETTLE_ROWS`` rows later
+(docs/theory.md, "Values and exact outputs": rows fed one at a time).  A rank-one update of ``S`` per
 key would read and write all ``D x dv`` numbers for every key; the buffer makes that a BLAS-3 product.
 
 A fold never forms ``phi(X)`` (``rows x D`` floats: for d = 64 it is 33 times the keys).  The rows of ``S``
@@ -32,14 +34,28 @@ import threading
 
 import numpy as np
 
-from ._kernels.lift import dgemm_function, feature_pairs, fold_features, lift_degree2, lift_rows
+from ._kernels.lift import (
+    add_product,
+    dgemm_function,
+    feature_pairs,
+    features_product,
+    fold_features,
+    lift_degree2,
+    lift_rows,
+)
 from ._kernels.live import moment_numerator
-from ._threads import ingest_threads, run_items
+from ._threads import finish_items, get_num_threads, ingest_threads, run_items, start_items
 from .summaries.gram import _two_sum_add
 from .summaries.lifted import lifted_dim
 
 #: Keys waiting before they are folded into ``S`` (a query costs ``O(BUFFER_ROWS (d + dv))`` for them).
 BUFFER_ROWS = 128
+#: A full buffer of rows fed one at a time is not folded on the spot: an ingest helper computes its product
+#: ``phi(X)^T V`` while the stream goes on (queries read those rows directly meanwhile), and the product is added
+#: to ``S`` when this many more rows have arrived, waiting for it only if it is not ready by then.  A decode
+#: step then never stalls for a fold (a 128-row fold is ~1 ms at d = dv = 64), and the state is the same bit
+#: for bit as a fold on the spot.
+_SETTLE_ROWS = 32
 
 #: Lifted features per work item of a fold (rows of ``S``; d = 64 makes 8 items of 260): the threads take items
 #: as they come free, so a few items per thread balance the load.
@@ -98,6 +114,12 @@ def _pass_rows(inner: int) -> int:
     return max(group, min(_PASS_ROWS, (_PASS_ROWS * 64 // max(inner, 1)) // group * group))
 
 
+def _feature_bounds(D: int) -> list[int]:
+    """The feature blocks of a fold (work items): about ``_FEATURE_BLOCK`` lifted features each."""
+    n_blocks = max(1, round(D / _FEATURE_BLOCK))
+    return [D * i // n_blocks for i in range(n_blocks + 1)]
+
+
 def _fold_pass(
     hi: np.ndarray, lo: np.ndarray, XT: np.ndarray, V: np.ndarray, bounds: list[int], n_threads: int
 ) -> None:
@@ -125,8 +147,7 @@ def _fold_moments(hi: np.ndarray, lo: np.ndarray, X: np.ndarray, V: np.ndarray) 
         return
     if inner not in _pairs:
         _pairs[inner] = feature_pairs(inner)
-    n_blocks = max(1, round(D / _FEATURE_BLOCK))
-    bounds = [D * i // n_blocks for i in range(n_blocks + 1)]
+    bounds = _feature_bounds(D)
     V = np.ascontiguousarray(V, dtype=np.float64)
     step = _pass_rows(inner)
     with ingest_threads() as n_threads:
@@ -137,6 +158,42 @@ def _fold_moments(hi: np.ndarray, lo: np.ndarray, X: np.ndarray, V: np.ndarray) 
             XT = xt[: inner * (e - s)].reshape(inner, e - s)
             np.copyto(XT, X[s:e].T)
             _fold_pass(hi, lo, XT, V[s:e], bounds, threads)
+
+
+class _PendingFold:
+    """The product ``phi(X)^T V`` of a full buffer (``X``, ``V``: the rows, copied), computed off the caller's
+    thread by the ingest helpers (:func:`levstream._threads.start_items`; with a thread budget of 1 by whoever
+    asks for it first).  The result is read-only once computed and may be shared by copies of the state."""
+
+    __slots__ = ("_job", "product")
+
+    def __init__(self, X: np.ndarray, V: np.ndarray, D: int) -> None:
+        m, inner = X.shape
+        if inner not in _pairs:
+            _pairs[inner] = feature_pairs(inner)
+        ia, ib = _pairs[inner]
+        XT = np.ascontiguousarray(X.T)
+        V = V.copy()
+        product = np.empty((D, V.shape[1]))
+        bounds = _feature_bounds(D)
+        dgemm = dgemm_function()
+
+        width = max(b - a for a, b in itertools.pairwise(bounds))
+
+        # one item: the feature blocks in order, BLAS held to one thread
+        def compute(_: int) -> None:
+            with ingest_threads():
+                buf = _scratch_floats("block", width * m)
+                for f0, f1 in itertools.pairwise(bounds):
+                    features_product(XT, V, ia, ib, f0, f1, buf, product[f0:f1], dgemm)
+
+        self.product = product
+        self._job = start_items(compute, 1, get_num_threads() if m * D * V.shape[1] else 1)
+
+    def result(self) -> np.ndarray:
+        """The product, once computed (computed here if no helper has started it)."""
+        finish_items(self._job)
+        return self.product
 
 
 class MomentState:
@@ -167,15 +224,26 @@ class MomentState:
         self._hi = np.zeros((D, self.value_dim))
         self._lo = np.zeros((D, self.value_dim))
         self._sum: np.ndarray | None = None
-        self._buf_keys = np.empty((BUFFER_ROWS, self._inner))
-        self._buf_values = np.empty((BUFFER_ROWS, self.value_dim))
+        # rows not in S: the first BUFFER_ROWS rows hold a full buffer whose product is pending (while
+        # ``_pending`` is set), the next ones the buffer (``_buf_n`` rows), so the rows a query reads directly
+        # are one contiguous slice
+        self._rows_keys = np.empty((2 * BUFFER_ROWS, self._inner))
+        self._rows_values = np.empty((2 * BUFFER_ROWS, self.value_dim))
+        self._buf_keys = self._rows_keys[BUFFER_ROWS:]
+        self._buf_values = self._rows_values[BUFFER_ROWS:]
         self._buf_n = 0
+        self._pending: _PendingFold | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (the compensated state and the row buffer)."""
+        """Bytes held (the compensated state, the row buffers and a pending product)."""
+        pending = 0 if self._pending is None else self._pending.product.nbytes
         return int(
-            self._hi.nbytes + self._lo.nbytes + self._buf_keys.nbytes + self._buf_values.nbytes
+            self._hi.nbytes
+            + self._lo.nbytes
+            + self._rows_keys.nbytes
+            + self._rows_values.nbytes
+            + pending
         )
 
     def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
@@ -187,9 +255,34 @@ class MomentState:
         self._sum = self._hi
 
     def _fold_buffer(self) -> None:
+        self._settle()
         if self._buf_n:
             self._fold(self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n])
             self._buf_n = 0
+
+    def _settle(self) -> None:
+        """Add the pending product to ``S`` (waiting for it if needed); the rows it covers leave the buffer."""
+        pending = self._pending
+        if pending is None:
+            return
+        # leaves hi the rounded value of hi + lo, as a fold does
+        add_product(self._hi, self._lo, pending.result())
+        self._pending = None
+        self._sum = self._hi
+
+    def _buffer_grew(self) -> None:
+        """After rows joined the buffer: settle a pending product once ``_SETTLE_ROWS`` rows came after it, and
+        hand a full buffer to the helpers (:class:`_PendingFold`)."""
+        if self._pending is not None and self._buf_n >= _SETTLE_ROWS:
+            self._settle()
+        if self._buf_n == BUFFER_ROWS:
+            self._settle()
+            self._rows_keys[:BUFFER_ROWS] = self._buf_keys
+            self._rows_values[:BUFFER_ROWS] = self._buf_values
+            self._buf_n = 0
+            self._pending = _PendingFold(
+                self._rows_keys[:BUFFER_ROWS], self._rows_values[:BUFFER_ROWS], self._hi.shape[0]
+            )
 
     @staticmethod
     def nbytes_for(dim: int, value_dim: int, degree: int = 2) -> int:
@@ -207,8 +300,7 @@ class MomentState:
         self._buf_keys[self._buf_n] = x
         self._buf_values[self._buf_n] = v
         self._buf_n += 1
-        if self._buf_n == BUFFER_ROWS:
-            self._fold_buffer()
+        self._buffer_grew()
 
     def add(self, X: np.ndarray, V: np.ndarray) -> None:
         """Fold keys ``X`` (m, dim) and their values ``V`` (m, value_dim): ``S += phi(X)^T V``."""
@@ -219,8 +311,7 @@ class MomentState:
             self._buf_keys[self._buf_n : self._buf_n + X.shape[0]] = X
             self._buf_values[self._buf_n : self._buf_n + X.shape[0]] = V
             self._buf_n += X.shape[0]
-            if self._buf_n == BUFFER_ROWS:
-                self._fold_buffer()
+            self._buffer_grew()
             return
         self._fold_buffer()
         self._fold(X, V)
@@ -230,6 +321,8 @@ class MomentState:
         self._fold_buffer()
         _two_sum_add(self._hi, self._lo, other._hi)
         self._lo += other._lo
+        if other._pending is not None:  # other's representation is left as it is
+            _two_sum_add(self._hi, self._lo, other._pending.result())
         if other._buf_n:
             self._fold(other._buf_keys[: other._buf_n], other._buf_values[: other._buf_n])
         self._sum = None
@@ -237,6 +330,7 @@ class MomentState:
     def scale(self, factor: float) -> None:
         """Multiply the state by ``factor`` (``S <- factor S``; the waiting keys by ``sqrt(factor)``): a decaying
         stream's change of reference frame (docs/theory.md, "Decay and gates").  Exact for a power of 4."""
+        self._settle()
         self._hi *= factor
         self._lo *= factor
         self._buf_keys[: self._buf_n] *= np.sqrt(factor)
@@ -248,14 +342,20 @@ class MomentState:
         out.dim, out.value_dim, out._buf_n = self.dim, self.value_dim, self._buf_n
         out.degree, out._inner = self.degree, self._inner
         out._hi, out._lo, out._sum = self._hi.copy(), self._lo.copy(), None
-        out._buf_keys, out._buf_values = self._buf_keys.copy(), self._buf_values.copy()
+        out._rows_keys, out._rows_values = self._rows_keys.copy(), self._rows_values.copy()
+        out._buf_keys = out._rows_keys[BUFFER_ROWS:]
+        out._buf_values = out._rows_values[BUFFER_ROWS:]
+        out._pending = self._pending  # shared: computed once, never written after
         return out
 
     def query_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(S, keys waiting, their values)``: what a query reads (``S`` as :func:`moment_numerator` takes it)."""
         if self._sum is None:
             self._sum = self._hi + self._lo
-        return self._sum, self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
+        # a pending product's rows are read directly too
+        first = 0 if self._pending is not None else BUFFER_ROWS
+        last = BUFFER_ROWS + self._buf_n
+        return self._sum, self._rows_keys[first:last], self._rows_values[first:last]
 
     def numerator(
         self, Q: np.ndarray, keys: np.ndarray | None = None, values: np.ndarray | None = None
@@ -275,10 +375,15 @@ class MomentState:
         return out
 
     def to_state(self) -> dict[str, np.ndarray]:
-        """Named arrays for serialization (the state and the waiting rows)."""
+        """Named arrays for serialization (the state and the waiting rows; a pending product is added to copies
+        of the state, so the bytes do not depend on when it is added)."""
+        hi, lo = self._hi, self._lo
+        if self._pending is not None:
+            hi, lo = hi.copy(), lo.copy()
+            add_product(hi, lo, self._pending.result())
         return {
-            "moments_hi": self._hi,
-            "moments_lo": self._lo,
+            "moments_hi": hi,
+            "moments_lo": lo,
             "moments_buf_keys": self._buf_keys[: self._buf_n],
             "moments_buf_values": self._buf_values[: self._buf_n],
         }

@@ -158,3 +158,87 @@ def test_scale_then_add_matches_brute_force() -> None:
     for q in rng.standard_normal((2, 6)):
         err = np.abs(S.numerator(q[None])[0] - _exact_numerator(K, V, q, 2))
         assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2))
+
+
+# ---------------------------------------------------------------------- rows fed one at a time
+# A full buffer of rows fed one at a time is handed to the ingest helpers; its product is added to S once
+# _SETTLE_ROWS more rows have arrived.  Meanwhile queries read those rows directly.
+
+
+def _fed_one_at_a_time(K: np.ndarray, V: np.ndarray) -> MomentState:
+    S = MomentState(K.shape[1], V.shape[1])
+    for k, v in zip(K, V):
+        S.add_row(k, v)
+    return S
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_rows_fed_one_at_a_time_reach_the_state_of_folds_on_the_spot(n_threads: int) -> None:
+    """Bit for bit: the state equals folds of every full buffer in stream order (the fold of ``add``), and the
+    serialized state does not depend on whether the last buffer's product was added yet."""
+    from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS, _fold_moments
+
+    rng = np.random.default_rng(11)
+    K, V = rng.standard_normal((3 * BUFFER_ROWS + 50, 64)), rng.standard_normal((3 * BUFFER_ROWS + 50, 64))
+    before = ls.get_num_threads()
+    ls.set_num_threads(n_threads)
+    try:
+        for m in (3 * BUFFER_ROWS + _SETTLE_ROWS - 1, 3 * BUFFER_ROWS + _SETTLE_ROWS + 1, 2 * BUFFER_ROWS):
+            S = _fed_one_at_a_time(K[:m], V[:m])
+            hi, lo = np.zeros((lifted_dim(64), 64)), np.zeros((lifted_dim(64), 64))
+            full = m // BUFFER_ROWS * BUFFER_ROWS
+            for a in range(0, full, BUFFER_ROWS):
+                _fold_moments(hi, lo, K[a : a + BUFFER_ROWS], V[a : a + BUFFER_ROWS])
+            state = S.to_state()
+            assert np.array_equal(state["moments_hi"], hi) and np.array_equal(state["moments_lo"], lo)
+            assert np.array_equal(state["moments_buf_keys"], K[full:m])
+            assert np.array_equal(state["moments_buf_values"], V[full:m])
+            assert np.any(lo != 0)
+    finally:
+        ls.set_num_threads(before)
+
+
+def test_the_numerator_is_exact_while_a_product_is_pending() -> None:
+    from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS
+
+    rng = np.random.default_rng(12)
+    n = 2 * BUFFER_ROWS + _SETTLE_ROWS + 3
+    K, V = rng.standard_normal((n, 5)) * 3.0, rng.standard_normal((n, 3))
+    Q = rng.standard_normal((10, 5))  # up to 8 queries take the compiled loop, more the BLAS path
+    S = MomentState(5, 3)
+    checked = {BUFFER_ROWS - 1, BUFFER_ROWS, BUFFER_ROWS + 1, BUFFER_ROWS + _SETTLE_ROWS - 1}
+    checked |= {BUFFER_ROWS + _SETTLE_ROWS, 2 * BUFFER_ROWS, 2 * BUFFER_ROWS + 7, n}
+    for m in range(1, n + 1):
+        S.add_row(K[m - 1], V[m - 1])
+        if m not in checked:
+            continue
+        for Qs in (Q[:1], Q[:8], Q):
+            got = S.numerator(Qs)
+            for q, row in zip(Qs, got):
+                err = np.abs(row - _exact_numerator(K[:m], V[:m], q, 2))
+                assert np.all(err <= 1e-13 * _scale_of(K[:m], V[:m], q, 2)), (m, Qs.shape)
+
+
+def test_a_pending_product_survives_copy_merge_scale_and_serialization() -> None:
+    from levstream.moments import BUFFER_ROWS
+
+    rng = np.random.default_rng(13)
+    K, V = rng.standard_normal((2 * BUFFER_ROWS + 10, 6)), rng.standard_normal((2 * BUFFER_ROWS + 10, 2))
+    a = BUFFER_ROWS + 5  # a product pending in each state below
+    A = _fed_one_at_a_time(K[:a], V[:a])
+    B = _fed_one_at_a_time(K[a:], V[a:])
+    assert A._pending is not None and B._pending is not None
+    bytes_before = {k: v.copy() for k, v in A.to_state().items()}
+    C = A.copy()
+    assert all(np.array_equal(bytes_before[k], v) for k, v in A.to_state().items())  # nothing moved
+    R = MomentState.from_state(6, 2, A.to_state())
+    M = A.copy()
+    M.merge(B)
+    assert all(np.array_equal(bytes_before[k], v) for k, v in A.to_state().items())  # A untouched
+    C.add_row(K[a], V[a])  # the copy goes on by itself
+    A.scale(0.25)
+    Q = rng.standard_normal((3, 6))
+    cases = [(A, K[:a] * 0.5, V[:a]), (C, K[: a + 1], V[: a + 1]), (R, K[:a], V[:a]), (M, K, V)]
+    for state, Kr, Vr in cases:
+        for q, row in zip(Q, state.numerator(Q)):
+            assert np.all(np.abs(row - _exact_numerator(Kr, Vr, q, 2)) <= 1e-13 * _scale_of(Kr, Vr, q, 2))

@@ -264,3 +264,66 @@ def test_a_callers_temporary_limit_in_another_thread_is_not_restored_over_its_en
         assert done.wait(30)
     t.join(30)
     assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
+
+
+# ---------------------------------------------------------------------- jobs that run while the caller goes on
+def test_a_started_job_runs_on_a_helper_and_finishing_it_twice_is_harmless():
+    done = np.zeros(3)
+    callers = []
+
+    def fn(i):
+        callers.append(threading.get_ident())
+        done[i] = i + 1.0
+
+    job = threads.start_items(fn, 3, 1)  # no helper: the items wait for finish_items
+    assert not done.any()
+    threads.finish_items(job)
+    threads.finish_items(job)
+    assert done.tolist() == [1.0, 2.0, 3.0] and set(callers) == {threading.get_ident()}
+    started = threading.Event()
+    job = threads.start_items(lambda i: (started.set(), done.__setitem__(i, -1.0)), 1, 2)
+    assert started.wait(10)  # a helper took the item without the caller
+    threads.finish_items(job)
+    assert done[0] == -1.0
+
+
+def test_an_error_in_a_started_job_is_raised_when_it_is_finished():
+    def fn(i):
+        raise RuntimeError(f"item {i}")
+
+    job = threads.start_items(fn, 2, 2)
+    with pytest.raises(RuntimeError, match="item 0"):
+        threads.finish_items(job)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_job_open_at_a_fork_is_completed_by_the_child():
+    """A helper is on the item when the process forks: the child has no such thread, and finishing the job
+    there must redo the item rather than wait forever."""
+    import signal
+    import time
+
+    out = np.zeros(1)
+    started = threading.Event()
+
+    def fn(i):
+        started.set()
+        time.sleep(0.5)
+        out[i] = 7.0
+
+    job = threads.start_items(fn, 1, 2)
+    assert started.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if the job completed here
+        code = 1
+        try:
+            signal.alarm(20)  # a hang kills the child, and the test fails
+            out[0] = 0.0
+            threads.finish_items(job)
+            code = 0 if out[0] == 7.0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    threads.finish_items(job)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out[0] == 7.0

@@ -96,6 +96,65 @@ def feature_pairs(d):  # pragma: no cover - compiled
     return ia, ib
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _piece_product(XT, V, ia, ib, f0, nf, s, k, buf, C, accumulate, dgemm):  # pragma: no cover
+    """``C (+)= phi(X_piece)[:, f0:f0+nf]^T V_piece`` for the rows ``s .. s+k-1``: their features are lifted into
+    ``buf`` (feature-major, ``nf * k`` floats), then one BLAS ``dgemm`` (``C`` is ``(nf, dv)``, C-contiguous).
+    Features are lifted as in :func:`lift_degree2` (``(sqrt(2) x_a) x_b`` off the diagonal)."""
+    dv = V.shape[1]
+    root2 = np.sqrt(2.0)
+    for c in range(nf):
+        a = ia[f0 + c]
+        b = ib[f0 + c]
+        o = c * k
+        if a == b:
+            for j in range(k):
+                x = XT[a, s + j]
+                buf[o + j] = x * x
+        else:
+            for j in range(k):
+                buf[o + j] = (root2 * XT[a, s + j]) * XT[b, s + j]
+    # column-major view: C^T (dv, nf) = V_p^T (dv, k) @ buf (k, nf)
+    flags = np.array([ord("N"), ord("N")], dtype=np.uint8)
+    sizes = np.array([dv, nf, k, dv, k, dv], dtype=np.int32)
+    alpha = np.ones(1)
+    beta = np.ones(1) if accumulate else np.zeros(1)
+    dgemm(
+        flags[0:].ctypes,
+        flags[1:].ctypes,
+        sizes[0:].ctypes,
+        sizes[1:].ctypes,
+        sizes[2:].ctypes,
+        alpha.ctypes,
+        V[s:].ctypes,
+        sizes[3:].ctypes,
+        buf.ctypes,
+        sizes[4:].ctypes,
+        beta.ctypes,
+        C.ctypes,
+        sizes[5:].ctypes,
+    )
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _add_rows_compensated(hi, lo, f0, C):  # pragma: no cover - compiled
+    """``hi + lo += C`` on the rows ``f0 .. f0 + len(C) - 1`` of the state, renormalised: two-sum of ``hi`` and
+    ``C``, its error into ``lo``, then a two-sum of ``hi`` and ``lo``, so ``hi`` is left the rounded value of
+    ``hi + lo`` (readers may take ``hi`` for the state) and ``lo`` the remainder.  No fastmath."""
+    nf, dv = C.shape
+    for i in range(nf):
+        for j in range(dv):
+            x = C[i, j]
+            h = hi[f0 + i, j]
+            t = h + x
+            bp = t - h
+            e = lo[f0 + i, j] + ((h - (t - bp)) + (x - bp))
+            s = t + e
+            bq = s - t
+            lo[f0 + i, j] = (t - (s - bq)) + (e - bq)
+            hi[f0 + i, j] = s
+
+
 @numba.njit(nogil=True, cache=True)
 def fold_features(XT, V, ia, ib, f0, f1, piece, group, buf, C, hi, lo, dgemm):  # pragma: no cover
     """``hi + lo += phi(X)^T V`` for the lifted features ``f0 .. f1-1`` only (rows ``f0 .. f1-1`` of the state).
@@ -105,63 +164,30 @@ def fold_features(XT, V, ia, ib, f0, f1, piece, group, buf, C, hi, lo, dgemm):  
     ``buf`` (feature-major, ``(f1 - f0) * piece`` floats: a block that stays in cache, written once, never
     allocated here) and multiplied by the piece's values with one BLAS ``dgemm`` into ``C``
     (``(f1 - f0, dv)``), which accumulates ``group`` pieces before it is added to ``(hi, lo)`` with Knuth's
-    two-sum.  Features are lifted as in :func:`lift_degree2` (``(sqrt(2) x_a) x_b`` off the diagonal), so
-    ``C`` is that function's ``lift(X).T @ V`` of the same rows.  Serial; callers run disjoint feature ranges
-    on several threads (each with its own ``buf`` and ``C``), and the result does not depend on how.
+    two-sum.  ``C`` is then :func:`lift_degree2`'s ``lift(X).T @ V`` of those rows.  Serial; callers run
+    disjoint feature ranges on several threads (each with its own ``buf`` and ``C``), and the result does not
+    depend on how.  A fold of at most ``piece`` rows adds to the state exactly what
+    :func:`features_product` then :func:`add_product` add.
     """
     m = XT.shape[1]
-    dv = V.shape[1]
     nf = f1 - f0
-    root2 = np.sqrt(2.0)
-    flags = np.array([ord("N"), ord("N")], dtype=np.uint8)
-    sizes = np.array([dv, nf, 0, dv, 0, dv], dtype=np.int32)
-    alpha = np.ones(1)
-    beta = np.zeros(1)
     n_pieces = (m + piece - 1) // piece
     for p in range(n_pieces):
         s = p * piece
-        k = min(piece, m - s)
-        for c in range(nf):
-            a = ia[f0 + c]
-            b = ib[f0 + c]
-            o = c * k
-            if a == b:
-                for j in range(k):
-                    x = XT[a, s + j]
-                    buf[o + j] = x * x
-            else:
-                for j in range(k):
-                    buf[o + j] = (root2 * XT[a, s + j]) * XT[b, s + j]
-        # column-major view: C^T (dv, nf) = V_p^T (dv, k) @ buf (k, nf)
-        sizes[2] = k
-        sizes[4] = k
-        beta[0] = 0.0 if p % group == 0 else 1.0
-        dgemm(
-            flags[0:].ctypes,
-            flags[1:].ctypes,
-            sizes[0:].ctypes,
-            sizes[1:].ctypes,
-            sizes[2:].ctypes,
-            alpha.ctypes,
-            V[s:].ctypes,
-            sizes[3:].ctypes,
-            buf.ctypes,
-            sizes[4:].ctypes,
-            beta.ctypes,
-            C.ctypes,
-            sizes[5:].ctypes,
-        )
+        _piece_product(XT, V, ia, ib, f0, nf, s, min(piece, m - s), buf, C, p % group != 0, dgemm)
         if (p + 1) % group == 0 or p == n_pieces - 1:
-            for i in range(nf):
-                for j in range(dv):
-                    # two-sum of hi and the block, its error into lo, then a two-sum of hi and lo: hi is left
-                    # the rounded value of hi + lo (so readers may take hi for the state), lo the remainder
-                    x = C[i, j]
-                    h = hi[f0 + i, j]
-                    t = h + x
-                    bp = t - h
-                    e = lo[f0 + i, j] + ((h - (t - bp)) + (x - bp))
-                    s = t + e
-                    bq = s - t
-                    lo[f0 + i, j] = (t - (s - bq)) + (e - bq)
-                    hi[f0 + i, j] = s
+            _add_rows_compensated(hi, lo, f0, C)
+
+
+@numba.njit(nogil=True, cache=True)
+def features_product(XT, V, ia, ib, f0, f1, buf, C, dgemm):  # pragma: no cover - compiled
+    """``C = phi(X)[:, f0:f1]^T V`` (``C`` of shape ``(f1 - f0, dv)``) in one piece: the product a fold of these
+    rows (at most ``fold_features``'s ``piece``) adds to the state, computed without touching the state."""
+    _piece_product(XT, V, ia, ib, f0, f1 - f0, 0, XT.shape[1], buf, C, False, dgemm)
+
+
+@numba.njit(nogil=True, cache=True)
+def add_product(hi, lo, C):  # pragma: no cover - compiled
+    """``hi + lo += C`` (shape (D, dv)), renormalised as in :func:`fold_features`: the same state, bit for bit,
+    as a fold of the rows whose :func:`features_product` ``C`` is."""
+    _add_rows_compensated(hi, lo, 0, C)
