@@ -54,7 +54,7 @@ BUFFER_ROWS = 128
 #: ``phi(X)^T V`` while the stream goes on (queries read those rows directly meanwhile), and the product is added
 #: to ``S`` when this many more rows have arrived, waiting for it only if it is not ready by then.  A decode
 #: step then never stalls for a fold (a 128-row fold is ~1 ms at d = dv = 64), and the state is the same bit
-#: for bit as a fold on the spot.
+#: for bit whatever the threads and their timing.
 _SETTLE_ROWS = 32
 
 #: Lifted features per work item of a fold (rows of ``S``; d = 64 makes 8 items of 260): the threads take items
@@ -160,35 +160,40 @@ def _fold_moments(hi: np.ndarray, lo: np.ndarray, X: np.ndarray, V: np.ndarray) 
             _fold_pass(hi, lo, XT, V[s:e], bounds, threads)
 
 
-class _PendingFold:
-    """The product ``phi(X)^T V`` of a full buffer (``X``, ``V``: the rows, copied), computed off the caller's
-    thread by the ingest helpers (:func:`levstream._threads.start_items`; with a thread budget of 1 by whoever
-    asks for it first).  The result is read-only once computed and may be shared by copies of the state."""
+#: The most multiply-adds of one BLAS ``dgemm`` that OpenBLAS runs on the calling thread alone, whatever its
+#: thread setting (``m n k <= 65536 x 4``, its ``GEMM_MULTITHREAD_THRESHOLD``): a pending product is cut into
+#: products of that size, so that the helper computing it starts no BLAS thread next to the stream's own.
+_SINGLE_THREAD_GEMM = 65536 * 4
 
-    __slots__ = ("_job", "product")
+
+class _PendingFold:
+    """The product ``phi(X)^T V`` of a full buffer, computed off the caller's thread by an ingest helper
+    (:func:`levstream._threads.start_items`; with a thread budget of 1 by whoever asks for it first) in one
+    compiled call that holds no lock and changes no thread setting (BLAS calls small enough to stay on the
+    helper's thread).  ``X`` and ``V`` are read, never written, until the product is computed: the caller
+    leaves them alone until :meth:`result` has returned.  The product is read-only once computed and may be
+    shared by copies of the state."""
+
+    __slots__ = ("_job", "nbytes", "product")
 
     def __init__(self, X: np.ndarray, V: np.ndarray, D: int) -> None:
         m, inner = X.shape
+        dv = V.shape[1]
         if inner not in _pairs:
             _pairs[inner] = feature_pairs(inner)
         ia, ib = _pairs[inner]
-        XT = np.ascontiguousarray(X.T)
-        V = V.copy()
-        product = np.empty((D, V.shape[1]))
-        bounds = _feature_bounds(D)
+        block = max(1, _SINGLE_THREAD_GEMM // max(1, m * dv))
         dgemm = dgemm_function()
+        self.nbytes = D * dv * 8
+        self.product = _NO_ROWS
 
-        width = max(b - a for a, b in itertools.pairwise(bounds))
+        def compute(_: int) -> None:  # on the helper: the copies and the product are made there
+            product = np.empty((D, dv))
+            buf = _scratch_floats("block", block * m)
+            features_product(np.ascontiguousarray(X.T), V, ia, ib, block, buf, product, dgemm)
+            self.product = product
 
-        # one item: the feature blocks in order, BLAS held to one thread
-        def compute(_: int) -> None:
-            with ingest_threads():
-                buf = _scratch_floats("block", width * m)
-                for f0, f1 in itertools.pairwise(bounds):
-                    features_product(XT, V, ia, ib, f0, f1, buf, product[f0:f1], dgemm)
-
-        self.product = product
-        self._job = start_items(compute, 1, get_num_threads() if m * D * V.shape[1] else 1)
+        self._job = start_items(compute, 1, get_num_threads())
 
     def result(self) -> np.ndarray:
         """The product, once computed (computed here if no helper has started it)."""
@@ -237,7 +242,7 @@ class MomentState:
     @property
     def nbytes(self) -> int:
         """Bytes held (the compensated state, the row buffers and a pending product)."""
-        pending = 0 if self._pending is None else self._pending.product.nbytes
+        pending = 0 if self._pending is None else self._pending.nbytes
         return int(
             self._hi.nbytes
             + self._lo.nbytes

@@ -180,10 +180,15 @@ def fold_features(XT, V, ia, ib, f0, f1, piece, group, buf, C, hi, lo, dgemm):  
 
 
 @numba.njit(nogil=True, cache=True)
-def features_product(XT, V, ia, ib, f0, f1, buf, C, dgemm):  # pragma: no cover - compiled
-    """``C = phi(X)[:, f0:f1]^T V`` (``C`` of shape ``(f1 - f0, dv)``) in one piece: the product a fold of these
-    rows (at most ``fold_features``'s ``piece``) adds to the state, computed without touching the state."""
-    _piece_product(XT, V, ia, ib, f0, f1 - f0, 0, XT.shape[1], buf, C, False, dgemm)
+def features_product(XT, V, ia, ib, block, buf, C, dgemm):  # pragma: no cover - compiled
+    """``C = phi(X)^T V`` (``C`` of shape ``(D, dv)``) for a few rows (``XT`` is ``X^T``): the product a fold of
+    these rows (at most ``fold_features``'s ``piece``) adds to the state, computed without touching the state,
+    ``block`` lifted features per BLAS ``dgemm`` in one compiled call (``buf``: ``block * m`` floats)."""
+    D = C.shape[0]
+    m = XT.shape[1]
+    for f0 in range(0, D, block):
+        f1 = min(D, f0 + block)
+        _piece_product(XT, V, ia, ib, f0, f1 - f0, 0, m, buf, C[f0:f1], False, dgemm)
 
 
 @numba.njit(nogil=True, cache=True)
