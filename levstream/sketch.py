@@ -28,7 +28,7 @@ from ._kernels.blas import dtrmm_function
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import slab_pass, sq_total, upper_scores
 from ._kernels.live import add_row_and_bound, add_rows_and_bound, scan_norms
-from ._kernels.rows import sq_norm
+from ._kernels.rows import largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
 from ._store import RowStore, StoreState
 from ._threads import ingest_threads, lowered_blas, run_items
@@ -1223,6 +1223,7 @@ class KeySketch:
             and _is_step(K, self._dim)
             and _is_step(Q, self._dim)
             and _is_step(V, self._value_dim)
+            and largest_sq_norm(K[0], Q[0], V[0]) < math.inf  # false for a nan as well
         ):
             step_neg = None
             if gates is not None or self.forgets:
@@ -2004,14 +2005,14 @@ def _one_gate(gates: Any) -> Any:
 
 
 def _is_step(X: Any, width: int) -> bool:
-    """Whether ``X`` is one finite float64 row as a (1, width) C-contiguous array whose squares do not
-    overflow: a decode step's input, which then needs no further validation."""
+    """Whether ``X`` is one float64 row as a (1, width) C-contiguous array: with a finite check of its squares
+    (:func:`~levstream._kernels.rows.largest_sq_norm`, one call for a step's rows), a decode step's input, which
+    then needs no further validation."""
     return (
         type(X) is np.ndarray
         and X.dtype == np.float64
         and X.shape == (1, width)
         and X.flags.c_contiguous
-        and sq_norm(X[0]) < math.inf  # false for a nan as well
     )
 
 

@@ -42,6 +42,16 @@ def sq_norm(x):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def largest_sq_norm(x, y, z):  # pragma: no cover - compiled
+    """:func:`sq_norm` of three rows in one call (a decode step's key, query and value): the largest of the three,
+    or nan/inf when any row has a nan/inf or squares that overflow."""
+    a, b, c = sq_norm(x), sq_norm(y), sq_norm(z)
+    if not (a < np.inf and b < np.inf and c < np.inf):
+        return np.inf
+    return max(a, b, c)
+
+
+@numba.njit(nogil=True, cache=True)
 def copy_rows_sq(dst, start, X):  # pragma: no cover - compiled
     """``dst[:, start:start + m] = X`` for stacked rows ``X`` (heads, m, width) and the sum of all their squares
     in the same pass: nan/inf when a row has a nan/inf or its squares overflow (no fastmath, as :func:`sq_norm`)."""
