@@ -184,9 +184,11 @@ _NO_ROWS.flags.writeable = False
 _NO_IDS = np.zeros(0, dtype=np.int64)
 _NO_IDS.flags.writeable = False
 
-#: The live path's row norms when the rows are not ordered by norm (every row scanned).
+#: The live path's row norms when the rows are not ordered by norm (every row scanned).  Writable, as the norms
+#: it stands in for: a read-only array is another type to numba, and the first query of a plain view (right
+#: after a flush) then compiled or loaded a second version of the kernels (25-35 ms, measured).  It has no
+#: element to change.
 NO_NORMS = np.zeros(0)
-NO_NORMS.flags.writeable = False
 
 
 #: ``G``, candidates, their norms and ids, scanned pending rows, their norms and ids

@@ -146,3 +146,26 @@ def test_ill_conditioned_pending_rows_fall_back_to_the_summary_and_the_rows():
         check(hits, f"multi-head {h}")
     out = mh.attend(np.stack([q, q]))
     np.testing.assert_allclose(out.output[:, 0, 0], [A @ V[:, 0]] * 2, rtol=1e-12)
+
+
+def test_the_scanned_arrays_keep_their_types_across_a_flush():
+    """The view a query reads right after a flush (no pending row: the plain view) hands the kernels arrays of
+    the same numba types as the live view does (a read-only placeholder is another type, and cost a second
+    compilation, 25-35 ms, on the first step after the first flush)."""
+    import numba
+
+    import levstream as ls
+    from levstream import _query
+
+    rng = np.random.default_rng(3)
+    sk = ls.KeySketch(6, eps=0.1, value_dim=2, exact_output=True, block_rows=64)
+    seen = set()
+    for t in range(200):
+        k, v, q = rng.standard_normal((1, 6)), rng.standard_normal((1, 2)), rng.standard_normal((1, 6))
+        sk.prefill(k, v, q)
+        with sk._lock:
+            view = sk._view()
+            plain = sk._store.n == sk._pending_from
+            seen.add((plain, tuple(str(numba.typeof(a)) for a in _query._scan_arrays(view))))
+    assert {plain for plain, _ in seen} == {True, False}  # both kinds of view were read
+    assert len({types for _, types in seen}) == 1, seen
