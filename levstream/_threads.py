@@ -353,7 +353,8 @@ def _no_item(i: int) -> None:
 
 
 class _Job:
-    """Items ``0..n_items-1`` of one call of :func:`run_items`, taken in order by whoever is free."""
+    """Items ``0..n_items-1`` of one call of :func:`run_items` (or :func:`start_items`), taken in order by whoever
+    is free: helpers, and every thread that finishes the job."""
 
     __slots__ = ("active", "closed", "errors", "fn", "idle", "items", "lock", "n_items", "pid")
 
@@ -363,9 +364,10 @@ class _Job:
         self.n_items = n_items
         self.items = itertools.count()
         self.lock = threading.Lock()
-        self.active = 0  # helpers inside work()
-        self.closed = False  # the caller has finished: helpers that arrive later leave at once
+        self.active = 0  # threads inside work(): helpers and finishing callers
+        self.closed = False  # finished: threads that arrive later take no item
         self.idle = threading.Event()
+        self.idle.set()
         self.errors: list[tuple[int, BaseException]] = []
 
     def work(self) -> None:
@@ -381,7 +383,7 @@ class _Job:
                     self.errors.append((i, exc))
                     self.items = itertools.count(self.n_items)  # nobody starts another item
 
-    def helper_joins(self) -> bool:
+    def joins(self) -> bool:
         with self.lock:
             if self.closed:
                 return False
@@ -389,21 +391,40 @@ class _Job:
             self.idle.clear()
             return True
 
-    def helper_leaves(self) -> None:
+    def leaves(self) -> None:
         with self.lock:
             self.active -= 1
             if self.active == 0:
                 self.idle.set()
 
+    def work_share(self) -> None:
+        """Take items until none is left (counted as active meanwhile, so :meth:`finish` waits for it)."""
+        if self.joins():
+            try:
+                self.work()
+            finally:
+                self.leaves()
+
     def finish(self) -> None:
-        """Called by the caller after its own share: wait for the helpers still on an item, then drop ``fn``
-        (a helper may pick this job from the queue much later: it must not keep the caller's arrays alive)."""
+        """Close the job, wait for every thread still on an item, then drop ``fn`` (a helper may pick this job
+        from the queue much later: it must not keep the caller's arrays alive)."""
         with self.lock:
             self.closed = True
-            busy = self.active > 0
-        if busy:
-            self.idle.wait()
+        self.idle.wait()
         self.fn = _no_item
+
+    def forked(self) -> None:
+        """In a child process forked while the job was open: the helpers (and any other thread) that had items
+        are not in this process, and may have held the lock.  Every item runs again here, then the job is
+        closed with fresh synchronisation (items write where their index says, so redoing one is harmless)."""
+        fn, self.lock, self.idle = self.fn, threading.Lock(), threading.Event()
+        self.idle.set()
+        self.active, self.pid = 0, os.getpid()
+        if fn is _no_item:  # finished before the fork: nothing left to do
+            return
+        self.items, self.errors = itertools.count(), []
+        self.work()
+        self.closed, self.fn = True, _no_item
 
 
 def _helper_loop() -> None:
@@ -414,11 +435,7 @@ def _helper_loop() -> None:
     np.seterr(over="ignore", invalid="ignore")
     while True:
         job = _helper_jobs.get()
-        if job.helper_joins():
-            try:
-                job.work()
-            finally:
-                job.helper_leaves()
+        job.work_share()
         del job  # its items may hold a caller's large arrays
 
 
@@ -478,20 +495,13 @@ def start_items(fn: Callable[[int], None], n_items: int, n_threads: int) -> _Job
 
 
 def finish_items(job: _Job) -> None:
-    """Complete a job of :func:`start_items` (idempotent; any thread): the items no helper has taken run here,
-    then the helpers still on one are waited for; the first exception (lowest item) is re-raised."""
-    # forked with the job open: the helpers that had items are not in this process, so every item runs again
-    # here (items write where their index says)
+    """Complete a job of :func:`start_items` (idempotent, from any number of threads at once): the items nobody
+    has taken run on this thread, then every thread still on one is waited for; the first exception (lowest
+    item) is re-raised.  In a process forked while the job was open, every item runs again here."""
     if job.pid != os.getpid():
-        if not job.closed:
-            for i in range(job.n_items):
-                job.fn(i)
-            job.closed, job.fn = True, _no_item
-        job.pid = os.getpid()
-        return
-    try:
-        job.work()
-    finally:
+        job.forked()
+    else:
+        job.work_share()
         job.finish()
     if job.errors:
         raise min(job.errors, key=lambda e: e[0])[1]

@@ -170,11 +170,11 @@ class _PendingFold:
     """The product ``phi(X)^T V`` of a full buffer, computed off the caller's thread by an ingest helper
     (:func:`levstream._threads.start_items`; with a thread budget of 1 by whoever asks for it first) in one
     compiled call that holds no lock and changes no thread setting (BLAS calls small enough to stay on the
-    helper's thread).  ``X`` and ``V`` are read, never written, until the product is computed: the caller
-    leaves them alone until :meth:`result` has returned.  The product is read-only once computed and may be
-    shared by copies of the state."""
+    helper's thread, for ``value_dim <= 2048``).  ``X`` and ``V`` are read, never written, until the product is
+    computed: the caller leaves them alone until :meth:`result` has returned.  The product is read-only once
+    computed and may be shared by copies of the state (and asked for by several threads at once)."""
 
-    __slots__ = ("_job", "nbytes", "product")
+    __slots__ = ("_compute", "_job", "nbytes", "product")
 
     def __init__(self, X: np.ndarray, V: np.ndarray, D: int) -> None:
         m, inner = X.shape
@@ -182,22 +182,30 @@ class _PendingFold:
         if inner not in _pairs:
             _pairs[inner] = feature_pairs(inner)
         ia, ib = _pairs[inner]
-        block = max(1, _SINGLE_THREAD_GEMM // max(1, m * dv))
+        block = max(1, min(D, _SINGLE_THREAD_GEMM // max(1, m * dv)))
         dgemm = dgemm_function()
         self.nbytes = D * dv * 8
         self.product = _NO_ROWS
 
         def compute(_: int) -> None:  # on the helper: the copies and the product are made there
-            product = np.empty((D, dv))
-            buf = _scratch_floats("block", block * m)
-            features_product(np.ascontiguousarray(X.T), V, ia, ib, block, buf, product, dgemm)
+            product = np.zeros((D, dv))
+            if D and dv and m:
+                buf = _scratch_floats("block", block * m)
+                features_product(np.ascontiguousarray(X.T), V, ia, ib, block, buf, product, dgemm)
             self.product = product
 
+        self._compute = compute
         self._job = start_items(compute, 1, get_num_threads())
 
     def result(self) -> np.ndarray:
-        """The product, once computed (computed here if no helper has started it)."""
-        finish_items(self._job)
+        """The product, once computed (computed here if no helper has started it, or if the helper failed)."""
+        if self.product is _NO_ROWS:
+            try:
+                finish_items(self._job)
+            # the helper failed (no memory for the product?): once more, on this thread, whose error then stands
+            except Exception:  # noqa: BLE001
+                if self.product is _NO_ROWS:
+                    self._compute(0)
         return self.product
 
 
@@ -275,12 +283,25 @@ class MomentState:
         self._pending = None
         self._sum = self._hi
 
+    def _settled_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(hi, lo)`` as they are once the pending product is added (that sum made on copies: this state is left
+        as it is), so that what is read from a state never depends on when its product lands."""
+        if self._pending is None:
+            return self._hi, self._lo
+        hi, lo = self._hi.copy(), self._lo.copy()
+        add_product(hi, lo, self._pending.result())
+        return hi, lo
+
     def _buffer_grew(self) -> None:
         """After rows joined the buffer: settle a pending product once ``_SETTLE_ROWS`` rows came after it, and
         hand a full buffer to the helpers (:class:`_PendingFold`)."""
         if self._pending is not None and self._buf_n >= _SETTLE_ROWS:
             self._settle()
-        if self._buf_n == BUFFER_ROWS:
+        if (
+            self._buf_n == BUFFER_ROWS and self.degree == 4
+        ):  # lifted states fold on the spot (no third array
+            self._fold_buffer()  # of their size: memory_budget counts two)
+        elif self._buf_n == BUFFER_ROWS:
             self._settle()
             self._rows_keys[:BUFFER_ROWS] = self._buf_keys
             self._rows_values[:BUFFER_ROWS] = self._buf_values
@@ -324,10 +345,9 @@ class MomentState:
     def merge(self, other: MomentState) -> None:
         """Add ``other``'s state (keys of another shard): ``S = S1 + S2``."""
         self._fold_buffer()
-        _two_sum_add(self._hi, self._lo, other._hi)
-        self._lo += other._lo
-        if other._pending is not None:  # other's representation is left as it is
-            _two_sum_add(self._hi, self._lo, other._pending.result())
+        ohi, olo = other._settled_pair()
+        _two_sum_add(self._hi, self._lo, ohi)
+        self._lo += olo
         if other._buf_n:
             self._fold(other._buf_keys[: other._buf_n], other._buf_values[: other._buf_n])
         self._sum = None
@@ -382,10 +402,7 @@ class MomentState:
     def to_state(self) -> dict[str, np.ndarray]:
         """Named arrays for serialization (the state and the waiting rows; a pending product is added to copies
         of the state, so the bytes do not depend on when it is added)."""
-        hi, lo = self._hi, self._lo
-        if self._pending is not None:
-            hi, lo = hi.copy(), lo.copy()
-            add_product(hi, lo, self._pending.result())
+        hi, lo = self._settled_pair()
         return {
             "moments_hi": hi,
             "moments_lo": lo,

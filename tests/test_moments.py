@@ -9,6 +9,7 @@ bit whatever the thread budget, and that a fold allocates nothing of the size of
 from __future__ import annotations
 
 import math
+import time
 import tracemalloc
 
 import numpy as np
@@ -251,3 +252,73 @@ def test_a_pending_product_survives_copy_merge_scale_and_serialization() -> None
     for state, Kr, Vr in cases:
         for q, row in zip(Q, state.numerator(Q)):
             assert np.all(np.abs(row - _exact_numerator(Kr, Vr, q, 2)) <= 1e-13 * _scale_of(Kr, Vr, q, 2))
+
+
+def test_a_failed_product_is_computed_again_by_the_state_that_needs_it(monkeypatch):
+    """The helper's product fails (here: raises once, on the helper): the state computes it on its own thread
+    when it settles, and stays exact."""
+    import threading
+
+    from levstream import moments
+
+    real, failed = moments.features_product, []
+
+    def flaky(*args):
+        if threading.current_thread() is not threading.main_thread() and not failed:
+            failed.append(True)
+            raise MemoryError("no memory for the product (simulated)")
+        return real(*args)
+
+    monkeypatch.setattr(moments, "features_product", flaky)
+    before = ls.get_num_threads()
+    ls.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(14)
+        K, V = rng.standard_normal((200, 4)), rng.standard_normal((200, 3))
+        S = _fed_one_at_a_time(K[:128], V[:128])  # a full buffer: handed to the helper
+        for _ in range(1000):  # until the helper has failed on it
+            if failed:
+                break
+            time.sleep(0.01)
+        for k, v in zip(K[128:], V[128:]):
+            S.add_row(k, v)
+    finally:
+        ls.set_num_threads(before)
+    assert failed and S._pending is None
+    for q in rng.standard_normal((3, 4)):
+        err = np.abs(S.numerator(q[None])[0] - _exact_numerator(K, V, q, 2))
+        assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2))
+
+
+def test_a_merge_reads_a_state_the_same_before_and_after_its_product_lands():
+    """Bit for bit: merging a state whose product is pending, its round trip through bytes, or a copy whose
+    product has landed gives the same state (no rows buffered after the pending ones: no fold renormalises)."""
+    from levstream.moments import BUFFER_ROWS
+
+    rng = np.random.default_rng(15)
+    K, V = rng.standard_normal((2 * BUFFER_ROWS, 5)), rng.standard_normal((2 * BUFFER_ROWS, 2))
+    base_K, base_V = rng.standard_normal((300, 5)), rng.standard_normal((300, 2))
+    other = _fed_one_at_a_time(K, V)
+    assert other._pending is not None and other._buf_n == 0
+    landed = other.copy()
+    landed._settle()
+    merged = []
+    for src in (other, MomentState.from_state(5, 2, other.to_state()), landed):
+        A = MomentState(5, 2)
+        A.add(base_K, base_V)
+        A.merge(src)
+        merged.append(A.to_state())
+    assert other._pending is not None  # the merge left the other state as it was
+    for state in merged[1:]:
+        assert all(np.array_equal(merged[0][k], state[k]) for k in merged[0])
+
+
+def test_rows_of_a_lifted_state_fed_one_at_a_time_match_brute_force():
+    rng = np.random.default_rng(16)
+    K, V = rng.standard_normal((300, 3)), rng.standard_normal((300, 2))
+    S = MomentState(3, 2, degree=4)
+    for k, v in zip(K, V):
+        S.add_row(k, v)
+    for q in rng.standard_normal((3, 3)):
+        err = np.abs(S.numerator(q[None])[0] - _exact_numerator(K, V, q, 4))
+        assert np.all(err <= 1e-12 * _scale_of(K, V, q, 4))

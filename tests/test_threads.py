@@ -327,3 +327,68 @@ def test_a_job_open_at_a_fork_is_completed_by_the_child():
     threads.finish_items(job)
     assert os.waitstatus_to_exitcode(status) == 0
     assert out[0] == 7.0
+
+
+def test_a_job_finished_by_two_threads_at_once_returns_only_when_its_item_is_done():
+    """No helper (budget 1): the first finisher takes the item; the second must wait for it, not return at once
+    (copies of a moment state share one pending product and may settle it from two threads)."""
+    import time
+
+    out = np.zeros(1)
+    started = threading.Event()
+
+    def fn(i):
+        started.set()
+        time.sleep(0.3)
+        out[i] = 5.0
+
+    job = threads.start_items(fn, 1, 1)
+    first = threading.Thread(target=threads.finish_items, args=(job,))
+    first.start()
+    assert started.wait(10)
+    threads.finish_items(job)  # the second finisher
+    assert out[0] == 5.0
+    first.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+@pytest.mark.parametrize("parent_finishing", [False, True])
+def test_a_job_open_at_a_fork_is_completed_by_the_child_again_and_again(parent_finishing):
+    """The child redoes the item (a helper was on it, or the parent was already waiting for it), and finishing
+    the job a second time there returns at once rather than waiting for threads that are not there."""
+    import signal
+    import time
+
+    out = np.zeros(1)
+    started = threading.Event()
+
+    def fn(i):
+        started.set()
+        time.sleep(0.5)
+        out[i] = 7.0
+
+    job = threads.start_items(fn, 1, 2)
+    assert started.wait(10)
+    waiter = None
+    if parent_finishing:  # the job is closed, its helper still on the item, when the process forks
+        waiter = threading.Thread(target=threads.finish_items, args=(job,))
+        waiter.start()
+        time.sleep(0.1)
+        assert job.closed
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.alarm(20)
+            out[0] = 0.0
+            threads.finish_items(job)
+            threads.finish_items(job)
+            code = 0 if out[0] == 7.0 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    threads.finish_items(job)
+    if waiter is not None:
+        waiter.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert out[0] == 7.0

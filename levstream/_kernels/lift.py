@@ -166,8 +166,8 @@ def fold_features(XT, V, ia, ib, f0, f1, piece, group, buf, C, hi, lo, dgemm):  
     (``(f1 - f0, dv)``), which accumulates ``group`` pieces before it is added to ``(hi, lo)`` with Knuth's
     two-sum.  ``C`` is then :func:`lift_degree2`'s ``lift(X).T @ V`` of those rows.  Serial; callers run
     disjoint feature ranges on several threads (each with its own ``buf`` and ``C``), and the result does not
-    depend on how.  A fold of at most ``piece`` rows adds to the state exactly what
-    :func:`features_product` then :func:`add_product` add.
+    depend on how.  :func:`features_product` then :func:`add_product` add the same to the state up to the
+    rounding of the products (they cut the BLAS calls differently).
     """
     m = XT.shape[1]
     nf = f1 - f0
@@ -193,6 +193,5 @@ def features_product(XT, V, ia, ib, block, buf, C, dgemm):  # pragma: no cover -
 
 @numba.njit(nogil=True, cache=True)
 def add_product(hi, lo, C):  # pragma: no cover - compiled
-    """``hi + lo += C`` (shape (D, dv)), renormalised as in :func:`fold_features`: the same state, bit for bit,
-    as a fold of the rows whose :func:`features_product` ``C`` is."""
+    """``hi + lo += C`` (shape (D, dv)), by the two-sum and renormalisation of :func:`fold_features`."""
     _add_rows_compensated(hi, lo, 0, C)
