@@ -644,9 +644,16 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
         streams.append(Stream(n, K, V, sk, [None] * T, np.empty(n + T),
                               np.empty(n + T, dtype=bool)))
 
+    # every timed step on its own too: the tail (a fold of the moment state every 128 tokens) shows there
+    latency: dict[int, list[float]] = {st.n: [] for st in streams}
+
     def sketch_step(st: Stream, t: int) -> Any:
         m = st.n + t
-        return st.sketch.prefill(st.K[m][None], st.V[m][None], Q[t][None])
+        t0 = time.perf_counter()
+        out = st.sketch.prefill(st.K[m][None], st.V[m][None], Q[t][None])
+        if t >= sz.warm_steps:
+            latency[st.n].append(time.perf_counter() - t0)
+        return out
 
     def dense_at(st: Stream, t: int) -> Any:
         m = st.n + t
@@ -668,7 +675,11 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
             compare_rows([(i, v) for _, (i, v, _) in st.dense], ref, eps, rows=steps),
             compare_outputs(np.array([o for _, (_, _, o) in st.dense]), ref, rows=steps))
         failures.add(f"decode n={st.n} dense baseline", dcheck)
-        out["per_n"][str(st.n)] = {**step_figures(st), "check": check, "dense_check": dcheck}
+        lat = np.array(latency[st.n])
+        out["per_n"][str(st.n)] = {**step_figures(st), "check": check, "dense_check": dcheck,
+                                   "step_latency_s": {"p50": float(np.percentile(lat, 50)),
+                                                      "p99": float(np.percentile(lat, 99)),
+                                                      "max": float(lat.max()), "steps": int(lat.size)}}
         st.K, st.V = np.empty((0, d)), None
     out["flat_ratio"] = spread([a / b for a, b in zip(streams[-1].sketch_s, streams[0].sketch_s)])
     out["flat_ratio_of"] = [streams[-1].n, streams[0].n]
@@ -951,6 +962,12 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
                      measured, "<= 1.6", b["ratio"]["median"] <= 1.6))
     if "decode" in res:
         steps("decode", {100_000: 100.0})
+        for n, v in res["decode"]["per_n"].items():
+            lat = v.get("step_latency_s")
+            if lat and int(n) == 100_000:
+                rows.append((f"decode step latency, n = {int(n):.0e}, {lat['steps']} steps timed one by one",
+                             f"p50 {lat['p50'] * us:.1f} us, p99 {lat['p99'] * us:.1f} us, "
+                             f"max {lat['max'] * us:.0f} us", "-", None))
     if "prefill" in res:
         p = res["prefill"]
         measured = (f"{fmt(p['speedup'], digits=1)}x ({fmt(p['sketch_s'], digits=2)} s vs "
