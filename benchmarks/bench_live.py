@@ -679,7 +679,9 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
         out["per_n"][str(st.n)] = {**step_figures(st), "check": check, "dense_check": dcheck,
                                    "step_latency_s": {"p50": float(np.percentile(lat, 50)),
                                                       "p99": float(np.percentile(lat, 99)),
-                                                      "max": float(lat.max()), "steps": int(lat.size)}}
+                                                      "p99.9": float(np.percentile(lat, 99.9)),
+                                                      "max": float(lat.max()), "steps": int(lat.size),
+                                                      "over_1ms": int((lat > 1e-3).sum())}}
         st.K, st.V = np.empty((0, d)), None
     out["flat_ratio"] = spread([a / b for a, b in zip(streams[-1].sketch_s, streams[0].sketch_s)])
     out["flat_ratio_of"] = [streams[-1].n, streams[0].n]
@@ -967,7 +969,8 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
             if lat and int(n) == 100_000:
                 rows.append((f"decode step latency, n = {int(n):.0e}, {lat['steps']} steps timed one by one",
                              f"p50 {lat['p50'] * us:.1f} us, p99 {lat['p99'] * us:.1f} us, "
-                             f"max {lat['max'] * us:.0f} us", "-", None))
+                             f"p99.9 {lat['p99.9'] * us:.0f} us, max {lat['max'] * us:.0f} us; "
+                             f"{lat['over_1ms']} steps over 1 ms", "-", None))
     if "prefill" in res:
         p = res["prefill"]
         measured = (f"{fmt(p['speedup'], digits=1)}x ({fmt(p['sketch_s'], digits=2)} s vs "
