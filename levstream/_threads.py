@@ -37,6 +37,10 @@ under load from other processes it slows it by 10-50x, while two threads on sepa
 time.  Serial numba kernels start no numba threads, so nothing spins between BLAS calls.  The split into
 slabs does not depend on the number of threads, and partial results are combined in a fixed order, so
 the sketch is the same bit for bit whatever the thread budget.
+
+Rows fed one at a time with exact outputs (``update``, a decode step): a full buffer's moment product is a job
+handed to a helper without waiting (:func:`start_items`), and whoever needs its result later finishes it
+(:func:`finish_items`: the item runs there if no helper took it), so nothing waits on a busy pool.
 """
 
 from __future__ import annotations
