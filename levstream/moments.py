@@ -292,23 +292,32 @@ class MomentState:
         add_product(hi, lo, self._pending.result())
         return hi, lo
 
-    def _buffer_grew(self) -> None:
-        """After rows joined the buffer: settle a pending product once ``_SETTLE_ROWS`` rows came after it, and
-        hand a full buffer to the helpers (:class:`_PendingFold`)."""
-        if self._pending is not None and self._buf_n >= _SETTLE_ROWS:
+    def _before_adding(self, m: int) -> None:
+        """Settle a pending product once the buffer reaches ``_SETTLE_ROWS`` rows with the ``m`` about to join it.
+        Called before they are added: should it fail, nothing has changed.  A full buffer therefore never meets a
+        pending product."""
+        if self._pending is not None and self._buf_n + m >= _SETTLE_ROWS:
             self._settle()
-        if (
-            self._buf_n == BUFFER_ROWS and self.degree == 4
-        ):  # lifted states fold on the spot (no third array
-            self._fold_buffer()  # of their size: memory_budget counts two)
-        elif self._buf_n == BUFFER_ROWS:
-            self._settle()
-            self._rows_keys[:BUFFER_ROWS] = self._buf_keys
-            self._rows_values[:BUFFER_ROWS] = self._buf_values
-            self._buf_n = 0
-            self._pending = _PendingFold(
+
+    def _after_adding(self) -> None:
+        """Hand a full buffer to the helpers (:class:`_PendingFold`); lifted states, and a hand-over that cannot
+        be made, fold it on the spot (a lifted state's memory budget counts two arrays of its size, not the third
+        a pending product adds)."""
+        if self._buf_n < BUFFER_ROWS:
+            return
+        if self.degree == 4 or self._pending is not None:
+            self._fold_buffer()
+            return
+        self._rows_keys[:BUFFER_ROWS] = self._buf_keys
+        self._rows_values[:BUFFER_ROWS] = self._buf_values
+        try:
+            pending = _PendingFold(
                 self._rows_keys[:BUFFER_ROWS], self._rows_values[:BUFFER_ROWS], self._hi.shape[0]
             )
+        except Exception:  # noqa: BLE001 - the rows are still in the buffer: fold them here
+            self._fold_buffer()
+            return
+        self._pending, self._buf_n = pending, 0
 
     @staticmethod
     def nbytes_for(dim: int, value_dim: int, degree: int = 2) -> int:
@@ -323,10 +332,11 @@ class MomentState:
         """Add one key and its value (buffered)."""
         if self.degree == 4:
             x = _lift(x[None, :])[0]
+        self._before_adding(1)
         self._buf_keys[self._buf_n] = x
         self._buf_values[self._buf_n] = v
         self._buf_n += 1
-        self._buffer_grew()
+        self._after_adding()
 
     def add(self, X: np.ndarray, V: np.ndarray) -> None:
         """Fold keys ``X`` (m, dim) and their values ``V`` (m, value_dim): ``S += phi(X)^T V``."""
@@ -334,10 +344,11 @@ class MomentState:
             return
         X = self._inner_rows(X)
         if self._buf_n + X.shape[0] <= BUFFER_ROWS:
+            self._before_adding(X.shape[0])
             self._buf_keys[self._buf_n : self._buf_n + X.shape[0]] = X
             self._buf_values[self._buf_n : self._buf_n + X.shape[0]] = V
             self._buf_n += X.shape[0]
-            self._buffer_grew()
+            self._after_adding()
             return
         self._fold_buffer()
         self._fold(X, V)

@@ -322,3 +322,33 @@ def test_rows_of_a_lifted_state_fed_one_at_a_time_match_brute_force():
     for q in rng.standard_normal((3, 3)):
         err = np.abs(S.numerator(q[None])[0] - _exact_numerator(K, V, q, 4))
         assert np.all(err <= 1e-12 * _scale_of(K, V, q, 4))
+
+
+def test_a_row_whose_settle_fails_is_refused_and_changes_nothing(monkeypatch):
+    """Adding the product fails everywhere (here: computing it raises on every thread): the row that would
+    have triggered the settle is refused before it joins the buffer, and the state answers as before; once the
+    product can be computed, the stream goes on exactly."""
+    from levstream import moments
+    from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS
+
+    real = moments.features_product
+
+    def broken(*args):
+        raise MemoryError("no memory for the product (simulated)")
+
+    rng = np.random.default_rng(17)
+    n = BUFFER_ROWS + _SETTLE_ROWS + 10
+    K, V = rng.standard_normal((n, 4)), rng.standard_normal((n, 2))
+    monkeypatch.setattr(moments, "features_product", broken)
+    S = _fed_one_at_a_time(K[: BUFFER_ROWS + _SETTLE_ROWS - 1], V[: BUFFER_ROWS + _SETTLE_ROWS - 1])
+    Q = rng.standard_normal((2, 4))
+    num = S.numerator(Q)
+    with pytest.raises(MemoryError):
+        S.add_row(K[BUFFER_ROWS + _SETTLE_ROWS - 1], V[BUFFER_ROWS + _SETTLE_ROWS - 1])
+    assert S._buf_n == _SETTLE_ROWS - 1 and S._pending is not None
+    assert np.array_equal(S.numerator(Q), num)
+    monkeypatch.setattr(moments, "features_product", real)
+    for k, v in zip(K[BUFFER_ROWS + _SETTLE_ROWS - 1 :], V[BUFFER_ROWS + _SETTLE_ROWS - 1 :]):
+        S.add_row(k, v)
+    for q, row in zip(Q, S.numerator(Q)):
+        assert np.all(np.abs(row - _exact_numerator(K, V, q, 2)) <= 1e-13 * _scale_of(K, V, q, 2))
