@@ -296,11 +296,9 @@ def test_an_error_in_a_started_job_is_raised_when_it_is_finished():
         threads.finish_items(job)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
-def test_a_job_open_at_a_fork_is_completed_by_the_child():
-    """A helper is on the item when the process forks: the child has no such thread, and finishing the job
-    there must redo the item rather than wait forever."""
-    import signal
+def _slow_item(value: float):
+    """``(out, started, fn)``: item ``i`` sets ``started``, sleeps half a second, then writes ``value`` to
+    ``out[i]``."""
     import time
 
     out = np.zeros(1)
@@ -309,39 +307,15 @@ def test_a_job_open_at_a_fork_is_completed_by_the_child():
     def fn(i):
         started.set()
         time.sleep(0.5)
-        out[i] = 7.0
+        out[i] = value
 
-    job = threads.start_items(fn, 1, 2)
-    assert started.wait(10)
-    pid = os.fork()
-    if pid == 0:  # the child: exit code 0 only if the job completed here
-        code = 1
-        try:
-            signal.alarm(20)  # a hang kills the child, and the test fails
-            out[0] = 0.0
-            threads.finish_items(job)
-            code = 0 if out[0] == 7.0 else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    threads.finish_items(job)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert out[0] == 7.0
+    return out, started, fn
 
 
 def test_a_job_finished_by_two_threads_at_once_returns_only_when_its_item_is_done():
     """No helper (budget 1): the first finisher takes the item; the second must wait for it, not return at once
     (copies of a moment state share one pending product and may settle it from two threads)."""
-    import time
-
-    out = np.zeros(1)
-    started = threading.Event()
-
-    def fn(i):
-        started.set()
-        time.sleep(0.3)
-        out[i] = 5.0
-
+    out, started, fn = _slow_item(5.0)
     job = threads.start_items(fn, 1, 1)
     first = threading.Thread(target=threads.finish_items, args=(job,))
     first.start()
@@ -359,14 +333,7 @@ def test_a_job_open_at_a_fork_is_completed_by_the_child_again_and_again(parent_f
     import signal
     import time
 
-    out = np.zeros(1)
-    started = threading.Event()
-
-    def fn(i):
-        started.set()
-        time.sleep(0.5)
-        out[i] = 7.0
-
+    out, started, fn = _slow_item(7.0)
     job = threads.start_items(fn, 1, 2)
     assert started.wait(10)
     waiter = None
