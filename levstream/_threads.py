@@ -492,11 +492,10 @@ def start_items(fn: Callable[[int], None], n_items: int, n_threads: int) -> _Job
     job = _Job(fn, n_items)
     helpers = min(int(n_threads) - 1, n_items)
     if helpers > 0:
+        # when no new thread can be started, the helpers there are (maybe none) take it
         try:
             _ensure_helpers(helpers)
-        except (
-            RuntimeError
-        ):  # no thread could be started: the helpers there are (maybe none) take it
+        except RuntimeError:
             pass
         for _ in range(min(helpers, len(_helpers))):
             _helper_jobs.put(job)

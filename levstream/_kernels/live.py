@@ -652,8 +652,8 @@ def outputs_stacked(
 def moment_numerator(Q, S, BK, BV, XK, XV):  # pragma: no cover - compiled
     """``phi(q)^T S + sum_j <q, BK_j>^2 BV_j + sum_j <q, XK_j>^2 XV_j`` for a few queries, lifting one query at a
     time into a reused array of ``D`` floats (``S`` rows ordered as ``lift_degree2``'s columns: ``(0,0), (0,1),
-    ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``; ``BK``/``BV`` the keys and values waiting to be folded into ``S``,
-    ``XK``/``XV`` keys not fed yet that the queries see: a decode step's own key)."""
+    ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``; ``BK``/``BV`` the keys and values waiting to
+    be folded into ``S``, ``XK``/``XV`` keys not fed yet that the queries see: a decode step's own key)."""
     m, d = Q.shape
     dv = S.shape[1]
     out = np.zeros((m, dv), dtype=np.float64)
