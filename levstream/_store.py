@@ -204,6 +204,12 @@ class RowStore:
         self.stage(keys)
         self.commit(ids, values, increasing)
 
+    def room_for_row(self, key: np.ndarray) -> None:
+        """Grow now, if needed, so that :meth:`append_row` of ``key`` allocates nothing (may raise; the rows held
+        do not change)."""
+        if key.dtype != self.keys.dtype or self.n == self.capacity:
+            self.reserve(self.n + 1, self._key_dtype(key.dtype))
+
     def append_row(self, key: np.ndarray, key_id: int, value: np.ndarray | None = None) -> None:
         """Append one row (the live path: no temporary arrays)."""
         n = self.n

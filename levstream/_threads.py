@@ -322,6 +322,7 @@ _ingest = (
 _helpers: list[threading.Thread] = []
 _helper_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
 _helpers_lock = threading.Lock()
+_fork_lock = threading.Lock()  # serialises the reset of jobs found open in a forked child
 
 
 @contextmanager
@@ -419,16 +420,14 @@ class _Job:
 
     def forked(self) -> None:
         """In a child process forked while the job was open: the helpers (and any other thread) that had items
-        are not in this process, and may have held the lock.  Every item runs again here, then the job is
-        closed with fresh synchronisation (items write where their index says, so redoing one is harmless)."""
-        fn, self.lock, self.idle = self.fn, threading.Lock(), threading.Event()
+        are not in this process, and may have held the lock.  Fresh synchronisation, nobody active, and an
+        unfinished job's items open again (items write where their index says, so redoing one is harmless);
+        then it is finished as usual."""
+        self.lock, self.idle, self.active = threading.Lock(), threading.Event(), 0
         self.idle.set()
-        self.active, self.pid = 0, os.getpid()
-        if fn is _no_item:  # finished before the fork: nothing left to do
-            return
-        self.items, self.errors = itertools.count(), []
-        self.work()
-        self.closed, self.fn = True, _no_item
+        if self.fn is not _no_item:  # not finished before the fork
+            self.items, self.errors, self.closed = itertools.count(), [], False
+        self.pid = os.getpid()
 
 
 def _helper_loop() -> None:
@@ -454,11 +453,12 @@ def _ensure_helpers(n: int) -> None:
 
 
 def _forget_helpers() -> None:  # a forked child has none of its parent's threads
-    global _helper_jobs, _helpers_lock, _blas_lock
+    global _helper_jobs, _helpers_lock, _blas_lock, _fork_lock
     _helpers.clear()
     _helper_jobs = queue.SimpleQueue()
     _helpers_lock = threading.Lock()
     _blas_lock = threading.Lock()
+    _fork_lock = threading.Lock()
     # the sections other threads had open are gone with them: their limits off (the forking thread's stay)
     me = threading.get_ident()
     _blas_sections[:] = [section for section in _blas_sections if section[0] == me]
@@ -505,11 +505,12 @@ def start_items(fn: Callable[[int], None], n_items: int, n_threads: int) -> _Job
 def finish_items(job: _Job) -> None:
     """Complete a job of :func:`start_items` (idempotent, from any number of threads at once): the items nobody
     has taken run on this thread, then every thread still on one is waited for; the first exception (lowest
-    item) is re-raised.  In a process forked while the job was open, every item runs again here."""
+    item) is re-raised.  In a process forked while the job was open, its items run again there."""
     if job.pid != os.getpid():
-        job.forked()
-    else:
-        job.work_share()
-        job.finish()
+        with _fork_lock:  # the first thread of the child to get here resets it
+            if job.pid != os.getpid():
+                job.forked()
+    job.work_share()
+    job.finish()
     if job.errors:
         raise min(job.errors, key=lambda e: e[0])[1]

@@ -29,8 +29,10 @@ read ``hi`` as the state: no third array, no pass over the state after a fold.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -174,7 +176,7 @@ class _PendingFold:
     computed: the caller leaves them alone until :meth:`result` has returned.  The product is read-only once
     computed and may be shared by copies of the state (and asked for by several threads at once)."""
 
-    __slots__ = ("_compute", "_job", "nbytes", "product")
+    __slots__ = ("_compute", "_job", "_lock", "nbytes", "product")
 
     def __init__(self, X: np.ndarray, V: np.ndarray, D: int) -> None:
         m, inner = X.shape
@@ -186,6 +188,7 @@ class _PendingFold:
         dgemm = dgemm_function()
         self.nbytes = D * dv * 8
         self.product = _NO_ROWS
+        self._lock = threading.Lock()
 
         def compute(_: int) -> None:  # on the helper: the copies and the product are made there
             product = np.zeros((D, dv))
@@ -195,18 +198,28 @@ class _PendingFold:
             self.product = product
 
         self._compute = compute
-        self._job = start_items(compute, 1, get_num_threads())
+        self._job: Any = start_items(compute, 1, get_num_threads())
 
     def result(self) -> np.ndarray:
-        """The product, once computed (computed here if no helper has started it, or if the helper failed)."""
-        if self.product is _NO_ROWS:
-            try:
-                finish_items(self._job)
-            # the helper failed (no memory for the product?): once more, on this thread, whose error then stands
-            except Exception:  # noqa: BLE001
-                if self.product is _NO_ROWS:
-                    self._compute(0)
-        return self.product
+        """The product, once computed: by the helper, or here when no helper has started it or the helper
+        failed.  One thread at a time; an interruption here (``KeyboardInterrupt``) propagates and leaves the
+        product to be computed by the next call."""
+        with self._lock:
+            if self.product is _NO_ROWS and self._job is not None:
+                job, self._job = self._job, None  # whatever happens, the job is not asked again
+                # the helper failed (no memory for the product?): computed below, on this thread
+                with contextlib.suppress(Exception):
+                    finish_items(job)
+            if self.product is _NO_ROWS:
+                self._compute(0)
+            return self.product
+
+
+def _moment_state_from(
+    dim: int, value_dim: int, degree: int, arrays: dict[str, np.ndarray]
+) -> MomentState:
+    """Unpickling: :meth:`MomentState.from_state`."""
+    return MomentState.from_state(dim, value_dim, arrays, degree)
 
 
 class MomentState:
@@ -268,13 +281,14 @@ class MomentState:
         self._sum = self._hi
 
     def _fold_buffer(self) -> None:
-        self._settle()
+        self.settle()
         if self._buf_n:
             self._fold(self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n])
             self._buf_n = 0
 
-    def _settle(self) -> None:
-        """Add the pending product to ``S`` (waiting for it if needed); the rows it covers leave the buffer."""
+    def settle(self) -> None:
+        """Add a pending product to ``S`` now (waiting for it if needed); the rows it covers leave the buffer.
+        Should that fail, nothing has changed."""
         pending = self._pending
         if pending is None:
             return
@@ -292,12 +306,13 @@ class MomentState:
         add_product(hi, lo, self._pending.result())
         return hi, lo
 
-    def _before_adding(self, m: int) -> None:
-        """Settle a pending product once the buffer reaches ``_SETTLE_ROWS`` rows with the ``m`` about to join it.
-        Called before they are added: should it fail, nothing has changed.  A full buffer therefore never meets a
-        pending product."""
+    def prepare(self, m: int) -> None:
+        """Make ready for ``m`` more rows: settle a pending product when they bring the buffer to ``_SETTLE_ROWS``
+        rows (or past its room).  Called before anything else changes (by :meth:`add_row` and :meth:`add`
+        themselves, and by a sketch before it records the rows anywhere): should it fail, nothing has changed.
+        A full buffer therefore never meets a pending product."""
         if self._pending is not None and self._buf_n + m >= _SETTLE_ROWS:
-            self._settle()
+            self.settle()
 
     def _after_adding(self) -> None:
         """Hand a full buffer to the helpers (:class:`_PendingFold`); lifted states, and a hand-over that cannot
@@ -332,7 +347,7 @@ class MomentState:
         """Add one key and its value (buffered)."""
         if self.degree == 4:
             x = _lift(x[None, :])[0]
-        self._before_adding(1)
+        self.prepare(1)
         self._buf_keys[self._buf_n] = x
         self._buf_values[self._buf_n] = v
         self._buf_n += 1
@@ -344,7 +359,7 @@ class MomentState:
             return
         X = self._inner_rows(X)
         if self._buf_n + X.shape[0] <= BUFFER_ROWS:
-            self._before_adding(X.shape[0])
+            self.prepare(X.shape[0])
             self._buf_keys[self._buf_n : self._buf_n + X.shape[0]] = X
             self._buf_values[self._buf_n : self._buf_n + X.shape[0]] = V
             self._buf_n += X.shape[0]
@@ -366,7 +381,7 @@ class MomentState:
     def scale(self, factor: float) -> None:
         """Multiply the state by ``factor`` (``S <- factor S``; the waiting keys by ``sqrt(factor)``): a decaying
         stream's change of reference frame (docs/theory.md, "Decay and gates").  Exact for a power of 4."""
-        self._settle()
+        self.settle()
         self._hi *= factor
         self._lo *= factor
         self._buf_keys[: self._buf_n] *= np.sqrt(factor)
@@ -383,6 +398,15 @@ class MomentState:
         out._buf_values = out._rows_values[BUFFER_ROWS:]
         out._pending = self._pending  # shared: computed once, never written after
         return out
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: dict) -> MomentState:
+        return self.copy()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # the row buffer is a view of the rows array, and a pending product is a job: through to_state
+        return _moment_state_from, (self.dim, self.value_dim, self.degree, self.to_state())
 
     def query_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(S, keys waiting, their values)``: what a query reads (``S`` as :func:`moment_numerator` takes it)."""

@@ -341,17 +341,28 @@ class MultiHeadKeySketch:
         moments = self._heads[0]._moments
         start = self._buf_id0
         a = 0
-        while a < nb:
-            b = nb if moments is None else min(nb, a + BUFFER_ROWS - moments._buf_n)
-            for h, head in enumerate(self._heads):
-                head._ingest(
-                    self._buf[h, a:b],
-                    self._bufv[h, a:b] if values else None,
-                    None,
-                    start + a,
-                    _NO_IDS,
-                )
-            a = b
+        try:
+            while a < nb:
+                b = nb if moments is None else min(nb, a + BUFFER_ROWS - moments._buf_n)
+                if (
+                    moments is not None
+                ):  # pending moment products first: should one fail, no head has the piece
+                    for head in self._heads:
+                        assert head._moments is not None
+                        head._moments.prepare(b - a)
+                for h, head in enumerate(self._heads):
+                    head._ingest(
+                        self._buf[h, a:b],
+                        self._bufv[h, a:b] if values else None,
+                        None,
+                        start + a,
+                        _NO_IDS,
+                    )
+                a = b
+        except BaseException:
+            if a:  # the pieces every head took leave the buffer; the live state is rebuilt when next needed
+                self._drop_synced(a, nb)
+            raise
         live = self._live
         if live is not None and not self._stale:
             # the buffered rows are rows of the heads' stores now: the live state holds them all (a stale one
@@ -361,6 +372,16 @@ class MultiHeadKeySketch:
             live.bup = 0
         self._nb = 0
         self._stale = True
+
+    def _drop_synced(self, a: int, nb: int) -> None:
+        """The first ``a`` of the ``nb`` buffered tokens reached every head before a later piece failed: they leave
+        the buffer, and the live state is rebuilt from the heads when next needed."""
+        assert self._buf is not None
+        self._buf[:, : nb - a] = self._buf[:, a:nb].copy()
+        if self._bufv is not None:
+            self._bufv[:, : nb - a] = self._bufv[:, a:nb].copy()
+        self._nb, self._buf_id0 = nb - a, self._buf_id0 + a
+        self._live, self._stale = None, True
 
     # ------------------------------------------------------------------ ingest
     def update_many(

@@ -459,6 +459,8 @@ class KeySketch:
         with self._lock:
             self._check_next_id()
             if neg or self.forgets:
+                if self._moments is not None:  # before the frame moves (see _append_token)
+                    self._moments.prepare(1)
                 x = self._weigh_row(x, neg, "x")
             self._append_token(
                 x, value
@@ -536,6 +538,8 @@ class KeySketch:
 
     def _scale_state(self, factor: float) -> None:
         """Every weight times ``factor``: the summary and moments by ``factor``, every row held by its root."""
+        if self._moments is not None:  # the step that can fail, before anything is scaled
+            self._moments.settle()
         summary = self._summary
         assert isinstance(summary, GramSummary)
         if factor < 4.0**-FORGET_SHIFT:
@@ -561,10 +565,13 @@ class KeySketch:
     def _append_token(self, x: np.ndarray, value: np.ndarray | None) -> None:
         """Feed one validated row under the next id (checked by :meth:`_check_next_id`)."""
         i = self._next_id
-        self._store.append_row(x, i, value)
+        # the steps that can fail first, each changing nothing when it does: room for the row, then the moment
+        # state (which adds a pending product before it takes the row)
+        self._store.room_for_row(x)
         if self._moments is not None:
             assert value is not None
             self._moments.add_row(x, value)
+        self._store.append_row(x, i, value)
         self._n += 1
         ranges = self._seen.ranges
         if ranges.shape[0] and ranges[-1, 1] == i:
@@ -631,6 +638,10 @@ class KeySketch:
         is checked before anything changes (a chunk folded in several waves is undone if a later wave is
         rejected).  For p = 2 the blocks are folded by :func:`_fold_chunk` on the library's threads."""
         m = X.shape[0]
+        if (
+            self._moments is not None
+        ):  # a pending moment product is added first: if that fails, nothing changed
+            self._moments.prepare(m)
         pending = self._store.n - self._pending_from
         head = min(m, self._block_rows - pending) if pending else 0
         n_full = (m - head) // self._block_rows
@@ -1231,6 +1242,8 @@ class KeySketch:
             with self._lock:  # a decode step: validated by one finite check, fed as one row
                 self._check_next_id()
                 if step_neg is not None and (step_neg or self.forgets):
+                    if self._moments is not None:  # before the frame moves (see _append_token)
+                        self._moments.prepare(1)
                     K = self._weigh_row(K[0], step_neg, "K")[None, :]
                 chunk_ids = np.array([self._next_id], dtype=np.int64)
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)

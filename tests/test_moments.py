@@ -301,7 +301,7 @@ def test_a_merge_reads_a_state_the_same_before_and_after_its_product_lands():
     other = _fed_one_at_a_time(K, V)
     assert other._pending is not None and other._buf_n == 0
     landed = other.copy()
-    landed._settle()
+    landed.settle()
     merged = []
     for src in (other, MomentState.from_state(5, 2, other.to_state()), landed):
         A = MomentState(5, 2)
@@ -352,3 +352,127 @@ def test_a_row_whose_settle_fails_is_refused_and_changes_nothing(monkeypatch):
         S.add_row(k, v)
     for q, row in zip(Q, S.numerator(Q)):
         assert np.all(np.abs(row - _exact_numerator(K, V, q, 2)) <= 1e-13 * _scale_of(K, V, q, 2))
+
+
+def _attention_outputs(K: np.ndarray, V: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    W = (Q @ K.T) ** 2
+    return W @ V / W.sum(axis=1, keepdims=True)
+
+
+def test_a_token_refused_by_a_failed_settle_changes_no_sketch(monkeypatch):
+    """At the sketch level too: the token is refused whole (store, ids, count, moment state), and fed again once
+    the product can be computed, the sketch equals brute force over every token exactly once."""
+    from levstream import moments
+    from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS
+
+    real = moments.features_product
+
+    def broken(*args):
+        raise MemoryError("no memory for the product (simulated)")
+
+    rng = np.random.default_rng(18)
+    n = BUFFER_ROWS + _SETTLE_ROWS + 20
+    K, V, Q = rng.standard_normal((n, 4)), rng.standard_normal((n, 2)), rng.standard_normal((3, 4))
+    sk = ls.KeySketch(4, eps=0.1, value_dim=2, exact_output=True)
+    monkeypatch.setattr(moments, "features_product", broken)
+    t = 0
+    with pytest.raises(MemoryError):
+        for t in range(n):
+            sk.prefill(K[t][None], V[t][None], Q[:1])
+    assert t == BUFFER_ROWS + _SETTLE_ROWS - 1
+    before = (sk.n, sk._next_id, sk._store.n)
+    with pytest.raises(MemoryError):
+        sk.update(K[t], V[t])
+    assert (sk.n, sk._next_id, sk._store.n) == before
+    monkeypatch.setattr(moments, "features_product", real)
+    for s in range(t, n):
+        sk.update(K[s], V[s])
+    assert sk.n == n and len(set(sk._store.ids_view().tolist())) == sk._store.n
+    assert np.allclose(sk.attend(Q).output, _attention_outputs(K, V, Q), rtol=1e-10, atol=0)
+
+
+def test_a_failed_settle_in_a_multihead_sync_drops_the_pieces_every_head_took(monkeypatch):
+    """The token buffer is handed to the heads in pieces; a settle that fails in a later piece leaves the earlier
+    pieces with every head and takes them out of the buffer, so no token is fed twice or lost."""
+    from levstream import moments
+    from levstream.moments import BUFFER_ROWS
+
+    real = moments.features_product
+
+    def broken(*args):
+        raise MemoryError("no memory for the product (simulated)")
+
+    rng = np.random.default_rng(19)
+    H, n = 2, 300
+    K, V, Q = rng.standard_normal((H, n, 4)), rng.standard_normal((H, n, 2)), rng.standard_normal((H, 3, 4))
+    mh = ls.MultiHeadKeySketch(H, 4, eps=0.1, value_dim=2, exact_output=True)
+    for t in range(100):
+        mh.update(K[:, t], V[:, t])
+    mh.top_k(Q, 1)  # hands the 100 tokens to the heads: their moment buffers hold 100 rows
+    monkeypatch.setattr(moments, "features_product", broken)
+    t = 100
+    with pytest.raises(MemoryError):
+        for t in range(100, n):
+            mh.update(K[:, t], V[:, t])
+    # the 64 buffered tokens went in two pieces: 28 (the heads' buffers filled: a product pending), then 36,
+    # whose settle failed; the first piece is with every head, the rest still buffered, the new token refused
+    assert t == 164 and mh._nb == 64 - (BUFFER_ROWS - 100)
+    monkeypatch.setattr(moments, "features_product", real)
+    for s in range(t, n):
+        mh.update(K[:, s], V[:, s])
+    res = mh.attend(Q)
+    for h in range(H):
+        assert mh._heads[h].n + mh._nb == n
+        assert np.allclose(res.output[h], _attention_outputs(K[h], V[h], Q[h]), rtol=1e-10, atol=0)
+
+
+def test_an_interrupted_product_is_computed_again_by_the_next_call(monkeypatch):
+    """Ctrl-C while the calling thread computes the product (thread budget 1): the interruption propagates and
+    the row that triggered it is refused; the next call computes the product and the stream goes on exactly."""
+    from levstream import moments
+    from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS
+
+    real, interrupted = moments.features_product, []
+
+    def interrupt_once(*args):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real(*args)
+
+    rng = np.random.default_rng(20)
+    n = BUFFER_ROWS + _SETTLE_ROWS + 5
+    K, V = rng.standard_normal((n, 3)), rng.standard_normal((n, 2))
+    monkeypatch.setattr(moments, "features_product", interrupt_once)
+    before = ls.get_num_threads()
+    ls.set_num_threads(1)
+    try:
+        S = _fed_one_at_a_time(K[: BUFFER_ROWS + _SETTLE_ROWS - 1], V[: BUFFER_ROWS + _SETTLE_ROWS - 1])
+        with pytest.raises(KeyboardInterrupt):
+            S.add_row(K[BUFFER_ROWS + _SETTLE_ROWS - 1], V[BUFFER_ROWS + _SETTLE_ROWS - 1])
+        for k, v in zip(K[BUFFER_ROWS + _SETTLE_ROWS - 1 :], V[BUFFER_ROWS + _SETTLE_ROWS - 1 :]):
+            S.add_row(k, v)
+    finally:
+        ls.set_num_threads(before)
+    for q in rng.standard_normal((2, 3)):
+        err = np.abs(S.numerator(q[None])[0] - _exact_numerator(K, V, q, 2))
+        assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "copy", "pickle"])
+def test_a_state_copied_by_the_standard_protocols_goes_on_exactly(how):
+    import copy as copy_module
+    import pickle
+
+    from levstream.moments import BUFFER_ROWS
+
+    rng = np.random.default_rng(21)
+    K, V = rng.standard_normal((BUFFER_ROWS + 40, 3)), rng.standard_normal((BUFFER_ROWS + 40, 2))
+    S = _fed_one_at_a_time(K[: BUFFER_ROWS + 5], V[: BUFFER_ROWS + 5])  # a product pending, 5 rows buffered
+    T = {"deepcopy": copy_module.deepcopy, "copy": copy_module.copy,
+         "pickle": lambda s: pickle.loads(pickle.dumps(s))}[how](S)
+    for k, v in zip(K[BUFFER_ROWS + 5 :], V[BUFFER_ROWS + 5 :]):
+        T.add_row(k, v)
+    for q in rng.standard_normal((2, 3)):
+        err = np.abs(T.numerator(q[None])[0] - _exact_numerator(K, V, q, 2))
+        assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2))
