@@ -1249,7 +1249,7 @@ class KeySketch:
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
                 self._append_token(K[0], V[0])
             return result
-        K = as_matrix(K, "K", self._dim, allow_empty=True)
+        given, K = K, as_matrix(K, "K", self._dim, allow_empty=True)
         c = K.shape[0]
         Q = as_matrix(Q, "Q", self._dim, allow_empty=True)
         if Q.shape[0] != c:
@@ -1265,6 +1265,8 @@ class KeySketch:
         neg = self._neg_log_gates(gates, c)
         with self._lock:
             if neg is None or c == 0:
+                # float32 keys are held as float32, as update_many holds them
+                K = _kept_row(given, K, isinstance(self._summary, GramSummary))
                 return self._prefill(K, Vc, Q, ids, offset, eps)
             return self._prefill_gated(K, Vc, Q, ids, offset, eps, neg)
 
@@ -1711,9 +1713,9 @@ def _alive(rows: np.ndarray, W: np.ndarray, floor: float) -> np.ndarray:
 
 
 def _kept_row(x: Any, row: np.ndarray, gram: bool) -> np.ndarray:
-    """The row to store for a validated key ``row`` (float64) given as ``x``: a float32 array stays float32 on
-    the Gram path, as :func:`_as_keys` keeps float32 chunks."""
-    if gram and isinstance(x, np.ndarray) and x.dtype == np.float32:
+    """The row (or rows) to store for validated keys ``row`` (float64) given as ``x``: a float32 array of the
+    same shape stays float32 on the Gram path, as :func:`_as_keys` keeps float32 chunks."""
+    if gram and isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == row.shape:
         return np.ascontiguousarray(x)
     return row
 

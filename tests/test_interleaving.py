@@ -241,3 +241,45 @@ def test_long_live_run_matches_brute_force_on_a_sample():
         entries_checked += len(must)
     assert sk.n == LONG_STEPS
     assert entries_checked >= 1000, f"only {entries_checked} heavy entries checked: a weak sample"
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32", "mixed"])
+def test_single_rows_enter_a_current_live_cache_on_arrival(precision):
+    """Once a query has made the live cache, every single-row update and decode step hands its row to the
+    store and to the cache in one compiled call (the cache takes it on arrival instead of at the next query).
+    Rows of every fate (kept as heavy, dropped, much longer than the rest), several updates between queries,
+    flushes and the cache's refreshes on the way, float32 and mixed-precision keys: every answer equals brute
+    force over the prefix, and the sketch's bytes equal those of a twin fed the same rows by ``update`` with no
+    query at all (whose rows never meet a live cache; float32 keys are held as float32 whichever call fed
+    them, ``prefill`` included)."""
+    rng = np.random.default_rng(21)
+    d, dv, eps, n = 5, 3, 0.05, 400
+    K = heavy_tailed_keys(n, d, seed=22)
+    K[rng.random(n) < 0.05] *= 1e3  # a few rows far longer than the rest: heavy for a while
+    if precision != "float64":
+        K = K.astype(np.float32).astype(np.float64)  # the twin's exact values of the float32 rows
+    V = rng.standard_normal((n, dv))
+    sk = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True, block_rows=32)
+    quiet = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True, block_rows=32)
+    twin = NaiveStream(d, value_dim=dv)
+    for t in range(n):
+        x = K[t].astype(np.float32) if precision == "float32" or (precision == "mixed" and t % 3) else K[t]
+        quiet.update(x, V[t])
+        twin.update(K[t], V[t])
+        if t % 4 == 3:  # a decode step: the row is seen by its own query, then fed
+            q = rng.standard_normal((1, d)) if t % 8 == 3 else K[rng.integers(0, t + 1)][None, :]
+            res = sk.prefill(x[None, :], V[t][None, :], q)
+            check_entries(res.entries, twin, q, eps, GRAM, f"step {t}, decode")
+            out, heavy_out, mass = twin.attend(q, eps)
+            np.testing.assert_allclose(res.output, out, rtol=1e-9, atol=1e-12 * np.abs(out).max())
+            np.testing.assert_allclose(heavy_out, res.heavy_output, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(mass, res.captured_mass, rtol=1e-9)
+            continue
+        sk.update(x, V[t])
+        if t % 5 in (0, 2):
+            q = K[rng.integers(0, t + 1)][None, :] + 0.1 * rng.standard_normal((1, d))
+            check_entries(sk.heavy_entries(q), twin, q, eps, GRAM, f"step {t}")
+    assert sk.to_bytes() == quiet.to_bytes()
+    Q = rng.standard_normal((8, d))
+    check_entries(sk.heavy_entries(Q), twin, Q, eps, GRAM, "end")
+    check_entries(quiet.heavy_entries(Q), twin, Q, eps, GRAM, "end, no query before")
