@@ -18,12 +18,18 @@ from typing import NamedTuple
 import numpy as np
 
 from ._kernels.ingest import copy_sq_total
+from ._kernels.live import append_row_and_bound
 
 #: Smallest allocation (rows) once anything is stored.
 _MIN_ROWS = 16
 
 #: Growth factor of the allocation: amortised O(1) copies per row, at most this much unused room after growth.
 _GROWTH = 1.5
+
+#: What :meth:`RowStore.append_row_tested` passes for the value rows of a store without values (writable: a
+#: read-only array is another type to the compiled kernel, which would be compiled twice).
+_NO_VALUE_ROWS = np.zeros((0, 0))
+_NO_VALUE_ROW = np.zeros(0)
 
 
 def _set_rows(store: RowStore, name: str, rows: int, dtype: type | None = None) -> None:
@@ -222,6 +228,39 @@ class RowStore:
         if self.ids_sorted and n and key_id <= self.ids[n - 1]:
             self.ids_sorted = False
         self.n = n + 1
+
+    def append_row_tested(
+        self,
+        key: np.ndarray,
+        key_id: int,
+        value: np.ndarray | None,
+        G: np.ndarray,
+        W: np.ndarray,
+        threshold: float,
+        scratch: np.ndarray,
+    ) -> float:
+        """:meth:`append_row`, and in the same compiled call the row is added to the Gram matrix ``G`` and its
+        leverage bound tested against the factor ``W`` (:func:`~levstream._kernels.live.append_row_and_bound`,
+        ``scratch`` of ``W``'s width): a live step's arrival.  Returns the row's norm when the bound reaches
+        ``threshold``, else -1.  Call :meth:`room_for_row` first (this allocates nothing and cannot fail)."""
+        n = self.n
+        norm: float = append_row_and_bound(
+            self.keys,
+            self.ids,
+            _NO_VALUE_ROWS if self.values is None else self.values,
+            n,
+            key,
+            key_id,
+            _NO_VALUE_ROW if value is None else value,
+            G,
+            W,
+            threshold,
+            scratch,
+        )
+        if self.ids_sorted and n and key_id <= self.ids[n - 1]:
+            self.ids_sorted = False
+        self.n = n + 1
+        return norm
 
     def extend(self, other: RowStore) -> None:
         """Append every row of ``other`` (same dim and value_dim)."""

@@ -347,11 +347,16 @@ class MomentState:
         """Add one key and its value (buffered)."""
         if self.degree == 4:
             x = _lift(x[None, :])[0]
-        self.prepare(1)
-        self._buf_keys[self._buf_n] = x
-        self._buf_values[self._buf_n] = v
-        self._buf_n += 1
-        self._after_adding()
+        n = self._buf_n
+        if (
+            self._pending is not None and n + 1 >= _SETTLE_ROWS
+        ):  # prepare(1), inline: the decode step's path
+            self.settle()
+        self._buf_keys[n] = x
+        self._buf_values[n] = v
+        self._buf_n = n + 1
+        if n + 1 == BUFFER_ROWS:
+            self._after_adding()
 
     def add(self, X: np.ndarray, V: np.ndarray) -> None:
         """Fold keys ``X`` (m, dim) and their values ``V`` (m, value_dim): ``S += phi(X)^T V``."""

@@ -552,7 +552,11 @@ class KeySketch:
         if self._moments is not None:
             self._moments.scale(factor)
         if self._live is not None:
-            self._live.scale(factor, root)
+            # G left float64's range (kept as its R factor): queries read the summary and every row, not the cache
+            if summary.gram_sum() is None:
+                self._live = None
+            else:
+                self._live.scale(factor, root)
 
     def _check_next_id(self) -> None:
         """Refuse the running counter's next id when it was already fed (e.g. by ``ids=``)."""
@@ -567,11 +571,20 @@ class KeySketch:
         i = self._next_id
         # the steps that can fail first, each changing nothing when it does: room for the row, then the moment
         # state (which adds a pending product before it takes the row)
-        self._store.room_for_row(x)
+        store = self._store
+        store.room_for_row(x)
         if self._moments is not None:
             assert value is not None
             self._moments.add_row(x, value)
-        self._store.append_row(x, i, value)
+        live = self._live
+        if live is not None and live.upto == store.n:
+            # the live cache is current (queries were asked since the last fold): it takes the row now, in the
+            # same compiled call as the store, instead of at the next query
+            summary = self._summary
+            assert isinstance(summary, GramSummary)  # a live cache exists only for it
+            live.append(store, x, i, value, live.bound_factor(summary))
+        else:
+            store.append_row(x, i, value)
         self._n += 1
         ranges = self._seen.ranges
         if ranges.shape[0] and ranges[-1, 1] == i:
@@ -991,6 +1004,10 @@ class KeySketch:
         """
         st, summary = self._store, self._summary
         pf, n = self._pending_from, st.n
+        live = self._live
+        if live is not None and live.view is not None and live.upto == n and pf < n:
+            # the live step: nothing a query reads has moved since the view was made
+            return live.view
         values = None if st.values is None else st.values[:pf]
         G = summary.gram_sum() if isinstance(summary, GramSummary) else None
         if G is None or pf == n:
@@ -1519,6 +1536,7 @@ class _LiveRows:
         "gram",
         "row_norms",
         "rows",
+        "scratch",
         "start",
         "threshold",
         "upto",
@@ -1541,10 +1559,35 @@ class _LiveRows:
         self.diag_mark = float(np.diag(self.gram).max()) if dim else 0.0
         #: the view queries read (:meth:`KeySketch._view`), kept until the rows or their order change
         self.view: _query.HeadView | None = None
+        self.scratch = np.empty(dim)  # for the live step's bound (:meth:`append`)
 
     def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
         """The factor the next rows are tested with: this cache's own, or the summary's."""
         return self.factor if self.factor is not None else summary.bound_factor()
+
+    def append(
+        self,
+        store: RowStore,
+        x: np.ndarray,
+        key_id: int,
+        value: np.ndarray | None,
+        factor: np.ndarray | None,
+    ) -> None:
+        """Append a row to the store and account for it here, in one compiled call (the live step; the cache is
+        current: ``upto == store.n``).  Does what :meth:`add` of the row would do at the next query."""
+        i = store.n
+        norm = store.append_row_tested(
+            x,
+            key_id,
+            value,
+            self.gram,
+            _NO_FACTOR if factor is None else factor,
+            self.threshold,
+            self.scratch,
+        )
+        if norm >= 0.0:
+            self._keep_row(store, i, norm)
+        self._advance(store, i + 1)
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
         if n - self.upto == 1:  # the live step: one compiled call, nothing allocated

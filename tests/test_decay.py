@@ -890,6 +890,28 @@ def test_a_direction_that_decays_away_loses_no_recent_key():
     check_universal(sk, ref, eps=0.1)
 
 
+def test_a_direction_that_decays_away_row_by_row_under_queries():
+    """The same stream fed one row at a time with a query after each: when ``G`` leaves float64's range (kept as
+    its R factor, here with the live queries' cache current) the cache goes, and queries read the summary and
+    every pending row until the next fold."""
+    rng = np.random.default_rng(1)
+    n, d = 1500, 3
+    K = rng.standard_normal((n, d))
+    K[100:, 0] = 0.0
+    sk = ls.KeySketch(d, eps=0.1, block_rows=16, decay=0.5)
+    ref = DecayedStream(d, decay=0.5)
+    for t in range(n):
+        sk.update(K[t])
+        ref.update_many(K[t : t + 1])
+        Q = rng.standard_normal((2, d))
+        Q[0, 0] = 0.0
+        if t % 7 == 0 or t > n - 30:
+            check_queries(sk, ref, Q, eps=0.1)
+        else:
+            sk.heavy_entries(Q)  # keeps the live cache current
+    check_universal(sk, ref, eps=0.1)
+
+
 def test_build_from_an_iterable_with_decay_is_one_stream():
     """Round-robin shards of an iterable are not consecutive parts: build_sketch feeds them as one stream."""
     rng = np.random.default_rng(97)

@@ -108,6 +108,23 @@ def add_row_and_bound(x, G, W, threshold):  # pragma: no cover - compiled
     return norm if keep else -1.0
 
 
+@numba.njit(nogil=True, cache=True)
+def append_row_and_bound(
+    keys, ids, values, n, x, key_id, v, G, W, threshold, y
+):  # pragma: no cover
+    """Write key ``x`` (id ``key_id``; value row ``v`` when ``values`` has rows) as row ``n`` of a row store's
+    arrays, then :func:`add_row_and_bound` of the row as stored (``y``: scratch of ``W``'s width): a live step's
+    arrival in one call, nothing allocated.  Returns the row's norm when it is kept, else ``-1``."""
+    for a in range(x.shape[0]):
+        keys[n, a] = x[a]
+    ids[n] = key_id
+    if values.shape[0]:
+        for c in range(v.shape[0]):
+            values[n, c] = v[c]
+    keep, norm = _add_row_and_bound(keys[n], G, W, threshold, y)
+    return norm if keep else -1.0
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
 def _add_row_and_bound(x, G, W, threshold, y):  # pragma: no cover - compiled
     """``G += x x^T``; returns ``(keep, norm)`` (see :func:`add_rows_and_bound`; ``y``: scratch of ``W``'s
