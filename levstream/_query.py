@@ -57,6 +57,10 @@ class HeadView(NamedTuple):
     #: with ``total_gram``: the view without it (the summary and every pending row), for the queries along which
     #: ``q^T total_gram q`` cannot be trusted (docs/theory.md, "Numerics")
     fallback: Callable[[], HeadView] | None = None
+    #: with ``extra_norms``: the rows of ``extra_keys`` as int8 and their scales
+    #: (:func:`~levstream._kernels.live.int8_rows`), for the live scan's int8 bound, else None
+    extra_int8: np.ndarray | None = None
+    extra_scales: np.ndarray | None = None
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -189,17 +193,27 @@ _NO_IDS.flags.writeable = False
 #: after a flush) then compiled or loaded a second version of the kernels (25-35 ms, measured).  It has no
 #: element to change.
 NO_NORMS = np.zeros(0)
+#: The same for the int8 rows of the scanned pending rows (writable, for the same reason).
+NO_INT8 = np.zeros((0, 0), dtype=np.int8)
 
 
-#: ``G``, candidates, their norms and ids, scanned pending rows, their norms and ids
+#: ``G``, candidates, their norms and ids, scanned pending rows, their norms, int8 rows, scales and ids
 _ScanArrays = tuple[
-    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
 ]
 
 
 def _scan_arrays(view: HeadView) -> _ScanArrays:
     """The arrays the live kernels scan: ``G``, the candidates (their norms, ids), the scanned pending rows (their
-    norms, ids)."""
+    norms, int8 rows, scales, ids)."""
     assert view.total_gram is not None
     return (
         view.total_gram,
@@ -208,6 +222,8 @@ def _scan_arrays(view: HeadView) -> _ScanArrays:
         view.ids,
         view.extra_keys,
         NO_NORMS if view.extra_norms is None else view.extra_norms,
+        NO_INT8 if view.extra_int8 is None else view.extra_int8,
+        NO_NORMS if view.extra_scales is None else view.extra_scales,
         view.extra_ids,
     )
 

@@ -27,7 +27,7 @@ from ._ids import IdRanges
 from ._kernels.blas import dtrmm_function
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import slab_pass, sq_total, upper_scores
-from ._kernels.live import add_row_and_bound, add_rows_and_bound, scan_norms
+from ._kernels.live import add_row_and_bound, add_rows_and_bound, int8_rows_into, scan_norms
 from ._kernels.rows import largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
 from ._store import RowStore, StoreState
@@ -300,6 +300,7 @@ class KeySketch:
         cache = 0
         if live is not None:
             cache = int(live.gram.nbytes + live.rows.nbytes + live.row_norms.nbytes)
+            cache += int(live.row_int8.nbytes + live.row_scale.nbytes)
             cache += 0 if live.cand is None else live.cand.nbytes + live.cand_norms.nbytes
         return int(
             self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
@@ -1025,7 +1026,7 @@ class KeySketch:
         else:  # the candidates still alive, by descending norm (see _LiveRows)
             keys, ids, values = cand.keys_view(), cand.ids_view(), cand.values_view()
             norms, ids_sorted = live.cand_norms, ids_sorted and cand.ids_sorted
-        extra_norms = live.row_norms[: rows.n]
+        extra = rows.n
         live.view = _query.HeadView(
             self._summary,
             keys,
@@ -1038,8 +1039,10 @@ class KeySketch:
             ids_sorted,
             self._moments,
             norms,
-            extra_norms,
+            live.row_norms[:extra],
             self._plain_view,
+            live.row_int8[:extra],
+            live.row_scale[:extra],
         )
         return live.view
 
@@ -1534,7 +1537,9 @@ class _LiveRows:
         "factor",
         "floor",
         "gram",
+        "row_int8",
         "row_norms",
+        "row_scale",
         "rows",
         "scratch",
         "start",
@@ -1549,7 +1554,11 @@ class _LiveRows:
         self.upto = self.start = start
         self.gram = gram.copy()
         self.rows = RowStore(dim, value_dim)
-        self.row_norms = np.empty(16)  # norms of rows[:rows.n] (scan_norms), room to grow
+        # the scans' filters of rows[:rows.n], room to grow: norms (scan_norms), int8 rows and their scales
+        # (int8_rows: a decaying stream keeps thousands of recent rows here, most of them read by every query)
+        self.row_norms = np.empty(16)
+        self.row_int8 = np.empty((16, dim), dtype=np.int8)
+        self.row_scale = np.empty(16)
         self.cand: RowStore | None = None
         self.cand_norms = _query.NO_NORMS
         self.factor: np.ndarray | None = None
@@ -1625,6 +1634,7 @@ class _LiveRows:
         self.gram *= factor
         self.rows.scale_keys(root)
         self.row_norms[: self.rows.n] = scan_norms(self.rows.keys_view())
+        int8_rows_into(self.rows.keys_view(), self.row_int8, self.row_scale, 0)
         if self.cand is not None:
             self.cand.scale_keys(root)
             self._order_cand()  # rows may have fallen below the norm floor (see scan_norms)
@@ -1646,10 +1656,11 @@ class _LiveRows:
             self.diag_mark = float(np.diag(self.gram).max())
             return
         if self.rows.n:
+            n = self.rows.n
             alive = _alive(self.rows.keys_view(), W, self.floor)
-            kept = self.row_norms[: self.rows.n][alive]
             self.rows.keep_from(0, alive)
-            self.row_norms[: kept.shape[0]] = kept
+            for filt in (self.row_norms, self.row_int8, self.row_scale):
+                filt[: self.rows.n] = filt[:n][alive]
         fresh = self.cand is None
         if self.cand is None:  # the candidates still alive: a copy the queries scan
             self.cand = RowStore(store.dim, store.value_dim)
@@ -1665,11 +1676,15 @@ class _LiveRows:
         self.factor = W
         self.diag_mark = float(np.diag(self.gram).max())
 
-    def _room_for_norms(self, rows: int) -> None:
+    def _room_for_rows(self, rows: int) -> None:
+        """Room for the filters of ``rows`` scanned rows (the rows themselves grow in their store)."""
         if rows > self.row_norms.shape[0]:
-            grown = np.empty(max(rows, 2 * self.row_norms.shape[0]))
-            grown[: self.rows.n] = self.row_norms[: self.rows.n]
-            self.row_norms = grown
+            size, n = max(rows, 2 * self.row_norms.shape[0]), self.rows.n
+            for name in ("row_norms", "row_int8", "row_scale"):
+                old = getattr(self, name)
+                grown = np.empty((size, *old.shape[1:]), dtype=old.dtype)
+                grown[:n] = old[:n]
+                setattr(self, name, grown)
 
     def _order_cand(self) -> None:
         """Order the candidate copy by descending norm and keep the norms."""
@@ -1686,17 +1701,19 @@ class _LiveRows:
             self.view = None
             X = store.keys[self.upto : n]
             values = None if store.values is None else store.values[self.upto : n][keep]
-            kept = norms[keep]
-            self._room_for_norms(self.rows.n + kept.shape[0])
+            kept, rows = norms[keep], X[keep]
+            self._room_for_rows(self.rows.n + kept.shape[0])
             self.row_norms[self.rows.n : self.rows.n + kept.shape[0]] = kept
-            self.rows.append(X[keep], store.ids[self.upto : n][keep], values)
+            int8_rows_into(rows, self.row_int8, self.row_scale, self.rows.n)
+            self.rows.append(rows, store.ids[self.upto : n][keep], values)
         self._advance(store, n)
 
     def _keep_row(self, store: RowStore, i: int, norm: float) -> None:
         """Row ``i`` of the store joins the scanned rows (the live step)."""
         self.view = None
-        self._room_for_norms(self.rows.n + 1)
+        self._room_for_rows(self.rows.n + 1)
         self.row_norms[self.rows.n] = norm
+        int8_rows_into(store.keys[i : i + 1], self.row_int8, self.row_scale, self.rows.n)
         self.rows.append_row(
             store.keys[i], int(store.ids[i]), None if store.values is None else store.values[i]
         )

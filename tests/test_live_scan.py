@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from levstream._kernels.live import heavy_p2, scan_norms
+from levstream._kernels.live import heavy_p2, int8_rows, scan_norms
 
 
 def rows_at_the_cut(rng: np.random.Generator, q: np.ndarray, cut: float) -> tuple[np.ndarray, list]:
@@ -54,13 +54,13 @@ def test_scan_norms_never_understate():
 
 @pytest.mark.parametrize("in_candidates", [1.0, 0.5, 0.0])
 @pytest.mark.parametrize("ids_rising", [True, False])
-@pytest.mark.parametrize("extra_norms", [True, False])
+@pytest.mark.parametrize("extra_norms", ["int8", True, False])
 @pytest.mark.parametrize("own_rows", [0, 2])
 def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms, own_rows):
     """Candidates by descending norm (the scan stops early) and unordered rows after them (with their norms, then
-    the short ones are skipped, or without), and rows outside ``G`` (a decode step's own key: their terms join
-    ``Z``): exactly the rows at or above the cut, values to rounding, ids ascending whatever the order of the
-    rows."""
+    the short ones are skipped, and with their int8 rows too, then those the int8 bound rules out; or without
+    either), and rows outside ``G`` (a decode step's own key: their terms join ``Z``): exactly the rows at or
+    above the cut, values to rounding, ids ascending whatever the order of the rows."""
     rng = np.random.default_rng(31)
     d, thresh = 16, 0.01
     for trial in range(4):
@@ -80,9 +80,11 @@ def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms
         K = np.vstack([K0[perm], own])
         all_ids = np.arange(n + own_rows) * 3 + 7
         ids = all_ids if ids_rising else all_ids[::-1].copy()
+        Ke = np.ascontiguousarray(K[c:n])
+        Ke8, we, _ = int8_rows(Ke) if extra_norms == "int8" else (np.zeros((0, 0), np.int8), np.zeros(0), None)
         ints, floats = heavy_p2(
-            Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], np.ascontiguousarray(K[c:n]),
-            scan_norms(K[c:n]) if extra_norms else np.zeros(0), ids[c:n], own.reshape(own_rows, d),
+            Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], Ke,
+            scan_norms(Ke) if extra_norms else np.zeros(0), Ke8, we, ids[c:n], own.reshape(own_rows, d),
             ids[n:], thresh)
         indptr, zz = ints[:3], floats[:2]
         total = indptr[2]

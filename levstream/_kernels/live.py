@@ -162,7 +162,9 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
-def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, Kc, idc, thresh):  # pragma: no cover - compiled
+def heavy_p2(
+    Q, G, K, nk, ids, Ke, nke, Ke8, we, extra_ids, Kc, idc, thresh
+):  # pragma: no cover - compiled
     """Every ``A = <q, k>^2 / Z >= thresh`` of a few queries over the rows ``[K; Ke; Kc]`` (p = 2), with
     ``Z = q^T G q + sum_r <q, Kc_r>^2``: ``G`` the exact Gram matrix of every key fed, ``Kc`` (ids ``idc``) rows
     every query sees that ``G`` does not hold yet (a decode step's own key; usually none).
@@ -182,12 +184,17 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, Kc, idc, thresh):  # pragma: 
     found by bisection, since by Cauchy-Schwarz ``<q, k>^2 <= ||q||^2 ||k||^2`` (the margin covers the rounding
     of the norms, ``~d 2^-53``, and keeps every row the float64 scan would report).  ``nke``, when not empty,
     holds the norms of the rows of ``Ke`` (in any order): those too short are skipped without a product.
+    ``Ke8``/``we``, when not empty (with ``nke``), hold the rows of ``Ke`` as int8 with their scales
+    (:func:`int8_rows`): a row of ``Ke`` that passes the norm bound then passes the int8 bound of
+    :func:`heavy_p2_stacked` before its float64 product (a decaying stream keeps thousands of recent rows
+    there).
     """
     m, d = Q.shape
     c, e, o = K.shape[0], Ke.shape[0], Kc.shape[0]
     tol = (d * UNIT_ROUNDOFF) ** 2
     z = np.empty(m)
     W = np.empty((m, c + e + o), dtype=np.float64)
+    q32 = np.empty(d, dtype=np.float32)
     for i in range(m):
         zi = _checked_quadratic(Q[i], G, d, tol)
         if zi != UNRELIABLE:
@@ -226,8 +233,13 @@ def heavy_p2(Q, G, K, nk, ids, Ke, nke, extra_ids, Kc, idc, thresh):  # pragma: 
             W[i, j] = v
             cnt += v >= cut
         short = filt and nke.shape[0] > 0
+        by_int8 = short and Ke8.shape[0] > 0
+        slack = _unit_query(q, nq2, q32) if by_int8 else 0.0
         for j in range(e):
             if short and nke[j] < lim:  # |<q, k>| <= ||q|| ||k|| < sqrt(cut): not heavy
+                W[i, c + j] = 0.0
+                continue
+            if by_int8 and not _int8_reaches(q32, Ke8[j], we[j], slack, lim, d):
                 W[i, c + j] = 0.0
                 continue
             v = _dot(q, Ke[j], d)
@@ -422,6 +434,37 @@ def int8_rows(K):  # pragma: no cover - compiled
     return K8, w, norms
 
 
+@numba.njit(nogil=True, cache=True)
+def int8_rows_into(K, K8, w, start):  # pragma: no cover - compiled
+    """:func:`int8_rows` of the rows of ``K`` written to ``K8[start:]`` and ``w[start:]`` (the norms are not kept:
+    the caller has them)."""
+    for i in range(K.shape[0]):
+        w[start + i], _ = _int8_row(K[i], K8[start + i])
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _unit_query(q, nq2, q32):  # pragma: no cover - compiled
+    """``q32 = q / ||q||`` rounded to float32 (``nq2 = ||q||^2``, at least ``_FILTER_FLOOR``); returns the slack of
+    the int8 bound, ``||q32||_1 (1/2 + 127 (d + 3) 2^-24) 1.001 + 1e-38`` (see :func:`heavy_p2_stacked`)."""
+    d = q.shape[0]
+    nq = np.sqrt(nq2)
+    l1 = 0.0
+    for a in range(d):
+        q32[a] = np.float32(q[a] / nq)
+        l1 += abs(np.float64(q32[a]))
+    return l1 * (0.5 + 127.0 * (d + 3) * 2.0**-24) * 1.001 + 1e-38
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
+def _int8_reaches(q32, k8, w, slack, lim, d):  # pragma: no cover - compiled
+    """Whether the int8 bound ``w (|s| + slack)`` of a row (``s`` the float32 product of the unit query with its
+    int8 row ``k8``, scale ``w``) allows ``|<q, k>| / ||q||`` to reach ``lim`` (a nan bound does)."""
+    s = np.float32(0.0)
+    for a in range(d):
+        s += q32[a] * np.float32(k8[a])
+    return not w * (abs(np.float64(s)) + slack) < lim
+
+
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"}, inline="always")
 def _scan_rows(
     q,
@@ -456,10 +499,7 @@ def _scan_rows(
                 if by_norm:
                     break
                 continue
-            s = np.float32(0.0)
-            for a in range(d):
-                s += q32[a] * np.float32(K8[j, a])
-            if w[j] * (abs(np.float64(s)) + slack) < lim:  # a nan bound keeps the row
+            if not _int8_reaches(q32, K8[j], w[j], slack, lim, d):
                 continue
         v = _dot(q, K[j], d)
         v *= v
@@ -561,13 +601,8 @@ def heavy_p2_stacked(
             lim = 0.0
             slack = 0.0
             if filt:
-                nq = np.sqrt(nq2)
-                l1 = 0.0
-                for a in range(d):
-                    q32[a] = np.float32(q[a] / nq)
-                    l1 += abs(np.float64(q32[a]))
                 lim = np.sqrt(cut / nq2) * (1.0 - 1e-9)
-                slack = l1 * (0.5 + 127.0 * (d + 3) * 2.0**-24) * 1.001 + 1e-38
+                slack = _unit_query(q, nq2, q32)
             t = _scan_rows(
                 q,
                 q32,
@@ -743,7 +778,7 @@ def heavy_outputs(indptr, positions, weights, V1, V2, V3):  # pragma: no cover -
 
 @numba.njit(nogil=True, cache=True)
 def decode_p2(
-    q, G, K, nk, ids, Ke, nke, extra_ids, kc, idc, thresh, V1, V2, vc, S, BK, BV
+    q, G, K, nk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh, V1, V2, vc, S, BK, BV
 ):  # pragma: no cover - compiled
     """A decode step of one query ``q`` (shape (1, d)) in one call: :func:`heavy_p2` over ``[K; Ke; kc]`` (``kc``
     the step's own key, ids ``idc``), :func:`heavy_outputs` of its entries (value rows ``[V1; V2; vc]``) and, when
@@ -752,7 +787,7 @@ def decode_p2(
     Returns ``(ints, floats)``: ``ints`` as :func:`heavy_p2`'s for one query (``[0, t | key_ids | positions]``),
     ``floats = [z | values (t) | heavy output (dv) | captured mass | output (dv, when S has rows)]``.  A query whose
     ``z`` is ``UNRELIABLE`` gets no entries, and the rest is not computed (the caller answers it another way)."""
-    ints, found = heavy_p2(q, G, K, nk, ids, Ke, nke, extra_ids, kc, idc, thresh)
+    ints, found = heavy_p2(q, G, K, nk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh)
     t = ints[1]
     dv = V1.shape[1]
     exact = S.shape[0] > 0
