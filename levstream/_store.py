@@ -244,6 +244,11 @@ class RowStore:
         ``scratch`` of ``W``'s width): a live step's arrival.  Returns the row's norm when the bound reaches
         ``threshold``, else -1.  Call :meth:`room_for_row` first (this allocates nothing and cannot fail)."""
         n = self.n
+        # one compiled version of the kernel: rows in any other layout (strided, read-only) are copied first
+        if not (key.flags.c_contiguous and key.flags.writeable):
+            key = np.array(key)
+        if value is not None and not (value.flags.c_contiguous and value.flags.writeable):
+            value = np.array(value)
         norm: float = append_row_and_bound(
             self.keys,
             self.ids,

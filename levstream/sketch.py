@@ -300,7 +300,7 @@ class KeySketch:
         cache = 0
         if live is not None:
             cache = int(live.gram.nbytes + live.rows.nbytes + live.row_norms.nbytes)
-            cache += int(live.row_int8.nbytes + live.row_scale.nbytes)
+            cache += int(live.row_int8.nbytes + live.row_scale.nbytes + live.scratch.nbytes)
             cache += 0 if live.cand is None else live.cand.nbytes + live.cand_norms.nbytes
         return int(
             self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
@@ -570,31 +570,55 @@ class KeySketch:
     def _append_token(self, x: np.ndarray, value: np.ndarray | None) -> None:
         """Feed one validated row under the next id (checked by :meth:`_check_next_id`)."""
         i = self._next_id
-        # the steps that can fail first, each changing nothing when it does: room for the row, then the moment
-        # state (which adds a pending product before it takes the row)
+        # the steps that can fail first, each changing nothing when it does: room for the row (in the store, the
+        # ids seen and a current live cache), then the moment state (which adds a pending product before it
+        # takes the row)
         store = self._store
         store.room_for_row(x)
+        ranges = self._seen.ranges
+        grows_last = bool(ranges.shape[0]) and ranges[-1, 1] == i
+        seen = None if grows_last else self._seen.union(IdRanges(np.array([[i, i + 1]], np.int64)))
+        live = self._live
+        if live is not None and live.upto != store.n:
+            live = None  # rows wait for the next query's view (_LiveRows.add)
+        if live is not None:
+            live.room_for_row(
+                store.keys[store.n]
+            )  # the row's slot: the row as the store will hold it
         if self._moments is not None:
             assert value is not None
             self._moments.add_row(x, value)
-        live = self._live
-        if live is not None and live.upto == store.n:
-            # the live cache is current (queries were asked since the last fold): it takes the row now, in the
-            # same compiled call as the store, instead of at the next query
+        # --- from here on nothing can fail before the row is recorded
+        refresh = False
+        if live is not None:
+            # the live cache is current: it takes the row now, in the same compiled call as the store, instead
+            # of at the next query
             summary = self._summary
             assert isinstance(summary, GramSummary)  # a live cache exists only for it
-            live.append(store, x, i, value, live.bound_factor(summary))
+            refresh = live.append(store, x, i, value, live.bound_factor(summary))
         else:
             store.append_row(x, i, value)
         self._n += 1
-        ranges = self._seen.ranges
-        if ranges.shape[0] and ranges[-1, 1] == i:
+        if seen is None:
             ranges[-1, 1] = i + 1
         else:
-            self._seen = self._seen.union(IdRanges(np.array([[i, i + 1]], dtype=np.int64)))
+            self._seen = seen
         self._next_id = i + 1
         if self._store.n - self._pending_from >= self._block_rows:
-            self._flush()
+            self._flush()  # drops the live cache
+        elif refresh:
+            self._refresh_live()
+
+    def _refresh_live(self) -> None:
+        """Refactor the live cache (derived data): should that fail, the cache goes and the next query makes
+        a new one."""
+        live = self._live
+        assert live is not None
+        try:
+            live.refresh(self._store)
+        except BaseException:
+            self._live = None
+            raise
 
     def update_many(
         self, X: Any, V: Any = None, ids: Any = None, offset: Any = None, gates: Any = None
@@ -1016,7 +1040,11 @@ class KeySketch:
         live = self._live_rows(G)
         if live.upto < n:
             assert isinstance(summary, GramSummary)
-            live.add(st, n, live.bound_factor(summary), live.threshold)
+            try:
+                live.add(st, n, live.bound_factor(summary), live.threshold)
+            except BaseException:  # the cache may hold part of the rows: it goes (derived data)
+                self._live = None
+                raise
         if live.view is not None:  # nothing a query reads has moved since the last view
             return live.view
         rows, cand = live.rows, live.cand
@@ -1574,6 +1602,11 @@ class _LiveRows:
         """The factor the next rows are tested with: this cache's own, or the summary's."""
         return self.factor if self.factor is not None else summary.bound_factor()
 
+    def room_for_row(self, x: np.ndarray) -> None:
+        """Grow now, if needed, so that :meth:`append` of ``x`` allocates nothing (may raise; nothing changes)."""
+        self._room_for_rows(self.rows.n + 1)
+        self.rows.room_for_row(x)
+
     def append(
         self,
         store: RowStore,
@@ -1581,9 +1614,11 @@ class _LiveRows:
         key_id: int,
         value: np.ndarray | None,
         factor: np.ndarray | None,
-    ) -> None:
+    ) -> bool:
         """Append a row to the store and account for it here, in one compiled call (the live step; the cache is
-        current: ``upto == store.n``).  Does what :meth:`add` of the row would do at the next query."""
+        current: ``upto == store.n``; :meth:`room_for_row` made room, so nothing here can fail).  Does what
+        :meth:`add` of the row would do at the next query but the refresh: returns whether one is due
+        (:meth:`refresh`, for the caller to run once the row is recorded)."""
         i = store.n
         norm = store.append_row_tested(
             x,
@@ -1596,7 +1631,7 @@ class _LiveRows:
         )
         if norm >= 0.0:
             self._keep_row(store, i, norm)
-        self._advance(store, i + 1)
+        return self._mark(i + 1)
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
         if n - self.upto == 1:  # the live step: one compiled call, nothing allocated
@@ -1720,12 +1755,18 @@ class _LiveRows:
 
     def _advance(self, store: RowStore, n: int) -> None:
         """Rows up to ``n`` are accounted for; refresh when ``G`` has grown enough (see the class docstring)."""
+        if self._mark(n):
+            self.refresh(store)
+
+    def _mark(self, n: int) -> bool:
+        """Rows up to ``n`` are accounted for; returns whether ``G`` has grown enough for a refresh."""
         before, self.upto = self.upto, n
         # the diagonal is looked at every _LIVE_CHECK_ROWS rows (a few microseconds saved per live step)
-        if (before - self.start) // _LIVE_CHECK_ROWS != (n - self.start) // _LIVE_CHECK_ROWS and (
-            self.gram.shape[0] and self.gram.diagonal().max() > _LIVE_REFRESH * self.diag_mark
-        ):
-            self.refresh(store)
+        return bool(
+            (before - self.start) // _LIVE_CHECK_ROWS != (n - self.start) // _LIVE_CHECK_ROWS
+            and self.gram.shape[0]
+            and self.gram.diagonal().max() > _LIVE_REFRESH * self.diag_mark
+        )
 
 
 # ---------------------------------------------------------------------- the ingest path of p = 2
@@ -2088,6 +2129,7 @@ def _is_step(X: Any, width: int) -> bool:
         and X.dtype == np.float64
         and X.shape == (1, width)
         and X.flags.c_contiguous
+        and X.flags.writeable  # a read-only array is another type to the compiled step: compiled once more
     )
 
 

@@ -283,3 +283,85 @@ def test_single_rows_enter_a_current_live_cache_on_arrival(precision):
     Q = rng.standard_normal((8, d))
     check_entries(sk.heavy_entries(Q), twin, Q, eps, GRAM, "end")
     check_entries(quiet.heavy_entries(Q), twin, Q, eps, GRAM, "end, no query before")
+
+
+def _live_stream(seed: int) -> tuple[ls.KeySketch, NaiveStream, np.ndarray]:
+    """A sketch with a current live cache (a query after each row) and its brute-force twin, 60 rows fed."""
+    K = heavy_tailed_keys(400, 4, seed=seed)
+    sk, twin = ls.KeySketch(4, eps=0.05, block_rows=32), NaiveStream(4)
+    for t in range(60):
+        sk.update(K[t])
+        twin.update(K[t])
+        sk.heavy_entries(K[t][None, :])
+    return sk, twin, K
+
+
+def _answers_match(sk: ls.KeySketch, twin: NaiveStream, K: np.ndarray, where: str) -> None:
+    Q = np.vstack([K[:40:7], np.random.default_rng(0).standard_normal((4, 4))])
+    check_entries(sk.heavy_entries(Q), twin, Q, 0.05, GRAM, where)
+    np.testing.assert_allclose(sk.normalizer(Q), twin.normalizer(Q), rtol=VALUE_RTOL)
+
+
+@pytest.mark.parametrize("where", ["room", "refresh", "query"])
+def test_a_failure_in_the_live_cache_loses_no_row_and_counts_none_twice(monkeypatch, where):
+    """The live cache is derived data; a failure while it takes a row leaves the sketch consistent. Making room
+    for the row fails before anything changes: the update raises and the sketch is as before. A refactor of the
+    cache that fails after the row is recorded: the row stays fed, the cache goes. The cache taking the pending
+    rows inside a query fails: the query raises and the sketch is as before. Either way later answers equal
+    brute force (a cache that held part of a row would count it twice in ``Z``) and the bytes load again."""
+    import levstream.sketch as sketch_module
+
+    sk, twin, K = _live_stream(seed=41)
+    if where == "query":  # rows that wait for the next query's view
+        sk.update_many(K[60:63])
+        twin.update_many(K[60:63])
+    before, n = sk.to_bytes(), sk.n
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("injected")
+
+    name = {"room": "room_for_row", "refresh": "refresh", "query": "accept"}[where]
+    monkeypatch.setattr(sketch_module._LiveRows, name, broken)
+    if where == "refresh":  # due at the next row
+        monkeypatch.setattr(sketch_module._LiveRows, "_mark", lambda self, m: setattr(self, "upto", m) or True)
+    with pytest.raises(MemoryError, match="injected"):
+        if where == "query":
+            sk.heavy_entries(K[:1])
+        else:
+            sk.update(K[63])
+    monkeypatch.undo()
+    if where == "refresh":
+        assert sk.n == n + 1 and sk._live is None  # the row is fed, the cache gone
+        twin.update(K[63])
+    else:
+        assert sk.to_bytes() == before
+    _answers_match(sk, twin, K, f"after a failure in {name}")
+    assert ls.KeySketch.from_bytes(sk.to_bytes()).to_bytes() == sk.to_bytes()
+    for t in range(64, 120):  # the stream goes on, with a new cache
+        sk.update(K[t])
+        twin.update(K[t])
+        sk.heavy_entries(K[t][None, :])
+    _answers_match(sk, twin, K, "later")
+
+
+def test_rows_in_any_layout_take_the_live_step():
+    """A strided or read-only row (a column of a Fortran-ordered array, a memory-mapped file) is fed through the
+    live step like any other (copied first into the layout the compiled step takes)."""
+    K = heavy_tailed_keys(80, 4, seed=43)
+    V = np.random.default_rng(44).standard_normal((80, 2))
+    KF, VF = np.asfortranarray(K), np.asfortranarray(V)
+    KR, VR = K.copy(), V.copy()
+    KR.flags.writeable = VR.flags.writeable = False
+    sk = ls.KeySketch(4, eps=0.05, value_dim=2, exact_output=True, block_rows=32)
+    twin = NaiveStream(4, value_dim=2)
+    for t in range(80):
+        keys, values = (KF, VF) if t % 2 else (KR, VR)
+        sk.update(keys[t], values[t])
+        twin.update(K[t], V[t])
+        if t % 3 == 0:
+            res = sk.prefill(KR[t : t + 1], VR[t : t + 1], KR[t : t + 1])
+            twin.update(K[t], V[t])
+            check_entries(res.entries, twin, K[t : t + 1], 0.05, GRAM, f"step {t}, decode")
+    Q = K[::9]
+    check_entries(sk.heavy_entries(Q), twin, Q, 0.05, GRAM, "end")
+    np.testing.assert_allclose(sk.attend(Q).output, twin.attend(Q, 0.05)[0], rtol=1e-9)
