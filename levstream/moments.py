@@ -100,6 +100,25 @@ _pairs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 _scratch = threading.local()
 
 
+#: Whether this process has loaded the kernels of a pending fold (:func:`_load_fold_kernels`).
+_fold_kernels_loaded = False
+
+
+def _load_fold_kernels() -> None:
+    """Load (or compile) the kernels a pending fold runs, on a product of one row: once per process, when its
+    first state is made, not at the first full buffer of a decode loop (there it cost ~10 ms from numba's cache,
+    ~0.7 s on a fresh install, in the middle of the loop)."""
+    global _fold_kernels_loaded
+    ia, ib = feature_pairs(2)
+    D = ia.shape[0]
+    product = np.zeros((D, 1))
+    features_product(
+        np.zeros((2, 1)), np.zeros((1, 1)), ia, ib, 1, np.empty(D), product, dgemm_function()
+    )
+    add_product(np.zeros((D, 1)), np.zeros((D, 1)), product)
+    _fold_kernels_loaded = True
+
+
 def _scratch_floats(name: str, n: int) -> np.ndarray:
     """A float64 array of at least ``n`` elements, this thread's own, kept between folds (grown when needed)."""
     flat = getattr(_scratch, name, None)
@@ -244,6 +263,8 @@ class MomentState:
         if degree not in (2, 4):
             raise ValueError(f"degree must be 2 or 4; got {degree} instead.")
         self.dim, self.value_dim, self.degree = int(dim), int(value_dim), int(degree)
+        if not _fold_kernels_loaded:
+            _load_fold_kernels()
         #: degree 4: ``<q, k>^4 = <phi(q), phi(k)>^2``, so the state of degree 2 over lifted keys and queries
         self._inner = self.dim if degree == 2 else lifted_dim(self.dim)
         D = lifted_dim(self._inner)

@@ -1587,9 +1587,12 @@ class _LiveRows:
         self.row_norms = np.empty(16)
         self.row_int8 = np.empty((16, dim), dtype=np.int8)
         self.row_scale = np.empty(16)
-        # the int8 kernel is compiled (or loaded) now, with the first query, not at a live loop's first kept row
+        # the kernels of kept rows and refreshes are compiled (or loaded) now, with the first query, not at a live
+        # loop's first kept row or refresh
         for dtype in (np.float64, np.float32):
-            int8_rows_into(np.empty((0, dim), dtype=dtype), self.row_int8, self.row_scale, 0)
+            rows = np.empty((0, dim), dtype=dtype)
+            int8_rows_into(rows, self.row_int8, self.row_scale, 0)
+            _alive(rows, np.eye(dim), floor)
         self.cand: RowStore | None = None
         self.cand_norms = _query.NO_NORMS
         self.factor: np.ndarray | None = None
