@@ -242,13 +242,10 @@ class RowStore:
         """:meth:`append_row`, and in the same compiled call the row is added to the Gram matrix ``G`` and its
         leverage bound tested against the factor ``W`` (:func:`~levstream._kernels.live.append_row_and_bound`,
         ``scratch`` of ``W``'s width): a live step's arrival.  Returns the row's norm when the bound reaches
-        ``threshold``, else -1.  Call :meth:`room_for_row` first (this allocates nothing and cannot fail)."""
+        ``threshold``, else -1.  Call :meth:`room_for_row` first (this allocates nothing and cannot fail).  ``key``
+        and ``value`` C-contiguous and writable: the layout the kernel is compiled for (any other would compile
+        it again)."""
         n = self.n
-        # one compiled version of the kernel: rows in any other layout (strided, read-only) are copied first
-        if not (key.flags.c_contiguous and key.flags.writeable):
-            key = np.array(key)
-        if value is not None and not (value.flags.c_contiguous and value.flags.writeable):
-            value = np.array(value)
         norm: float = append_row_and_bound(
             self.keys,
             self.ids,

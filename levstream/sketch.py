@@ -442,7 +442,13 @@ class KeySketch:
         rows has arrived.  ``gate`` in ``(0, 1]`` (p = 2) multiplies the weight of every key fed before this one
         (times the sketch's ``decay``).  Returns ``self``; on bad input raises and changes nothing.
         """
-        if type(x) is np.ndarray and x.dtype == np.float64 and x.shape == (self._dim,):
+        if (
+            type(x) is np.ndarray
+            and x.dtype == np.float64
+            and x.shape == (self._dim,)
+            and x.flags.c_contiguous
+            and x.flags.writeable  # the layout the compiled check takes (any other would compile it again)
+        ):
             if not sq_norm(x) < np.inf:  # a nan/inf, or squares that overflow: find which, raise
                 x = as_row(x, "x", self._dim)
                 _check_magnitude(x[None, :], "x")
@@ -581,10 +587,10 @@ class KeySketch:
         live = self._live
         if live is not None and live.upto != store.n:
             live = None  # rows wait for the next query's view (_LiveRows.add)
-        if live is not None:
-            live.room_for_row(
-                store.keys[store.n]
-            )  # the row's slot: the row as the store will hold it
+        if live is not None:  # the row's slot holds the row as the store will: its type
+            live.room_for_row(store.keys[store.n])
+            x = _kernel_layout(x)
+            value = None if value is None else _kernel_layout(value)
         if self._moments is not None:
             assert value is not None
             self._moments.add_row(x, value)
@@ -1809,6 +1815,12 @@ def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
     ):
         return np.ascontiguousarray(X)
     return as_matrix(X, "X", dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
+
+
+def _kernel_layout(row: np.ndarray) -> np.ndarray:
+    """``row`` C-contiguous and writable, copied if it is not (a strided or read-only row): the layout the live
+    step's kernel is compiled for."""
+    return row if row.flags.c_contiguous and row.flags.writeable else np.array(row)
 
 
 def _alive(rows: np.ndarray, W: np.ndarray, floor: float) -> np.ndarray:

@@ -175,7 +175,8 @@ def test_the_scanned_arrays_keep_their_types_across_a_flush():
 
 def test_live_and_decode_loops_load_no_kernel_after_their_first_steps():
     """Once a live loop's or a decode loop's first steps are done, later steps load or compile no kernel, whatever
-    happens on the way: rows kept by the live cache, refreshes, moment folds, flushes.  Run in a fresh process,
+    happens on the way: rows kept by the live cache, refreshes, moment folds, flushes, strided or read-only
+    rows.  Run in a fresh process,
     where every kernel is loaded (from numba's cache, or compiled) at its first call: the first kept row used to
     load the int8 kernel in the middle of the loop (the demo's live step on a fresh install reported at ~2 ms),
     and a decode loop's first full moment buffer the fold's kernels (~10 ms from the cache, ~0.7 s compiled)."""
@@ -202,9 +203,12 @@ for t in range(3):  # short rows: the cache keeps none of them
 before = loaded()
 kept = live._live.rows.n + decode._live.rows.n
 assert kept == 0
+strided = np.asfortranarray(rng.standard_normal((1500, d)))  # its rows are strided
+frozen = rng.standard_normal((1500, d))
+frozen.flags.writeable = False
 for t in range(1500):  # past moment folds (every 128 rows), a flush (1024) and refreshes
     long = 50.0 if t % 10 == 0 else 1.0  # long rows: kept by the cache
-    live.update(rng.standard_normal(d) * long)
+    live.update(strided[t] if t % 7 == 1 else frozen[t] if t % 7 == 2 else rng.standard_normal(d) * long)
     live.heavy_entries(rng.standard_normal((1, d)))
     decode.prefill(rng.standard_normal((1, d)) * long, rng.standard_normal((1, dv)), rng.standard_normal((1, d)))
 print(before, loaded(), live._live.rows.n + decode._live.rows.n)
