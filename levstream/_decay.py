@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._kernels.decay import dd_add, frame_rows, frame_step
+from ._kernels.decay import dd_add, frame_rows, frame_step, neg_log_gates_into
 from ._validation import check_eps
 
 #: A rebase by more than this many factors of 4 flushes the state to zero (weights below ``2^-1800``, rows
@@ -90,7 +90,8 @@ def check_gate(value: Any, name: str = "gate") -> float:
 
 
 def neg_log_gates(gates: Any, m: int, decay: float | None) -> np.ndarray:
-    """``-log`` of the effective gate of each of ``m`` rows: ``decay`` (default 1) times ``gates`` (default 1)."""
+    """``-log`` of the effective gate of each of ``m`` rows: ``decay`` (default 1) times ``gates`` (default 1),
+    bit for bit as :func:`neg_log_gate` gives them one by one."""
     base = 0.0 if decay is None else -math.log(decay)
     if gates is None:
         return np.full(m, base)
@@ -99,14 +100,11 @@ def neg_log_gates(gates: Any, m: int, decay: float | None) -> np.ndarray:
         raise TypeError(f"gates must be real numbers in (0, 1]; got an array of dtype {arr.dtype}.")
     if arr.shape != (m,):
         raise ValueError(f"gates must have one gate per row: shape ({m},); got shape {arr.shape}.")
-    arr = arr.astype(np.float64, copy=False)
-    bad = np.flatnonzero(~((arr > 0.0) & (arr <= 1.0)))
-    if bad.size:
-        i = int(bad[0])
+    arr = np.ascontiguousarray(arr, dtype=np.float64)
+    out = np.empty(m)
+    i = neg_log_gates_into(arr, base, out)
+    if i >= 0:
         raise ValueError(f"gates must satisfy 0 < gate <= 1; got {arr[i]!r} at row {i}.")
-    out = -np.log(arr)
-    if base:
-        out += base
     return out
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .._config import FASTMATH
+
 #: ``ln 4`` split as ``LN4_HI + LN4_LO`` with ``LN4_HI`` on 28 fractional bits, so that ``m * LN4_HI`` is exact
 #: for every shift ``m < 2^24`` a rebase can make.
 LN4_HI = 1.386294361203909
@@ -73,6 +75,20 @@ def frame_rows(neg_logs, e_hi, e_lo, t_hi, t_lo, scales, shifts):  # pragma: no 
 
 
 @numba.njit(nogil=True, cache=True)
+def neg_log_gates_into(gates, base, out):  # pragma: no cover - compiled
+    """``out[i] = base - log(gates[i])``, the arithmetic of one row's gate (libm's ``log``, as ``math.log``: a
+    chunk and the same rows one by one get the same bits; NumPy's vectorised ``log`` differs in the last bit
+    for about one gate in 300).  Returns the index of the first gate outside ``(0, 1]`` (a nan included), or -1
+    when every gate is valid."""
+    for i in range(gates.shape[0]):
+        g = gates[i]
+        if not (g > 0.0 and g <= 1.0):
+            return i
+        out[i] = base - np.log(g)
+    return -1
+
+
+@numba.njit(nogil=True, cache=True)
 def weigh_row(x, neg_log, e_hi, e_lo, t_hi, t_lo, out):  # pragma: no cover - compiled
     """:func:`frame_step` for one row ``x``, writing the weighted row into ``out``: returns
     ``(sum of squares of out, shift, e_hi, e_lo, t_hi, t_lo)`` (the sum is inf/nan when they overflow)."""
@@ -85,7 +101,7 @@ def weigh_row(x, neg_log, e_hi, e_lo, t_hi, t_lo, out):  # pragma: no cover - co
     return sq, shift, e_hi, e_lo, t_hi, t_lo
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, fastmath=FASTMATH)
 def weigh_rows(X, scales, out):  # pragma: no cover - compiled
     """``out[i] = scales[i] * X[i]`` (float32 or float64 rows, float64 out) and the sum of all squared entries
     of ``out``, in one pass: nan/inf iff an entry is nan/inf or the weighted squares overflow."""
