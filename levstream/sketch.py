@@ -1879,9 +1879,10 @@ def _slabs(rows: int) -> list[tuple[int, int]]:
 
 
 class _Plan:
-    """The candidate test of a block, fixed before the block is folded (docs/theory.md, "The norm pre-filter"
-    and "Stale factors"): rows whose scaled squared norm reaches ``limit`` and, when a triangular factor ``W``
-    of an earlier Gram matrix is at hand, whose ``||x W||^2`` reaches ``threshold``.
+    """The candidate test of a block: the summary's plan in force once the block is added (docs/theory.md, "The
+    norm pre-filter" and "Stale factors"): rows whose scaled squared norm reaches ``limit`` and, when a
+    triangular factor ``W`` of an earlier Gram matrix (possibly holding the block) is at hand, whose
+    ``||x W||^2`` reaches ``threshold``.
 
     ``threshold`` is the keep threshold lowered by the largest margin the Gram path can reach, so it stays
     below the keep threshold whatever the next conditioning check finds; the bounds hold for every later ``G``
@@ -1914,7 +1915,12 @@ class _BlockResult:
     __slots__ = ("gram", "plan", "rows", "tested", "total")
 
     def __init__(
-        self, gram: np.ndarray | None, total: float, plan: _Plan, rows: np.ndarray, tested: bool
+        self,
+        gram: np.ndarray | None,
+        total: float,
+        plan: _Plan | None,
+        rows: np.ndarray | None,
+        tested: bool,
     ) -> None:
         self.gram, self.total, self.plan, self.rows, self.tested = gram, total, plan, rows, tested
 
@@ -1923,9 +1929,12 @@ def _slab_items(blocks: list[np.ndarray]) -> list[tuple[int, int, int]]:
     return [(k, a, b) for k, X in enumerate(blocks) for a, b in _slabs(X.shape[0])]
 
 
-def _run_slabs(blocks: list[np.ndarray], plan: _Plan, n_threads: int, gram: bool) -> list[Any]:
+def _run_slabs(
+    blocks: list[np.ndarray], plan: _Plan | None, n_threads: int, gram: bool
+) -> list[Any]:
     """Per slab of ``blocks``, in order: ``(Gram block, its trace, candidate rows, tested)``, on up to
-    ``n_threads`` threads (``gram=False``: the candidate test only)."""
+    ``n_threads`` threads (``gram=False``: the candidate test only; ``plan=None``: the Gram blocks only, with
+    no candidate rows)."""
     dtrmm = dtrmm_function()
     dim = blocks[0].shape[1]
     no_rows = np.zeros((0, dim))
@@ -1935,23 +1944,32 @@ def _run_slabs(blocks: list[np.ndarray], plan: _Plan, n_threads: int, gram: bool
     def item(i: int) -> None:
         k, a, b = items[i]
         X = blocks[k][a:b]
-        wide = np.empty((b - a, dim)) if gram and X.dtype != np.float64 else no_rows
-        rows, tested = slab_pass(X, plan.scale, plan.limit, plan.W, plan.threshold, wide, dtrmm)
+        rows, tested = None, False
+        if plan is None:
+            Y = X if X.dtype == np.float64 else X.astype(np.float64)
+        else:
+            wide = np.empty((b - a, dim)) if gram and X.dtype != np.float64 else no_rows
+            rows, tested = slab_pass(X, plan.scale, plan.limit, plan.W, plan.threshold, wide, dtrmm)
+            Y = X if X.dtype == np.float64 else wide
+            if a:
+                rows = rows + a
         G, total = None, 0.0
         if gram:  # a nan/inf or an overflow shows in the trace (and raises no warning: see below)
-            Y = X if X.dtype == np.float64 else wide
             G = Y.T @ Y
             total = float(G.trace())
-        out[i] = (G, total, rows + a if a else rows, tested)
+        out[i] = (G, total, rows, tested)
 
     with np.errstate(over="ignore", invalid="ignore"):  # the helper threads ignore them too
         run_items(item, len(items), n_threads)
     return out
 
 
-def _block_results(blocks: list[np.ndarray], plan: _Plan, n_threads: int) -> list[_BlockResult]:
-    """Compute every slab of ``blocks`` under ``plan``; combine them per block in slab order, so that no sum
-    depends on which thread computed which part."""
+def _block_results(
+    blocks: list[np.ndarray], plan: _Plan | None, n_threads: int
+) -> list[_BlockResult]:
+    """Compute every slab of ``blocks`` under ``plan`` (``None``: their Gram blocks only, the candidate test is
+    left to :func:`_fold_result`); combine them per block in slab order, so that no sum depends on which
+    thread computed which part."""
     out = _run_slabs(blocks, plan, n_threads, gram=True)
     results = []
     i = 0
@@ -1964,7 +1982,9 @@ def _block_results(blocks: list[np.ndarray], plan: _Plan, n_threads: int) -> lis
             G = parts[0][0]
             for p in parts[1:]:
                 G += p[0]
-        rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
+        rows = None
+        if plan is not None:
+            rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
         results.append(_BlockResult(G, total, plan, rows, bool(parts[0][3])))
     return results
 
@@ -1972,7 +1992,8 @@ def _block_results(blocks: list[np.ndarray], plan: _Plan, n_threads: int) -> lis
 def _retest(
     blocks: list[np.ndarray], results: list[_BlockResult], plan: _Plan, n_threads: int
 ) -> None:
-    """Redo the candidate test of ``blocks`` under ``plan`` (the summary's bounds changed during a wave)."""
+    """Redo the candidate test of ``blocks`` under ``plan`` (the summary's bounds changed during a wave), or do
+    it (blocks whose Gram blocks were computed alone)."""
     out = _run_slabs(blocks, plan, n_threads, gram=False)
     i = 0
     for X, result in zip(blocks, results):
@@ -1982,14 +2003,22 @@ def _retest(
         result.tested, result.plan = bool(parts[0][3]), plan
 
 
-def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult) -> np.ndarray:
+def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult, n_threads: int) -> np.ndarray:
     """Fold block ``X`` into the summary with its Gram block; return the indices of its rows that may still
-    be heavy (upper bounds, never lower ones)."""
+    be heavy (upper bounds, never lower ones).
+
+    The rows are tested under the plan in force once the block is added: the summary makes a new one, from
+    the Gram matrix that holds the block, when the block made one due (docs/theory.md, "Stale factors").  A
+    block computed under another plan, or with no test yet (``result.plan`` None), is tested again here."""
     summary = sk._summary
     summary.add(X, result.gram)
+    plan = _Plan(sk)
+    if result.plan is None or not plan.same_as(result.plan):
+        _retest([X], [result], plan, n_threads)
     keep = sk._keep_threshold()
     rows = result.rows
-    if result.tested and summary.mode == "gram" and keep >= result.plan.threshold:
+    assert rows is not None
+    if result.tested and summary.mode == "gram" and keep >= plan.threshold:
         return rows
     X64 = X.astype(np.float64, copy=False)
     if (
@@ -2011,6 +2040,16 @@ def _wave_size(sk: KeySketch, plan: _Plan, remaining: int) -> int:
     return max(1, min(remaining, covered, by_bytes))
 
 
+def _first_test(sk: KeySketch, plan: _Plan | None = None) -> _Plan | None:
+    """The plan to test blocks under while their Gram blocks are computed, or None to compute the Gram blocks
+    alone.  Either way the outcome is the same (:func:`_fold_result` tests each block under the plan in force
+    once it is added); this only chooses where the test runs.  A decaying stream's plan is made again after
+    almost every block (its ``G`` grows in the frame by the weights), so its blocks are tested once, after."""
+    if sk.forgets:
+        return None
+    return _Plan(sk) if plan is None else plan
+
+
 def _maybe_prune(sk: KeySketch, room: int) -> None:
     """Rescore the candidates once they exceed twice the number left by the last prune (at least
     ``_PRUNE_MIN_ROWS``, at most the capacity): amortised O(d^2) per candidate, and few rows for queries.
@@ -2027,9 +2066,9 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     store = sk._store
     start = sk._pending_from
     X = store.keys_view(start)
-    (result,) = _block_results([X], _Plan(sk), n_threads)
+    (result,) = _block_results([X], _first_test(sk), n_threads)
     keep = np.zeros(X.shape[0], dtype=bool)
-    keep[_fold_result(sk, X, result)] = True
+    keep[_fold_result(sk, X, result, n_threads)] = True
     store.keep_from(start, keep)
     sk._pending_from = store.n
     _maybe_prune(sk, sk._block_rows)
@@ -2048,10 +2087,11 @@ def _fold_chunk(
     whole blocks of ``X`` after it (p = 2).  Raises, with the sketch unchanged, for a block with a nan/inf or
     squares that overflow.
 
-    Each block is tested under the plan the summary gives just before it is folded, exactly as if the blocks
-    came one call at a time: the state does not depend on the chunking nor on the threads.  Blocks are
-    computed in waves, as many as the current plan covers; should the plan change within a wave (the
-    summary left the Gram path, or returned to it), the rest of the wave is tested again under the new one."""
+    Each block is tested under the plan the summary gives once the block is added (:func:`_fold_result`),
+    exactly as if the blocks came one call at a time: the state does not depend on the chunking nor on the
+    threads.  Blocks are computed in waves, as many as the current plan covers, and tested under it in the
+    same pass; should the plan change within a wave (a block made a new one, or the summary left the Gram
+    path, or returned to it), the rest of the wave is tested again under the new one."""
     store = sk._store
     br = sk._block_rows
     pending_from = sk._pending_from
@@ -2073,7 +2113,7 @@ def _fold_chunk(
                 plan = _Plan(sk)
                 size = _wave_size(sk, plan, len(blocks) - done)
                 wave = blocks[done : done + size]
-                results = _block_results(wave, plan, n_threads)
+                results = _block_results(wave, _first_test(sk, plan), n_threads)
                 for Xb, result in zip(wave, results):
                     if not np.isfinite(result.total):
                         if saved is not None:
@@ -2095,10 +2135,11 @@ def _fold_chunk(
                 for k in range(size):
                     j = done + k
                     plan = _Plan(sk)
-                    if not plan.same_as(results[k].plan):
+                    tested = results[k].plan
+                    if tested is not None and not plan.same_as(tested):
                         _retest(wave[k:], results[k:], plan, n_threads)
                     Xb = wave[k]
-                    keep = _fold_result(sk, Xb, results[k])
+                    keep = _fold_result(sk, Xb, results[k], n_threads)
                     if head and j == 0:
                         store.commit(
                             _chunk_ids(new_ids, start, 0, head),

@@ -43,6 +43,7 @@ from conftest import (
 from naive import DecayedStream
 
 import levstream as ls
+import levstream.sketch as sketch_module
 from levstream import _serialize
 
 #: "Nothing becomes NaN": an overflow or invalid operation inside the library is a failure here.
@@ -397,6 +398,30 @@ def test_constant_decay_past_minus_30000_with_default_blocks():
 
 
 # ---------------------------------------------------------------------------------------------------- 3. universal set
+def test_each_block_of_a_decaying_stream_keeps_only_rows_whose_score_reaches_eps(monkeypatch):
+    """A block is tested under the plan made from the Gram matrix that holds it (docs/theory.md, "When a block is
+    tested"): the rows a block keeps are those whose exact score at the block's end reaches eps, up to the
+    pruning margin, not every row a plan from before the block lets through (decay 0.97 over a block of 64 rows
+    grows ``G~`` sevenfold).  Pruning is switched off to see what the blocks themselves keep."""
+    monkeypatch.setattr(sketch_module, "_maybe_prune", lambda sk, room: None)
+    block, n = 64, 64 * 24
+    K = heavy_tailed_keys(n, D, seed=5)
+    for gates in (None, np.random.default_rng(5).uniform(0.9, 1.0, n)):
+        sk = sketch(None if gates is not None else 0.97, block_rows=block)
+        ref = DecayedStream(D, decay=None if gates is not None else 0.97)
+        for a in range(0, n, block):
+            g = None if gates is None else gates[a : a + block]
+            sk.update_many(K[a : a + block], gates=g)
+            ref.update_many(K[a : a + block], gates=g)
+            tau = ref.universal_scores()[a:]
+            ids = sk._store.ids_view()  # the candidates (pruning is off: every row a block kept)
+            kept = np.isin(np.arange(a, a + block), ids)
+            assert kept[tau >= EPS].all(), f"block at {a}: a row with score >= eps was dropped"
+            low = tau[kept] < EPS * (1 - 1e-4)
+            assert not low.any(), f"block at {a} kept rows with scores {tau[kept][low]} < eps = {EPS}"
+        check_universal(sk, ref)
+
+
 def test_strong_decay_keeps_only_recent_keys():
     n = 3000
     K = heavy_tailed_keys(n, D, seed=31)
@@ -429,6 +454,29 @@ def assert_same(got: ls.KeySketch, want: ls.KeySketch, Q: np.ndarray) -> None:
         a, b = got.attend(Q), want.attend(Q)
         np.testing.assert_allclose(a.output, b.output, rtol=VALUE_RTOL, atol=1e-12)
     np.testing.assert_allclose(got.log_total_gate, want.log_total_gate, rtol=LOG_TOTAL_RTOL)
+
+
+@pytest.mark.parametrize("decay", [None, 0.98])
+def test_chunking_does_not_change_the_state(decay):
+    """The bytes, not only the answers, whatever the chunking: every block keeps the same rows under the same
+    plans, also when the first gate below 1 arrives in the middle of a chunk and of a block (row 300)."""
+    n = 900
+    K, _, G = stream_data(n, 43)
+    G[:300] = 1.0
+    G[300] = 0.5
+    rng = np.random.default_rng(43)
+    rows = sketch(decay)
+    for i in range(n):
+        rows.update(K[i], gate=G[i])
+    want = rows.to_bytes()
+    assert sketch(decay).update_many(K, gates=G).to_bytes() == want
+    for cuts in ([290, 310], np.unique(np.concatenate([[0, n], rng.integers(0, n, 40)]))):
+        chunks = sketch(decay)
+        for a, b in pairwise([0, *cuts, n] if len(cuts) == 2 else cuts):
+            chunks.update_many(K[a:b], gates=G[a:b])
+        assert chunks.to_bytes() == want
+    ref = DecayedStream(D, decay=decay).update_many(K, gates=G)
+    check_universal(rows, ref)
 
 
 @pytest.mark.parametrize("decay", [None, 0.98])

@@ -40,6 +40,10 @@ from .base import NormalizerSummary
 #: and 1.5 were measured too: the tighter bounds save no more than the extra factorisations cost).
 _PLAN_GROWTH = 2.0
 
+#: ... or once the largest diagonal entry of ``G`` has doubled, or grown by this factor more than the row count
+#: (a decaying stream's ``G`` grows in its frame by the weights of its rows, not by their number).
+_PLAN_WEIGHT_GROWTH = 1.25
+
 #: Rows per work item when candidates are rescored on several threads.
 _SCORE_ITEM_ROWS = 2048
 
@@ -491,9 +495,11 @@ class GramSummary(NormalizerSummary):
         (it only grows): ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` with ``scale = diag(G_0)^-1/2`` and ``lam``
         the smallest eigenvalue of the equilibrated ``G_0`` (docs/theory.md, "The norm pre-filter"), and
         ``tau(k) <= ||k W||^2`` with ``W = L_0^-T`` upper triangular (docs/theory.md, "Stale factors").  A plan
-        is made when ``n_rows`` or the largest diagonal entry of ``G`` has doubled since the last one (a
-        decaying stream's ``G`` grows in its frame by the weights, not by the rows), so it changes at stream
-        positions alone (not with the chunking) and its bounds stay within a small factor of the scores.  ``W`` is None (and
+        is made when ``n_rows`` or the largest diagonal entry of ``G`` has doubled since the last one, or that
+        entry has grown ``_PLAN_WEIGHT_GROWTH`` times more than ``n_rows`` (a decaying stream's ``G`` grows in
+        its frame by the weights, not by the rows).  The ingest path asks for the plan once each block is added
+        and tests the block under it, so a plan changes at stream positions alone (not with the chunking), may
+        hold the block it tests, and its bounds stay within a small factor of the scores.  ``W`` is None (and
         ``until = n_rows + 1``) in R-factor mode and before the first block; ``scale`` None when no bound is
         at hand.  The plan is part of the state (serialized), so a restored sketch continues identically."""
         if self.mode != "gram" or self.n_rows == 0:
@@ -501,9 +507,12 @@ class GramSummary(NormalizerSummary):
         if (
             self._plan is None
             or self.n_rows >= self._plan_rows * _PLAN_GROWTH
-            or np.diag(self._hi).max() > _PLAN_GROWTH * self._plan_diag
+            or self._plan_weights_grew()
         ):
             lam, diag = _equilibrated_min_eig(self._hi + self._lo, self.n_rows)
+            # a full conditioning check of G as it is: add() counts its growth from here
+            if self._gram_is_safe(lam):
+                self._chk_lam, self._chk_diag = lam, diag
             scale = 1.0 / np.sqrt(diag) if lam > 0 else None
             fresh = self._get_factor(remember=False)[1]
             self._past_factor, self._past_diag_max = (
@@ -515,6 +524,14 @@ class GramSummary(NormalizerSummary):
         scale, lam, W = self._plan
         return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
 
+    def _plan_weights_grew(self) -> bool:
+        """Whether the largest diagonal entry of ``G`` has doubled since the plan, or grown by
+        ``_PLAN_WEIGHT_GROWTH`` times more than the row count."""
+        top = float(np.diag(self._hi).max())
+        grown = top / self._plan_diag if self._plan_diag > 0 else np.inf
+        rows = self.n_rows / max(self._plan_rows, 1)
+        return grown > _PLAN_GROWTH or grown > _PLAN_WEIGHT_GROWTH * rows
+
     def release_factors(self) -> None:
         """Drop every factor held (the plan, the stale factor, the caches): a settled sketch keeps ``G`` only.
         The next block makes a new plan (deterministically: at the same point of the same operations)."""
@@ -525,11 +542,27 @@ class GramSummary(NormalizerSummary):
 
     def plan_state(self) -> tuple:
         """What :meth:`ingest_plan` may change (serialized state), for :meth:`restore_plan`."""
-        return self._plan, self._plan_rows, self._plan_diag, self._past_factor, self._past_diag_max
+        return (
+            self._plan,
+            self._plan_rows,
+            self._plan_diag,
+            self._past_factor,
+            self._past_diag_max,
+            self._chk_lam,
+            self._chk_diag,
+        )
 
     def restore_plan(self, state: tuple) -> None:
         """Undo :meth:`ingest_plan` (a chunk refused after its plan was made leaves no trace)."""
-        self._plan, self._plan_rows, self._plan_diag, self._past_factor, self._past_diag_max = state
+        (
+            self._plan,
+            self._plan_rows,
+            self._plan_diag,
+            self._past_factor,
+            self._past_diag_max,
+            self._chk_lam,
+            self._chk_diag,
+        ) = state
 
     def exact_scores(self, rows: np.ndarray, n_threads: int = 1) -> np.ndarray:
         """:meth:`scores` of ``rows`` (float32 or float64), on up to ``n_threads`` threads: on the Gram path by the
