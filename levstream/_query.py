@@ -61,6 +61,9 @@ class HeadView(NamedTuple):
     #: (:func:`~levstream._kernels.live.int8_rows`), for the live scan's int8 bound, else None
     extra_int8: np.ndarray | None = None
     extra_scales: np.ndarray | None = None
+    #: with ``norms``: the rows of ``keys`` as int8 and their scales, for the same bound, else None
+    int8: np.ndarray | None = None
+    scales: np.ndarray | None = None
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -197,8 +200,11 @@ NO_NORMS = np.zeros(0)
 NO_INT8 = np.zeros((0, 0), dtype=np.int8)
 
 
-#: ``G``, candidates, their norms and ids, scanned pending rows, their norms, int8 rows, scales and ids
+#: ``G``, candidates, their norms, int8 rows, scales and ids, scanned pending rows, their norms, int8 rows,
+#: scales and ids
 _ScanArrays = tuple[
+    np.ndarray,
+    np.ndarray,
     np.ndarray,
     np.ndarray,
     np.ndarray,
@@ -212,13 +218,15 @@ _ScanArrays = tuple[
 
 
 def _scan_arrays(view: HeadView) -> _ScanArrays:
-    """The arrays the live kernels scan: ``G``, the candidates (their norms, ids), the scanned pending rows (their
-    norms, int8 rows, scales, ids)."""
+    """The arrays the live kernels scan: ``G``, the candidates (their norms, int8 rows, scales, ids), the scanned
+    pending rows (their norms, int8 rows, scales, ids)."""
     assert view.total_gram is not None
     return (
         view.total_gram,
         view.keys,
         NO_NORMS if view.norms is None else view.norms,
+        NO_INT8 if view.int8 is None else view.int8,
+        NO_NORMS if view.scales is None else view.scales,
         view.ids,
         view.extra_keys,
         NO_NORMS if view.extra_norms is None else view.extra_norms,

@@ -301,7 +301,9 @@ class KeySketch:
         if live is not None:
             cache = int(live.gram.nbytes + live.rows.nbytes + live.row_norms.nbytes)
             cache += int(live.row_int8.nbytes + live.row_scale.nbytes + live.scratch.nbytes)
-            cache += 0 if live.cand is None else live.cand.nbytes + live.cand_norms.nbytes
+            if live.cand is not None:
+                cache += live.cand.nbytes + live.cand_norms.nbytes
+                cache += live.cand_int8.nbytes + live.cand_scale.nbytes
         return int(
             self._summary.nbytes + self._store.nbytes + moments + self._seen.ranges.nbytes + cache
         )
@@ -1054,12 +1056,13 @@ class KeySketch:
         if live.view is not None:  # nothing a query reads has moved since the last view
             return live.view
         rows, cand = live.rows, live.cand
-        norms, ids_sorted = None, st.ids_sorted
+        norms, ids_sorted, int8, scales = None, st.ids_sorted, None, None
         if cand is None:
             keys, ids = st.keys[:pf], st.ids[:pf]
         else:  # the candidates still alive, by descending norm (see _LiveRows)
             keys, ids, values = cand.keys_view(), cand.ids_view(), cand.values_view()
             norms, ids_sorted = live.cand_norms, ids_sorted and cand.ids_sorted
+            int8, scales = live.cand_int8, live.cand_scale
         extra = rows.n
         live.view = _query.HeadView(
             self._summary,
@@ -1077,6 +1080,8 @@ class KeySketch:
             self._plain_view,
             live.row_int8[:extra],
             live.row_scale[:extra],
+            int8,
+            scales,
         )
         return live.view
 
@@ -1566,7 +1571,9 @@ class _LiveRows:
 
     __slots__ = (
         "cand",
+        "cand_int8",
         "cand_norms",
+        "cand_scale",
         "diag_mark",
         "factor",
         "floor",
@@ -1601,6 +1608,9 @@ class _LiveRows:
             _alive(rows, np.eye(dim), floor)
         self.cand: RowStore | None = None
         self.cand_norms = _query.NO_NORMS
+        # the candidates' int8 rows and scales (the scans' int8 bound), in the order of the copy
+        self.cand_int8 = _query.NO_INT8
+        self.cand_scale = _query.NO_NORMS
         self.factor: np.ndarray | None = None
         self.floor = floor
         #: the sketch's keep threshold (set by the sketch; the summary does not change while the cache lives)
@@ -1718,6 +1728,7 @@ class _LiveRows:
             self.cand.keep_from(0, alive)
             if not fresh:
                 self.cand_norms = self.cand_norms[alive]
+                self.cand_int8, self.cand_scale = self.cand_int8[alive], self.cand_scale[alive]
         if fresh:
             self._order_cand()
         self.factor = W
@@ -1740,6 +1751,10 @@ class _LiveRows:
         order = np.argsort(-norms, kind="stable")
         self.cand.permute(order)
         self.cand_norms = norms[order]
+        n = self.cand.n
+        self.cand_int8 = np.empty((n, self.cand.dim), dtype=np.int8)
+        self.cand_scale = np.empty(n)
+        int8_rows_into(self.cand.keys_view(), self.cand_int8, self.cand_scale, 0)
 
     def accept(self, store: RowStore, n: int, keep: np.ndarray, norms: np.ndarray) -> None:
         """Rows ``upto..n-1`` of the store are summarised (their Gram already added); keep the marked ones (with

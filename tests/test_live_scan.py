@@ -58,8 +58,8 @@ def test_scan_norms_never_understate():
 @pytest.mark.parametrize("own_rows", [0, 2])
 def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms, own_rows):
     """Candidates by descending norm (the scan stops early) and unordered rows after them (with their norms, then
-    the short ones are skipped, and with their int8 rows too, then those the int8 bound rules out; or without
-    either), and rows outside ``G`` (a decode step's own key: their terms join ``Z``): exactly the rows at or
+    the short ones are skipped, and with their int8 rows too -- the candidates' as well -- then those the int8
+    bound rules out; or without either), and rows outside ``G`` (a decode step's own key: their terms join ``Z``): exactly the rows at or
     above the cut, values to rounding, ids ascending whatever the order of the rows."""
     rng = np.random.default_rng(31)
     d, thresh = 16, 0.01
@@ -82,8 +82,10 @@ def test_scan_by_norm_is_the_float64_scan(in_candidates, ids_rising, extra_norms
         ids = all_ids if ids_rising else all_ids[::-1].copy()
         Ke = np.ascontiguousarray(K[c:n])
         Ke8, we, _ = int8_rows(Ke) if extra_norms == "int8" else (np.zeros((0, 0), np.int8), np.zeros(0), None)
+        Kc = np.ascontiguousarray(K[:c])
+        K8, wk, _ = int8_rows(Kc) if extra_norms == "int8" else (np.zeros((0, 0), np.int8), np.zeros(0), None)
         ints, floats = heavy_p2(
-            Q, G, np.ascontiguousarray(K[:c]), norms[order], ids[:c], Ke,
+            Q, G, Kc, norms[order], K8, wk, ids[:c], Ke,
             scan_norms(Ke) if extra_norms else np.zeros(0), Ke8, we, ids[c:n], own.reshape(own_rows, d),
             ids[n:], thresh)
         indptr, zz = ints[:3], floats[:2]

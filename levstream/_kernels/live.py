@@ -163,7 +163,7 @@ def _dot(x, y, d):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
 def heavy_p2(
-    Q, G, K, nk, ids, Ke, nke, Ke8, we, extra_ids, Kc, idc, thresh
+    Q, G, K, nk, K8, wk, ids, Ke, nke, Ke8, we, extra_ids, Kc, idc, thresh
 ):  # pragma: no cover - compiled
     """Every ``A = <q, k>^2 / Z >= thresh`` of a few queries over the rows ``[K; Ke; Kc]`` (p = 2), with
     ``Z = q^T G q + sum_r <q, Kc_r>^2``: ``G`` the exact Gram matrix of every key fed, ``Kc`` (ids ``idc``) rows
@@ -184,10 +184,10 @@ def heavy_p2(
     found by bisection, since by Cauchy-Schwarz ``<q, k>^2 <= ||q||^2 ||k||^2`` (the margin covers the rounding
     of the norms, ``~d 2^-53``, and keeps every row the float64 scan would report).  ``nke``, when not empty,
     holds the norms of the rows of ``Ke`` (in any order): those too short are skipped without a product.
-    ``Ke8``/``we``, when not empty (with ``nke``), hold the rows of ``Ke`` as int8 with their scales
-    (:func:`int8_rows`): a row of ``Ke`` that passes the norm bound then passes the int8 bound of
-    :func:`heavy_p2_stacked` before its float64 product (a decaying stream keeps thousands of recent rows
-    there).
+    ``K8``/``wk`` (with ``nk``) and ``Ke8``/``we`` (with ``nke``), when not empty, hold the rows of ``K`` and
+    ``Ke`` as int8 with their scales (:func:`int8_rows`): a row that passes the norm bound then passes the int8
+    bound of :func:`heavy_p2_stacked` before its float64 product (an eighth of the bytes; a decaying stream
+    keeps thousands of candidates and recent rows, most of them long enough to pass the norm bound).
     """
     m, d = Q.shape
     c, e, o = K.shape[0], Ke.shape[0], Kc.shape[0]
@@ -227,14 +227,18 @@ def heavy_p2(
             stop = lo
         stops[i] = stop
         cnt = 0
+        short = filt and nke.shape[0] > 0
+        by_int8 = short and Ke8.shape[0] > 0
+        cand_int8 = filt and nk.shape[0] > 0 and K8.shape[0] > 0
+        slack = _unit_query(q, nq2, q32) if by_int8 or cand_int8 else 0.0
         for j in range(stop):
+            if cand_int8 and not _int8_reaches(q32, K8[j], wk[j], slack, lim, d):
+                W[i, j] = 0.0
+                continue
             v = _dot(q, K[j], d)
             v *= v
             W[i, j] = v
             cnt += v >= cut
-        short = filt and nke.shape[0] > 0
-        by_int8 = short and Ke8.shape[0] > 0
-        slack = _unit_query(q, nq2, q32) if by_int8 else 0.0
         for j in range(e):
             if short and nke[j] < lim:  # |<q, k>| <= ||q|| ||k|| < sqrt(cut): not heavy
                 W[i, c + j] = 0.0
@@ -778,7 +782,7 @@ def heavy_outputs(indptr, positions, weights, V1, V2, V3):  # pragma: no cover -
 
 @numba.njit(nogil=True, cache=True)
 def decode_p2(
-    q, G, K, nk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh, V1, V2, vc, S, BK, BV
+    q, G, K, nk, K8, wk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh, V1, V2, vc, S, BK, BV
 ):  # pragma: no cover - compiled
     """A decode step of one query ``q`` (shape (1, d)) in one call: :func:`heavy_p2` over ``[K; Ke; kc]`` (``kc``
     the step's own key, ids ``idc``), :func:`heavy_outputs` of its entries (value rows ``[V1; V2; vc]``) and, when
@@ -787,7 +791,7 @@ def decode_p2(
     Returns ``(ints, floats)``: ``ints`` as :func:`heavy_p2`'s for one query (``[0, t | key_ids | positions]``),
     ``floats = [z | values (t) | heavy output (dv) | captured mass | output (dv, when S has rows)]``.  A query whose
     ``z`` is ``UNRELIABLE`` gets no entries, and the rest is not computed (the caller answers it another way)."""
-    ints, found = heavy_p2(q, G, K, nk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh)
+    ints, found = heavy_p2(q, G, K, nk, K8, wk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh)
     t = ints[1]
     dv = V1.shape[1]
     exact = S.shape[0] > 0
