@@ -1905,10 +1905,11 @@ class _Plan:
 
     __slots__ = ("W", "lam", "limit", "scale", "threshold", "until")
 
-    def __init__(self, sk: KeySketch) -> None:
+    def __init__(self, sk: KeySketch, made: tuple | None = None) -> None:
+        """The plan in force after a block is added (made now when one is due: ``ingest_plan``), or ``made``."""
         summary = sk._summary
         assert isinstance(summary, GramSummary)
-        scale, self.lam, W, self.until = summary.ingest_plan()
+        scale, self.lam, W, self.until = summary.ingest_plan() if made is None else made
         self.threshold = sk._eps * (1.0 - margin(gram_rel_error_max(sk._dim), prune=True))
         self.scale = _NO_SCALE if scale is None else scale
         self.W = _NO_TRIANGLE if W is None else W
@@ -2045,24 +2046,35 @@ def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult, n_threads: 
     return rows[~(summary.score_upper_bounds(X64[rows]) < keep)]  # a nan bound keeps its row
 
 
-def _wave_size(sk: KeySketch, plan: _Plan, remaining: int) -> int:
-    """Blocks computed together: those the plan covers (it changes when the summary's row count has doubled,
-    so waves grow with the stream), at most ``_WAVE_GRAM_BYTES`` of Gram blocks."""
-    covered = -(-(plan.until - sk._summary.n_rows) // sk._block_rows)
-    if sk.forgets:  # the weights grow with every row: the plan is renewed block by block
+def _wave_size(sk: KeySketch, plan: _Plan | None, remaining: int) -> int:
+    """Blocks computed together: those the plan in force covers (it changes when the summary's row count has
+    doubled, so waves grow with the stream; one block when there is none), at most ``_WAVE_GRAM_BYTES`` of
+    Gram blocks."""
+    if plan is None or sk.forgets:  # (a decaying stream's plan is renewed block by block)
         covered = 1
+    else:
+        covered = -(-(plan.until - sk._summary.n_rows) // sk._block_rows)
     by_bytes = _WAVE_GRAM_BYTES // (len(_slabs(sk._block_rows)) * sk._dim * sk._dim * 8)
     return max(1, min(remaining, covered, by_bytes))
 
 
-def _first_test(sk: KeySketch, plan: _Plan | None = None) -> _Plan | None:
-    """The plan to test blocks under while their Gram blocks are computed, or None to compute the Gram blocks
-    alone.  Either way the outcome is the same (:func:`_fold_result` tests each block under the plan in force
-    once it is added); this only chooses where the test runs.  A decaying stream's plan is made again after
-    almost every block (its ``G`` grows in the frame by the weights), so its blocks are tested once, after."""
-    if sk.forgets:
-        return None
-    return _Plan(sk) if plan is None else plan
+def _plan_in_force(sk: KeySketch) -> _Plan | None:
+    """The plan in force between blocks, or None when there is none (before the first block, and after a
+    settle, a merge or a rebase dropped it).  Nothing changes here: plans are made only once a block is added
+    (:func:`_fold_result`), so every way of feeding a stream makes them at the same points."""
+    summary = sk._summary
+    assert isinstance(summary, GramSummary)
+    made = summary.plan_in_force()
+    return None if made is None else _Plan(sk, made)
+
+
+def _first_test(sk: KeySketch, plan: _Plan | None) -> _Plan | None:
+    """The plan to test blocks under while their Gram blocks are computed (``plan``, the one in force), or None
+    to compute the Gram blocks alone.  Either way the outcome is the same (:func:`_fold_result` tests each
+    block under the plan in force once it is added); this only chooses where the test runs.  A decaying
+    stream's plan is made again after almost every block (its ``G`` grows in the frame by the weights), so its
+    blocks are tested once, after."""
+    return None if sk.forgets else plan
 
 
 def _maybe_prune(sk: KeySketch, room: int) -> None:
@@ -2081,7 +2093,7 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     store = sk._store
     start = sk._pending_from
     X = store.keys_view(start)
-    (result,) = _block_results([X], _first_test(sk), n_threads)
+    (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk)), n_threads)
     keep = np.zeros(X.shape[0], dtype=bool)
     keep[_fold_result(sk, X, result, n_threads)] = True
     store.keep_from(start, keep)
@@ -2125,7 +2137,7 @@ def _fold_chunk(
     with ingest_threads() as n_threads:
         try:
             while done < len(blocks):
-                plan = _Plan(sk)
+                plan = _plan_in_force(sk)
                 size = _wave_size(sk, plan, len(blocks) - done)
                 wave = blocks[done : done + size]
                 results = _block_results(wave, _first_test(sk, plan), n_threads)
@@ -2149,10 +2161,14 @@ def _fold_chunk(
                 sk._live = None
                 for k in range(size):
                     j = done + k
-                    plan = _Plan(sk)
+                    plan = _plan_in_force(sk)
                     tested = results[k].plan
-                    if tested is not None and not plan.same_as(tested):
-                        _retest(wave[k:], results[k:], plan, n_threads)
+                    if tested is not None and (plan is None or not plan.same_as(tested)):
+                        if plan is None:  # tested after it is added (_fold_result)
+                            for later in results[k:]:
+                                later.plan, later.rows, later.tested = None, None, False
+                        else:
+                            _retest(wave[k:], results[k:], plan, n_threads)
                     Xb = wave[k]
                     keep = _fold_result(sk, Xb, results[k], n_threads)
                     if head and j == 0:

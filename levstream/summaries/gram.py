@@ -524,6 +524,18 @@ class GramSummary(NormalizerSummary):
         scale, lam, W = self._plan
         return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
 
+    def plan_in_force(self) -> tuple[np.ndarray | None, float, np.ndarray | None, int] | None:
+        """What :meth:`ingest_plan` gives between blocks, without making a plan: the plan in force, None when
+        there is none on the Gram path (before the first block; after :meth:`release_factors`, a merge or a
+        rebase that dropped it).  Plans are made only once a block is added, so that every way of feeding a
+        stream makes them at the same points."""
+        if self.mode != "gram":
+            return None, 0.0, None, self.n_rows + 1
+        if self._plan is None or self.n_rows == 0:
+            return None
+        scale, lam, W = self._plan
+        return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
+
     def _plan_weights_grew(self) -> bool:
         """Whether the largest diagonal entry of ``G`` has doubled since the plan, or grown by
         ``_PLAN_WEIGHT_GROWTH`` times more than the row count."""
