@@ -2050,7 +2050,7 @@ def _wave_size(sk: KeySketch, plan: _Plan | None, remaining: int) -> int:
     """Blocks computed together: those the plan in force covers (it changes when the summary's row count has
     doubled, so waves grow with the stream; one block when there is none), at most ``_WAVE_GRAM_BYTES`` of
     Gram blocks."""
-    if plan is None or sk.forgets:  # (a decaying stream's plan is renewed block by block)
+    if plan is None or sk.forgets:  # (a decaying stream's plan may be renewed block by block)
         covered = 1
     else:
         covered = -(-(plan.until - sk._summary.n_rows) // sk._block_rows)
@@ -2071,10 +2071,12 @@ def _plan_in_force(sk: KeySketch) -> _Plan | None:
 def _first_test(sk: KeySketch, plan: _Plan | None) -> _Plan | None:
     """The plan to test blocks under while their Gram blocks are computed (``plan``, the one in force), or None
     to compute the Gram blocks alone.  Either way the outcome is the same (:func:`_fold_result` tests each
-    block under the plan in force once it is added); this only chooses where the test runs.  A decaying
-    stream's plan is made again after almost every block (its ``G`` grows in the frame by the weights), so its
-    blocks are tested once, after."""
-    return None if sk.forgets else plan
+    block under the plan in force once it is added); this only chooses where the test runs.  When the last
+    block made a new plan, the next one is likely to make one too (a decaying stream's ``G`` grows in its frame
+    by the weights: with a short window, after every block), so the test waits until the block is added."""
+    summary = sk._summary
+    assert isinstance(summary, GramSummary)
+    return None if summary.plan_is_new else plan
 
 
 def _maybe_prune(sk: KeySketch, room: int) -> None:

@@ -536,6 +536,11 @@ class GramSummary(NormalizerSummary):
         scale, lam, W = self._plan
         return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
 
+    @property
+    def plan_is_new(self) -> bool:
+        """Whether the plan in force was made after the last block was added (from the Gram matrix as it is)."""
+        return self._plan is not None and self._plan_rows == self.n_rows
+
     def _plan_weights_grew(self) -> bool:
         """Whether the largest diagonal entry of ``G`` has doubled since the plan, or grown by
         ``_PLAN_WEIGHT_GROWTH`` times more than the row count."""
