@@ -2068,15 +2068,20 @@ def _plan_in_force(sk: KeySketch) -> _Plan | None:
     return None if made is None else _Plan(sk, made)
 
 
-def _first_test(sk: KeySketch, plan: _Plan | None) -> _Plan | None:
-    """The plan to test blocks under while their Gram blocks are computed (``plan``, the one in force), or None
-    to compute the Gram blocks alone.  Either way the outcome is the same (:func:`_fold_result` tests each
-    block under the plan in force once it is added); this only chooses where the test runs.  When the last
-    block made a new plan, the next one is likely to make one too (a decaying stream's ``G`` grows in its frame
-    by the weights: with a short window, after every block), so the test waits until the block is added."""
+def _first_test(sk: KeySketch, plan: _Plan | None, rows: int) -> _Plan | None:
+    """The plan to test the next blocks (the first of ``rows`` rows) under while their Gram blocks are computed
+    (``plan``, the one in force), or None to compute the Gram blocks alone.  Either way the outcome is the same
+    (:func:`_fold_result` tests each block under the plan in force once it is added); this only chooses where
+    the test runs, so that a block is tested once where it can be: the test waits for the add when the block
+    will make a new plan (the row count doubles), or is likely to (a decaying stream whose last block made one:
+    its ``G`` grows in the frame by the weights, with a short window after every block)."""
+    if plan is None:
+        return None
     summary = sk._summary
     assert isinstance(summary, GramSummary)
-    return None if summary.plan_is_new else plan
+    if summary.n_rows + rows >= plan.until or (sk.forgets and summary.plan_is_new):
+        return None
+    return plan
 
 
 def _maybe_prune(sk: KeySketch, room: int) -> None:
@@ -2095,7 +2100,7 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     store = sk._store
     start = sk._pending_from
     X = store.keys_view(start)
-    (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk)), n_threads)
+    (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk), X.shape[0]), n_threads)
     keep = np.zeros(X.shape[0], dtype=bool)
     keep[_fold_result(sk, X, result, n_threads)] = True
     store.keep_from(start, keep)
@@ -2142,7 +2147,8 @@ def _fold_chunk(
                 plan = _plan_in_force(sk)
                 size = _wave_size(sk, plan, len(blocks) - done)
                 wave = blocks[done : done + size]
-                results = _block_results(wave, _first_test(sk, plan), n_threads)
+                first = _first_test(sk, plan, wave[0].shape[0])
+                results = _block_results(wave, first, n_threads)
                 for Xb, result in zip(wave, results):
                     if not np.isfinite(result.total):
                         if saved is not None:
