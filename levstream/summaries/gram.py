@@ -557,29 +557,25 @@ class GramSummary(NormalizerSummary):
         self._factor = None
         self._gram_sum = None
 
+    #: what :meth:`ingest_plan` may change (serialized state)
+    _PLAN_FIELDS = (
+        "_plan",
+        "_plan_rows",
+        "_plan_diag",
+        "_past_factor",
+        "_past_diag_max",
+        "_chk_lam",
+        "_chk_diag",
+    )
+
     def plan_state(self) -> tuple:
-        """What :meth:`ingest_plan` may change (serialized state), for :meth:`restore_plan`."""
-        return (
-            self._plan,
-            self._plan_rows,
-            self._plan_diag,
-            self._past_factor,
-            self._past_diag_max,
-            self._chk_lam,
-            self._chk_diag,
-        )
+        """What :meth:`ingest_plan` may change, for :meth:`restore_plan` (none of it is changed in place)."""
+        return tuple(getattr(self, name) for name in self._PLAN_FIELDS)
 
     def restore_plan(self, state: tuple) -> None:
         """Undo :meth:`ingest_plan` (a chunk refused after its plan was made leaves no trace)."""
-        (
-            self._plan,
-            self._plan_rows,
-            self._plan_diag,
-            self._past_factor,
-            self._past_diag_max,
-            self._chk_lam,
-            self._chk_diag,
-        ) = state
+        for name, value in zip(self._PLAN_FIELDS, state, strict=True):
+            setattr(self, name, value)
 
     def exact_scores(self, rows: np.ndarray, n_threads: int = 1) -> np.ndarray:
         """:meth:`scores` of ``rows`` (float32 or float64), on up to ``n_threads`` threads: on the Gram path by the
