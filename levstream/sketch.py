@@ -2171,11 +2171,9 @@ def _fold_chunk(
                     j = done + k
                     plan = _plan_in_force(sk)
                     tested = results[k].plan
-                    if tested is not None and (plan is None or not plan.same_as(tested)):
-                        if plan is None:  # tested after it is added (_fold_result)
-                            for later in results[k:]:
-                                later.plan, later.rows, later.tested = None, None, False
-                        else:
+                    if tested is not None:  # a plan was in force at the wave's start: one still is
+                        assert plan is not None
+                        if not plan.same_as(tested):
                             _retest(wave[k:], results[k:], plan, n_threads)
                     Xb = wave[k]
                     keep = _fold_result(sk, Xb, results[k], n_threads)

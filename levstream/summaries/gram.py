@@ -521,8 +521,9 @@ class GramSummary(NormalizerSummary):
             )  # the live bound too
             self._plan, self._plan_rows = (scale, lam * LAMBDA_SAFETY, fresh), self.n_rows
             self._plan_diag = self._past_diag_max
-        scale, lam, W = self._plan
-        return scale, lam, W, int(np.ceil(self._plan_rows * _PLAN_GROWTH))
+        made = self.plan_in_force()
+        assert made is not None
+        return made
 
     def plan_in_force(self) -> tuple[np.ndarray | None, float, np.ndarray | None, int] | None:
         """What :meth:`ingest_plan` gives between blocks, without making a plan: the plan in force, None when
