@@ -6,7 +6,8 @@ but not yet folded in).  Every operation that moves rows — append, drop the ro
 serialize — moves ids, keys and values together, so no caller reorders parallel arrays by hand.
 
 Storage grows geometrically (by half) with what is held and is trimmed on request (:meth:`trim`), so its size
-follows the rows held, not a capacity fixed in advance.  Key rows are kept in the precision they arrived in:
+follows the rows held, not a capacity fixed in advance; an input buffer that is half full is given its full size
+at once (:meth:`RowStore.reserve`).  Key rows are kept in the precision they arrived in:
 float32 while every key held is float32 (exact: all arithmetic on them is float64), float64 as soon as a key of
 another type joins them (the float32 rows are widened exactly).  Value rows are float64.
 """
@@ -26,6 +27,13 @@ _MIN_ROWS = 16
 #: Growth factor of the allocation: amortised O(1) copies per row, at most this much unused room after growth.
 _GROWTH = 1.5
 
+#: Arrays grown to at least this many bytes are allocated afresh (the rows held copied once) rather than extended
+#: in place: NumPy asks the kernel for transparent huge pages for allocations this large, and rows written to
+#: them for the first time then fault in 2 MiB pages instead of 4 KiB ones.  A 4 KiB fault costs 2.8-4.7 us on
+#: the virtual machines of benchmarks/RESULTS.md (a stream's input buffer of 8192 rows of d = 64 touches 1 024
+#: of them, per head), the huge pages about a sixth of that per 4 KiB.
+_FRESH_BYTES = 1 << 22
+
 #: What :meth:`RowStore.append_row_tested` passes for the value rows of a store without values (writable: a
 #: read-only array is another type to the compiled kernel, which would be compiled twice).
 _NO_VALUE_ROWS = np.zeros((0, 0))
@@ -34,14 +42,15 @@ _NO_VALUE_ROW = np.zeros(0)
 
 def _set_rows(store: RowStore, name: str, rows: int, dtype: type | None = None) -> None:
     """Give the array ``store.<name>`` room for ``rows`` rows, its first ``store.n`` rows kept (``dtype``: a new
-    type for them, widened exactly).  In place when nothing else references the array (NumPy's ``resize``
-    checks: a snapshot or a view holding it makes it copy instead): the allocator then extends the block without
-    copying the rows held into freshly mapped pages, which a long stream's growth otherwise pays for in page
-    faults as much as in copying."""
+    type for them, widened exactly).  Below ``_FRESH_BYTES``, in place when nothing else references the array
+    (NumPy's ``resize`` checks: a snapshot or a view holding it makes it copy instead): the allocator then
+    extends the block without copying the rows held into freshly mapped pages.  From ``_FRESH_BYTES`` on, in a
+    new array, whose huge pages make the first touch of the rows to come cheaper than the copy."""
     arr = getattr(store, name)
     setattr(store, name, None)  # only the local reference is left, so that the check can pass
     try:
-        if dtype is None or dtype == arr.dtype:
+        small = rows * arr.itemsize * int(np.prod(arr.shape[1:])) < _FRESH_BYTES
+        if small and (dtype is None or dtype == arr.dtype):
             try:
                 arr.resize((rows, *arr.shape[1:]), refcheck=True)
                 return
@@ -140,16 +149,26 @@ class RowStore:
             _set_rows(self, "values", rows)
         self._shared = 0
 
-    def reserve(self, rows: int, key_dtype: type | None = None) -> None:
-        """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``."""
+    def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:
+        """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``.
+
+        ``fill_to``: the rows the store will hold once its owner's input buffer is full.  A growth that reaches
+        half of it goes all the way, so that a buffer refilled block after block is allocated once (and in huge
+        pages: ``_FRESH_BYTES``) instead of in a series of ever larger steps."""
         retype = key_dtype is not None and key_dtype != self.keys.dtype
         if rows > self.capacity or retype:
-            grown = (
-                max(rows, int(_GROWTH * self.capacity), _MIN_ROWS)
-                if rows > self.capacity
-                else self.capacity
-            )
+            grown = self.capacity
+            if rows > self.capacity:
+                grown = max(rows, int(_GROWTH * self.capacity), _MIN_ROWS)
+                if 2 * grown >= fill_to:
+                    grown = max(grown, fill_to)
             self._resize(grown, key_dtype)
+
+    def room_for(self, keys: np.ndarray, fill_to: int = 0) -> None:
+        """Grow now, if needed, for ``keys`` (shape (m, dim)) to be appended (see :meth:`reserve` for
+        ``fill_to``)."""
+        if self.n + keys.shape[0] > self.capacity:
+            self.reserve(self.n + keys.shape[0], self._key_dtype(keys.dtype), fill_to)
 
     def trim(self, room: int = 0, slack: float = 1.25) -> None:
         """Release storage beyond ``n + room`` rows when the allocation exceeds ``slack`` times that.
@@ -210,11 +229,11 @@ class RowStore:
         self.stage(keys)
         self.commit(ids, values, increasing)
 
-    def room_for_row(self, key: np.ndarray) -> None:
+    def room_for_row(self, key: np.ndarray, fill_to: int = 0) -> None:
         """Grow now, if needed, so that :meth:`append_row` of ``key`` allocates nothing (may raise; the rows held
-        do not change)."""
+        do not change; ``fill_to`` as for :meth:`reserve`)."""
         if key.dtype != self.keys.dtype or self.n == self.capacity:
-            self.reserve(self.n + 1, self._key_dtype(key.dtype))
+            self.reserve(self.n + 1, self._key_dtype(key.dtype), fill_to)
 
     def append_row(self, key: np.ndarray, key_id: int, value: np.ndarray | None = None) -> None:
         """Append one row (the live path: no temporary arrays)."""

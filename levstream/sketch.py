@@ -582,7 +582,7 @@ class KeySketch:
         # ids seen and a current live cache), then the moment state (which adds a pending product before it
         # takes the row)
         store = self._store
-        store.room_for_row(x)
+        store.room_for_row(x, self._buffer_end())
         ranges = self._seen.ranges
         grows_last = bool(ranges.shape[0]) and ranges[-1, 1] == i
         seen = None if grows_last else self._seen.union(IdRanges(np.array([[i, i + 1]], np.int64)))
@@ -616,6 +616,10 @@ class KeySketch:
             self._flush()  # drops the live cache
         elif refresh:
             self._refresh_live()
+
+    def _buffer_end(self) -> int:
+        """The rows the store holds once the input buffer is full (a block is folded then)."""
+        return self._pending_from + self._block_rows
 
     def _refresh_live(self) -> None:
         """Refactor the live cache (derived data): should that fail, the cache goes and the next query makes
@@ -699,6 +703,7 @@ class KeySketch:
             if n_full or (head and pending + head == self._block_rows):
                 _fold_chunk(self, X, V, new_ids, start, head, n_full)
             elif head:
+                self._store.room_for(X[:head], self._buffer_end())
                 if not np.isfinite(self._store.stage_checked(X[:head])):
                     check_finite(X, "X")
                     raise _too_large(X)
@@ -713,6 +718,7 @@ class KeySketch:
                 assert V is not None
                 self._moments.add(X.astype(np.float64, copy=False), V)
             if tail < m:
+                self._store.room_for(X[tail:], self._buffer_end())
                 self._store.append(
                     X[tail:],
                     _chunk_ids(new_ids, start, tail, m),
@@ -732,6 +738,7 @@ class KeySketch:
             assert V is not None
             self._moments.add(X, V)
         if head:
+            self._store.room_for(X[:head], self._buffer_end())
             self._store.append(
                 X[:head], all_ids[:head], _rows(V, 0, head), increasing=new_ids is None
             )
@@ -741,6 +748,7 @@ class KeySketch:
             s, e = head + b * self._block_rows, head + (b + 1) * self._block_rows
             self._process(X[s:e], all_ids[s:e], _rows(V, s, e), None if grams is None else grams[b])
         if tail < m:
+            self._store.room_for(X[tail:], self._buffer_end())
             self._store.append(
                 X[tail:], all_ids[tail:], _rows(V, tail, m), increasing=new_ids is None
             )

@@ -345,6 +345,30 @@ def test_row_store_keeps_float32_until_a_float64_row_arrives():
     assert s.arrays(0, s.n, "cand")["cand_rows"].dtype == np.float64
 
 
+def test_an_input_buffer_filled_row_by_row_is_allocated_in_one_step_once_half_full():
+    """Rows fed one at a time (or a few per call) wait in the store until a block is full.  A growth that would
+    take the store past half the rows it holds once the block is full takes it all the way in one allocation
+    (no sizes in between, where geometric growth would stop once or twice), and the room stays for the blocks
+    after; the store never holds more than half again that room (geometric growth)."""
+    d, block = 64, 8192
+    X = heavy_tailed_keys(3 * block + 100, d, seed=9)
+    sk = ls.KeySketch(d, eps=0.01, block_rows=block)
+    growths = []  # (capacity after a growth, rows held once the buffer is full)
+    capacity = sk._store.capacity
+    for i in range(0, X.shape[0], 3):
+        if i % 2:
+            sk.update_many(X[i : i + 3])
+        else:
+            for x in X[i : i + 3]:
+                sk.update(x)
+        if sk._store.capacity != capacity:
+            capacity = sk._store.capacity
+            growths.append((capacity, sk._buffer_end()))
+        assert capacity <= 1.5 * max(sk._buffer_end(), sk._store.n)
+    assert not [(c, end) for c, end in growths if end / 2 <= c < end], growths
+    assert growths[-1][0] >= block, growths
+
+
 def test_aligned_chunk_is_not_copied():
     """Folding a chunk of whole blocks allocates far less than the chunk (no copy of it, no pass that
     materialises a mask or a temporary of its size; the ids of its rows, 8 bytes a row, are made once)."""
