@@ -148,7 +148,6 @@ class MultiHeadKeySketch:
         #: heads changed since it was last brought up to date
         self._live: _Live | None = None
         self._stale = True
-        self._proto: tuple[float, dict] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -730,26 +729,19 @@ class MultiHeadKeySketch:
         eps: float,
     ) -> list[HeavyEntries]:
         """One :class:`HeavyEntries` per head, views of the arrays of every head (made read-only once)."""
-        proto = self._proto
-        if proto is None or proto[0] != eps:
-            empty = HeavyEntries.of(np.zeros(1, np.int64), _NO_IDS, np.zeros(0), eps)
-            proto = self._proto = (eps, dict(empty.__dict__))
-        fields = proto[1]
         for arr in (indptr, key_ids, values):
             arr.flags.writeable = False
         bounds = starts.tolist()
-        new = object.__new__
-        out = []
-        for h in range(len(self._heads)):
-            a, b = bounds[h], bounds[h + 1]
-            hits = new(HeavyEntries)
-            state = hits.__dict__
-            state.update(fields)
-            state["indptr"] = indptr[h]
-            state["key_ids"] = key_ids[a:b]
-            state["values"] = values[a:b]
-            out.append(hits)
-        return out
+        of_frozen = HeavyEntries.of_frozen
+        return [
+            of_frozen(
+                indptr[h],
+                key_ids[bounds[h] : bounds[h + 1]],
+                values[bounds[h] : bounds[h + 1]],
+                eps,
+            )
+            for h in range(len(self._heads))
+        ]
 
     def universal_set(self) -> list[UniversalSet]:
         """The universal set of every head (exact for p = 2), one :class:`UniversalSet` per head."""

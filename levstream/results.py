@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +79,7 @@ class UniversalSet:
         )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class HeavyEntries:
     """Every attention entry ``A[i, key] >= eps`` of a batch of queries, in CSR form (like faiss ``range_search``).
 
@@ -157,7 +157,9 @@ class HeavyEntries:
                 arr.flags.writeable = False
         out = cls.of_frozen(indptr, key_ids, values, eps)
         if lower is not None or upper is not None:
-            out.__dict__.update(lower=lower, upper=upper)
+            _set = object.__setattr__
+            _set(out, "lower", lower)
+            _set(out, "upper", upper)
         return out
 
     @classmethod
@@ -167,16 +169,15 @@ class HeavyEntries:
         """:meth:`of` of exact values in arrays already in final form: contiguous int64 ``indptr``/``key_ids``,
         float64 ``values``, all read-only (the constructor of the live query path, a few microseconds per step)."""
         out = object.__new__(cls)
-        # fields set directly (one dict update)
-        out.__dict__.update(
-            indptr=indptr,
-            key_ids=key_ids,
-            values=values,
-            eps=float(eps),
-            lower=None,
-            upper=None,
-            _n_queries=-1,
-        )
+        # the slots set directly (no __init__, no checks): a live step keeps this cheap, and a loop that keeps
+        # every step's result holds no per-object dict (they cost a 4 KiB page every ~10 results)
+        _he_indptr(out, indptr)
+        _he_key_ids(out, key_ids)
+        _he_values(out, values)
+        _he_eps(out, float(eps))
+        _he_lower(out, None)
+        _he_upper(out, None)
+        _he_n_queries(out, -1)
         return out
 
     @property
@@ -254,7 +255,7 @@ class TopK:
         )
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class AttentionResult:
     """Attention of a batch of queries over every key fed so far: heavy entries and outputs.
 
@@ -295,14 +296,12 @@ class AttentionResult:
         """A result of exact values from read-only arrays in final form (the decode step's constructor: no
         checks, no copies)."""
         out = object.__new__(cls)
-        out.__dict__.update(
-            entries=entries,
-            heavy_output=heavy_output,
-            captured_mass=captured_mass,
-            output=output,
-            captured_mass_bounds=None,
-            heavy_output_bounds=None,
-        )
+        _ar_entries(out, entries)
+        _ar_heavy_output(out, heavy_output)
+        _ar_captured_mass(out, captured_mass)
+        _ar_output(out, output)
+        _ar_captured_mass_bounds(out, None)
+        _ar_heavy_output_bounds(out, None)
         return out
 
     def __post_init__(self) -> None:
@@ -323,6 +322,27 @@ class AttentionResult:
     def __repr__(self) -> str:
         exact = "exact output" if self.output is not None else "no exact output"
         return f"AttentionResult(queries={self.captured_mass.shape[-1]}, {exact})"
+
+
+def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
+    """The setter of slot ``name`` of ``cls`` (a frozen class: its constructors that bypass ``__init__`` set
+    the slots through these)."""
+    return vars(cls)[name].__set__
+
+
+_he_indptr = _slot_setter(HeavyEntries, "indptr")
+_he_key_ids = _slot_setter(HeavyEntries, "key_ids")
+_he_values = _slot_setter(HeavyEntries, "values")
+_he_eps = _slot_setter(HeavyEntries, "eps")
+_he_lower = _slot_setter(HeavyEntries, "lower")
+_he_upper = _slot_setter(HeavyEntries, "upper")
+_he_n_queries = _slot_setter(HeavyEntries, "_n_queries")
+_ar_entries = _slot_setter(AttentionResult, "entries")
+_ar_heavy_output = _slot_setter(AttentionResult, "heavy_output")
+_ar_captured_mass = _slot_setter(AttentionResult, "captured_mass")
+_ar_output = _slot_setter(AttentionResult, "output")
+_ar_captured_mass_bounds = _slot_setter(AttentionResult, "captured_mass_bounds")
+_ar_heavy_output_bounds = _slot_setter(AttentionResult, "heavy_output_bounds")
 
 
 def concat_entries(parts: list[HeavyEntries]) -> HeavyEntries:
