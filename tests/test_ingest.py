@@ -28,8 +28,10 @@ import levstream as ls
 import levstream._threads as threads
 import levstream.sketch as sketch_module
 from levstream._kernels import ingest as kernels
-from levstream._kernels.blas import dtrmm_function
+from levstream._kernels.blas import dtrmm_function, strmm_function
 from levstream._store import RowStore
+
+NO_W32 = np.zeros((0, 0), dtype=np.float32)
 from levstream.summaries import GramSummary
 
 EPS = 0.02
@@ -61,7 +63,7 @@ def feed(K: np.ndarray, cuts: list[int] | None = None, n_threads: int | None = N
 
 # ---------------------------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_slab_pass_against_numpy(dtype):
+def test_slab_pass_against_numpy(dtype, monkeypatch):
     rng = np.random.default_rng(0)
     d = 16
     X = (rng.standard_normal((700, d)) * (1 + rng.pareto(2.0, (700, 1)))).astype(dtype)
@@ -71,20 +73,85 @@ def test_slab_pass_against_numpy(dtype):
     norms = ((X64 * scale) ** 2).sum(axis=1)
     bounds = ((X64 @ W) ** 2).sum(axis=1)
     limit, threshold = np.quantile(norms, 0.5), np.quantile(bounds, 0.5)
-    fn = dtrmm_function()
-    wide = np.empty((700, d))
-    rows, tested = kernels.slab_pass(X, scale, limit, W, threshold, wide, fn)
-    assert tested
-    np.testing.assert_array_equal(wide, X64)
+    fn, fn32 = dtrmm_function(), strmm_function()
+    monkeypatch.setattr(sketch_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
+    W32, w_inv = sketch_module._float32_factor(W)
     want = np.flatnonzero((norms >= limit) & (bounds >= threshold))
-    # rounding may move rows sitting exactly on a threshold; none of these random values do
-    np.testing.assert_array_equal(rows, want)
-    rows, tested = kernels.slab_pass(X, np.zeros(0), 0.0, np.zeros((0, 0)), 0.0, np.zeros((0, d)), fn)
+    for factor32 in ((W32, w_inv), (NO_W32, 0.0)):  # with and without the float32 screen
+        wide = np.empty((700, d))
+        rows, tested = kernels.slab_pass(X, scale, limit, W, threshold, wide, fn, *factor32, fn32)
+        assert tested
+        np.testing.assert_array_equal(wide, X64)
+        # rounding may move rows sitting exactly on a threshold; none of these random values do
+        np.testing.assert_array_equal(rows, want)
+    rows, tested = kernels.slab_pass(
+        X, np.zeros(0), 0.0, np.zeros((0, 0)), 0.0, np.zeros((0, d)), fn, NO_W32, 0.0, fn32
+    )
     assert not tested
     np.testing.assert_array_equal(rows, np.arange(700))
     out = np.empty(700)
     kernels.upper_scores(X, W, fn, out)
     np.testing.assert_allclose(out, bounds, rtol=SCORE_RTOL)
+
+
+@pytest.mark.parametrize("d", [5, 64, 130, 384])
+def test_float32_screen_decides_as_the_float64_test(d, monkeypatch):
+    """The float32 screen of the candidate test decides a row only where the float64 test is certain to decide
+    the same: the rows kept are identical with and without it, for rows and factors over many scales, factors
+    far from orthogonal, thresholds placed right at rows' bounds (ties at rounding level), zero, tiny and huge
+    rows, float32 rows, and nan/inf rows (kept, as the float64 test keeps them)."""
+    rng = np.random.default_rng(d)
+    fn, fn32 = dtrmm_function(), strmm_function()
+    monkeypatch.setattr(sketch_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
+    decided = 0
+    for trial in range(60):
+        n = 400
+        X = rng.standard_normal((n, d)) * 10.0 ** rng.uniform(-6, 6, (n, 1))
+        X[:, : d // 3] *= 10.0 ** rng.uniform(-3, 3)  # uneven columns
+        if trial % 4 == 1:
+            X[rng.integers(0, n, 5)] = 0.0
+            X[rng.integers(0, n, 3)] *= 1e-150
+            X[rng.integers(0, n, 3)] *= 1e140
+        if trial % 4 == 2:
+            X = X.astype(np.float32).astype(np.float64)
+        W = np.triu(rng.standard_normal((d, d))) * 10.0 ** rng.uniform(-40, 40)
+        W[np.diag_indices(d)] = np.abs(W[np.diag_indices(d)]) * 10.0 ** rng.uniform(-8, 0, d)
+        Xc = X.astype(np.float32) if trial % 4 == 3 else X
+        with np.errstate(over="ignore", invalid="ignore"):
+            u = ((Xc.astype(np.float64) @ W) ** 2).sum(axis=1)
+        finite = np.isfinite(u)
+        threshold = float(np.quantile(u[finite], rng.uniform(0.1, 0.9)))
+        if trial % 3 == 0:
+            threshold = float(u[finite][rng.integers(0, finite.sum())])  # exactly some row's float64 bound
+        if trial % 5 == 0:
+            Xc = Xc.copy()
+            Xc[7, 3] = np.nan
+            Xc[11, 0] = np.inf
+        W32, w_inv = sketch_module._float32_factor(W)
+        wide = np.zeros((0, d))
+        screened, _ = kernels.slab_pass(Xc, np.zeros(0), 0.0, W, threshold, wide, fn, W32, w_inv, fn32)
+        plain, _ = kernels.slab_pass(Xc, np.zeros(0), 0.0, W, threshold, wide, fn, NO_W32, 0.0, fn32)
+        np.testing.assert_array_equal(screened, plain)
+        verdict = kernels._screen(Xc, np.arange(n), W32, w_inv, threshold, fn32) if W32.size else None
+        if verdict is not None:
+            decided += int((verdict != kernels._UNDECIDED).sum())
+    assert decided > 60 * 400 // 2  # and the screen decides most rows (else it saves nothing)
+
+
+def test_a_stream_is_the_same_with_and_without_the_float32_screen(monkeypatch):
+    """The screen changes no decision, so a sketch streamed with it has the same bytes as one streamed without
+    it (d = 256, where the sketch uses it; float64 and float32 keys, chunks that are not aligned to blocks)."""
+    d = 256
+    K = heavy_tailed_keys(3 * BLOCK + 77, d, seed=12)
+    for dtype in (np.float64, np.float32):
+        got = []
+        for factor in (sketch_module._float32_factor, lambda W: (NO_W32, 0.0)):
+            monkeypatch.setattr(sketch_module, "_float32_factor", factor)
+            sk = ls.KeySketch(d, eps=EPS, block_rows=BLOCK)
+            for a in range(0, K.shape[0], BLOCK - 5):
+                sk.update_many(K[a : a + BLOCK - 5].astype(dtype))
+            got.append(sk.to_bytes())
+        assert got[0] == got[1]
 
 
 def test_two_sum_add_is_exact():

@@ -37,19 +37,25 @@ def dsyrk_function() -> Any:
     return blas_function("dsyrk", 10)
 
 
+def strmm_function() -> Any:
+    """``strmm`` (for :func:`times_upper`'s float32 form)."""
+    return blas_function("strmm", 11)
+
+
 @numba.njit(nogil=True, cache=True)
 def times_upper(Y, W, dtrmm):  # pragma: no cover - compiled
     """``Y <- Y @ W`` in place for C-contiguous float64 ``Y`` (b, d) and upper-triangular ``W`` (d, d).
 
     In Fortran's column-major view ``Y^T`` is a (d, b) matrix and ``W^T`` a lower-triangular (d, d) one, so
-    ``dtrmm('L', 'L', 'N', 'N')`` computes ``Y^T <- W^T Y^T`` with no transposed copies.
+    ``dtrmm('L', 'L', 'N', 'N')`` computes ``Y^T <- W^T Y^T`` with no transposed copies.  float32 ``Y`` and ``W``
+    with ``strmm`` in place of ``dtrmm`` work the same way.
     """
     b, d = Y.shape
     if b == 0:
         return
     flags = np.array([ord("L"), ord("L"), ord("N"), ord("N")], dtype=np.uint8)
     sizes = np.array([d, b, d, d], dtype=np.int32)
-    alpha = np.ones(1)
+    alpha = np.ones(1, dtype=Y.dtype)
     dtrmm(
         flags[0:].ctypes,
         flags[1:].ctypes,

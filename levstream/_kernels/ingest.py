@@ -64,8 +64,74 @@ def _norm_pass(X, scale, limit, wide):  # pragma: no cover - compiled
     return idx[:k]
 
 
+#: Fewer rows than this passing the norm pre-filter of a slab skip the float32 screen (:func:`_screen`).
+SCREEN_MIN_ROWS = 32
+
+_DROP, _KEEP, _UNDECIDED = 0, 1, 2
+
+
 @numba.njit(nogil=True, cache=True)
-def slab_pass(X, scale, limit, W, threshold, wide, dtrmm):  # pragma: no cover - compiled
+def _screen(X, idx, W32, w_inv, threshold, strmm):  # pragma: no cover - compiled
+    """Decide ``||x W||^2 >= threshold`` for the rows ``idx`` of ``X`` from a float32 product where it is safe
+    to (docs/theory.md, "The float32 screen"): ``_DROP`` or ``_KEEP`` where the float64 test of
+    :func:`slab_pass` is certain to decide the same, ``_UNDECIDED`` where it must run.
+
+    Each row is scaled to unit norm (``c = 1 / ||x||``) and rounded to float32, ``W32`` is ``W`` times
+    ``w_inv = 1 / ||W||_F`` rounded to float32, and ``y32 = strmm(x32, W32)``.  Then
+    ``|| y32 - c w_inv x W || <= delta = (d + 2) 2^-24 1.02 + 4 d 2^-53 + 1e-30`` (the roundings of the scaled
+    entries, of the products and sums of ``strmm`` in any order, subnormals, and the float64 test's own
+    rounding), so ``||x W||`` lies within ``(||y32|| -+ delta) / (c w_inv)``; a further relative ``1e-12``
+    covers the float64 arithmetic of the test.  Rows whose norm is 0, not finite or outside ``2^+-500`` are
+    undecided, as is every row whose bound straddles the threshold."""
+    k = idx.shape[0]
+    d = X.shape[1]
+    Y = np.empty((k, d), dtype=np.float32)
+    scaled = np.empty(k)  # c w_inv, 0 for a row the screen does not decide
+    for r in range(k):
+        i = idx[r]
+        s = 0.0
+        for j in range(d):
+            v = np.float64(X[i, j])
+            s += v * v
+        c = 0.0
+        if s >= 2.0**-1000 and s <= 2.0**1000:
+            c = 1.0 / np.sqrt(s)
+        cw = c * w_inv
+        if not (cw >= 2.0**-400 and cw <= 2.0**400):
+            c = 0.0
+            cw = 0.0
+        scaled[r] = cw
+        for j in range(d):
+            Y[r, j] = np.float32(np.float64(X[i, j]) * c)
+    times_upper(Y, W32, strmm)
+    delta = (d + 2) * 2.0**-24 * 1.02 + 4 * d * 2.0**-53 + 1e-30
+    out = np.empty(k, dtype=np.int8)
+    for r in range(k):
+        cw = scaled[r]
+        if cw == 0.0:
+            out[r] = _UNDECIDED
+            continue
+        n2 = 0.0
+        for j in range(d):
+            v = np.float64(Y[r, j])
+            n2 += v * v
+        n32 = np.sqrt(n2)
+        ts = threshold * (cw * cw)
+        hi = n32 * (1.0 + 1e-12) + delta
+        lo = max(n32 * (1.0 - 1e-12) - delta, 0.0)
+        if hi * hi * (1.0 + 1e-12) < ts * (1.0 - 1e-12):
+            out[r] = _DROP
+        elif lo * lo * (1.0 - 1e-12) >= ts * (1.0 + 1e-12):
+            out[r] = _KEEP
+        else:
+            out[r] = _UNDECIDED
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def slab_pass(
+    X, scale, limit, W, threshold, wide, dtrmm, W32, w_inv, strmm
+):  # pragma: no cover - compiled
     """The candidate test of one slab ``X`` (float32 or float64 rows) in one pass while it is in cache.
 
     Returns ``(rows, tested)``: ``rows`` the indices of the rows that may reach ``threshold``, those passing
@@ -74,6 +140,9 @@ def slab_pass(X, scale, limit, W, threshold, wide, dtrmm):  # pragma: no cover -
     ``tested`` whether that second test ran (``W`` non-empty).  When ``wide`` has as many rows as ``X`` it
     receives a float64 copy of ``X`` (for the Gram update).  Finiteness is the caller's: a nan/inf, or squares
     that overflow, make the trace of the slab's Gram block non-finite.
+
+    With ``W32`` (``W / ||W||_F`` in float32, ``w_inv = 1 / ||W||_F``; empty: none), the rows a float32 product
+    decides for certain skip the float64 one (:func:`_screen`, half its cost); the rows returned are the same.
     """
     idx = _norm_pass(X, scale, limit, wide)
     d = X.shape[1]
@@ -81,17 +150,33 @@ def slab_pass(X, scale, limit, W, threshold, wide, dtrmm):  # pragma: no cover -
     if not tested or idx.shape[0] == 0:
         return idx, tested
     k = idx.shape[0]
-    Y = np.empty((k, d))
+    if W32.shape[0] == d and k >= SCREEN_MIN_ROWS:
+        verdict = _screen(X, idx, W32, w_inv, threshold, strmm)
+    else:
+        verdict = np.full(k, _UNDECIDED, dtype=np.int8)
+    open_rows = 0
     for r in range(k):
-        i = idx[r]
-        for j in range(d):
-            Y[r, j] = np.float64(X[i, j])
+        open_rows += verdict[r] == _UNDECIDED
+    Y = np.empty((open_rows, d))
+    t = 0
+    for r in range(k):
+        if verdict[r] == _UNDECIDED:
+            i = idx[r]
+            for j in range(d):
+                Y[t, j] = np.float64(X[i, j])
+            t += 1
     times_upper(Y, W, dtrmm)
     u = _row_sq_sums(Y)
     keep = np.empty(k, dtype=np.int64)
     m = 0
+    t = 0
     for r in range(k):
-        if not (u[r] < threshold):  # a nan bound keeps the row
+        if verdict[r] == _UNDECIDED:
+            if not (u[t] < threshold):  # a nan bound keeps the row
+                keep[m] = idx[r]
+                m += 1
+            t += 1
+        elif verdict[r] == _KEEP:
             keep[m] = idx[r]
             m += 1
     return keep[:m], True
