@@ -51,7 +51,7 @@ from .summaries import (
     make_summary,
     summary_from_state,
 )
-from .summaries.gram import gram_rel_error_max
+from .summaries.gram import float32_factor, gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
 
@@ -901,20 +901,22 @@ class KeySketch:
         self._pending_from = self._store.n
         _maybe_prune(self, 0)
 
-    def _prune(self, room: int | None = None) -> np.ndarray:
-        """Rescore every candidate exactly against the summary, drop those below eps; return the kept scores.
-        Only called with no pending rows.  Storage is then trimmed to the candidates and the summary drops its
-        factors (``room=None``: the sketch settles), or, while streaming, released only beyond 1.5 times twice
-        the candidates plus ``room`` rows (what the next prune and the input buffer may need)."""
+    def _prune(self, room: int | None = None) -> None:
+        """Rescore every candidate exactly against the summary and drop those below eps (``GramSummary.exact_keep``
+        decides as the exact scores would).  Only called with no pending rows.  Storage is then trimmed to the
+        candidates and the summary drops its factors (``room=None``: the sketch settles), or, while streaming,
+        released only beyond 1.5 times twice the candidates plus ``room`` rows (what the next prune and the input
+        buffer may need)."""
         assert self._pending_from == self._store.n
         self._live = None
         rows = self._store.keys_view()
         if isinstance(self._summary, GramSummary):
             with ingest_threads() as n_threads:
-                scores = self._summary.exact_scores(rows, n_threads)
+                keep = self._summary.exact_keep(rows, self._keep_threshold(), n_threads)
         else:
-            scores = self._summary.scores(rows)
-        keep = ~(scores < self._keep_threshold())  # a nan score keeps its row
+            keep = ~(
+                self._summary.scores(rows) < self._keep_threshold()
+            )  # a nan score keeps its row
         self._store.keep_from(0, keep)
         if room is None:  # settling: hold the candidates and G, nothing more
             self._store.trim()
@@ -924,7 +926,6 @@ class KeySketch:
             self._store.trim(self._store.n + room, slack=1.5)
         self._pending_from = self._store.n
         self._pruned_rows = self._store.n
-        return scores[keep]
 
     # ------------------------------------------------------------------ merge
     def _check_compatible(self, other: Any) -> None:
@@ -1824,7 +1825,6 @@ _PRUNE_MIN_ROWS = 256
 
 _NO_SCALE = np.zeros(0)
 _NO_TRIANGLE = np.zeros((0, 0))
-_NO_TRIANGLE32 = np.zeros((0, 0), dtype=np.float32)
 
 
 def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
@@ -1923,7 +1923,7 @@ class _Plan:
         self.scale = _NO_SCALE if scale is None else scale
         self.W = _NO_TRIANGLE if W is None else W
         self.limit = self.threshold * self.lam
-        self.W32, self.w_inv = _float32_factor(self.W)
+        self.W32, self.w_inv = float32_factor(self.W)
 
     def same_as(self, other: _Plan) -> bool:
         return (
@@ -1949,26 +1949,6 @@ class _BlockResult:
         tested: bool,
     ) -> None:
         self.gram, self.total, self.plan, self.rows, self.tested = gram, total, plan, rows, tested
-
-
-#: Smallest head size for the float32 screen of the candidate test.  Measured (one thread, 8192-row chunks of
-#: attention-like keys, eps = 0.01): the build 7% faster at d = 384, no change at d = 256, 3-10% slower at
-#: d = 128, where the rows that pass the norm pre-filter are few and the float64 product of each is cheap.
-_SCREEN_MIN_DIM = 256
-
-
-def _float32_factor(W: np.ndarray) -> tuple[np.ndarray, float]:
-    """``(W / ||W||_F in float32, 1 / ||W||_F)`` for the float32 screen of the candidate test (``slab_pass``), or
-    an empty array when ``W`` is empty or smaller than ``_SCREEN_MIN_DIM``, or its norm is not finite or
-    outside ``2^+-400``."""
-    if W.shape[0] < _SCREEN_MIN_DIM:
-        return _NO_TRIANGLE32, 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        norm = float(np.sqrt(np.einsum("ij,ij->", W, W)))
-    if not 2.0**-400 <= norm <= 2.0**400:
-        return _NO_TRIANGLE32, 0.0
-    w_inv = 1.0 / norm
-    return (W * w_inv).astype(np.float32), w_inv
 
 
 def _slab_items(blocks: list[np.ndarray]) -> list[tuple[int, int, int]]:

@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_info
 import levstream as ls
 import levstream._threads as threads
 import levstream.sketch as sketch_module
+import levstream.summaries.gram as gram_module
 from levstream._kernels import ingest as kernels
 from levstream._kernels.blas import dtrmm_function, strmm_function
 from levstream._store import RowStore
@@ -74,8 +75,8 @@ def test_slab_pass_against_numpy(dtype, monkeypatch):
     bounds = ((X64 @ W) ** 2).sum(axis=1)
     limit, threshold = np.quantile(norms, 0.5), np.quantile(bounds, 0.5)
     fn, fn32 = dtrmm_function(), strmm_function()
-    monkeypatch.setattr(sketch_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
-    W32, w_inv = sketch_module._float32_factor(W)
+    monkeypatch.setattr(gram_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
+    W32, w_inv = gram_module.float32_factor(W)
     want = np.flatnonzero((norms >= limit) & (bounds >= threshold))
     for factor32 in ((W32, w_inv), (NO_W32, 0.0)):  # with and without the float32 screen
         wide = np.empty((700, d))
@@ -102,7 +103,7 @@ def test_float32_screen_decides_as_the_float64_test(d, monkeypatch):
     rows, float32 rows, and nan/inf rows (kept, as the float64 test keeps them)."""
     rng = np.random.default_rng(d)
     fn, fn32 = dtrmm_function(), strmm_function()
-    monkeypatch.setattr(sketch_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
+    monkeypatch.setattr(gram_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
     decided = 0
     for trial in range(60):
         n = 400
@@ -127,7 +128,7 @@ def test_float32_screen_decides_as_the_float64_test(d, monkeypatch):
             Xc = Xc.copy()
             Xc[7, 3] = np.nan
             Xc[11, 0] = np.inf
-        W32, w_inv = sketch_module._float32_factor(W)
+        W32, w_inv = gram_module.float32_factor(W)
         wide = np.zeros((0, d))
         screened, _ = kernels.slab_pass(Xc, np.zeros(0), 0.0, W, threshold, wide, fn, W32, w_inv, fn32)
         plain, _ = kernels.slab_pass(Xc, np.zeros(0), 0.0, W, threshold, wide, fn, NO_W32, 0.0, fn32)
@@ -145,8 +146,9 @@ def test_a_stream_is_the_same_with_and_without_the_float32_screen(monkeypatch):
     K = heavy_tailed_keys(3 * BLOCK + 77, d, seed=12)
     for dtype in (np.float64, np.float32):
         got = []
-        for factor in (sketch_module._float32_factor, lambda W: (NO_W32, 0.0)):
-            monkeypatch.setattr(sketch_module, "_float32_factor", factor)
+        for factor in (gram_module.float32_factor, lambda W: (NO_W32, 0.0)):
+            monkeypatch.setattr(sketch_module, "float32_factor", factor)
+            monkeypatch.setattr(gram_module, "float32_factor", factor)
             sk = ls.KeySketch(d, eps=EPS, block_rows=BLOCK)
             for a in range(0, K.shape[0], BLOCK - 5):
                 sk.update_many(K[a : a + BLOCK - 5].astype(dtype))
@@ -182,6 +184,25 @@ def test_exact_scores_match_svd_on_any_number_of_threads():
         np.testing.assert_array_equal(s.exact_scores(K.astype(np.float32), 3),
                                       s.exact_scores(K.astype(np.float32).astype(np.float64), 1))
     np.testing.assert_allclose(s.exact_scores(K, 2), tau, rtol=SCORE_RTOL)  # NumPy's inverse outside
+
+
+@pytest.mark.parametrize("d", [12, 300])
+def test_exact_keep_decides_as_the_exact_scores(d, monkeypatch):
+    """A prune's decision (float32 screen on at every size, then float64 for the rows it leaves open) is the
+    exact scores' decision, on any number of threads, for thresholds at quantiles and exactly at scores."""
+    monkeypatch.setattr(gram_module, "_SCREEN_MIN_DIM", 0)
+    K = heavy_tailed_keys(5000, d, seed=4)
+    s = GramSummary(d)
+    s.add(K)
+    with threads.ingest_threads():
+        scores = s.exact_scores(K, 1)
+        thresholds = [*np.quantile(scores, [0.1, 0.5, 0.9, 0.99]), float(scores[17]), float(scores[4001])]
+        for t in thresholds:
+            want = ~(scores < t)
+            for n_threads in (1, 3):
+                np.testing.assert_array_equal(s.exact_keep(K, t, n_threads), want)
+            np.testing.assert_array_equal(s.exact_keep(K.astype(np.float32), t, 2),
+                                          ~(s.exact_scores(K.astype(np.float32), 1) < t))
 
 
 # ---------------------------------------------------------------------------------------------- threads
