@@ -27,8 +27,8 @@ _MIN_ROWS = 16
 #: Growth factor of the allocation: amortised O(1) copies per row, at most this much unused room after growth.
 _GROWTH = 1.5
 
-#: Arrays grown to at least this many bytes are allocated afresh (the rows held copied once) rather than extended
-#: in place: NumPy asks the kernel for transparent huge pages for allocations this large, and rows written to
+#: An input buffer given its full size (``RowStore.reserve``) of at least this many bytes is allocated afresh (the
+#: rows held copied once) rather than extended in place: NumPy asks the kernel for transparent huge pages for allocations this large, and rows written to
 #: them for the first time then fault in 2 MiB pages instead of 4 KiB ones.  A 4 KiB fault costs 2.8-4.7 us on
 #: the virtual machines of benchmarks/RESULTS.md (a stream's input buffer of 8192 rows of d = 64 touches 1 024
 #: of them, per head), the huge pages about a sixth of that per 4 KiB.
@@ -40,17 +40,22 @@ _NO_VALUE_ROWS = np.zeros((0, 0))
 _NO_VALUE_ROW = np.zeros(0)
 
 
-def _set_rows(store: RowStore, name: str, rows: int, dtype: type | None = None) -> None:
+def _set_rows(
+    store: RowStore, name: str, rows: int, dtype: type | None = None, buffer: bool = False
+) -> None:
     """Give the array ``store.<name>`` room for ``rows`` rows, its first ``store.n`` rows kept (``dtype``: a new
-    type for them, widened exactly).  Below ``_FRESH_BYTES``, in place when nothing else references the array
-    (NumPy's ``resize`` checks: a snapshot or a view holding it makes it copy instead): the allocator then
-    extends the block without copying the rows held into freshly mapped pages.  From ``_FRESH_BYTES`` on, in a
-    new array, whose huge pages make the first touch of the rows to come cheaper than the copy."""
+    type for them, widened exactly).  In place when nothing else references the array (NumPy's ``resize``
+    checks: a snapshot or a view holding it makes it copy instead): the allocator then extends the block without
+    copying the rows held into freshly mapped pages.  An input buffer given its full size (``buffer``) of
+    ``_FRESH_BYTES`` or more goes to a new array instead, whose huge pages make the first touch of the rows to
+    come cheaper than the copy of the few held."""
     arr = getattr(store, name)
     setattr(store, name, None)  # only the local reference is left, so that the check can pass
     try:
-        small = rows * arr.itemsize * int(np.prod(arr.shape[1:])) < _FRESH_BYTES
-        if small and (dtype is None or dtype == arr.dtype):
+        # afresh only for the input buffer: elsewhere (candidates appended, trims) a copy of many rows costs more
+        # than the page faults it saves (measured: a d = 384 build 5% slower with every large growth afresh)
+        fresh = buffer and rows * arr.itemsize * int(np.prod(arr.shape[1:])) >= _FRESH_BYTES
+        if not fresh and (dtype is None or dtype == arr.dtype):
             try:
                 arr.resize((rows, *arr.shape[1:]), refcheck=True)
                 return
@@ -142,11 +147,11 @@ class RowStore:
         same = self.n == 0 or self.keys.dtype == np.float32
         return np.float32 if new == np.float32 and same else np.float64
 
-    def _resize(self, rows: int, key_dtype: type | None = None) -> None:
+    def _resize(self, rows: int, key_dtype: type | None = None, buffer: bool = False) -> None:
         _set_rows(self, "ids", rows)
-        _set_rows(self, "keys", rows, key_dtype)
+        _set_rows(self, "keys", rows, key_dtype, buffer)
         if self.values is not None:
-            _set_rows(self, "values", rows)
+            _set_rows(self, "values", rows, None, buffer)
         self._shared = 0
 
     def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:
@@ -157,12 +162,12 @@ class RowStore:
         pages: ``_FRESH_BYTES``) instead of in a series of ever larger steps."""
         retype = key_dtype is not None and key_dtype != self.keys.dtype
         if rows > self.capacity or retype:
-            grown = self.capacity
+            grown, buffer = self.capacity, False
             if rows > self.capacity:
                 grown = max(rows, int(_GROWTH * self.capacity), _MIN_ROWS)
-                if 2 * grown >= fill_to:
-                    grown = max(grown, fill_to)
-            self._resize(grown, key_dtype)
+                if 2 * grown >= fill_to > grown:
+                    grown, buffer = fill_to, True
+            self._resize(grown, key_dtype, buffer)
 
     def room_for(self, keys: np.ndarray, fill_to: int = 0) -> None:
         """Grow now, if needed, for ``keys`` (shape (m, dim)) to be appended (see :meth:`reserve` for

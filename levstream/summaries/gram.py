@@ -49,24 +49,35 @@ _SCORE_ITEM_ROWS = 2048
 
 _NO_FACTOR32 = np.zeros((0, 0), dtype=np.float32)
 
-#: Smallest head size for the float32 screen of the candidate test.  Measured (one thread, 8192-row chunks of
-#: attention-like keys, eps = 0.01): the build 7% faster at d = 384, no change at d = 256, 3-10% slower at
-#: d = 128, where the rows that pass the norm pre-filter are few and the float64 product of each is cheap.
+#: Smallest head size for the float32 screen (docs/theory.md, "The float32 screen").  Measured (one thread,
+#: 8192-row chunks of attention-like keys, eps = 0.01): at d = 384 the build takes 15% less time, at d = 256 the
+#: candidate test alone was no faster, and at d = 128 it was 3-10% slower: the rows that pass the norm
+#: pre-filter are few and the float64 product of each is cheap.
 _SCREEN_MIN_DIM = 256
+
+#: The last factor :func:`float32_factor` converted, with the result: a plan's factor is used for many blocks.
+_last_factor32: tuple[np.ndarray | None, tuple[np.ndarray, float]] = (None, (_NO_FACTOR32, 0.0))
 
 
 def float32_factor(W: np.ndarray) -> tuple[np.ndarray, float]:
-    """``(W / ||W||_F in float32, 1 / ||W||_F)`` for the float32 screen of the candidate test and of prunes (``slab_pass``), or
-    an empty array when ``W`` is empty or smaller than ``_SCREEN_MIN_DIM``, or its norm is not finite or
-    outside ``2^+-400``."""
+    """``(W / ||W||_F in float32, 1 / ||W||_F)`` for the float32 screen of the candidate test and of prunes
+    (``slab_pass``), or an empty array when ``W`` is empty or smaller than ``_SCREEN_MIN_DIM``, or its norm is
+    not finite or outside ``2^+-400``.  Factors are never changed in place (a rebase makes new ones), so the
+    result for the same array is reused."""
+    global _last_factor32
     if W.shape[0] < _SCREEN_MIN_DIM:
         return _NO_FACTOR32, 0.0
+    last, result = _last_factor32
+    if last is W:
+        return result
     with np.errstate(over="ignore", invalid="ignore"):
         norm = float(np.sqrt(np.einsum("ij,ij->", W, W)))
-    if not 2.0**-400 <= norm <= 2.0**400:
-        return _NO_FACTOR32, 0.0
-    w_inv = 1.0 / norm
-    return (W * w_inv).astype(np.float32), w_inv
+    result = (_NO_FACTOR32, 0.0)
+    if 2.0**-400 <= norm <= 2.0**400:
+        w_inv = 1.0 / norm
+        result = ((W * w_inv).astype(np.float32), w_inv)
+    _last_factor32 = (W, result)
+    return result
 
 
 def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
