@@ -636,9 +636,9 @@ class GramSummary(NormalizerSummary):
         BLAS is held to one thread."""
         kind, W, _, _ = self._get_factor(remember=False, cache=False)
         m = rows.shape[0]
-        if kind != "chol" or m == 0:
-            return ~(self.scores(rows.astype(np.float64, copy=False)) < threshold)
-        W32, w_inv = float32_factor(W)
+        W32, w_inv = float32_factor(W) if kind == "chol" else (_NO_FACTOR32, 0.0)
+        if m == 0 or W32.shape[0] == 0:  # no screen: the scores, in small pieces
+            return ~(self.exact_scores(rows, n_threads) < threshold)
         keep = np.zeros(m, dtype=bool)
         fn, fn32 = dtrmm_function(), strmm_function()
         no_scale, no_wide = np.zeros(0), np.zeros((0, rows.shape[1]))
