@@ -6,8 +6,8 @@ but not yet folded in).  Every operation that moves rows — append, drop the ro
 serialize — moves ids, keys and values together, so no caller reorders parallel arrays by hand.
 
 Storage grows geometrically (by half) with what is held and is trimmed on request (:meth:`trim`), so its size
-follows the rows held, not a capacity fixed in advance; an input buffer that is half full is given its full size
-at once (:meth:`RowStore.reserve`).  Key rows are kept in the precision they arrived in:
+follows the rows held, not a capacity fixed in advance; an input buffer whose growth would reach half its full
+size is given its full size at once (:meth:`RowStore.reserve`).  Key rows are kept in the precision they arrived in:
 float32 while every key held is float32 (exact: all arithmetic on them is float64), float64 as soon as a key of
 another type joins them (the float32 rows are widened exactly).  Value rows are float64.
 """
@@ -28,10 +28,10 @@ _MIN_ROWS = 16
 _GROWTH = 1.5
 
 #: An input buffer given its full size (``RowStore.reserve``) of at least this many bytes is allocated afresh (the
-#: rows held copied once) rather than extended in place: NumPy asks the kernel for transparent huge pages for allocations this large, and rows written to
-#: them for the first time then fault in 2 MiB pages instead of 4 KiB ones.  A 4 KiB fault costs 2.8-4.7 us on
-#: the virtual machines of benchmarks/RESULTS.md (a stream's input buffer of 8192 rows of d = 64 touches 1 024
-#: of them, per head), the huge pages about a sixth of that per 4 KiB.
+#: rows held copied once) rather than extended in place: NumPy asks the kernel for transparent huge pages for
+#: allocations this large, and rows written to them for the first time then fault in 2 MiB pages, not 4 KiB ones.
+#: A 4 KiB fault costs 2.8-4.7 us on the virtual machines of benchmarks/RESULTS.md (a stream's input buffer of 8192
+#: rows of d = 64 touches 1 024 of them, per head), the huge pages about a sixth of that per 4 KiB.
 _FRESH_BYTES = 1 << 22
 
 #: What :meth:`RowStore.append_row_tested` passes for the value rows of a store without values (writable: a
@@ -54,7 +54,8 @@ def _set_rows(
     try:
         # afresh only for the input buffer: elsewhere (candidates appended, trims) a copy of many rows costs more
         # than the page faults it saves (measured: a d = 384 build 5% slower with every large growth afresh)
-        fresh = buffer and rows * arr.itemsize * int(np.prod(arr.shape[1:])) >= _FRESH_BYTES
+        itemsize = np.dtype(dtype or arr.dtype).itemsize
+        fresh = buffer and rows * itemsize * int(np.prod(arr.shape[1:])) >= _FRESH_BYTES
         if not fresh and (dtype is None or dtype == arr.dtype):
             try:
                 arr.resize((rows, *arr.shape[1:]), refcheck=True)
@@ -131,13 +132,13 @@ class RowStore:
 
     @property
     def capacity(self) -> int:
-        """Rows allocated."""
+        """Rows allocated (the keys and values have room for at least as many)."""
         return int(self.ids.shape[0])
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (at most about 1.5 times the bytes of the rows held, plus any room kept by
-        :meth:`trim`)."""
+        """Bytes allocated: at most about 1.5 times the bytes of the rows held, or of the rows held once the input
+        buffer is full (``reserve``'s ``fill_to``), plus any room kept by :meth:`trim`."""
         extra = 0 if self.values is None else self.values.nbytes
         return int(self.ids.nbytes + self.keys.nbytes + extra)
 
@@ -148,17 +149,19 @@ class RowStore:
         return np.float32 if new == np.float32 and same else np.float64
 
     def _resize(self, rows: int, key_dtype: type | None = None, buffer: bool = False) -> None:
-        _set_rows(self, "ids", rows)
+        # ids last: ``capacity`` is their length, so should a growth fail halfway (out of memory) the store
+        # still claims only the room every array has, and the next growth tries again
+        self._shared = 0
         _set_rows(self, "keys", rows, key_dtype, buffer)
         if self.values is not None:
             _set_rows(self, "values", rows, None, buffer)
-        self._shared = 0
+        _set_rows(self, "ids", rows)
 
     def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``.
 
-        ``fill_to``: the rows the store will hold once its owner's input buffer is full.  A growth that reaches
-        half of it goes all the way, so that a buffer refilled block after block is allocated once (and in huge
+        ``fill_to``: the rows the store will hold once its owner's input buffer is full.  A growth that would
+        reach half of it goes all the way, so that a buffer refilled block after block is allocated once (and in huge
         pages: ``_FRESH_BYTES``) instead of in a series of ever larger steps."""
         retype = key_dtype is not None and key_dtype != self.keys.dtype
         if rows > self.capacity or retype:

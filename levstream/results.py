@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -322,6 +322,27 @@ class AttentionResult:
     def __repr__(self) -> str:
         exact = "exact output" if self.output is not None else "no exact output"
         return f"AttentionResult(queries={self.captured_mass.shape[-1]}, {exact})"
+
+
+def _getstate(self: object) -> tuple:
+    """The fields' values, in order (what a slotted frozen dataclass pickles)."""
+    return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+
+def _setstate(self: object, state: tuple | dict) -> None:
+    """Restore from :func:`_getstate`'s tuple, or from the ``__dict__`` that earlier versions pickled
+    (so results pickled then load with their fields, not their names)."""
+    if isinstance(state, dict):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        return
+    for f, value in zip(fields(self), state):  # type: ignore[arg-type]
+        object.__setattr__(self, f.name, value)
+
+
+for _cls in (HeavyEntries, AttentionResult):
+    setattr(_cls, "__getstate__", _getstate)  # noqa: B010 (set after the class: dataclass makes the slots)
+    setattr(_cls, "__setstate__", _setstate)  # noqa: B010
 
 
 def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:

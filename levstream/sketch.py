@@ -51,7 +51,7 @@ from .summaries import (
     make_summary,
     summary_from_state,
 )
-from .summaries.gram import float32_factor, gram_rel_error_max
+from .summaries.gram import gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
 
@@ -697,6 +697,10 @@ class KeySketch:
         n_full = (m - head) // self._block_rows
         tail = head + n_full * self._block_rows
         if isinstance(self._summary, GramSummary):
+            if self._store.n and self._store.keys.dtype == np.float32 and X.dtype != np.float32:
+                # the rows held are widened to float64 before any of these rows is stored: the whole chunk is
+                # checked first, so that a refused chunk leaves them as they were
+                _check_rows(X, X)
             # rows that wait in the buffer are checked now, not at flush time (one pass: while copied in, or
             # through the trace of the Gram block they complete)
             _check_rows(X[tail:], X)
@@ -1923,7 +1927,7 @@ class _Plan:
         self.scale = _NO_SCALE if scale is None else scale
         self.W = _NO_TRIANGLE if W is None else W
         self.limit = self.threshold * self.lam
-        self.W32, self.w_inv = float32_factor(self.W)
+        self.W32, self.w_inv = summary.plan_factor32(self.W)
 
     def same_as(self, other: _Plan) -> bool:
         return (

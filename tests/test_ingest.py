@@ -139,6 +139,65 @@ def test_float32_screen_decides_as_the_float64_test(d, monkeypatch):
     assert decided > 60 * 400 // 2  # and the screen decides most rows (else it saves nothing)
 
 
+def test_float32_screen_leaves_a_threshold_it_cannot_scale_to_the_float64_test(monkeypatch):
+    """A threshold that underflows once scaled to unit rows (here 2^-700 (2^-200 2^-199)^2) is left to the float64
+    test, which drops these rows (||x W||^2 = 2^-800)."""
+    monkeypatch.setattr(gram_module, "_SCREEN_MIN_DIM", 0)
+    d, n = 4, 40
+    W = np.diag([2.0**199, 1.0, 1.0, 2.0**-600])
+    X = np.zeros((n, d))
+    X[:, 3] = 2.0**200
+    W32, w_inv = gram_module.float32_factor(W)
+    fn, fn32 = dtrmm_function(), strmm_function()
+    for factor in ((W32, w_inv), (NO_W32, 0.0)):
+        kept, _ = kernels.slab_pass(X, np.zeros(0), 0.0, W, 2.0**-700, np.zeros((0, d)), fn, *factor, fn32)
+        assert kept.size == 0
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failed_growth_of_the_store_leaves_it_consistent(failing, monkeypatch):
+    """Out of memory while the input buffer is given its full size (the keys refused, or the keys allocated and the
+    values refused): the row that asked for the room is refused, the store claims only the room every array has,
+    and the stream goes on, exact (bytes equal to a stream that never failed, answers equal to brute force)."""
+    import types
+
+    import levstream._store as store_module
+
+    d, dv, block = 64, 64, 8192
+    rng = np.random.default_rng(3)
+    K, V = heavy_tailed_keys(5000, d, seed=15), rng.standard_normal((5000, dv))
+    calls = {"big": 0}
+
+    def empty(shape, dtype=float, *args, **kwargs):
+        if int(np.prod(shape)) * np.dtype(dtype).itemsize >= store_module._FRESH_BYTES:
+            calls["big"] += 1
+            if calls["big"] == failing:
+                raise MemoryError("simulated")
+        return np.empty(shape, dtype, *args, **kwargs)
+
+    fake_np = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
+    fake_np.empty = empty
+    twin = ls.KeySketch(d, eps=EPS, block_rows=block, value_dim=dv)
+    for i in range(K.shape[0]):
+        twin.update(K[i], V[i])
+    sk = ls.KeySketch(d, eps=EPS, block_rows=block, value_dim=dv)
+    failed_at = None
+    monkeypatch.setattr(store_module, "np", fake_np)
+    for i in range(K.shape[0]):
+        try:
+            sk.update(K[i], V[i])
+        except MemoryError:
+            failed_at = i
+            sk.update(K[i], V[i])  # the room is asked for again, and given
+        store = sk._store
+        assert store.keys.shape[0] >= store.capacity and store.values.shape[0] >= store.capacity
+    monkeypatch.setattr(store_module, "np", np)
+    assert failed_at is not None and calls["big"] > failing
+    assert sk.to_bytes() == twin.to_bytes()
+    Q = rng.standard_normal((3, d))
+    assert sk.heavy_entries(Q).as_set() == ls.testing.heavy_entries_dense(Q, K, eps=EPS, p=2).as_set()
+
+
 def test_a_stream_is_the_same_with_and_without_the_float32_screen(monkeypatch):
     """The screen changes no decision, so a sketch streamed with it has the same bytes as one streamed without
     it (d = 256, where the sketch uses it; float64 and float32 keys, chunks that are not aligned to blocks)."""
@@ -147,7 +206,6 @@ def test_a_stream_is_the_same_with_and_without_the_float32_screen(monkeypatch):
     for dtype in (np.float64, np.float32):
         got = []
         for factor in (gram_module.float32_factor, lambda W: (NO_W32, 0.0)):
-            monkeypatch.setattr(sketch_module, "float32_factor", factor)
             monkeypatch.setattr(gram_module, "float32_factor", factor)
             sk = ls.KeySketch(d, eps=EPS, block_rows=BLOCK)
             for a in range(0, K.shape[0], BLOCK - 5):
@@ -455,6 +513,23 @@ def test_an_input_buffer_filled_row_by_row_is_allocated_in_one_step_once_half_fu
         assert capacity <= 1.5 * max(sk._buffer_end(), sk._store.n)
     assert not [(c, end) for c, end in growths if end / 2 <= c < end], growths
     assert growths[-1][0] >= block, growths
+
+
+@pytest.mark.parametrize("rows", [5, BLOCK - 3, BLOCK + 9])
+def test_a_refused_float64_chunk_leaves_a_float32_sketch_as_it_was(rows):
+    """A float32 sketch would hold its rows as float64 once a float64 row joins them; a float64 chunk refused for a
+    nan (in a row that would wait in the buffer, complete a block or start one) changes nothing, not even the
+    type the rows are held in."""
+    K = heavy_tailed_keys(BLOCK + 100, 16, seed=13).astype(np.float32)
+    sk = ls.KeySketch(16, eps=EPS, block_rows=BLOCK)
+    sk.update_many(K[: BLOCK // 2 + 7])
+    before = sk.to_bytes()
+    bad = heavy_tailed_keys(rows, 16, seed=14)
+    bad[rows - 1, 3] = np.nan
+    with pytest.raises(ValueError, match="nan|finite"):
+        sk.update_many(bad)
+    assert sk.to_bytes() == before
+    assert sk._store.keys.dtype == np.float32
 
 
 def test_aligned_chunk_is_not_copied():

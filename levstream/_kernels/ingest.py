@@ -81,8 +81,9 @@ def _screen(X, idx, W32, w_inv, threshold, strmm):  # pragma: no cover - compile
     ``|| y32 - c w_inv x W || <= delta = (d + 2) 2^-24 1.02 + 4 d 2^-53 + 1e-30`` (the roundings of the scaled
     entries, of the products and sums of ``strmm`` in any order, subnormals, and the float64 test's own
     rounding), so ``||x W||`` lies within ``(||y32|| -+ delta) / (c w_inv)``; a further relative ``1e-12``
-    covers the float64 arithmetic of the test.  Rows whose norm is 0, not finite or outside ``2^+-500`` are
-    undecided, as is every row whose bound straddles the threshold."""
+    covers the float64 arithmetic of the test.  Undecided: rows whose norm is 0, not finite or outside
+    ``2^+-500``, or whose ``c w_inv`` is outside ``2^+-400``, or whose scaled threshold ``threshold (c w_inv)^2``
+    is below ``2^-1000`` (it would lose its precision), and every row whose bound straddles the threshold."""
     k = idx.shape[0]
     d = X.shape[1]
     Y = np.empty((k, d), dtype=np.float32)
@@ -117,6 +118,9 @@ def _screen(X, idx, W32, w_inv, threshold, strmm):  # pragma: no cover - compile
             n2 += v * v
         n32 = np.sqrt(n2)
         ts = threshold * (cw * cw)
+        if not ts >= 2.0**-1000:  # subnormal or zero (or nan): not precise enough to compare with
+            out[r] = _UNDECIDED
+            continue
         hi = n32 * (1.0 + 1e-12) + delta
         lo = max(n32 * (1.0 - 1e-12) - delta, 0.0)
         if hi * hi * (1.0 + 1e-12) < ts * (1.0 - 1e-12):

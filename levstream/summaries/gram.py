@@ -55,29 +55,34 @@ _NO_FACTOR32 = np.zeros((0, 0), dtype=np.float32)
 #: pre-filter are few and the float64 product of each is cheap.
 _SCREEN_MIN_DIM = 256
 
-#: The last factor :func:`float32_factor` converted, with the result: a plan's factor is used for many blocks.
-_last_factor32: tuple[np.ndarray | None, tuple[np.ndarray, float]] = (None, (_NO_FACTOR32, 0.0))
-
 
 def float32_factor(W: np.ndarray) -> tuple[np.ndarray, float]:
     """``(W / ||W||_F in float32, 1 / ||W||_F)`` for the float32 screen of the candidate test and of prunes
     (``slab_pass``), or an empty array when ``W`` is empty or smaller than ``_SCREEN_MIN_DIM``, or its norm is
-    not finite or outside ``2^+-400``.  Factors are never changed in place (a rebase makes new ones), so the
-    result for the same array is reused."""
-    global _last_factor32
+    not finite or outside ``2^+-400``."""
     if W.shape[0] < _SCREEN_MIN_DIM:
         return _NO_FACTOR32, 0.0
-    last, result = _last_factor32
-    if last is W:
-        return result
     with np.errstate(over="ignore", invalid="ignore"):
         norm = float(np.sqrt(np.einsum("ij,ij->", W, W)))
-    result = (_NO_FACTOR32, 0.0)
-    if 2.0**-400 <= norm <= 2.0**400:
-        w_inv = 1.0 / norm
-        result = ((W * w_inv).astype(np.float32), w_inv)
-    _last_factor32 = (W, result)
-    return result
+    if not 2.0**-400 <= norm <= 2.0**400:
+        return _NO_FACTOR32, 0.0
+    w_inv = 1.0 / norm
+    return (W * w_inv).astype(np.float32), w_inv
+
+
+def _upper_scores_in_pieces(rows: np.ndarray, W: np.ndarray, n_threads: int) -> np.ndarray:
+    """``||k W||^2`` of every row (float32 or float64) for an upper-triangular ``W``, in fixed pieces on up to
+    ``n_threads`` threads (the result does not depend on ``n_threads``)."""
+    m = rows.shape[0]
+    out = np.empty(m)
+    fn = dtrmm_function()
+    step = _SCORE_ITEM_ROWS
+
+    def item(i: int) -> None:
+        upper_scores(rows[i * step : (i + 1) * step], W, fn, out[i * step : (i + 1) * step])
+
+    run_items(item, -(-m // step), n_threads)
+    return out
 
 
 def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
@@ -201,6 +206,8 @@ class GramSummary(NormalizerSummary):
         #: the ingest path's candidate test ``(scale, lam, W)`` (see ingest_plan), made when ``n_rows`` was
         #: ``_plan_rows``; None until the first block and after a merge or a change of representation
         self._plan: tuple[np.ndarray | None, float, np.ndarray | None] | None = None
+        #: the plan's factor in float32 (derived, never serialized): ``(W, W32, w_inv)``
+        self._plan_factor32: tuple[np.ndarray, np.ndarray, float] | None = None
         self._plan_rows = 0
         #: the largest diagonal entry of ``G`` when the plan was made (a new plan is made once it has doubled)
         self._plan_diag = 0.0
@@ -586,6 +593,7 @@ class GramSummary(NormalizerSummary):
         """Drop every factor held (the plan, the stale factor, the caches): a settled sketch keeps ``G`` only.
         The next block makes a new plan (deterministically: at the same point of the same operations)."""
         self._plan = None
+        self._plan_factor32 = None
         self._past_factor, self._past_diag_max = None, 0.0
         self._factor = None
         self._gram_sum = None
@@ -616,18 +624,9 @@ class GramSummary(NormalizerSummary):
         fixed pieces, so that the result does not depend on ``n_threads``.  Call it where BLAS is held to one
         thread (:func:`levstream._threads.ingest_threads`)."""
         kind, W, _, _ = self._get_factor(remember=False, cache=False)
-        m = rows.shape[0]
-        if kind != "chol" or m == 0:
+        if kind != "chol" or rows.shape[0] == 0:
             return self.scores(rows.astype(np.float64, copy=False))
-        out = np.empty(m)
-        fn = dtrmm_function()
-        step = _SCORE_ITEM_ROWS
-
-        def item(i: int) -> None:
-            upper_scores(rows[i * step : (i + 1) * step], W, fn, out[i * step : (i + 1) * step])
-
-        run_items(item, -(-m // step), n_threads)
-        return out
+        return _upper_scores_in_pieces(rows, W, n_threads)
 
     def exact_keep(self, rows: np.ndarray, threshold: float, n_threads: int = 1) -> np.ndarray:
         """``~(exact_scores(rows) < threshold)`` (a nan score keeps its row), on up to ``n_threads`` threads: the
@@ -636,9 +635,11 @@ class GramSummary(NormalizerSummary):
         BLAS is held to one thread."""
         kind, W, _, _ = self._get_factor(remember=False, cache=False)
         m = rows.shape[0]
-        W32, w_inv = float32_factor(W) if kind == "chol" else (_NO_FACTOR32, 0.0)
-        if m == 0 or W32.shape[0] == 0:  # no screen: the scores, in small pieces
-            return ~(self.exact_scores(rows, n_threads) < threshold)
+        if kind != "chol" or m == 0:
+            return ~(self.scores(rows.astype(np.float64, copy=False)) < threshold)
+        W32, w_inv = float32_factor(W)
+        if W32.shape[0] == 0:  # no screen: the scores, in small pieces
+            return ~(_upper_scores_in_pieces(rows, W, n_threads) < threshold)
         keep = np.zeros(m, dtype=bool)
         fn, fn32 = dtrmm_function(), strmm_function()
         no_scale, no_wide = np.zeros(0), np.zeros((0, rows.shape[1]))
@@ -651,6 +652,16 @@ class GramSummary(NormalizerSummary):
 
         run_items(item, -(-m // step), n_threads)
         return keep
+
+    def plan_factor32(self, W: np.ndarray) -> tuple[np.ndarray, float]:
+        """:func:`float32_factor` of the plan's factor ``W``, made once per plan (held with it, counted in
+        :attr:`nbytes`, dropped with it); of any other factor, made afresh."""
+        if self._plan is None or self._plan[2] is not W:
+            return float32_factor(W)
+        cached = self._plan_factor32
+        if cached is None or cached[0] is not W:
+            cached = self._plan_factor32 = (W, *float32_factor(W))
+        return cached[1], cached[2]
 
     def scores(self, rows: np.ndarray) -> np.ndarray:
         """Leverage scores ``k^T G^+ k`` of ``rows`` (shape (m, dim)) against everything added so far."""
@@ -725,6 +736,9 @@ class GramSummary(NormalizerSummary):
             held.append(self._factor[1])
         if self._plan is not None:
             held += [self._plan[0], self._plan[2]]
+            cached = self._plan_factor32
+            if cached is not None and cached[0] is self._plan[2]:
+                held.append(cached[1])
         unique = {id(a): a for a in held if a is not None}
         return int(sum(a.nbytes for a in unique.values()))
 
