@@ -7,9 +7,9 @@ serialize — moves ids, keys and values together, so no caller reorders paralle
 
 Storage grows geometrically (by half) with what is held and is trimmed on request (:meth:`trim`), so its size
 follows the rows held, not a capacity fixed in advance; an input buffer whose growth would reach half its full
-size is given its full size at once (:meth:`RowStore.reserve`).  Key rows are kept in the precision they arrived in:
-float32 while every key held is float32 (exact: all arithmetic on them is float64), float64 as soon as a key of
-another type joins them (the float32 rows are widened exactly).  Value rows are float64.
+size is given its full size at once (:meth:`RowStore.reserve`).  Key rows are kept in the precision they arrived
+in: float32 while every key held is float32 (exact: all arithmetic on them is float64), float64 as soon as a key
+of another type joins them (the float32 rows are widened exactly).  Value rows are float64.
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ class RowStore:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``.
 
         ``fill_to``: the rows the store will hold once its owner's input buffer is full.  A growth that would
-        reach half of it goes all the way, so that a buffer refilled block after block is allocated once (and in huge
-        pages: ``_FRESH_BYTES``) instead of in a series of ever larger steps."""
+        reach half of it goes all the way, so that a buffer refilled block after block is allocated once (and in
+        huge pages: ``_FRESH_BYTES``) instead of in a series of ever larger steps."""
         retype = key_dtype is not None and key_dtype != self.keys.dtype
         if rows > self.capacity or retype:
             grown, buffer = self.capacity, False
