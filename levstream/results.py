@@ -345,25 +345,23 @@ for _cls in (HeavyEntries, AttentionResult):
     setattr(_cls, "__setstate__", _setstate)  # noqa: B010
 
 
-def _slot_setter(cls: type, name: str) -> Callable[[object, object], None]:
-    """The setter of slot ``name`` of ``cls`` (a frozen class: its constructors that bypass ``__init__`` set
-    the slots through these)."""
-    return vars(cls)[name].__set__
+def _slot_setters(cls: type) -> tuple[Callable[[object, object], None], ...]:
+    """The setters of the slots of ``cls``, in the order of its fields (a frozen class: its constructors that
+    bypass ``__init__`` set the slots through these)."""
+    return tuple(vars(cls)[f.name].__set__ for f in fields(cls))
 
 
-_he_indptr = _slot_setter(HeavyEntries, "indptr")
-_he_key_ids = _slot_setter(HeavyEntries, "key_ids")
-_he_values = _slot_setter(HeavyEntries, "values")
-_he_eps = _slot_setter(HeavyEntries, "eps")
-_he_lower = _slot_setter(HeavyEntries, "lower")
-_he_upper = _slot_setter(HeavyEntries, "upper")
-_he_n_queries = _slot_setter(HeavyEntries, "_n_queries")
-_ar_entries = _slot_setter(AttentionResult, "entries")
-_ar_heavy_output = _slot_setter(AttentionResult, "heavy_output")
-_ar_captured_mass = _slot_setter(AttentionResult, "captured_mass")
-_ar_output = _slot_setter(AttentionResult, "output")
-_ar_captured_mass_bounds = _slot_setter(AttentionResult, "captured_mass_bounds")
-_ar_heavy_output_bounds = _slot_setter(AttentionResult, "heavy_output_bounds")
+(_he_indptr, _he_key_ids, _he_values, _he_eps, _he_lower, _he_upper, _he_n_queries) = _slot_setters(
+    HeavyEntries
+)
+(
+    _ar_entries,
+    _ar_heavy_output,
+    _ar_captured_mass,
+    _ar_output,
+    _ar_captured_mass_bounds,
+    _ar_heavy_output_bounds,
+) = _slot_setters(AttentionResult)
 
 
 def concat_entries(parts: list[HeavyEntries]) -> HeavyEntries:
