@@ -156,11 +156,12 @@ def slab_pass(
     k = idx.shape[0]
     if W32.shape[0] == d and k >= SCREEN_MIN_ROWS:
         verdict = _screen(X, idx, W32, w_inv, threshold, strmm)
-    else:
+        open_rows = 0
+        for r in range(k):
+            open_rows += verdict[r] == _UNDECIDED
+    else:  # every row takes the float64 product
         verdict = np.full(k, _UNDECIDED, dtype=np.int8)
-    open_rows = 0
-    for r in range(k):
-        open_rows += verdict[r] == _UNDECIDED
+        open_rows = k
     Y = np.empty((open_rows, d))
     t = 0
     for r in range(k):

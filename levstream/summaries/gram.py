@@ -23,6 +23,7 @@ was well-conditioned, so its Cholesky factor is accurate, and the block is then 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,18 +71,18 @@ def float32_factor(W: np.ndarray) -> tuple[np.ndarray, float]:
     return (W * w_inv).astype(np.float32), w_inv
 
 
-def _upper_scores_in_pieces(rows: np.ndarray, W: np.ndarray, n_threads: int) -> np.ndarray:
-    """``||k W||^2`` of every row (float32 or float64) for an upper-triangular ``W``, in fixed pieces on up to
-    ``n_threads`` threads (the result does not depend on ``n_threads``)."""
-    m = rows.shape[0]
-    out = np.empty(m)
-    fn = dtrmm_function()
+def _in_pieces(m: int, n_threads: int, work: Callable[[int, int], None]) -> None:
+    """``work(a, b)`` for the rows ``a..b-1`` of ``m``, in fixed pieces of ``_SCORE_ITEM_ROWS`` on up to
+    ``n_threads`` threads (so that no result depends on ``n_threads``)."""
     step = _SCORE_ITEM_ROWS
+    run_items(lambda i: work(i * step, min(m, (i + 1) * step)), -(-m // step), n_threads)
 
-    def item(i: int) -> None:
-        upper_scores(rows[i * step : (i + 1) * step], W, fn, out[i * step : (i + 1) * step])
 
-    run_items(item, -(-m // step), n_threads)
+def _upper_scores_in_pieces(rows: np.ndarray, W: np.ndarray, n_threads: int) -> np.ndarray:
+    """``||k W||^2`` of every row (float32 or float64) for an upper-triangular ``W`` (:func:`_in_pieces`)."""
+    out = np.empty(rows.shape[0])
+    fn = dtrmm_function()
+    _in_pieces(rows.shape[0], n_threads, lambda a, b: upper_scores(rows[a:b], W, fn, out[a:b]))
     return out
 
 
@@ -643,14 +644,14 @@ class GramSummary(NormalizerSummary):
         keep = np.zeros(m, dtype=bool)
         fn, fn32 = dtrmm_function(), strmm_function()
         no_scale, no_wide = np.zeros(0), np.zeros((0, rows.shape[1]))
-        step = _SCORE_ITEM_ROWS
 
-        def item(i: int) -> None:
-            piece = rows[i * step : (i + 1) * step]
-            kept, _ = slab_pass(piece, no_scale, 0.0, W, threshold, no_wide, fn, W32, w_inv, fn32)
-            keep[i * step + kept] = True
+        def work(a: int, b: int) -> None:
+            kept, _ = slab_pass(
+                rows[a:b], no_scale, 0.0, W, threshold, no_wide, fn, W32, w_inv, fn32
+            )
+            keep[a + kept] = True
 
-        run_items(item, -(-m // step), n_threads)
+        _in_pieces(m, n_threads, work)
         return keep
 
     def plan_factor32(self, W: np.ndarray) -> tuple[np.ndarray, float]:
