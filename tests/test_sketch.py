@@ -361,10 +361,13 @@ def test_memory_independent_of_n():
     """Memory does not grow with n.  nbytes stays below a bound set by d, eps and block_rows alone
     while 400k rows stream in; and, measured independently of nbytes, the allocations traced by
     tracemalloc peak no higher while streaming rows 20k..400k than while streaming the first 20k
-    (a sketch keeping even one byte per row would add 380 kB).  The allowance, 5 % plus 32 KiB, is well below
+    (a sketch keeping even one byte per row would add 380 kB).  The allowance, 5 % plus 64 KiB, is well below
     that: the peak also holds Python objects of the ingest threads (jobs, frames), and where it falls among
-    their allocations varies by some 10-20 kB from run to run (this stream run as a script, 8 times: 143-148 kB
-    after the first 20k rows, 152-167 kB after 400k; the 190 more calls give the threads more chances)."""
+    their allocations varies by tens of kB from run to run; the 190 more calls give the threads more chances.
+    Measured after the tests of test_ingest.py in the same process, 6 times each: with the input buffer given
+    its full size at once (the store reaches it in the warm-up) 126-127 kB after the first 20k rows and 155-190 kB
+    after 400k; with the buffer grown in 1.5x steps (the first 20k rows then include growth) 150-164 kB and
+    160-197 kB.  32 KiB, the allowance before, failed about one run in five with the first."""
     d, eps, block = 8, 0.05, 512
     rng = np.random.default_rng(5)
     sk = ls.KeySketch(d, eps=eps, block_rows=block)
@@ -392,7 +395,7 @@ def test_memory_independent_of_n():
         tracemalloc.stop()
     assert sk.n == 3000 + 400_000
     peak_small, peak_large = peaks
-    assert peak_large <= peak_small * (1.0 + MEMORY_GROWTH_RTOL) + 32 * 1024, (peak_small, peak_large)
+    assert peak_large <= peak_small * (1.0 + MEMORY_GROWTH_RTOL) + 64 * 1024, (peak_small, peak_large)
     assert len(sk.universal_set()) <= d / eps
 
 
