@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 
 from ._kernels.ingest import copy_sq_total
-from ._kernels.live import append_row_and_bound
 
 #: Smallest allocation (rows) once anything is stored.
 _MIN_ROWS = 16
@@ -34,7 +33,7 @@ _GROWTH = 1.5
 #: rows of d = 64 touches 1 024 of them, per head), the huge pages about a sixth of that per 4 KiB.
 _FRESH_BYTES = 1 << 22
 
-#: What :meth:`RowStore.append_row_tested` passes for the value rows of a store without values (writable: a
+#: What the live step's kernel (``append_row_and_keep``) gets for the value rows of a store without values (writable: a
 #: read-only array is another type to the compiled kernel, which would be compiled twice).
 _NO_VALUE_ROWS = np.zeros((0, 0))
 _NO_VALUE_ROW = np.zeros(0)
@@ -256,40 +255,12 @@ class RowStore:
             self.ids_sorted = False
         self.n = n + 1
 
-    def append_row_tested(
-        self,
-        key: np.ndarray,
-        key_id: int,
-        value: np.ndarray | None,
-        G: np.ndarray,
-        W: np.ndarray,
-        threshold: float,
-        scratch: np.ndarray,
-    ) -> float:
-        """:meth:`append_row`, and in the same compiled call the row is added to the Gram matrix ``G`` and its
-        leverage bound tested against the factor ``W`` (:func:`~levstream._kernels.live.append_row_and_bound`,
-        ``scratch`` of ``W``'s width): a live step's arrival.  Returns the row's norm when the bound reaches
-        ``threshold``, else -1.  Call :meth:`room_for_row` first (this allocates nothing and cannot fail).  ``key``
-        and ``value`` C-contiguous and writable: the layout the kernel is compiled for (any other would compile
-        it again)."""
+    def appended(self, key_id: int) -> None:
+        """Account for row ``n``, written in place by a compiled kernel (a live step's arrival), id ``key_id``."""
         n = self.n
-        norm: float = append_row_and_bound(
-            self.keys,
-            self.ids,
-            _NO_VALUE_ROWS if self.values is None else self.values,
-            n,
-            key,
-            key_id,
-            _NO_VALUE_ROW if value is None else value,
-            G,
-            W,
-            threshold,
-            scratch,
-        )
         if self.ids_sorted and n and key_id <= self.ids[n - 1]:
             self.ids_sorted = False
         self.n = n + 1
-        return norm
 
     def extend(self, other: RowStore) -> None:
         """Append every row of ``other`` (same dim and value_dim)."""

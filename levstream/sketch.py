@@ -27,10 +27,16 @@ from ._ids import IdRanges
 from ._kernels.blas import dtrmm_function, strmm_function
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import slab_pass, sq_total, upper_scores
-from ._kernels.live import add_row_and_bound, add_rows_and_bound, int8_rows_into, scan_norms
+from ._kernels.live import (
+    add_row_and_bound,
+    add_rows_and_bound,
+    append_row_and_keep,
+    int8_rows_into,
+    scan_norms,
+)
 from ._kernels.rows import largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
-from ._store import RowStore, StoreState
+from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore, StoreState
 from ._threads import ingest_threads, lowered_blas, run_items
 from ._validation import (
     as_ids,
@@ -1655,17 +1661,31 @@ class _LiveRows:
         :meth:`add` of the row would do at the next query but the refresh: returns whether one is due
         (:meth:`refresh`, for the caller to run once the row is recorded)."""
         i = store.n
-        norm = store.append_row_tested(
+        rows = self.rows
+        norm = append_row_and_keep(
+            store.keys,
+            store.ids,
+            _NO_VALUE_ROWS if store.values is None else store.values,
+            i,
             x,
             key_id,
-            value,
+            _NO_VALUE_ROW if value is None else value,
             self.gram,
             _NO_FACTOR if factor is None else factor,
             self.threshold,
             self.scratch,
+            rows.keys,
+            rows.ids,
+            _NO_VALUE_ROWS if rows.values is None else rows.values,
+            rows.n,
+            self.row_norms,
+            self.row_int8,
+            self.row_scale,
         )
-        if norm >= 0.0:
-            self._keep_row(store, i, norm)
+        store.appended(key_id)
+        if norm >= 0.0:  # the kernel wrote it to the scanned rows too
+            self.view = None
+            rows.appended(key_id)
         return self._mark(i + 1)
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:

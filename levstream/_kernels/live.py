@@ -125,6 +125,45 @@ def append_row_and_bound(
     return norm if keep else -1.0
 
 
+@numba.njit(nogil=True, cache=True)
+def append_row_and_keep(
+    keys,
+    ids,
+    values,
+    n,
+    x,
+    key_id,
+    v,
+    G,
+    W,
+    threshold,
+    y,
+    rkeys,
+    rids,
+    rvalues,
+    rn,
+    rnorms,
+    r8,
+    rscale,
+):  # pragma: no cover - compiled
+    """:func:`append_row_and_bound`, and when the row is kept, in the same call, the row as stored joins the
+    scanned rows of a live cache: row ``rn`` of ``rkeys``/``rids``/``rvalues`` (the values when ``rvalues`` has
+    rows), its norm in ``rnorms`` and its int8 form in ``r8``/``rscale`` (:func:`int8_rows_into`).  A gated
+    stream's live step keeps most rows it is fed; this spares it the Python calls of that.  Every array has
+    room (nothing is allocated).  Returns the row's norm when it is kept, else ``-1``."""
+    norm = append_row_and_bound(keys, ids, values, n, x, key_id, v, G, W, threshold, y)
+    if norm >= 0.0:
+        for a in range(x.shape[0]):
+            rkeys[rn, a] = keys[n, a]
+        rids[rn] = key_id
+        if rvalues.shape[0]:
+            for c in range(v.shape[0]):
+                rvalues[rn, c] = values[n, c]
+        rnorms[rn] = norm
+        rscale[rn], _ = _int8_row(keys[n], r8[rn])
+    return norm
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
 def _add_row_and_bound(x, G, W, threshold, y):  # pragma: no cover - compiled
     """``G += x x^T``; returns ``(keep, norm)`` (see :func:`add_rows_and_bound`; ``y``: scratch of ``W``'s
