@@ -45,6 +45,7 @@ from naive import DecayedStream
 import levstream as ls
 import levstream.sketch as sketch_module
 from levstream import _serialize
+from levstream._threads import capped_threads
 
 #: "Nothing becomes NaN": an overflow or invalid operation inside the library is a failure here.
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -487,6 +488,29 @@ def test_chunking_does_not_change_the_state(decay):
         got[how] = sk.to_bytes()
     assert set(got.values()) == {got["rows"]}, {how: b == got["rows"] for how, b in got.items()}
     check_universal(sk, DecayedStream(D, decay=decay).update_many(K, gates=G))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_chunk_weighed_in_pieces_is_the_chunk_weighed_whole(threads, monkeypatch):
+    """A large gated chunk is weighed in pieces on the library's threads (``_weigh_in_pieces``): the same bytes as
+    the chunk fed in small chunks, on one thread or two; and a nan or a weighted overflow in a later piece refuses
+    the chunk and changes nothing."""
+    monkeypatch.setattr(sketch_module, "_WEIGH_PIECE_ROWS", 64)  # 14 pieces of a 900-row chunk
+    n = 900
+    K, V, G = stream_data(n, 44)
+    small = sketch(None, "heavy")
+    for a in range(0, n, 50):
+        small.update_many(K[a : a + 50], V[a : a + 50], gates=G[a : a + 50])
+    with capped_threads(threads):
+        whole = sketch(None, "heavy").update_many(K, V, gates=G)
+        assert whole.to_bytes() == small.to_bytes()
+        before = whole.to_bytes()
+        for bad in (np.nan, 1e200):
+            X = K.copy()
+            X[n - 3, 1] = bad  # in the last piece
+            with pytest.raises(ValueError):
+                whole.update_many(X, V, gates=G)
+            assert whole.to_bytes() == before
 
 
 @pytest.mark.parametrize("seed", [3, 7, 10, 13])
