@@ -46,6 +46,7 @@ from ._kernels.lift import (
     lift_rows,
 )
 from ._kernels.live import moment_numerator
+from ._kernels.rows import first_moment_overflow, moment_row_fits
 from ._threads import finish_items, get_num_threads, ingest_threads, run_items, start_items
 from .summaries.gram import _two_sum_add
 from .summaries.lifted import lifted_dim
@@ -241,6 +242,18 @@ def _moment_state_from(
     return MomentState.from_state(dim, value_dim, arrays, degree)
 
 
+def _moment_overflow(x: np.ndarray, v: np.ndarray, degree: int, which: str) -> ValueError:
+    with np.errstate(over="ignore", invalid="ignore"):
+        kk = float(np.sum(np.square(x.astype(np.float64))))
+        vm = float(np.max(np.abs(v)))
+    lifted = " of the lifted keys (exact p = 4)" if degree == 4 else ""
+    return ValueError(
+        f"exact outputs: the moment state cannot hold this key and value ({which}: ||k||^2 = {kk:.3g}, "
+        f"max |v| = {vm:.3g}); its terms k_a k_b v_c{lifted} overflow float64.  Rescale the values (outputs "
+        "scale with them) or the keys."
+    )
+
+
 class MomentState:
     """``S = sum_j phi(k_j) v_j^T`` (shape ``(D, value_dim)``), accumulated in float64 with a compensated sum.
 
@@ -364,8 +377,18 @@ class MomentState:
     def _inner_rows(self, X: np.ndarray) -> np.ndarray:
         return X if self.degree == 2 else _lift(X)
 
+    def check(self, X: np.ndarray, V: np.ndarray, where: str = "") -> None:
+        """Refuse keys ``X`` with values ``V`` whose terms the state could not hold: ``||k||^2 max |v|`` (degree 4:
+        ``||k||^4 max |v|``) overflows float64, though each row alone is finite.  Called before anything changes
+        (``where`` prefixes the row named in the error)."""
+        i = first_moment_overflow(X, V, self.degree // 2)
+        if i >= 0:
+            raise _moment_overflow(X[i], V[i], self.degree, f"{where}row {i}")
+
     def add_row(self, x: np.ndarray, v: np.ndarray) -> None:
-        """Add one key and its value (buffered)."""
+        """Add one key and its value (buffered); refused, changing nothing, as by :meth:`check`."""
+        if not moment_row_fits(x, v, self.degree // 2):
+            raise _moment_overflow(x, v, self.degree, "the row")
         if self.degree == 4:
             x = _lift(x[None, :])[0]
         n = self._buf_n

@@ -44,7 +44,7 @@ from ._kernels.live import (
     int8_rows,
     outputs_stacked,
 )
-from ._kernels.rows import copy_rows_sq, sq_norm
+from ._kernels.rows import copy_rows_sq, first_moment_overflow, sq_norm
 from ._validation import as_real_array, check_finite, check_int, check_p
 from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
@@ -292,6 +292,20 @@ class MultiHeadKeySketch:
         return self._heads[0]._query_eps(eps)
 
     # ------------------------------------------------------------------ the token buffer
+    def _check_moments(self, X: np.ndarray, V: np.ndarray | None) -> None:
+        """Refuse, before any head changes, keys ``X`` (n_heads, m, dim) with values ``V`` whose terms a head's
+        moment state could not hold (exact outputs; :meth:`~levstream.moments.MomentState.check`)."""
+        moments = self._heads[0]._moments
+        if moments is None or V is None:
+            return
+        H, m = X.shape[0], X.shape[1]
+        if m == 0:
+            return
+        # every head's rows in one compiled call (the step path's tokens too)
+        i = first_moment_overflow(X.reshape(H * m, -1), V.reshape(H * m, -1), moments.degree // 2)
+        if i >= 0:
+            moments.check(X[i // m], V[i // m], where=f"head {i // m}, ")
+
     def _take(self, X: np.ndarray, V: np.ndarray | None, checked: bool = True) -> None:
         """Buffer the tokens ``X`` (n_heads, m, dim) (values ``V``), validated but for finiteness unless ``checked``,
         under the running counter's next ids (call with the lock held; raises, changing nothing, when one of
@@ -327,6 +341,7 @@ class MultiHeadKeySketch:
         # the rows past _nb are free room: a refused token has changed nothing
         if not checked and not total < np.inf:
             self._refuse_steps(X, V)
+        self._check_moments(X, V)
         self._nb = nb + m
 
     def _sync(self) -> None:
@@ -409,6 +424,7 @@ class MultiHeadKeySketch:
         X = self._stack(X, "X", self.dim)
         m = X.shape[1]
         Vs = self._values(V, m)
+        self._check_moments(X, Vs)
         with self._lock:
             self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
@@ -521,12 +537,17 @@ class MultiHeadKeySketch:
         Vs = self._values(V, m)
         negs = self._neg_log_gates(gates, m)
         with self._lock:
+            # the buffered tokens reach the heads first: the ids of this chunk come after theirs
+            self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
             if not m:
                 return self
             self._leave_step_path()
             # every head's rows weighed and checked before any head changes
-            plans = [h._weigh_rows(X[i], negs[i], "X") for i, h in enumerate(self._heads)]
+            plans = [
+                h._weigh_rows(X[i], negs[i], "X", None if Vs is None else Vs[i])
+                for i, h in enumerate(self._heads)
+            ]
             for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
                 head._move_frame(shift, frame)
                 head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
@@ -752,9 +773,7 @@ class MultiHeadKeySketch:
         Q = self._queries(Q)
         with self._lock:
             self._sync()
-            return np.stack(
-                [_query.normalizer(h._view(), Q[i], self.p) for i, h in enumerate(self._heads)]
-            )
+            return np.stack([h._normalizer(Q[i]) for i, h in enumerate(self._heads)])
 
     def heavy_entries(self, Q: Any, eps: float | None = None) -> list[HeavyEntries]:
         """Every entry ``A_h[i, j] >= eps`` of each head's attention, for ``Q`` of shape ``(n_heads, m, dim)``.
@@ -909,13 +928,14 @@ class MultiHeadKeySketch:
             if negs is not None and c:
                 self._leave_step_path()
                 # every head's rows weighed and checked before any head changes
-                plans = [h._plan_segments(K[i], negs[i]) for i, h in enumerate(self._heads)]
+                plans = [h._plan_segments(K[i], negs[i], Vs[i]) for i, h in enumerate(self._heads)]
                 return _stacked(
                     [
                         h._prefill_planned(Vs[i], Q[i], new_ids, start, eps, plan)
                         for i, (h, plan) in enumerate(zip(self._heads, plans))
                     ]
                 )
+            self._check_moments(K, Vs)
             chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
             results = [
                 _query.prefill(h._view(), K[i], Vs[i], Q[i], chunk_ids, self.p, eps)

@@ -476,7 +476,7 @@ class KeySketch:
             if neg or self.forgets:
                 if self._moments is not None:  # before the frame moves (see _append_token)
                     self._moments.prepare(1)
-                x = self._weigh_row(x, neg, "x")
+                x = self._weigh_row(x, neg, "x", value)
             self._append_token(
                 x, value
             )  # a gate of 1 on a stream that has forgotten nothing weighs 1
@@ -506,10 +506,14 @@ class KeySketch:
             return None
         return neg
 
-    def _weigh_row(self, x: np.ndarray, neg: float, name: str) -> np.ndarray:
+    def _weigh_row(
+        self, x: np.ndarray, neg: float, name: str, value: np.ndarray | None = None
+    ) -> np.ndarray:
         """Advance the frame by one row and return the row weighted in it (call with the lock held; the
-        row is checked before anything changes)."""
+        row is checked before anything changes, with its ``value`` against the moment state)."""
         xw, shift, frame = self._plan_row(x, neg, name)
+        if self._moments is not None and value is not None:
+            self._moments.check(xw[None, :], value[None, :])
         self._move_frame(shift, frame)
         return xw
 
@@ -529,10 +533,11 @@ class KeySketch:
         self._frame = frame
 
     def _weigh_rows(
-        self, X: np.ndarray, neg: np.ndarray, name: str
+        self, X: np.ndarray, neg: np.ndarray, name: str, V: np.ndarray | None = None
     ) -> tuple[np.ndarray, int, Frame]:
         """Rows ``X`` weighted in the frame after the last of them, the rebase that frame needs and the frame
-        (nothing changes here; raises for a nan/inf or weighted squares that overflow)."""
+        (nothing changes here; raises for a nan/inf, a row whose weighted squares overflow, or with values ``V``
+        weighted rows the moment state could not hold)."""
         scales, shifts, frame = self._frame.rows(neg)
         total = int(shifts[-1]) if shifts.size else 0
         if total:
@@ -542,7 +547,12 @@ class KeySketch:
         Xw = np.empty(X.shape)
         if not np.isfinite(_weigh_in_pieces(X, scales, Xw)):
             check_finite(X, name)
-            raise _too_large_weighted(X, name)
+            if _rows_overflow(
+                Xw
+            ):  # (only a sum over rows that overflows is fine: the R factor takes them)
+                raise _too_large_weighted(X, name)
+        if self._moments is not None and V is not None:
+            self._moments.check(Xw, V)
         return Xw, total, frame
 
     def _rebase(self, shift: int) -> None:
@@ -674,7 +684,7 @@ class KeySketch:
         with self._lock:
             new_ids, start, srt = self._new_ids(m, ids, offset)
             if m and neg is not None:
-                X, shift, frame = self._weigh_rows(X, neg, "X")
+                X, shift, frame = self._weigh_rows(X, neg, "X", V)
                 self._move_frame(shift, frame)
             if m:
                 self._ingest(X, V, new_ids, start, srt)
@@ -694,9 +704,10 @@ class KeySketch:
         is checked before anything changes (a chunk folded in several waves is undone if a later wave is
         rejected).  For p = 2 the blocks are folded by :func:`_fold_chunk` on the library's threads."""
         m = X.shape[0]
-        if (
-            self._moments is not None
-        ):  # a pending moment product is added first: if that fails, nothing changed
+        if self._moments is not None:
+            assert V is not None
+            self._moments.check(X, V)
+            # a pending moment product is added first: if that fails, nothing changed
             self._moments.prepare(m)
         pending = self._store.n - self._pending_from
         head = min(m, self._block_rows - pending) if pending else 0
@@ -715,8 +726,7 @@ class KeySketch:
             elif head:
                 self._store.room_for(X[:head], self._buffer_end())
                 if not np.isfinite(self._store.stage_checked(X[:head])):
-                    check_finite(X, "X")
-                    raise _too_large(X)
+                    _refuse_rows(X[:head], X)
                 self._store.commit(
                     _chunk_ids(new_ids, start, 0, head),
                     _rows(V, 0, head),
@@ -1152,13 +1162,17 @@ class KeySketch:
             )  # no nan/inf (finite squares that overflow take the long way)
         ):
             return Q
-        return as_matrix(
+        Q = as_matrix(
             Q,
             "Q",
             self._dim,
             hint="Pass queries as a 2-D array, one row per query.",
             allow_empty=True,
         )
+        _check_magnitude(
+            Q, "Q"
+        )  # their weights would overflow Z (a multi-head sketch refuses them too)
+        return Q
 
     def _query_eps(self, eps: Any) -> float:
         if eps is None:
@@ -1204,12 +1218,16 @@ class KeySketch:
         """
         Q = self._queries(Q)
         with self._lock:
-            z = _query.normalizer(self._view(), Q, self._p)
-            if (
-                self.forgets
-            ):  # the frame's weights are e^E times the keys' (docs/theory.md, "Decay and gates")
-                z *= math.exp(-self._frame.exponent)
-            return z
+            return self._normalizer(Q)
+
+    def _normalizer(self, Q: np.ndarray) -> np.ndarray:
+        """:meth:`normalizer` of validated queries (call with the lock held)."""
+        z = _query.normalizer(self._view(), Q, self._p)
+        if (
+            self.forgets
+        ):  # the frame's weights are e^E times the keys' (docs/theory.md, "Decay and gates")
+            z *= math.exp(-self._frame.exponent)
+        return z
 
     def heavy_entries(self, Q: Any, eps: float | None = None) -> HeavyEntries:
         """Every entry ``A[i, j] >= eps`` of the attention of queries ``Q`` over all keys fed.
@@ -1322,7 +1340,7 @@ class KeySketch:
                 if step_neg is not None and (step_neg or self.forgets):
                     if self._moments is not None:  # before the frame moves (see _append_token)
                         self._moments.prepare(1)
-                    K = self._weigh_row(K[0], step_neg, "K")[None, :]
+                    K = self._weigh_row(K[0], step_neg, "K", V[0])[None, :]
                 chunk_ids = np.array([self._next_id], dtype=np.int64)
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
                 self._append_token(K[0], V[0])
@@ -1330,6 +1348,7 @@ class KeySketch:
         given, K = K, as_matrix(K, "K", self._dim, allow_empty=True)
         c = K.shape[0]
         Q = as_matrix(Q, "Q", self._dim, allow_empty=True)
+        _check_magnitude(Q, "Q")
         if Q.shape[0] != c:
             raise ValueError(
                 f"Q must have one query per key of the chunk: shape ({c}, {self._dim}); got "
@@ -1364,17 +1383,20 @@ class KeySketch:
         new_ids, start, _ = self._new_ids(
             K.shape[0], ids, offset
         )  # checked before anything changes
-        return self._prefill_planned(Vc, Q, new_ids, start, eps, self._plan_segments(K, neg))
+        return self._prefill_planned(Vc, Q, new_ids, start, eps, self._plan_segments(K, neg, Vc))
 
     def _plan_segments(
-        self, K: np.ndarray, neg: np.ndarray
+        self, K: np.ndarray, neg: np.ndarray, V: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, Frame]:
         """A gated chunk's rows weighted, each in the frame of its segment (rows between two rebases), the
-        cumulative rebases per row and the frame after the chunk (nothing changes; raises on overflow)."""
+        cumulative rebases per row and the frame after the chunk (nothing changes; raises on overflow, of a
+        row's weighted squares or of the moment state's terms of a row and its value)."""
         scales, shifts, frame = self._frame.rows(neg)
         Kw = K * scales[:, None]
-        if not np.isfinite(sq_total(Kw)):
+        if not np.isfinite(sq_total(Kw)) and _rows_overflow(Kw):
             raise _too_large_weighted(K, "K")
+        if self._moments is not None:
+            self._moments.check(Kw, V)
         return Kw, shifts, frame
 
     def _prefill_planned(
@@ -1403,6 +1425,8 @@ class KeySketch:
     ) -> AttentionResult:
         c = K.shape[0]
         new_ids, start, srt = self._new_ids(c, ids, offset)
+        if self._moments is not None:  # (as _ingest will) before any work on the chunk
+            self._moments.check(K, Vc)
         chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
         result = _query.prefill(self._view(), K, Vc, Q, chunk_ids, self._p, eps)
         if c:
@@ -1915,10 +1939,26 @@ def _too_large_weighted(X: np.ndarray, name: str) -> ValueError:
 
 
 def _check_rows(part: np.ndarray, X: np.ndarray) -> None:
-    """Refuse the rows ``part`` of chunk ``X`` if one has a nan/inf (the error names the first in ``X``) or their
-    squares overflow float64 (one compiled pass)."""
+    """Refuse the rows ``part`` of chunk ``X`` if one has a nan/inf (the error names the first in ``X``) or its
+    squares overflow float64 (one compiled pass when none does: :func:`_refuse_rows`)."""
     if part.shape[0] and not np.isfinite(sq_total(part)):
-        check_finite(X, "X")
+        _refuse_rows(part, X)
+
+
+def _rows_overflow(X: np.ndarray) -> bool:
+    """Whether a row of ``X`` (finite entries) has squares whose sum overflows float64."""
+    P = X.astype(np.float64, copy=False)
+    with np.errstate(over="ignore"):
+        return not np.isfinite(np.einsum("ij,ij->i", P, P)).all()
+
+
+def _refuse_rows(part: np.ndarray, X: np.ndarray) -> None:
+    """For rows ``part`` (of chunk ``X``, or a block holding some of its rows) whose sum of squares is not finite:
+    raise for a nan/inf in ``X`` or a row of ``part`` whose own squares overflow float64; return when only the
+    sum overflows.  Such rows are valid keys, as they are fed one at a time: a Gram matrix that overflows makes
+    the summary keep an R factor instead (docs/theory.md, "Numerics")."""
+    check_finite(X, "X")
+    if _rows_overflow(part):
         raise _too_large(part)
 
 
@@ -2218,7 +2258,11 @@ def _fold_chunk(
                 first = _first_test(sk, plan, wave[0].shape[0])
                 results = _block_results(wave, first, n_threads)
                 for Xb, result in zip(wave, results):
-                    if not np.isfinite(result.total):
+                    if np.isfinite(result.total):
+                        continue
+                    try:
+                        _refuse_rows(Xb, X)  # names the first bad entry, or the rows too large
+                    except ValueError:
                         if saved is not None:
                             sk._summary, state, sk._pending_from, sk._pruned_rows = saved
                             store.restore(state)
@@ -2227,8 +2271,10 @@ def _fold_chunk(
                             assert isinstance(sk._summary, GramSummary)
                             sk._summary.restore_plan(plan_before)
                         sk._live = None
-                        check_finite(X, "X")  # names the first bad entry
-                        raise _too_large(Xb)
+                        raise
+                    # only the block's sum of squares overflows: the summary takes the rows without the Gram block
+                    # (it moves to its R factor) and they are tested under what it then holds
+                    result.gram, result.plan = None, None
                 if saved is None and done + size < len(blocks):  # later waves may still be refused
                     before = sk._summary.copy()
                     assert isinstance(before, GramSummary)
@@ -2298,11 +2344,21 @@ def _is_step(X: Any, width: int) -> bool:
 
 
 def _check_magnitude(X: np.ndarray, name: str) -> None:
-    """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them)."""
-    if X.size and not np.isfinite(np.einsum("ij,ij->", X, X)):
+    """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them, nor ``Z`` a query's
+    weights)."""
+    with np.errstate(over="ignore"):
+        fine = np.isfinite(
+            np.einsum("ij,ij->i", X, X)
+        ).all()  # row by row (a chunk's sum may overflow)
+    if X.size and not fine:
+        what = (
+            "the queries (attention weights do not depend on a query's scale)"
+            if name.startswith("Q")
+            else "the keys (leverage scores are scale-invariant)"
+        )
         raise ValueError(
             f"{name} has values so large that their squares overflow float64 (largest |x| = "
-            f"{float(np.abs(X).max()):.3g}); rescale the keys (leverage scores are scale-invariant)."
+            f"{float(np.abs(X).max()):.3g}); rescale {what}."
         )
 
 

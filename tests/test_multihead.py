@@ -262,3 +262,56 @@ def test_real_transformer_heads():
     mh = ls.MultiHeadKeySketch(K.shape[0], K.shape[2], eps=0.1).update_many(K)
     for h, hits in enumerate(mh.heavy_entries(Q)):
         assert hits.as_set() == set(dense_heavy(Q[h], K[h], 0.1))
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("how", ["update_many", "update"])
+def test_gated_rows_after_buffered_tokens_take_the_next_ids(how):
+    """Tokens fed one at a time wait in the multi-head buffer; a gated call after them numbers its rows after
+    theirs (it once numbered them from the heads' counter, which did not count the buffered tokens yet: every
+    head held duplicate ids and answered with the wrong tokens).  Every head ends as an independent KeySketch
+    fed the same calls, bit for bit."""
+    rng = np.random.default_rng(3)
+    K = rng.standard_normal((H, 6, D))
+    g = np.array([0.9, 0.8])
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS)
+    singles = [ls.KeySketch(D, eps=EPS) for _ in range(H)]
+    for t in range(3):
+        mh.update(K[:, t])
+        for h in range(H):
+            singles[h].update(K[h, t])
+    if how == "update_many":
+        mh.update_many(K[:, 3:5], gates=g)
+        for h in range(H):
+            singles[h].update_many(K[h, 3:5], gates=g)
+    else:
+        mh.update(K[:, 3], gate=0.9)
+        for h in range(H):
+            singles[h].update(K[h, 3], gate=0.9)
+    assert mh.next_id == singles[0].next_id
+    for h in range(H):
+        assert mh.heads[h].to_bytes() == singles[h].to_bytes()
+    Q = queries(5)
+    for h, hits in enumerate(mh.heavy_entries(Q)):
+        want = singles[h].heavy_entries(Q[h])
+        np.testing.assert_array_equal(hits.key_ids, want.key_ids)
+
+
+@pytest.mark.parametrize("forget", ["decay", "gates"])
+def test_normalizer_of_a_stream_that_forgets_is_the_decayed_one(forget):
+    """``normalizer`` of every head is the decayed ``Z = sum_j c_j <q, k_j>^2`` (it once left out the frame's
+    factor ``e^-E``: off by up to e^100)."""
+    n = 300
+    K = keys(n, seed=4)
+    Q = queries(4)
+    if forget == "decay":
+        mh = ls.MultiHeadKeySketch(H, D, eps=EPS, decay=0.95).update_many(K)
+        log_c = np.arange(n - 1, -1, -1) * np.log(0.95)
+    else:
+        gates = np.random.default_rng(4).uniform(0.5, 1.0, n)
+        mh = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K, gates=gates)
+        log_c = np.concatenate([np.cumsum(np.log(gates[:0:-1]))[::-1], [0.0]])  # c_j = g_{j+1} ... g_n
+    got = mh.normalizer(Q)
+    for h in range(H):
+        want = ((Q[h] @ K[h].T) ** 2 * np.exp(log_c)).sum(axis=1)
+        np.testing.assert_allclose(got[h], want, rtol=VALUE_RTOL)

@@ -64,3 +64,35 @@ def copy_rows_sq(dst, start, X):  # pragma: no cover - compiled
                 dst[h, start + i, j] = v
                 acc += v * v
     return acc
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _moment_term(x, v, power):  # pragma: no cover - compiled
+    """``||x||^(2 power) max_c |v_c|`` (inf when it overflows; nan/inf for a non-finite row)."""
+    kk = 0.0
+    for a in range(x.shape[0]):
+        xa = np.float64(x[a])  # float32 rows widened: their squares never overflow
+        kk += xa * xa
+    if power == 2:
+        kk *= kk
+    vm = 0.0
+    for c in range(v.shape[0]):
+        vm = max(vm, abs(v[c]))
+    return kk * vm
+
+
+@numba.njit(nogil=True, cache=True)
+def first_moment_overflow(X, V, power):  # pragma: no cover - compiled
+    """The first row ``i`` whose moment-state terms may overflow float64: ``||X_i||^(2 power) max_c |V_ic|`` is not
+    finite (it bounds every term ``k_a k_b v_c`` of the state, and with ``power = 2`` every term of the state over
+    lifted keys); -1 when no row's does."""
+    for i in range(X.shape[0]):
+        if not _moment_term(X[i], V[i], power) < np.inf:
+            return i
+    return -1
+
+
+@numba.njit(nogil=True, cache=True)
+def moment_row_fits(x, v, power):  # pragma: no cover - compiled
+    """:func:`first_moment_overflow` of one row (a decode step's): whether its terms fit."""
+    return _moment_term(x, v, power) < np.inf

@@ -304,7 +304,10 @@ class GramSummary(NormalizerSummary):
             X64 = X.astype(
                 np.float64, copy=False
             )  # float32 rows: the products are float64 all the same
-            block = X64.T @ X64
+            with np.errstate(
+                over="ignore"
+            ):  # rows whose sum of squares overflows: the R factor takes them
+                block = X64.T @ X64
         with np.errstate(
             over="ignore"
         ):  # an overflow (inf on the diagonal) sends the block to the R factor
@@ -716,8 +719,13 @@ class GramSummary(NormalizerSummary):
         assert self._r is not None
         T = Q @ self._r.T
         z = np.einsum("ij,ij->i", T, T)
-        diag = (self._r * self._r).sum(axis=0)
-        z[z <= _normalizer_floor(Q, diag)] = 0.0
+        # the floor's sum_a q_a^2 G_aa with G_aa = ||R_:a||^2 taken as (q_a c_a)^2 ||R_:a / c_a||^2 (c_a the column's
+        # largest entry): on this path G_aa itself may overflow (keys near 1e154), while z stays finite
+        c = np.abs(self._r).max(axis=0)
+        unit = self._r / np.where(c > 0, c, 1.0)
+        with np.errstate(over="ignore"):
+            floor = (Q.shape[1] * UNIT_ROUNDOFF) ** 2 * (((Q * c) ** 2) @ (unit * unit).sum(axis=0))
+        z[z <= floor] = 0.0
         return z
 
     # ------------------------------------------------------------------ persistence
