@@ -547,9 +547,8 @@ class KeySketch:
         Xw = np.empty(X.shape)
         if not np.isfinite(_weigh_in_pieces(X, scales, Xw)):
             check_finite(X, name)
-            if _rows_overflow(
-                Xw
-            ):  # (only a sum over rows that overflows is fine: the R factor takes them)
+            # a sum over rows that overflows is fine (the R factor takes them); a row's own squares are not
+            if _rows_overflow(Xw):
                 raise _too_large_weighted(X, name)
         if self._moments is not None and V is not None:
             self._moments.check(Xw, V)
@@ -2346,10 +2345,8 @@ def _is_step(X: Any, width: int) -> bool:
 def _check_magnitude(X: np.ndarray, name: str) -> None:
     """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them, nor ``Z`` a query's
     weights)."""
-    with np.errstate(over="ignore"):
-        fine = np.isfinite(
-            np.einsum("ij,ij->i", X, X)
-        ).all()  # row by row (a chunk's sum may overflow)
+    with np.errstate(over="ignore"):  # row by row: a chunk's sum may overflow
+        fine = np.isfinite(np.einsum("ij,ij->i", X, X)).all()
     if X.size and not fine:
         what = (
             "the queries (attention weights do not depend on a query's scale)"
