@@ -7,7 +7,9 @@ raw little-endian bytes of every array it lists.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import struct
 
@@ -96,12 +98,23 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
         raise ValueError(f"serialized sketch is malformed: {exc}.") from exc
 
 
+_tmp_serial = itertools.count()
+
+
 def write_atomic(path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place (no torn files on a crash)."""
     import os
+    import threading
 
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    # a file of this writer's own next to the target (the rename stays on one file system; "x": never another
+    # writer's), removed should anything fail
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}-{next(_tmp_serial)}"
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

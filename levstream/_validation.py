@@ -144,15 +144,24 @@ def check_real(value: Any, name: str) -> float:
     return value
 
 
+#: Smallest eps: thresholds and the candidate budget ``2 d / eps`` stay far inside float64's range.
+EPS_MIN = 1e-300
+
+#: The exponents the sketch supports: ``|x|^p`` for ``P_MIN <= p <= P_MAX``.  Beyond, the Lewis-weight iteration of
+#: the coreset converges too slowly (it contracts by ``|p - 2| / (p + 2)`` per step; it failed from p = 66 on
+#: heavy-tailed keys) and its constants overflow (``d^(p/2 - 1)``); below, ``|x|^p`` is 1 to working precision.
+P_MIN, P_MAX = 0.01, 32.0
+
+
 def check_eps(value: Any, name: str = "eps") -> float:
     eps = check_real(value, name)
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"{name} must satisfy 0 < {name} <= 1; got {eps} instead.")
+    if not EPS_MIN <= eps <= 1.0:
+        raise ValueError(f"{name} must satisfy {EPS_MIN:g} <= {name} <= 1; got {eps} instead.")
     return eps
 
 
 def check_p(value: Any) -> float:
     p = check_real(value, "p")
-    if not p > 0.0:
-        raise ValueError(f"p must be > 0; got {p} instead.")
+    if not P_MIN <= p <= P_MAX:
+        raise ValueError(f"p must satisfy {P_MIN:g} <= p <= {P_MAX:g}; got {p} instead.")
     return p

@@ -237,12 +237,11 @@ def _build_in_parallel(
         try:
             return build_sketch(
                 data,
-                eps=sketch.eps,
-                p=sketch.p,
                 n_jobs=args.jobs,
                 chunk_rows=chunk_rows,
                 offset=start,
                 progress=not args.quiet,
+                **sketch._part_options(),  # the options of the sketch appended to (p, exact, delta, decay, ...)
             )
         except ValueError as exc:
             raise CliError(f"{source.name}: {exc}", EXIT_INPUT) from None
@@ -265,10 +264,9 @@ def _build_in_parallel(
     try:
         return lsd.build_sketch(
             parts,
-            eps=sketch.eps,
-            p=sketch.p,
             offsets=[start + a for a in bounds],
             scheduler=args.scheduler,
+            **sketch._part_options(),
         )
     except (OSError, TimeoutError) as exc:
         raise CliError(
@@ -536,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="SKETCH", required=True, help="sketch file to write"
     )
     build.add_argument(
-        "--eps", type=float, help="heaviness threshold, 0 < eps <= 1 (required unless --append)"
+        "--eps",
+        type=float,
+        help="heaviness threshold, 1e-300 <= eps <= 1 (required unless --append)",
     )
     build.add_argument("--p", type=float, help="exponent of f(x) = |x|^p (default: 2)")
     build.add_argument(
@@ -672,6 +672,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `levstream query ... | head`
         sys.stderr.close()
         return EXIT_OK
+    except RuntimeError as exc:
+        from .lewis import LewisConvergenceError  # (not imported up front: it loads SciPy)
+
+        if not isinstance(exc, LewisConvergenceError):
+            raise
+        print(
+            f"levstream: error: {exc} Use a smaller --p.", file=sys.stderr
+        )  # a coreset of large p
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -156,13 +156,13 @@ def lewis_weights(
     return_info: bool = False,
     init: Any = None,
 ) -> np.ndarray | LewisWeights:
-    """l_p Lewis weights of the rows of ``K``, for every ``p > 0``.
+    """l_p Lewis weights of the rows of ``K``, for ``0.01 <= p <= 32``.
 
     Parameters
     ----------
     K : array_like, shape (n, d)
     p : float
-        Exponent, ``p > 0``.  ``p = 2`` gives the leverage scores.
+        Exponent, ``0.01 <= p <= 32``.  ``p = 2`` gives the leverage scores.
     tol : float, default 1e-10
         Stop when ``max_j |log(T(w)_j / w_j)| <= tol`` (``T`` the Lewis map below).
     max_iter : int, default 10000

@@ -84,9 +84,9 @@ class MultiHeadKeySketch:
     dim : int
         Head dimension (width of every key row).
     eps : float
-        Heaviness threshold, ``0 < eps <= 1``.
+        Heaviness threshold, ``1e-300 <= eps <= 1``.
     p : float, default 2
-        Exponent of ``f(x) = |x|^p``, any ``p > 0``, with the same summaries as :class:`KeySketch`.
+        Exponent of ``f(x) = |x|^p``, ``0.01 <= p <= 32``, with the same summaries as :class:`KeySketch`.
     rng : None, int, SeedSequence or Generator
         Seeds the randomised summaries (coreset p): head ``h`` gets the ``h``-th child of
         ``SeedSequence(rng).spawn(n_heads)``, so the heads sample independently and a seed reproduces them.

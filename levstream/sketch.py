@@ -57,6 +57,7 @@ from .summaries import (
     make_summary,
     summary_from_state,
 )
+from .summaries.coreset import CoresetSummary
 from .summaries.gram import gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
@@ -82,9 +83,9 @@ class KeySketch:
     dim : int
         Width of every key row.
     eps : float
-        Heaviness threshold, ``0 < eps <= 1``.  Queries may use any threshold ``>= eps``.
+        Heaviness threshold, ``1e-300 <= eps <= 1``.  Queries may use any threshold ``>= eps``.
     p : float, default 2
-        Exponent of ``f(x) = |x|^p``, any ``p > 0``.  p = 2 is exact; p = 4 is exact with ``exact=True``
+        Exponent of ``f(x) = |x|^p``, ``0.01 <= p <= 32``.  p = 2 is exact; p = 4 is exact with ``exact=True``
         (lifted Gram matrix); every other ``p`` (and p = 4 by default) uses an l_p coreset.
     block_rows : int, optional
         Rows per processing block (default: about 4 MiB of float64 key and value rows; 8192 rows for
@@ -319,7 +320,8 @@ class KeySketch:
         """Candidates never exceed this before they are rescored (twice the bound ``size_bound / eps``:
         ``d / eps`` for p = 2, ``D / eps`` for exact p = 4, ``(1 + delta) d^max(1, p/2) / eps`` for the
         coreset); they are rescored sooner, whenever their number has doubled since the last rescoring."""
-        return int(2 * np.ceil(self._summary.size_bound / self._eps)) + 1
+        # beyond 2^62 the budget never binds (a coreset of large p and d has d^(p/2) / eps of them)
+        return int(2 * np.ceil(min(self._summary.size_bound / self._eps, 2.0**62))) + 1
 
     @property
     def next_id(self) -> int:
@@ -947,6 +949,24 @@ class KeySketch:
         self._pruned_rows = self._store.n
 
     # ------------------------------------------------------------------ merge
+    def _part_options(self) -> dict[str, Any]:
+        """The options (all but ``dim``) of an empty sketch that merges with this one: what a later part of the
+        same stream is built with (the command line's parallel append, ``build_sketch(..., **options)``)."""
+        options: dict[str, Any] = {
+            "eps": self._eps,
+            "p": self._p,
+            "block_rows": self._block_rows,
+            "value_dim": self._value_dim,
+            "exact_output": self.exact_output,
+            "decay": self._decay,
+        }
+        summary = self._summary
+        if isinstance(summary, LiftedSummary):
+            options.update(exact=True, memory_budget=summary.memory_budget)
+        elif isinstance(summary, CoresetSummary):
+            options.update(exact=False, delta=summary.delta, oversampling=summary.beta)
+        return options
+
     def _check_compatible(self, other: Any) -> None:
         if not isinstance(other, KeySketch):
             raise TypeError(f"can only merge a KeySketch; got {type(other).__name__} instead.")

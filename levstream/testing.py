@@ -336,7 +336,7 @@ class DenseHeavyScan:
     Q : array_like, shape (m, d)
         The queries.
     eps : float
-        Threshold, ``0 < eps <= 1``.
+        Threshold, ``1e-300 <= eps <= 1``.
     p : float, default 2
         Exponent of ``f(x) = |x|^p``.
     offset : int, default 0

@@ -323,11 +323,11 @@ def test_missing_and_malformed_key_files(files, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--eps", "0"], "0 < --eps <= 1"),
-    (["--eps", "1.5"], "0 < --eps <= 1"),
+    (["--eps", "0"], "1e-300 <= --eps <= 1"),
+    (["--eps", "1.5"], "1e-300 <= --eps <= 1"),
     (["--eps", "nan"], "finite"),
     ([], "--eps is required"),
-    (["--eps", "0.1", "--p", "-1"], "p must be > 0"),
+    (["--eps", "0.1", "--p", "-1"], "p must satisfy 0.01 <= p <= 32"),
     (["--eps", "0.1", "--chunk", "0"], "--chunk"),
     (["--eps", "0.1", "--offset", "-3"], "--offset"),
     (["--eps", "0.1", "--jobs", "0"], "--jobs"),
@@ -411,7 +411,7 @@ def test_query_errors(files, capsys):
         ([sketch_file, files / "Qwide.npy"], EXIT_INPUT, f"width {DIM + 1}"),
         ([sketch_file, files / "nothere.npy"], EXIT_INPUT, "no such file"),
         ([sketch_file, q, "--eps", 0.01], EXIT_USAGE, "--eps must be >="),
-        ([sketch_file, q, "--eps", 2], EXIT_USAGE, "0 < --eps <= 1"),
+        ([sketch_file, q, "--eps", 2], EXIT_USAGE, "1e-300 <= --eps <= 1"),
         ([sketch_file, q, "--top-k", 0], EXIT_USAGE, "--top-k"),
         ([sketch_file, q, "-o", files / "no" / "dir" / "hits.npz"], EXIT_INPUT, "cannot write"),
     ]:
@@ -552,3 +552,75 @@ def test_top_entries_orders_by_value_then_id():
     assert indptr.tolist() == [0, 2, 2, 4]
     assert hits.key_ids[index].tolist() == [5, 1, 2, 4]
     assert hits.values[index].tolist() == [0.5, 0.2, 0.3, 0.3]
+
+
+# ---------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize(
+    "options",
+    [{"p": 4, "exact": True}, {"p": 3, "delta": 0.2, "rng": 5}, {"decay": 0.999}],
+    ids=["exact p=4", "coreset delta", "decay"],
+)
+def test_parallel_append_builds_the_new_part_like_the_sketch_it_joins(files, keys, queries, options, capsys):
+    """``build --append --jobs`` builds the new keys with the options of the sketch they join (it once built
+    them with defaults, and the merge was refused: exit 5, the file unchanged); the answers equal the serial
+    append's (for the coreset: its guarantee against brute force, as the two coresets sample differently)."""
+    half = N // 2
+    np.save(files / "K2.npy", keys[half:])
+    got = {}
+    for jobs in ([], ["--jobs", "2"]):
+        path = files / f"app{len(jobs)}.lvs"
+        ls.KeySketch(DIM, eps=EPS, **options).update_many(keys[:half]).save(path)
+        code, _, err = run(["build", files / "K2.npy", "-o", path, "--append", "--quiet", *jobs], capsys)
+        assert code == EXIT_OK, err
+        got[len(jobs)] = ls.load(path)
+        assert got[len(jobs)].n == N
+    serial, parallel = got[0], got[2]
+    assert parallel._part_options() == {**serial._part_options()}
+    if options.get("p", 2) == 3:  # every dense entry >= eps is reported (the coreset's normaliser within delta)
+        W = np.abs(queries @ keys.T) ** 3
+        rows, cols = np.nonzero(W / W.sum(axis=1, keepdims=True) >= EPS)
+        hits = parallel.heavy_entries(queries)
+        assert set(zip(rows.tolist(), cols.tolist())) <= set(zip(hits.rows().tolist(), hits.key_ids.tolist()))
+    else:
+        assert parallel.heavy_entries(queries).as_set() == serial.heavy_entries(queries).as_set()
+
+
+def test_a_failed_save_leaves_no_file_behind(files, capsys):
+    """``save`` writes through a temporary file; when the write or the rename fails, the temporary file goes too
+    (it once stayed, a full copy of the sketch, at every failed attempt)."""
+    (files / "taken").mkdir()
+    sk = ls.KeySketch(DIM, eps=EPS).update_many(np.ones((3, DIM)))
+    before = sorted(p.name for p in files.iterdir())
+    with pytest.raises(OSError):
+        sk.save(files / "taken")
+    code, _, err = run(["build", files / "K.npy", "-o", files / "taken", "--eps", EPS, "--force", "--quiet"], capsys)
+    assert code == EXIT_INPUT, err
+    assert sorted(p.name for p in files.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--eps", "0.05", "--p", "1e6"], ["p must satisfy", "32"]),
+        (["--eps", "0.05", "--p", "1e-300"], ["p must satisfy", "0.01"]),
+        (["--eps", "1e-320"], ["eps must satisfy", "1e-300"]),
+    ],
+)
+def test_extreme_p_and_eps_are_refused_in_one_line(files, argv, words, capsys):
+    """Out-of-range exponents and thresholds get the usual one-line error (they once crashed with OverflowError or
+    ZeroDivisionError and a traceback)."""
+    code, _, err = run(["build", files / "K.npy", "-o", files / "X.lvs", "--quiet", *argv], capsys)
+    assert_user_error(code, err, EXIT_USAGE, *words)
+    assert not (files / "X.lvs").exists()
+
+
+def test_a_coreset_whose_lewis_weights_do_not_converge_is_a_one_line_error(files, capsys, monkeypatch):
+    """A coreset of a large p whose Lewis-weight iteration does not converge on the keys: one line, exit 2."""
+    import levstream.lewis as lewis
+
+    def fail(*args, **kwargs):
+        raise lewis.LewisConvergenceError("lewis_weights did not converge for p = 30: residual 1 > tol 1e-12.")
+
+    monkeypatch.setattr(lewis, "_iterate", fail)
+    code, _, err = run(["build", files / "K.npy", "-o", files / "X.lvs", "--eps", EPS, "--quiet", "--p", 30], capsys)
+    assert_user_error(code, err, EXIT_USAGE, "did not converge", "smaller --p")

@@ -65,9 +65,9 @@ def test_offline_universal_set_matches_naive(eps):
 
 def test_offline_universal_set_rejects_bad_p_and_eps():
     K = np.eye(3)
-    with pytest.raises(ValueError, match="p must be > 0; got -1.0"):
+    with pytest.raises(ValueError, match="p must satisfy 0.01 <= p <= 32; got -1.0"):
         ls.universal_set(K, eps=0.1, p=-1)
-    with pytest.raises(ValueError, match="0 < eps <= 1; got 0.0"):
+    with pytest.raises(ValueError, match="1e-300 <= eps <= 1; got 0.0"):
         ls.universal_set(K, eps=0.0)
     with pytest.raises(ValueError, match="must be 2-D"):
         ls.leverage_scores(np.ones(3))

@@ -151,7 +151,7 @@ def _repack(small, meta_update=None, array_update=None, drop=()):
 @pytest.mark.parametrize("meta_update, array_update, drop, match", [
     ({"kind": "OtherSketch"}, None, (), "'OtherSketch', not a KeySketch"),
     ({"dim": DIM + 1}, None, (), "inconsistent shapes"),
-    ({"eps": 2.0}, None, (), "0 < eps <= 1; got 2.0"),
+    ({"eps": 2.0}, None, (), "1e-300 <= eps <= 1; got 2.0"),
     ({"n": 1}, None, (), "summary does not match the sketch header"),
     ({"block_rows": 0}, None, (), "block_rows must be >= 1"),
     (None, None, ("cand_ids",), "malformed: 'cand_ids'"),

@@ -177,7 +177,7 @@ def test_extend_rolls_back_when_the_generator_itself_fails(sk, K, Q):
 
 # ---------------------------------------------------------------------------------------------- parameters
 @pytest.mark.parametrize("eps, exc, match", [
-    (0, ValueError, "eps must satisfy 0 < eps <= 1; got 0.0 instead"),
+    (0, ValueError, "eps must satisfy 1e-300 <= eps <= 1; got 0.0 instead"),
     (-0.1, ValueError, "got -0.1 instead"),
     (1.5, ValueError, "got 1.5 instead"),
     (float("nan"), ValueError, "eps must be finite; got nan"),
@@ -192,8 +192,8 @@ def test_bad_eps(eps, exc, match):
 
 
 @pytest.mark.parametrize("p, exc, match", [
-    (0, ValueError, "p must be > 0; got 0.0"),
-    (-2, ValueError, "p must be > 0; got -2.0"),
+    (0, ValueError, "p must satisfy 0.01 <= p <= 32; got 0.0"),
+    (-2, ValueError, "p must satisfy 0.01 <= p <= 32; got -2.0"),
     (float("nan"), ValueError, "p must be finite; got nan"),
     (float("inf"), ValueError, "p must be finite; got inf"),
     (True, TypeError, r"p must be a real number; got True \(bool\)"),
@@ -225,7 +225,7 @@ def test_eps_is_keyword_only():
 @pytest.mark.parametrize("call, exc, match", [
     (lambda s, Q: s.heavy_entries(Q, eps=0.01), ValueError, r"eps must be >= the sketch's eps \(0.02\); got 0.01"),
     (lambda s, Q: s.heavy_entries(Q, eps=float("nan")), ValueError, "eps must be finite"),
-    (lambda s, Q: s.heavy_entries(Q, eps=1.5), ValueError, "0 < eps <= 1; got 1.5"),
+    (lambda s, Q: s.heavy_entries(Q, eps=1.5), ValueError, "1e-300 <= eps <= 1; got 1.5"),
     (lambda s, Q: s.heavy_entries(Q[:, :5]), ValueError, r"Q must have 8 columns .*; got shape \(10, 5\)"),
     (lambda s, Q: s.heavy_entries(Q[0]), ValueError, r"Q must be 2-D with 8 columns; got shape \(8,\)"),
     (lambda s, Q: s.heavy_entries(_with(Q, (1, 1), np.nan)), ValueError, r"Q must contain only finite values; found nan at index \(1, 1\)"),
