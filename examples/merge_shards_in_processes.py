@@ -2,8 +2,8 @@
 
 Each worker numbers its keys with global ids (``offset=``), so the merged sketch names keys exactly as a
 single stream over all shards would; for p = 2 the merged universal set and every query answer are *equal*
-to the single stream's (merging is exact, in any order).  A sketch travels as ``to_bytes()``: a few hundred
-kB, whatever the shard size.
+to the single stream's (merging is exact, in any order).  A sketch travels as ``to_bytes()``, settled first
+(``flush()``): tens of kB, whatever the shard size.
 
     python examples/merge_shards_in_processes.py             # 4 shards x 100,000 keys
     python examples/merge_shards_in_processes.py 4 20000     # shards, keys per shard
@@ -34,7 +34,7 @@ def build_shard(shard: int, rows: int) -> bytes:
     X = shard_keys(shard, rows)
     for start in range(0, rows, 10_000):
         sketch.update_many(X[start:start + 10_000], offset=shard * rows + start)
-    sketch.universal_set()  # settles the sketch (folds in buffered rows), so the bytes stay small
+    sketch.flush()  # settles the sketch (folds in buffered rows, prunes the candidates), so the bytes stay small
     return sketch.to_bytes()
 
 

@@ -126,12 +126,29 @@ def _scored_block(
         scale = view.summary.query_scale(Qb, rows)
         if scale is not None:
             Qb = Qb * scale[:, None]
-    P = Qb @ view.keys.T
-    Pe = None
-    if view.extra_ids.size:
-        Pe = Qb @ view.extra_keys.T
-        P = np.concatenate([P, Pe], axis=1)
-    return Qb, P, _z(view, Qb, Pe, p)
+    with np.errstate(
+        over="ignore", invalid="ignore"
+    ):  # products beyond float64 show in z, refused below
+        P = Qb @ view.keys.T
+        Pe = None
+        if view.extra_ids.size:
+            Pe = Qb @ view.extra_keys.T
+            P = np.concatenate([P, Pe], axis=1)
+        z = _z(view, Qb, Pe, p)
+    _check_weights(z)
+    return Qb, P, z
+
+
+def _check_weights(z: np.ndarray) -> None:
+    """Refuse queries whose normaliser (the sum of their attention weights) is beyond float64's range: their
+    weights cannot be compared with it (docs/theory.md, "Numerics")."""
+    bad = ~np.isfinite(z)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"the attention weights of query row {i} sum beyond float64's range (Z = {z[i]}); rescale the queries "
+            "(attention does not depend on their scale) or the keys."
+        )
 
 
 def _sorted_by_row_and_id(counts: np.ndarray, key_ids: np.ndarray, *arrays: np.ndarray) -> tuple:

@@ -213,8 +213,8 @@ class HeavyEntries:
             raise ValueError(
                 f"n_keys must exceed the largest key id {int(self.key_ids.max())}; got {n_keys}."
             )
-        return sp.csr_matrix(
-            (self.values, self.key_ids, self.indptr), shape=(self.n_queries, int(n_keys))
+        return sp.csr_matrix(  # copies: an ordinary matrix, not a view of this (read-only) result
+            (self.values, self.key_ids, self.indptr), shape=(self.n_queries, int(n_keys)), copy=True
         )
 
     def as_set(self) -> set[tuple[int, int]]:
@@ -330,19 +330,18 @@ def _getstate(self: object) -> tuple:
 
 
 def _setstate(self: object, state: tuple | dict) -> None:
-    """Restore from :func:`_getstate`'s tuple, or from the ``__dict__`` that earlier versions pickled
-    (so results pickled then load with their fields, not their names)."""
-    if isinstance(state, dict):
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-        return
-    for f, value in zip(fields(self), state):  # type: ignore[arg-type]
-        object.__setattr__(self, f.name, value)
+    """Restore from :func:`_getstate`'s tuple, or from a ``__dict__`` (what the classes without slots pickle, and
+    what earlier versions of the others did, so results pickled then load with their fields, not their names).
+    Arrays come back read-only, as the results were (pickle and deepcopy hand them over writeable)."""
+    items = state.items() if isinstance(state, dict) else zip((f.name for f in fields(self)), state)  # type: ignore[arg-type]
+    for name, value in items:
+        object.__setattr__(self, name, _frozen(value) if isinstance(value, np.ndarray) else value)
 
 
 for _cls in (HeavyEntries, AttentionResult):
     setattr(_cls, "__getstate__", _getstate)  # noqa: B010 (set after the class: dataclass makes the slots)
-    setattr(_cls, "__setstate__", _setstate)  # noqa: B010
+for _result_cls in (HeavyEntries, AttentionResult, UniversalSet, TopK):
+    setattr(_result_cls, "__setstate__", _setstate)  # noqa: B010
 
 
 def _slot_setters(cls: type) -> tuple[Callable[[object, object], None], ...]:

@@ -168,3 +168,49 @@ def test_keys_and_values_whose_moment_terms_overflow_are_refused_and_change_noth
     Kall, Vall = np.vstack([K, k]), np.vstack([V, small])
     W = (Q @ (Kall / 1e150).T) ** 2  # dense weights in a safe scale
     np.testing.assert_allclose(sk.attend(Q).output, (W @ Vall) / W.sum(axis=1, keepdims=True), rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- huge queries
+@pytest.mark.parametrize("settled", [False, True])
+@pytest.mark.parametrize("m", [1, 20])
+def test_a_huge_query_whose_weights_fit_gets_its_entries(settled, m):
+    """``q`` of 1e150 over keys of 1e4: ``Z = 4e300`` fits, though ``q_a^2 G_aa`` does not; the rounding floor once
+    overflowed and set ``Z`` to 0 (no entries) once the sketch had settled."""
+    K = np.array([[1e4, 1e4], [1.0, -1.0]])
+    sk = ls.KeySketch(2, eps=0.1).update_many(K)
+    if settled:
+        sk.flush()
+    Q = np.tile([[1e150, -1e150]], (m, 1))
+    np.testing.assert_allclose(sk.normalizer(Q), np.full(m, 4e300), rtol=VALUE_RTOL)
+    hits = sk.heavy_entries(Q)
+    assert hits.as_set() == {(i, 1) for i in range(m)}
+    np.testing.assert_allclose(hits.values, 1.0, rtol=VALUE_RTOL)
+    assert sk.top_k(Q, 1).key_ids[:, 0].tolist() == [1] * m
+
+
+@pytest.mark.parametrize("settled", [False, True])
+@pytest.mark.parametrize("m", [1, 20])
+def test_queries_whose_weights_sum_beyond_float64_are_refused(settled, m):
+    """``q`` of 1e152 over a key of 1e4: ``<q, k>^2 = 1e312``.  Entries came back with nan values, or none, and
+    ``top_k`` gave 0 or nan; such queries are refused with an error that says so, and nothing changes.  The
+    normaliser itself is reported as inf."""
+    K = np.array([[1e4, 0.0], [0.0, 1.0]])
+    V = np.eye(2)
+    sk = ls.KeySketch(2, eps=0.1, value_dim=2, exact_output=True).update_many(K, V)
+    if settled:
+        sk.flush()
+    before = sk.to_bytes()
+    Q = np.tile([[1e152, 1e152]], (m, 1))
+    for call in (
+        lambda: sk.heavy_entries(Q),
+        lambda: sk.top_k(Q, 1),
+        lambda: sk.attend(Q),
+        lambda: sk.prefill(K[:m] if m == 1 else np.tile(K[:1], (m, 1)), np.tile(V[:1], (m, 1)), Q),
+    ):
+        with pytest.raises(ValueError, match="sum beyond float64's range"):
+            call()
+    assert sk.to_bytes() == before
+    assert np.isinf(sk.normalizer(Q)).all()
+    mh = ls.MultiHeadKeySketch(1, 2, eps=0.1).update_many(K[None])
+    with pytest.raises(ValueError, match="sum beyond float64's range"):
+        mh.heavy_entries(Q[None])

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import naive
 import numpy as np
 import pytest
@@ -232,3 +234,32 @@ def test_results_pickle_copy_and_load_those_pickled_by_0_2_0():
     np.testing.assert_array_equal(again.key_ids, h.key_ids)
     np.testing.assert_array_equal(again.values, h.values)
     assert again.eps == h.eps and again.lower is None and again.upper is None
+
+
+def test_results_stay_read_only_through_pickle_and_deepcopy():
+    """Results are immutable, their arrays read-only; pickle and deepcopy once handed them back writeable."""
+    import copy
+
+    rng = np.random.default_rng(0)
+    K, V = rng.standard_normal((300, 4)), rng.standard_normal((300, 2))
+    sk = ls.KeySketch(4, eps=0.05, value_dim=2, exact_output=True).update_many(K, V)
+    Q = rng.standard_normal((3, 4))
+    for result in (sk.heavy_entries(Q), sk.attend(Q), sk.top_k(Q, 3), sk.universal_set()):
+        for again in (pickle.loads(pickle.dumps(result)), copy.deepcopy(result)):
+            arrays = [v for v in vars(again).values()] if hasattr(again, "__dict__") else [
+                getattr(again, name) for name in again.__slots__
+            ]
+            if isinstance(again, ls.AttentionResult):
+                arrays += [again.entries.indptr, again.entries.key_ids, again.entries.values]
+            arrays = [a for a in arrays if isinstance(a, np.ndarray)]
+            assert arrays and not any(a.flags.writeable for a in arrays), type(again).__name__
+
+
+def test_to_scipy_is_an_ordinary_matrix():
+    """``to_scipy`` copies: the matrix can be changed in place, and the result does not change with it."""
+    hits = ls.testing.heavy_entries_dense(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [1.0, 1.0]]), eps=0.1)
+    S = hits.to_scipy(2)
+    S *= 2
+    S[0, 1] = 0.5
+    np.testing.assert_allclose(hits.values, [0.5, 0.5])
+    assert S[0, 1] == 0.5

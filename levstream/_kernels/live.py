@@ -33,7 +33,10 @@ def _checked_quadratic(q, G, d, tol):  # pragma: no cover - compiled
     ``(d + 2) u |q|^T |G| |q|`` exceeds ``GRAM_FORM_REL`` of it (cancellation: ``G`` ill-conditioned along
     ``q``)."""
     acc = 0.0
-    floor = 0.0
+    floor = (
+        0.0  # sum_a (sqrt(tol) q_a)^2 G_aa: scaled before squaring (q_a^2 G_aa alone may overflow)
+    )
+    du = np.sqrt(tol)
     # sum_a |q_a| sqrt(G_aa): its square bounds |q|^T |G| |q| (|G_ab| <= sqrt(G_aa G_bb))
     diag_bound = 0.0
     for a in range(d):
@@ -42,7 +45,8 @@ def _checked_quadratic(q, G, d, tol):  # pragma: no cover - compiled
         for b in range(d):
             row += G[a, b] * q[b]
         acc += qa * row
-        floor += qa * qa * G[a, a]
+        s = du * qa
+        floor += s * s * G[a, a]
         diag_bound += abs(qa) * np.sqrt(max(G[a, a], 0.0))
     gamma = (d + 2) * UNIT_ROUNDOFF
     trusted = GRAM_FORM_REL * max(acc, 0.0)
@@ -55,7 +59,11 @@ def _checked_quadratic(q, G, d, tol):  # pragma: no cover - compiled
             bound += abs(q[a]) * arow
         if gamma * bound > trusted:
             return UNRELIABLE
-    return acc if acc > tol * floor else 0.0
+    if (
+        not acc < np.inf
+    ):  # weights beyond float64 (or a nan from an overflow): the caller answers another way
+        return UNRELIABLE
+    return acc if acc > floor else 0.0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -74,18 +82,19 @@ def gram_quadratic(Q, G):  # pragma: no cover - compiled
     ``(d u)^2 sum_a q_a^2 G_aa`` are set to 0 (the query is orthogonal to every key)."""
     m, d = Q.shape
     out = np.empty(m, dtype=np.float64)
-    tol = (d * UNIT_ROUNDOFF) ** 2
+    du = d * UNIT_ROUNDOFF
     for i in range(m):
         acc = 0.0
-        floor = 0.0
+        floor = 0.0  # (d u)^2 sum_a q_a^2 G_aa, with d u applied before squaring (q_a^2 G_aa alone may overflow)
         for a in range(d):
             qa = Q[i, a]
             row = 0.0
             for b in range(d):
                 row += G[a, b] * Q[i, b]
             acc += qa * row
-            floor += qa * qa * G[a, a]
-        out[i] = acc if acc > tol * floor else 0.0
+            s = du * qa
+            floor += s * s * G[a, a]
+        out[i] = acc if acc > floor else 0.0
     return out
 
 
@@ -242,6 +251,8 @@ def heavy_p2(
                 v *= v
                 W[i, c + e + j] = v
                 zi += v
+            if not zi < np.inf:  # the rows not in G took it beyond float64
+                zi = UNRELIABLE
         z[i] = zi
     stops = np.zeros(m, dtype=np.int64)
     counts = np.zeros(m, dtype=np.int64)
@@ -631,6 +642,9 @@ def heavy_p2_stacked(
                 v *= v
                 recent[r] = v
                 acc += v
+            if not acc < np.inf:  # the recent rows took it beyond float64
+                z[h, i] = UNRELIABLE
+                continue
             if acc == 0.0:
                 continue
             z[h, i] = acc

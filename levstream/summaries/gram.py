@@ -151,7 +151,11 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
 def _normalizer_floor(Q: np.ndarray, diag: np.ndarray) -> np.ndarray:
     """Rounding level of ``q^T G q``, scale-aware per column (a query along a direction carried only by tiny
     keys keeps its ``Z``): values at or below it are 0 (the query is orthogonal to every key)."""
-    return (Q.shape[1] * UNIT_ROUNDOFF) ** 2 * ((Q * Q) @ diag)
+    Qs = Q * (
+        Q.shape[1] * UNIT_ROUNDOFF
+    )  # scaled before squaring: q_a^2 G_aa may overflow where the floor does not
+    with np.errstate(over="ignore"):
+        return (Qs * Qs) @ diag
 
 
 #: Up to this many queries the normaliser is one compiled loop (no temporaries); more go through BLAS.
@@ -724,7 +728,7 @@ class GramSummary(NormalizerSummary):
         c = np.abs(self._r).max(axis=0)
         unit = self._r / np.where(c > 0, c, 1.0)
         with np.errstate(over="ignore"):
-            floor = (Q.shape[1] * UNIT_ROUNDOFF) ** 2 * (((Q * c) ** 2) @ (unit * unit).sum(axis=0))
+            floor = ((Q * (c * (Q.shape[1] * UNIT_ROUNDOFF))) ** 2) @ (unit * unit).sum(axis=0)
         z[z <= floor] = 0.0
         return z
 
