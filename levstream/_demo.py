@@ -52,6 +52,17 @@ class ShardTimes:
     gram_s: float = 0.0
 
 
+def _times(ratio: float, better: str, worse: str) -> str:
+    """``"1,319x faster"``; a ratio below 1 as its inverse the other way (``"2.5x slower"``), not ``"0x faster"``.
+
+    >>> _times(1319.4, "faster", "slower"), _times(2.46, "faster", "slower"), _times(0.4, "faster", "slower")
+    ('1,319x faster', '2.5x faster', '2.5x slower')
+    """
+    word = better if ratio >= 1 else worse
+    r = ratio if ratio >= 1 else 1.0 / ratio
+    return f"{r:,.0f}x {word}" if r >= 10 else f"{r:.1f}x {word}"
+
+
 def _shard_sketch(args: argparse.Namespace, rng: Any) -> Any:
     """A shard sketch; p = 2 is exact, other p use a coreset seeded by ``rng`` with ``delta = DELTA``."""
     from .sketch import KeySketch
@@ -341,7 +352,7 @@ def run_demo(args: argparse.Namespace) -> bool:
             (
                 "sketch vs raw keys",
                 f"{format_bytes(sketch_bytes)} vs {format_bytes(raw_bytes)}".ljust(22)
-                + f" ({raw_bytes / sketch_bytes:,.0f}x smaller)",
+                + f" ({_times(raw_bytes / sketch_bytes, 'smaller', 'larger')})",
             ),
             (
                 "build vs Gram-only [1]",
@@ -352,12 +363,12 @@ def run_demo(args: argparse.Namespace) -> bool:
             (
                 "query vs dense [2]",
                 f"{_seconds(t_query)} vs {_seconds(dense_all)}".ljust(22)
-                + f" ({dense_all / t_query:,.0f}x faster)",
+                + f" ({_times(dense_all / t_query, 'faster', 'slower')})",
             ),
             (
                 "live step vs dense",
                 f"{t_live * 1e6:.1f} us vs {_seconds(live_dense.seconds)}".ljust(22)
-                + f" ({live_dense.seconds / t_live:,.0f}x faster; update+query)",
+                + f" ({_times(live_dense.seconds / t_live, 'faster', 'slower')}; update+query)",
             ),
             (
                 "recall / precision [3]",
