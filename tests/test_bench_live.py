@@ -130,7 +130,8 @@ def test_demo_prints_a_checked_live_step_line(capsys):
 
     assert run_demo(demo_args())
     out = capsys.readouterr().out
-    line = r"live step vs dense\s+[\d.]+ us vs [\d.]+ m?s\s+\([\d,]+x faster; update\+query\)"
+    # (a small n on a busy host may give a ratio below 10, printed with a decimal, or even "slower")
+    line = r"live step vs dense\s+[\d.]+ us vs [\d.]+ m?s\s+\([\d,.]+x (?:faster|slower); update\+query\)"
     assert re.search(line, out), out
     assert "ok: every heavy entry found" in out
 
