@@ -126,9 +126,8 @@ def _scored_block(
         scale = view.summary.query_scale(Qb, rows)
         if scale is not None:
             Qb = Qb * scale[:, None]
-    with np.errstate(
-        over="ignore", invalid="ignore"
-    ):  # products beyond float64 show in z, refused below
+    # products beyond float64 show in z, refused below
+    with np.errstate(over="ignore", invalid="ignore"):
         P = Qb @ view.keys.T
         Pe = None
         if view.extra_ids.size:

@@ -677,9 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(exc, LewisConvergenceError):
             raise
-        print(
-            f"levstream: error: {exc} Use a smaller --p.", file=sys.stderr
-        )  # a coreset of large p
+        # a coreset of large p whose Lewis iteration did not converge on these keys
+        print(f"levstream: error: {exc} Use a smaller --p.", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -2365,9 +2365,7 @@ def _is_step(X: Any, width: int) -> bool:
 def _check_magnitude(X: np.ndarray, name: str) -> None:
     """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them, nor ``Z`` a query's
     weights)."""
-    with np.errstate(over="ignore"):  # row by row: a chunk's sum may overflow
-        fine = np.isfinite(np.einsum("ij,ij->i", X, X)).all()
-    if X.size and not fine:
+    if X.size and _rows_overflow(X):  # row by row: a chunk's sum may overflow
         what = (
             "the queries (attention weights do not depend on a query's scale)"
             if name.startswith("Q")

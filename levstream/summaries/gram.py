@@ -151,9 +151,8 @@ def _equilibrated_min_eig(G: np.ndarray, n_rows: int) -> tuple[float, np.ndarray
 def _normalizer_floor(Q: np.ndarray, diag: np.ndarray) -> np.ndarray:
     """Rounding level of ``q^T G q``, scale-aware per column (a query along a direction carried only by tiny
     keys keeps its ``Z``): values at or below it are 0 (the query is orthogonal to every key)."""
-    Qs = Q * (
-        Q.shape[1] * UNIT_ROUNDOFF
-    )  # scaled before squaring: q_a^2 G_aa may overflow where the floor does not
+    # d u applied before squaring: q_a^2 G_aa may overflow where the floor does not
+    Qs = Q * (Q.shape[1] * UNIT_ROUNDOFF)
     with np.errstate(over="ignore"):
         return (Qs * Qs) @ diag
 
@@ -308,9 +307,8 @@ class GramSummary(NormalizerSummary):
             X64 = X.astype(
                 np.float64, copy=False
             )  # float32 rows: the products are float64 all the same
-            with np.errstate(
-                over="ignore"
-            ):  # rows whose sum of squares overflows: the R factor takes them
+            # rows whose sum of squares overflows: the R factor takes them
+            with np.errstate(over="ignore"):
                 block = X64.T @ X64
         with np.errstate(
             over="ignore"
@@ -727,9 +725,9 @@ class GramSummary(NormalizerSummary):
         # largest entry): on this path G_aa itself may overflow (keys near 1e154), while z stays finite
         c = np.abs(self._r).max(axis=0)
         unit = self._r / np.where(c > 0, c, 1.0)
-        with np.errstate(over="ignore"):
-            floor = ((Q * (c * (Q.shape[1] * UNIT_ROUNDOFF))) ** 2) @ (unit * unit).sum(axis=0)
-        z[z <= floor] = 0.0
+        with np.errstate(over="ignore"):  # (q_a c_a beyond float64: so is z)
+            Qc = Q * c
+        z[z <= _normalizer_floor(Qc, (unit * unit).sum(axis=0))] = 0.0
         return z
 
     # ------------------------------------------------------------------ persistence
