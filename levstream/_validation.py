@@ -41,6 +41,22 @@ def as_real_array(obj: Any, name: str) -> np.ndarray:
     return arr
 
 
+def fast_float64(obj: Any) -> np.ndarray | None:
+    """``obj`` as a C-contiguous, writeable float64 array when it is an ndarray of float64 or float32 (itself when
+    it is one already; a copy when it is strided, read-only or float32: a slice of a larger array, a model's
+    float32 activations), else None.  The small-input fast paths take what this returns after checking its shape
+    and finiteness; anything else goes through the full validation."""
+    if type(obj) is not np.ndarray:
+        return None
+    dtype = obj.dtype
+    if dtype == np.float64:
+        flags = obj.flags
+        return obj if flags.c_contiguous and flags.writeable else np.array(obj)
+    if dtype == np.float32:
+        return obj.astype(np.float64)
+    return None
+
+
 def check_finite(arr: np.ndarray, name: str) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]

@@ -48,6 +48,7 @@ from ._kernels.lift import (
 from ._kernels.live import moment_numerator
 from ._kernels.rows import first_moment_overflow, moment_row_fits
 from ._threads import finish_items, get_num_threads, ingest_threads, run_items, start_items
+from ._validation import check_finite
 from .summaries.gram import _two_sum_add
 from .summaries.lifted import lifted_dim
 
@@ -383,6 +384,8 @@ class MomentState:
         (``where`` prefixes the row named in the error)."""
         i = first_moment_overflow(X, V, self.degree // 2)
         if i >= 0:
+            # a key with a nan/inf (a chunk's keys are checked for that later) shows here as a term that overflows
+            check_finite(X, "X")
             raise _moment_overflow(X[i], V[i], self.degree, f"{where}row {i}")
 
     def add_row(self, x: np.ndarray, v: np.ndarray) -> None:

@@ -45,7 +45,7 @@ from ._kernels.live import (
     outputs_stacked,
 )
 from ._kernels.rows import copy_rows_sq, first_moment_overflow, sq_norm
-from ._validation import as_real_array, check_finite, check_int, check_p
+from ._validation import as_real_array, check_finite, check_int, check_p, fast_float64
 from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .sketch import KeySketch, _check_magnitude
@@ -410,6 +410,9 @@ class MultiHeadKeySketch:
         """
         if self._weighs(gates):
             return self._update_gated(X, V, ids, offset, gates)
+        if ids is None and offset is None and self._step_ok:
+            # a slice of a larger array, float32 activations: a few tokens as the step path takes them
+            X, V = _step_layout(X, _STEP_CHUNK_ROWS), _step_layout(V, _STEP_CHUNK_ROWS)
         if (
             ids is None
             and offset is None
@@ -459,6 +462,7 @@ class MultiHeadKeySketch:
             return self._update_gated(
                 arr[:, None, :], None if val is None else val[:, None, :], None, None, gates
             )
+        x, v = _step_layout(x, 1), _step_layout(v, 1)
         if (
             type(x) is np.ndarray
             and x.dtype == np.float64
@@ -655,16 +659,15 @@ class MultiHeadKeySketch:
         """``Q`` as a validated C-contiguous float64 ``(n_heads, m, dim)`` array.  ``finite=False`` leaves the
         finiteness of a float64 array to the live scan, which reports such a query ``UNRELIABLE`` (its callers
         then validate it in full before they answer any other way)."""
+        rows = fast_float64(Q)
         if (
-            type(Q) is np.ndarray
-            and Q.dtype == np.float64
-            and Q.ndim == 3
-            and Q.shape[0] == len(self._heads)
-            and Q.shape[2] == self.dim
-            and Q.flags.c_contiguous
-            and (not finite or sq_norm(Q.reshape(-1)) < np.inf)
+            rows is not None
+            and rows.ndim == 3
+            and rows.shape[0] == len(self._heads)
+            and rows.shape[2] == self.dim
+            and (not finite or sq_norm(rows.reshape(-1)) < np.inf)
         ):
-            return Q
+            return rows
         return self._stack(Q, "Q", self.dim)
 
     def _live_state(self, m: int) -> _Live | None:
@@ -1258,6 +1261,15 @@ def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float, np.nda
     if not np.isfinite(W).all():
         return None
     return np.ascontiguousarray(W), margin(rel, prune=True), scale, lam * LAMBDA_SAFETY
+
+
+def _step_layout(X: Any, rows: int) -> Any:
+    """A few tokens ``X`` (an ndarray of at most ``rows`` rows per head) of float64 or float32 in the layout the
+    step path takes (C-contiguous writeable float64: :func:`~levstream._validation.fast_float64`); anything
+    else as it is (validated in full later)."""
+    if type(X) is np.ndarray and 1 <= X.ndim <= 3 and (X.ndim < 3 or X.shape[1] <= rows):
+        return fast_float64(X) if X.dtype in (np.float32, np.float64) else X
+    return X
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

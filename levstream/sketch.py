@@ -47,6 +47,7 @@ from ._validation import (
     check_finite,
     check_int,
     check_p,
+    fast_float64,
 )
 from .moments import MomentState
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet, concat_attention
@@ -418,6 +419,9 @@ class KeySketch:
                 f"a value row of length {self._value_dim} is required with every key (the sketch "
                 f"was built with value_dim={self._value_dim}); got none."
             )
+        row = fast_float64(v)
+        if row is not None and row.shape == (self._value_dim,) and sq_norm(row) < np.inf:
+            return row
         v = as_row(v, "v", self._value_dim)
         _check_magnitude(v[None, :], "v")
         return v
@@ -452,21 +456,19 @@ class KeySketch:
         rows has arrived.  ``gate`` in ``(0, 1]`` (p = 2) multiplies the weight of every key fed before this one
         (times the sketch's ``decay``).  Returns ``self``; on bad input raises and changes nothing.
         """
-        if (
-            type(x) is np.ndarray
-            and x.dtype == np.float64
-            and x.shape == (self._dim,)
-            and x.flags.c_contiguous
-            and x.flags.writeable  # the layout the compiled check takes (any other would compile it again)
-        ):
-            if not sq_norm(x) < np.inf:  # a nan/inf, or squares that overflow: find which, raise
-                x = as_row(x, "x", self._dim)
-                _check_magnitude(x[None, :], "x")
-        else:
+        row = fast_float64(x)
+        # a float64 or float32 row, finite with squares that do not overflow (sq_norm is nan/inf otherwise): no
+        # further validation
+        if row is None or row.shape != (self._dim,) or not sq_norm(row) < np.inf:
             row = as_row(x, "x", self._dim)
             _check_magnitude(row[None, :], "x")
+        if row is not x:
             x = _kept_row(x, row, isinstance(self._summary, GramSummary))
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
+        return self._feed_row(x, value, gate)
+
+    def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
+        """:meth:`update` of a validated row (float64, or float32 kept as float32 on the Gram path) and value."""
         if gate is None and not self.forgets:
             with self._lock:
                 self._check_next_id()
@@ -678,6 +680,10 @@ class KeySketch:
         ValueError, TypeError
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
+        if ids is None and offset is None and gates is None:
+            one = self._one_row(X, V)
+            if one is not None:  # a (1, dim) chunk: the live step's path (as update)
+                return self._feed_row(*one, None)
         X = _as_keys(X, self._dim, isinstance(self._summary, GramSummary))
         m = X.shape[0]
         V = self._value_chunk(V, m)
@@ -690,6 +696,23 @@ class KeySketch:
             if m:
                 self._ingest(X, V, new_ids, start, srt)
         return self
+
+    def _one_row(self, X: Any, V: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """``(x, v)`` for a chunk ``X`` of one row (float64 or float32) with its value row, both finite with squares
+        that do not overflow and of the right shapes; None for anything else (validated in full by the caller)."""
+        rows = fast_float64(X)
+        if rows is None or rows.shape != (1, self._dim) or not sq_norm(rows[0]) < np.inf:
+            return None
+        dv = self._value_dim
+        value = None
+        if dv is not None or V is not None:
+            vals = None if dv is None else fast_float64(V)
+            if vals is None or vals.shape != (1, dv) or not sq_norm(vals[0]) < np.inf:
+                return None
+            value = vals[0]
+        if rows is not X:
+            rows = _kept_row(X, rows, isinstance(self._summary, GramSummary))
+        return rows[0], value
 
     def _ingest(
         self,
@@ -1170,17 +1193,15 @@ class KeySketch:
         return live
 
     def _queries(self, Q: Any) -> np.ndarray:
+        rows = fast_float64(Q)
+        # no nan/inf (finite squares that overflow take the long way)
         if (
-            type(Q) is np.ndarray
-            and Q.dtype == np.float64
-            and Q.ndim == 2
-            and Q.shape[1] == self._dim
-            and Q.flags.c_contiguous
-            and np.isfinite(
-                sq_total(Q)
-            )  # no nan/inf (finite squares that overflow take the long way)
+            rows is not None
+            and rows.ndim == 2
+            and rows.shape[1] == self._dim
+            and np.isfinite(sq_total(rows))
         ):
-            return Q
+            return rows
         Q = as_matrix(
             Q,
             "Q",

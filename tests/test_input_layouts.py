@@ -1,0 +1,169 @@
+"""The arrays a live loop passes, in the forms users have them: a slice of a larger array (``K[:, t]`` of a
+(d, T) array, ``X[:, t:t+1]`` of an (H, T, d) one), read-only arrays, float32 activations, and a (1, d) chunk
+instead of a 1-D row.  Each takes the step path (issue 11, item 3) and must leave exactly the state the
+canonical input (a C-contiguous float64 row fed by ``update``; a chunk fed by the general path with an
+``offset``) leaves: the same bytes, and answers equal to brute force written here.  Bad input through these
+paths gets the usual error, naming the argument the user passed, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_heavy_matches_dense, heavy_tailed_keys
+from naive import dense_heavy
+
+import levstream as ls
+
+D, DV, EPS = 6, 3, 0.05
+H = 3
+N = 700  # past several blocks of the test sketches (block_rows below)
+BLOCK = 64
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _outputs(Q: np.ndarray, K: np.ndarray, V: np.ndarray) -> np.ndarray:
+    W = (Q @ K.T) ** 2
+    return W @ V / W.sum(axis=1, keepdims=True)
+
+
+def _sketch(values: bool) -> ls.KeySketch:
+    if values:
+        return ls.KeySketch(D, eps=EPS, value_dim=DV, exact_output=True, block_rows=BLOCK)
+    return ls.KeySketch(D, eps=EPS, block_rows=BLOCK)
+
+
+def _feeds(K: np.ndarray, V: np.ndarray | None) -> dict:
+    """Ways to feed row ``t`` of ``K`` (and ``V``): each a function of (sketch, t)."""
+    KT, VT = np.ascontiguousarray(K.T), None if V is None else np.ascontiguousarray(V.T)
+
+    def v_of(t: int, form: str):
+        if V is None:
+            return None
+        return {"row": V[t], "column": VT[:, t], "readonly": _readonly(V[t]), "chunk": V[t : t + 1]}[form]
+
+    return {
+        "row": lambda sk, t: sk.update(K[t], v_of(t, "row")),
+        "column of (d, T)": lambda sk, t: sk.update(KT[:, t], v_of(t, "column")),
+        "read-only row": lambda sk, t: sk.update(_readonly(K[t]), v_of(t, "readonly")),
+        "(1, d) chunk": lambda sk, t: sk.update_many(K[t : t + 1], v_of(t, "chunk")),
+        "(1, d) chunk, strided": lambda sk, t: sk.update_many(KT[:, t : t + 1].T, None if V is None else VT[:, t : t + 1].T),
+        # the general path of update_many (an offset disables the step path): the reference of the bytes
+        "(1, d) chunk with offset": lambda sk, t: sk.update_many(K[t : t + 1], v_of(t, "chunk"), offset=t),
+    }
+
+
+@pytest.mark.parametrize("values", [False, True])
+def test_row_layouts_leave_the_same_state_and_answers(values: bool) -> None:
+    rng = np.random.default_rng(7)
+    K = heavy_tailed_keys(N, D, seed=3)
+    V = rng.standard_normal((N, DV)) if values else None
+    Q = rng.standard_normal((5, D))
+    QT = np.ascontiguousarray(Q.T)
+    queries = {"rows": Q, "strided": QT.T, "read-only": _readonly(Q), "columns": QT[:, 1:3].T}
+    states = {}
+    for name, feed in _feeds(K, V).items():
+        sk = _sketch(values)
+        for t in range(N):
+            feed(sk, t)
+            if t % 97 == 0:  # queries in between, in every layout
+                for qname, Qf in queries.items():
+                    expected = dense_heavy(np.asarray(Qf), K[: t + 1], EPS)
+                    assert_heavy_matches_dense(sk.heavy_entries(Qf), expected, EPS), (name, qname)
+                if values:
+                    got = sk.attend(queries["strided"]).output
+                    np.testing.assert_allclose(got, _outputs(Q, K[: t + 1], V[: t + 1]), rtol=1e-10)
+        states[name] = sk.to_bytes()
+    reference = states["(1, d) chunk with offset"]
+    for name, data in states.items():
+        assert data == reference, name
+
+
+def test_float32_rows_and_chunks_of_one_row_are_kept_as_float32_alike() -> None:
+    K32 = heavy_tailed_keys(N, D, seed=4).astype(np.float32)
+    Q32 = np.random.default_rng(8).standard_normal((4, D)).astype(np.float32)
+    feeds = {
+        "row": lambda sk, t: sk.update(K32[t]),
+        "strided row": lambda sk, t: sk.update(np.ascontiguousarray(K32.T)[:, t]),
+        "(1, d) chunk": lambda sk, t: sk.update_many(K32[t : t + 1]),
+        "(1, d) chunk with offset": lambda sk, t: sk.update_many(K32[t : t + 1], offset=t),
+    }
+    states = {}
+    for name, feed in feeds.items():
+        sk = _sketch(False)
+        for t in range(N):
+            feed(sk, t)
+        assert sk._store.keys.dtype == np.float32, name  # float32 in, float32 kept
+        expected = dense_heavy(Q32.astype(np.float64), K32.astype(np.float64), EPS)
+        assert_heavy_matches_dense(sk.heavy_entries(Q32), expected, EPS)
+        states[name] = sk.to_bytes()
+    assert len(set(states.values())) == 1
+
+
+def test_bad_rows_through_the_step_paths_are_refused_naming_the_argument() -> None:
+    K = heavy_tailed_keys(200, D, seed=5)
+    V = np.random.default_rng(9).standard_normal((200, DV))
+    sk = _sketch(True)
+    for t in range(150):
+        sk.update(K[t], V[t])
+    before = sk.to_bytes()
+    bad = K[150:151].copy()
+    bad[0, 2] = np.nan
+    cases = [
+        (lambda: sk.update_many(bad, V[150:151]), "X must contain only finite values"),
+        (lambda: sk.update(bad[0], V[150]), "x must contain only finite values"),
+        (lambda: sk.update_many(K[150:151], V[150:152]), "one value row per key"),
+        (lambda: sk.update_many(K[150:151]), "required"),
+        (lambda: sk.update_many(K[150:151], V[150:151, :2]), "V must have 3 columns"),
+        (lambda: sk.update_many(np.full((1, D), 1e200), V[150:151]), "overflow"),
+        (lambda: sk.update_many(K[150:151], np.full((1, DV), np.inf)), "V must contain only finite values"),
+        (lambda: sk.update(K[150], V[150:151]), "v must be 1-D"),
+        (lambda: sk.heavy_entries(np.full((1, D), np.nan, dtype=np.float32)), "Q must contain only finite"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert sk.to_bytes() == before
+
+
+def test_multihead_slices_and_float32_tokens_take_the_step_path_alike() -> None:
+    T = 300
+    K = np.stack([heavy_tailed_keys(T, D, seed=20 + h) for h in range(H)])  # (H, T, D): a model's layout
+    Q = np.random.default_rng(11).standard_normal((H, T, D))
+    K32 = K.astype(np.float32)
+    feeds = {
+        "contiguous (H, 1, d)": lambda mh, t: mh.update_many(np.ascontiguousarray(K[:, t : t + 1])),
+        "slice X[:, t:t+1]": lambda mh, t: mh.update_many(K[:, t : t + 1]),
+        "slice x[:, t]": lambda mh, t: mh.update(K[:, t]),
+        "read-only token": lambda mh, t: mh.update(_readonly(K[:, t])),
+        # the general path (an offset disables the step path): the reference of the bytes
+        "with offset": lambda mh, t: mh.update_many(K[:, t : t + 1], offset=t),
+    }
+    states = {}
+    for name, feed in feeds.items():
+        mh = ls.MultiHeadKeySketch(H, D, eps=EPS)
+        for t in range(T):
+            feed(mh, t)
+            if t % 37 == 0:
+                got = mh.heavy_entries(Q[:, t : t + 1])  # a strided slice of the queries too
+                for h in range(H):
+                    expected = dense_heavy(Q[h, t : t + 1], K[h, : t + 1], EPS)
+                    assert_heavy_matches_dense(got[h], expected, EPS)
+        states[name] = mh.to_bytes()
+    assert len(set(states.values())) == 1, {k: hash(v) for k, v in states.items()}
+    # float32 tokens: a multi-head sketch holds float64 rows, so they leave the state of their float64 upcast
+    up = ls.MultiHeadKeySketch(H, D, eps=EPS)
+    f32 = ls.MultiHeadKeySketch(H, D, eps=EPS)
+    for t in range(T):
+        up.update_many(K32[:, t : t + 1].astype(np.float64))
+        f32.update_many(K32[:, t : t + 1]) if t % 2 else f32.update(K32[:, t])
+    got = f32.heavy_entries(Q[:, :4].astype(np.float32))
+    want = up.heavy_entries(Q[:, :4].astype(np.float32).astype(np.float64))
+    for a, b in zip(got, want):
+        assert a.key_ids.tolist() == b.key_ids.tolist() and np.array_equal(a.values, b.values)
+    assert f32.to_bytes() == up.to_bytes()
