@@ -892,6 +892,9 @@ class MultiHeadKeySketch:
         """
         dv = self.value_dim
         forgets = self._weighs(gates)
+        if not forgets and ids is None and offset is None:
+            # slices and float32 rows: a decode step's layout
+            K, V, Q = _step_layout(K, 1), _step_layout(V, 1), _step_layout(Q, 1)
         if (
             not forgets
             and ids is None
@@ -1264,10 +1267,10 @@ def _fresh_factor(G: np.ndarray, n_rows: int) -> tuple[np.ndarray, float, np.nda
 
 
 def _step_layout(X: Any, rows: int) -> Any:
-    """A few tokens ``X`` (an ndarray of at most ``rows`` rows per head) of float64 or float32 in the layout the
-    step path takes (C-contiguous writeable float64: :func:`~levstream._validation.fast_float64`); anything
-    else as it is (validated in full later)."""
-    if type(X) is np.ndarray and 1 <= X.ndim <= 3 and (X.ndim < 3 or X.shape[1] <= rows):
+    """A few tokens ``X`` (an ndarray ``(n_heads, m <= rows, width)``, or one token ``(n_heads, width)``) of
+    float64 or float32 in the layout the step path takes (C-contiguous writeable float64:
+    :func:`~levstream._validation.fast_float64`); anything else as it is (validated in full later)."""
+    if type(X) is np.ndarray and (X.ndim == 2 or (X.ndim == 3 and X.shape[1] <= rows)):
         return fast_float64(X) if X.dtype in (np.float32, np.float64) else X
     return X
 

@@ -1362,29 +1362,10 @@ class KeySketch:
         >>> bool(np.allclose(r.output, W @ V / W.sum(axis=1, keepdims=True))), sk.n
         (True, 8)
         """
-        if (
-            ids is None
-            and offset is None
-            and eps is None
-            and self._value_dim is not None
-            and _is_step(K, self._dim)
-            and _is_step(Q, self._dim)
-            and _is_step(V, self._value_dim)
-            and largest_sq_norm(K[0], Q[0], V[0]) < math.inf  # false for a nan as well
-        ):
-            step_neg = None
-            if gates is not None or self.forgets:
-                step_neg = self._neg_log_gate(_one_gate(gates))
-            with self._lock:  # a decode step: validated by one finite check, fed as one row
-                self._check_next_id()
-                if step_neg is not None and (step_neg or self.forgets):
-                    if self._moments is not None:  # before the frame moves (see _append_token)
-                        self._moments.prepare(1)
-                    K = self._weigh_row(K[0], step_neg, "K", V[0])[None, :]
-                chunk_ids = np.array([self._next_id], dtype=np.int64)
-                result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
-                self._append_token(K[0], V[0])
-            return result
+        if ids is None and offset is None and eps is None and self._value_dim is not None:
+            step = _step_rows(K, V, Q, self._dim, self._value_dim)
+            if step is not None:
+                return self._decode_step(K, *step, gates)
         given, K = K, as_matrix(K, "K", self._dim, allow_empty=True)
         c = K.shape[0]
         Q = as_matrix(Q, "Q", self._dim, allow_empty=True)
@@ -1406,6 +1387,29 @@ class KeySketch:
                 K = _kept_row(given, K, isinstance(self._summary, GramSummary))
                 return self._prefill(K, Vc, Q, ids, offset, eps)
             return self._prefill_gated(K, Vc, Q, ids, offset, eps, neg)
+
+    def _decode_step(
+        self, given: Any, K: np.ndarray, V: np.ndarray, Q: np.ndarray, gates: Any
+    ) -> AttentionResult:
+        """:meth:`prefill` of one row (``K``, ``V``, ``Q`` validated by :func:`_step_rows`; ``given`` the keys as
+        passed: float32 keys are held as float32, as :meth:`update` holds them)."""
+        step_neg = None
+        if gates is not None or self.forgets:
+            step_neg = self._neg_log_gate(_one_gate(gates))
+        with self._lock:
+            self._check_next_id()
+            if step_neg is not None and (step_neg or self.forgets):
+                if self._moments is not None:  # before the frame moves (see _append_token)
+                    self._moments.prepare(1)
+                K = kept = self._weigh_row(K[0], step_neg, "K", V[0])[None, :]
+            elif K is given:
+                kept = K
+            else:
+                kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
+            chunk_ids = np.array([self._next_id], dtype=np.int64)
+            result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
+            self._append_token(kept[0], V[0])
+        return result
 
     def _prefill_gated(
         self,
@@ -2370,17 +2374,24 @@ def _one_gate(gates: Any) -> Any:
     return arr[0]
 
 
-def _is_step(X: Any, width: int) -> bool:
-    """Whether ``X`` is one float64 row as a (1, width) C-contiguous array: with a finite check of its squares
-    (:func:`~levstream._kernels.rows.largest_sq_norm`, one call for a step's rows), a decode step's input, which
-    then needs no further validation."""
-    return (
-        type(X) is np.ndarray
-        and X.dtype == np.float64
-        and X.shape == (1, width)
-        and X.flags.c_contiguous
-        and X.flags.writeable  # a read-only array is another type to the compiled step: compiled once more
-    )
+def _step_rows(
+    K: Any, V: Any, Q: Any, dim: int, value_dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(K, V, Q)`` as float64 (1, width) C-contiguous writeable arrays when each is one float64 or float32 row
+    (:func:`~levstream._validation.fast_float64`) and all are finite with squares that do not overflow (one
+    compiled check of the three): a decode step's input, which then needs no further validation; else None."""
+    Kf, Vf, Qf = fast_float64(K), fast_float64(V), fast_float64(Q)
+    if (
+        Kf is None
+        or Vf is None
+        or Qf is None
+        or Kf.shape != (1, dim)
+        or Qf.shape != (1, dim)
+        or Vf.shape != (1, value_dim)
+        or not largest_sq_norm(Kf[0], Qf[0], Vf[0]) < math.inf  # true for a nan as well
+    ):
+        return None
+    return Kf, Vf, Qf
 
 
 def _check_magnitude(X: np.ndarray, name: str) -> None:

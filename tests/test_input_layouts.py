@@ -45,16 +45,25 @@ def _feeds(K: np.ndarray, V: np.ndarray | None) -> dict:
     def v_of(t: int, form: str):
         if V is None:
             return None
-        return {"row": V[t], "column": VT[:, t], "readonly": _readonly(V[t]), "chunk": V[t : t + 1]}[form]
+        return {
+            "row": V[t],
+            "column": VT[:, t],
+            "readonly": _readonly(V[t]),
+            "chunk": V[t : t + 1],
+        }[form]
 
     return {
         "row": lambda sk, t: sk.update(K[t], v_of(t, "row")),
         "column of (d, T)": lambda sk, t: sk.update(KT[:, t], v_of(t, "column")),
         "read-only row": lambda sk, t: sk.update(_readonly(K[t]), v_of(t, "readonly")),
         "(1, d) chunk": lambda sk, t: sk.update_many(K[t : t + 1], v_of(t, "chunk")),
-        "(1, d) chunk, strided": lambda sk, t: sk.update_many(KT[:, t : t + 1].T, None if V is None else VT[:, t : t + 1].T),
+        "(1, d) chunk, strided": lambda sk, t: sk.update_many(
+            KT[:, t : t + 1].T, None if V is None else VT[:, t : t + 1].T
+        ),
         # the general path of update_many (an offset disables the step path): the reference of the bytes
-        "(1, d) chunk with offset": lambda sk, t: sk.update_many(K[t : t + 1], v_of(t, "chunk"), offset=t),
+        "(1, d) chunk with offset": lambda sk, t: sk.update_many(
+            K[t : t + 1], v_of(t, "chunk"), offset=t
+        ),
     }
 
 
@@ -121,9 +130,15 @@ def test_bad_rows_through_the_step_paths_are_refused_naming_the_argument() -> No
         (lambda: sk.update_many(K[150:151]), "required"),
         (lambda: sk.update_many(K[150:151], V[150:151, :2]), "V must have 3 columns"),
         (lambda: sk.update_many(np.full((1, D), 1e200), V[150:151]), "overflow"),
-        (lambda: sk.update_many(K[150:151], np.full((1, DV), np.inf)), "V must contain only finite values"),
+        (
+            lambda: sk.update_many(K[150:151], np.full((1, DV), np.inf)),
+            "V must contain only finite values",
+        ),
         (lambda: sk.update(K[150], V[150:151]), "v must be 1-D"),
-        (lambda: sk.heavy_entries(np.full((1, D), np.nan, dtype=np.float32)), "Q must contain only finite"),
+        (
+            lambda: sk.heavy_entries(np.full((1, D), np.nan, dtype=np.float32)),
+            "Q must contain only finite",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -133,7 +148,9 @@ def test_bad_rows_through_the_step_paths_are_refused_naming_the_argument() -> No
 
 def test_multihead_slices_and_float32_tokens_take_the_step_path_alike() -> None:
     T = 300
-    K = np.stack([heavy_tailed_keys(T, D, seed=20 + h) for h in range(H)])  # (H, T, D): a model's layout
+    K = np.stack(
+        [heavy_tailed_keys(T, D, seed=20 + h) for h in range(H)]
+    )  # (H, T, D): a model's layout
     Q = np.random.default_rng(11).standard_normal((H, T, D))
     K32 = K.astype(np.float32)
     feeds = {
@@ -167,3 +184,63 @@ def test_multihead_slices_and_float32_tokens_take_the_step_path_alike() -> None:
     for a, b in zip(got, want):
         assert a.key_ids.tolist() == b.key_ids.tolist() and np.array_equal(a.values, b.values)
     assert f32.to_bytes() == up.to_bytes()
+
+
+def test_decode_steps_take_slices_and_float32_rows_alike() -> None:
+    """``prefill`` of one row (a decode step) with the row as a slice, read-only or float32: the state of the
+    general path (an ``offset``) and outputs equal to dense attention."""
+    rng = np.random.default_rng(12)
+    K = heavy_tailed_keys(N, D, seed=6)
+    V, Q = rng.standard_normal((N, DV)), rng.standard_normal((N, D))
+    KT, VT, QT = (np.ascontiguousarray(A.T) for A in (K, V, Q))
+    K32 = K.astype(np.float32)
+    feeds = {
+        "rows": lambda sk, t: sk.prefill(K[t : t + 1], V[t : t + 1], Q[t : t + 1]),
+        "columns": lambda sk, t: sk.prefill(
+            KT[:, t : t + 1].T, VT[:, t : t + 1].T, QT[:, t : t + 1].T
+        ),
+        "read-only": lambda sk, t: sk.prefill(
+            _readonly(K[t : t + 1]), _readonly(V[t : t + 1]), _readonly(Q[t : t + 1])
+        ),
+        "with offset": lambda sk, t: sk.prefill(K[t : t + 1], V[t : t + 1], Q[t : t + 1], offset=t),
+    }
+    states = {}
+    for name, feed in feeds.items():
+        sk = _sketch(True)
+        for t in range(N):
+            out = feed(sk, t).output
+            if t % 53 == 0:
+                np.testing.assert_allclose(
+                    out, _outputs(Q[t : t + 1], K[: t + 1], V[: t + 1]), rtol=1e-10
+                )
+        states[name] = sk.to_bytes()
+    assert len(set(states.values())) == 1, name
+    # float32 keys stay float32, as update and update_many keep them
+    step, general = _sketch(True), _sketch(True)
+    for t in range(N):
+        step.prefill(K32[t : t + 1], V[t : t + 1], Q[t : t + 1].astype(np.float32))
+        general.prefill(K32[t : t + 1], V[t : t + 1], Q[t : t + 1].astype(np.float32), offset=t)
+    assert step._store.keys.dtype == np.float32 and step.to_bytes() == general.to_bytes()
+
+
+def test_multihead_decode_steps_take_slices() -> None:
+    T = 200
+    K = np.stack([heavy_tailed_keys(T, D, seed=30 + h) for h in range(H)])
+    rng = np.random.default_rng(13)
+    V, Q = rng.standard_normal((H, T, DV)), rng.standard_normal((H, T, D))
+    states = {}
+    for name, layout in {
+        "slices": lambda A, t: A[:, t : t + 1],
+        "contiguous": lambda A, t: np.ascontiguousarray(A[:, t : t + 1]),
+    }.items():
+        mh = ls.MultiHeadKeySketch(H, D, eps=EPS, value_dim=DV, exact_output=True)
+        for t in range(T):
+            out = mh.prefill(layout(K, t), layout(V, t), layout(Q, t).astype(np.float32)).output
+            if t % 41 == 0:
+                for h in range(H):
+                    q = Q[h, t : t + 1].astype(np.float32).astype(np.float64)
+                    np.testing.assert_allclose(
+                        out[h], _outputs(q, K[h, : t + 1], V[h, : t + 1]), rtol=1e-10
+                    )
+        states[name] = mh.to_bytes()
+    assert states["slices"] == states["contiguous"]
