@@ -44,10 +44,18 @@ def as_real_array(obj: Any, name: str) -> np.ndarray:
 def fast_float64(obj: Any) -> np.ndarray | None:
     """``obj`` as a C-contiguous, writeable float64 array when it is an ndarray of float64 or float32 (itself when
     it is one already; a copy when it is strided, read-only or float32: a slice of a larger array, a model's
-    float32 activations), else None.  The small-input fast paths take what this returns after checking its shape
-    and finiteness; anything else goes through the full validation."""
+    float32 activations), else None.  An object with ``__array__`` (a CPU torch tensor) is converted first.  The
+    small-input fast paths take what this returns after checking its shape and finiteness; anything else goes
+    through the full validation."""
     if type(obj) is not np.ndarray:
-        return None
+        if not hasattr(obj, "__array__"):
+            return None
+        try:
+            obj = np.asarray(obj)
+        except Exception:  # noqa: BLE001 (the full validation says what is wrong with it)
+            return None
+        if type(obj) is not np.ndarray:
+            return None
     dtype = obj.dtype
     if dtype == np.float64:
         flags = obj.flags

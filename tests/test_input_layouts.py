@@ -244,3 +244,26 @@ def test_multihead_decode_steps_take_slices() -> None:
                     )
         states[name] = mh.to_bytes()
     assert states["slices"] == states["contiguous"]
+
+
+def test_torch_rows_and_queries_take_the_step_path() -> None:
+    torch = pytest.importorskip(
+        "torch"
+    )  # the optional extra: installed by the README's test set-up
+    K = heavy_tailed_keys(300, D, seed=8)
+    Q = np.random.default_rng(14).standard_normal((3, D))
+    a, b = _sketch(False), _sketch(False)
+    for t in range(300):
+        a.update(torch.from_numpy(K[t].astype(np.float32)))
+        b.update(K[t].astype(np.float32).astype(np.float64))
+    got = a.heavy_entries(torch.from_numpy(Q.astype(np.float32)))
+    assert_heavy_matches_dense(
+        got,
+        dense_heavy(
+            Q.astype(np.float32).astype(np.float64), K.astype(np.float32).astype(np.float64), EPS
+        ),
+        EPS,
+    )
+    assert a.to_bytes() == b.to_bytes()  # a tensor is not an ndarray: its rows are held as float64
+    with pytest.raises(TypeError, match="real numeric array"):
+        a.update(torch.ones(D, requires_grad=True))
