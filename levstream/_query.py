@@ -21,7 +21,13 @@ from typing import NamedTuple
 import numpy as np
 
 from ._config import QUERY_BLOCK_ROWS, margin
-from ._kernels.live import GRAM_FORM_REL, UNRELIABLE, decode_p2, heavy_p2
+from ._kernels.live import (
+    GRAM_FORM_REL,
+    UNRELIABLE,
+    checked_quadratic_rows,
+    decode_p2,
+    heavy_p2,
+)
 from ._kernels.query import threshold_power_csr
 from ._threads import lowered_blas
 from .moments import MomentState
@@ -95,17 +101,24 @@ def report_threshold(eps: float, distortion: float) -> float:
 
 def _z(view: HeadView, Q: np.ndarray, extra_products: np.ndarray | None, p: float) -> np.ndarray:
     if view.total_gram is not None:
-        z = gram_normalizer(Q, view.total_gram)
-        if view.fallback is None or _gram_form_trusted(Q, view.total_gram, z):
-            return z
+        if view.fallback is not None and is_live(view, Q, p):  # a few queries: one compiled call
+            z = checked_quadratic_rows(Q, view.total_gram)
+            if not _untrusted(z):
+                return z
+        else:
+            z = gram_normalizer(Q, view.total_gram)
+            if view.fallback is None or _gram_form_trusted(Q, view.total_gram, z):
+                return z
         view = (
             view.fallback()
         )  # the summary and every pending row: the same keys, summed without cancellation
         extra_products = None
-    z = view.summary.normalizer(Q)
-    if view.extra_ids.size:
-        P = Q @ view.extra_keys.T if extra_products is None else extra_products
-        z = z + _power(P, p).sum(axis=1)
+    # weights beyond float64 give Z = inf (a query the callers refuse; normalizer reports it)
+    with np.errstate(over="ignore"):
+        z = view.summary.normalizer(Q)
+        if view.extra_ids.size:
+            P = Q @ view.extra_keys.T if extra_products is None else extra_products
+            z = z + _power(P, p).sum(axis=1)
     return z
 
 
@@ -406,6 +419,8 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
             "attend needs value rows: build the sketch with value_dim= and feed update(k, v)."
         )
     thresh = report_threshold(eps, view.summary.distortion)
+    if Q.shape[0] == 1 and is_live(view, Q, p):  # one query: one compiled call, as a decode step
+        return _decode_step(view, _NO_ROWS, view.values[:0], Q, _NO_IDS, eps)
     if is_live(view, Q, p):
         entries, z = _live_find(view, Q, thresh)
         if _untrusted(z):
@@ -523,7 +538,8 @@ def _decode_step(
 ) -> AttentionResult:
     """A causal chunk of one row (a decode step), p = 2 with the exact Gram matrix: the new key joins the rows
     scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries, their output and
-    mass, and the exact output (:func:`~levstream._kernels.live.decode_p2`)."""
+    mass, and the exact output (:func:`~levstream._kernels.live.decode_p2`).  With no row (``k`` of shape
+    (0, d)): :func:`attend` of the one query ``q``."""
     assert view.values is not None
     moments = view.moments
     S, BK, BV = _NO_VALUES, _NO_VALUES, _NO_VALUES
@@ -545,6 +561,8 @@ def _decode_step(
     )
     if floats[0] == UNRELIABLE:  # answered from the summary and every pending row instead
         assert view.fallback is not None
+        if k.shape[0] == 0:
+            return attend(view.fallback(), q, 2.0, eps)
         return _prefill_chunk(view.fallback(), k, v, q, key_id, 2.0, eps)
     ints.flags.writeable = False  # the slices below, handed to the result, are read-only with them
     floats.flags.writeable = False

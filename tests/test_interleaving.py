@@ -365,3 +365,44 @@ def test_rows_in_any_layout_take_the_live_step():
     Q = K[::9]
     check_entries(sk.heavy_entries(Q), twin, Q, 0.05, GRAM, "end")
     np.testing.assert_allclose(sk.attend(Q).output, twin.attend(Q, 0.05)[0], rtol=1e-9)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_attend_of_one_query_between_single_rows(exact):
+    """``update(k, v)`` then ``attend`` of one query, the decoding loop written without ``prefill``: one compiled
+    call answers the query on the live cache (as a decode step does, with no row of its own).  Every answer
+    equals brute force over the prefix: entries, heavy output and captured mass, and the exact output; a query
+    orthogonal to every key has no entries and zero output; the bytes equal those of a twin fed without
+    queries."""
+    rng = np.random.default_rng(31)
+    d, dv, eps, n = 5, 3, 0.05, 300
+    K = heavy_tailed_keys(n, d, seed=32)
+    K[:, -1] = 0.0  # e_{d-1} is orthogonal to every key: Z = 0
+    V = rng.standard_normal((n, dv))
+    make = lambda: ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=exact, block_rows=32)  # noqa: E731
+    sk, quiet, twin = make(), make(), NaiveStream(d, value_dim=dv)
+    for t in range(n):
+        sk.update(K[t], V[t])
+        quiet.update(K[t], V[t])
+        twin.update(K[t], V[t])
+        if t % 3 == 2:
+            q = K[rng.integers(0, t + 1)][None, :] + 0.1 * rng.standard_normal((1, d))
+            q[0, -1] = 0.0
+            if t % 27 == 2:
+                q = np.eye(d)[None, -1]
+            res = sk.attend(q)
+            if exact:
+                assert res.output is not None and res.output.shape == (1, dv)
+            else:
+                assert res.output is None
+            if t % 27 == 2:  # Z = 0: no entries, zero outputs
+                assert len(res.entries) == 0 and res.captured_mass.tolist() == [0.0]
+                assert not res.heavy_output.any() and (res.output is None or not res.output.any())
+                continue
+            check_entries(res.entries, twin, q, eps, GRAM, f"step {t}")
+            out, heavy_out, mass = twin.attend(q, eps)
+            np.testing.assert_allclose(heavy_out, res.heavy_output, rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(mass, res.captured_mass, rtol=1e-9)
+            if exact:
+                np.testing.assert_allclose(res.output, out, rtol=1e-9, atol=1e-12 * np.abs(out).max())
+    assert sk.to_bytes() == quiet.to_bytes()

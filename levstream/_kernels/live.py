@@ -99,6 +99,18 @@ def gram_quadratic(Q, G):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def checked_quadratic_rows(Q, G):  # pragma: no cover - compiled
+    """:func:`_checked_quadratic` of every row of ``Q``: ``q^T G q`` (0 at rounding level), or ``UNRELIABLE`` for a
+    row whose value cannot be trusted (cancellation, or beyond float64)."""
+    m, d = Q.shape
+    tol = (d * UNIT_ROUNDOFF) ** 2
+    out = np.empty(m, dtype=np.float64)
+    for i in range(m):
+        out[i] = _checked_quadratic(Q[i], G, d, tol)
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
 def add_rows_and_bound(X, G, W, threshold, keep, norms):  # pragma: no cover - compiled
     """``G += X^T X`` in place, and ``keep[i] = u_i / (1 + u_i) >= threshold`` with ``u_i = ||x_i W||^2``
     (an upper bound on the row's leverage score after its own inclusion, ``W`` a factor of an earlier Gram
