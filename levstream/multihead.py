@@ -807,7 +807,7 @@ class MultiHeadKeySketch:
         with self._lock:
             self._sync()
             return [
-                _query.top_k(h._view(), Q[i], self.p, k, self.eps)
+                _query.top_k(h._held_view(), Q[i], self.p, k, self.eps)
                 for i, h in enumerate(self._heads)
             ]
 

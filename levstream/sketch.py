@@ -1156,6 +1156,14 @@ class KeySketch:
         )
         return live.view
 
+    def _held_view(self) -> _query.HeadView:
+        """Every row held, the candidates and every pending row, with ``Z`` over every key fed: what :meth:`top_k`
+        ranks (a function of the sketch's state alone; the live cache scans only the pending rows that can be
+        heavy, and which those are depends on when its factor was made).  Call with the lock held."""
+        summary = self._summary
+        G = summary.gram_sum() if isinstance(summary, GramSummary) else None
+        return self._plain_view(G if self._pending_from == self._store.n else None)
+
     def _plain_view(self, total_gram: np.ndarray | None = None) -> _query.HeadView:
         """The candidates and every pending row, ``Z`` from the summary plus the pending rows' terms (or from
         ``total_gram``, the summary's ``G`` when nothing is pending, with this view without it as the fallback):
@@ -1307,7 +1315,7 @@ class KeySketch:
         Q = self._queries(Q)
         k = check_int(k, "k", minimum=1)
         with self._lock:
-            return _query.top_k(self._view(), Q, self._p, k, self._eps)
+            return _query.top_k(self._held_view(), Q, self._p, k, self._eps)
 
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
         """Attention of queries ``Q`` over every key fed: heavy entries, their output and mass, exact output.

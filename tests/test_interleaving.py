@@ -406,3 +406,38 @@ def test_attend_of_one_query_between_single_rows(exact):
             if exact:
                 np.testing.assert_allclose(res.output, out, rtol=1e-9, atol=1e-12 * np.abs(out).max())
     assert sk.to_bytes() == quiet.to_bytes()
+
+
+def test_top_k_ranks_every_row_held_whatever_the_query_history():
+    """``top_k`` ranks every row the sketch holds, the rows waiting in its input buffer included, by exact
+    value: with every row still pending it is the dense top-k over all keys, certified or not; and two
+    sketches in the same state (one queried as rows arrived, so with a live cache that scans only the pending
+    rows that can be heavy; the other restored from its bytes) give the same answer."""
+    rng = np.random.default_rng(0)
+    d, n, k = 5, 300, 3
+    K, Q = rng.standard_normal((n, d)), rng.standard_normal((50, d))
+    sk = ls.KeySketch(d, eps=0.05).update_many(K)  # every row in the input buffer
+    sk.heavy_entries(Q[:1])  # a live cache of the pending rows
+    A = (Q @ K.T) ** 2
+    A /= A.sum(axis=1, keepdims=True)
+    top = sk.top_k(Q, k)
+    want = np.argsort(-A, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(top.key_ids, want)
+    np.testing.assert_allclose(top.values, np.take_along_axis(A, want, axis=1), rtol=1e-12)
+    mh = ls.MultiHeadKeySketch(2, d, eps=0.05).update_many(np.stack([K, K]))
+    mh.heavy_entries(np.stack([Q[:1], Q[:1]]))
+    for got in mh.top_k(np.stack([Q, Q]), k):
+        np.testing.assert_array_equal(got.key_ids, want)
+
+    K = rng.standard_normal((n, d)) * rng.pareto(1.5, (n, 1))
+    live = ls.KeySketch(d, eps=0.05, block_rows=64)
+    live.update_many(K[:150])
+    live.heavy_entries(Q[:1])
+    for i in range(150, n):
+        live.update(K[i])
+        if i % 7 == 0:
+            live.heavy_entries(Q[:1])
+    restored = ls.KeySketch.from_bytes(live.to_bytes())
+    a, b = live.top_k(Q, k), restored.top_k(Q, k)
+    np.testing.assert_array_equal(a.key_ids, b.key_ids)
+    np.testing.assert_array_equal(a.values, b.values)
