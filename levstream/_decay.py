@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ._kernels.decay import dd_add, frame_rows, frame_step, neg_log_gates_into
-from ._validation import check_real
+from ._validation import as_ndarray, check_real
 
 #: A rebase by more than this many factors of 4 flushes the state to zero (weights below ``2^-1800``, rows
 #: below ``2^-900`` of the frame: the smallest the summary's R factor holds exactly).
@@ -85,7 +85,11 @@ class Frame(NamedTuple):
 
 
 def check_gate(value: Any, name: str = "gate") -> float:
-    """A gate or decay factor: a real number in ``(0, 1]``."""
+    """A gate or decay factor: a real number in ``(0, 1]`` (a 0-d array or tensor holding one is one: what a
+    model's ``sigmoid`` of a scalar gives)."""
+    value = as_ndarray(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
     gate = check_real(value, name)
     if not 0.0 < gate <= 1.0:
         raise ValueError(f"{name} must satisfy 0 < {name} <= 1; got {gate} instead.")

@@ -41,21 +41,27 @@ def as_real_array(obj: Any, name: str) -> np.ndarray:
     return arr
 
 
+def as_ndarray(obj: Any) -> Any:
+    """``np.asarray(obj)`` for an object with ``__array__`` that is not an ndarray (a CPU torch tensor), so that
+    every entry point sees the same array (a float32 tensor is float32 data, as a float32 ndarray is); anything
+    else as it is (what ``np.asarray`` refuses is left to the full validation, which says what is wrong)."""
+    if type(obj) is np.ndarray or not hasattr(obj, "__array__"):
+        return obj
+    try:
+        return np.asarray(obj)
+    except Exception:  # noqa: BLE001 (the full validation reports it)
+        return obj
+
+
 def fast_float64(obj: Any) -> np.ndarray | None:
     """``obj`` as a C-contiguous, writeable float64 array when it is an ndarray of float64 or float32 (itself when
     it is one already; a copy when it is strided, read-only or float32: a slice of a larger array, a model's
-    float32 activations), else None.  An object with ``__array__`` (a CPU torch tensor) is converted first.  The
-    small-input fast paths take what this returns after checking its shape and finiteness; anything else goes
-    through the full validation."""
+    float32 activations), else None.  An object with ``__array__`` (a CPU torch tensor) is converted first
+    (:func:`as_ndarray`).  The small-input fast paths take what this returns after checking its shape and
+    finiteness; anything else goes through the full validation."""
+    obj = as_ndarray(obj)
     if type(obj) is not np.ndarray:
-        if not hasattr(obj, "__array__"):
-            return None
-        try:
-            obj = np.asarray(obj)
-        except Exception:  # noqa: BLE001 (the full validation says what is wrong with it)
-            return None
-        if type(obj) is not np.ndarray:
-            return None
+        return None
     dtype = obj.dtype
     if dtype == np.float64:
         flags = obj.flags
@@ -105,14 +111,15 @@ def as_matrix(
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
-def as_row(obj: Any, name: str, dim: int) -> np.ndarray:
+def as_row(obj: Any, name: str, dim: int, what: str = "dim") -> np.ndarray:
+    """One finite row of length ``dim`` (the sketch's ``what``) as a C-contiguous float64 array."""
     arr = as_real_array(obj, name)
     if arr.ndim != 1:
         hint = " Use update_many(X) for a chunk of rows." if arr.ndim == 2 else ""
         raise ValueError(f"{name} must be 1-D of length {dim}; got {_shape_of(arr)}.{hint}")
     if arr.shape[0] != dim:
         raise ValueError(
-            f"{name} must have length {dim} (the sketch's dim); got length {arr.shape[0]}."
+            f"{name} must have length {dim} (the sketch's {what}); got length {arr.shape[0]}."
         )
     check_finite(arr, name)
     return np.ascontiguousarray(arr, dtype=np.float64)

@@ -45,7 +45,14 @@ from ._kernels.live import (
     outputs_stacked,
 )
 from ._kernels.rows import copy_rows_sq, first_moment_overflow, sq_norm
-from ._validation import as_real_array, check_finite, check_int, check_p, fast_float64
+from ._validation import (
+    as_ndarray,
+    as_real_array,
+    check_finite,
+    check_int,
+    check_p,
+    fast_float64,
+)
 from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .sketch import KeySketch, _check_magnitude
@@ -259,11 +266,12 @@ class MultiHeadKeySketch:
             and (not finite or bool(sq_norm(X.reshape(-1)) < np.inf))
         )
 
-    def _refuse_steps(self, X: np.ndarray, V: np.ndarray | None) -> None:
-        """Raise the error of the general path for tokens that are not finite (or whose squares overflow)."""
-        self._stack(X, "X", self.dim)
+    def _refuse_steps(self, X: np.ndarray, V: np.ndarray | None, names: str = "XV") -> None:
+        """Raise the error of the general path for tokens that are not finite (or whose squares overflow);
+        ``names``: the caller's names of the keys and the values."""
+        self._stack(X, names[0], self.dim)
         if V is not None:
-            self._stack(V, "V", V.shape[2], "value_dim")
+            self._stack(V, names[1], V.shape[2], "value_dim")
         raise AssertionError("unreachable: the tokens passed validation")  # pragma: no cover
 
     def _values(self, V: Any, m: int) -> np.ndarray | None:
@@ -306,18 +314,20 @@ class MultiHeadKeySketch:
         if i >= 0:
             moments.check(X[i // m], V[i // m], where=f"head {i // m}, ")
 
-    def _take(self, X: np.ndarray, V: np.ndarray | None, checked: bool = True) -> None:
+    def _take(
+        self, X: np.ndarray, V: np.ndarray | None, checked: bool = True, names: str = "XV"
+    ) -> None:
         """Buffer the tokens ``X`` (n_heads, m, dim) (values ``V``), validated but for finiteness unless ``checked``,
         under the running counter's next ids (call with the lock held; raises, changing nothing, when one of
         those ids was already fed or, unchecked, a token is not finite: the copy into the buffer's free room
-        checks it in the same pass)."""
+        checks it in the same pass; ``names``: the caller's names of ``X`` and ``V``, for the error)."""
         m = X.shape[1]
         if self._nb + m > _STEP_BUFFER_ROWS:
             if not checked and not (
                 np.isfinite(np.einsum("ijk,ijk->", X, X))
                 and (V is None or np.isfinite(np.einsum("ijk,ijk->", V, V)))
             ):
-                self._refuse_steps(X, V)
+                self._refuse_steps(X, V, names)
             checked = True
             self._sync()
         nb = self._nb
@@ -340,7 +350,7 @@ class MultiHeadKeySketch:
             total += copy_rows_sq(self._bufv, nb, V)
         # the rows past _nb are free room: a refused token has changed nothing
         if not checked and not total < np.inf:
-            self._refuse_steps(X, V)
+            self._refuse_steps(X, V, names)
         self._check_moments(X, V)
         self._nb = nb + m
 
@@ -458,6 +468,11 @@ class MultiHeadKeySketch:
             if gates is not None and gates.ndim == 0:
                 gates = gates[None]  # one gate for every head: shape (1,) for the one token
             elif gates is not None:
+                if gates.shape != (H,):
+                    raise ValueError(
+                        f"gate must be one number, or one per head: shape ({H},); got shape "
+                        f"{gates.shape}."
+                    )
                 gates = gates[:, None]  # one per head: (n_heads, 1)
             return self._update_gated(
                 arr[:, None, :], None if val is None else val[:, None, :], None, None, gates
@@ -475,13 +490,18 @@ class MultiHeadKeySketch:
         ):
             with self._lock:  # the live path: every head takes the token under the same id
                 if self._step_ok:  # checked finite while it is copied into the buffer
-                    self._take(x[:, None, :], None if v is None else v[:, None, :], checked=False)
+                    self._take(
+                        x[:, None, :],
+                        None if v is None else v[:, None, :],
+                        checked=False,
+                        names="xv",
+                    )
                     return self
                 if not (
                     np.isfinite(np.einsum("ij,ij->", x, x))
                     and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
                 ):
-                    self._refuse_steps(x[:, None, :], None if v is None else v[:, None, :])
+                    self._refuse_steps(x[:, None, :], None if v is None else v[:, None, :], "xv")
                 self._sync()
                 self._heads[0]._check_next_id()
                 self._stale = True
@@ -907,7 +927,7 @@ class MultiHeadKeySketch:
         ):  # a decode step: the token joins the buffer, then its queries see every key fed, their own included
             eps = self._query_eps(eps)
             with self._lock:
-                self._take(K, V, checked=False)
+                self._take(K, V, checked=False, names="KV")
                 live = self._live_state(1)
                 if live is not None:
                     return self._live_attend(live, Q, eps)
@@ -1270,6 +1290,7 @@ def _step_layout(X: Any, rows: int) -> Any:
     """A few tokens ``X`` (an ndarray ``(n_heads, m <= rows, width)``, or one token ``(n_heads, width)``) of
     float64 or float32 in the layout the step path takes (C-contiguous writeable float64:
     :func:`~levstream._validation.fast_float64`); anything else as it is (validated in full later)."""
+    X = as_ndarray(X)
     if type(X) is np.ndarray and (X.ndim == 2 or (X.ndim == 3 and X.shape[1] <= rows)):
         return fast_float64(X) if X.dtype in (np.float32, np.float64) else X
     return X

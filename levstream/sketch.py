@@ -41,6 +41,7 @@ from ._threads import get_num_threads, ingest_threads, lowered_blas, run_items
 from ._validation import (
     as_ids,
     as_matrix,
+    as_ndarray,
     as_real_array,
     as_row,
     check_eps,
@@ -422,7 +423,7 @@ class KeySketch:
         row = fast_float64(v)
         if row is not None and row.shape == (self._value_dim,) and sq_norm(row) < np.inf:
             return row
-        v = as_row(v, "v", self._value_dim)
+        v = as_row(v, "v", self._value_dim, "value_dim")
         _check_magnitude(v[None, :], "v")
         return v
 
@@ -456,6 +457,7 @@ class KeySketch:
         rows has arrived.  ``gate`` in ``(0, 1]`` (p = 2) multiplies the weight of every key fed before this one
         (times the sketch's ``decay``).  Returns ``self``; on bad input raises and changes nothing.
         """
+        x = as_ndarray(x)
         row = fast_float64(x)
         # a float64 or float32 row, finite with squares that do not overflow (sq_norm is nan/inf otherwise): no
         # further validation
@@ -1933,6 +1935,7 @@ _NO_TRIANGLE = np.zeros((0, 0))
 def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
     """A chunk of keys as a C-contiguous array: float32 kept as float32 when ``keep_float32`` (the Gram path
     widens every row exactly), anything else float64; shape checked, finiteness not (see :func:`_check_rows`)."""
+    X = as_ndarray(X)
     if (
         keep_float32
         and isinstance(X, np.ndarray)
@@ -1961,6 +1964,7 @@ def _alive(rows: np.ndarray, W: np.ndarray, floor: float) -> np.ndarray:
 def _kept_row(x: Any, row: np.ndarray, gram: bool) -> np.ndarray:
     """The row (or rows) to store for validated keys ``row`` (float64) given as ``x``: a float32 array of the
     same shape stays float32 on the Gram path, as :func:`_as_keys` keeps float32 chunks."""
+    x = as_ndarray(x)
     if gram and isinstance(x, np.ndarray) and x.dtype == np.float32 and x.shape == row.shape:
         return np.ascontiguousarray(x)
     return row
@@ -2406,11 +2410,12 @@ def _check_magnitude(X: np.ndarray, name: str) -> None:
     """Refuse finite rows whose squares overflow float64 (the Gram matrix could not hold them, nor ``Z`` a query's
     weights)."""
     if X.size and _rows_overflow(X):  # row by row: a chunk's sum may overflow
-        what = (
-            "the queries (attention weights do not depend on a query's scale)"
-            if name.startswith("Q")
-            else "the keys (leverage scores are scale-invariant)"
-        )
+        if name.startswith("Q"):
+            what = "the queries (attention weights do not depend on a query's scale)"
+        elif name.lower().startswith("v"):
+            what = "the values (outputs scale with them)"
+        else:
+            what = "the keys (leverage scores are scale-invariant)"
         raise ValueError(
             f"{name} has values so large that their squares overflow float64 (largest |x| = "
             f"{float(np.abs(X).max()):.3g}); rescale {what}."

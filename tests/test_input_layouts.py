@@ -246,24 +246,64 @@ def test_multihead_decode_steps_take_slices() -> None:
     assert states["slices"] == states["contiguous"]
 
 
-def test_torch_rows_and_queries_take_the_step_path() -> None:
+def test_torch_tensors_are_held_as_the_arrays_they_hold() -> None:
+    """A float32 tensor is float32 data: held as float32 whichever entry point takes it (update, update_many of
+    one row or a chunk, extend, a decode step), as a float32 ndarray is; answers equal brute force."""
     torch = pytest.importorskip(
         "torch"
     )  # the optional extra: installed by the README's test set-up
-    K = heavy_tailed_keys(300, D, seed=8)
+    K32 = heavy_tailed_keys(300, D, seed=8).astype(np.float32)
+    V = np.random.default_rng(15).standard_normal((300, DV))
     Q = np.random.default_rng(14).standard_normal((3, D))
-    a, b = _sketch(False), _sketch(False)
-    for t in range(300):
-        a.update(torch.from_numpy(K[t].astype(np.float32)))
-        b.update(K[t].astype(np.float32).astype(np.float64))
-    got = a.heavy_entries(torch.from_numpy(Q.astype(np.float32)))
-    assert_heavy_matches_dense(
-        got,
-        dense_heavy(
-            Q.astype(np.float32).astype(np.float64), K.astype(np.float32).astype(np.float64), EPS
-        ),
-        EPS,
-    )
-    assert a.to_bytes() == b.to_bytes()  # a tensor is not an ndarray: its rows are held as float64
+    T = torch.from_numpy(K32)
+    feeds = {
+        "ndarray rows": lambda sk: [sk.update(K32[t], V[t]) for t in range(300)],
+        "tensor rows": lambda sk: [sk.update(T[t], V[t]) for t in range(300)],
+        "tensor (1, d) chunks": lambda sk: [
+            sk.update_many(T[t : t + 1], V[t : t + 1]) for t in range(300)
+        ],
+        "tensor chunk": lambda sk: sk.update_many(T, V),
+        "extend of tensor rows": lambda sk: sk.extend((T[t], V[t]) for t in range(300)),
+        "decode steps of tensors": lambda sk: [
+            sk.prefill(T[t : t + 1], V[t : t + 1], torch.from_numpy(Q[:1])) for t in range(300)
+        ],
+    }
+    states = {}
+    for name, feed in feeds.items():
+        sk = _sketch(True)
+        feed(sk)
+        assert sk._store.keys.dtype == np.float32, name
+        got = sk.heavy_entries(torch.from_numpy(Q.astype(np.float32)))
+        want = dense_heavy(Q.astype(np.float32).astype(np.float64), K32.astype(np.float64), EPS)
+        assert_heavy_matches_dense(got, want, EPS)
+        states[name] = sk.universal_set().ids.tolist()
+    assert len({repr(v) for v in states.values()}) == 1, states
     with pytest.raises(TypeError, match="real numeric array"):
-        a.update(torch.ones(D, requires_grad=True))
+        sk.update(torch.ones(D, requires_grad=True), V[0])
+
+
+def test_gates_as_0d_arrays_and_tensors_and_value_messages() -> None:
+    """A gate given as a 0-d array or tensor (a model's ``sigmoid`` of a scalar) is one number everywhere; a
+    multi-head gate of the wrong shape names the shape the user gave; value errors name the value row."""
+    torch = pytest.importorskip(
+        "torch"
+    )  # the optional extra: installed by the README's test set-up
+    k, v = np.ones(D), np.ones(DV)
+    reference = _sketch(True).update(k, v).update(k, v, gate=0.5).to_bytes()
+    for gate in (np.array(0.5), torch.tensor(0.5, dtype=torch.float64), np.float32(0.5)):
+        assert _sketch(True).update(k, v).update(k, v, gate=gate).to_bytes() == reference
+        step = _sketch(True).update(k, v)
+        step.prefill(k[None], v[None], k[None], gates=gate)
+        assert step.to_bytes() == reference
+    mh = ls.MultiHeadKeySketch(2, D, eps=EPS)
+    with pytest.raises(ValueError, match=r"one per head: shape \(2,\); got shape \(1,\)"):
+        mh.update(np.ones((2, D)), gate=np.array([0.5]))
+    sk = _sketch(True)
+    with pytest.raises(ValueError, match=r"length 3 \(the sketch's value_dim\)"):
+        sk.update(k, np.ones(5))
+    with pytest.raises(ValueError, match="rescale the values"):
+        sk.update(k, np.array([1e200, 0.0, 0.0]))
+    mhv = ls.MultiHeadKeySketch(2, D, eps=EPS, value_dim=DV, exact_output=True)
+    with pytest.raises(ValueError, match="K must contain only finite values"):
+        mhv.prefill(np.full((2, 1, D), np.nan), np.ones((2, 1, DV)), np.ones((2, 1, D)))
+    assert sk.n == 0 and mhv.n == 0 and mh.n == 0
