@@ -7,8 +7,12 @@ Figures (d = 64, eps = 0.01, dv = 64, p = 2):
 * ``filtered``: a filtered stream at the middle live size: each step is ``sk.update_many`` of a chunk
   of 0 to 3 rows (two steps in five empty, a filter that kept nothing) + ``sk.heavy_entries(q[None])``,
   against dense NumPy over the prefix;
+* ``forms``: the live step at the middle live size with its inputs in the forms users have them (a
+  (1, d) chunk, columns of a (d, T) array, float32 rows and queries; with values, ``update(k, v)`` +
+  ``attend(q[None])`` and the decode step ``prefill``) over the canonical step;
 * ``heads``: a 12-head step (``MultiHeadKeySketch.update_many`` of (12, 1, d) + ``heavy_entries`` of
-  (12, 1, d); also with ``update`` of (12, d)) over a single-head step at the same n;
+  (12, 1, d); also with ``update`` of (12, d), and with tokens and queries as slices ``X[:, t:t+1]``
+  of (12, T, d) arrays) over a single-head step at the same n;
 * ``bulk``: ``update_many`` of 8192-row chunks with one query after each chunk, over Gram-only
   (``G += X.T @ X``) on the same chunks;
 * ``decode``: a decode step with values (``sk.prefill`` of one row: exact output and heavy entries)
@@ -72,7 +76,7 @@ OUTPUT_RTOL = 1e-10
 #: far, lowered by this factor for rounding: the final normaliser is larger, so this is a superset.
 CANDIDATE_SLACK = 1e-6
 
-SECTIONS = ("live", "filtered", "heads", "bulk", "decode", "prefill", "gemm", "rss")
+SECTIONS = ("live", "filtered", "forms", "heads", "bulk", "decode", "prefill", "gemm", "rss")
 
 
 @dataclass(frozen=True)
@@ -493,6 +497,85 @@ def bench_filtered(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
 
 
 @section_env
+def bench_forms(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """The live step at the middle size of ``sz.live_n`` with its inputs in the forms users have them, each
+    on its own copy of one sketch, fed the same keys in the same order: rounds rotate which form runs first,
+    and each form's per-step time is divided by the canonical form's of the same round.  Every answer is
+    checked against brute force (float32 forms against the float32 keys and queries, widened)."""
+    n = sz.live_n[len(sz.live_n) // 2]
+    T = sz.warm_steps + sz.rounds * sz.steps_per_round
+    K, V = keys(n + T, d, seed=0), values(n + T, dv, seed=0)
+    Q = attention_like_queries(T, d, seed=3, key_seed=0)
+    K32, Q32 = K.astype(np.float32), Q.astype(np.float32)
+    KT, QT = np.ascontiguousarray(K.T), np.ascontiguousarray(Q.T)  # a (d, T) layout: columns are rows
+    base = ls.KeySketch(d, eps=eps)
+    base32 = ls.KeySketch(d, eps=eps)
+    values_base = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+    for a in range(0, n, 65536):
+        b = min(n, a + 65536)
+        base.update_many(K[a:b])
+        base32.update_many(K32[a:b])
+        values_base.update_many(K[a:b], V[a:b])
+    forms: dict[str, tuple[ls.KeySketch, Callable[[ls.KeySketch, int], Any], str]] = {
+        "update(k) + heavy_entries(q[None])": (
+            base.copy(), lambda sk, t: (sk.update(K[n + t]), sk.heavy_entries(Q[t][None]))[1], "f64"),
+        "update_many(K[t:t+1]) + heavy_entries(Q[t:t+1])": (
+            base.copy(), lambda sk, t: (sk.update_many(K[n + t : n + t + 1]),
+                                        sk.heavy_entries(Q[t : t + 1]))[1], "f64"),
+        "columns of (d, T) arrays: update(KT[:, t]) + heavy_entries(QT[:, t:t+1].T)": (
+            base.copy(), lambda sk, t: (sk.update(KT[:, n + t]), sk.heavy_entries(QT[:, t : t + 1].T))[1],
+            "f64"),
+        "float32 rows and queries": (
+            base32, lambda sk, t: (sk.update(K32[n + t]), sk.heavy_entries(Q32[t][None]))[1], "f32"),
+        "values: update(k, v) + attend(q[None]) (exact output)": (
+            values_base.copy(), lambda sk, t: (sk.update(K[n + t], V[n + t]), sk.attend(Q[t][None]))[1],
+            "values"),
+        "values: prefill(k[None], v[None], q[None]) (the decode step)": (
+            values_base, lambda sk, t: sk.prefill(K[n + t][None], V[n + t][None], Q[t][None]), "values"),
+    }
+    names = list(forms)
+    answers: dict[str, list[Any]] = {name: [None] * T for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for name in names:
+        sk, step, _ = forms[name]
+        for t in range(sz.warm_steps):
+            answers[name][t] = step(sk, t)
+    for r in range(sz.rounds):
+        lo = sz.warm_steps + r * sz.steps_per_round
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            sk, step, _ = forms[name]
+            got = answers[name]
+            t0 = time.perf_counter()
+            for t in range(lo, lo + sz.steps_per_round):
+                got[t] = step(sk, t)
+            times[name].append((time.perf_counter() - t0) / sz.steps_per_round)
+    ends = n + 1 + np.arange(T)
+    refs = {"f64": brute_force(Q, K, ends, eps),
+            "f32": brute_force(Q32.astype(np.float64), K32.astype(np.float64), ends, eps),
+            "values": brute_force(Q, K, ends, eps, V=V)}
+    canonical = times[names[0]]
+    out: dict[str, Any] = {"n": n, "steps_checked": T, "forms": {}}
+    checks = []
+    for name in names:
+        kind = forms[name][2]
+        results = answers[name]
+        entries = [entries_of(a.entries if kind == "values" else a) for a in results]
+        check = compare_rows(entries, refs[kind], eps)
+        if kind == "values":
+            outputs = compare_outputs(np.vstack([a.output for a in results]), refs[kind])
+            check = {**check, "ok": check["ok"] and outputs["ok"],
+                     "max_output_rel_err": outputs["max_output_rel_err"]}
+        failures.add(f"forms: {name}", check)
+        checks.append(check)
+        out["forms"][name] = {"step_s": spread(times[name]),
+                              "ratio": spread([a / b for a, b in zip(times[name], canonical)]),
+                              "check": check}
+    out["check"] = merge_checks(*checks, same_rows=False)
+    return out
+
+
+@section_env
 def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     """A step of ``n_heads`` heads, one call per op, against a single-head step at the same n.
 
@@ -502,7 +585,8 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     step before it plus one, whichever kind ran it, so every answer is checked against brute force
     over its own prefix."""
     H, n, per_round = sz.n_heads, sz.heads_n, sz.heads_steps_per_round
-    T = sz.warm_steps + sz.rounds * 2 * per_round
+    kinds = 3
+    T = sz.warm_steps + sz.rounds * kinds * per_round
     Kh = np.stack([keys(n + T, d, seed=10 + h) for h in range(H)])  # (H, n + T, d)
     Qh = np.stack([attention_like_queries(T, d, seed=20 + h, key_seed=10 + h) for h in range(H)])
     tokens = np.ascontiguousarray(Kh[:, n:].transpose(1, 0, 2))  # (T, H, d): one token per step
@@ -531,6 +615,13 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
             got_mh[t] = mh.heavy_entries(queries[t])
         return (time.perf_counter() - t0) / (hi - lo)
 
+    def run_sliced(lo: int, hi: int) -> float:  # a model's (H, T, d) arrays, sliced per step
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            mh.update_many(Kh[:, n + t : n + t + 1])
+            got_mh[t] = mh.heavy_entries(Qh[:, t : t + 1])
+        return (time.perf_counter() - t0) / (hi - lo)
+
     def run_one(lo: int, hi: int) -> float:
         t0 = time.perf_counter()
         for t in range(lo, hi):
@@ -542,13 +633,15 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     run_one(0, sz.warm_steps)
     t_many: list[float] = []
     t_update: list[float] = []
+    t_sliced: list[float] = []
     t_one: list[float] = []
     for r in range(sz.rounds):
-        lo = sz.warm_steps + r * 2 * per_round
-        runs = [(t_many, run_many), (t_update, run_update)]
-        for k, (out, fn) in enumerate(runs if r % 2 == 0 else runs[::-1]):
+        lo = sz.warm_steps + r * kinds * per_round
+        runs = [(t_many, run_many), (t_update, run_update), (t_sliced, run_sliced)]
+        runs = runs[r % kinds :] + runs[: r % kinds]  # each kind leads in turn
+        for k, (out, fn) in enumerate(runs):
             out.append(fn(lo + k * per_round, lo + (k + 1) * per_round))
-        t_one.append(run_one(lo, lo + 2 * per_round))  # the same 2 * per_round tokens
+        t_one.append(run_one(lo, lo + kinds * per_round))  # the same kinds * per_round tokens
     ends = n + 1 + np.arange(T)
     checks = []
     for h in range(H):
@@ -560,9 +653,11 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     check = merge_checks(*checks, same_rows=False)
     failures.add(f"heads {H}-head", check)
     return {"n": n, "n_heads": H, "steps_checked": T, "heads_step_s": spread(t_many),
-            "heads_update_step_s": spread(t_update), "single_step_s": spread(t_one),
+            "heads_update_step_s": spread(t_update), "heads_sliced_step_s": spread(t_sliced),
+            "single_step_s": spread(t_one),
             "ratio": spread([a / b for a, b in zip(t_many, t_one)]),
             "ratio_update": spread([a / b for a, b in zip(t_update, t_one)]),
+            "ratio_sliced": spread([a / b for a, b in zip(t_sliced, t_one)]),
             "retained_per_head": [int(h.num_retained) for h in mh.heads],
             "retained_single": int(one.num_retained), "check": check, "single_check": single}
 
@@ -948,6 +1043,11 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
                     f"{f['empty_steps']} of {f['steps_checked']} chunks empty)")
         rows.append((f"filtered stream step (update_many of 0-3 rows + 1 query) vs dense, n = {f['n']:.0e}",
                      measured, "-", None))
+    if "forms" in res:
+        f = res["forms"]
+        for name, v in f["forms"].items():
+            rows.append((f"live step, n = {f['n']:.0e}, {name} / the first form",
+                         f"{fmt(v['ratio'], digits=2)} ({fmt(v['step_s'], us)} us)", "-", None))
     if "heads" in res:
         h = res["heads"]
         measured = (f"{fmt(h['ratio'], digits=2)} ({fmt(h['heads_step_s'], us)} us vs "
@@ -956,6 +1056,10 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
                      f"n = {h['n']:.0e}", measured, "<= 4", h["ratio"]["median"] <= 4))
         measured = (f"{fmt(h['ratio_update'], digits=2)} ({fmt(h['heads_update_step_s'], us)} us)")
         rows.append(("same, the token fed by update (H, d)", measured, "-", None))
+        if "ratio_sliced" in h:
+            measured = f"{fmt(h['ratio_sliced'], digits=2)} ({fmt(h['heads_sliced_step_s'], us)} us)"
+            rows.append(("same, tokens and queries as slices X[:, t:t+1] of (H, T, d) arrays", measured,
+                         "-", None))
     if "bulk" in res:
         b = res["bulk"]
         measured = (f"{fmt(b['ratio'], digits=2)} (without the queries "
@@ -1041,6 +1145,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], dict]] = {
         "live": lambda: bench_live(sz, d, eps, failures),
         "filtered": lambda: bench_filtered(sz, d, eps, failures),
+        "forms": lambda: bench_forms(sz, d, eps, dv, failures),
         "heads": lambda: bench_heads(sz, d, eps, failures),
         "bulk": lambda: bench_bulk(sz, d, eps, failures),
         "decode": lambda: bench_decode(sz, d, eps, dv, failures),
