@@ -19,12 +19,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._kernels.decay import dd_add, frame_rows, frame_step, neg_log_gates_into
+from ._kernels.decay import LN4_HI, LN4_LO, dd_add, frame_rows, frame_step, neg_log_gates_into
 from ._validation import as_ndarray, check_real
 
 #: A rebase by more than this many factors of 4 flushes the state to zero (weights below ``2^-1800``, rows
 #: below ``2^-900`` of the frame: the smallest the summary's R factor holds exactly).
 FORGET_SHIFT = 900
+
+#: A merge factor ``e^-x`` with ``x`` beyond this is split into a power of 4 and a factor near ``4^-8``.
+_MERGE_EXP_MIN = 600.0
 
 
 class Frame(NamedTuple):
@@ -55,14 +58,22 @@ class Frame(NamedTuple):
         state = frame_rows(neg_logs, *self, scales, shifts)
         return scales, shifts, Frame(*state)
 
-    def merge_factor(self, later: Frame) -> float:
-        """The factor that moves this (earlier) part's state into the frame of the ``later`` part that follows
-        it: ``exp(E_later + T_later - E_self)`` (the earlier keys decayed by the later part's gates)."""
+    def merge_scaling(self, later: Frame) -> tuple[int, float]:
+        """``(shift, factor)`` that move this (earlier) part's state into the frame of the ``later`` part that
+        follows it: the earlier keys decayed by the later part's gates, ``exp(E_later + T_later - E_self) =
+        factor 4^-shift`` with ``factor`` well inside float64's normal range (a subnormal factor would hold only
+        a few bits: the rebase by ``4^-shift`` is exact, and flushes below ``2^-1800``)."""
         hi, lo = dd_add(later.e_hi, later.e_lo, later.t_hi)
         hi, lo = dd_add(hi, lo, later.t_lo)
         hi, lo = dd_add(hi, lo, -self.e_hi)
         hi, lo = dd_add(hi, lo, -self.e_lo)
-        return math.exp(hi) * (1.0 + lo) if hi > -745.0 else 0.0
+        shift = 0
+        # beyond e^-600: a factor near 4^-8 to scale by, the rest to an exact rebase
+        if hi < -_MERGE_EXP_MIN:
+            shift = math.ceil(-hi / LN4_HI) - 8
+            hi, lo = dd_add(hi, lo, shift * LN4_HI)
+            hi, lo = dd_add(hi, lo, shift * LN4_LO)
+        return shift, math.exp(hi) * (1.0 + lo)
 
     def then(self, later: Frame) -> Frame:
         """The frame of this part followed by ``later``: ``later``'s exponent, the two totals added."""

@@ -561,10 +561,16 @@ class KeySketch:
         return Xw, total, frame
 
     def _rebase(self, shift: int) -> None:
-        """Multiply the whole state by ``4^-shift`` (exact; below ``2^-1800`` flushed to zero)."""
-        if shift:
-            forget = shift > FORGET_SHIFT
-            self._scale_state(0.0 if forget else math.ldexp(1.0, -2 * shift))
+        """Multiply the whole state by ``4^-shift`` (exact; below ``2^-1800`` flushed to zero).  In pieces of at
+        most ``4^-_REBASE_PIECE``: ``4^-shift`` itself leaves float64's range from shift 512 on, and a flush
+        there lost weights the frame holds exactly (to ``2^-1800``, as R factors and rows down to ``2^-900``)."""
+        if shift > FORGET_SHIFT:
+            self._scale_state(0.0)
+            return
+        while shift > 0:
+            piece = min(shift, _REBASE_PIECE)
+            self._scale_state(math.ldexp(1.0, -2 * piece))
+            shift -= piece
 
     def _scale_state(self, factor: float) -> None:
         """Every weight times ``factor``: the summary and moments by ``factor``, every row held by its root."""
@@ -572,10 +578,6 @@ class KeySketch:
             self._moments.settle()
         summary = self._summary
         assert isinstance(summary, GramSummary)
-        if factor < 4.0**-FORGET_SHIFT:
-            factor = (
-                0.0  # below the frame's range: flushed (docs/theory.md, "Decay and gates", Limits)
-            )
         root = math.sqrt(factor)
         summary.scale(factor)
         self._store.scale_keys(root)
@@ -1064,10 +1066,10 @@ class KeySketch:
             if later is None:  # one part is empty: its frame is the other's
                 self._frame = src._frame if self._n == 0 else self._frame
             elif later:  # src follows: this part decays by src's gates, into src's frame
-                self._scale_state(self._frame.merge_factor(src._frame))
+                self._decay_into(src._frame)
                 self._frame = self._frame.then(src._frame)
             else:
-                src._scale_state(src._frame.merge_factor(self._frame))
+                src._decay_into(self._frame)
                 self._frame = src._frame.then(self._frame)
         self._summary.merge(src._summary)
         if self._moments is not None:
@@ -1079,6 +1081,12 @@ class KeySketch:
         self._n += src._n
         self._next_id = max(self._next_id, src._next_id)
         self._prune()
+
+    def _decay_into(self, later: Frame) -> None:
+        """Move this (earlier, settled) part's state into the frame of the part that follows it."""
+        shift, factor = self._frame.merge_scaling(later)
+        self._scale_state(factor)
+        self._rebase(shift)
 
     def __iadd__(self, other: KeySketch) -> KeySketch:  # noqa: PYI034 (Self: Python 3.11)
         return self.merge(other)
@@ -1642,6 +1650,9 @@ class KeySketch:
 
 #: Row scales (square roots of weights) below this are flushed to zero: weights below ``2^-1800`` of the frame.
 _FLUSH_SCALE = 2.0**-FORGET_SHIFT
+
+#: A rebase multiplies the state by at most ``4^-_REBASE_PIECE`` at a time (a power of 4 in the normal range).
+_REBASE_PIECE = 256
 
 #: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
 _SMALL_LIVE_ROWS = 32

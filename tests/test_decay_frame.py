@@ -105,5 +105,140 @@ def test_merge_factor_is_the_later_parts_total_gate_in_the_later_frame():
     _, _, fb = Frame().rows(neg_b)
     # A's stored weights are e^E_A c_j^A; in B's frame they must be e^E_B c_B c_j^A
     want = math.exp(fb.exponent + fb.log_total - fa.exponent)
-    assert fa.merge_factor(fb) == pytest.approx(want, rel=1e-15)
+    assert fa.merge_scaling(fb) == (0, pytest.approx(want, rel=1e-15))
     assert fa.then(fb).log_total == pytest.approx(fa.log_total + fb.log_total, rel=1e-15)
+    # beyond e^-600: a factor near 4^-8 and the rest as a power of 4, log of the product exact
+    _, _, fc = Frame().rows(np.full(100, 7.0))  # a later part decayed by e^-700
+    shift, factor = fa.merge_scaling(fc)
+    want_log = fc.exponent + fc.log_total - fa.exponent
+    assert shift > 0 and 4.0**-9 < factor <= 4.0**-7
+    assert math.log(factor) - shift * math.log(4.0) == pytest.approx(want_log, rel=1e-14)
+
+
+def _strong_gate_case(ref_kind: str):
+    """Keys along e2, then four keys along e1 whose gates total e^-645: the e2 keys weigh ~1e-280 of the
+    newest, far above the frame's 2^-1800 limit (a rebase of ~470 factors of 4 at once)."""
+    e1, e2 = np.eye(2)
+    rng = np.random.default_rng(5)
+    A = np.vstack([e1, e2 * (1.0 + rng.random((20, 1)))])
+    gates_a = np.ones(21)
+    gates_a[1] = math.exp(-99.9)  # the frame exponent near its limit before the strong gates
+    B = np.tile(e1, (4, 1))
+    gates_b = np.full(4, math.exp(-645.0 / 4))
+    return A, gates_a, B, gates_b
+
+
+@pytest.mark.parametrize("how", ["rows", "chunk", "merge", "prefill"])
+def test_a_large_rebase_keeps_weights_the_frame_holds(how):
+    """A rebase by more than 4^-511 (whose factor alone underflows float64) kept nothing: one chunk (or a
+    merge) of rows with gates totalling e^-645 zeroed the state, where row by row kept it.  Every way of
+    feeding now gives the log-space brute force."""
+    A, ga, B, gb = _strong_gate_case(how)
+    ref = DecayedStream(2).update_many(np.vstack([A, B]), gates=np.concatenate([ga, gb]))
+    q = np.array([[0.0, 1.0]])
+    if how == "merge":
+        a = ls.KeySketch(2, eps=0.01).update_many(A, gates=ga)
+        b = ls.KeySketch(2, eps=0.01).update_many(B, gates=gb, offset=21)
+        sk = a.merge(b)
+    else:
+        sk = ls.KeySketch(2, eps=0.01, value_dim=1, exact_output=True)
+        sk.update_many(A, np.ones((21, 1)), gates=ga)
+        if how == "rows":
+            for x, g in zip(B, gb):
+                sk.update(x, [0.0], gate=g)
+        elif how == "chunk":
+            sk.update_many(B, np.zeros((4, 1)), gates=gb)
+        else:
+            sk.prefill(B, np.zeros((4, 1)), B, gates=gb)
+    got = sk.heavy_entries(q)
+    want = ref.heavy(q, 0.01)
+    assert got.as_set() == set(want) and len(want) == 20  # the e2 keys, ids 1..20
+    for (i, j), v in zip(zip(got.rows().tolist(), got.key_ids.tolist()), got.values.tolist()):
+        assert v == pytest.approx(want[(i, j)], rel=1e-9)
+    assert set(sk.universal_set().ids.tolist()) == set(np.flatnonzero(ref.universal_scores() >= 0.01))
+
+
+@pytest.mark.parametrize("total", [620.0, 635.0, 640.0])
+def test_merge_across_a_subnormal_factor_is_exact(total):
+    """Merging parts whose decay factor exp(E_B + T_B - E_A) is subnormal scaled by a factor of a few bits
+    (relative errors up to 4e-3); the factor is now split into a power of 4 and a normal number."""
+    e1, e2 = np.eye(2)
+    rng = np.random.default_rng(6)
+    A = np.vstack([e1, e2 * (1.0 + rng.random((20, 1)))])
+    ga = np.ones(21)
+    ga[1] = math.exp(-99.9)  # A's frame exponent near its limit: the merge factor is ~e^-(total + 99)
+    B = np.vstack([e1 * 3.0, e2 * 2.0])
+    gb = np.array([math.exp(-total), 1.0])
+    a = ls.KeySketch(2, eps=0.01).update_many(A, gates=ga)
+    b = ls.KeySketch(2, eps=0.01).update_many(B, gates=gb, offset=21)
+    assert a._frame.merge_scaling(b._frame)[0] > 0  # a factor below e^-600 (subnormal before)
+    merged = a.merge(b)
+    ref = DecayedStream(2).update_many(np.vstack([A, B]), gates=np.concatenate([ga, gb]))
+    q = np.array([[0.3, 1.0]])
+    got = merged.heavy_entries(q)
+    want = ref.heavy(q, 0.01)
+    assert got.as_set() == set(want)
+    for (i, j), v in zip(zip(got.rows().tolist(), got.key_ids.tolist()), got.values.tolist()):
+        assert v == pytest.approx(want[(i, j)], rel=1e-9)
+
+
+def test_a_query_whose_normaliser_underflows_is_answered_at_a_scale_that_does_not():
+    """A query along directions only keys decayed by ~e^-744 carry has Z a few subnormal units in the frame:
+    eps Z underflowed to 0 and keys with attention exactly 0 were reported as heavy.  Such a query is now
+    answered again scaled by a power of 2 (attention does not depend on its scale): the entries and values of
+    the log-space brute force, single and multi-head, in every query call (docs/theory.md, Numerics)."""
+    e1, e2 = np.eye(2)
+    q = e2[None, :]
+    K = np.array([e2, 2.0 * e2, e1, e1, e1, e1])
+    g = np.array([1.0, 1.0] + [math.exp(-744.0 / 4)] * 4)
+    V = np.array([[1.0], [3.0], [5.0], [5.0], [5.0], [5.0]])
+    ref = DecayedStream(2, value_dim=1).update_many(K, V, gates=g)
+    want = ref.heavy(q, 0.1)
+    assert set(want) == {(0, 0), (0, 1)}  # 0.2 and 0.8
+
+    def check(hits):
+        assert hits.as_set() == set(want)
+        for (i, j), v in zip(zip(hits.rows().tolist(), hits.key_ids.tolist()), hits.values.tolist()):
+            assert v == pytest.approx(want[(i, j)], rel=1e-9)
+
+    sk = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    for x, v, gate in zip(K, V, g):
+        sk.update(x, v, gate=gate)
+    check(sk.heavy_entries(q))
+    check(sk.heavy_entries(np.vstack([q, q])[:1]))
+    r = sk.attend(q)
+    check(r.entries)
+    np.testing.assert_allclose(r.output, ref.outputs(q), rtol=1e-9)
+    np.testing.assert_allclose(r.captured_mass, [1.0], rtol=1e-12)
+    two = sk.attend(np.vstack([q, q]))  # the multi-query live path
+    np.testing.assert_allclose(two.output, ref.outputs(np.vstack([q, q])), rtol=1e-9)
+    step = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    for x, v, gate in zip(K[:-1], V[:-1], g[:-1]):
+        step.update(x, v, gate=gate)
+    check(step.prefill(K[-1:], V[-1:], q, gates=g[-1:]).entries)  # the decode step
+    mh = ls.MultiHeadKeySketch(2, 2, eps=0.1, value_dim=1, exact_output=True)
+    mh.update_many(np.stack([K, K]), np.stack([V, V]), gates=g)
+    for hits in mh.heavy_entries(np.stack([q, q])):
+        check(hits)
+    out = mh.attend(np.stack([q, q]))
+    np.testing.assert_allclose(out.output[:, 0], np.vstack([ref.outputs(q)] * 2), rtol=1e-9)
+    # keys whose own squares are subnormal (|k| ~ 1e-161): no entry below eps, none of value 0
+    tiny = ls.KeySketch(2, eps=0.1).update_many(np.array([e2 * 1e-161, e2 * 2e-161, e1, e1]))
+    hits = tiny.heavy_entries(q)
+    assert hits.key_ids.tolist() == [0, 1] and (hits.values >= 0.1).all()
+
+
+def test_multihead_merge_of_interleaved_parts_changes_nothing():
+    """A multi-head merge refused because one head forgets (parts that interleave) left the heads that do not
+    forget merged: every head is now checked before any changes."""
+    rng = np.random.default_rng(7)
+    K = rng.standard_normal((2, 30, 3))
+    gates = np.stack([np.ones(30), np.full(30, 0.5)])  # head 0 forgets nothing, head 1 does
+    a = ls.MultiHeadKeySketch(2, 3, eps=0.1)
+    a.update_many(K[:, :10], gates=gates[:, :10])
+    a.update_many(K[:, 20:], gates=gates[:, 20:], offset=20)
+    b = ls.MultiHeadKeySketch(2, 3, eps=0.1).update_many(K[:, 10:20], gates=gates[:, 10:20], offset=10)
+    before = a.to_bytes()
+    with pytest.raises(ValueError, match="consecutive parts"):
+        a.merge(b)
+    assert a.to_bytes() == before and [h.n for h in a.heads] == [20, 20]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._config import UNIT_ROUNDOFF
+from .._config import NORMAL_MIN, UNIT_ROUNDOFF
 from .blas import add_gram, times_upper
 
 #: The pre-filters of the scans (norms, int8 products) are off below this ``cut`` or ``||q||^2`` (subnormal
@@ -270,9 +270,9 @@ def heavy_p2(
     counts = np.zeros(m, dtype=np.int64)
     for i in range(m):
         zi = z[i]
-        if zi <= 0.0:
-            continue
         cut = thresh * zi
+        if zi <= 0.0 or cut < NORMAL_MIN:  # no entries (see NORMAL_MIN)
+            continue
         q = Q[i]
         stop = c
         nq2 = _dot(q, q, d)
@@ -657,10 +657,10 @@ def heavy_p2_stacked(
             if not acc < np.inf:  # the recent rows took it beyond float64
                 z[h, i] = UNRELIABLE
                 continue
-            if acc == 0.0:
-                continue
             z[h, i] = acc
             cut = thresh * acc
+            if acc == 0.0 or cut < NORMAL_MIN:  # no entries (see NORMAL_MIN)
+                continue
             first = t
             if t + c + e + o > positions.shape[0]:
                 positions = _grown(positions, t + c + e + o)
