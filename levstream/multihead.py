@@ -540,12 +540,18 @@ class MultiHeadKeySketch:
         arr = np.asarray(gates)
         if arr.ndim == 1:  # the same gates in every head
             arr = np.broadcast_to(arr, (self.n_heads, *arr.shape))
-        if arr.ndim != 2 or arr.shape[0] != self.n_heads:
+        if arr.ndim != 2 or arr.shape != (self.n_heads, m):
             raise ValueError(
                 f"gates must have shape (n_heads, m) = ({self.n_heads}, {m}) or ({m},); got shape "
                 f"{np.shape(gates)}."
             )
-        return [_or_ones(h._neg_log_gates(arr[i], m), m) for i, h in enumerate(self._heads)]
+        out = []
+        for i, h in enumerate(self._heads):
+            try:
+                out.append(_or_ones(h._neg_log_gates(arr[i], m), m))
+            except ValueError as exc:  # name the head: the message's row is within it
+                raise ValueError(f"head {i}: {exc}") from exc
+        return out
 
     def _leave_step_path(self) -> None:
         """Gates from now on: tokens go to the heads directly (they weigh them), not through the token buffer."""

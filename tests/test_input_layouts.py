@@ -298,6 +298,10 @@ def test_gates_as_0d_arrays_and_tensors_and_value_messages() -> None:
     mh = ls.MultiHeadKeySketch(2, D, eps=EPS)
     with pytest.raises(ValueError, match=r"one per head: shape \(2,\); got shape \(1,\)"):
         mh.update(np.ones((2, D)), gate=np.array([0.5]))
+    with pytest.raises(ValueError, match="head 1: gates must satisfy"):
+        mh.update(np.ones((2, D)), gate=[0.5, np.nan])
+    with pytest.raises(ValueError, match=r"got shape \(2, 2\)"):
+        mh.update_many(np.ones((2, 1, D)), gates=np.ones((2, 2)))
     sk = _sketch(True)
     with pytest.raises(ValueError, match=r"length 3 \(the sketch's value_dim\)"):
         sk.update(k, np.ones(5))
