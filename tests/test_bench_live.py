@@ -53,15 +53,18 @@ def test_quick_run_checks_every_section(tmp_path):
     report = json.loads(out.read_text())
     assert report["failures"] == []
     results = report["results"]
-    assert set(results) == {"live", "filtered", "heads", "bulk", "decode", "prefill", "gemm", "rss"}
+    assert set(results) == {"live", "filtered", "forms", "heads", "bulk", "decode", "prefill", "gemm", "rss"}
     for name in ("live", "decode"):
         for per_n in results[name]["per_n"].values():
             assert per_n["check"]["ok"] and per_n["check"]["rows"] >= 1000
             assert per_n["check"]["entries"] > 0, "no heavy entry was checked"
             assert per_n["dense_check"]["ok"]
     assert results["filtered"]["empty_steps"] > 0 and results["filtered"]["dense_check"]["ok"]
-    for name in ("filtered", "heads", "bulk", "prefill", "gemm", "rss"):
+    for name in ("filtered", "forms", "heads", "bulk", "prefill", "gemm", "rss"):
         assert results[name]["check"]["ok"] and results[name]["check"]["entries"] > 0
+    for name, form in results["forms"]["forms"].items():  # every form checked against brute force
+        assert form["check"]["ok"] and form["check"]["rows"] >= 1000, name
+    assert "max_output_rel_err" in results["forms"]["check"]  # the forms with values: outputs checked too
     for name, section in results.items():
         assert "load_start" in section["env"] and "numba" in section["env"]["threads"], name
     assert len(report["summary"]) >= 9
