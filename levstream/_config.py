@@ -16,11 +16,10 @@ FASTMATH = set({"nsz", "contract", "afn", "reassoc"})
 #: unit roundoff of float64.
 UNIT_ROUNDOFF = float(np.finfo(np.float64).eps) / 2
 
-#: The smallest normal float64.  Entries are reported only where ``eps Z`` is at least this, so that every value
-#: compared with the threshold and divided by ``Z`` is a normal number; a query whose ``eps Z`` is below it is
-#: answered again with its row scaled by a power of 2 (exact, and attention does not depend on a query's scale;
-#: docs/theory.md, "Numerics").
-NORMAL_MIN = float(np.finfo(np.float64).tiny)
+#: The smallest cut ``thresh Z`` an entry is compared with (the smallest subnormal float64): when ``Z`` is a few
+#: subnormal units, ``thresh Z`` rounds to 0, and a key of attention exactly 0 would pass ``v >= cut``
+#: (docs/theory.md, "Numerics").
+CUT_MIN = float(np.nextafter(0.0, 1.0))
 
 #: The documented tie rule (docs/theory.md, "The guarantee"): a key or entry whose exact value is within this
 #: relative distance of the threshold may go either way.  Brute-force checks (levstream.testing, the demo) use

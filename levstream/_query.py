@@ -15,13 +15,12 @@ to ``eps (1 - delta)`` and every value carries the interval ``[A~ (1 - delta), A
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 
-from ._config import NORMAL_MIN, QUERY_BLOCK_ROWS, margin
+from ._config import QUERY_BLOCK_ROWS, margin
 from ._kernels.live import (
     GRAM_FORM_REL,
     UNRELIABLE,
@@ -100,20 +99,6 @@ def report_threshold(eps: float, distortion: float) -> float:
     return eps * _REPORT_SCALE * (1.0 - distortion)
 
 
-def underflow_scales(z: np.ndarray, thresh: float) -> np.ndarray | None:
-    """For queries whose ``thresh Z`` underflowed (``0 < thresh Z < NORMAL_MIN``: the kernels reported no entries
-    for them, docs/theory.md, "Numerics"), the power of 2 to scale each by so that ``thresh Z`` becomes about
-    ``2^60 NORMAL_MIN`` (1 for the others); None when no query needs it.  Attention does not depend on a
-    query's scale, and a power of 2 changes no bit of its entries' values."""
-    low = (z > 0.0) & (thresh * z < NORMAL_MIN)
-    if not low.any():
-        return None
-    scales = np.ones(z.shape)
-    shifts = np.ceil((math.log2(NORMAL_MIN) + 60.0 - math.log2(thresh) - np.log2(z[low])) / 2.0)
-    scales[low] = np.ldexp(1.0, shifts.astype(np.int64))
-    return scales
-
-
 def _z(view: HeadView, Q: np.ndarray, extra_products: np.ndarray | None, p: float) -> np.ndarray:
     if view.total_gram is not None:
         if view.fallback is not None and is_live(view, Q, p):  # a few queries: one compiled call
@@ -143,19 +128,10 @@ def normalizer(view: HeadView, Q: np.ndarray, p: float) -> np.ndarray:
 
 
 def _scored_block(
-    view: HeadView, Qb: np.ndarray, p: float, thresh: float
+    view: HeadView, Qb: np.ndarray, p: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For one block of queries: ``(Qs, P, z)`` with ``Qs`` the (possibly rescaled) queries, ``P = Qs K^T`` over
-    the candidates and extra rows and ``z`` the normaliser of ``Qs`` over every key fed.  Queries whose
-    ``thresh z`` underflows are scaled by a power of 2 (:func:`underflow_scales`)."""
-    Qs, P, z = _scored(view, Qb, p)
-    scales = underflow_scales(z, thresh)
-    if scales is None:
-        return Qs, P, z
-    return _scored(view, Qs * scales[:, None], p)
-
-
-def _scored(view: HeadView, Qb: np.ndarray, p: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    the candidates and extra rows and ``z`` the normaliser of ``Qs`` over every key fed."""
     if view.summary.rescales_queries:
         rows = (
             view.keys if view.extra_ids.size == 0 else np.concatenate([view.keys, view.extra_keys])
@@ -289,22 +265,15 @@ def _scan_arrays(view: HeadView) -> _ScanArrays:
     )
 
 
-def _live_find(
-    view: HeadView, Q: np.ndarray, thresh: float
-) -> tuple[_Entries, np.ndarray, np.ndarray]:
-    """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``
-    and the queries it is of (rows whose ``thresh Z`` underflowed scaled by a power of 2, and answered again).
+def _live_find(view: HeadView, Q: np.ndarray, thresh: float) -> tuple[_Entries, np.ndarray]:
+    """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
     The arrays returned are read-only (ids ascending per query row)."""
-    m = Q.shape[0]
     ints, floats = heavy_p2(Q, *_scan_arrays(view), _NO_ROWS, _NO_IDS, thresh)
-    scales = underflow_scales(floats[:m], thresh)
-    if scales is not None:
-        Q = Q * scales[:, None]
-        ints, floats = heavy_p2(Q, *_scan_arrays(view), _NO_ROWS, _NO_IDS, thresh)
     ints.flags.writeable = False  # the slices below, handed to the results, are read-only with them
     floats.flags.writeable = False
+    m = Q.shape[0]
     end = m + 1 + ints.item(m)
-    return _Entries(ints[: m + 1], ints[end:], ints[m + 1 : end], floats[m:]), floats[:m], Q
+    return _Entries(ints[: m + 1], ints[end:], ints[m + 1 : end], floats[m:]), floats[:m]
 
 
 def is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
@@ -332,7 +301,7 @@ def _untrusted(z: np.ndarray) -> bool:
 def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     thresh = report_threshold(eps, view.summary.distortion)
     if is_live(view, Q, p):
-        found, z, _ = _live_find(view, Q, thresh)
+        found, z = _live_find(view, Q, thresh)
         if not _untrusted(z):
             return found
         assert view.fallback is not None
@@ -340,7 +309,7 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
     ids = view.all_ids
     parts = []
     for start in range(0, Q.shape[0], QUERY_BLOCK_ROWS):
-        _, P, z = _scored_block(view, Q[start : start + QUERY_BLOCK_ROWS], p, thresh)
+        _, P, z = _scored_block(view, Q[start : start + QUERY_BLOCK_ROWS], p)
         parts.append(_threshold(P, z, p, thresh, ids, view.ids_sorted))
     return _concat(parts, Q.shape[0])
 
@@ -348,7 +317,7 @@ def _find(view: HeadView, Q: np.ndarray, p: float, eps: float) -> _Entries:
 def heavy_entries(view: HeadView, Q: np.ndarray, p: float, eps: float) -> HeavyEntries:
     """Every entry ``A[i, j] >= eps`` of the queries ``Q`` over every key fed (see the module docstring)."""
     if is_live(view, Q, p):  # exact values: the kernel's entries are the result
-        entries, z, _ = _live_find(view, Q, report_threshold(eps, 0.0))
+        entries, z = _live_find(view, Q, report_threshold(eps, 0.0))
         if not _untrusted(z):
             return HeavyEntries.of_frozen(entries.indptr, entries.key_ids, entries.values, eps)
         assert view.fallback is not None
@@ -370,7 +339,7 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
     kk = min(k, c)
     dist = view.summary.distortion
     for start in range(0, m, QUERY_BLOCK_ROWS):
-        _, P, z = _scored_block(view, Q[start : start + QUERY_BLOCK_ROWS], p, eps * (1.0 - dist))
+        _, P, z = _scored_block(view, Q[start : start + QUERY_BLOCK_ROWS], p)
         live = z > 0
         if kk == 0 or not live.any():
             continue
@@ -453,7 +422,7 @@ def attend(view: HeadView, Q: np.ndarray, p: float, eps: float) -> AttentionResu
     if Q.shape[0] == 1 and is_live(view, Q, p):  # one query: one compiled call, as a decode step
         return _decode_step(view, _NO_ROWS, view.values[:0], Q, _NO_IDS, eps)
     if is_live(view, Q, p):
-        entries, z, Q = _live_find(view, Q, thresh)
+        entries, z = _live_find(view, Q, thresh)
         if _untrusted(z):
             assert view.fallback is not None
             return attend(view.fallback(), Q, p, eps)
@@ -534,7 +503,7 @@ def _prefill_chunk(
     parts, heavy_parts, mass_parts, out_parts, spread_parts = [], [], [], [], []
     for start in range(0, c, QUERY_BLOCK_ROWS):
         stop = min(c, start + QUERY_BLOCK_ROWS)
-        Qs, P, z = _scored_block(view, Q[start:stop], p, thresh)
+        Qs, P, z = _scored_block(view, Q[start:stop], p)
         Pc = np.tril(Qs @ K[:stop].T, k=start)  # query start + i sees chunk keys 0..start + i
         Wc = _power(Pc, p)
         z = z + Wc.sum(axis=1)
@@ -577,15 +546,19 @@ def _decode_step(
     if moments is not None:
         S, BK, BV = moments.query_arrays()
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra row
-    thresh = report_threshold(eps, 0.0)
-    arrays = (*_scan_arrays(view), k, key_id, thresh, view.values)
-    more = (_NO_VALUES if view.extra_values is None else view.extra_values, v, S, BK, BV)
-    ints, floats = decode_p2(q, *arrays, *more)
-    scales = underflow_scales(floats[:1], thresh)
-    if (
-        scales is not None
-    ):  # thresh Z underflowed: the query scaled by a power of 2 (outputs are ratios too)
-        ints, floats = decode_p2(q * scales[0], *arrays, *more)
+    ints, floats = decode_p2(
+        q,
+        *_scan_arrays(view),
+        k,
+        key_id,
+        report_threshold(eps, 0.0),
+        view.values,
+        _NO_VALUES if view.extra_values is None else view.extra_values,
+        v,
+        S,
+        BK,
+        BV,
+    )
     if floats[0] == UNRELIABLE:  # answered from the summary and every pending row instead
         assert view.fallback is not None
         if k.shape[0] == 0:

@@ -758,21 +758,9 @@ class MultiHeadKeySketch:
             dtrmm_function(),
         )
 
-    def _find(
-        self, live: _Live, Q: np.ndarray, eps: float
-    ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    def _find(self, live: _Live, Q: np.ndarray, eps: float) -> tuple[np.ndarray, ...]:
         """:func:`~levstream._kernels.live.heavy_p2_stacked` of ``Q`` (n_heads, m, dim) at threshold ``eps`` on the
-        live state and the buffered tokens it has not absorbed, and the queries it is of: queries whose
-        ``eps Z`` underflowed are scaled by a power of 2 and answered again (:func:`_query.underflow_scales`)."""
-        thresh = _query.report_threshold(eps, 0.0)
-        found = self._stacked_scan(live, Q, thresh)
-        scales = _query.underflow_scales(found[-1].reshape(-1), thresh)
-        if scales is not None:
-            Q = Q * scales.reshape(Q.shape[0], Q.shape[1], 1)
-            found = self._stacked_scan(live, Q, thresh)
-        return found, Q
-
-    def _stacked_scan(self, live: _Live, Q: np.ndarray, thresh: float) -> tuple[np.ndarray, ...]:
+        live state and the buffered tokens it has not absorbed."""
         return heavy_p2_stacked(
             Q,
             live.LG,
@@ -792,7 +780,7 @@ class MultiHeadKeySketch:
             live.bup,
             self._nb,
             self._buf_id0,
-            thresh,
+            _query.report_threshold(eps, 0.0),
         )
 
     def _entry_list(
@@ -839,7 +827,7 @@ class MultiHeadKeySketch:
         with self._lock:
             live = self._live_state(Q.shape[1])
             if live is not None:
-                (starts, indptr, key_ids, values, _, z), _ = self._find(live, Q, eps)
+                starts, indptr, key_ids, values, _, z = self._find(live, Q, eps)
                 # a head whose q^T G q the kernel could not trust: every head answers through its own view,
                 # which falls back to its summary and every pending row (docs/theory.md, "Numerics")
                 if not any_unreliable(z):
@@ -880,7 +868,7 @@ class MultiHeadKeySketch:
     def _live_attend(self, live: _Live, Q: np.ndarray, eps: float) -> AttentionResult:
         """:meth:`attend` on the live state: one compiled call finds every head's entries, one sums their values
         (and the buffered tokens' terms of the exact output); the moment states add the rest."""
-        (starts, indptr, key_ids, values, positions, z), Q = self._find(live, Q, eps)
+        starts, indptr, key_ids, values, positions, z = self._find(live, Q, eps)
         # a normaliser the kernel could not trust: each head answers from its summary and every pending row
         if any_unreliable(z):
             Q = self._queries(Q)  # in full: a query that is not finite is refused here

@@ -471,21 +471,18 @@ class KeySketch:
 
     def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
         """:meth:`update` of a validated row (float64, or float32 kept as float32 on the Gram path) and value."""
-        if gate is None and not self.forgets:
-            with self._lock:
-                self._check_next_id()
-                self._append_token(x, value)
-            return self
-        neg = self._neg_log_gate(gate)
-        with self._lock:
+        with (
+            self._lock
+        ):  # whether the stream forgets is read under it too: another writer may gate it
             self._check_next_id()
-            if neg or self.forgets:
-                if self._moments is not None:  # before the frame moves (see _append_token)
-                    self._moments.prepare(1)
-                x = self._weigh_row(x, neg, "x", value)
-            self._append_token(
-                x, value
-            )  # a gate of 1 on a stream that has forgotten nothing weighs 1
+            if gate is not None or self.forgets:
+                neg = self._neg_log_gate(gate)
+                # a gate of 1 on a stream that has forgotten nothing weighs 1
+                if neg or self.forgets:
+                    if self._moments is not None:  # before the frame moves (see _append_token)
+                        self._moments.prepare(1)
+                    x = self._weigh_row(x, neg, "x", value)
+            self._append_token(x, value)
         return self
 
     # ------------------------------------------------------------------ decay (docs/theory.md, "Decay and gates")
@@ -1411,10 +1408,12 @@ class KeySketch:
     ) -> AttentionResult:
         """:meth:`prefill` of one row (``K``, ``V``, ``Q`` validated by :func:`_step_rows`; ``given`` the keys as
         passed: float32 keys are held as float32, as :meth:`update` holds them)."""
-        step_neg = None
-        if gates is not None or self.forgets:
-            step_neg = self._neg_log_gate(_one_gate(gates))
-        with self._lock:
+        with (
+            self._lock
+        ):  # whether the stream forgets is read under it too: another writer may gate it
+            step_neg = None
+            if gates is not None or self.forgets:
+                step_neg = self._neg_log_gate(_one_gate(gates))
             self._check_next_id()
             if step_neg is not None and (step_neg or self.forgets):
                 if self._moments is not None:  # before the frame moves (see _append_token)

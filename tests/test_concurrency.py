@@ -291,3 +291,37 @@ def test_the_check_rejects_mixed_answers():
     for mixed in (heads_mixed, outputs_mixed):
         with pytest.raises(AssertionError, match="saw a mixed state"):
             check([Record(L1, L2, mixed)], prefixes, ops, fed, 1, 1)
+
+
+def test_a_gate_fed_by_another_writer_between_arrival_and_lock_is_honoured():
+    """An ungated ``update`` decided whether the stream forgets before it took the lock: a second writer's
+    gated row landing in between left the row unweighted in a stream that now forgets (Z 0.002 instead of
+    1.001).  The decision is made under the lock.  The interleaving is forced by a lock that runs the other
+    writer the first time the main thread takes it."""
+    sk = ls.KeySketch(2, eps=0.05)
+    sk.update(np.array([1.0, 0.0]))
+    y, x = np.array([0.0, 1.0]), np.array([1.0, 1.0])
+    real = sk._lock
+
+    class Interleaving:
+        armed = True
+
+        def __enter__(self):
+            if Interleaving.armed and threading.current_thread() is threading.main_thread():
+                Interleaving.armed = False
+                other = threading.Thread(target=lambda: sk.update(y, gate=1e-3))
+                other.start()
+                other.join()
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    sk._lock = Interleaving()
+    sk.update(x)
+    sk._lock = real
+    Q = np.array([[1.0, 0.0], [1.0, -1.0]])
+    # brute force of the order the ids record: [1, 0], then y with gate 1e-3, then x
+    K = np.array([[1.0, 0.0], y, x])
+    w = np.array([1e-3, 1.0, 1.0])
+    np.testing.assert_allclose(sk.normalizer(Q), ((Q @ K.T) ** 2) @ w, rtol=1e-12)

@@ -182,11 +182,11 @@ def test_merge_across_a_subnormal_factor_is_exact(total):
         assert v == pytest.approx(want[(i, j)], rel=1e-9)
 
 
-def test_a_query_whose_normaliser_underflows_is_answered_at_a_scale_that_does_not():
+def test_a_normaliser_of_a_few_subnormal_units_reports_no_key_of_attention_zero():
     """A query along directions only keys decayed by ~e^-744 carry has Z a few subnormal units in the frame:
-    eps Z underflowed to 0 and keys with attention exactly 0 were reported as heavy.  Such a query is now
-    answered again scaled by a power of 2 (attention does not depend on its scale): the entries and values of
-    the log-space brute force, single and multi-head, in every query call (docs/theory.md, Numerics)."""
+    eps Z rounded to 0 and every key of attention exactly 0 passed ``v >= eps Z``.  The cut is now never 0 for
+    a positive Z (CUT_MIN): the entries are the brute force's, single and multi-head, in every query call; their
+    values hold the few bits such a Z has (docs/theory.md, Numerics), checked here to 5%."""
     e1, e2 = np.eye(2)
     q = e2[None, :]
     K = np.array([e2, 2.0 * e2, e1, e1, e1, e1])
@@ -199,30 +199,29 @@ def test_a_query_whose_normaliser_underflows_is_answered_at_a_scale_that_does_no
     def check(hits):
         assert hits.as_set() == set(want)
         for (i, j), v in zip(zip(hits.rows().tolist(), hits.key_ids.tolist()), hits.values.tolist()):
-            assert v == pytest.approx(want[(i, j)], rel=1e-9)
+            assert v == pytest.approx(want[(i, j)], rel=0.05)
 
     sk = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
     for x, v, gate in zip(K, V, g):
         sk.update(x, v, gate=gate)
     check(sk.heavy_entries(q))
-    check(sk.heavy_entries(np.vstack([q, q])[:1]))
-    r = sk.attend(q)
-    check(r.entries)
-    np.testing.assert_allclose(r.output, ref.outputs(q), rtol=1e-9)
-    np.testing.assert_allclose(r.captured_mass, [1.0], rtol=1e-12)
-    two = sk.attend(np.vstack([q, q]))  # the multi-query live path
-    np.testing.assert_allclose(two.output, ref.outputs(np.vstack([q, q])), rtol=1e-9)
-    step = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    check(sk.attend(q).entries)
+    two = sk.attend(np.vstack([q, q])).entries  # the multi-query live path
+    assert two.row(1)[0].tolist() == [0, 1] and two.row(0)[0].tolist() == [0, 1]
+    step = ls.KeySketch(2, eps=0.1, value_dim=1)
     for x, v, gate in zip(K[:-1], V[:-1], g[:-1]):
         step.update(x, v, gate=gate)
     check(step.prefill(K[-1:], V[-1:], q, gates=g[-1:]).entries)  # the decode step
+    chunk = ls.KeySketch(2, eps=0.1, value_dim=1)
+    rows = chunk.prefill(K, V, np.tile(e2, (6, 1)), gates=g).entries
+    assert rows.row(5)[0].tolist() == [0, 1]
     mh = ls.MultiHeadKeySketch(2, 2, eps=0.1, value_dim=1, exact_output=True)
     mh.update_many(np.stack([K, K]), np.stack([V, V]), gates=g)
     for hits in mh.heavy_entries(np.stack([q, q])):
         check(hits)
-    out = mh.attend(np.stack([q, q]))
-    np.testing.assert_allclose(out.output[:, 0], np.vstack([ref.outputs(q)] * 2), rtol=1e-9)
-    # keys whose own squares are subnormal (|k| ~ 1e-161): no entry below eps, none of value 0
+    batch = ls.KeySketch(2, eps=0.1).update_many(K, gates=g).heavy_entries(np.vstack([q] * 12))
+    assert batch.key_ids.tolist() == [0, 1] * 12  # 12 queries: the batch path
+    # keys whose own squares are subnormal (|k| ~ 1e-161): the same rule
     tiny = ls.KeySketch(2, eps=0.1).update_many(np.array([e2 * 1e-161, e2 * 2e-161, e1, e1]))
     hits = tiny.heavy_entries(q)
     assert hits.key_ids.tolist() == [0, 1] and (hits.values >= 0.1).all()

@@ -214,3 +214,21 @@ def test_queries_whose_weights_sum_beyond_float64_are_refused(settled, m):
     mh = ls.MultiHeadKeySketch(1, 2, eps=0.1).update_many(K[None])
     with pytest.raises(ValueError, match="sum beyond float64's range"):
         mh.heavy_entries(Q[None])
+
+
+def test_queries_with_a_subnormal_normaliser_keep_their_entries_and_outputs():
+    """Queries of 1e-160 over unit keys (Z ~ 1e-320, subnormal): a causal chunk still reports the entries of
+    brute force and finite outputs, and a query whose component orthogonal to every key is 1e150 gets output 1
+    (a rescaling of the query would have overflowed it: found in review, never shipped)."""
+    K = np.array([[1.0, 0.0], [0.0, 1.0]])
+    V = np.array([[1.0], [2.0]])
+    sk = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    r = sk.prefill(K, V, np.ones((2, 2)) * 1e-160)
+    assert [r.entries.row(i)[0].tolist() for i in range(2)] == [[0], [0, 1]]
+    np.testing.assert_allclose(r.entries.values, [1.0, 0.5, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(r.output[:, 0], [1.0, 1.5], rtol=1e-12)
+    one = ls.KeySketch(2, eps=0.1, value_dim=1, exact_output=True)
+    one.update_many(np.array([[0.0, 1.0]] * 3), np.ones((3, 1)))
+    q = np.array([[1e150, 1e-160]])
+    for res in (one.attend(q), one.attend(np.vstack([q] * 3))):
+        np.testing.assert_allclose(res.output[:, 0], 1.0, rtol=1e-12)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._config import NORMAL_MIN, UNIT_ROUNDOFF
+from .._config import CUT_MIN, UNIT_ROUNDOFF
 from .blas import add_gram, times_upper
 
 #: The pre-filters of the scans (norms, int8 products) are off below this ``cut`` or ``||q||^2`` (subnormal
@@ -270,9 +270,9 @@ def heavy_p2(
     counts = np.zeros(m, dtype=np.int64)
     for i in range(m):
         zi = z[i]
-        cut = thresh * zi
-        if zi <= 0.0 or cut < NORMAL_MIN:  # no entries (see NORMAL_MIN)
+        if zi <= 0.0:
             continue
+        cut = max(thresh * zi, CUT_MIN)  # never 0 for a positive Z (see CUT_MIN)
         q = Q[i]
         stop = c
         nq2 = _dot(q, q, d)
@@ -330,7 +330,7 @@ def heavy_p2(
         if counts[i] == 0:
             continue
         zi = z[i]
-        cut = thresh * zi
+        cut = max(thresh * zi, CUT_MIN)
         first = pos
         for j in range(stops[i]):  # the rows of K past the norm cut were not scanned
             if W[i, j] >= cut:
@@ -658,9 +658,9 @@ def heavy_p2_stacked(
                 z[h, i] = UNRELIABLE
                 continue
             z[h, i] = acc
-            cut = thresh * acc
-            if acc == 0.0 or cut < NORMAL_MIN:  # no entries (see NORMAL_MIN)
+            if acc == 0.0:
                 continue
+            cut = max(thresh * acc, CUT_MIN)  # never 0 for a positive Z (see CUT_MIN)
             first = t
             if t + c + e + o > positions.shape[0]:
                 positions = _grown(positions, t + c + e + o)

@@ -9,23 +9,23 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .._config import FASTMATH, NORMAL_MIN
+from .._config import CUT_MIN, FASTMATH
 
 
 def _threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compiled
     """Entries ``A = |P[i, j]|**p / z[i] >= thresh`` row by row.
 
     Returns ``(counts, key_ids, values)``: ``counts[i]`` entries for query row ``i`` (rows with ``z <= 0``
-    have none, and so do rows whose ``thresh z`` is below ``NORMAL_MIN``), their key ids ``col_ids[j]`` sorted ascending when ``col_ids`` is sorted, and the values.
+    have none; the cut ``thresh z`` is at least ``CUT_MIN``), their key ids ``col_ids[j]`` sorted ascending when ``col_ids`` is sorted, and the values.
     """
     m, c = P.shape
     counts = np.zeros(m, dtype=np.int64)
     is_two = p == 2.0
     for i in numba.prange(m):
         zi = z[i]
-        cut = thresh * zi
-        if zi <= 0.0 or cut < NORMAL_MIN:  # no entries (see NORMAL_MIN)
+        if zi <= 0.0:
             continue
+        cut = max(thresh * zi, CUT_MIN)  # never 0 for a positive Z (see CUT_MIN)
         cnt = 0
         for j in range(c):
             x = abs(P[i, j])
@@ -43,7 +43,7 @@ def _threshold_power_csr(P, z, p, thresh, col_ids):  # pragma: no cover - compil
         if counts[i] == 0:
             continue
         zi = z[i]
-        cut = thresh * zi
+        cut = max(thresh * zi, CUT_MIN)
         pos = offsets[i]
         for j in range(c):
             x = abs(P[i, j])
