@@ -439,6 +439,8 @@ class MultiHeadKeySketch:
         m = X.shape[1]
         Vs = self._values(V, m)
         self._check_moments(X, Vs)
+        if m == 0 and ids is None and offset is None:
+            return self  # an empty chunk: nothing to feed (the tokens waiting in the buffer stay there)
         with self._lock:
             self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
@@ -591,9 +593,12 @@ class MultiHeadKeySketch:
         All or nothing: if an item is rejected the sketch is restored to its state before the call and the
         error names the item.
         """
-        with self._lock:
-            self._sync()
-            snapshot = [h.copy() for h in self._heads]
+        snapshot = None
+        # all or nothing, as KeySketch.extend: no snapshot for an iterable known to hold at most one item
+        if not (hasattr(iterable, "__len__") and len(iterable) <= 1):  # type: ignore[arg-type]
+            with self._lock:
+                self._sync()
+                snapshot = [h.copy() for h in self._heads]
         try:
             # not enumerate(): its reused result tuple would keep the last item alive
             index = -1
@@ -619,8 +624,9 @@ class MultiHeadKeySketch:
                     ) from exc
                 del item, value, arr  # before the iterable makes the next item (KeySketch.extend)
         except BaseException:
-            with self._lock:
-                self._set_heads(snapshot)
+            if snapshot is not None:
+                with self._lock:
+                    self._set_heads(snapshot)
             raise
         return self
 

@@ -837,7 +837,10 @@ class KeySketch:
         restored to its state before the call and the error names the item.  ``progress=True`` shows a tqdm
         bar.
         """
-        snapshot = self.copy()
+        # all or nothing: a snapshot to restore, unless the iterable is known to hold at most one item (a
+        # rejected first item changes nothing by itself; a copy per call costs more than a step)
+        sized = hasattr(iterable, "__len__") and len(iterable) <= 1  # type: ignore[arg-type]
+        snapshot = None if sized else self.copy()
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -861,10 +864,11 @@ class KeySketch:
                 # holds two of them at once on our account
                 del item
         except BaseException:
-            with self._lock:
-                lock = self._lock
-                self.__dict__.update(snapshot.__dict__)
-                self._lock = lock  # readers keep waiting on the same lock
+            if snapshot is not None:
+                with self._lock:
+                    lock = self._lock
+                    self.__dict__.update(snapshot.__dict__)
+                    self._lock = lock  # readers keep waiting on the same lock
             raise
         finally:
             if bar is not None:

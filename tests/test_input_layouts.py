@@ -311,3 +311,32 @@ def test_gates_as_0d_arrays_and_tensors_and_value_messages() -> None:
     with pytest.raises(ValueError, match="K must contain only finite values"):
         mhv.prefill(np.full((2, 1, D), np.nan), np.ones((2, 1, DV)), np.ones((2, 1, D)))
     assert sk.n == 0 and mhv.n == 0 and mh.n == 0
+
+
+def test_empty_and_one_item_calls_are_cheap_no_ops_or_single_feeds() -> None:
+    """An empty multi-head chunk leaves the tokens waiting in the step buffer where they are (it took the
+    general path: every head synced and the live state rebuilt at the next query); ``extend`` of an iterable
+    known to hold at most one item feeds it without the snapshot a longer one needs, and a rejected single
+    item still changes nothing."""
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS)
+    for t in range(5):
+        mh.update(np.ones((H, D)) * (t + 1))
+    assert mh._nb == 5
+    mh.update_many(np.zeros((H, 0, D)))
+    assert mh._nb == 5  # still waiting in the step buffer
+    before = mh.to_bytes()
+    mh.extend([])
+    assert mh.to_bytes() == before
+    with pytest.raises(ValueError, match="item 0 rejected"):
+        mh.extend([np.full((H, D), np.nan)])
+    assert mh.to_bytes() == before
+    mh.extend([np.ones((H, D))])
+    assert mh.n == 6
+    sk = _sketch(True)
+    sk.extend([(np.ones(D), np.ones(DV))])
+    data = sk.to_bytes()
+    with pytest.raises(ValueError, match="item 0 rejected"):
+        sk.extend([(np.full(D, np.nan), np.ones(DV))])
+    with pytest.raises(ValueError, match="item 0 rejected"):
+        sk.extend([(np.ones((3, D)), np.ones((2, DV)))])
+    assert sk.to_bytes() == data and sk.n == 1
