@@ -361,6 +361,25 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
     return TopK(out_ids, out_vals, certified, eps)
 
 
+def top_k_live(view: HeadView, Q: np.ndarray, k: int, eps: float) -> TopK | None:
+    """:func:`top_k` on the live view when every query has at least ``k`` heavy entries, else None.  The entries
+    are every row held whose value reaches the reporting threshold, so when a query has ``k`` of them its
+    top-``k`` among all rows held is among them (ties by ascending id, as :func:`top_k` orders them)."""
+    entries, z = _live_find(view, Q, report_threshold(eps, 0.0))
+    counts = np.diff(entries.indptr)
+    if _untrusted(z) or not (counts >= k).all():
+        return None
+    m = Q.shape[0]
+    out_ids = np.empty((m, k), dtype=np.int64)
+    out_vals = np.empty((m, k))
+    for i in range(m):
+        a, b = entries.indptr[i], entries.indptr[i + 1]
+        ids, vals = entries.key_ids[a:b], entries.values[a:b]
+        order = np.lexsort((ids, -vals))[:k]  # descending value, ties by ascending id
+        out_ids[i], out_vals[i] = ids[order], vals[order]
+    return TopK(out_ids, out_vals, out_vals[:, -1] >= eps, eps)
+
+
 def _rows_at(
     view: HeadView, positions: np.ndarray, chunk_values: np.ndarray | None = None
 ) -> np.ndarray:

@@ -1326,6 +1326,11 @@ class KeySketch:
         Q = self._queries(Q)
         k = check_int(k, "k", minimum=1)
         with self._lock:
+            view = self._view()
+            if _query.is_live(view, Q, self._p):  # a few queries, each with k heavy entries
+                found = _query.top_k_live(view, Q, k, self._eps)
+                if found is not None:
+                    return found
             return _query.top_k(self._held_view(), Q, self._p, k, self._eps)
 
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:

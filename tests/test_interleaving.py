@@ -440,4 +440,36 @@ def test_top_k_ranks_every_row_held_whatever_the_query_history():
     restored = ls.KeySketch.from_bytes(live.to_bytes())
     a, b = live.top_k(Q, k), restored.top_k(Q, k)
     np.testing.assert_array_equal(a.key_ids, b.key_ids)
-    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-12)  # certified rows: from the live scan's values
+    np.testing.assert_array_equal(a.certified, b.certified)
+
+
+def test_top_k_of_queries_with_k_heavy_entries_comes_from_the_live_scan():
+    """In a live loop, a query with at least ``k`` heavy entries gets its top-k from the live scan's entries
+    (the rows held whose value reaches the threshold include its top-k); the answer equals dense top-k over
+    every key fed (certified), and queries with fewer entries get the full ranking of the rows held."""
+    from levstream import _query
+
+    rng = np.random.default_rng(33)
+    d, eps, n, k = 4, 0.05, 400, 2
+    K = heavy_tailed_keys(n, d, seed=34)
+    sk = ls.KeySketch(d, eps=eps, block_rows=32)
+    fast = 0
+    for t in range(n):
+        sk.update(K[t])
+        if t % 3:
+            continue
+        q = K[rng.integers(0, t + 1)][None, :] + 0.05 * rng.standard_normal((1, d))
+        top = sk.top_k(q, k)
+        with sk._lock:
+            fast += _query.top_k_live(sk._view(), q, k, eps) is not None
+        A = (q @ K[: t + 1].T)[0] ** 2
+        A /= A.sum()
+        order = np.lexsort((np.arange(t + 1), -A))[:k]
+        if top.certified[0]:
+            assert top.key_ids[0].tolist() == order.tolist(), t
+            np.testing.assert_allclose(top.values[0], A[order], rtol=1e-9)
+        else:
+            # uncertified only when fewer than k keys are held or the true k-th is below eps
+            assert t + 1 < k or A[order[-1]] < eps * (1 + TIE_RTOL), t
+    assert fast >= 20, f"the live path answered only {fast} queries"
