@@ -72,7 +72,7 @@ _STEP_BUFFER_ROWS = 64
 _ABSORB_ROWS = 32
 
 #: ``update_many`` chunks of up to this many rows (with the running counter) take the step path.
-_STEP_CHUNK_ROWS = 8
+_STEP_CHUNK_ROWS = 32
 
 #: The live state tests pending rows against a fresh factor of its Gram matrix while the scores it gives are
 #: accurate to this (relative); beyond, against the summary's stale factor.

@@ -1,5 +1,5 @@
 """The step path of MultiHeadKeySketch (issue 11, item 4): tokens of every head fed one or a few at a time
-(``update``, ``update_many`` of (H, m <= 8, d), decode steps of ``prefill``) and queries of every head answered
+(``update``, ``update_many`` of (H, m <= 32, d), decode steps of ``prefill``) and queries of every head answered
 by one compiled call over heads.
 
 Checked against brute force written here (dense NumPy over the prefix fed so far): identical entries (tie band
@@ -52,20 +52,20 @@ def test_steps_equal_brute_force_over_every_prefix(seed):
     used = 0
     next_free = 0  # ids past every id fed (explicit ids are drawn above the running counter)
     checked = 0
-    while used < K.shape[1] - 40:
+    while used < K.shape[1] - 80:
         op = rng.choice(["token", "small", "chunk", "ids", "query", "query", "query"], p=[0.3, 0.15, 0.05, 0.05, 0.15, 0.15, 0.15])
         if op == "token":
             mh.update(K[:, used])
             fed_ids.append(mh.next_id - 1)
             used += 1
         elif op == "small":
-            m = int(rng.integers(1, 9))
+            m = int(rng.integers(1, 33))
             start = mh.next_id
             mh.update_many(np.ascontiguousarray(K[:, used:used + m]))
             fed_ids += list(range(start, start + m))
             used += m
-        elif op == "chunk":
-            m = int(rng.integers(9, 40))
+        elif op == "chunk":  # past _STEP_CHUNK_ROWS: the general path
+            m = int(rng.integers(33, 80))
             start = mh.next_id
             mh.update_many(K[:, used:used + m])
             fed_ids += list(range(start, start + m))
