@@ -345,7 +345,7 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
             continue
         A = np.where(live[:, None], _power(P, p) / np.where(live, z, 1.0)[:, None], 0.0)
         if kk < c:
-            part = np.argpartition(-A, kk - 1, axis=1)[:, :kk]
+            part = _top_positions(A, kk, ids)
         else:
             part = np.broadcast_to(np.arange(c), (A.shape[0], c))
         top = np.take_along_axis(A, part, axis=1)
@@ -359,6 +359,18 @@ def top_k(view: HeadView, Q: np.ndarray, p: float, k: int, eps: float) -> TopK:
         if kk == k:
             certified[sl] = live & (top[:, -1] * (1.0 - dist) >= eps)
     return TopK(out_ids, out_vals, certified, eps)
+
+
+def _top_positions(A: np.ndarray, kk: int, ids: np.ndarray) -> np.ndarray:
+    """Per row of ``A``, the positions of its ``kk`` largest values, ties at the ``kk``-th value going to the
+    smallest ids (``argpartition`` alone settles those ties arbitrarily)."""
+    part = np.argpartition(-A, kk - 1, axis=1)[:, :kk]
+    kth = np.take_along_axis(A, part, axis=1).min(axis=1)
+    straddle = np.flatnonzero((A >= kth[:, None]).sum(axis=1) > kk)  # a tie across the cut: rare
+    for i in straddle:
+        cand = np.flatnonzero(A[i] >= kth[i])
+        part[i] = cand[np.lexsort((ids[cand], -A[i, cand]))[:kk]]
+    return part
 
 
 def top_k_live(view: HeadView, Q: np.ndarray, k: int, eps: float) -> TopK | None:

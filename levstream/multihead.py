@@ -540,6 +540,8 @@ class MultiHeadKeySketch:
         if gates is None:
             return [_or_ones(h._neg_log_gates(None, m), m) for h in self._heads]
         arr = np.asarray(gates)
+        if arr.ndim == 0 and m == 1:  # one token's gate as a number, as update takes it
+            arr = arr.reshape(1)
         if arr.ndim == 1:  # the same gates in every head
             arr = np.broadcast_to(arr, (self.n_heads, *arr.shape))
         if arr.ndim != 2 or arr.shape != (self.n_heads, m):

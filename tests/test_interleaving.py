@@ -473,3 +473,33 @@ def test_top_k_of_queries_with_k_heavy_entries_comes_from_the_live_scan():
             # uncertified only when fewer than k keys are held or the true k-th is below eps
             assert t + 1 < k or A[order[-1]] < eps * (1 + TIE_RTOL), t
     assert fast >= 20, f"the live path answered only {fast} queries"
+
+
+def test_top_k_ties_at_the_kth_place_go_to_the_smaller_id_on_every_path():
+    """Two keys of opposite sign tie exactly for every query.  The top-1 is the smaller id whichever path
+    answers: the live scan (one query), the ranking of every row held (a batch with a query without entries,
+    a Fortran-ordered batch), a restored copy, a multi-head sketch.  (argpartition settled ties at the k-th
+    place arbitrarily: key 58 came back for 57 on some paths with this seed, found in review.)"""
+    d, n = 3, 60
+    rng = np.random.default_rng(14)
+    K = rng.standard_normal((n, d)) * (1 + rng.pareto(2.0, (n, 1)))
+    i, j = sorted(rng.choice(np.arange(32, n), 2, replace=False))
+    K[j] = -K[i]  # <q, k_i>^2 == <q, k_j>^2 for every q
+    q = K[i] + 0.3 * rng.standard_normal(d)
+    A = (K @ q) ** 2
+    assert int(np.argmax(A)) in (i, j)
+    sk = ls.KeySketch(d, eps=0.05, block_rows=64).update_many(K)
+    answers = [
+        sk.top_k(q[None], 1).key_ids[0, 0],
+        sk.top_k(np.stack([q, np.zeros(d)]), 1).key_ids[0, 0],
+        sk.top_k(np.asfortranarray(np.stack([q, q])), 1).key_ids[0, 0],
+        ls.KeySketch.from_bytes(sk.to_bytes()).top_k(q[None], 1).key_ids[0, 0],
+        ls.MultiHeadKeySketch(1, d, eps=0.05).update_many(K[None]).top_k(q[None, None], 1)[0].key_ids[0, 0],
+    ]
+    assert answers == [i] * 5
+    # the ranking itself, on a row with a three-way tie across the cut
+    from levstream._query import _top_positions
+
+    ids = np.array([9, 4, 7, 1, 5])
+    Arow = np.array([[0.2, 0.5, 0.5, 0.1, 0.5]])
+    assert ids[_top_positions(Arow, 2, ids)[0]].tolist() == [4, 5]
