@@ -114,9 +114,8 @@ def neg_log_gates(gates: Any, m: int, decay: float | None) -> np.ndarray:
     if gates is None:
         return np.full(m, base)
     arr = np.asarray(gates)
-    if (
-        arr.ndim == 0 and m == 1
-    ):  # one row's gate given as a number (as update and a decode step take it)
+    # one row's gate given as a number (as update and a decode step take it)
+    if arr.ndim == 0 and m == 1:
         arr = arr.reshape(1)
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
         raise TypeError(f"gates must be real numbers in (0, 1]; got an array of dtype {arr.dtype}.")

@@ -471,9 +471,8 @@ class KeySketch:
 
     def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
         """:meth:`update` of a validated row (float64, or float32 kept as float32 on the Gram path) and value."""
-        with (
-            self._lock
-        ):  # whether the stream forgets is read under it too: another writer may gate it
+        # whether the stream forgets is read under the lock too: another writer may gate it
+        with self._lock:
             self._check_next_id()
             if gate is not None or self.forgets:
                 neg = self._neg_log_gate(gate)
@@ -1417,9 +1416,8 @@ class KeySketch:
     ) -> AttentionResult:
         """:meth:`prefill` of one row (``K``, ``V``, ``Q`` validated by :func:`_step_rows`; ``given`` the keys as
         passed: float32 keys are held as float32, as :meth:`update` holds them)."""
-        with (
-            self._lock
-        ):  # whether the stream forgets is read under it too: another writer may gate it
+        # whether the stream forgets is read under the lock too: another writer may gate it
+        with self._lock:
             step_neg = None
             if gates is not None or self.forgets:
                 step_neg = self._neg_log_gate(_one_gate(gates))
