@@ -56,7 +56,7 @@ from ._validation import (
 )
 from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
-from .sketch import KeySketch, _check_magnitude
+from .sketch import KeySketch, _at_most_one_item, _check_magnitude
 from .summaries.gram import GramSummary
 
 __all__ = ["MultiHeadKeySketch"]
@@ -596,8 +596,7 @@ class MultiHeadKeySketch:
         error names the item.
         """
         snapshot = None
-        # all or nothing, as KeySketch.extend: no snapshot for an iterable known to hold at most one item
-        if not (hasattr(iterable, "__len__") and len(iterable) <= 1):  # type: ignore[arg-type]
+        if not _at_most_one_item(iterable):  # all or nothing, as KeySketch.extend
             with self._lock:
                 self._sync()
                 snapshot = [h.copy() for h in self._heads]

@@ -836,10 +836,7 @@ class KeySketch:
         restored to its state before the call and the error names the item.  ``progress=True`` shows a tqdm
         bar.
         """
-        # all or nothing: a snapshot to restore, unless the iterable is known to hold at most one item (a
-        # rejected first item changes nothing by itself; a copy per call costs more than a step)
-        sized = hasattr(iterable, "__len__") and len(iterable) <= 1  # type: ignore[arg-type]
-        snapshot = None if sized else self.copy()
+        snapshot = None if _at_most_one_item(iterable) else self.copy()
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -1962,6 +1959,12 @@ def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
     ):
         return np.ascontiguousarray(X)
     return as_matrix(X, "X", dim, hint="Use update(x) for one row.", allow_empty=True, finite=False)
+
+
+def _at_most_one_item(iterable: Iterable[Any]) -> bool:
+    """Whether ``extend``'s iterable is known to hold at most one item: it then needs no snapshot to be all or
+    nothing (a rejected first item changes nothing by itself; a copy per call costs more than a step)."""
+    return hasattr(iterable, "__len__") and len(iterable) <= 1  # type: ignore[arg-type]
 
 
 def _kernel_layout(row: np.ndarray) -> np.ndarray:

@@ -250,8 +250,8 @@ def test_torch_tensors_are_held_as_the_arrays_they_hold() -> None:
     """A float32 tensor is float32 data: held as float32 whichever entry point takes it (update, update_many of
     one row or a chunk, extend, a decode step), as a float32 ndarray is; answers equal brute force."""
     torch = pytest.importorskip(
-        "torch"
-    )  # the optional extra: installed by the README's test set-up
+        "torch", reason="torch not installed (optional extra levstream[torch]; CI installs it)"
+    )
     K32 = heavy_tailed_keys(300, D, seed=8).astype(np.float32)
     V = np.random.default_rng(15).standard_normal((300, DV))
     Q = np.random.default_rng(14).standard_normal((3, D))
@@ -286,8 +286,8 @@ def test_gates_as_0d_arrays_and_tensors_and_value_messages() -> None:
     """A gate given as a 0-d array or tensor (a model's ``sigmoid`` of a scalar) is one number everywhere; a
     multi-head gate of the wrong shape names the shape the user gave; value errors name the value row."""
     torch = pytest.importorskip(
-        "torch"
-    )  # the optional extra: installed by the README's test set-up
+        "torch", reason="torch not installed (optional extra levstream[torch]; CI installs it)"
+    )
     k, v = np.ones(D), np.ones(DV)
     reference = _sketch(True).update(k, v).update(k, v, gate=0.5).to_bytes()
     for gate in (np.array(0.5), torch.tensor(0.5, dtype=torch.float64), np.float32(0.5)):
