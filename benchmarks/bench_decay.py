@@ -13,6 +13,12 @@ Figures (d = 64, eps = 0.01, dv = 64, p = 2; keys ``levstream.synthetic.attentio
 * ``decode``: a decode step with values, ``sk.prefill(k[None], v[None], q[None], gates=[g])`` (exact output
   and heavy entries, ``exact_output=True``, dv = 64) against dense decayed attention with values over the
   prefix (the target: >= 100x), and against the same step without gates;
+* ``heads``: the gated steps of a ``MultiHeadKeySketch`` of 12 heads, one call per op with a gate per head
+  (uniform in [0.999, 1], drawn per head): ``mh.update(x, gate=g)`` + ``mh.heavy_entries(q)`` with tokens
+  ``(12, d)`` and queries ``(12, 1, d)``, and a decode step with values ``mh.prefill(k, v, q, gates=g[:, None])``
+  (exact outputs), after a prefix of n = 5*10^4 tokens, against the same steps of a single-head ``KeySketch``
+  fed head 0's keys and gates in the same run (the ungated twin: ``bench_live.py``'s ``heads``, <= 4 there);
+  12 independent sketches would cost 12 single-head steps;
 * ``bulk``: ``update_many`` of 8192-row chunks, n = 2*10^6, then ``universal_set()``, with gates (uniform in
   [0.9999, 1], and all 1.0) over without (the target: <= 1.2); the final universal sets are checked against
   the offline leverage scores of the weighted keys ``sqrt(c_j) k_j`` (a blocked QR);
@@ -102,7 +108,7 @@ import levstream as ls
 from levstream._threads import describe_threads
 from levstream.synthetic import attention_like_keys, attention_like_queries
 
-SECTIONS = ("live", "decode", "bulk", "rss")
+SECTIONS = ("live", "decode", "heads", "bulk", "rss")
 #: Weights below this are set to zero by the dense baseline when it rebuilds its weights (no subnormals).
 DENSE_FLUSH = 1e-290
 
@@ -163,13 +169,19 @@ class Sizes:
     dense_budget_s: float  # dense steps of a round stop after this long (at least 10 steps)
     bulk_rounds: int
     rss_fixed_mmap: bool
+    heads_n: int = 50_000
+    n_heads: int = 12
+    heads_steps_per_round: int = 200
 
 
 FULL = Sizes(live_n=100_000, decode_n=100_000, bulk_n=2_000_000, rss_n=(100_000, 10_000_000),
              warm_steps=100, rounds=5, steps_per_round=400, dense_budget_s=0.4, bulk_rounds=5,
              rss_fixed_mmap=False)
 QUICK = Sizes(live_n=5_000, decode_n=5_000, bulk_n=65_536, rss_n=(10_000, 20_000), warm_steps=40,
-              rounds=3, steps_per_round=320, dense_budget_s=0.03, bulk_rounds=3, rss_fixed_mmap=False)
+              rounds=3, steps_per_round=320, dense_budget_s=0.03, bulk_rounds=3, rss_fixed_mmap=False,
+              heads_n=3_000, heads_steps_per_round=120)
+#: The gates of every head in the ``heads`` section (drawn per head).
+HEAD_GATES = Gates("U[0.999,1]", "uniform", 0.999)
 
 
 # ---------------------------------------------------------------------- brute force (plain NumPy)
@@ -480,6 +492,119 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
     return out
 
 
+# ---------------------------------------------------------------------- many heads
+def head_results(res: Any, h: int) -> Any:
+    """Head ``h``'s part of a multi-head ``AttentionResult`` (one query), as a one-head result."""
+    return ls.AttentionResult(res.entries[h], res.heavy_output[h], res.captured_mass[h],
+                              None if res.output is None else res.output[h])
+
+
+@section_env
+def bench_heads(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """Gated steps of ``n_heads`` heads, one call per op, against the same steps of one head at the same n:
+    live steps (``update`` of an (H, d) token with a gate per head, ``heavy_entries`` of (H, 1, d) queries) and
+    decode steps with values (``prefill`` of (H, 1, d) with gates (H, 1), exact outputs).  A round runs
+    ``heads_steps_per_round`` steps of the heads and then of the single head, for each kind (the order of the
+    two alternates between rounds); every answer of every head is checked against brute force."""
+    H, n, per_round = sz.n_heads, sz.heads_n, sz.heads_steps_per_round
+    T = sz.warm_steps + sz.rounds * per_round
+    K = np.stack([keys(n + T, d, seed=30 + h) for h in range(H)])  # (H, n + T, d)
+    V = np.stack([values(n + T, dv, seed=30 + h) for h in range(H)])
+    Q = np.stack([attention_like_queries(T, d, seed=40 + h, key_seed=30 + h) for h in range(H)])
+    G = np.stack([HEAD_GATES.draw(n + T, seed=50 + h) for h in range(H)])  # (H, n + T)
+    tokens = np.ascontiguousarray(K[:, n:].transpose(1, 0, 2))  # (T, H, d)
+    token_values = np.ascontiguousarray(V[:, n:].transpose(1, 0, 2))
+    queries = np.ascontiguousarray(Q.transpose(1, 0, 2))[:, :, None, :]  # (T, H, 1, d)
+    token_gates = np.ascontiguousarray(G[:, n:].T)  # (T, H)
+    live_mh = ls.MultiHeadKeySketch(H, d, eps=eps)
+    live_one = ls.KeySketch(d, eps=eps)
+    dec_mh = ls.MultiHeadKeySketch(H, d, eps=eps, value_dim=dv, exact_output=True)
+    dec_one = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+    for a in range(0, n, 16384):
+        b = min(n, a + 16384)
+        live_mh.update_many(K[:, a:b], gates=G[:, a:b])
+        live_one.update_many(K[0, a:b], gates=G[0, a:b])
+        dec_mh.update_many(K[:, a:b], V[:, a:b], gates=G[:, a:b])
+        dec_one.update_many(K[0, a:b], V[0, a:b], gates=G[0, a:b])
+    got: dict[str, list[Any]] = {k: [None] * T for k in ("live_mh", "live_one", "dec_mh", "dec_one")}
+
+    def live_heads(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            live_mh.update(tokens[t], gate=token_gates[t])
+            got["live_mh"][t] = live_mh.heavy_entries(queries[t])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    def live_single(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            live_one.update(tokens[t, 0], gate=token_gates[t, 0])
+            got["live_one"][t] = live_one.heavy_entries(queries[t, 0])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    def decode_heads(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            got["dec_mh"][t] = dec_mh.prefill(tokens[t][:, None], token_values[t][:, None], queries[t],
+                                              gates=token_gates[t][:, None])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    def decode_single(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            got["dec_one"][t] = dec_one.prefill(tokens[t, 0][None], token_values[t, 0][None],
+                                                queries[t, 0], gates=token_gates[t, :1])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    pairs = {"live": (live_heads, live_single), "decode": (decode_heads, decode_single)}
+    for heads_fn, single_fn in pairs.values():
+        heads_fn(0, sz.warm_steps)
+        single_fn(0, sz.warm_steps)
+    times: dict[str, dict[str, list[float]]] = {k: {"heads": [], "single": []} for k in pairs}
+    for r in range(sz.rounds):
+        lo = sz.warm_steps + r * per_round
+        for kind, (heads_fn, single_fn) in pairs.items():
+            order = [("heads", heads_fn), ("single", single_fn)]
+            for who, fn in order if r % 2 == 0 else order[::-1]:
+                time.sleep(SETTLE_S)
+                times[kind][who].append(fn(lo, lo + per_round))
+    ends = n + 1 + np.arange(T)
+    out: dict[str, Any] = {"n": n, "n_heads": H, "gates": HEAD_GATES.name, "steps_checked": T,
+                           "timed_steps": sz.rounds * per_round}
+    for kind in pairs:
+        checks = []
+        for h in range(H):
+            L = log_cumulative(G[h], n + T)
+            ref = decayed_brute_force(Q[h], K[h], ends, L, eps, V=V[h] if kind == "decode" else None)
+            if kind == "live":
+                rows = [entries_of(a[h]) for a in got["live_mh"]]
+                checks.append(compare_rows(rows, ref, eps))
+                if h == 0:
+                    single = compare_rows([entries_of(a) for a in got["live_one"]], ref, eps)
+            else:
+                per_head = [head_results(a, h) for a in got["dec_mh"]]
+                checks.append(merge_checks(
+                    compare_rows([entries_of(a.entries) for a in per_head], ref, eps),
+                    compare_outputs(np.concatenate([a.output for a in per_head]), ref),
+                    compare_heavy_outputs(per_head, ref, V[h], eps)))
+                if h == 0:
+                    ones = got["dec_one"]
+                    single = merge_checks(
+                        compare_rows([entries_of(a.entries) for a in ones], ref, eps),
+                        compare_outputs(np.concatenate([a.output for a in ones]), ref),
+                        compare_heavy_outputs(ones, ref, V[h], eps))
+        check = merge_checks(*checks, same_rows=False)
+        failures.add(f"heads {kind} {H}-head", check)
+        failures.add(f"heads {kind} single-head", single)
+        t = times[kind]
+        mh = live_mh if kind == "live" else dec_mh
+        out[kind] = {"heads_step_s": spread(t["heads"]), "single_step_s": spread(t["single"]),
+                     "ratio": spread([a / b for a, b in zip(t["heads"], t["single"])]),
+                     "retained_per_head": [int(hd.num_retained) for hd in mh.heads],
+                     "check": check, "single_check": single}
+    return out
+
+
 # ---------------------------------------------------------------------- bulk build
 @section_env
 def bench_bulk(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
@@ -690,6 +815,14 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
         steps("live")
     if "decode" in res:
         steps("decode")
+    if "heads" in res:
+        hd = res["heads"]
+        for kind, what in (("live", "live step"), ("decode", "decode step with values")):
+            v = hd[kind]
+            measured = (f"{fmt(v['ratio'], digits=2)} ({fmt(v['heads_step_s'], us)} us vs "
+                        f"{fmt(v['single_step_s'], us)} us; gates {hd['gates']} per head)")
+            rows.append((f"{hd['n_heads']}-head gated {what} / single-head gated {what}, n = {hd['n']:.0e}",
+                         measured, "-", None))
     if "bulk" in res:
         b = res["bulk"]
         for gname, v in b["per_gates"].items():
@@ -780,6 +913,7 @@ def main(argv: list[str] | None = None) -> int:
     runners: dict[str, Callable[[], dict]] = {
         "live": lambda: bench_live(sz, d, eps, failures),
         "decode": lambda: bench_decode(sz, d, eps, dv, failures),
+        "heads": lambda: bench_heads(sz, d, eps, dv, failures),
         "bulk": lambda: bench_bulk(sz, d, eps, failures),
         "rss": lambda: bench_rss(sz, d, eps, failures)}
     results, rows = run_sections(runners, SECTIONS, only, header, t0, summary_rows)
@@ -788,6 +922,10 @@ def main(argv: list[str] | None = None) -> int:
         if name in results:
             checks[name] = merge_checks(*[v["check"] for v in results[name]["per_gates"].values()],
                                         same_rows=False)
+    if "heads" in results:
+        hd = results["heads"]
+        checks["heads"] = merge_checks(*[hd[k][c] for k in ("live", "decode") for c in ("check", "single_check")],
+                                       same_rows=False)
     if "rss" in results:
         checks["rss"] = results["rss"]["check"]
     return finish(checks, args.out, header, results, rows, failures)

@@ -125,7 +125,7 @@ def neg_log_gates(gates: Any, m: int, decay: float | None) -> np.ndarray:
     out = np.empty(m)
     i = neg_log_gates_into(arr, base, out)
     if i >= 0:
-        raise ValueError(f"gates must satisfy 0 < gate <= 1; got {arr[i]!r} at row {i}.")
+        raise ValueError(f"gates must satisfy 0 < gate <= 1; got {float(arr[i])!r} at row {i}.")
     return out
 
 

@@ -13,8 +13,9 @@ What is shared and what is per head:
 The step path (p = 2: a token of every head, then a few queries of every head, as in decoding) does the work of
 all heads in one compiled call per operation, not in a loop over heads:
 
-* tokens (``update``, ``update_many`` of a few rows, a decode step of ``prefill``) wait in a shared buffer of
-  ``_STEP_BUFFER_ROWS`` rows per head and are handed to the heads together, in pieces that leave every head's
+* tokens (``update``, ``update_many`` of a few rows, a decode step of ``prefill``; gated ones and those of a
+  decaying stream weighed in every head's frame as they are copied in, docs/theory.md, "Decay and gates")
+  wait in a shared buffer of ``_STEP_BUFFER_ROWS`` rows per head and are handed to the heads together, in pieces that leave every head's
   state bit for bit as if it had been fed the tokens one at a time (the heads' blocks are aligned to the
   stream, and the pieces end where the moment state's own buffer fills);
 * queries read a live state stacked over heads (:class:`_Live`): every head's Gram matrix of every key fed,
@@ -36,7 +37,9 @@ import numpy as np
 
 from . import _query, _serialize
 from ._config import LAMBDA_SAFETY, UNIT_ROUNDOFF, margin
+from ._decay import Frame, neg_log_gate
 from ._kernels.blas import dsyrk_function, dtrmm_function
+from ._kernels.decay import neg_log_gates_into, weigh_heads
 from ._kernels.live import (
     absorb_rows_heads,
     any_unreliable,
@@ -145,8 +148,14 @@ class MultiHeadKeySketch:
     def _set_heads(self, heads: list[KeySketch]) -> None:
         """Take ``heads`` (in step with each other) with an empty token buffer and no live state."""
         self._heads = heads
-        #: the step path (p = 2, every head on the Gram summary, no decay)
-        self._step_ok = all(isinstance(h._summary, GramSummary) and not h.forgets for h in heads)
+        #: the step path (p = 2, every head on the Gram summary; gated and decaying streams too)
+        self._step_ok = all(isinstance(h._summary, GramSummary) for h in heads)
+        #: ``-log`` of the constant ``decay`` (0 without): the gate of a token fed without one
+        self._base_neg = neg_log_gate(None, heads[0].decay)
+        #: the frames of the heads, shape (n_heads, 4) (see :class:`~levstream._decay.Frame`), while tokens
+        #: weighed in them wait in the buffer; None: the heads' own frames are current
+        self._frames: np.ndarray | None = None
+        self._note_forgetting()
         #: tokens not yet handed to the heads: ``_buf[:, :_nb]`` (values ``_bufv``), ids ``_buf_id0 + i``
         self._buf: np.ndarray | None = None
         self._bufv: np.ndarray = _NO_ROWS
@@ -316,12 +325,23 @@ class MultiHeadKeySketch:
             moments.check(X[i // m], V[i // m], where=f"head {i // m}, ")
 
     def _take(
-        self, X: np.ndarray, V: np.ndarray | None, checked: bool = True, names: str = "XV"
-    ) -> None:
+        self,
+        X: np.ndarray,
+        V: np.ndarray | None,
+        checked: bool = True,
+        names: str = "XV",
+        negs: np.ndarray | None = None,
+    ) -> bool:
         """Buffer the tokens ``X`` (n_heads, m, dim) (values ``V``), validated but for finiteness unless ``checked``,
         under the running counter's next ids (call with the lock held; raises, changing nothing, when one of
         those ids was already fed or, unchecked, a token is not finite: the copy into the buffer's free room
-        checks it in the same pass; ``names``: the caller's names of ``X`` and ``V``, for the error)."""
+        checks it in the same pass; ``names``: the caller's names of ``X`` and ``V``, for the error).
+
+        ``negs`` (n_heads, m): the tokens' ``-log`` gates; they are weighed in the heads' frames as they are
+        copied in (``_frames`` advances; docs/theory.md, "Decay and gates": between rebases a row's weight in the
+        frame never changes, so the buffered rows and the heads' rows stay in one frame).  Returns False, with
+        nothing changed, when weighed tokens need the general path (a head's frame is due for a rebase, or a
+        weighted row is not finite), True once they are buffered."""
         m = X.shape[1]
         if self._nb + m > _STEP_BUFFER_ROWS:
             if not checked and not (
@@ -330,6 +350,15 @@ class MultiHeadKeySketch:
             ):
                 self._refuse_steps(X, V, names)
             checked = True
+            self._sync()
+        # a head that starts to forget with these tokens: the tokens before them reach it first, while it does not
+        # forget yet (a head prunes sooner once it forgets: as row by row)
+        if (
+            negs is not None
+            and not self._all_forgetting
+            and self._nb
+            and ((negs > 0.0).any(axis=1) & ~self._forgetting).any()
+        ):
             self._sync()
         nb = self._nb
         if nb == 0:
@@ -346,14 +375,31 @@ class MultiHeadKeySketch:
             if hit is not None:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
         assert self._buf is not None
-        total = copy_rows_sq(self._buf, nb, X)
+        frames = None
+        if negs is None:
+            total = copy_rows_sq(self._buf, nb, X)
+        else:
+            frames = self._frames
+            if frames is None:
+                frames = np.array([h._frame for h in self._heads], dtype=np.float64)
+            after = np.empty_like(frames)
+            total = weigh_heads(X, negs, frames, self._buf, nb, after)
+            if not 0.0 <= total < np.inf:  # a rebase due (-1), or a weighted row not finite
+                return False
+            frames = after
+            X = self._buf[:, nb : nb + m]  # what the heads will hold, for the moment check
         if V is not None:
             total += copy_rows_sq(self._bufv, nb, V)
         # the rows past _nb are free room: a refused token has changed nothing
         if not checked and not total < np.inf:
             self._refuse_steps(X, V, names)
         self._check_moments(X, V)
+        if negs is not None:
+            self._frames = frames
+            if not self._all_forgetting:
+                self._set_forgetting(self._forgetting | (negs > 0.0).any(axis=1))
         self._nb = nb + m
+        return True
 
     def _sync(self) -> None:
         """Hand the buffered tokens to the heads (call with the lock held).  In pieces that end where the moment
@@ -362,6 +408,12 @@ class MultiHeadKeySketch:
         if nb == 0:
             return
         assert self._buf is not None
+        if (
+            self._frames is not None
+        ):  # the heads take the frames their buffered tokens were weighed in
+            for head, frame in zip(self._heads, self._frames.tolist()):
+                head._frame = Frame(*frame)
+            self._frames = None
         values = self.value_dim is not None
         moments = self._heads[0]._moments
         start = self._buf_id0
@@ -419,8 +471,6 @@ class MultiHeadKeySketch:
         or ``(m,)`` for the same gates in every head (see :meth:`KeySketch.update_many`).  On a bad chunk, bad
         ids or an id clash nothing is changed.  Returns ``self``.
         """
-        if self._weighs(gates):
-            return self._update_gated(X, V, ids, offset, gates)
         if ids is None and offset is None and self._step_ok:
             # a slice of a larger array, float32 activations: a few tokens as the step path takes them
             X, V = _step_layout(X, _STEP_CHUNK_ROWS), _step_layout(V, _STEP_CHUNK_ROWS)
@@ -432,9 +482,12 @@ class MultiHeadKeySketch:
             and self._is_steps(V, self.value_dim, _STEP_CHUNK_ROWS, finite=False)
             and (V is None or V.shape[1] == X.shape[1])
         ):
-            with self._lock:  # a few tokens: buffered, checked finite while they are copied in
-                self._take(X, V, checked=False)
-            return self
+            # a few tokens: buffered (weighed when the stream forgets), checked finite while they are copied in
+            with self._lock:
+                if self._take_steps(X, V, gates, "XV"):
+                    return self
+        if self._weighs(gates):
+            return self._update_gated(X, V, ids, offset, gates)
         X = self._stack(X, "X", self.dim)
         m = X.shape[1]
         Vs = self._values(V, m)
@@ -457,7 +510,18 @@ class MultiHeadKeySketch:
 
         The token is validated and numbered once for all heads.  ``gate``: one per head (shape ``(n_heads,)``)
         or one number for all (see :meth:`KeySketch.update`)."""
-        H, d, dv = self.n_heads, self.dim, self.value_dim
+        H, d = self.n_heads, self.dim
+        x, v = _step_layout(x, 1), _step_layout(v, 1)
+        token = self._is_token(x, v)
+        if token and self._step_ok:
+            # the live path: every head takes the token under the same id, checked finite (and weighed when
+            # the stream forgets) while it is copied into the buffer
+            gates = _token_gates(gate, H)
+            with self._lock:
+                if self._take_steps(
+                    x[:, None, :], None if v is None else v[:, None, :], gates, "xv"
+                ):
+                    return self
         if self._weighs(gate):
             arr = as_real_array(x, "x")
             if arr.shape != (H, d):
@@ -478,28 +542,10 @@ class MultiHeadKeySketch:
                     )
                 gates = gates[:, None]  # one per head: (n_heads, 1)
             return self._update_gated(
-                arr[:, None, :], None if val is None else val[:, None, :], None, None, gates
+                arr[:, None, :], None if val is None else val[:, None, :], None, None, gates, "x"
             )
-        x, v = _step_layout(x, 1), _step_layout(v, 1)
-        if (
-            type(x) is np.ndarray
-            and x.dtype == np.float64
-            and x.shape == (H, d)
-            and (
-                v is None
-                if dv is None
-                else (type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (H, dv))
-            )
-        ):
-            with self._lock:  # the live path: every head takes the token under the same id
-                if self._step_ok:  # checked finite while it is copied into the buffer
-                    self._take(
-                        x[:, None, :],
-                        None if v is None else v[:, None, :],
-                        checked=False,
-                        names="xv",
-                    )
-                    return self
+        if token:
+            with self._lock:  # every head takes the token under the same id
                 if not (
                     np.isfinite(np.einsum("ij,ij->", x, x))
                     and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
@@ -525,14 +571,75 @@ class MultiHeadKeySketch:
             val = val[:, None, :]
         return self.update_many(arr[:, None, :], val)
 
+    def _is_token(self, x: Any, v: Any) -> bool:
+        """Whether ``x`` (and ``v``) are one token of every head as float64 ndarrays, ``(n_heads, dim)`` (and
+        ``(n_heads, value_dim)``, or None without values)."""
+        H, dv = len(self._heads), self.value_dim
+        return (
+            type(x) is np.ndarray
+            and x.dtype == np.float64
+            and x.shape == (H, self.dim)
+            and (
+                v is None
+                if dv is None
+                else (type(v) is np.ndarray and v.dtype == np.float64 and v.shape == (H, dv))
+            )
+        )
+
     # ------------------------------------------------------------------ decay (see KeySketch)
     def _forgets(self) -> bool:
         return any(h.forgets for h in self._heads)
 
+    def _note_forgetting(self) -> None:
+        """Record which heads forget (read per token on the step path; call after the heads' frames change
+        other than through the token buffer)."""
+        self._set_forgetting(np.array([h.forgets for h in self._heads], dtype=np.bool_))
+
+    def _set_forgetting(self, heads: np.ndarray) -> None:
+        """``heads``: whether each head forgets."""
+        self._forgetting: np.ndarray = heads
+        self._any_forgetting: bool = bool(heads.any())
+        self._all_forgetting: bool = bool(heads.all())
+
     def _weighs(self, gates: Any) -> bool:
-        """Whether rows fed with ``gates`` must be weighed by the heads (gates, or a stream that forgets; on the
-        step path no head forgets, which saves asking every head per token)."""
-        return gates is not None or (not self._step_ok and self._forgets())
+        """Whether rows fed with ``gates`` must be weighed in the heads' frames (gates, or a stream that
+        forgets)."""
+        return gates is not None or self._any_forgetting
+
+    def _step_negs(self, gates: Any, m: int) -> np.ndarray | None:
+        """``-log`` of the effective gate of each of ``m`` tokens in every head, shape (n_heads, m), for the step
+        path: ``gates`` of shape (n_heads, m) or (m,), one number when m = 1, or None (the ``decay`` alone).
+        None when the gates are not valid gates of those shapes: the general path names what is wrong.  The
+        arithmetic of :func:`~levstream._decay.neg_log_gates`, so every head gets the bits it would alone."""
+        H = len(self._heads)
+        if gates is None:
+            return np.full((H, m), self._base_neg)
+        arr = as_ndarray(gates)
+        if type(arr) is not np.ndarray:
+            arr = np.asarray(arr)
+        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_ or arr.ndim > 2:
+            return None
+        if arr.shape not in ((H, m), (m,)) and not (arr.ndim == 0 and m == 1):
+            return None
+        if arr.shape == (H, m) and arr.dtype == np.float64 and arr.flags.c_contiguous:
+            flat = arr.reshape(-1)  # (a token's gates per head, as update passes them)
+        else:
+            flat = np.ascontiguousarray(np.broadcast_to(arr, (H, m)), dtype=np.float64).reshape(-1)
+        out = np.empty((H, m))
+        if neg_log_gates_into(flat, self._base_neg, out.reshape(-1)) >= 0:
+            return None
+        return out
+
+    def _take_steps(self, X: np.ndarray, V: np.ndarray | None, gates: Any, names: str) -> bool:
+        """:meth:`_take` of a few unchecked tokens on the step path (call with the lock held), weighed in the
+        heads' frames when ``gates`` are given or the stream forgets.  False, with nothing changed, when they
+        need the general path (gates it must validate, a rebase due, weighted squares that overflow)."""
+        negs = None
+        if gates is not None or self._any_forgetting:
+            negs = self._step_negs(gates, X.shape[1])
+            if negs is None:
+                return False
+        return self._take(X, V, checked=False, names=names, negs=negs)
 
     def _neg_log_gates(self, gates: Any, m: int) -> list[np.ndarray]:
         """Per head, ``-log`` of each row's effective gate (gates of shape (n_heads, m), or (m,) for all heads;
@@ -557,17 +664,18 @@ class MultiHeadKeySketch:
                 raise ValueError(f"head {i}: {exc}") from exc
         return out
 
-    def _leave_step_path(self) -> None:
-        """Gates from now on: tokens go to the heads directly (they weigh them), not through the token buffer."""
-        self._sync()
-        self._step_ok = False
-        self._live = None
+    def _heads_change(self, rebase: bool) -> None:
+        """The heads are about to take rows (or weights) other than through the token buffer (call with the lock
+        held, the buffer synced): the live state is brought up to date when next needed, or rebuilt when a head
+        rebases (its summary and rows are scaled where they are: the live state's copies would not be)."""
         self._stale = True
+        if rebase:
+            self._live = None
 
     def _update_gated(
-        self, X: Any, V: Any, ids: Any, offset: Any, gates: Any
+        self, X: Any, V: Any, ids: Any, offset: Any, gates: Any, name: str = "X"
     ) -> MultiHeadKeySketch:
-        X = self._stack(X, "X", self.dim)
+        X = self._stack(X, name, self.dim)
         m = X.shape[1]
         Vs = self._values(V, m)
         negs = self._neg_log_gates(gates, m)
@@ -577,15 +685,18 @@ class MultiHeadKeySketch:
             new_ids, start, srt = self._heads[0]._new_ids(m, ids, offset)
             if not m:
                 return self
-            self._leave_step_path()
             # every head's rows weighed and checked before any head changes
             plans = [
-                h._weigh_rows(X[i], negs[i], "X", None if Vs is None else Vs[i])
+                h._weigh_rows(X[i], negs[i], name, None if Vs is None else Vs[i])
                 for i, h in enumerate(self._heads)
             ]
-            for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
-                head._move_frame(shift, frame)
-                head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
+            self._heads_change(any(shift for _, shift, _ in plans))
+            try:
+                for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
+                    head._move_frame(shift, frame)
+                    head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
+            finally:
+                self._note_forgetting()
         return self
 
     def extend(self, iterable: Iterable[Any]) -> MultiHeadKeySketch:
@@ -664,12 +775,12 @@ class MultiHeadKeySketch:
             # nothing would take them)
             if self._forgets() or other._forgets():
                 self._heads[0]._order_for_merge(other._heads[0])
-            self._heads[0].merge(other._heads[0])
             self._live = None
-            for h in range(1, self.n_heads):
-                self._heads[h].merge(other._heads[h])
-            if self._step_ok and self._forgets():  # took on another part's gates
-                self._leave_step_path()
+            try:  # a part that forgets makes every head forget (its gates decay this part's keys)
+                for mine, theirs in zip(self._heads, other._heads):
+                    mine.merge(theirs)
+            finally:
+                self._note_forgetting()
         return self
 
     def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:  # noqa: PYI034 (Self: Python 3.11)
@@ -937,30 +1048,38 @@ class MultiHeadKeySketch:
         (True, 6)
         """
         dv = self.value_dim
-        forgets = self._weighs(gates)
-        if not forgets and ids is None and offset is None:
+        if ids is None and offset is None:
             # slices and float32 rows: a decode step's layout
             K, V, Q = _step_layout(K, 1), _step_layout(V, 1), _step_layout(Q, 1)
         if (
-            not forgets
-            and ids is None
+            ids is None
             and offset is None
             and dv is not None
             and self._step_ok
             and self._is_steps(K, self.dim, 1, finite=False)
             and self._is_steps(Q, self.dim, 1)
             and self._is_steps(V, dv, 1, finite=False)
-        ):  # a decode step: the token joins the buffer, then its queries see every key fed, their own included
-            eps = self._query_eps(eps)
+        ):  # a decode step: the token joins the buffer (weighed when the stream forgets), then its queries see
+            # every key fed, their own included
+            step_eps = self._query_eps(eps)
             with self._lock:
-                self._take(K, V, checked=False, names="KV")
-                live = self._live_state(1)
-                if live is not None:
-                    return self._live_attend(live, Q, eps)
-                self._sync()
-                return _stacked(
-                    [_query.attend(h._view(), Q[i], self.p, eps) for i, h in enumerate(self._heads)]
-                )
+                if self._take_steps(K, V, gates, "KV"):
+                    live = self._live_state(1)
+                    if live is not None:
+                        return self._live_attend(live, Q, step_eps)
+                    self._sync()
+                    return _stacked(
+                        [
+                            _query.attend(h._view(), Q[i], self.p, step_eps)
+                            for i, h in enumerate(self._heads)
+                        ]
+                    )
+        return self._prefill_chunk(K, V, Q, ids, offset, eps, gates)
+
+    def _prefill_chunk(
+        self, K: Any, V: Any, Q: Any, ids: Any, offset: Any, eps: Any, gates: Any
+    ) -> AttentionResult:
+        """:meth:`prefill` of a chunk (any size) through the heads."""
         K = self._stack(K, "K", self.dim)
         c = K.shape[1]
         Q = self._queries(Q)
@@ -973,20 +1092,23 @@ class MultiHeadKeySketch:
         if Vs is None:
             raise ValueError("prefill needs value rows: build the sketch with value_dim=.")
         eps = self._query_eps(eps)
-        negs = self._neg_log_gates(gates, c) if forgets else None
+        negs = self._neg_log_gates(gates, c) if self._weighs(gates) else None
         with self._lock:
             self._sync()
             new_ids, start, srt = self._heads[0]._new_ids(c, ids, offset)
             if negs is not None and c:
-                self._leave_step_path()
                 # every head's rows weighed and checked before any head changes
                 plans = [h._plan_segments(K[i], negs[i], Vs[i]) for i, h in enumerate(self._heads)]
-                return _stacked(
-                    [
-                        h._prefill_planned(Vs[i], Q[i], new_ids, start, eps, plan)
-                        for i, (h, plan) in enumerate(zip(self._heads, plans))
-                    ]
-                )
+                self._heads_change(rebase=True)  # (a head may rebase within its chunk)
+                try:
+                    return _stacked(
+                        [
+                            h._prefill_planned(Vs[i], Q[i], new_ids, start, eps, plan)
+                            for i, (h, plan) in enumerate(zip(self._heads, plans))
+                        ]
+                    )
+                finally:
+                    self._note_forgetting()
             self._check_moments(K, Vs)
             chunk_ids = np.arange(start, start + c, dtype=np.int64) if new_ids is None else new_ids
             results = [
@@ -1320,6 +1442,17 @@ def _step_layout(X: Any, rows: int) -> Any:
     if type(X) is np.ndarray and (X.ndim == 2 or (X.ndim == 3 and X.shape[1] <= rows)):
         return fast_float64(X) if X.dtype in (np.float32, np.float64) else X
     return X
+
+
+def _token_gates(gate: Any, n_heads: int) -> Any:
+    """The gates of one token in the shapes :meth:`MultiHeadKeySketch._step_negs` takes: one per head
+    ``(n_heads,)`` as ``(n_heads, 1)``, a number as it is (any other shape is refused there)."""
+    if gate is None:
+        return None
+    arr = as_ndarray(gate)
+    if type(arr) is np.ndarray and arr.ndim == 1:
+        return arr[:, None]
+    return arr
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

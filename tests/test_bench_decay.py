@@ -39,7 +39,7 @@ def test_quick_run_reports_every_figure_checked(tmp_path):
     report = json.loads(out.read_text())
     assert report["failures"] == []
     results = report["results"]
-    assert set(results) == {"live", "decode", "bulk", "rss"}
+    assert set(results) == {"live", "decode", "heads", "bulk", "rss"}
     gates = {"no gates", "gate=1.0", "U[0.999,1]", "U[0.99,1]", "decay=0.999"}
     for name in ("live", "decode"):
         assert set(results[name]["per_gates"]) == gates
@@ -54,6 +54,14 @@ def test_quick_run_reports_every_figure_checked(tmp_path):
     for g, per in results["bulk"]["per_gates"].items():
         assert per["check"]["ok"] and per["check"]["entries"] > 0 and per["check"]["same_in_every_round"], g
         assert per["ratio_to_ungated"]["median"] > 0
+    heads = results["heads"]
+    for kind in ("live", "decode"):
+        per = heads[kind]
+        for check in ("check", "single_check"):
+            assert per[check]["ok"] and per[check]["rows"] >= 100 and per[check]["entries"] > 0, (kind, check)
+        assert len(per["ratio"]["rounds"]) == 3 and per["ratio"]["median"] > 0, kind
+        assert len(per["retained_per_head"]) == heads["n_heads"] == 12
+    assert heads["decode"]["check"]["max_output_rel_err"] <= 1e-10
     rss = results["rss"]
     assert rss["check"]["ok"] and rss["check"]["entries"] > 0 and rss["ratio"] > 0
     assert all(x < 0 for x in rss["log_total_gate"]), "the RSS stream must be gated"
@@ -65,6 +73,8 @@ def test_quick_run_reports_every_figure_checked(tmp_path):
             assert any(f.startswith(f"{what} {g} / without gates") for f in figures), (what, g)
             assert any(f.startswith(f"{what} {g} vs dense decayed attention") for f in figures), (what, g)
     assert any(f.startswith("bulk build U[0.9999,1] / without gates") for f in figures)
+    assert any(f.startswith("12-head gated live step / single-head gated live step") for f in figures)
+    assert any(f.startswith("12-head gated decode step with values / single-head") for f in figures)
     assert any(f.startswith("peak RSS streaming gated rows") for f in figures)
     targets = [row for row in report["summary"] if row[2] != "-"]
     assert all(row[3] in (True, False) for row in targets)

@@ -114,3 +114,34 @@ def weigh_rows(X, scales, out):  # pragma: no cover - compiled
             out[i, j] = v
             total += v * v
     return total
+
+
+@numba.njit(nogil=True, cache=True)
+def weigh_heads(X, neg_logs, frames, dst, start, frames_out):  # pragma: no cover - compiled
+    """:func:`weigh_row` for the tokens ``X`` (heads, m, width) of every head, head ``h``'s rows with the gates
+    ``neg_logs[h]`` in its frame ``frames[h] = (e_hi, e_lo, t_hi, t_lo)``: the weighted rows go to
+    ``dst[h, start:start + m]``, the frames after them to ``frames_out``.  Returns the sum of all squares of the
+    weighted rows (nan/inf when a row has a nan/inf or its weighted squares overflow), or -1.0 as soon as a
+    head's frame would need a rebase (``dst`` and ``frames_out`` are then partly written: the caller takes the
+    general path).  Each row gets the bits :func:`weigh_row` gives it: a head fed here equals one fed row by row."""
+    H, m, w = X.shape
+    acc = 0.0
+    for h in range(H):
+        e_hi, e_lo, t_hi, t_lo = frames[h, 0], frames[h, 1], frames[h, 2], frames[h, 3]
+        for i in range(m):
+            scale, shift, e_hi, e_lo, t_hi, t_lo = frame_step(
+                neg_logs[h, i], e_hi, e_lo, t_hi, t_lo
+            )
+            if shift:
+                return -1.0
+            for a in range(w):
+                v = X[h, i, a] * scale
+                dst[h, start + i, a] = v
+                acc += v * v
+        frames_out[h, 0], frames_out[h, 1], frames_out[h, 2], frames_out[h, 3] = (
+            e_hi,
+            e_lo,
+            t_hi,
+            t_lo,
+        )
+    return acc
