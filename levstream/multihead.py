@@ -153,8 +153,10 @@ class MultiHeadKeySketch:
         #: ``-log`` of the constant ``decay`` (0 without): the gate of a token fed without one
         self._base_neg = neg_log_gate(None, heads[0].decay)
         #: the frames of the heads, shape (n_heads, 4) (see :class:`~levstream._decay.Frame`), while tokens
-        #: weighed in them wait in the buffer; None: the heads' own frames are current
+        #: weighed in them wait in the buffer; None: the heads' own frames are current.  ``_starts[h]``: the
+        #: buffered token with which head ``h`` starts to forget (its first gate below 1), -1 for none
         self._frames: np.ndarray | None = None
+        self._starts = np.full(len(heads), -1, dtype=np.int64)
         self._note_forgetting()
         #: tokens not yet handed to the heads: ``_buf[:, :_nb]`` (values ``_bufv``), ids ``_buf_id0 + i``
         self._buf: np.ndarray | None = None
@@ -351,15 +353,6 @@ class MultiHeadKeySketch:
                 self._refuse_steps(X, V, names)
             checked = True
             self._sync()
-        # a head that starts to forget with these tokens: the tokens before them reach it first, while it does not
-        # forget yet (a head prunes sooner once it forgets: as row by row)
-        if (
-            negs is not None
-            and not self._all_forgetting
-            and self._nb
-            and ((negs > 0.0).any(axis=1) & ~self._forgetting).any()
-        ):
-            self._sync()
         nb = self._nb
         if nb == 0:
             self._buf_id0 = self._heads[0]._next_id
@@ -397,7 +390,13 @@ class MultiHeadKeySketch:
         if negs is not None:
             self._frames = frames
             if not self._all_forgetting:
-                self._set_forgetting(self._forgetting | (negs > 0.0).any(axis=1))
+                # a head that starts to forget with one of these tokens: the tokens before it reach the head while
+                # it does not forget yet (it prunes sooner once it forgets: as row by row; see _sync)
+                begins = (negs > 0.0) & ~self._forgetting[:, None]
+                heads = np.flatnonzero(begins.any(axis=1))
+                if heads.size:
+                    self._starts[heads] = nb + begins[heads].argmax(axis=1)
+                    self._set_forgetting(self._forgetting | begins.any(axis=1))
         self._nb = nb + m
         return True
 
@@ -408,15 +407,15 @@ class MultiHeadKeySketch:
         if nb == 0:
             return
         assert self._buf is not None
-        if (
-            self._frames is not None
-        ):  # the heads take the frames their buffered tokens were weighed in
-            for head, frame in zip(self._heads, self._frames.tolist()):
-                head._frame = Frame(*frame)
-            self._frames = None
-        values = self.value_dim is not None
+        # the heads take the frames their buffered tokens were weighed in; a head that starts to forget with a
+        # buffered token takes its frame there (the tokens before reach it while it does not forget yet)
+        frames = None if self._frames is None else self._frames.tolist()
+        starts = self._starts
+        if frames is not None:
+            for h, head in enumerate(self._heads):
+                if starts[h] < 0:
+                    head._frame = Frame(*frames[h])
         moments = self._heads[0]._moments
-        start = self._buf_id0
         a = 0
         try:
             while a < nb:
@@ -428,13 +427,13 @@ class MultiHeadKeySketch:
                         assert head._moments is not None
                         head._moments.prepare(b - a)
                 for h, head in enumerate(self._heads):
-                    head._ingest(
-                        self._buf[h, a:b],
-                        self._bufv[h, a:b] if values else None,
-                        None,
-                        start + a,
-                        _NO_IDS,
-                    )
+                    s = int(starts[h])
+                    if frames is not None and a <= s < b:
+                        self._hand_over(h, a, s)
+                        head._frame = Frame(*frames[h])
+                        self._hand_over(h, s, b)
+                    else:
+                        self._hand_over(h, a, b)
                 a = b
         except BaseException:
             if a:  # the pieces every head took leave the buffer; the live state is rebuilt when next needed
@@ -448,12 +447,27 @@ class MultiHeadKeySketch:
             live.upto += live.bup
             live.bup = 0
         self._nb = 0
+        self._frames = None
+        starts[:] = -1
         self._stale = True
+
+    def _hand_over(self, h: int, a: int, b: int) -> None:
+        """Buffered tokens ``a..b-1`` to head ``h`` (part of :meth:`_sync`)."""
+        assert self._buf is not None
+        if b > a:
+            self._heads[h]._ingest(
+                self._buf[h, a:b],
+                self._bufv[h, a:b] if self.value_dim is not None else None,
+                None,
+                self._buf_id0 + a,
+                _NO_IDS,
+            )
 
     def _drop_synced(self, a: int, nb: int) -> None:
         """The first ``a`` of the ``nb`` buffered tokens reached every head before a later piece failed: they leave
         the buffer, and the live state is rebuilt from the heads when next needed."""
         assert self._buf is not None
+        self._starts = np.where(self._starts >= a, self._starts - a, -1)
         self._buf[:, : nb - a] = self._buf[:, a:nb].copy()
         if self._bufv is not None:
             self._bufv[:, : nb - a] = self._bufv[:, a:nb].copy()
@@ -516,7 +530,7 @@ class MultiHeadKeySketch:
         if token and self._step_ok:
             # the live path: every head takes the token under the same id, checked finite (and weighed when
             # the stream forgets) while it is copied into the buffer
-            gates = _token_gates(gate, H)
+            gates = _token_gates(gate)
             with self._lock:
                 if self._take_steps(
                     x[:, None, :], None if v is None else v[:, None, :], gates, "xv"
@@ -639,7 +653,19 @@ class MultiHeadKeySketch:
             negs = self._step_negs(gates, X.shape[1])
             if negs is None:
                 return False
-        return self._take(X, V, checked=False, names=names, negs=negs)
+        if self._take(X, V, checked=False, names=names, negs=negs):
+            return True
+        assert negs is not None  # (unweighed tokens are taken, or refused with an error)
+        m = X.shape[1]
+        if m == 1 or not _tokens_fit(X, V):
+            return False  # the general path: its errors, or the chunk whole (values near float64's limits)
+        # a frame rebases within the chunk: token by token, those that rebase through the general path, so that
+        # every head still equals one fed row by row (checked first: no token can be refused halfway)
+        for i in range(m):
+            Xi, Vi = X[:, i : i + 1], None if V is None else V[:, i : i + 1]
+            if not self._take(Xi, Vi, names=names, negs=negs[:, i : i + 1]):
+                self._update_gated(Xi, Vi, None, None, None, names[0], negs[:, i : i + 1])
+        return True
 
     def _neg_log_gates(self, gates: Any, m: int) -> list[np.ndarray]:
         """Per head, ``-log`` of each row's effective gate (gates of shape (n_heads, m), or (m,) for all heads;
@@ -673,12 +699,21 @@ class MultiHeadKeySketch:
             self._live = None
 
     def _update_gated(
-        self, X: Any, V: Any, ids: Any, offset: Any, gates: Any, name: str = "X"
+        self,
+        X: Any,
+        V: Any,
+        ids: Any,
+        offset: Any,
+        gates: Any,
+        name: str = "X",
+        step_negs: np.ndarray | None = None,
     ) -> MultiHeadKeySketch:
+        """Feed a chunk weighed in the heads' frames through each head's general path (``step_negs``: the rows'
+        ``-log`` gates as :meth:`_step_negs` gave them, instead of ``gates``)."""
         X = self._stack(X, name, self.dim)
         m = X.shape[1]
         Vs = self._values(V, m)
-        negs = self._neg_log_gates(gates, m)
+        negs = self._neg_log_gates(gates, m) if step_negs is None else list(step_negs)
         with self._lock:
             # the buffered tokens reach the heads first: the ids of this chunk come after theirs
             self._sync()
@@ -1444,15 +1479,31 @@ def _step_layout(X: Any, rows: int) -> Any:
     return X
 
 
-def _token_gates(gate: Any, n_heads: int) -> Any:
+def _token_gates(gate: Any) -> Any:
     """The gates of one token in the shapes :meth:`MultiHeadKeySketch._step_negs` takes: one per head
-    ``(n_heads,)`` as ``(n_heads, 1)``, a number as it is (any other shape is refused there)."""
+    ``(n_heads,)`` (an array, a list or a tuple) as ``(n_heads, 1)``, a number as it is; any other shape as one
+    it refuses (the general path then names what is wrong)."""
     if gate is None:
         return None
     arr = as_ndarray(gate)
-    if type(arr) is np.ndarray and arr.ndim == 1:
-        return arr[:, None]
+    if isinstance(arr, (list, tuple)):
+        arr = np.asarray(arr)
+    if type(arr) is np.ndarray and arr.ndim:
+        return arr[:, None] if arr.ndim == 1 else arr[None]
     return arr
+
+
+def _tokens_fit(X: np.ndarray, V: np.ndarray | None) -> bool:
+    """Whether tokens ``X`` (values ``V``) are finite and small enough that no weight of a frame (at most
+    ``e^100``) makes their squares or their moment terms overflow: ``||x||^2`` and ``||x||^2 max |v|`` below
+    ``1e264``."""
+    sq = np.einsum("hmd,hmd->hm", X, X)
+    if not (np.isfinite(sq).all() and sq.max(initial=0.0) < 1e264):
+        return False
+    if V is None:
+        return True
+    vmax = np.abs(V).max(axis=2, initial=0.0)
+    return bool(np.isfinite(vmax).all() and (sq * vmax).max(initial=0.0) < 1e264)
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

@@ -226,3 +226,85 @@ def test_a_bad_gate_or_overflowing_token_on_the_step_path_changes_nothing():
     with pytest.raises(ValueError, match="finite"):
         mh.prefill(x[:, None], v[:, None] * np.nan, x[:, None], gates=0.5)
     assert mh.to_bytes() == before and mh.next_id == next_id
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("start", [337, 339, 341, 343, 345, 433, 529])
+def test_a_head_that_starts_forgetting_inside_a_chunk_prunes_as_row_by_row(start):
+    """Head 1's first gate below 1 falls inside a chunk of 8 tokens, after a block boundary of that chunk (block
+    of 16 rows): the rows before it must reach the head while it does not forget yet, since a head that forgets
+    prunes its candidates sooner (at 1.5 rather than 2 times).  The first version wrote the forgetting frame back
+    before the whole buffer: the prune fell elsewhere (465 rows held against 463, bytes different).  A small eps
+    makes the candidates pass the prune minimum (256 rows)."""
+    rng = np.random.default_rng(0)
+    eps, block, d = 0.002, 16, 8
+    mh = ls.MultiHeadKeySketch(2, d, eps=eps, block_rows=block)
+    alone = [ls.KeySketch(d, eps=eps, block_rows=block) for _ in range(2)]
+    t = 0
+    while t < start + 40:
+        m = 1 if t < 4 else 8
+        K = rng.standard_normal((2, m, d)) * rng.uniform(0.5, 2.0, size=(2, m, 1))
+        g = np.ones((2, m))
+        g[1] = np.where(t + np.arange(m) >= start, 0.95, 1.0)  # head 0 never forgets
+        mh.update_many(K, gates=g)
+        for h in range(2):
+            for i in range(m):
+                alone[h].update(K[h, i], gate=float(g[h, i]))
+        t += m
+    for h in range(2):
+        assert mh.heads[h].to_bytes() == alone[h].to_bytes(), f"head {h}"
+
+
+@pytest.mark.parametrize(("before", "at"), [(120, 3), (120, 12), (248, 3), (96, 3)])
+def test_a_small_chunk_a_frame_rebases_in_keeps_exact_outputs_as_row_by_row(before, at):
+    """A chunk of 16 tokens whose token ``at`` has a gate of 1e-40 (its frame rebases there) straddles the moment
+    state's 128-row buffer: taken token by token (the rebasing one through the general path), every head's bytes
+    equal those of a KeySketch fed row by row.  The first version sent such a chunk whole through the general
+    path, whose exact-output sums are grouped as a chunk (bytes as KeySketch.update_many of it)."""
+    rng = np.random.default_rng(1)
+    options = dict(eps=0.05, value_dim=DV, exact_output=True)
+    mh = ls.MultiHeadKeySketch(2, 4, **options)
+    alone = [ls.KeySketch(4, **options) for _ in range(2)]
+
+    def feed(m, g):
+        K, V = rng.standard_normal((2, m, 4)), rng.standard_normal((2, m, DV))
+        mh.update_many(K, V, gates=g)
+        for h in range(2):
+            for i in range(m):
+                alone[h].update(K[h, i], V[h, i], gate=float(g[h, i]))
+
+    for _ in range(before // 8):
+        feed(8, np.full((2, 8), 0.9))
+    g = np.full((2, 16), 0.9)
+    g[:, at] = 1e-40
+    feed(16, g)
+    for h in range(2):
+        assert mh.heads[h].to_bytes() == alone[h].to_bytes(), f"head {h}"
+    Q = rng.standard_normal((2, 1, 4))
+    res = mh.attend(Q)
+    for h in range(2):
+        np.testing.assert_allclose(res.output[h], alone[h].attend(Q[h]).output, rtol=1e-10)
+
+
+def test_token_gates_in_every_form_take_the_step_path_and_other_shapes_are_refused_at_once(monkeypatch):
+    """``update``'s per-head gate as an array, a list or a tuple takes the step path (a list once went through every
+    head's general path); a gate of shape (n_heads, 1) is refused at the first token, as before the step path took
+    gates (it was taken until a rebase was due, then refused)."""
+    general = {"calls": 0}
+    original = ls.MultiHeadKeySketch._update_gated
+
+    def counting(self, *args, **kwargs):
+        general["calls"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ls.MultiHeadKeySketch, "_update_gated", counting)
+    rng = np.random.default_rng(2)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS)
+    for form in (np.array, list, tuple, lambda g: np.asarray(g, np.float32)):
+        for _ in range(5):
+            mh.update(rng.standard_normal((H, D)), gate=form(rng.uniform(0.9, 1.0, H).tolist()))
+    assert general["calls"] == 0 and mh.n == 20
+    before = mh.to_bytes()
+    with pytest.raises(ValueError, match=r"gate must be one number, or one per head: shape \(3,\); got shape \(3, 1\)"):
+        mh.update(rng.standard_normal((H, D)), gate=np.full((H, 1), 0.9))
+    assert mh.to_bytes() == before
