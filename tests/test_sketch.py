@@ -361,9 +361,11 @@ def test_memory_independent_of_n():
     """Memory does not grow with n.  nbytes stays below a bound set by d, eps and block_rows alone
     while 400k rows stream in; and, measured independently of nbytes, the allocations traced by
     tracemalloc peak no higher while streaming rows 20k..400k than while streaming the first 20k
-    (a sketch keeping even one byte per row would add 380 kB).  The allowance, 5 % plus 64 KiB, is well below
+    (a sketch keeping even one byte per row would add 380 kB).  The allowance, 5 % plus 128 KiB, is well below
     that: the peak also holds Python objects of the ingest threads (jobs, frames), and where it falls among
     their allocations varies by tens of kB from run to run; the 190 more calls give the threads more chances.
+    On an AVX-512 EPYC (2026-12-02, thirteenth session) the excess of the second peak over the first measured
+    21-58 kB in 11 runs, and the test failed once in a full-suite run with the allowance at 64 KiB.
     Measured after the tests of test_ingest.py in the same process, 6 times each: with the input buffer given
     its full size at once (the store reaches it in the warm-up) 126-127 kB after the first 20k rows and 155-190 kB
     after 400k; with the buffer grown in 1.5x steps (the first 20k rows then include growth) 150-164 kB and
@@ -395,7 +397,7 @@ def test_memory_independent_of_n():
         tracemalloc.stop()
     assert sk.n == 3000 + 400_000
     peak_small, peak_large = peaks
-    assert peak_large <= peak_small * (1.0 + MEMORY_GROWTH_RTOL) + 64 * 1024, (peak_small, peak_large)
+    assert peak_large <= peak_small * (1.0 + MEMORY_GROWTH_RTOL) + 128 * 1024, (peak_small, peak_large)
     assert len(sk.universal_set()) <= d / eps
 
 
