@@ -25,6 +25,19 @@ from levstream.multihead import _STEP_BUFFER_ROWS, _STEP_CHUNK_ROWS
 H, D, DV, EPS = 3, 5, 2, 0.04
 
 
+def count_calls(monkeypatch, cls: type, name: str) -> dict:
+    """Count the calls of method ``name`` of ``cls`` (in ``calls["n"]``) for the rest of the test."""
+    calls = {"n": 0}
+    original = getattr(cls, name)
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counting)
+    return calls
+
+
 def head_result(res: ls.AttentionResult, h: int) -> ls.AttentionResult:
     return ls.AttentionResult(
         res.entries[h],
@@ -163,16 +176,7 @@ def test_gated_steps_take_the_step_path(monkeypatch):
     """Gated tokens and decode steps of a stream that forgets do not go through the heads' general chunk path
     (which made a 12-head gated step 27-33x a single-head one): between rebases no head ingests a chunk of its
     own, and the queries read the stacked live state."""
-    import levstream.sketch as sketch_module
-
-    calls = {"weigh_rows": 0}
-    original = sketch_module.KeySketch._weigh_rows
-
-    def counting(self, *args, **kwargs):
-        calls["weigh_rows"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(sketch_module.KeySketch, "_weigh_rows", counting)
+    calls = count_calls(monkeypatch, ls.KeySketch, "_weigh_rows")
     rng = np.random.default_rng(3)
     mh = ls.MultiHeadKeySketch(H, D, eps=EPS, value_dim=DV, exact_output=True, decay=0.999)
     for _ in range(50):  # e^-(50 * 0.001): far from a rebase (E would have to pass 100)
@@ -183,7 +187,7 @@ def test_gated_steps_take_the_step_path(monkeypatch):
             gates=rng.uniform(0.99, 1.0, H)[:, None],
         )
         mh.update(rng.standard_normal((H, D)), rng.standard_normal((H, DV)), gate=0.995)
-    assert calls["weigh_rows"] == 0
+    assert calls["n"] == 0
     assert mh._live is not None and mh._nb > 0
 
 
@@ -290,20 +294,13 @@ def test_token_gates_in_every_form_take_the_step_path_and_other_shapes_are_refus
     """``update``'s per-head gate as an array, a list or a tuple takes the step path (a list once went through every
     head's general path); a gate of shape (n_heads, 1) is refused at the first token, as before the step path took
     gates (it was taken until a rebase was due, then refused)."""
-    general = {"calls": 0}
-    original = ls.MultiHeadKeySketch._update_gated
-
-    def counting(self, *args, **kwargs):
-        general["calls"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(ls.MultiHeadKeySketch, "_update_gated", counting)
+    general = count_calls(monkeypatch, ls.MultiHeadKeySketch, "_update_gated")
     rng = np.random.default_rng(2)
     mh = ls.MultiHeadKeySketch(H, D, eps=EPS)
     for form in (np.array, list, tuple, lambda g: np.asarray(g, np.float32)):
         for _ in range(5):
             mh.update(rng.standard_normal((H, D)), gate=form(rng.uniform(0.9, 1.0, H).tolist()))
-    assert general["calls"] == 0 and mh.n == 20
+    assert general["n"] == 0 and mh.n == 20
     before = mh.to_bytes()
     with pytest.raises(ValueError, match=r"gate must be one number, or one per head: shape \(3,\); got shape \(3, 1\)"):
         mh.update(rng.standard_normal((H, D)), gate=np.full((H, 1), 0.9))
