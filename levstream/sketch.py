@@ -1540,6 +1540,9 @@ class KeySketch:
             "ids_exact": self._seen.exact,
             "summary": smeta,
         }
+        # when the next prune is due: a sketch loaded mid-stream prunes where this one would
+        if self._pruned_rows:
+            meta["pruned_rows"] = self._pruned_rows
         arrays = {f"summary.{k}": v for k, v in sarrays.items()}
         arrays.update(self._store.arrays(0, self._pending_from, "cand"))
         arrays.update(self._store.arrays(self._pending_from, self._store.n, "buf"))
@@ -1629,6 +1632,10 @@ class KeySketch:
             out._n, out._next_id = int(meta["n"]), int(meta["next_id"])
             if out._next_id < 0:
                 raise ValueError(f"next_id must be >= 0; got {out._next_id}")
+            # (bytes written before the thirteenth session have none: the next prune then comes as after a load)
+            out._pruned_rows = int(meta.get("pruned_rows", 0))
+            if not 0 <= out._pruned_rows <= out._n:
+                raise ValueError(f"pruned_rows must be in 0..n; got {out._pruned_rows}")
             n_pending = out._store.n - out._pending_from
             if out._summary.dim != d or out._n < out._summary.n_rows + n_pending:
                 raise ValueError("summary does not match the sketch header")

@@ -176,3 +176,33 @@ def test_future_format_version_is_rejected(small):
     data[8:10] = (_serialize.FORMAT_VERSION + 1).to_bytes(2, "little")
     with pytest.raises(ValueError, match=f"unsupported sketch format version {_serialize.FORMAT_VERSION + 1}"):
         ls.KeySketch.from_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["bytes", "pickle"])
+@pytest.mark.parametrize("options", [{}, {"value_dim": 2, "exact_output": True}, {"decay": 0.99}])
+def test_a_sketch_loaded_mid_stream_goes_on_as_the_untouched_one(how, options):
+    """A sketch saved and loaded every 97 rows (a service checkpointing its state) stays bit for bit the sketch that
+    was never saved, prunes included: the bytes carry when the next prune is due (they once did not: a loaded
+    sketch pruned at its next block, 3 000 rows later the bytes differed and it held other candidates)."""
+    rng = np.random.default_rng(0)
+    dv = options.get("value_dim")
+    kept = ls.KeySketch(8, eps=0.02, block_rows=16, **options)
+    loaded = ls.KeySketch(8, eps=0.02, block_rows=16, **options)
+    for t in range(3000):
+        x = rng.standard_normal(8) * rng.uniform(0.2, 3.0)
+        v = None if dv is None else rng.standard_normal(dv)
+        kept.update(x, v)
+        loaded.update(x, v)
+        if t % 97 == 50:
+            data = loaded.to_bytes()
+            loaded = ls.KeySketch.from_bytes(data) if how == "bytes" else pickle.loads(pickle.dumps(loaded))
+        if t % 250 == 0 or t == 2999:
+            assert loaded.to_bytes() == kept.to_bytes(), f"row {t}"
+    assert kept._pruned_rows > 0  # prunes happened (the property under test)
+
+
+def test_pruned_rows_out_of_range_is_refused(small):
+    meta, arrays, version = _serialize.unpack(small.to_bytes())
+    meta["pruned_rows"] = small.n + 1
+    with pytest.raises(ValueError, match=r"pruned_rows must be in 0\.\.n"):
+        ls.KeySketch.from_bytes(_serialize.pack(meta, arrays, version))
