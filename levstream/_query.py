@@ -27,6 +27,7 @@ from ._kernels.live import (
     checked_quadratic_rows,
     decode_p2,
     heavy_p2,
+    top_k_p2,
 )
 from ._kernels.query import threshold_power_csr
 from ._threads import lowered_blas
@@ -373,23 +374,20 @@ def _top_positions(A: np.ndarray, kk: int, ids: np.ndarray) -> np.ndarray:
     return part
 
 
-def top_k_live(view: HeadView, Q: np.ndarray, k: int, eps: float) -> TopK | None:
-    """:func:`top_k` on the live view when every query has at least ``k`` heavy entries, else None.  The entries
-    are every row held whose value reaches the reporting threshold, so when a query has ``k`` of them its
-    top-``k`` among all rows held is among them (ties by ascending id, as :func:`top_k` orders them)."""
-    entries, z = _live_find(view, Q, report_threshold(eps, 0.0))
-    counts = np.diff(entries.indptr)
-    if _untrusted(z) or not (counts >= k).all():
+def top_k_held(
+    total_gram: np.ndarray, keys: np.ndarray, ids: np.ndarray, Q: np.ndarray, k: int, eps: float
+) -> TopK | None:
+    """:func:`top_k` of a few queries over every row held (``keys``, ids ``ids``: the candidates and every pending
+    row), p = 2 with ``total_gram`` the Gram matrix of every key fed: one compiled pass
+    (:func:`~levstream._kernels.live.top_k_p2`); None when some query's ``Z`` cannot be trusted (the caller then
+    answers through the held view)."""
+    out_ids, out_vals, z = top_k_p2(Q, total_gram, keys, ids, k)
+    if _untrusted(z):
         return None
-    m = Q.shape[0]
-    out_ids = np.empty((m, k), dtype=np.int64)
-    out_vals = np.empty((m, k))
-    for i in range(m):
-        a, b = entries.indptr[i], entries.indptr[i + 1]
-        ids, vals = entries.key_ids[a:b], entries.values[a:b]
-        order = np.lexsort((ids, -vals))[:k]  # descending value, ties by ascending id
-        out_ids[i], out_vals[i] = ids[order], vals[order]
-    return TopK(out_ids, out_vals, out_vals[:, -1] >= eps, eps)
+    certified = (
+        (z > 0) & (out_vals[:, -1] >= eps) if k <= keys.shape[0] else np.zeros(Q.shape[0], bool)
+    )
+    return TopK(out_ids, out_vals, certified, eps)
 
 
 def _rows_at(

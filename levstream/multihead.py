@@ -998,10 +998,8 @@ class MultiHeadKeySketch:
         k = check_int(k, "k", minimum=1)
         with self._lock:
             self._sync()
-            return [
-                _query.top_k(h._held_view(), Q[i], self.p, k, self.eps)
-                for i, h in enumerate(self._heads)
-            ]
+            # each head's own top_k: a few queries take its compiled pass over every row held
+            return [h.top_k(Q[i], k) for i, h in enumerate(self._heads)]
 
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
         """:meth:`KeySketch.attend` for every head: ``entries`` is a list (one per head), the arrays have a head

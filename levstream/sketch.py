@@ -1323,8 +1323,14 @@ class KeySketch:
         k = check_int(k, "k", minimum=1)
         with self._lock:
             view = self._view()
-            if _query.is_live(view, Q, self._p):  # a few queries, each with k heavy entries
-                found = _query.top_k_live(view, Q, k, self._eps)
+            if _query.is_live(
+                view, Q, self._p
+            ):  # a few queries: one compiled pass over every row held
+                assert view.total_gram is not None
+                st = self._store
+                found = _query.top_k_held(
+                    view.total_gram, st.keys_view(), st.ids_view(), Q, k, self._eps
+                )
                 if found is not None:
                     return found
             return _query.top_k(self._held_view(), Q, self._p, k, self._eps)

@@ -110,6 +110,58 @@ def checked_quadratic_rows(Q, G):  # pragma: no cover - compiled
     return out
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _place(bv, bi, p, a, key_id):  # pragma: no cover - compiled
+    """Put ``(a, key_id)`` into the sorted ``bv``/``bi`` (descending value, ties by ascending id) at or before
+    slot ``p`` (its entry is dropped), shifting the entries after it."""
+    while p > 0 and (bv[p - 1] < a or (bv[p - 1] == a and bi[p - 1] > key_id)):
+        bv[p] = bv[p - 1]
+        bi[p] = bi[p - 1]
+        p -= 1
+    bv[p] = a
+    bi[p] = key_id
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
+def top_k_p2(Q, G, K, ids, k):  # pragma: no cover - compiled
+    """The ``k`` largest ``A = <q, x>^2 / Z`` of each query over every row ``x`` of ``K`` (float32 or float64; ids
+    ``ids``), with ``Z = q^T G q`` (``G`` the Gram matrix of every key fed): ``(key_ids, values, z)``, shapes
+    (m, k), (m, k), (m,), by descending value with ties by ascending id, padded with -1 / nan.  A query whose ``z``
+    is ``UNRELIABLE`` (see :func:`_checked_quadratic`) or not positive gets the padding only (the caller answers an
+    unreliable one another way).  One pass over the rows, a sorted buffer of ``k`` entries per query."""
+    m, d = Q.shape
+    n = K.shape[0]
+    kk = min(k, n)
+    tol = (d * UNIT_ROUNDOFF) ** 2
+    out_ids = np.full((m, k), -1, dtype=np.int64)
+    out_vals = np.full((m, k), np.nan)
+    z = np.empty(m)
+    bv = np.empty(max(kk, 1))
+    bi = np.empty(max(kk, 1), dtype=np.int64)
+    for i in range(m):
+        zi = _checked_quadratic(Q[i], G, d, tol)
+        z[i] = zi
+        if not zi > 0.0 or kk == 0:
+            continue
+        q = Q[i]
+        cnt = 0
+        for j in range(n):
+            v = 0.0
+            for a in range(d):
+                v += q[a] * K[j, a]
+            a_j = (v * v) / zi
+            key_id = ids[j]
+            if cnt < kk:
+                _place(bv, bi, cnt, a_j, key_id)
+                cnt += 1
+            elif a_j > bv[kk - 1] or (a_j == bv[kk - 1] and key_id < bi[kk - 1]):
+                _place(bv, bi, kk - 1, a_j, key_id)
+        for c in range(kk):
+            out_ids[i, c] = bi[c]
+            out_vals[i, c] = bv[c]
+    return out_ids, out_vals, z
+
+
 @numba.njit(nogil=True, cache=True)
 def add_rows_and_bound(X, G, W, threshold, keep, norms):  # pragma: no cover - compiled
     """``G += X^T X`` in place, and ``keep[i] = u_i / (1 + u_i) >= threshold`` with ``u_i = ||x_i W||^2``
