@@ -279,12 +279,12 @@ class MultiHeadKeySketch:
         )
 
     def _refuse_steps(self, X: np.ndarray, V: np.ndarray | None, names: str = "XV") -> None:
-        """Raise the error of the general path for tokens that are not finite (or whose squares overflow);
-        ``names``: the caller's names of the keys and the values."""
+        """Raise the error of the general path for tokens that are not finite (or whose own squares overflow);
+        return when every row passes (only the sum of squares over the tokens overflowed, which is fine: the
+        summaries take such rows); ``names``: the caller's names of the keys and the values."""
         self._stack(X, names[0], self.dim)
         if V is not None:
             self._stack(V, names[1], V.shape[2], "value_dim")
-        raise AssertionError("unreachable: the tokens passed validation")  # pragma: no cover
 
     def _values(self, V: Any, m: int) -> np.ndarray | None:
         dv = self.value_dim
@@ -1494,14 +1494,16 @@ def _token_gates(gate: Any) -> Any:
 def _tokens_fit(X: np.ndarray, V: np.ndarray | None) -> bool:
     """Whether tokens ``X`` (values ``V``) are finite and small enough that no weight of a frame (at most
     ``e^100``) makes their squares or their moment terms overflow: ``||x||^2`` and ``||x||^2 max |v|`` below
-    ``1e264``."""
+    ``1e264``, and the values' own squares finite."""
     sq = np.einsum("hmd,hmd->hm", X, X)
     if not (np.isfinite(sq).all() and sq.max(initial=0.0) < 1e264):
         return False
     if V is None:
         return True
     vmax = np.abs(V).max(axis=2, initial=0.0)
-    return bool(np.isfinite(vmax).all() and (sq * vmax).max(initial=0.0) < 1e264)
+    return bool(
+        np.isfinite(np.einsum("hmd,hmd->hm", V, V)).all() and (sq * vmax).max(initial=0.0) < 1e264
+    )
 
 
 def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:

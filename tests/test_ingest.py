@@ -41,7 +41,9 @@ BLOCK = 4096  # four slabs of 1024 rows per block
 #: ``(d + 2) sum_c (sum_a |x_a W_ac|)^2`` (each ``y_c`` within ``d u`` of those terms, its square and the sum of squares
 #: another few ``u``): the tie band of the candidate test.
 FLOAT64_SPREAD = 8 * 2.0**-53
-#: Scores this close to a threshold (relative) may be kept or dropped, depending on the rounding of the product.
+#: Scores this close to a threshold (relative) may be kept or dropped, depending on the rounding of the product:
+#: for the well-conditioned heavy-tailed keys of the prune test, far above the spread of two float64 evaluations
+#: (FLOAT64_SPREAD relative to the score, times the condition of the product; 3e-16 observed).
 SCORE_TIE = 1e-12
 
 
@@ -139,7 +141,7 @@ def test_float32_screen_decides_as_the_float64_test(d, monkeypatch):
         screened, _ = kernels.slab_pass(Xc, np.zeros(0), 0.0, W, threshold, wide, fn, W32, w_inv, fn32)
         plain, _ = kernels.slab_pass(Xc, np.zeros(0), 0.0, W, threshold, wide, fn, NO_W32, 0.0, fn32)
         # The float64 test's own rounding depends on how many rows BLAS's trmm multiplies at once (OpenBLAS on an
-        # AVX-512 EPYC: fewer than 8 rows and 8 or more round differently), and the screen leaves it fewer rows: a
+        # AVX-512 EPYC, d = 64: fewer than 8 rows and 8 or more round differently), and the screen leaves it fewer rows: a
         # row whose float64 bound is within that rounding of the threshold may go either way, with or without the
         # screen (docs/theory.md, "The float32 screen").  Every other row must be decided alike.
         with np.errstate(over="ignore", invalid="ignore"):

@@ -305,3 +305,45 @@ def test_token_gates_in_every_form_take_the_step_path_and_other_shapes_are_refus
     with pytest.raises(ValueError, match=r"gate must be one number, or one per head: shape \(3,\); got shape \(3, 1\)"):
         mh.update(rng.standard_normal((H, D)), gate=np.full((H, 1), 0.9))
     assert mh.to_bytes() == before
+
+
+@pytest.mark.parametrize("bad", [0, 2])
+def test_a_value_whose_squares_overflow_is_refused_in_a_chunk_a_frame_rebases_in(bad):
+    """A chunk of 4 gated tokens whose token 2 rebases the frames and whose token ``bad`` has a value row of 1e160
+    (its squares overflow) is refused whole, as KeySketch refuses such a value.  The first version retook such a
+    chunk token by token without checking the values' own squares: it took it (bad = 0), or refused it after
+    taking two tokens (bad = 2)."""
+    rng = np.random.default_rng(0)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS, value_dim=DV)
+    mh.update_many(rng.standard_normal((H, 3, D)), rng.standard_normal((H, 3, DV)), gates=np.full(3, 0.9))
+    before, next_id = mh.to_bytes(), mh.next_id
+    V = rng.standard_normal((H, 4, DV))
+    V[1, bad] = 1e160
+    g = np.full((H, 4), 0.9)
+    g[:, 2] = 1e-44  # e^-101: the frames rebase at token 2
+    with pytest.raises(ValueError, match="V has values so large that their squares overflow"):
+        mh.update_many(rng.standard_normal((H, 4, D)), V, gates=g)
+    assert mh.to_bytes() == before and mh.next_id == next_id
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("what", ["keys", "values"])
+def test_rows_whose_squares_fit_but_whose_sum_overflows_are_taken(gated, what):
+    """Two tokens whose rows each have squares summing to ~1e308 (each fits float64; their sum over the chunk does
+    not) are taken, as KeySketch takes them (the summaries hold such rows).  The step path once checked only the
+    sum, then found every row valid and raised AssertionError('unreachable')."""
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((H, 2, D))
+    V = rng.standard_normal((H, 2, DV))
+    big = np.sqrt(0.98e308 / D)
+    if what == "keys":
+        X[:] = big * np.sign(X)
+    else:
+        V[:] = np.sqrt(0.98e308 / DV)
+    gates = np.full(2, 0.9) if gated else None
+    alone = ls.KeySketch(D, eps=EPS, value_dim=DV).update_many(X[0], V[0], gates=gates)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS, value_dim=DV)
+    mh.update_many(X, V, gates=gates)
+    assert mh.n == alone.n == 2
+    q = rng.standard_normal((1, D)) * 1e-150
+    assert mh.heavy_entries(q[None].repeat(H, 0))[0].as_set() == alone.heavy_entries(q).as_set()

@@ -121,9 +121,9 @@ def weigh_heads(X, neg_logs, frames, dst, start, frames_out):  # pragma: no cove
     """:func:`weigh_row` for the tokens ``X`` (heads, m, width) of every head, head ``h``'s rows with the gates
     ``neg_logs[h]`` in its frame ``frames[h] = (e_hi, e_lo, t_hi, t_lo)``: the weighted rows go to
     ``dst[h, start:start + m]``, the frames after them to ``frames_out``.  Returns the sum of all squares of the
-    weighted rows (nan/inf when a row has a nan/inf or its weighted squares overflow), or -1.0 as soon as a
-    head's frame would need a rebase (``dst`` and ``frames_out`` are then partly written: the caller takes the
-    general path).  Each row gets the bits :func:`weigh_row` gives it: a head fed here equals one fed row by row."""
+    weighted rows (nan/inf when a row has a nan/inf, or the weighted squares of a row or their sum over the rows
+    overflow), or -1.0 as soon as a head's frame would need a rebase (``dst`` and ``frames_out`` are then partly
+    written: the caller takes the general path).  Each row gets the bits :func:`weigh_row` gives it: a head fed here equals one fed row by row."""
     H, m, w = X.shape
     acc = 0.0
     for h in range(H):
