@@ -59,7 +59,7 @@ from ._validation import (
 )
 from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
-from .sketch import KeySketch, _at_most_one_item, _check_magnitude
+from .sketch import _TOP_K_PASS_MAX, KeySketch, _at_most_one_item, _check_magnitude
 from .summaries.gram import GramSummary
 
 __all__ = ["MultiHeadKeySketch"]
@@ -565,6 +565,9 @@ class MultiHeadKeySketch:
                     and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
                 ):
                     self._refuse_steps(x[:, None, :], None if v is None else v[:, None, :], "xv")
+                # every head's moment terms before any head takes the token (a head refusing it alone would leave
+                # the heads out of step)
+                self._check_moments(x[:, None, :], None if v is None else v[:, None, :])
                 self._sync()
                 self._heads[0]._check_next_id()
                 self._stale = True
@@ -998,8 +1001,23 @@ class MultiHeadKeySketch:
         k = check_int(k, "k", minimum=1)
         with self._lock:
             self._sync()
-            # each head's own top_k: a few queries take its compiled pass over every row held
-            return [h.top_k(Q[i], k) for i, h in enumerate(self._heads)]
+            # a few queries: each head's compiled pass over every row it holds, with G from the stacked live state
+            # (the heads' own live caches would copy their candidates once more)
+            live = self._live_state(Q.shape[1]) if k <= _TOP_K_PASS_MAX else None
+            out = []
+            for i, h in enumerate(self._heads):
+                found = None
+                if live is not None:
+                    st = h._store
+                    found = _query.top_k_held(
+                        live.LG[i], st.keys_view(), st.ids_view(), Q[i], k, self.eps
+                    )
+                out.append(
+                    found
+                    if found is not None
+                    else _query.top_k(h._held_view(), Q[i], self.p, k, self.eps)
+                )
+            return out
 
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
         """:meth:`KeySketch.attend` for every head: ``entries`` is a list (one per head), the arrays have a head

@@ -1323,9 +1323,9 @@ class KeySketch:
         k = check_int(k, "k", minimum=1)
         with self._lock:
             view = self._view()
-            if _query.is_live(
-                view, Q, self._p
-            ):  # a few queries: one compiled pass over every row held
+            # a few queries, k of a few dozen at most: one compiled pass over every row held (a heap of k entries
+            # each, O(n log k); beyond, the ranking's sort is faster when most rows enter the heap)
+            if k <= _TOP_K_PASS_MAX and _query.is_live(view, Q, self._p):
                 assert view.total_gram is not None
                 st = self._store
                 found = _query.top_k_held(
@@ -1639,9 +1639,10 @@ class KeySketch:
             if out._next_id < 0:
                 raise ValueError(f"next_id must be >= 0; got {out._next_id}")
             # (bytes written before the thirteenth session have none: the next prune then comes as after a load)
-            out._pruned_rows = int(meta.get("pruned_rows", 0))
-            if not 0 <= out._pruned_rows <= out._n:
-                raise ValueError(f"pruned_rows must be in 0..n; got {out._pruned_rows}")
+            pruned = meta.get("pruned_rows", 0)
+            if type(pruned) is not int or not 0 <= pruned <= out._n:
+                raise ValueError(f"pruned_rows must be an integer in 0..n; got {pruned!r}")
+            out._pruned_rows = pruned
             n_pending = out._store.n - out._pending_from
             if out._summary.dim != d or out._n < out._summary.n_rows + n_pending:
                 raise ValueError("summary does not match the sketch header")
@@ -1951,6 +1952,9 @@ _WEIGH_PIECE_ROWS = 4096
 
 #: Largest total size of the slab Gram blocks of one wave.
 _WAVE_GRAM_BYTES = 16 << 20
+
+#: ``top_k`` of at most this many entries per query takes the compiled pass over the rows held (see top_k).
+_TOP_K_PASS_MAX = 64
 
 #: Candidates are rescored once they exceed twice the number left by the last prune, and at least this many.
 _PRUNE_MIN_ROWS = 256

@@ -538,3 +538,27 @@ def test_top_k_compiled_pass_equals_the_ranking_of_the_rows_held(dtype):
             np.testing.assert_array_equal(got.key_ids, want.key_ids, err_msg=f"trial {trial}")
             np.testing.assert_allclose(got.values, want.values, rtol=1e-9, equal_nan=True)
             np.testing.assert_array_equal(got.certified, want.certified)
+
+
+def test_top_k_heap_ranks_rows_fed_in_increasing_order():
+    """The compiled pass keeps a heap of the k best entries: rows whose values increase along the stream (each one
+    enters the heap, the worst case) and k up to the pass's limit, against the general ranking and dense top-k."""
+    from levstream import _query
+    from levstream.sketch import _TOP_K_PASS_MAX
+
+    rng = np.random.default_rng(3)
+    d, n = 3, 500
+    q = np.array([[1.0, 0.0, 0.0]])
+    K = rng.standard_normal((n, d)) * 0.01
+    K[:, 0] = np.linspace(0.1, 5.0, n)  # <q, k_j>^2 increases with j
+    K[n // 2] = K[n // 2 - 1]  # an exact tie
+    sk = ls.KeySketch(d, eps=0.5, block_rows=1024).update_many(K)  # every row pending: all held
+    for k in (1, 2, 7, 33, _TOP_K_PASS_MAX):
+        got = sk.top_k(q, k)
+        with sk._lock:
+            want = _query.top_k(sk._held_view(), q, 2.0, k, 0.5)
+        np.testing.assert_array_equal(got.key_ids, want.key_ids)
+        np.testing.assert_allclose(got.values, want.values, rtol=1e-12)
+        A = (K @ q[0]) ** 2
+        order = np.lexsort((np.arange(n), -A))[:k]
+        np.testing.assert_array_equal(got.key_ids[0], order)

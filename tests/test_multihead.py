@@ -315,3 +315,20 @@ def test_normalizer_of_a_stream_that_forgets_is_the_decayed_one(forget):
     for h in range(H):
         want = ((Q[h] @ K[h].T) ** 2 * np.exp(log_c)).sum(axis=1)
         np.testing.assert_allclose(got[h], want, rtol=VALUE_RTOL)
+
+
+def test_a_token_refused_for_its_moment_terms_leaves_every_head_as_it_was():
+    """Heads off the step path (p = 4, exact outputs): a token whose moment terms overflow in head 1 only is refused
+    before any head takes it (head 0 once took it, leaving the heads out of step: their bytes then failed to
+    load)."""
+    rng = np.random.default_rng(0)
+    mh = ls.MultiHeadKeySketch(2, 3, eps=0.1, p=4, exact=True, value_dim=1, exact_output=True)
+    mh.update_many(rng.standard_normal((2, 5, 3)), rng.standard_normal((2, 5, 1)))
+    before = mh.to_bytes()
+    x, v = rng.standard_normal((2, 3)), rng.standard_normal((2, 1))
+    x[1], v[1] = 1e80, 1e10
+    with pytest.raises(ValueError, match="head 1"):
+        mh.update(x, v)
+    assert mh.to_bytes() == before
+    mh.update(rng.standard_normal((2, 3)), rng.standard_normal((2, 1)))
+    assert ls.MultiHeadKeySketch.from_bytes(mh.to_bytes()).n == 6

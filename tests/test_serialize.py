@@ -201,8 +201,11 @@ def test_a_sketch_loaded_mid_stream_goes_on_as_the_untouched_one(how, options):
     assert kept._pruned_rows > 0  # prunes happened (the property under test)
 
 
-def test_pruned_rows_out_of_range_is_refused(small):
+@pytest.mark.parametrize("bad", ["n + 1", -1, 2.5, "12", True, None, float("inf"), float("nan")])
+def test_pruned_rows_not_an_integer_in_range_is_refused(small, bad):
+    """A header whose ``pruned_rows`` is not an integer in 0..n (checksum recomputed) is a clear ValueError (``int()``
+    once took 2.5, '12' and True, and raised OverflowError for inf)."""
     meta, arrays, version = _serialize.unpack(small.to_bytes())
-    meta["pruned_rows"] = small.n + 1
-    with pytest.raises(ValueError, match=r"pruned_rows must be in 0\.\.n"):
+    meta["pruned_rows"] = small.n + 1 if bad == "n + 1" else bad
+    with pytest.raises(ValueError, match=r"pruned_rows must be an integer in 0\.\.n"):
         ls.KeySketch.from_bytes(_serialize.pack(meta, arrays, version))

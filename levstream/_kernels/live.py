@@ -111,15 +111,25 @@ def checked_quadratic_rows(Q, G):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _place(bv, bi, p, a, key_id):  # pragma: no cover - compiled
-    """Put ``(a, key_id)`` into the sorted ``bv``/``bi`` (descending value, ties by ascending id) at or before
-    slot ``p`` (its entry is dropped), shifting the entries after it."""
-    while p > 0 and (bv[p - 1] < a or (bv[p - 1] == a and bi[p - 1] > key_id)):
-        bv[p] = bv[p - 1]
-        bi[p] = bi[p - 1]
-        p -= 1
-    bv[p] = a
-    bi[p] = key_id
+def _worse(a, ia, b, ib):  # pragma: no cover - compiled
+    """Whether entry ``(a, ia)`` ranks below ``(b, ib)``: a smaller value, or the same value and a larger id."""
+    return a < b or (a == b and ia > ib)
+
+
+@numba.njit(nogil=True, cache=True)
+def _sift_down(bv, bi, i, size):  # pragma: no cover - compiled
+    """Restore the heap of ``bv[:size]``/``bi[:size]`` below slot ``i`` (the worst-ranked entry at the root)."""
+    while True:
+        c = 2 * i + 1
+        if c >= size:
+            return
+        if c + 1 < size and _worse(bv[c + 1], bi[c + 1], bv[c], bi[c]):
+            c += 1
+        if not _worse(bv[c], bi[c], bv[i], bi[i]):
+            return
+        bv[i], bv[c] = bv[c], bv[i]
+        bi[i], bi[c] = bi[c], bi[i]
+        i = c
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"nsz", "contract", "reassoc"})
@@ -128,7 +138,8 @@ def top_k_p2(Q, G, K, ids, k):  # pragma: no cover - compiled
     ``ids``), with ``Z = q^T G q`` (``G`` the Gram matrix of every key fed): ``(key_ids, values, z)``, shapes
     (m, k), (m, k), (m,), by descending value with ties by ascending id, padded with -1 / nan.  A query whose ``z``
     is ``UNRELIABLE`` (see :func:`_checked_quadratic`) or not positive gets the padding only (the caller answers an
-    unreliable one another way).  One pass over the rows, a sorted buffer of ``k`` entries per query."""
+    unreliable one another way).  One pass over the rows with a heap of the ``k`` best entries (worst at the root:
+    ``O(n log k)``), sorted at the end."""
     m, d = Q.shape
     n = K.shape[0]
     kk = min(k, n)
@@ -144,18 +155,32 @@ def top_k_p2(Q, G, K, ids, k):  # pragma: no cover - compiled
         if not zi > 0.0 or kk == 0:
             continue
         q = Q[i]
-        cnt = 0
         for j in range(n):
             v = 0.0
             for a in range(d):
                 v += q[a] * K[j, a]
             a_j = (v * v) / zi
             key_id = ids[j]
-            if cnt < kk:
-                _place(bv, bi, cnt, a_j, key_id)
-                cnt += 1
-            elif a_j > bv[kk - 1] or (a_j == bv[kk - 1] and key_id < bi[kk - 1]):
-                _place(bv, bi, kk - 1, a_j, key_id)
+            if j < kk:  # filling: the new entry sifts up
+                c = j
+                bv[c], bi[c] = a_j, key_id
+                while c > 0:
+                    parent = (c - 1) // 2
+                    if not _worse(bv[c], bi[c], bv[parent], bi[parent]):
+                        break
+                    bv[c], bv[parent] = bv[parent], bv[c]
+                    bi[c], bi[parent] = bi[parent], bi[c]
+                    c = parent
+            elif _worse(
+                bv[0], bi[0], a_j, key_id
+            ):  # better than the worst kept: it takes the root's place
+                bv[0], bi[0] = a_j, key_id
+                _sift_down(bv, bi, 0, kk)
+        # heapsort: the worst entry goes to the end, the best ends first
+        for size in range(kk - 1, 0, -1):
+            bv[0], bv[size] = bv[size], bv[0]
+            bi[0], bi[size] = bi[size], bi[0]
+            _sift_down(bv, bi, 0, size)
         for c in range(kk):
             out_ids[i, c] = bi[c]
             out_vals[i, c] = bv[c]
