@@ -278,7 +278,7 @@ class MultiHeadKeySketch:
             and (not finite or bool(sq_norm(X.reshape(-1)) < np.inf))
         )
 
-    def _refuse_steps(self, X: np.ndarray, V: np.ndarray | None, names: str = "XV") -> None:
+    def _validate_steps(self, X: np.ndarray, V: np.ndarray | None, names: str = "XV") -> None:
         """Raise the error of the general path for tokens that are not finite (or whose own squares overflow);
         return when every row passes (only the sum of squares over the tokens overflowed, which is fine: the
         summaries take such rows); ``names``: the caller's names of the keys and the values."""
@@ -350,7 +350,7 @@ class MultiHeadKeySketch:
                 np.isfinite(np.einsum("ijk,ijk->", X, X))
                 and (V is None or np.isfinite(np.einsum("ijk,ijk->", V, V)))
             ):
-                self._refuse_steps(X, V, names)
+                self._validate_steps(X, V, names)
             checked = True
             self._sync()
         nb = self._nb
@@ -385,7 +385,7 @@ class MultiHeadKeySketch:
             total += copy_rows_sq(self._bufv, nb, V)
         # the rows past _nb are free room: a refused token has changed nothing
         if not checked and not total < np.inf:
-            self._refuse_steps(X, V, names)
+            self._validate_steps(X, V, names)
         self._check_moments(X, V)
         if negs is not None:
             self._frames = frames
@@ -564,7 +564,7 @@ class MultiHeadKeySketch:
                     np.isfinite(np.einsum("ij,ij->", x, x))
                     and (v is None or np.isfinite(np.einsum("ij,ij->", v, v)))
                 ):
-                    self._refuse_steps(x[:, None, :], None if v is None else v[:, None, :], "xv")
+                    self._validate_steps(x[:, None, :], None if v is None else v[:, None, :], "xv")
                 # every head's moment terms before any head takes the token (a head refusing it alone would leave
                 # the heads out of step)
                 self._check_moments(x[:, None, :], None if v is None else v[:, None, :])
