@@ -17,6 +17,9 @@ Figures (d = 64, eps = 0.01, dv = 64, p = 2):
   (``G += X.T @ X``) on the same chunks;
 * ``decode``: a decode step with values (``sk.prefill`` of one row: exact output and heavy entries)
   against dense p = 2 attention with values over the prefix;
+* ``short``: decode steps with values at short contexts (a prompt of 100 to 1000 tokens, then steps), one head
+  and 32 heads (``MultiHeadKeySketch.prefill`` of (H, 1, d)), against dense NumPy over the prefix (the heads
+  batched in one ``matmul``);
 * ``prefill``: causal prefill in 4096-row chunks against dense causal attention (blocked);
 * ``gemm``: bulk ``update_many`` with values and exact outputs over the GEMM ``phi(K)^T V`` of the
   same flop count;
@@ -76,7 +79,7 @@ OUTPUT_RTOL = 1e-10
 #: far, lowered by this factor for rounding: the final normaliser is larger, so this is a superset.
 CANDIDATE_SLACK = 1e-6
 
-SECTIONS = ("live", "filtered", "forms", "heads", "bulk", "decode", "prefill", "gemm", "rss")
+SECTIONS = ("live", "filtered", "forms", "heads", "bulk", "decode", "short", "prefill", "gemm", "rss")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,9 @@ class Sizes:
     n_heads: int
     bulk_n: int
     decode_n: tuple[int, ...]
+    short_n: tuple[int, ...]  # prompt lengths of the short-context decode steps
+    short_heads: tuple[int, ...]
+    short_steps_per_round: int
     prefill_n: int
     prefill_chunk: int
     gemm_n: int
@@ -100,12 +106,14 @@ class Sizes:
 
 
 FULL = Sizes(live_n=(10_000, 100_000, 1_000_000), heads_n=100_000, n_heads=12, bulk_n=2_000_000,
-             decode_n=(10_000, 100_000, 1_000_000), prefill_n=100_000, prefill_chunk=4096,
+             decode_n=(10_000, 100_000, 1_000_000), short_n=(100, 500, 1000), short_heads=(1, 32),
+             short_steps_per_round=40, prefill_n=100_000, prefill_chunk=4096,
              gemm_n=262_144, rss_n=(10_000, 1_000_000), warm_steps=100, rounds=5,
              steps_per_round=400, heads_steps_per_round=400, dense_budget_s=0.4, prefill_rounds=3,
              rss_fixed_mmap=True)
 QUICK = Sizes(live_n=(1_000, 10_000), heads_n=5_000, n_heads=12, bulk_n=131_072,
-              decode_n=(1_000, 10_000), prefill_n=2048, prefill_chunk=512, gemm_n=16_384,
+              decode_n=(1_000, 10_000), short_n=(100, 300), short_heads=(1, 4), short_steps_per_round=10,
+              prefill_n=2048, prefill_chunk=512, gemm_n=16_384,
               rss_n=(10_000, 20_000), warm_steps=40, rounds=3, steps_per_round=320,
               heads_steps_per_round=100, dense_budget_s=0.05, prefill_rounds=3,
               rss_fixed_mmap=False)
@@ -783,6 +791,114 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
     return out
 
 
+# ---------------------------------------------------------------------- decode steps at short contexts
+def dense_heads_step(K: np.ndarray, V: np.ndarray, m: int, x: np.ndarray, v: np.ndarray, q: np.ndarray,
+                     eps: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """A decode step of every head at once over the preallocated ``K`` (H, N, d) and ``V`` (H, N, dv): the
+    token ``x`` (H, d) with value ``v`` becomes position ``m``, then every ``A >= eps`` of the queries ``q``
+    (H, d) over positions ``0..m`` (per head) and the outputs (H, dv)."""
+    K[:, m] = x
+    V[:, m] = v
+    s = np.matmul(K[:, : m + 1], q[:, :, None])[:, :, 0]
+    s *= s
+    Z = s.sum(axis=1)
+    entries = []
+    for h in range(K.shape[0]):
+        idx = np.flatnonzero(s[h] >= eps * Z[h])
+        entries.append((idx, s[h, idx] / Z[h]))
+    return entries, np.matmul(s[:, None, :], V[:, : m + 1])[:, 0] / Z[:, None]
+
+
+@section_env
+def bench_short(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> dict:
+    """Decode steps with values after a prompt of ``n0`` tokens, for one head and for several (see
+    :func:`short_case`), at every prompt length of ``sz.short_n``."""
+    out: dict[str, Any] = {"n": list(sz.short_n), "heads": list(sz.short_heads), "cases": {}}
+    checks = []
+    for H in sz.short_heads:
+        for n0 in sz.short_n:
+            case = short_case(sz, d, eps, dv, H, n0)
+            failures.add(f"short H={H} n0={n0}", case["check"])
+            checks.append(case["check"])
+            out["cases"][f"{H}x{n0}"] = case
+    out["check"] = merge_checks(*checks, same_rows=False)
+    return out
+
+
+def short_case(sz: Sizes, d: int, eps: float, dv: int, H: int, n0: int) -> dict:
+    """``prefill`` of a prompt of ``n0`` tokens, then decode steps (one ``prefill`` of one token per head), with
+    a ``KeySketch`` for one head and a ``MultiHeadKeySketch`` for ``H``, against :func:`dense_step_values` for
+    one head and :func:`dense_heads_step` (the heads batched) for several; rounds alternate between the sketch and the dense steps at the same positions
+    (default and one BLAS thread).  Every step of both is checked against brute force."""
+    per = sz.short_steps_per_round
+    T = sz.warm_steps + sz.rounds * per
+    N = n0 + T
+    K = np.stack([keys(N, d, seed=40 + h) for h in range(H)])
+    V = np.stack([values(N, dv, seed=40 + h) for h in range(H)])
+    Q = np.stack([attention_like_queries(N, d, seed=50 + h, key_seed=40 + h) for h in range(H)])
+    if H == 1:
+        sk: Any = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
+        sk.prefill(K[0, :n0], V[0, :n0], Q[0, :n0])
+    else:
+        sk = ls.MultiHeadKeySketch(H, d, eps=eps, value_dim=dv, exact_output=True)
+        sk.prefill(K[:, :n0], V[:, :n0], Q[:, :n0])
+    got: list[Any] = [None] * T
+    Kd, Vd = np.zeros_like(K), np.zeros_like(V)
+    Kd[:, :n0], Vd[:, :n0] = K[:, :n0], V[:, :n0]
+    dense_got: list[tuple[int, Any]] = []
+
+    def sketch_steps(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            m = n0 + t
+            if H == 1:
+                got[t] = sk.prefill(K[0, m : m + 1], V[0, m : m + 1], Q[0, m : m + 1])
+            else:
+                got[t] = sk.prefill(K[:, m : m + 1], V[:, m : m + 1], Q[:, m : m + 1])
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    buf, mask = np.empty(N), np.empty(N, dtype=bool)
+
+    def dense_steps(lo: int, hi: int) -> float:
+        t0 = time.perf_counter()
+        for t in range(lo, hi):
+            m = n0 + t
+            if H == 1:  # the single-head twin of the decode section (no head axis to batch)
+                idx, vals, o = dense_step_values(Kd[0], Vd[0], m, K[0, m], V[0, m], Q[0, m], eps, buf, mask)
+                dense_got.append((t, ([(idx, vals)], o[None])))
+            else:
+                dense_got.append((t, dense_heads_step(Kd, Vd, m, K[:, m], V[:, m], Q[:, m], eps)))
+        return (time.perf_counter() - t0) / (hi - lo)
+
+    sketch_steps(0, sz.warm_steps)
+    dense_steps(0, sz.warm_steps)
+    t_sk: list[float] = []
+    t_dense: dict[str, list[float]] = {name: [] for name, _ in DENSE_THREADS}
+    for r in range(sz.rounds):
+        lo = sz.warm_steps + r * per
+        t_sk.append(sketch_steps(lo, lo + per))
+        for name, setting in (DENSE_THREADS if r % 2 == 0 else DENSE_THREADS[::-1]):
+            with limited(setting):  # the second setting writes the round's rows again: part of a step
+                t_dense[name].append(dense_steps(lo, lo + per))
+    ends = n0 + 1 + np.arange(T)
+    rows = np.array([t for t, _ in dense_got])
+    checks = []
+    for h in range(H):
+        ref = brute_force(Q[h, n0:], K[h], ends, eps, V=V[h])
+        heads = [(g.entries, g.output) if H == 1 else (g.entries[h], g.output[h]) for g in got]
+        checks.append(merge_checks(
+            compare_rows([entries_of(e) for e, _ in heads], ref, eps),
+            compare_outputs(np.concatenate([o for _, o in heads]), ref)))
+        checks.append(merge_checks(
+            compare_rows([e[h] for _, (e, _) in dense_got], ref, eps, rows=rows),
+            compare_outputs(np.array([o[h] for _, (_, o) in dense_got]), ref, rows=rows)))
+    best = [min(a, b) for a, b in zip(t_dense["default"], t_dense["1"])]
+    return {"heads": H, "n0": n0, "steps_checked": T, "sketch_step_s": spread(t_sk),
+            "dense_step_s": {name: spread(v) for name, v in t_dense.items()},
+            "ratio_to_dense": spread([a / b for a, b in zip(t_sk, best)]),
+            "check": merge_checks(*checks, same_rows=False)}
+
+
 # ---------------------------------------------------------------------- causal prefill
 def dense_causal(K: np.ndarray, V: np.ndarray, Q: np.ndarray, eps: float,
                  block: int = 256) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
@@ -1075,6 +1191,13 @@ def summary_rows(res: dict) -> list[tuple[str, str, str, bool | None]]:
                              f"p50 {lat['p50'] * us:.1f} us, p99 {lat['p99'] * us:.1f} us, "
                              f"p99.9 {lat['p99.9'] * us:.0f} us, max {lat['max'] * us:.0f} us; "
                              f"{lat['over_1ms']} steps over 1 ms", "-", None))
+    if "short" in res:
+        for case in res["short"]["cases"].values():
+            dense = case["dense_step_s"]
+            measured = (f"{fmt(case['ratio_to_dense'], digits=2)} ({fmt(case['sketch_step_s'], us, 0)} us vs "
+                        f"{fmt(dense['1'], us, 0)} us 1-thread / {fmt(dense['default'], us, 0)} us default)")
+            label = f"decode step with values after a {case['n0']}-token prompt, {case['heads']} head(s), sketch / dense"
+            rows.append((label, measured, "-", None))
     if "prefill" in res:
         p = res["prefill"]
         measured = (f"{fmt(p['speedup'], digits=1)}x ({fmt(p['sketch_s'], digits=2)} s vs "
@@ -1149,6 +1272,7 @@ def main(argv: list[str] | None = None) -> int:
         "heads": lambda: bench_heads(sz, d, eps, failures),
         "bulk": lambda: bench_bulk(sz, d, eps, failures),
         "decode": lambda: bench_decode(sz, d, eps, dv, failures),
+        "short": lambda: bench_short(sz, d, eps, dv, failures),
         "prefill": lambda: bench_prefill(sz, d, eps, dv, failures),
         "gemm": lambda: bench_gemm(sz, d, eps, dv, failures),
         "rss": lambda: bench_rss(sz, d, eps, dv, failures)}

@@ -25,6 +25,13 @@ pieces (``_PIECE_ROWS * _GROUP_PIECES`` rows) are summed by BLAS in float64 and 
 with a compensated (two-sum) addition, so the rounding error of ``S`` does not grow with the stream.  The
 pair is renormalised in the same pass (``hi`` the rounded value of ``hi + lo``, ``lo`` the remainder), so queries
 read ``hi`` as the state: no third array, no pass over the state after a fold.
+
+A short stream is read another way (docs/theory.md, "Values and exact outputs": short streams).  Reading ``S``
+costs ``D x dv`` multiply-adds per query whatever the number of keys, while the terms ``<q, k_j>^2 v_j`` of ``n``
+keys cost ``n (d + dv)``: below ``n = D dv / (d + dv)`` keys (1 040 at d = dv = 64) summing them is cheaper, and
+more accurate.  So the state also records every row it is fed (its *direct rows*, grown as they come) until
+their number would pass that break-even; queries sum their terms and do not read ``S``.  The folds go on as
+before, so that when the record is dropped ``S`` is current and no query waits for a fold of every row at once.
 """
 
 from __future__ import annotations
@@ -85,12 +92,25 @@ _THREADED_WORK = 2**24
 _SERIAL_LIFT_ROWS = 1024
 
 
+#: Rows the record of a short stream's rows holds at first (grown by doubling up to its break-even).
+_DIRECT_FIRST_ROWS = 256
+
 #: Up to this many queries the numerator is one compiled loop over ``S`` (a decode step).
 _LOOP_QUERY_ROWS = 8
 
 #: No rows (the compiled numerator's second set of rows when there is none).
 _NO_ROWS = np.zeros((0, 0))
 _NO_ROWS.flags.writeable = False
+
+
+def direct_rows_limit(inner: int, value_dim: int, degree: int = 2) -> int:
+    """The most rows a state records for direct queries (module docstring): the break-even ``D dv / (d + dv)``
+    of summing their terms against reading ``S``, or 0 when that is no more than the buffer it reads directly
+    anyway (or for degree 4, whose lifted rows are as wide as ``S``'s rows)."""
+    if degree != 2:
+        return 0
+    limit = lifted_dim(inner) * value_dim // (inner + value_dim)
+    return limit if limit > BUFFER_ROWS else 0
 
 
 def _lift(X: np.ndarray) -> np.ndarray:
@@ -294,18 +314,68 @@ class MomentState:
         self._buf_values = self._rows_values[BUFFER_ROWS:]
         self._buf_n = 0
         self._pending: _PendingFold | None = None
+        # every row of the state while there are few (module docstring): None once dropped, or for wide rows
+        self._direct_limit = direct_rows_limit(self._inner, self.value_dim, degree)
+        self._direct_keys: np.ndarray | None = None
+        self._direct_values: np.ndarray | None = None
+        self._direct_n = 0
+        if self._direct_limit:
+            rows = min(self._direct_limit, _DIRECT_FIRST_ROWS)
+            self._direct_keys = np.empty((rows, self._inner))
+            self._direct_values = np.empty((rows, self.value_dim))
 
     @property
     def nbytes(self) -> int:
-        """Bytes held (the compensated state, the row buffers and a pending product)."""
+        """Bytes held (the compensated state, the row buffers, a pending product and a short stream's rows)."""
         pending = 0 if self._pending is None else self._pending.nbytes
+        direct = 0
+        if self._direct_keys is not None:
+            assert self._direct_values is not None
+            direct = self._direct_keys.nbytes + self._direct_values.nbytes
         return int(
             self._hi.nbytes
             + self._lo.nbytes
             + self._rows_keys.nbytes
             + self._rows_values.nbytes
             + pending
+            + direct
         )
+
+    @property
+    def direct(self) -> bool:
+        """Whether the state still records every row it holds, so that queries sum their terms directly."""
+        return self._direct_keys is not None
+
+    def _drop_direct(self) -> None:
+        self._direct_keys = self._direct_values = None
+        self._direct_n = 0
+
+    def _record(self, X: np.ndarray, V: np.ndarray) -> None:
+        """Record rows ``X`` (inner width) and values ``V`` among the direct rows, or drop the record when they
+        would take it past its limit (or its growth finds no memory: queries then read ``S``, which holds them)."""
+        keys, values = self._direct_keys, self._direct_values
+        if keys is None:
+            return
+        assert values is not None
+        n, m = self._direct_n, X.shape[0]
+        if n + m > self._direct_limit:
+            self._drop_direct()
+            return
+        if n + m > keys.shape[0]:
+            rows = min(self._direct_limit, max(2 * keys.shape[0], n + m))
+            try:
+                grown_keys, grown_values = (
+                    np.empty((rows, keys.shape[1])),
+                    np.empty((rows, values.shape[1])),
+                )
+            except MemoryError:
+                self._drop_direct()
+                return
+            grown_keys[:n], grown_values[:n] = keys[:n], values[:n]
+            self._direct_keys, self._direct_values = keys, values = grown_keys, grown_values
+        keys[n : n + m] = X
+        values[n : n + m] = V
+        self._direct_n = n + m
 
     def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
         if X.shape[0] == 0:
@@ -402,6 +472,8 @@ class MomentState:
         self._buf_keys[n] = x
         self._buf_values[n] = v
         self._buf_n = n + 1
+        if self._direct_keys is not None:
+            self._record(x[None, :], v[None, :])
         if n + 1 == BUFFER_ROWS:
             self._after_adding()
 
@@ -415,10 +487,12 @@ class MomentState:
             self._buf_keys[self._buf_n : self._buf_n + X.shape[0]] = X
             self._buf_values[self._buf_n : self._buf_n + X.shape[0]] = V
             self._buf_n += X.shape[0]
+            self._record(X, V)
             self._after_adding()
             return
         self._fold_buffer()
         self._fold(X, V)
+        self._record(X, V)
 
     def merge(self, other: MomentState) -> None:
         """Add ``other``'s state (keys of another shard): ``S = S1 + S2``."""
@@ -429,6 +503,13 @@ class MomentState:
         if other._buf_n:
             self._fold(other._buf_keys[: other._buf_n], other._buf_values[: other._buf_n])
         self._sum = None
+        if other._direct_keys is None:
+            self._drop_direct()
+        else:
+            assert other._direct_values is not None
+            self._record(
+                other._direct_keys[: other._direct_n], other._direct_values[: other._direct_n]
+            )
 
     def scale(self, factor: float) -> None:
         """Multiply the state by ``factor`` (``S <- factor S``; the waiting keys by ``sqrt(factor)``): a decaying
@@ -437,6 +518,8 @@ class MomentState:
         self._hi *= factor
         self._lo *= factor
         self._buf_keys[: self._buf_n] *= np.sqrt(factor)
+        if self._direct_keys is not None:
+            self._direct_keys[: self._direct_n] *= np.sqrt(factor)
         self._sum = None
 
     def copy(self) -> MomentState:
@@ -449,6 +532,9 @@ class MomentState:
         out._buf_keys = out._rows_keys[BUFFER_ROWS:]
         out._buf_values = out._rows_values[BUFFER_ROWS:]
         out._pending = self._pending  # shared: computed once, never written after
+        out._direct_limit, out._direct_n = self._direct_limit, self._direct_n
+        out._direct_keys = None if self._direct_keys is None else self._direct_keys.copy()
+        out._direct_values = None if self._direct_values is None else self._direct_values.copy()
         return out
 
     __copy__ = copy
@@ -461,13 +547,21 @@ class MomentState:
         return _moment_state_from, (self.dim, self.value_dim, self.degree, self.to_state())
 
     def query_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(S, keys waiting, their values)``: what a query reads (``S`` as :func:`moment_numerator` takes it)."""
+        """``(S, keys waiting, their values)``: what a query reads (``S`` as :func:`moment_numerator` takes it).
+        A short stream's: no rows of ``S`` (shape ``(0, value_dim)``) and every row it holds."""
+        if self._direct_keys is not None:
+            assert self._direct_values is not None
+            n = self._direct_n
+            return self._no_state(), self._direct_keys[:n], self._direct_values[:n]
         if self._sum is None:
             self._sum = self._hi + self._lo
         # a pending product's rows are read directly too
         first = 0 if self._pending is not None else BUFFER_ROWS
         last = BUFFER_ROWS + self._buf_n
         return self._sum, self._rows_keys[first:last], self._rows_values[first:last]
+
+    def _no_state(self) -> np.ndarray:
+        return np.zeros((0, self.value_dim))
 
     def numerator(
         self, Q: np.ndarray, keys: np.ndarray | None = None, values: np.ndarray | None = None
@@ -479,7 +573,7 @@ class MomentState:
         XK, XV = (_NO_ROWS, _NO_ROWS) if keys is None else (self._inner_rows(keys), values)
         if Q.shape[0] <= _LOOP_QUERY_ROWS and Q.flags.c_contiguous:
             return moment_numerator(Q, S, BK, BV, XK, XV)  # no lifted copy, no threaded GEMV
-        out = _lift(Q) @ S
+        out = _lift(Q) @ S if S.shape[0] else np.zeros((Q.shape[0], self.value_dim))
         for K, V in ((BK, BV), (XK, XV)):
             if K.shape[0]:
                 W = Q @ K.T
@@ -495,6 +589,18 @@ class MomentState:
             "moments_lo": lo,
             "moments_buf_keys": self._buf_keys[: self._buf_n],
             "moments_buf_values": self._buf_values[: self._buf_n],
+            **self._direct_state(),
+        }
+
+    def _direct_state(self) -> dict[str, np.ndarray]:
+        """A short stream's direct rows, for serialization (none once dropped): a state loaded mid-stream answers
+        as the one saved, to the last bit."""
+        if self._direct_keys is None:
+            return {}
+        assert self._direct_values is not None
+        return {
+            "moments_direct_keys": self._direct_keys[: self._direct_n],
+            "moments_direct_values": self._direct_values[: self._direct_n],
         }
 
     @classmethod
@@ -518,4 +624,19 @@ class MomentState:
             )
         out._hi, out._lo = arrays["moments_hi"].copy(), arrays["moments_lo"].copy()
         out._buf_keys[:m], out._buf_values[:m], out._buf_n = keys, values, m
+        # a short stream's direct rows; none in bytes written once they were dropped (or before they existed)
+        out._drop_direct()
+        if "moments_direct_keys" in arrays and out._direct_limit:
+            keys, values = arrays["moments_direct_keys"], arrays["moments_direct_values"]
+            r = keys.shape[0]
+            if (
+                keys.shape != (r, out._inner)
+                or values.shape != (r, value_dim)
+                or r > out._direct_limit
+            ):
+                raise ValueError(
+                    f"stored direct rows must be at most {out._direct_limit} rows of shapes ({r}, {out._inner}) "
+                    f"and ({r}, {value_dim}); got {keys.shape} and {values.shape}"
+                )
+            out._direct_keys, out._direct_values, out._direct_n = keys.copy(), values.copy(), r
         return out

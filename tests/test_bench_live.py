@@ -53,13 +53,17 @@ def test_quick_run_checks_every_section(tmp_path):
     report = json.loads(out.read_text())
     assert report["failures"] == []
     results = report["results"]
-    assert set(results) == {"live", "filtered", "forms", "heads", "bulk", "decode", "prefill", "gemm", "rss"}
+    assert set(results) == {"live", "filtered", "forms", "heads", "bulk", "decode", "short", "prefill", "gemm",
+                            "rss"}
     for name in ("live", "decode"):
         for per_n in results[name]["per_n"].values():
             assert per_n["check"]["ok"] and per_n["check"]["rows"] >= 1000
             assert per_n["check"]["entries"] > 0, "no heavy entry was checked"
             assert per_n["dense_check"]["ok"]
     assert results["filtered"]["empty_steps"] > 0 and results["filtered"]["dense_check"]["ok"]
+    for case in results["short"]["cases"].values():  # one head and several, every prompt length
+        assert case["check"]["ok"] and case["check"]["rows"] >= 2 * case["heads"] * case["steps_checked"]
+    assert {c["heads"] for c in results["short"]["cases"].values()} == {1, 4}
     for name in ("filtered", "forms", "heads", "bulk", "prefill", "gemm", "rss"):
         assert results[name]["check"]["ok"] and results[name]["check"]["entries"] > 0
     for name, form in results["forms"]["forms"].items():  # every form checked against brute force
