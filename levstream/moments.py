@@ -28,10 +28,13 @@ read ``hi`` as the state: no third array, no pass over the state after a fold.
 
 A short stream is read another way (docs/theory.md, "Values and exact outputs": short streams).  Reading ``S``
 costs ``D x dv`` multiply-adds per query whatever the number of keys, while the terms ``<q, k_j>^2 v_j`` of ``n``
-keys cost ``n (d + dv)``: below ``n = D dv / (d + dv)`` keys (1 040 at d = dv = 64) summing them is cheaper, and
-more accurate.  So the state also records every row it is fed (its *direct rows*, grown as they come) until
-their number would pass that break-even; queries sum their terms and do not read ``S``.  The folds go on as
-before, so that when the record is dropped ``S`` is current and no query waits for a fold of every row at once.
+keys cost ``n (d + dv)``: below ``n* = D dv / (d + dv)`` keys (1 040 at d = dv = 64) summing them is cheaper, and
+more accurate.  So a new state records every row it is fed (a :class:`_RowRecord`) until their number would pass
+``n*``, and queries sum their terms and do not read ``S``.  Meanwhile the rows are folded into ``S`` by an ingest
+helper ``_RECORD_FOLD_ROWS`` at a time, straight from the record (a fold's product is added to ``S`` once per
+that many rows, not once per buffer).  The row that would take the record past ``n*`` hands the rows not yet
+folded to a helper, and the state goes on with its buffer as above; queries read the record until that
+product lands (at the latest when the buffer fills), and ``S`` from then on.
 """
 
 from __future__ import annotations
@@ -92,8 +95,12 @@ _THREADED_WORK = 2**24
 _SERIAL_LIFT_ROWS = 1024
 
 
-#: Rows the record of a short stream's rows holds at first (grown by doubling up to its break-even).
-_DIRECT_FIRST_ROWS = 256
+#: Rows the record of a short stream's rows holds at first (grown by doubling).
+_RECORD_FIRST_ROWS = 256
+
+#: A recording state hands its rows to an ingest helper this many at a time (their product is added to ``S``
+#: before the next ones are handed over): four buffers' worth, so ``S`` is written a quarter as often.
+_RECORD_FOLD_ROWS = 4 * BUFFER_ROWS
 
 #: Up to this many queries the numerator is one compiled loop over ``S`` (a decode step).
 _LOOP_QUERY_ROWS = 8
@@ -275,6 +282,55 @@ def _moment_overflow(x: np.ndarray, v: np.ndarray, degree: int, which: str) -> V
     )
 
 
+class _RowRecord:
+    """Every row of a short stream's state in the order fed: keys (the state's inner width) and values, in arrays
+    grown by doubling.  Rows ``0 .. folded - 1`` are in ``S`` or in a pending product; rows are never written once
+    recorded (a pending product reads them), except by a rescale, which adds the pending product first."""
+
+    __slots__ = ("folded", "keys", "most", "n", "values")
+
+    def __init__(self, inner: int, value_dim: int, rows: int, most: int) -> None:
+        rows = min(rows, most)
+        self.keys = np.empty((rows, inner))
+        self.values = np.empty((rows, value_dim))
+        self.n = 0
+        self.folded = 0
+        #: the most rows it will hold (its arrays grow no larger)
+        self.most = most
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+    def room(self, m: int) -> None:
+        """Make room for ``m`` more rows (new arrays, the rows copied: a pending product keeps reading the old
+        ones); raises (``MemoryError``) changing nothing."""
+        n = self.n
+        if n + m <= self.keys.shape[0]:
+            return
+        rows = max(min(2 * self.keys.shape[0], self.most), n + m)
+        keys, values = np.empty((rows, self.keys.shape[1])), np.empty((rows, self.values.shape[1]))
+        keys[:n], values[:n] = self.keys[:n], self.values[:n]
+        self.keys, self.values = keys, values
+
+    def append(self, X: np.ndarray, V: np.ndarray) -> None:
+        self.room(X.shape[0])
+        n, m = self.n, X.shape[0]
+        self.keys[n : n + m] = X
+        self.values[n : n + m] = V
+        self.n = n + m
+
+    def unfolded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows not in ``S`` nor in a pending product."""
+        return self.keys[self.folded : self.n], self.values[self.folded : self.n]
+
+    def copy(self) -> _RowRecord:
+        out = _RowRecord.__new__(_RowRecord)
+        out.keys, out.values = self.keys[: self.n].copy(), self.values[: self.n].copy()
+        out.n, out.folded, out.most = self.n, self.folded, self.most
+        return out
+
+
 class MomentState:
     """``S = sum_j phi(k_j) v_j^T`` (shape ``(D, value_dim)``), accumulated in float64 with a compensated sum.
 
@@ -314,68 +370,87 @@ class MomentState:
         self._buf_values = self._rows_values[BUFFER_ROWS:]
         self._buf_n = 0
         self._pending: _PendingFold | None = None
-        # every row of the state while there are few (module docstring): None once dropped, or for wide rows
+        # a short stream's rows (module docstring): recorded from the start while ``_recording``; kept after that
+        # only until the product of the rows not folded then lands
         self._direct_limit = direct_rows_limit(self._inner, self.value_dim, degree)
-        self._direct_keys: np.ndarray | None = None
-        self._direct_values: np.ndarray | None = None
-        self._direct_n = 0
+        self._record: _RowRecord | None = None
+        self._recording = False
         if self._direct_limit:
-            rows = min(self._direct_limit, _DIRECT_FIRST_ROWS)
-            self._direct_keys = np.empty((rows, self._inner))
-            self._direct_values = np.empty((rows, self.value_dim))
+            # up to the limit while recording, and a buffer's worth after it until the last product lands
+            most = self._direct_limit + BUFFER_ROWS
+            self._record = _RowRecord(self._inner, self.value_dim, _RECORD_FIRST_ROWS, most)
+            self._recording = True
 
     @property
     def nbytes(self) -> int:
         """Bytes held (the compensated state, the row buffers, a pending product and a short stream's rows)."""
         pending = 0 if self._pending is None else self._pending.nbytes
-        direct = 0
-        if self._direct_keys is not None:
-            assert self._direct_values is not None
-            direct = self._direct_keys.nbytes + self._direct_values.nbytes
+        record = 0 if self._record is None else self._record.nbytes
         return int(
             self._hi.nbytes
             + self._lo.nbytes
             + self._rows_keys.nbytes
             + self._rows_values.nbytes
             + pending
-            + direct
+            + record
         )
 
     @property
     def direct(self) -> bool:
-        """Whether the state still records every row it holds, so that queries sum their terms directly."""
-        return self._direct_keys is not None
+        """Whether queries sum the terms of every row held (a short stream's record) instead of reading ``S``."""
+        return self._record is not None
 
-    def _drop_direct(self) -> None:
-        self._direct_keys = self._direct_values = None
-        self._direct_n = 0
+    def _drop_record(self) -> None:
+        self._record = None
+        self._recording = False
 
-    def _record(self, X: np.ndarray, V: np.ndarray) -> None:
-        """Record rows ``X`` (inner width) and values ``V`` among the direct rows, or drop the record when they
-        would take it past its limit (or its growth finds no memory: queries then read ``S``, which holds them)."""
-        keys, values = self._direct_keys, self._direct_values
-        if keys is None:
-            return
-        assert values is not None
-        n, m = self._direct_n, X.shape[0]
-        if n + m > self._direct_limit:
-            self._drop_direct()
-            return
-        if n + m > keys.shape[0]:
-            rows = min(self._direct_limit, max(2 * keys.shape[0], n + m))
-            try:
-                grown_keys, grown_values = (
-                    np.empty((rows, keys.shape[1])),
-                    np.empty((rows, values.shape[1])),
-                )
-            except MemoryError:
-                self._drop_direct()
-                return
-            grown_keys[:n], grown_values[:n] = keys[:n], values[:n]
-            self._direct_keys, self._direct_values = keys, values = grown_keys, grown_values
-        keys[n : n + m] = X
-        values[n : n + m] = V
-        self._direct_n = n + m
+    def _hand_over(self, X: np.ndarray, V: np.ndarray) -> None:
+        """Start the product of rows ``X``, ``V`` (left alone until it lands) on an ingest helper; fold them on the
+        spot when that cannot be started."""
+        try:
+            self._pending = _PendingFold(X, V, self._hi.shape[0])
+        except Exception:  # noqa: BLE001 - the rows are still there: fold them here
+            self._fold(X, V)
+
+    def _ready_to_record(self, m: int) -> bool:
+        """Make the record ready for ``m`` more rows (call while recording, before anything changes): hand its
+        rows not yet folded to a helper when there are ``_RECORD_FOLD_ROWS`` of them (after adding the product
+        before), and make room.  Returns False when the rows would take it past its limit (then the caller
+        stops recording)."""
+        record = self._record
+        assert record is not None
+        limit = self._direct_limit
+        if record.n + m > limit:
+            return False
+        unfolded = record.n - record.folded
+        # also once at half a hand-over before the limit, so that the one before the last has landed when the
+        # record fills (the last is then at most half a hand-over)
+        last = limit - _RECORD_FOLD_ROWS // 2
+        if unfolded >= _RECORD_FOLD_ROWS or (unfolded and record.folded < last <= record.n):
+            self.settle()
+            self._hand_over(*record.unfolded())
+            record.folded = record.n
+        record.room(m)
+        return True
+
+    def _stop_recording(self) -> None:
+        """The record is full: its rows not yet folded go to a helper, and the state takes rows in its buffer.
+        The record stays for queries until that product lands (:meth:`settle`)."""
+        record = self._record
+        assert record is not None and self._buf_n == 0
+        self.settle()  # the product before (the record stays)
+        keys, values = record.unfolded()
+        self._recording = False
+        record.folded = record.n
+        if keys.shape[0]:
+            self._hand_over(keys, values)
+        if self._pending is None:  # nothing pending: S holds every row
+            self._drop_record()
+
+    def _settle_rows(self) -> int:
+        """Buffered rows at which a pending product is added: ``_SETTLE_ROWS``, or the whole buffer while a
+        full record's last product is pending (its rows are read from the record meanwhile)."""
+        return _SETTLE_ROWS if self._record is None else BUFFER_ROWS
 
     def _fold(self, X: np.ndarray, V: np.ndarray) -> None:
         if X.shape[0] == 0:
@@ -401,6 +476,10 @@ class MomentState:
         add_product(self._hi, self._lo, pending.result())
         self._pending = None
         self._sum = self._hi
+        if (
+            self._record is not None and not self._recording
+        ):  # a full record's last product: S holds its rows
+            self._drop_record()
 
     def _settled_pair(self) -> tuple[np.ndarray, np.ndarray]:
         """``(hi, lo)`` as they are once the pending product is added (that sum made on copies: this state is left
@@ -416,8 +495,14 @@ class MomentState:
         rows (or past its room).  Called before anything else changes (by :meth:`add_row` and :meth:`add`
         themselves, and by a sketch before it records the rows anywhere): should it fail, nothing has changed.
         A full buffer therefore never meets a pending product."""
-        if self._pending is not None and self._buf_n + m >= _SETTLE_ROWS:
+        if self._recording:
+            if self._ready_to_record(m):
+                return
+            self._stop_recording()
+        if self._pending is not None and self._buf_n + m >= self._settle_rows():
             self.settle()
+        if self._record is not None:
+            self._record.room(m)
 
     def _after_adding(self) -> None:
         """Hand a full buffer to the helpers (:class:`_PendingFold`); lifted states, and a hand-over that cannot
@@ -459,21 +544,26 @@ class MomentState:
             raise _moment_overflow(X[i], V[i], self.degree, f"{where}row {i}")
 
     def add_row(self, x: np.ndarray, v: np.ndarray) -> None:
-        """Add one key and its value (buffered); refused, changing nothing, as by :meth:`check`."""
+        """Add one key and its value (buffered, or recorded); refused, changing nothing, as by :meth:`check`."""
         if not moment_row_fits(x, v, self.degree // 2):
             raise _moment_overflow(x, v, self.degree, "the row")
         if self.degree == 4:
             x = _lift(x[None, :])[0]
+        if self._record is not None:  # a short stream
+            self.prepare(1)
+            if self._recording:
+                self._record.append(x[None, :], v[None, :])
+                return
+        elif self._pending is not None and self._buf_n + 1 >= _SETTLE_ROWS:
+            self.settle()  # prepare(1), inline: the decode step's path
         n = self._buf_n
-        if (
-            self._pending is not None and n + 1 >= _SETTLE_ROWS
-        ):  # prepare(1), inline: the decode step's path
-            self.settle()
         self._buf_keys[n] = x
         self._buf_values[n] = v
         self._buf_n = n + 1
-        if self._direct_keys is not None:
-            self._record(x[None, :], v[None, :])
+        if (
+            self._record is not None
+        ):  # its last product pending: queries read the record till it lands
+            self._record.append(x[None, :], v[None, :])
         if n + 1 == BUFFER_ROWS:
             self._after_adding()
 
@@ -482,34 +572,61 @@ class MomentState:
         if X.shape[0] == 0:
             return
         X = self._inner_rows(X)
-        if self._buf_n + X.shape[0] <= BUFFER_ROWS:
-            self.prepare(X.shape[0])
-            self._buf_keys[self._buf_n : self._buf_n + X.shape[0]] = X
-            self._buf_values[self._buf_n : self._buf_n + X.shape[0]] = V
-            self._buf_n += X.shape[0]
-            self._record(X, V)
+        m = X.shape[0]
+        if self._recording:
+            self.prepare(m)
+            record = self._record
+            if self._recording:
+                assert record is not None
+                record.append(X, V)
+                if (
+                    m >= BUFFER_ROWS
+                ):  # a chunk (a prompt): its rows are folded here, as a chunk past the buffer is
+                    self.settle()
+                    self._fold(*record.unfolded())
+                    record.folded = record.n
+                return
+        if self._buf_n + m <= BUFFER_ROWS:
+            self.prepare(m)
+            self._buf_keys[self._buf_n : self._buf_n + m] = X
+            self._buf_values[self._buf_n : self._buf_n + m] = V
+            self._buf_n += m
+            if self._record is not None:
+                self._record.append(X, V)
             self._after_adding()
             return
-        self._fold_buffer()
+        self._fold_buffer()  # adds a full record's last product: the record goes
         self._fold(X, V)
-        self._record(X, V)
+
+    def _leave_record(self) -> None:
+        """Fold a record's rows not in ``S`` (on the spot) and drop it: the state reads ``S`` from then on."""
+        record = self._record
+        if record is None:
+            return
+        self.settle()
+        if self._record is not None:
+            self._fold(*record.unfolded())
+            self._drop_record()
+
+    def _rows_not_in_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows whose terms are in neither ``S`` nor a pending product: a recording state's unfolded rows,
+        otherwise the buffer."""
+        if self._recording:
+            assert self._record is not None
+            return self._record.unfolded()
+        return self._buf_keys[: self._buf_n], self._buf_values[: self._buf_n]
 
     def merge(self, other: MomentState) -> None:
-        """Add ``other``'s state (keys of another shard): ``S = S1 + S2``."""
+        """Add ``other``'s state (keys of another shard): ``S = S1 + S2``.  A merged state reads ``S``."""
+        self._leave_record()
         self._fold_buffer()
         ohi, olo = other._settled_pair()
         _two_sum_add(self._hi, self._lo, ohi)
         self._lo += olo
-        if other._buf_n:
-            self._fold(other._buf_keys[: other._buf_n], other._buf_values[: other._buf_n])
+        keys, values = other._rows_not_in_state()
+        if keys.shape[0]:
+            self._fold(keys, values)
         self._sum = None
-        if other._direct_keys is None:
-            self._drop_direct()
-        else:
-            assert other._direct_values is not None
-            self._record(
-                other._direct_keys[: other._direct_n], other._direct_values[: other._direct_n]
-            )
 
     def scale(self, factor: float) -> None:
         """Multiply the state by ``factor`` (``S <- factor S``; the waiting keys by ``sqrt(factor)``): a decaying
@@ -518,8 +635,9 @@ class MomentState:
         self._hi *= factor
         self._lo *= factor
         self._buf_keys[: self._buf_n] *= np.sqrt(factor)
-        if self._direct_keys is not None:
-            self._direct_keys[: self._direct_n] *= np.sqrt(factor)
+        record = self._record  # its product settled above: nothing reads its rows meanwhile
+        if record is not None:
+            record.keys[: record.n] *= np.sqrt(factor)
         self._sum = None
 
     def copy(self) -> MomentState:
@@ -532,9 +650,8 @@ class MomentState:
         out._buf_keys = out._rows_keys[BUFFER_ROWS:]
         out._buf_values = out._rows_values[BUFFER_ROWS:]
         out._pending = self._pending  # shared: computed once, never written after
-        out._direct_limit, out._direct_n = self._direct_limit, self._direct_n
-        out._direct_keys = None if self._direct_keys is None else self._direct_keys.copy()
-        out._direct_values = None if self._direct_values is None else self._direct_values.copy()
+        out._direct_limit, out._recording = self._direct_limit, self._recording
+        out._record = None if self._record is None else self._record.copy()
         return out
 
     __copy__ = copy
@@ -549,10 +666,9 @@ class MomentState:
     def query_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(S, keys waiting, their values)``: what a query reads (``S`` as :func:`moment_numerator` takes it).
         A short stream's: no rows of ``S`` (shape ``(0, value_dim)``) and every row it holds."""
-        if self._direct_keys is not None:
-            assert self._direct_values is not None
-            n = self._direct_n
-            return self._no_state(), self._direct_keys[:n], self._direct_values[:n]
+        record = self._record
+        if record is not None:
+            return self._no_state(), record.keys[: record.n], record.values[: record.n]
         if self._sum is None:
             self._sum = self._hi + self._lo
         # a pending product's rows are read directly too
@@ -582,26 +698,27 @@ class MomentState:
 
     def to_state(self) -> dict[str, np.ndarray]:
         """Named arrays for serialization (the state and the waiting rows; a pending product is added to copies
-        of the state, so the bytes do not depend on when it is added)."""
+        of the state, so the bytes do not depend on when it is added).
+
+        A recording state writes its rows not in ``S`` as the waiting rows (more than a buffer's worth, possibly:
+        bytes an older reader refuses with a clear error rather than lose rows) and its rows in ``S`` as
+        ``moments_folded_*`` (which an older reader does not need), so that a state loaded mid-stream records and
+        answers as the one saved, to the last bit.  A full record whose last product is pending is written as
+        the state it becomes when that product lands."""
         hi, lo = self._settled_pair()
-        return {
+        keys, values = self._rows_not_in_state()
+        out = {
             "moments_hi": hi,
             "moments_lo": lo,
-            "moments_buf_keys": self._buf_keys[: self._buf_n],
-            "moments_buf_values": self._buf_values[: self._buf_n],
-            **self._direct_state(),
+            "moments_buf_keys": keys,
+            "moments_buf_values": values,
         }
-
-    def _direct_state(self) -> dict[str, np.ndarray]:
-        """A short stream's direct rows, for serialization (none once dropped): a state loaded mid-stream answers
-        as the one saved, to the last bit."""
-        if self._direct_keys is None:
-            return {}
-        assert self._direct_values is not None
-        return {
-            "moments_direct_keys": self._direct_keys[: self._direct_n],
-            "moments_direct_values": self._direct_values[: self._direct_n],
-        }
+        if self._recording:
+            assert self._record is not None
+            f = self._record.folded
+            out["moments_folded_keys"] = self._record.keys[:f]
+            out["moments_folded_values"] = self._record.values[:f]
+        return out
 
     @classmethod
     def from_state(
@@ -615,28 +732,35 @@ class MomentState:
                 raise ValueError(
                     f"stored array {name!r} must have shape {out._hi.shape}; got {arr.shape}"
                 )
+        out._hi, out._lo = arrays["moments_hi"].copy(), arrays["moments_lo"].copy()
         keys, values = arrays["moments_buf_keys"], arrays["moments_buf_values"]
         m = keys.shape[0]
-        if keys.shape != (m, out._inner) or values.shape != (m, value_dim) or m >= BUFFER_ROWS:
+        if keys.shape != (m, out._inner) or values.shape != (m, value_dim):
             raise ValueError(
-                f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows of shapes ({m}, {out._inner}) "
-                f"and ({m}, {value_dim}); got {keys.shape} and {values.shape}"
+                f"stored moment rows must have shapes ({m}, {out._inner}) and ({m}, {value_dim}); got "
+                f"{keys.shape} and {values.shape}"
             )
-        out._hi, out._lo = arrays["moments_hi"].copy(), arrays["moments_lo"].copy()
-        out._buf_keys[:m], out._buf_values[:m], out._buf_n = keys, values, m
-        # a short stream's direct rows; none in bytes written once they were dropped (or before they existed)
-        out._drop_direct()
-        if "moments_direct_keys" in arrays and out._direct_limit:
-            keys, values = arrays["moments_direct_keys"], arrays["moments_direct_values"]
-            r = keys.shape[0]
+        if "moments_folded_keys" in arrays:  # a recording state (see to_state)
+            fk, fv = arrays["moments_folded_keys"], arrays["moments_folded_values"]
+            f = fk.shape[0]
             if (
-                keys.shape != (r, out._inner)
-                or values.shape != (r, value_dim)
-                or r > out._direct_limit
+                fk.shape != (f, out._inner)
+                or fv.shape != (f, value_dim)
+                or f + m > out._direct_limit
             ):
                 raise ValueError(
-                    f"stored direct rows must be at most {out._direct_limit} rows of shapes ({r}, {out._inner}) "
-                    f"and ({r}, {value_dim}); got {keys.shape} and {values.shape}"
+                    f"stored recorded rows must be at most {out._direct_limit} rows of width {out._inner} "
+                    f"(values {value_dim}) with the waiting rows; got {fk.shape}, {fv.shape} and {m} waiting"
                 )
-            out._direct_keys, out._direct_values, out._direct_n = keys.copy(), values.copy(), r
+            assert out._record is not None
+            out._record.append(fk, fv)
+            out._record.folded = f
+            out._record.append(keys, values)
+            return out
+        if m >= BUFFER_ROWS:
+            raise ValueError(
+                f"stored moment buffer must hold fewer than {BUFFER_ROWS} rows; got {m}"
+            )
+        out._drop_record()  # bytes of a state reading S (or written before records existed)
+        out._buf_keys[:m], out._buf_values[:m], out._buf_n = keys, values, m
         return out

@@ -9,6 +9,7 @@ bit whatever the thread budget, and that a fold allocates nothing of the size of
 from __future__ import annotations
 
 import math
+import threading
 import time
 import tracemalloc
 
@@ -168,7 +169,10 @@ def test_scale_then_add_matches_brute_force() -> None:
 
 
 def _fed_one_at_a_time(K: np.ndarray, V: np.ndarray) -> MomentState:
+    """A state fed ``K``, ``V`` row by row through its buffer (a short stream's record, which wide enough states
+    keep first, is left at once: tests/test_short_streams.py checks that path)."""
     S = MomentState(K.shape[1], V.shape[1])
+    S._leave_record()
     for k, v in zip(K, V):
         S.add_row(k, v)
     return S
@@ -435,7 +439,8 @@ def test_an_interrupted_product_is_computed_again_by_the_next_call(monkeypatch):
     real, interrupted = moments.features_product, []
 
     def interrupt_once(*args):
-        if not interrupted:
+        # on this thread only: a helper may still be computing a product of an earlier test's state
+        if not interrupted and threading.current_thread() is threading.main_thread():
             interrupted.append(True)
             raise KeyboardInterrupt
         return real(*args)

@@ -2,10 +2,12 @@
 "Values and exact outputs": short streams).
 
 While a moment state holds fewer rows than the break-even ``D dv / (d + dv)`` it records them and a query sums
-their terms ``<q, k_j>^2 v_j`` instead of reading ``S``.  These tests cross that limit in every way rows arrive
-(single rows, chunks, decode steps, prefill, merges, gates, copies, bytes, several heads) and compare every
-output with dense attention written here (plain NumPy over every key fed), and with ``math.fsum`` where the
-state alone is checked.  Keys are 24 wide with 24-wide values: the limit is 150 rows, past the 128-row buffer.
+their terms ``<q, k_j>^2 v_j`` instead of reading ``S``; the rows are folded into ``S`` a few hundred at a time
+from the record, and the last ones when the record is full.  These tests cross that limit, and the hand-overs
+before it (``_RECORD_FOLD_ROWS`` lowered), in every way rows arrive (single rows, chunks, decode steps, prefill,
+merges, gates, copies, bytes, several heads) and compare every output with dense attention written here (plain
+NumPy over every key fed), and with ``math.fsum`` where the state alone is checked.  Keys are 24 wide with
+24-wide values: the limit is 150 rows, past the 128-row buffer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 import levstream as ls
+import levstream.moments as moments
 from levstream.moments import BUFFER_ROWS, MomentState, direct_rows_limit
 
 from naive import DecayedStream, NaiveStream
@@ -27,7 +30,9 @@ LIMIT = 300 * 24 // 48  # D (d + 1) / 2 * dv / (d + dv) at d = dv = 24
 def _numerator(K: np.ndarray, V: np.ndarray, q: np.ndarray) -> np.ndarray:
     """``sum_j <q, k_j>^2 v_j``, every sum correctly rounded."""
     w = [math.fsum(float(a) * float(b) for a, b in zip(q, k)) ** 2 for k in K]
-    return np.array([math.fsum(wj * float(v) for wj, v in zip(w, V[:, c])) for c in range(V.shape[1])])
+    return np.array(
+        [math.fsum(wj * float(v) for wj, v in zip(w, V[:, c])) for c in range(V.shape[1])]
+    )
 
 
 def _close(got: np.ndarray, want: np.ndarray, K: np.ndarray, V: np.ndarray, Q: np.ndarray) -> None:
@@ -46,8 +51,26 @@ def test_limit_is_the_break_even() -> None:
     assert not MomentState(8, 3).direct
 
 
-@pytest.mark.parametrize("chunks", [[1] * (LIMIT + 3), [100, 50, 1, 1], [LIMIT], [LIMIT + 1], [7, 140, 3, 1]])
-def test_numerator_across_the_limit(chunks: list[int]) -> None:
+@pytest.fixture(params=[512, 64, 33], ids=lambda r: f"fold_rows={r}")
+def fold_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """The record's hand-over size: the default (no hand-over before the limit at this width) and smaller
+    ones, so that rows are folded from the record while it is still recording."""
+    monkeypatch.setattr(moments, "_RECORD_FOLD_ROWS", request.param)
+    return int(request.param)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [1] * (LIMIT + BUFFER_ROWS + 3),
+        [100, 50, 1, 1],
+        [LIMIT],
+        [LIMIT + 1],
+        [7, 140, 3, 1],
+        [40] * 8,
+    ],
+)
+def test_numerator_across_the_limit(chunks: list[int], fold_rows: int) -> None:
     rng = np.random.default_rng(len(chunks) * 1000 + chunks[0])
     S = MomentState(D, DV)
     Q = rng.standard_normal((2, D))
@@ -62,34 +85,52 @@ def test_numerator_across_the_limit(chunks: list[int]) -> None:
         Vs.append(V)
         Kall, Vall = np.concatenate(Ks), np.concatenate(Vs)
         n = Kall.shape[0]
-        assert S.direct == (n <= LIMIT)
-        if S.direct:  # the query reads the rows: no rows of S, every row fed
+        assert S._recording == (n <= LIMIT)
+        if n <= LIMIT:  # the query reads the rows: no rows of S, every row fed
             Sq, BK, BV = S.query_arrays()
             assert Sq.shape == (0, DV) and np.array_equal(BK, Kall) and np.array_equal(BV, Vall)
-        if n % 37 == 0 or not S.direct or n >= LIMIT - 1:
+        if (
+            n > LIMIT + BUFFER_ROWS
+        ):  # the last product has landed (at the latest when the buffer filled)
+            assert not S.direct
+        if n % 37 == 0 or n >= LIMIT - 1:
             want = np.array([_numerator(Kall, Vall, q) for q in Q])
-            _close(S.numerator(Q[:1]), want[:1], Kall, Vall, Q[:1])  # the compiled loop of a few queries
+            _close(
+                S.numerator(Q[:1]), want[:1], Kall, Vall, Q[:1]
+            )  # the compiled loop of a few queries
             _close(S.numerator(np.repeat(Q, 5, axis=0))[::5], want, Kall, Vall, Q)  # the BLAS form
 
 
-def test_state_is_the_same_whether_rows_are_recorded_or_not() -> None:
-    """The record changes what a query reads, never ``S``: the folds are those of a state without it."""
+def test_hand_overs_fold_the_record_into_s(fold_rows: int) -> None:
+    """Rows are handed over ``fold_rows`` at a time, each product added before the next hand-over, and the rest
+    when the record is full; once its last product lands, ``S`` alone holds every row (checked through bytes,
+    which write the settled state and the rows not in it)."""
     rng = np.random.default_rng(5)
-    K, V = rng.standard_normal((LIMIT + 200, D)), rng.standard_normal((LIMIT + 200, DV))
-    a, b = MomentState(D, DV), MomentState(D, DV)
-    b._drop_direct()
-    b._direct_limit = 0
-    for i in range(K.shape[0]):
-        a.add_row(K[i], V[i])
-        b.add_row(K[i], V[i])
-        if i in (10, LIMIT - 1, LIMIT, LIMIT + 199):
-            sa, sb = a.to_state(), b.to_state()
-            for name in ("moments_hi", "moments_lo", "moments_buf_keys", "moments_buf_values"):
-                assert np.array_equal(sa[name], sb[name])
-            assert ("moments_direct_keys" in sa) == (i < LIMIT)
+    n = LIMIT + 40
+    K, V = rng.standard_normal((n, D)), rng.standard_normal((n, DV))
+    S = MomentState(D, DV)
+    for i in range(n):
+        S.add_row(K[i], V[i])
+        state = S.to_state()
+        folded = state.get("moments_folded_keys", np.zeros((0, D))).shape[0]
+        if i < LIMIT:  # hand-overs every fold_rows rows, and once at half of that before the limit
+            assert folded % fold_rows == 0 or folded == LIMIT - fold_rows // 2
+            assert i + 1 - folded <= fold_rows
+            assert np.array_equal(state["moments_buf_keys"], K[folded : i + 1])
+        else:  # past the limit: the buffer holds the rows since
+            assert "moments_folded_keys" not in state
+            assert np.array_equal(state["moments_buf_keys"], K[LIMIT : i + 1])
+        q = rng.standard_normal(D)
+        m = state["moments_buf_keys"].shape[0]
+        Sfull = state["moments_hi"] + state["moments_lo"]
+        lifted = moments._lift(q[None])[0]
+        got = lifted @ Sfull + ((state["moments_buf_keys"] @ q) ** 2) @ state["moments_buf_values"]
+        Kin, Vin = K[: i + 1], V[: i + 1]
+        _close(got[None], _numerator(Kin, Vin, q)[None], Kin, Vin, q[None])
+        assert m + folded <= i + 1
 
 
-def test_merge_copy_scale() -> None:
+def test_merge_copy_scale(fold_rows: int) -> None:
     rng = np.random.default_rng(9)
     K, V = rng.standard_normal((LIMIT + 40, D)), rng.standard_normal((LIMIT + 40, DV))
     q = rng.standard_normal((1, D))
@@ -100,26 +141,25 @@ def test_merge_copy_scale() -> None:
         for i in range(a, b):
             s.add_row(K[i], V[i])
         states.append(s)
+    assert states[0].direct and states[2].direct
     first = states[0].copy()
-    first.merge(states[1])  # 130 rows: still recorded, in the order of the rows
-    assert first.direct
-    _close(first.numerator(q), _numerator(K[:130], V[:130], q[0])[None], K[:130], V[:130], q)
     copy = first.copy()
-    first.merge(states[2])  # past the limit: S is read
-    assert not first.direct and copy.direct
+    first.merge(states[1])  # a merged state reads S: the records' rows folded
+    assert not first.direct and states[1].direct
+    _close(first.numerator(q), _numerator(K[:130], V[:130], q[0])[None], K[:130], V[:130], q)
+    first.merge(states[2])  # a recording state merged in: its rows in S and those it records
     _close(first.numerator(q), _numerator(K, V, q[0])[None], K, V, q)
+    assert copy.direct and copy._record.n == 60  # copies are independent
+    _close(copy.numerator(q), _numerator(K[:60], V[:60], q[0])[None], K[:60], V[:60], q)
+    for i in range(60, 130):
+        copy.add_row(K[i], V[i])
     _close(copy.numerator(q), _numerator(K[:130], V[:130], q[0])[None], K[:130], V[:130], q)
-    assert states[0].direct  # merged copies: the original untouched
-    undecided = MomentState(D, DV)  # a state whose record was dropped makes the merge read S
-    undecided._drop_direct()
-    undecided.add_row(K[0], V[0])
-    merged = states[1].copy()
-    merged.merge(undecided)
-    assert not merged.direct
-    Km, Vm = np.concatenate([K[60:130], K[:1]]), np.concatenate([V[60:130], V[:1]])
-    _close(merged.numerator(q), _numerator(Km, Vm, q[0])[None], Km, Vm, q)
+    _close(states[0].numerator(q), _numerator(K[:60], V[:60], q[0])[None], K[:60], V[:60], q)
     copy.scale(0.25)  # a decaying stream's rebase: the recorded keys are weighed by sqrt(1/4)
     _close(copy.numerator(q), 0.25 * _numerator(K[:130], V[:130], q[0])[None], K[:130], V[:130], q)
+    for i in range(130, LIMIT + 40):  # on past the limit after the rebase
+        copy.add_row(K[i] * 0.5, V[i])
+    _close(copy.numerator(q), 0.25 * _numerator(K, V, q[0])[None], K, V, q)
 
 
 def _entries(he: ls.HeavyEntries) -> dict[tuple[int, int], float]:
@@ -134,7 +174,7 @@ def _dense_outputs(K: np.ndarray, V: np.ndarray, Q: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_decode_steps_across_the_limit(dtype: type) -> None:
+def test_decode_steps_across_the_limit(dtype: type, fold_rows: int) -> None:
     rng = np.random.default_rng(11)
     n = LIMIT + BUFFER_ROWS + 40
     K = rng.standard_normal((n, D)).astype(dtype)
@@ -145,7 +185,9 @@ def test_decode_steps_across_the_limit(dtype: type) -> None:
     for t in range(n):
         r = sk.prefill(K[t : t + 1], V[t : t + 1], Q[t : t + 1])
         ref.update(K[t], V[t])
-        np.testing.assert_allclose(r.output[0], want[t], rtol=1e-10, atol=1e-12 * np.abs(want[t]).max())
+        np.testing.assert_allclose(
+            r.output[0], want[t], rtol=1e-10, atol=1e-12 * np.abs(want[t]).max()
+        )
         assert _entries(r.entries) == pytest.approx(ref.heavy_entries(Q[t : t + 1], 0.05), rel=1e-9)
         if t % 50 == 0:  # attend between steps: the same state read the same way
             a = sk.attend(Q[t : t + 1])
@@ -153,36 +195,65 @@ def test_decode_steps_across_the_limit(dtype: type) -> None:
     assert not sk._moments.direct
 
 
-def test_checkpoint_mid_record_answers_bit_for_bit() -> None:
-    """Bytes carry the record: a sketch saved while it holds few rows answers as the untouched one, to the bit,
-    before and after the limit; bytes written before the record existed load and read ``S``."""
+@pytest.mark.parametrize("saved_at", [70, 140, LIMIT + 5])
+def test_checkpoint_mid_record(saved_at: int, fold_rows: int) -> None:
+    """Bytes carry the record: a sketch saved while recording sums the same terms as the untouched one (its
+    numerators the same to the bit; the normaliser comes from the Gram matrix, whose live form may round
+    differently after a load); one saved while the full record's last product is pending is written as the state
+    it becomes (it reads S at once: the same numerators to rounding).  Both end with the same bytes."""
     rng = np.random.default_rng(13)
-    n = LIMIT + 60
+    n = LIMIT + BUFFER_ROWS + 60
     K, V, Q = rng.standard_normal((n, D)), rng.standard_normal((n, DV)), rng.standard_normal((n, D))
     a = ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True)
-    a.update_many(K[:70], V[:70])
+    a.update_many(K[:50], V[:50])
+    for t in range(50, saved_at):
+        a.prefill(K[t : t + 1], V[t : t + 1], Q[t : t + 1])
     b = ls.KeySketch.from_bytes(a.to_bytes())
-    assert b._moments.direct and b._moments._direct_n == 70
-    for t in range(70, n):
+    assert b._moments.direct == (saved_at <= LIMIT)
+    for t in range(saved_at, n):
         ra = a.prefill(K[t : t + 1], V[t : t + 1], Q[t : t + 1])
         rb = b.prefill(K[t : t + 1], V[t : t + 1], Q[t : t + 1])
-        assert np.array_equal(ra.output, rb.output)
+        scale = np.abs(ra.output).max()
+        np.testing.assert_allclose(rb.output, ra.output, rtol=1e-12, atol=1e-12 * scale)
+        na, nb = a._moments.numerator(Q[t : t + 1]), b._moments.numerator(Q[t : t + 1])
+        if saved_at <= LIMIT:
+            assert np.array_equal(na, nb)
+        else:
+            np.testing.assert_allclose(nb, na, rtol=1e-12, atol=1e-12 * np.abs(na).max())
     assert a.to_bytes() == b.to_bytes()
-    # bytes without the record (as written before it existed): loaded, they read S
-    c = ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True).update_many(K[:70], V[:70])
-    c._moments._drop_direct()
+
+
+def test_bytes_of_states_reading_s_load_as_before() -> None:
+    rng = np.random.default_rng(14)
+    K, V, Q = (
+        rng.standard_normal((70, D)),
+        rng.standard_normal((70, DV)),
+        rng.standard_normal((1, D)),
+    )
+    c = ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True).update_many(K[:60], V[:60])
+    c._moments._leave_record()  # as bytes written before records existed: S and a buffer of 10 rows
+    c.update_many(K[60:], V[60:])
+    state = c._moments.to_state()
+    assert "moments_folded_keys" not in state and state["moments_buf_keys"].shape[0] == 10
     d = ls.KeySketch.from_bytes(c.to_bytes())
     assert not d._moments.direct
-    want = _dense_outputs(K, V, Q)[69]
-    np.testing.assert_allclose(d.attend(Q[69:70]).output[0], want, rtol=1e-10)
-    with pytest.raises(ValueError, match="direct rows"):  # more rows than a state records
-        arrays = a._moments.to_state()
-        arrays["moments_direct_keys"] = np.zeros((LIMIT + 1, D))
-        arrays["moments_direct_values"] = np.zeros((LIMIT + 1, DV))
+    W = (K @ Q[0]) ** 2
+    np.testing.assert_allclose(d.attend(Q).output[0], W @ V / W.sum(), rtol=1e-10)
+    arrays = (
+        ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True)
+        .update_many(K, V)
+        ._moments.to_state()
+    )
+    arrays["moments_buf_keys"] = np.zeros((LIMIT + 1, D))  # more rows than a state records
+    arrays["moments_buf_values"] = np.zeros((LIMIT + 1, DV))
+    with pytest.raises(ValueError, match="recorded rows"):
+        MomentState.from_state(D, DV, arrays)
+    del arrays["moments_folded_keys"], arrays["moments_folded_values"]
+    with pytest.raises(ValueError, match="fewer than 128 rows"):
         MomentState.from_state(D, DV, arrays)
 
 
-def test_gated_stream_across_the_limit() -> None:
+def test_gated_stream_across_the_limit(fold_rows: int) -> None:
     rng = np.random.default_rng(17)
     n = LIMIT + 80
     K, V, Q = rng.standard_normal((n, D)), rng.standard_normal((n, DV)), rng.standard_normal((n, D))
@@ -197,10 +268,14 @@ def test_gated_stream_across_the_limit() -> None:
         np.testing.assert_allclose(r.output[0], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
 
-def test_heads_across_the_limit() -> None:
+def test_heads_across_the_limit(fold_rows: int) -> None:
     rng = np.random.default_rng(19)
-    H, n = 3, LIMIT + 50
-    K, V, Q = rng.standard_normal((H, n, D)), rng.standard_normal((H, n, DV)), rng.standard_normal((H, n, D))
+    H, n = 3, LIMIT + BUFFER_ROWS + 20
+    K, V, Q = (
+        rng.standard_normal((H, n, D)),
+        rng.standard_normal((H, n, DV)),
+        rng.standard_normal((H, n, D)),
+    )
     mh = ls.MultiHeadKeySketch(H, D, eps=0.05, value_dim=DV, exact_output=True)
     r = mh.prefill(K[:, :40], V[:, :40], Q[:, :40])  # a prompt, then decode steps
     want = np.stack([_dense_outputs(K[h], V[h], Q[h]) for h in range(H)])
@@ -209,3 +284,46 @@ def test_heads_across_the_limit() -> None:
         r = mh.prefill(K[:, t : t + 1], V[:, t : t + 1], Q[:, t : t + 1])
         np.testing.assert_allclose(r.output[:, 0], want[:, t], rtol=1e-10, atol=1e-12)
     assert not any(h._moments.direct for h in mh._heads)
+
+
+def test_record_memory_is_bounded(fold_rows: int) -> None:
+    """The record never holds more than the limit plus a buffer's worth of rows, whatever the chunks; a chunk that
+    passes the buffer while the last product is pending folds, and the record goes."""
+    rng = np.random.default_rng(23)
+    S = MomentState(D, DV)
+    most = (LIMIT + BUFFER_ROWS) * (D + DV) * 8
+    base = S.nbytes - S._record.nbytes
+    for i in range(LIMIT + 5):
+        S.add_row(rng.standard_normal(D), rng.standard_normal(DV))
+        assert S._record.nbytes <= most
+        pending = 0 if S._pending is None else S._pending.nbytes
+        assert S.nbytes == base + S._record.nbytes + pending
+    assert S.direct and not S._recording  # the last product pending
+    X, V = rng.standard_normal((10_000, D)), rng.standard_normal((10_000, DV))
+    S.prepare(10_000)  # as a sketch does before a chunk
+    S.add(X, V)
+    assert not S.direct and S.nbytes == base
+
+
+def test_recording_state_is_the_same_whatever_the_threads(fold_rows: int) -> None:
+    """Hand-overs are made at fixed rows of the stream and added in stream order: the bytes of a recording
+    state, and of the state after the record, are the same bit for bit at thread budgets 1, 2 and 3."""
+    rng = np.random.default_rng(29)
+    n = LIMIT + BUFFER_ROWS + 30
+    K, V = rng.standard_normal((n, D)), rng.standard_normal((n, DV))
+    before = ls.get_num_threads()
+    states: list[list[dict]] = []
+    try:
+        for n_threads in (1, 2, 3):
+            ls.set_num_threads(n_threads)
+            S, got = MomentState(D, DV), []
+            for i in range(n):
+                S.add_row(K[i], V[i])
+                if i in (fold_rows - 1, fold_rows + 1, LIMIT - 1, LIMIT + 3, n - 1):
+                    got.append(S.to_state())
+            states.append(got)
+    finally:
+        ls.set_num_threads(before)
+    for other in states[1:]:
+        for a, b in zip(states[0], other):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
