@@ -224,7 +224,7 @@ class _PendingFold:
     computed: the caller leaves them alone until :meth:`result` has returned.  The product is read-only once
     computed and may be shared by copies of the state (and asked for by several threads at once)."""
 
-    __slots__ = ("_compute", "_job", "_lock", "nbytes", "product")
+    __slots__ = ("_compute", "_job", "_lock", "inputs", "nbytes", "product")
 
     def __init__(self, X: np.ndarray, V: np.ndarray, D: int) -> None:
         m, inner = X.shape
@@ -235,6 +235,8 @@ class _PendingFold:
         block = max(1, min(D, _SINGLE_THREAD_GEMM // max(1, m * dv)))
         dgemm = dgemm_function()
         self.nbytes = D * dv * 8
+        #: the rows it reads (views: the state counts their arrays unless it holds them itself)
+        self.inputs = (X, V)
         self.product = _NO_ROWS
         self._lock = threading.Lock()
 
@@ -384,7 +386,7 @@ class MomentState:
     @property
     def nbytes(self) -> int:
         """Bytes held (the compensated state, the row buffers, a pending product and a short stream's rows)."""
-        pending = 0 if self._pending is None else self._pending.nbytes
+        pending = 0 if self._pending is None else self._pending.nbytes + self._retired_nbytes()
         record = 0 if self._record is None else self._record.nbytes
         return int(
             self._hi.nbytes
@@ -394,6 +396,20 @@ class MomentState:
             + pending
             + record
         )
+
+    def _retired_nbytes(self) -> int:
+        """Bytes of the arrays a pending product reads that the state no longer holds itself (a record's arrays
+        before it grew: alive until the product lands)."""
+        assert self._pending is not None
+        held = {id(self._rows_keys), id(self._rows_values)}
+        if self._record is not None:
+            held.update((id(self._record.keys), id(self._record.values)))
+        total = 0
+        for arr in self._pending.inputs:
+            base = arr if arr.base is None else arr.base
+            if id(base) not in held and isinstance(base, np.ndarray):
+                total += base.nbytes
+        return total
 
     @property
     def direct(self) -> bool:
@@ -440,12 +456,32 @@ class MomentState:
         assert record is not None and self._buf_n == 0
         self.settle()  # the product before (the record stays)
         keys, values = record.unfolded()
+        if keys.shape[0]:
+            self._hand_over(keys, values)  # should it fail, nothing has changed
         self._recording = False
         record.folded = record.n
-        if keys.shape[0]:
-            self._hand_over(keys, values)
         if self._pending is None:  # nothing pending: S holds every row
             self._drop_record()
+
+    def piece_rows(self) -> int:
+        """The most rows the next :meth:`add` may take for the state to end as if they were fed one at a time:
+        up to where the buffer fills, or, while recording, up to the record's next hand-over or its limit (which
+        then fall at the start of a piece, where :meth:`prepare` makes them), and fewer than a chunk that
+        :meth:`add` folds on the spot.  A multi-head sketch hands its tokens to the heads in such pieces."""
+        record = self._record
+        if not self._recording:
+            return BUFFER_ROWS - self._buf_n
+        assert record is not None
+        n, folded, limit = record.n, record.folded, self._direct_limit
+        if n >= limit:  # the next row stops recording: the buffer takes the rows from there
+            return BUFFER_ROWS
+        last = limit - _RECORD_FOLD_ROWS // 2
+        if n - folded >= _RECORD_FOLD_ROWS or (n > folded and folded < last <= n):
+            folded = n  # the hand-over at the start of the piece
+        end = min(folded + _RECORD_FOLD_ROWS, limit)
+        if folded < last and last > n:
+            end = min(end, last)
+        return min(end - n, BUFFER_ROWS - 1)
 
     def _settle_rows(self) -> int:
         """Buffered rows at which a pending product is added: ``_SETTLE_ROWS``, or the whole buffer while a
@@ -496,7 +532,16 @@ class MomentState:
         themselves, and by a sketch before it records the rows anywhere): should it fail, nothing has changed.
         A full buffer therefore never meets a pending product."""
         if self._recording:
-            if self._ready_to_record(m):
+            if (
+                m >= BUFFER_ROWS
+            ):  # a chunk, which add() folds on the spot with the rows not folded yet
+                self.settle()
+                record = self._record
+                assert record is not None
+                if record.n + m <= self._direct_limit:
+                    record.room(m)
+                    return
+            elif self._ready_to_record(m):
                 return
             self._stop_recording()
         if self._pending is not None and self._buf_n + m >= self._settle_rows():

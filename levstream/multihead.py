@@ -17,7 +17,8 @@ all heads in one compiled call per operation, not in a loop over heads:
   decaying stream weighed in every head's frame as they are copied in, docs/theory.md, "Decay and gates")
   wait in a shared buffer of ``_STEP_BUFFER_ROWS`` rows per head and are handed to the heads together, in pieces that leave every head's
   state bit for bit as if it had been fed the tokens one at a time (the heads' blocks are aligned to the
-  stream, and the pieces end where the moment state's own buffer fills);
+  stream, and the pieces end where the moment state's own buffer fills or its record of a short stream hands
+  rows over: :meth:`~levstream.moments.MomentState.piece_rows`);
 * queries read a live state stacked over heads (:class:`_Live`): every head's Gram matrix of every key fed,
   its candidates and the rows fed since its last fold whose score bound reaches the pruning threshold
   (docs/theory.md, "Live streams"), exactly what :meth:`KeySketch._view` gives one head.  It is derived
@@ -57,7 +58,6 @@ from ._validation import (
     check_p,
     fast_float64,
 )
-from .moments import BUFFER_ROWS
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
 from .sketch import _TOP_K_PASS_MAX, KeySketch, _at_most_one_item, _check_magnitude
 from .summaries.gram import GramSummary
@@ -402,7 +402,8 @@ class MultiHeadKeySketch:
 
     def _sync(self) -> None:
         """Hand the buffered tokens to the heads (call with the lock held).  In pieces that end where the moment
-        state's buffer fills, so every head ends up bit for bit as if fed the tokens one at a time."""
+        state's buffer fills or its record hands rows over (``piece_rows``), so every head ends up bit for bit as
+        if fed the tokens one at a time."""
         nb = self._nb
         if nb == 0:
             return
@@ -419,7 +420,7 @@ class MultiHeadKeySketch:
         a = 0
         try:
             while a < nb:
-                b = nb if moments is None else min(nb, a + BUFFER_ROWS - moments._buf_n)
+                b = nb if moments is None else min(nb, a + moments.piece_rows())
                 if (
                     moments is not None
                 ):  # pending moment products first: should one fail, no head has the piece

@@ -327,3 +327,111 @@ def test_recording_state_is_the_same_whatever_the_threads(fold_rows: int) -> Non
     for other in states[1:]:
         for a, b in zip(states[0], other):
             assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_heads_are_those_of_sketches_fed_row_by_row(gated: bool, fold_rows: int) -> None:
+    """Bytes of every head of a multi-head sketch equal those of a KeySketch fed the same tokens one at a time,
+    across the record's hand-overs and its limit: the heads take their tokens in pieces that end there
+    (``MomentState.piece_rows``)."""
+    rng = np.random.default_rng(31)
+    H, n = 2, LIMIT + BUFFER_ROWS + 60
+    K, V = rng.standard_normal((H, n, D)), rng.standard_normal((H, n, DV))
+    G = rng.uniform(0.5, 1.0, n) if gated else None
+    mh = ls.MultiHeadKeySketch(H, D, eps=0.05, value_dim=DV, exact_output=True)
+    refs = [ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True) for _ in range(H)]
+    t = 0
+    while t < n:
+        m = min(int(rng.integers(1, 33)), n - t)  # the step path takes chunks of up to 32 tokens
+        gates = None if G is None else G[t : t + m]
+        if m == 1:
+            mh.update(K[:, t], V[:, t], gate=None if gates is None else float(gates[0]))
+        else:
+            mh.update_many(np.ascontiguousarray(K[:, t : t + m]), np.ascontiguousarray(V[:, t : t + m]), gates=gates)
+        for h in range(H):
+            for i in range(t, t + m):
+                refs[h].update(K[h, i], V[h, i], gate=None if G is None else float(G[i]))
+        t += m
+        if rng.random() < 0.3:
+            heads = mh.heads  # hands the buffer to the heads
+            for h in range(H):
+                assert heads[h].to_bytes() == refs[h].to_bytes(), f"head {h} at n = {t}"
+    for h, head in enumerate(mh.heads):
+        assert head.to_bytes() == refs[h].to_bytes()
+
+
+def test_a_failing_product_before_a_chunk_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk (folded on the spot, within the limit) that arrives while a hand-over's product is pending: the
+    product is added before anything changes (in ``prepare``), so when it fails the chunk is refused and the
+    sketch is as before."""
+    monkeypatch.setattr(moments, "_RECORD_FOLD_ROWS", 16)
+    before = ls.get_num_threads()
+    ls.set_num_threads(1)  # the product is computed when it is needed, on this thread
+    try:
+        rng = np.random.default_rng(37)
+        n = 17 + 130
+        K, V, q = rng.standard_normal((n, D)), rng.standard_normal((n, DV)), rng.standard_normal((1, D))
+        sk = ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True, block_rows=96)
+        for i in range(17):  # rows 0..15 handed over at row 16: their product pending
+            sk.update(K[i], V[i])
+        assert sk._moments._pending is not None
+        real = moments.features_product
+
+        def failing(*args: object) -> None:
+            raise MemoryError("no memory for the product (simulated)")
+
+        monkeypatch.setattr(moments, "features_product", failing)
+        with pytest.raises(MemoryError):
+            sk.update_many(K[17:], V[17:])
+        assert sk.n == 17 and sk._store.n == 17 and sk._moments._record.n == 17
+        monkeypatch.setattr(moments, "features_product", real)
+        W = (K[:17] @ q[0]) ** 2
+        np.testing.assert_allclose(sk.attend(q).output[0], W @ V[:17] / W.sum(), rtol=1e-10)
+        sk.update_many(K[17:], V[17:])
+        W = (K @ q[0]) ** 2
+        np.testing.assert_allclose(sk.attend(q).output[0], W @ V / W.sum(), rtol=1e-10)
+    finally:
+        ls.set_num_threads(before)
+
+
+def test_a_failed_hand_over_at_the_limit_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row that fills the record: should both the hand-over and the fold on the spot fail, the row is
+    refused and the state still records every row."""
+    rng = np.random.default_rng(41)
+    K, V, q = rng.standard_normal((600, D)), rng.standard_normal((600, DV)), rng.standard_normal((1, D))
+    S = MomentState(D, DV)
+    for i in range(LIMIT):
+        S.add_row(K[i], V[i])
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise MemoryError("simulated")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(moments._PendingFold, "__init__", boom)
+        patch.setattr(moments, "_fold_moments", boom)
+        with pytest.raises(MemoryError):
+            S.add_row(K[LIMIT], V[LIMIT])
+    assert S._recording and S._record.n == LIMIT
+    S.add(K[LIMIT : LIMIT + 300], V[LIMIT : LIMIT + 300])
+    n = LIMIT + 300
+    _close(S.numerator(q), _numerator(K[:n], V[:n], q[0])[None], K[:n], V[:n], q)
+
+
+def test_nbytes_counts_the_rows_a_pending_product_reads() -> None:
+    """After a hand-over the record may grow into new arrays while the product still reads the old ones: they
+    are counted until it lands."""
+    before = ls.get_num_threads()
+    ls.set_num_threads(1)
+    try:
+        S = MomentState(64, 64)
+        rng = np.random.default_rng(43)
+        for _ in range(514):  # rows 0..511 handed over at row 513, then the record grew past 512 rows
+            S.add_row(rng.standard_normal(64), rng.standard_normal(64))
+        X, V = S._pending.inputs
+        assert not np.shares_memory(X, S._record.keys)
+        held = S._hi.nbytes * 2 + S._rows_keys.nbytes + S._rows_values.nbytes + S._record.nbytes
+        assert S.nbytes == held + S._pending.nbytes + X.base.nbytes + V.base.nbytes
+        S.settle()
+        assert S.nbytes == held
+    finally:
+        ls.set_num_threads(before)
