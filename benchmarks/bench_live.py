@@ -792,6 +792,16 @@ def bench_decode(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> 
 
 
 # ---------------------------------------------------------------------- decode steps at short contexts
+@dataclass
+class HeadResult:
+    """One head of a multi-head one-query result, as the checks read a single head's."""
+
+    entries: Any
+    output: np.ndarray
+    heavy_output: np.ndarray
+    captured_mass: np.ndarray
+
+
 def dense_heads_step(K: np.ndarray, V: np.ndarray, m: int, x: np.ndarray, v: np.ndarray, q: np.ndarray,
                      eps: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """A decode step of every head at once over the preallocated ``K`` (H, N, d) and ``V`` (H, N, dv): the
@@ -802,10 +812,10 @@ def dense_heads_step(K: np.ndarray, V: np.ndarray, m: int, x: np.ndarray, v: np.
     s = np.matmul(K[:, : m + 1], q[:, :, None])[:, :, 0]
     s *= s
     Z = s.sum(axis=1)
-    entries = []
-    for h in range(K.shape[0]):
-        idx = np.flatnonzero(s[h] >= eps * Z[h])
-        entries.append((idx, s[h, idx] / Z[h]))
+    hs, js = np.nonzero(s >= eps * Z[:, None])  # every head at once, by head then position
+    vals = s[hs, js] / Z[hs]
+    cuts = np.searchsorted(hs, np.arange(K.shape[0] + 1))
+    entries = [(js[a:b], vals[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
     return entries, np.matmul(s[:, None, :], V[:, : m + 1])[:, 0] / Z[:, None]
 
 
@@ -829,7 +839,8 @@ def short_case(sz: Sizes, d: int, eps: float, dv: int, H: int, n0: int) -> dict:
     """``prefill`` of a prompt of ``n0`` tokens, then decode steps (one ``prefill`` of one token per head), with
     a ``KeySketch`` for one head and a ``MultiHeadKeySketch`` for ``H``, against :func:`dense_step_values` for
     one head and :func:`dense_heads_step` (the heads batched) for several; rounds alternate between the sketch and the dense steps at the same positions
-    (default and one BLAS thread).  Every step of both is checked against brute force."""
+    (default and one BLAS thread).  Every step of both is checked against brute force: entries and outputs, and
+    the sketch's heavy outputs and captured mass."""
     per = sz.short_steps_per_round
     T = sz.warm_steps + sz.rounds * per
     N = n0 + T
@@ -885,10 +896,12 @@ def short_case(sz: Sizes, d: int, eps: float, dv: int, H: int, n0: int) -> dict:
     checks = []
     for h in range(H):
         ref = brute_force(Q[h, n0:], K[h], ends, eps, V=V[h])
-        heads = [(g.entries, g.output) if H == 1 else (g.entries[h], g.output[h]) for g in got]
+        heads = [g if H == 1 else HeadResult(g.entries[h], g.output[h], g.heavy_output[h], g.captured_mass[h])
+                 for g in got]
         checks.append(merge_checks(
-            compare_rows([entries_of(e) for e, _ in heads], ref, eps),
-            compare_outputs(np.concatenate([o for _, o in heads]), ref)))
+            compare_rows([entries_of(r.entries) for r in heads], ref, eps),
+            compare_outputs(np.concatenate([r.output for r in heads]), ref),
+            compare_heavy_outputs(heads, ref, V[h], eps)))
         checks.append(merge_checks(
             compare_rows([e[h] for _, (e, _) in dense_got], ref, eps, rows=rows),
             compare_outputs(np.array([o[h] for _, (_, o) in dense_got]), ref, rows=rows)))

@@ -31,8 +31,8 @@ costs ``D x dv`` multiply-adds per query whatever the number of keys, while the 
 keys cost ``n (d + dv)``: below ``n* = D dv / (d + dv)`` keys (1 040 at d = dv = 64) summing them is cheaper, and
 more accurate.  So a new state records every row it is fed (a :class:`_RowRecord`) until their number would pass
 ``n*``, and queries sum their terms and do not read ``S``.  Meanwhile the rows are folded into ``S`` by an ingest
-helper ``_RECORD_FOLD_ROWS`` at a time, straight from the record (a fold's product is added to ``S`` once per
-that many rows, not once per buffer).  The row that would take the record past ``n*`` hands the rows not yet
+helper ``_RECORD_FOLD_ROWS`` at a time, straight from the record, after the row that completes them (their
+product is added to ``S`` when the next hand-over is due: once per that many rows, not once per buffer).  The row that would take the record past ``n*`` hands the rows not yet
 folded to a helper, and the state goes on with its buffer as above; queries read the record until that
 product lands (at the latest when the buffer fills), and ``S`` from then on.
 """
@@ -428,33 +428,41 @@ class MomentState:
         except Exception:  # noqa: BLE001 - the rows are still there: fold them here
             self._fold(X, V)
 
-    def _ready_to_record(self, m: int) -> bool:
-        """Make the record ready for ``m`` more rows (call while recording, before anything changes): hand its
-        rows not yet folded to a helper when there are ``_RECORD_FOLD_ROWS`` of them (after adding the product
-        before), and make room.  Returns False when the rows would take it past its limit (then the caller
-        stops recording)."""
+    def _last_hand_over(self) -> int:
+        """The row count of the one hand-over made before the limit whatever the rows since the last one: half a
+        hand-over before it, so that the product before has landed when the record fills."""
+        return self._direct_limit - _RECORD_FOLD_ROWS // 2
+
+    def _hand_over_due(self, n: int) -> bool:
+        """Whether a recording state that holds ``n`` rows hands its rows not yet folded over (after the row that
+        makes ``n``): every ``_RECORD_FOLD_ROWS`` rows, and once at :meth:`_last_hand_over`."""
         record = self._record
         assert record is not None
-        limit = self._direct_limit
-        if record.n + m > limit:
-            return False
-        unfolded = record.n - record.folded
-        # also once at half a hand-over before the limit, so that the one before the last has landed when the
-        # record fills (the last is then at most half a hand-over)
-        last = limit - _RECORD_FOLD_ROWS // 2
-        if unfolded >= _RECORD_FOLD_ROWS or (unfolded and record.folded < last <= record.n):
-            self.settle()
-            self._hand_over(*record.unfolded())
-            record.folded = record.n
-        record.room(m)
-        return True
+        folded = record.folded
+        last = self._last_hand_over()
+        return n - folded >= _RECORD_FOLD_ROWS or (n > folded and folded < last <= n)
+
+    def _hand_over_record(self) -> None:
+        """Hand the record's rows not yet folded to a helper (after the product before: :meth:`prepare` adds it
+        before anything changes).  Never raises for want of a helper: the rows then stay unfolded, in the record,
+        and the next row tries again."""
+        record = self._record
+        assert record is not None
+        self.settle()  # a no-op after prepare()
+        keys, values = record.unfolded()
+        try:
+            self._pending = _PendingFold(keys, values, self._hi.shape[0])
+        except Exception:  # noqa: BLE001 - the rows stay in the record
+            return
+        record.folded = record.n
 
     def _stop_recording(self) -> None:
         """The record is full: its rows not yet folded go to a helper, and the state takes rows in its buffer.
-        The record stays for queries until that product lands (:meth:`settle`)."""
+        The record stays for queries until that product lands (:meth:`settle`).  Called by :meth:`add_row` and
+        :meth:`add` with fewer than a buffer's worth of rows, after :meth:`prepare` added the product before."""
         record = self._record
         assert record is not None and self._buf_n == 0
-        self.settle()  # the product before (the record stays)
+        self.settle()  # a no-op after prepare()
         keys, values = record.unfolded()
         if keys.shape[0]:
             self._hand_over(keys, values)  # should it fail, nothing has changed
@@ -465,23 +473,22 @@ class MomentState:
 
     def piece_rows(self) -> int:
         """The most rows the next :meth:`add` may take for the state to end as if they were fed one at a time:
-        up to where the buffer fills, or, while recording, up to the record's next hand-over or its limit (which
-        then fall at the start of a piece, where :meth:`prepare` makes them), and fewer than a chunk that
-        :meth:`add` folds on the spot.  A multi-head sketch hands its tokens to the heads in such pieces."""
+        up to where the buffer fills, or, while recording, up to the record's next hand-over (made after the
+        piece's last row) or to its limit (the row past it starts a piece of fewer than a buffer's worth, which
+        stops recording), and never a chunk that :meth:`add` folds on the spot.  A multi-head sketch hands its
+        tokens to the heads in such pieces."""
         record = self._record
         if not self._recording:
             return BUFFER_ROWS - self._buf_n
         assert record is not None
         n, folded, limit = record.n, record.folded, self._direct_limit
-        if n >= limit:  # the next row stops recording: the buffer takes the rows from there
-            return BUFFER_ROWS
-        last = limit - _RECORD_FOLD_ROWS // 2
-        if n - folded >= _RECORD_FOLD_ROWS or (n > folded and folded < last <= n):
-            folded = n  # the hand-over at the start of the piece
+        if n >= limit:
+            return BUFFER_ROWS - 1
         end = min(folded + _RECORD_FOLD_ROWS, limit)
+        last = self._last_hand_over()
         if folded < last and last > n:
             end = min(end, last)
-        return min(end - n, BUFFER_ROWS - 1)
+        return max(1, min(end - n, BUFFER_ROWS))
 
     def _settle_rows(self) -> int:
         """Buffered rows at which a pending product is added: ``_SETTLE_ROWS``, or the whole buffer while a
@@ -527,23 +534,25 @@ class MomentState:
         return hi, lo
 
     def prepare(self, m: int) -> None:
-        """Make ready for ``m`` more rows: settle a pending product when they bring the buffer to ``_SETTLE_ROWS``
-        rows (or past its room).  Called before anything else changes (by :meth:`add_row` and :meth:`add`
-        themselves, and by a sketch before it records the rows anywhere): should it fail, nothing has changed.
-        A full buffer therefore never meets a pending product."""
+        """Make ready for ``m`` more rows: add a pending product when they bring the buffer to ``_SETTLE_ROWS``
+        rows (or past its room), or, while recording, when they call for a hand-over, a fold on the spot or the
+        end of the record; make room for them in the record.  Called before anything else changes (by
+        :meth:`add_row` and :meth:`add` themselves, and by a sketch before it records the rows anywhere): should
+        it fail, nothing has changed, and the bytes of the state are the same (they hold a pending product
+        added).  A full buffer therefore never meets a pending product, and after it :meth:`add` waits for none."""
+        record = self._record
         if self._recording:
-            if (
-                m >= BUFFER_ROWS
-            ):  # a chunk, which add() folds on the spot with the rows not folded yet
+            assert record is not None
+            n = record.n + m
+            if n > self._direct_limit or m > BUFFER_ROWS or self._hand_over_due(n):
                 self.settle()
-                record = self._record
-                assert record is not None
-                if record.n + m <= self._direct_limit:
-                    record.room(m)
-                    return
-            elif self._ready_to_record(m):
-                return
-            self._stop_recording()
+            if n <= self._direct_limit:
+                record.room(m)
+            elif m < BUFFER_ROWS:
+                record.room(
+                    m
+                )  # the rows past the limit join the record until the last product lands
+            return
         if self._pending is not None and self._buf_n + m >= self._settle_rows():
             self.settle()
         if self._record is not None:
@@ -596,9 +605,13 @@ class MomentState:
             x = _lift(x[None, :])[0]
         if self._record is not None:  # a short stream
             self.prepare(1)
-            if self._recording:
+            if self._recording and self._record.n < self._direct_limit:
                 self._record.append(x[None, :], v[None, :])
+                if self._hand_over_due(self._record.n):
+                    self._hand_over_record()
                 return
+            if self._recording:
+                self._stop_recording()
         elif self._pending is not None and self._buf_n + 1 >= _SETTLE_ROWS:
             self.settle()  # prepare(1), inline: the decode step's path
         n = self._buf_n
@@ -619,18 +632,23 @@ class MomentState:
         X = self._inner_rows(X)
         m = X.shape[0]
         if self._recording:
-            self.prepare(m)
             record = self._record
-            if self._recording:
-                assert record is not None
+            assert record is not None
+            self.prepare(m)
+            if record.n + m <= self._direct_limit:
                 record.append(X, V)
                 if (
-                    m >= BUFFER_ROWS
-                ):  # a chunk (a prompt): its rows are folded here, as a chunk past the buffer is
-                    self.settle()
+                    m > BUFFER_ROWS
+                ):  # a chunk (a prompt): folded here, as a chunk past the buffer is
                     self._fold(*record.unfolded())
                     record.folded = record.n
+                elif self._hand_over_due(record.n):
+                    self._hand_over_record()
                 return
+            if m < BUFFER_ROWS:
+                self._stop_recording()
+            else:  # a chunk past the limit: the record's rows not folded, then the chunk, folded here
+                self._leave_record()
         if self._buf_n + m <= BUFFER_ROWS:
             self.prepare(m)
             self._buf_keys[self._buf_n : self._buf_n + m] = X

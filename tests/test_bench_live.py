@@ -63,6 +63,7 @@ def test_quick_run_checks_every_section(tmp_path):
     assert results["filtered"]["empty_steps"] > 0 and results["filtered"]["dense_check"]["ok"]
     for case in results["short"]["cases"].values():  # one head and several, every prompt length
         assert case["check"]["ok"] and case["check"]["rows"] >= 2 * case["heads"] * case["steps_checked"]
+        assert "max_heavy_output_rel_err" in case["check"]  # heavy outputs and captured mass checked too
     assert {c["heads"] for c in results["short"]["cases"].values()} == {1, 4}
     for name in ("filtered", "forms", "heads", "bulk", "prefill", "gemm", "rss"):
         assert results[name]["check"]["ok"] and results[name]["check"]["entries"] > 0

@@ -435,3 +435,81 @@ def test_nbytes_counts_the_rows_a_pending_product_reads() -> None:
         assert S.nbytes == held
     finally:
         ls.set_num_threads(before)
+
+
+def test_a_gated_chunk_refused_for_a_failing_product_leaves_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gated ``update_many`` adds a pending product before its gates move the decay frame: when that product
+    fails, the chunk is refused and nothing changed (before, the frame had moved, and a retry weighed the chunk
+    and every later row wrongly)."""
+    before_threads = ls.get_num_threads()
+    ls.set_num_threads(1)  # the product is computed when it is needed, on this thread
+    try:
+        rng = np.random.default_rng(47)
+        K, V, q = rng.standard_normal((600, D)), rng.standard_normal((600, DV)), rng.standard_normal((1, D))
+        gates = np.full(5, 0.9)
+        n0 = LIMIT + BUFFER_ROWS + 31  # the buffer's product pending, 31 rows buffered: the next 5 settle it
+
+        def fed() -> ls.KeySketch:
+            sk = ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True)
+            for i in range(n0):
+                sk.update(K[i], V[i])
+            return sk
+
+        twin, sk = fed(), fed()
+        twin.update_many(K[n0 : n0 + 5], V[n0 : n0 + 5], gates=gates)
+        before = fed().to_bytes()  # (not sk's: its bytes would compute the pending product)
+        real = moments.features_product
+
+        def failing(*args: object) -> None:
+            raise MemoryError("no memory for the product (simulated)")
+
+        monkeypatch.setattr(moments, "features_product", failing)
+        with pytest.raises(MemoryError):
+            sk.update_many(K[n0 : n0 + 5], V[n0 : n0 + 5], gates=gates)
+        monkeypatch.setattr(moments, "features_product", real)
+        assert sk.to_bytes() == before
+        sk.update_many(K[n0 : n0 + 5], V[n0 : n0 + 5], gates=gates)  # the caller retries
+        assert sk.to_bytes() == twin.to_bytes()
+    finally:
+        ls.set_num_threads(before_threads)
+
+
+@pytest.mark.parametrize("n0", [1, 20])
+def test_a_chunk_past_the_limit_with_a_failing_product(monkeypatch: pytest.MonkeyPatch, n0: int) -> None:
+    """A chunk that takes a recording state past its limit, while every product fails: either it is refused and
+    the state still records, its bytes as before (20 rows: the product of rows 0..15 is pending), or it is taken
+    (1 row: no product is needed, the rows are folded on the spot) and the state equals one never failed."""
+    monkeypatch.setattr(moments, "_RECORD_FOLD_ROWS", 16)
+    before_threads = ls.get_num_threads()
+    ls.set_num_threads(1)
+    try:
+        rng = np.random.default_rng(53)
+        K, V = rng.standard_normal((400, D)), rng.standard_normal((400, DV))
+
+        def fed() -> ls.KeySketch:
+            sk = ls.KeySketch(D, eps=0.05, value_dim=DV, exact_output=True)
+            for i in range(n0):
+                sk.update(K[i], V[i])
+            return sk
+
+        sk, before = fed(), fed().to_bytes()
+        twin = fed().update_many(K[n0:300], V[n0:300])
+        real = moments.features_product
+
+        def failing(*args: object) -> None:
+            raise MemoryError("no memory for the product (simulated)")
+
+        monkeypatch.setattr(moments, "features_product", failing)
+        try:
+            sk.update_many(K[n0:300], V[n0:300])
+            raised = False
+        except MemoryError:
+            raised = True
+        monkeypatch.setattr(moments, "features_product", real)
+        assert raised == (n0 == 20)
+        if raised:
+            assert sk._moments._recording and sk.to_bytes() == before
+            sk.update_many(K[n0:300], V[n0:300])
+        assert sk.to_bytes() == twin.to_bytes()
+    finally:
+        ls.set_num_threads(before_threads)
