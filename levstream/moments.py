@@ -32,9 +32,10 @@ keys cost ``n (d + dv)``: below ``n* = D dv / (d + dv)`` keys (1 040 at d = dv =
 more accurate.  So a new state records every row it is fed (a :class:`_RowRecord`) until their number would pass
 ``n*``, and queries sum their terms and do not read ``S``.  Meanwhile the rows are folded into ``S`` by an ingest
 helper ``_RECORD_FOLD_ROWS`` at a time, straight from the record, after the row that completes them (their
-product is added to ``S`` when the next hand-over is due: once per that many rows, not once per buffer).  The row that would take the record past ``n*`` hands the rows not yet
-folded to a helper, and the state goes on with its buffer as above; queries read the record until that
-product lands (at the latest when the buffer fills), and ``S`` from then on.
+product is added to ``S`` when the next hand-over is due: once per that many rows, not once per buffer).  The
+row that would take the record past ``n*`` hands the rows not yet folded to a helper, and the state goes on
+with its buffer as above; queries read the record until that product lands (at the latest when the buffer
+fills), and ``S`` from then on.
 """
 
 from __future__ import annotations
@@ -519,9 +520,8 @@ class MomentState:
         add_product(self._hi, self._lo, pending.result())
         self._pending = None
         self._sum = self._hi
-        if (
-            self._record is not None and not self._recording
-        ):  # a full record's last product: S holds its rows
+        # a full record's last product: S holds its rows
+        if self._record is not None and not self._recording:
             self._drop_record()
 
     def _settled_pair(self) -> tuple[np.ndarray, np.ndarray]:
@@ -546,12 +546,9 @@ class MomentState:
             n = record.n + m
             if n > self._direct_limit or m > BUFFER_ROWS or self._hand_over_due(n):
                 self.settle()
-            if n <= self._direct_limit:
+            # rows past the limit (fewer than a buffer's worth) join the record until its last product lands
+            if n <= self._direct_limit or m < BUFFER_ROWS:
                 record.room(m)
-            elif m < BUFFER_ROWS:
-                record.room(
-                    m
-                )  # the rows past the limit join the record until the last product lands
             return
         if self._pending is not None and self._buf_n + m >= self._settle_rows():
             self.settle()
@@ -618,9 +615,8 @@ class MomentState:
         self._buf_keys[n] = x
         self._buf_values[n] = v
         self._buf_n = n + 1
-        if (
-            self._record is not None
-        ):  # its last product pending: queries read the record till it lands
+        # a full record whose last product is pending: queries read the record till it lands
+        if self._record is not None:
             self._record.append(x[None, :], v[None, :])
         if n + 1 == BUFFER_ROWS:
             self._after_adding()
@@ -637,9 +633,8 @@ class MomentState:
             self.prepare(m)
             if record.n + m <= self._direct_limit:
                 record.append(X, V)
-                if (
-                    m > BUFFER_ROWS
-                ):  # a chunk (a prompt): folded here, as a chunk past the buffer is
+                # a chunk (a prompt) is folded here, as a chunk past the buffer is
+                if m > BUFFER_ROWS:
                     self._fold(*record.unfolded())
                     record.folded = record.n
                 elif self._hand_over_due(record.n):

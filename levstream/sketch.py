@@ -692,9 +692,8 @@ class KeySketch:
             new_ids, start, srt = self._new_ids(m, ids, offset)
             if m and neg is not None:
                 X, shift, frame = self._weigh_rows(X, neg, "X", V)
-                if (
-                    self._moments is not None
-                ):  # a pending product added before the frame moves (_feed_row)
+                # a pending moment product is added before the frame moves (as in _feed_row)
+                if self._moments is not None:
                     self._moments.prepare(m)
                 self._move_frame(shift, frame)
             if m:

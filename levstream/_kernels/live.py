@@ -851,7 +851,8 @@ def moment_numerator(Q, S, BK, BV, XK, XV):  # pragma: no cover - compiled
     """``phi(q)^T S + sum_j <q, BK_j>^2 BV_j + sum_j <q, XK_j>^2 XV_j`` for a few queries, lifting one query at a
     time into a reused array of ``D`` floats (``S`` rows ordered as ``lift_degree2``'s columns: ``(0,0), (0,1),
     ..., (1,1), ...``, off-diagonal features scaled by ``sqrt(2)``; ``BK``/``BV`` the keys and values waiting to
-    be folded into ``S`` (every key of a short stream, with ``S`` of no rows), ``XK``/``XV`` keys not fed yet that the queries see: a decode step's own key)."""
+    be folded into ``S`` (every key of a short stream, with ``S`` of no rows), ``XK``/``XV`` keys not fed yet that
+    the queries see: a decode step's own key)."""
     m, d = Q.shape
     dv = S.shape[1]
     out = np.zeros((m, dv), dtype=np.float64)
@@ -868,9 +869,8 @@ def moment_numerator(Q, S, BK, BV, XK, XV):  # pragma: no cover - compiled
                 out[i, c] += t * XV[j, c]
     root2 = np.sqrt(2.0)
     D = S.shape[0]
-    if (
-        D == 0
-    ):  # no state to read: a short stream's rows are all in BK (see MomentState.query_arrays)
+    # no state to read: a short stream's rows are all in BK (see MomentState.query_arrays)
+    if D == 0:
         return out
     phi = np.empty(D)
     for i in range(m):
@@ -936,8 +936,9 @@ def decode_p2(
 
     Returns ``(ints, floats)``: ``ints`` as :func:`heavy_p2`'s for one query (``[0, t | key_ids | positions]``),
     ``floats = [z | values (t) | heavy output (dv) | captured mass | output (dv, when S has columns)]``: ``S`` of
-    shape (0, 0) means no exact output; (0, dv) one from ``BK``/``BV`` and ``kc`` alone (a short stream's).  A query whose
-    ``z`` is ``UNRELIABLE`` gets no entries, and the rest is not computed (the caller answers it another way)."""
+    shape (0, 0) means no exact output; (0, dv) one from ``BK``/``BV`` and ``kc`` alone (a short stream's).  A
+    query whose ``z`` is ``UNRELIABLE`` gets no entries, and the rest is not computed (the caller answers it
+    another way)."""
     ints, found = heavy_p2(q, G, K, nk, K8, wk, ids, Ke, nke, Ke8, we, extra_ids, kc, idc, thresh)
     t = ints[1]
     dv = V1.shape[1]
