@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ._buffers import grown_rows
 from ._kernels.lift import (
     add_product,
     dgemm_function,
@@ -309,11 +310,8 @@ class _RowRecord:
         """Make room for ``m`` more rows (new arrays, the rows copied: a pending product keeps reading the old
         ones); raises (``MemoryError``) changing nothing."""
         n = self.n
-        if n + m <= self.keys.shape[0]:
-            return
-        rows = max(min(2 * self.keys.shape[0], self.most), n + m)
-        keys, values = np.empty((rows, self.keys.shape[1])), np.empty((rows, self.values.shape[1]))
-        keys[:n], values[:n] = self.keys[:n], self.values[:n]
+        keys = grown_rows(self.keys, n, n + m, self.most)
+        values = grown_rows(self.values, n, n + m, self.most)
         self.keys, self.values = keys, values
 
     def append(self, X: np.ndarray, V: np.ndarray) -> None:
@@ -421,12 +419,18 @@ class MomentState:
         self._record = None
         self._recording = False
 
-    def _hand_over(self, X: np.ndarray, V: np.ndarray) -> None:
-        """Start the product of rows ``X``, ``V`` (left alone until it lands) on an ingest helper; fold them on the
-        spot when that cannot be started."""
+    def _start_product(self, X: np.ndarray, V: np.ndarray) -> bool:
+        """Start the product of rows ``X``, ``V`` (left alone until it lands) on an ingest helper, as the pending
+        product; False (nothing changed) when that cannot be started."""
         try:
             self._pending = _PendingFold(X, V, self._hi.shape[0])
-        except Exception:  # noqa: BLE001 - the rows are still there: fold them here
+        except Exception:  # noqa: BLE001 - the caller still has the rows
+            return False
+        return True
+
+    def _hand_over(self, X: np.ndarray, V: np.ndarray) -> None:
+        """:meth:`_start_product`, or a fold on the spot when that cannot be started."""
+        if not self._start_product(X, V):
             self._fold(X, V)
 
     def _last_hand_over(self) -> int:
@@ -450,12 +454,8 @@ class MomentState:
         record = self._record
         assert record is not None
         self.settle()  # a no-op after prepare()
-        keys, values = record.unfolded()
-        try:
-            self._pending = _PendingFold(keys, values, self._hi.shape[0])
-        except Exception:  # noqa: BLE001 - the rows stay in the record
-            return
-        record.folded = record.n
+        if self._start_product(*record.unfolded()):
+            record.folded = record.n
 
     def _stop_recording(self) -> None:
         """The record is full: its rows not yet folded go to a helper, and the state takes rows in its buffer.
@@ -566,14 +566,10 @@ class MomentState:
             return
         self._rows_keys[:BUFFER_ROWS] = self._buf_keys
         self._rows_values[:BUFFER_ROWS] = self._buf_values
-        try:
-            pending = _PendingFold(
-                self._rows_keys[:BUFFER_ROWS], self._rows_values[:BUFFER_ROWS], self._hi.shape[0]
-            )
-        except Exception:  # noqa: BLE001 - the rows are still in the buffer: fold them here
-            self._fold_buffer()
+        if not self._start_product(self._rows_keys[:BUFFER_ROWS], self._rows_values[:BUFFER_ROWS]):
+            self._fold_buffer()  # the rows are still in the buffer: folded here
             return
-        self._pending, self._buf_n = pending, 0
+        self._buf_n = 0
 
     @staticmethod
     def nbytes_for(dim: int, value_dim: int, degree: int = 2) -> int:
