@@ -71,6 +71,9 @@ class HeadView(NamedTuple):
     #: with ``norms``: the rows of ``keys`` as int8 and their scales, for the same bound, else None
     int8: np.ndarray | None = None
     scales: np.ndarray | None = None
+    #: with ``total_gram``, when the view is kept for many queries (the live cache's): :func:`scan_arrays` of it,
+    #: made once
+    scan: _ScanArrays | None = None
 
     @property
     def all_ids(self) -> np.ndarray:
@@ -215,11 +218,11 @@ def _heavy(entries: _Entries, eps: float, distortion: float) -> HeavyEntries:
 #: Up to this many queries (p = 2, exact Gram) the whole query is one compiled call (the live path).
 LIVE_QUERY_ROWS = 8
 
-#: The live path's rows outside ``G`` (a decode step's own key): none.
+#: The live path's rows outside ``G`` (a decode step's own key, the rows waiting for the live cache): none.
+#: Writable, as the store's rows they stand in for (a read-only array is another type to numba: a second version
+#: of the kernel); they have no element to change.
 _NO_ROWS = np.zeros((0, 0))
-_NO_ROWS.flags.writeable = False
 _NO_IDS = np.zeros(0, dtype=np.int64)
-_NO_IDS.flags.writeable = False
 
 #: The live path's row norms when the rows are not ordered by norm (every row scanned).  Writable, as the norms
 #: it stands in for: a read-only array is another type to numba, and the first query of a plain view (right
@@ -247,7 +250,7 @@ _ScanArrays = tuple[
 ]
 
 
-def _scan_arrays(view: HeadView) -> _ScanArrays:
+def scan_arrays(view: HeadView) -> _ScanArrays:
     """The arrays the live kernels scan: ``G``, the candidates (their norms, int8 rows, scales, ids), the scanned
     pending rows (their norms, int8 rows, scales, ids)."""
     assert view.total_gram is not None
@@ -269,12 +272,49 @@ def _scan_arrays(view: HeadView) -> _ScanArrays:
 def _live_find(view: HeadView, Q: np.ndarray, thresh: float) -> tuple[_Entries, np.ndarray]:
     """The live path (p = 2, exact ``G`` of every key fed, a few queries): one compiled call; also returns ``Z``.
     The arrays returned are read-only (ids ascending per query row)."""
-    ints, floats = heavy_p2(Q, *_scan_arrays(view), _NO_ROWS, _NO_IDS, thresh)
-    ints.flags.writeable = False  # the slices below, handed to the results, are read-only with them
-    floats.flags.writeable = False
+    ints, floats = _live_scan(view, Q, thresh)
     m = Q.shape[0]
     end = m + 1 + ints.item(m)
     return _Entries(ints[: m + 1], ints[end:], ints[m + 1 : end], floats[m:]), floats[:m]
+
+
+def _live_scan(
+    view: HeadView,
+    Q: np.ndarray,
+    thresh: float,
+    waiting: np.ndarray = _NO_ROWS,
+    waiting_ids: np.ndarray = _NO_IDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~levstream._kernels.live.heavy_p2` of the view's arrays and the rows ``waiting``, its two arrays made
+    read-only (the slices handed to the results are read-only with them)."""
+    ints, floats = heavy_p2(Q, *(view.scan or scan_arrays(view)), waiting, waiting_ids, thresh)
+    ints.flags.writeable = False
+    floats.flags.writeable = False
+    return ints, floats
+
+
+def live_heavy_entries(
+    view: HeadView,
+    Q: np.ndarray,
+    eps: float,
+    waiting: np.ndarray = _NO_ROWS,
+    waiting_ids: np.ndarray = _NO_IDS,
+) -> HeavyEntries | None:
+    """:func:`heavy_entries` of a few p = 2 queries *not yet validated* (any float64 rows of the sketch's width), the
+    live path alone: None when the view has no live state or some query's ``Z`` cannot be trusted (the kernel
+    reports a nan/inf query, or one whose squares overflow, that way too); the caller then validates the queries
+    and answers the general way.  The live step's query: one compiled call and the result, nothing else.
+
+    ``waiting`` (float64, ids ``waiting_ids``): rows fed that the view does not hold, neither in ``total_gram`` nor
+    among its rows: scanned exactly, their terms added to every ``Z``."""
+    if view.total_gram is None or Q.shape[0] > LIVE_QUERY_ROWS or not Q.flags.c_contiguous:
+        return None
+    ints, floats = _live_scan(view, Q, eps * _REPORT_SCALE, waiting, waiting_ids)
+    m = Q.shape[0]
+    if (floats.item(0) == UNRELIABLE) if m == 1 else (floats[:m] == UNRELIABLE).any():
+        return None
+    end = m + 1 + ints.item(m)
+    return HeavyEntries.of_frozen(ints[: m + 1], ints[m + 1 : end], floats[m:], eps)
 
 
 def is_live(view: HeadView, Q: np.ndarray, p: float) -> bool:
@@ -577,7 +617,7 @@ def _decode_step(
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra row
     ints, floats = decode_p2(
         q,
-        *_scan_arrays(view),
+        *(view.scan or scan_arrays(view)),
         k,
         key_id,
         report_threshold(eps, 0.0),

@@ -606,8 +606,11 @@ class KeySketch:
         grows_last = bool(ranges.shape[0]) and ranges[-1, 1] == i
         seen = None if grows_last else self._seen.union(IdRanges(np.array([[i, i + 1]], np.int64)))
         live = self._live
-        if live is not None and live.upto != store.n:
-            live = None  # rows wait for the next query's view (_LiveRows.add)
+        if live is not None and (live.upto != store.n or store.values is None):
+            # rows wait for the next query: it scans up to _WAITING_ROWS_SCANNED of them as they are, and folds them
+            # into the cache beyond (_LiveRows.add, one compiled loop).  A key-only live step is then a copy into
+            # the store.  With values, a query reads the cache of every row (outputs): the cache takes it now.
+            live = None
         if live is not None:  # the row's slot holds the row as the store will: its type
             live.room_for_row(store.keys[store.n])
             x = _kernel_layout(x)
@@ -1164,6 +1167,7 @@ class KeySketch:
             int8,
             scales,
         )
+        live.view = live.view._replace(scan=_query.scan_arrays(live.view))
         return live.view
 
     def _held_view(self) -> _query.HeadView:
@@ -1302,10 +1306,32 @@ class KeySketch:
             CSR by query row, key ids ascending; for p = 2 exactly the dense answer, values exact to
             rounding.  Queries orthogonal to every key (``Z = 0``) have no entries.  The sketch is not changed.
         """
-        Q = self._queries(Q)
         eps = self._query_eps(eps)
+        rows = fast_float64(Q)
+        if rows is not None and rows.ndim == 2 and rows.shape[1] == self._dim and self._p == 2.0:
+            # the live step's query: one compiled call on rows not validated yet (it reports a query that is not
+            # finite as one it cannot answer; such queries then take the general path, which refuses them)
+            with self._lock:
+                found = self._live_heavy_entries(rows, eps)
+            if found is not None:
+                return found
+        Q = self._queries(Q)
         with self._lock:
             return _query.heavy_entries(self._view(), Q, self._p, eps)
+
+    def _live_heavy_entries(self, Q: np.ndarray, eps: float) -> HeavyEntries | None:
+        """:func:`~levstream._query.live_heavy_entries` (call with the lock held).  The rows fed since the live cache
+        was last current, up to ``_WAITING_ROWS_SCANNED`` of them, are scanned as they are (their terms added to
+        ``Z``), without folding them into the cache first."""
+        live, st = self._live, self._store
+        if live is not None and live.view is not None and live.upto >= self._pending_from:
+            waiting = st.n - live.upto
+            if waiting == 0:
+                return _query.live_heavy_entries(live.view, Q, eps)
+            if waiting <= _WAITING_ROWS_SCANNED and st.keys.dtype == np.float64:
+                keys, ids = st.keys[live.upto : st.n], st.ids[live.upto : st.n]
+                return _query.live_heavy_entries(live.view, Q, eps, keys, ids)
+        return _query.live_heavy_entries(self._view(), Q, eps)
 
     def top_k(self, Q: Any, k: int) -> TopK:
         """The ``k`` largest attention entries of each query among the keys held (a superset of the universal set).
@@ -1676,6 +1702,10 @@ _REBASE_PIECE = 256
 
 #: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
 _SMALL_LIVE_ROWS = 32
+
+#: A live query scans up to this many rows fed since the live cache was current as they are, and folds them into
+#: the cache beyond (in one compiled loop: fewer than ``_SMALL_LIVE_ROWS``).
+_WAITING_ROWS_SCANNED = 63
 
 #: The live cache refactors its Gram matrix once the largest diagonal entry has grown this many times,
 #: looked at every _LIVE_CHECK_ROWS rows.

@@ -285,12 +285,13 @@ def test_single_rows_enter_a_current_live_cache_on_arrival(precision):
     check_entries(quiet.heavy_entries(Q), twin, Q, eps, GRAM, "end, no query before")
 
 
-def _live_stream(seed: int) -> tuple[ls.KeySketch, NaiveStream, np.ndarray]:
-    """A sketch with a current live cache (a query after each row) and its brute-force twin, 60 rows fed."""
+def _live_stream(seed: int, value_dim: int | None = None) -> tuple[ls.KeySketch, NaiveStream, np.ndarray]:
+    """A sketch with a current live cache (a query after each row) and its brute-force twin, 60 rows fed (with
+    random value rows when ``value_dim`` is given: the cache then takes each row at its update)."""
     K = heavy_tailed_keys(400, 4, seed=seed)
-    sk, twin = ls.KeySketch(4, eps=0.05, block_rows=32), NaiveStream(4)
+    sk, twin = ls.KeySketch(4, eps=0.05, block_rows=128, value_dim=value_dim), NaiveStream(4)
     for t in range(60):
-        sk.update(K[t])
+        sk.update(K[t], None if value_dim is None else np.ones(value_dim))
         twin.update(K[t])
         sk.heavy_entries(K[t][None, :])
     return sk, twin, K
@@ -302,43 +303,50 @@ def _answers_match(sk: ls.KeySketch, twin: NaiveStream, K: np.ndarray, where: st
     np.testing.assert_allclose(sk.normalizer(Q), twin.normalizer(Q), rtol=VALUE_RTOL)
 
 
-@pytest.mark.parametrize("where", ["room", "refresh", "query"])
+@pytest.mark.parametrize("where", ["room", "refresh", "query", "query-refresh"])
 def test_a_failure_in_the_live_cache_loses_no_row_and_counts_none_twice(monkeypatch, where):
-    """The live cache is derived data; a failure while it takes a row leaves the sketch consistent. Making room
-    for the row fails before anything changes: the update raises and the sketch is as before. A refactor of the
-    cache that fails after the row is recorded: the row stays fed, the cache goes. The cache taking the pending
-    rows inside a query fails: the query raises and the sketch is as before. Either way later answers equal
-    brute force (a cache that held part of a row would count it twice in ``Z``) and the bytes load again."""
+    """The live cache is derived data; a failure while it takes a row leaves the sketch consistent.  With values
+    the cache takes each row at its update: making room for the row fails before anything changes (the update
+    raises and the sketch is as before); a refactor of the cache that fails after the row is recorded leaves the
+    row fed and the cache gone.  Without values rows wait for a query, which folds them into the cache once more
+    wait than it scans as they are: the cache taking them (or refactoring after them) fails inside the query, which
+    raises with the sketch as before.  Either way later answers equal brute force (a cache that held part of a row
+    would count it twice in ``Z``) and the bytes load again."""
     import levstream.sketch as sketch_module
 
-    sk, twin, K = _live_stream(seed=41)
-    if where == "query":  # rows that wait for the next query's view
-        sk.update_many(K[60:63])
-        twin.update_many(K[60:63])
+    on_update = where in ("room", "refresh")
+    sk, twin, K = _live_stream(seed=41, value_dim=2 if on_update else None)
+    t = 60
+    if not on_update:  # more rows wait than a query scans as they are: the query folds them
+        m = sketch_module._WAITING_ROWS_SCANNED + 1
+        sk.update_many(K[t : t + m])
+        twin.update_many(K[t : t + m])
+        t += m
     before, n = sk.to_bytes(), sk.n
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise MemoryError("injected")
 
-    name = {"room": "room_for_row", "refresh": "refresh", "query": "accept"}[where]
+    name = {"room": "room_for_row", "refresh": "refresh", "query": "accept", "query-refresh": "refresh"}[where]
     monkeypatch.setattr(sketch_module._LiveRows, name, broken)
-    if where == "refresh":  # due at the next row
+    if name == "refresh":  # due at the next row
         monkeypatch.setattr(sketch_module._LiveRows, "_mark", lambda self, m: setattr(self, "upto", m) or True)
     with pytest.raises(MemoryError, match="injected"):
-        if where == "query":
-            sk.heavy_entries(K[:1])
+        if on_update:
+            sk.update(K[t], np.ones(2))
         else:
-            sk.update(K[63])
+            sk.heavy_entries(K[:1])
     monkeypatch.undo()
     if where == "refresh":
         assert sk.n == n + 1 and sk._live is None  # the row is fed, the cache gone
-        twin.update(K[63])
+        twin.update(K[t])
+        t += 1
     else:
         assert sk.to_bytes() == before
     _answers_match(sk, twin, K, f"after a failure in {name}")
     assert ls.KeySketch.from_bytes(sk.to_bytes()).to_bytes() == sk.to_bytes()
-    for t in range(64, 120):  # the stream goes on, with a new cache
-        sk.update(K[t])
+    for t in range(t, t + 56):  # the stream goes on, with a new cache
+        sk.update(K[t], np.ones(2) if on_update else None)
         twin.update(K[t])
         sk.heavy_entries(K[t][None, :])
     _answers_match(sk, twin, K, "later")

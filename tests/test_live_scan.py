@@ -170,7 +170,7 @@ def test_the_scanned_arrays_keep_their_types_across_a_flush():
         with sk._lock:
             view = sk._view()
             plain = sk._store.n == sk._pending_from
-            seen.add((plain, tuple(str(numba.typeof(a)) for a in _query._scan_arrays(view))))
+            seen.add((plain, tuple(str(numba.typeof(a)) for a in _query.scan_arrays(view))))
     assert {plain for plain, _ in seen} == {True, False}  # both kinds of view were read
     assert len({types for _, types in seen}) == 1, seen
 

@@ -313,8 +313,8 @@ def heavy_p2(
       of the rows) and its row position in ``[K; Ke; Kc]``;
     * ``floats = [z (m) | values (t)]``: the normalisers and the entries' values.
 
-    A query whose ``q^T G q`` cannot be trusted gets ``z = UNRELIABLE`` and no entries: the caller must answer it
-    another way.
+    A query whose ``q^T G q`` cannot be trusted, or that is not finite (a nan/inf, or squares that overflow), gets
+    ``z = UNRELIABLE`` and no entries: the caller must validate it and answer it another way.
 
     ``nk``, when not empty, holds the norms of the rows of ``K`` in non-increasing order (the rows come by
     descending norm): a query then scans only the rows with ``||q|| ||k|| >= sqrt(cut) (1 - 1e-9)``, a prefix
@@ -333,7 +333,9 @@ def heavy_p2(
     W = np.empty((m, c + e + o), dtype=np.float64)
     q32 = np.empty(d, dtype=np.float32)
     for i in range(m):
-        zi = _checked_quadratic(Q[i], G, d, tol)
+        q = Q[i]
+        # a nan/inf, or squares that overflow: UNRELIABLE (the caller validates the query)
+        zi = _checked_quadratic(q, G, d, tol) if _dot(q, q, d) < np.inf else UNRELIABLE
         if zi != UNRELIABLE:
             for j in range(o):
                 v = _dot(Q[i], Kc[j], d)

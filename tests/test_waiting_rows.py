@@ -1,0 +1,115 @@
+"""Live steps of a sketch without values: rows fed since the live cache was current wait in the store.
+
+A key-only ``update`` on a live stream is a copy into the store; the next query scans up to
+``_WAITING_ROWS_SCANNED`` waiting rows as they are (their terms added to ``Z``) and folds them into the cache beyond
+that.  Every answer is checked against the dense attention of every key fed so far (``naive.NaiveStream``), across
+the limit, for float64 and float32 keys, for gated streams, and for queries the live path cannot answer (not finite,
+squares that overflow), which are refused as before and change nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import heavy_tailed_keys
+from naive import NaiveStream
+from test_contract import GRAM, check_entries
+
+import levstream as ls
+from levstream import sketch as sketch_module
+
+D = 6
+EPS = 0.05
+LIMIT = sketch_module._WAITING_ROWS_SCANNED
+
+
+def _sketch_and_twin(seed: int, n0: int = 200, dtype: type = np.float64):
+    K = heavy_tailed_keys(n0 + 1000, D, seed=seed).astype(dtype)
+    sk = ls.KeySketch(D, eps=EPS, block_rows=4096).update_many(K[:n0])
+    twin = NaiveStream(D).update_many(K[:n0].astype(np.float64))
+    return sk, twin, K, n0
+
+
+def _queries(seed: int, m: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((m, D))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("gap", [1, 2, LIMIT - 1, LIMIT, LIMIT + 1, 2 * LIMIT + 3])
+def test_queries_after_a_gap_of_updates_see_every_row(dtype: type, gap: int) -> None:
+    """``gap`` single-row updates between queries: the rows wait (scanned or folded) and every answer is dense."""
+    sk, twin, K, t = _sketch_and_twin(seed=gap, dtype=dtype)
+    sk.heavy_entries(_queries(0))  # the live cache is current from here on
+    for step in range(6):
+        for _ in range(gap):
+            sk.update(K[t])
+            twin.update(K[t].astype(np.float64))
+            t += 1
+        Q = _queries(step + 1, m=1 + step % 3)
+        before = sk.to_bytes()
+        hits = sk.heavy_entries(Q)
+        check_entries(hits, twin, Q, EPS, GRAM, f"gap {gap}, step {step}")
+        assert sk.to_bytes() == before, "a query changed the sketch"
+
+
+def test_a_heavy_key_among_the_waiting_rows_is_found_with_its_exact_value() -> None:
+    sk, twin, K, t = _sketch_and_twin(seed=7)
+    sk.heavy_entries(_queries(0))
+    q = np.zeros((1, D))
+    q[0, 0] = 1.0
+    spike = np.zeros(D)
+    spike[0] = 50.0  # dominates the attention of q: it can only come from the waiting rows
+    for i in range(LIMIT):
+        row = spike if i == LIMIT // 2 else K[t]
+        sk.update(row)
+        twin.update(row)
+        t += 1
+        hits = sk.heavy_entries(q)
+        check_entries(hits, twin, q, EPS, GRAM, f"waiting row {i}")
+    ids, values = hits.row(0)
+    spike_id = sk.n - LIMIT + LIMIT // 2
+    assert values[ids.tolist().index(spike_id)] == values.max()
+
+
+@pytest.mark.parametrize(
+    "bad", [np.nan, np.inf, 1e200], ids=["nan", "inf", "squares-overflow"]
+)
+def test_a_query_the_live_path_cannot_answer_is_refused_and_changes_nothing(bad: float) -> None:
+    sk, twin, K, t = _sketch_and_twin(seed=3)
+    sk.heavy_entries(_queries(0))
+    for _ in range(5):  # rows waiting: the refused query must not fold them, nor lose them
+        sk.update(K[t])
+        twin.update(K[t])
+        t += 1
+    before = sk.to_bytes()
+    Q = _queries(1, m=2)
+    Q[1, 2] = bad
+    with pytest.raises(ValueError, match="finite|overflow"):
+        sk.heavy_entries(Q)
+    assert sk.to_bytes() == before
+    check_entries(sk.heavy_entries(Q[:1]), twin, Q[:1], EPS, GRAM, "after the refused query")
+
+
+def test_gated_rows_wait_too() -> None:
+    """A gated stream's rows wait in its frame; the answers are those of dense decayed attention."""
+    rng = np.random.default_rng(11)
+    K = heavy_tailed_keys(300, D, seed=11)
+    gates = rng.uniform(0.9, 1.0, size=300)
+    sk = ls.KeySketch(D, eps=EPS, block_rows=4096).update_many(K[:100], gates=gates[:100])
+    sk.heavy_entries(_queries(0))
+    for t in range(100, 300):
+        sk.update(K[t], gate=gates[t])
+        if t % 37 == 0 or t == 299:
+            Q = _queries(t)
+            # the weight of key j at time t is the product of the gates after it: exp(sum_{j < s <= t} log g_s)
+            logs = np.log(gates[: t + 1])
+            w = np.exp(logs.sum() - np.cumsum(logs))
+            A = (Q @ K[: t + 1].T) ** 2 * w
+            A /= A.sum(axis=1, keepdims=True)
+            hits = sk.heavy_entries(Q)
+            for i in range(Q.shape[0]):
+                ids, values = hits.row(i)
+                want = np.flatnonzero(A[i] >= EPS * (1 + 1e-9))
+                assert set(want.tolist()) <= set(ids.tolist()), f"step {t}, query {i}: missed"
+                assert (A[i, ids] >= EPS * (1 - 1e-9)).all(), f"step {t}, query {i}: below eps"
+                np.testing.assert_allclose(values, A[i, ids], rtol=1e-9)
