@@ -466,8 +466,35 @@ class KeySketch:
             _check_magnitude(row[None, :], "x")
         if row is not x:
             x = _kept_row(x, row, isinstance(self._summary, GramSummary))
+        elif v is None and gate is None and self._value_dim is None:
+            with self._lock:  # the live step of a key-only stream
+                if self._append_next_row(x):
+                    return self
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
         return self._feed_row(x, value, gate)
+
+    def _append_next_row(self, x: np.ndarray) -> bool:
+        """:meth:`_append_token` of a validated float64 key row, without values or weights, in the common case only
+        (call with the lock held): the next id extends the last range of ids seen (so it clashes with none and
+        keeps the ids ascending) and the stream does not forget.  False, with nothing changed, otherwise.  The row
+        waits in the store for the live cache (see :meth:`_append_token`)."""
+        ranges = self._seen.ranges
+        i = self._next_id
+        if self.forgets or not ranges.shape[0] or ranges[-1, 1] != i:
+            return False
+        store = self._store
+        n = store.n
+        if store.keys.dtype != np.float64 or n == store.capacity:
+            store.reserve(n + 1, np.float64, self._buffer_end())  # may raise: nothing has changed
+        store.keys[n] = x
+        store.ids[n] = i
+        store.n = n + 1
+        ranges[-1, 1] = i + 1
+        self._n += 1
+        self._next_id = i + 1
+        if store.n - self._pending_from >= self._block_rows:
+            self._flush()
+        return True
 
     def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
         """:meth:`update` of a validated row (float64, or float32 kept as float32 on the Gram path) and value."""

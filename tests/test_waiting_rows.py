@@ -113,3 +113,43 @@ def test_gated_rows_wait_too() -> None:
                 assert set(want.tolist()) <= set(ids.tolist()), f"step {t}, query {i}: missed"
                 assert (A[i, ids] >= EPS * (1 - 1e-9)).all(), f"step {t}, query {i}: below eps"
                 np.testing.assert_allclose(values, A[i, ids], rtol=1e-9)
+
+
+def test_a_row_that_cannot_be_stored_changes_nothing(monkeypatch) -> None:
+    """The key-only step grows the store before it writes anything: a failed growth leaves the sketch as it was."""
+    from levstream import _store
+
+    sk, twin, K, t = _sketch_and_twin(seed=5)
+    sk.heavy_entries(_queries(0))
+    while sk._store.n < sk._store.capacity:  # fill the store's room: the next row must grow it
+        sk.update(K[t])
+        twin.update(K[t])
+        t += 1
+    before = sk.to_bytes()
+
+    def broken(*args, **kwargs):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(_store.RowStore, "reserve", broken)
+    with pytest.raises(MemoryError, match="injected"):
+        sk.update(K[t])
+    monkeypatch.undo()
+    assert sk.to_bytes() == before
+    sk.update(K[t])
+    twin.update(K[t])
+    Q = _queries(1)
+    check_entries(sk.heavy_entries(Q), twin, Q, EPS, GRAM, "after the failed growth")
+
+
+def test_float64_rows_after_float32_rows_are_held_as_float64() -> None:
+    sk, twin, K, t = _sketch_and_twin(seed=6, dtype=np.float32)
+    assert sk._store.keys.dtype == np.float32
+    sk.heavy_entries(_queries(0))
+    for _ in range(10):
+        row = K[t].astype(np.float64) * (1.0 + 1e-9)  # not a float32 value: it must be held exactly
+        sk.update(row)
+        twin.update(row)
+        t += 1
+    assert sk._store.keys.dtype == np.float64
+    Q = _queries(2)
+    check_entries(sk.heavy_entries(Q), twin, Q, EPS, GRAM, "mixed precision")
