@@ -466,33 +466,35 @@ class KeySketch:
             _check_magnitude(row[None, :], "x")
         if row is not x:
             x = _kept_row(x, row, isinstance(self._summary, GramSummary))
-        elif v is None and gate is None and self._value_dim is None:
-            with self._lock:  # the live step of a key-only stream
-                if self._append_next_row(x):
-                    return self
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
         return self._feed_row(x, value, gate)
 
-    def _append_next_row(self, x: np.ndarray) -> bool:
-        """:meth:`_append_token` of a validated float64 key row, without values or weights, in the common case only
-        (call with the lock held): the next id extends the last range of ids seen (so it clashes with none and
-        keeps the ids ascending) and the stream does not forget.  False, with nothing changed, otherwise.  The row
-        waits in the store for the live cache (see :meth:`_append_token`)."""
+    def _append_next_rows(self, X: np.ndarray, m: int) -> bool:
+        """Feed ``m >= 1`` validated float64 key rows ``X`` (shape (m, dim), or (dim,) for one) under the next ids,
+        without values or weights, in the common case only (call with the lock held): the next id extends the last
+        range of ids seen (so the rows clash with no id and keep the ids ascending), the stream does not forget and
+        the rows do not reach past the input buffer.  False, with nothing changed, otherwise (the general path then
+        takes them).  The rows wait in the store for the live cache (see :meth:`_append_token`)."""
         ranges = self._seen.ranges
         i = self._next_id
         if self.forgets or not ranges.shape[0] or ranges[-1, 1] != i:
             return False
         store = self._store
         n = store.n
-        if store.keys.dtype != np.float64 or n == store.capacity:
-            store.reserve(n + 1, np.float64, self._buffer_end())  # may raise: nothing has changed
-        store.keys[n] = x
-        store.ids[n] = i
-        store.n = n + 1
-        ranges[-1, 1] = i + 1
-        self._n += 1
-        self._next_id = i + 1
-        if store.n - self._pending_from >= self._block_rows:
+        if n + m - self._pending_from > self._block_rows:
+            return False  # the rows complete a block and start another: folded the general way
+        if store.keys.dtype != np.float64 or n + m > store.capacity:
+            store.reserve(n + m, np.float64, self._buffer_end())  # may raise: nothing has changed
+        store.keys[n : n + m] = X
+        if m == 1:
+            store.ids[n] = i
+        else:
+            store.ids[n : n + m] = np.arange(i, i + m)
+        store.n = n + m
+        ranges[-1, 1] = i + m
+        self._n += m
+        self._next_id = i + m
+        if store.n - self._pending_from == self._block_rows:
             self._flush()
         return True
 
@@ -500,6 +502,10 @@ class KeySketch:
         """:meth:`update` of a validated row (float64, or float32 kept as float32 on the Gram path) and value."""
         # whether the stream forgets is read under the lock too: another writer may gate it
         with self._lock:
+            # the live step of a key-only stream
+            plain = value is None and gate is None and x.dtype == np.float64
+            if plain and self._append_next_rows(x, 1):
+                return self
             self._check_next_id()
             if gate is not None or self.forgets:
                 neg = self._neg_log_gate(gate)
@@ -711,6 +717,15 @@ class KeySketch:
             For bad shapes, dtypes, non-finite values or clashing ids; the sketch is left unchanged.
         """
         if ids is None and offset is None and gates is None:
+            few = self._few_rows(X, V)
+            # a few float64 rows of a key-only stream, finite: the live step's path
+            if few is not None:
+                m = few.shape[0]
+                if m == 0:
+                    return self  # an empty chunk of the right width (a filter that kept nothing)
+                with self._lock:
+                    if self._append_next_rows(few, m):
+                        return self
             one = self._one_row(X, V)
             if one is not None:  # a (1, dim) chunk: the live step's path (as update)
                 return self._feed_row(*one, None)
@@ -729,6 +744,15 @@ class KeySketch:
             if m:
                 self._ingest(X, V, new_ids, start, srt)
         return self
+
+    def _few_rows(self, X: Any, V: Any) -> np.ndarray | None:
+        """``X`` when it is a chunk of at most ``_FEW_ROWS`` rows that :meth:`_append_next_rows` may take as they are: a
+        C-contiguous writable float64 array of the sketch's width, finite with squares that do not overflow, and no
+        values (none given, none kept); None for anything else."""
+        rows = None if V is not None or self._value_dim is not None else fast_float64(X)
+        if rows is None or rows is not X or rows.ndim != 2 or rows.shape[1] != self._dim:
+            return None
+        return rows if rows.shape[0] <= _FEW_ROWS and np.isfinite(sq_total(rows)) else None
 
     def _one_row(self, X: Any, V: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
         """``(x, v)`` for a chunk ``X`` of one row (float64 or float32) with its value row, both finite with squares
@@ -1729,6 +1753,9 @@ _REBASE_PIECE = 256
 
 #: Rows newly buffered since the last query are summarised by a compiled loop up to this many, by BLAS beyond.
 _SMALL_LIVE_ROWS = 32
+
+#: ``update_many`` of at most this many rows of a key-only stream is a copy into the store (the live step's path).
+_FEW_ROWS = 16
 
 #: A live query scans up to this many rows fed since the live cache was current as they are, and folds them into
 #: the cache beyond (in one compiled loop: fewer than ``_SMALL_LIVE_ROWS``).

@@ -153,3 +153,31 @@ def test_float64_rows_after_float32_rows_are_held_as_float64() -> None:
     assert sk._store.keys.dtype == np.float64
     Q = _queries(2)
     check_entries(sk.heavy_entries(Q), twin, Q, EPS, GRAM, "mixed precision")
+
+
+def test_small_chunks_are_the_stream_fed_at_once() -> None:
+    """Chunks of 0 to 20 rows (the few-rows path up to 16, across block ends the general one), with queries between
+    them: every answer is dense, and the sketch ends as one fed the same rows in one chunk, byte for byte."""
+    rng = np.random.default_rng(12)
+    K = heavy_tailed_keys(8000, D, seed=12)
+    sk = ls.KeySketch(D, eps=EPS, block_rows=50)
+    twin = NaiveStream(D)
+    t = 0
+    for step in range(300):
+        m = int(rng.integers(0, 21))
+        sk.update_many(K[t : t + m])
+        twin.update_many(K[t : t + m])
+        t += m
+        if step % 7 == 0:
+            Q = _queries(step)
+            check_entries(sk.heavy_entries(Q), twin, Q, EPS, GRAM, f"step {step}")
+    at_once = ls.KeySketch(D, eps=EPS, block_rows=50).update_many(K[:t])
+    assert sk.to_bytes() == at_once.to_bytes()
+    with pytest.raises(ValueError):
+        sk.update_many(np.zeros((0, D + 1)))  # an empty chunk of the wrong width is still an error
+    bad = K[t : t + 3].copy()
+    bad[1, 0] = np.nan
+    before = sk.to_bytes()
+    with pytest.raises(ValueError, match="finite"):
+        sk.update_many(bad)
+    assert sk.to_bytes() == before
