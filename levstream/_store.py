@@ -285,17 +285,20 @@ class RowStore:
         if k == self.n - start:
             return
         src = index + start
+        # all or nothing: every array is gathered before any is written (a failure, out of memory, changes nothing)
         if self._shared > start:  # a snapshot holds these rows: write the result into new arrays
             keep = np.concatenate([np.arange(start), src])
-            self.ids, self.keys = self.ids[keep], self.keys[keep]
-            if self.values is not None:
-                self.values = self.values[keep]
+            ids, keys = self.ids[keep], self.keys[keep]
+            values = None if self.values is None else self.values[keep]
+            self.ids, self.keys, self.values = ids, keys, values
             self._shared = 0
         else:
-            self.keys[start : start + k] = self.keys[src]
-            self.ids[start : start + k] = self.ids[src]
+            keys, ids = self.keys[src], self.ids[src]
+            values = None if self.values is None else self.values[src]
+            self.keys[start : start + k] = keys
+            self.ids[start : start + k] = ids
             if self.values is not None:
-                self.values[start : start + k] = self.values[src]
+                self.values[start : start + k] = values
         self.n = start + k
 
     def sort_by_id(self) -> None:

@@ -59,7 +59,7 @@ from ._validation import (
     fast_float64,
 )
 from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
-from .sketch import _TOP_K_PASS_MAX, KeySketch, _at_most_one_item, _check_magnitude
+from .sketch import _ID_MAX, _TOP_K_PASS_MAX, KeySketch, _at_most_one_item, _check_magnitude
 from .summaries.gram import GramSummary
 
 __all__ = ["MultiHeadKeySketch"]
@@ -362,6 +362,9 @@ class MultiHeadKeySketch:
                 if dv is not None:
                     self._bufv = np.empty((H, _STEP_BUFFER_ROWS, dv))
         first = self._buf_id0 + nb
+        # the heads number their rows with int64 ids (the end of their last range of ids included)
+        if first > _ID_MAX - m:
+            raise ValueError(f"ids would overflow int64 from offset {first}.")
         seen = self._heads[0]._seen
         if seen.ranges.shape[0] and first < seen.ranges[-1, 1]:  # ids fed ahead of the counter
             hit = seen.clash(np.arange(first, first + m, dtype=np.int64))

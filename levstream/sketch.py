@@ -366,7 +366,7 @@ class KeySketch:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
             return arr, -1, srt
         start = self._next_id if offset is None else check_int(offset, "offset", minimum=0)
-        if start > np.iinfo(np.int64).max - m:
+        if start > _ID_MAX - m:
             raise ValueError(f"ids would overflow int64 from offset {start}.")
         hit = None
         if self._seen.ranges.shape[0] and start < self._seen.ranges[-1, 1]:
@@ -477,7 +477,8 @@ class KeySketch:
         takes them).  The rows wait in the store for the live cache (see :meth:`_append_token`)."""
         ranges = self._seen.ranges
         i = self._next_id
-        if self.forgets or not ranges.shape[0] or ranges[-1, 1] != i:
+        # (ids past int64's range: the general path refuses them)
+        if self.forgets or not ranges.shape[0] or ranges[-1, 1] != i or i > _ID_MAX - m:
             return False
         store = self._store
         n = store.n
@@ -490,12 +491,20 @@ class KeySketch:
             store.ids[n] = i
         else:
             store.ids[n : n + m] = np.arange(i, i + m)
-        store.n = n + m
         ranges[-1, 1] = i + m
+        store.n = n + m
         self._n += m
         self._next_id = i + m
-        if store.n - self._pending_from == self._block_rows:
-            self._flush()
+        pending_from = self._pending_from
+        if store.n - pending_from == self._block_rows:
+            try:
+                self._flush()
+            except BaseException:
+                # the block was not folded (it is as it was): the rows are undone
+                if self._pending_from == pending_from:
+                    store.n, ranges[-1, 1], self._next_id = n, i, i
+                    self._n -= m
+                raise
         return True
 
     def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
@@ -620,8 +629,11 @@ class KeySketch:
                 self._live.scale(factor, root)
 
     def _check_next_id(self) -> None:
-        """Refuse the running counter's next id when it was already fed (e.g. by ``ids=``)."""
+        """Refuse the running counter's next id when it was already fed (e.g. by ``ids=``), or when the counter would
+        leave int64 (as :meth:`_new_ids` does for a chunk)."""
         i = self._next_id
+        if i > _ID_MAX - 1:
+            raise ValueError(f"ids would overflow int64 from offset {i}.")
         if self._seen.ranges.shape[0] and i < self._seen.ranges[-1, 1]:
             hit = self._seen.clash(np.array([i], dtype=np.int64))
             if hit is not None:
@@ -641,8 +653,8 @@ class KeySketch:
         live = self._live
         if live is not None and (live.upto != store.n or store.values is None):
             # rows wait for the next query: it scans up to _WAITING_ROWS_SCANNED of them as they are, and folds them
-            # into the cache beyond (_LiveRows.add, one compiled loop).  A key-only live step is then a copy into
-            # the store.  With values, a query reads the cache of every row (outputs): the cache takes it now.
+            # into the cache beyond (_LiveRows.add).  A key-only live step is then a copy into the store.  With
+            # values, a query reads the cache of every row (outputs): the cache takes it now.
             live = None
         if live is not None:  # the row's slot holds the row as the store will: its type
             live.room_for_row(store.keys[store.n])
@@ -1757,8 +1769,11 @@ _SMALL_LIVE_ROWS = 32
 #: ``update_many`` of at most this many rows of a key-only stream is a copy into the store (the live step's path).
 _FEW_ROWS = 16
 
+#: The largest key id (ids are int64).
+_ID_MAX = int(np.iinfo(np.int64).max)
+
 #: A live query scans up to this many rows fed since the live cache was current as they are, and folds them into
-#: the cache beyond (in one compiled loop: fewer than ``_SMALL_LIVE_ROWS``).
+#: the cache beyond (:meth:`_LiveRows.add`: BLAS for more than ``_SMALL_LIVE_ROWS`` rows).
 _WAITING_ROWS_SCANNED = 63
 
 #: The live cache refactors its Gram matrix once the largest diagonal entry has grown this many times,
@@ -2388,10 +2403,20 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     store = sk._store
     start = sk._pending_from
     X = store.keys_view(start)
-    (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk), X.shape[0]), n_threads)
-    keep = np.zeros(X.shape[0], dtype=bool)
-    keep[_fold_result(sk, X, result, n_threads)] = True
-    store.keep_from(start, keep)
+    # the summary takes the block before its rows are sorted out in the store: should anything fail until then (no
+    # memory), the summary goes back to what it was, with the rows still pending (else Z counted them twice)
+    summary = sk._summary
+    assert isinstance(summary, GramSummary)
+    before = summary.copy()
+    before.restore_plan(summary.plan_state())
+    try:
+        (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk), X.shape[0]), n_threads)
+        keep = np.zeros(X.shape[0], dtype=bool)
+        keep[_fold_result(sk, X, result, n_threads)] = True
+        store.keep_from(start, keep)  # (all or nothing)
+    except BaseException:
+        sk._summary = before
+        raise
     sk._pending_from = store.n
     _maybe_prune(sk, sk._block_rows)
 

@@ -181,3 +181,67 @@ def test_small_chunks_are_the_stream_fed_at_once() -> None:
     with pytest.raises(ValueError, match="finite"):
         sk.update_many(bad)
     assert sk.to_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["update", "few rows", "one-row chunk", "heads update", "heads chunk"])
+def test_the_running_counter_stops_at_int64s_end(how: str) -> None:
+    """Ids are int64: the running counter's rows are refused, with a clear error and nothing changed, once their ids
+    would leave it (the last range of ids seen ends one past the last id), by every path."""
+    rng = np.random.default_rng(0)
+    heads = how.startswith("heads")
+    sk = ls.MultiHeadKeySketch(2, D, eps=EPS) if heads else ls.KeySketch(D, eps=EPS)
+    first = 2**63 - 6
+    sk.update_many(rng.standard_normal((2, 3, D) if heads else (3, D)), offset=first)
+    sk.heavy_entries(rng.standard_normal((2, 1, D) if heads else (1, D)))
+    fed = 3
+    for _ in range(4):
+        before = sk.to_bytes()
+        m = 3 if how == "few rows" else 1
+        try:
+            if how == "update":
+                sk.update(rng.standard_normal(D))
+            elif how == "heads update":
+                sk.update(rng.standard_normal((2, D)))
+            elif heads:
+                sk.update_many(rng.standard_normal((2, m, D)))
+            else:
+                sk.update_many(rng.standard_normal((m, D)))
+        except ValueError as exc:
+            assert "overflow int64" in str(exc)
+            assert sk.to_bytes() == before
+            assert first + fed + m > 2**63 - 1
+        else:
+            fed += m
+            assert first + fed <= 2**63 - 1
+        assert sk.n == fed
+    assert fed < 6 + 3  # some call was refused
+    again = type(sk).from_bytes(sk.to_bytes())
+    assert again.to_bytes() == sk.to_bytes()
+
+
+def test_a_failure_in_the_flush_counts_no_row_twice(monkeypatch) -> None:
+    """The summary takes a full block before the store sorts out its rows: a failure in between (no memory) puts the
+    summary back, the rows still pending, and the row that completed the block is not fed."""
+    from levstream import _store
+
+    K = heavy_tailed_keys(200, D, seed=9)
+    sk = ls.KeySketch(D, eps=EPS, block_rows=20).update_many(K[:59])
+    twin = NaiveStream(D).update_many(K[:59])
+    sk.heavy_entries(_queries(0))
+    before = sk.to_bytes()
+
+    def broken(*args, **kwargs):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(_store.RowStore, "keep_from", broken)
+    with pytest.raises(MemoryError, match="injected"):
+        sk.update(K[59])  # completes the third block
+    monkeypatch.undo()
+    assert sk.to_bytes() == before
+    Q = _queries(3)
+    check_entries(sk.heavy_entries(Q), twin, Q, EPS, GRAM, "after the failed flush")
+    np.testing.assert_allclose(sk.normalizer(Q), twin.normalizer(Q), rtol=1e-9)
+    for t in range(59, 120):
+        sk.update(K[t])
+        twin.update(K[t])
+    check_entries(sk.heavy_entries(Q), twin, Q, EPS, GRAM, "later")
