@@ -278,10 +278,17 @@ def _live_find(view: HeadView, Q: np.ndarray, thresh: float) -> tuple[_Entries, 
     return _Entries(ints[: m + 1], ints[end:], ints[m + 1 : end], floats[m:]), floats[:m]
 
 
-def _live_scan(view: HeadView, Q: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`~levstream._kernels.live.heavy_p2` of the view's arrays, its two arrays made read-only (the slices
-    handed to the results are read-only with them)."""
-    ints, floats = heavy_p2(Q, *(view.scan or scan_arrays(view)), _NO_ROWS, _NO_IDS, thresh)
+def _live_scan(
+    view: HeadView,
+    Q: np.ndarray,
+    thresh: float,
+    waiting: np.ndarray = _NO_ROWS,
+    waiting_ids: np.ndarray = _NO_IDS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~levstream._kernels.live.heavy_p2` of the view's arrays and the rows ``waiting`` (see
+    :func:`live_heavy_entries`), its two arrays made read-only (the slices handed to the results are read-only with
+    them)."""
+    ints, floats = heavy_p2(Q, *(view.scan or scan_arrays(view)), waiting, waiting_ids, thresh)
     ints.flags.writeable = False
     floats.flags.writeable = False
     return ints, floats
@@ -303,14 +310,10 @@ def live_heavy_entries(
     among its rows: scanned exactly, their terms added to every ``Z``."""
     if view.total_gram is None or Q.shape[0] > LIVE_QUERY_ROWS or not Q.flags.c_contiguous:
         return None
-    ints, floats = heavy_p2(
-        Q, *(view.scan or scan_arrays(view)), waiting, waiting_ids, eps * _REPORT_SCALE
-    )
+    ints, floats = _live_scan(view, Q, eps * _REPORT_SCALE, waiting, waiting_ids)
     m = Q.shape[0]
     if (floats.item(0) == UNRELIABLE) if m == 1 else (floats[:m] == UNRELIABLE).any():
         return None
-    ints.flags.writeable = False  # the slices handed to the result are read-only with them
-    floats.flags.writeable = False
     end = m + 1 + ints.item(m)
     return HeavyEntries.of_frozen(ints[: m + 1], ints[m + 1 : end], floats[m:], eps)
 
