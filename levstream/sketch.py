@@ -11,6 +11,7 @@ change nothing (docs/theory.md, "Live streams").
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -24,9 +25,9 @@ from . import _query, _serialize
 from ._config import default_block_rows, margin
 from ._decay import FORGET_SHIFT, Frame, check_gate, neg_log_gate, neg_log_gates
 from ._ids import IdRanges
-from ._kernels.blas import dtrmm_function, strmm_function
+from ._kernels.blas import dsyrk_function, dtrmm_function, strmm_function
 from ._kernels.decay import weigh_row, weigh_rows
-from ._kernels.ingest import slab_pass, sq_total, upper_scores
+from ._kernels.ingest import slab_run, sq_total, upper_scores
 from ._kernels.live import (
     add_row_and_bound,
     add_rows_and_bound,
@@ -60,7 +61,7 @@ from .summaries import (
     summary_from_state,
 )
 from .summaries.coreset import CoresetSummary
-from .summaries.gram import gram_rel_error_max
+from .summaries.gram import float32_factor, gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
 
@@ -2040,8 +2041,9 @@ class _LiveRows:
 # ---------------------------------------------------------------------- the ingest path of p = 2
 #
 # A chunk's blocks are folded in *waves*: every slab (about 1024 rows) of the blocks of one wave is computed on
-# the library's threads -- its Gram block (BLAS syrk) and one compiled pass for the rest (finite check,
-# norms, pre-filter, candidate test against a stale triangular factor) -- and the blocks are then folded
+# the library's threads -- one compiled pass (norms, pre-filter, candidate test against a stale triangular
+# factor) and its Gram block (BLAS syrk, from the same compiled call; its trace is the finite check), runs of a
+# block's slabs one call each -- and the blocks are then folded
 # into the summary one after the other, in stream order, by the calling thread.  The slabs, the bounds a wave
 # uses and the order of every sum are fixed by the stream alone, never by the threads, so the sketch is the
 # same bit for bit on any number of threads.
@@ -2063,6 +2065,13 @@ _PRUNE_MIN_ROWS = 256
 
 _NO_SCALE = np.zeros(0)
 _NO_TRIANGLE = np.zeros((0, 0))
+
+
+class _NoTest:
+    """The arguments of a slab pass that tests no row (:func:`_run_slabs` with no plan: Gram blocks only)."""
+
+    scale, limit, W, threshold = _NO_SCALE, 0.0, _NO_TRIANGLE, 0.0
+    W32, w_inv = float32_factor(_NO_TRIANGLE)
 
 
 def _as_keys(X: Any, dim: int, keep_float32: bool) -> np.ndarray:
@@ -2177,13 +2186,6 @@ def _weigh_in_pieces(X: np.ndarray, scales: np.ndarray, out: np.ndarray) -> floa
     return float(totals.sum())
 
 
-def _slabs(rows: int) -> list[tuple[int, int]]:
-    """The slabs of a block of ``rows`` rows: ``max(1, rows // _SLAB_ROWS)`` near-equal runs."""
-    k = max(1, rows // _SLAB_ROWS)
-    cuts = [rows * i // k for i in range(k + 1)]
-    return list(itertools.pairwise(cuts))
-
-
 class _Plan:
     """The candidate test of a block: the summary's plan in force once the block is added (docs/theory.md, "The
     norm pre-filter" and "Stale factors"): rows whose scaled squared norm reaches ``limit`` and, when a
@@ -2233,53 +2235,89 @@ class _BlockResult:
         self.gram, self.total, self.plan, self.rows, self.tested = gram, total, plan, rows, tested
 
 
-def _slab_items(blocks: list[np.ndarray]) -> list[tuple[int, int, int]]:
-    return [(k, a, b) for k, X in enumerate(blocks) for a, b in _slabs(X.shape[0])]
+@functools.lru_cache(maxsize=64)
+def _slab_cuts(rows: int) -> np.ndarray:
+    """Where the slabs of a block of ``rows`` rows start, and its end: ``max(1, rows // _SLAB_ROWS)`` near-equal
+    runs (read-only; cached, as blocks have few sizes)."""
+    k = max(1, rows // _SLAB_ROWS)
+    cuts = rows * np.arange(k + 1, dtype=np.int64) // k
+    cuts.flags.writeable = False
+    return cuts
+
+
+def _slab_groups(n_slabs: int, n_threads: int) -> list[tuple[int, int]]:
+    """The runs of a block's slabs handed to one thread at a time: the whole block on one thread; else up to
+    two runs per thread (a thread that comes free takes the next), each a compiled call."""
+    k = 1 if n_threads <= 1 else min(n_slabs, 2 * n_threads)
+    return list(itertools.pairwise(n_slabs * i // k for i in range(k + 1)))
+
+
+_NO_GRAMS = np.zeros((0, 0, 0))
 
 
 def _run_slabs(
     blocks: list[np.ndarray], plan: _Plan | None, n_threads: int, gram: bool
-) -> list[Any]:
-    """Per slab of ``blocks``, in order: ``(Gram block, its trace, candidate rows, tested)``, on up to
-    ``n_threads`` threads (``gram=False``: the candidate test only; ``plan=None``: the Gram blocks only, with
-    no candidate rows)."""
-    dtrmm, strmm = dtrmm_function(), strmm_function()
+) -> list[tuple[np.ndarray | None, float, np.ndarray | None, bool]]:
+    """Per block: ``(Gram block, its trace, candidate rows, tested)``, its slabs computed on up to ``n_threads``
+    threads (``gram=False``: the candidate test only, no Gram block; ``plan=None``: the Gram blocks only, no
+    candidate rows).  A slab's Gram block is computed in the same compiled call as its candidate test, while
+    the slab is in cache (:func:`~levstream._kernels.ingest.slab_run`), and the slabs' parts are combined in
+    slab order, so that no sum depends on which thread computed which part."""
+    dtrmm, strmm, dsyrk = dtrmm_function(), strmm_function(), dsyrk_function()
     dim = blocks[0].shape[1]
-    no_rows = np.zeros((0, dim))
-    items = _slab_items(blocks)
-    out: list[Any] = [None] * len(items)
+    test: _Plan | type[_NoTest] = _NoTest if plan is None else plan
+    blocks = [X if X.flags.c_contiguous else np.ascontiguousarray(X) for X in blocks]
+    cuts = [_slab_cuts(X.shape[0]) for X in blocks]
+    grams = [np.zeros((c.shape[0] - 1, dim, dim)) if gram else _NO_GRAMS for c in cuts]
+    totals = [np.zeros(c.shape[0] - 1) for c in cuts]
+    items = [
+        (k, f, g) for k, c in enumerate(cuts) for f, g in _slab_groups(c.shape[0] - 1, n_threads)
+    ]
+    found: list[Any] = [None] * len(items)
 
     def item(i: int) -> None:
-        k, a, b = items[i]
-        X = blocks[k][a:b]
-        rows, tested = None, False
-        if plan is None:
-            Y = X if X.dtype == np.float64 else X.astype(np.float64)
-        else:
-            wide = np.empty((b - a, dim)) if gram and X.dtype != np.float64 else no_rows
-            rows, tested = slab_pass(
-                X,
-                plan.scale,
-                plan.limit,
-                plan.W,
-                plan.threshold,
-                wide,
-                dtrmm,
-                plan.W32,
-                plan.w_inv,
-                strmm,
-            )
-            Y = X if X.dtype == np.float64 else wide
-            if a:
-                rows = rows + a
-        G, total = None, 0.0
-        if gram:  # a nan/inf or an overflow shows in the trace (and raises no warning: see below)
-            G = Y.T @ Y
-            total = float(G.trace())
-        out[i] = (G, total, rows, tested)
+        k, f, g = items[i]
+        X, c = blocks[k], cuts[k]
+        a, b = int(c[f]), int(c[g])
+        widen = gram and X.dtype != np.float64
+        wide = np.empty((int(np.max(np.diff(c[f : g + 1]))) if widen else 0, dim))
+        Gs = grams[k][f:g] if gram else _NO_GRAMS
+        rows, tested = slab_run(
+            X[a:b],
+            c[f : g + 1] - a,
+            test.scale,
+            test.limit,
+            test.W,
+            test.threshold,
+            wide,
+            dtrmm,
+            test.W32,
+            test.w_inv,
+            strmm,
+            Gs,
+            totals[k][f:g],
+            dsyrk,
+            gram and g - f == c.shape[0] - 1,  # the whole block: its Gram block summed here
+        )
+        found[i] = (rows + a if a else rows, tested)
 
-    with np.errstate(over="ignore", invalid="ignore"):  # the helper threads ignore them too
-        run_items(item, len(items), n_threads)
+    run_items(item, len(items), n_threads)
+    out = []
+    i = 0
+    for k in range(len(blocks)):
+        parts = [found[i + j] for j in range(len(_slab_groups(cuts[k].shape[0] - 1, n_threads)))]
+        i += len(parts)
+        total = sum(totals[k].tolist())  # (an overflow is inf, with no warning)
+        G = None
+        if gram and math.isfinite(total):
+            G = grams[k][0]
+            if len(parts) > 1:  # else summed by the one call, in the same order
+                for part in grams[k][1:]:
+                    G += part
+        rows = None
+        if plan is not None:
+            rows = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
+        out.append((G, total, rows, bool(parts[0][1])))
     return out
 
 
@@ -2287,25 +2325,11 @@ def _block_results(
     blocks: list[np.ndarray], plan: _Plan | None, n_threads: int
 ) -> list[_BlockResult]:
     """Compute every slab of ``blocks`` under ``plan`` (``None``: their Gram blocks only, the candidate test is
-    left to :func:`_fold_result`); combine them per block in slab order, so that no sum depends on which
-    thread computed which part."""
-    out = _run_slabs(blocks, plan, n_threads, gram=True)
-    results = []
-    i = 0
-    for X in blocks:
-        parts = out[i : i + len(_slabs(X.shape[0]))]
-        i += len(parts)
-        total = sum(p[1] for p in parts)
-        G = None
-        if np.isfinite(total):
-            G = parts[0][0]
-            for p in parts[1:]:
-                G += p[0]
-        rows = None
-        if plan is not None:
-            rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
-        results.append(_BlockResult(G, total, plan, rows, bool(parts[0][3])))
-    return results
+    left to :func:`_fold_result`), combined per block (:func:`_run_slabs`)."""
+    return [
+        _BlockResult(G, total, plan, rows, tested)
+        for G, total, rows, tested in _run_slabs(blocks, plan, n_threads, gram=True)
+    ]
 
 
 def _retest(
@@ -2313,13 +2337,10 @@ def _retest(
 ) -> None:
     """Redo the candidate test of ``blocks`` under ``plan`` (the summary's bounds changed during a wave), or do
     it (blocks whose Gram blocks were computed alone)."""
-    out = _run_slabs(blocks, plan, n_threads, gram=False)
-    i = 0
-    for X, result in zip(blocks, results):
-        parts = out[i : i + len(_slabs(X.shape[0]))]
-        i += len(parts)
-        result.rows = parts[0][2] if len(parts) == 1 else np.concatenate([p[2] for p in parts])
-        result.tested, result.plan = bool(parts[0][3]), plan
+    for result, (_, _, rows, tested) in zip(
+        results, _run_slabs(blocks, plan, n_threads, gram=False)
+    ):
+        result.rows, result.tested, result.plan = rows, tested, plan
 
 
 def _fold_result(sk: KeySketch, X: np.ndarray, result: _BlockResult, n_threads: int) -> np.ndarray:
@@ -2357,7 +2378,9 @@ def _wave_size(sk: KeySketch, plan: _Plan | None, remaining: int) -> int:
         covered = 1
     else:
         covered = -(-(plan.until - sk._summary.n_rows) // sk._block_rows)
-    by_bytes = _WAVE_GRAM_BYTES // (len(_slabs(sk._block_rows)) * sk._dim * sk._dim * 8)
+    by_bytes = _WAVE_GRAM_BYTES // (
+        (_slab_cuts(sk._block_rows).shape[0] - 1) * sk._dim * sk._dim * 8
+    )
     return max(1, min(remaining, covered, by_bytes))
 
 

@@ -29,7 +29,7 @@ import levstream._threads as threads
 import levstream.sketch as sketch_module
 import levstream.summaries.gram as gram_module
 from levstream._kernels import ingest as kernels
-from levstream._kernels.blas import dtrmm_function, strmm_function
+from levstream._kernels.blas import dsyrk_function, dtrmm_function, strmm_function
 from levstream._store import RowStore
 
 NO_W32 = np.zeros((0, 0), dtype=np.float32)
@@ -101,6 +101,60 @@ def test_slab_pass_against_numpy(dtype, monkeypatch):
     out = np.empty(700)
     kernels.upper_scores(X, W, fn, out)
     np.testing.assert_allclose(out, bounds, rtol=SCORE_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_slab_run_against_numpy(dtype):
+    """One call over several slabs: each slab's Gram block (BLAS syrk) and trace against NumPy, the candidate
+    rows those of a call per slab, and the result the same bit for bit however the slabs are shared among calls
+    (the threads' groups), with the Gram blocks summed in slab order by the call or by the caller."""
+    rng = np.random.default_rng(1)
+    d, n = 12, 1000
+    X = (rng.standard_normal((n, d)) * (1 + rng.pareto(2.0, (n, 1)))).astype(dtype)
+    X64 = X.astype(np.float64)
+    scale = rng.random(d) + 0.5
+    W = np.triu(rng.standard_normal((d, d)))
+    norms = ((X64 * scale) ** 2).sum(axis=1)
+    bounds = ((X64 @ W) ** 2).sum(axis=1)
+    limit, threshold = np.quantile(norms, 0.4), np.quantile(bounds, 0.4)
+    dtrmm, strmm, dsyrk = dtrmm_function(), strmm_function(), dsyrk_function()
+    cuts = np.array([0, 250, 500, 750, n], dtype=np.int64)
+
+    def run(groups, combine, X=X):
+        Gs, totals, rows = np.zeros((4, d, d)), np.zeros(4), []
+        for f, g in groups:
+            a = int(cuts[f])
+            widest = int(np.diff(cuts[f : g + 1]).max())
+            wide = np.empty((widest if dtype == np.float32 else 0, d))
+            got, tested = kernels.slab_run(
+                X[a : cuts[g]], cuts[f : g + 1] - a, scale, limit, W, threshold, wide, dtrmm, NO_W32, 0.0,
+                strmm, Gs[f:g], totals[f:g], dsyrk, combine,
+            )
+            assert tested
+            rows.append(got + a)
+        return Gs, totals, np.concatenate(rows)
+
+    Gs, totals, rows = run([(0, 4)], combine=False)
+    np.testing.assert_array_equal(rows, np.flatnonzero((norms >= limit) & (bounds >= threshold)))
+    for s in range(4):
+        block = X64[cuts[s] : cuts[s + 1]]
+        np.testing.assert_allclose(Gs[s], block.T @ block, rtol=1e-13, atol=1e-13 * np.trace(Gs[s]))
+        np.testing.assert_array_equal(Gs[s], Gs[s].T)
+        assert totals[s] == pytest.approx((block**2).sum(), rel=1e-13)
+    summed = Gs[0].copy()
+    for s in range(1, 4):
+        summed += Gs[s]
+    one, one_totals, one_rows = run([(0, 4)], combine=True)
+    np.testing.assert_array_equal(one[0], summed)
+    for groups in ([(0, 1), (1, 2), (2, 4)], [(0, 2), (2, 4)]):
+        parts, part_totals, part_rows = run(groups, combine=False)
+        np.testing.assert_array_equal(parts, Gs)
+        np.testing.assert_array_equal(part_totals, totals)
+        np.testing.assert_array_equal(part_rows, rows)
+    X_bad = X.copy()
+    X_bad[600, 3] = np.nan
+    _, bad_totals, _ = run([(0, 4)], combine=False, X=X_bad)
+    assert np.isfinite(bad_totals[[0, 1, 3]]).all() and np.isnan(bad_totals[2])
 
 
 @pytest.mark.parametrize("d", [5, 64, 130, 384])
@@ -338,7 +392,7 @@ def test_one_update_many_uses_the_budget_and_restores_blas(K, monkeypatch):
     lock = threading.Lock()
     state = {"running": 0, "most": 0}
     blas_seen: set[frozenset[int]] = set()
-    real = sketch_module.slab_pass
+    real = sketch_module.slab_run
 
     def spy(*args):
         with lock:
@@ -351,7 +405,7 @@ def test_one_update_many_uses_the_budget_and_restores_blas(K, monkeypatch):
             with lock:
                 state["running"] -= 1
 
-    monkeypatch.setattr(sketch_module, "slab_pass", spy)
+    monkeypatch.setattr(sketch_module, "slab_run", spy)
     before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
     for budget in (1, 2):
         state["most"] = 0
@@ -368,7 +422,7 @@ def test_writers_on_several_threads_share_the_blas_hold(K, monkeypatch):
     thread makes."""
     blas_seen: set[frozenset[int]] = set()
     lock = threading.Lock()
-    real = sketch_module.slab_pass
+    real = sketch_module.slab_run
 
     def spy(*args):
         limits = frozenset(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
@@ -376,7 +430,7 @@ def test_writers_on_several_threads_share_the_blas_hold(K, monkeypatch):
             blas_seen.add(limits)
         return real(*args)
 
-    monkeypatch.setattr(sketch_module, "slab_pass", spy)
+    monkeypatch.setattr(sketch_module, "slab_run", spy)
     before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
     halves = (K[:20 * BLOCK], K[20 * BLOCK:])
     got: list[bytes] = [b"", b""]

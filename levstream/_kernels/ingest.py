@@ -1,17 +1,19 @@
-"""Compiled passes of the ingest path (p = 2): one pass per slab of keys for everything but the Gram update.
+"""Compiled passes of the ingest path (p = 2): one pass per slab of keys, and its Gram update, in one call.
 
-A *slab* is a run of consecutive key rows (about 1024) of one processing block.  For each slab the caller
-computes the Gram update ``X^T X`` with NumPy (BLAS ``syrk``; its trace, the sum of all squares, is the
-finiteness check: non-finite iff the slab holds a nan/inf or squares that overflow) and calls
-:func:`slab_pass` once, while the slab is in cache, for the rest: the scaled squared norms and the norm
-pre-filter, and the candidate test of the rows that pass it against a triangular factor of an earlier Gram
-matrix (docs/theory.md, "The norm pre-filter" and "Stale factors").
+A *slab* is a run of consecutive key rows (about 1024) of one processing block.  :func:`slab_run` takes a run
+of a block's slabs in one call (with a call per slab and NumPy's product the Python around them cost about 8%
+of a build of 2e6 keys, d = 64, on one thread: benchmarks/RESULTS.md, "Ingest").  Per slab it makes
+:func:`slab_pass` (the scaled squared norms and the norm pre-filter, and the candidate test of the rows that
+pass it against a triangular factor of an earlier Gram matrix: docs/theory.md, "The norm pre-filter" and
+"Stale factors"), then, while the slab is in cache, the Gram update ``X^T X`` (BLAS ``syrk``; its trace, the
+sum of all squares, is the finiteness check: non-finite iff the slab holds a nan/inf or squares that
+overflow).
 
-The triangular product ``Y = X W`` is BLAS ``dtrmm`` (half the flops of a general product), called from
-compiled code through SciPy's Cython BLAS so that it runs without the GIL: slabs are processed by several
-threads at once; the BLAS function is passed in as an argument (:mod:`levstream._kernels.blas`).  Every
-kernel here is serial: the threads are the caller's (:func:`levstream._threads.run_items`), and serial numba
-code leaves no runtime threads spinning against BLAS.
+The triangular product ``Y = X W`` is BLAS ``dtrmm`` (half the flops of a general product) and the Gram update
+``dsyrk``, called from compiled code through SciPy's Cython BLAS so that they run without the GIL: slabs are
+processed by several threads at once; the BLAS functions are passed in as arguments
+(:mod:`levstream._kernels.blas`).  Every kernel here is serial: the threads are the caller's
+(:func:`levstream._threads.run_items`), and serial numba code leaves no runtime threads spinning against BLAS.
 
 All arithmetic is float64, whatever the precision of the rows (float32 rows are widened exactly).
 """
@@ -22,7 +24,7 @@ import numba
 import numpy as np
 
 from .._config import FASTMATH
-from .blas import times_upper
+from .blas import add_gram, times_upper
 
 
 @numba.njit(nogil=True, cache=True)
@@ -185,6 +187,47 @@ def slab_pass(
             keep[m] = idx[r]
             m += 1
     return keep[:m], True
+
+
+@numba.njit(nogil=True, cache=True)
+def slab_run(
+    X, cuts, scale, limit, W, threshold, wide, dtrmm, W32, w_inv, strmm, Gs, totals, dsyrk, combine
+):  # pragma: no cover - compiled
+    """:func:`slab_pass` of consecutive slabs of ``X`` in one call (slab ``s``: rows ``cuts[s]`` to
+    ``cuts[s + 1] - 1``), and, when ``Gs`` holds a matrix per slab, each slab's Gram block computed while the
+    slab is in cache: ``Gs[s] += Y^T Y`` (BLAS ``syrk``, :func:`~levstream._kernels.blas.add_gram`) for its
+    float64 rows ``Y`` (``X``'s own, or their copy in ``wide``, which then has a slab's rows and which the norm
+    pass fills), and its trace in ``totals[s]``: the sum of all squares, nan/inf iff the slab holds a nan/inf
+    or squares that overflow.  With ``combine`` the slabs' Gram blocks are then summed into ``Gs[0]`` in slab
+    order, ``((Gs[0] + Gs[1]) + Gs[2]) + ...``, as the caller sums the parts of several calls.
+
+    Returns ``(rows, tested)`` as :func:`slab_pass` does, ``rows`` indexing ``X`` in increasing order.  Each
+    slab is computed on its own, as in a call per slab: the results do not depend on how a block's slabs are
+    shared among calls (or threads)."""
+    d = X.shape[1]
+    keep = np.empty(X.shape[0], dtype=np.int64)
+    m = 0
+    tested = W.shape[0] == d
+    for s in range(cuts.shape[0] - 1):
+        a, b = cuts[s], cuts[s + 1]
+        w = wide[: b - a] if wide.shape[0] else wide
+        rows, tested = slab_pass(X[a:b], scale, limit, W, threshold, w, dtrmm, W32, w_inv, strmm)
+        if Gs.shape[0]:
+            if w.shape[0]:
+                add_gram(Gs[s], w, dsyrk)
+            else:
+                add_gram(Gs[s], X[a:b], dsyrk)
+            total = 0.0
+            for c in range(d):
+                total += Gs[s, c, c]
+            totals[s] = total
+        for r in range(rows.shape[0]):
+            keep[m] = rows[r] + a
+            m += 1
+    if combine:
+        for s in range(1, Gs.shape[0]):
+            Gs[0] += Gs[s]
+    return keep[:m], tested
 
 
 @numba.njit(nogil=True, cache=True)
