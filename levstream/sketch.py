@@ -2268,7 +2268,6 @@ def _run_slabs(
     test: _Plan | type[_NoTest] = _NoTest if plan is None else plan
     blocks = [X if X.flags.c_contiguous else np.ascontiguousarray(X) for X in blocks]
     cuts = [_slab_cuts(X.shape[0]) for X in blocks]
-    grams = [np.zeros((c.shape[0] - 1, dim, dim)) if gram else _NO_GRAMS for c in cuts]
     totals = [np.zeros(c.shape[0] - 1) for c in cuts]
     items = [
         (k, f, g) for k, c in enumerate(cuts) for f, g in _slab_groups(c.shape[0] - 1, n_threads)
@@ -2281,7 +2280,9 @@ def _run_slabs(
         a, b = int(c[f]), int(c[g])
         widen = gram and X.dtype != np.float64
         wide = np.empty((int(np.max(np.diff(c[f : g + 1]))) if widen else 0, dim))
-        Gs = grams[k][f:g] if gram else _NO_GRAMS
+        Gs = (
+            np.zeros((g - f, dim, dim)) if gram else _NO_GRAMS
+        )  # (allocated by the threads: a wave's are MBs)
         rows, tested = slab_run(
             X[a:b],
             c[f : g + 1] - a,
@@ -2299,7 +2300,7 @@ def _run_slabs(
             dsyrk,
             gram and g - f == c.shape[0] - 1,  # the whole block: its Gram block summed here
         )
-        found[i] = (rows + a if a else rows, tested)
+        found[i] = (rows + a if a else rows, tested, Gs)
 
     run_items(item, len(items), n_threads)
     out = []
@@ -2310,10 +2311,10 @@ def _run_slabs(
         total = sum(totals[k].tolist())  # (an overflow is inf, with no warning)
         G = None
         if gram and math.isfinite(total):
-            G = grams[k][0]
+            G = parts[0][2][0]
             if len(parts) > 1:  # else summed by the one call, in the same order
-                for part in grams[k][1:]:
-                    G += part
+                for slab in itertools.chain(parts[0][2][1:], *(p[2] for p in parts[1:])):
+                    G += slab
         rows = None
         if plan is not None:
             rows = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
