@@ -2269,9 +2269,8 @@ def _run_slabs(
     blocks = [X if X.flags.c_contiguous else np.ascontiguousarray(X) for X in blocks]
     cuts = [_slab_cuts(X.shape[0]) for X in blocks]
     totals = [np.zeros(c.shape[0] - 1) for c in cuts]
-    items = [
-        (k, f, g) for k, c in enumerate(cuts) for f, g in _slab_groups(c.shape[0] - 1, n_threads)
-    ]
+    runs = [_slab_groups(c.shape[0] - 1, n_threads) for c in cuts]
+    items = [(k, f, g) for k, groups in enumerate(runs) for f, g in groups]
     found: list[Any] = [None] * len(items)
 
     def item(i: int) -> None:
@@ -2306,7 +2305,7 @@ def _run_slabs(
     out = []
     i = 0
     for k in range(len(blocks)):
-        parts = [found[i + j] for j in range(len(_slab_groups(cuts[k].shape[0] - 1, n_threads)))]
+        parts = found[i : i + len(runs[k])]
         i += len(parts)
         total = sum(totals[k].tolist())  # (an overflow is inf, with no warning)
         G = None

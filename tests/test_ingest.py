@@ -146,11 +146,19 @@ def test_slab_run_against_numpy(dtype):
         summed += Gs[s]
     one, one_totals, one_rows = run([(0, 4)], combine=True)
     np.testing.assert_array_equal(one[0], summed)
+    np.testing.assert_array_equal(one_totals, totals)
+    np.testing.assert_array_equal(one_rows, rows)
     for groups in ([(0, 1), (1, 2), (2, 4)], [(0, 2), (2, 4)]):
         parts, part_totals, part_rows = run(groups, combine=False)
         np.testing.assert_array_equal(parts, Gs)
         np.testing.assert_array_equal(part_totals, totals)
         np.testing.assert_array_equal(part_rows, rows)
+    if dtype == np.float32:  # float32 rows and no float64 buffer for their Gram blocks: refused, not misread
+        with pytest.raises(ValueError, match="float64 buffer"):
+            kernels.slab_run(
+                X, cuts, scale, limit, W, threshold, np.empty((0, d)), dtrmm, NO_W32, 0.0, strmm,
+                np.zeros((4, d, d)), np.zeros(4), dsyrk, False,
+            )
     X_bad = X.copy()
     X_bad[600, 3] = np.nan
     _, bad_totals, _ = run([(0, 4)], combine=False, X=X_bad)

@@ -205,6 +205,10 @@ def slab_run(
     slab is computed on its own, as in a call per slab: the results do not depend on how a block's slabs are
     shared among calls (or threads)."""
     d = X.shape[1]
+    if Gs.shape[0] and X.itemsize != 8 and wide.shape[0] == 0:
+        raise ValueError(
+            "slab_run: float32 rows need a float64 buffer `wide` for their Gram blocks"
+        )
     keep = np.empty(X.shape[0], dtype=np.int64)
     m = 0
     tested = W.shape[0] == d

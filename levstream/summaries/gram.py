@@ -10,12 +10,13 @@ Two representations, chosen automatically (docs/theory.md, "Numerics"):
   ``max(n, d) * eps_machine``), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for
   rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
 
-The ingest path calls NumPy's BLAS for the Gram update (``X.T @ X`` is ``syrk``) and SciPy's BLAS ``trmm``
-(through :mod:`levstream._kernels.ingest`, without the GIL) for products with triangular factors.  SciPy ships
-its own OpenBLAS with its own thread pool; interleaving small SciPy calls with NumPy's multithreaded syrk made
-the two pools spin against each other (measured: the Gram loop 8x slower with default threads).  So both
-run inside the sketch's ingest section, where every BLAS is held to one thread and the slabs of a block are
-shared among the library's own threads (:mod:`levstream._threads`).
+The ingest path calls SciPy's BLAS, without the GIL, for the Gram update of each slab (``syrk``) and for products
+with triangular factors (``trmm``), from one compiled call per run of slabs (:mod:`levstream._kernels.ingest`);
+this summary's own products (``block_gram``, conditioning checks) use NumPy's.  SciPy ships its own OpenBLAS with
+its own thread pool; interleaving small SciPy calls with NumPy's multithreaded products made the two pools spin
+against each other (measured: the Gram loop 8x slower with default threads).  So both run inside the sketch's
+ingest section, where every BLAS is held to one thread and the slabs of a block are shared among the library's
+own threads (:mod:`levstream._threads`).
 
 The switch from Gram to R happens *before* an ill-conditioned block is folded into ``G``: the previous ``G``
 was well-conditioned, so its Cholesky factor is accurate, and the block is then added by QR.
