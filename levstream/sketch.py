@@ -2279,9 +2279,8 @@ def _run_slabs(
         a, b = int(c[f]), int(c[g])
         widen = gram and X.dtype != np.float64
         wide = np.empty((int(np.max(np.diff(c[f : g + 1]))) if widen else 0, dim))
-        Gs = (
-            np.zeros((g - f, dim, dim)) if gram else _NO_GRAMS
-        )  # (allocated by the threads: a wave's are MBs)
+        # allocated by the threads that fill them (a wave's are megabytes)
+        Gs = np.zeros((g - f, dim, dim)) if gram else _NO_GRAMS
         rows, tested = slab_run(
             X[a:b],
             c[f : g + 1] - a,
