@@ -381,6 +381,22 @@ def test_bit_for_bit_whatever_the_thread_budget(K):
     assert_matches_offline(U.ids, leverage_svd(K), EPS)
 
 
+@pytest.mark.parametrize("block_rows", [5 * 1024 + 300, 8 * 1024])
+def test_blocks_of_many_slabs_bit_for_bit_on_any_budget(K, block_rows):
+    """Blocks of 5 and 8 slabs: one thread takes a block in one compiled call (its slabs' Gram blocks summed there),
+    two and three threads in runs of uneven length (summed by the caller); the states are identical, float32 too."""
+    X = K[: 6 * block_rows + 77]
+    for dtype in (np.float64, np.float32):
+        states = []
+        for n in (1, 2, 3):
+            ls.set_num_threads(n)
+            sk = ls.KeySketch(X.shape[1], eps=EPS, block_rows=block_rows)
+            sk.update_many(X[:100].astype(dtype))  # pending rows: the next chunk completes their block first
+            sk.update_many(X[100:].astype(dtype))
+            states.append(sk.to_bytes())
+        assert states[1] == states[0] and states[2] == states[0]
+
+
 def test_state_does_not_depend_on_the_chunking(K):
     one_call = feed(K)
     by_block = feed(K, cuts=list(range(BLOCK, K.shape[0], BLOCK)))
