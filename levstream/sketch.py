@@ -2476,6 +2476,19 @@ def _fold_chunk(
         sk._summary.plan_state()
     )  # making the first plan changes the state: undone if X is refused
     done = 0
+
+    def undo() -> None:
+        """Back to the state before the chunk (nothing of it folded) when one was saved; else only the plan."""
+        nonlocal saved
+        if saved is not None:
+            sk._summary, state, sk._pending_from, sk._pruned_rows = saved
+            store.restore(state)
+            saved = None
+        else:
+            assert isinstance(sk._summary, GramSummary)
+            sk._summary.restore_plan(plan_before)
+        sk._live = None
+
     with ingest_threads() as n_threads:
         try:
             while done < len(blocks):
@@ -2490,61 +2503,87 @@ def _fold_chunk(
                     try:
                         _refuse_rows(Xb, X)  # names the first bad entry, or the rows too large
                     except ValueError:
-                        if saved is not None:
-                            sk._summary, state, sk._pending_from, sk._pruned_rows = saved
-                            store.restore(state)
-                            saved = None
-                        else:
-                            assert isinstance(sk._summary, GramSummary)
-                            sk._summary.restore_plan(plan_before)
-                        sk._live = None
+                        undo()
                         raise
                     # only the block's sum of squares overflows: the summary takes the rows without the Gram block
                     # (it moves to its R factor) and they are tested under what it then holds
                     result.gram, result.plan = None, None
-                if saved is None and done + size < len(blocks):  # later waves may still be refused
+                # the state before the chunk, to go back to: when later waves may still be refused, and, for a chunk
+                # of whole blocks, should anything fail while they are folded (no memory, an interruption), so that
+                # no part of the chunk stays counted (a summary's copy and a snapshot of the store, whose rows are
+                # copied only if rewritten; a chunk that completes pending rows would copy them all, so it is saved
+                # only for its later waves)
+                if saved is None and (done + size < len(blocks) or not head):
                     before = sk._summary.copy()
                     assert isinstance(before, GramSummary)
                     before.restore_plan(plan_before)
                     saved = (before, store.snapshot(), sk._pending_from, sk._pruned_rows)
-                sk._live = None
-                for k in range(size):
-                    j = done + k
-                    plan = _plan_in_force(sk)
-                    tested = results[k].plan
-                    if tested is not None:  # a plan was in force at the wave's start: one still is
-                        assert plan is not None
-                        if not plan.same_as(tested):
-                            _retest(wave[k:], results[k:], plan, n_threads)
-                    Xb = wave[k]
-                    keep = _fold_result(sk, Xb, results[k], n_threads)
-                    if head and j == 0:
-                        store.commit(
-                            _chunk_ids(new_ids, start, 0, head),
-                            _rows(V, 0, head),
-                            increasing=new_ids is None,
-                        )
-                        mask = np.zeros(Xb.shape[0], dtype=bool)
-                        mask[keep] = True
-                        store.keep_from(pending_from, mask)
-                        room = br
-                    else:
-                        a = starts[j - (1 if head else 0)]
-                        if keep.size:
-                            ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
-                            store.append(
-                                Xb[keep],
-                                ids,
-                                None if V is None else V[a + keep],
-                                increasing=new_ids is None,
-                            )
-                        room = 0
-                    sk._pending_from = store.n
-                    _maybe_prune(sk, room)
+                try:
+                    _fold_wave(
+                        sk, X, V, new_ids, start, head, wave, done, results, starts, n_threads
+                    )
+                except BaseException:
+                    if saved is not None:
+                        undo()
+                    raise
                 done += size
         finally:
             if saved is not None:
                 store.release()
+
+
+def _fold_wave(
+    sk: KeySketch,
+    X: np.ndarray,
+    V: np.ndarray | None,
+    new_ids: np.ndarray | None,
+    start: int,
+    head: int,
+    wave: list[np.ndarray],
+    done: int,
+    results: list[_BlockResult],
+    starts: list[int],
+    n_threads: int,
+) -> None:
+    """Fold the blocks of one wave of :func:`_fold_chunk` (its first block is block ``done`` of the chunk),
+    in stream order, each tested under the plan in force at its turn, its rows that may still be heavy kept."""
+    store = sk._store
+    pending_from = sk._pending_from
+    br = sk._block_rows
+    sk._live = None
+    for k in range(len(wave)):
+        j = done + k
+        plan = _plan_in_force(sk)
+        tested = results[k].plan
+        if tested is not None:  # a plan was in force at the wave's start: one still is
+            assert plan is not None
+            if not plan.same_as(tested):
+                _retest(wave[k:], results[k:], plan, n_threads)
+        Xb = wave[k]
+        keep = _fold_result(sk, Xb, results[k], n_threads)
+        if head and j == 0:
+            store.commit(
+                _chunk_ids(new_ids, start, 0, head),
+                _rows(V, 0, head),
+                increasing=new_ids is None,
+            )
+            mask = np.zeros(Xb.shape[0], dtype=bool)
+            mask[keep] = True
+            store.keep_from(pending_from, mask)
+            room = br
+        else:
+            a = starts[j - (1 if head else 0)]
+            if keep.size:
+                ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
+                store.append(
+                    Xb[keep],
+                    ids,
+                    None if V is None else V[a + keep],
+                    increasing=new_ids is None,
+                )
+            room = 0
+        sk._pending_from = store.n
+        _maybe_prune(sk, room)
 
 
 def _one_gate(gates: Any) -> Any:

@@ -497,6 +497,34 @@ def test_refused_chunk_leaves_no_trace_after_several_waves(K):
     assert sk.to_bytes() == feed(K).to_bytes()
 
 
+@pytest.mark.parametrize("where", ["_fold_result", "_maybe_prune"])
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_a_failure_while_whole_blocks_are_folded_leaves_no_part_counted(K, monkeypatch, where, error, n_threads):
+    """Out of memory (or interrupted) at the third block of a chunk of whole blocks: the error comes through, the
+    sketch is as it was before the chunk, and feeding the chunk again gives the state of a stream fed once."""
+    ls.set_num_threads(n_threads)
+    sk = feed(K[: 2 * BLOCK])  # no pending rows: the next chunk is whole blocks
+    before = sk.to_bytes()
+    real = getattr(sketch_module, where)
+    calls = {"n": 0}
+
+    def fails_at_the_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise error("simulated")
+        return real(*args)
+
+    monkeypatch.setattr(sketch_module, where, fails_at_the_third)
+    with pytest.raises(error, match="simulated"):
+        sk.update_many(K[2 * BLOCK : 12 * BLOCK])
+    monkeypatch.setattr(sketch_module, where, real)
+    assert sk.to_bytes() == before
+    sk.update_many(K[2 * BLOCK : 12 * BLOCK])
+    sk.update_many(K[12 * BLOCK :])
+    assert sk.to_bytes() == feed(K).to_bytes()
+
+
 # ---------------------------------------------------------------------------------------------- precision and memory
 def test_float32_chunks_are_exact():
     """float32 keys give the state of their exact float64 values (all arithmetic is float64)."""
