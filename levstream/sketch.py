@@ -2489,6 +2489,46 @@ def _fold_chunk(
             sk._summary.restore_plan(plan_before)
         sk._live = None
 
+    def fold(
+        wave: list[np.ndarray], done: int, results: list[_BlockResult], n_threads: int
+    ) -> None:
+        """Fold the blocks of one wave (its first is block ``done`` of the chunk), in stream order, each tested
+        under the plan in force at its turn, its rows that may still be heavy kept."""
+        sk._live = None
+        for k in range(len(wave)):
+            j = done + k
+            plan = _plan_in_force(sk)
+            tested = results[k].plan
+            if tested is not None:  # a plan was in force at the wave's start: one still is
+                assert plan is not None
+                if not plan.same_as(tested):
+                    _retest(wave[k:], results[k:], plan, n_threads)
+            Xb = wave[k]
+            keep = _fold_result(sk, Xb, results[k], n_threads)
+            if head and j == 0:
+                store.commit(
+                    _chunk_ids(new_ids, start, 0, head),
+                    _rows(V, 0, head),
+                    increasing=new_ids is None,
+                )
+                mask = np.zeros(Xb.shape[0], dtype=bool)
+                mask[keep] = True
+                store.keep_from(pending_from, mask)
+                room = br
+            else:
+                a = starts[j - (1 if head else 0)]
+                if keep.size:
+                    ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
+                    store.append(
+                        Xb[keep],
+                        ids,
+                        None if V is None else V[a + keep],
+                        increasing=new_ids is None,
+                    )
+                room = 0
+            sk._pending_from = store.n
+            _maybe_prune(sk, room)
+
     with ingest_threads() as n_threads:
         try:
             while done < len(blocks):
@@ -2519,9 +2559,7 @@ def _fold_chunk(
                     before.restore_plan(plan_before)
                     saved = (before, store.snapshot(), sk._pending_from, sk._pruned_rows)
                 try:
-                    _fold_wave(
-                        sk, X, V, new_ids, start, head, wave, done, results, starts, n_threads
-                    )
+                    fold(wave, done, results, n_threads)
                 except BaseException:
                     if saved is not None:
                         undo()
@@ -2530,60 +2568,6 @@ def _fold_chunk(
         finally:
             if saved is not None:
                 store.release()
-
-
-def _fold_wave(
-    sk: KeySketch,
-    X: np.ndarray,
-    V: np.ndarray | None,
-    new_ids: np.ndarray | None,
-    start: int,
-    head: int,
-    wave: list[np.ndarray],
-    done: int,
-    results: list[_BlockResult],
-    starts: list[int],
-    n_threads: int,
-) -> None:
-    """Fold the blocks of one wave of :func:`_fold_chunk` (its first block is block ``done`` of the chunk),
-    in stream order, each tested under the plan in force at its turn, its rows that may still be heavy kept."""
-    store = sk._store
-    pending_from = sk._pending_from
-    br = sk._block_rows
-    sk._live = None
-    for k in range(len(wave)):
-        j = done + k
-        plan = _plan_in_force(sk)
-        tested = results[k].plan
-        if tested is not None:  # a plan was in force at the wave's start: one still is
-            assert plan is not None
-            if not plan.same_as(tested):
-                _retest(wave[k:], results[k:], plan, n_threads)
-        Xb = wave[k]
-        keep = _fold_result(sk, Xb, results[k], n_threads)
-        if head and j == 0:
-            store.commit(
-                _chunk_ids(new_ids, start, 0, head),
-                _rows(V, 0, head),
-                increasing=new_ids is None,
-            )
-            mask = np.zeros(Xb.shape[0], dtype=bool)
-            mask[keep] = True
-            store.keep_from(pending_from, mask)
-            room = br
-        else:
-            a = starts[j - (1 if head else 0)]
-            if keep.size:
-                ids = (start + a + keep) if new_ids is None else new_ids[a + keep]
-                store.append(
-                    Xb[keep],
-                    ids,
-                    None if V is None else V[a + keep],
-                    increasing=new_ids is None,
-                )
-            room = 0
-        sk._pending_from = store.n
-        _maybe_prune(sk, room)
 
 
 def _one_gate(gates: Any) -> Any:

@@ -71,17 +71,23 @@ def feed(K: np.ndarray, cuts: list[int] | None = None, n_threads: int | None = N
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_slab_pass_against_numpy(dtype, monkeypatch):
-    rng = np.random.default_rng(0)
-    d = 16
-    X = (rng.standard_normal((700, d)) * (1 + rng.pareto(2.0, (700, 1)))).astype(dtype)
+def slab_case(dtype, n, d, seed, quantile):
+    """Heavy-tailed rows of ``dtype``, their float64 form, a norm scale, an upper-triangular factor, the rows'
+    scaled norms and factor bounds (NumPy), and thresholds at ``quantile`` of each."""
+    rng = np.random.default_rng(seed)
+    X = (rng.standard_normal((n, d)) * (1 + rng.pareto(2.0, (n, 1)))).astype(dtype)
     X64 = X.astype(np.float64)
     scale = rng.random(d) + 0.5
     W = np.triu(rng.standard_normal((d, d)))
     norms = ((X64 * scale) ** 2).sum(axis=1)
     bounds = ((X64 @ W) ** 2).sum(axis=1)
-    limit, threshold = np.quantile(norms, 0.5), np.quantile(bounds, 0.5)
+    return X, X64, scale, W, norms, bounds, np.quantile(norms, quantile), np.quantile(bounds, quantile)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_slab_pass_against_numpy(dtype, monkeypatch):
+    d = 16
+    X, X64, scale, W, norms, bounds, limit, threshold = slab_case(dtype, 700, d, seed=0, quantile=0.5)
     fn, fn32 = dtrmm_function(), strmm_function()
     monkeypatch.setattr(gram_module, "_SCREEN_MIN_DIM", 0)  # the screen at every size
     W32, w_inv = gram_module.float32_factor(W)
@@ -108,15 +114,8 @@ def test_slab_run_against_numpy(dtype):
     """One call over several slabs: each slab's Gram block (BLAS syrk) and trace against NumPy, the candidate
     rows those of a call per slab, and the result the same bit for bit however the slabs are shared among calls
     (the threads' groups), with the Gram blocks summed in slab order by the call or by the caller."""
-    rng = np.random.default_rng(1)
     d, n = 12, 1000
-    X = (rng.standard_normal((n, d)) * (1 + rng.pareto(2.0, (n, 1)))).astype(dtype)
-    X64 = X.astype(np.float64)
-    scale = rng.random(d) + 0.5
-    W = np.triu(rng.standard_normal((d, d)))
-    norms = ((X64 * scale) ** 2).sum(axis=1)
-    bounds = ((X64 @ W) ** 2).sum(axis=1)
-    limit, threshold = np.quantile(norms, 0.4), np.quantile(bounds, 0.4)
+    X, X64, scale, W, norms, bounds, limit, threshold = slab_case(dtype, n, d, seed=1, quantile=0.4)
     dtrmm, strmm, dsyrk = dtrmm_function(), strmm_function(), dsyrk_function()
     cuts = np.array([0, 250, 500, 750, n], dtype=np.int64)
 
