@@ -79,6 +79,36 @@ class StoreState(NamedTuple):
     ids_sorted: bool
 
 
+class _SavedTail:
+    """The rows ``start..end-1`` of a snapshot's arrays that were overwritten in place since, saved just before
+    (:meth:`RowStore.snapshot`): ``saved_to`` is how far they are saved, the pieces ``(row, ids, keys, values)`` hold
+    the saved rows."""
+
+    __slots__ = ("end", "ids", "keys", "pieces", "saved_to", "values")
+
+    def __init__(self, state: StoreState, start: int) -> None:
+        self.ids, self.keys, self.values, self.end = state.ids, state.keys, state.values, state.n
+        self.saved_to = start
+        self.pieces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+
+    def save(self, start: int, stop: int) -> None:
+        """Rows ``start..stop-1`` are about to be overwritten: save those of the tail not saved yet (and any before
+        them, so that the saved rows stay one range)."""
+        a, b = self.saved_to, min(stop, self.end)
+        if start < self.end and b > a:
+            values = None if self.values is None else self.values[a:b].copy()
+            self.pieces.append((a, self.ids[a:b].copy(), self.keys[a:b].copy(), values))
+            self.saved_to = b
+
+    def put_back(self) -> None:
+        """Write the saved rows back into the snapshot's arrays."""
+        for a, ids, keys, values in self.pieces:
+            b = a + ids.shape[0]
+            self.ids[a:b], self.keys[a:b] = ids, keys
+            if self.values is not None:
+                self.values[a:b] = values
+
+
 class RowStore:
     """Rows ``keys[:n]`` (shape (n, dim)), ``ids[:n]`` (int64) and optional ``values[:n]`` (shape (n, value_dim)).
 
@@ -97,7 +127,7 @@ class RowStore:
     'float32'
     """
 
-    __slots__ = ("_shared", "dim", "ids", "ids_sorted", "keys", "n", "value_dim", "values")
+    __slots__ = ("_shared", "_tail", "dim", "ids", "ids_sorted", "keys", "n", "value_dim", "values")
 
     def __init__(self, dim: int, value_dim: int | None = None) -> None:
         self.dim = int(dim)
@@ -108,8 +138,10 @@ class RowStore:
         self.n = 0
         #: whether ``ids[:n]`` is strictly increasing (queries then need not sort their entries by id)
         self.ids_sorted = True
-        #: rows shared with a snapshot: rows below this must not be written in place (0: no snapshot)
+        #: rows shared with a snapshot: rows below this must not be written in place (0: none)
         self._shared = 0
+        #: a snapshot's rows from ``_shared`` on, saved as they are overwritten in place (None: no such snapshot)
+        self._tail: _SavedTail | None = None
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -156,6 +188,17 @@ class RowStore:
             _set_rows(self, "values", rows, None, buffer)
         _set_rows(self, "ids", rows)
 
+    def _unshare(self, key_dtype: type | None = None) -> None:
+        """Copy the rows held into arrays of the store's own, same room, keys as ``key_dtype`` (a snapshot keeps the
+        arrays it holds as they are; a resize to the same room would leave them shared)."""
+        n = self.n
+        keys = np.empty(self.keys.shape, dtype=key_dtype or self.keys.dtype)
+        keys[:n] = self.keys[:n]
+        values = None if self.values is None else self.values.copy()
+        ids = self.ids.copy()
+        self.keys, self.values, self.ids = keys, values, ids
+        self._shared = 0
+
     def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``.
 
@@ -194,6 +237,7 @@ class RowStore:
         m = keys.shape[0]
         n = self.n
         self.reserve(n + m, self._key_dtype(keys.dtype))
+        self._save_tail(n, n + m)
         self.keys[n : n + m] = keys
         return self.keys[n : n + m]
 
@@ -203,6 +247,7 @@ class RowStore:
         m = keys.shape[0]
         n = self.n
         self.reserve(n + m, self._key_dtype(keys.dtype))
+        self._save_tail(n, n + m)
         return float(copy_sq_total(keys, self.keys[n : n + m]))
 
     def commit(
@@ -213,6 +258,7 @@ class RowStore:
         if m == 0:
             return
         n = self.n
+        self._save_tail(n, n + m)
         self.ids[n : n + m] = ids
         if self.values is not None:
             self.values[n : n + m] = values
@@ -270,7 +316,9 @@ class RowStore:
         """Multiply every key row held by ``factor`` (a decaying stream's change of reference frame; exact for a
         power of 2 in float64).  float32 keys are widened to float64 first (exactly): in float32 the scaled rows
         would leave its far smaller range."""
-        if self._shared or (self.keys.dtype != np.float64 and factor != 1.0):
+        if self._snapshot_held():
+            self._unshare(np.float64)
+        elif self.keys.dtype != np.float64 and factor != 1.0:
             self._resize(self.capacity, np.float64)
         self.keys[: self.n] *= factor
 
@@ -295,6 +343,7 @@ class RowStore:
         else:
             keys, ids = self.keys[src], self.ids[src]
             values = None if self.values is None else self.values[src]
+            self._save_tail(start, start + k)
             self.keys[start : start + k] = keys
             self.ids[start : start + k] = ids
             if self.values is not None:
@@ -311,8 +360,8 @@ class RowStore:
         """Put the rows in the order ``order`` (a permutation of ``0..n-1``): row ``i`` becomes the old row
         ``order[i]``."""
         n = self.n
-        if self._shared:
-            self._resize(self.capacity)
+        if self._snapshot_held():
+            self._unshare()
         self.keys[:n] = self.keys[:n][order]
         self.ids[:n] = self.ids[:n][order]
         if self.values is not None:
@@ -320,20 +369,43 @@ class RowStore:
         self.ids_sorted = bool(n < 2 or (self.ids[1:n] > self.ids[: n - 1]).all())
 
     # ------------------------------------------------------------------ undo
-    def snapshot(self) -> StoreState:
-        """The current rows, restorable by :meth:`restore` until :meth:`release` (no copy is made now: rows below
-        ``n`` are copied before they are first overwritten)."""
-        self._shared = self.n
-        return StoreState(self.ids, self.keys, self.values, self.n, self.ids_sorted)
+    def snapshot(self, tail_from: int | None = None) -> StoreState:
+        """The current rows, restorable by :meth:`restore` until :meth:`release`.  No copy is made now: rows below
+        ``tail_from`` (default: all rows) are copied, all of them, before any of them is first overwritten; rows from
+        ``tail_from`` on are saved a range at a time, as far as they are about to be overwritten in place.  A sketch's
+        fold gives its pending rows as the tail: it overwrites them with the few rows it keeps and the next
+        block's, and saving those few costs less than copying the candidates and the whole buffer."""
+        n = self.n
+        start = n if tail_from is None else min(max(int(tail_from), 0), n)
+        state = StoreState(self.ids, self.keys, self.values, n, self.ids_sorted)
+        self._shared = start
+        self._tail = _SavedTail(state, start) if start < n else None
+        return state
 
     def restore(self, state: StoreState) -> None:
         """Return to a :meth:`snapshot` (rows appended since then are dropped)."""
+        tail = self._tail
         self.ids, self.keys, self.values, self.n, self.ids_sorted = state
+        if tail is not None:
+            tail.put_back()
         self._shared = 0
+        self._tail = None
 
     def release(self) -> None:
         """Forget the snapshot: rows may be written in place again."""
         self._shared = 0
+        self._tail = None
+
+    def _snapshot_held(self) -> bool:
+        """Whether a snapshot shares rows with the arrays held (they must then not be rewritten as a whole)."""
+        return bool(self._shared) or (self._tail is not None and self._tail.keys is self.keys)
+
+    def _save_tail(self, start: int, stop: int) -> None:
+        """Rows ``start..stop-1`` are about to be written in place: save those of a snapshot's tail still unsaved
+        (nothing to do once the arrays are new ones, or without such a snapshot)."""
+        tail = self._tail
+        if tail is not None and (tail.ids is self.ids or tail.keys is self.keys):
+            tail.save(start, stop)
 
     # ------------------------------------------------------------------ copies and persistence
     def copy(self) -> RowStore:
@@ -344,7 +416,7 @@ class RowStore:
             self.n,
             self.ids_sorted,
         )
-        out._shared = 0
+        out._shared, out._tail = 0, None
         out.ids, out.keys = self.ids[: self.n].copy(), self.keys[: self.n].copy()
         out.values = None if self.values is None else self.values[: self.n].copy()
         return out

@@ -735,8 +735,9 @@ class MultiHeadKeySketch:
             self._heads_change(any(shift for _, shift, _ in plans))
             try:
                 for i, (head, (Xw, shift, frame)) in enumerate(zip(self._heads, plans)):
-                    head._move_frame(shift, frame)
-                    head._ingest(Xw, None if Vs is None else Vs[i], new_ids, start, srt)
+                    head._ingest_weighed(
+                        Xw, None if Vs is None else Vs[i], new_ids, start, srt, shift, frame
+                    )
             finally:
                 self._note_forgetting()
         return self

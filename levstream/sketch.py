@@ -65,6 +65,10 @@ from .summaries.gram import float32_factor, gram_rel_error_max
 
 _SKETCH_KIND = "KeySketch"
 
+#: What ``KeySketch._move_frame`` returns for ``_frame_back``: the frame before, and the sketch copied before a
+#: rebase (None when there was none).
+_FrameBefore = tuple[Frame, "KeySketch | None"]
+
 #: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2;
 #: a sketch that forgets (decay or gates), version 3; a sketch whose key rows are float32 (a float32 stream),
 #: version 4, whose header alone says whether values and a decay frame are present.
@@ -392,6 +396,7 @@ class KeySketch:
         self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray
     ) -> np.ndarray:
         if ids is None:
+            out = np.arange(start, start + m, dtype=np.int64)  # (allocated before anything changes)
             ranges = self._seen.ranges
             if (
                 ranges.shape[0] and ranges[-1, 1] == start
@@ -402,7 +407,7 @@ class KeySketch:
                     IdRanges(np.array([[start, start + m]], dtype=np.int64))
                 )
             self._next_id = max(self._next_id, start + m)
-            return np.arange(start, start + m, dtype=np.int64)
+            return out
         self._seen = self._seen.added(srt)
         self._next_id = max(self._next_id, int(srt[-1]) + 1)
         return ids
@@ -517,15 +522,30 @@ class KeySketch:
             if plain and self._append_next_rows(x, 1):
                 return self
             self._check_next_id()
+            before = None
             if gate is not None or self.forgets:
                 neg = self._neg_log_gate(gate)
                 # a gate of 1 on a stream that has forgotten nothing weighs 1
                 if neg or self.forgets:
                     if self._moments is not None:  # before the frame moves (see _append_token)
                         self._moments.prepare(1)
-                    x = self._weigh_row(x, neg, "x", value)
-            self._append_token(x, value)
+                    x, before = self._weigh_row(x, neg, "x", value)
+            self._append_weighed_token(x, value, before)
         return self
+
+    def _append_weighed_token(
+        self, x: np.ndarray, value: np.ndarray | None, before: _FrameBefore | None
+    ) -> None:
+        """:meth:`_append_token` of a row weighed in a frame just moved to (``before``: as :meth:`_move_frame` left
+        it, None if the frame did not move): should the row not be counted (no memory, an interruption), the frame
+        goes back too."""
+        n = self._n
+        try:
+            self._append_token(x, value)
+        except BaseException:
+            if before is not None and self._n == n:
+                self._frame_back(before)
+            raise
 
     # ------------------------------------------------------------------ decay (docs/theory.md, "Decay and gates")
     def _check_gates_allowed(self) -> None:
@@ -553,14 +573,14 @@ class KeySketch:
 
     def _weigh_row(
         self, x: np.ndarray, neg: float, name: str, value: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Advance the frame by one row and return the row weighted in it (call with the lock held; the
-        row is checked before anything changes, with its ``value`` against the moment state)."""
+    ) -> tuple[np.ndarray, _FrameBefore]:
+        """Advance the frame by one row and return the row weighted in it, and the frame before (see
+        :meth:`_move_frame`; call with the lock held; the row is checked before anything changes, with its
+        ``value`` against the moment state)."""
         xw, shift, frame = self._plan_row(x, neg, name)
         if self._moments is not None and value is not None:
             self._moments.check(xw[None, :], value[None, :])
-        self._move_frame(shift, frame)
-        return xw
+        return xw, self._move_frame(shift, frame)
 
     def _plan_row(self, x: np.ndarray, neg: float, name: str) -> tuple[np.ndarray, int, Frame]:
         """The row weighted in the frame after it, the rebase that frame needs and the frame (nothing changes;
@@ -571,11 +591,31 @@ class KeySketch:
             raise _too_large_weighted(x, name)
         return xw, shift, Frame(e_hi, e_lo, t_hi, t_lo)
 
-    def _move_frame(self, shift: int, frame: Frame) -> None:
-        """Rebase the state by ``4^-shift`` and take ``frame`` (a planned step that passed its checks)."""
+    def _move_frame(self, shift: int, frame: Frame) -> _FrameBefore:
+        """Rebase the state by ``4^-shift`` and take ``frame`` (a planned step that passed its checks).  Returns what
+        :meth:`_frame_back` needs to put the sketch back as it was, should the rows weighed in the new frame fail to
+        be counted: the old frame, and after a rebase (it rescales every row held; rare but for strong decay) the
+        state copied before it, at the cost of one more pass over the rows the rebase rescales."""
+        before = (self._frame, self.copy() if shift else None)
         if shift:
             self._rebase(shift)
         self._frame = frame
+        return before
+
+    def _frame_back(self, before: _FrameBefore) -> None:
+        """Undo :meth:`_move_frame` (call with the lock held)."""
+        frame, saved = before
+        if saved is None:
+            self._frame = frame
+        else:
+            self._take_state(saved)
+
+    def _take_state(self, saved: KeySketch) -> None:
+        """Become ``saved``, a :meth:`copy` of this sketch, keeping this sketch's lock (readers keep waiting on
+        it; call with the lock held)."""
+        lock = self._lock
+        self.__dict__.update(saved.__dict__)
+        self._lock = lock
 
     def _weigh_rows(
         self, X: np.ndarray, neg: np.ndarray, name: str, V: np.ndarray | None = None
@@ -753,10 +793,31 @@ class KeySketch:
                 # a pending moment product is added before the frame moves (as in _feed_row)
                 if self._moments is not None:
                     self._moments.prepare(m)
-                self._move_frame(shift, frame)
-            if m:
+                self._ingest_weighed(X, V, new_ids, start, srt, shift, frame)
+            elif m:
                 self._ingest(X, V, new_ids, start, srt)
         return self
+
+    def _ingest_weighed(
+        self,
+        X: np.ndarray,
+        V: np.ndarray | None,
+        new_ids: np.ndarray | None,
+        start: int,
+        srt: np.ndarray,
+        shift: int,
+        frame: Frame,
+    ) -> None:
+        """:meth:`_ingest` of rows weighed in ``frame`` (:meth:`_weigh_rows`): the frame moves first; should the rows
+        not be counted (no memory, an interruption), it goes back (call with the lock held)."""
+        before = self._move_frame(shift, frame)
+        n = self._n
+        try:
+            self._ingest(X, V, new_ids, start, srt)
+        except BaseException:
+            if self._n == n:
+                self._frame_back(before)
+            raise
 
     def _few_rows(self, X: Any, V: Any) -> np.ndarray | None:
         """``X`` when it is a chunk of at most ``_FEW_ROWS`` rows that :meth:`_append_next_rows` may take as they are: a
@@ -794,9 +855,9 @@ class KeySketch:
     ) -> None:
         """Feed validated rows with checked ids.  Blocks are aligned to the stream (rows ``k * block_rows ..``
         of the sketch's own rows), whatever the chunking: rows that complete the pending block, then whole
-        blocks straight from ``X`` (no copy), then the rest waits in the input buffer.  Everything that can fail
-        is checked before anything changes (a chunk folded in several waves is undone if a later wave is
-        rejected).  For p = 2 the blocks are folded by :func:`_fold_chunk` on the library's threads."""
+        blocks straight from ``X`` (no copy), then the rest waits in the input buffer.  Bad input is refused before
+        anything changes; for p = 2 the blocks are folded by :func:`_fold_chunk` on the library's threads, which
+        undoes the chunk should anything fail on the way (a later wave refused, no memory, an interruption)."""
         m = X.shape[0]
         if self._moments is not None:
             assert V is not None
@@ -816,7 +877,7 @@ class KeySketch:
             # through the trace of the Gram block they complete)
             _check_rows(X[tail:], X)
             if n_full or (head and pending + head == self._block_rows):
-                _fold_chunk(self, X, V, new_ids, start, head, n_full)
+                _fold_chunk(self, X, V, new_ids, start, head, n_full, tail)
             elif head:
                 self._store.room_for(X[:head], self._buffer_end())
                 if not np.isfinite(self._store.stage_checked(X[:head])):
@@ -826,6 +887,9 @@ class KeySketch:
                     _rows(V, 0, head),
                     increasing=new_ids is None,
                 )
+            elif tail < m:
+                # rows for the input buffer alone: their room before anything counts them
+                self._store.room_for(X[tail:], self._buffer_end())
             self._record_ids(m, new_ids, start, srt)
             self._n += m
             if self._moments is not None:
@@ -932,9 +996,7 @@ class KeySketch:
         except BaseException:
             if snapshot is not None:
                 with self._lock:
-                    lock = self._lock
-                    self.__dict__.update(snapshot.__dict__)
-                    self._lock = lock  # readers keep waiting on the same lock
+                    self._take_state(snapshot)
             raise
         finally:
             if bar is not None:
@@ -1518,17 +1580,24 @@ class KeySketch:
             if gates is not None or self.forgets:
                 step_neg = self._neg_log_gate(_one_gate(gates))
             self._check_next_id()
+            before = None
             if step_neg is not None and (step_neg or self.forgets):
                 if self._moments is not None:  # before the frame moves (see _append_token)
                     self._moments.prepare(1)
-                K = kept = self._weigh_row(K[0], step_neg, "K", V[0])[None, :]
+                xw, before = self._weigh_row(K[0], step_neg, "K", V[0])
+                K = kept = xw[None, :]
             elif K is given:
                 kept = K
             else:
                 kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
             chunk_ids = np.array([self._next_id], dtype=np.int64)
-            result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
-            self._append_token(kept[0], V[0])
+            try:
+                result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
+            except BaseException:
+                if before is not None:
+                    self._frame_back(before)
+                raise
+            self._append_weighed_token(kept[0], V[0], before)
         return result
 
     def _prefill_gated(
@@ -1575,12 +1644,22 @@ class KeySketch:
         Kw, shifts, frame = plan
         c = Kw.shape[0]
         cuts = [0, *(np.flatnonzero(np.diff(shifts)) + 1).tolist(), c]
+        # a chunk that rebases the state is fed in several parts: should a later part fail (no memory, an
+        # interruption), the sketch goes back to a copy made first (one more pass over the rows a rebase rescales)
+        saved = self.copy() if c and shifts[-1] else None
         results, done = [], 0
-        for a, b in itertools.pairwise(cuts):
-            self._rebase(int(shifts[a]) - done)
-            done = int(shifts[a])
-            part_ids, part_offset = (None, start + a) if new_ids is None else (new_ids[a:b], None)
-            results.append(self._prefill(Kw[a:b], Vc[a:b], Q[a:b], part_ids, part_offset, eps))
+        try:
+            for a, b in itertools.pairwise(cuts):
+                self._rebase(int(shifts[a]) - done)
+                done = int(shifts[a])
+                part_ids, part_offset = (
+                    (None, start + a) if new_ids is None else (new_ids[a:b], None)
+                )
+                results.append(self._prefill(Kw[a:b], Vc[a:b], Q[a:b], part_ids, part_offset, eps))
+        except BaseException:
+            if saved is not None:
+                self._take_state(saved)
+            raise
         self._frame = frame
         return results[0] if len(results) == 1 else concat_attention(results)
 
@@ -2451,10 +2530,12 @@ def _fold_chunk(
     start: int,
     head: int,
     n_full: int,
+    tail: int,
 ) -> None:
     """Fold the block completed by ``X[:head]`` (when ``head`` completes the pending rows) and the ``n_full``
-    whole blocks of ``X`` after it (p = 2).  Raises, with the sketch unchanged, for a block with a nan/inf or
-    squares that overflow.
+    whole blocks of ``X`` after it (p = 2), and make room in the store for the rows ``X[tail:]`` left for the
+    input buffer.  Raises, with the sketch unchanged, for a block with a nan/inf or squares that overflow, and for
+    anything that fails on the way (no memory, an interruption): the chunk is then not counted.
 
     Each block is tested under the plan the summary gives once the block is added (:func:`_fold_result`),
     exactly as if the blocks came one call at a time: the state does not depend on the chunking nor on the
@@ -2548,18 +2629,25 @@ def _fold_chunk(
                     # only the block's sum of squares overflows: the summary takes the rows without the Gram block
                     # (it moves to its R factor) and they are tested under what it then holds
                     result.gram, result.plan = None, None
-                # the state before the chunk, to go back to: when later waves may still be refused, and, for a chunk
-                # of whole blocks, should anything fail while they are folded (no memory, an interruption), so that
-                # no part of the chunk stays counted (a summary's copy and a snapshot of the store, whose rows are
-                # copied only if rewritten; a chunk that completes pending rows would copy them all, so it is saved
-                # only for its later waves)
-                if saved is None and (done + size < len(blocks) or not head):
+                # the state before the chunk, to go back to when a later wave is refused, or should anything fail
+                # while the blocks are folded (no memory, an interruption), so that no part of the chunk stays
+                # counted: a summary's copy and a snapshot of the store, which copies the candidates only if a prune
+                # rewrites them and saves the pending rows only as far as the fold overwrites them (with the few rows
+                # it keeps)
+                if saved is None:
                     before = sk._summary.copy()
                     assert isinstance(before, GramSummary)
                     before.restore_plan(plan_before)
-                    saved = (before, store.snapshot(), sk._pending_from, sk._pruned_rows)
+                    saved = (
+                        before,
+                        store.snapshot(tail_from=pending_from),
+                        sk._pending_from,
+                        sk._pruned_rows,
+                    )
                 try:
                     fold(wave, done, results, n_threads)
+                    if done + size == len(blocks) and tail < X.shape[0]:
+                        store.room_for(X[tail:], sk._buffer_end())
                 except BaseException:
                     if saved is not None:
                         undo()

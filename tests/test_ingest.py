@@ -496,131 +496,192 @@ def test_refused_chunk_leaves_no_trace_after_several_waves(K):
     assert sk.to_bytes() == feed(K).to_bytes()
 
 
+#: (rows fed before, end of the chunk, the call that fails): a chunk of whole blocks; a chunk that completes the
+#: pending rows, then whole blocks; a chunk that completes them and leaves rows waiting (one block folded)
+FOLDS = {
+    "whole blocks": (2 * BLOCK, 12 * BLOCK, 3),
+    "pending rows completed, then whole blocks": (2 * BLOCK + 300, 12 * BLOCK, 3),
+    "pending rows completed, one block": (2 * BLOCK + 300, 3 * BLOCK + 50, 1),
+}
+
+
+#: Gates of the failure tests: none; mild (no rebase of the frame); strong (the chunk rebases the state).
+GATES = {"none": None, "mild": (0.99, 1.0), "strong": (0.5, 0.9)}
+
+
+def gates_for(kind: str, n: int) -> np.ndarray | None:
+    bounds = GATES[kind]
+    return None if bounds is None else np.random.default_rng(3).uniform(*bounds, n)
+
+
+def feed_gated(K: np.ndarray, g: np.ndarray | None, cuts: list[int]) -> ls.KeySketch:
+    sk = ls.KeySketch(K.shape[1], eps=EPS, block_rows=BLOCK)
+    for a, b in itertools.pairwise([0, *cuts, K.shape[0]]):
+        sk.update_many(K[a:b], gates=None if g is None else g[a:b])
+    return sk
+
+
+@pytest.mark.parametrize("fold", list(FOLDS))
 @pytest.mark.parametrize("where", ["_fold_result", "_maybe_prune"])
 @pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_a_failure_while_whole_blocks_are_folded_leaves_no_part_counted(K, monkeypatch, where, error, n_threads):
-    """Out of memory (or interrupted) at the third block of a chunk of whole blocks: the error comes through, the
-    sketch is as it was before the chunk, and feeding the chunk again gives the state of a stream fed once."""
+@pytest.mark.parametrize("gates", list(GATES))
+def test_a_failure_while_a_chunk_is_folded_leaves_no_part_counted(
+    K, monkeypatch, fold, where, error, n_threads, gates
+):
+    """Out of memory (or interrupted) while the blocks of a chunk are folded (at the third block, or at the only
+    one, after the block is added to the summary or after a prune): the error comes through, the sketch is as it
+    was before the chunk (its pending rows too, and with gates the frame and the weights of the rows held), and
+    feeding the chunk again gives the state of a stream fed once."""
+    fed, end, failing_call = FOLDS[fold]
     ls.set_num_threads(n_threads)
-    sk = feed(K[: 2 * BLOCK])  # no pending rows: the next chunk is whole blocks
+    g = gates_for(gates, K.shape[0])
+    sk = feed_gated(K[:fed], None if g is None else g[:fed], [])
     before = sk.to_bytes()
     real = getattr(sketch_module, where)
     calls = {"n": 0}
 
-    def fails_at_the_third(*args):
+    def fails(*args):  # after its work: the summary holds the block, or the candidates are pruned
         calls["n"] += 1
-        if calls["n"] == 3:
+        out = real(*args)
+        if calls["n"] == failing_call:
             raise error("simulated")
-        return real(*args)
+        return out
 
-    monkeypatch.setattr(sketch_module, where, fails_at_the_third)
+    monkeypatch.setattr(sketch_module, where, fails)
     with pytest.raises(error, match="simulated"):
-        sk.update_many(K[2 * BLOCK : 12 * BLOCK])
+        sk.update_many(K[fed:end], gates=None if g is None else g[fed:end])
     monkeypatch.setattr(sketch_module, where, real)
+    assert calls["n"] == failing_call
     assert sk.to_bytes() == before
-    sk.update_many(K[2 * BLOCK : 12 * BLOCK])
-    sk.update_many(K[12 * BLOCK :])
-    assert sk.to_bytes() == feed(K).to_bytes()
+    sk.update_many(K[fed:end], gates=None if g is None else g[fed:end])
+    sk.update_many(K[end:], gates=None if g is None else g[end:])
+    assert sk.to_bytes() == feed_gated(K, g, [fed, end]).to_bytes()
 
 
-# ---------------------------------------------------------------------------------------------- precision and memory
-def test_float32_chunks_are_exact():
-    """float32 keys give the state of their exact float64 values (all arithmetic is float64)."""
-    K32 = heavy_tailed_keys(3 * BLOCK + 11, 6, seed=9).astype(np.float32)
-    a = feed(K32, cuts=[100, BLOCK + 5], dtype=np.float32)
-    b = feed(K32.astype(np.float64), cuts=[100, BLOCK + 5])
-    assert_same_state_as_upcast(a, b)
-    a.flush(), b.flush()
-    assert_same_state_as_upcast(a, b)
-    assert_matches_offline(a.universal_set().ids, leverage_svd(K32.astype(np.float64)), EPS)
+@pytest.mark.parametrize("values", [False, True])
+def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypatch, values):
+    """``update(x, gate=g)`` (and the decode step, ``prefill`` of one row) out of memory when the store makes room
+    for the row, after the row was weighed in the next frame: the sketch is as it was, frame and rebased rows
+    included (strong gates: several of the rows rebase the state), and feeding the row again gives the stream
+    fed once."""
+    d, dv = 5, 2
+    rng = np.random.default_rng(8)
+    X, Vs = heavy_tailed_keys(300, d, seed=8), rng.standard_normal((300, dv))
+    Q = rng.standard_normal((300, d))
+    g = rng.uniform(1e-3, 0.5, 300)
+    kw = dict(eps=0.05, block_rows=64) | (dict(value_dim=dv, exact_output=True) if values else {})
+    sk, once = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
+    real_room, real_rebase = RowStore.room_for_row, sketch_module.KeySketch._rebase
+    rebases = {"n": 0}
+
+    def no_room(self, *args):
+        raise MemoryError("simulated")
+
+    def counted_rebase(self, shift):
+        rebases["n"] += 1
+        return real_rebase(self, shift)
+
+    monkeypatch.setattr(sketch_module.KeySketch, "_rebase", counted_rebase)
+    for t in range(X.shape[0]):
+        v = Vs[t] if values else None
+        before = sk.to_bytes()
+        monkeypatch.setattr(RowStore, "room_for_row", no_room)
+        with pytest.raises(MemoryError, match="simulated"):
+            if values and t % 2:
+                sk.prefill(X[t][None], Vs[t][None], Q[t][None], gates=[g[t]])
+            else:
+                sk.update(X[t], v, gate=g[t])
+        monkeypatch.setattr(RowStore, "room_for_row", real_room)
+        assert sk.to_bytes() == before, t
+        sk.update(X[t], v, gate=g[t])
+        once.update(X[t], v, gate=g[t])
+    assert sk.to_bytes() == once.to_bytes()
+    assert rebases["n"] > 10  # the failing rows rebased the state (then undone), and so did the rows fed
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_float32_live_stream_answers_as_its_float64_upcast(gated):
-    """float32 chunks of every size the live path tells apart (one row, a few, more than it adds row by row,
-    whole blocks, none), with keys, values and gates, and a query after each: the answers are those of the
-    same stream fed as float64, bit for bit, and brute force over the prefix (the float32 rows are kept as
-    float32; every product with them is float64)."""
-    d, dv, eps = 6, 3, 0.05
-    sizes = [1, 5, 0, 40, 1, 1, 300, 3, 33, 130, 1, 64, 2, 257, 1, 0, 70, 1]
-    n = sum(sizes)
-    rng = np.random.default_rng(21)
-    K32 = heavy_tailed_keys(n, d, seed=21).astype(np.float32)
-    K = K32.astype(np.float64)
-    V = rng.standard_normal((n, dv))
-    gates = rng.uniform(0.9, 1.0, n) if gated else np.ones(n)
-    kw = dict(eps=eps, block_rows=128, value_dim=dv, exact_output=True)
-    a, b = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
-    fed = 0
-    for size in sizes:
-        s, e = fed, fed + size
-        g = gates[s:e] if gated else None
-        if size == 1:  # one row: update(k, v, gate)
-            a.update(K32[s], V[s], gate=None if g is None else g[0])
-            b.update(K[s], V[s], gate=None if g is None else g[0])
-        else:
-            a.update_many(K32[s:e], V[s:e], gates=g)
-            b.update_many(K[s:e], V[s:e], gates=g)
-        fed = e
-        Q = rng.standard_normal((3, d))
-        ra, rb = a.attend(Q), b.attend(Q)
-        for name in ("indptr", "key_ids", "values"):
-            np.testing.assert_array_equal(getattr(ra.entries, name), getattr(rb.entries, name))
-        np.testing.assert_array_equal(ra.output, rb.output)
-        # brute force: key j weighs prod_{i > j} g_i <q, k_j>^2
-        c = np.exp(np.cumsum(np.log(gates[:fed])[::-1])[::-1] - np.log(gates[:fed]))
-        W = c * (Q @ K[:fed].T) ** 2
-        A = W / W.sum(axis=1, keepdims=True)
-        np.testing.assert_allclose(ra.output, A @ V[:fed], rtol=1e-9)
-        expected = {(i, j): A[i, j] for i, j in zip(*np.nonzero(A >= eps))}
-        got = dict(zip(zip(ra.entries.rows().tolist(), ra.entries.key_ids.tolist()), ra.entries.values))
-        assert got.keys() == expected.keys()
-        np.testing.assert_allclose([got[k] for k in expected], list(expected.values()), rtol=1e-9)
-    # ungated float32 rows stay float32 (a gated row is stored weighted, in float64)
-    assert a._store.keys.dtype == (np.float64 if gated else np.float32)
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+def test_a_gated_prefill_chunk_that_fails_in_a_later_part_leaves_no_part_counted(monkeypatch, error):
+    """A gated causal chunk whose gates rebase the state is fed in parts (one per frame): a failure in the second
+    part, after it was fed, leaves the sketch as before the chunk, and the chunk fed again gives the stream fed
+    once (outputs and entries included)."""
+    d, dv, c = 4, 2, 200
+    rng = np.random.default_rng(12)
+    K, V, Q = heavy_tailed_keys(3 * c, d, seed=12), rng.standard_normal((3 * c, dv)), rng.standard_normal((c, d))
+    g = rng.uniform(0.3, 0.6, 3 * c)  # -log g ~ 0.7 per row: the chunk crosses several rebases
+    kw = dict(eps=0.05, block_rows=64, value_dim=dv, exact_output=True)
+    sk, once = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
+    for s in (sk, once):
+        s.prefill(K[:c], V[:c], Q, gates=g[:c])
+    before = sk.to_bytes()
+    real = sketch_module.KeySketch._prefill
+    calls = {"n": 0}
+
+    def fails_after_the_second(self, *args):
+        calls["n"] += 1
+        out = real(self, *args)
+        if calls["n"] == 2:
+            raise error("simulated")
+        return out
+
+    monkeypatch.setattr(sketch_module.KeySketch, "_prefill", fails_after_the_second)
+    with pytest.raises(error, match="simulated"):
+        sk.prefill(K[c : 2 * c], V[c : 2 * c], Q, gates=g[c : 2 * c])
+    monkeypatch.setattr(sketch_module.KeySketch, "_prefill", real)
+    assert calls["n"] == 2 and sk.to_bytes() == before
+    got = sk.prefill(K[c : 2 * c], V[c : 2 * c], Q, gates=g[c : 2 * c])
+    want = once.prefill(K[c : 2 * c], V[c : 2 * c], Q, gates=g[c : 2 * c])
+    assert sk.to_bytes() == once.to_bytes()
+    np.testing.assert_array_equal(got.output, want.output)
+    assert got.entries.as_set() == want.entries.as_set()
 
 
-@pytest.mark.parametrize("feed", ["update", "update_many"])
-def test_float32_rows_survive_a_rebase_of_the_frame(feed):
-    """Found by the stress fuzzer: a gate of 1e-150 rebases a decaying stream's frame, scaling the rows held
-    by a power of 2 far below float32's range; float32 rows became 0 (the first key vanished).  They are now
-    widened to float64 first."""
-    rng = np.random.default_rng(3)
-    x0 = (rng.standard_normal(7) * 1e-3).astype(np.float32)
-    x1 = np.zeros(7, dtype=np.float32)
-    x1[:2] = rng.standard_normal(2)
-    sk = ls.KeySketch(7, eps=0.09, block_rows=32)
-    if feed == "update":
-        sk.update(x0, gate=1.0)
-        sk.update(x1, gate=1e-150)
-    else:
-        sk.update_many(np.stack([x0, x1]), gates=[1.0, 1e-150])
-    Q = rng.standard_normal((3, 7))
-    Q[0, :2] = 0.0  # sees key 0 only: A = 1
-    K = np.stack([x0, x1]).astype(np.float64)
-    W = (Q @ K.T) ** 2 * np.array([1e-150, 1.0])
-    A = W / W.sum(axis=1, keepdims=True)
-    got = sk.heavy_entries(Q)
-    assert got.row(0)[0].tolist() == [0]
-    want = {(int(i), int(j)) for i, j in zip(*np.nonzero(A >= 0.09))}
-    assert got.as_set() == want
-    np.testing.assert_allclose(np.concatenate([got.row(i)[1] for i in range(3)]),
-                               [A[i, j] for i, j in sorted(want)], rtol=1e-9)
+@pytest.mark.parametrize("tail_from", [0, 5, 12])
+@pytest.mark.parametrize("prune", ["in place", "none"])
+@pytest.mark.parametrize("grow", [False, True])
+def test_row_store_snapshot_restores_rows_overwritten_in_place(tail_from, prune, grow):
+    """What a fold does to the store after a snapshot whose tail is the pending rows: the pending rows compacted
+    in place to the few kept, rows of later blocks appended over the rest, every row sorted and scaled, the
+    candidates pruned (rewritten), the arrays grown; :meth:`restore` gives back every row, id and value row as they were."""
+    rng = np.random.default_rng(tail_from)
+    s = RowStore(3, value_dim=2)
+    s.append(rng.standard_normal((12, 3)), np.arange(12) * 2, rng.standard_normal((12, 2)), increasing=True)
+    s.reserve(40)  # room: the writes below happen in place unless ``grow``
+    want = (s.ids_view().copy(), s.keys_view().copy(), s.values_view().copy(), s.ids_sorted)
+    state = s.snapshot(tail_from=tail_from)
+    mask = np.zeros(12 - tail_from, dtype=bool)
+    mask[::3] = True
+    s.keep_from(tail_from, mask)  # the pending rows: the few kept move down
+    s.append(np.full((2, 3), 7.0), np.array([100, 99]), np.ones((2, 2)))  # ids out of order
+    if grow:
+        s.reserve(4 * s.capacity)
+    s.append(np.full((3, 3), 8.0), np.array([101, 102, 103]), np.zeros((3, 2)), increasing=True)
+    s.sort_by_id()  # every row rewritten
+    s.scale_keys(0.5)
+    if prune == "in place":
+        s.keep_from(0, np.arange(s.n) % 2 == 0)
+    s.stage(np.full((4, 3), 9.0))  # written and never committed
+    s.restore(state)
+    assert s.n == 12 and s.ids_sorted == want[3]
+    np.testing.assert_array_equal(s.ids_view(), want[0])
+    np.testing.assert_array_equal(s.keys_view(), want[1])
+    np.testing.assert_array_equal(s.values_view(), want[2])
+    assert s._tail is None and s._shared == 0
 
 
-def test_row_store_keeps_float32_until_a_float64_row_arrives():
-    s = RowStore(3)
-    x32 = np.array([[0.1, 0.2, 0.3]], dtype=np.float32)
-    s.append(np.repeat(x32, 4, axis=0), np.arange(4))
-    assert s.keys.dtype == np.float32 and s.nbytes == s.capacity * (3 * 4 + 8)
-    s.append_row(np.array([1e-300, 2.0, 3.0]), 4)  # not representable in float32: the store widens
-    assert s.keys.dtype == np.float64
-    np.testing.assert_array_equal(s.keys_view()[:4], np.repeat(x32.astype(np.float64), 4, axis=0))
-    assert s.keys_view()[4, 0] == 1e-300
-    s.append(x32, np.array([5]))  # float32 rows join float64 ones exactly
-    assert s.keys.dtype == np.float64 and s.keys_view()[5, 0] == np.float64(np.float32(0.1))
-    assert s.arrays(0, s.n, "cand")["cand_rows"].dtype == np.float64
+@pytest.mark.parametrize("rewrite", ["sort_by_id", "scale_keys"])
+@pytest.mark.parametrize("tail_from", [0, 3])
+def test_row_store_snapshot_survives_a_rewrite_of_every_row(rewrite, tail_from):
+    """Every row rewritten right after a snapshot (rows not saved yet, the room unchanged): the store takes arrays
+    of its own, and :meth:`restore` gives back the rows as they were."""
+    s = RowStore(2)
+    s.append(np.arange(12.0).reshape(6, 2), np.array([5, 1, 4, 0, 3, 2]))
+    want = (s.ids_view().copy(), s.keys_view().copy())
+    state = s.snapshot(tail_from=tail_from)
+    getattr(s, rewrite)(*(() if rewrite == "sort_by_id" else (0.5,)))
+    s.restore(state)
+    np.testing.assert_array_equal(s.ids_view(), want[0])
+    np.testing.assert_array_equal(s.keys_view(), want[1])
 
 
 def test_an_input_buffer_filled_row_by_row_is_allocated_in_one_step_once_half_full():
