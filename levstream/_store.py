@@ -79,26 +79,48 @@ class StoreState(NamedTuple):
     ids_sorted: bool
 
 
-class _SavedTail:
-    """The rows ``start..end-1`` of a snapshot's arrays that were overwritten in place since, saved just before
-    (:meth:`RowStore.snapshot`): ``saved_to`` is how far they are saved, the pieces ``(row, ids, keys, values)`` hold
-    the saved rows."""
+class _SavedRows:
+    """The rows of a snapshot's arrays overwritten in place since :meth:`RowStore.snapshot`, each saved just before
+    its first overwrite: ``saved`` the ranges saved (sorted, disjoint), ``pieces`` the rows ``(row, ids, keys,
+    values)``."""
 
-    __slots__ = ("end", "ids", "keys", "pieces", "saved_to", "values")
+    __slots__ = ("end", "ids", "keys", "pieces", "saved", "values")
 
-    def __init__(self, state: StoreState, start: int) -> None:
+    def __init__(self, state: StoreState) -> None:
         self.ids, self.keys, self.values, self.end = state.ids, state.keys, state.values, state.n
-        self.saved_to = start
+        self.saved: list[tuple[int, int]] = []
         self.pieces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
 
     def save(self, start: int, stop: int) -> None:
-        """Rows ``start..stop-1`` are about to be overwritten: save those of the tail not saved yet (and any before
-        them, so that the saved rows stay one range)."""
-        a, b = self.saved_to, min(stop, self.end)
-        if start < self.end and b > a:
-            values = None if self.values is None else self.values[a:b].copy()
-            self.pieces.append((a, self.ids[a:b].copy(), self.keys[a:b].copy(), values))
-            self.saved_to = b
+        """Rows ``start..stop-1`` are about to be overwritten: save those of the snapshot not saved yet."""
+        a, b = max(start, 0), min(stop, self.end)
+        if a >= b:
+            return
+        gaps, at = [], a
+        for s, e in self.saved:
+            if e <= at:
+                continue
+            if s >= b:
+                break
+            if s > at:
+                gaps.append((at, s))
+            at = e
+            if at >= b:
+                break
+        if at < b:
+            gaps.append((at, b))
+        pieces = []  # copied before any is recorded: should a copy fail, nothing has changed
+        for s, e in gaps:
+            values = None if self.values is None else self.values[s:e].copy()
+            pieces.append((s, self.ids[s:e].copy(), self.keys[s:e].copy(), values))
+        self.pieces += pieces
+        merged: list[tuple[int, int]] = []
+        for s, e in sorted(self.saved + gaps):
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        self.saved = merged
 
     def put_back(self) -> None:
         """Write the saved rows back into the snapshot's arrays."""
@@ -127,7 +149,7 @@ class RowStore:
     'float32'
     """
 
-    __slots__ = ("_shared", "_tail", "dim", "ids", "ids_sorted", "keys", "n", "value_dim", "values")
+    __slots__ = ("_saved", "dim", "ids", "ids_sorted", "keys", "n", "value_dim", "values")
 
     def __init__(self, dim: int, value_dim: int | None = None) -> None:
         self.dim = int(dim)
@@ -138,10 +160,8 @@ class RowStore:
         self.n = 0
         #: whether ``ids[:n]`` is strictly increasing (queries then need not sort their entries by id)
         self.ids_sorted = True
-        #: rows shared with a snapshot: rows below this must not be written in place (0: none)
-        self._shared = 0
-        #: a snapshot's rows from ``_shared`` on, saved as they are overwritten in place (None: no such snapshot)
-        self._tail: _SavedTail | None = None
+        #: a snapshot's rows, saved as they are overwritten in place (None: no snapshot)
+        self._saved: _SavedRows | None = None
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -180,24 +200,32 @@ class RowStore:
         return np.float32 if new == np.float32 and same else np.float64
 
     def _resize(self, rows: int, key_dtype: type | None = None, buffer: bool = False) -> None:
+        if (
+            self._snapshot_held()
+        ):  # (NumPy resizes an array to its own size in place, shared or not)
+            self._unshare(key_dtype, rows)
+            return
         # ids last: ``capacity`` is their length, so should a growth fail halfway (out of memory) the store
         # still claims only the room every array has, and the next growth tries again
-        self._shared = 0
         _set_rows(self, "keys", rows, key_dtype, buffer)
         if self.values is not None:
             _set_rows(self, "values", rows, None, buffer)
         _set_rows(self, "ids", rows)
 
-    def _unshare(self, key_dtype: type | None = None) -> None:
-        """Copy the rows held into arrays of the store's own, same room, keys as ``key_dtype`` (a snapshot keeps the
-        arrays it holds as they are; a resize to the same room would leave them shared)."""
-        n = self.n
-        keys = np.empty(self.keys.shape, dtype=key_dtype or self.keys.dtype)
+    def _unshare(self, key_dtype: type | None = None, rows: int | None = None) -> None:
+        """Copy the rows held into new arrays of the store's own, with room for ``rows`` rows (default: the same
+        room) and keys as ``key_dtype`` (a snapshot keeps the arrays it holds as they are).  All are allocated
+        before any is taken: should one allocation fail, nothing has changed."""
+        n, rows = self.n, self.capacity if rows is None else max(int(rows), self.n)
+        keys = np.empty((rows, self.dim), dtype=key_dtype or self.keys.dtype)
         keys[:n] = self.keys[:n]
-        values = None if self.values is None else self.values.copy()
-        ids = self.ids.copy()
+        values = None
+        if self.values is not None:
+            values = np.empty((rows, self.values.shape[1]))
+            values[:n] = self.values[:n]
+        ids = np.empty(rows, dtype=np.int64)
+        ids[:n] = self.ids[:n]
         self.keys, self.values, self.ids = keys, values, ids
-        self._shared = 0
 
     def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``.
@@ -237,7 +265,7 @@ class RowStore:
         m = keys.shape[0]
         n = self.n
         self.reserve(n + m, self._key_dtype(keys.dtype))
-        self._save_tail(n, n + m)
+        self._save_rows(n, n + m)
         self.keys[n : n + m] = keys
         return self.keys[n : n + m]
 
@@ -247,7 +275,7 @@ class RowStore:
         m = keys.shape[0]
         n = self.n
         self.reserve(n + m, self._key_dtype(keys.dtype))
-        self._save_tail(n, n + m)
+        self._save_rows(n, n + m)
         return float(copy_sq_total(keys, self.keys[n : n + m]))
 
     def commit(
@@ -258,7 +286,7 @@ class RowStore:
         if m == 0:
             return
         n = self.n
-        self._save_tail(n, n + m)
+        self._save_rows(n, n + m)
         self.ids[n : n + m] = ids
         if self.values is not None:
             self.values[n : n + m] = values
@@ -316,9 +344,7 @@ class RowStore:
         """Multiply every key row held by ``factor`` (a decaying stream's change of reference frame; exact for a
         power of 2 in float64).  float32 keys are widened to float64 first (exactly): in float32 the scaled rows
         would leave its far smaller range."""
-        if self._snapshot_held():
-            self._unshare(np.float64)
-        elif self.keys.dtype != np.float64 and factor != 1.0:
+        if self._snapshot_held() or (self.keys.dtype != np.float64 and factor != 1.0):
             self._resize(self.capacity, np.float64)
         self.keys[: self.n] *= factor
 
@@ -334,20 +360,13 @@ class RowStore:
             return
         src = index + start
         # all or nothing: every array is gathered before any is written (a failure, out of memory, changes nothing)
-        if self._shared > start:  # a snapshot holds these rows: write the result into new arrays
-            keep = np.concatenate([np.arange(start), src])
-            ids, keys = self.ids[keep], self.keys[keep]
-            values = None if self.values is None else self.values[keep]
-            self.ids, self.keys, self.values = ids, keys, values
-            self._shared = 0
-        else:
-            keys, ids = self.keys[src], self.ids[src]
-            values = None if self.values is None else self.values[src]
-            self._save_tail(start, start + k)
-            self.keys[start : start + k] = keys
-            self.ids[start : start + k] = ids
-            if self.values is not None:
-                self.values[start : start + k] = values
+        keys, ids = self.keys[src], self.ids[src]
+        values = None if self.values is None else self.values[src]
+        self._save_rows(start, start + k)
+        self.keys[start : start + k] = keys
+        self.ids[start : start + k] = ids
+        if self.values is not None:
+            self.values[start : start + k] = values
         self.n = start + k
 
     def sort_by_id(self) -> None:
@@ -361,7 +380,7 @@ class RowStore:
         ``order[i]``."""
         n = self.n
         if self._snapshot_held():
-            self._unshare()
+            self._resize(self.capacity)
         self.keys[:n] = self.keys[:n][order]
         self.ids[:n] = self.ids[:n][order]
         if self.values is not None:
@@ -369,43 +388,42 @@ class RowStore:
         self.ids_sorted = bool(n < 2 or (self.ids[1:n] > self.ids[: n - 1]).all())
 
     # ------------------------------------------------------------------ undo
-    def snapshot(self, tail_from: int | None = None) -> StoreState:
-        """The current rows, restorable by :meth:`restore` until :meth:`release`.  No copy is made now: rows below
-        ``tail_from`` (default: all rows) are copied, all of them, before any of them is first overwritten; rows from
-        ``tail_from`` on are saved a range at a time, as far as they are about to be overwritten in place.  A sketch's
-        fold gives its pending rows as the tail: it overwrites them with the few rows it keeps and the next
-        block's, and saving those few costs less than copying the candidates and the whole buffer."""
-        n = self.n
-        start = n if tail_from is None else min(max(int(tail_from), 0), n)
-        state = StoreState(self.ids, self.keys, self.values, n, self.ids_sorted)
-        self._shared = start
-        self._tail = _SavedTail(state, start) if start < n else None
+    def snapshot(self) -> StoreState:
+        """The current rows, restorable by :meth:`restore` until :meth:`release`.  No copy is made now: a row is
+        saved just before it is first overwritten in place (a sketch's fold overwrites few: the rows it keeps of
+        the input buffer, the candidates a prune keeps), and a rewrite of every row or a growth moves the store
+        to new arrays, leaving the snapshot's as they are."""
+        state = StoreState(self.ids, self.keys, self.values, self.n, self.ids_sorted)
+        self._saved = _SavedRows(state)
         return state
 
     def restore(self, state: StoreState) -> None:
         """Return to a :meth:`snapshot` (rows appended since then are dropped)."""
-        tail = self._tail
+        saved = self._saved
         self.ids, self.keys, self.values, self.n, self.ids_sorted = state
-        if tail is not None:
-            tail.put_back()
-        self._shared = 0
-        self._tail = None
+        if saved is not None:
+            saved.put_back()
+        self._saved = None
 
     def release(self) -> None:
         """Forget the snapshot: rows may be written in place again."""
-        self._shared = 0
-        self._tail = None
+        self._saved = None
 
     def _snapshot_held(self) -> bool:
-        """Whether a snapshot shares rows with the arrays held (they must then not be rewritten as a whole)."""
-        return bool(self._shared) or (self._tail is not None and self._tail.keys is self.keys)
+        """Whether a snapshot holds the arrays held (they must then not be rewritten as a whole, nor resized)."""
+        saved = self._saved
+        return saved is not None and (
+            saved.keys is self.keys
+            or saved.ids is self.ids
+            or (self.values is not None and saved.values is self.values)
+        )
 
-    def _save_tail(self, start: int, stop: int) -> None:
-        """Rows ``start..stop-1`` are about to be written in place: save those of a snapshot's tail still unsaved
-        (nothing to do once the arrays are new ones, or without such a snapshot)."""
-        tail = self._tail
-        if tail is not None and (tail.ids is self.ids or tail.keys is self.keys):
-            tail.save(start, stop)
+    def _save_rows(self, start: int, stop: int) -> None:
+        """Rows ``start..stop-1`` are about to be written in place: save those of a snapshot still unsaved (nothing to
+        do without a snapshot, or once the arrays are new ones)."""
+        saved = self._saved
+        if saved is not None and self._snapshot_held():
+            saved.save(start, stop)
 
     # ------------------------------------------------------------------ copies and persistence
     def copy(self) -> RowStore:
@@ -416,7 +434,7 @@ class RowStore:
             self.n,
             self.ids_sorted,
         )
-        out._shared, out._tail = 0, None
+        out._saved = None
         out.ids, out.keys = self.ids[: self.n].copy(), self.keys[: self.n].copy()
         out.values = None if self.values is None else self.values[: self.n].copy()
         return out

@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from ._kernels.live import (
 )
 from ._kernels.rows import largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
-from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore, StoreState
+from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore
 from ._threads import get_num_threads, ingest_threads, lowered_blas, run_items
 from ._validation import (
     as_ids,
@@ -488,8 +488,8 @@ class KeySketch:
             return False
         store = self._store
         n = store.n
-        if n + m - self._pending_from > self._block_rows:
-            return False  # the rows complete a block and start another: folded the general way
+        if n + m - self._pending_from >= self._block_rows:
+            return False  # the rows complete a block: folded the general way (all or nothing)
         if store.keys.dtype != np.float64 or n + m > store.capacity:
             store.reserve(n + m, np.float64, self._buffer_end())  # may raise: nothing has changed
         store.keys[n : n + m] = X
@@ -501,16 +501,6 @@ class KeySketch:
         store.n = n + m
         self._n += m
         self._next_id = i + m
-        pending_from = self._pending_from
-        if store.n - pending_from == self._block_rows:
-            try:
-                self._flush()
-            except BaseException:
-                # the block was not folded (it is as it was): the rows are undone
-                if self._pending_from == pending_from:
-                    store.n, ranges[-1, 1], self._next_id = n, i, i
-                    self._n -= m
-                raise
         return True
 
     def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
@@ -598,7 +588,11 @@ class KeySketch:
         state copied before it, at the cost of one more pass over the rows the rebase rescales."""
         before = (self._frame, self.copy() if shift else None)
         if shift:
-            self._rebase(shift)
+            try:
+                self._rebase(shift)
+            except BaseException:  # part of the state rescaled: back to the copy
+                self._frame_back(before)
+                raise
         self._frame = frame
         return before
 
@@ -614,6 +608,7 @@ class KeySketch:
         """Become ``saved``, a :meth:`copy` of this sketch, keeping this sketch's lock (readers keep waiting on
         it; call with the lock held)."""
         lock = self._lock
+        self.__dict__.clear()  # (attributes the failed call set, e.g. a first prune's count, go too)
         self.__dict__.update(saved.__dict__)
         self._lock = lock
 
@@ -683,6 +678,13 @@ class KeySketch:
     def _append_token(self, x: np.ndarray, value: np.ndarray | None) -> None:
         """Feed one validated row under the next id (checked by :meth:`_check_next_id`)."""
         i = self._next_id
+        if self._store.n + 1 - self._pending_from >= self._block_rows:
+            # the row completes a block: the chunk path folds it all or nothing (should the fold fail, no memory or
+            # an interruption, the row is not counted either)
+            self._ingest(
+                x[None, :], None if value is None else value[None, :], None, i, _NO_ID_ROWS
+            )
+            return
         # the steps that can fail first, each changing nothing when it does: room for the row (in the store, the
         # ids seen and a current live cache), then the moment state (which adds a pending product before it
         # takes the row)
@@ -720,9 +722,7 @@ class KeySketch:
         else:
             self._seen = seen
         self._next_id = i + 1
-        if self._store.n - self._pending_from >= self._block_rows:
-            self._flush()  # drops the live cache
-        elif refresh:
+        if refresh:
             self._refresh_live()
 
     def _buffer_end(self) -> int:
@@ -876,9 +876,28 @@ class KeySketch:
             # rows that wait in the buffer are checked now, not at flush time (one pass: while copied in, or
             # through the trace of the Gram block they complete)
             _check_rows(X[tail:], X)
+
+            def count() -> None:
+                """Record the chunk's ids and rows, and its rows left for the input buffer (whose room is made);
+                the moment state takes the chunk last."""
+                self._record_ids(m, new_ids, start, srt)
+                self._n += m
+                if tail < m:
+                    self._store.room_for(X[tail:], self._buffer_end())
+                    self._store.append(
+                        X[tail:],
+                        _chunk_ids(new_ids, start, tail, m),
+                        _rows(V, tail, m),
+                        increasing=new_ids is None,
+                    )
+                if self._moments is not None:
+                    assert V is not None
+                    self._moments.add(X.astype(np.float64, copy=False), V)
+
             if n_full or (head and pending + head == self._block_rows):
-                _fold_chunk(self, X, V, new_ids, start, head, n_full, tail)
-            elif head:
+                _fold_chunk(self, X, V, new_ids, start, head, n_full, count)
+                return
+            if head:
                 self._store.room_for(X[:head], self._buffer_end())
                 if not np.isfinite(self._store.stage_checked(X[:head])):
                     _refuse_rows(X[:head], X)
@@ -890,19 +909,7 @@ class KeySketch:
             elif tail < m:
                 # rows for the input buffer alone: their room before anything counts them
                 self._store.room_for(X[tail:], self._buffer_end())
-            self._record_ids(m, new_ids, start, srt)
-            self._n += m
-            if self._moments is not None:
-                assert V is not None
-                self._moments.add(X.astype(np.float64, copy=False), V)
-            if tail < m:
-                self._store.room_for(X[tail:], self._buffer_end())
-                self._store.append(
-                    X[tail:],
-                    _chunk_ids(new_ids, start, tail, m),
-                    _rows(V, tail, m),
-                    increasing=new_ids is None,
-                )
+            count()
             return
         grams = self._validated_block_grams(X, head, n_full)
         for part in (X[:head], X[tail:]):
@@ -1095,14 +1102,15 @@ class KeySketch:
                 self._summary.scores(rows) < self._keep_threshold()
             )  # a nan score keeps its row
         self._store.keep_from(0, keep)
+        # the state is whole from here on (should the trim fail, no memory or an interruption, it still is)
+        self._pending_from = self._store.n
+        self._pruned_rows = self._store.n
         if room is None:  # settling: hold the candidates and G, nothing more
             self._store.trim()
             if isinstance(self._summary, GramSummary):
                 self._summary.release_factors()
         else:  # keep room for the candidates to double before the next prune, and for the input buffer
             self._store.trim(self._store.n + room, slack=1.5)
-        self._pending_from = self._store.n
-        self._pruned_rows = self._store.n
 
     # ------------------------------------------------------------------ merge
     def _part_options(self) -> dict[str, Any]:
@@ -1332,12 +1340,16 @@ class KeySketch:
         live = self._live
         if live is None or live.upto < self._pending_from:
             floor = self._eps * (1.0 - margin(gram_rel_error_max(self._dim), prune=True))
-            live = self._live = _LiveRows(G, self._dim, self._value_dim, self._pending_from, floor)
+            live = _LiveRows(G, self._dim, self._value_dim, self._pending_from, floor)
             live.threshold = (
                 self._keep_threshold()
             )  # the summary stays as it is while the cache lives
             if self._pending_from:
+                # (a cache that failed halfway, no memory or an interruption, is not kept: it would hold part of
+                # the candidates)
+                self._live = None
                 live.refresh(self._store)
+            self._live = live
         return live
 
     def _queries(self, Q: Any) -> np.ndarray:
@@ -1851,6 +1863,7 @@ _FEW_ROWS = 16
 
 #: The largest key id (ids are int64).
 _ID_MAX = int(np.iinfo(np.int64).max)
+_NO_ID_ROWS = np.zeros(0, dtype=np.int64)
 
 #: A live query scans up to this many rows fed since the live cache was current as they are, and folds them into
 #: the cache beyond (:meth:`_LiveRows.add`: BLAS for more than ``_SMALL_LIVE_ROWS`` rows).
@@ -2530,12 +2543,13 @@ def _fold_chunk(
     start: int,
     head: int,
     n_full: int,
-    tail: int,
+    count: Callable[[], None],
 ) -> None:
     """Fold the block completed by ``X[:head]`` (when ``head`` completes the pending rows) and the ``n_full``
-    whole blocks of ``X`` after it (p = 2), and make room in the store for the rows ``X[tail:]`` left for the
-    input buffer.  Raises, with the sketch unchanged, for a block with a nan/inf or squares that overflow, and for
-    anything that fails on the way (no memory, an interruption): the chunk is then not counted.
+    whole blocks of ``X`` after it (p = 2), then ``count()`` (the caller's bookkeeping of the chunk: its ids, its
+    rows left for the input buffer), all or nothing: should anything fail on the way (a block with a nan/inf or
+    squares that overflow, no memory, an interruption), the sketch goes back to its state before the chunk and
+    the error comes through.
 
     Each block is tested under the plan the summary gives once the block is added (:func:`_fold_result`),
     exactly as if the blocks came one call at a time: the state does not depend on the chunking nor on the
@@ -2545,30 +2559,25 @@ def _fold_chunk(
     store = sk._store
     br = sk._block_rows
     pending_from = sk._pending_from
-    blocks: list[np.ndarray] = []
-    if head:  # the pending rows and the head, as one block of the store (committed once validated)
-        store.stage(X[:head])
-        blocks.append(store.keys[pending_from : store.n + head])
-    starts = [head + b * br for b in range(n_full)]
-    blocks += [X[s : s + br] for s in starts]
-    saved: tuple[NormalizerSummary, StoreState, int, int] | None = None
-    assert isinstance(sk._summary, GramSummary)
-    plan_before = (
-        sk._summary.plan_state()
-    )  # making the first plan changes the state: undone if X is refused
-    done = 0
+    # the state before the chunk: a copy of the summary (its plan included), a snapshot of the store (which copies
+    # the candidates only if a prune rewrites them, and saves the pending rows only as far as the fold overwrites
+    # them, with the few rows it keeps), the counters (the running id counter extends its last range in place)
+    ranges = sk._seen.ranges
+    counters = (sk._seen, int(ranges[-1, 1]) if ranges.shape[0] else 0, sk._next_id, sk._n)
+    saved = (sk._summary.copy(), store.snapshot(), sk._pruned_rows, counters)
 
     def undo() -> None:
-        """Back to the state before the chunk (nothing of it folded) when one was saved; else only the plan."""
-        nonlocal saved
-        if saved is not None:
-            sk._summary, state, sk._pending_from, sk._pruned_rows = saved
-            store.restore(state)
-            saved = None
-        else:
-            assert isinstance(sk._summary, GramSummary)
-            sk._summary.restore_plan(plan_before)
+        summary, state, sk._pruned_rows, (seen, last, sk._next_id, sk._n) = saved
+        sk._summary = summary
+        store.restore(state)
+        sk._pending_from = pending_from
+        sk._seen = seen
+        if seen.ranges.shape[0]:
+            seen.ranges[-1, 1] = last
         sk._live = None
+
+    blocks: list[np.ndarray] = []
+    starts = [head + b * br for b in range(n_full)]
 
     def fold(
         wave: list[np.ndarray], done: int, results: list[_BlockResult], n_threads: int
@@ -2612,6 +2621,11 @@ def _fold_chunk(
 
     with ingest_threads() as n_threads:
         try:
+            if head:  # the pending rows and the head, as one block of the store (committed once validated)
+                store.stage(X[:head])
+                blocks.append(store.keys[pending_from : store.n + head])
+            blocks += [X[s : s + br] for s in starts]
+            done = 0
             while done < len(blocks):
                 plan = _plan_in_force(sk)
                 size = _wave_size(sk, plan, len(blocks) - done)
@@ -2621,41 +2635,18 @@ def _fold_chunk(
                 for Xb, result in zip(wave, results):
                     if np.isfinite(result.total):
                         continue
-                    try:
-                        _refuse_rows(Xb, X)  # names the first bad entry, or the rows too large
-                    except ValueError:
-                        undo()
-                        raise
+                    _refuse_rows(Xb, X)  # names the first bad entry, or the rows too large
                     # only the block's sum of squares overflows: the summary takes the rows without the Gram block
                     # (it moves to its R factor) and they are tested under what it then holds
                     result.gram, result.plan = None, None
-                # the state before the chunk, to go back to when a later wave is refused, or should anything fail
-                # while the blocks are folded (no memory, an interruption), so that no part of the chunk stays
-                # counted: a summary's copy and a snapshot of the store, which copies the candidates only if a prune
-                # rewrites them and saves the pending rows only as far as the fold overwrites them (with the few rows
-                # it keeps)
-                if saved is None:
-                    before = sk._summary.copy()
-                    assert isinstance(before, GramSummary)
-                    before.restore_plan(plan_before)
-                    saved = (
-                        before,
-                        store.snapshot(tail_from=pending_from),
-                        sk._pending_from,
-                        sk._pruned_rows,
-                    )
-                try:
-                    fold(wave, done, results, n_threads)
-                    if done + size == len(blocks) and tail < X.shape[0]:
-                        store.room_for(X[tail:], sk._buffer_end())
-                except BaseException:
-                    if saved is not None:
-                        undo()
-                    raise
+                fold(wave, done, results, n_threads)
                 done += size
+            count()
+        except BaseException:
+            undo()
+            raise
         finally:
-            if saved is not None:
-                store.release()
+            store.release()
 
 
 def _one_gate(gates: Any) -> Any:

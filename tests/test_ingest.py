@@ -562,7 +562,7 @@ def test_a_failure_while_a_chunk_is_folded_leaves_no_part_counted(
 @pytest.mark.parametrize("values", [False, True])
 def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypatch, values):
     """``update(x, gate=g)`` (and the decode step, ``prefill`` of one row) out of memory when the store makes room
-    for the row, after the row was weighed in the next frame: the sketch is as it was, frame and rebased rows
+    for the row (or stages it with the block it completes), after the row was weighed in the next frame: the sketch is as it was, frame and rebased rows
     included (strong gates: several of the rows rebase the state), and feeding the row again gives the stream
     fed once."""
     d, dv = 5, 2
@@ -572,7 +572,8 @@ def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypa
     g = rng.uniform(1e-3, 0.5, 300)
     kw = dict(eps=0.05, block_rows=64) | (dict(value_dim=dv, exact_output=True) if values else {})
     sk, once = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
-    real_room, real_rebase = RowStore.room_for_row, sketch_module.KeySketch._rebase
+    real_room, real_stage = RowStore.room_for_row, RowStore.stage
+    real_rebase = sketch_module.KeySketch._rebase
     rebases = {"n": 0}
 
     def no_room(self, *args):
@@ -587,12 +588,14 @@ def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypa
         v = Vs[t] if values else None
         before = sk.to_bytes()
         monkeypatch.setattr(RowStore, "room_for_row", no_room)
+        monkeypatch.setattr(RowStore, "stage", no_room)  # (a row that completes a block is staged with it)
         with pytest.raises(MemoryError, match="simulated"):
             if values and t % 2:
                 sk.prefill(X[t][None], Vs[t][None], Q[t][None], gates=[g[t]])
             else:
                 sk.update(X[t], v, gate=g[t])
         monkeypatch.setattr(RowStore, "room_for_row", real_room)
+        monkeypatch.setattr(RowStore, "stage", real_stage)
         assert sk.to_bytes() == before, t
         sk.update(X[t], v, gate=g[t])
         once.update(X[t], v, gate=g[t])
@@ -636,22 +639,138 @@ def test_a_gated_prefill_chunk_that_fails_in_a_later_part_leaves_no_part_counted
     assert got.entries.as_set() == want.entries.as_set()
 
 
-@pytest.mark.parametrize("tail_from", [0, 5, 12])
+def fails_at(owner, name: str, nth: int, error: type = MemoryError, after: bool = True):
+    """``owner.name`` (a function of a module or class, patched with ``pytest.MonkeyPatch``) replaced by one that
+    raises ``error`` at its ``nth`` call, before or after doing its work; returns the call counter."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+
+    def patched(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == nth and not after:
+            raise error("simulated")
+        out = real(*args, **kwargs)
+        if calls["n"] == nth and after:
+            raise error("simulated")
+        return out
+
+    return real, patched, calls
+
+
+def fail_once(monkeypatch, owner, name: str, nth: int, call, error: type = MemoryError, after: bool = True):
+    """Run ``call()`` with ``owner.name`` failing at its ``nth`` call; the error must come through."""
+    real, patched, calls = fails_at(owner, name, nth, error, after)
+    monkeypatch.setattr(owner, name, patched)
+    try:
+        with pytest.raises(error, match="simulated"):
+            call()
+    finally:
+        monkeypatch.setattr(owner, name, real)
+    assert calls["n"] >= nth
+
+
+#: Failures the review of the interruption paths found, each as (what the sketch holds, the call that fails, where,
+#: which call of it fails, before or after its work): a later wave's Gram blocks; the ids, the rows left for the
+#: buffer; a float32 store widened by a float64 chunk; a row that completes a block (its fold, the prune after it);
+#: a rebase of the frame; the first prune undone by a copy
+INTERRUPTIONS = {
+    "later wave": ("f64", "chunk", (sketch_module, "_block_results"), 2, True),
+    "ids of the chunk": ("f64", "chunk ids", (sketch_module.KeySketch, "_record_ids"), 1, True),
+    "rows left for the buffer": ("f64", "chunk and tail", (RowStore, "append"), 1, True),
+    "float32 rows widened": ("f32", "chunk", (sketch_module, "_fold_result"), 1, False),
+    "row that completes a block": ("f64", "row value", (sketch_module, "_fold_result"), 1, False),
+    "prune after a row's block": ("f64", "row", (GramSummary, "exact_keep"), 1, False),
+    "row with a value completing a block": ("f64", "row value", (sketch_module, "_maybe_prune"), 1, True),
+    "rebase of a gated chunk": ("f64", "gated chunk", (RowStore, "scale_keys"), 1, False),
+}
+
+
+@pytest.mark.parametrize("case", list(INTERRUPTIONS))
+def test_an_interruption_anywhere_in_a_feed_leaves_it_uncounted(monkeypatch, case):
+    """Each way of feeding, interrupted where the review found the state left half-changed: the sketch is as it
+    was (bytes, float32 storage included), and feeding the same input again gives the stream fed once."""
+    held, call, (owner, name), nth, after = INTERRUPTIONS[case]
+    d, B, eps = 5, 64, 0.002
+    rng = np.random.default_rng(4)
+    X = heavy_tailed_keys(12 * B, d, seed=3)
+    V, g = rng.standard_normal((X.shape[0], 2)), rng.uniform(0.5, 0.9, X.shape[0])
+    kw = dict(eps=eps, block_rows=B) | (dict(value_dim=2) if "value" in call else {})
+    first = 5 * B - 1 if call.startswith("row") else 2 * B + 30
+    dtype = np.float32 if held == "f32" else np.float64
+
+    def feed_to(sk, stop):
+        if call.startswith("row"):
+            for t in range(sk.n, stop):
+                sk.update(X[t], V[t] if "value" in call else None)
+        else:
+            sk.update_many(X[sk.n : stop].astype(dtype), gates=g[sk.n : stop] if "gated" in call else None)
+
+    sk, once = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
+    feed_to(sk, first), feed_to(once, first)
+    before = sk.to_bytes()
+    # (a chunk with a tail alone completes the pending block and leaves 7 rows: the first append is theirs)
+    end = first + 1 if call.startswith("row") else (3 if "tail" in call else 9) * B + 7
+
+    def feed_rest(s):
+        if call.startswith("row"):
+            s.update(X[first], V[first] if "value" in call else None)
+        elif call == "chunk ids":
+            s.update_many(X[first:end], ids=np.arange(first, end) * 3 + 1000)
+        else:
+            s.update_many(X[first:end], gates=g[first:end] if "gated" in call else None)
+
+    fail_once(monkeypatch, owner, name, nth, lambda: feed_rest(sk), after=after)
+    assert sk.to_bytes() == before
+    feed_rest(sk), feed_rest(once)
+    assert sk.to_bytes() == once.to_bytes()
+
+
+def test_an_interrupted_flush_or_extend_leaves_a_whole_sketch():
+    """``flush`` interrupted after its prune (at the trim that follows), and ``extend`` interrupted after its first
+    item ran the sketch's first prune: a flush after the one, the sketch after the other, are as if uninterrupted."""
+    X = heavy_tailed_keys(40 * 64, 8, seed=3)
+    mp = pytest.MonkeyPatch()
+    sk, ref = (ls.KeySketch(8, eps=0.002, block_rows=64).update_many(X[:596]) for _ in range(2))
+    fail_once(mp, RowStore, "trim", 1, sk.flush, KeyboardInterrupt, after=False)
+    assert sk.flush().to_bytes() == ref.flush().to_bytes()
+    sk = ls.KeySketch(8, eps=0.002, block_rows=64).update_many(X[:100])
+    before = sk.to_bytes()
+    fail_once(mp, sketch_module.KeySketch, "_ingest", 2,
+              lambda: sk.extend([X[100 : 12 * 64], X[12 * 64 : 13 * 64]]), KeyboardInterrupt, after=False)
+    assert sk.to_bytes() == before
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_query_that_fails_while_it_builds_the_live_cache_leaves_no_half_cache(monkeypatch, after):
+    """A query out of memory while the live cache copies the candidates: the next query answers as brute force
+    (a half-built cache would miss candidates, or fail)."""
+    d, B = 5, 64
+    X = heavy_tailed_keys(10 * B + 20, d, seed=3)
+    Q = heavy_tailed_keys(4, d, seed=9)
+    sk = ls.KeySketch(d, eps=0.05, block_rows=B, value_dim=2)
+    sk.update_many(X, np.ones((X.shape[0], 2)))  # candidates held, 20 rows pending
+    sk._live = None  # as after a fold: the next query builds the cache
+    fail_once(monkeypatch, RowStore, "append", 1, lambda: sk.heavy_entries(Q), after=after)
+    want = ls.testing.heavy_entries_dense(Q, X, eps=0.05, p=2)
+    assert sk.heavy_entries(Q).as_set() == want.as_set()
+
+
+@pytest.mark.parametrize("pending_from", [0, 5, 12])
 @pytest.mark.parametrize("prune", ["in place", "none"])
 @pytest.mark.parametrize("grow", [False, True])
-def test_row_store_snapshot_restores_rows_overwritten_in_place(tail_from, prune, grow):
+def test_row_store_snapshot_restores_rows_overwritten_in_place(pending_from, prune, grow):
     """What a fold does to the store after a snapshot whose tail is the pending rows: the pending rows compacted
     in place to the few kept, rows of later blocks appended over the rest, every row sorted and scaled, the
     candidates pruned (rewritten), the arrays grown; :meth:`restore` gives back every row, id and value row as they were."""
-    rng = np.random.default_rng(tail_from)
+    rng = np.random.default_rng(pending_from)
     s = RowStore(3, value_dim=2)
     s.append(rng.standard_normal((12, 3)), np.arange(12) * 2, rng.standard_normal((12, 2)), increasing=True)
     s.reserve(40)  # room: the writes below happen in place unless ``grow``
     want = (s.ids_view().copy(), s.keys_view().copy(), s.values_view().copy(), s.ids_sorted)
-    state = s.snapshot(tail_from=tail_from)
-    mask = np.zeros(12 - tail_from, dtype=bool)
+    state = s.snapshot()
+    mask = np.zeros(12 - pending_from, dtype=bool)
     mask[::3] = True
-    s.keep_from(tail_from, mask)  # the pending rows: the few kept move down
+    s.keep_from(pending_from, mask)  # the pending rows: the few kept move down
     s.append(np.full((2, 3), 7.0), np.array([100, 99]), np.ones((2, 2)))  # ids out of order
     if grow:
         s.reserve(4 * s.capacity)
@@ -666,19 +785,21 @@ def test_row_store_snapshot_restores_rows_overwritten_in_place(tail_from, prune,
     np.testing.assert_array_equal(s.ids_view(), want[0])
     np.testing.assert_array_equal(s.keys_view(), want[1])
     np.testing.assert_array_equal(s.values_view(), want[2])
-    assert s._tail is None and s._shared == 0
+    assert s._saved is None
 
 
-@pytest.mark.parametrize("rewrite", ["sort_by_id", "scale_keys"])
-@pytest.mark.parametrize("tail_from", [0, 3])
-def test_row_store_snapshot_survives_a_rewrite_of_every_row(rewrite, tail_from):
-    """Every row rewritten right after a snapshot (rows not saved yet, the room unchanged): the store takes arrays
-    of its own, and :meth:`restore` gives back the rows as they were."""
+@pytest.mark.parametrize("rewrite", ["sort_by_id", "scale_keys", "keep_from"])
+def test_row_store_snapshot_survives_a_rewrite_of_every_row(rewrite):
+    """Right after a snapshot, every row rewritten (sorted, scaled: the store takes arrays of its own, the room
+    unchanged) or some rows compacted in place (saved first), then rows compacted again (some saved already, some
+    not): :meth:`restore` gives back the rows as they were."""
     s = RowStore(2)
     s.append(np.arange(12.0).reshape(6, 2), np.array([5, 1, 4, 0, 3, 2]))
     want = (s.ids_view().copy(), s.keys_view().copy())
-    state = s.snapshot(tail_from=tail_from)
-    getattr(s, rewrite)(*(() if rewrite == "sort_by_id" else (0.5,)))
+    state = s.snapshot()
+    args = {"sort_by_id": (), "scale_keys": (0.5,), "keep_from": (0, np.array([0, 1, 0, 1, 1, 0], bool))}
+    getattr(s, rewrite)(*args[rewrite])
+    s.keep_from(1, np.array([1, 0, 1, 0, 1], bool)[: s.n - 1])  # rows saved before, and rows not yet
     s.restore(state)
     np.testing.assert_array_equal(s.ids_view(), want[0])
     np.testing.assert_array_equal(s.keys_view(), want[1])
