@@ -233,9 +233,9 @@ def merge_group(*sketches: KeySketch | None) -> KeySketch | None:
     present = [s for s in sketches if s is not None]
     if not present:
         return None
-    out = present[0].copy()
+    out = present[0].copy()  # (a copy no caller sees yet: its merges need not be undoable)
     for other in present[1:]:
-        out.merge(other)
+        out._merge(other, atomic=False)
     return out
 
 

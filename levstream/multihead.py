@@ -818,12 +818,14 @@ class MultiHeadKeySketch:
             # nothing would take them)
             if self._forgets() or other._forgets():
                 self._heads[0]._order_for_merge(other._heads[0])
+            # every head merged into a copy, all taken over once merged: should a head's merge fail (no memory, an
+            # interruption), no head has changed
+            heads = [h.copy() for h in self._heads]
+            for mine, theirs in zip(heads, other._heads):
+                mine._merge(theirs, atomic=False)
+            self._heads = heads
             self._live = None
-            try:  # a part that forgets makes every head forget (its gates decay this part's keys)
-                for mine, theirs in zip(self._heads, other._heads):
-                    mine.merge(theirs)
-            finally:
-                self._note_forgetting()
+            self._note_forgetting()  # a part that forgets makes every head forget (its gates decay this part's keys)
         return self
 
     def __iadd__(self, other: MultiHeadKeySketch) -> MultiHeadKeySketch:  # noqa: PYI034 (Self: Python 3.11)

@@ -1159,7 +1159,12 @@ class KeySketch:
         Streams that forget (``decay`` or gates) merge only as consecutive parts of one stream, ordered by id:
         the earlier part is decayed by the later part's gates (either may be ``self``); parts whose ids
         interleave are refused.  Any reduction tree that merges neighbouring parts gives the same sketch.
+        Should the merge fail (no memory, an interruption), this sketch is as it was.
         """
+        return self._merge(other, atomic=True)
+
+    def _merge(self, other: KeySketch, atomic: bool) -> KeySketch:
+        """:meth:`merge`; ``atomic=False`` merges in place, for a sketch no caller sees (a copy of one)."""
         self._check_compatible(other)
         if other is self:
             raise ValueError("cannot merge a sketch with itself (every id would clash).")
@@ -1176,7 +1181,13 @@ class KeySketch:
         src._flush()
         with self._lock:
             later = self._order_for_merge(src) if (self.forgets or src.forgets) else None
-            self._merge_settled(src, later)
+            if not atomic:
+                self._merge_settled(src, later)
+                return self
+            # merged into a copy, taken over once whole
+            work = self.copy()
+            work._merge_settled(src, later)
+            self._take_state(work)
         return self
 
     def _order_for_merge(self, other: KeySketch) -> bool | None:
@@ -1229,7 +1240,7 @@ class KeySketch:
         return self.merge(other)
 
     def __add__(self, other: KeySketch) -> KeySketch:
-        return self.copy().merge(other)
+        return self.copy()._merge(other, atomic=False)
 
     @classmethod
     def merge_all(cls, sketches: Iterable[KeySketch]) -> KeySketch:
@@ -1239,7 +1250,7 @@ class KeySketch:
             raise ValueError("merge_all needs at least one sketch; got none.")
         while len(level) > 1:
             level = [
-                level[i].merge(level[i + 1]) if i + 1 < len(level) else level[i]
+                level[i]._merge(level[i + 1], atomic=False) if i + 1 < len(level) else level[i]
                 for i in range(0, len(level), 2)
             ]
         return level[0]

@@ -755,6 +755,35 @@ def test_a_query_that_fails_while_it_builds_the_live_cache_leaves_no_half_cache(
     assert sk.heavy_entries(Q).as_set() == want.as_set()
 
 
+@pytest.mark.parametrize("decay", [None, 0.97])
+@pytest.mark.parametrize("error", [MemoryError, KeyboardInterrupt])
+def test_a_merge_that_fails_leaves_the_sketch_as_it_was(monkeypatch, decay, error):
+    """``merge`` out of memory (or interrupted) after the summaries were merged, as the rows are taken: the sketch is
+    as it was, and merging again gives the merge that never failed (a decaying stream's earlier part decayed once)."""
+    d, B = 5, 64
+    X = heavy_tailed_keys(20 * B, d, seed=5)
+    kw = dict(eps=0.05, block_rows=B) | ({} if decay is None else dict(decay=decay))
+    a = ls.KeySketch(d, **kw).update_many(X[:600])
+    b = ls.KeySketch(d, **kw).update_many(X[600:], offset=600)
+    before = a.to_bytes()
+    fail_once(monkeypatch, RowStore, "extend", 1, lambda: a.merge(b), error)
+    assert a.to_bytes() == before
+    assert a.merge(b).to_bytes() == ls.KeySketch.from_bytes(before).merge(b).to_bytes()
+
+
+def test_a_multi_head_merge_that_fails_at_a_later_head_changes_no_head(monkeypatch):
+    """A ``MultiHeadKeySketch`` merge that fails at its second head: no head has changed, and merging again gives
+    the merge that never failed."""
+    H, d, B = 3, 5, 64
+    K = np.stack([heavy_tailed_keys(12 * B, d, seed=20 + h) for h in range(H)])
+    a = ls.MultiHeadKeySketch(H, d, eps=0.05, block_rows=B).update_many(K[:, :500])
+    b = ls.MultiHeadKeySketch(H, d, eps=0.05, block_rows=B).update_many(K[:, 500:], offset=500)
+    before = a.to_bytes()
+    fail_once(monkeypatch, RowStore, "extend", 2, lambda: a.merge(b), KeyboardInterrupt)
+    assert a.to_bytes() == before
+    assert a.merge(b).to_bytes() == ls.MultiHeadKeySketch.from_bytes(before).merge(b).to_bytes()
+
+
 @pytest.mark.parametrize("pending_from", [0, 5, 12])
 @pytest.mark.parametrize("prune", ["in place", "none"])
 @pytest.mark.parametrize("grow", [False, True])
