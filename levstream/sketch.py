@@ -69,6 +69,9 @@ _SKETCH_KIND = "KeySketch"
 #: rebase (None when there was none).
 _FrameBefore = tuple[Frame, "KeySketch | None"]
 
+#: What ``KeySketch._counters`` saves: the ids seen, the end of their last range, the next id, the row count.
+_Counters = tuple[IdRanges, int, int, int]
+
 #: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2;
 #: a sketch that forgets (decay or gates), version 3; a sketch whose key rows are float32 (a float32 stream),
 #: version 4, whose header alone says whether values and a decay frame are present.
@@ -392,6 +395,18 @@ class KeySketch:
         both = np.intersect1d(self._store.ids_view(), sorted_ids)
         return int(both[0]) if both.size else None
 
+    def _counters(self) -> _Counters:
+        """What counting rows changes besides the store and summary: the ids seen (the running counter extends
+        their last range in place), the next id, the number of rows."""
+        ranges = self._seen.ranges
+        return self._seen, int(ranges[-1, 1]) if ranges.shape[0] else 0, self._next_id, self._n
+
+    def _restore_counters(self, saved: _Counters) -> None:
+        seen, last, self._next_id, self._n = saved
+        self._seen = seen
+        if seen.ranges.shape[0]:
+            seen.ranges[-1, 1] = last
+
     def _record_ids(
         self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray
     ) -> np.ndarray:
@@ -685,6 +700,9 @@ class KeySketch:
                 x[None, :], None if value is None else value[None, :], None, i, _NO_ID_ROWS
             )
             return
+        if self._live is not None and self._live.refresh_due:
+            # a refresh the last row made due, before this row changes anything (should it fail, the cache goes)
+            self._refresh_live()
         # the steps that can fail first, each changing nothing when it does: room for the row (in the store, the
         # ids seen and a current live cache), then the moment state (which adds a pending product before it
         # takes the row)
@@ -722,8 +740,11 @@ class KeySketch:
         else:
             self._seen = seen
         self._next_id = i + 1
-        if refresh:
-            self._refresh_live()
+        if (
+            refresh
+        ):  # made before the next row (a failure now would come through with the row counted)
+            assert live is not None
+            live.refresh_due = True
 
     def _buffer_end(self) -> int:
         """The rows the store holds once the input buffer is full (a block is folded then)."""
@@ -897,19 +918,27 @@ class KeySketch:
             if n_full or (head and pending + head == self._block_rows):
                 _fold_chunk(self, X, V, new_ids, start, head, n_full, count)
                 return
-            if head:
-                self._store.room_for(X[:head], self._buffer_end())
-                if not np.isfinite(self._store.stage_checked(X[:head])):
-                    _refuse_rows(X[:head], X)
-                self._store.commit(
-                    _chunk_ids(new_ids, start, 0, head),
-                    _rows(V, 0, head),
-                    increasing=new_ids is None,
-                )
-            elif tail < m:
-                # rows for the input buffer alone: their room before anything counts them
-                self._store.room_for(X[tail:], self._buffer_end())
-            count()
+            # rows for the input buffer alone, all or nothing too: they are written past the rows held, and the
+            # store's snapshot keeps its arrays should a growth (or a float32 store widened) replace them
+            store, counters = self._store, self._counters()
+            state = store.snapshot()
+            try:
+                if head:
+                    store.room_for(X[:head], self._buffer_end())
+                    if not np.isfinite(store.stage_checked(X[:head])):
+                        _refuse_rows(X[:head], X)
+                    store.commit(
+                        _chunk_ids(new_ids, start, 0, head),
+                        _rows(V, 0, head),
+                        increasing=new_ids is None,
+                    )
+                count()
+            except BaseException:
+                store.restore(state)
+                self._restore_counters(counters)
+                raise
+            finally:
+                store.release()
             return
         grams = self._validated_block_grams(X, head, n_full)
         for part in (X[:head], X[tail:]):
@@ -1603,20 +1632,20 @@ class KeySketch:
             if gates is not None or self.forgets:
                 step_neg = self._neg_log_gate(_one_gate(gates))
             self._check_next_id()
+            chunk_ids = np.array([self._next_id], dtype=np.int64)  # (before the frame moves)
             before = None
-            if step_neg is not None and (step_neg or self.forgets):
-                if self._moments is not None:  # before the frame moves (see _append_token)
-                    self._moments.prepare(1)
-                xw, before = self._weigh_row(K[0], step_neg, "K", V[0])
-                K = kept = xw[None, :]
-            elif K is given:
-                kept = K
-            else:
-                kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
-            chunk_ids = np.array([self._next_id], dtype=np.int64)
             try:
+                if step_neg is not None and (step_neg or self.forgets):
+                    if self._moments is not None:  # before the frame moves (see _append_token)
+                        self._moments.prepare(1)
+                    xw, before = self._weigh_row(K[0], step_neg, "K", V[0])
+                    K = kept = xw[None, :]
+                elif K is given:
+                    kept = K
+                else:
+                    kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
-            except BaseException:
+            except BaseException:  # the row not counted: nor its gate
                 if before is not None:
                     self._frame_back(before)
                 raise
@@ -1909,6 +1938,7 @@ class _LiveRows:
         "factor",
         "floor",
         "gram",
+        "refresh_due",
         "row_int8",
         "row_norms",
         "row_scale",
@@ -1949,6 +1979,8 @@ class _LiveRows:
         self.diag_mark = float(np.diag(self.gram).max()) if dim else 0.0
         #: the view queries read (:meth:`KeySketch._view`), kept until the rows or their order change
         self.view: _query.HeadView | None = None
+        #: ``G`` has grown enough for a refresh (:meth:`refresh`), made before the next row is taken
+        self.refresh_due = False
         self.scratch = np.empty(dim)  # for the live step's bound (:meth:`append`)
 
     def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
@@ -2053,6 +2085,7 @@ class _LiveRows:
 
     def _refactor(self, store: RowStore) -> None:
         self.view = None
+        self.refresh_due = False
         W = inverse_upper_factor(self.gram)
         if W is None:  # not positive definite (rank-deficient keys): keep the bounds held
             self.diag_mark = float(np.diag(self.gram).max())
@@ -2573,18 +2606,14 @@ def _fold_chunk(
     # the state before the chunk: a copy of the summary (its plan included), a snapshot of the store (which copies
     # the candidates only if a prune rewrites them, and saves the pending rows only as far as the fold overwrites
     # them, with the few rows it keeps), the counters (the running id counter extends its last range in place)
-    ranges = sk._seen.ranges
-    counters = (sk._seen, int(ranges[-1, 1]) if ranges.shape[0] else 0, sk._next_id, sk._n)
-    saved = (sk._summary.copy(), store.snapshot(), sk._pruned_rows, counters)
+    saved = (sk._summary.copy(), store.snapshot(), sk._pruned_rows, sk._counters())
 
     def undo() -> None:
-        summary, state, sk._pruned_rows, (seen, last, sk._next_id, sk._n) = saved
+        summary, state, sk._pruned_rows, counters = saved
         sk._summary = summary
         store.restore(state)
         sk._pending_from = pending_from
-        sk._seen = seen
-        if seen.ranges.shape[0]:
-            seen.ranges[-1, 1] = last
+        sk._restore_counters(counters)
         sk._live = None
 
     blocks: list[np.ndarray] = []

@@ -682,6 +682,8 @@ INTERRUPTIONS = {
     "prune after a row's block": ("f64", "row", (GramSummary, "exact_keep"), 1, False),
     "row with a value completing a block": ("f64", "row value", (sketch_module, "_maybe_prune"), 1, True),
     "rebase of a gated chunk": ("f64", "gated chunk", (RowStore, "scale_keys"), 1, False),
+    "ids of a chunk for the buffer alone": ("f64", "small chunk ids", (sketch_module.KeySketch, "_record_ids"), 1, True),
+    "float32 rows widened by a chunk for the buffer": ("f32", "small chunk", (RowStore, "_unshare"), 1, False),
 }
 
 
@@ -708,13 +710,16 @@ def test_an_interruption_anywhere_in_a_feed_leaves_it_uncounted(monkeypatch, cas
     sk, once = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
     feed_to(sk, first), feed_to(once, first)
     before = sk.to_bytes()
-    # (a chunk with a tail alone completes the pending block and leaves 7 rows: the first append is theirs)
+    # (a chunk with a tail alone completes the pending block and leaves 7 rows: the first append is theirs; a small
+    # chunk joins the buffer and folds nothing)
     end = first + 1 if call.startswith("row") else (3 if "tail" in call else 9) * B + 7
+    if call.startswith("small"):
+        end = first + 20
 
     def feed_rest(s):
         if call.startswith("row"):
             s.update(X[first], V[first] if "value" in call else None)
-        elif call == "chunk ids":
+        elif call.endswith("chunk ids"):
             s.update_many(X[first:end], ids=np.arange(first, end) * 3 + 1000)
         else:
             s.update_many(X[first:end], gates=g[first:end] if "gated" in call else None)
@@ -723,6 +728,42 @@ def test_an_interruption_anywhere_in_a_feed_leaves_it_uncounted(monkeypatch, cas
     assert sk.to_bytes() == before
     feed_rest(sk), feed_rest(once)
     assert sk.to_bytes() == once.to_bytes()
+
+
+def test_an_interrupted_refresh_of_the_live_cache_leaves_the_row_uncounted(monkeypatch):
+    """Rows with values, a query after each (the live cache takes every row): a refresh of the cache made due by a
+    row runs before the next row changes anything, so an interruption there leaves that row uncounted and the
+    sketch as it was; fed again, the stream is the one fed once."""
+    d, dv, B, P = 8, 2, 4096, 20
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, d)) * (1 + rng.pareto(2.0, (3000, 1)))
+    V, Q = rng.standard_normal((3000, dv)), rng.standard_normal((1, d))
+
+    def make():
+        return ls.KeySketch(d, eps=0.05, block_rows=B, value_dim=dv).update_many(X[:P], V[:P]).flush()
+
+    sk, once = make(), make()
+    real, patched, calls = fails_at(sketch_module._LiveRows, "refresh", 1, KeyboardInterrupt, after=False)
+    interrupted = []
+    for t in range(P, X.shape[0]):
+        sk.heavy_entries(Q), once.heavy_entries(Q)
+        once.update(X[t], V[t])
+        if not interrupted:
+            before = sk.to_bytes()
+            monkeypatch.setattr(sketch_module._LiveRows, "refresh", patched)
+            try:
+                sk.update(X[t], V[t])
+            except KeyboardInterrupt:
+                interrupted.append(t)
+                assert sk.to_bytes() == before
+            finally:
+                monkeypatch.setattr(sketch_module._LiveRows, "refresh", real)
+            if not interrupted:
+                continue
+        sk.update(X[t], V[t])
+    assert interrupted and sk.to_bytes() == once.to_bytes()
+    want = ls.testing.heavy_entries_dense(Q, X, eps=0.05, p=2)
+    assert sk.heavy_entries(Q).as_set() == want.as_set()
 
 
 def test_an_interrupted_flush_or_extend_leaves_a_whole_sketch():
