@@ -823,7 +823,10 @@ class MultiHeadKeySketch:
             heads = [h.copy() for h in self._heads]
             for mine, theirs in zip(heads, other._heads):
                 mine._merge(theirs, atomic=False)
-            self._heads = heads
+            for head, merged in zip(
+                self._heads, heads
+            ):  # (the head objects stay: a caller may hold them)
+                head._take_state(merged)
             self._live = None
             self._note_forgetting()  # a part that forgets makes every head forget (its gates decay this part's keys)
         return self

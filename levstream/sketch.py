@@ -527,30 +527,31 @@ class KeySketch:
             if plain and self._append_next_rows(x, 1):
                 return self
             self._check_next_id()
-            before = None
-            if gate is not None or self.forgets:
-                neg = self._neg_log_gate(gate)
-                # a gate of 1 on a stream that has forgotten nothing weighs 1
-                if neg or self.forgets:
-                    if self._moments is not None:  # before the frame moves (see _append_token)
-                        self._moments.prepare(1)
-                    x, before = self._weigh_row(x, neg, "x", value)
-            self._append_weighed_token(x, value, before)
+            before, n, frame = None, self._n, self._frame
+            try:
+                if gate is not None or self.forgets:
+                    neg = self._neg_log_gate(gate)
+                    # a gate of 1 on a stream that has forgotten nothing weighs 1
+                    if neg or self.forgets:
+                        if self._moments is not None:  # before the frame moves (see _append_token)
+                            self._moments.prepare(1)
+                        x, before = self._weigh_row(x, neg, "x", value)
+                self._append_token(x, value)
+            except BaseException:
+                self._uncounted(n, frame, before)
+                raise
         return self
 
-    def _append_weighed_token(
-        self, x: np.ndarray, value: np.ndarray | None, before: _FrameBefore | None
-    ) -> None:
-        """:meth:`_append_token` of a row weighed in a frame just moved to (``before``: as :meth:`_move_frame` left
-        it, None if the frame did not move): should the row not be counted (no memory, an interruption), the frame
-        goes back too."""
-        n = self._n
-        try:
-            self._append_token(x, value)
-        except BaseException:
-            if before is not None and self._n == n:
-                self._frame_back(before)
-            raise
+    def _uncounted(self, n: int, frame: Frame, before: _FrameBefore | None) -> None:
+        """After a failure while rows weighed in a moved frame were taken: when they were not counted (the row
+        count is still ``n``), the frame goes back (``before`` as :meth:`_move_frame` returned it; None when it
+        did not return: then the frame ``frame`` it moved from)."""
+        if self._n != n:
+            return
+        if before is not None:
+            self._frame_back(before)
+        else:
+            self._frame = frame
 
     # ------------------------------------------------------------------ decay (docs/theory.md, "Decay and gates")
     def _check_gates_allowed(self) -> None:
@@ -622,10 +623,8 @@ class KeySketch:
     def _take_state(self, saved: KeySketch) -> None:
         """Become ``saved``, a :meth:`copy` of this sketch, keeping this sketch's lock (readers keep waiting on
         it; call with the lock held)."""
-        lock = self._lock
-        self.__dict__.clear()  # (attributes the failed call set, e.g. a first prune's count, go too)
-        self.__dict__.update(saved.__dict__)
-        self._lock = lock
+        # one assignment (attributes the failed call set, e.g. a first prune's count, go too)
+        self.__dict__ = {**saved.__dict__, "_lock": self._lock}
 
     def _weigh_rows(
         self, X: np.ndarray, neg: np.ndarray, name: str, V: np.ndarray | None = None
@@ -831,13 +830,12 @@ class KeySketch:
     ) -> None:
         """:meth:`_ingest` of rows weighed in ``frame`` (:meth:`_weigh_rows`): the frame moves first; should the rows
         not be counted (no memory, an interruption), it goes back (call with the lock held)."""
-        before = self._move_frame(shift, frame)
-        n = self._n
+        before, n, old = None, self._n, self._frame
         try:
+            before = self._move_frame(shift, frame)
             self._ingest(X, V, new_ids, start, srt)
         except BaseException:
-            if self._n == n:
-                self._frame_back(before)
+            self._uncounted(n, old, before)
             raise
 
     def _few_rows(self, X: Any, V: Any) -> np.ndarray | None:
@@ -1633,7 +1631,7 @@ class KeySketch:
                 step_neg = self._neg_log_gate(_one_gate(gates))
             self._check_next_id()
             chunk_ids = np.array([self._next_id], dtype=np.int64)  # (before the frame moves)
-            before = None
+            before, n, frame = None, self._n, self._frame
             try:
                 if step_neg is not None and (step_neg or self.forgets):
                     if self._moments is not None:  # before the frame moves (see _append_token)
@@ -1645,11 +1643,10 @@ class KeySketch:
                 else:
                     kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
+                self._append_token(kept[0], V[0])
             except BaseException:  # the row not counted: nor its gate
-                if before is not None:
-                    self._frame_back(before)
+                self._uncounted(n, frame, before)
                 raise
-            self._append_weighed_token(kept[0], V[0], before)
         return result
 
     def _prefill_gated(
@@ -2567,15 +2564,22 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     assert isinstance(summary, GramSummary)
     before = summary.copy()
     before.restore_plan(summary.plan_state())
+    state = (
+        store.snapshot()
+    )  # (an interruption while the rows kept move down: the rows as they were)
     try:
         (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk), X.shape[0]), n_threads)
         keep = np.zeros(X.shape[0], dtype=bool)
         keep[_fold_result(sk, X, result, n_threads)] = True
-        store.keep_from(start, keep)  # (all or nothing)
+        store.keep_from(start, keep)
+        sk._pending_from = store.n
     except BaseException:
         sk._summary = before
+        store.restore(state)
+        sk._pending_from = start
         raise
-    sk._pending_from = store.n
+    finally:
+        store.release()
     _maybe_prune(sk, sk._block_rows)
 
 

@@ -766,6 +766,45 @@ def test_an_interrupted_refresh_of_the_live_cache_leaves_the_row_uncounted(monke
     assert sk.heavy_entries(Q).as_set() == want.as_set()
 
 
+@pytest.mark.parametrize("how", ["update", "update_many"])
+def test_an_interruption_as_the_frame_moves_leaves_it_unmoved(monkeypatch, how):
+    """A gated row or chunk interrupted right as the frame has moved (before the caller holds what moves it back):
+    the sketch is as it was, and feeding again gives the stream fed once."""
+    d, B = 5, 64
+    rng = np.random.default_rng(2)
+    X, g = heavy_tailed_keys(300, d, seed=2), rng.uniform(0.9, 0.99, 300)
+    sk, once = (ls.KeySketch(d, eps=0.05, block_rows=B).update_many(X[:100], gates=g[:100]) for _ in range(2))
+    before = sk.to_bytes()
+    feed = (lambda s: s.update(X[100], gate=g[100])) if how == "update" else (
+        lambda s: s.update_many(X[100:110], gates=g[100:110]))
+    fail_once(monkeypatch, sketch_module.KeySketch, "_move_frame", 1, lambda: feed(sk), KeyboardInterrupt)
+    assert sk.to_bytes() == before
+    feed(sk), feed(once)
+    assert sk.to_bytes() == once.to_bytes()
+
+
+def test_a_flush_interrupted_as_the_rows_kept_move_down_loses_none(monkeypatch):
+    """``flush`` interrupted right after the input buffer's kept rows were moved down over the others: the rows are
+    as they were, and a flush afterwards equals one never interrupted."""
+    d, B = 5, 64
+    X = heavy_tailed_keys(9 * B + 20, d, seed=7)
+    sk, ref = (ls.KeySketch(d, eps=0.05, block_rows=B).update_many(X) for _ in range(2))
+    before = sk.to_bytes()
+    fail_once(monkeypatch, RowStore, "keep_from", 1, sk.flush, KeyboardInterrupt)
+    assert sk.to_bytes() == before
+    assert sk.flush().to_bytes() == ref.flush().to_bytes()
+
+
+def test_a_multi_head_merge_keeps_the_head_objects():
+    """After ``MultiHeadKeySketch.merge`` a head taken from ``heads`` before it is still the sketch's head."""
+    K = np.stack([heavy_tailed_keys(200, 4, seed=s) for s in (1, 2)])
+    a = ls.MultiHeadKeySketch(2, 4, eps=0.05).update_many(K[:, :100])
+    b = ls.MultiHeadKeySketch(2, 4, eps=0.05).update_many(K[:, 100:], offset=100)
+    held = a.heads[0]
+    a.merge(b)
+    assert a.heads[0] is held and held.n == 200
+
+
 def test_an_interrupted_flush_or_extend_leaves_a_whole_sketch():
     """``flush`` interrupted after its prune (at the trim that follows), and ``extend`` interrupted after its first
     item ran the sketch's first prune: a flush after the one, the sketch after the other, are as if uninterrupted."""
