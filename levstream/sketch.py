@@ -37,7 +37,7 @@ from ._kernels.live import (
 )
 from ._kernels.rows import largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
-from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore
+from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore, StoreState
 from ._threads import get_num_threads, ingest_threads, lowered_blas, run_items
 from ._validation import (
     as_ids,
@@ -71,6 +71,10 @@ _FrameBefore = tuple[Frame, "KeySketch | None"]
 
 #: What ``KeySketch._counters`` saves: the ids seen, the end of their last range, the next id, the row count.
 _Counters = tuple[IdRanges, int, int, int]
+
+#: What ``KeySketch._save_feed`` saves: the summary's copy (or None), the store's snapshot, the pending-row marker,
+#: the last prune's row count, the counters.
+_SavedFeed = tuple["NormalizerSummary | None", StoreState, int, int, _Counters]
 
 #: Bytes written without values use format version 1 (readable by levstream 0.1.0); with values, version 2;
 #: a sketch that forgets (decay or gates), version 3; a sketch whose key rows are float32 (a float32 stream),
@@ -407,6 +411,28 @@ class KeySketch:
         if seen.ranges.shape[0]:
             seen.ranges[-1, 1] = last
 
+    def _save_feed(self, summary: bool = True) -> _SavedFeed:
+        """What feeding rows changes, for :meth:`_back_to` should the feed fail (no memory, an interruption): a copy
+        of the summary (unless ``summary`` is false: a feed that folds nothing), a snapshot of the store (it saves a
+        row only just before its first overwrite in place; release it with ``_store.release()`` once the feed is
+        done), the pending-row marker, the last prune's row count, the counters."""
+        return (
+            self._summary.copy() if summary else None,
+            self._store.snapshot(),
+            self._pending_from,
+            self._pruned_rows,
+            self._counters(),
+        )
+
+    def _back_to(self, saved: _SavedFeed) -> None:
+        """The state :meth:`_save_feed` saved (the live cache, derived data, goes)."""
+        summary, state, self._pending_from, self._pruned_rows, counters = saved
+        if summary is not None:
+            self._summary = summary
+        self._store.restore(state)
+        self._restore_counters(counters)
+        self._live = None
+
     def _record_ids(
         self, m: int, ids: np.ndarray | None, start: int, srt: np.ndarray
     ) -> np.ndarray:
@@ -739,9 +765,8 @@ class KeySketch:
         else:
             self._seen = seen
         self._next_id = i + 1
-        if (
-            refresh
-        ):  # made before the next row (a failure now would come through with the row counted)
+        if refresh:
+            # made before the next row (a failure now would come through with the row counted)
             assert live is not None
             live.refresh_due = True
 
@@ -918,8 +943,7 @@ class KeySketch:
                 return
             # rows for the input buffer alone, all or nothing too: they are written past the rows held, and the
             # store's snapshot keeps its arrays should a growth (or a float32 store widened) replace them
-            store, counters = self._store, self._counters()
-            state = store.snapshot()
+            store, saved = self._store, self._save_feed(summary=False)
             try:
                 if head:
                     store.room_for(X[:head], self._buffer_end())
@@ -932,8 +956,7 @@ class KeySketch:
                     )
                 count()
             except BaseException:
-                store.restore(state)
-                self._restore_counters(counters)
+                self._back_to(saved)
                 raise
             finally:
                 store.release()
@@ -1701,9 +1724,8 @@ class KeySketch:
             for a, b in itertools.pairwise(cuts):
                 self._rebase(int(shifts[a]) - done)
                 done = int(shifts[a])
-                part_ids, part_offset = (
-                    (None, start + a) if new_ids is None else (new_ids[a:b], None)
-                )
+                part_ids = None if new_ids is None else new_ids[a:b]
+                part_offset = start + a if new_ids is None else None
                 results.append(self._prefill(Kw[a:b], Vc[a:b], Q[a:b], part_ids, part_offset, eps))
         except BaseException:
             if saved is not None:
@@ -1900,6 +1922,7 @@ _FEW_ROWS = 16
 
 #: The largest key id (ids are int64).
 _ID_MAX = int(np.iinfo(np.int64).max)
+#: The sorted ids ``_ingest`` takes for rows numbered by the running counter (none).
 _NO_ID_ROWS = np.zeros(0, dtype=np.int64)
 
 #: A live query scans up to this many rows fed since the live cache was current as they are, and folds them into
@@ -2558,15 +2581,10 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
     store = sk._store
     start = sk._pending_from
     X = store.keys_view(start)
-    # the summary takes the block before its rows are sorted out in the store: should anything fail until then (no
-    # memory), the summary goes back to what it was, with the rows still pending (else Z counted them twice)
-    summary = sk._summary
-    assert isinstance(summary, GramSummary)
-    before = summary.copy()
-    before.restore_plan(summary.plan_state())
-    state = (
-        store.snapshot()
-    )  # (an interruption while the rows kept move down: the rows as they were)
+    # the summary takes the block before its rows are sorted out in the store: should anything fail until they are
+    # (no memory, an interruption), the state goes back to what it was, with the rows still pending (else Z counted
+    # them twice, or lost the rows not kept)
+    saved = sk._save_feed()
     try:
         (result,) = _block_results([X], _first_test(sk, _plan_in_force(sk), X.shape[0]), n_threads)
         keep = np.zeros(X.shape[0], dtype=bool)
@@ -2574,9 +2592,7 @@ def _fold_pending(sk: KeySketch, n_threads: int) -> None:
         store.keep_from(start, keep)
         sk._pending_from = store.n
     except BaseException:
-        sk._summary = before
-        store.restore(state)
-        sk._pending_from = start
+        sk._back_to(saved)
         raise
     finally:
         store.release()
@@ -2607,18 +2623,7 @@ def _fold_chunk(
     store = sk._store
     br = sk._block_rows
     pending_from = sk._pending_from
-    # the state before the chunk: a copy of the summary (its plan included), a snapshot of the store (which copies
-    # the candidates only if a prune rewrites them, and saves the pending rows only as far as the fold overwrites
-    # them, with the few rows it keeps), the counters (the running id counter extends its last range in place)
-    saved = (sk._summary.copy(), store.snapshot(), sk._pruned_rows, sk._counters())
-
-    def undo() -> None:
-        summary, state, sk._pruned_rows, counters = saved
-        sk._summary = summary
-        store.restore(state)
-        sk._pending_from = pending_from
-        sk._restore_counters(counters)
-        sk._live = None
+    saved = sk._save_feed()  # the state before the chunk
 
     blocks: list[np.ndarray] = []
     starts = [head + b * br for b in range(n_full)]
@@ -2687,7 +2692,7 @@ def _fold_chunk(
                 done += size
             count()
         except BaseException:
-            undo()
+            sk._back_to(saved)
             raise
         finally:
             store.release()
