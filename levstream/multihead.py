@@ -458,8 +458,16 @@ class MultiHeadKeySketch:
     def _hand_over(self, h: int, a: int, b: int) -> None:
         """Buffered tokens ``a..b-1`` to head ``h`` (part of :meth:`_sync`)."""
         assert self._buf is not None
+        head = self._heads[h]
+        if (
+            self.value_dim is None
+            and b > a
+            and head._next_id == self._buf_id0 + a
+            and head._append_next_rows(self._buf[h, a:b], b - a)
+        ):
+            return  # rows that only wait in the head's input buffer: stored as the live step stores a row
         if b > a:
-            self._heads[h]._ingest(
+            head._ingest(
                 self._buf[h, a:b],
                 self._bufv[h, a:b] if self.value_dim is not None else None,
                 None,
