@@ -516,16 +516,22 @@ class KeySketch:
         value = None if (v is None and self._value_dim is None) else self._value_row(v)
         return self._feed_row(x, value, gate)
 
-    def _append_next_rows(self, X: np.ndarray, m: int) -> bool:
+    def _append_next_rows(self, X: np.ndarray, m: int, frame: Frame | None = None) -> bool:
         """Feed ``m >= 1`` validated float64 key rows ``X`` (shape (m, dim), or (dim,) for one) under the next ids,
-        without values or weights, in the common case only (call with the lock held): the next id extends the last
-        range of ids seen (so the rows clash with no id and keep the ids ascending), the stream does not forget and
-        the rows do not reach past the input buffer.  False, with nothing changed, otherwise (the general path then
-        takes them).  The rows wait in the store for the live cache (see :meth:`_append_token`)."""
+        without values, in the common case only (call with the lock held): the next id extends the last range of
+        ids seen (so the rows clash with no id and keep the ids ascending), the stream does not forget (or the rows
+        come weighed in ``frame``, the frame after them, which needs no rebase: :meth:`_plan_row`) and the rows do
+        not reach past the input buffer.  False, with nothing changed, otherwise (the general path then takes
+        them).  The rows wait in the store for the live cache (see :meth:`_append_token`)."""
         ranges = self._seen.ranges
         i = self._next_id
         # (ids past int64's range: the general path refuses them)
-        if self.forgets or not ranges.shape[0] or ranges[-1, 1] != i or i > _ID_MAX - m:
+        if (
+            (frame is None and self.forgets)
+            or not ranges.shape[0]
+            or ranges[-1, 1] != i
+            or i > _ID_MAX - m
+        ):
             return False
         store = self._store
         n = store.n
@@ -542,6 +548,8 @@ class KeySketch:
         store.n = n + m
         self._n += m
         self._next_id = i + m
+        if frame is not None:
+            self._frame = frame
         return True
 
     def _feed_row(self, x: np.ndarray, value: np.ndarray | None, gate: Any) -> KeySketch:
@@ -552,6 +560,14 @@ class KeySketch:
             plain = value is None and gate is None and x.dtype == np.float64
             if plain and self._append_next_rows(x, 1):
                 return self
+            if value is None and x.dtype == np.float64 and self._summary.kind == "gram":
+                # the live step of a key-only stream that forgets: the row weighed in the frame after it (no rebase
+                # due), stored as the plain step stores a row
+                neg = neg_log_gate(gate, self._decay)
+                if neg or self.forgets:
+                    xw, shift, after = self._plan_row(x, neg, "x")
+                    if not shift and self._append_next_rows(xw, 1, after):
+                        return self
             self._check_next_id()
             before, n, frame = None, self._n, self._frame
             try:

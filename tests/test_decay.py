@@ -490,6 +490,40 @@ def test_chunking_does_not_change_the_state(decay):
     check_universal(sk, DecayedStream(D, decay=decay).update_many(K, gates=G))
 
 
+@pytest.mark.parametrize("decay", [None, 0.98])
+def test_the_fast_step_of_a_gated_key_equals_the_general_path(decay, monkeypatch):
+    """A key-only row with a gate (the live step) is stored by a fast path when no rebase is due and it does not
+    complete a block: the same bytes, after every row with a query in between, as the general path, through the
+    first gate below 1, strong gates that rebase the state (rows 400-420), blocks and prunes."""
+    n = 700
+    K, _, G = stream_data(n, 44)
+    G[:200] = 1.0
+    G[200] = 0.5
+    G[400:420] = 1e-3
+    Q = np.random.default_rng(45).standard_normal((n, D))
+    fast, general = sketch(decay), sketch(decay)
+    real = sketch_module.KeySketch._append_next_rows
+    taken = {"fast": 0}
+
+    def counted(self, X, m, frame=None):
+        ok = real(self, X, m, frame)
+        taken["fast"] += ok and frame is not None
+        return ok
+
+    def refused(self, X, m, frame=None):
+        return frame is None and real(self, X, m)
+
+    for t in range(n):
+        monkeypatch.setattr(sketch_module.KeySketch, "_append_next_rows", counted)
+        fast.update(K[t], gate=G[t])
+        monkeypatch.setattr(sketch_module.KeySketch, "_append_next_rows", refused)
+        general.update(K[t], gate=G[t])
+        assert fast.to_bytes() == general.to_bytes(), t
+        assert answer(fast, Q[t : t + 1]) == answer(general, Q[t : t + 1]), t
+    assert taken["fast"] > n // 2  # most rows took the fast path
+    check_universal(fast, DecayedStream(D, decay=decay).update_many(K, gates=G))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_chunk_weighed_in_pieces_is_the_chunk_weighed_whole(threads, monkeypatch):
     """A large gated chunk is weighed in pieces on the library's threads (``_weigh_in_pieces``): the same bytes as

@@ -564,7 +564,8 @@ def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypa
     """``update(x, gate=g)`` (and the decode step, ``prefill`` of one row) out of memory when the store makes room
     for the row (or stages it with the block it completes), after the row was weighed in the next frame: the sketch is as it was, frame and rebased rows
     included (strong gates: several of the rows rebase the state), and feeding the row again gives the stream
-    fed once."""
+    fed once.  The store is made to look full, so that the key-only step's fast path (which grows the store only
+    when it is full) fails too."""
     d, dv = 5, 2
     rng = np.random.default_rng(8)
     X, Vs = heavy_tailed_keys(300, d, seed=8), rng.standard_normal((300, dv))
@@ -573,6 +574,7 @@ def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypa
     kw = dict(eps=0.05, block_rows=64) | (dict(value_dim=dv, exact_output=True) if values else {})
     sk, once = ls.KeySketch(d, **kw), ls.KeySketch(d, **kw)
     real_room, real_stage = RowStore.room_for_row, RowStore.stage
+    real_reserve, real_capacity = RowStore.reserve, RowStore.capacity
     real_rebase = sketch_module.KeySketch._rebase
     rebases = {"n": 0}
 
@@ -589,6 +591,8 @@ def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypa
         before = sk.to_bytes()
         monkeypatch.setattr(RowStore, "room_for_row", no_room)
         monkeypatch.setattr(RowStore, "stage", no_room)  # (a row that completes a block is staged with it)
+        monkeypatch.setattr(RowStore, "reserve", no_room)
+        monkeypatch.setattr(RowStore, "capacity", property(lambda store: store.n))
         with pytest.raises(MemoryError, match="simulated"):
             if values and t % 2:
                 sk.prefill(X[t][None], Vs[t][None], Q[t][None], gates=[g[t]])
@@ -596,6 +600,8 @@ def test_a_gated_row_that_fails_to_be_stored_leaves_the_frame_as_it_was(monkeypa
                 sk.update(X[t], v, gate=g[t])
         monkeypatch.setattr(RowStore, "room_for_row", real_room)
         monkeypatch.setattr(RowStore, "stage", real_stage)
+        monkeypatch.setattr(RowStore, "reserve", real_reserve)
+        monkeypatch.setattr(RowStore, "capacity", real_capacity)
         assert sk.to_bytes() == before, t
         sk.update(X[t], v, gate=g[t])
         once.update(X[t], v, gate=g[t])
@@ -769,11 +775,19 @@ def test_an_interrupted_refresh_of_the_live_cache_leaves_the_row_uncounted(monke
 @pytest.mark.parametrize("how", ["update", "update_many"])
 def test_an_interruption_as_the_frame_moves_leaves_it_unmoved(monkeypatch, how):
     """A gated row or chunk interrupted right as the frame has moved (before the caller holds what moves it back):
-    the sketch is as it was, and feeding again gives the stream fed once."""
+    the sketch is as it was, and feeding again gives the stream fed once.  (A key-only gated row takes the fast
+    path of the live step when it can, which sets the frame as the last step of storing the row and has no such
+    window: here it is refused, so that the row takes the general path, as a row with a value or a rebase does.)"""
     d, B = 5, 64
     rng = np.random.default_rng(2)
     X, g = heavy_tailed_keys(300, d, seed=2), rng.uniform(0.9, 0.99, 300)
     sk, once = (ls.KeySketch(d, eps=0.05, block_rows=B).update_many(X[:100], gates=g[:100]) for _ in range(2))
+    real_append = sketch_module.KeySketch._append_next_rows
+    monkeypatch.setattr(
+        sketch_module.KeySketch,
+        "_append_next_rows",
+        lambda self, X, m, frame=None: frame is None and real_append(self, X, m),
+    )
     before = sk.to_bytes()
     feed = (lambda s: s.update(X[100], gate=g[100])) if how == "update" else (
         lambda s: s.update_many(X[100:110], gates=g[100:110]))
