@@ -560,11 +560,20 @@ class KeySketch:
             plain = value is None and gate is None and x.dtype == np.float64
             if plain and self._append_next_rows(x, 1):
                 return self
-            if value is None and x.dtype == np.float64 and self._summary.kind == "gram":
-                # the live step of a key-only stream that forgets: the row weighed in the frame after it (no rebase
-                # due), stored as the plain step stores a row
+            if (
+                value is None
+                and x.dtype == np.float64
+                and (gate is not None or self.forgets)
+                and self._summary.kind == "gram"
+            ):
+                # the live step of a gated key-only row: weighed in the frame after it (no rebase due) when the
+                # stream forgets, stored as the plain step stores a row (a gate of 1 on a stream that has forgotten
+                # nothing weighs 1)
                 neg = neg_log_gate(gate, self._decay)
-                if neg or self.forgets:
+                if not (neg or self.forgets):
+                    if self._append_next_rows(x, 1):
+                        return self
+                else:
                     xw, shift, after = self._plan_row(x, neg, "x")
                     if not shift and self._append_next_rows(xw, 1, after):
                         return self
