@@ -200,9 +200,9 @@ class RowStore:
         return np.float32 if new == np.float32 and same else np.float64
 
     def _resize(self, rows: int, key_dtype: type | None = None, buffer: bool = False) -> None:
-        if (
-            self._snapshot_held()
-        ):  # (NumPy resizes an array to its own size in place, shared or not)
+        # (NumPy resizes an array to its own size in place, shared or not.)  A retype goes to new arrays too, all
+        # allocated before any is taken: a widening that failed after the keys would leave them widened
+        if self._snapshot_held() or (key_dtype is not None and key_dtype != self.keys.dtype):
             self._unshare(key_dtype, rows)
             return
         # ids last: ``capacity`` is their length, so should a growth fail halfway (out of memory) the store

@@ -235,6 +235,50 @@ def test_float32_screen_leaves_a_threshold_it_cannot_scale_to_the_float64_test(m
         assert kept.size == 0
 
 
+@pytest.mark.parametrize("gate", [None, 0.5])
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_float32_store_widened_by_a_float64_row_that_fails_to_grow_is_unchanged(failing, gate, monkeypatch):
+    """A full store of float32 rows grows and is widened to float64 for a float64 row: out of memory at any of its
+    allocations (keys, values, ids), the sketch is as it was (its rows still float32), and the row fed again gives
+    the stream fed once.  (The widening allocates every array before it takes any.)"""
+    import types
+
+    import levstream._store as store_module
+
+    d, dv = 4, 2
+    rng = np.random.default_rng(21)
+    K, V = heavy_tailed_keys(300, d, seed=21), rng.standard_normal((300, dv))
+    sk = ls.KeySketch(d, eps=0.05, block_rows=256, value_dim=dv)
+    sk.update_many(K[:20].astype(np.float32), V[:20])
+    t = 20
+    while sk._store.n < sk._store.capacity:
+        sk.update(K[t].astype(np.float32), V[t])
+        t += 1
+    assert sk._store.keys.dtype == np.float32
+    before = sk.to_bytes()
+    twin = ls.KeySketch.from_bytes(before)
+    calls = {"n": 0}
+
+    def empty(shape, dtype=float, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == failing:
+            raise MemoryError("simulated")
+        return np.empty(shape, dtype, *args, **kwargs)
+
+    fake_np = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
+    fake_np.empty = empty
+    monkeypatch.setattr(store_module, "np", fake_np)
+    with pytest.raises(MemoryError, match="simulated"):
+        sk.update(K[t], V[t], gate=gate)
+    monkeypatch.setattr(store_module, "np", np)
+    assert calls["n"] >= failing
+    assert sk._store.keys.dtype == np.float32
+    assert sk.to_bytes() == before
+    sk.update(K[t], V[t], gate=gate)
+    twin.update(K[t], V[t], gate=gate)
+    assert sk.to_bytes() == twin.to_bytes()
+
+
 @pytest.mark.parametrize("failing", [1, 2])
 def test_a_failed_growth_of_the_store_leaves_it_consistent(failing, monkeypatch):
     """Out of memory while the input buffer is given its full size (the keys refused, or the keys allocated and the
