@@ -459,6 +459,10 @@ class MultiHeadKeySketch:
         """Buffered tokens ``a..b-1`` to head ``h`` (part of :meth:`_sync`)."""
         assert self._buf is not None
         head = self._heads[h]
+        if head._next_id >= self._buf_id0 + b:
+            # the head took these tokens in a hand-over that failed at a later head (no memory, an interruption):
+            # the buffer kept them for the heads that did not, and this one is not fed them twice
+            return
         if (
             self.value_dim is None
             and b > a

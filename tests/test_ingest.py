@@ -853,6 +853,44 @@ def test_a_flush_interrupted_as_the_rows_kept_move_down_loses_none(monkeypatch):
     assert sk.flush().to_bytes() == ref.flush().to_bytes()
 
 
+@pytest.mark.parametrize("block", [256, 48])
+def test_a_multi_head_hand_over_that_fails_at_a_later_head_feeds_no_head_twice(block, monkeypatch):
+    """The buffered tokens of a ``MultiHeadKeySketch`` reach its heads one after another; out of memory at the second
+    head (its store cannot grow), the first head holds them and the buffer keeps them.  The next hand-over skips the
+    heads that took them: the sketch then equals the stream fed once (tokens that only wait in the heads' input
+    buffers, ``block=256``, and tokens that complete a block, ``block=48``)."""
+    H, d = 3, 4
+    rng = np.random.default_rng(0)
+    X0, T = rng.standard_normal((H, 40, d)), rng.standard_normal((10, H, d))
+
+    def build():
+        mh = ls.MultiHeadKeySketch(H, d, eps=0.05, block_rows=block)
+        mh.update_many(X0)
+        for t in T:
+            mh.update(t)  # buffered
+        return mh
+
+    mh, once = build(), build()
+    real = RowStore.reserve
+    second, grown = mh._heads[1]._store, {"n": 0}
+
+    def no_room_at_the_second(self, *args, **kwargs):
+        if self is second:
+            grown["n"] += 1
+            raise MemoryError("simulated")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(RowStore, "reserve", no_room_at_the_second)
+    with pytest.raises(MemoryError, match="simulated"):
+        mh.flush()
+    monkeypatch.setattr(RowStore, "reserve", real)
+    assert grown["n"] >= 1 and mh._heads[0].n == 50 and mh._heads[1].n == 40  # the first head took them
+    assert mh.to_bytes() == once.to_bytes()
+    Q = rng.standard_normal((H, 2, d))
+    for got, want in zip(mh.heavy_entries(Q), once.heavy_entries(Q)):
+        np.testing.assert_array_equal(got.key_ids, want.key_ids)
+
+
 def test_a_multi_head_merge_keeps_the_head_objects():
     """After ``MultiHeadKeySketch.merge`` a head taken from ``heads`` before it is still the sketch's head."""
     K = np.stack([heavy_tailed_keys(200, 4, seed=s) for s in (1, 2)])
