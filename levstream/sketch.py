@@ -568,7 +568,8 @@ class KeySketch:
             ):
                 # the live step of a gated key-only row: weighed in the frame after it (no rebase due) when the
                 # stream forgets, stored as the plain step stores a row (a gate of 1 on a stream that has forgotten
-                # nothing weighs 1)
+                # nothing weighs 1); the id is checked first, as the general path checks it
+                self._check_next_id()
                 neg = neg_log_gate(gate, self._decay)
                 if not (neg or self.forgets):
                     if self._append_next_rows(x, 1):

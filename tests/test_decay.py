@@ -493,8 +493,9 @@ def test_chunking_does_not_change_the_state(decay):
 @pytest.mark.parametrize("decay", [None, 0.98])
 def test_the_fast_step_of_a_gated_key_equals_the_general_path(decay, monkeypatch):
     """A key-only row with a gate (the live step) is stored by a fast path when no rebase is due and it does not
-    complete a block: the same bytes, after every row with a query in between, as the general path, through the
-    first gate below 1, strong gates that rebase the state (rows 400-420), blocks and prunes."""
+    complete a block (a gate of 1 on a stream that has forgotten nothing: as an ungated row): the same bytes, after
+    every row with a query in between, as the general path, through the first gate below 1, strong gates that
+    rebase the state (rows 400-420), blocks and prunes."""
     n = 700
     K, _, G = stream_data(n, 44)
     G[:200] = 1.0
@@ -503,15 +504,15 @@ def test_the_fast_step_of_a_gated_key_equals_the_general_path(decay, monkeypatch
     Q = np.random.default_rng(45).standard_normal((n, D))
     fast, general = sketch(decay), sketch(decay)
     real = sketch_module.KeySketch._append_next_rows
-    taken = {"fast": 0}
+    taken = {"weighed": 0, "ones": 0}
 
     def counted(self, X, m, frame=None):
         ok = real(self, X, m, frame)
-        taken["fast"] += ok and frame is not None
+        taken["weighed" if frame is not None else "ones"] += ok
         return ok
 
-    def refused(self, X, m, frame=None):
-        return frame is None and real(self, X, m)
+    def refused(self, X, m, frame=None):  # every row of this stream has a gate: all take the general path
+        return False
 
     for t in range(n):
         monkeypatch.setattr(sketch_module.KeySketch, "_append_next_rows", counted)
@@ -520,7 +521,8 @@ def test_the_fast_step_of_a_gated_key_equals_the_general_path(decay, monkeypatch
         general.update(K[t], gate=G[t])
         assert fast.to_bytes() == general.to_bytes(), t
         assert answer(fast, Q[t : t + 1]) == answer(general, Q[t : t + 1]), t
-    assert taken["fast"] > n // 2  # most rows took the fast path
+    assert taken["weighed"] > n // 3  # most rows after the first gate below 1 took the fast path
+    assert taken["ones"] > (150 if decay is None else -1)  # the gates of 1 before it, as ungated rows
     check_universal(fast, DecayedStream(D, decay=decay).update_many(K, gates=G))
 
 
@@ -849,6 +851,20 @@ def live_sketch():
     for i in range(100, 110):
         sk.update(K[i], V[i], gate=G[i])
     return sk
+
+
+@pytest.mark.parametrize("gate", [0.5, "a", 2.0])
+def test_an_exhausted_id_counter_is_reported_before_the_gate(gate):
+    """A key-only gated row when the running counter's next id would leave int64: that is the error, whatever the
+    gate (the live step's fast path checks the id first, as the general path does), and nothing changes."""
+    K, _, _ = stream_data(5, 82)
+    sk = sketch(None)
+    sk.update_many(K[:3], gates=[0.9, 0.9, 0.9])
+    sk.update_many(K[3:4], ids=[2**63 - 2], gates=[0.9])
+    before = sk.to_bytes()
+    with pytest.raises(ValueError, match="ids would overflow int64"):
+        sk.update(K[4], gate=gate)
+    assert sk.to_bytes() == before
 
 
 @pytest.mark.parametrize("gate,exc,pattern", BAD_GATES)
