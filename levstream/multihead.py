@@ -467,7 +467,10 @@ class MultiHeadKeySketch:
             self.value_dim is None
             and b > a
             and head._next_id == self._buf_id0 + a
-            and head._append_next_rows(self._buf[h, a:b], b - a)
+            # (a head that forgets has the frame after these tokens already: they were weighed in it)
+            and head._append_next_rows(
+                self._buf[h, a:b], b - a, head._frame if head.forgets else None
+            )
         ):
             return  # rows that only wait in the head's input buffer: stored as the live step stores a row
         if b > a:

@@ -172,6 +172,39 @@ def test_gated_tokens_leave_every_head_as_fed_alone_row_by_row(kind):
             assert mh.heads[h].log_total_gate == alone[h].log_total_gate
 
 
+@pytest.mark.parametrize("decay", [None, 0.99])
+def test_key_only_gated_tokens_reach_the_heads_by_the_live_append_as_fed_alone(decay, monkeypatch):
+    """Key-only tokens that only wait in the heads' input buffers reach the heads by the live step's append, for heads
+    that forget too (they were weighed in the frame the head then has): every head's bytes equal those of a
+    KeySketch fed the same rows and gates one at a time (a head that never forgets, one that starts forgetting at
+    token 100, one from the start)."""
+    real = ls.KeySketch._append_next_rows
+    framed = {"n": 0}
+
+    def counted(self, X, m, frame=None):
+        ok = real(self, X, m, frame)
+        framed["n"] += bool(ok and frame is not None and m > 1)  # (m > 1: a hand-over, not a gated row)
+        return ok
+
+    monkeypatch.setattr(ls.KeySketch, "_append_next_rows", counted)
+    rng = np.random.default_rng(11)
+    n = 6 * _STEP_BUFFER_ROWS + 37
+    T, G = rng.standard_normal((n, H, D)), rng.uniform(0.9, 1.0, (n, H))
+    G[:, 0] = 1.0
+    G[:100, 1] = 1.0
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS, block_rows=128, decay=decay)
+    alone = [ls.KeySketch(D, eps=EPS, block_rows=128, decay=decay) for _ in range(H)]
+    for t in range(n):
+        mh.update(T[t], gate=G[t])
+        for h in range(H):
+            alone[h].update(T[t, h], gate=float(G[t, h]))
+        if t % 50 == 0:
+            mh.heavy_entries(rng.standard_normal((H, 1, D)))
+    for h in range(H):
+        assert mh.heads[h].to_bytes() == alone[h].to_bytes(), f"head {h}"
+    assert framed["n"] >= 5
+
+
 def test_gated_steps_take_the_step_path(monkeypatch):
     """Gated tokens and decode steps of a stream that forgets do not go through the heads' general chunk path
     (which made a 12-head gated step 27-33x a single-head one): between rebases no head ingests a chunk of its
