@@ -557,7 +557,8 @@ class KeySketch:
         # whether the stream forgets is read under the lock too: another writer may gate it
         with self._lock:
             # the live step of a key-only stream
-            plain = value is None and gate is None and x.dtype == np.float64
+            # (a stream with a constant decay weighs every row: straight to the gated step below)
+            plain = value is None and gate is None and x.dtype == np.float64 and self._decay is None
             if plain and self._append_next_rows(x, 1):
                 return self
             if (
