@@ -11,6 +11,7 @@ import gc
 import itertools
 import threading
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -235,14 +236,19 @@ def test_float32_screen_leaves_a_threshold_it_cannot_scale_to_the_float64_test(m
         assert kept.size == 0
 
 
+def numpy_with_empty(empty):
+    """A stand-in for the ``np`` of ``levstream._store`` whose ``np.empty`` is ``empty`` (to make an allocation fail)."""
+    fake = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
+    fake.empty = empty
+    return fake
+
+
 @pytest.mark.parametrize("gate", [None, 0.5])
 @pytest.mark.parametrize("failing", [1, 2, 3])
 def test_a_float32_store_widened_by_a_float64_row_that_fails_to_grow_is_unchanged(failing, gate, monkeypatch):
     """A full store of float32 rows grows and is widened to float64 for a float64 row: out of memory at any of its
     allocations (keys, values, ids), the sketch is as it was (its rows still float32), and the row fed again gives
     the stream fed once.  (The widening allocates every array before it takes any.)"""
-    import types
-
     import levstream._store as store_module
 
     d, dv = 4, 2
@@ -265,8 +271,7 @@ def test_a_float32_store_widened_by_a_float64_row_that_fails_to_grow_is_unchange
             raise MemoryError("simulated")
         return np.empty(shape, dtype, *args, **kwargs)
 
-    fake_np = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
-    fake_np.empty = empty
+    fake_np = numpy_with_empty(empty)
     monkeypatch.setattr(store_module, "np", fake_np)
     with pytest.raises(MemoryError, match="simulated"):
         sk.update(K[t], V[t], gate=gate)
@@ -284,8 +289,6 @@ def test_a_failed_growth_of_the_store_leaves_it_consistent(failing, monkeypatch)
     """Out of memory while the input buffer is given its full size (the keys refused, or the keys allocated and the
     values refused): the row that asked for the room is refused, the store claims only the room every array has,
     and the stream goes on, exact (bytes equal to a stream that never failed, answers equal to brute force)."""
-    import types
-
     import levstream._store as store_module
 
     d, dv, block = 64, 64, 8192
@@ -300,8 +303,7 @@ def test_a_failed_growth_of_the_store_leaves_it_consistent(failing, monkeypatch)
                 raise MemoryError("simulated")
         return np.empty(shape, dtype, *args, **kwargs)
 
-    fake_np = types.SimpleNamespace(**{name: getattr(np, name) for name in dir(np) if not name.startswith("__")})
-    fake_np.empty = empty
+    fake_np = numpy_with_empty(empty)
     twin = ls.KeySketch(d, eps=EPS, block_rows=block, value_dim=dv)
     for i in range(K.shape[0]):
         twin.update(K[i], V[i])
