@@ -1956,10 +1956,13 @@ _NO_ID_ROWS = np.zeros(0, dtype=np.int64)
 #: the cache beyond (:meth:`_LiveRows.add`: BLAS for more than ``_SMALL_LIVE_ROWS`` rows).
 _WAITING_ROWS_SCANNED = 63
 
-#: The live cache refactors its Gram matrix once the largest diagonal entry has grown this many times,
-#: looked at every _LIVE_CHECK_ROWS rows.
+#: The live cache refactors its Gram matrix once the largest diagonal entry has grown _LIVE_REFRESH times,
+#: looked at every _LIVE_CHECK_ROWS rows, and the rows it scans have grown to _REFRESH_ROWS_GROWTH times (plus
+#: _LIVE_REFRESH_ROWS) the rows its last refactoring kept: a refactoring pays by the rows it drops.
 _LIVE_REFRESH = 2.0
 _LIVE_CHECK_ROWS = 16
+_LIVE_REFRESH_ROWS = 64
+_REFRESH_ROWS_GROWTH = 2
 _NO_FACTOR = np.zeros((0, 0))
 
 
@@ -1968,9 +1971,11 @@ class _LiveRows:
     whose score bound reaches the pruning threshold.  Rows ``start..upto-1`` of the store are accounted for.
 
     Once the largest diagonal entry of that ``G`` has grown ``_LIVE_REFRESH`` times since the cache was made (a
-    decaying stream's weights grow in its frame; a young stream's ``G`` grows fast), the cache factors it afresh
-    (``d^3``) and keeps only the rows whose exact score reaches ``floor``, the lowest threshold any later prune
-    can use: the bound of later rows is then tight again.  It rescores the candidates too and keeps the ones
+    decaying stream's weights grow in its frame; a young stream's ``G`` grows fast) and the rows it scans have
+    more than doubled (plus ``_LIVE_REFRESH_ROWS``) since its last refresh (a refresh pays by the rows it drops;
+    a fast-forgetting stream's ``G`` doubles in its frame every ``log 2 / -log g`` rows, far more often than
+    that), the cache factors it afresh (``d^3``) and keeps only the rows whose exact score reaches ``floor``, the
+    lowest threshold any later prune can use: the bound of later rows is then tight again.  It rescores the candidates too and keeps the ones
     still alive (``cand``) for queries to scan instead of all of them (a decaying stream's candidates fall
     below ``eps`` long before the next fold rescores them); the sketch's own candidates are not touched.  That
     copy is ordered by descending norm, with the norms in ``cand_norms``, so that a query reads only the
@@ -1990,6 +1995,7 @@ class _LiveRows:
         "row_norms",
         "row_scale",
         "rows",
+        "rows_mark",
         "scratch",
         "start",
         "threshold",
@@ -2028,6 +2034,8 @@ class _LiveRows:
         self.view: _query.HeadView | None = None
         #: ``G`` has grown enough for a refresh (:meth:`refresh`), made before the next row is taken
         self.refresh_due = False
+        #: the scanned rows the last refactoring kept (0: none yet)
+        self.rows_mark = 0
         self.scratch = np.empty(dim)  # for the live step's bound (:meth:`append`)
 
     def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
@@ -2158,6 +2166,7 @@ class _LiveRows:
             self._order_cand()
         self.factor = W
         self.diag_mark = float(np.diag(self.gram).max())
+        self.rows_mark = self.rows.n
 
     def _room_for_rows(self, rows: int) -> None:
         """Room for the filters of ``rows`` scanned rows (the rows themselves grow in their store)."""
@@ -2211,11 +2220,13 @@ class _LiveRows:
             self.refresh(store)
 
     def _mark(self, n: int) -> bool:
-        """Rows up to ``n`` are accounted for; returns whether ``G`` has grown enough for a refresh."""
+        """Rows up to ``n`` are accounted for; returns whether ``G`` and the rows scanned have grown enough for a
+        refresh (see the class docstring)."""
         before, self.upto = self.upto, n
         # the diagonal is looked at every _LIVE_CHECK_ROWS rows (a few microseconds saved per live step)
         return bool(
             (before - self.start) // _LIVE_CHECK_ROWS != (n - self.start) // _LIVE_CHECK_ROWS
+            and self.rows.n >= _REFRESH_ROWS_GROWTH * self.rows_mark + _LIVE_REFRESH_ROWS
             and self.gram.shape[0]
             and self.gram.diagonal().max() > _LIVE_REFRESH * self.diag_mark
         )

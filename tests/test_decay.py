@@ -1135,6 +1135,41 @@ def test_live_cache_refactors_only_when_its_diagonal_doubles(monkeypatch):
     assert len(refreshes) <= 1
 
 
+def test_live_cache_of_a_fast_forgetting_stream_refactors_once_its_rows_have_doubled(monkeypatch):
+    """At gate 0.99 the weights of new rows double in the frame every ~69 rows, and so does the diagonal of the
+    cache's ``G``; a refactor pays by the rows it drops, so the cache refactors only once the rows it scans have
+    also grown past twice (plus 64) the rows its last refactor kept.  Answers stay exact throughout."""
+    import levstream.sketch as sketch_module
+
+    n, steps = 2000, 1500
+    K = heavy_tailed_keys(n + steps, D, seed=84)
+    gates = np.full(n + steps, 0.99)
+    sk = sketch(None, block_rows=8192).update_many(K[:n], gates=gates[:n])
+    ref = DecayedStream(D)
+    ref.update_many(K[:n], gates=gates[:n])
+    rng = np.random.default_rng(84)
+    sk.heavy_entries(rng.standard_normal((1, D)))  # the cache
+    seen = []  # (scanned rows when a refactor starts, rows the cache's last refactor kept)
+    real = sketch_module._LiveRows._refactor
+    monkeypatch.setattr(
+        sketch_module._LiveRows,
+        "_refactor",
+        lambda self, store: (seen.append((self.rows.n, self.rows_mark)), real(self, store)),
+    )
+    for t in range(n, n + steps):
+        sk.update(K[t], gate=gates[t])
+        ref.update_many(K[t : t + 1], gates=gates[t : t + 1])
+        Q = queries(rng, ref, m=1)
+        if t % 50 == 0:
+            check_queries(sk, ref, Q)
+        else:
+            sk.heavy_entries(Q)
+    assert len(seen) >= 2  # the stream did refactor
+    assert all(rows >= 2 * mark + 64 for rows, mark in seen), seen
+    # the diagonal alone (every ~69 rows) would have refactored far more often
+    assert len(seen) < steps // 69 // 2
+
+
 def test_tiny_gates_never_leave_an_overflowing_factor_that_drops_a_heavy_key():
     """Gates of 1e-300 rebase the frame by a huge power of 4; the cached factors divided by its tiny root left
     float64's range, and the bound of the next pending row became nan and dropped it -- a key that held all of
