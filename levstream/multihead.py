@@ -447,7 +447,8 @@ class MultiHeadKeySketch:
         if live is not None and not self._stale:
             # the buffered rows are rows of the heads' stores now: the live state holds them all (a stale one
             # takes them from the stores when it is next brought up to date)
-            self._absorb(live)
+            if nb > live.bup:  # (a query absorbed them all already: nothing to do)
+                self._absorb(live)
             live.upto += live.bup
             live.bup = 0
         self._nb = 0
