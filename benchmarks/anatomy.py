@@ -12,8 +12,9 @@ Workloads (d = 64, eps = 0.01, default threads; the steps of ``bench_live.py`` a
 Every step is timed whole, and the library functions it goes through are timed *exclusively*: a wrapper around
 each function listed in ``PARTS`` (time spent in a wrapped function called from another one counts for the
 callee only), so the parts and ``other`` (the glue: validation, locks, ids, result objects not listed) add up to
-the step.  The wrappers cost about 0.1 us per call.  Rounds of steps alternate between the workloads of a section;
-each figure is the median over the rounds, in microseconds per step.
+the step.  The wrappers cost about 0.5 us per call (1-3 calls a step: 1-2% of a step, counted in the parts).
+Rounds of steps alternate between the workloads of a section; each figure is the median over the rounds, in
+microseconds per step.
 
 In the same process, a few *floors*: what the step's unavoidable work costs at this machine's speed, measured
 on the step's own data.
