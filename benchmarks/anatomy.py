@@ -103,20 +103,22 @@ class Parts:
         return timed
 
     @contextmanager
-    def installed(self) -> Iterator[None]:
+    def installed(self, parts: tuple[tuple[Any, str, str], ...] = PARTS) -> Iterator[None]:
+        """Every function of ``parts`` wrapped for the ``with`` block (classmethods and staticmethods as such);
+        each one wrapped so far is put back on the way out, however the block or the wrapping ends."""
         saved = []
-        for owner, name, label in PARTS:
-            fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-            saved.append((owner, name, fn))
-            if isinstance(fn, classmethod):
-                wrapped: Any = classmethod(self.wrap(fn.__func__, label))
-            else:
-                wrapped = self.wrap(fn, label)
-            setattr(owner, name, wrapped)
         try:
+            for owner, name, label in parts:
+                fn = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+                if isinstance(fn, (classmethod, staticmethod)):
+                    wrapped: Any = type(fn)(self.wrap(fn.__func__, label))
+                else:
+                    wrapped = self.wrap(fn, label)
+                setattr(owner, name, wrapped)
+                saved.append((owner, name, fn))
             yield
         finally:
-            for owner, name, fn in saved:
+            for owner, name, fn in reversed(saved):
                 setattr(owner, name, fn)
 
 

@@ -84,3 +84,25 @@ def test_the_quick_run_times_every_workload_and_restores_the_library(anatomy, tm
     for owner, name, fn in before:
         now = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
         assert now is fn, f"{owner}.{name} still wrapped"
+
+
+def test_installed_wraps_static_and_class_methods_and_undoes_a_partial_install(anatomy):
+    class Owner:
+        @staticmethod
+        def s(x):
+            return x + 1
+
+        @classmethod
+        def c(cls, x):
+            return (cls, x)
+
+    parts = anatomy.Parts()
+    with parts.installed(((Owner, "s", "s"), (Owner, "c", "c"))):
+        assert Owner().s(1) == 2 and Owner.s(1) == 2
+        assert Owner.c(3) == (Owner, 3)
+        assert isinstance(Owner.__dict__["s"], staticmethod)
+    assert set(parts.time) == {"s", "c"}
+    originals = dict(Owner.__dict__)
+    with pytest.raises(KeyError), parts.installed(((Owner, "s", "s"), (Owner, "missing", "m"))):
+        pass
+    assert Owner.__dict__["s"] is originals["s"]
