@@ -1975,11 +1975,11 @@ class _LiveRows:
     more than doubled (plus ``_LIVE_REFRESH_ROWS``) since its last refresh (a refresh pays by the rows it drops;
     a fast-forgetting stream's ``G`` doubles in its frame every ``log 2 / -log g`` rows, far more often than
     that), the cache factors it afresh (``d^3``) and keeps only the rows whose exact score reaches ``floor``, the
-    lowest threshold any later prune can use: the bound of later rows is then tight again.  It rescores the candidates too and keeps the ones
-    still alive (``cand``) for queries to scan instead of all of them (a decaying stream's candidates fall
-    below ``eps`` long before the next fold rescores them); the sketch's own candidates are not touched.  That
-    copy is ordered by descending norm, with the norms in ``cand_norms``, so that a query reads only the
-    candidates long enough to be heavy for it (:func:`~levstream._kernels.live.heavy_p2`)."""
+    lowest threshold any later prune can use: the bound of later rows is then tight again.  It rescores the
+    candidates too and keeps the ones still alive (``cand``) for queries to scan instead of all of them (a decaying
+    stream's candidates fall below ``eps`` long before the next fold rescores them); the sketch's own candidates
+    are not touched.  That copy is ordered by descending norm, with the norms in ``cand_norms``, so that a query
+    reads only the candidates long enough to be heavy for it (:func:`~levstream._kernels.live.heavy_p2`)."""
 
     __slots__ = (
         "cand",
