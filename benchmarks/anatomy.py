@@ -54,7 +54,12 @@ import levstream.multihead as _multihead
 import levstream.sketch as _sketch
 from levstream import _query
 from levstream._threads import describe_threads
-from levstream.synthetic import attention_like_keys, attention_like_queries
+from levstream.synthetic import attention_like_queries
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_decay import NONE, STEP_GATES, make_stream
+from bench_live import heads_workload, keys, values
 
 #: The functions timed exclusively: (owner, attribute, label).  A module-level function is wrapped where the
 #: step's code looks it up (the module that imported it).
@@ -213,21 +218,8 @@ def rows_passing_norm(norms: np.ndarray, G: np.ndarray, Q: np.ndarray, eps: floa
 
 
 # ---------------------------------------------------------------------- workloads
-def keys(n: int, d: int, seed: int) -> np.ndarray:
-    return np.concatenate(list(attention_like_keys(n, d, chunk_rows=65536, seed=seed)))
-
-
 def section_heads(n: int, T: int, d: int, eps: float, H: int, sizes: dict) -> dict:
-    Kh = np.stack([keys(n + T, d, seed=10 + h) for h in range(H)])
-    Qh = np.stack([attention_like_queries(T, d, seed=20 + h, key_seed=10 + h) for h in range(H)])
-    tokens = np.ascontiguousarray(Kh[:, n:].transpose(1, 0, 2))
-    queries = np.ascontiguousarray(Qh.transpose(1, 0, 2))[:, :, None, :]
-    mh = ls.MultiHeadKeySketch(H, d, eps=eps)
-    one = ls.KeySketch(d, eps=eps)
-    for a in range(0, n, 16384):
-        b = min(n, a + 16384)
-        mh.update_many(Kh[:, a:b])
-        one.update_many(Kh[0, a:b])
+    _, _, tokens, queries, mh, one = heads_workload(n, T, d, eps, H)
     kept: list[Any] = []  # results are kept, as the benchmark keeps them to check them
 
     def many(t: int) -> None:
@@ -269,8 +261,7 @@ def section_heads(n: int, T: int, d: int, eps: float, H: int, sizes: dict) -> di
 
 
 def section_decode(n: int, T: int, d: int, eps: float, dv: int, sizes: dict) -> dict:
-    K = keys(n + T, d, seed=0)
-    V = np.random.default_rng([0, 0x7A1]).standard_normal((n + T, dv))
+    K, V = keys(n + T, d, seed=0), values(n + T, dv, seed=0)
     Q = attention_like_queries(T, d, seed=2, key_seed=0)
     sk = ls.KeySketch(d, eps=eps, value_dim=dv, exact_output=True)
     for a in range(0, n, 65536):
@@ -296,23 +287,19 @@ def section_decode(n: int, T: int, d: int, eps: float, dv: int, sizes: dict) -> 
 
 
 def section_gated(n: int, T: int, d: int, eps: float, sizes: dict) -> dict:
-    K = keys(n + T, d, seed=0)
-    g = np.random.default_rng([11, 0x6A7E]).uniform(0.99, 1.0, n + T)
+    # the streams of bench_decay.py's live figure (its keys, gates and seed)
+    uniform = next(g for g in STEP_GATES if g.name == "U[0.99,1]")
+    gated, plain = (make_stream(g, n, T, d, eps, None, seed=11) for g in (uniform, NONE))
     Q = attention_like_queries(T, d, seed=1, key_seed=0)
-    gated, plain = ls.KeySketch(d, eps=eps), ls.KeySketch(d, eps=eps)
-    for a in range(0, n, 65536):
-        b = min(n, a + 65536)
-        gated.update_many(K[a:b], gates=g[a:b])
-        plain.update_many(K[a:b])
     kept: list[Any] = []
 
     def gated_step(t: int) -> None:
-        gated.update(K[n + t], gate=g[n + t])
-        kept.append(gated.heavy_entries(Q[t][None]))
+        gated.sketch.update(gated.K[n + t], gate=gated.g[n + t])
+        kept.append(gated.sketch.heavy_entries(Q[t][None]))
 
     def plain_step(t: int) -> None:
-        plain.update(K[n + t])
-        kept.append(plain.heavy_entries(Q[t][None]))
+        plain.sketch.update(plain.K[n + t])
+        kept.append(plain.sketch.heavy_entries(Q[t][None]))
 
     parts = alternate(
         {"gated U[0.99,1]": gated_step, "no gates": plain_step}, **sizes, parts=Parts()
@@ -323,7 +310,7 @@ def section_gated(n: int, T: int, d: int, eps: float, sizes: dict) -> dict:
         "ratio": parts["gated U[0.99,1]"]["step"] / parts["no gates"]["step"],
         "floors_us": {},
     }
-    for name, sk in (("gated U[0.99,1]", gated), ("no gates", plain)):
+    for name, sk in (("gated U[0.99,1]", gated.sketch), ("no gates", plain.sketch)):
         with sk._lock:
             scan = sk._view().scan or _query.scan_arrays(sk._view())
         # heavy_p2's arrays: G, the candidates K (norms, int8 rows, scales, ids), the rows fed since the last fold

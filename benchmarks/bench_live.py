@@ -583,6 +583,23 @@ def bench_forms(sz: Sizes, d: int, eps: float, dv: int, failures: Failures) -> d
     return out
 
 
+def heads_workload(n: int, T: int, d: int, eps: float, H: int) -> tuple[Any, ...]:
+    """The streams of the heads figure: keys ``Kh`` (H, n + T, d) and queries ``Qh`` (H, T, d) of every head,
+    the step's tokens (T, H, d) and queries (T, H, 1, d), and a ``MultiHeadKeySketch`` of the H heads and a
+    ``KeySketch`` of head 0, both fed the first n keys."""
+    Kh = np.stack([keys(n + T, d, seed=10 + h) for h in range(H)])  # (H, n + T, d)
+    Qh = np.stack([attention_like_queries(T, d, seed=20 + h, key_seed=10 + h) for h in range(H)])
+    tokens = np.ascontiguousarray(Kh[:, n:].transpose(1, 0, 2))  # (T, H, d): one token per step
+    queries = np.ascontiguousarray(Qh.transpose(1, 0, 2))[:, :, None, :]  # (T, H, 1, d)
+    mh = ls.MultiHeadKeySketch(H, d, eps=eps)
+    one = ls.KeySketch(d, eps=eps)
+    for a in range(0, n, 16384):
+        b = min(n, a + 16384)
+        mh.update_many(Kh[:, a:b])
+        one.update_many(Kh[0, a:b])
+    return Kh, Qh, tokens, queries, mh, one
+
+
 @section_env
 def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     """A step of ``n_heads`` heads, one call per op, against a single-head step at the same n.
@@ -595,17 +612,8 @@ def bench_heads(sz: Sizes, d: int, eps: float, failures: Failures) -> dict:
     H, n, per_round = sz.n_heads, sz.heads_n, sz.heads_steps_per_round
     kinds = 3
     T = sz.warm_steps + sz.rounds * kinds * per_round
-    Kh = np.stack([keys(n + T, d, seed=10 + h) for h in range(H)])  # (H, n + T, d)
-    Qh = np.stack([attention_like_queries(T, d, seed=20 + h, key_seed=10 + h) for h in range(H)])
-    tokens = np.ascontiguousarray(Kh[:, n:].transpose(1, 0, 2))  # (T, H, d): one token per step
+    Kh, Qh, tokens, queries, mh, one = heads_workload(n, T, d, eps, H)
     chunks = tokens[:, :, None, :]  # (T, H, 1, d): the same tokens as (H, 1, d) chunks
-    queries = np.ascontiguousarray(Qh.transpose(1, 0, 2))[:, :, None, :]  # (T, H, 1, d)
-    mh = ls.MultiHeadKeySketch(H, d, eps=eps)
-    one = ls.KeySketch(d, eps=eps)
-    for a in range(0, n, 16384):
-        b = min(n, a + 16384)
-        mh.update_many(Kh[:, a:b])
-        one.update_many(Kh[0, a:b])
     got_mh: list[Any] = [None] * T
     got_one: list[Any] = [None] * T
 

@@ -447,8 +447,7 @@ class MultiHeadKeySketch:
         if live is not None and not self._stale:
             # the buffered rows are rows of the heads' stores now: the live state holds them all (a stale one
             # takes them from the stores when it is next brought up to date)
-            if nb > live.bup:  # (a query absorbed them all already: nothing to do)
-                self._absorb(live)
+            self._absorb(live)
             live.upto += live.bup
             live.bup = 0
         self._nb = 0
@@ -909,6 +908,8 @@ class MultiHeadKeySketch:
         """The buffered tokens the live state sees as recent rows join it: its Gram matrices and scanned rows."""
         assert self._buf is not None
         nb = self._nb
+        if nb == live.bup:  # every buffered token absorbed already (by the 64th token's query)
+            return
         live.reserve(nb - live.bup)
         # syrk and trmm of at most a few dozen rows per head: with a second BLAS thread they took 63 ms a call
         # for 12 heads (5 ms per trmm) on the loaded 2-core machine, against 0.23 ms with one
