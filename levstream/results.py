@@ -34,8 +34,9 @@ class UniversalSet:
         Number of keys the sketch has seen.
     margin : float
         Relative margin used for reporting: keys with computed score ``>= eps * (1 - margin)`` are included.
-        It exceeds the tie tolerance only for ill-conditioned keys, where it keeps extra keys rather than
-        risk dropping one.
+        It exceeds the ``1e-9`` tie tolerance only for ill-conditioned keys or a large ``dim`` (it is
+        ``4 rel_error``, which grows as ``dim^2``: docs/theory.md, "Numerics"), where it keeps extra keys rather
+        than risk dropping one.
 
     Examples
     --------

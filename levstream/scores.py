@@ -8,7 +8,7 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._config import REPORT_RTOL, UNIT_ROUNDOFF
-from ._linalg import rank_tolerance
+from ._linalg import pseudo_inverse_factor, rank_tolerance, score_outside_as_one
 from ._validation import as_matrix, check_eps, check_p, check_real
 from .lewis import sensitivity_bounds
 from .results import UniversalSet
@@ -20,9 +20,12 @@ def leverage_scores(K: Any) -> np.ndarray:
     """Leverage scores ``tau_j = k_j^T (K^T K)^+ k_j`` of the rows of ``K``.
 
     Computed from the thin SVD of the R factor of ``K`` (so the condition number is not squared), with the
-    pseudo-inverse rank tolerance ``max(n, d) * eps_machine * sigma_max`` applied after scaling every
+    pseudo-inverse rank tolerance ``min(m, d sqrt(m)) * eps_machine * sigma_max`` (``m = max(n, d)``: the
+    rounding a QR factor meets, :func:`~levstream._linalg.factor_rank_tolerance`) applied after scaling every
     non-zero column to max-abs 1 (scores are invariant under column scaling): rank-deficient ``K`` gives
-    scores summing to its numerical rank.
+    scores summing to its numerical rank.  A row with a component of its own along a direction that tolerance
+    cuts (beyond what rounding can put there) is scored 1, the bound of every leverage score: float64 cannot
+    tell its score, and a heavy key must not be missed (docs/theory.md, "Numerics").
 
     Parameters
     ----------
@@ -54,9 +57,9 @@ def leverage_scores(K: Any) -> np.ndarray:
     else:
         R = K
     _, s, vt = sla.svd(R, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-    r = int((s > rank_tolerance(s[0], n, d)).sum())
-    Y = K @ (vt[:r].T / s[:r])
-    return np.einsum("ij,ij->i", Y, Y)
+    W, _, outside = pseudo_inverse_factor(s, vt, n, d)
+    Y = K @ W
+    return score_outside_as_one(K, np.einsum("ij,ij->i", Y, Y), outside)
 
 
 def approx_leverage_scores(

@@ -4,6 +4,7 @@ rows, rank-deficient keys and prefixes, kappa(K) = 1e7, float32 input, values ne
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 
 import naive
 import numpy as np
@@ -181,6 +182,94 @@ def test_row_outside_the_current_span_scores_one():
     # the only key with an e3 component takes all of a query along e3
     hits = sk.heavy_entries(np.eye(d)[[2]])
     assert hits.key_ids.tolist() == [150] and hits.values[0] == pytest.approx(1.0, rel=VALUE_RTOL)
+
+
+def _exact_scores(K: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Leverage scores of ``K[rows]`` in rational arithmetic (K^T K invertible; entries exact in float64)."""
+    d = K.shape[1]
+    G = [[sum(Fraction(x) * Fraction(y) for x, y in zip(K[:, a], K[:, b])) for b in range(d)] for a in range(d)]
+
+    def solve(k: np.ndarray) -> list[Fraction]:
+        M = [G[i][:] + [Fraction(k[i])] for i in range(d)]
+        for c in range(d):
+            p = next(r for r in range(c, d) if M[r][c] != 0)
+            M[c], M[p] = M[p], M[c]
+            for r in range(d):
+                if r != c and M[r][c] != 0:
+                    f = M[r][c] / M[c][c]
+                    M[r] = [x - f * y for x, y in zip(M[r], M[c])]
+        return [M[i][d] / M[i][i] for i in range(d)]
+
+    return np.array([float(sum(Fraction(K[j, a]) * y for a, y in enumerate(solve(K[j])))) for j in rows])
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.5])
+def test_small_keys_outside_the_span_of_huge_ones_keep_their_scores(eps):
+    """10^4 keys of norm up to 2^30 along (3, 4, 0) and two of norm ~1 outside it: K^T K is far beyond the
+    Cholesky path (the R factor holds it), and in the column-equilibrated frame the direction the small keys
+    add to the first two columns has a singular value ~1e-12 of the largest.  Each small key alone completes
+    the rank, so both have tau = 1.  A rank tolerance growing with the row count (1e4 * 2^-52) cut that
+    direction: the two scored 0.45 and 0.55, and at eps = 0.5 the first was pruned and its entry lost."""
+    rng = np.random.default_rng(0)
+    n = 10_000
+    s = rng.integers(1, 2**10, n) * 2.0**20
+    K = np.c_[3 * s, 4 * s, np.zeros(n)]
+    small = [6640, 7901]
+    K[small] = [[0.375, 0.375, -0.22756586335563955], [1.0, 0.625, -0.25117801330188394]]
+    assert np.linalg.cond(K) > 1e12
+    np.testing.assert_allclose(ls.leverage_scores(K)[small], 1.0, rtol=1e-3)
+    Q = np.array([[4.0, -3.0, 0.0], [0.0, 0.0, 1.0], [4.0, -3.0, 2.0]])  # <q, (3, 4, 0)> = 0 exactly
+    dense = naive.dense_heavy(Q, K, eps)
+    for block_rows in (None, 1024):
+        sk = ls.KeySketch(3, eps=eps, block_rows=block_rows).update_many(K)
+        sk.flush()
+        U = sk.universal_set()
+        assert set(small) <= set(U.ids.tolist())
+        np.testing.assert_allclose(U.scores[np.searchsorted(U.ids, small)], 1.0, rtol=1e-3)
+        hits = sk.heavy_entries(Q)
+        assert hits.as_set() == set(dense)
+        got = dict(zip(zip(hits.rows().tolist(), hits.key_ids.tolist()), hits.values.tolist()))
+        # Z = ||R q||^2 carries the rounding of R's huge entries: ~2 d u ||R|| ||q|| / sqrt(Z) ~ 1e-6 here
+        for e, v in dense.items():
+            assert got[e] == pytest.approx(v, rel=1e-5)
+
+
+def test_ill_conditioned_long_stream_prunes_no_key_of_the_universal_set():
+    """As above with 10^5 huge keys and 50 small ones in general position (cond(K) ~ 2e11): every key
+    whose exact (rational) score reaches eps stays, and every dense heavy entry is found, through the
+    prunes of a long stream."""
+    rng = np.random.default_rng(0)
+    n_big, eps = 100_000, 0.02
+    s = rng.integers(1, 2**10, n_big) * 2.0**20
+    small = np.c_[np.round(rng.standard_normal((50, 2)) * 8) / 8, rng.standard_normal(50)]
+    order = rng.permutation(n_big + 50)
+    K = np.vstack([np.c_[3 * s, 4 * s, np.zeros(n_big)], small])[order]
+    small_ids = np.flatnonzero(order >= n_big)
+    tau = _exact_scores(K, small_ids)
+    assert (tau >= eps * 1.01).sum() >= 10 and not (np.abs(tau / eps - 1) < 0.01).any()
+    sk = ls.KeySketch(3, eps=eps, block_rows=2048)
+    for part in np.array_split(K, 7):
+        sk.update_many(part)
+    U = set(sk.universal_set().ids.tolist())
+    assert set(small_ids[tau >= eps].tolist()) <= U
+    Q = np.array([[4.0, -3.0, 0.5], [4.0, -3.0, -2.0], [0.0, 0.0, 1.0]])
+    assert set(naive.dense_heavy(Q, K, eps)) <= sk.heavy_entries(Q).as_set()
+
+
+def test_key_along_a_direction_below_the_rank_tolerance_is_kept_with_score_one():
+    """A key whose own direction has a singular value below the rank tolerance (10^4 keys of norm ~2^50 along
+    (3, 4), one of norm 2^-8 along (-4, 3)): float64 cannot tell its score from the R factor, so it is
+    scored 1, the bound of every leverage score (here also its exact score: it alone leaves the span),
+    offline and in the sketch.  Scored by the pseudo-inverse alone it was ~1e-41 and pruned."""
+    rng = np.random.default_rng(3)
+    M = rng.integers(1, 2**10, 10_000) * 2.0**40
+    K = np.insert(np.c_[3 * M, 4 * M], 5000, [-4 * 2.0**-10, 3 * 2.0**-10], axis=0)
+    assert ls.leverage_scores(K)[5000] == 1.0
+    assert ls.universal_set(K, eps=0.5).ids.tolist() == [5000]
+    sk = ls.KeySketch(2, eps=0.5).update_many(K)
+    sk.flush()
+    U = sk.universal_set()
+    assert U.ids.tolist() == [5000] and U.scores.tolist() == [1.0]
 
 
 @pytest.mark.parametrize("rank_deficient", [False, True])

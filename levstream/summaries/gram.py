@@ -7,8 +7,9 @@ Two representations, chosen automatically (docs/theory.md, "Numerics"):
   number at most ``GRAM_KAPPA_MAX`` so that scores stay accurate to ``rel_error``.
 * **R factor** (robust path): ``R`` with ``R^T R = G`` updated by TSQR, ``R <- qr([R; X]).R``.  Scores by the
   SVD of the column-equilibrated ``R`` with pseudo-inverse semantics (relative rank tolerance
-  ``max(n, d) * eps_machine``), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for
-  rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
+  ``min(m, d sqrt(m)) * eps_machine``, ``m = max(n, d)``: :func:`~levstream._linalg.factor_rank_tolerance`;
+  a row along a direction it cuts is scored 1), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used
+  for rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
 
 The ingest path calls SciPy's BLAS, without the GIL, for the Gram update of each slab (``syrk``) and for products
 with triangular factors (``trmm``), from one compiled call per run of slabs (:mod:`levstream._kernels.ingest`);
@@ -34,7 +35,7 @@ from .._kernels.blas import dtrmm_function, strmm_function
 from .._kernels.ingest import slab_pass, two_sum_add, upper_scores
 from .._kernels.live import gram_quadratic
 from .._kernels.rows import scaled_sq_norms
-from .._linalg import rank_tolerance
+from .._linalg import pseudo_inverse_factor, score_outside_as_one
 from .._threads import in_ingest_section, run_items
 from .base import NormalizerSummary
 
@@ -426,12 +427,12 @@ class GramSummary(NormalizerSummary):
         past = inv(self._past_factor)
         self._past_factor = past if usable(past) else None
         if self._factor is not None:
-            kind, W, err, cols = self._factor
+            kind, W, err, cols, outside = self._factor
             if cols is None:
                 W = inv(W)
-                self._factor = (kind, W, err, None) if usable(W) else None
+                self._factor = (kind, W, err, None, None) if usable(W) else None
             else:  # the R path's factor: the columns scale, the equilibrated factor does not
-                self._factor = (kind, W, err, cols * root) if usable(cols * root) else None
+                self._factor = (kind, W, err, cols * root, outside) if usable(cols * root) else None
         if self._plan is not None:
             scale, lam, W = self._plan
             scale, W = inv(scale), inv(W)
@@ -454,9 +455,10 @@ class GramSummary(NormalizerSummary):
     # ------------------------------------------------------------------ scores
     def _get_factor(
         self, remember: bool = True, cache: bool = True
-    ) -> tuple[str, np.ndarray, float, np.ndarray | None]:
-        """``(kind, W, rel_error, cols)``: the factor of the current ``G`` (computed once per update), with
-        ``k^T G^+ k = ||(k / cols) W||^2`` (``cols`` None on the Cholesky path); ``remember``: also keep a new Cholesky
+    ) -> tuple[str, np.ndarray, float, np.ndarray | None, tuple[np.ndarray, float] | None]:
+        """``(kind, W, rel_error, cols, outside)``: the factor of the current ``G`` (computed once per update), with
+        ``k^T G^+ k = ||(k / cols) W||^2`` (``cols`` None on the Cholesky path; ``outside`` the directions the
+        R path's rank tolerance cut, :func:`~levstream._linalg.pseudo_inverse_factor`, else None); ``remember``: also keep a new Cholesky
         factor as the stale factor of later bounds; ``cache=False``: compute it without keeping it (a prune's
         factor: pruning then changes neither the bounds of the ingest path nor the memory held)."""
         if self._factor is None and not cache:
@@ -468,13 +470,13 @@ class GramSummary(NormalizerSummary):
         if self._factor is None:
             d = self.dim
             if self.n_rows == 0:
-                self._factor = ("pinv", np.zeros((d, 0)), 0.0, None)
+                self._factor = ("pinv", np.zeros((d, 0)), 0.0, None, None)
             elif self.mode == "gram":
                 # LAPACK directly: scipy's wrappers cost more than the 64 x 64 factorisation itself.
                 # Gram mode's conditioning invariant makes this Cholesky succeed; scores use L^-1 (d^3 once
                 # per factor), applied by one GEMM to the rows being scored.
                 L = np.linalg.cholesky(self._hi + self._lo)
-                self._factor = ("chol", _inverse_transpose(L), self.rel_error, None)
+                self._factor = ("chol", _inverse_transpose(L), self.rel_error, None, None)
                 if remember:
                     self._past_factor = self._factor[1]
                     self._past_diag_max = float(np.diag(self._hi).max())
@@ -484,23 +486,29 @@ class GramSummary(NormalizerSummary):
                 # direction carried only by tiny keys is not mistaken for rounding noise.  The factor stays in
                 # the equilibrated frame: rows are divided by the column maxima before it is applied, since
                 # ``1 / column maximum`` overflows for a subnormal column (and 0 x inf would be a nan score).
+                # Rows with a component along a direction cut by the rank tolerance are scored 1 (their score
+                # cannot be told in float64: docs/theory.md, "Numerics"), so that pruning keeps them.
                 col_max = np.abs(self._r).max(axis=0)
                 live = col_max > 0
                 W = np.zeros((d, 0))
                 kappa = 1.0
+                outside = None
                 if live.any():
                     _, s, vt = np.linalg.svd(self._r[:, live] / col_max[live], full_matrices=False)
-                    tol = rank_tolerance(s[0], self.n_rows, d)
-                    rank = int((s > tol).sum())
-                    W = np.zeros((d, rank))
-                    W[live] = vt[:rank].T / s[:rank]
-                    kappa = float(s[0] / s[rank - 1])
+                    W_live, kappa, cut = pseudo_inverse_factor(s, vt, self.n_rows, d)
+                    W = np.zeros((d, W_live.shape[1]))
+                    W[live] = W_live
+                    if cut is not None:
+                        N = np.zeros((d, cut[0].shape[1]))
+                        N[live] = cut[0]
+                        outside = (N, cut[1])
                 cols = np.where(live, col_max, 1.0)
                 self._factor = (
                     "pinv",
                     np.ascontiguousarray(W),
                     4.0 * d * UNIT_ROUNDOFF * kappa,
                     cols,
+                    outside,
                 )
         return self._factor
 
@@ -630,7 +638,7 @@ class GramSummary(NormalizerSummary):
         triangular product with ``L^-T`` (BLAS trmm, half the flops of :meth:`scores`' general product), in
         fixed pieces, so that the result does not depend on ``n_threads``.  Call it where BLAS is held to one
         thread (:func:`levstream._threads.ingest_threads`)."""
-        kind, W, _, _ = self._get_factor(remember=False, cache=False)
+        kind, W, _, _, _ = self._get_factor(remember=False, cache=False)
         if kind != "chol" or rows.shape[0] == 0:
             return self.scores(rows.astype(np.float64, copy=False))
         return _upper_scores_in_pieces(rows, W, n_threads)
@@ -640,7 +648,7 @@ class GramSummary(NormalizerSummary):
         decision alone, so that the float32 screen decides most rows at half the cost of their scores
         (docs/theory.md, "The float32 screen"; the others are scored as by :meth:`exact_scores`).  Call it where
         BLAS is held to one thread."""
-        kind, W, _, _ = self._get_factor(remember=False, cache=False)
+        kind, W, _, _, _ = self._get_factor(remember=False, cache=False)
         m = rows.shape[0]
         if kind != "chol" or m == 0:
             return ~(self.scores(rows.astype(np.float64, copy=False)) < threshold)
@@ -676,9 +684,11 @@ class GramSummary(NormalizerSummary):
             return np.zeros(0)
         # Both factors are a (d x r) W with k^T G^+ k = ||k W||^2: L^-T for the Cholesky path; on the R path
         # V S^-1 of the column-equilibrated R, applied to the rows divided by the column maxima ``cols``.
-        _, W, _, cols = self._get_factor()
-        Y = (rows if cols is None else rows / cols) @ W
-        return np.einsum("ij,ij->i", Y, Y)
+        # Rows with a component along a direction the rank tolerance cut are scored 1 (pseudo_inverse_factor).
+        _, W, _, cols, outside = self._get_factor()
+        X = rows if cols is None else rows / cols
+        Y = X @ W
+        return score_outside_as_one(X, np.einsum("ij,ij->i", Y, Y), outside)
 
     def bound_weights(self) -> tuple[np.ndarray | None, float]:
         """``(scale, lam)`` such that ``tau(k) <= sum_j (k_j scale_j)^2 / lam`` now *and after any later update*.
