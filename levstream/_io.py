@@ -70,7 +70,9 @@ def _check_array_header(name: str, shape: tuple[int, ...], dtype: np.dtype) -> i
             f"{name} must hold real numbers (float or integer dtype); got dtype {dtype}."
         )
     if len(shape) != 2:
-        raise InputError(f"{name} must be a 2-D array (one row per key); got shape {tuple(shape)}.")
+        raise InputError(
+            f"{name} must be a 2-D array (one vector per row); got shape {tuple(shape)}."
+        )
     if shape[1] == 0:
         raise InputError(f"{name} must have at least one column; got shape {tuple(shape)}.")
     return int(shape[1])

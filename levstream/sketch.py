@@ -1492,7 +1492,8 @@ class KeySketch:
         keys = store.keys_view()[sel]
         if settled.forgets:  # the weighted keys sqrt(c_j(t)) k_j, out of the frame
             keys = keys * math.exp(-0.5 * settled._frame.exponent)
-        return UniversalSet(ids[order], keys, scores[sel], self._eps, self._p, self._n, report)
+        # the copy's n: a writer may have fed more since the lock was released
+        return UniversalSet(ids[order], keys, scores[sel], self._eps, self._p, settled._n, report)
 
     def normalizer(self, Q: Any) -> np.ndarray:
         """``Z(q) = sum_l f(<q, k_l>)`` over *all* keys fed, for every query row (exact for p = 2).

@@ -325,3 +325,23 @@ def test_a_gate_fed_by_another_writer_between_arrival_and_lock_is_honoured():
     K = np.array([[1.0, 0.0], y, x])
     w = np.array([1e-3, 1.0, 1.0])
     np.testing.assert_allclose(sk.normalizer(Q), ((Q @ K.T) ** 2) @ w, rtol=1e-12)
+
+
+def test_universal_set_reports_the_n_of_the_state_it_was_computed_on(monkeypatch):
+    """``universal_set`` settles a copy taken under the lock, then works without it: a writer that feeds a
+    key meanwhile must not change the ``n`` it reports (it reported the live sketch's, a later state's, found
+    by a stress test).  The writer is simulated deterministically: it feeds a key while the copy settles."""
+    rng = np.random.default_rng(5)
+    K = rng.standard_normal((40, D)) * (1.2 ** np.arange(40))[:, None]  # the newest key is always in U
+    sk = ls.KeySketch(D, eps=EPS).update_many(K[:30])
+    settle = ls.KeySketch._flush
+
+    def settle_while_a_writer_feeds(self: ls.KeySketch) -> None:
+        if self is not sk:  # the settled copy
+            sk.update(K[30])
+        settle(self)
+
+    monkeypatch.setattr(ls.KeySketch, "_flush", settle_while_a_writer_feeds)
+    U = sk.universal_set()
+    assert sk.n == 31
+    assert U.n == 30 and int(U.ids.max()) == 29
