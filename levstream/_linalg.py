@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -14,8 +14,8 @@ __all__ = [
     "score_outside_as_one",
 ]
 
-#: A row whose component outside the numerical range of a factor exceeds this many times the rounding angle of
-#: that range (``rank tolerance / gap``) is scored 1 (:func:`score_outside_as_one`).
+#: A row whose component along the directions a factor cut exceeds this many times what rounding can put there
+#: is scored 1 (:func:`pseudo_inverse_factor`, :func:`score_outside_as_one`).
 OUTSIDE_ANGLE_FACTOR = 16.0
 
 
@@ -37,26 +37,41 @@ def rank_tolerance(sigma_max: Any, n_rows: int, dim: int, *, dtype: Any = np.flo
     return max(int(n_rows), int(dim)) * float(np.finfo(dtype).eps) * sigma_max
 
 
-def factor_rank_tolerance(sigma_max: float, n_rows: int, dim: int) -> float:
-    """The rank tolerance of the leverage scores' R factor: ``min(m, dim sqrt(m)) eps_machine sigma_max`` with
-    ``m = max(n_rows, dim)``.
+def factor_rank_tolerance(sigma_max: float, n_rows: int, dim: int, qr_steps: int) -> float:
+    """The rank tolerance of the leverage scores' R factor, ``min(m, sqrt(m) + qr_steps / 4) eps_machine
+    sigma_max`` with ``m = max(n_rows, dim)``: ``qr_steps`` the QR factorisations the factor went through (1
+    for one QR of all the keys, one per block folded into a stream's).
 
     :func:`rank_tolerance`'s ``m eps_machine sigma_max`` is the worst case of the rounding of a QR factor of
-    ``m`` rows; the rounding it actually meets grows like ``sqrt(m)``: on the column-equilibrated R factors of
-    exactly rank-deficient streams (ranks 2 of 16, 8 of 64 and 7 of 8, keys of norms spread over ``e^+-6``,
-    ``10^3`` to ``10^6`` rows), the singular values that should be 0 stayed below ``7e-15 sigma_max``, 2000
-    times under this tolerance at ``10^6`` rows.  A worst-case tolerance cuts real directions instead: ``10^4``
-    keys of norm ``10^11`` along one direction and two of norm 1 outside it (each of score 1) lost a direction
-    of ``1e-12 sigma_max`` and both keys' scores (docs/theory.md, "Numerics").  A rounding direction left
-    uncut would add candidates, never drop one.
+    ``m`` rows; the rounding a factor meets grows like ``sqrt(m)`` within one QR and linearly with the number
+    of QR steps (docs/theory.md, "Numerics", measured on exactly rank-deficient streams).  A worst-case
+    tolerance cuts real directions: ``10^4`` keys of norm ``10^11`` along one direction and two of norm 1
+    outside it (each of score 1) lost a direction of ``1e-12 sigma_max``, and both keys' scores.  A rounding
+    direction left uncut would add candidates, never drop one.
 
     Examples
     --------
-    >>> factor_rank_tolerance(1.0, 10**6, 64) < rank_tolerance(1.0, 10**6, 64)
+    >>> factor_rank_tolerance(1.0, 10**6, 64, 123) < rank_tolerance(1.0, 10**6, 64)   # 8192-row blocks
+    True
+    >>> factor_rank_tolerance(1.0, 10**6, 64, 10**7) == rank_tolerance(1.0, 10**6, 64)  # the worst case
     True
     """
     m = max(int(n_rows), int(dim))
-    return min(m, dim * math.sqrt(m)) * float(np.finfo(np.float64).eps) * sigma_max
+    return min(m, math.sqrt(m) + qr_steps / 4) * float(np.finfo(np.float64).eps) * sigma_max
+
+
+class CutDirections(NamedTuple):
+    """The directions a pseudo-inverse factor cut, and what tells a row's own component along them from
+    rounding (:func:`pseudo_inverse_factor`)."""
+
+    #: the cut directions (columns), orthonormal
+    N: np.ndarray
+    #: the kept directions scaled by ``1 / (s_i - s_r)``, ``s_r`` the largest singular value cut
+    W_gap: np.ndarray
+    #: ``OUTSIDE_ANGLE_FACTOR`` times the tolerance
+    slack: float
+    #: ``OUTSIDE_ANGLE_FACTOR`` times the orthogonality of the computed singular vectors, ``d eps_machine``
+    floor: float
 
 
 def inverse_upper_factor(G: np.ndarray) -> np.ndarray | None:
@@ -87,52 +102,58 @@ def inverse_upper_factor(G: np.ndarray) -> np.ndarray | None:
 
 
 def pseudo_inverse_factor(
-    s: np.ndarray, vt: np.ndarray, n_rows: int, dim: int
-) -> tuple[np.ndarray, float, tuple[np.ndarray, float] | None]:
-    """``(W, kappa, outside)`` from the SVD ``(s, vt)`` of a column-equilibrated factor of ``n_rows`` keys.
+    s: np.ndarray, vt: np.ndarray, n_rows: int, dim: int, qr_steps: int
+) -> tuple[np.ndarray, float, CutDirections | None]:
+    """``(W, kappa, cut)`` from the SVD ``(s, vt)`` of a column-equilibrated factor of ``n_rows`` keys that went
+    through ``qr_steps`` QR factorisations.
 
-    ``W = V_r S_r^-1`` over the numerical rank ``r`` (singular values above :func:`factor_rank_tolerance`), so that
-    ``||x W||^2`` is the pseudo-inverse score of an equilibrated row ``x``; ``kappa = s_0 / s_{r-1}``.
-    ``outside`` is None when no direction was cut, else ``(N, theta^2)``: ``N`` the cut directions (columns) and
-    ``theta = OUTSIDE_ANGLE_FACTOR tol / (s_{r-1} - s_r)``, a multiple of the angle by which rounding of the
-    factor (at most ``tol``) can turn the kept range (Wedin's bound): a row in that range has
-    ``||x N|| <= theta ||x|| / OUTSIDE_ANGLE_FACTOR``, so a larger component is the row's own, along a direction
-    whose singular value is below the tolerance.  Such a row's score cannot be told in float64, and may be
-    anything up to 1 (docs/theory.md, "Numerics"): :func:`score_outside_as_one`.
+    ``W = V_r S_r^-1`` over the numerical rank ``r`` (singular values above :func:`factor_rank_tolerance`), so
+    that ``||x W||^2`` is the pseudo-inverse score of an equilibrated row ``x``; ``kappa = s_0 / s_{r-1}``.
+    ``cut`` is None when no direction was cut.  Else a row ``x`` in the kept range of the exact factor has a
+    component ``||x N||`` along the cut directions of at most ``tol sum_i |<x, v_i>| / (s_i - s_r) + d
+    eps_machine ||x||``: rounding of at most ``tol`` turns each kept singular vector ``v_i`` towards the cut
+    ones by at most ``tol / (s_i - s_r)`` (Wedin), and the computed vectors are orthonormal to ``d
+    eps_machine``.  A component ``OUTSIDE_ANGLE_FACTOR`` times larger is the row's own, along a direction
+    whose singular value is below the tolerance: its score cannot be told in float64 and may be anything up to
+    1 (docs/theory.md, "Numerics"), so :func:`score_outside_as_one` scores it 1.
 
     Examples
     --------
     >>> import numpy as np
     >>> K = np.array([[1.0, 0.0], [1.0, 1e-14]])
     >>> _, s, vt = np.linalg.svd(K)
-    >>> W, kappa, outside = pseudo_inverse_factor(s, vt, 10**4, 2)   # as if from 10^4 keys: one direction cut
-    >>> W.shape, outside is not None
+    >>> W, kappa, cut = pseudo_inverse_factor(s, vt, 10**4, 2, 10**4)   # a QR per row: one direction cut
+    >>> W.shape, cut is not None
     ((2, 1), True)
     """
-    tol = factor_rank_tolerance(s[0], n_rows, dim)
+    tol = factor_rank_tolerance(s[0], n_rows, dim, qr_steps)
     rank = int((s > tol).sum())
     W = vt[:rank].T / s[:rank]
     kappa = float(s[0] / s[rank - 1]) if rank else 1.0
-    outside = None
+    cut = None
     if 0 < rank < vt.shape[0]:
-        gap = float(s[rank - 1] - s[rank])
-        theta = OUTSIDE_ANGLE_FACTOR * float(tol) / gap if gap > 0 else np.inf
-        if theta < 1.0:
-            outside = (np.ascontiguousarray(vt[rank:].T), theta * theta)
-    return W, kappa, outside
+        unit = float(np.finfo(np.float64).eps)
+        cut = CutDirections(
+            np.ascontiguousarray(vt[rank:].T),
+            np.ascontiguousarray(vt[:rank].T / (s[:rank] - s[rank])),
+            OUTSIDE_ANGLE_FACTOR * float(tol),
+            OUTSIDE_ANGLE_FACTOR * vt.shape[1] * unit,
+        )
+    return W, kappa, cut
 
 
 def score_outside_as_one(
-    X: np.ndarray, scores: np.ndarray, outside: tuple[np.ndarray, float] | None
+    X: np.ndarray, scores: np.ndarray, cut: CutDirections | None
 ) -> np.ndarray:
-    """``scores`` (of the equilibrated rows ``X``) with every row that has a component outside the numerical
-    range (``outside`` of :func:`pseudo_inverse_factor`) raised to 1, the bound every leverage score obeys: its
+    """``scores`` (of the equilibrated rows ``X``) with every row that has a component of its own along the
+    directions ``cut`` (:func:`pseudo_inverse_factor`) raised to 1, the bound of every leverage score: its
     score cannot be told in float64, so it must be kept rather than dropped (in place; returned)."""
-    if outside is None or X.shape[0] == 0:
+    if cut is None or X.shape[0] == 0:
         return scores
-    N, theta2 = outside
-    O = X @ N
     with np.errstate(over="ignore", invalid="ignore"):
-        far = np.einsum("ij,ij->i", O, O) > theta2 * np.einsum("ij,ij->i", X, X)
+        O = X @ cut.N
+        along = np.sqrt(np.einsum("ij,ij->i", O, O))
+        turned = np.abs(X @ cut.W_gap).sum(axis=1)
+        far = along > cut.slack * turned + cut.floor * np.sqrt(np.einsum("ij,ij->i", X, X))
     scores[far] = np.maximum(scores[far], 1.0)
     return scores

@@ -20,10 +20,10 @@ def leverage_scores(K: Any) -> np.ndarray:
     """Leverage scores ``tau_j = k_j^T (K^T K)^+ k_j`` of the rows of ``K``.
 
     Computed from the thin SVD of the R factor of ``K`` (so the condition number is not squared), with the
-    pseudo-inverse rank tolerance ``min(m, d sqrt(m)) * eps_machine * sigma_max`` (``m = max(n, d)``: the
-    rounding a QR factor meets, :func:`~levstream._linalg.factor_rank_tolerance`) applied after scaling every
-    non-zero column to max-abs 1 (scores are invariant under column scaling): rank-deficient ``K`` gives
-    scores summing to its numerical rank.  A row with a component of its own along a direction that tolerance
+    pseudo-inverse rank tolerance ``(sqrt(m) + 1/4) * eps_machine * sigma_max`` (``m = max(n, d)``, at most
+    ``m``: the rounding one QR factor meets, :func:`~levstream._linalg.factor_rank_tolerance`) applied after
+    scaling every non-zero column to max-abs 1 (scores are invariant under column scaling): rank-deficient
+    ``K`` gives scores summing to its numerical rank.  A row with a component of its own along a direction that tolerance
     cuts (beyond what rounding can put there) is scored 1, the bound of every leverage score: float64 cannot
     tell its score, and a heavy key must not be missed (docs/theory.md, "Numerics").
 
@@ -57,7 +57,7 @@ def leverage_scores(K: Any) -> np.ndarray:
     else:
         R = K
     _, s, vt = sla.svd(R, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-    W, _, outside = pseudo_inverse_factor(s, vt, n, d)
+    W, _, outside = pseudo_inverse_factor(s, vt, n, d, 1)
     Y = K @ W
     return score_outside_as_one(K, np.einsum("ij,ij->i", Y, Y), outside)
 

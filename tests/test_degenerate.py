@@ -272,6 +272,44 @@ def test_key_along_a_direction_below_the_rank_tolerance_is_kept_with_score_one()
     assert U.ids.tolist() == [5000] and U.scores.tolist() == [1.0]
 
 
+def test_rank_one_stream_folded_a_row_at_a_time_keeps_its_rank():
+    """Folded one row per block (10^4 QR steps) an exactly rank-1 stream's R factor gathers rounding of
+    ~1e-13 sigma_max in the direction that should be 0.  A tolerance that ignored the QR steps kept that
+    direction: scores summed to ~4 (rank 1) and the universal set held ~7 times the exact one."""
+    rng = np.random.default_rng(2)
+    n, eps = 10_000, 1e-3
+    a = rng.integers(-8, 9, n).astype(float)
+    a[a == 0] = 1
+    a *= 2.0 ** rng.integers(-9, 10, n)
+    K = np.outer(a, [3.0, -2.0])  # exactly rank 1
+    tau = a * a / (a @ a)  # exact: integers times powers of 2, sums below 2^53
+    assert_no_ties(tau, eps)
+    sk = ls.KeySketch(2, eps=eps, block_rows=1).update_many(K)
+    sk.flush()
+    assert sk._summary.scores(K).sum() == pytest.approx(1.0, rel=1e-9)
+    assert_matches_offline(sk.universal_set().ids, tau, eps)
+    assert_matches_offline(ls.universal_set(K, eps=eps).ids, tau, eps)
+
+
+def test_key_wholly_along_a_cut_direction_next_to_a_kept_one_is_kept():
+    """10^4 keys 2^40 (1, 1, 1, 1), one key along (1, -1, 0, 0) and one along (0, 0, 1, -1), each of score 1
+    (it alone spans its direction).  In the equilibrated frame their directions are ~1e-13 and ~1e-14 of the
+    largest: the second is cut, the first kept, and the gap between them is small beside the tolerance.  The
+    second key lies wholly along the cut direction: it is scored 1 and kept (a rule bounding rounding's turn
+    of the kept range by ``tol / gap`` alone gave up at this gap and scored it ~1e-8)."""
+    K = np.tile(2.0**40 * np.ones(4), (10_002, 1))
+    K[5000] = 24.0 * np.array([1.0, -1.0, 0.0, 0.0])
+    K[-1] = 2.0 * np.array([0.0, 0.0, 1.0, -1.0])
+    q = np.array([[0.0, 0.0, 1.0, -1.0]])  # dense: A = 1 on the last key
+    assert ls.leverage_scores(K)[-1] == 1.0
+    for block_rows in (None, 64):
+        sk = ls.KeySketch(4, eps=0.5, block_rows=block_rows).update_many(K)
+        sk.flush()
+        assert sk._summary._get_factor()[4] is not None  # a direction was cut
+        assert 10_001 in sk.universal_set()
+        assert sk.heavy_entries(q).as_set() == {(0, 10_001)}
+
+
 @pytest.mark.parametrize("rank_deficient", [False, True])
 @pytest.mark.parametrize("tiny", [1e-20, 1e-68])
 def test_key_alone_in_a_direction_at_a_tiny_scale_is_heavy(tiny, rank_deficient):

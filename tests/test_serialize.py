@@ -209,3 +209,26 @@ def test_pruned_rows_not_an_integer_in_range_is_refused(small, bad):
     meta["pruned_rows"] = small.n + 1 if bad == "n + 1" else bad
     with pytest.raises(ValueError, match=r"pruned_rows must be an integer in 0\.\.n"):
         ls.KeySketch.from_bytes(_serialize.pack(meta, arrays, version))
+
+
+def test_r_factor_bytes_without_a_qr_step_count_keep_the_tolerance_they_were_written_with():
+    """Bytes of an R-factor summary written before its QR steps were counted load with the tolerance of
+    then, ``m 2u sigma_max`` (so that they answer as then); new bytes carry the count."""
+    from levstream._linalg import factor_rank_tolerance, rank_tolerance
+    from levstream._serialize import pack, unpack
+
+    rng = np.random.default_rng(4)
+    K = np.outer(rng.standard_normal(3000), [1.0, 2.0, -1.0])  # rank 1: the R-factor path
+    sk = ls.KeySketch(3, eps=0.1, block_rows=256).update_many(K)
+    sk.flush()
+    meta, arrays, version = unpack(sk.to_bytes())
+    assert meta["summary"]["mode"] == "qr" and meta["summary"]["qr_steps"] == sk._summary._qr_steps >= 10
+    del meta["summary"]["qr_steps"]
+    old = ls.KeySketch.from_bytes(pack(meta, arrays, version))
+    steps = old._summary._qr_steps
+    assert factor_rank_tolerance(1.0, 3000, 3, steps) == rank_tolerance(1.0, 3000, 3)
+    Q = rng.standard_normal((5, 3))
+    assert old.heavy_entries(Q).as_set() == sk.heavy_entries(Q).as_set()
+    meta["summary"]["qr_steps"] = -1
+    with pytest.raises(ValueError, match="qr_steps"):
+        ls.KeySketch.from_bytes(pack(meta, arrays, version))

@@ -7,8 +7,8 @@ Two representations, chosen automatically (docs/theory.md, "Numerics"):
   number at most ``GRAM_KAPPA_MAX`` so that scores stay accurate to ``rel_error``.
 * **R factor** (robust path): ``R`` with ``R^T R = G`` updated by TSQR, ``R <- qr([R; X]).R``.  Scores by the
   SVD of the column-equilibrated ``R`` with pseudo-inverse semantics (relative rank tolerance
-  ``min(m, d sqrt(m)) * eps_machine``, ``m = max(n, d)``: :func:`~levstream._linalg.factor_rank_tolerance`;
-  a row along a direction it cuts is scored 1), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used
+  ``min(m, sqrt(m) + qr_steps / 4) * eps_machine``, ``m = max(n, d)``:
+  :func:`~levstream._linalg.factor_rank_tolerance`; a row along a direction it cuts is scored 1), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used
   for rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
 
 The ingest path calls SciPy's BLAS, without the GIL, for the Gram update of each slab (``syrk``) and for products
@@ -35,7 +35,7 @@ from .._kernels.blas import dtrmm_function, strmm_function
 from .._kernels.ingest import slab_pass, two_sum_add, upper_scores
 from .._kernels.live import gram_quadratic
 from .._kernels.rows import scaled_sq_norms
-from .._linalg import pseudo_inverse_factor, score_outside_as_one
+from .._linalg import CutDirections, pseudo_inverse_factor, score_outside_as_one
 from .._threads import in_ingest_section, run_items
 from .base import NormalizerSummary
 
@@ -92,6 +92,14 @@ def _two_sum_add(hi: np.ndarray, lo: np.ndarray, add: np.ndarray) -> None:
     """In place: ``hi + lo += add`` with the rounding error of the addition carried in ``lo`` (Knuth two-sum,
     one compiled pass)."""
     two_sum_add(hi, lo, np.ascontiguousarray(add))
+
+
+def _on_columns(F: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """A factor of the live columns' rows (``F`` of shape (live.sum(), k)) as one of all ``d`` (zero rows
+    for the dead columns)."""
+    out = np.zeros((live.shape[0], F.shape[1]))
+    out[live] = F
+    return out
 
 
 def _inverse_transpose(L: np.ndarray) -> np.ndarray:
@@ -197,6 +205,8 @@ class GramSummary(NormalizerSummary):
         self._hi = np.zeros((d, d))
         self._lo = np.zeros((d, d))
         self._r: np.ndarray | None = None
+        #: QR factorisations the R factor went through since it was entered (its rounding grows with them)
+        self._qr_steps = 0
         # last full conditioning check (Gram mode): diagonal of G then and lambda_min of the equilibrated G.
         self._chk_diag = np.zeros(d)
         self._chk_lam = 0.0
@@ -250,6 +260,7 @@ class GramSummary(NormalizerSummary):
     def _enter_qr(self, R: np.ndarray, blocks: list[np.ndarray]) -> None:
         stacked = np.vstack([R, *blocks]) if blocks else R
         r = np.asarray(np.linalg.qr(stacked, mode="r"))
+        self._qr_steps += 1  # the rounding of R grows with its QR steps (factor_rank_tolerance)
         d = self.dim
         out = np.zeros((d, d))
         k = min(r.shape[0], d)
@@ -275,6 +286,7 @@ class GramSummary(NormalizerSummary):
         lam = float(sv[-1]) ** 2
         if lam > 0 and 2.0 * self.dim / lam <= GRAM_KAPPA_RETURN:
             self._mode = "gram"
+            self._qr_steps = 0
             self._plan = None
             self._hi = self._r.T @ self._r
             self._lo = np.zeros_like(self._hi)
@@ -370,6 +382,7 @@ class GramSummary(NormalizerSummary):
                 return
         R_self, R_other = self._r_factor(), other._r_factor()
         self.n_rows += other.n_rows
+        self._qr_steps += other._qr_steps
         self._enter_qr(R_self, [R_other])
 
     def scale(self, factor: float) -> None:
@@ -455,7 +468,7 @@ class GramSummary(NormalizerSummary):
     # ------------------------------------------------------------------ scores
     def _get_factor(
         self, remember: bool = True, cache: bool = True
-    ) -> tuple[str, np.ndarray, float, np.ndarray | None, tuple[np.ndarray, float] | None]:
+    ) -> tuple[str, np.ndarray, float, np.ndarray | None, CutDirections | None]:
         """``(kind, W, rel_error, cols, outside)``: the factor of the current ``G`` (computed once per update), with
         ``k^T G^+ k = ||(k / cols) W||^2`` (``cols`` None on the Cholesky path; ``outside`` the directions the
         R path's rank tolerance cut, :func:`~levstream._linalg.pseudo_inverse_factor`, else None); ``remember``: also keep a new Cholesky
@@ -495,13 +508,14 @@ class GramSummary(NormalizerSummary):
                 outside = None
                 if live.any():
                     _, s, vt = np.linalg.svd(self._r[:, live] / col_max[live], full_matrices=False)
-                    W_live, kappa, cut = pseudo_inverse_factor(s, vt, self.n_rows, d)
-                    W = np.zeros((d, W_live.shape[1]))
-                    W[live] = W_live
+                    W_live, kappa, cut = pseudo_inverse_factor(
+                        s, vt, self.n_rows, d, self._qr_steps
+                    )
+                    W = _on_columns(W_live, live)
                     if cut is not None:
-                        N = np.zeros((d, cut[0].shape[1]))
-                        N[live] = cut[0]
-                        outside = (N, cut[1])
+                        outside = cut._replace(
+                            N=_on_columns(cut.N, live), W_gap=_on_columns(cut.W_gap, live)
+                        )
                 cols = np.where(live, col_max, 1.0)
                 self._factor = (
                     "pinv",
@@ -776,6 +790,8 @@ class GramSummary(NormalizerSummary):
         arrays = {"hi": self._hi, "lo": self._lo, "chk_diag": self._chk_diag}
         if self._r is not None:
             arrays["r"] = self._r
+        if self.mode == "qr":
+            meta["qr_steps"] = self._qr_steps
         if self._past_factor is not None:
             arrays["past_factor"] = self._past_factor
         if self._plan is not None:
@@ -816,6 +832,14 @@ class GramSummary(NormalizerSummary):
             if "r" not in arrays or arrays["r"].shape != (d, d):
                 raise ValueError("summary in 'qr' mode must carry an R factor of shape (dim, dim).")
             out._r = arrays["r"].copy()
+            # bytes written before the count was kept: as many steps as make the tolerance the one they were
+            # written with, the worst case m 2u sigma_max (factor_rank_tolerance), so that they answer as then
+            steps = meta.get("qr_steps", 4 * max(out.n_rows, d))
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(
+                    f"summary 'qr_steps' must be a non-negative integer; got {steps!r}."
+                )
+            out._qr_steps = steps
         if "past_factor" in arrays:
             past = arrays["past_factor"]
             if out.mode != "gram" or past.shape != (d, d) or not np.isfinite(past).all():
