@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._config import REPORT_RTOL, UNIT_ROUNDOFF
+from ._config import REPORT_RTOL
 from ._kernels.attention import POWER, SOFTMAX, selected_attention
 from ._validation import as_real_array, check_eps, check_finite, check_int, check_p, check_real
 
@@ -81,16 +81,13 @@ def _validate_qkv(Q: Any, K: Any, V: Any) -> tuple[np.ndarray, np.ndarray, np.nd
 
 
 def _batched_leverage(K: np.ndarray) -> np.ndarray:
-    """Leverage scores of every stacked matrix ``K[b]`` (B, n, d), pseudo-inverse semantics.
+    """Leverage scores of every stacked matrix ``K[b]`` (B, n, d): :func:`levstream.leverage_scores` of each
+    (columns equilibrated before the rank is decided, a key along a direction the rank tolerance cuts scored
+    1), so that the ``eps`` guarantee holds for keys a plain SVD rank rule would call rounding: a key alone in
+    a direction of ``1e-13`` (its score 1) or a column scaled by ``1e-14`` (docs/theory.md, "Numerics")."""
+    from .scores import leverage_scores
 
-    Same rank rule as :func:`levstream.leverage_scores`: singular values below
-    ``max(n, d) * eps_machine * sigma_max`` are treated as zero.
-    """
-    n, d = K.shape[1:]
-    U, s, _ = np.linalg.svd(K, full_matrices=False)
-    tol = max(n, d) * 2 * UNIT_ROUNDOFF * s[:, :1]
-    keep = (s > tol) & (s > 0)
-    return np.einsum("bnr,bnr,br->bn", U, U, keep.astype(np.float64))
+    return np.stack([leverage_scores(Kb) for Kb in K]) if K.shape[0] else np.zeros(K.shape[:2])
 
 
 def _weights(

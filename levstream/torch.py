@@ -31,9 +31,12 @@ __all__ = ["LevSelfAttention", "leverage_scores_torch", "select_keys"]
 def leverage_scores_torch(K: torch.Tensor, affine: bool = False) -> torch.Tensor:
     """Leverage scores of the rows of every stacked matrix ``K`` (..., n, d), without gradient.
 
-    Same definition and rank rule as :func:`levstream.leverage_scores`: ``tau_j = ||U_j||^2`` over the left
-    singular vectors whose singular value exceeds ``max(n, d) * eps_machine * sigma_max``.  ``affine=True``
-    scores ``[K, 1]`` instead (invariant to adding one vector to every key, as softmax is).
+    ``tau_j = ||U_j||^2`` over the left singular vectors whose singular value exceeds ``max(n, d) *
+    eps_machine * sigma_max`` (NumPy's ``matrix_rank`` rule).  These scores rank keys for a top-k selection,
+    which carries no guarantee; :func:`levstream.leverage_scores` (which :func:`levstream.lev_attention`'s
+    ``eps`` selection uses) also equilibrates the columns before deciding the rank and scores 1 a key along a
+    direction the tolerance cuts, and can differ from these on keys near rounding.  ``affine=True`` scores
+    ``[K, 1]`` instead (invariant to adding one vector to every key, as softmax is).
     """
     with torch.no_grad():
         K = K.detach()

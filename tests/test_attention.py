@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import naive
 from naive import leverage_svd
 
 import levstream as ls
@@ -366,3 +367,28 @@ def test_real_fixture_p2_guarantee_and_softmax_quality_floor(real):
     assert rel["leverage"] >= 0.60, rel
     assert rel["leverage_affine"] > rel["random"] + 0.1, rel
     assert rel["query_mean"] >= 0.85, rel
+
+
+def test_eps_selection_keeps_keys_a_plain_svd_rank_rule_calls_rounding():
+    """``lev_attention(score="power", p=2, eps=...)`` selects every key of an entry ``A >= eps``.  Its leverage
+    scores are :func:`levstream.leverage_scores` (columns equilibrated, a key along a cut direction scored 1):
+    a plain SVD with the ``max(n, d) u sigma_max`` rule cut a key alone along ``e3`` at ``1e-13`` (score 1,
+    ``A = 1`` for the query ``e3``) and the four heavy keys of a column scaled by ``1e-14``, and selected none
+    of them."""
+    rng = np.random.default_rng(3)
+    K = np.zeros((200, 3))
+    K[:, :2] = rng.standard_normal((200, 2))
+    K[0, 2] = 1e-13
+    V = rng.standard_normal((200, 2))
+    Q = np.array([[0.0, 0.0, 1.0]])
+    out, idx = ls.lev_attention(Q, K, V, eps=0.5, score="power", p=2, return_indices=True)
+    assert 0 in idx.tolist()
+    A = naive.dense_attention(Q, K)
+    np.testing.assert_allclose(out, A @ V, rtol=1e-9)
+    K2 = rng.standard_normal((50, 2))
+    K2[:, 1] *= 1e-14
+    Q2 = np.array([[0.0, 1.0]])
+    heavy = set(np.flatnonzero(naive.dense_attention(Q2, K2)[0] >= 0.05).tolist())
+    assert len(heavy) >= 3
+    _, idx2 = ls.lev_attention(Q2, K2, rng.standard_normal((50, 1)), eps=0.05, score="power", return_indices=True)
+    assert heavy <= set(idx2.tolist())
