@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ._validation import check_int
+
 __all__ = ["attention_like_keys", "attention_like_queries"]
 
 
@@ -43,7 +45,20 @@ def attention_like_keys(
     >>> sum(c.shape[0] for c in attention_like_keys(10_000, 16, chunk_rows=4096))
     10000
     """
-    rank = min(rank, dim)  # a low-rank component cannot have more directions than the keys
+    # checked here, on the call, not on the first chunk (a chunk size of 0 would yield empty chunks forever)
+    n = check_int(n, "n", minimum=0)
+    dim = check_int(dim, "dim", minimum=1)
+    chunk_rows = check_int(chunk_rows, "chunk_rows", minimum=1)
+    rank = min(
+        check_int(rank, "rank", minimum=0), dim
+    )  # no more low-rank directions than the keys have
+    return _keys(n, dim, rank, tail, chunk_rows, seed, dtype)
+
+
+def _keys(
+    n: int, dim: int, rank: int, tail: float, chunk_rows: int, seed: int, dtype: type
+) -> Iterator[np.ndarray]:
+    """The chunks of :func:`attention_like_keys` (arguments checked)."""
     basis, offset = _basis(dim, rank, seed)
     spectrum = 3.0 / np.sqrt(1.0 + np.arange(rank))
     gen = np.random.default_rng(seed)
@@ -62,7 +77,9 @@ def attention_like_queries(
     m: int, dim: int = 64, *, rank: int = 8, seed: int = 1, key_seed: int = 0
 ) -> np.ndarray:
     """``m`` queries sharing the keys' low-rank structure (built from ``key_seed``) plus noise."""
-    rank = min(rank, dim)
+    m = check_int(m, "m", minimum=0)
+    dim = check_int(dim, "dim", minimum=1)
+    rank = min(check_int(rank, "rank", minimum=0), dim)
     basis, _ = _basis(dim, rank, key_seed)
     gen = np.random.default_rng(seed)
     return gen.standard_normal((m, dim)) + 2.0 * gen.standard_normal((m, rank)) @ basis
