@@ -75,7 +75,10 @@ def approx_leverage_scores(
     For small ``d`` the second (JL) sketch of DMMW is not needed and is skipped.
 
     Whatever the sketch's luck, the bounds are *certified*: with ``C = Y^T Y`` (eigenvalues in
-    ``[lam_min, lam_max]``), ``tau_j = y_j^T C^-1 y_j`` lies in ``[tau~_j / lam_max, tau~_j / lam_min]``.
+    ``[lam_min, lam_max]``), ``tau_j = y_j^T C^-1 y_j`` lies in ``[tau~_j / lam_max, tau~_j / lam_min]``
+    when the sketch's range holds every direction of ``K``; when it lost one (keys cancelling in a bucket,
+    or fewer sketch rows than ``d``), which the extra pass checks, the bounds are the exact scores.  The
+    columns are equilibrated first (scores do not depend on their scale).
     **No-false-negative threshold rule:** keep key ``j`` when ``upper_j >= eps``; every key with
     ``tau_j >= eps`` is kept.  Computing the bounds costs one extra ``n d^2`` pass.
 
@@ -112,8 +115,17 @@ def approx_leverage_scores(
     oversampling = check_real(oversampling, "oversampling")
     if not oversampling > 0:
         raise ValueError(f"oversampling must be > 0; got {oversampling} instead.")
-    n, d = K.shape
+    n = K.shape[0]
     gen = np.random.default_rng(rng)
+    zeros = np.zeros(n)
+    # scores are invariant under column scaling: sketch the column-equilibrated keys, as leverage_scores
+    # decides its rank on them (a direction carried by a tiny column is not cut as rounding)
+    col_max = np.abs(K).max(axis=0) if n else np.zeros(K.shape[1])
+    live = col_max > 0
+    if not live.any():
+        return (zeros, zeros.copy(), zeros.copy()) if return_bounds else zeros
+    K = K[:, live] / col_max[live]
+    d = K.shape[1]
     r = int(np.ceil(oversampling * d * (d + 1)))
     if r >= n:
         SK = K
@@ -123,14 +135,22 @@ def approx_leverage_scores(
         S = sp.csr_matrix((signs, (buckets, np.arange(n))), shape=(r, n))
         SK = np.asarray(S @ K)
     _, s, vt = sla.svd(SK, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-    if s.size == 0 or s[0] == 0.0:
-        zeros = np.zeros(n)
-        return (zeros, zeros.copy(), zeros.copy()) if return_bounds else zeros
-    rank = int((s > rank_tolerance(s[0], *SK.shape)).sum())
+    rank = int((s > rank_tolerance(s[0], *SK.shape)).sum()) if s.size and s[0] > 0 else 0
     Y = K @ (vt[:rank].T / s[:rank])
     scores = np.einsum("ij,ij->i", Y, Y)
     if not return_bounds:
         return scores
+    if rank < d:
+        # tau_j = y_j^T C^-1 y_j needs the sketch's range to hold every direction of K: a sketch that lost one
+        # (keys cancelling in a bucket, a sketch of fewer rows than d) gives a well-conditioned C all the same
+        # and bounds that miss the keys along it.  Keys with energy outside that range: exact scores.
+        outside = K - (K @ vt[:rank].T) @ vt[:rank]
+        frobenius = np.sqrt(np.einsum("ij,ij->", K, K))  # at least sigma_max, in one pass
+        if np.sqrt(np.einsum("ij,ij->", outside, outside)) > rank_tolerance(frobenius, n, d):
+            tau = leverage_scores(K)
+            return scores, tau, tau.copy()
+    if rank == 0:
+        return scores, zeros.copy(), zeros.copy()
     lam = sla.eigvalsh(Y.T @ Y, check_finite=False)
     slack = 1.0 + 8.0 * d * UNIT_ROUNDOFF * float(lam[-1] / max(lam[0], UNIT_ROUNDOFF))
     if lam[0] <= 1e-8 * lam[-1]:

@@ -290,6 +290,29 @@ def test_approx_leverage_bounds_are_certified(seed: int) -> None:
     assert np.abs(est / tau - 1.0).max() < 0.5
 
 
+def test_approx_leverage_bounds_hold_when_the_sketch_loses_a_direction() -> None:
+    """The bounds ``y^T C^-1 y`` hold only if the sketch's range holds every direction of ``K``.  Two keys
+    ``[0, 1]`` beside 1000 along ``e1`` cancel when they share a CountSketch bucket with opposite signs (12
+    seeds in 3000); a sketch of one row has rank 1 < d.  Either way ``C`` stayed well-conditioned and the upper
+    bounds of keys along the lost direction were 0 (their score is 0.5).  The extra pass now checks the range;
+    the bounds are then the exact scores.  And a column's scale does not matter (scores do not depend on it)."""
+    K = np.vstack([np.c_[np.ones(1000), np.zeros(1000)], [[0.0, 1.0], [0.0, 1.0]]])
+    tau = leverage_svd(K)
+    assert tau[-1] == pytest.approx(0.5)
+    lost = 0
+    for seed in range(3000):
+        est, lo, hi = ls.approx_leverage_scores(K, rng=seed, return_bounds=True, oversampling=2.0)
+        lost += est[-1] < 0.25
+        assert (lo <= tau * (1 + 1e-9)).all() and (tau <= hi * (1 + 1e-9)).all(), seed
+    assert lost > 0  # some sketches did lose the direction
+    rng = np.random.default_rng(1)
+    K4 = rng.standard_normal((5000, 4)) * np.array([1.0, 1e-12, 1.0, 1e14])
+    tau4 = leverage_svd(K4)
+    for oversampling in (0.05, 20.0):
+        _, lo, hi = ls.approx_leverage_scores(K4, rng=2, return_bounds=True, oversampling=oversampling)
+        assert (lo <= tau4 * (1 + 1e-9)).all() and (tau4 <= hi * (1 + 1e-9)).all()
+
+
 def test_approx_leverage_reproducible_and_exact_when_small() -> None:
     K = _tiny_keys(4, n=20_000, d=3)
     a = ls.approx_leverage_scores(K, rng=np.random.default_rng(9))
