@@ -110,8 +110,13 @@ class OnlineLeverageSampler:
         return S.T @ S
 
     def update_many(self, X: Any) -> OnlineLeverageSampler:
-        """Stream the rows of ``X`` (shape (m, dim)) in order; returns ``self``."""
-        X = as_matrix(X, "X", self.dim)
+        """Stream the rows of ``X`` (shape (m, dim), ``m >= 0``: an empty chunk changes nothing) in order; returns
+        ``self``."""
+        X = as_matrix(X, "X", self.dim, allow_empty=True)
+        if (
+            X.shape[0] == 0
+        ):  # as KeySketch.update_many: a filter that kept nothing, an empty partition
+            return self
         uniforms = self._rng.random(X.shape[0])
         kept, probs = online_ridge_sample(X, self._minv, self.oversampling, uniforms)
         self.n += X.shape[0]

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._config import TIE_RTOL
-from ._validation import as_matrix, check_eps, check_p
+from ._validation import as_matrix, check_eps, check_int, check_p
 from .results import HeavyEntries
 
 __all__ = [
@@ -25,7 +25,8 @@ __all__ = [
 
 def dense_attention(Q: Any, K: Any, *, p: float = 2) -> np.ndarray:
     """The full attention matrix ``A = |Q K^T|^p / rowsum`` (m x n; rows with zero sum are all zero)."""
-    Q, K = as_matrix(Q, "Q", allow_empty=True), as_matrix(K, "K")
+    Q = as_matrix(Q, "Q", allow_empty=True)
+    K = as_matrix(K, "K", Q.shape[1] if Q.shape[1] else None)  # the queries' width
     B = np.abs(Q @ K.T) ** check_p(p)
     Z = B.sum(axis=1, keepdims=True)
     return np.divide(B, Z, out=np.zeros_like(B), where=Z > 0)
@@ -47,6 +48,7 @@ def heavy_entries_dense(
     Q = as_matrix(Q, "Q", allow_empty=True)
     K = as_matrix(K, "K", Q.shape[1] if Q.shape[1] else None)
     eps, p = check_eps(eps), check_p(p)
+    block_rows = check_int(block_rows, "block_rows", minimum=1)
     counts, keys, vals = [], [], []
     for s in range(0, Q.shape[0], block_rows):
         B = np.abs(Q[s : s + block_rows] @ K.T) ** p
@@ -369,7 +371,8 @@ class DenseHeavyScan:
     ) -> None:
         self._Q = as_matrix(Q, "Q", allow_empty=True)
         self.eps, self.p = check_eps(eps), check_p(p)
-        self._offset, self._block_rows = int(offset), max(1, int(block_rows))
+        self._offset = check_int(offset, "offset", minimum=0)  # key ids are non-negative
+        self._block_rows = check_int(block_rows, "block_rows", minimum=1)
         self.normalizer = np.zeros(self._Q.shape[0])
         self.n = 0
         self._found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

@@ -289,3 +289,30 @@ def test_clashes_with_retained_keys_are_caught_after_id_tracking_becomes_inexact
     assert_rejected(s, Q, lambda t: t.merge(other), ValueError, f"both sketches contain key id {held}")
     s.update_many(X[:2], ids=[10 * n, 10 * n + 1])  # fresh ids are still accepted
     assert s.n == n + 2
+
+
+def test_testing_helpers_refuse_bad_sizes_with_clear_errors():
+    """The brute-force helpers: a negative offset gave negative key ids, ``block_rows=0`` a bare ``range()``
+    error, keys of another width than the queries NumPy's matmul error."""
+    from levstream.testing import DenseHeavyScan, dense_attention, heavy_entries_dense
+
+    with pytest.raises(ValueError, match="offset must be >= 0; got -5"):
+        DenseHeavyScan(np.ones((1, 2)), eps=0.1, offset=-5)
+    with pytest.raises(ValueError, match="block_rows must be >= 1; got 0"):
+        heavy_entries_dense(np.ones((2, 2)), np.ones((3, 2)), eps=0.1, block_rows=0)
+    with pytest.raises(ValueError, match=r"K must have 3 columns.*got shape \(4, 2\)"):
+        dense_attention(np.ones((2, 3)), np.ones((4, 2)))
+
+
+def test_online_sampler_takes_an_empty_chunk_as_a_no_op():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 3))
+    a = ls.OnlineLeverageSampler(3, delta=0.5, ridge=1.0, rng=1).update_many(X[:100])
+    b = ls.OnlineLeverageSampler(3, delta=0.5, ridge=1.0, rng=1).update_many(X[:100])
+    b.update_many(np.zeros((0, 3)))  # a filter that kept nothing: no draw, no row
+    a.update_many(X[100:])
+    b.update_many(X[100:])
+    assert a.n == b.n == 300
+    np.testing.assert_array_equal(a.sample, b.sample)
+    with pytest.raises(ValueError, match="X must have 3 columns"):
+        b.update_many(np.zeros((0, 4)))
