@@ -337,7 +337,9 @@ def lev_attention(
     V : array_like, shape (..., n, dv)
     top_k : int, optional
         Keep the ``top_k`` keys with the largest selection score per head (all keys when ``n <= top_k``).
-        Ties go to the lower key index.
+        Equal computed scores go to the lower key index.  Scores equal in exact arithmetic (``n <= d``, where
+        every score is 1; duplicated keys) can differ in their last bits, and which of them is kept then
+        depends on that rounding.
     eps : float, optional
         Instead of ``top_k`` (exactly one of the two must be given): keep every key whose selection score
         is ``>= eps``.  Only for ``selection="leverage"`` (the universal set ``{j : tau_j >= eps}``) and
@@ -411,7 +413,10 @@ def lev_attention(
     Guarantee: with ``score="power", p=2, selection="leverage"`` and ``eps``, every entry of the full
     attention ``A_ij >= eps`` has ``j`` selected (docs/theory.md, "Proofs", 1), and with
     ``normalizer="exact"`` its weight is exact.  Softmax selection is a heuristic with no such
-    guarantee (docs/theory.md, "Softmax").
+    guarantee (docs/theory.md, "Softmax").  The power weights ``|<q, k>|^p`` are computed as they are, in
+    float64: inputs far from unit scale (``|<q, k>|^p`` below about ``1e-308`` or above ``1e308``, e.g. ``Q``
+    and ``K`` both of norm ``1e-120`` at ``p = 2``) underflow to zero outputs or overflow to nan; rescale them
+    first (the attention of ``|x|^p`` does not depend on the scale of ``q`` and ``k``).
 
     Examples
     --------

@@ -31,7 +31,10 @@ class OnlineLeverageSampler:
     delta : float
         Target spectral accuracy, ``0 < delta < 1``.
     ridge : float
-        ``lambda > 0``; directions with ``||K v||^2`` well below ``ridge`` are not resolved.
+        ``lambda > 0``; directions with ``||K v||^2`` well below ``ridge`` are not resolved.  The sampler keeps
+        ``(G~ + ridge I)^-1`` by rank-one updates, whose rounding grows with its condition number: keep
+        ``ridge`` above about ``1e-12 ||K||_2^2`` (at ``1e-17 ||K||_2^2`` the guarantee failed on 7 of 10
+        streams; from ``1e-16`` on, on none of 80).
     rng : None, int, SeedSequence or Generator
         Uniforms are drawn in stream order, so the sample depends only on the rows and the seed.
     oversampling : float, optional

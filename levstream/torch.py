@@ -155,7 +155,9 @@ class LevSelfAttention(nn.Module):
         """Softmax attention of ``Q`` over each head's selected keys; inputs (..., n, head_dim).
 
         Equals ``levstream.lev_attention(Q, K, V, top_k=self.top_k, selection=self.selection,
-        always_keep=self.always_keep, causal=self.causal)`` (with dropout off).
+        always_keep=self.always_keep, causal=self.causal)`` (with dropout off), but where scores that are equal
+        in exact arithmetic (``n <= head_dim``, duplicated keys) tie: the two compute them in different
+        orders, so their last bits, and the keys kept among the tied, may differ.
         """
         n = K.shape[-2]
         if self.top_k is None or self.top_k >= n:
