@@ -392,3 +392,15 @@ def test_eps_selection_keeps_keys_a_plain_svd_rank_rule_calls_rounding():
     assert len(heavy) >= 3
     _, idx2 = ls.lev_attention(Q2, K2, rng.standard_normal((50, 1)), eps=0.05, score="power", return_indices=True)
     assert heavy <= set(idx2.tolist())
+
+
+def test_indices_are_padded_to_the_largest_count_even_when_it_is_zero():
+    """``indices`` rows are padded with -1 to the largest count ``s``; with no key selected ``s = 0`` (the
+    array had one column of -1)."""
+    out, idx = ls.lev_attention(np.ones((1, 2)), np.zeros((3, 2)), np.ones((3, 1)), eps=0.5, score="power",
+                                return_indices=True)
+    assert idx.shape == (0,) and out.tolist() == [[0.0]]
+    K = np.array([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    _, idx = ls.lev_attention(np.ones((2, 1, 2)), K, np.ones((2, 3, 1)), eps=0.6, score="power",
+                              return_indices=True)
+    assert idx.tolist() == [[2, -1, -1], [0, 1, 2]]  # scores (1/2, 1/2, 1) and (2/3, 2/3, 2/3)
