@@ -85,9 +85,19 @@ def _batched_leverage(K: np.ndarray) -> np.ndarray:
     (columns equilibrated before the rank is decided, a key along a direction the rank tolerance cuts scored
     1), so that the ``eps`` guarantee holds for keys a plain SVD rank rule would call rounding: a key alone in
     a direction of ``1e-13`` (its score 1) or a column scaled by ``1e-14`` (docs/theory.md, "Numerics")."""
+    from ._linalg import factor_rank_tolerance
     from .scores import leverage_scores
 
-    return np.stack([leverage_scores(Kb) for Kb in K]) if K.shape[0] else np.zeros(K.shape[:2])
+    B, n, d = K.shape
+    col_max = np.abs(K).max(axis=1, keepdims=True)
+    U, s, _ = np.linalg.svd(K / np.where(col_max > 0, col_max, 1.0), full_matrices=False)
+    out = np.einsum("bnr,bnr->bn", U, U)
+    for b in range(
+        B
+    ):  # one batched SVD; a head whose rank falls short takes leverage_scores' rules
+        if not (s[b, -1] > factor_rank_tolerance(s[b, 0], n, d, 1)):
+            out[b] = leverage_scores(K[b])
+    return out
 
 
 def _weights(
@@ -521,6 +531,8 @@ def lev_attention(
         )
     out = out.reshape(batch + (m, dv))
     if return_indices:
-        s = int(counts.max()) if B else 0  # the kernel's index array has a column at least; the docs' width s
+        s = (
+            int(counts.max()) if B else 0
+        )  # the kernel's index array has a column at least; the docs' width s
         return out, np.ascontiguousarray(idx[:, :s]).reshape(batch + (s,))
     return out
