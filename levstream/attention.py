@@ -531,8 +531,7 @@ def lev_attention(
         )
     out = out.reshape(batch + (m, dv))
     if return_indices:
-        s = (
-            int(counts.max()) if B else 0
-        )  # the kernel's index array has a column at least; the docs' width s
+        # the kernel's index array has a column at least; the rows returned are as wide as the largest count
+        s = int(counts.max()) if B else 0
         return out, np.ascontiguousarray(idx[:, :s]).reshape(batch + (s,))
     return out
