@@ -531,7 +531,8 @@ def lev_attention(
         )
     out = out.reshape(batch + (m, dv))
     if return_indices:
-        # the kernel's index array has a column at least; the rows returned are as wide as the largest count
-        s = int(counts.max()) if B else 0
+        # eps selection: the kernel's index array has a column at least; the rows returned are as wide as the
+        # largest count (top_k: as wide as the keys each head keeps, whatever the batch)
+        s = idx.shape[1] if eps is None else (int(counts.max()) if B else 0)
         return out, np.ascontiguousarray(idx[:, :s]).reshape(batch + (s,))
     return out

@@ -8,7 +8,11 @@ import numpy as np
 import scipy.linalg as sla
 
 from ._config import REPORT_RTOL, UNIT_ROUNDOFF
-from ._linalg import pseudo_inverse_factor, rank_tolerance, score_outside_as_one
+from ._linalg import (
+    factor_rank_tolerance,
+    pseudo_inverse_factor,
+    score_outside_as_one,
+)
 from ._validation import as_matrix, check_eps, check_p, check_real
 from .lewis import sensitivity_bounds
 from .results import UniversalSet
@@ -76,9 +80,10 @@ def approx_leverage_scores(
 
     Whatever the sketch's luck, the bounds are *certified*: with ``C = Y^T Y`` (eigenvalues in
     ``[lam_min, lam_max]``), ``tau_j = y_j^T C^-1 y_j`` lies in ``[tau~_j / lam_max, tau~_j / lam_min]``
-    when the sketch's range holds every direction of ``K``; when it lost one (keys cancelling in a bucket,
-    or fewer sketch rows than ``d``), which the extra pass checks, the bounds are the exact scores.  The
-    columns are equilibrated first (scores do not depend on their scale).
+    when the sketch has the rank of ``K``'s columns; when its rank falls short (it lost a direction: keys
+    cancelling in a bucket, fewer sketch rows than ``d``; or ``K`` is rank-deficient) the bounds are the exact
+    scores (:func:`leverage_scores`, ``O(n d^2)``).  The columns are equilibrated first (scores do not depend
+    on their scale).
     **No-false-negative threshold rule:** keep key ``j`` when ``upper_j >= eps``; every key with
     ``tau_j >= eps`` is kept.  Computing the bounds costs one extra ``n d^2`` pass.
 
@@ -135,22 +140,20 @@ def approx_leverage_scores(
         S = sp.csr_matrix((signs, (buckets, np.arange(n))), shape=(r, n))
         SK = np.asarray(S @ K)
     _, s, vt = sla.svd(SK, full_matrices=False, check_finite=False, lapack_driver="gesdd")
-    rank = int((s > rank_tolerance(s[0], *SK.shape)).sum()) if s.size and s[0] > 0 else 0
+    # the tolerance leverage_scores decides its rank with: a direction it keeps is not cut here, else the keys
+    # along it would get bounds near 0 while their score is 1
+    rank = int((s > factor_rank_tolerance(s[0], n, d, 1)).sum()) if s.size and s[0] > 0 else 0
     Y = K @ (vt[:rank].T / s[:rank])
     scores = np.einsum("ij,ij->i", Y, Y)
     if not return_bounds:
         return scores
     if rank < d:
         # tau_j = y_j^T C^-1 y_j needs the sketch's range to hold every direction of K: a sketch that lost one
-        # (keys cancelling in a bucket, a sketch of fewer rows than d) gives a well-conditioned C all the same
-        # and bounds that miss the keys along it.  Keys with energy outside that range: exact scores.
-        outside = K - (K @ vt[:rank].T) @ vt[:rank]
-        frobenius = np.sqrt(np.einsum("ij,ij->", K, K))  # at least sigma_max, in one pass
-        if np.sqrt(np.einsum("ij,ij->", outside, outside)) > rank_tolerance(frobenius, n, d):
-            tau = leverage_scores(K)
-            return scores, tau, tau.copy()
-    if rank == 0:
-        return scores, zeros.copy(), zeros.copy()
+        # (keys cancelling in a bucket, fewer sketch rows than d) gives a well-conditioned C all the same, and
+        # bounds near 0 for keys along it, even when that direction is only a key's own tiny component (score
+        # 1).  Telling a lost direction from a rank-deficient K costs what the exact scores cost: those.
+        tau = leverage_scores(K)
+        return scores, tau, tau.copy()
     lam = sla.eigvalsh(Y.T @ Y, check_finite=False)
     slack = 1.0 + 8.0 * d * UNIT_ROUNDOFF * float(lam[-1] / max(lam[0], UNIT_ROUNDOFF))
     if lam[0] <= 1e-8 * lam[-1]:

@@ -404,3 +404,10 @@ def test_indices_are_padded_to_the_largest_count_even_when_it_is_zero():
     _, idx = ls.lev_attention(np.ones((2, 1, 2)), K, np.ones((2, 3, 1)), eps=0.6, score="power",
                               return_indices=True)
     assert idx.tolist() == [[2, -1, -1], [0, 1, 2]]  # scores (1/2, 1/2, 1) and (2/3, 2/3, 2/3)
+
+
+def test_top_k_indices_are_as_wide_as_the_keys_kept_even_for_an_empty_batch():
+    for B in (0, 1, 2):
+        Q, K, V = np.ones((B, 3, 2)), np.ones((B, 5, 2)), np.ones((B, 5, 1))
+        _, idx = ls.lev_attention(Q, K, V, top_k=2, return_indices=True)
+        assert idx.shape == (B, 2)

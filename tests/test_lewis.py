@@ -294,8 +294,8 @@ def test_approx_leverage_bounds_hold_when_the_sketch_loses_a_direction() -> None
     """The bounds ``y^T C^-1 y`` hold only if the sketch's range holds every direction of ``K``.  Two keys
     ``[0, 1]`` beside 1000 along ``e1`` cancel when they share a CountSketch bucket with opposite signs (12
     seeds in 3000); a sketch of one row has rank 1 < d.  Either way ``C`` stayed well-conditioned and the upper
-    bounds of keys along the lost direction were 0 (their score is 0.5).  The extra pass now checks the range;
-    the bounds are then the exact scores.  And a column's scale does not matter (scores do not depend on it)."""
+    bounds of keys along the lost direction were 0 (their score is 0.5).  A sketch short of rank now gives
+    the exact scores as bounds.  And a column's scale does not matter (scores do not depend on it)."""
     K = np.vstack([np.c_[np.ones(1000), np.zeros(1000)], [[0.0, 1.0], [0.0, 1.0]]])
     tau = leverage_svd(K)
     assert tau[-1] == pytest.approx(0.5)
@@ -311,6 +311,19 @@ def test_approx_leverage_bounds_hold_when_the_sketch_loses_a_direction() -> None
     for oversampling in (0.05, 20.0):
         _, lo, hi = ls.approx_leverage_scores(K4, rng=2, return_bounds=True, oversampling=oversampling)
         assert (lo <= tau4 * (1 + 1e-9)).all() and (tau4 <= hi * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize(("n", "oversampling"), [(100, 20.0), (1000, 200.0), (1000, 20.0)])
+def test_approx_leverage_bounds_keep_a_key_along_a_tiny_direction(n: int, oversampling: float) -> None:
+    """``n - 1`` keys (1, 1) and one (1, -1) * 1e-13: the rows are orthogonal, so the last key's score is 1.
+    Its direction is ``1e-14`` of the largest: above the rank tolerance of ``leverage_scores``, below the
+    worst-case one the sketch's rank and the range check used, so its bounds were ~1e-60 and the keep rule
+    ``upper >= eps`` dropped it."""
+    K = np.vstack([np.ones((n - 1, 2)), [[1e-13, -1e-13]]])
+    assert ls.leverage_scores(K)[-1] == pytest.approx(1.0, rel=1e-5)
+    for seed in range(5):
+        _, lo, hi = ls.approx_leverage_scores(K, rng=seed, oversampling=oversampling, return_bounds=True)
+        assert lo[-1] <= 1.0 + 1e-5 and hi[-1] >= 1.0 - 1e-5, (seed, lo[-1], hi[-1])
 
 
 def test_approx_leverage_reproducible_and_exact_when_small() -> None:
