@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
+    "CutDirections",
+    "factor_rank_tolerance",
     "inverse_upper_factor",
     "pseudo_inverse_factor",
     "rank_tolerance",

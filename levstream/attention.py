@@ -92,9 +92,8 @@ def _batched_leverage(K: np.ndarray) -> np.ndarray:
     col_max = np.abs(K).max(axis=1, keepdims=True)
     U, s, _ = np.linalg.svd(K / np.where(col_max > 0, col_max, 1.0), full_matrices=False)
     out = np.einsum("bnr,bnr->bn", U, U)
-    for b in range(
-        B
-    ):  # one batched SVD; a head whose rank falls short takes leverage_scores' rules
+    # one batched SVD; a head whose rank falls short takes leverage_scores' rules
+    for b in range(B):
         if not (s[b, -1] > factor_rank_tolerance(s[b, 0], n, d, 1)):
             out[b] = leverage_scores(K[b])
     return out

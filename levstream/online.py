@@ -116,9 +116,8 @@ class OnlineLeverageSampler:
         """Stream the rows of ``X`` (shape (m, dim), ``m >= 0``: an empty chunk changes nothing) in order; returns
         ``self``."""
         X = as_matrix(X, "X", self.dim, allow_empty=True)
-        if (
-            X.shape[0] == 0
-        ):  # as KeySketch.update_many: a filter that kept nothing, an empty partition
+        # as KeySketch.update_many: a filter that kept nothing, an empty partition
+        if X.shape[0] == 0:
             return self
         uniforms = self._rng.random(X.shape[0])
         kept, probs = online_ridge_sample(X, self._minv, self.oversampling, uniforms)

@@ -27,9 +27,9 @@ def leverage_scores(K: Any) -> np.ndarray:
     pseudo-inverse rank tolerance ``(sqrt(m) + 1/4) * eps_machine * sigma_max`` (``m = max(n, d)``, at most
     ``m``: the rounding one QR factor meets, :func:`~levstream._linalg.factor_rank_tolerance`) applied after
     scaling every non-zero column to max-abs 1 (scores are invariant under column scaling): rank-deficient
-    ``K`` gives scores summing to its numerical rank.  A row with a component of its own along a direction that tolerance
-    cuts (beyond what rounding can put there) is scored 1, the bound of every leverage score: float64 cannot
-    tell its score, and a heavy key must not be missed (docs/theory.md, "Numerics").
+    ``K`` gives scores summing to its numerical rank.  A row with a component of its own along a direction
+    that tolerance cuts (beyond what rounding can put there) is scored 1, the bound of every leverage score:
+    float64 cannot tell its score, and a heavy key must not be missed (docs/theory.md, "Numerics").
 
     Parameters
     ----------

@@ -8,8 +8,9 @@ Two representations, chosen automatically (docs/theory.md, "Numerics"):
 * **R factor** (robust path): ``R`` with ``R^T R = G`` updated by TSQR, ``R <- qr([R; X]).R``.  Scores by the
   SVD of the column-equilibrated ``R`` with pseudo-inverse semantics (relative rank tolerance
   ``min(m, sqrt(m) + qr_steps / 4) * eps_machine``, ``m = max(n, d)``:
-  :func:`~levstream._linalg.factor_rank_tolerance`; a row along a direction it cuts is scored 1), accurate up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used
-  for rank-deficient or ill-conditioned keys; the summary returns to the Gram path when the conditioning allows.
+  :func:`~levstream._linalg.factor_rank_tolerance`; a row along a direction it cuts is scored 1), accurate
+  up to ``kappa(K)`` rather than ``kappa(K)^2``.  Used for rank-deficient or ill-conditioned keys; the
+  summary returns to the Gram path when the conditioning allows.
 
 The ingest path calls SciPy's BLAS, without the GIL, for the Gram update of each slab (``syrk``) and for products
 with triangular factors (``trmm``), from one compiled call per run of slabs (:mod:`levstream._kernels.ingest`);
@@ -469,10 +470,10 @@ class GramSummary(NormalizerSummary):
     def _get_factor(
         self, remember: bool = True, cache: bool = True
     ) -> tuple[str, np.ndarray, float, np.ndarray | None, CutDirections | None]:
-        """``(kind, W, rel_error, cols, outside)``: the factor of the current ``G`` (computed once per update), with
-        ``k^T G^+ k = ||(k / cols) W||^2`` (``cols`` None on the Cholesky path; ``outside`` the directions the
-        R path's rank tolerance cut, :func:`~levstream._linalg.pseudo_inverse_factor`, else None); ``remember``: also keep a new Cholesky
-        factor as the stale factor of later bounds; ``cache=False``: compute it without keeping it (a prune's
+        """``(kind, W, rel_error, cols, outside)``: the factor of the current ``G`` (computed once per update),
+        with ``k^T G^+ k = ||(k / cols) W||^2`` (``cols`` None on the Cholesky path; ``outside`` the directions
+        the R path's rank tolerance cut, :func:`~levstream._linalg.pseudo_inverse_factor`, else None);
+        ``remember``: also keep a new Cholesky factor as the stale factor of later bounds; ``cache=False``: compute it without keeping it (a prune's
         factor: pruning then changes neither the bounds of the ingest path nor the memory held)."""
         if self._factor is None and not cache:
             held = self._past_factor, self._past_diag_max
