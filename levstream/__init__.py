@@ -2,7 +2,7 @@
 
 The contract is in the documentation (docs/api.md); the theory in docs/theory.md.  Public names::
 
-    KeySketch, MultiHeadKeySketch, build_sketch, load, UniversalSet, HeavyEntries, TopK, AttentionResult,
+    KeySketch, MultiHeadKeySketch, build_sketch, load, UniversalSet, HeavyEntries, HeadEntries, TopK, AttentionResult,
     leverage_scores, approx_leverage_scores, lewis_weights, sensitivity_bounds, universal_set,
     OnlineLeverageSampler, lev_attention, set_num_threads, get_num_threads, testing
 """
@@ -16,12 +16,13 @@ from .build import build_sketch
 from .lewis import lewis_weights, sensitivity_bounds
 from .multihead import MultiHeadKeySketch
 from .online import OnlineLeverageSampler
-from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
+from .results import AttentionResult, HeadEntries, HeavyEntries, TopK, UniversalSet
 from .scores import approx_leverage_scores, leverage_scores, universal_set
 from .sketch import KeySketch, load
 
 __all__ = [
     "AttentionResult",
+    "HeadEntries",
     "HeavyEntries",
     "KeySketch",
     "MultiHeadKeySketch",

@@ -58,7 +58,7 @@ from ._validation import (
     check_p,
     fast_float64,
 )
-from .results import AttentionResult, HeavyEntries, TopK, UniversalSet
+from .results import AttentionResult, HeadEntries, TopK, UniversalSet
 from .sketch import _ID_MAX, _TOP_K_PASS_MAX, KeySketch, _at_most_one_item, _check_magnitude
 from .summaries.gram import GramSummary
 
@@ -120,7 +120,7 @@ class MultiHeadKeySketch:
     >>> K = rng.standard_normal((4, 1000, 8))             # 4 heads, 1000 keys, head dim 8
     >>> sk = ls.MultiHeadKeySketch(4, 8, eps=0.05).update_many(K)
     >>> Q = rng.standard_normal((4, 10, 8))
-    >>> hits = sk.heavy_entries(Q)                        # one HeavyEntries per head
+    >>> hits = sk.heavy_entries(Q)                        # a HeadEntries: one HeavyEntries per head
     >>> len(hits)
     4
     >>> dense = ls.testing.heavy_entries_dense(Q[2], K[2], eps=0.05)
@@ -973,21 +973,12 @@ class MultiHeadKeySketch:
         key_ids: np.ndarray,
         values: np.ndarray,
         eps: float,
-    ) -> list[HeavyEntries]:
-        """One :class:`HeavyEntries` per head, views of the arrays of every head (made read-only once)."""
-        for arr in (indptr, key_ids, values):
+    ) -> HeadEntries:
+        """Every head's entries as found by the stacked kernel (its arrays made read-only, not copied); a head's
+        :class:`HeavyEntries` is made when a caller reads it."""
+        for arr in (starts, indptr, key_ids, values):
             arr.flags.writeable = False
-        bounds = starts.tolist()
-        of_frozen = HeavyEntries.of_frozen
-        return [
-            of_frozen(
-                indptr[h],
-                key_ids[bounds[h] : bounds[h + 1]],
-                values[bounds[h] : bounds[h + 1]],
-                eps,
-            )
-            for h in range(len(self._heads))
-        ]
+        return HeadEntries.of_frozen(starts, indptr, key_ids, values, eps)
 
     def universal_set(self) -> list[UniversalSet]:
         """The universal set of every head (exact for p = 2), one :class:`UniversalSet` per head."""
@@ -1000,10 +991,11 @@ class MultiHeadKeySketch:
             self._sync()
             return np.stack([h._normalizer(Q[i]) for i, h in enumerate(self._heads)])
 
-    def heavy_entries(self, Q: Any, eps: float | None = None) -> list[HeavyEntries]:
+    def heavy_entries(self, Q: Any, eps: float | None = None) -> HeadEntries:
         """Every entry ``A_h[i, j] >= eps`` of each head's attention, for ``Q`` of shape ``(n_heads, m, dim)``.
 
-        Returns one :class:`HeavyEntries` per head, as :meth:`KeySketch.heavy_entries` of that head.
+        Returns a :class:`~levstream.results.HeadEntries`: a sequence with one :class:`HeavyEntries` per head
+        (as :meth:`KeySketch.heavy_entries` of that head), and the entries of every head in one block of arrays.
         """
         Q = self._queries(Q, finite=False)
         eps = self._query_eps(eps)
@@ -1017,10 +1009,12 @@ class MultiHeadKeySketch:
                     return self._entry_list(starts, indptr, key_ids, values, eps)
             Q = self._queries(Q)  # in full: a query that is not finite is refused here
             self._sync()
-            return [
-                _query.heavy_entries(h._view(), Q[i], self.p, eps)
-                for i, h in enumerate(self._heads)
-            ]
+            return HeadEntries.of_heads(
+                [
+                    _query.heavy_entries(h._view(), Q[i], self.p, eps)
+                    for i, h in enumerate(self._heads)
+                ]
+            )
 
     def top_k(self, Q: Any, k: int) -> list[TopK]:
         """The ``k`` largest entries of each query of each head (see :meth:`KeySketch.top_k`), one per head."""
@@ -1047,8 +1041,9 @@ class MultiHeadKeySketch:
             return out
 
     def attend(self, Q: Any, eps: float | None = None) -> AttentionResult:
-        """:meth:`KeySketch.attend` for every head: ``entries`` is a list (one per head), the arrays have a head
-        axis in front (``heavy_output``/``output`` ``(n_heads, m, value_dim)``, ``captured_mass`` ``(n_heads, m)``)."""
+        """:meth:`KeySketch.attend` for every head: ``entries`` is a :class:`~levstream.results.HeadEntries` (one
+        :class:`HeavyEntries` per head), the arrays have a head axis in front (``heavy_output``/``output``
+        ``(n_heads, m, value_dim)``, ``captured_mass`` ``(n_heads, m)``)."""
         Q = self._queries(Q, finite=False)
         eps = self._query_eps(eps)
         with self._lock:
@@ -1557,10 +1552,10 @@ def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:
 
 
 def _stacked(results: list[AttentionResult]) -> AttentionResult:
-    """Per-head results as one result with a head axis in front (entries as a list)."""
+    """Per-head results as one result with a head axis in front (entries as a :class:`HeadEntries`)."""
     outputs = [r.output for r in results]
     return AttentionResult(
-        [r.entries for r in results],
+        HeadEntries.of_heads([r.entries for r in results]),  # type: ignore[misc]
         np.stack([r.heavy_output for r in results]),
         np.stack([r.captured_mass for r in results]),
         None if outputs[0] is None else np.stack([o for o in outputs if o is not None]),

@@ -1,9 +1,10 @@
-"""Immutable query results: :class:`UniversalSet`, :class:`HeavyEntries`, :class:`TopK`."""
+"""Immutable query results: :class:`UniversalSet`, :class:`HeavyEntries`, :class:`HeadEntries`, :class:`TopK`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
+from typing import overload
 
 import numpy as np
 
@@ -226,6 +227,168 @@ class HeavyEntries:
         return f"HeavyEntries(queries={self.n_queries}, entries={len(self)}, eps={self.eps:g})"
 
 
+class HeadEntries(Sequence[HeavyEntries]):
+    """The heavy entries of every head of a multi-head query: a read-only sequence with one :class:`HeavyEntries`
+    per head (``hits[h]``, built when first read), over arrays that hold the entries of all heads in one block.
+
+    A live step of many heads fills these arrays in one compiled pass; reading them directly costs nothing
+    more, and a head's :class:`HeavyEntries` (views of them) is made only for the heads a caller reads.
+
+    Attributes
+    ----------
+    head_starts : ndarray of int64, shape (n_heads + 1,)
+        The entries of head ``h`` are ``key_ids[head_starts[h]:head_starts[h + 1]]``.
+    indptr : ndarray of int64, shape (n_heads, m + 1)
+        ``indptr[h]`` is head ``h``'s :attr:`HeavyEntries.indptr` (offsets within the head's entries).
+    key_ids, values : ndarray of int64, float64
+        Every head's entries, head by head.
+    eps : float
+        The threshold that was applied.
+    lower, upper : ndarray of float64 or None
+        Bounds on the true values (head by head) for approximate normalisers; ``None`` when the values are exact.
+
+    Examples
+    --------
+    >>> import numpy as np, levstream as ls
+    >>> mh = ls.MultiHeadKeySketch(2, 2, eps=0.4)
+    >>> _ = mh.update_many(np.array([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]]]))
+    >>> hits = mh.heavy_entries(np.array([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    >>> len(hits), [h.key_ids.tolist() for h in hits]
+    (2, [[0], [1]])
+    >>> hits.head_starts.tolist(), hits.key_ids.tolist()
+    ([0, 1, 2], [0, 1])
+    """
+
+    __slots__ = ("_heads", "eps", "head_starts", "indptr", "key_ids", "lower", "upper", "values")
+
+    head_starts: np.ndarray
+    indptr: np.ndarray
+    key_ids: np.ndarray
+    values: np.ndarray
+    eps: float
+    lower: np.ndarray | None
+    upper: np.ndarray | None
+    _heads: list[HeavyEntries | None]
+
+    @classmethod
+    def of_frozen(
+        cls,
+        head_starts: np.ndarray,
+        indptr: np.ndarray,
+        key_ids: np.ndarray,
+        values: np.ndarray,
+        eps: float,
+    ) -> HeadEntries:
+        """Entries of exact values in arrays already in final form: int64 ``head_starts``, ``indptr``
+        (n_heads, m + 1) and ``key_ids``, float64 ``values``, all contiguous and read-only (the live step's
+        constructor: no copy, no check)."""
+        out = object.__new__(cls)
+        _hd_head_starts(out, head_starts)
+        _hd_indptr(out, indptr)
+        _hd_key_ids(out, key_ids)
+        _hd_values(out, values)
+        _hd_eps(out, float(eps))
+        _hd_lower(out, None)
+        _hd_upper(out, None)
+        _hd_heads(out, [None] * indptr.shape[0])
+        return out
+
+    @classmethod
+    def of_heads(cls, heads: list[HeavyEntries]) -> HeadEntries:
+        """The entries of each head (the same number of query rows and the same threshold in each), as one."""
+        if not heads:
+            raise ValueError("HeadEntries needs at least one head; got none.")
+        m = heads[0].n_queries
+        if any(h.n_queries != m for h in heads):
+            got = [h.n_queries for h in heads]
+            raise ValueError(f"every head must answer the same {m} query rows; got {got}.")
+        starts = np.zeros(len(heads) + 1, dtype=np.int64)
+        np.cumsum([len(h) for h in heads], out=starts[1:])
+
+        def joined(name: str) -> np.ndarray | None:
+            arrays = [getattr(h, name) for h in heads]
+            return None if any(a is None for a in arrays) else _frozen(np.concatenate(arrays))
+
+        out = cls.of_frozen(
+            _frozen(starts),
+            _frozen(np.stack([h.indptr for h in heads]).astype(np.int64, copy=False)),
+            joined("key_ids"),  # type: ignore[arg-type]
+            joined("values"),  # type: ignore[arg-type]
+            heads[0].eps,
+        )
+        _hd_lower(out, joined("lower"))
+        _hd_upper(out, joined("upper"))
+        out._heads[:] = heads  # the given objects are the heads (no second copy of their arrays)
+        return out
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"HeadEntries is read-only: cannot set {name!r}.")
+
+    def __len__(self) -> int:
+        """Number of heads."""
+        return len(self._heads)
+
+    @property
+    def n_queries(self) -> int:
+        """Number of query rows (per head)."""
+        return int(self.indptr.shape[1] - 1)
+
+    @property
+    def n_entries(self) -> int:
+        """Total number of heavy entries over every head."""
+        return int(self.key_ids.shape[0])
+
+    def _head(self, h: int) -> HeavyEntries:
+        hits = self._heads[h]
+        if hits is None:
+            s, e = int(self.head_starts[h]), int(self.head_starts[h + 1])
+            if self.lower is None and self.upper is None:
+                hits = HeavyEntries.of_frozen(
+                    self.indptr[h], self.key_ids[s:e], self.values[s:e], self.eps
+                )
+            else:
+                hits = HeavyEntries.of(
+                    self.indptr[h],
+                    self.key_ids[s:e],
+                    self.values[s:e],
+                    self.eps,
+                    None if self.lower is None else self.lower[s:e],
+                    None if self.upper is None else self.upper[s:e],
+                )
+            self._heads[h] = hits
+        return hits
+
+    @overload
+    def __getitem__(self, h: int) -> HeavyEntries: ...
+
+    @overload
+    def __getitem__(self, h: slice) -> list[HeavyEntries]: ...
+
+    def __getitem__(self, h: int | slice) -> HeavyEntries | list[HeavyEntries]:
+        """Head ``h``'s entries (a slice: a list of heads)."""
+        n = len(self._heads)
+        if isinstance(h, slice):
+            return [self._head(i) for i in range(*h.indices(n))]
+        if not isinstance(h, (int, np.integer)) or isinstance(h, (bool, np.bool_)):
+            raise TypeError(f"head index must be an integer or a slice; got {type(h).__name__}.")
+        if not -n <= h < n:
+            raise IndexError(f"head index must be in [{-n}, {n}); got {h}.")
+        return self._head(int(h) % n)
+
+    def __iter__(self) -> Iterator[HeavyEntries]:
+        for h in range(len(self._heads)):
+            yield self._head(h)
+
+    def __reduce__(self) -> tuple[Callable[..., HeadEntries], tuple[list[HeavyEntries]]]:
+        return HeadEntries.of_heads, (list(self),)
+
+    def __repr__(self) -> str:
+        return (
+            f"HeadEntries(heads={len(self)}, queries={self.n_queries}, entries={self.n_entries}, "
+            f"eps={self.eps:g})"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class TopK:
     """The ``k`` largest attention entries per query among the keys a sketch holds (a superset of the universal
@@ -262,7 +425,7 @@ class AttentionResult:
 
     Attributes
     ----------
-    entries : HeavyEntries, or a list of them (one per head) for a multi-head sketch
+    entries : HeavyEntries, or a :class:`HeadEntries` (one HeavyEntries per head) for a multi-head sketch
         Every entry ``A[i, key] >= eps`` (as :meth:`KeySketch.heavy_entries`).
     heavy_output : ndarray of float64, shape (m, value_dim) (``(n_heads, m, value_dim)`` for many heads)
         ``sum_{A_j >= eps} A_j v_j``: the output carried by the heavy entries alone.
@@ -355,6 +518,19 @@ def _slot_setters(cls: type) -> tuple[Callable[[object, object], None], ...]:
     HeavyEntries
 )
 (
+    _hd_head_starts,
+    _hd_indptr,
+    _hd_key_ids,
+    _hd_values,
+    _hd_eps,
+    _hd_lower,
+    _hd_upper,
+    _hd_heads,
+) = (
+    vars(HeadEntries)[name].__set__
+    for name in ("head_starts", "indptr", "key_ids", "values", "eps", "lower", "upper", "_heads")
+)
+(
     _ar_entries,
     _ar_heavy_output,
     _ar_captured_mass,
@@ -389,7 +565,9 @@ def concat_attention(parts: list[AttentionResult]) -> AttentionResult:
         joined: object = concat_entries([p.entries for p in parts])  # type: ignore[misc]
     else:  # one HeavyEntries per head
         heads = len(entries)  # type: ignore[arg-type]
-        joined = [concat_entries([p.entries[h] for p in parts]) for h in range(heads)]  # type: ignore[index]
+        joined = HeadEntries.of_heads(
+            [concat_entries([p.entries[h] for p in parts]) for h in range(heads)]  # type: ignore[index]
+        )
     axis = parts[0].captured_mass.ndim - 1  # the query axis (after the head axis of many heads)
 
     def bounds(name: str) -> tuple[np.ndarray, np.ndarray] | None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from levstream._kernels.live import heavy_p2, int8_rows, scan_norms
+from conftest import assert_heavy_matches_dense
 
 
 def rows_at_the_cut(rng: np.random.Generator, q: np.ndarray, cut: float) -> tuple[np.ndarray, list]:
@@ -219,3 +220,52 @@ print(before, loaded(), live._live.rows.n + decode._live.rows.n)
     before, after, kept = map(int, out.stdout.split())
     assert kept > 0, "no row was kept: the test does not exercise the kept-row path"
     assert after == before, f"{after - before} kernel version(s) loaded during the loops"
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_entries_come_in_id_order_however_many_a_query_has(shuffled):
+    """The scans read the candidates by descending norm, so a query's entries come out of id order and are sorted
+    (by insertion for a few, ``argsort`` beyond ``_INSERTION_SORT_MAX``).  Keys nearly along one direction, with
+    norms rising, falling or shuffled against their ids: thresholds from the sketch's ``eps`` up give queries
+    from ~60 entries down to none, on one head (``heavy_p2``), on many heads (``heavy_p2_stacked``) and in a
+    decode step; each row's ids must be strictly ascending and the entries those of brute force."""
+    import levstream as ls
+    from naive import dense_heavy
+
+    from levstream._kernels.live import _INSERTION_SORT_MAX
+
+    rng = np.random.default_rng(7)
+    d, n, heads = 4, 70, 3
+    scales = np.linspace(0.5, 2.0, n)
+    along = np.zeros(d)
+    along[0] = 1.0
+    K = np.empty((heads, n, d))
+    for h in range(heads):
+        s = rng.permutation(scales) if shuffled else (scales if h % 2 else scales[::-1])
+        K[h] = s[:, None] * (along + 0.01 * rng.standard_normal((n, d)))
+    q = along + 0.001 * rng.standard_normal(d)
+    # small blocks: the keys are folded into the candidates (read by norm) rather than waiting (read by id)
+    one = ls.KeySketch(d, eps=0.002, block_rows=16)
+    many = ls.MultiHeadKeySketch(heads, d, eps=0.002, block_rows=16)
+    decode = ls.KeySketch(d, eps=0.002, value_dim=1, exact_output=True, block_rows=16)
+    for j in range(n - 1):
+        one.update(K[0, j])
+        many.update_many(K[:, j : j + 1])
+        decode.prefill(K[0, j : j + 1], np.ones((1, 1)), rng.standard_normal((1, d)))
+    counts = set()
+    for eps in np.geomspace(0.002, 0.2, 25):
+        got = {
+            "one": one.heavy_entries(q[None], eps),
+            **{f"head {h}": hits for h, hits in enumerate(many.heavy_entries(np.tile(q, (heads, 1, 1)), eps))},
+        }
+        for name, hits in got.items():
+            h = int(name.split()[1]) if name.startswith("head") else 0
+            ids = hits.key_ids.tolist()
+            assert ids == sorted(set(ids)), (name, eps, ids)
+            assert_heavy_matches_dense(hits, dense_heavy(q[None], K[h, : n - 1], eps), eps)
+            counts.add(len(ids))
+    step = decode.prefill(K[0, n - 1 :], np.ones((1, 1)), q[None])
+    ids = step.entries.key_ids.tolist()
+    assert ids == sorted(set(ids)) and len(ids) > _INSERTION_SORT_MAX
+    assert_heavy_matches_dense(step.entries, dense_heavy(q[None], K[0], 0.002), 0.002)
+    assert max(counts) > 3 * _INSERTION_SORT_MAX and 0 in counts and len(counts) > 15, sorted(counts)

@@ -332,3 +332,80 @@ def test_a_token_refused_for_its_moment_terms_leaves_every_head_as_it_was():
     assert mh.to_bytes() == before
     mh.update(rng.standard_normal((2, 3)), rng.standard_normal((2, 1)))
     assert ls.MultiHeadKeySketch.from_bytes(mh.to_bytes()).n == 6
+
+
+# ------------------------------------------------------------------ the result of many heads
+def assert_stacked_as_heads(hits: ls.HeadEntries, n_heads: int, m: int) -> None:
+    """The stacked arrays of ``hits`` hold exactly the entries of its per-head :class:`HeavyEntries`."""
+    assert isinstance(hits, ls.HeadEntries) and len(hits) == n_heads and hits.n_queries == m
+    assert hits.head_starts.tolist()[0] == 0 and hits.head_starts[-1] == hits.n_entries == len(hits.key_ids)
+    assert hits.indptr.shape == (n_heads, m + 1)
+    for h, head in enumerate(hits):
+        s, e = hits.head_starts[h], hits.head_starts[h + 1]
+        assert head.n_queries == m and head.indptr.tolist() == hits.indptr[h].tolist()
+        assert head.key_ids.tolist() == hits.key_ids[s:e].tolist()
+        assert head.values.tolist() == hits.values[s:e].tolist()
+        for name in ("lower", "upper"):
+            mine, stacked = getattr(head, name), getattr(hits, name)
+            assert (mine is None) == (stacked is None)
+            if mine is not None:
+                assert mine.tolist() == stacked[s:e].tolist()
+    for arr in (hits.head_starts, hits.indptr, hits.key_ids, hits.values):
+        assert not arr.flags.writeable
+
+
+@pytest.mark.parametrize("m", [1, 3, 20])  # the live step (one compiled call over heads) and the general path
+def test_head_entries_hold_every_head_as_brute_force(m):
+    K, Q = keys(2000, seed=3), queries(m, seed=5)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS)
+    for a in range(0, 2000, 400):
+        mh.update_many(K[:, a : a + 400])
+    mh.update(K[:, 0] * 0.5)  # a token waiting in the step buffer
+    Kall = np.concatenate([K, 0.5 * K[:, :1]], axis=1)
+    hits = mh.heavy_entries(Q)
+    assert_stacked_as_heads(hits, H, m)
+    for h in range(H):
+        assert_heavy_matches_dense(hits[h], dense_heavy(Q[h], Kall[h], EPS), EPS)
+        assert hits[h] is hits[h] is hits[h - H]  # built once
+    result = ls.MultiHeadKeySketch(H, D, eps=EPS, value_dim=2).update_many(K, np.ones((H, 2000, 2))).attend(Q)
+    assert_stacked_as_heads(result.entries, H, m)
+
+
+def test_head_entries_of_a_coreset_p_keep_their_bounds():
+    K = np.stack([heavy_tailed_keys(3000, 6, seed=80 + h) for h in range(2)])
+    Q = np.random.default_rng(3).standard_normal((2, 5, 6))
+    hits = ls.MultiHeadKeySketch(2, 6, eps=0.02, p=1.0).update_many(K).heavy_entries(Q)
+    assert hits.lower is not None and hits.upper is not None and hits.n_entries > 0
+    assert_stacked_as_heads(hits, 2, 5)
+
+
+def test_head_entries_index_like_a_read_only_sequence():
+    K, Q = keys(600, seed=4), queries(2, seed=6)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K)
+    hits = mh.heavy_entries(Q)
+    heads = list(hits)
+    assert [x is y for x, y in zip(hits[::-1], heads[::-1])] == [True] * H
+    assert hits[1:] == heads[1:] and hits[np.int64(2)] is heads[2]
+    for bad, error in ((H, IndexError), (-H - 1, IndexError), (1.0, TypeError), (True, TypeError), ("0", TypeError)):
+        with pytest.raises(error, match="head index"):
+            hits[bad]  # type: ignore[index]
+    with pytest.raises(AttributeError, match="read-only"):
+        hits.eps = 0.5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="read-only"):
+        hits.key_ids[:1] = 0
+    assert repr(hits) == f"HeadEntries(heads={H}, queries=2, entries={hits.n_entries}, eps={EPS:g})"
+    again = pickle.loads(pickle.dumps(hits))
+    assert_stacked_as_heads(again, H, 2)
+    assert [h.as_set() for h in again] == [h.as_set() for h in hits]
+    assert again.values.tolist() == hits.values.tolist()
+
+
+def test_head_entries_of_heads_refuses_what_cannot_be_stacked():
+    one = ls.testing.heavy_entries_dense(np.ones((1, 2)), np.eye(2), eps=0.1, p=2)
+    two = ls.testing.heavy_entries_dense(np.ones((2, 2)), np.eye(2), eps=0.1, p=2)
+    with pytest.raises(ValueError, match="at least one head"):
+        ls.HeadEntries.of_heads([])
+    with pytest.raises(ValueError, match=r"same 1 query rows; got \[1, 2\]"):
+        ls.HeadEntries.of_heads([one, two])
+    both = ls.HeadEntries.of_heads([one, one])
+    assert both.head_starts.tolist() == [0, 2, 4] and both[1] is one

@@ -420,11 +420,7 @@ def heavy_p2(
         for j in range(c + e, c + e + o):
             if W[i, j] >= cut:
                 pos = _emit(positions, key_ids, values, pos, j, idc[j - c - e], W[i, j] / zi)
-        if not _ascending(key_ids, first, pos):
-            order = np.argsort(key_ids[first:pos])
-            key_ids[first:pos] = key_ids[first:pos][order]
-            values[first:pos] = values[first:pos][order]
-            positions[first:pos] = positions[first:pos][order]
+        _sort_entries(key_ids, values, positions, first, pos)
     return ints, floats
 
 
@@ -444,6 +440,38 @@ def _ascending(a, start, stop):  # pragma: no cover - compiled
         if a[k] <= a[k - 1]:
             return False
     return True
+
+
+#: A query's entries are put in id order by insertion up to this many (a few entries: no allocation), by
+#: ``argsort`` beyond.
+_INSERTION_SORT_MAX = 16
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _sort_entries(key_ids, values, positions, start, stop):  # pragma: no cover - compiled
+    """``key_ids[start:stop]`` (distinct ids) sorted ascending in place, ``values`` and ``positions`` with them.
+
+    The scans emit a query's entries by descending key norm; a step has a few of them, which an insertion sort
+    orders without the three temporaries of a fancy-indexed ``argsort`` (about a tenth of a 12-head step)."""
+    if _ascending(key_ids, start, stop):
+        return
+    if stop - start > _INSERTION_SORT_MAX:
+        order = np.argsort(key_ids[start:stop])
+        key_ids[start:stop] = key_ids[start:stop][order]
+        values[start:stop] = values[start:stop][order]
+        positions[start:stop] = positions[start:stop][order]
+        return
+    for k in range(start + 1, stop):
+        kid, val, pos = key_ids[k], values[k], positions[k]
+        j = k - 1
+        while j >= start and key_ids[j] > kid:
+            key_ids[j + 1] = key_ids[j]
+            values[j + 1] = values[j]
+            positions[j + 1] = positions[j]
+            j -= 1
+        key_ids[j + 1] = kid
+        values[j + 1] = val
+        positions[j + 1] = pos
 
 
 # ---------------------------------------------------------------------- many heads (MultiHeadKeySketch)
@@ -799,11 +827,7 @@ def heavy_p2_stacked(
                     values[t] = recent[r] / acc
                     key_ids[t] = rid0 + r0 + r
                     t += 1
-            if not _ascending(key_ids, first, t):
-                order = np.argsort(key_ids[first:t])
-                key_ids[first:t] = key_ids[first:t][order]
-                values[first:t] = values[first:t][order]
-                positions[first:t] = positions[first:t][order]
+            _sort_entries(key_ids, values, positions, first, t)
         indptr[h, m] = t - starts[h]
     starts[H] = t
     return starts, indptr, key_ids[:t].copy(), values[:t].copy(), positions[:t].copy(), z
