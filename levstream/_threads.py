@@ -169,13 +169,47 @@ def _process_wide(lib: Any) -> bool:
     return bool(lib.user_api == "blas" and getattr(lib, "threading_layer", None) != "openmp")
 
 
+# filepath -> (get, set): the C functions of a process-wide pool's limit, or None where threadpoolctl does not
+# expose them (then its controller methods are used)
+_limit_functions: dict[str, tuple[Callable[[], int], Callable[[int], None]] | None] = {}
+
+
+def _c_limit(lib: Any) -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """The library's own ``get``/``set`` functions of its thread limit (OpenBLAS on pthreads), found once.
+
+    A live step lowers BLAS around a few small products now and then; through threadpoolctl's methods a
+    section cost ~28 us (its per-call symbol look-ups and controlling-thread bookkeeping), with these ~5 us.
+    """
+    path = lib.filepath
+    if path not in _limit_functions:
+        symbol = getattr(lib, "_get_symbol", None)
+        found = None
+        if lib.internal_api == "openblas" and symbol is not None:
+            get, put = symbol("openblas_get_num_threads"), symbol("openblas_set_num_threads")
+            if get is not None and put is not None:
+                found = (get, put)
+        _limit_functions[path] = found
+    return _limit_functions[path]
+
+
+def _limit(lib: Any) -> int:
+    """A process-wide pool's thread limit."""
+    c = _c_limit(lib)
+    return int(c[0]()) if c is not None else int(lib.num_threads)
+
+
 def _set_limit(lib: Any, n_threads: int) -> None:
     """Set a library's limit from whichever thread holds ``_blas_lock``.
 
     threadpoolctl >= 3.8 lets only one Python thread (the first to set it, while alive) change a pthreads
-    OpenBLAS and silently ignores the others; levstream serialises its changes itself, so it takes that
-    control for the call and gives it back, leaving the caller's own ``threadpool_limits`` usable.
+    OpenBLAS and silently ignores the others; levstream serialises its changes itself, so it sets the limit
+    through the library's own function where it can (leaving threadpoolctl's bookkeeping, and the caller's own
+    ``threadpool_limits``, untouched), else takes that control for the call and gives it back.
     """
+    c = _c_limit(lib)
+    if c is not None:
+        c[1](n_threads)
+        return
     release = getattr(type(lib), "clear_controlling_thread", None)
     if release is not None:
         release(force=True)
@@ -191,7 +225,7 @@ def _apply_blas_sections() -> None:
     for sections already counted nor restores it later.  Call with ``_blas_lock`` held."""
     if not _blas_sections:
         for lib, found, mine in _blas_changed.values():
-            if lib.num_threads == mine:  # still levstream's setting
+            if _limit(lib) == mine:  # still levstream's setting
                 _set_limit(lib, found)
         _blas_changed.clear()
         return
@@ -199,7 +233,7 @@ def _apply_blas_sections() -> None:
     for lib in _threadpools().lib_controllers:
         if not _process_wide(lib):
             continue
-        now = lib.num_threads
+        now = _limit(lib)
         entry = _blas_changed.get(lib.filepath)
         if entry is not None and now != entry[2]:  # set by someone else since
             del _blas_changed[lib.filepath]

@@ -59,9 +59,10 @@ def fast_float64(obj: Any) -> np.ndarray | None:
     float32 activations), else None.  An object with ``__array__`` (a CPU torch tensor) is converted first
     (:func:`as_ndarray`).  The small-input fast paths take what this returns after checking its shape and
     finiteness; anything else goes through the full validation."""
-    obj = as_ndarray(obj)
     if type(obj) is not np.ndarray:
-        return None
+        obj = as_ndarray(obj)
+        if type(obj) is not np.ndarray:
+            return None
     dtype = obj.dtype
     if dtype == np.float64:
         flags = obj.flags

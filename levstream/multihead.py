@@ -148,6 +148,8 @@ class MultiHeadKeySketch:
     def _set_heads(self, heads: list[KeySketch]) -> None:
         """Take ``heads`` (in step with each other) with an empty token buffer and no live state."""
         self._heads = heads
+        #: the widths of every head's keys and values (read on every step)
+        self._widths = (heads[0].dim, heads[0].value_dim)
         #: the step path (p = 2, every head on the Gram summary; gated and decaying streams too)
         self._step_ok = all(isinstance(h._summary, GramSummary) for h in heads)
         #: ``-log`` of the constant ``decay`` (0 without): the gate of a token fed without one
@@ -507,14 +509,15 @@ class MultiHeadKeySketch:
         if ids is None and offset is None and self._step_ok:
             # a slice of a larger array, float32 activations: a few tokens as the step path takes them
             X, V = _step_layout(X, _STEP_CHUNK_ROWS), _step_layout(V, _STEP_CHUNK_ROWS)
-        if (
-            ids is None
-            and offset is None
-            and self._step_ok
-            and self._is_steps(X, self.dim, _STEP_CHUNK_ROWS, finite=False)
-            and self._is_steps(V, self.value_dim, _STEP_CHUNK_ROWS, finite=False)
-            and (V is None or V.shape[1] == X.shape[1])
-        ):
+            d, dv = self._widths
+            steps = (
+                self._is_steps(X, d, _STEP_CHUNK_ROWS, finite=False)
+                and self._is_steps(V, dv, _STEP_CHUNK_ROWS, finite=False)
+                and (V is None or V.shape[1] == X.shape[1])
+            )
+        else:
+            steps = False
+        if steps:
             # a few tokens: buffered (weighed when the stream forgets), checked finite while they are copied in
             with self._lock:
                 if self._take_steps(X, V, gates, "XV"):
@@ -610,11 +613,11 @@ class MultiHeadKeySketch:
     def _is_token(self, x: Any, v: Any) -> bool:
         """Whether ``x`` (and ``v``) are one token of every head as float64 ndarrays, ``(n_heads, dim)`` (and
         ``(n_heads, value_dim)``, or None without values)."""
-        H, dv = len(self._heads), self.value_dim
+        H, (d, dv) = len(self._heads), self._widths
         return (
             type(x) is np.ndarray
             and x.dtype == np.float64
-            and x.shape == (H, self.dim)
+            and x.shape == (H, d)
             and (
                 v is None
                 if dv is None
@@ -1120,7 +1123,7 @@ class MultiHeadKeySketch:
         >>> bool(np.allclose(r.output[1], W @ V[1] / W.sum(axis=1, keepdims=True))), mh.n
         (True, 6)
         """
-        dv = self.value_dim
+        d, dv = self._widths
         if ids is None and offset is None:
             # slices and float32 rows: a decode step's layout
             K, V, Q = _step_layout(K, 1), _step_layout(V, 1), _step_layout(Q, 1)
@@ -1129,8 +1132,8 @@ class MultiHeadKeySketch:
             and offset is None
             and dv is not None
             and self._step_ok
-            and self._is_steps(K, self.dim, 1, finite=False)
-            and self._is_steps(Q, self.dim, 1)
+            and self._is_steps(K, d, 1, finite=False)
+            and self._is_steps(Q, d, 1)
             and self._is_steps(V, dv, 1, finite=False)
         ):  # a decode step: the token joins the buffer (weighed when the stream forgets), then its queries see
             # every key fed, their own included
@@ -1511,9 +1514,15 @@ def _step_layout(X: Any, rows: int) -> Any:
     """A few tokens ``X`` (an ndarray ``(n_heads, m <= rows, width)``, or one token ``(n_heads, width)``) of
     float64 or float32 in the layout the step path takes (C-contiguous writeable float64:
     :func:`~levstream._validation.fast_float64`); anything else as it is (validated in full later)."""
-    X = as_ndarray(X)
-    if type(X) is np.ndarray and (X.ndim == 2 or (X.ndim == 3 and X.shape[1] <= rows)):
-        return fast_float64(X) if X.dtype in (np.float32, np.float64) else X
+    if type(X) is not np.ndarray:
+        if X is None:
+            return X
+        X = as_ndarray(X)
+        if type(X) is not np.ndarray:
+            return X
+    if X.ndim == 2 or (X.ndim == 3 and X.shape[1] <= rows):
+        converted = fast_float64(X)  # None for another dtype
+        return X if converted is None else converted
     return X
 
 

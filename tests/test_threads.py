@@ -30,6 +30,15 @@ def default_budget(monkeypatch):
     monkeypatch.setattr(threads, "_budget", None)
 
 
+@pytest.fixture(params=["C functions", "threadpoolctl"])
+def limit_calls(request, monkeypatch):
+    """Sections set the process-wide BLAS limit through the library's own C functions where threadpoolctl
+    exposes them, else through threadpoolctl's methods: both ways are checked."""
+    if request.param == "threadpoolctl":
+        monkeypatch.setattr(threads, "_c_limit", lambda lib: None)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def K() -> np.ndarray:
     return heavy_tailed_keys(6000, 6, seed=3)
@@ -121,7 +130,7 @@ def test_a_budget_of_two_runs_at_most_two_shard_threads(K, monkeypatch):
     assert_matches_offline(sk.universal_set().ids, leverage_svd(K), EPS)
 
 
-def test_capped_sections_lower_and_never_raise_the_callers_settings():
+def test_capped_sections_lower_and_never_raise_the_callers_settings(limit_calls):
     numba_before = numba.get_num_threads()
     with threadpool_limits(limits=1, user_api="blas"):
         with threads.capped_threads(2) as cap:  # asks for more than the caller allows BLAS
@@ -186,7 +195,7 @@ class _SectionThread:
 
 @pytest.mark.parametrize("limits", [(1, 1), (1, 2), (2, 1)])
 @pytest.mark.parametrize("a_closes_first", [True, False])
-def test_sections_of_several_threads_never_restore_under_each_other(limits, a_closes_first):
+def test_sections_of_several_threads_never_restore_under_each_other(limits, a_closes_first, limit_calls):
     """The BLAS pool is one per process: while any thread's section is open BLAS runs at the lowest limit the
     open sections ask for, and the last one to close restores the limits found before the first opened --
     whatever the order (the race CI hit: a section that opened while another thread held BLAS at 1 later
@@ -209,7 +218,7 @@ def test_sections_of_several_threads_never_restore_under_each_other(limits, a_cl
         b.stop()
 
 
-def test_sections_never_raise_a_limit_the_caller_set_before():
+def test_sections_never_raise_a_limit_the_caller_set_before(limit_calls):
     with threadpool_limits(limits=1, user_api="blas"):
         a = _SectionThread()
         try:
@@ -221,7 +230,7 @@ def test_sections_never_raise_a_limit_the_caller_set_before():
             a.stop()
 
 
-def test_an_error_entering_a_section_leaves_nothing_behind(monkeypatch):
+def test_an_error_entering_a_section_leaves_nothing_behind(monkeypatch, limit_calls):
     """An error while a section lowers BLAS (here: the first limit change fails) leaves no section counted and
     the limits as they were (found in review: a leaked section held BLAS at 1 thread for the process)."""
     before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
@@ -244,7 +253,7 @@ def test_an_error_entering_a_section_leaves_nothing_behind(monkeypatch):
     assert {(i["filepath"], i["num_threads"]) for i in threadpool_info()} == before
 
 
-def test_a_callers_temporary_limit_in_another_thread_is_not_restored_over_its_end():
+def test_a_callers_temporary_limit_in_another_thread_is_not_restored_over_its_end(limit_calls):
     """A user's ``threadpool_limits(1)`` in another thread, a levstream section opened while it holds and closed
     after it ended: the limit is the user's original one, not the temporary 1 levstream found."""
     before = {(i["filepath"], i["num_threads"]) for i in threadpool_info()}
