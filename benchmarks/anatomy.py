@@ -65,7 +65,7 @@ from bench_live import heads_workload, keys, values
 #: step's code looks it up (the module that imported it).
 PARTS: tuple[tuple[Any, str, str], ...] = (
     (_multihead, "heavy_p2_stacked", "query kernel"),
-    (_multihead.MultiHeadKeySketch, "_entry_list", "result objects"),
+    (_multihead.MultiHeadKeySketch, "_head_entries", "result objects"),
     (_multihead.MultiHeadKeySketch, "_absorb", "absorb buffered tokens"),
     (_multihead.MultiHeadKeySketch, "_hand_over", "hand-over to heads"),
     (_multihead._Live, "build", "live state rebuild"),

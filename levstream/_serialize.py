@@ -98,6 +98,17 @@ def unpack(data: bytes) -> tuple[dict, dict[str, np.ndarray], int]:
         raise ValueError(f"serialized sketch is malformed: {exc}.") from exc
 
 
+def kind(data: bytes) -> object:
+    """The ``kind`` a serialized object's metadata names (which class wrote it), read without checking the rest;
+    None when the bytes do not parse that far (the reader named then reports what is wrong)."""
+    try:
+        payload = bytes(data[_PREFIX.size :])
+        (hlen,) = struct.unpack_from("<I", payload)
+        return json.loads(payload[4 : 4 + hlen].decode())["meta"].get("kind")
+    except Exception:  # noqa: BLE001 (the full reader reports it)
+        return None
+
+
 _tmp_serial = itertools.count()
 
 

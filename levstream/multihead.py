@@ -969,7 +969,7 @@ class MultiHeadKeySketch:
             _query.report_threshold(eps, 0.0),
         )
 
-    def _entry_list(
+    def _head_entries(
         self,
         starts: np.ndarray,
         indptr: np.ndarray,
@@ -1009,10 +1009,10 @@ class MultiHeadKeySketch:
                 # a head whose q^T G q the kernel could not trust: every head answers through its own view,
                 # which falls back to its summary and every pending row (docs/theory.md, "Numerics")
                 if not any_unreliable(z):
-                    return self._entry_list(starts, indptr, key_ids, values, eps)
+                    return self._head_entries(starts, indptr, key_ids, values, eps)
             Q = self._queries(Q)  # in full: a query that is not finite is refused here
             self._sync()
-            return HeadEntries.of_heads(
+            return HeadEntries(
                 [
                     _query.heavy_entries(h._view(), Q[i], self.p, eps)
                     for i, h in enumerate(self._heads)
@@ -1095,7 +1095,7 @@ class MultiHeadKeySketch:
                 num[h] += head._moments.numerator(Q[h])
             w = z[:, :, None]
             output = np.divide(num, w, out=np.zeros_like(num), where=w > 0)
-        entries = self._entry_list(starts, indptr, key_ids, values, eps)
+        entries = self._head_entries(starts, indptr, key_ids, values, eps)
         return AttentionResult(entries, heavy_out, mass, output)
 
     def prefill(
@@ -1561,11 +1561,26 @@ def _or_ones(neg: np.ndarray | None, m: int) -> np.ndarray:
 
 
 def _stacked(results: list[AttentionResult]) -> AttentionResult:
-    """Per-head results as one result with a head axis in front (entries as a :class:`HeadEntries`)."""
+    """Per-head results as one result with a head axis in front (entries as a :class:`HeadEntries`, the bounds of
+    approximate values stacked too)."""
     outputs = [r.output for r in results]
+
+    def bounds(name: str, of: str) -> tuple[np.ndarray, np.ndarray] | None:
+        pairs = [getattr(r, name) for r in results]
+        if all(b is None for b in pairs):
+            return None
+        # bounds of some heads only: an exact figure is its own lower and upper bound
+        exact = [getattr(r, of) for r in results]
+        return (
+            np.stack([x if b is None else b[0] for b, x in zip(pairs, exact)]),
+            np.stack([x if b is None else b[1] for b, x in zip(pairs, exact)]),
+        )
+
     return AttentionResult(
-        HeadEntries.of_heads([r.entries for r in results]),  # type: ignore[misc]
+        HeadEntries([r.entries for r in results]),  # type: ignore[misc]
         np.stack([r.heavy_output for r in results]),
         np.stack([r.captured_mass for r in results]),
         None if outputs[0] is None else np.stack([o for o in outputs if o is not None]),
+        bounds("captured_mass_bounds", "captured_mass"),
+        bounds("heavy_output_bounds", "heavy_output"),
     )

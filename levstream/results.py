@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import overload
+from typing import SupportsIndex, overload
 
 import numpy as np
 
@@ -233,6 +234,8 @@ class HeadEntries(Sequence[HeavyEntries]):
 
     A live step of many heads fills these arrays in one compiled pass; reading them directly costs nothing
     more, and a head's :class:`HeavyEntries` (views of them) is made only for the heads a caller reads.
+    ``HeadEntries(heads)`` stacks per-head results (the same query rows and threshold in each).  It is a
+    sequence, not a list: ``==`` compares identity (as for :class:`HeavyEntries`), ``list(hits)`` gives a list.
 
     Attributes
     ----------
@@ -268,7 +271,59 @@ class HeadEntries(Sequence[HeavyEntries]):
     eps: float
     lower: np.ndarray | None
     upper: np.ndarray | None
-    _heads: list[HeavyEntries | None]
+    _heads: dict[int, HeavyEntries]
+
+    def __init__(self, heads: Sequence[HeavyEntries]) -> None:
+        heads = list(heads)
+        if not heads:
+            raise ValueError("HeadEntries needs at least one head; got none.")
+        for what, got in (
+            ("query rows", [h.n_queries for h in heads]),
+            ("threshold eps", [h.eps for h in heads]),
+        ):
+            if any(g != got[0] for g in got):
+                raise ValueError(f"every head must have the same {what}; got {got}.")
+        starts = np.zeros(len(heads) + 1, dtype=np.int64)
+        np.cumsum([len(h) for h in heads], out=starts[1:])
+
+        def joined(name: str) -> np.ndarray | None:
+            arrays = [getattr(h, name) for h in heads]
+            if all(a is None for a in arrays):
+                return None
+            # bounds of some heads only: an exact value is its own lower and upper bound
+            return _frozen(
+                np.concatenate([h.values if a is None else a for h, a in zip(heads, arrays)])
+            )
+
+        self._set(
+            _frozen(starts),
+            _frozen(np.stack([h.indptr for h in heads]).astype(np.int64, copy=False)),
+            joined("key_ids"),  # type: ignore[arg-type]
+            joined("values"),  # type: ignore[arg-type]
+            heads[0].eps,
+        )
+        _hd_lower(self, joined("lower"))
+        _hd_upper(self, joined("upper"))
+        self._heads.update(
+            enumerate(heads)
+        )  # the given objects are the heads (no second copy of their arrays)
+
+    def _set(
+        self,
+        head_starts: np.ndarray,
+        indptr: np.ndarray,
+        key_ids: np.ndarray,
+        values: np.ndarray,
+        eps: float,
+    ) -> None:
+        _hd_head_starts(self, head_starts)
+        _hd_indptr(self, indptr)
+        _hd_key_ids(self, key_ids)
+        _hd_values(self, values)
+        _hd_eps(self, float(eps))
+        _hd_lower(self, None)
+        _hd_upper(self, None)
+        _hd_heads(self, {})
 
     @classmethod
     def of_frozen(
@@ -283,50 +338,18 @@ class HeadEntries(Sequence[HeavyEntries]):
         (n_heads, m + 1) and ``key_ids``, float64 ``values``, all contiguous and read-only (the live step's
         constructor: no copy, no check)."""
         out = object.__new__(cls)
-        _hd_head_starts(out, head_starts)
-        _hd_indptr(out, indptr)
-        _hd_key_ids(out, key_ids)
-        _hd_values(out, values)
-        _hd_eps(out, float(eps))
-        _hd_lower(out, None)
-        _hd_upper(out, None)
-        _hd_heads(out, [None] * indptr.shape[0])
-        return out
-
-    @classmethod
-    def of_heads(cls, heads: list[HeavyEntries]) -> HeadEntries:
-        """The entries of each head (the same number of query rows and the same threshold in each), as one."""
-        if not heads:
-            raise ValueError("HeadEntries needs at least one head; got none.")
-        m = heads[0].n_queries
-        if any(h.n_queries != m for h in heads):
-            got = [h.n_queries for h in heads]
-            raise ValueError(f"every head must answer the same {m} query rows; got {got}.")
-        starts = np.zeros(len(heads) + 1, dtype=np.int64)
-        np.cumsum([len(h) for h in heads], out=starts[1:])
-
-        def joined(name: str) -> np.ndarray | None:
-            arrays = [getattr(h, name) for h in heads]
-            return None if any(a is None for a in arrays) else _frozen(np.concatenate(arrays))
-
-        out = cls.of_frozen(
-            _frozen(starts),
-            _frozen(np.stack([h.indptr for h in heads]).astype(np.int64, copy=False)),
-            joined("key_ids"),  # type: ignore[arg-type]
-            joined("values"),  # type: ignore[arg-type]
-            heads[0].eps,
-        )
-        _hd_lower(out, joined("lower"))
-        _hd_upper(out, joined("upper"))
-        out._heads[:] = heads  # the given objects are the heads (no second copy of their arrays)
+        out._set(head_starts, indptr, key_ids, values, eps)
         return out
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"HeadEntries is read-only: cannot set {name!r}.")
 
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"HeadEntries is read-only: cannot delete {name!r}.")
+
     def __len__(self) -> int:
         """Number of heads."""
-        return len(self._heads)
+        return int(self.indptr.shape[0])
 
     @property
     def n_queries(self) -> int:
@@ -339,48 +362,44 @@ class HeadEntries(Sequence[HeavyEntries]):
         return int(self.key_ids.shape[0])
 
     def _head(self, h: int) -> HeavyEntries:
-        hits = self._heads[h]
+        hits = self._heads.get(h)
         if hits is None:
+            # (results with bounds are stacked from their heads, which they hold: only exact values get here)
             s, e = int(self.head_starts[h]), int(self.head_starts[h + 1])
-            if self.lower is None and self.upper is None:
-                hits = HeavyEntries.of_frozen(
-                    self.indptr[h], self.key_ids[s:e], self.values[s:e], self.eps
-                )
-            else:
-                hits = HeavyEntries.of(
-                    self.indptr[h],
-                    self.key_ids[s:e],
-                    self.values[s:e],
-                    self.eps,
-                    None if self.lower is None else self.lower[s:e],
-                    None if self.upper is None else self.upper[s:e],
-                )
-            self._heads[h] = hits
+            made = HeavyEntries.of_frozen(
+                self.indptr[h], self.key_ids[s:e], self.values[s:e], self.eps
+            )
+            # setdefault is atomic: threads reading the head at once all get the one object published first
+            hits = self._heads.setdefault(h, made)
         return hits
 
     @overload
-    def __getitem__(self, h: int) -> HeavyEntries: ...
+    def __getitem__(self, h: SupportsIndex) -> HeavyEntries: ...
 
     @overload
     def __getitem__(self, h: slice) -> list[HeavyEntries]: ...
 
-    def __getitem__(self, h: int | slice) -> HeavyEntries | list[HeavyEntries]:
-        """Head ``h``'s entries (a slice: a list of heads)."""
-        n = len(self._heads)
+    def __getitem__(self, h: SupportsIndex | slice) -> HeavyEntries | list[HeavyEntries]:
+        """Head ``h``'s entries (a slice: a list of heads), indexed as a list is."""
+        n = len(self)
         if isinstance(h, slice):
             return [self._head(i) for i in range(*h.indices(n))]
-        if not isinstance(h, (int, np.integer)) or isinstance(h, (bool, np.bool_)):
-            raise TypeError(f"head index must be an integer or a slice; got {type(h).__name__}.")
-        if not -n <= h < n:
-            raise IndexError(f"head index must be in [{-n}, {n}); got {h}.")
-        return self._head(int(h) % n)
+        try:
+            i = operator.index(h)
+        except TypeError:
+            raise TypeError(
+                f"head index must be an integer or a slice; got {type(h).__name__}."
+            ) from None
+        if not -n <= i < n:
+            raise IndexError(f"head index must be in [{-n}, {n}); got {i}.")
+        return self._head(i % n)
 
     def __iter__(self) -> Iterator[HeavyEntries]:
-        for h in range(len(self._heads)):
+        for h in range(len(self)):
             yield self._head(h)
 
-    def __reduce__(self) -> tuple[Callable[..., HeadEntries], tuple[list[HeavyEntries]]]:
-        return HeadEntries.of_heads, (list(self),)
+    def __reduce__(self) -> tuple[type[HeadEntries], tuple[list[HeavyEntries]]]:
+        return HeadEntries, (list(self),)
 
     def __repr__(self) -> str:
         return (
@@ -565,7 +584,7 @@ def concat_attention(parts: list[AttentionResult]) -> AttentionResult:
         joined: object = concat_entries([p.entries for p in parts])  # type: ignore[misc]
     else:  # one HeavyEntries per head
         heads = len(entries)  # type: ignore[arg-type]
-        joined = HeadEntries.of_heads(
+        joined = HeadEntries(
             [concat_entries([p.entries[h] for p in parts]) for h in range(heads)]  # type: ignore[index]
         )
     axis = parts[0].captured_mass.ndim - 1  # the query axis (after the head axis of many heads)

@@ -17,7 +17,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,6 +62,9 @@ from .summaries import (
 )
 from .summaries.coreset import CoresetSummary
 from .summaries.gram import float32_factor, gram_rel_error_max
+
+if TYPE_CHECKING:  # (multihead imports this module)
+    from .multihead import MultiHeadKeySketch
 
 _SKETCH_KIND = "KeySketch"
 
@@ -2783,7 +2786,22 @@ def _check_magnitude(X: np.ndarray, name: str) -> None:
         )
 
 
-def load(path: str | os.PathLike) -> KeySketch:
-    """Read a sketch written by :meth:`KeySketch.save`."""
+def load(path: str | os.PathLike) -> KeySketch | MultiHeadKeySketch:
+    """Read a sketch written by :meth:`KeySketch.save` or :meth:`MultiHeadKeySketch.save` (the bytes say which).
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, levstream as ls
+    >>> path = os.path.join(tempfile.mkdtemp(), "heads.lvs")
+    >>> ls.MultiHeadKeySketch(2, 3, eps=0.5).update_many(np.ones((2, 4, 3))).save(path)
+    >>> again = ls.load(path)
+    >>> type(again).__name__, again.n
+    ('MultiHeadKeySketch', 4)
+    """
     with open(os.fspath(path), "rb") as fh:
-        return KeySketch.from_bytes(fh.read())
+        data = fh.read()
+    from .multihead import _KIND, MultiHeadKeySketch
+
+    if _serialize.kind(data) == _KIND:
+        return MultiHeadKeySketch.from_bytes(data)
+    return KeySketch.from_bytes(data)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_heavy_matches_dense
 
 from levstream._kernels.live import heavy_p2, int8_rows, scan_norms
-from conftest import assert_heavy_matches_dense
 
 
 def rows_at_the_cut(rng: np.random.Generator, q: np.ndarray, cut: float) -> tuple[np.ndarray, list]:
@@ -229,9 +229,9 @@ def test_entries_come_in_id_order_however_many_a_query_has(shuffled):
     norms rising, falling or shuffled against their ids: thresholds from the sketch's ``eps`` up give queries
     from ~60 entries down to none, on one head (``heavy_p2``), on many heads (``heavy_p2_stacked``) and in a
     decode step; each row's ids must be strictly ascending and the entries those of brute force."""
-    import levstream as ls
     from naive import dense_heavy
 
+    import levstream as ls
     from levstream._kernels.live import _INSERTION_SORT_MAX
 
     rng = np.random.default_rng(7)

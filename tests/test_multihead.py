@@ -385,12 +385,16 @@ def test_head_entries_index_like_a_read_only_sequence():
     hits = mh.heavy_entries(Q)
     heads = list(hits)
     assert [x is y for x, y in zip(hits[::-1], heads[::-1])] == [True] * H
-    assert hits[1:] == heads[1:] and hits[np.int64(2)] is heads[2]
-    for bad, error in ((H, IndexError), (-H - 1, IndexError), (1.0, TypeError), (True, TypeError), ("0", TypeError)):
+    # indexed as a list is: anything with __index__ (a NumPy integer, a 0-d integer array, a bool)
+    assert hits[1:] == heads[1:] and hits[np.int64(2)] is heads[2] and hits[np.array(1)] is heads[1]
+    assert hits[True] is heads[1] and hits[-1] is heads[H - 1]
+    for bad, error in ((H, IndexError), (-H - 1, IndexError), (1.0, TypeError), ("0", TypeError)):
         with pytest.raises(error, match="head index"):
             hits[bad]  # type: ignore[index]
-    with pytest.raises(AttributeError, match="read-only"):
+    with pytest.raises(AttributeError, match="read-only: cannot set"):
         hits.eps = 0.5  # type: ignore[misc]
+    with pytest.raises(AttributeError, match="read-only: cannot delete"):
+        del hits.eps
     with pytest.raises(ValueError, match="read-only"):
         hits.key_ids[:1] = 0
     assert repr(hits) == f"HeadEntries(heads={H}, queries=2, entries={hits.n_entries}, eps={EPS:g})"
@@ -400,12 +404,85 @@ def test_head_entries_index_like_a_read_only_sequence():
     assert again.values.tolist() == hits.values.tolist()
 
 
-def test_head_entries_of_heads_refuses_what_cannot_be_stacked():
+def test_head_entries_read_by_many_threads_give_one_object_per_head():
+    """The per-head objects are made when first read; threads reading a fresh result at once all get the one object
+    published first (the switch interval forced down so that they interleave inside the first read)."""
+    import sys
+    import threading
+
+    K, Q = keys(600, seed=4), queries(1, seed=6)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K)
+    results = [mh.heavy_entries(Q) for _ in range(300)]
+    seen: list[list[list[int]]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def read(t: int) -> None:
+        start.wait()
+        seen[t] = [[id(hits[h]) for h in range(H)] for hits in results]
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=read, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen[0] == seen[1] == seen[2] == seen[3]
+    assert seen[0] == [[id(hits[h]) for h in range(H)] for hits in results]
+
+
+def test_head_entries_stack_per_head_results_and_refuse_what_cannot_be_stacked():
     one = ls.testing.heavy_entries_dense(np.ones((1, 2)), np.eye(2), eps=0.1, p=2)
     two = ls.testing.heavy_entries_dense(np.ones((2, 2)), np.eye(2), eps=0.1, p=2)
+    other_eps = ls.testing.heavy_entries_dense(np.ones((1, 2)), np.eye(2), eps=0.2, p=2)
     with pytest.raises(ValueError, match="at least one head"):
-        ls.HeadEntries.of_heads([])
-    with pytest.raises(ValueError, match=r"same 1 query rows; got \[1, 2\]"):
-        ls.HeadEntries.of_heads([one, two])
-    both = ls.HeadEntries.of_heads([one, one])
-    assert both.head_starts.tolist() == [0, 2, 4] and both[1] is one
+        ls.HeadEntries([])
+    with pytest.raises(ValueError, match=r"same query rows; got \[1, 2\]"):
+        ls.HeadEntries([one, two])
+    with pytest.raises(ValueError, match=r"same threshold eps; got \[0.1, 0.2\]"):
+        ls.HeadEntries([one, other_eps])
+    both = ls.HeadEntries([one, one])
+    assert both.head_starts.tolist() == [0, 2, 4] and both[1] is one and both.lower is None
+    # bounds of some heads only: exact values are their own bounds
+    bounded = ls.HeavyEntries.of(one.indptr, one.key_ids, one.values, 0.1, one.values * 0.9, one.values * 1.1)
+    mixed = ls.HeadEntries([bounded, one])
+    assert mixed.lower.tolist() == (one.values * 0.9).tolist() + one.values.tolist()
+    assert mixed.upper.tolist() == (one.values * 1.1).tolist() + one.values.tolist()
+
+
+def test_multi_head_attend_of_a_coreset_p_keeps_the_bounds_of_every_head():
+    """Found in review: the general path stacked the heads' outputs but dropped their bounds."""
+    K = np.stack([heavy_tailed_keys(3000, 6, seed=90 + h) for h in range(2)])
+    V = np.random.default_rng(4).standard_normal((2, 3000, 3))
+    Q = np.random.default_rng(5).standard_normal((2, 4, 6))
+    mh = ls.MultiHeadKeySketch(2, 6, eps=0.02, p=1.0, value_dim=3).update_many(K, V)
+    got = mh.attend(Q)
+    assert got.captured_mass_bounds is not None and got.heavy_output_bounds is not None
+    for h in range(2):
+        want = ls.MultiHeadKeySketch(2, 6, eps=0.02, p=1.0, value_dim=3).update_many(K, V)._heads[h].attend(Q[h])
+        assert want.captured_mass_bounds is not None and want.heavy_output_bounds is not None
+        for mine, theirs in zip(got.captured_mass_bounds, want.captured_mass_bounds):
+            assert np.allclose(mine[h], theirs, rtol=1e-12, atol=0)
+        for mine, theirs in zip(got.heavy_output_bounds, want.heavy_output_bounds):
+            assert np.allclose(mine[h], theirs, rtol=1e-12, atol=1e-300)
+        lo, hi = got.captured_mass_bounds
+        assert (lo[h] <= got.captured_mass[h]).all() and (got.captured_mass[h] <= hi[h]).all()
+
+
+def test_load_reads_a_multi_head_save(tmp_path):
+    """Found in review: ``ls.load`` read only single-head files (a multi-head save had no loader but from_bytes)."""
+    K, Q = keys(800, seed=8), queries(3, seed=9)
+    mh = ls.MultiHeadKeySketch(H, D, eps=EPS).update_many(K)
+    mh.save(tmp_path / "heads.lvs")
+    again = ls.load(tmp_path / "heads.lvs")
+    assert isinstance(again, ls.MultiHeadKeySketch) and again.to_bytes() == mh.to_bytes()
+    assert [h.as_set() for h in again.heavy_entries(Q)] == [h.as_set() for h in mh.heavy_entries(Q)]
+    one = ls.KeySketch(D, eps=EPS).update_many(K[0])
+    one.save(tmp_path / "one.lvs")
+    assert isinstance(ls.load(tmp_path / "one.lvs"), ls.KeySketch)
+    (tmp_path / "bad.lvs").write_bytes(b"not a sketch at all" * 10)
+    with pytest.raises(ValueError, match="not a levstream sketch"):
+        ls.load(tmp_path / "bad.lvs")
