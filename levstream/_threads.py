@@ -175,10 +175,11 @@ _limit_functions: dict[str, tuple[Callable[[], int], Callable[[int], None]] | No
 
 
 def _c_limit(lib: Any) -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    """The library's own ``get``/``set`` functions of its thread limit (OpenBLAS on pthreads), found once.
+    """The library's own ``get``/``set`` functions of its thread limit, found once (the callers pass process-wide
+    pools only: OpenBLAS on pthreads; None for any other library, or where threadpoolctl does not expose them).
 
     A live step lowers BLAS around a few small products now and then; through threadpoolctl's methods a
-    section cost ~28 us (its per-call symbol look-ups and controlling-thread bookkeeping), with these ~5 us.
+    section cost ~28 us (its per-call symbol look-ups and controlling-thread bookkeeping), with these ~11 us.
     """
     path = lib.filepath
     if path not in _limit_functions:
