@@ -286,7 +286,7 @@ class HeadEntries(Sequence[HeavyEntries]):
         starts = np.zeros(len(heads) + 1, dtype=np.int64)
         np.cumsum([len(h) for h in heads], out=starts[1:])
 
-        def joined(name: str) -> np.ndarray | None:
+        def bounds(name: str) -> np.ndarray | None:
             arrays = [getattr(h, name) for h in heads]
             if all(a is None for a in arrays):
                 return None
@@ -298,15 +298,14 @@ class HeadEntries(Sequence[HeavyEntries]):
         self._set(
             _frozen(starts),
             _frozen(np.stack([h.indptr for h in heads]).astype(np.int64, copy=False)),
-            joined("key_ids"),  # type: ignore[arg-type]
-            joined("values"),  # type: ignore[arg-type]
+            _frozen(np.concatenate([h.key_ids for h in heads])),
+            _frozen(np.concatenate([h.values for h in heads])),
             heads[0].eps,
         )
-        _hd_lower(self, joined("lower"))
-        _hd_upper(self, joined("upper"))
-        self._heads.update(
-            enumerate(heads)
-        )  # the given objects are the heads (no second copy of their arrays)
+        _hd_lower(self, bounds("lower"))
+        _hd_upper(self, bounds("upper"))
+        # the given objects are the heads (no second copy of their arrays)
+        self._heads.update(enumerate(heads))
 
     def _set(
         self,
