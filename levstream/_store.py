@@ -70,11 +70,8 @@ def _set_rows(
 
 
 class StoreState(NamedTuple):
-    """What :meth:`RowStore.snapshot` saves (the arrays themselves: the store copies before writing to them)."""
+    """What :meth:`RowStore.snapshot` saves besides the rows (those stay in the store's arrays, saved as needed)."""
 
-    ids: np.ndarray
-    keys: np.ndarray
-    values: np.ndarray | None
     n: int
     ids_sorted: bool
 
@@ -82,17 +79,23 @@ class StoreState(NamedTuple):
 class _SavedRows:
     """The rows of a snapshot's arrays overwritten in place since :meth:`RowStore.snapshot`, each saved just before
     its first overwrite: ``saved`` the ranges saved (sorted, disjoint), ``pieces`` the rows ``(row, ids, keys,
-    values)``."""
+    values)``.
 
-    __slots__ = ("end", "ids", "keys", "pieces", "saved", "values")
+    The snapshot's arrays are the store's own, held by no reference here (so that the store can still grow them in
+    place: NumPy resizes an array in place only when nothing else references it) until the store moves to new
+    arrays; ``arrays`` then holds them (``(ids, keys, values)``; None before)."""
 
-    def __init__(self, state: StoreState) -> None:
-        self.ids, self.keys, self.values, self.end = state.ids, state.keys, state.values, state.n
+    __slots__ = ("arrays", "end", "pieces", "saved")
+
+    def __init__(self, n: int) -> None:
+        self.arrays: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None = None
+        self.end = n
         self.saved: list[tuple[int, int]] = []
         self.pieces: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
 
-    def save(self, start: int, stop: int) -> None:
-        """Rows ``start..stop-1`` are about to be overwritten: save those of the snapshot not saved yet."""
+    def save(self, store: RowStore, start: int, stop: int) -> None:
+        """Rows ``start..stop-1`` of ``store`` (whose arrays are still the snapshot's) are about to be overwritten:
+        save those of the snapshot not saved yet."""
         a, b = max(start, 0), min(stop, self.end)
         if a >= b:
             return
@@ -111,8 +114,8 @@ class _SavedRows:
             gaps.append((at, b))
         pieces = []  # copied before any is recorded: should a copy fail, nothing has changed
         for s, e in gaps:
-            values = None if self.values is None else self.values[s:e].copy()
-            pieces.append((s, self.ids[s:e].copy(), self.keys[s:e].copy(), values))
+            values = None if store.values is None else store.values[s:e].copy()
+            pieces.append((s, store.ids[s:e].copy(), store.keys[s:e].copy(), values))
         self.pieces += pieces
         merged: list[tuple[int, int]] = []
         for s, e in sorted(self.saved + gaps):
@@ -122,13 +125,13 @@ class _SavedRows:
                 merged.append((s, e))
         self.saved = merged
 
-    def put_back(self) -> None:
-        """Write the saved rows back into the snapshot's arrays."""
+    def put_back(self, store: RowStore) -> None:
+        """Write the saved rows back into the snapshot's arrays (``store``'s again)."""
         for a, ids, keys, values in self.pieces:
             b = a + ids.shape[0]
-            self.ids[a:b], self.keys[a:b] = ids, keys
-            if self.values is not None:
-                self.values[a:b] = values
+            store.ids[a:b], store.keys[a:b] = ids, keys
+            if store.values is not None:
+                store.values[a:b] = values
 
 
 class RowStore:
@@ -202,7 +205,15 @@ class RowStore:
     def _resize(self, rows: int, key_dtype: type | None = None, buffer: bool = False) -> None:
         # (NumPy resizes an array to its own size in place, shared or not.)  A retype goes to new arrays too, all
         # allocated before any is taken: a widening that failed after the keys would leave them widened
-        if self._snapshot_held() or (key_dtype is not None and key_dtype != self.keys.dtype):
+        retype = key_dtype is not None and key_dtype != self.keys.dtype
+        if self._snapshot_held():
+            # a growth under a snapshot: in place when nothing else references the arrays (rows already held stay
+            # where they are, so the snapshot still holds them); otherwise, or for anything else, new arrays
+            if retype or buffer or rows <= self.capacity or not self._grow_in_place(rows):
+                self._leave_arrays()
+                self._unshare(key_dtype, rows)
+            return
+        if retype:
             self._unshare(key_dtype, rows)
             return
         # ids last: ``capacity`` is their length, so should a growth fail halfway (out of memory) the store
@@ -211,6 +222,31 @@ class RowStore:
         if self.values is not None:
             _set_rows(self, "values", rows, None, buffer)
         _set_rows(self, "ids", rows)
+
+    def _grow_in_place(self, rows: int) -> bool:
+        """Give every array room for ``rows`` rows by NumPy's in-place resize (the allocator extends the block);
+        False when one cannot be (referenced elsewhere, or not owning its memory): the arrays grown so far keep
+        their room, the same objects with the same rows."""
+        # ids last, as in _resize: their length is the capacity
+        for name in ("keys", "values", "ids"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            # only the local reference is left, so that the check can pass
+            setattr(self, name, None)
+            try:
+                arr.resize((rows, *arr.shape[1:]), refcheck=True)
+            except ValueError:
+                return False
+            finally:
+                setattr(self, name, arr)
+        return True
+
+    def _leave_arrays(self) -> None:
+        """The store is about to move to new arrays: a snapshot that holds the current ones keeps them."""
+        saved = self._saved
+        if saved is not None and saved.arrays is None:
+            saved.arrays = (self.ids, self.keys, self.values)
 
     def _unshare(self, key_dtype: type | None = None, rows: int | None = None) -> None:
         """Copy the rows held into new arrays of the store's own, with room for ``rows`` rows (default: the same
@@ -391,18 +427,20 @@ class RowStore:
     def snapshot(self) -> StoreState:
         """The current rows, restorable by :meth:`restore` until :meth:`release`.  No copy is made now: a row is
         saved just before it is first overwritten in place (a sketch's fold overwrites few: the rows it keeps of
-        the input buffer, the candidates a prune keeps), and a rewrite of every row or a growth moves the store
-        to new arrays, leaving the snapshot's as they are."""
-        state = StoreState(self.ids, self.keys, self.values, self.n, self.ids_sorted)
-        self._saved = _SavedRows(state)
-        return state
+        the input buffer, the candidates a prune keeps); a growth extends the arrays in place when it can (the
+        rows held do not move), and a rewrite of every row, or a growth that cannot be made in place, moves the
+        store to new arrays, leaving the snapshot's as they are."""
+        self._saved = _SavedRows(self.n)
+        return StoreState(self.n, self.ids_sorted)
 
     def restore(self, state: StoreState) -> None:
-        """Return to a :meth:`snapshot` (rows appended since then are dropped)."""
+        """Return to the :meth:`snapshot` that gave ``state`` (rows appended since then are dropped)."""
         saved = self._saved
-        self.ids, self.keys, self.values, self.n, self.ids_sorted = state
         if saved is not None:
-            saved.put_back()
+            if saved.arrays is not None:
+                self.ids, self.keys, self.values = saved.arrays
+            saved.put_back(self)
+        self.n, self.ids_sorted = state
         self._saved = None
 
     def release(self) -> None:
@@ -410,20 +448,17 @@ class RowStore:
         self._saved = None
 
     def _snapshot_held(self) -> bool:
-        """Whether a snapshot holds the arrays held (they must then not be rewritten as a whole, nor resized)."""
+        """Whether a snapshot holds the arrays held (they must then not be rewritten as a whole, nor shrunk, nor
+        moved: see :meth:`_resize`)."""
         saved = self._saved
-        return saved is not None and (
-            saved.keys is self.keys
-            or saved.ids is self.ids
-            or (self.values is not None and saved.values is self.values)
-        )
+        return saved is not None and saved.arrays is None
 
     def _save_rows(self, start: int, stop: int) -> None:
         """Rows ``start..stop-1`` are about to be written in place: save those of a snapshot still unsaved (nothing to
         do without a snapshot, or once the arrays are new ones)."""
         saved = self._saved
         if saved is not None and self._snapshot_held():
-            saved.save(start, stop)
+            saved.save(self, start, stop)
 
     # ------------------------------------------------------------------ copies and persistence
     def copy(self) -> RowStore:

@@ -995,6 +995,34 @@ def test_row_store_snapshot_restores_rows_overwritten_in_place(pending_from, pru
     assert s._saved is None
 
 
+@pytest.mark.parametrize("view_held", [False, True])
+def test_row_store_grows_in_place_under_a_snapshot_unless_its_arrays_are_referenced(view_held):
+    """A growth after a snapshot (a fold appending the rows it keeps) extends the arrays in place when nothing else
+    references them: no copy of the rows held (the same array objects, the rows where they were).  With a view of
+    the keys alive it moves the store to new arrays and leaves the snapshot's as they were.  Either way rows
+    overwritten after the growth are saved, and :meth:`restore` gives back every row, id and value row."""
+    rng = np.random.default_rng(5)
+    s = RowStore(3, value_dim=2)
+    s.append(rng.standard_normal((10, 3)), np.arange(10), rng.standard_normal((10, 2)), increasing=True)
+    want = (s.ids_view().copy(), s.keys_view().copy(), s.values_view().copy())
+    arrays = [id(s.ids), id(s.keys), id(s.values)]  # (no reference: one would stop NumPy resizing in place)
+    state = s.snapshot()
+    view = s.keys[:4] if view_held else None
+    s.append(rng.standard_normal((50, 3)), np.arange(10, 60), rng.standard_normal((50, 2)))  # grows
+    assert s.capacity >= 60
+    # (a moved array's old object is alive, held by the snapshot: its id is not reused)
+    moved = [id(a) != b for a, b in zip((s.ids, s.keys, s.values), arrays)]
+    assert moved == [view_held] * 3
+    if view_held:
+        np.testing.assert_array_equal(view, want[1][:4])  # the snapshot's arrays untouched
+    s.keep_from(2, np.arange(58) % 5 == 0)  # rows of the snapshot overwritten in place after the growth
+    s.restore(state)
+    assert s.n == 10 and s._saved is None
+    np.testing.assert_array_equal(s.ids_view(), want[0])
+    np.testing.assert_array_equal(s.keys_view(), want[1])
+    np.testing.assert_array_equal(s.values_view(), want[2])
+
+
 @pytest.mark.parametrize("rewrite", ["sort_by_id", "scale_keys", "keep_from"])
 def test_row_store_snapshot_survives_a_rewrite_of_every_row(rewrite):
     """Right after a snapshot, every row rewritten (sorted, scaled: the store takes arrays of its own, the room
