@@ -49,8 +49,8 @@ def _set_rows(
     ``_FRESH_BYTES`` or more goes to a new array instead, whose huge pages make the first touch of the rows to
     come cheaper than the copy of the few held."""
     arr = getattr(store, name)
-    setattr(store, name, None)  # only the local reference is left, so that the check can pass
     try:
+        setattr(store, name, None)  # only the local reference is left, so that the check can pass
         # afresh only for the input buffer: elsewhere (candidates appended, trims) a copy of many rows costs more
         # than the page faults it saves (measured: a d = 384 build 5% slower with every large growth afresh)
         itemsize = np.dtype(dtype or arr.dtype).itemsize
@@ -210,7 +210,6 @@ class RowStore:
             # a growth under a snapshot: in place when nothing else references the arrays (rows already held stay
             # where they are, so the snapshot still holds them); otherwise, or for anything else, new arrays
             if retype or buffer or rows <= self.capacity or not self._grow_in_place(rows):
-                self._leave_arrays()
                 self._unshare(key_dtype, rows)
             return
         if retype:
@@ -232,9 +231,10 @@ class RowStore:
             arr = getattr(self, name)
             if arr is None:
                 continue
-            # only the local reference is left, so that the check can pass
-            setattr(self, name, None)
             try:
+                # only the local reference is left, so that the check can pass (inside the try: an interruption
+                # right after it still puts the array back)
+                setattr(self, name, None)
                 arr.resize((rows, *arr.shape[1:]), refcheck=True)
             except ValueError:
                 return False
@@ -250,8 +250,8 @@ class RowStore:
 
     def _unshare(self, key_dtype: type | None = None, rows: int | None = None) -> None:
         """Copy the rows held into new arrays of the store's own, with room for ``rows`` rows (default: the same
-        room) and keys as ``key_dtype`` (a snapshot keeps the arrays it holds as they are).  All are allocated
-        before any is taken: should one allocation fail, nothing has changed."""
+        room) and keys as ``key_dtype`` (a snapshot holding the current ones keeps them: :meth:`_leave_arrays`).
+        All are allocated before any is taken: should one allocation fail, nothing has changed."""
         n, rows = self.n, self.capacity if rows is None else max(int(rows), self.n)
         keys = np.empty((rows, self.dim), dtype=key_dtype or self.keys.dtype)
         keys[:n] = self.keys[:n]
@@ -261,6 +261,7 @@ class RowStore:
             values[:n] = self.values[:n]
         ids = np.empty(rows, dtype=np.int64)
         ids[:n] = self.ids[:n]
+        self._leave_arrays()  # (only now: should an allocation above fail, the snapshot still holds them)
         self.keys, self.values, self.ids = keys, values, ids
 
     def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:

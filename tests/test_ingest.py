@@ -1023,6 +1023,55 @@ def test_row_store_grows_in_place_under_a_snapshot_unless_its_arrays_are_referen
     np.testing.assert_array_equal(s.values_view(), want[2])
 
 
+@pytest.mark.parametrize("failure", ["new arrays", "interruption in the in-place growth"])
+def test_row_store_growth_that_fails_under_a_snapshot_changes_nothing(monkeypatch, failure):
+    """A growth under a snapshot that fails (no memory for the new arrays it must move to, a view being alive; or
+    an interruption right as an array is taken aside for NumPy's in-place resize) leaves the store as it was: its
+    arrays in place, still the snapshot's (rows overwritten later are saved), and :meth:`restore` gives back every
+    row (the review of the in-place growth found both)."""
+    import builtins
+
+    import levstream._store as store_module
+
+    s = RowStore(2, value_dim=1)
+    s.append(np.arange(20.0).reshape(10, 2), np.arange(10), np.arange(10.0)[:, None], increasing=True)
+    want = (s.ids_view().copy(), s.keys_view().copy(), s.values_view().copy())
+    state = s.snapshot()
+    if failure == "new arrays":
+        view = s.keys[:1]  # a view alive: the growth cannot be made in place, the store must move
+        calls = {"n": 0}
+
+        def empty(shape, dtype=float, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the last of the three arrays
+                raise MemoryError("simulated")
+            return np.empty(shape, dtype, *args, **kwargs)
+
+        monkeypatch.setattr(store_module, "np", numpy_with_empty(empty))
+        with pytest.raises(MemoryError, match="simulated"):
+            s.reserve(100)
+        monkeypatch.undo()
+        assert view.base is s.keys
+    else:
+        real_setattr = builtins.setattr
+
+        def interrupted(obj, name, value):
+            real_setattr(obj, name, value)
+            if obj is s and value is None:
+                raise KeyboardInterrupt("simulated")
+
+        monkeypatch.setattr(store_module, "setattr", interrupted, raising=False)
+        with pytest.raises(KeyboardInterrupt, match="simulated"):
+            s.reserve(100)
+        monkeypatch.undo()
+    assert s.keys is not None and s.values is not None and s.ids is not None and s._snapshot_held()
+    s.keep_from(0, np.arange(10) % 2 == 1)  # rows of the snapshot overwritten in place: saved first
+    s.restore(state)
+    np.testing.assert_array_equal(s.ids_view(), want[0])
+    np.testing.assert_array_equal(s.keys_view(), want[1])
+    np.testing.assert_array_equal(s.values_view(), want[2])
+
+
 @pytest.mark.parametrize("rewrite", ["sort_by_id", "scale_keys", "keep_from"])
 def test_row_store_snapshot_survives_a_rewrite_of_every_row(rewrite):
     """Right after a snapshot, every row rewritten (sorted, scaled: the store takes arrays of its own, the room
