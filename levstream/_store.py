@@ -396,6 +396,11 @@ class RowStore:
         if k == self.n - start:
             return
         src = index + start
+        if self._snapshot_held() and k >= start:
+            # the rows overwritten would be saved for the snapshot first, then written, and a trim after would copy
+            # them again: the rows kept gathered into new arrays are one copy (a prune: ``start`` 0)
+            self._move_kept(start, src)
+            return
         # all or nothing: every array is gathered before any is written (a failure, out of memory, changes nothing)
         keys, ids = self.keys[src], self.ids[src]
         values = None if self.values is None else self.values[src]
@@ -405,6 +410,22 @@ class RowStore:
         if self.values is not None:
             self.values[start : start + k] = values
         self.n = start + k
+
+    def _move_kept(self, start: int, src: np.ndarray) -> None:
+        """Rows ``0..start-1``, then rows ``src``, into new arrays of the same room (all allocated and filled before
+        any is taken: should one allocation fail, nothing has changed); a snapshot holding the current ones keeps
+        them."""
+        rows, k = self.capacity, start + src.shape[0]
+        keys = np.empty((rows, self.dim), dtype=self.keys.dtype)
+        ids = np.empty(rows, dtype=np.int64)
+        values = None if self.values is None else np.empty((rows, self.values.shape[1]))
+        for new, old in ((keys, self.keys), (ids, self.ids), (values, self.values)):
+            if new is not None and old is not None:
+                new[:start] = old[:start]
+                np.take(old, src, axis=0, out=new[start:k])
+        self._leave_arrays()
+        self.keys, self.ids, self.values = keys, ids, values
+        self.n = k
 
     def sort_by_id(self) -> None:
         """Order all rows by id (merges and caller-given ids can leave them unordered)."""

@@ -1023,6 +1023,31 @@ def test_row_store_grows_in_place_under_a_snapshot_unless_its_arrays_are_referen
     np.testing.assert_array_equal(s.values_view(), want[2])
 
 
+@pytest.mark.parametrize("start", [0, 3])
+def test_row_store_prune_under_a_snapshot_moves_the_rows_kept_instead_of_saving_them(start):
+    """A prune under a snapshot (``keep_from`` keeping at least as many rows as it leaves before ``start``) gathers
+    the rows kept into new arrays: none is saved row by row, the snapshot's arrays are left as they were, a trim
+    after it resizes the new arrays in place, and :meth:`restore` gives back every row."""
+    rng = np.random.default_rng(9)
+    s = RowStore(3, value_dim=2)
+    s.append(rng.standard_normal((40, 3)), np.arange(40), rng.standard_normal((40, 2)), increasing=True)
+    want = (s.ids_view().copy(), s.keys_view().copy(), s.values_view().copy())
+    state = s.snapshot()
+    mask = np.arange(40 - start) % 3 != 1
+    kept = np.concatenate([np.arange(start), start + np.flatnonzero(mask)])
+    s.keep_from(start, mask)
+    assert s._saved.pieces == [] and s._saved.arrays is not None and not s._snapshot_held()
+    np.testing.assert_array_equal(s._saved.arrays[0][:40], want[0])  # the snapshot's arrays untouched
+    np.testing.assert_array_equal(s.ids_view(), want[0][kept])
+    np.testing.assert_array_equal(s.keys_view(), want[1][kept])
+    np.testing.assert_array_equal(s.values_view(), want[2][kept])
+    s.trim()
+    s.restore(state)
+    np.testing.assert_array_equal(s.ids_view(), want[0])
+    np.testing.assert_array_equal(s.keys_view(), want[1])
+    np.testing.assert_array_equal(s.values_view(), want[2])
+
+
 @pytest.mark.parametrize("failure", ["new arrays", "interruption in the in-place growth"])
 def test_row_store_growth_that_fails_under_a_snapshot_changes_nothing(monkeypatch, failure):
     """A growth under a snapshot that fails (no memory for the new arrays it must move to, a view being alive; or
