@@ -590,10 +590,16 @@ class MomentState:
             check_finite(X, "X")
             raise _moment_overflow(X[i], V[i], self.degree, f"{where}row {i}")
 
-    def add_row(self, x: np.ndarray, v: np.ndarray) -> None:
-        """Add one key and its value (buffered, or recorded); refused, changing nothing, as by :meth:`check`."""
+    def check_row(self, x: np.ndarray, v: np.ndarray) -> None:
+        """Refuse one key and value as :meth:`add_row` would (:meth:`check` of one row), changing nothing."""
         if not moment_row_fits(x, v, self.degree // 2):
             raise _moment_overflow(x, v, self.degree, "the row")
+
+    def add_row(self, x: np.ndarray, v: np.ndarray, checked: bool = False) -> None:
+        """Add one key and its value (buffered, or recorded); refused, changing nothing, as by :meth:`check`
+        (``checked``: :meth:`check_row` passed already)."""
+        if not checked:
+            self.check_row(x, v)
         if self.degree == 4:
             x = _lift(x[None, :])[0]
         if self._record is not None:  # a short stream

@@ -745,8 +745,9 @@ class KeySketch:
             if hit is not None:
                 raise ValueError(f"ids clash: id {hit} was already fed to this sketch.")
 
-    def _append_token(self, x: np.ndarray, value: np.ndarray | None) -> None:
-        """Feed one validated row under the next id (checked by :meth:`_check_next_id`)."""
+    def _append_token(self, x: np.ndarray, value: np.ndarray | None, checked: bool = False) -> None:
+        """Feed one validated row under the next id (checked by :meth:`_check_next_id`; ``checked``: the row and
+        its value passed the moment state's :meth:`~levstream.moments.MomentState.check_row` already)."""
         i = self._next_id
         if self._store.n + 1 - self._pending_from >= self._block_rows:
             # the row completes a block: the chunk path folds it all or nothing (should the fold fail, no memory or
@@ -758,9 +759,12 @@ class KeySketch:
         if self._live is not None and self._live.refresh_due:
             # a refresh the last row made due, before this row changes anything (should it fail, the cache goes)
             self._refresh_live()
-        # the steps that can fail first, each changing nothing when it does: room for the row (in the store, the
-        # ids seen and a current live cache), then the moment state (which adds a pending product before it
-        # takes the row)
+        # the steps that can fail first, each changing nothing when it does: the value refused (before the room
+        # made below may widen a float32 store), room for the row (in the store, the ids seen and a current live
+        # cache), then the moment state (which adds a pending product before it takes the row)
+        if self._moments is not None and not checked:
+            assert value is not None
+            self._moments.check_row(x, value)
         store = self._store
         store.room_for_row(x, self._buffer_end())
         ranges = self._seen.ranges
@@ -778,7 +782,7 @@ class KeySketch:
             value = None if value is None else _kernel_layout(value)
         if self._moments is not None:
             assert value is not None
-            self._moments.add_row(x, value)
+            self._moments.add_row(x, value, checked=True)
         # --- from here on nothing can fail before the row is recorded
         refresh = False
         if live is not None:
@@ -1692,12 +1696,12 @@ class KeySketch:
                         self._moments.prepare(1)
                     xw, before = self._weigh_row(K[0], step_neg, "K", V[0])
                     K = kept = xw[None, :]
-                elif K is given:
-                    kept = K
                 else:
-                    kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
+                    kept = K if K is given else _kept_row(given, K, isinstance(self._summary, GramSummary))
+                    if self._moments is not None:  # refused before the query is answered
+                        self._moments.check_row(kept[0], V[0])
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
-                self._append_token(kept[0], V[0])
+                self._append_token(kept[0], V[0], checked=True)
             except BaseException:  # the row not counted: nor its gate
                 self._uncounted(n, frame, before)
                 raise

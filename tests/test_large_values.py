@@ -170,6 +170,26 @@ def test_keys_and_values_whose_moment_terms_overflow_are_refused_and_change_noth
     np.testing.assert_allclose(sk.attend(Q).output, (W @ Vall) / W.sum(axis=1, keepdims=True), rtol=1e-9)
 
 
+def test_a_refused_value_leaves_a_float32_store_as_it_was_and_answers_no_query(recwarn):
+    """Keys fed as float32 are held as float32; a float64 row whose value the moment state refuses (``update``, and
+    the decode step, ``prefill`` of one row) used to widen the store to float64 before the refusal (the bytes of
+    the sketch changed), and the decode step answered its query first (overflow warnings).  Now nothing changes and
+    no warning is raised."""
+    rng = np.random.default_rng(3)
+    sk = _exact(4).update_many(rng.standard_normal((20, 4)).astype(np.float32), rng.standard_normal((20, 2)))
+    while sk._store.n < sk._store.capacity:  # a full store: the row's room would be made by widening it
+        sk.update(rng.standard_normal(4).astype(np.float32), rng.standard_normal(2))
+    assert sk._store.keys.dtype == np.float32
+    before = sk.to_bytes()
+    k, v = np.full(4, 1e150), np.full(2, 1e10)
+    for call in (lambda: sk.update(k, v), lambda: sk.prefill(k[None], v[None], k[None])):
+        with pytest.raises(ValueError, match="moment state cannot hold"):
+            call()
+        assert sk._store.keys.dtype == np.float32
+        assert sk.to_bytes() == before
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 # ---------------------------------------------------------------------------------------------- huge queries
 @pytest.mark.parametrize("settled", [False, True])
 @pytest.mark.parametrize("m", [1, 20])
