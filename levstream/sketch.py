@@ -1697,7 +1697,9 @@ class KeySketch:
                     xw, before = self._weigh_row(K[0], step_neg, "K", V[0])
                     K = kept = xw[None, :]
                 else:
-                    kept = K if K is given else _kept_row(given, K, isinstance(self._summary, GramSummary))
+                    kept = K
+                    if K is not given:
+                        kept = _kept_row(given, K, isinstance(self._summary, GramSummary))
                     if self._moments is not None:  # refused before the query is answered
                         self._moments.check_row(kept[0], V[0])
                 result = _query.prefill(self._view(), K, V, Q, chunk_ids, self._p, self._eps)
