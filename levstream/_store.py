@@ -14,6 +14,7 @@ of another type joins them (the float32 rows are widened exactly).  Value rows a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -250,19 +251,32 @@ class RowStore:
 
     def _unshare(self, key_dtype: type | None = None, rows: int | None = None) -> None:
         """Copy the rows held into new arrays of the store's own, with room for ``rows`` rows (default: the same
-        room) and keys as ``key_dtype`` (a snapshot holding the current ones keeps them: :meth:`_leave_arrays`).
-        All are allocated before any is taken: should one allocation fail, nothing has changed."""
+        room) and keys as ``key_dtype`` (:meth:`_move_to_new_arrays`)."""
         n, rows = self.n, self.capacity if rows is None else max(int(rows), self.n)
+
+        def rows_held(new: np.ndarray, old: np.ndarray) -> None:
+            new[:n] = old[:n]
+
+        self._move_to_new_arrays(rows, rows_held, key_dtype)
+
+    def _move_to_new_arrays(
+        self,
+        rows: int,
+        fill: Callable[[np.ndarray, np.ndarray], None],
+        key_dtype: type | None = None,
+    ) -> None:
+        """Move the store to new arrays with room for ``rows`` rows (keys as ``key_dtype``), each filled by
+        ``fill(new, old)`` from the current one.  All are allocated and filled before any is taken: should one
+        allocation fail, nothing has changed; a snapshot holding the current ones keeps them (only then:
+        :meth:`_leave_arrays`)."""
         keys = np.empty((rows, self.dim), dtype=key_dtype or self.keys.dtype)
-        keys[:n] = self.keys[:n]
-        values = None
-        if self.values is not None:
-            values = np.empty((rows, self.values.shape[1]))
-            values[:n] = self.values[:n]
         ids = np.empty(rows, dtype=np.int64)
-        ids[:n] = self.ids[:n]
-        self._leave_arrays()  # (only now: should an allocation above fail, the snapshot still holds them)
-        self.keys, self.values, self.ids = keys, values, ids
+        values = None if self.values is None else np.empty((rows, self.values.shape[1]))
+        for new, old in ((keys, self.keys), (ids, self.ids), (values, self.values)):
+            if new is not None and old is not None:
+                fill(new, old)
+        self._leave_arrays()
+        self.keys, self.ids, self.values = keys, ids, values
 
     def reserve(self, rows: int, key_dtype: type | None = None, fill_to: int = 0) -> None:
         """Make room for ``rows`` rows in all (geometric growth), with keys stored as ``key_dtype``.
@@ -412,19 +426,14 @@ class RowStore:
         self.n = start + k
 
     def _move_kept(self, start: int, src: np.ndarray) -> None:
-        """Rows ``0..start-1``, then rows ``src``, into new arrays of the same room (all allocated and filled before
-        any is taken: should one allocation fail, nothing has changed); a snapshot holding the current ones keeps
-        them."""
-        rows, k = self.capacity, start + src.shape[0]
-        keys = np.empty((rows, self.dim), dtype=self.keys.dtype)
-        ids = np.empty(rows, dtype=np.int64)
-        values = None if self.values is None else np.empty((rows, self.values.shape[1]))
-        for new, old in ((keys, self.keys), (ids, self.ids), (values, self.values)):
-            if new is not None and old is not None:
-                new[:start] = old[:start]
-                np.take(old, src, axis=0, out=new[start:k])
-        self._leave_arrays()
-        self.keys, self.ids, self.values = keys, ids, values
+        """Rows ``0..start-1``, then rows ``src``, into new arrays of the same room (:meth:`_move_to_new_arrays`)."""
+        k = start + src.shape[0]
+
+        def rows_kept(new: np.ndarray, old: np.ndarray) -> None:
+            new[:start] = old[:start]
+            np.take(old, src, axis=0, out=new[start:k])
+
+        self._move_to_new_arrays(self.capacity, rows_kept)
         self.n = k
 
     def sort_by_id(self) -> None:
