@@ -608,15 +608,30 @@ def _decode_step(
 ) -> AttentionResult:
     """A causal chunk of one row (a decode step), p = 2 with the exact Gram matrix: the new key joins the rows
     scanned and ``k k^T`` joins ``G`` for this one query; one compiled call finds the entries, their output and
-    mass, and the exact output (:func:`~levstream._kernels.live.decode_p2`).  With no row (``k`` of shape
-    (0, d)): :func:`attend` of the one query ``q``."""
+    mass, and the exact output (:func:`decode_arrays`).  With no row (``k`` of shape (0, d)): :func:`attend` of
+    the one query ``q``."""
+    ints, floats = decode_arrays(view, k, v, q, key_id, eps)
+    if floats[0] == UNRELIABLE:  # answered from the summary and every pending row instead
+        assert view.fallback is not None
+        if k.shape[0] == 0:
+            return attend(view.fallback(), q, 2.0, eps)
+        return _prefill_chunk(view.fallback(), k, v, q, key_id, 2.0, eps)
+    return decode_result(ints, floats, v.shape[1], eps, view.moments is not None)
+
+
+def decode_arrays(
+    view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`~levstream._kernels.live.decode_p2` of a decode step (see :func:`_decode_step`) on a live view with
+    values: its ``(ints, floats)``, ``floats[0] == UNRELIABLE`` when the view cannot answer the query (nothing is
+    changed either way)."""
     assert view.values is not None
     moments = view.moments
     S, BK, BV = _NO_VALUES, _NO_VALUES, _NO_VALUES
     if moments is not None:
         S, BK, BV = moments.query_arrays()
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra row
-    ints, floats = decode_p2(
+    return decode_p2(
         q,
         *(view.scan or scan_arrays(view)),
         k,
@@ -629,19 +644,18 @@ def _decode_step(
         BK,
         BV,
     )
-    if floats[0] == UNRELIABLE:  # answered from the summary and every pending row instead
-        assert view.fallback is not None
-        if k.shape[0] == 0:
-            return attend(view.fallback(), q, 2.0, eps)
-        return _prefill_chunk(view.fallback(), k, v, q, key_id, 2.0, eps)
+
+
+def decode_result(
+    ints: np.ndarray, floats: np.ndarray, dv: int, eps: float, exact: bool
+) -> AttentionResult:
+    """The result of a decode step's reliable :func:`decode_arrays` (``exact``: the view has a moment state)."""
     ints.flags.writeable = False  # the slices below, handed to the result, are read-only with them
     floats.flags.writeable = False
-    t = int(ints[1])
-    dv = v.shape[1]
-    h = 1 + t
+    h = 1 + int(ints[1])
     return AttentionResult.of_frozen(
         HeavyEntries.of_frozen(ints[:2], ints[2 : h + 1], floats[1:h], eps),
         floats[h : h + dv].reshape(1, dv),
         floats[h + dv : h + dv + 1],
-        None if moments is None else floats[h + dv + 1 :].reshape(1, dv),
+        floats[h + dv + 1 :].reshape(1, dv) if exact else None,
     )

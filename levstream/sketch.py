@@ -29,13 +29,14 @@ from ._kernels.blas import dsyrk_function, dtrmm_function, strmm_function
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import slab_run, sq_total, upper_scores
 from ._kernels.live import (
+    UNRELIABLE,
     add_row_and_bound,
     add_rows_and_bound,
     append_row_and_keep,
     int8_rows_into,
     scan_norms,
 )
-from ._kernels.rows import largest_sq_norm, sq_norm
+from ._kernels.rows import decode_rows_fit, largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
 from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore, StoreState
 from ._threads import get_num_threads, ingest_threads, lowered_blas, run_items
@@ -1652,6 +1653,10 @@ class KeySketch:
         (True, 8)
         """
         if ids is None and offset is None and eps is None and self._value_dim is not None:
+            if gates is None:
+                result = self._decode_plain(K, V, Q)
+                if result is not None:
+                    return result
             step = _step_rows(K, V, Q, self._dim, self._value_dim)
             if step is not None:
                 return self._decode_step(K, *step, gates)
@@ -1676,6 +1681,62 @@ class KeySketch:
                 K = _kept_row(given, K, isinstance(self._summary, GramSummary))
                 return self._prefill(K, Vc, Q, ids, offset, eps)
             return self._prefill_gated(K, Vc, Q, ids, offset, eps, neg)
+
+    def _decode_plain(self, K: Any, V: Any, Q: Any) -> AttentionResult | None:
+        """:meth:`prefill` of one row when nothing but taking it is due: the common decode step, by the general
+        path's own kernels (the same answer and state, bit for bit) with its checks made in one compiled call.
+
+        Taken when ``K``, ``V`` and ``Q`` are float64 rows of shapes (1, dim), (1, value_dim) and (1, dim), each
+        C-contiguous and writeable, finite, and within the moment state's range; the stream does not forget; the
+        next id extends the ids seen; the live cache is current; and nothing needs to grow, fold, refresh,
+        settle or hand over (2 rows in 128 with exact outputs).  None, with nothing changed, otherwise: then
+        :meth:`_decode_step` takes the row."""
+        dim, value_dim = self._dim, self._value_dim
+        if not (
+            value_dim is not None
+            and _plain_step_row(K, dim)
+            and _plain_step_row(Q, dim)
+            and _plain_step_row(V, value_dim)
+        ):
+            return None
+        with self._lock:
+            live, store, moments = self._live, self._store, self._moments
+            ranges = self._seen.ranges
+            i = self._next_id
+            if (
+                live is None
+                or self._p != 2.0
+                or self._decay is not None
+                or self._frame.log_total != 0.0  # (self.forgets)
+                or not ranges.shape[0]
+                or ranges[-1, 1] != i
+                or i > _ID_MAX - 1
+                or store.n + 1 - self._pending_from >= self._block_rows
+                or not live.takes_row(store, K)
+                or (moments is not None and not moments.takes_plain_row())
+                or not decode_rows_fit(K[0], Q[0], V[0], moments is not None)
+            ):
+                return None
+            view = self._view()
+            if view.total_gram is None:
+                return None
+            key_id = live.step_id  # (the kernel copies it into the result)
+            key_id[0] = i
+            ints, floats = _query.decode_arrays(view, K, V, Q, key_id, self._eps)
+            if floats[0] == UNRELIABLE:  # the general path answers it another way
+                return None
+            # nothing below can fail: the row is taken as _append_token takes it, moment state first
+            if moments is not None:
+                moments.put_plain_row(K[0], V[0])
+            summary = self._summary
+            assert isinstance(summary, GramSummary)  # a live cache exists only for it
+            refresh = live.append(store, K[0], i, V[0], live.bound_factor(summary))
+            self._n += 1
+            ranges[-1, 1] = i + 1
+            self._next_id = i + 1
+            if refresh:
+                live.refresh_due = True
+        return _query.decode_result(ints, floats, V.shape[1], self._eps, moments is not None)
 
     def _decode_step(
         self, given: Any, K: np.ndarray, V: np.ndarray, Q: np.ndarray, gates: Any
@@ -2008,6 +2069,7 @@ class _LiveRows:
         "rows_mark",
         "scratch",
         "start",
+        "step_id",
         "threshold",
         "upto",
         "view",
@@ -2047,6 +2109,7 @@ class _LiveRows:
         #: the scanned rows the last refactoring kept (0: none yet)
         self.rows_mark = 0
         self.scratch = np.empty(dim)  # for the live step's bound (:meth:`append`)
+        self.step_id = np.zeros(1, dtype=np.int64)  # a decode step's id, as its kernel takes it
 
     def bound_factor(self, summary: GramSummary) -> np.ndarray | None:
         """The factor the next rows are tested with: this cache's own, or the summary's."""
@@ -2056,6 +2119,22 @@ class _LiveRows:
         """Grow now, if needed, so that :meth:`append` of ``x`` allocates nothing (may raise; nothing changes)."""
         self._room_for_rows(self.rows.n + 1)
         self.rows.room_for_row(x)
+
+    def takes_row(self, store: RowStore, x: np.ndarray) -> bool:
+        """Whether :meth:`append` of ``x`` (a row of the store's key type) to ``store``, which keeps values, needs
+        nothing first: the cache is current, no refresh is due, and neither the store nor the scanned rows and their
+        filters need to grow (:meth:`room_for_row`)."""
+        rows = self.rows
+        return (
+            not self.refresh_due
+            and self.upto == store.n
+            and store.values is not None
+            and store.n < store.capacity
+            and store.keys.dtype == x.dtype
+            and rows.n < rows.capacity
+            and rows.keys.dtype == x.dtype
+            and rows.n < self.row_norms.shape[0]
+        )
 
     def append(
         self,
@@ -2754,6 +2833,14 @@ def _one_gate(gates: Any) -> Any:
     if arr.shape != (1,):
         raise ValueError(f"gates must have one gate per row: shape (1,); got shape {arr.shape}.")
     return arr[0]
+
+
+def _plain_step_row(X: Any, width: int) -> bool:
+    """Whether ``X`` is one float64 row of shape (1, ``width``), C-contiguous, aligned and writeable: a decode step's
+    input as :meth:`KeySketch._decode_plain` takes it."""
+    return (
+        type(X) is np.ndarray and X.dtype == np.float64 and X.shape == (1, width) and X.flags.carray
+    )
 
 
 def _step_rows(

@@ -96,3 +96,13 @@ def first_moment_overflow(X, V, power):  # pragma: no cover - compiled
 def moment_row_fits(x, v, power):  # pragma: no cover - compiled
     """:func:`first_moment_overflow` of one row (a decode step's): whether its terms fit."""
     return _moment_term(x, v, power) < np.inf
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_rows_fit(k, q, v, moments):  # pragma: no cover - compiled
+    """Whether a decode step's key, query and value rows need no further check: finite, with squares that do not
+    overflow (:func:`largest_sq_norm`), and, with a moment state (``moments``), terms that fit it
+    (:func:`moment_row_fits` of degree 2).  False sends the step to the path that validates and explains."""
+    if not largest_sq_norm(k, q, v) < np.inf:
+        return False
+    return not moments or _moment_term(k, v, 1) < np.inf
