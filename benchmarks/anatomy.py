@@ -78,7 +78,6 @@ PARTS: tuple[tuple[Any, str, str], ...] = (
     (_sketch._LiveRows, "refresh", "live cache: refresh"),
     (_sketch.KeySketch, "_plan_row", "weigh the row"),
     (_moments.MomentState, "add_row", "moment state: add row"),
-    (_moments.MomentState, "put_plain_row", "moment state: add row"),
     (_moments._PendingFold, "__init__", "moment state: start product"),
     (_moments.MomentState, "settle", "moment state: settle product"),
 )

@@ -595,25 +595,6 @@ class MomentState:
         if not moment_row_fits(x, v, self.degree // 2):
             raise _moment_overflow(x, v, self.degree, "the row")
 
-    def takes_plain_row(self) -> bool:
-        """Whether :meth:`add_row` of one key only writes it to the buffer: nothing to settle, hand over or record
-        (a degree-2 state; 126 of every 128 rows of a decode loop)."""
-        n = self._buf_n + 1
-        return (
-            self.degree == 2
-            and self._record is None
-            and n < BUFFER_ROWS
-            and (self._pending is None or n < _SETTLE_ROWS)
-        )
-
-    def put_plain_row(self, x: np.ndarray, v: np.ndarray) -> None:
-        """:meth:`add_row` of a checked key of the state's width when :meth:`takes_plain_row`: its write to the
-        buffer (all there is to it then)."""
-        n = self._buf_n
-        self._buf_keys[n] = x
-        self._buf_values[n] = v
-        self._buf_n = n + 1
-
     def add_row(self, x: np.ndarray, v: np.ndarray, checked: bool = False) -> None:
         """Add one key and its value (buffered, or recorded); refused, changing nothing, as by :meth:`check`
         (``checked``: :meth:`check_row` passed already)."""
@@ -633,7 +614,9 @@ class MomentState:
         elif self._pending is not None and self._buf_n + 1 >= _SETTLE_ROWS:
             self.settle()  # prepare(1), inline: the decode step's path
         n = self._buf_n
-        self.put_plain_row(x, v)
+        self._buf_keys[n] = x
+        self._buf_values[n] = v
+        self._buf_n = n + 1
         # a full record whose last product is pending: queries read the record till it lands
         if self._record is not None:
             self._record.append(x[None, :], v[None, :])

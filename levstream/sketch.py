@@ -1688,9 +1688,8 @@ class KeySketch:
 
         Taken when ``K``, ``V`` and ``Q`` are float64 rows of shapes (1, dim), (1, value_dim) and (1, dim), each
         C-contiguous and writeable, finite, and within the moment state's range; the stream does not forget; the
-        next id extends the ids seen; the live cache is current; and nothing needs to grow, fold, refresh,
-        settle or hand over (2 rows in 128 with exact outputs).  None, with nothing changed, otherwise: then
-        :meth:`_decode_step` takes the row."""
+        next id extends the ids seen; the live cache is current; and nothing needs to grow, fold or refresh.  None,
+        with nothing changed, otherwise: then :meth:`_decode_step` takes the row."""
         dim, value_dim = self._dim, self._value_dim
         if not (
             value_dim is not None
@@ -1713,7 +1712,6 @@ class KeySketch:
                 or i > _ID_MAX - 1
                 or store.n + 1 - self._pending_from >= self._block_rows
                 or not live.takes_row(store, K)
-                or (moments is not None and not moments.takes_plain_row())
                 or not decode_rows_fit(K[0], Q[0], V[0], moments is not None)
             ):
                 return None
@@ -1725,9 +1723,10 @@ class KeySketch:
             ints, floats = _query.decode_arrays(view, K, V, Q, key_id, self._eps)
             if floats[0] == UNRELIABLE:  # the general path answers it another way
                 return None
-            # nothing below can fail: the row is taken as _append_token takes it, moment state first
+            # the row is taken as _append_token takes it: the moment state first (it may settle or hand over a
+            # product; should that fail, nothing has changed), then the live step, which cannot fail
             if moments is not None:
-                moments.put_plain_row(K[0], V[0])
+                moments.add_row(K[0], V[0], checked=True)
             summary = self._summary
             assert isinstance(summary, GramSummary)  # a live cache exists only for it
             refresh = live.append(store, K[0], i, V[0], live.bound_factor(summary))
