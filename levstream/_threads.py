@@ -8,7 +8,8 @@ this process may run on.  The budget caps
   threads; the shards, hence the result, do not depend on the cap) and the default ``n_jobs``;
 * numba's threads (``numba.set_num_threads``) and the BLAS threads (threadpoolctl) in every section the
   library caps itself (:func:`capped_threads`): the builds, their tasks and shards, the command line, the
-  demo and the benchmarks.
+  demo and the benchmarks;
+* the product worker of rows fed one at a time (:mod:`levstream._offload`): none below a budget of 2.
 
 A cap only ever lowers: a BLAS limit the caller set with ``threadpoolctl.threadpool_limits``, or numba's
 thread count in the calling thread, is never raised, and everything is restored on exit.  The budget is
@@ -38,9 +39,11 @@ time.  Serial numba kernels start no numba threads, so nothing spins between BLA
 slabs does not depend on the number of threads, and partial results are combined in a fixed order, so
 the sketch is the same bit for bit whatever the thread budget.
 
-Rows fed one at a time with exact outputs (``update``, a decode step): a full buffer's moment product is a job
-handed to a helper without waiting (:func:`start_items`), and whoever needs its result later finishes it
-(:func:`finish_items`: the item runs there if no helper took it), so nothing waits on a busy pool.
+Rows fed one at a time with exact outputs (``update``, a decode step): a full buffer's moment product goes to the
+product worker (:mod:`levstream._offload`: one thread that never takes the GIL, none below a budget of 2), or
+where there is none, as a job handed to a helper without waiting (:func:`start_items`), whose result whoever needs
+it later finishes (:func:`finish_items`: the item runs there if no helper took it), so nothing waits on a busy
+pool.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _offload
 from ._buffers import grown_rows
 from ._kernels.lift import (
     add_product,
@@ -66,7 +67,8 @@ from .summaries.lifted import lifted_dim
 
 #: Keys waiting before they are folded into ``S`` (a query costs ``O(BUFFER_ROWS (d + dv))`` for them).
 BUFFER_ROWS = 128
-#: A full buffer of rows fed one at a time is not folded on the spot: an ingest helper computes its product
+#: A full buffer of rows fed one at a time is not folded on the spot: another thread (the product worker of
+#: :mod:`levstream._offload`, or an ingest helper) computes its product
 #: ``phi(X)^T V`` while the stream goes on (queries read those rows directly meanwhile), and the product is added
 #: to ``S`` when this many more rows have arrived, waiting for it only if it is not ready by then.  A decode
 #: step then never stalls for a fold (a 128-row fold is ~1 ms at d = dv = 64), and the state is the same bit
@@ -219,14 +221,15 @@ _SINGLE_THREAD_GEMM = 65536 * 4
 
 
 class _PendingFold:
-    """The product ``phi(X)^T V`` of a full buffer, computed off the caller's thread by an ingest helper
-    (:func:`levstream._threads.start_items`; with a thread budget of 1 by whoever asks for it first) in one
-    compiled call that holds no lock and changes no thread setting (BLAS calls small enough to stay on the
-    helper's thread, for ``value_dim <= 2048``).  ``X`` and ``V`` are read, never written, until the product is
-    computed: the caller leaves them alone until :meth:`result` has returned.  The product is read-only once
-    computed and may be shared by copies of the state (and asked for by several threads at once)."""
+    """The product ``phi(X)^T V`` of a full buffer, computed off the caller's thread: by the product worker, which
+    never takes the GIL (:mod:`levstream._offload`), or where that is not available by an ingest helper
+    (:func:`levstream._threads.start_items`); with a thread budget of 1 by whoever asks for it first.  Either runs
+    one compiled call that holds no lock and changes no thread setting (BLAS calls small enough to stay on that
+    thread, for ``value_dim <= 2048``), the same bit for bit.  ``X`` and ``V`` are read, never written, until the
+    product is computed: the caller leaves them alone until :meth:`result` has returned.  The product is read-only
+    once computed and may be shared by copies of the state (and asked for by several threads at once)."""
 
-    __slots__ = ("_compute", "_job", "_lock", "inputs", "nbytes", "product")
+    __slots__ = ("_compute", "_job", "_lock", "_ticket", "inputs", "nbytes", "product")
 
     def __init__(self, X: np.ndarray, V: np.ndarray, D: int) -> None:
         m, inner = X.shape
@@ -242,7 +245,9 @@ class _PendingFold:
         self.product = _NO_ROWS
         self._lock = threading.Lock()
 
-        def compute(_: int) -> None:  # on the helper: the copies and the product are made there
+        def compute(
+            _: int,
+        ) -> None:  # on a helper, or the caller: the copies and the product are made there
             product = np.zeros((D, dv))
             if D and dv and m:
                 buf = _scratch_floats("block", block * m)
@@ -250,13 +255,24 @@ class _PendingFold:
             self.product = product
 
         self._compute = compute
-        self._job: Any = start_items(compute, 1, get_num_threads())
+        self._job: Any = None
+        self._ticket = _offload.submit(X, V, ia, ib, block, D)
+        if self._ticket is None:
+            self._job = start_items(compute, 1, get_num_threads())
 
     def result(self) -> np.ndarray:
-        """The product, once computed: by the helper, or here when no helper has started it or the helper
-        failed.  One thread at a time; an interruption here (``KeyboardInterrupt``) propagates and leaves the
-        product to be computed by the next call."""
+        """The product, once computed: by the worker or the helper, or here when neither has started it (or the
+        helper failed).  One thread at a time; an interruption here (``KeyboardInterrupt``) propagates and leaves
+        the product to be computed by the next call."""
         with self._lock:
+            if self.product is _NO_ROWS and self._ticket is not None:
+                ticket, self._ticket = (
+                    self._ticket,
+                    None,
+                )  # whatever happens, the ticket is not asked again
+                product = ticket.wait()  # None in a forked child: computed below
+                if product is not None:
+                    self.product = product
             if self.product is _NO_ROWS and self._job is not None:
                 job, self._job = self._job, None  # whatever happens, the job is not asked again
                 # the helper failed (no memory for the product?): computed below, on this thread
@@ -600,6 +616,7 @@ class MomentState:
         (``checked``: :meth:`check_row` passed already)."""
         if not checked:
             self.check_row(x, v)
+        _offload.prepare()  # (the worker that takes the products of rows fed one at a time)
         if self.degree == 4:
             x = _lift(x[None, :])[0]
         if self._record is not None:  # a short stream

@@ -84,8 +84,11 @@ def test_a_fold_leaves_hi_the_rounded_state() -> None:
     S.add(K[8000:], V[8000:])
     np.testing.assert_array_equal(S._hi + S._lo, S._hi)
     q = rng.standard_normal(5)
-    err = np.abs(S.numerator(q[None])[0] - 0.25 * _exact_numerator(K[:8000], V[:8000], q, 2)
-                 - _exact_numerator(K[8000:], V[8000:], q, 2))
+    err = np.abs(
+        S.numerator(q[None])[0]
+        - 0.25 * _exact_numerator(K[:8000], V[:8000], q, 2)
+        - _exact_numerator(K[8000:], V[8000:], q, 2)
+    )
     assert np.all(err <= 1e-13 * _scale_of(K, V, q, 2)), (err / _scale_of(K, V, q, 2)).max()
 
 
@@ -129,7 +132,9 @@ def test_fold_allocates_nothing_of_the_lifted_size() -> None:
     S = MomentState(64, 64)
     S.add(K[:1024], V[:1024])  # this thread's scratch buffers, made once
     before = ls.get_num_threads()
-    ls.set_num_threads(1)  # the helper threads' scratch is theirs, made on first use: count this thread only
+    ls.set_num_threads(
+        1
+    )  # the helper threads' scratch is theirs, made on first use: count this thread only
     try:
         tracemalloc.start()
         try:
@@ -189,7 +194,11 @@ def test_rows_fed_one_at_a_time_reach_the_state_of_folds_on_the_spot() -> None:
     n = 3 * BUFFER_ROWS + 50
     K, V = rng.standard_normal((n, 64)), rng.standard_normal((n, 64))
     before = ls.get_num_threads()
-    for m in (3 * BUFFER_ROWS + _SETTLE_ROWS - 1, 3 * BUFFER_ROWS + _SETTLE_ROWS + 1, 2 * BUFFER_ROWS):
+    for m in (
+        3 * BUFFER_ROWS + _SETTLE_ROWS - 1,
+        3 * BUFFER_ROWS + _SETTLE_ROWS + 1,
+        2 * BUFFER_ROWS,
+    ):
         states = []
         try:
             for n_threads in (1, 2, 3):
@@ -237,7 +246,10 @@ def test_a_pending_product_survives_copy_merge_scale_and_serialization() -> None
     from levstream.moments import BUFFER_ROWS
 
     rng = np.random.default_rng(13)
-    K, V = rng.standard_normal((2 * BUFFER_ROWS + 10, 6)), rng.standard_normal((2 * BUFFER_ROWS + 10, 2))
+    K, V = (
+        rng.standard_normal((2 * BUFFER_ROWS + 10, 6)),
+        rng.standard_normal((2 * BUFFER_ROWS + 10, 2)),
+    )
     a = BUFFER_ROWS + 5  # a product pending in each state below
     A = _fed_one_at_a_time(K[:a], V[:a])
     B = _fed_one_at_a_time(K[a:], V[a:])
@@ -255,12 +267,18 @@ def test_a_pending_product_survives_copy_merge_scale_and_serialization() -> None
     cases = [(A, K[:a] * 0.5, V[:a]), (C, K[: a + 1], V[: a + 1]), (R, K[:a], V[:a]), (M, K, V)]
     for state, Kr, Vr in cases:
         for q, row in zip(Q, state.numerator(Q)):
-            assert np.all(np.abs(row - _exact_numerator(Kr, Vr, q, 2)) <= 1e-13 * _scale_of(Kr, Vr, q, 2))
+            assert np.all(
+                np.abs(row - _exact_numerator(Kr, Vr, q, 2)) <= 1e-13 * _scale_of(Kr, Vr, q, 2)
+            )
 
 
 def test_a_failed_product_is_computed_again_by_the_state_that_needs_it(monkeypatch):
     """The helper's product fails (here: raises once, on the helper): the state computes it on its own thread
     when it settles, and stays exact."""
+    from levstream import _offload
+
+    # the product worker allocates nothing and cannot fail: the helpers' path, whose product can, is tested here
+    monkeypatch.setattr(_offload, "submit", lambda *args: None)
     import threading
 
     from levstream import moments
@@ -332,6 +350,10 @@ def test_a_row_whose_settle_fails_is_refused_and_changes_nothing(monkeypatch):
     """Adding the product fails everywhere (here: computing it raises on every thread): the row that would
     have triggered the settle is refused before it joins the buffer, and the state answers as before; once the
     product can be computed, the stream goes on exactly."""
+    from levstream import _offload
+
+    # the product worker allocates nothing and cannot fail: the helpers' path, whose product can, is tested here
+    monkeypatch.setattr(_offload, "submit", lambda *args: None)
     from levstream import moments
     from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS
 
@@ -366,6 +388,10 @@ def _attention_outputs(K: np.ndarray, V: np.ndarray, Q: np.ndarray) -> np.ndarra
 def test_a_token_refused_by_a_failed_settle_changes_no_sketch(monkeypatch):
     """At the sketch level too: the token is refused whole (store, ids, count, moment state), and fed again once
     the product can be computed, the sketch equals brute force over every token exactly once."""
+    from levstream import _offload
+
+    # the product worker allocates nothing and cannot fail: the helpers' path, whose product can, is tested here
+    monkeypatch.setattr(_offload, "submit", lambda *args: None)
     from levstream import moments
     from levstream.moments import _SETTLE_ROWS, BUFFER_ROWS
 
@@ -398,6 +424,10 @@ def test_a_token_refused_by_a_failed_settle_changes_no_sketch(monkeypatch):
 def test_a_failed_settle_in_a_multihead_sync_drops_the_pieces_every_head_took(monkeypatch):
     """The token buffer is handed to the heads in pieces; a settle that fails in a later piece leaves the earlier
     pieces with every head and takes them out of the buffer, so no token is fed twice or lost."""
+    from levstream import _offload
+
+    # the product worker allocates nothing and cannot fail: the helpers' path, whose product can, is tested here
+    monkeypatch.setattr(_offload, "submit", lambda *args: None)
     from levstream import moments
     from levstream.moments import BUFFER_ROWS
 
@@ -408,7 +438,11 @@ def test_a_failed_settle_in_a_multihead_sync_drops_the_pieces_every_head_took(mo
 
     rng = np.random.default_rng(19)
     H, n = 2, 300
-    K, V, Q = rng.standard_normal((H, n, 4)), rng.standard_normal((H, n, 2)), rng.standard_normal((H, 3, 4))
+    K, V, Q = (
+        rng.standard_normal((H, n, 4)),
+        rng.standard_normal((H, n, 2)),
+        rng.standard_normal((H, 3, 4)),
+    )
     mh = ls.MultiHeadKeySketch(H, 4, eps=0.1, value_dim=2, exact_output=True)
     for t in range(100):
         mh.update(K[:, t], V[:, t])
@@ -452,7 +486,9 @@ def test_an_interrupted_product_is_computed_again_by_the_next_call(monkeypatch):
     before = ls.get_num_threads()
     ls.set_num_threads(1)
     try:
-        S = _fed_one_at_a_time(K[: BUFFER_ROWS + _SETTLE_ROWS - 1], V[: BUFFER_ROWS + _SETTLE_ROWS - 1])
+        S = _fed_one_at_a_time(
+            K[: BUFFER_ROWS + _SETTLE_ROWS - 1], V[: BUFFER_ROWS + _SETTLE_ROWS - 1]
+        )
         with pytest.raises(KeyboardInterrupt):
             S.add_row(K[BUFFER_ROWS + _SETTLE_ROWS - 1], V[BUFFER_ROWS + _SETTLE_ROWS - 1])
         for k, v in zip(K[BUFFER_ROWS + _SETTLE_ROWS - 1 :], V[BUFFER_ROWS + _SETTLE_ROWS - 1 :]):
@@ -473,9 +509,14 @@ def test_a_state_copied_by_the_standard_protocols_goes_on_exactly(how):
 
     rng = np.random.default_rng(21)
     K, V = rng.standard_normal((BUFFER_ROWS + 40, 3)), rng.standard_normal((BUFFER_ROWS + 40, 2))
-    S = _fed_one_at_a_time(K[: BUFFER_ROWS + 5], V[: BUFFER_ROWS + 5])  # a product pending, 5 rows buffered
-    T = {"deepcopy": copy_module.deepcopy, "copy": copy_module.copy,
-         "pickle": lambda s: pickle.loads(pickle.dumps(s))}[how](S)
+    S = _fed_one_at_a_time(
+        K[: BUFFER_ROWS + 5], V[: BUFFER_ROWS + 5]
+    )  # a product pending, 5 rows buffered
+    T = {
+        "deepcopy": copy_module.deepcopy,
+        "copy": copy_module.copy,
+        "pickle": lambda s: pickle.loads(pickle.dumps(s)),
+    }[how](S)
     for k, v in zip(K[BUFFER_ROWS + 5 :], V[BUFFER_ROWS + 5 :]):
         T.add_row(k, v)
     for q in rng.standard_normal((2, 3)):
