@@ -146,29 +146,39 @@ def test_a_child_forked_with_a_product_in_flight_computes_it_itself():
     assert child == sk.to_bytes()
 
 
+#: the start of the scripts below: a product's inputs at d = 64
+PRELUDE = (
+    "import numpy as np, levstream as ls\n"
+    "from levstream import _offload\n"
+    "from levstream._kernels.lift import feature_pairs\n"
+    "X = np.random.default_rng(0).standard_normal((128, 64)); V = X.copy(); ia, ib = feature_pairs(64)\n"
+)
+
+
+def run_script(code: str) -> str:
+    """Run ``PRELUDE + code`` in a fresh interpreter; its output (it must exit with 0)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_a_process_that_exits_with_products_in_flight_exits_cleanly():
-    code = (
-        "import numpy as np, levstream as ls\n"
-        "from levstream import _offload\n"
-        "from levstream._kernels.lift import feature_pairs\n"
-        "X = np.random.default_rng(0).standard_normal((128, 64)); V = X.copy(); ia, ib = feature_pairs(64)\n"
+    out = run_script(
         "tickets = [_offload.submit(X, V, ia, ib, 32, ia.shape[0]) for _ in range(20)]\n"
         "assert all(t is not None for t in tickets)\n"
         "print('submitted')\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "submitted" in proc.stdout
+    assert "submitted" in out
 
 
 def test_a_stopped_worker_leaves_its_products_to_whoever_waits():
-    code = (
-        "import numpy as np, levstream as ls\n"
-        "from levstream import _offload\n"
-        "from levstream._kernels.lift import feature_pairs\n"
-        "X = np.random.default_rng(0).standard_normal((128, 64)); V = X.copy(); ia, ib = feature_pairs(64)\n"
+    out = run_script(
         "tickets = [_offload.submit(X, V, ia, ib, 32, ia.shape[0]) for _ in range(40)]\n"
         "_offload._get_worker().stop()\n"
         "done = [t.wait() is not None for t in tickets]\n"
@@ -181,9 +191,5 @@ def test_a_stopped_worker_leaves_its_products_to_whoever_waits():
         "assert np.allclose(r.output[0], w @ W / w.sum(), rtol=1e-10, atol=1e-12)\n"
         "print(sum(done), len(done))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    done, total = map(int, proc.stdout.split())
+    done, total = map(int, out.split())
     assert total == 40 and done >= 1

@@ -30,26 +30,23 @@ SEMAPHORE_BYTES = 64
 TAKEN, STOP = 0, 1
 
 
-@intrinsic
-def _float64_at(typingctx, address):  # pragma: no cover - compiled
-    """The float64 pointer at an integer address."""
-    sig = types.CPointer(types.float64)(types.int64)
+def _pointer_at(dtype: types.Type) -> object:
+    """An intrinsic that makes the ``dtype`` pointer at an integer address."""
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float64)))
+    @intrinsic
+    def pointer_at(typingctx, address):  # pragma: no cover - compiled
+        sig = types.CPointer(dtype)(types.int64)
 
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(dtype)))
+
+        return sig, codegen
+
+    return pointer_at
 
 
-@intrinsic
-def _int64_at(typingctx, address):  # pragma: no cover - compiled
-    """The int64 pointer at an integer address."""
-    sig = types.CPointer(types.int64)(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.int64)))
-
-    return sig, codegen
+_float64_at = _pointer_at(types.float64)
+_int64_at = _pointer_at(types.int64)
 
 
 @numba.njit(nogil=True, cache=True)
