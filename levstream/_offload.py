@@ -8,7 +8,9 @@ of those hand-overs stalled the stream's own thread for tens to hundreds of micr
 loop (:func:`levstream._kernels.offload.serve_products`) and never leaves it: a submission writes the addresses of
 the job's arrays into a slot, queues the slot and posts a POSIX semaphore (a few microseconds, no thread switch);
 whoever needs the product waits on the slot's semaphore, which the worker posts when the product is in.  The
-product is computed by the kernel the helpers run, so it is the same bit for bit.
+product is computed by the kernel the helpers run, so it is the same bit for bit.  The worker starts with the first
+row a moment state takes one at a time (:func:`prepare`), and Linux is asked to keep it off the CPU of the thread
+that submits (:meth:`_Worker._keep_off`).
 
 Where it is not used, :func:`submit` returns None and the caller goes on as before (its ingest helpers):
 
@@ -18,7 +20,8 @@ Where it is not used, :func:`submit` returns None and the caller goes on as befo
 
 A process forked while products were in flight has no worker: there, whoever asks for such a product gets None from
 :meth:`Ticket.wait` and computes it itself (the child starts its own worker at its next submission).  At exit the
-worker is stopped after its current job (the interpreter then frees the arrays of the jobs).
+worker is stopped after its current job (the interpreter then frees the arrays of the jobs), and a job it had not
+taken is computed by whoever waits for it.
 """
 
 from __future__ import annotations
