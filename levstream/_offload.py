@@ -108,7 +108,7 @@ class _Worker:
         # that submits (see :meth:`_keep_off`)
         self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
         self.kept_off = -1
-        self.sched_getcpu = functions_getcpu()
+        self.sched_getcpu = _getcpu_function()
 
     def address(self, i: int) -> int:
         return self.base + SEMAPHORE_BYTES * i
@@ -234,7 +234,7 @@ def _semaphore_functions() -> tuple[Any, Any, Any, Any] | None:
     return out[0], out[1], out[2], out[3]
 
 
-def functions_getcpu() -> Any:
+def _getcpu_function() -> Any:
     """glibc's ``sched_getcpu`` as a ctypes function, or None."""
     try:
         fn = ctypes.CDLL(None).sched_getcpu

@@ -1705,8 +1705,7 @@ class KeySketch:
             if (
                 live is None
                 or self._p != 2.0
-                or self._decay is not None
-                or self._frame.log_total != 0.0  # (self.forgets)
+                or self.forgets
                 or not ranges.shape[0]
                 or ranges[-1, 1] != i
                 or i > _ID_MAX - 1
