@@ -71,13 +71,17 @@ PARTS: tuple[tuple[Any, str, str], ...] = (
     (_multihead._Live, "build", "live state rebuild"),
     (_multihead._Live, "add_store_rows", "live state rebuild"),
     (_query, "heavy_p2", "query kernel"),
-    (_query, "decode_p2", "query kernel"),
+    # a decode step's one compiled call also writes its row to the moment buffer and appends it to the store and
+    # the live cache (all but the steps that settle or hand over a product, which add it by add_row and append)
+    (_query, "decode_and_take", "query kernel"),
     (_sketch.KeySketch, "_ingest", "block fold"),
     (_sketch._LiveRows, "add", "live cache: waiting rows"),
     (_sketch._LiveRows, "append", "live cache: append"),
     (_sketch._LiveRows, "refresh", "live cache: refresh"),
     (_sketch.KeySketch, "_plan_row", "weigh the row"),
     (_moments.MomentState, "add_row", "moment state: add row"),
+    (_moments.MomentState, "took_buffered_row", "moment state: add row"),
+    (_sketch._LiveRows, "appended", "live cache: append"),
     (_moments._PendingFold, "__init__", "moment state: start product"),
     (_moments.MomentState, "settle", "moment state: settle product"),
 )

@@ -25,7 +25,7 @@ from ._kernels.live import (
     GRAM_FORM_REL,
     UNRELIABLE,
     checked_quadratic_rows,
-    decode_p2,
+    decode_and_take,
     heavy_p2,
     top_k_p2,
 )
@@ -619,19 +619,119 @@ def _decode_step(
     return decode_result(ints, floats, v.shape[1], eps, view.moments is not None)
 
 
+#: The arguments of :func:`~levstream._kernels.live.decode_p2`: the query, :func:`scan_arrays`, the step's key and
+#: its id, the report threshold, the value rows, the step's value, the moment state's arrays.
+_DecodeArgs = tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    float,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+]
+#: The arguments of :func:`~levstream._kernels.live.append_row_and_keep` but the row, its id and its value
+#: (``levstream.sketch._LiveRows.append_arrays``): the store's keys, ids, values and row count, then the live
+#: cache's Gram matrix, factor, threshold, scratch, scanned rows (keys, ids, values, count) and their filters.
+AppendArrays = tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    int,
+    np.ndarray,
+    np.ndarray,
+    float,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    int,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+]
+
+
+#: A decode step's moment buffer when there is none to write to (:func:`decode_take`).
+NO_BUFFER: tuple[np.ndarray, np.ndarray, int] = (np.zeros((0, 0)), np.zeros((0, 0)), 0)
+#: :data:`AppendArrays` of nothing, of the types of a float64 store's (:func:`decode_arrays` appends nothing; the
+#: same types keep one compiled version of the kernel for both).
+_NO_APPEND: AppendArrays = (
+    np.zeros((0, 0)),
+    np.zeros(0, dtype=np.int64),
+    np.zeros((0, 0)),
+    0,
+    np.zeros((0, 0)),
+    np.zeros((0, 0)),
+    0.0,
+    np.zeros(0),
+    np.zeros((0, 0)),
+    np.zeros(0, dtype=np.int64),
+    np.zeros((0, 0)),
+    0,
+    np.zeros(0),
+    np.zeros((0, 0), dtype=np.int8),
+    np.zeros(0),
+)
+
+
 def decode_arrays(
     view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray, eps: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`~levstream._kernels.live.decode_p2` of a decode step (see :func:`_decode_step`) on a live view with
     values: its ``(ints, floats)``, ``floats[0] == UNRELIABLE`` when the view cannot answer the query (nothing is
     changed either way)."""
+    ints, floats, _ = decode_and_take(
+        *_decode_args(view, k, v, q, key_id, eps), *NO_BUFFER, *_NO_APPEND, False, False
+    )
+    return ints, floats
+
+
+def decode_take(
+    view: HeadView,
+    k: np.ndarray,
+    v: np.ndarray,
+    q: np.ndarray,
+    key_id: np.ndarray,
+    eps: float,
+    buffer: tuple[np.ndarray, np.ndarray, int],
+    append: AppendArrays,
+    take: bool = True,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`decode_arrays`, and the step's row taken in the same compiled call
+    (:func:`~levstream._kernels.live.decode_and_take`): into the moment state's ``buffer`` (its keys, values and
+    the row to write; :meth:`MomentState.buffer_slot`), and into the store and the live cache (``append``:
+    :meth:`levstream.sketch._LiveRows.append_arrays`).  Returns ``(ints, floats, norm)``; ``norm`` is
+    ``NOT_TAKEN`` when nothing was written (the rows or the query need the general path).  ``take=False``: the
+    rows checked and the query answered, nothing written (the caller takes the row)."""
+    return decode_and_take(*_decode_args(view, k, v, q, key_id, eps), *buffer, *append, take, True)
+
+
+def _decode_args(
+    view: HeadView, k: np.ndarray, v: np.ndarray, q: np.ndarray, key_id: np.ndarray, eps: float
+) -> _DecodeArgs:
+    """The arguments of :func:`~levstream._kernels.live.decode_p2` for a decode step on a live view with values."""
     assert view.values is not None
     moments = view.moments
     S, BK, BV = _NO_VALUES, _NO_VALUES, _NO_VALUES
     if moments is not None:
         S, BK, BV = moments.query_arrays()
     # the rows held are scanned in place (no copy of them per step); the new key is the one extra row
-    return decode_p2(
+    return (
         q,
         *(view.scan or scan_arrays(view)),
         k,

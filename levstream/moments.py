@@ -753,6 +753,26 @@ class MomentState:
         last = BUFFER_ROWS + self._buf_n
         return self._sum, self._rows_keys[first:last], self._rows_values[first:last]
 
+    def buffer_slot(self) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """``(buffer keys, buffer values, row)`` when :meth:`add_row` of the next row would only write it to that
+        row of the buffer (no record, no lift, no settle, and not the row that fills the buffer): a compiled decode
+        step then writes it there itself and calls :meth:`took_buffered_row`.  None otherwise."""
+        n = self._buf_n
+        if (
+            self._record is None
+            and self.degree == 2
+            and n + 1 < BUFFER_ROWS
+            and (self._pending is None or n + 1 < _SETTLE_ROWS)
+        ):
+            return self._buf_keys, self._buf_values, n
+        return None
+
+    def took_buffered_row(self) -> None:
+        """The row :meth:`buffer_slot` named was written there (checked as :meth:`check_row` checks): the state
+        holds it, as after :meth:`add_row` of it."""
+        _offload.prepare()  # as add_row (the worker that takes the products of rows fed one at a time)
+        self._buf_n += 1
+
     def _no_state(self) -> np.ndarray:
         return np.zeros((0, self.value_dim))
 

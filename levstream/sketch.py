@@ -29,14 +29,14 @@ from ._kernels.blas import dsyrk_function, dtrmm_function, strmm_function
 from ._kernels.decay import weigh_row, weigh_rows
 from ._kernels.ingest import slab_run, sq_total, upper_scores
 from ._kernels.live import (
-    UNRELIABLE,
+    NOT_TAKEN,
     add_row_and_bound,
     add_rows_and_bound,
     append_row_and_keep,
     int8_rows_into,
     scan_norms,
 )
-from ._kernels.rows import decode_rows_fit, largest_sq_norm, sq_norm
+from ._kernels.rows import largest_sq_norm, sq_norm
 from ._linalg import inverse_upper_factor
 from ._store import _NO_VALUE_ROW, _NO_VALUE_ROWS, RowStore, StoreState
 from ._threads import get_num_threads, ingest_threads, lowered_blas, run_items
@@ -1711,7 +1711,6 @@ class KeySketch:
                 or i > _ID_MAX - 1
                 or store.n + 1 - self._pending_from >= self._block_rows
                 or not live.takes_row(store, K)
-                or not decode_rows_fit(K[0], Q[0], V[0], moments is not None)
             ):
                 return None
             view = self._view()
@@ -1719,16 +1718,38 @@ class KeySketch:
                 return None
             key_id = live.step_id  # (the kernel copies it into the result)
             key_id[0] = i
-            ints, floats = _query.decode_arrays(view, K, V, Q, key_id, self._eps)
-            if floats[0] == UNRELIABLE:  # the general path answers it another way
-                return None
-            # the row is taken as _append_token takes it: the moment state first (it may settle or hand over a
-            # product; should that fail, nothing has changed), then the live step, which cannot fail
-            if moments is not None:
-                moments.add_row(K[0], V[0], checked=True)
             summary = self._summary
             assert isinstance(summary, GramSummary)  # a live cache exists only for it
-            refresh = live.append(store, K[0], i, V[0], live.bound_factor(summary))
+            factor = live.bound_factor(summary)
+            # the row is taken as _append_token takes it (the moment state first, then the live step).  When the
+            # moment state only buffers it, one compiled call checks the rows, answers the query and takes the row;
+            # otherwise the same call checks and answers (so nothing new loads at such a step) and the row is taken
+            # here
+            buffer = _query.NO_BUFFER if moments is None else moments.buffer_slot()
+            take = buffer is not None
+            ints, floats, norm = _query.decode_take(
+                view,
+                K,
+                V,
+                Q,
+                key_id,
+                self._eps,
+                _query.NO_BUFFER if buffer is None else buffer,
+                live.append_arrays(store, factor),
+                take,
+            )
+            if norm == NOT_TAKEN:  # the general path validates the rows, or answers another way
+                return None
+            if take:
+                if moments is not None:
+                    moments.took_buffered_row()
+                refresh = live.appended(store, i, norm)
+            else:
+                # the moment state may settle or hand over a product (should that fail, nothing has changed);
+                # the live step cannot fail
+                assert moments is not None
+                moments.add_row(K[0], V[0], checked=True)
+                refresh = live.append(store, K[0], i, V[0], factor)
             self._n += 1
             ranges[-1, 1] = i + 1
             self._next_id = i + 1
@@ -2146,16 +2167,20 @@ class _LiveRows:
         current: ``upto == store.n``; :meth:`room_for_row` made room, so nothing here can fail).  Does what
         :meth:`add` of the row would do at the next query but the refresh: returns whether one is due
         (:meth:`refresh`, for the caller to run once the row is recorded)."""
-        i = store.n
+        a = self.append_arrays(store, factor)
+        row = (x, key_id, _NO_VALUE_ROW if value is None else value)
+        norm = append_row_and_keep(*a[:4], *row, *a[4:])
+        return self.appended(store, key_id, norm)
+
+    def append_arrays(self, store: RowStore, factor: np.ndarray | None) -> _query.AppendArrays:
+        """The arguments of :func:`~levstream._kernels.live.append_row_and_keep` but the row, its id and its value
+        (the store's arrays and row count, then this cache's): the first four come before those three."""
         rows = self.rows
-        norm = append_row_and_keep(
+        return (
             store.keys,
             store.ids,
             _NO_VALUE_ROWS if store.values is None else store.values,
-            i,
-            x,
-            key_id,
-            _NO_VALUE_ROW if value is None else value,
+            store.n,
             self.gram,
             _NO_FACTOR if factor is None else factor,
             self.threshold,
@@ -2168,11 +2193,15 @@ class _LiveRows:
             self.row_int8,
             self.row_scale,
         )
+
+    def appended(self, store: RowStore, key_id: int, norm: float) -> bool:
+        """Account for the row a compiled call appended to the store (and, when ``norm >= 0``, to the scanned rows
+        too) with :meth:`append_arrays`; returns whether a refresh is due (see :meth:`append`)."""
         store.appended(key_id)
-        if norm >= 0.0:  # the kernel wrote it to the scanned rows too
+        if norm >= 0.0:
             self.view = None
-            rows.appended(key_id)
-        return self._mark(i + 1)
+            self.rows.appended(key_id)
+        return self._mark(store.n)
 
     def add(self, store: RowStore, n: int, factor: np.ndarray | None, threshold: float) -> None:
         if n - self.upto == 1:  # the live step: one compiled call, nothing allocated

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._config import CUT_MIN, UNIT_ROUNDOFF
 from .blas import add_gram, times_upper
+from .rows import decode_rows_fit
 
 #: The pre-filters of the scans (norms, int8 products) are off below this ``cut`` or ``||q||^2`` (subnormal
 #: territory).
@@ -923,6 +924,121 @@ def moment_numerator(Q, S, BK, BV, XK, XV):  # pragma: no cover - compiled
             for c in range(dv):
                 o[c] += w0 * S[f, c]
     return out
+
+
+#: :func:`decode_and_take`'s norm when it took nothing (the rows need the validating path, or the query cannot be
+#: answered from ``G``).
+NOT_TAKEN = -2.0
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_and_take(
+    q,
+    G,
+    K,
+    nk,
+    K8,
+    wk,
+    ids,
+    Ke,
+    nke,
+    Ke8,
+    we,
+    extra_ids,
+    kc,
+    idc,
+    thresh,
+    V1,
+    V2,
+    vc,
+    S,
+    BK,
+    BV,
+    buf_keys,
+    buf_values,
+    buf_n,
+    keys,
+    store_ids,
+    values,
+    n,
+    G_live,
+    W,
+    threshold,
+    y,
+    rkeys,
+    rids,
+    rvalues,
+    rn,
+    rnorms,
+    r8,
+    rscale,
+    take,
+    check,
+):  # pragma: no cover - compiled
+    """A decode step that takes its row in the same call (the common step of a stream with values: one compiled
+    call instead of three).  When the step's rows ``kc``, ``q``, ``vc`` pass :func:`decode_rows_fit` and the
+    query can be answered from ``G``: :func:`decode_p2` (the same answer), then the row is written to row
+    ``buf_n`` of the moment state's buffer (when ``buf_keys`` has rows: the state takes it as a buffered row) and
+    appended to the store and the live cache by :func:`append_row_and_keep` (``G_live`` the live cache's Gram
+    matrix, id ``idc[0]``; every array has room).  Returns ``(ints, floats, norm)``: ``norm`` as
+    :func:`append_row_and_keep`'s, or :data:`NOT_TAKEN` with nothing written anywhere.  With ``take`` false the row
+    is checked and the query answered, but nothing is written (``norm`` is then ``-1`` when answered): the caller
+    takes the row itself (a step that settles or hands over the moment state's product).  With ``check`` false the
+    rows are not checked (the general path validated them; ``kc`` may then have no row) and nothing may be taken:
+    :func:`decode_p2` alone, through this one kernel, so that a decode loop loads no other version later."""
+    if check and not decode_rows_fit(kc[0], q[0], vc[0], S.shape[1] > 0):
+        return np.zeros(0, dtype=np.int64), np.zeros(1), NOT_TAKEN
+    ints, floats = decode_p2(
+        q,
+        G,
+        K,
+        nk,
+        K8,
+        wk,
+        ids,
+        Ke,
+        nke,
+        Ke8,
+        we,
+        extra_ids,
+        kc,
+        idc,
+        thresh,
+        V1,
+        V2,
+        vc,
+        S,
+        BK,
+        BV,
+    )
+    if floats[0] == UNRELIABLE:
+        return ints, floats, NOT_TAKEN
+    if not take:
+        return ints, floats, -1.0
+    if buf_keys.shape[0]:
+        buf_keys[buf_n] = kc[0]
+        buf_values[buf_n] = vc[0]
+    norm = append_row_and_keep(
+        keys,
+        store_ids,
+        values,
+        n,
+        kc[0],
+        idc[0],
+        vc[0],
+        G_live,
+        W,
+        threshold,
+        y,
+        rkeys,
+        rids,
+        rvalues,
+        rn,
+        rnorms,
+        r8,
+        rscale,
+    )
+    return ints, floats, norm
 
 
 @numba.njit(nogil=True, cache=True)
