@@ -26,6 +26,7 @@ from ._kernels.live import (
     UNRELIABLE,
     checked_quadratic_rows,
     decode_and_take,
+    decode_p2,
     heavy_p2,
     top_k_p2,
 )
@@ -668,25 +669,8 @@ AppendArrays = tuple[
 
 #: A decode step's moment buffer when there is none to write to (:func:`decode_take`).
 NO_BUFFER: tuple[np.ndarray, np.ndarray, int] = (np.zeros((0, 0)), np.zeros((0, 0)), 0)
-#: :data:`AppendArrays` of nothing, of the types of a float64 store's (:func:`decode_arrays` appends nothing; the
-#: same types keep one compiled version of the kernel for both).
-_NO_APPEND: AppendArrays = (
-    np.zeros((0, 0)),
-    np.zeros(0, dtype=np.int64),
-    np.zeros((0, 0)),
-    0,
-    np.zeros((0, 0)),
-    np.zeros((0, 0)),
-    0.0,
-    np.zeros(0),
-    np.zeros((0, 0)),
-    np.zeros(0, dtype=np.int64),
-    np.zeros((0, 0)),
-    0,
-    np.zeros(0),
-    np.zeros((0, 0), dtype=np.int8),
-    np.zeros(0),
-)
+#: Whether :func:`decode_arrays`' kernel has run in this process (:func:`decode_take` runs it once).
+_decode_p2_loaded = False
 
 
 def decode_arrays(
@@ -695,10 +679,7 @@ def decode_arrays(
     """:func:`~levstream._kernels.live.decode_p2` of a decode step (see :func:`_decode_step`) on a live view with
     values: its ``(ints, floats)``, ``floats[0] == UNRELIABLE`` when the view cannot answer the query (nothing is
     changed either way)."""
-    ints, floats, _ = decode_and_take(
-        *_decode_args(view, k, v, q, key_id, eps), *NO_BUFFER, *_NO_APPEND, False, False
-    )
-    return ints, floats
+    return decode_p2(*_decode_args(view, k, v, q, key_id, eps))
 
 
 def decode_take(
@@ -718,7 +699,13 @@ def decode_take(
     :meth:`levstream.sketch._LiveRows.append_arrays`).  Returns ``(ints, floats, norm)``; ``norm`` is
     ``NOT_TAKEN`` when nothing was written (the rows or the query need the general path).  ``take=False``: the
     rows checked and the query answered, nothing written (the caller takes the row)."""
-    return decode_and_take(*_decode_args(view, k, v, q, key_id, eps), *buffer, *append, take, True)
+    global _decode_p2_loaded
+    if not _decode_p2_loaded:
+        # the general path's kernel (the same argument types), loaded with a decode loop's first step rather
+        # than at a later step that takes the general path (a fold, a float32 row); it changes nothing
+        decode_arrays(view, k, v, q, key_id, eps)
+        _decode_p2_loaded = True
+    return decode_and_take(*_decode_args(view, k, v, q, key_id, eps), *buffer, *append, take)
 
 
 def _decode_args(

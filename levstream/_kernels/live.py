@@ -973,7 +973,6 @@ def decode_and_take(
     r8,
     rscale,
     take,
-    check,
 ):  # pragma: no cover - compiled
     """A decode step that takes its row in the same call (the common step of a stream with values: one compiled
     call instead of three).  When the step's rows ``kc``, ``q``, ``vc`` pass :func:`decode_rows_fit` and the
@@ -983,10 +982,8 @@ def decode_and_take(
     matrix, id ``idc[0]``; every array has room).  Returns ``(ints, floats, norm)``: ``norm`` as
     :func:`append_row_and_keep`'s, or :data:`NOT_TAKEN` with nothing written anywhere.  With ``take`` false the row
     is checked and the query answered, but nothing is written (``norm`` is then ``-1`` when answered): the caller
-    takes the row itself (a step that settles or hands over the moment state's product).  With ``check`` false the
-    rows are not checked (the general path validated them; ``kc`` may then have no row) and nothing may be taken:
-    :func:`decode_p2` alone, through this one kernel, so that a decode loop loads no other version later."""
-    if check and not decode_rows_fit(kc[0], q[0], vc[0], S.shape[1] > 0):
+    takes the row itself (a step that settles or hands over the moment state's product)."""
+    if not decode_rows_fit(kc[0], q[0], vc[0], S.shape[1] > 0):
         return np.zeros(0, dtype=np.int64), np.zeros(1), NOT_TAKEN
     ints, floats = decode_p2(
         q,
