@@ -2573,7 +2573,7 @@ def _run_slabs(
     candidate rows).  A slab's Gram block is computed in the same compiled call as its candidate test, while
     the slab is in cache (:func:`~levstream._kernels.ingest.slab_run`), and the slabs' parts are combined in
     slab order, so that no sum depends on which thread computed which part."""
-    dtrmm, strmm, dsyrk = dtrmm_function(), strmm_function(), dsyrk_function()
+    dtrmm, strmm, syrk = dtrmm_function(), strmm_function(), dsyrk_function()
     dim = blocks[0].shape[1]
     test: _Plan | type[_NoTest] = _NoTest if plan is None else plan
     blocks = [X if X.flags.c_contiguous else np.ascontiguousarray(X) for X in blocks]
@@ -2605,7 +2605,7 @@ def _run_slabs(
             strmm,
             Gs,
             totals[k][f:g],
-            dsyrk,
+            syrk,
             gram and g - f == c.shape[0] - 1,  # the whole block: its Gram block summed here
         )
         found[i] = (rows + a if a else rows, tested, Gs)

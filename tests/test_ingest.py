@@ -30,7 +30,8 @@ import levstream._threads as threads
 import levstream.sketch as sketch_module
 import levstream.summaries.gram as gram_module
 from levstream._kernels import ingest as kernels
-from levstream._kernels.blas import dsyrk_function, dtrmm_function, strmm_function
+from levstream._kernels import blas
+from levstream._kernels.blas import dtrmm_function, strmm_function
 from levstream._store import RowStore
 
 NO_W32 = np.zeros((0, 0), dtype=np.float32)
@@ -110,14 +111,52 @@ def test_slab_pass_against_numpy(dtype, monkeypatch):
     np.testing.assert_allclose(out, bounds, rtol=SCORE_RTOL)
 
 
+def syrk_of(source: str):
+    """``syrk`` from ``source``; NumPy's must be found whenever NumPy's wheel bundles a BLAS (as on CI)."""
+    syrk = blas.syrk_from(source)
+    if source == "numpy":
+        assert (syrk is None) == (not blas._numpy_blas_paths()), "NumPy bundles a BLAS but its dsyrk was not used"
+        if syrk is None:
+            pytest.skip("this NumPy bundles no BLAS of its own (SciPy's dsyrk is the only one)")
+    return syrk
+
+
+@pytest.mark.parametrize("source", ["numpy", "scipy"])
+@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (7, 5), (1000, 64), (300, 130)])
+def test_add_gram_against_numpy(source, shape):
+    """``G += X^T X`` from either BLAS: both triangles, exactly symmetric, against NumPy's float64 product."""
+    syrk = syrk_of(source)
+    rng = np.random.default_rng(shape[0])
+    X = rng.standard_normal(shape) * rng.uniform(0.1, 10.0, shape[1])
+    G0 = rng.standard_normal((shape[1], shape[1]))
+    G0 = G0 + G0.T
+    G = G0.copy()
+    blas.add_gram(G, X, syrk)
+    np.testing.assert_allclose(G, G0 + X.T @ X, rtol=1e-12, atol=1e-12 * (1.0 + np.abs(X.T @ X).max()))
+    np.testing.assert_array_equal(G, G.T)
+
+
+def test_the_ingest_path_takes_numpys_syrk_when_numpy_bundles_one():
+    """The process-wide choice (the faster BLAS of the two: benchmarks/RESULTS.md, "Ingest")."""
+    expected = syrk_of("numpy")
+    assert blas.dsyrk_function()[1] == expected[1]
+    assert blas.SYRK_SOURCE == "numpy"
+
+
+def test_a_syrk_source_that_is_not_known_is_refused():
+    with pytest.raises(ValueError, match="'numpy' or 'scipy', got 'mkl'"):
+        blas.syrk_from("mkl")
+
+
+@pytest.mark.parametrize("source", ["numpy", "scipy"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_slab_run_against_numpy(dtype):
+def test_slab_run_against_numpy(dtype, source):
     """One call over several slabs: each slab's Gram block (BLAS syrk) and trace against NumPy, the candidate
     rows those of a call per slab, and the result the same bit for bit however the slabs are shared among calls
     (the threads' groups), with the Gram blocks summed in slab order by the call or by the caller."""
     d, n = 12, 1000
     X, X64, scale, W, norms, bounds, limit, threshold = slab_case(dtype, n, d, seed=1, quantile=0.4)
-    dtrmm, strmm, dsyrk = dtrmm_function(), strmm_function(), dsyrk_function()
+    dtrmm, strmm, dsyrk = dtrmm_function(), strmm_function(), syrk_of(source)
     cuts = np.array([0, 250, 500, 750, n], dtype=np.int64)
 
     def run(groups, combine, X=X):

@@ -1,13 +1,18 @@
-"""BLAS level-3 calls from compiled code: SciPy's Cython BLAS as ctypes functions, called without the GIL.
+"""BLAS level-3 calls from compiled code: ctypes functions called without the GIL.
+
+``trmm`` is SciPy's Cython BLAS.  The Gram update ``syrk`` is the ``dsyrk`` of the BLAS NumPy itself uses
+when NumPy's wheel bundles one that exports it (often a newer OpenBLAS build than SciPy's), else SciPy's:
+see :func:`dsyrk_function`.
 
 The functions are looked up once (on first use) and passed to the kernels as arguments rather than read from a
-global, so that the kernels stay in numba's on-disk cache.  Both wrappers take C-contiguous float64 arrays and
+global, so that the kernels stay in numba's on-disk cache.  The wrappers take C-contiguous float64 arrays and
 describe them to column-major BLAS as their transposes, so no array is copied.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from typing import Any
 
 import numba
@@ -27,14 +32,83 @@ def blas_function(name: str, n_args: int) -> Any:
     return fn
 
 
+#: The Fortran ``dsyrk`` symbols of the OpenBLAS builds NumPy's wheels bundle (``scipy-openblas64``: 64-bit
+#: integers, named with the ``64_`` suffix; ``scipy-openblas32``: 32-bit), with whether they take 64-bit ones.
+_NUMPY_SYRK_SYMBOLS = (("scipy_dsyrk_64_", True), ("scipy_dsyrk_", False))
+
+#: Where :func:`dsyrk_function` takes ``syrk`` from: ``"numpy"`` (NumPy's own BLAS when it has one) or
+#: ``"scipy"`` (always SciPy's).  Set before the first ingest (or ``LEVSTREAM_SYRK=scipy``) to compare them.
+SYRK_SOURCE = os.environ.get("LEVSTREAM_SYRK", "numpy")
+
+
+def _numpy_blas_paths() -> list[str]:
+    """The BLAS libraries loaded from NumPy's own wheel (its bundled OpenBLAS), as threadpoolctl finds them."""
+    from threadpoolctl import threadpool_info
+
+    home = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
+    bundled = (os.path.join(home, "numpy.libs"), os.path.join(home, "numpy", ".dylibs"))
+    return [
+        info["filepath"]
+        for info in threadpool_info()
+        if info.get("user_api") == "blas" and os.path.abspath(info["filepath"]).startswith(bundled)
+    ]
+
+
+def _numpy_dsyrk() -> tuple[Any, bool] | None:
+    """NumPy's bundled ``dsyrk`` and whether it takes 64-bit integers, or None (none found, or it fails the
+    check of :func:`_syrk_works`)."""
+    for path in _numpy_blas_paths():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol, ilp64 in _NUMPY_SYRK_SYMBOLS:
+            address = ctypes.cast(getattr(lib, symbol, None) or 0, ctypes.c_void_p).value
+            if address:
+                fn = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
+                if _syrk_works((fn, ilp64)):
+                    return fn, ilp64
+    return None
+
+
+def _syrk_works(syrk: tuple[Any, bool]) -> bool:
+    """Whether ``syrk`` computes a small Gram update exactly (integer entries: every order of summation gives
+    the same result) on top of what ``G`` held."""
+    X = np.arange(1.0, 16.0).reshape(5, 3) - 7.0
+    G = np.full((3, 3), 2.0)
+    add_gram(G, X, syrk)
+    return bool(np.array_equal(G, X.T @ X + 2.0))
+
+
+def syrk_from(source: str) -> tuple[Any, bool] | None:
+    """``syrk`` for :func:`add_gram` from ``source``: ``"numpy"`` (NumPy's bundled ``dsyrk``, None when NumPy
+    has none or it fails the check of :func:`_syrk_works`) or ``"scipy"`` (SciPy's Cython ``dsyrk``)."""
+    if source == "numpy":
+        return _numpy_dsyrk()
+    if source == "scipy":
+        return blas_function("dsyrk", 10), False
+    raise ValueError(f"syrk source must be 'numpy' or 'scipy', got {source!r}")
+
+
+def dsyrk_function() -> tuple[Any, bool]:
+    """``syrk`` for :func:`add_gram`: ``(function, takes 64-bit integers)``, looked up once per process.
+
+    NumPy's own ``dsyrk`` when its wheel bundles an OpenBLAS that exports one and it passes a numeric check,
+    else SciPy's Cython ``dsyrk`` (:data:`SYRK_SOURCE` ``"scipy"`` asks for SciPy's).  The Gram update is the
+    ingest path's main cost, and NumPy's bundled OpenBLAS can be markedly faster than SciPy's at small ``d``
+    (1.3-1.4x at d = 64 on one Zen 3 host, where NumPy's wheel carried OpenBLAS 0.3.31 and SciPy's 0.3.30:
+    benchmarks/RESULTS.md, "Ingest").  Every call of the process uses the same function, so the sketch stays
+    the same bit for bit on any number of threads."""
+    syrk = _functions.get("syrk")
+    if syrk is None:
+        syrk = syrk_from(SYRK_SOURCE) or (blas_function("dsyrk", 10), False)
+        _functions["syrk"] = syrk
+    return syrk
+
+
 def dtrmm_function() -> Any:
     """``dtrmm`` (for :func:`times_upper`)."""
     return blas_function("dtrmm", 11)
-
-
-def dsyrk_function() -> Any:
-    """``dsyrk`` (for :func:`add_gram`)."""
-    return blas_function("dsyrk", 10)
 
 
 def strmm_function() -> Any:
@@ -72,31 +146,49 @@ def times_upper(Y, W, dtrmm):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def add_gram(G, X, dsyrk):  # pragma: no cover - compiled
+def add_gram(G, X, syrk):  # pragma: no cover - compiled
     """``G += X^T X`` in place for a C-contiguous symmetric float64 ``G`` (d, d) and C-contiguous ``X`` (b, d):
     BLAS ``syrk`` on one triangle (half the flops of a general product), then the other mirrored from it.
+    ``syrk`` is ``(dsyrk, takes 64-bit integers)`` (:func:`dsyrk_function`).
 
-    In Fortran's view ``X`` is ``X^T`` (d, b), so ``dsyrk('U', 'N')`` adds ``X^T X`` to the upper triangle of
-    Fortran's ``G``, which is the lower triangle of the C-ordered one.
+    In Fortran's view ``X`` is ``X^T`` (d, b), so ``dsyrk('L', 'N')`` adds ``X^T X`` to the lower triangle of
+    Fortran's ``G``, which is the upper triangle of the C-ordered one (the triangle NumPy's ``X.T @ X`` asks
+    for: OpenBLAS computed it ~10% faster than the other at d = 64).
     """
     b, d = X.shape
     if b == 0:
         return
-    flags = np.array([ord("U"), ord("N")], dtype=np.uint8)
-    sizes = np.array([d, b, d, d], dtype=np.int32)
+    dsyrk, ilp64 = syrk
+    flags = np.array([ord("L"), ord("N")], dtype=np.uint8)
     one = np.ones(1)
-    dsyrk(
-        flags[0:].ctypes,
-        flags[1:].ctypes,
-        sizes[0:].ctypes,
-        sizes[1:].ctypes,
-        one.ctypes,
-        X.ctypes,
-        sizes[2:].ctypes,
-        one.ctypes,
-        G.ctypes,
-        sizes[3:].ctypes,
-    )
+    if ilp64:
+        sizes = np.array([d, b, d, d], dtype=np.int64)
+        dsyrk(
+            flags[0:].ctypes,
+            flags[1:].ctypes,
+            sizes[0:].ctypes,
+            sizes[1:].ctypes,
+            one.ctypes,
+            X.ctypes,
+            sizes[2:].ctypes,
+            one.ctypes,
+            G.ctypes,
+            sizes[3:].ctypes,
+        )
+    else:
+        sizes32 = np.array([d, b, d, d], dtype=np.int32)
+        dsyrk(
+            flags[0:].ctypes,
+            flags[1:].ctypes,
+            sizes32[0:].ctypes,
+            sizes32[1:].ctypes,
+            one.ctypes,
+            X.ctypes,
+            sizes32[2:].ctypes,
+            one.ctypes,
+            G.ctypes,
+            sizes32[3:].ctypes,
+        )
     for a in range(d):
         for c in range(a + 1, d):
-            G[a, c] = G[c, a]
+            G[c, a] = G[a, c]

@@ -10,7 +10,7 @@ sum of all squares, is the finiteness check: non-finite iff the slab holds a nan
 overflow).
 
 The triangular product ``Y = X W`` is BLAS ``dtrmm`` (half the flops of a general product) and the Gram update
-``dsyrk``, called from compiled code through SciPy's Cython BLAS so that they run without the GIL: slabs are
+``dsyrk``, called from compiled code so that they run without the GIL: slabs are
 processed by several threads at once; the BLAS functions are passed in as arguments
 (:mod:`levstream._kernels.blas`).  Every kernel here is serial: the threads are the caller's
 (:func:`levstream._threads.run_items`), and serial numba code leaves no runtime threads spinning against BLAS.
@@ -191,7 +191,7 @@ def slab_pass(
 
 @numba.njit(nogil=True, cache=True)
 def slab_run(
-    X, cuts, scale, limit, W, threshold, wide, dtrmm, W32, w_inv, strmm, Gs, totals, dsyrk, combine
+    X, cuts, scale, limit, W, threshold, wide, dtrmm, W32, w_inv, strmm, Gs, totals, syrk, combine
 ):  # pragma: no cover - compiled
     """:func:`slab_pass` of consecutive slabs of ``X`` in one call (slab ``s``: rows ``cuts[s]`` to
     ``cuts[s + 1] - 1``), and, when ``Gs`` holds a matrix per slab, each slab's Gram block computed while the
@@ -218,9 +218,9 @@ def slab_run(
         rows, tested = slab_pass(X[a:b], scale, limit, W, threshold, w, dtrmm, W32, w_inv, strmm)
         if Gs.shape[0]:
             if w.shape[0]:
-                add_gram(Gs[s], w, dsyrk)
+                add_gram(Gs[s], w, syrk)
             else:
-                add_gram(Gs[s], X[a:b], dsyrk)
+                add_gram(Gs[s], X[a:b], syrk)
             total = 0.0
             for c in range(d):
                 total += Gs[s, c, c]

@@ -502,7 +502,7 @@ def absorb_rows_heads(
     Ie,
     Ve,
     ne,
-    dsyrk,
+    syrk,
     dtrmm,
 ):  # pragma: no cover - compiled
     """Rows ``b0..b1-1`` of every head's ``rows[h]`` (ids ``id0 + i``) join the live state: ``LG[h] += X^T X``, and
@@ -515,7 +515,7 @@ def absorb_rows_heads(
     diagonal of ``G_0`` and ``lam[h]`` a lower bound on the smallest eigenvalue of the equilibrated ``G_0``,
     docs/theory.md, "The norm pre-filter"), then for the rows it keeps ``u = ||x W[h]||^2`` (``W[h]`` an
     upper-triangular factor of ``G_0^-1``; every row is kept when ``not has_w[h]``).  Both products of the batch
-    are BLAS level 3 (``syrk`` for the Gram matrices, ``trmm`` for the rows the norm bound keeps; ``dsyrk`` and
+    are BLAS level 3 (``syrk`` for the Gram matrices, ``trmm`` for the rows the norm bound keeps; ``syrk`` and
     ``dtrmm`` from :mod:`levstream._kernels.blas`).  The callers make room for ``b1 - b0`` more rows in ``Ke``."""
     H = rows.shape[0]
     d = rows.shape[2]
@@ -527,7 +527,7 @@ def absorb_rows_heads(
     picked = np.empty(k, dtype=np.int64)
     for h in range(H):
         X = rows[h, b0:b1]
-        add_gram(LG[h], X, dsyrk)
+        add_gram(LG[h], X, syrk)
         m = 0
         for r in range(k):
             if has_w[h] and lam[h] > 0.0:
