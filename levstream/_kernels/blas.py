@@ -146,6 +146,26 @@ def times_upper(Y, W, dtrmm):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def _syrk_lower(dsyrk, sizes, X, G):  # pragma: no cover - compiled
+    """``dsyrk('L', 'N', n, k, 1, X, lda, 1, G, ldg)`` with ``sizes = [n, k, lda, ldg]`` in the integers
+    ``dsyrk`` takes (int32 or int64)."""
+    flags = np.array([ord("L"), ord("N")], dtype=np.uint8)
+    one = np.ones(1)
+    dsyrk(
+        flags[0:].ctypes,
+        flags[1:].ctypes,
+        sizes[0:].ctypes,
+        sizes[1:].ctypes,
+        one.ctypes,
+        X.ctypes,
+        sizes[2:].ctypes,
+        one.ctypes,
+        G.ctypes,
+        sizes[3:].ctypes,
+    )
+
+
+@numba.njit(nogil=True, cache=True)
 def add_gram(G, X, syrk):  # pragma: no cover - compiled
     """``G += X^T X`` in place for a C-contiguous symmetric float64 ``G`` (d, d) and C-contiguous ``X`` (b, d):
     BLAS ``syrk`` on one triangle (half the flops of a general product), then the other mirrored from it.
@@ -159,36 +179,10 @@ def add_gram(G, X, syrk):  # pragma: no cover - compiled
     if b == 0:
         return
     dsyrk, ilp64 = syrk
-    flags = np.array([ord("L"), ord("N")], dtype=np.uint8)
-    one = np.ones(1)
     if ilp64:
-        sizes = np.array([d, b, d, d], dtype=np.int64)
-        dsyrk(
-            flags[0:].ctypes,
-            flags[1:].ctypes,
-            sizes[0:].ctypes,
-            sizes[1:].ctypes,
-            one.ctypes,
-            X.ctypes,
-            sizes[2:].ctypes,
-            one.ctypes,
-            G.ctypes,
-            sizes[3:].ctypes,
-        )
+        _syrk_lower(dsyrk, np.array([d, b, d, d], dtype=np.int64), X, G)
     else:
-        sizes32 = np.array([d, b, d, d], dtype=np.int32)
-        dsyrk(
-            flags[0:].ctypes,
-            flags[1:].ctypes,
-            sizes32[0:].ctypes,
-            sizes32[1:].ctypes,
-            one.ctypes,
-            X.ctypes,
-            sizes32[2:].ctypes,
-            one.ctypes,
-            G.ctypes,
-            sizes32[3:].ctypes,
-        )
+        _syrk_lower(dsyrk, np.array([d, b, d, d], dtype=np.int32), X, G)
     for a in range(d):
         for c in range(a + 1, d):
             G[c, a] = G[a, c]
