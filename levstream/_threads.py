@@ -346,10 +346,12 @@ def describe_threads() -> str:
     pools = ", ".join(
         f"{lib.internal_api}={lib.num_threads}" for lib in _threadpools().lib_controllers
     )
+    from ._kernels.blas import syrk_library
+
     numba.get_num_threads()
     return (
         f"BLAS/OpenMP: {pools or 'none found'}; numba: {numba.get_num_threads()} "
-        f"({numba.threading_layer()} layer); levstream: {get_num_threads()}"
+        f"({numba.threading_layer()} layer); levstream: {get_num_threads()}; Gram syrk: {syrk_library()}"
     )
 
 

@@ -67,6 +67,7 @@ def _numpy_dsyrk() -> tuple[Any, bool] | None:
             if address:
                 fn = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
                 if _syrk_works((fn, ilp64)):
+                    _functions["syrk library"] = f"NumPy's {os.path.basename(path)} ({symbol})"
                     return fn, ilp64
     return None
 
@@ -101,9 +102,18 @@ def dsyrk_function() -> tuple[Any, bool]:
     the same bit for bit on any number of threads."""
     syrk = _functions.get("syrk")
     if syrk is None:
-        syrk = syrk_from(SYRK_SOURCE) or (blas_function("dsyrk", 10), False)
+        syrk = syrk_from(SYRK_SOURCE) if SYRK_SOURCE != "scipy" else None
+        if syrk is None:
+            syrk = (blas_function("dsyrk", 10), False)
+            _functions["syrk library"] = "SciPy's cython_blas (dsyrk)"
         _functions["syrk"] = syrk
     return syrk
+
+
+def syrk_library() -> str:
+    """Which library's ``dsyrk`` the Gram updates of this process use (for benchmark headers)."""
+    dsyrk_function()
+    return str(_functions["syrk library"])
 
 
 def dtrmm_function() -> Any:
