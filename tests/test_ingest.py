@@ -481,6 +481,22 @@ def test_blocks_of_many_slabs_bit_for_bit_on_any_budget(K, block_rows):
         assert states[1] == states[0] and states[2] == states[0]
 
 
+@pytest.mark.parametrize("source", ["numpy", "scipy"])
+def test_a_stream_on_either_syrk_is_exact_and_the_same_on_any_budget(K, source, monkeypatch):
+    """The whole ingest path on each BLAS's ``syrk``: the universal set is the offline one (SVD), and the state
+    the same bit for bit on one thread and on two."""
+    syrk = syrk_of(source)
+    monkeypatch.setitem(blas._functions, "syrk", syrk)
+    one = feed(K, n_threads=1)
+    two = feed(K, n_threads=2)
+    assert one.to_bytes() == two.to_bytes()
+    assert_matches_offline(one.universal_set().ids, leverage_svd(K), EPS)
+    folded = K[: one._summary.n_rows]  # (the rows past the last whole block wait in the input buffer)
+    assert folded.shape[0] == 40 * BLOCK
+    G = folded.T @ folded
+    np.testing.assert_allclose(one._summary.gram, G, rtol=1e-12, atol=1e-12 * np.trace(G))
+
+
 def test_state_does_not_depend_on_the_chunking(K):
     one_call = feed(K)
     by_block = feed(K, cuts=list(range(BLOCK, K.shape[0], BLOCK)))
