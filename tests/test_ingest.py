@@ -7,6 +7,7 @@ leave no trace even when part of it was folded, and memory must follow what the 
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import itertools
 import threading
@@ -112,17 +113,23 @@ def test_slab_pass_against_numpy(dtype, monkeypatch):
 
 
 def syrk_of(source: str):
-    """``syrk`` from ``source``; NumPy's must be found whenever NumPy's wheel bundles a BLAS (as on CI)."""
+    """``syrk`` from ``source``; NumPy's must be found whenever NumPy's wheel bundles a BLAS exporting a known
+    ``dsyrk`` symbol (as on CI: NumPy 2's scipy-openblas64)."""
     syrk = blas.syrk_from(source)
     if source == "numpy":
-        assert (syrk is None) == (not blas._numpy_blas_paths()), "NumPy bundles a BLAS but its dsyrk was not used"
+        exported = blas.bundled_dsyrk_symbols()
+        assert (syrk is None) == (not exported), "NumPy bundles a dsyrk but it was not used"
         if syrk is None:
-            pytest.skip("this NumPy bundles no BLAS of its own (SciPy's dsyrk is the only one)")
+            pytest.skip("this NumPy bundles no BLAS exporting dsyrk (SciPy's is the only one)")
     return syrk
 
 
+def address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 @pytest.mark.parametrize("source", ["numpy", "scipy"])
-@pytest.mark.parametrize("shape", [(0, 3), (1, 1), (7, 5), (1000, 64), (300, 130)])
+@pytest.mark.parametrize("shape", [(0, 3), (4, 0), (1, 1), (7, 5), (1000, 64), (300, 130)])
 def test_add_gram_against_numpy(source, shape):
     """``G += X^T X`` from either BLAS: both triangles, exactly symmetric, against NumPy's float64 product."""
     syrk = syrk_of(source)
@@ -132,20 +139,40 @@ def test_add_gram_against_numpy(source, shape):
     G0 = G0 + G0.T
     G = G0.copy()
     blas.add_gram(G, X, syrk)
-    np.testing.assert_allclose(G, G0 + X.T @ X, rtol=1e-12, atol=1e-12 * (1.0 + np.abs(X.T @ X).max()))
+    np.testing.assert_allclose(G, G0 + X.T @ X, rtol=1e-12, atol=1e-12 * (1.0 + np.abs(X.T @ X).sum()))
     np.testing.assert_array_equal(G, G.T)
 
 
-def test_the_ingest_path_takes_numpys_syrk_when_numpy_bundles_one():
-    """The process-wide choice (the faster BLAS of the two: benchmarks/RESULTS.md, "Ingest")."""
+def test_the_ingest_path_takes_numpys_syrk_when_numpy_bundles_one(monkeypatch):
+    """The process-wide choice (the faster BLAS of the two: benchmarks/RESULTS.md, "Ingest"), looked up afresh
+    with the default source, whatever LEVSTREAM_SYRK this run has."""
     expected = syrk_of("numpy")
-    assert blas.dsyrk_function()[1] == expected[1]
-    assert blas.SYRK_SOURCE == "numpy"
+    monkeypatch.setattr(blas, "SYRK_SOURCE", "numpy")
+    monkeypatch.setattr(blas, "_functions", {})
+    chosen = blas.dsyrk_function()
+    assert address(chosen[0]) == address(expected[0]) and chosen[1] == expected[1]
+    assert blas.syrk_library().startswith("NumPy's")
+    monkeypatch.setattr(blas, "SYRK_SOURCE", "scipy")
+    monkeypatch.setattr(blas, "_functions", {})
+    assert address(blas.dsyrk_function()[0]) == address(blas.syrk_from("scipy")[0])
+    assert blas.syrk_library().startswith("SciPy's")
 
 
-def test_a_syrk_source_that_is_not_known_is_refused():
+def test_a_syrk_source_that_is_not_known_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="'numpy' or 'scipy', got 'mkl'"):
         blas.syrk_from("mkl")
+    monkeypatch.setattr(blas, "SYRK_SOURCE", "mkl")
+    monkeypatch.setattr(blas, "_functions", {})
+    with pytest.raises(ValueError, match="LEVSTREAM_SYRK must be 'numpy' or 'scipy', got 'mkl'"):
+        blas.dsyrk_function()
+
+
+def test_add_gram_refuses_arrays_it_would_misread():
+    X = np.ones((4, 3))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        blas.add_gram(np.zeros((3, 3)), np.asfortranarray(X), blas.dsyrk_function())
+    with pytest.raises(ValueError, match="C-contiguous"):
+        blas.add_gram(np.zeros((3, 6))[:, ::2], X, blas.dsyrk_function())
 
 
 @pytest.mark.parametrize("source", ["numpy", "scipy"])
@@ -489,6 +516,7 @@ def test_a_stream_on_either_syrk_is_exact_and_the_same_on_any_budget(K, source, 
     monkeypatch.setitem(blas._functions, "syrk", syrk)
     one = feed(K, n_threads=1)
     two = feed(K, n_threads=2)
+    assert blas.dsyrk_function() is syrk
     assert one.to_bytes() == two.to_bytes()
     assert_matches_offline(one.universal_set().ids, leverage_svd(K), EPS)
     folded = K[: one._summary.n_rows]  # (the rows past the last whole block wait in the input buffer)

@@ -5,8 +5,8 @@ when NumPy's wheel bundles one that exports it (often a newer OpenBLAS build tha
 see :func:`dsyrk_function`.
 
 The functions are looked up once (on first use) and passed to the kernels as arguments rather than read from a
-global, so that the kernels stay in numba's on-disk cache.  The wrappers take C-contiguous float64 arrays and
-describe them to column-major BLAS as their transposes, so no array is copied.
+global, so that the kernels stay in numba's on-disk cache.  The wrappers take C-contiguous arrays (float64;
+float32 for ``strmm``) and describe them to column-major BLAS as their transposes, so no array is copied.
 """
 
 from __future__ import annotations
@@ -32,31 +32,40 @@ def blas_function(name: str, n_args: int) -> Any:
     return fn
 
 
-#: The Fortran ``dsyrk`` symbols of the OpenBLAS builds NumPy's wheels bundle (``scipy-openblas64``: 64-bit
-#: integers, named with the ``64_`` suffix; ``scipy-openblas32``: 32-bit), with whether they take 64-bit ones.
-_NUMPY_SYRK_SYMBOLS = (("scipy_dsyrk_64_", True), ("scipy_dsyrk_", False))
+#: The Fortran ``dsyrk`` symbols of the OpenBLAS builds NumPy's wheels bundle, with whether they take 64-bit
+#: integers: ``scipy-openblas64`` (NumPy 2) and NumPy 1's ``openblas64_`` name theirs with the ``64_`` suffix of
+#: the 64-bit-integer build, ``scipy-openblas32`` has none.  The width is read from the name, and trusted: the
+#: check of :func:`_syrk_works` cannot catch a wrong one (a 64-bit build given 32-bit integers may crash).
+_NUMPY_SYRK_SYMBOLS = (("scipy_dsyrk_64_", True), ("dsyrk_64_", True), ("scipy_dsyrk_", False))
 
 #: Where :func:`dsyrk_function` takes ``syrk`` from: ``"numpy"`` (NumPy's own BLAS when it has one) or
 #: ``"scipy"`` (always SciPy's).  Set before the first ingest (or ``LEVSTREAM_SYRK=scipy``) to compare them.
 SYRK_SOURCE = os.environ.get("LEVSTREAM_SYRK", "numpy")
 
 
+def _real(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
 def _numpy_blas_paths() -> list[str]:
     """The BLAS libraries loaded from NumPy's own wheel (its bundled OpenBLAS), as threadpoolctl finds them."""
     from threadpoolctl import threadpool_info
 
-    home = os.path.dirname(os.path.dirname(os.path.abspath(np.__file__)))
-    bundled = (os.path.join(home, "numpy.libs"), os.path.join(home, "numpy", ".dylibs"))
+    home = os.path.dirname(os.path.dirname(_real(np.__file__)))
+    bundled = tuple(
+        os.path.join(home, *parts) + os.sep for parts in (("numpy.libs",), ("numpy", ".dylibs"))
+    )
     return [
         info["filepath"]
         for info in threadpool_info()
-        if info.get("user_api") == "blas" and os.path.abspath(info["filepath"]).startswith(bundled)
+        if info.get("user_api") == "blas" and _real(info["filepath"]).startswith(bundled)
     ]
 
 
-def _numpy_dsyrk() -> tuple[Any, bool] | None:
-    """NumPy's bundled ``dsyrk`` and whether it takes 64-bit integers, or None (none found, or it fails the
-    check of :func:`_syrk_works`)."""
+def bundled_dsyrk_symbols() -> list[tuple[str, str, bool, int]]:
+    """``(library path, symbol, takes 64-bit integers, address)`` of every known ``dsyrk`` symbol the BLAS
+    libraries of NumPy's wheel export (:data:`_NUMPY_SYRK_SYMBOLS`), in the order they are tried."""
+    found = []
     for path in _numpy_blas_paths():
         try:
             lib = ctypes.CDLL(path)
@@ -65,10 +74,17 @@ def _numpy_dsyrk() -> tuple[Any, bool] | None:
         for symbol, ilp64 in _NUMPY_SYRK_SYMBOLS:
             address = ctypes.cast(getattr(lib, symbol, None) or 0, ctypes.c_void_p).value
             if address:
-                fn = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
-                if _syrk_works((fn, ilp64)):
-                    _functions["syrk library"] = f"NumPy's {os.path.basename(path)} ({symbol})"
-                    return fn, ilp64
+                found.append((path, symbol, ilp64, address))
+    return found
+
+
+def _numpy_dsyrk() -> tuple[tuple[Any, bool], str] | None:
+    """NumPy's bundled ``dsyrk`` (with whether it takes 64-bit integers) and a label naming it, or None (none
+    found, or none passes the check of :func:`_syrk_works`)."""
+    for path, symbol, ilp64, address in bundled_dsyrk_symbols():
+        fn = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 10))(address)
+        if _syrk_works((fn, ilp64)):
+            return (fn, ilp64), f"NumPy's {os.path.basename(path)} ({symbol})"
     return None
 
 
@@ -85,7 +101,8 @@ def syrk_from(source: str) -> tuple[Any, bool] | None:
     """``syrk`` for :func:`add_gram` from ``source``: ``"numpy"`` (NumPy's bundled ``dsyrk``, None when NumPy
     has none or it fails the check of :func:`_syrk_works`) or ``"scipy"`` (SciPy's Cython ``dsyrk``)."""
     if source == "numpy":
-        return _numpy_dsyrk()
+        found = _numpy_dsyrk()
+        return None if found is None else found[0]
     if source == "scipy":
         return blas_function("dsyrk", 10), False
     raise ValueError(f"syrk source must be 'numpy' or 'scipy', got {source!r}")
@@ -102,11 +119,11 @@ def dsyrk_function() -> tuple[Any, bool]:
     the same bit for bit on any number of threads."""
     syrk = _functions.get("syrk")
     if syrk is None:
-        syrk = syrk_from(SYRK_SOURCE) if SYRK_SOURCE != "scipy" else None
-        if syrk is None:
-            syrk = (blas_function("dsyrk", 10), False)
-            _functions["syrk library"] = "SciPy's cython_blas (dsyrk)"
-        _functions["syrk"] = syrk
+        if SYRK_SOURCE not in ("numpy", "scipy"):
+            raise ValueError(f"LEVSTREAM_SYRK must be 'numpy' or 'scipy', got {SYRK_SOURCE!r}")
+        found = _numpy_dsyrk() if SYRK_SOURCE == "numpy" else None
+        syrk, label = found or ((blas_function("dsyrk", 10), False), "SciPy's cython_blas (dsyrk)")
+        _functions["syrk"], _functions["syrk library"] = syrk, label
     return syrk
 
 
@@ -186,7 +203,9 @@ def add_gram(G, X, syrk):  # pragma: no cover - compiled
     for: OpenBLAS computed it ~10% faster than the other at d = 64).
     """
     b, d = X.shape
-    if b == 0:
+    if not (G.flags.c_contiguous and X.flags.c_contiguous):
+        raise ValueError("add_gram: G and X must be C-contiguous")
+    if b == 0 or d == 0:
         return
     dsyrk, ilp64 = syrk
     if ilp64:
